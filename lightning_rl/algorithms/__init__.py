@@ -1,0 +1,1 @@
+"""Algorithm math as small pure functions on tensors."""

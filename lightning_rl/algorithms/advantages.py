@@ -1,0 +1,57 @@
+"""Advantage estimators as pure functions on reward tensors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ScaleRewards = Literal["group", "batch", "none"]
+SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO): reward minus its group's mean, optionally scaled.
+
+    Completions are laid out group-contiguous: rows ``[i*G, (i+1)*G)`` share prompt ``i``.
+    A reward of NaN (every reward function returned ``None`` for it) is left out of its group's
+    statistics and gets advantage 0. A group whose rewards are all equal gets advantage 0.
+
+    Args:
+        rewards: ``[B*G]`` total reward per completion.
+        num_generations: ``G``, completions per prompt.
+        scale_rewards: ``"group"`` divides by the group's std, ``"batch"`` by the std over all
+            completions, ``"none"`` does not scale (Dr. GRPO).
+        eps: added to the std before dividing.
+
+    Returns:
+        ``[B*G]`` float32 advantages.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(
+            f"rewards must be a flat tensor whose length is a multiple of num_generations={num_generations}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    r = rewards.float().view(-1, num_generations)
+    valid = ~torch.isnan(r)
+    count = valid.sum(-1, keepdim=True)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    mean = r0.sum(-1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, r - mean, torch.zeros_like(r))
+    if scale_rewards == "none":
+        return centered.flatten()
+    if scale_rewards == "group":
+        var = (centered**2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+        std = var.sqrt()
+    else:
+        flat = r[valid]
+        std = flat.std() if flat.numel() > 1 else torch.zeros((), device=r.device)
+    adv = centered / (std + eps)
+    return adv.flatten()

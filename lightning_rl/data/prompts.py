@@ -1,0 +1,135 @@
+"""The prompt DataModule: batches of prompts plus the dataset's other columns for the rewards."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_rl.data.io import Rows, read_rows
+
+DataSource = str | Path | Sequence[Mapping[str, Any]]
+
+
+class RowsDataset(Dataset):
+    """A list of row dicts as a map-style dataset."""
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Turn a list of row dicts into a dict of columns (lists, no tensors)."""
+    keys = rows[0].keys()
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def validate_prompt_rows(rows: Rows, prompt_column: str, where: str) -> None:
+    """Refuse an empty dataset or rows without a usable prompt, naming the fix."""
+    if not rows:
+        raise ValueError(f"the {where} dataset is empty: give at least one row with a {prompt_column!r} column")
+    for i, r in enumerate(rows):
+        if prompt_column not in r:
+            raise KeyError(
+                f"row {i} of the {where} dataset has no {prompt_column!r} column (columns: {sorted(r)}); "
+                f"set prompt_column= to the column that holds the prompts"
+            )
+        p = r[prompt_column]
+        ok = isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, Mapping) for m in p))
+        if not ok or not p:
+            raise ValueError(
+                f"row {i} of the {where} dataset has prompt {p!r}: a prompt is a non-empty string or a "
+                "list of chat messages ({'role': ..., 'content': ...})"
+            )
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for on-policy RL (GRPO, PPO, online DPO).
+
+    Each batch is a dict of columns: ``prompt`` (renamed from ``prompt_column``) plus every other
+    column of the data, which the modules pass to the reward functions.
+
+    Args:
+        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` path, or a list of dicts.
+        val_data: optional held-out prompts, same forms.
+        prompt_column: column holding the prompt (a string or a list of chat messages).
+        batch_size: prompts per training step (each gets ``num_generations`` completions).
+        val_batch_size: prompts per validation batch (defaults to ``batch_size``).
+        shuffle: shuffle the training prompts every epoch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train_data: DataSource | None = None,
+        val_data: DataSource | None = None,
+        prompt_column: str = "prompt",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_data = train_data
+        self.val_data = val_data
+        self.prompt_column = prompt_column
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.train_rows: Rows | None = None
+        self.val_rows: Rows | None = None
+
+    def load_train_rows(self) -> Rows:
+        """Rows of the training split (override to generate data)."""
+        if self.train_data is None:
+            raise ValueError("PromptDataModule needs train_data= (a .jsonl/.json/.parquet path or a list of dicts)")
+        return read_rows(self.train_data)
+
+    def load_val_rows(self) -> Rows | None:
+        """Rows of the validation split, if any."""
+        return None if self.val_data is None else read_rows(self.val_data)
+
+    def _normalize(self, rows: Rows, where: str) -> Rows:
+        validate_prompt_rows(rows, self.prompt_column, where)
+        if self.prompt_column == "prompt":
+            return rows
+        return [{"prompt": r[self.prompt_column], **{k: v for k, v in r.items() if k != self.prompt_column}}
+                for r in rows]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the data once."""
+        if self.train_rows is None:
+            self.train_rows = self._normalize(self.load_train_rows(), "training")
+        if self.val_rows is None:
+            val = self.load_val_rows()
+            self.val_rows = None if val is None else self._normalize(val, "validation")
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of training prompts."""
+        self.setup("fit")
+        gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return DataLoader(
+            RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=self.shuffle,
+            collate_fn=collate_rows, num_workers=self.num_workers, generator=gen, drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of held-out prompts (empty when there is no validation data)."""
+        self.setup("validate")
+        if not self.val_rows:
+            return []
+        return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=collate_rows, num_workers=self.num_workers)

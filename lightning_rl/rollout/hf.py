@@ -1,0 +1,118 @@
+"""The embedded default rollout engine: transformers ``generate`` on the policy itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from lightning_rl.rollout.engine import Rollout, SamplingConfig
+from lightning_rl.rollout.padding import completion_mask_and_reasons, left_pad
+
+
+class HFEngine:
+    """Generate rollouts with transformers ``generate`` on the policy model (CPU or GPU).
+
+    The engine holds no copy of the weights: it samples from the live policy, so
+    ``sync_weights``, ``wake_up`` and ``sleep`` do nothing.
+
+    Args:
+        model: the policy, or a callable returning it (so a LoRA wrapper installed later is seen).
+        pad_token_id: id used to pad prompts and finished completions.
+        eos_token_ids: ids that end a completion.
+        max_batch_size: sequences per ``generate`` call; larger rollouts are generated in chunks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        pad_token_id: int,
+        eos_token_ids: Sequence[int],
+        max_batch_size: int = 64,
+    ) -> None:
+        if not eos_token_ids:
+            raise ValueError("HFEngine needs at least one EOS token id to know where completions end")
+        self._model = model
+        self.pad_token_id = int(pad_token_id)
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.max_batch_size = max_batch_size
+
+    @property
+    def model(self) -> nn.Module:
+        """The model generated from."""
+        return self._model if isinstance(self._model, nn.Module) else self._model()
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """No-op: the engine samples from the live policy."""
+
+    def wake_up(self) -> None:
+        """No-op: nothing to restore."""
+
+    def sleep(self) -> None:
+        """No-op: nothing to release."""
+
+    def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
+        common = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        if sampling.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            **common,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, num_generations: int = 1
+    ) -> Rollout:
+        """Sample ``num_generations`` completions per prompt; see :class:`Rollout` for the layout."""
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        model = self.model
+        device = next(model.parameters()).device
+        rows = [p for p in prompt_ids for _ in range(num_generations)]
+        ids, mask = left_pad(rows, self.pad_token_id, device)
+        config = self._generation_config(sampling)
+        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        completions, logprobs = [], []
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(rows), self.max_batch_size):
+                sl = slice(start, start + self.max_batch_size)
+                out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config)
+                new = out.sequences[:, ids.shape[1] :]
+                steps = torch.stack(out.logits, dim=1).float() / temperature
+                lp = torch.log_softmax(steps, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+                completions.append(new)
+                logprobs.append(lp)
+        finally:
+            model.train(was_training)
+        width = max(c.shape[1] for c in completions)
+        completion_ids = torch.cat(
+            [nn.functional.pad(c, (0, width - c.shape[1]), value=self.pad_token_id) for c in completions]
+        )
+        sampling_lp = torch.cat([nn.functional.pad(x, (0, width - x.shape[1])) for x in logprobs])
+        completion_mask, reasons = completion_mask_and_reasons(completion_ids, self.eos_token_ids)
+        group_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_generations)
+        return Rollout(
+            prompt_ids=ids,
+            prompt_mask=mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            sampling_logprobs=sampling_lp * completion_mask,
+            finish_reasons=reasons,
+            group_index=group_index,
+        )
