@@ -2,8 +2,13 @@
 
 Packaged as ``lightning_rl.kernels``. No Lightning import here: the kernels are plain torch
 (and Triton, where available) so they can be tested and benchmarked on their own.
+
+Imports inside this folder are relative and pull in nothing but torch: run from a checkout's root,
+this folder is importable as a top-level ``kernels``, which transformers imports while probing for
+the unrelated ``kernels`` package; it must then load cleanly (and, having no ``__version__``, read
+as "not that package").
 """
 
-from lightning_rl.kernels.reference import token_logprobs_entropy_reference
+from .reference import token_logprobs_entropy_reference
 
 __all__ = ["token_logprobs_entropy_reference"]

@@ -1,20 +1,31 @@
 """lightning-rl: reinforcement-learning fine-tuning of language models with PyTorch Lightning."""
 
-from lightning_rl.data import ArithmeticDataModule, PromptDataModule
+from lightning_rl.callbacks import VLLMRollout
+from lightning_rl.data import ArithmeticDataModule, PreferenceDataModule, PromptDataModule
 from lightning_rl.models import load_policy
-from lightning_rl.modules import GRPO, PolicyModule
+from lightning_rl.modules import DPO, GRPO, KTO, ORPO, PPO, PolicyModule
+from lightning_rl.plugins import MemoryAwarePrecision
 from lightning_rl.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
+from lightning_rl.rollout.vllm import VLLMEngine  # imports vllm only when an engine is created
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPO",
     "GRPO",
+    "KTO",
+    "ORPO",
+    "PPO",
     "ArithmeticDataModule",
     "HFEngine",
+    "MemoryAwarePrecision",
     "PolicyModule",
+    "PreferenceDataModule",
     "PromptDataModule",
     "Rollout",
     "RolloutEngine",
     "SamplingConfig",
+    "VLLMEngine",
+    "VLLMRollout",
     "load_policy",
 ]

@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct, or a tiny random model built from a config (tests).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
@@ -85,8 +86,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         raise ModuleNotFoundError("Loading a .gguf file needs the 'gguf' package: pip install gguf")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    # a model loaded from GGUF refuses save_pretrained: move its weights into a plain one
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=dtype)
+    # a model loaded from GGUF refuses save_pretrained and tells vLLM it is GGUF-quantized, though
+    # its weights are de-quantized floats: move them into a plain model with a plain config
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     return model, tokenizer
@@ -94,7 +99,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 def _load_embedded_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct from its wheel, converted once and cached as safetensors."""
-    cached = _cache_dir() / EMBEDDED_DEFAULT
+    cached = _cache_dir() / f"{EMBEDDED_DEFAULT}-v2"
     if (cached / "config.json").is_file():
         try:
             return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
@@ -183,8 +188,6 @@ def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path
     path = Path(path)
     net = model
     if hasattr(net, "merge_and_unload"):
-        import copy
-
         net = copy.deepcopy(net).merge_and_unload()
     net.save_pretrained(path)
     tokenizer.save_pretrained(path)

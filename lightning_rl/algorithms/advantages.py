@@ -44,7 +44,10 @@ def group_advantages(
     count = valid.sum(-1, keepdim=True)
     r0 = torch.where(valid, r, torch.zeros_like(r))
     mean = r0.sum(-1, keepdim=True) / count.clamp(min=1)
-    centered = torch.where(valid, r - mean, torch.zeros_like(r))
+    # a group whose rewards are all equal gets exactly 0 (its float mean may be off by rounding)
+    hi = torch.where(valid, r, torch.full_like(r, -torch.inf)).amax(-1, keepdim=True)
+    lo = torch.where(valid, r, torch.full_like(r, torch.inf)).amin(-1, keepdim=True)
+    centered = torch.where(valid & (hi > lo), r - mean, torch.zeros_like(r))
     if scale_rewards == "none":
         return centered.flatten()
     if scale_rewards == "group":

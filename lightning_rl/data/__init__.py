@@ -2,6 +2,15 @@
 
 from lightning_rl.data.arithmetic import ArithmeticDataModule, arithmetic_splits
 from lightning_rl.data.io import read_rows
+from lightning_rl.data.preferences import InvalidPreferenceError, PreferenceDataModule
 from lightning_rl.data.prompts import PromptDataModule, collate_rows
 
-__all__ = ["ArithmeticDataModule", "PromptDataModule", "arithmetic_splits", "collate_rows", "read_rows"]
+__all__ = [
+    "ArithmeticDataModule",
+    "InvalidPreferenceError",
+    "PreferenceDataModule",
+    "PromptDataModule",
+    "arithmetic_splits",
+    "collate_rows",
+    "read_rows",
+]

@@ -39,7 +39,7 @@ def read_rows(source: str | Path | Sequence[Mapping[str, Any]]) -> Rows:
                 raise ModuleNotFoundError("reading Parquet needs pyarrow: pip install pyarrow") from None
             return _check_dicts(pq.read_table(path).to_pylist(), str(path))
         raise ValueError(f"unsupported data file {path}: use .jsonl, .json or .parquet, or pass a list of dicts")
-    return _check_dicts([dict(r) for r in source], "the given rows")
+    return _check_dicts(list(source), "the given rows")
 
 
 def _check_dicts(rows: list, where: str) -> Rows:

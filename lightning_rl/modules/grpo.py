@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.algorithms.advantages import SCALE_REWARDS, ScaleRewards, group_advantages
+from lightning_rl.algorithms.importance import IMPORTANCE_LEVELS, ImportanceLevel, importance_weights, mismatch_stats
 from lightning_rl.algorithms.losses import (
     LOSS_TYPES,
     LossType,
@@ -32,7 +33,8 @@ from lightning_rl.rollout.hf import HFEngine
 _STEP_METRICS = (
     "reward", "reward_std", "advantage_abs", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
     "completion_length", "completion_length_max", "truncated_frac", "loss", "grad_norm",
-    "rollout_time", "train_time", "tokens_per_sec",
+    "rollout_time", "train_time", "tokens_per_sec", "importance_weight", "logprob_mismatch_mean",
+    "logprob_mismatch_max",
 )
 
 
@@ -61,6 +63,11 @@ class GRPO(PolicyModule):
         num_iterations: policy updates per rollout (reuses it with stored old log-probs).
         num_mini_batches: optimizer steps per pass over the rollout (must divide ``batch * G``).
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss.
+        importance_sampling: correct for the rollout engine (e.g. vLLM) sampling from slightly other
+            log-probs than the trainer's: ``none``, ``token`` or ``sequence`` truncated importance weights
+            ``min(pi_old / pi_engine, cap)`` on the per-token loss. The mismatch (mean and max
+            ``|delta log-prob|``) is logged either way.
+        importance_sampling_cap: upper bound of an importance weight.
         micro_batch_size: sequences per forward/backward (gradients accumulate over them).
         generation_batch_size: sequences per ``generate`` call of the default engine.
         val_max_new_tokens: generation limit for validation (greedy); defaults to ``max_new_tokens``.
@@ -100,6 +107,8 @@ class GRPO(PolicyModule):
         num_iterations: int = 1,
         num_mini_batches: int = 1,
         mask_truncated_completions: bool = False,
+        importance_sampling: ImportanceLevel = "none",
+        importance_sampling_cap: float = 2.0,
         micro_batch_size: int = 8,
         generation_batch_size: int = 64,
         val_max_new_tokens: int | None = None,
@@ -147,6 +156,10 @@ class GRPO(PolicyModule):
             raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
+        if importance_sampling not in IMPORTANCE_LEVELS:
+            raise ValueError(f"importance_sampling must be one of {IMPORTANCE_LEVELS}, got {importance_sampling!r}")
+        if not importance_sampling_cap > 0:
+            raise ValueError(f"importance_sampling_cap must be > 0, got {importance_sampling_cap}")
         self.save_hyperparameters()
         self.rewards = RewardSet(reward_funcs, reward_weights)
         self.num_generations = num_generations
@@ -156,6 +169,7 @@ class GRPO(PolicyModule):
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
         self.num_iterations, self.num_mini_batches = num_iterations, num_mini_batches
         self.mask_truncated_completions = mask_truncated_completions
+        self.importance_sampling, self.importance_sampling_cap = importance_sampling, importance_sampling_cap
         self.micro_batch_size = micro_batch_size
         self.generation_batch_size = generation_batch_size
         self.rollout_engine: RolloutEngine | None = None
@@ -250,10 +264,11 @@ class GRPO(PolicyModule):
                 ref_logp = self._logprobs_no_grad(ref, rollout)
 
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low",
-                                                        "clip_ratio_high", "grad_norm")}
+                                                        "clip_ratio_high", "grad_norm", "importance_weight")}
         per_mini = n // self.num_mini_batches
         world = self.trainer.world_size if self._trainer is not None else 1
-        for _ in range(self.num_iterations):
+        mismatch: list[dict[str, float]] = []
+        for it in range(self.num_iterations):
             for m in range(self.num_mini_batches):
                 rows = slice(m * per_mini, (m + 1) * per_mini)
                 weights = token_weights(
@@ -269,6 +284,13 @@ class GRPO(PolicyModule):
                     terms = clipped_surrogate(logp, old, advantages[mb], self.epsilon, self.epsilon_high)
                     per_token = terms.loss
                     mmask = mask[mb]
+                    if it == 0:
+                        mismatch.append(mismatch_stats(old, rollout.sampling_logprobs[mb], rollout.completion_mask[mb]))
+                    if self.importance_sampling != "none":
+                        isw = importance_weights(old, rollout.sampling_logprobs[mb], mmask,
+                                                 self.importance_sampling, self.importance_sampling_cap)
+                        per_token = per_token * isw
+                        stats["importance_weight"].append(masked_mean(isw, mmask).item())
                     if ref_logp is not None:
                         kl = kl_k3(logp, ref_logp[mb])
                         per_token = per_token + self.beta * kl
@@ -300,6 +322,9 @@ class GRPO(PolicyModule):
             train_time=train_time,
             tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
         )
+        if mismatch:
+            values["logprob_mismatch_mean"] = sum(d["logprob_mismatch_mean"] for d in mismatch) / len(mismatch)
+            values["logprob_mismatch_max"] = max(d["logprob_mismatch_max"] for d in mismatch)
         for j, name in enumerate(self.rewards.names):
             col = per_fn[:, j]
             col = col[~torch.isnan(col)]

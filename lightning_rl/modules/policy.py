@@ -19,6 +19,7 @@ from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
 from lightning_rl.prompting import Prompt, encode_prompts
+from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,18 @@ class PolicyModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Make sure the policy exists before its weights are loaded."""
         self.configure_model()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store hyperparameters as plain data, so checkpoints load with ``weights_only=True``.
+
+        Callables become import paths or ``{"class_path", "init_args"}`` specs (resolved again on
+        load); one that cannot be written so (a lambda, say) is stored as None and has to be
+        passed again: ``Module.load_from_checkpoint(path, reward_funcs=[...])``.
+        """
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            checkpoint["hyper_parameters"] = {k: portable(v) for k, v in hparams.items()}
 
     @override
     def on_fit_start(self) -> None:

@@ -77,6 +77,7 @@ class RegexFormat:
     """
 
     def __init__(self, pattern: str, full: bool = True, reward: float = 1.0):
+        self.pattern = pattern
         self.regex = re.compile(pattern, re.DOTALL)
         self.full = full
         self.reward = reward

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from lightning_rl.rewards.spec import resolve_callable
+
 RewardFn = Callable[..., Sequence[float | None]]
 
 
@@ -43,11 +45,12 @@ class RewardSet:
     function returns ``None`` gets NaN, which the advantage functions leave out.
 
     Args:
-        funcs: the reward callables.
+        funcs: the reward callables (or their import paths / ``{"class_path", "init_args"}`` specs).
         weights: one weight per function (default 1.0 each).
     """
 
-    def __init__(self, funcs: Sequence[RewardFn], weights: Sequence[float] | None = None):
+    def __init__(self, funcs: Sequence[RewardFn | str | Mapping[str, Any]], weights: Sequence[float] | None = None):
+        funcs = [resolve_callable(f) for f in funcs or []]
         if not funcs:
             raise ValueError("at least one reward function is needed (reward_funcs=[...])")
         for f in funcs:

@@ -1,0 +1,151 @@
+"""Triton per-token log-probs and entropy from hidden states, never building ``[N, V]`` logits.
+
+Same contract as :func:`lightning_rl.kernels.reference.token_logprobs_entropy_reference`. The
+forward (``triton_logprobs_forward``) walks vocabulary tiles with an online log-sum-exp and keeps
+only per-row scalars (``lse``, entropy); the backward (``triton_logprobs_backward``) recomputes
+the logit tiles. Extra memory: a few ``[N]`` vectors in the forward; in the backward one bounded
+``[N, Vc]`` gradient chunk (``dz_chunk_bytes``, 32 MiB by default) and an fp32 ``[N, H]`` dh
+accumulator when ``hidden`` is bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: Tile sizes. GPU: 128x128 tiles, 64-deep K steps, suited to H100/H200 wgmma; the interpreter
+#: uses the smallest tiles ``tl.dot`` accepts so the CPU tests stay fast.
+GPU_CONFIG: dict[str, int] = {
+    "BLOCK_N": 128,
+    "BLOCK_V": 128,
+    "BLOCK_K": 64,
+    "num_warps": 8,
+    "num_stages": 3,
+    "dz_chunk_bytes": 32 << 20,
+}
+INTERPRETER_CONFIG: dict[str, int] = {
+    "BLOCK_N": 16,
+    "BLOCK_V": 32,
+    "BLOCK_K": 16,
+    "num_warps": 4,
+    "num_stages": 1,
+    "dz_chunk_bytes": 16 * 64 * 4,  # several chunks even at test sizes
+}
+
+
+def is_available(tensor: torch.Tensor | None = None) -> bool:
+    """True when Triton imports and ``tensor`` is on CUDA (any tensor with ``TRITON_INTERPRET=1``).
+
+    Args:
+        tensor: the hidden states to run on; None checks for any CUDA device instead.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    return tensor.is_cuda if tensor is not None else torch.cuda.is_available()
+
+
+def _config(hidden: torch.Tensor, override: dict[str, int] | None) -> dict[str, int]:
+    base = dict(GPU_CONFIG if hidden.is_cuda else INTERPRETER_CONFIG)
+    if hidden.is_cuda and hidden.dtype in (torch.float32, torch.float64):
+        base["BLOCK_K"] = 32  # fp32 tiles take twice the shared memory per pipeline stage
+    return {**base, **(override or {})}
+
+
+class _TritonTokenLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, config):  # noqa: D102
+        from . import triton_logprobs_forward as fwd
+
+        h, w, b = _prepare(hidden, weight, bias)
+        valid = targets != IGNORE_INDEX
+        inv_t = 1.0 / temperature
+        logp, ent, lse = fwd.forward(h, w, b, targets.contiguous(), inv_t, config)
+        zero = torch.zeros_like(logp)
+        logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+        ctx.inv_t, ctx.config = inv_t, config
+        if hidden.dtype == torch.float64:  # match the reference's output dtype
+            logp, ent = logp.double(), ent.double()
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):  # noqa: D102
+        from . import triton_logprobs_backward as bwd
+
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not any(needs):
+            return None, None, None, None, None, None
+        valid = targets != IGNORE_INDEX
+        gl = _row_grad(grad_logp, valid)
+        ge = _row_grad(grad_ent, valid)
+        h, w, b = _prepare(hidden, weight, bias)
+        dh, dw, db = bwd.backward(h, w, b, targets.contiguous(), lse, ent, gl, ge, ctx.inv_t, needs, ctx.config)
+        return (
+            None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _prepare(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Contiguous ``h, W`` in one compute dtype (hidden's; fp64 runs as fp32), bias as is."""
+    dtype = torch.float32 if hidden.dtype == torch.float64 else hidden.dtype
+    h = hidden.to(dtype).contiguous()
+    w = weight.to(dtype).contiguous()  # a copy only for mixed dtypes (e.g. fp32 weight, bf16 hidden)
+    b = None if bias is None else bias.contiguous()
+    return h, w, b
+
+
+def _row_grad(grad: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    return torch.where(valid, grad.float(), 0.0).contiguous()
+
+
+def token_logprobs_entropy_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log p(target)`` and entropy of ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: final hidden states ``[N, H]``, bf16/fp16/fp32 (fp64 is computed in fp32).
+        weight: LM head weight ``[V, H]``; tied embeddings work (pass the embedding matrix). A
+            dtype other than ``hidden``'s is cast to it (one copy of the weight).
+        targets: token ids ``[N]``; positions equal to ``-100`` give 0 and no gradient.
+        bias: optional LM head bias ``[V]``.
+        temperature: sampling temperature the logits are divided by.
+        config: optional tile overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_K``, ``num_warps``,
+            ``num_stages``, ``dz_chunk_bytes``); for benchmarks.
+
+    Returns:
+        ``(logp, entropy)``, each ``[N]`` in float32 (float64 for float64 inputs).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not is_available(hidden):
+        raise RuntimeError("the Triton kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    cfg = _config(hidden, config)
+    return _TritonTokenLogprobsEntropy.apply(hidden, weight, bias, targets, float(temperature), cfg)

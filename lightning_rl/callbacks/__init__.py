@@ -1,0 +1,5 @@
+"""Lightning callbacks: the colocated vLLM rollout toggle."""
+
+from lightning_rl.callbacks.rollout import VLLMRollout
+
+__all__ = ["VLLMRollout"]

@@ -1,0 +1,219 @@
+"""The callback that toggles the policy into a colocated vLLM engine before each training step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_rl.rollout.engine import RolloutEngine
+from lightning_rl.rollout.vllm import LoRASync
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
+
+
+def _memory_plugin(trainer: L.Trainer | None) -> Any:
+    """The trainer's :class:`~lightning_rl.plugins.MemoryAwarePrecision`, if it uses one."""
+    from lightning_rl.plugins.precision import MemoryAwarePrecision
+
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    return plugin if isinstance(plugin, MemoryAwarePrecision) else None
+
+
+class VLLMRollout(Callback):
+    """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
+
+    The engine is created once at ``on_fit_start`` (or at the first batch when the number of
+    prompts per step is not known yet), sized from the rollout: ``G x prompts`` sequences of
+    ``max_prompt_length + max_new_tokens`` tokens. Before every training batch it wakes the
+    engine, pushes the policy's weights if an optimizer step happened since the last push
+    (``trainer.global_step``), generates with the module's ``generate_rollout(..., engine=...)``,
+    puts the engine to sleep and attaches the :class:`~lightning_rl.rollout.Rollout` to the batch
+    under ``"rollout"``, where :class:`~lightning_rl.modules.GRPO` picks it up.
+
+    Args:
+        prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
+            or waits for the first batch.
+        max_model_len: prompt + completion limit of the engine; None uses the module's
+            ``max_prompt_length + max_new_tokens``.
+        kv_cache_bytes: KV-cache size; None computes it from the rollout shape with ``kv_cache_headroom``.
+        kv_cache_headroom: multiplier on the computed KV-cache size.
+        gpu_memory_utilization: use vLLM's fraction-of-GPU sizing instead (ignores the two above).
+        dtype: engine weight dtype (``auto`` = the policy's).
+        lora_sync: ``auto``, ``adapter`` or ``merged`` (see :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
+        sleep_level: 1, 2 or None (automatic: 2 when the full weights are pushed at every sync).
+        enforce_eager: skip torch.compile and CUDA graphs (fast start, slower generation).
+        enable_prefix_caching: share prompt KV blocks among a prompt's ``G`` completions.
+        seed: sampling seed (offset by the last synced step on resume so runs do not replay).
+        engine_kwargs: more ``vllm.LLM`` arguments.
+        engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
+            (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
+    """
+
+    def __init__(
+        self,
+        prompts_per_step: int | None = None,
+        max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+        kv_cache_headroom: float = 1.2,
+        gpu_memory_utilization: float | None = None,
+        dtype: str = "auto",
+        lora_sync: LoRASync = "auto",
+        sleep_level: int | None = None,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step is not None and prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.prompts_per_step = prompts_per_step
+        self.max_model_len = max_model_len
+        self.kv_cache_bytes = kv_cache_bytes
+        self.kv_cache_headroom = kv_cache_headroom
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.dtype = dtype
+        self.lora_sync = lora_sync
+        self.sleep_level = sleep_level
+        self.enforce_eager = enforce_eager
+        self.enable_prefix_caching = enable_prefix_caching
+        self.seed = seed
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.engine_factory = engine_factory
+        self.engine: RolloutEngine | None = None
+        self.last_synced_step: int | None = None
+        self.num_syncs = 0
+        self.num_rollouts = 0
+        self.last_timings: dict[str, float] = {}
+        self._restored_step = 0
+
+    # ----------------------------------------------------------------------------- engine
+    def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
+        """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
+        from lightning_rl.rollout.vllm import VLLMEngine, kv_cache_bytes_for
+
+        seed = self.seed + self._restored_step
+        if self.engine_factory is not None:
+            return self.engine_factory(pl_module, prompts_per_step, seed)
+        sampling = pl_module.sampling
+        g = pl_module.num_generations
+        prompt_len = pl_module.max_prompt_length or 1024
+        max_model_len = self.max_model_len or prompt_len + sampling.max_new_tokens
+        policy = pl_module.policy
+        kv = self.kv_cache_bytes
+        plugin = _memory_plugin(getattr(pl_module, "_trainer", None))
+        if kv is None and self.gpu_memory_utilization is None and plugin is not None:
+            kv = plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
+        if kv is None and self.gpu_memory_utilization is None:
+            dtype = next(policy.parameters()).dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+            kv = kv_cache_bytes_for(policy.config, prompts_per_step, g, max_model_len - sampling.max_new_tokens,
+                                    sampling.max_new_tokens, dtype, self.kv_cache_headroom,
+                                    shared_prompts=self.enable_prefix_caching)
+        return VLLMEngine(
+            policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, max_model_len,
+            max_num_seqs=prompts_per_step * g, kv_cache_bytes=kv, gpu_memory_utilization=self.gpu_memory_utilization,
+            dtype=self.dtype, lora_sync=self.lora_sync, sleep_level=self.sleep_level,
+            enforce_eager=self.enforce_eager, seed=seed, enable_prefix_caching=self.enable_prefix_caching,
+            engine_kwargs=self.engine_kwargs,
+        )
+
+    def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
+        for attr in ("generate_rollout", "policy", "sampling", "num_generations"):
+            if not hasattr(pl_module, attr):
+                raise TypeError(
+                    f"VLLMRollout needs a module with `{attr}` (such as lightning_rl.GRPO); "
+                    f"{type(pl_module).__name__} has none"
+                )
+        t0 = time.perf_counter()
+        self.engine = self.build_engine(pl_module, prompts_per_step)
+        self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
+        log.info("rollout engine %s ready in %.1f s", type(self.engine).__name__, time.perf_counter() - t0)
+
+    def _needs_sync(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step != self.last_synced_step or bool(getattr(self.engine, "needs_sync", False))
+
+    # ----------------------------------------------------------------------------- hooks
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Create the engine when the prompts per step are known (else at the first batch)."""
+        n = self.prompts_per_step or getattr(trainer.datamodule, "batch_size", None)
+        if self.engine is None and isinstance(n, int):
+            self._create(trainer, pl_module, n)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Wake, sync if the policy changed, generate, sleep; attach ``batch["rollout"]``."""
+        if not isinstance(batch, dict) or "prompt" not in batch:
+            raise TypeError("VLLMRollout needs dict batches with a 'prompt' key (the prompt DataModules give them)")
+        prompts = batch["prompt"]
+        if self.engine is None:
+            self._create(trainer, pl_module, self.prompts_per_step or len(prompts))
+        engine = self.engine
+        plugin = _memory_plugin(trainer)
+        t0 = time.perf_counter()
+        if plugin is not None:
+            plugin.offload_for_rollout()  # optimizer states to pinned CPU memory while the engine is awake
+        engine.wake_up()
+        t1 = time.perf_counter()
+        if self._needs_sync(trainer):
+            engine.sync_weights(pl_module.policy)
+            self.last_synced_step = trainer.global_step
+            self.num_syncs += 1
+        t2 = time.perf_counter()
+        try:
+            rollout = pl_module.generate_rollout(prompts, engine=engine)
+        finally:
+            t3 = time.perf_counter()
+            engine.sleep()
+            if plugin is not None:
+                plugin.restore_after_rollout()
+            t4 = time.perf_counter()
+        batch["rollout"] = rollout
+        self.num_rollouts += 1
+        self.last_timings = {"wake_s": t1 - t0, "sync_s": t2 - t1, "generate_s": t3 - t2, "sleep_s": t4 - t3,
+                             "toggle_s": (t2 - t0) + (t4 - t3)}
+        pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
+                           batch_size=len(prompts))
+
+    def shutdown(self) -> None:
+        """Shut the engine down and free its memory (idempotent)."""
+        engine, self.engine = self.engine, None
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Shut the engine down at the end of fitting."""
+        self.shutdown()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Shut the engine down so a failed run gives the GPU memory back."""
+        self.shutdown()
+
+    # ----------------------------------------------------------------------------- checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Seed and sync bookkeeping for a resumed run."""
+        return {"seed": self.seed, "last_synced_step": self.last_synced_step, "num_syncs": self.num_syncs,
+                "num_rollouts": self.num_rollouts}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the seed and counters; the engine seeds from ``seed + last synced step``."""
+        self.seed = int(state_dict.get("seed", self.seed))
+        self._restored_step = int(state_dict.get("last_synced_step") or 0)
+        self.num_syncs = int(state_dict.get("num_syncs", 0))
+        self.num_rollouts = int(state_dict.get("num_rollouts", 0))

@@ -1,0 +1,290 @@
+"""The preference DataModule: paired rows (prompt, chosen, rejected) for DPO/ORPO, unpaired rows for KTO."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rl.data.io import Rows, read_rows
+from lightning_rl.data.prompts import DataSource, RowsDataset, collate_rows, validate_prompt_rows
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["paired", "unpaired"]
+OnInvalid = Literal["error", "skip"]
+HF_PREFIX = "hf:"
+
+
+class InvalidPreferenceError(ValueError):
+    """A preference row cannot be trained on (empty response, identical chosen and rejected, bad label)."""
+
+
+def read_preference_rows(source: DataSource | Any, split: str = "train") -> Rows:
+    """Rows from a file, a list of dicts, a Hugging Face ``Dataset``, or ``"hf:<name>"`` (loads ``split``)."""
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        try:
+            import datasets
+        except ImportError:
+            raise ModuleNotFoundError(
+                f"loading {source!r} needs the Hugging Face 'datasets' package: pip install datasets "
+                "(or export the data to .jsonl/.parquet and pass its path)"
+            ) from None
+        return read_rows(datasets.load_dataset(source[len(HF_PREFIX):], split=split).to_list())
+    if hasattr(source, "to_list") and not isinstance(source, (str, list)):  # a datasets.Dataset
+        return read_rows(source.to_list())
+    return read_rows(source)
+
+
+def response_text(response: Any) -> str | None:
+    """The text of a response (a string, or chat messages whose contents are joined); None if malformed."""
+    if isinstance(response, str):
+        return response
+    if isinstance(response, Sequence) and response and all(isinstance(m, Mapping) for m in response):
+        parts = [m.get("content") for m in response]
+        if all(isinstance(p, str) for p in parts):
+            return "".join(parts)
+    return None
+
+
+def _check_response(value: Any, column: str, i: int, where: str) -> str | None:
+    """Problem text for a response value, or None when it is usable."""
+    text = response_text(value)
+    if text is None:
+        return (f"row {i} of the {where} dataset has {column}={value!r}: a response is a string or a list of chat "
+                "messages ({'role': 'assistant', 'content': ...})")
+    if not text.strip():
+        return f"row {i} of the {where} dataset has an empty {column!r} response"
+    return None
+
+
+def _label(value: Any, i: int, column: str, where: str) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return (f"row {i} of the {where} dataset has {column}={value!r}: the label must be true (desirable) or "
+            "false (undesirable)")
+
+
+def kl_partners(n: int, seed: int = 0) -> list[int]:
+    """For each row, another row whose completion is paired with its prompt for KTO's KL estimate.
+
+    A seeded random single cycle: no row is its own partner (for ``n >= 2``) and every
+    completion is used once, so the estimate is cacheable by row index.
+    """
+    if n < 2:
+        return list(range(n))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = [0] * n
+    for j, row in enumerate(order):
+        partner[row] = order[(j + 1) % n]
+    return partner
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference data for DPO, ORPO (``mode="paired"``) and KTO (``mode="unpaired"``).
+
+    Paired rows hold ``prompt``, ``chosen`` and ``rejected``; unpaired rows hold ``prompt``,
+    ``completion`` and ``label`` (true = desirable). In ``unpaired`` mode a paired row is split
+    into one desirable and one undesirable row, so both kinds of data can be mixed. Prompts and
+    responses are strings or chat-message lists (the responses' contents are used). Each batch
+    is a dict of columns plus ``index`` (the row's position, used to cache reference
+    log-probs) and, unpaired, ``kl_completion`` (another row's completion, for KTO's KL estimate).
+
+    Invalid rows (an empty response, identical chosen and rejected, a bad label) raise
+    :class:`InvalidPreferenceError` by default; with ``on_invalid="skip"`` they are dropped with
+    one warning that counts them. A missing column always raises ``KeyError``.
+
+    Args:
+        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` path, a list of dicts, a Hugging Face
+            ``Dataset``, or ``"hf:<dataset name>"`` (needs ``datasets``).
+        val_data: optional held-out rows, same forms.
+        mode: ``paired`` (DPO, ORPO) or ``unpaired`` (KTO).
+        prompt_column: column with the prompt.
+        chosen_column: column with the preferred response.
+        rejected_column: column with the dispreferred response.
+        completion_column: column with the completion of unpaired rows.
+        label_column: column with the desirable (true) / undesirable (false) label of unpaired rows.
+        train_split: split loaded for ``"hf:..."`` training data.
+        val_split: split loaded for ``"hf:..."`` validation data.
+        batch_size: pairs (or unpaired rows) per training step.
+        val_batch_size: rows per validation batch (defaults to ``batch_size``).
+        shuffle: shuffle the training rows every epoch.
+        num_workers: DataLoader workers.
+        on_invalid: ``error`` or ``skip`` for unusable rows.
+        seed: seed of the KL partner assignment (unpaired mode).
+    """
+
+    def __init__(
+        self,
+        train_data: DataSource | None = None,
+        val_data: DataSource | None = None,
+        mode: Mode = "paired",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        completion_column: str = "completion",
+        label_column: str = "label",
+        train_split: str = "train",
+        val_split: str = "test",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        on_invalid: OnInvalid = "error",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("paired", "unpaired"):
+            raise ValueError(f"mode must be 'paired' (DPO, ORPO) or 'unpaired' (KTO), got {mode!r}")
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.train_data, self.val_data = train_data, val_data
+        self.mode = mode
+        self.prompt_column, self.chosen_column, self.rejected_column = prompt_column, chosen_column, rejected_column
+        self.completion_column, self.label_column = completion_column, label_column
+        self.train_split, self.val_split = train_split, val_split
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.on_invalid = on_invalid
+        self.seed = seed
+        self.train_rows: Rows | None = None
+        self.val_rows: Rows | None = None
+
+    # ----------------------------------------------------------------------------- rows
+    def load_train_rows(self) -> Rows:
+        """Raw rows of the training split (override to generate data)."""
+        if self.train_data is None:
+            raise ValueError("PreferenceDataModule needs train_data= (a .jsonl/.json/.parquet path, a list of dicts, "
+                             "a datasets.Dataset or 'hf:<name>')")
+        return read_preference_rows(self.train_data, self.train_split)
+
+    def load_val_rows(self) -> Rows | None:
+        """Raw rows of the validation split, if any."""
+        return None if self.val_data is None else read_preference_rows(self.val_data, self.val_split)
+
+    def _is_paired(self, row: Mapping[str, Any]) -> bool:
+        return self.chosen_column in row or self.rejected_column in row
+
+    def _require(self, row: Mapping[str, Any], columns: Sequence[tuple[str, str]], i: int, where: str) -> None:
+        for col, arg in columns:
+            if col not in row:
+                raise KeyError(
+                    f"row {i} of the {where} dataset has no {col!r} column (columns: {sorted(row)}); "
+                    f"set {arg}= to the column that holds it"
+                )
+
+    def normalize(self, rows: Rows, where: str) -> Rows:
+        """Check rows and rename their columns to ``prompt``/``chosen``/``rejected`` (or ``completion``/``label``).
+
+        Raises:
+            KeyError: a required column is missing.
+            InvalidPreferenceError: an unusable row while ``on_invalid="error"``.
+        """
+        validate_prompt_rows(rows, self.prompt_column, where)
+        out: Rows = []
+        problems: list[str] = []
+        renamed = {self.prompt_column, self.chosen_column, self.rejected_column, self.completion_column,
+                   self.label_column}
+        for i, r in enumerate(rows):
+            extras = {k: v for k, v in r.items() if k not in renamed and k not in ("index", "kl_completion")}
+            paired = self._is_paired(r)
+            if paired:
+                self._require(r, [(self.chosen_column, "chosen_column"), (self.rejected_column, "rejected_column")],
+                              i, where)
+            elif self.mode == "paired":
+                self._require(r, [(self.chosen_column, "chosen_column")], i, where)
+            else:
+                self._require(r, [(self.completion_column, "completion_column"), (self.label_column, "label_column")],
+                              i, where)
+            if paired:
+                problem = (_check_response(r[self.chosen_column], "chosen", i, where)
+                           or _check_response(r[self.rejected_column], "rejected", i, where))
+                if problem is None and response_text(r[self.chosen_column]) == response_text(r[self.rejected_column]):
+                    problem = (f"row {i} of the {where} dataset has identical chosen and rejected responses, "
+                               "which carry no preference")
+                if problem:
+                    problems.append(problem)
+                    continue
+                prompt = r[self.prompt_column]
+                if self.mode == "paired":
+                    out.append({"prompt": prompt, "chosen": r[self.chosen_column],
+                                "rejected": r[self.rejected_column], **extras})
+                else:
+                    out.append({"prompt": prompt, "completion": r[self.chosen_column], "label": True, **extras})
+                    out.append({"prompt": prompt, "completion": r[self.rejected_column], "label": False, **extras})
+                continue
+            label = _label(r[self.label_column], i, self.label_column, where)
+            problem = label if isinstance(label, str) else _check_response(r[self.completion_column], "completion",
+                                                                         i, where)
+            if problem:
+                problems.append(problem)
+                continue
+            out.append({"prompt": r[self.prompt_column], "completion": r[self.completion_column], "label": label,
+                        **extras})
+        if problems:
+            if self.on_invalid == "error":
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise InvalidPreferenceError(
+                    f"{problems[0]}{more}. Fix or remove such rows, or pass on_invalid='skip' to drop them."
+                )
+            log.warning("dropped %d unusable rows of the %s dataset, the first: %s", len(problems), where, problems[0])
+        if not out:
+            raise InvalidPreferenceError(f"the {where} dataset has no usable rows left ({len(problems)} dropped)")
+        partners = kl_partners(len(out), self.seed) if self.mode == "unpaired" else None
+        for i, row in enumerate(out):
+            row["index"] = i
+            if partners is not None:
+                row["kl_completion"] = out[partners[i]]["completion"]
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the data once."""
+        if self.train_rows is None:
+            self.train_rows = self.normalize(self.load_train_rows(), "training")
+        if self.val_rows is None:
+            val = self.load_val_rows()
+            self.val_rows = None if val is None else self.normalize(val, "validation")
+
+    def label_counts(self) -> tuple[int, int]:
+        """``(desirable, undesirable)`` training rows (unpaired mode)."""
+        self.setup("fit")
+        labels = [bool(r["label"]) for r in self.train_rows if "label" in r]
+        return sum(labels), len(labels) - sum(labels)
+
+    # ----------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        """Batches of training rows."""
+        self.setup("fit")
+        gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+        return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=self.shuffle,
+                          collate_fn=collate_rows, num_workers=self.num_workers, generator=gen)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of held-out rows (empty when there is no validation data)."""
+        self.setup("validate")
+        if not self.val_rows:
+            return []
+        return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=collate_rows, num_workers=self.num_workers)
+
+    def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader | None:
+        """Every row of ``split`` once, in order (for precomputing reference log-probs); None if absent."""
+        self.setup("fit")
+        rows = self.train_rows if split == "train" else self.val_rows
+        if not rows:
+            return None
+        return DataLoader(RowsDataset(rows), batch_size=self.val_batch_size, shuffle=False, collate_fn=collate_rows)

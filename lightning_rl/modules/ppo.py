@@ -1,0 +1,463 @@
+"""PPO with a value head, KL-shaped rewards and GAE, as a LightningModule (manual optimization)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_rl.algorithms.gae import check_discount, explained_variance, gae, whiten
+from lightning_rl.algorithms.losses import clipped_surrogate, masked_mean
+from lightning_rl.algorithms.ppo_losses import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    KLEstimator,
+    approx_kl,
+    clipped_value_loss,
+    kl_penalty,
+    token_rewards,
+)
+from lightning_rl.logprobs import Backend
+from lightning_rl.lora import apply_lora
+from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.modules.policy import PolicyModule
+from lightning_rl.modules.value_head import (
+    ValueHead,
+    completion_hidden_states,
+    hidden_size_of,
+    logprobs_from_hidden,
+)
+from lightning_rl.rewards.reward_model import RewardModel, same_tokenizer
+from lightning_rl.rewards.reward_set import RewardSet
+from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
+from lightning_rl.rollout.hf import HFEngine
+
+_STEP_METRICS = (
+    "reward", "reward_std", "kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "loss",
+    "clip_frac", "value_clip_frac", "approx_kl", "entropy", "explained_variance", "value_mean", "return_mean",
+    "advantage_std", "completion_length", "truncated_frac", "grad_norm", "rollout_time", "train_time",
+)
+
+
+class PPO(PolicyModule):
+    """Proximal Policy Optimization with a learned value function (Ouyang et al. / Ziegler et al. recipe).
+
+    Each training step takes a batch of prompts and a rollout (from a callback under
+    ``batch["rollout"]``, else sampled with the default engine), scores every completion with the
+    reward functions and/or the reward model, puts that score on the last token and a per-token
+    KL penalty to the reference on every token, estimates advantages with GAE (whitened), then runs
+    ``ppo_epochs`` passes of clipped policy + clipped value + entropy updates over minibatches.
+
+    Args:
+        reward_funcs: callables ``f(prompts, completions, **columns) -> list[float | None]``.
+        reward_weights: weight of each reward function, then of the reward model (default 1.0 each).
+        reward_model: a :class:`~lightning_rl.rewards.RewardModel` scored like one more reward function.
+        num_generations: completions sampled per prompt.
+        max_new_tokens: generation limit per completion.
+        temperature: sampling temperature (> 0), also applied to the trainer's log-probs.
+        top_p: nucleus sampling threshold.
+        top_k: top-k sampling (None disables).
+        cliprange: clip range of the policy ratio.
+        cliprange_value: clip range of the value update around the rollout's values (None: no clipping).
+        vf_coef: weight of the value loss.
+        ent_coef: weight of the entropy bonus (subtracted from the loss).
+        kl_coef: KL penalty coefficient in the rewards (0 with no ``kl_target`` disables the reference).
+        kl_estimator: per-token KL estimate in the rewards: ``k1`` or ``k3``.
+        kl_target: target KL per sequence for the adaptive coefficient; None keeps ``kl_coef`` fixed.
+        kl_horizon: sequences over which the adaptive coefficient moves.
+        gamma: discount in ``[0, 1]``.
+        lam: GAE lambda in ``[0, 1]``.
+        whiten_advantages: scale advantages to zero mean and unit variance over the rollout's tokens.
+        ppo_epochs: passes over each rollout.
+        num_mini_batches: optimizer steps per pass (must divide the number of completions).
+        micro_batch_size: sequences per forward/backward (gradients accumulate over them).
+        generation_batch_size: sequences per ``generate`` call of the default engine.
+        critic_model: a separate critic (model source as for ``model``; same tokenizer as the policy);
+            None puts the value head on the policy's backbone.
+        critic_model_config: config overrides for a tiny critic model.
+        value_learning_rate: learning rate of the value head and critic (default ``learning_rate``).
+        value_head_dropout: dropout before the value head's Linear.
+        val_max_new_tokens: generation limit for validation (greedy); defaults to ``max_new_tokens``.
+        model: model source (see :func:`lightning_rl.models.load_policy`).
+        model_config: config overrides for the tiny test models.
+        dtype: weight dtype.
+        lora: LoRA settings; with LoRA the adapters and the value head train, the base stays frozen.
+        learning_rate: AdamW learning rate of the policy (when no ``optimizer``).
+        weight_decay: AdamW weight decay.
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``); it gets
+            two parameter groups (policy, value) so ``value_learning_rate`` still applies.
+        lr_scheduler: a callable ``optimizer -> LRScheduler``.
+        max_grad_norm: gradient-norm clip (None or 0 disables).
+        logprob_backend: ``auto``, ``triton`` or ``reference``.
+        logprob_chunk_size: tokens per chunk of the reference log-prob path.
+        system_prompt: optional system message.
+        chat_template: render plain-text prompts with the chat template.
+        max_prompt_length: refuse longer prompts (or truncate with ``truncate_prompts``).
+        truncate_prompts: keep the last ``max_prompt_length`` prompt tokens instead of refusing.
+        gradient_checkpointing: recompute activations in the backward.
+        max_nonfinite_steps: consecutive non-finite steps skipped before training stops.
+    """
+
+    def __init__(
+        self,
+        reward_funcs: Sequence[Callable[..., Any]] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        reward_model: RewardModel | None = None,
+        num_generations: int = 1,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        cliprange: float = 0.2,
+        cliprange_value: float | None = 0.2,
+        vf_coef: float = 0.1,
+        ent_coef: float = 0.0,
+        kl_coef: float = 0.05,
+        kl_estimator: KLEstimator = "k1",
+        kl_target: float | None = None,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        micro_batch_size: int = 8,
+        generation_batch_size: int = 64,
+        critic_model: str | None = None,
+        critic_model_config: dict[str, Any] | None = None,
+        value_learning_rate: float | None = None,
+        value_head_dropout: float = 0.0,
+        val_max_new_tokens: int | None = None,
+        model: str = EMBEDDED_DEFAULT,
+        model_config: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        lora: dict[str, Any] | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        max_grad_norm: float | None = 1.0,
+        logprob_backend: Backend = "auto",
+        logprob_chunk_size: int = 1024,
+        system_prompt: str | None = None,
+        chat_template: bool = True,
+        max_prompt_length: int | None = 512,
+        truncate_prompts: bool = False,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 3,
+    ) -> None:
+        super().__init__(
+            model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
+            weight_decay=weight_decay, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
+            logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
+            chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
+            gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
+        )
+        self.gamma, self.lam = check_discount("gamma", gamma), check_discount("lam", lam)
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}")
+        for name, v in (("num_generations", num_generations), ("ppo_epochs", ppo_epochs),
+                        ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro_batch_size),
+                        ("generation_batch_size", generation_batch_size)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if cliprange <= 0 or (cliprange_value is not None and cliprange_value <= 0):
+            raise ValueError(f"cliprange and cliprange_value must be > 0, got {cliprange} and {cliprange_value}")
+        if vf_coef < 0 or ent_coef < 0:
+            raise ValueError(f"vf_coef and ent_coef must be >= 0, got {vf_coef} and {ent_coef}")
+        if value_learning_rate is not None and value_learning_rate <= 0:
+            raise ValueError(f"value_learning_rate must be > 0, got {value_learning_rate}")
+        funcs = list(reward_funcs or [])
+        if reward_model is not None:
+            funcs.append(reward_model)
+        if not funcs:
+            raise ValueError("PPO needs a reward: give reward_funcs=[...], reward_model=RewardModel(...), or both")
+        self.save_hyperparameters(ignore=["reward_model"])
+        self.rewards = RewardSet(funcs, reward_weights)
+        self.reward_models = [f for f in funcs if isinstance(f, RewardModel)]
+        self.num_generations = num_generations
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
+        self.val_sampling = SamplingConfig(val_max_new_tokens or max_new_tokens, temperature=0.0)
+        self.cliprange, self.cliprange_value = cliprange, cliprange_value
+        self.vf_coef, self.ent_coef = vf_coef, ent_coef
+        self.kl_estimator = kl_estimator
+        self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+        self.whiten_advantages = whiten_advantages
+        self.ppo_epochs, self.num_mini_batches = ppo_epochs, num_mini_batches
+        self.micro_batch_size, self.generation_batch_size = micro_batch_size, generation_batch_size
+        self.critic_model, self.critic_model_config = critic_model, critic_model_config
+        self.value_learning_rate = value_learning_rate or learning_rate
+        self.value_head_dropout = value_head_dropout
+        self.value_head: ValueHead | None = None
+        self.critic: nn.Module | None = None
+        self.rollout_engine: RolloutEngine | None = None
+        names = list(_STEP_METRICS) + [f"reward/{n}" for n in self.rewards.names]
+        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in ["reward"] +
+                                          [f"reward/{n}" for n in self.rewards.names]})
+
+    @property
+    @override
+    def needs_reference_model(self) -> bool:
+        return self.kl_ctl.value > 0 or self.kl_ctl.adaptive
+
+    # ----------------------------------------------------------------------------- model
+    @override
+    def configure_model(self) -> None:
+        """Load the policy (base class), then the critic if separate, and the value head."""
+        super().configure_model()
+        if self.value_head is not None:
+            return
+        if self.critic_model is not None:
+            critic, tok = load_policy(self.critic_model, self.critic_model_config, self.dtype_name)
+            if not same_tokenizer(tok, self.tokenizer):
+                raise ValueError(
+                    f"the critic {self.critic_model!r} uses another tokenizer than the policy {self.model_source!r}; "
+                    "a critic reads the policy's token ids, so pick one of the same model family or leave "
+                    "critic_model=None to put the value head on the policy's backbone"
+                )
+            if self.gradient_checkpointing:
+                critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if self.lora is not None:
+                    critic.enable_input_require_grads()
+            self.critic = apply_lora(critic, self.lora)
+        self.value_head = ValueHead(hidden_size_of(self.critic or self.policy), self.value_head_dropout)
+        for rm in self.reward_models:
+            rm.check_tokenizer(self.tokenizer)
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the value head and the critic."""
+        mods = [m for m in (self.value_head, self.critic) if m is not None]
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    @override
+    def configure_optimizers(self):
+        """AdamW (or the given callable) over two groups: policy at ``learning_rate``, value at its own."""
+        value = self.value_parameters()
+        ids = {id(p) for p in value}
+        policy = [p for p in self.trainable_parameters() if id(p) not in ids]
+        if not policy:
+            raise ValueError("the policy has no trainable parameters; check the lora settings")
+        groups = [{"params": policy, "lr": self.learning_rate}, {"params": value, "lr": self.value_learning_rate}]
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(groups)
+        else:
+            opt = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.lr_scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
+
+    @override
+    def on_fit_start(self) -> None:
+        """Move the reference copy and the reward models to the training device."""
+        super().on_fit_start()
+        for rm in self.reward_models:
+            rm.to(self.device)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the (possibly adapted) KL coefficient."""
+        checkpoint["ppo_kl_controller"] = self.kl_ctl.state_dict()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the model, then restore the KL coefficient."""
+        super().on_load_checkpoint(checkpoint)
+        if "ppo_kl_controller" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["ppo_kl_controller"])
+
+    # ----------------------------------------------------------------------------- rollouts
+    def default_engine(self) -> RolloutEngine:
+        """The transformers ``generate`` engine on the policy itself (created on first use)."""
+        if self.rollout_engine is None:
+            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
+                                           self.generation_batch_size)
+        return self.rollout_engine
+
+    def generate_rollout(
+        self, prompts: Sequence[Any], engine: RolloutEngine | None = None, sampling: SamplingConfig | None = None,
+        num_generations: int | None = None,
+    ) -> Rollout:
+        """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``)."""
+        engine = engine or self.default_engine()
+        rollout = engine.generate(self.encode(prompts), sampling or self.sampling,
+                                  num_generations or self.num_generations)
+        return rollout.to(self.device)
+
+    def score(self, prompts: Sequence[Any], rollout: Rollout, columns: Mapping[str, Sequence[Any]], g: int):
+        """Rewards of a rollout: ``(total [N], per_function [N, F])``; NaN where nothing applies."""
+        completions = self.decode_completions(rollout)
+        expanded = {k: [v for v in vals for _ in range(g)] for k, vals in columns.items()}
+        for k, vals in expanded.items():
+            if len(vals) != len(completions):
+                raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
+        expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
+        return self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
+
+    # ----------------------------------------------------------------------------- forward
+    def policy_and_values(self, rollout: Rollout, rows: slice | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(logp, entropy, values)``, each ``[n, C]``, for ``rows``: one backbone forward when shared."""
+        args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                rollout.completion_mask[rows])
+        temp = self.sampling.temperature
+        if self.critic is None:
+            hidden = completion_hidden_states(self.policy, *args)
+            logp, ent = logprobs_from_hidden(self.policy, hidden, args[2], args[3], temp, self.logprob_backend,
+                                             self.logprob_chunk_size)
+        else:
+            logp, ent = self.sequence_logprobs(self.policy, rollout, rows, temp)
+            hidden = completion_hidden_states(self.critic, *args)
+        values = self.value_head(hidden) * args[3].float()
+        return logp, ent, values
+
+    @torch.no_grad()
+    def _rollout_stats(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Old log-probs, old values and (when the KL penalty is on) reference log-probs, without grad."""
+        old_lp, old_v, ref_lp = [], [], []
+        for start in range(0, rollout.num_sequences, self.micro_batch_size):
+            rows = slice(start, start + self.micro_batch_size)
+            lp, _, v = self.policy_and_values(rollout, rows)
+            old_lp.append(lp)
+            old_v.append(v)
+        if self.needs_reference_model:
+            with self.reference_model() as ref:
+                for start in range(0, rollout.num_sequences, self.micro_batch_size):
+                    rows = slice(start, start + self.micro_batch_size)
+                    ref_lp.append(self.sequence_logprobs(ref, rollout, rows, self.sampling.temperature)[0])
+        return torch.cat(old_lp), torch.cat(old_v), torch.cat(ref_lp) if ref_lp else None
+
+    # ----------------------------------------------------------------------------- training
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One rollout, then ``ppo_epochs * num_mini_batches`` optimizer steps on it."""
+        prompts = batch["prompt"]
+        t0 = time.perf_counter()
+        rollout = batch.get("rollout")
+        rollout = self.generate_rollout(prompts) if rollout is None else rollout.to(self.device)
+        rollout_time = time.perf_counter() - t0
+        g, n = self.num_generations, rollout.num_sequences
+        if n != len(prompts) * g:
+            raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
+        if n % self.num_mini_batches:
+            raise ValueError(
+                f"batch_size * num_generations = {len(prompts)} * {g} = {n} completions cannot be split into "
+                f"num_mini_batches={self.num_mini_batches} equal parts; choose values so that it divides"
+            )
+        total, per_fn = self.score(prompts, rollout, self.columns_of(batch), g)
+        total = total.to(self.device)
+        scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
+        mask = rollout.completion_mask.float() * scored.float()[:, None]
+
+        t1 = time.perf_counter()
+        old_logp, old_values, ref_logp = self._rollout_stats(rollout)
+        kl = kl_penalty(old_logp, ref_logp, self.kl_estimator) * mask if ref_logp is not None \
+            else torch.zeros_like(old_logp)
+        kl_coef = self.kl_ctl.value
+        rewards = token_rewards(torch.nan_to_num(total), kl, mask, kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clip_frac",
+                                                        "value_clip_frac", "approx_kl", "entropy", "grad_norm")}
+        per_mini = n // self.num_mini_batches
+        for _ in range(self.ppo_epochs):
+            order = torch.randperm(n).to(self.device)
+            for m in range(self.num_mini_batches):
+                idx = order[m * per_mini : (m + 1) * per_mini]
+                tokens = mask[idx].sum().clamp(min=1)
+                step_loss = 0.0
+                for s in range(0, per_mini, self.micro_batch_size):
+                    mb = idx[s : s + self.micro_batch_size]
+                    step_loss += self._micro_step(rollout, mb, mask[mb], tokens, old_logp[mb], old_values[mb],
+                                                  advantages[mb], returns[mb], stats)
+                result = self.optimizer_step_checked(step_loss)
+                stats["loss"].append(step_loss)
+                stats["grad_norm"].append(result["grad_norm"])
+        train_time = time.perf_counter() - t1
+
+        seq_kl = kl.sum(-1)[scored]
+        mean_kl = seq_kl.mean().item() if seq_kl.numel() else float("nan")
+        self.kl_ctl.update(mean_kl, int(scored.sum()))
+        lengths = rollout.completion_mask.sum(-1).float()
+        finite = total[scored]
+        values = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        values.update(
+            reward=finite.mean().item() if finite.numel() else float("nan"),
+            reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
+            kl=mean_kl,
+            kl_coef=kl_coef,
+            non_score_reward=(-kl_coef * seq_kl).mean().item() if seq_kl.numel() else float("nan"),
+            explained_variance=explained_variance(old_values, returns, mask),
+            value_mean=masked_mean(old_values, mask).item(),
+            return_mean=masked_mean(returns, mask).item(),
+            advantage_std=advantages[mask.bool()].std().item() if mask.sum() > 1 else 0.0,
+            completion_length=lengths.mean().item(),
+            truncated_frac=rollout.truncated.float().mean().item(),
+            rollout_time=rollout_time,
+            train_time=train_time,
+        )
+        for j, name in enumerate(self.rewards.names):
+            col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
+            if col.numel():
+                values[f"reward/{name}"] = col.mean().item()
+        self._log_values(values, len(prompts))
+
+    def _micro_step(
+        self, rollout: Rollout, rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+        old_logp: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+        stats: dict[str, list[float]],
+    ) -> float:
+        """Forward, loss and backward of one micro-batch; its loss is its share of the minibatch's token mean."""
+        logp, ent, values = self.policy_and_values(rollout, rows)
+        pg = clipped_surrogate(logp, old_logp, advantages, self.cliprange)
+        vf = clipped_value_loss(values, old_values, returns, self.cliprange_value)
+        per_token = pg.loss + self.vf_coef * vf.loss - self.ent_coef * ent
+        loss = (per_token * mask).sum() / tokens
+        self.manual_backward(loss)
+        stats["policy_loss"].append(masked_mean(pg.loss.detach(), mask).item())
+        stats["value_loss"].append(masked_mean(vf.loss.detach(), mask).item())
+        stats["clip_frac"].append(masked_mean((pg.clipped_low | pg.clipped_high).float(), mask).item())
+        stats["value_clip_frac"].append(masked_mean(vf.clipped.float(), mask).item())
+        stats["approx_kl"].append(masked_mean(approx_kl(logp.detach(), old_logp), mask).item())
+        stats["entropy"].append(masked_mean(ent.detach(), mask).item())
+        return loss.item()
+
+    def _log_values(self, values: dict[str, float], batch_size: int) -> None:
+        for name, value in values.items():
+            if value != value:  # NaN: nothing to average
+                continue
+            metric = self.train_metrics[_key(name)]
+            metric(value)
+            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, batch_size=batch_size,
+                     prog_bar=name in ("reward", "kl", "value_loss"))
+
+    # ----------------------------------------------------------------------------- evaluation
+    @override
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Greedy completions for held-out prompts; logs the mean reward (overall and per function)."""
+        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
+        total, per_fn = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
+        values = {"reward": total}
+        values.update({f"reward/{name}": per_fn[:, j] for j, name in enumerate(self.rewards.names)})
+        for name, vals in values.items():
+            vals = vals[~torch.isnan(vals)]
+            if vals.numel():
+                metric = self.val_metrics[_key(name)]
+                metric.update(vals)
+                self.log(f"val/{name}", metric, on_epoch=True, batch_size=len(batch["prompt"]),
+                         prog_bar=name == "reward")
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys may not contain dots or slashes."""
+    return name.replace("/", "__").replace(".", "_")

@@ -1,0 +1,313 @@
+"""Shared base of the preference modules (DPO, ORPO, KTO): tokenized responses, log-probs, reference cache."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_rl.data.preferences import response_text
+from lightning_rl.logprobs import completion_logprobs
+from lightning_rl.modules.policy import PolicyModule
+from lightning_rl.prompting import Prompt, render_prompt
+from lightning_rl.rollout.padding import left_pad, right_pad
+
+log = logging.getLogger(__name__)
+
+ReferenceMode = Literal["auto", "live", "precomputed"]
+REFERENCE_MODES: tuple[str, ...] = ("auto", "live", "precomputed")
+
+
+@dataclass
+class Sequences:
+    """Prompt + response token tensors in the :class:`~lightning_rl.rollout.Rollout` layout.
+
+    Attributes:
+        prompt_ids: ``[N, P]`` left-padded prompt ids.
+        prompt_mask: ``[N, P]`` 1 on real prompt tokens.
+        completion_ids: ``[N, C]`` right-padded response ids (ending with EOS unless truncated).
+        completion_mask: ``[N, C]`` 1 on real response tokens.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+    def rows(self, index: torch.Tensor | slice) -> Sequences:
+        """The sequences at ``index``, with padding columns that no row uses trimmed."""
+        pm, cm = self.prompt_mask[index], self.completion_mask[index]
+        p_keep = int(pm.sum(-1).max()) if pm.numel() else 0
+        c_keep = max(int(cm.sum(-1).max()) if cm.numel() else 1, 1)
+        p0 = pm.shape[1] - max(p_keep, 1)
+        return Sequences(self.prompt_ids[index][:, p0:], pm[:, p0:], self.completion_ids[index][:, :c_keep],
+                         cm[:, :c_keep])
+
+
+class PreferenceModule(PolicyModule):
+    """Base of DPO, ORPO and KTO: turns text rows into token tensors and log-probs, and owns the reference.
+
+    Reference log-probs come from (``reference=``):
+
+    - ``live``: the adapter-disabled base with LoRA (no extra memory), else a frozen copy of the policy.
+    - ``precomputed``: computed once with the initial policy, before the first optimizer step, for
+      every training and validation row of the datamodule (cached by row index, saved in
+      checkpoints): no second model in memory and no reference forward during training.
+    - ``auto``: ``live`` with LoRA (or online generation), else ``precomputed``.
+
+    Args:
+        reference: ``auto``, ``live`` or ``precomputed``.
+        max_completion_length: keep at most this many tokens of each response (None keeps all).
+        micro_batch_size: rows (pairs for DPO/ORPO) per forward/backward; gradients accumulate.
+        **kwargs: the :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, ...).
+    """
+
+    uses_reference: bool = True
+
+    def __init__(
+        self,
+        reference: ReferenceMode = "auto",
+        max_completion_length: int | None = 512,
+        micro_batch_size: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if max_completion_length is not None and max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1 or None, got {max_completion_length}")
+        self.reference = reference
+        self.max_completion_length = max_completion_length
+        self.micro_batch_size = micro_batch_size
+        self._ref_cache: dict[str, dict[int, torch.Tensor]] = {}
+        self._policy_updated = False
+
+    # ----------------------------------------------------------------------------- reference
+    @property
+    def online(self) -> bool:
+        """Whether responses are generated during training (then the reference must be live)."""
+        return False
+
+    @property
+    def reference_mode(self) -> str:
+        """``live``, ``precomputed`` or ``none`` (reference-free methods)."""
+        if not self.uses_reference:
+            return "none"
+        if self.reference != "auto":
+            return self.reference
+        return "live" if self.lora is not None or self.online else "precomputed"
+
+    @property
+    @override
+    def needs_reference_model(self) -> bool:
+        return self.reference_mode == "live"
+
+    def reference_targets(self, batch: Mapping[str, Any]) -> list[tuple[Sequence[Prompt], Sequence[Any]]]:
+        """The ``(prompts, responses)`` whose reference log-probs a batch needs, one entry per column."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _eval_mode(self, model: nn.Module) -> Iterator[nn.Module]:
+        was = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was)
+
+    @torch.no_grad()
+    def compute_reference_logps(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``[B, K]`` summed reference log-probs of the batch's ``K`` response columns (eval mode, no grad)."""
+        targets = self.reference_targets(batch)
+        n = len(targets[0][0])
+        seqs = self.tokenize([p for prompts, _ in targets for p in prompts],
+                             [r for _, responses in targets for r in responses])
+        if self.reference_mode == "precomputed":
+            ctx = contextlib.nullcontext(self.policy)
+        else:
+            ctx = self.reference_model()
+        out = []
+        with ctx as ref, self._eval_mode(ref):
+            for start in range(0, seqs.prompt_ids.shape[0], 2 * self.micro_batch_size):
+                sub = seqs.rows(slice(start, start + 2 * self.micro_batch_size))
+                out.append(self.summed_logps(ref, sub))
+        return torch.cat(out).view(len(targets), n).T.contiguous()
+
+    def reference_logps(self, batch: Mapping[str, Any], split: str) -> torch.Tensor:
+        """``[B, K]`` reference log-probs: live, or looked up in the precomputed cache by ``batch["index"]``."""
+        if self.reference_mode != "precomputed":
+            return self.compute_reference_logps(batch)
+        if "index" not in batch:
+            raise KeyError("precomputed reference log-probs need an 'index' column in each batch (the row's "
+                           "position); use PreferenceDataModule or set reference='live'")
+        cache = self._ref_cache.setdefault(split, {})
+        missing = [i for i, idx in enumerate(batch["index"]) if int(idx) not in cache]
+        if missing:
+            if self._policy_updated:
+                raise RuntimeError(
+                    f"no precomputed reference log-probs for rows {[batch['index'][i] for i in missing][:5]} of the "
+                    f"{split} data, and the policy has already been updated so they cannot be computed now. They "
+                    "are computed at the start of fit for the datamodule's rows; give the same data, or set "
+                    "reference='live'."
+                )
+            sub = {k: [v[i] for i in missing] if isinstance(v, list) else v for k, v in batch.items()}
+            values = self.compute_reference_logps(sub).cpu()
+            for j, i in enumerate(missing):
+                cache[int(batch["index"][i])] = values[j]
+        return torch.stack([cache[int(idx)] for idx in batch["index"]]).to(self.device)
+
+    def precompute_reference(self, batches: Iterable[Mapping[str, Any]], split: str) -> int:
+        """Fill the reference cache of ``split`` from ``batches`` (rows already cached are kept); returns rows added."""
+        before = len(self._ref_cache.get(split, {}))
+        for batch in batches:
+            self.reference_logps(batch, split)
+        return len(self._ref_cache.get(split, {})) - before
+
+    def _precompute_from_trainer(self, use_loaders: bool) -> None:
+        if self.reference_mode != "precomputed" or self._policy_updated:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "reference_dataloader"):
+            sources = [(dm.reference_dataloader("train"), "train"), (dm.reference_dataloader("val"), "val")]
+        elif use_loaders:
+            vals = self.trainer.val_dataloaders
+            vals = vals if isinstance(vals, (list, tuple)) else [vals] if vals is not None else []
+            sources = [(self.trainer.train_dataloader, "train")] + [(v, "val") for v in vals]
+        else:
+            return
+        for loader, split in sources:
+            if loader is not None:
+                added = self.precompute_reference(loader, split)
+                if added:
+                    log.info("precomputed reference log-probs of %d %s rows", added, split)
+
+    @override
+    def on_fit_start(self) -> None:
+        """Move the frozen reference to the device and precompute reference log-probs from the datamodule."""
+        super().on_fit_start()
+        self._precompute_from_trainer(use_loaders=False)
+
+    @override
+    def on_train_start(self) -> None:
+        """Precompute reference log-probs from the dataloaders when fit got no preference datamodule."""
+        self._precompute_from_trainer(use_loaders=True)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the precomputed reference log-probs (small: a few floats per row)."""
+        checkpoint["preference_reference_cache"] = {
+            split: {"index": torch.tensor(list(c)), "logps": torch.stack(list(c.values()))}
+            for split, c in self._ref_cache.items() if c
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the reference cache; a checkpoint of a trained policy cannot precompute again."""
+        super().on_load_checkpoint(checkpoint)
+        self._policy_updated = checkpoint.get("global_step", 0) > 0
+        for split, c in checkpoint.get("preference_reference_cache", {}).items():
+            self._ref_cache[split] = {int(i): v for i, v in zip(c["index"].tolist(), c["logps"])}
+
+    @override
+    def optimizer_step_checked(self, loss_value: float) -> dict[str, float]:
+        result = super().optimizer_step_checked(loss_value)
+        if not result["skipped"]:
+            self._policy_updated = True
+        return result
+
+    # ----------------------------------------------------------------------------- tokens
+    def _prompt_messages(self, prompt: Prompt) -> list[dict[str, Any]]:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        if self.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    def encode_response(self, prompt: Prompt, response: Any) -> list[int]:
+        """Token ids of one response after ``prompt``, cut after the first EOS (EOS appended if absent).
+
+        With a chat template the response is rendered as the assistant turn, so it carries the
+        template's end-of-turn tokens; otherwise it is the plain text followed by EOS.
+        """
+        tok = self.tokenizer
+        text = response_text(response)
+        if text is None:
+            raise ValueError(f"response {response!r} is neither a string nor a list of chat messages")
+        templated = not isinstance(prompt, str) or bool(self.chat_template and tok.chat_template)
+        if templated:
+            head = render_prompt(tok, prompt, self.system_prompt, self.chat_template)
+            turn = [{"role": "assistant", "content": text}] if isinstance(response, str) else list(response)
+            full = tok.apply_chat_template(self._prompt_messages(prompt) + [dict(m) for m in turn], tokenize=False)
+            if full.startswith(head) and len(full) > len(head):
+                text = full[len(head):]
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        eos = set(self.eos_token_ids)
+        cut = next((i for i, t in enumerate(ids) if t in eos), None)
+        ids = ids[: cut + 1] if cut is not None else ids + [tok.eos_token_id]
+        if self.max_completion_length is not None:
+            ids = ids[: self.max_completion_length]
+        return ids
+
+    def tokenize(self, prompts: Sequence[Prompt], responses: Sequence[Any]) -> Sequences:
+        """Pad prompts (left) and responses (right) into :class:`Sequences` on the module's device."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        prompt_ids = self.encode(prompts)
+        completion_ids = [self.encode_response(p, r) for p, r in zip(prompts, responses)]
+        pad = self.tokenizer.pad_token_id
+        pi, pm = left_pad(prompt_ids, pad, self.device)
+        ci, cm = right_pad(completion_ids, pad, self.device)
+        return Sequences(pi, pm, ci, cm)
+
+    def token_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
+        """``[N, C]`` per-token log-probs (0 on padding) through the shared fused log-prob path."""
+        logp, _ = completion_logprobs(
+            model, seqs.prompt_ids, seqs.prompt_mask, seqs.completion_ids, seqs.completion_mask,
+            temperature=1.0, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size,
+        )
+        return logp
+
+    def summed_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
+        """``[N]`` summed log-prob of each response."""
+        return (self.token_logps(model, seqs) * seqs.completion_mask).sum(-1)
+
+    def micro_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Row indices ``[m]`` of each micro-batch of ``n`` rows."""
+        for start in range(0, n, self.micro_batch_size):
+            yield torch.arange(start, min(start + self.micro_batch_size, n), device=self.device)
+
+    # ----------------------------------------------------------------------------- metrics
+    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
+        """Create the MeanMetric accumulators for the logged values."""
+        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in train})
+        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in val})
+
+    def log_values(self, stage: Literal["train", "val"], values: Mapping[str, float | torch.Tensor],
+                   batch_size: int, prog_bar: Sequence[str] = ()) -> None:
+        """Update and log ``stage/<name>`` metrics (NaN values are left out)."""
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        for name, value in values.items():
+            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
+            v = v[~torch.isnan(v)]
+            if not v.numel():
+                continue
+            metric = metrics[_key(name)]
+            if not torch.is_inference_mode_enabled() and any(
+                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
+                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
+            metric(v.to(metric.device))
+            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     prog_bar=name in prog_bar)
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys may not contain dots or slashes."""
+    return name.replace("/", "__").replace(".", "_")

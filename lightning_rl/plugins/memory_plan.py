@@ -1,0 +1,307 @@
+"""The memory plan: whether training and a colocated rollout engine fit on one device, and with what sizes.
+
+Pure functions and dataclasses over byte counts, so the arithmetic is testable on any machine.
+A step has two phases that never hold memory at the same time:
+
+* **rollout**: policy weights, optimizer states unless they are offloaded to the CPU, the engine's
+  weights, its KV cache and its workspace;
+* **train**: policy weights, gradients, optimizer states, the activations of one micro-batch
+  (proportional to its tokens) and fixed extras (a log-prob chunk, a reference model).
+
+:func:`plan_memory` picks the largest micro-batch (in tokens) and the KV-cache budget that fit,
+or raises :class:`MemoryPlanError` with the figure of each part and what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class MemoryPlanError(RuntimeError):
+    """Training and the rollout engine cannot fit in the device memory budget."""
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable size (GiB above 1 GiB, else MiB)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """Parameter counts and bytes of a model, split into trainable and frozen."""
+
+    trainable_params: int
+    trainable_bytes: int
+    frozen_params: int
+    frozen_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        """All parameters."""
+        return self.trainable_params + self.frozen_params
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all parameters as stored."""
+        return self.trainable_bytes + self.frozen_bytes
+
+    @classmethod
+    def from_modules(cls, modules: Iterable[nn.Module]) -> ModelMemory:
+        """Count the parameters of ``modules`` (shared parameters once), as currently stored."""
+        seen: set[int] = set()
+        tp = tb = fp = fb = 0
+        for module in modules:
+            for p in module.parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                nbytes = p.numel() * p.element_size()
+                if p.requires_grad:
+                    tp, tb = tp + p.numel(), tb + nbytes
+                else:
+                    fp, fb = fp + p.numel(), fb + nbytes
+        return cls(tp, tb, fp, fb)
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes per token: ``2 (K and V) * layers * kv_heads * head_dim * dtype bytes``."""
+    text = _text_config(config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_checkpointing: bool = False) -> int:
+    """Estimated activation bytes kept for the backward, per token of a micro-batch.
+
+    A decoder layer keeps about ``10 * hidden + 2 * kv_dim + 5 * intermediate`` values per token
+    (norm inputs and outputs, q/k/v, attention output, MLP gate/up/product, residuals); with
+    gradient checkpointing only each layer's input (fp32 residual stream) plus one recomputed
+    layer are alive. Memory-efficient attention is assumed (no ``seq x seq`` score matrix).
+    """
+    text = _text_config(config)
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    inter = getattr(text, "intermediate_size", None) or 4 * h
+    per_layer = (10 * h + 2 * kv_heads * head_dim + 5 * inter) * dtype_bytes
+    layers = text.num_hidden_layers
+    if gradient_checkpointing:
+        return layers * h * 4 + per_layer
+    return layers * per_layer
+
+
+def optimizer_state_bytes(trainable_params: int, states_per_param: int = 2, state_bytes: int = 4) -> int:
+    """Estimated optimizer state: AdamW keeps two fp32 moments per trainable parameter."""
+    return trainable_params * states_per_param * state_bytes
+
+
+def optimizer_state_bytes_of(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer holds now (0 before its first step)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class RolloutNeeds:
+    """What the rollout engine needs while it is awake.
+
+    Args:
+        kv_bytes_per_token: KV-cache bytes per token (see :func:`kv_bytes_per_token`).
+        tokens: tokens of one rollout (sequences x (prompt + completion)); 0 if unknown.
+        engine_weight_bytes: the engine's own copy of the weights (0 when it generates with the policy).
+        overhead_bytes: the engine's workspace (sampler, activations, CUDA graphs).
+        headroom: multiplier on the exact KV need.
+        offload_optimizer: optimizer states go to the CPU while the engine is awake.
+    """
+
+    kv_bytes_per_token: int
+    tokens: int = 0
+    engine_weight_bytes: int = 0
+    overhead_bytes: int = 0
+    headroom: float = 1.2
+    offload_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen sizes and the figures behind them (bytes)."""
+
+    budget_bytes: int
+    micro_batch_tokens: int
+    kv_cache_bytes: int | None
+    train_parts: dict[str, int] = field(default_factory=dict)
+    rollout_parts: dict[str, int] = field(default_factory=dict)
+    activation_bytes_per_token: int = 0
+
+    @property
+    def train_peak_bytes(self) -> int:
+        """Planned peak of the train phase."""
+        return sum(self.train_parts.values())
+
+    @property
+    def rollout_peak_bytes(self) -> int:
+        """Planned peak of the rollout phase."""
+        return sum(self.rollout_parts.values())
+
+    def micro_batch_sequences(self, sequence_tokens: int) -> int:
+        """Whole sequences of ``sequence_tokens`` tokens in one planned micro-batch (>= 1)."""
+        return max(1, self.micro_batch_tokens // max(1, sequence_tokens))
+
+    def summary(self) -> str:
+        """A few lines with every part's figure."""
+        lines = [f"memory plan (budget {fmt_bytes(self.budget_bytes)}):"]
+        lines.append(f"  train phase {fmt_bytes(self.train_peak_bytes)}, micro-batch {self.micro_batch_tokens} tokens")
+        lines += [f"    {k}: {fmt_bytes(v)}" for k, v in self.train_parts.items()]
+        if self.rollout_parts:
+            kv = "unset" if self.kv_cache_bytes is None else fmt_bytes(self.kv_cache_bytes)
+            lines.append(f"  rollout phase {fmt_bytes(self.rollout_peak_bytes)}, KV cache {kv}")
+            lines += [f"    {k}: {fmt_bytes(v)}" for k, v in self.rollout_parts.items()]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types, for checkpoints and logs."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryPlan:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**dict(data))
+
+
+_TRAIN_FIXES = (
+    "train LoRA adapters instead of all weights (lora={'r': 16}): no gradients or optimizer state for the base",
+    "turn on gradient_checkpointing=True (activations per token shrink about tenfold)",
+    "store frozen weights in 8/4 bits: MemoryAwarePrecision(quantize='int8' or 'nf4') (needs bitsandbytes)",
+    "use shorter sequences (max_prompt_length, max_new_tokens), or a device with more memory",
+)
+_ROLLOUT_FIXES = (
+    "offload optimizer states while the engine is awake: MemoryAwarePrecision(offload_optimizer=True)",
+    "generate fewer tokens per step (fewer prompts per batch, smaller num_generations or max_new_tokens)",
+    "train LoRA adapters (smaller optimizer state), or use a device with more memory",
+)
+
+
+def _explain(phase: str, parts: Mapping[str, int], budget: int, need: str, fixes: Iterable[str]) -> str:
+    lines = [f"the {phase} phase does not fit in the memory budget of {fmt_bytes(budget)}: {need}."]
+    lines += [f"  {k}: {fmt_bytes(v)}" for k, v in parts.items()]
+    lines.append(f"  total: {fmt_bytes(sum(parts.values()))}")
+    lines.append("What to change:")
+    lines += [f"  - {f}" for f in fixes]
+    return "\n".join(lines)
+
+
+def plan_memory(
+    *,
+    budget_bytes: int,
+    model: ModelMemory,
+    activation_bytes_per_token: int,
+    sequence_tokens: int,
+    optimizer_bytes: int | None = None,
+    grad_bytes: int | None = None,
+    rollout: RolloutNeeds | None = None,
+    max_micro_batch_tokens: int | None = None,
+    extra_train_parts: Mapping[str, int] | None = None,
+    reserved_bytes: int = 256 * MiB,
+) -> MemoryPlan:
+    """Choose the micro-batch size (tokens) and the KV-cache budget, or explain why nothing fits.
+
+    Args:
+        budget_bytes: device memory training may use.
+        model: the policy's parameters as stored (after precision conversion).
+        activation_bytes_per_token: see :func:`activation_bytes_per_token`.
+        sequence_tokens: tokens of one padded sequence; a micro-batch holds at least one.
+        optimizer_bytes: optimizer state; None estimates AdamW (two fp32 moments per trainable parameter).
+        grad_bytes: gradients; None: one per trainable parameter in its stored dtype.
+        rollout: the rollout engine's needs; None when there is no rollout phase to plan.
+        max_micro_batch_tokens: upper bound (e.g. the whole batch); None: no bound.
+        extra_train_parts: other fixed train-phase bytes by name (a log-prob chunk, a reference model).
+        reserved_bytes: kept free for the allocator's fragmentation and small buffers.
+
+    Raises:
+        MemoryPlanError: a phase cannot fit, with each part's figure and what to change.
+    """
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+    if sequence_tokens < 1 or activation_bytes_per_token < 0:
+        raise ValueError("sequence_tokens must be >= 1 and activation_bytes_per_token >= 0")
+    opt = optimizer_state_bytes(model.trainable_params) if optimizer_bytes is None else optimizer_bytes
+    grads = model.trainable_bytes if grad_bytes is None else grad_bytes
+    static = {
+        "frozen weights": model.frozen_bytes,
+        "trainable weights": model.trainable_bytes,
+        "gradients": grads,
+        "optimizer states": opt,
+        **dict(extra_train_parts or {}),
+        "reserve": reserved_bytes,
+    }
+    free = budget_bytes - sum(static.values())
+    min_act = activation_bytes_per_token * sequence_tokens
+    if free < min_act:
+        parts = {**static, f"activations of one sequence ({sequence_tokens} tokens)": min_act}
+        raise MemoryPlanError(_explain("train", parts, budget_bytes, f"one sequence needs {fmt_bytes(min_act)} of "
+                                       f"activations and {fmt_bytes(max(free, 0))} is left", _TRAIN_FIXES))
+    tokens = free // activation_bytes_per_token if activation_bytes_per_token else 2**31
+    if max_micro_batch_tokens is not None:
+        tokens = min(tokens, max(max_micro_batch_tokens, sequence_tokens))
+    tokens = max(sequence_tokens, (tokens // sequence_tokens) * sequence_tokens)
+    train_parts = {**static, f"activations ({tokens} tokens)": tokens * activation_bytes_per_token}
+
+    kv_budget = None
+    rollout_parts: dict[str, int] = {}
+    if rollout is not None:
+        rstatic = {
+            "frozen weights": model.frozen_bytes,
+            "trainable weights": model.trainable_bytes,
+            "optimizer states": 0 if rollout.offload_optimizer else opt,
+            "engine weights": rollout.engine_weight_bytes,
+            "engine workspace": rollout.overhead_bytes,
+            "reserve": reserved_bytes,
+        }
+        kv_free = budget_bytes - sum(rstatic.values())
+        exact = rollout.tokens * rollout.kv_bytes_per_token
+        if kv_free < max(exact, rollout.kv_bytes_per_token):
+            parts = {**rstatic, f"KV cache ({rollout.tokens} tokens)": exact}
+            fixes = _ROLLOUT_FIXES if not rollout.offload_optimizer else _ROLLOUT_FIXES[1:]
+            raise MemoryPlanError(_explain("rollout", parts, budget_bytes, f"the KV cache needs {fmt_bytes(exact)} "
+                                           f"and {fmt_bytes(max(kv_free, 0))} is left", fixes))
+        wanted = math.ceil(exact * rollout.headroom) if rollout.tokens else kv_free
+        kv_budget = int(min(kv_free, wanted))
+        rollout_parts = {**rstatic, "KV cache": kv_budget}
+    return MemoryPlan(budget_bytes=int(budget_bytes), micro_batch_tokens=int(tokens), kv_cache_bytes=kv_budget,
+                      train_parts=train_parts, rollout_parts=rollout_parts,
+                      activation_bytes_per_token=int(activation_bytes_per_token))
+
+
+__all__ = [
+    "GiB",
+    "MemoryPlan",
+    "MemoryPlanError",
+    "ModelMemory",
+    "RolloutNeeds",
+    "activation_bytes_per_token",
+    "fmt_bytes",
+    "kv_bytes_per_token",
+    "optimizer_state_bytes",
+    "optimizer_state_bytes_of",
+    "plan_memory",
+]

@@ -1,0 +1,497 @@
+"""The memory-aware precision plugin: low-precision frozen weights, fp32 masters, a memory plan, offloading.
+
+Pass it as ``Trainer(plugins=[MemoryAwarePrecision()])`` (leave ``precision=`` unset) or in YAML
+under ``trainer.plugins``. What it does:
+
+* frozen parameters (the base under LoRA, a frozen reference copy) are stored in bf16 (fp16 where
+  the GPU has no bf16), optionally in 8 or 4 bits through bitsandbytes; trainable parameters are
+  kept as fp32 master weights; the forward runs under ``torch.autocast``;
+* the autocast cache is cleared whenever the grad mode changes between two forwards (old and
+  reference log-probs are computed under ``no_grad``) and after every backward;
+* at setup it makes a :class:`~lightning_rl.plugins.memory_plan.MemoryPlan`: the micro-batch size
+  (lowers the module's ``micro_batch_size`` when it would not fit) and the KV-cache budget the
+  :class:`~lightning_rl.callbacks.VLLMRollout` engine gets, or a ``MemoryPlanError`` before any OOM;
+* while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory;
+* device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
+
+On a CPU the frozen weights are stored in bf16 as well (half the RAM; CPU autocast runs matmuls in
+bf16); pass ``frozen_dtype="float32"`` to keep them in fp32. Offloading is off on a CPU (nothing to free).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning_utilities.core.imports import RequirementCache
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_rl.plugins.memory_plan import (
+    GiB,
+    MemoryPlan,
+    ModelMemory,
+    RolloutNeeds,
+    activation_bytes_per_token,
+    fmt_bytes,
+    kv_bytes_per_token,
+    optimizer_state_bytes,
+    optimizer_state_bytes_of,
+    plan_memory,
+)
+from lightning_rl.plugins.offload import OptimizerOffloader
+
+log = logging.getLogger(__name__)
+
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+Quantize = Literal["int8", "nf4"]
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_BNB_AVAILABLE = RequirementCache("bitsandbytes")
+
+
+def require_bitsandbytes() -> None:
+    """Raise a clear error when bitsandbytes is missing."""
+    if not _BNB_AVAILABLE:
+        raise ModuleNotFoundError(
+            "MemoryAwarePrecision(quantize=...) stores frozen weights in 8 or 4 bits with the 'bitsandbytes' "
+            "package, which is not installed. Install it with `pip install bitsandbytes` (CUDA GPUs), or leave "
+            "quantize=None to store frozen weights in bf16."
+        )
+
+
+def default_compute_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the device supports it, else fp16 (CUDA before Ampere)."""
+    if device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def memory_figures(device: torch.device | str | None = None) -> dict[str, int]:
+    """Allocated, reserved and peak device memory in bytes (empty off CUDA)."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return {}
+    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+            "peak": torch.cuda.max_memory_allocated(device)}
+
+
+def _lightning_module(model: nn.Module) -> L.LightningModule | None:
+    seen = 0
+    while not isinstance(model, L.LightningModule) and hasattr(model, "module") and seen < 4:
+        model, seen = model.module, seen + 1
+    return model if isinstance(model, L.LightningModule) else None
+
+
+def _find_config(module: nn.Module) -> Any:
+    for m in module.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and (hasattr(cfg, "num_hidden_layers") or hasattr(cfg, "get_text_config")):
+            return cfg
+    return None
+
+
+def _sequence_tokens(module: nn.Module) -> int | None:
+    """Padded tokens of one training sequence of an RL module (prompt + completion), if it says."""
+    sampling = getattr(module, "sampling", None)
+    prompt = getattr(module, "max_prompt_length", None)
+    if sampling is not None and prompt:
+        return int(prompt) + int(sampling.max_new_tokens)
+    length = getattr(module, "max_length", None)
+    return int(length) if isinstance(length, int) else None
+
+
+def _extra_frozen(module: nn.Module) -> list[nn.Module]:
+    """Frozen modules a PolicyModule keeps outside its registered children (the reference copy)."""
+    return [m for m in getattr(module, "_frozen_reference", []) if isinstance(m, nn.Module)]
+
+
+class MemoryAwarePrecision(Precision):
+    """Mixed precision that stores what it can small and plans device memory around the rollout engine.
+
+    Args:
+        frozen_dtype: storage dtype of frozen parameters; ``auto`` = the compute dtype.
+        compute_dtype: autocast dtype; ``auto`` = bf16, or fp16 on GPUs without bf16.
+        quantize: store frozen linear weights in ``int8`` or ``nf4`` with bitsandbytes (CUDA only).
+        offload_optimizer: move optimizer states and gradients to pinned CPU memory while the rollout
+            engine is awake; None: on for CUDA, off on a CPU.
+        memory_budget: device memory training may use: bytes (> 1), a fraction of the device (<= 1),
+            or None (the device's total times ``utilization``; no plan on a CPU).
+        utilization: fraction of the device's total used when ``memory_budget`` is None.
+        plan: make a memory plan at setup (and refuse early when nothing fits).
+        adjust_micro_batch: lower the module's ``micro_batch_size`` to what the plan allows.
+        enforce_budget: cap PyTorch's CUDA allocator at the budget
+            (``torch.cuda.set_per_process_memory_fraction``).
+        activation_bytes_per_token: override the estimate of activation bytes per token.
+        engine_overhead_bytes: the rollout engine's workspace beyond weights and KV cache.
+        reserved_bytes: kept free in the plan for fragmentation and small buffers.
+        log_memory: log memory figures per phase.
+    """
+
+    def __init__(
+        self,
+        frozen_dtype: DtypeName = "auto",
+        compute_dtype: DtypeName = "auto",
+        quantize: Quantize | None = None,
+        offload_optimizer: bool | None = None,
+        memory_budget: float | None = None,
+        utilization: float = 0.9,
+        plan: bool = True,
+        adjust_micro_batch: bool = True,
+        enforce_budget: bool = False,
+        activation_bytes_per_token: int | None = None,
+        engine_overhead_bytes: int = GiB,
+        reserved_bytes: int = 256 * 1024**2,
+        log_memory: bool = True,
+    ) -> None:
+        for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
+            if value != "auto" and value not in _DTYPES:
+                raise ValueError(f"{name} must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+        if compute_dtype == "float32":
+            raise ValueError("compute_dtype='float32' saves nothing; use 'bfloat16' or 'float16' (or 'auto')")
+        if quantize not in (None, "int8", "nf4"):
+            raise ValueError(f"quantize must be None, 'int8' or 'nf4', got {quantize!r}")
+        if quantize is not None:
+            require_bitsandbytes()
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction <= 1), got {memory_budget}")
+        if not 0 < utilization <= 1:
+            raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+        self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        auto = compute_dtype == "auto"
+        self.compute_dtype = default_compute_dtype(self.device_type) if auto else _DTYPES[compute_dtype]
+        self.frozen_dtype = self.compute_dtype if frozen_dtype == "auto" else _DTYPES[frozen_dtype]
+        self.precision = "bf16-mixed" if self.compute_dtype == torch.bfloat16 else "16-mixed"
+        self.quantize = quantize
+        self.offload_optimizer = offload_optimizer
+        self.memory_budget = memory_budget
+        self.utilization = utilization
+        self.plan = plan
+        self.adjust_micro_batch = adjust_micro_batch
+        self.enforce_budget = enforce_budget
+        self.activation_bytes_per_token = activation_bytes_per_token
+        self.engine_overhead_bytes = engine_overhead_bytes
+        self.reserved_bytes = reserved_bytes
+        self.log_memory = log_memory
+        self.memory_plan: MemoryPlan | None = None
+        self.planned_micro_batch_size: int | None = None
+        self.memory_stats: dict[str, dict[str, int]] = {}
+        self.cache_clears = 0
+        self._last_grad_mode: bool | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._offloader = OptimizerOffloader()
+        self._optimizers: list[Optimizer] = []
+        self._module: L.LightningModule | None = None
+        if self.compute_dtype == torch.float16:
+            warnings.warn("MemoryAwarePrecision computes in fp16 on this device (no bf16): there is no loss "
+                          "scaling, so very small gradients may underflow; prefer a GPU with bf16", stacklevel=2)
+
+    # ----------------------------------------------------------------------------- conversion
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Frozen floating parameters to ``frozen_dtype`` (or 8/4 bits), trainable ones to fp32 masters."""
+        module = super().convert_module(module)
+        targets = [module, *_extra_frozen(module)]
+        for m in targets:
+            if self.quantize is not None:
+                self._quantize_frozen_linears(m)
+            self._convert_params(m)
+            self._register_cache_hooks(m)
+        return module
+
+    def _convert_params(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            for p in module.parameters():
+                if not p.is_floating_point():
+                    continue
+                dtype = torch.float32 if p.requires_grad else self.frozen_dtype
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+
+    def _quantize_frozen_linears(self, module: nn.Module) -> None:
+        require_bitsandbytes()
+        import bitsandbytes as bnb
+
+        skip = set()
+        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        if head is not None:
+            skip.add(id(head))
+        count = 0
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not nn.Linear or id(child) in skip or name == "lm_head":
+                    continue
+                if any(p.requires_grad for p in child.parameters()):
+                    continue
+                has_bias = child.bias is not None
+                w = child.weight.data.to(self.compute_dtype)
+                if self.quantize == "int8":
+                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
+                                              has_fp16_weights=False, threshold=6.0)
+                    new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+                else:
+                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
+                                            compute_dtype=self.compute_dtype, quant_type="nf4")
+                    new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+                if has_bias:
+                    new.bias = nn.Parameter(child.bias.data.to(self.compute_dtype), requires_grad=False)
+                setattr(parent, name, new)
+                count += 1
+        log.info("MemoryAwarePrecision: %d frozen linear layers stored in %s (quantized on the move to CUDA)",
+                 count, self.quantize)
+
+    # ----------------------------------------------------------------------------- autocast
+    def _register_cache_hooks(self, module: nn.Module) -> None:
+        for m in module.modules():
+            if any(True for _ in m.parameters(recurse=False)):
+                self._hooks.append(m.register_forward_pre_hook(self._on_forward))
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        mode = torch.is_grad_enabled()
+        if mode != self._last_grad_mode:
+            if self._last_grad_mode is not None:
+                self.clear_autocast_cache()
+            self._last_grad_mode = mode
+
+    def clear_autocast_cache(self) -> None:
+        """Drop autocast's cached low-precision copies of fp32 weights.
+
+        A cast cached under ``no_grad`` has no autograd history; reused in a grad-enabled forward it
+        would silently cut the weights out of the backward (the bug Lightning's MixedPrecision avoids).
+        """
+        torch.clear_autocast_cache()
+        self.cache_clears += 1
+
+    def autocast_context_manager(self) -> torch.autocast:
+        """Autocast on the training device in the compute dtype."""
+        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+
+    @override
+    @contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """Run the step under autocast; the cache is cleared when the grad mode changes and at the end."""
+        self._last_grad_mode = None
+        with self.autocast_context_manager():
+            yield
+
+    @override
+    def post_backward(self, tensor: torch.Tensor, module: L.LightningModule) -> torch.Tensor:  # type: ignore[override]
+        """Free the autocast cache once its casts have served their backward."""
+        self.clear_autocast_cache()
+        return super().post_backward(tensor, module)
+
+    # ----------------------------------------------------------------------------- setup and plan
+    @override
+    def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]):
+        """Remember the optimizers, find the device, make the memory plan and apply it."""
+        model, optimizers, lr_schedulers = super().connect(model, optimizers, lr_schedulers)
+        self._optimizers = list(optimizers)
+        self._module = _lightning_module(model)
+        device = next((p.device for p in model.parameters()), torch.device(self.device_type))
+        self.device_type = device.type
+        if self.quantize is not None and device.type != "cuda":
+            raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
+                               f"the model is on {device}. Use quantize=None on this machine.")
+        if self.plan and self._module is not None:
+            self.memory_plan = self.make_plan(self._module, self._optimizers, device)
+            if self.memory_plan is not None:
+                log.info("%s", self.memory_plan.summary())
+                self._apply_plan(self._module)
+        if self.enforce_budget and device.type == "cuda" and self.memory_budget is not None:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self._budget(total) / total), device)
+        if self.log_memory and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return model, optimizers, lr_schedulers
+
+    def _budget(self, total: int | None) -> int | None:
+        if self.memory_budget is None:
+            return None if total is None else int(total * self.utilization)
+        if self.memory_budget <= 1:
+            return None if total is None else int(total * self.memory_budget)
+        return int(self.memory_budget)
+
+    @property
+    def offload_enabled(self) -> bool:
+        """Whether optimizer states leave the device while the engine is awake."""
+        return self.device_type == "cuda" if self.offload_optimizer is None else bool(self.offload_optimizer)
+
+    def make_plan(self, module: L.LightningModule, optimizers: list[Optimizer],
+                  device: torch.device) -> MemoryPlan | None:
+        """The memory plan for ``module`` on ``device`` (None when the budget or model shape is unknown)."""
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        budget = self._budget(total)
+        config = _find_config(module)
+        seq = _sequence_tokens(module)
+        if budget is None or config is None or seq is None:
+            log.info("MemoryAwarePrecision: no memory plan (budget %s, model config %s, sequence length %s)",
+                     budget, config is not None, seq)
+            return None
+        model = ModelMemory.from_modules([module, *_extra_frozen(module)])
+        cdt = torch.empty((), dtype=self.compute_dtype).element_size()
+        act = self.activation_bytes_per_token or activation_bytes_per_token(
+            config, cdt, bool(getattr(module, "gradient_checkpointing", False)))
+        opt_bytes = sum(optimizer_state_bytes_of(o) for o in optimizers)
+        if opt_bytes == 0:
+            numel = sum(p.numel() for o in optimizers for g in o.param_groups for p in g["params"])
+            opt_bytes = optimizer_state_bytes(numel)
+        extra: dict[str, int] = {}
+        backend = getattr(module, "logprob_backend", None)
+        if backend is not None:
+            from lightning_rl.logprobs import resolve_backend
+
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            if resolve_backend(backend, device) == "reference":
+                chunk = int(getattr(module, "logprob_chunk_size", 1024))
+                extra["log-prob chunk (fp32 logits)"] = chunk * int(text.vocab_size) * 12
+        micro = getattr(module, "micro_batch_size", None)
+        max_tokens = int(micro) * seq if isinstance(micro, int) else None
+        return plan_memory(budget_bytes=budget, model=model, activation_bytes_per_token=act, sequence_tokens=seq,
+                           optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, config, seq, model),
+                           max_micro_batch_tokens=max_tokens, extra_train_parts=extra,
+                           reserved_bytes=self.reserved_bytes)
+
+    def _rollout_needs(
+        self, module: L.LightningModule, config: Any, seq: int, model: ModelMemory
+    ) -> RolloutNeeds | None:
+        if not hasattr(module, "generate_rollout"):
+            return None
+        from lightning_rl.callbacks.rollout import VLLMRollout
+
+        trainer = module._trainer
+        callbacks = trainer.callbacks if trainer is not None else []
+        cb = next((c for c in callbacks if isinstance(c, VLLMRollout)), None)
+        g = int(getattr(module, "num_generations", 1))
+        prompts = getattr(cb, "prompts_per_step", None) or getattr(getattr(trainer, "datamodule", None),
+                                                                   "batch_size", None)
+        tokens = int(prompts) * g * seq if isinstance(prompts, int) else 0
+        if cb is None:  # transformers generate inside the step: KV cache in the compute dtype, full logits rows
+            cdt = torch.empty((), dtype=self.compute_dtype).element_size()
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            sequences = int(prompts) * g if isinstance(prompts, int) else 1
+            return RolloutNeeds(kv_bytes_per_token(config, cdt), tokens, 0,
+                                sequences * int(text.vocab_size) * 4 * 2, headroom=1.0, offload_optimizer=False)
+        if cb.gpu_memory_utilization is not None:
+            return None  # vLLM sizes itself from a fraction of the GPU
+        engine_bytes = 2 if cb.dtype in ("auto", "bfloat16", "float16") else 4
+        per_token = kv_bytes_per_token(config, engine_bytes)
+        headroom = float(cb.kv_cache_headroom)
+        if cb.kv_cache_bytes is not None:
+            tokens, headroom = math.ceil(cb.kv_cache_bytes / per_token), 1.0
+        return RolloutNeeds(per_token, tokens, model.total_params * engine_bytes, self.engine_overhead_bytes,
+                            headroom=headroom, offload_optimizer=self.offload_enabled)
+
+    def _apply_plan(self, module: nn.Module) -> None:
+        plan, seq, micro = self.memory_plan, _sequence_tokens(module), getattr(module, "micro_batch_size", None)
+        if plan is None or seq is None or not isinstance(micro, int):
+            return
+        planned = plan.micro_batch_sequences(seq)
+        self.planned_micro_batch_size = min(planned, micro)
+        if self.adjust_micro_batch and planned < micro:
+            log.warning("memory plan: micro_batch_size lowered from %d to %d sequences (%s of activations each)",
+                        micro, planned, fmt_bytes(plan.activation_bytes_per_token * seq))
+            module.micro_batch_size = planned
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """The KV-cache budget the plan gives the rollout engine (None without a plan)."""
+        return None if self.memory_plan is None else self.memory_plan.kv_cache_bytes
+
+    # ----------------------------------------------------------------------------- rollout toggling
+    def offload_for_rollout(self) -> int:
+        """Move optimizer states and gradients to pinned CPU memory (before the engine wakes). Returns bytes."""
+        self._record("train_end")
+        moved = 0
+        if self.offload_enabled and self._optimizers and not self._offloader.is_offloaded:
+            moved = self._offloader.offload(self._optimizers, source=self.device_type)
+        self._reset_peak()
+        return moved
+
+    def restore_after_rollout(self) -> int:
+        """Bring the offloaded states back (after the engine sleeps). Returns bytes."""
+        moved = self._offloader.restore() if self._offloader.is_offloaded else 0
+        self._record("rollout")
+        self._reset_peak()
+        return moved
+
+    # ----------------------------------------------------------------------------- memory figures
+    def _reset_peak(self) -> None:
+        if self.device_type == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _record(self, phase: str) -> None:
+        if not self.log_memory:
+            return
+        figures = memory_figures(self.device_type)
+        if not figures:
+            return
+        self.memory_stats[phase] = figures
+        module = self._module
+        if module is None or module._trainer is None:
+            return
+        values = {f"memory/{phase}_{k}_gib": v / GiB for k, v in figures.items()}
+        try:
+            module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+        except Exception as err:  # noqa: BLE001 - logging is best effort outside the hooks that allow it
+            log.debug("memory figures not logged: %s", err)
+
+    @override
+    def optimizer_step(self, optimizer: Any, model: L.LightningModule, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Step, then record the train phase's memory figures."""
+        out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        self._record("train")
+        return out
+
+    # ----------------------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Dtypes, the plan and the applied micro-batch size (so a resumed run micro-batches alike)."""
+        return {
+            "version": 1,
+            "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "quantize": self.quantize,
+            "micro_batch_size": self.planned_micro_batch_size,
+            "plan": None if self.memory_plan is None else self.memory_plan.to_dict(),
+            "memory_stats": {k: dict(v) for k, v in self.memory_stats.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the plan and the micro-batch size; warn when the dtypes differ from the saving run."""
+        if not state_dict:
+            return
+        for key in ("frozen_dtype", "compute_dtype", "quantize"):
+            now = self.state_dict()[key]
+            if key in state_dict and state_dict[key] != now:
+                warnings.warn(f"the checkpoint was trained with {key}={state_dict[key]!r}, this run uses {now!r}",
+                              stacklevel=2)
+        plan = state_dict.get("plan")
+        if plan is not None and self.memory_plan is None:
+            self.memory_plan = MemoryPlan.from_dict(plan)
+        self.memory_stats = {k: dict(v) for k, v in (state_dict.get("memory_stats") or {}).items()}
+        mbs = state_dict.get("micro_batch_size")
+        if isinstance(mbs, int):
+            self.planned_micro_batch_size = mbs
+            if self._module is not None and self.adjust_micro_batch and hasattr(self._module, "micro_batch_size"):
+                self._module.micro_batch_size = min(mbs, self._module.micro_batch_size)
+
+    @override
+    def teardown(self) -> None:
+        """Bring offloaded states back and remove the hooks."""
+        if self._offloader.is_offloaded:
+            self._offloader.restore()
+        self._offloader.release_buffers()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        super().teardown()
+
+
+__all__ = ["MemoryAwarePrecision", "default_compute_dtype", "memory_figures", "require_bitsandbytes"]

@@ -1,0 +1,93 @@
+"""Reward functions as plain data: import paths or ``{"class_path", "init_args"}`` mappings.
+
+Checkpoints load with ``torch.load(weights_only=True)``, which refuses pickled Python objects, so
+the modules store reward functions (and other callables in their hyperparameters) in this form
+and resolve it back when the module is rebuilt from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+_PRIMITIVES = (str, int, float, bool, type(None))
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module.name"`` (attributes after the module allowed)."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ImportError(f"cannot import {path!r}: give an import path such as 'my_package.rewards.my_reward'")
+
+
+def resolve_callable(spec: Any) -> Any:
+    """A callable from itself, an import path, or ``{"class_path": ..., "init_args": {...}}``."""
+    if isinstance(spec, str):
+        return import_object(spec)
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        cls = import_object(spec["class_path"])
+        return cls(**dict(spec.get("init_args") or {}))
+    return spec
+
+
+def _path_of(obj: Any) -> str | None:
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not name or "<" in name:
+        return None
+    try:
+        return f"{module}.{name}" if import_object(f"{module}.{name}") is obj else None
+    except ImportError:
+        return None
+
+
+def portable(value: Any) -> Any:
+    """``value`` as plain data (primitives, lists, dicts), or None where that is impossible.
+
+    Functions and classes become import paths; instances whose constructor arguments are all
+    stored as same-named primitive attributes become ``{"class_path", "init_args"}``.
+    """
+    if isinstance(value, enum.Enum):
+        return portable(value.value)
+    if isinstance(value, _PRIMITIVES):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [portable(v) for v in value]
+    if inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
+        return _path_of(value)
+    path = _path_of(type(value))
+    if path is None:
+        return None
+    if hasattr(value, "to_dict") and callable(value.to_dict):  # e.g. peft's LoraConfig
+        data = portable(value.to_dict())
+        return data if isinstance(data, dict) else None
+    try:
+        params = [p for p in inspect.signature(type(value)).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return None
+    init_args = {}
+    for p in params:
+        if not hasattr(value, p.name):
+            if p.default is inspect.Parameter.empty:
+                return None
+            continue
+        arg = portable(getattr(value, p.name))
+        if arg is None and getattr(value, p.name) is not None:
+            return None
+        init_args[p.name] = arg
+    return {"class_path": path, "init_args": init_args}

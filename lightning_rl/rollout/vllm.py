@@ -1,0 +1,598 @@
+"""Colocated vLLM rollout engine: an in-process ``vllm.LLM`` on the policy's GPU, fed the policy's weights.
+
+The engine is built from the policy's *config* only (``load_format="dummy"``) and then receives
+the weights from the live policy through the vLLM model's ``load_weights``, so a model that
+exists only in memory (loaded from GGUF, just modified, or being trained) works. Sleep mode
+lets it hand its memory (weights and KV cache) back to training between rollouts.
+
+LoRA policies sync only their adapter tensors (in memory, no merge, no disk) into vLLM's LoRA
+manager; when vLLM cannot take the adapter (DoRA, ``modules_to_save``, biases, rank patterns),
+the merged weights ``W + B A * scale`` are pushed instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning_utilities.core.imports import RequirementCache
+from torch import nn
+
+from lightning_rl.logprobs import unwrap
+from lightning_rl.lora import is_lora
+from lightning_rl.prompting import PromptTooLongError
+from lightning_rl.rollout.engine import Rollout, SamplingConfig
+from lightning_rl.rollout.padding import left_pad, right_pad
+
+log = logging.getLogger(__name__)
+
+_VLLM_AVAILABLE = RequirementCache("vllm")
+LoRASync = Literal["auto", "adapter", "merged"]
+LORA_SYNC_MODES: tuple[str, ...] = ("auto", "adapter", "merged")
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_LORA_ID = 1
+_LORA_NAME = "lightning-rl-policy"
+_LORA_PATH = "in-memory://lightning-rl-policy"  # never read: the adapter is installed from tensors
+
+
+class UnsupportedArchitectureError(ValueError):
+    """vLLM has no implementation of the policy's architecture."""
+
+
+def require_vllm() -> None:
+    """Raise a clear error when vllm is not installed."""
+    if not _VLLM_AVAILABLE:
+        raise ModuleNotFoundError(
+            "The vLLM rollout engine needs the 'vllm' package, which is not installed. Install it with "
+            "pip install 'lightning-rl[vllm]', or drop the VLLMRollout callback to generate with "
+            "transformers (the module's default engine)."
+        )
+
+
+def require_cuda() -> None:
+    """Raise a clear error when no CUDA device is visible."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "The vLLM rollout engine needs a CUDA GPU, and none is visible (torch.cuda.is_available() is "
+            "False). Run on a GPU machine, or drop the VLLMRollout callback to generate with transformers "
+            "(the module's default engine, which also runs on a CPU)."
+        )
+
+
+def check_architecture(architecture: str, supported: Collection[str], model_impl: str | None = None) -> None:
+    """Raise :class:`UnsupportedArchitectureError` unless vLLM implements ``architecture``."""
+    if model_impl == "transformers" or architecture in supported:
+        return
+    raise UnsupportedArchitectureError(
+        f"vLLM has no implementation of the architecture {architecture!r}. Use a model vLLM supports "
+        "(https://docs.vllm.ai/en/latest/models/supported_models.html), try vLLM's transformers backend with "
+        "VLLMRollout(engine_kwargs={'model_impl': 'transformers'}), or drop the VLLMRollout callback to "
+        "generate with transformers."
+    )
+
+
+def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_model_len: int) -> None:
+    """Raise :class:`PromptTooLongError` for a prompt that leaves no room for a completion token."""
+    for i, p in enumerate(prompt_ids):
+        if len(p) >= max_model_len:
+            raise PromptTooLongError(
+                f"prompt {i} has {len(p)} tokens, but the vLLM engine's max_model_len is {max_model_len} "
+                "(prompt + completion). Raise it with VLLMRollout(max_model_len=...), or lower the module's "
+                "max_prompt_length (with truncate_prompts=True to cut long prompts)."
+            )
+
+
+def kv_cache_bytes_for(
+    config: Any,
+    num_prompts: int,
+    num_generations: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    dtype: torch.dtype,
+    headroom: float = 1.2,
+    shared_prompts: bool = True,
+    block_size: int = 16,
+) -> int:
+    """KV-cache bytes for one rollout of ``num_prompts * num_generations`` sequences, with headroom.
+
+    With prefix caching the ``G`` completions of a prompt share its prompt blocks, so the
+    prompt is counted once per prompt. Every sequence may waste one partly filled block.
+
+    Args:
+        config: the policy's transformers config (layers, KV heads, head size).
+        num_prompts: prompts per rollout.
+        num_generations: completions per prompt (``G``).
+        prompt_length: longest prompt in tokens.
+        max_new_tokens: completion limit in tokens.
+        dtype: KV-cache dtype (the engine's weight dtype).
+        headroom: multiplier on top of the exact need (>= 1).
+        shared_prompts: the prompt blocks are shared by the ``G`` completions (prefix caching).
+        block_size: tokens per KV block.
+    """
+    if headroom < 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    sequences = num_prompts * num_generations
+    prompt_tokens = (num_prompts if shared_prompts else sequences) * prompt_length
+    tokens = (prompt_tokens + sequences * (max_new_tokens + block_size)) * headroom
+    tokens = max(tokens, prompt_length + max_new_tokens + block_size)
+    return int(math.ceil(tokens)) * per_token
+
+
+def _vllm_lora_rank(r: int) -> int:
+    for rank in _VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]})")
+
+
+def adapter_sync_unsupported_reason(model: nn.Module) -> str | None:
+    """Why vLLM cannot take ``model``'s LoRA adapter as tensors (None when it can)."""
+    if not is_lora(model):
+        return "the model has no LoRA adapter"
+    active = model.active_adapters if isinstance(model.active_adapters, list) else [model.active_adapter]
+    if len(active) != 1:
+        return f"{len(active)} adapters are active; vLLM takes one per request"
+    cfg = model.peft_config[active[0]]
+    if type(cfg).__name__ != "LoraConfig":
+        return f"the adapter is a {type(cfg).__name__}, not plain LoRA"
+    checks = (
+        (getattr(cfg, "use_dora", False), "DoRA adapters are not supported by vLLM"),
+        (getattr(cfg, "modules_to_save", None), "vLLM does not support modules_to_save"),
+        (getattr(cfg, "bias", "none") != "none", "vLLM does not support LoRA biases"),
+        (getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None),
+         "per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported"),
+        (cfg.r > _VLLM_LORA_RANKS[-1], f"rank {cfg.r} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]})"),
+    )
+    for failed, reason in checks:
+        if failed:
+            return reason
+    return None
+
+
+def _strip_peft(name: str) -> str:
+    name = name.replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+
+
+def full_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(transformers name, tensor)`` of every weight of a plain (non-LoRA) policy."""
+    for name, p in unwrap(model).named_parameters():
+        yield name, p.detach()
+
+
+def base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The frozen base weights of a LoRA policy under the base model's names."""
+    for name, p in model.get_base_model().named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        yield _strip_peft(name), p.detach()
+
+
+def merged_lora_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a LoRA policy with its active adapters merged in (``W + delta``), without touching it."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    for name, p in inner.named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        w = p.detach()
+        module_name, _, leaf = name.rpartition(".")
+        layer = layers.get(module_name.removesuffix(".base_layer"))
+        if layer is not None and leaf == "weight" and module_name.endswith(".base_layer") and not layer.merged:
+            delta = None
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    d = layer.get_delta_weight(adapter).float()
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                w = (w.float() + delta).to(w.dtype)
+        yield _strip_peft(name), w
+
+
+def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The active adapter's LoRA tensors (peft checkpoint names) and its config as a plain dict."""
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    cfg = model.peft_config[name]
+    tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    target = cfg.target_modules
+    config = {
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "target_modules": sorted(target) if isinstance(target, set | list | tuple) else target,
+        "bias": cfg.bias,
+        "modules_to_save": cfg.modules_to_save,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": getattr(cfg, "use_dora", False),
+    }
+    return tensors, config
+
+
+def _torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}") from None
+
+
+class VLLMEngine:
+    """A vLLM engine in this process, on this GPU, generating with the policy's current weights.
+
+    Args:
+        model: the policy (a transformers causal LM, or a peft LoRA wrapper of one).
+        eos_token_ids: ids that end a completion.
+        pad_token_id: id used to pad prompts and completions in the returned :class:`Rollout`.
+        max_model_len: longest prompt + completion in tokens.
+        max_num_seqs: sequences vLLM runs at once (the rollout's ``prompts * G``).
+        kv_cache_bytes: KV-cache size in bytes (see :func:`kv_cache_bytes_for`); None uses
+            ``gpu_memory_utilization`` instead.
+        gpu_memory_utilization: vLLM's fraction of the GPU when ``kv_cache_bytes`` is None.
+        dtype: engine weight dtype; ``auto`` takes the policy's.
+        lora_sync: ``adapter`` (LoRA tensors only), ``merged`` (push ``W + BA``), or ``auto``
+            (adapter when vLLM can take it, else merged).
+        sleep_level: 1 keeps a CPU copy of the weights while asleep, 2 drops them (they are
+            pushed again at the next sync). None: 2 when every sync pushes the full weights
+            (full fine-tuning, merged LoRA), 1 when only an adapter is pushed.
+        enforce_eager: skip torch.compile and CUDA graphs (starts in seconds instead of minutes).
+        seed: vLLM's sampling seed.
+        enable_prefix_caching: share the prompt's KV blocks between its ``G`` completions.
+        engine_kwargs: more ``vllm.LLM`` arguments (override the ones above).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        dtype: str = "auto",
+        lora_sync: LoRASync = "auto",
+        sleep_level: int | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        require_vllm()
+        require_cuda()
+        if lora_sync not in LORA_SYNC_MODES:
+            raise ValueError(f"lora_sync must be one of {LORA_SYNC_MODES}, got {lora_sync!r}")
+        if sleep_level not in (None, 1, 2):
+            raise ValueError(f"sleep_level must be 1, 2 or None (automatic), got {sleep_level}")
+        if not eos_token_ids:
+            raise ValueError("VLLMEngine needs at least one EOS token id to know where completions end")
+        import vllm
+        from vllm.model_executor.models import ModelRegistry
+
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.pad_token_id = int(pad_token_id)
+        self.max_model_len = int(max_model_len)
+        self.lora_sync = lora_sync
+        self.vllm_version = vllm.__version__
+        self.lora_mode: str | None = None
+        if is_lora(model):
+            reason = adapter_sync_unsupported_reason(model)
+            if lora_sync == "adapter" and reason:
+                raise ValueError(f"lora_sync='adapter' is impossible for this adapter: {reason}; use 'merged'")
+            self.lora_mode = "merged" if lora_sync == "merged" or reason else "adapter"
+            if reason and lora_sync == "auto":
+                log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
+        self.sleep_level = sleep_level or (1 if self.lora_mode == "adapter" else 2)
+
+        base = unwrap(model)
+        config = copy.deepcopy(base.config)
+        arch = (getattr(config, "architectures", None) or [type(base).__name__])[0]
+        extra = dict(engine_kwargs or {})
+        check_architecture(arch, ModelRegistry.get_supported_archs(), extra.get("model_impl"))
+        config.architectures = [arch]
+        quant = getattr(config, "quantization_config", None)
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if quant is not None and str(method).lower().endswith("gguf"):
+            del config.quantization_config  # a GGUF file de-quantized on load: the weights in memory are plain
+        weight_dtype = next(base.parameters()).dtype if dtype == "auto" else _torch_dtype(dtype)
+
+        self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
+        config.save_pretrained(self._dir)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine must live in this process
+        free, total = torch.cuda.mem_get_info()
+        kwargs: dict[str, Any] = dict(
+            model=self._dir,
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            generation_config="vllm",
+            dtype=str(weight_dtype).removeprefix("torch."),
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            enable_sleep_mode=True,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
+            seed=seed,
+        )
+        if kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+            # vLLM still checks that this fraction of the GPU is free at start; keep it below what is free
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or max(0.01, min(0.9, 0.9 * free / total))
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
+        if self.lora_mode == "adapter":
+            r = model.peft_config[model.active_adapter].r
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(r))
+        kwargs.update(extra)
+        self.engine_kwargs = kwargs
+        self._dist_was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        t0 = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self.startup_time = time.perf_counter() - t0
+        self._sleeping = False
+        self._kv_asleep = False
+        self._weights_lost = False
+        self._base_synced = False
+        self._lora_model = None
+        self._lora_request = None
+        self.sync_weights(model)
+
+    # ----------------------------------------------------------------------------- vLLM internals
+    def _runner(self) -> Any:
+        try:
+            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        except AttributeError as err:
+            raise RuntimeError(
+                "cannot reach the vLLM model in this process; the engine must run in-process "
+                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0) with one GPU (vllm {self.vllm_version})"
+            ) from err
+
+    @contextlib.contextmanager
+    def _unwrapped_lora_layers(self, model: nn.Module) -> Iterator[None]:
+        """Put vLLM's LoRA wrappers' base layers in place, so ``load_weights`` sees the plain model."""
+        swapped = []
+        for name, module in list(model.named_modules()):
+            if name and hasattr(module, "base_layer") and hasattr(module, "set_lora"):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                swapped.append((parent, child, module))
+        try:
+            for parent, child, module in swapped:
+                setattr(parent, child, module.base_layer)
+            yield
+        finally:
+            for parent, child, module in swapped:
+                setattr(parent, child, module)
+
+    @torch.no_grad()
+    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        vmodel = self._runner().get_model()
+        with self._unwrapped_lora_layers(vmodel):
+            vmodel.load_weights(weights)
+        torch.cuda.synchronize()
+
+    def _install_adapter(self, model: nn.Module) -> None:
+        """Put the adapter's tensors into vLLM's LoRA manager under a fixed id (replacing the last ones)."""
+        from vllm.lora.peft_helper import PEFTHelper
+        from vllm.lora.request import LoRARequest
+
+        tensors, config = adapter_tensors(model)
+        manager = self._runner().lora_manager
+        adapters = manager._adapter_manager
+        config["vllm_max_position_embeddings"] = getattr(manager, "max_position_embeddings", None)
+        helper = PEFTHelper.from_dict(config)
+        helper.validate_legal(manager.lora_config)
+        vmodel = adapters.model
+        mapper = getattr(vmodel, "hf_to_vllm_mapper", None)
+        if mapper is not None and hasattr(mapper, "get_unstacked_mapper"):
+            mapper = mapper.get_unstacked_mapper()
+        lora = manager._lora_model_cls.from_lora_tensors(
+            lora_model_id=_LORA_ID, tensors=tensors, peft_helper=helper, device="cuda",
+            dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size, weights_mapper=mapper,
+            skip_prefixes=getattr(vmodel, "lora_skip_prefixes", None),
+        )
+        if not lora.loras:
+            raise RuntimeError("none of the adapter's tensors matched a vLLM LoRA module")
+        adapters.remove_adapter(_LORA_ID)
+        adapters.add_adapter(lora)
+        adapters.activate_adapter(_LORA_ID)
+        if self._lora_model is None:  # if vLLM ever evicts it, load it back from memory, not from a path
+            original = manager._load_adapter
+
+            def load_adapter(request: Any, _original: Any = original) -> Any:
+                if request.lora_int_id == _LORA_ID and self._lora_model is not None:
+                    return self._lora_model
+                return _original(request)
+
+            manager._load_adapter = load_adapter
+        self._lora_model = lora
+        self._lora_request = LoRARequest(_LORA_NAME, _LORA_ID, _LORA_PATH)
+
+    # ----------------------------------------------------------------------------- RolloutEngine
+    @property
+    def needs_sync(self) -> bool:
+        """True when the engine holds no valid weights (after a level-2 sleep) until the next sync."""
+        return self._weights_lost
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether the engine's memory is released."""
+        return self._sleeping or self._kv_asleep
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Push ``model``'s current weights (or only its LoRA adapter) into the engine."""
+        self._check_alive()
+        self._wake_weights()
+        if self.lora_mode == "adapter":
+            if self._weights_lost or not self._base_synced:
+                self._load(base_weights(model))
+                self._base_synced = True
+            try:
+                self._install_adapter(model)
+            except Exception as err:
+                if self.lora_sync != "auto":
+                    raise
+                log.warning("adapter-only LoRA sync failed (%s); pushing merged weights from now on", err)
+                self.lora_mode, self._lora_request = "merged", None
+                self._load(merged_lora_weights(model))
+        elif self.lora_mode == "merged":
+            self._load(merged_lora_weights(model))
+        else:
+            self._load(full_weights(model))
+        self._weights_lost = False
+        if not self._kv_asleep:
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    def _wake_weights(self) -> None:
+        if self._sleeping:
+            self.llm.wake_up(tags=["weights"])
+            self._sleeping = False
+            self._kv_asleep = True
+
+    def _wake_kv(self) -> None:
+        if self._kv_asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_asleep = False
+
+    def wake_up(self) -> None:
+        """Take the weights' memory back (the KV cache follows at the first ``generate``)."""
+        self._check_alive()
+        self._wake_weights()
+
+    def sleep(self, level: int | None = None) -> None:
+        """Release the engine's memory: level 1 keeps a CPU copy of the weights, level 2 drops them."""
+        self._check_alive()
+        if self._sleeping:
+            return
+        self._wake_kv()
+        level = level or self.sleep_level
+        self.llm.sleep(level=level)
+        self._sleeping = True
+        self._weights_lost = self._weights_lost or level == 2
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, num_generations: int = 1,
+        seed: int | None = None,
+    ) -> Rollout:
+        """Sample ``num_generations`` completions per prompt with their sampling log-probs."""
+        from vllm import SamplingParams
+
+        self._check_alive()
+        if num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        check_prompt_lengths(prompt_ids, self.max_model_len)
+        self._wake_weights()
+        if self._weights_lost:
+            raise RuntimeError("the engine's weights were dropped by a level-2 sleep: call sync_weights(model) first")
+        self._wake_kv()
+        params = SamplingParams(
+            n=num_generations,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            stop_token_ids=self.eos_token_ids,
+            detokenize=False,
+            seed=seed,
+        )
+        t0 = time.perf_counter()
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False,
+            lora_request=self._lora_request,
+        )
+        elapsed = time.perf_counter() - t0
+        rows, completions, logprobs, reasons = [], [], [], []
+        for prompt, out in zip(prompt_ids, outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                rows.append(prompt)
+                completions.append(ids)
+                logprobs.append([float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)] if c.logprobs
+                                else [0.0] * len(ids))
+                reasons.append("stop" if c.finish_reason == "stop" else "length")
+        prompt_t, prompt_mask = left_pad(rows, self.pad_token_id)
+        completion_t, completion_mask = right_pad(completions, self.pad_token_id)
+        lp = torch.zeros(completion_t.shape, dtype=torch.float32)
+        for i, row in enumerate(logprobs):
+            lp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return Rollout(
+            prompt_ids=prompt_t,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_t,
+            completion_mask=completion_mask,
+            sampling_logprobs=lp,
+            finish_reasons=reasons,
+            group_index=torch.arange(len(prompt_ids)).repeat_interleave(num_generations),
+            extras={"engine": "vllm", "generate_time": elapsed},
+        )
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def _check_alive(self) -> None:
+        if self.llm is None:
+            raise RuntimeError("this VLLMEngine was shut down; create a new one")
+
+    def shutdown(self) -> None:
+        """Stop the engine and give its GPU memory back (idempotent)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            self._lora_model = None
+            gc.collect()
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                if not self._dist_was_initialized:
+                    destroy_distributed_environment()
+            gc.collect()
+            torch.cuda.empty_cache()
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()
+
+
+__all__ = [
+    "LORA_SYNC_MODES",
+    "UnsupportedArchitectureError",
+    "VLLMEngine",
+    "adapter_sync_unsupported_reason",
+    "check_architecture",
+    "check_prompt_lengths",
+    "kv_cache_bytes_for",
+    "merged_lora_weights",
+    "require_cuda",
+    "require_vllm",
+]

@@ -1,0 +1,165 @@
+"""read_rows, PromptDataModule and the arithmetic task."""
+
+import json
+
+import pytest
+
+from lightning_rl.data import ArithmeticDataModule, PromptDataModule, arithmetic_splits, read_rows
+
+ROWS = [{"prompt": "1+1?", "answer": "2", "level": 1}, {"prompt": "2+3?", "answer": "5", "level": 2}]
+
+
+def test_read_jsonl_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    assert read_rows(path) == ROWS
+    assert read_rows(str(path)) == ROWS
+
+
+def test_read_json_list(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS))
+    assert read_rows(path) == ROWS
+    path.write_text(json.dumps({"rows": ROWS}))
+    with pytest.raises(ValueError, match="JSON list of objects"):
+        read_rows(path)
+
+
+def test_read_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    assert read_rows(path) == ROWS
+
+
+def test_read_list_of_dicts_copies_rows():
+    rows = read_rows(ROWS)
+    assert rows == ROWS
+    rows[0]["answer"] = "changed"
+    assert ROWS[0]["answer"] == "2"
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        read_rows(tmp_path / "missing.jsonl")
+    bad = tmp_path / "d.csv"
+    bad.write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"use \.jsonl, \.json or \.parquet"):
+        read_rows(bad)
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"b\.jsonl:2 is not valid JSON"):
+        read_rows(broken)
+    with pytest.raises(ValueError, match="row 1 of the given rows is str"):
+        read_rows([{"prompt": "a"}, "b"])
+
+
+def _batches(dm):
+    dm.setup("fit")
+    return list(dm.train_dataloader())
+
+
+def test_batches_carry_extra_columns():
+    dm = PromptDataModule(train_data=ROWS * 3, batch_size=4, shuffle=False)
+    batches = _batches(dm)
+    assert [len(b["prompt"]) for b in batches] == [4, 2]
+    assert batches[0] == {"prompt": ["1+1?", "2+3?"] * 2, "answer": ["2", "5"] * 2, "level": [1, 2] * 2}
+    assert dm.val_dataloader() == []
+
+
+def test_prompt_column_is_renamed():
+    rows = [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2"}]
+    dm = PromptDataModule(train_data=rows, val_data=rows[:1], prompt_column="question", batch_size=2,
+                          shuffle=False)
+    (batch,) = _batches(dm)
+    assert batch == {"prompt": ["q1", "q2"], "answer": ["1", "2"]}
+    (val,) = list(dm.val_dataloader())
+    assert val == {"prompt": ["q1"], "answer": ["1"]}
+
+
+def test_missing_prompt_column_names_column_and_fix():
+    dm = PromptDataModule(train_data=[{"question": "q"}], batch_size=1)
+    with pytest.raises(KeyError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert "'prompt'" in msg and "['question']" in msg and "prompt_column=" in msg
+
+
+def test_missing_column_in_a_later_row():
+    dm = PromptDataModule(train_data=[{"q": "a"}, {"p": "b"}], prompt_column="q", batch_size=1)
+    with pytest.raises(KeyError, match="row 1 of the training dataset has no 'q' column"):
+        dm.setup("fit")
+
+
+def test_empty_dataset(tmp_path):
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        PromptDataModule(train_data=[], batch_size=1).setup("fit")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="dataset is empty"):
+        PromptDataModule(train_data=empty).setup("fit")
+    with pytest.raises(ValueError, match="validation dataset is empty"):
+        PromptDataModule(train_data=ROWS, val_data=[]).setup("fit")
+
+
+@pytest.mark.parametrize("prompt", ["", None, 3, [], ["not a message"]])
+def test_bad_prompt_values(prompt):
+    with pytest.raises(ValueError, match="a prompt is a non-empty string or a list of chat messages"):
+        PromptDataModule(train_data=[{"prompt": prompt}]).setup("fit")
+
+
+def test_chat_message_prompts_are_accepted():
+    msgs = [{"role": "user", "content": "hi"}]
+    (batch,) = _batches(PromptDataModule(train_data=[{"prompt": msgs}], batch_size=1))
+    assert batch["prompt"] == [msgs]
+
+
+def test_missing_train_data_and_bad_batch_size():
+    with pytest.raises(ValueError, match="needs train_data="):
+        PromptDataModule().setup("fit")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        PromptDataModule(train_data=ROWS, batch_size=0)
+
+
+# ------------------------------------------------------------------------------ arithmetic task
+
+
+def test_arithmetic_deterministic_by_seed():
+    a = arithmetic_splits(20, 10, seed=3)
+    assert a == arithmetic_splits(20, 10, seed=3)
+    assert a != arithmetic_splits(20, 10, seed=4)
+
+
+def test_arithmetic_splits_disjoint_and_correct():
+    train, val = arithmetic_splits(60, 30, ops=("+", "-", "*"), seed=0, chat=False)
+    assert len(train) == 60 and len(val) == 30
+    questions = [r["question"] for r in train + val]
+    assert len(set(questions)) == 90  # all distinct, so train and val are disjoint
+    for r in train + val:
+        a, op, b = r["question"].split("?")[0].split()[-3:]
+        assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert r["prompt"] == r["question"]
+
+
+def test_arithmetic_chat_prompts():
+    train, _ = arithmetic_splits(2, 1)
+    assert train[0]["prompt"] == [{"role": "user", "content": train[0]["question"]}]
+
+
+def test_arithmetic_errors():
+    with pytest.raises(ValueError, match=r"only 100 distinct problems exist.*num_train \+ num_val = 101"):
+        arithmetic_splits(71, 30)
+    with pytest.raises(ValueError, match=r"unsupported operators \['/'\]"):
+        arithmetic_splits(1, 1, ops=("/",))
+    with pytest.raises(ValueError, match="max_operand"):
+        arithmetic_splits(1, 1, min_operand=5, max_operand=2)
+
+
+def test_arithmetic_datamodule():
+    dm = ArithmeticDataModule(num_train=6, num_val=4, batch_size=3, shuffle=False, seed=1)
+    train, val = arithmetic_splits(6, 4, seed=1)
+    batches = _batches(dm)
+    assert [q for b in batches for q in b["question"]] == [r["question"] for r in train]
+    assert set(batches[0]) == {"prompt", "answer", "question"}
+    assert [a for b in dm.val_dataloader() for a in b["answer"]] == [r["answer"] for r in val]

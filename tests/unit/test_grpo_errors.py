@@ -1,0 +1,129 @@
+"""GRPO refuses bad settings with clear errors, and survives (then stops on) non-finite losses."""
+
+import pytest
+import torch
+from conftest import make_trainer, sevens, state_copy
+
+from lightning_rl import GRPO
+from lightning_rl.modules import NonFiniteLossError
+from lightning_rl.modules import grpo as grpo_module
+from lightning_rl.rewards import RewardError
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\), got 'ppo'"),
+        ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
+        ({"temperature": 0.0}, r"temperature must be > 0 for training rollouts, got 0.0"),
+        ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
+        ({"epsilon": 0.0}, r"epsilon and epsilon_high must be > 0"),
+        ({"epsilon_high": -0.1}, r"epsilon and epsilon_high must be > 0"),
+        ({"beta": -1.0}, r"beta must be >= 0"),
+        ({"num_iterations": 0}, r"num_iterations must be >= 1, got 0"),
+        ({"num_mini_batches": 0}, r"num_mini_batches must be >= 1"),
+        ({"micro_batch_size": 0}, r"micro_batch_size must be >= 1"),
+        ({"learning_rate": 0.0}, r"learning_rate must be a positive number"),
+        ({"logprob_backend": "cuda"}, r"logprob_backend must be one of"),
+        ({"reward_funcs": []}, r"at least one reward function is needed"),
+        ({"reward_weights": [1.0, 2.0]}, r"reward_weights has 2 values for 1 reward functions"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, match):
+    args = dict(reward_funcs=[sevens], model="tiny-llama")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        GRPO(**args)
+
+
+def test_mini_batches_must_divide_the_rollout(make_grpo, make_data):
+    module = make_grpo(num_generations=2, num_mini_batches=4)
+    with pytest.raises(ValueError) as info:
+        make_trainer(max_steps=1).fit(module, make_data(batch_size=3))
+    msg = str(info.value)
+    assert "3 * 2 = 6 completions cannot be split into num_mini_batches=4" in msg
+    assert "choose a batch_size or num_mini_batches" in msg
+
+
+def fails_on_say_1(prompts, completions, **columns):
+    """Raises on the completions of the prompt 'say 1'."""
+    out = []
+    for p in prompts:
+        if p == "say 1":
+            raise KeyError("no score for say 1")
+        out.append(0.0)
+    return out
+
+
+def one_value(prompts, completions, **columns):
+    return [1.0]
+
+
+def test_reward_function_raising_inside_training(make_grpo, make_data):
+    module = make_grpo(reward_funcs=[sevens, fails_on_say_1], num_generations=2)
+    with pytest.raises(RewardError) as info:
+        make_trainer(max_steps=1).fit(module, make_data(batch_size=2, shuffle=False))
+    msg = str(info.value)
+    # rows are [say 0, say 0, say 1, say 1]: the first failing sample is 2
+    assert "'fails_on_say_1'" in msg and "KeyError" in msg and "sample 2" in msg and "'say 1'" in msg
+
+
+def test_reward_function_wrong_count_inside_training(make_grpo, make_data):
+    module = make_grpo(reward_funcs=[one_value], num_generations=2)
+    with pytest.raises(RewardError, match=r"'one_value' returned 1 values for 4 completions"):
+        make_trainer(max_steps=1).fit(module, make_data(batch_size=2))
+
+
+@pytest.fixture
+def nan_loss(monkeypatch):
+    """Make the surrogate loss NaN on the calls whose number is in ``calls`` (all when None)."""
+    real = grpo_module.clipped_surrogate
+    state = {"calls": None, "n": 0}
+
+    def patched(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        state["n"] += 1
+        if state["calls"] is None or state["n"] in state["calls"]:
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(grpo_module, "clipped_surrogate", patched)
+    return state
+
+
+def test_nan_loss_skips_the_step_and_keeps_weights(make_grpo, make_data, nan_loss):
+    module = make_grpo(num_generations=2, max_nonfinite_steps=3)
+    module.configure_model()
+    before = state_copy(module.policy)
+    trainer = make_trainer(max_steps=-1, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, make_data(batch_size=2))
+    assert nan_loss["n"] == 2
+    assert trainer.global_step == 0  # no optimizer step happened
+    assert not trainer.optimizers[0].state  # AdamW never stepped
+    after = module.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_streak_resets_after_a_finite_step(make_grpo, make_data, nan_loss):
+    nan_loss["calls"] = {1, 3}  # NaN, finite, NaN, finite: never 2 in a row
+    module = make_grpo(num_generations=2, max_nonfinite_steps=2)
+    module.configure_model()
+    before = state_copy(module.policy)
+    trainer = make_trainer(max_steps=-1, max_epochs=1, limit_train_batches=4)
+    trainer.fit(module, make_data(batch_size=2))
+    assert trainer.global_step == 2
+    after = module.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_nan_loss_stops_after_max_nonfinite_steps(make_grpo, make_data, nan_loss):
+    module = make_grpo(num_generations=2, max_nonfinite_steps=3)
+    module.configure_model()
+    before = state_copy(module.policy)
+    trainer = make_trainer(max_steps=-1, max_epochs=1, limit_train_batches=6)
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf for 3 optimizer steps in a row.*Lower the learning rate"):
+        trainer.fit(module, make_data(batch_size=2))
+    assert nan_loss["n"] == 3
+    after = module.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

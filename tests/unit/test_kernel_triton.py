@@ -1,0 +1,151 @@
+"""Triton log-prob/entropy kernel vs the float64 reference, on the CPU through ``TRITON_INTERPRET=1``.
+
+On a machine with CUDA (and no ``TRITON_INTERPRET`` set) the same tests run on the GPU instead,
+so a combined ``pytest`` run there does not turn the real kernels into interpreted ones.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+pytest.importorskip("triton")
+
+from lightning_rl.kernels.reference import token_logprobs_entropy_reference  # noqa: E402
+from lightning_rl.kernels.triton_logprobs import (  # noqa: E402
+    is_available,
+    token_logprobs_entropy_triton,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs CUDA or interpreter")
+
+NAMES = ("logp", "entropy", "dh", "dW", "dbias")
+
+
+def _inputs(seed, n, h, v, dtype, bias=True, n_masked=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.25).to(dtype)  # logits of std ~ h**0.25: peaky rows
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:n_masked]] = -100
+    g_logp = torch.randn(n, generator=g, dtype=torch.float64)
+    g_ent = torch.randn(n, generator=g, dtype=torch.float64)
+    return hidden, weight, b, targets, g_logp, g_ent
+
+
+def _run(fn, hidden, weight, bias, targets, g_logp, g_ent, device, **kw):
+    """Outputs and (dh, dW, dbias) of ``fn`` for the upstream gradients ``g_logp, g_ent``."""
+    leaves = [t.detach().to(device).requires_grad_() for t in (hidden, weight)]
+    b = None if bias is None else bias.detach().to(device).requires_grad_()
+    logp, ent = fn(leaves[0], leaves[1], targets.to(device), bias=b, **kw)
+    torch.autograd.backward([logp, ent], [g_logp.to(device, logp.dtype), g_ent.to(device, ent.dtype)])
+    grads = [leaves[0].grad, leaves[1].grad, None if b is None else b.grad]
+    return [None if t is None else t.detach().double().cpu() for t in (logp, ent, *grads)]
+
+
+def _check(out, ref, tol):
+    for name, a, r in zip(NAMES, out, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        scale = r.abs().max().item() + 1e-12
+        torch.testing.assert_close(a, r, rtol=tol, atol=tol * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _compare(seed, n, h, v, dtype, tol, temperature=1.0, bias=True, n_masked=0):
+    hidden, weight, b, targets, gl, ge = _inputs(seed, n, h, v, dtype, bias, n_masked)
+    out = _run(token_logprobs_entropy_triton, hidden, weight, b, targets, gl, ge, DEVICE, temperature=temperature)
+    # float64 reference on the very same (already rounded) values
+    h64, w64, b64 = hidden.double(), weight.double(), None if b is None else b.double()
+    ref = _run(token_logprobs_entropy_reference, h64, w64, b64, targets, gl, ge, "cpu", temperature=temperature)
+    _check(out, ref, tol)
+    return out, targets
+
+
+@pytest.mark.parametrize(("n", "h", "v"), [(1, 16, 37), (17, 32, 130), (33, 16, 130)])
+def test_fp32_matches_reference(n, h, v):
+    _compare(seed=n, n=n, h=h, v=v, dtype=torch.float32, tol=1e-4)
+
+
+def test_fp32_without_bias():
+    _compare(seed=3, n=17, h=16, v=37, dtype=torch.float32, tol=1e-4, bias=False)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_temperature(temperature):
+    _compare(seed=5, n=17, h=32, v=37, dtype=torch.float32, tol=1e-4, temperature=temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    _compare(seed=7, n=33, h=32, v=130, dtype=dtype, tol=1e-2, temperature=0.8)
+
+
+def test_masked_tokens_give_zero_and_no_gradient():
+    out, targets = _compare(seed=11, n=33, h=16, v=130, dtype=torch.float32, tol=1e-4, n_masked=9)
+    masked = targets == -100
+    logp, ent, dh = out[0], out[1], out[2]
+    assert masked.sum() == 9
+    assert torch.all(logp[masked] == 0) and torch.all(ent[masked] == 0)
+    assert torch.all(dh[masked] == 0)
+    assert torch.all(ent[~masked] > 0)
+
+
+def test_all_masked_gives_zero_gradients():
+    hidden, weight, b, targets, gl, ge = _inputs(13, 17, 16, 37, torch.float32)
+    targets[:] = -100
+    logp, ent, dh, dw, db = _run(token_logprobs_entropy_triton, hidden, weight, b, targets, gl, ge, DEVICE)
+    for t in (logp, ent, dh, dw, db):
+        assert torch.all(t == 0)
+
+
+def test_tied_embeddings_accumulate_both_uses():
+    """The same matrix embeds the inputs and projects to the vocabulary: dW sums both paths."""
+    n, h, v = 17, 16, 37
+    g = torch.Generator().manual_seed(17)
+    emb = torch.randn(v, h, generator=g)
+    mix = torch.randn(h, h, generator=g) / h**0.5
+    ids = torch.randint(0, v, (n,), generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+
+    def grad_of(fn, dtype, device):
+        e = emb.to(device, dtype).clone().requires_grad_()
+        hidden = torch.tanh(e[ids.to(device)] @ mix.to(device, dtype))
+        logp, ent = fn(hidden, e, targets.to(device), temperature=0.9)
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        return e.grad.double().cpu()
+
+    got = grad_of(token_logprobs_entropy_triton, torch.float32, DEVICE)
+    ref = grad_of(token_logprobs_entropy_reference, torch.float64, "cpu")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_only_entropy_used_and_no_weight_grad():
+    hidden, weight, _, targets, _, ge = _inputs(19, 17, 16, 37, torch.float32, bias=False)
+    hs = [hidden.clone().to(DEVICE).requires_grad_(), hidden.double().requires_grad_()]
+    fns = [token_logprobs_entropy_triton, token_logprobs_entropy_reference]
+    ws = [weight.to(DEVICE), weight.double()]
+    for hh, fn, w in zip(hs, fns, ws):
+        _, ent = fn(hh, w, targets.to(hh.device))
+        ent.backward(ge.to(hh.device, ent.dtype))
+    ref = hs[1].grad
+    torch.testing.assert_close(hs[0].grad.double().cpu(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_is_available_and_argument_checks():
+    x = torch.zeros(2, 4, device=DEVICE)
+    assert is_available(x)
+    with pytest.raises(ValueError):
+        token_logprobs_entropy_triton(x, torch.zeros(3, 5, device=DEVICE), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        token_logprobs_entropy_triton(x, torch.zeros(3, 4, device=DEVICE), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError):
+        token_logprobs_entropy_triton(
+            x, torch.zeros(3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long), temperature=0.0
+        )
