@@ -17,7 +17,7 @@ import torch
 
 from lightning_rl.data.arithmetic import ArithmeticDataModule
 from lightning_rl.modules.grpo import GRPO
-from lightning_rl.rewards import NumericMatch, RegexFormat
+from lightning_rl.rewards import NumericMatch
 
 
 class StepPrinter(L.Callback):
@@ -43,9 +43,8 @@ def build(args: argparse.Namespace) -> tuple[GRPO, ArithmeticDataModule]:
         batch_size=args.prompts_per_step,
     )
     module = GRPO(
-        # accuracy: the first number of the reply is the sum; shaping: a reply that is just a number
-        reward_funcs=[NumericMatch(column="answer", position="first"), RegexFormat(r"-?\d+", full=True)],
-        reward_weights=[1.0, args.format_weight],
+        # correct when the last number the reply writes is the sum ("4 + 8 = 12" counts)
+        reward_funcs=[NumericMatch(column="answer", position=args.answer_position)],
         model=args.model,
         lora={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
         num_generations=args.num_generations,
@@ -66,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--num-generations", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--format-weight", type=float, default=0.5, help="weight of the just-a-number reward")
+    p.add_argument("--answer-position", choices=("first", "last"), default="last",
+                   help="which number of the reply is read as the answer")
     p.add_argument("--max-operand", type=int, default=9)
     p.add_argument("--num-train", type=int, default=70)
     p.add_argument("--num-val", type=int, default=30)

@@ -46,6 +46,9 @@ _LORA_NAME = "lightning-rl-policy"
 _LORA_PATH = "in-memory://lightning-rl-policy"  # never read: the adapter is installed from tensors
 
 
+_ENGINE_STARTED_IN_PROCESS = False  # vLLM's sleep-mode allocator serves one engine per process
+
+
 class UnsupportedArchitectureError(ValueError):
     """vLLM has no implementation of the policy's architecture."""
 
@@ -345,6 +348,15 @@ class VLLMEngine:
         kwargs.update(extra)
         self.engine_kwargs = kwargs
         self._dist_was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        global _ENGINE_STARTED_IN_PROCESS
+        if _ENGINE_STARTED_IN_PROCESS:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise RuntimeError(
+                "a vLLM engine with sleep mode was already started in this process, and vLLM's CuMem allocator "
+                "allows only one per process (even after shutdown): keep one VLLMRollout/VLLMEngine per process, "
+                "or run each fit that needs a new engine in its own process"
+            )
+        _ENGINE_STARTED_IN_PROCESS = True
         t0 = time.perf_counter()
         try:
             self.llm = vllm.LLM(**kwargs)

@@ -26,6 +26,7 @@ def _fit(module, callbacks=()):
     return trainer, metrics
 
 
+@pytest.mark.vllm
 def test_ppo_fit_with_the_vllm_callback():
     pytest.importorskip("vllm")
     from lightning_rl.callbacks import VLLMRollout
@@ -38,7 +39,7 @@ def test_ppo_fit_with_the_vllm_callback():
     _fit(module, [callback])
     assert callback.num_rollouts == 2 and callback.num_syncs == 1
     assert callback.engine is None  # teardown shut it down
-    assert module.value_head.summary.weight.device.type == "cuda"
+    assert module.value_head.summary.weight.abs().sum().item() > 0  # the value head trained (zero at start)
 
 
 def test_ppo_fit_with_the_default_engine_and_lora():

@@ -19,7 +19,8 @@ from lightning_rl.rewards import NumericMatch  # noqa: E402
 from lightning_rl.rollout import HFEngine, SamplingConfig  # noqa: E402
 from lightning_rl.rollout.vllm import VLLMEngine  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# vLLM's sleep mode allows one engine per process: bench/gpu_run.sh runs each of these in its own process
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 PROMPTS = ["What is 12 + 7?", "Name three colors.", "Write one sentence about rain.", "What is the capital of France?",
            "Count from 1 to 5.", "Say hello in Spanish."]
@@ -125,7 +126,7 @@ def test_lora_adapter_sync_matches_merged_weights(smol):
             torch.nn.init.normal_(p, std=0.02)
     ids = encode_prompts(tok, PROMPTS)
     greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
-    engine = _engine(peft, tok, dtype="float32", lora_sync="adapter")
+    engine = _engine(peft, tok, dtype="bfloat16", lora_sync="adapter")  # vLLM's LoRA kernels take bf16/fp16
     try:
         assert engine.lora_mode == "adapter" and engine.sleep_level == 1
         adapter = _rows(engine.generate(ids, greedy, 1))
@@ -148,7 +149,8 @@ def test_lora_adapter_sync_matches_merged_weights(smol):
           f"{sum(a != b for a, b in zip(adapter, base))}/{len(base)}")
     assert adapter != base
     assert again == adapter
-    assert adapter == merged
+    # bf16: W + BA rounds once where the adapter path adds BAx in the activations; allow one greedy divergence
+    assert same >= len(merged) - 1
 
 
 def test_grpo_fit_with_the_callback():

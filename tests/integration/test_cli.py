@@ -24,7 +24,7 @@ def test_cli_two_steps_from_example_yaml(tmp_path):
         ]
     )
     assert cli.trainer.global_step == 2
-    assert cli.model.num_generations == 4
+    assert cli.model.num_generations == 8  # from the YAML
     # the YAML's reward function was built from its class_path and scored the completions
     assert cli.model.rewards.names == ["numeric_match"]
     assert "train/reward_step" in cli.trainer.logged_metrics or "train/reward" in cli.trainer.callback_metrics
