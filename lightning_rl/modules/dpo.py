@@ -13,8 +13,7 @@ from lightning_rl.algorithms.preference_losses import DPO_LOSS_TYPES, DPOLossTyp
 from lightning_rl.modules.preference import PreferenceModule, ReferenceMode, Sequences
 from lightning_rl.prompting import Prompt
 from lightning_rl.rewards.reward_set import RewardSet
-from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
-from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.rollout.engine import Rollout, SamplingConfig
 
 _TRAIN_METRICS = ("loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
                   "logps/chosen", "logps/rejected", "grad_norm", "reward", "tie_frac", "rollout_time")
@@ -107,7 +106,6 @@ class DPO(PreferenceModule):
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
         self.num_generations = 2  # completions per prompt in online mode (read by rollout callbacks)
         self.generation_batch_size = generation_batch_size
-        self.rollout_engine: RolloutEngine | None = None
         self.make_metrics(_TRAIN_METRICS, _VAL_METRICS)
 
     @property
@@ -120,13 +118,6 @@ class DPO(PreferenceModule):
         return [(batch["prompt"], batch["chosen"]), (batch["prompt"], batch["rejected"])]
 
     # ----------------------------------------------------------------------------- online pairs
-    def default_engine(self) -> RolloutEngine:
-        """The transformers ``generate`` engine on the policy itself (created on first use)."""
-        if self.rollout_engine is None:
-            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
-                                           self.generation_batch_size)
-        return self.rollout_engine
-
     def online_batch(self, batch: Mapping[str, Any]) -> tuple[Sequences | None, dict[str, float]]:
         """Two completions per prompt, ranked by the rewards: ``(chosen rows then rejected rows, stats)``."""
         prompts = batch["prompt"]

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.algorithms.advantages import SCALE_REWARDS, ScaleRewards, group_advantages
@@ -27,8 +26,7 @@ from lightning_rl.logprobs import Backend
 from lightning_rl.models import EMBEDDED_DEFAULT
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.rewards.reward_set import RewardSet
-from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
-from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.rollout.engine import Rollout, SamplingConfig
 
 _STEP_METRICS = (
     "reward", "reward_std", "advantage_abs", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
@@ -172,11 +170,8 @@ class GRPO(PolicyModule):
         self.importance_sampling, self.importance_sampling_cap = importance_sampling, importance_sampling_cap
         self.micro_batch_size = micro_batch_size
         self.generation_batch_size = generation_batch_size
-        self.rollout_engine: RolloutEngine | None = None
-        names = list(_STEP_METRICS) + [f"reward/{n}" for n in self.rewards.names]
-        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in names})
-        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in ["reward"] +
-                                          [f"reward/{n}" for n in self.rewards.names]})
+        per_fn = [f"reward/{n}" for n in self.rewards.names]
+        self.make_metrics([*_STEP_METRICS, *per_fn], ["reward", *per_fn])
 
     @property
     @override
@@ -184,36 +179,6 @@ class GRPO(PolicyModule):
         return self.beta > 0
 
     # ----------------------------------------------------------------------------- rollouts
-    def default_engine(self) -> RolloutEngine:
-        """The transformers ``generate`` engine on the policy itself (created on first use)."""
-        if self.rollout_engine is None:
-            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
-                                           self.generation_batch_size)
-        return self.rollout_engine
-
-    def generate_rollout(
-        self, prompts: Sequence[Any], engine: RolloutEngine | None = None, sampling: SamplingConfig | None = None,
-        num_generations: int | None = None,
-    ) -> Rollout:
-        """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``)."""
-        engine = engine or self.default_engine()
-        ids = self.encode(prompts)
-        rollout = engine.generate(ids, sampling or self.sampling, num_generations or self.num_generations)
-        return rollout.to(self.device)
-
-    def score(self, prompts: Sequence[Any], rollout: Rollout, columns: Mapping[str, Sequence[Any]], g: int):
-        """Rewards of a rollout: ``(total [N], per_function [N, F], completions)``."""
-        completions = self.decode_completions(rollout)
-        expanded = {k: [v for v in vals for _ in range(g)] for k, vals in columns.items()}
-        for k, vals in expanded.items():
-            if len(vals) != len(completions):
-                raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
-        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
-        expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
-        rep_prompts = [p for p in prompts for _ in range(g)]
-        total, per_fn = self.rewards(rep_prompts, completions, expanded)
-        return total, per_fn, completions
-
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
     def _logprobs_no_grad(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -330,32 +295,13 @@ class GRPO(PolicyModule):
             col = col[~torch.isnan(col)]
             if col.numel():
                 values[f"reward/{name}"] = col.mean().item()
-        self._log_values(values, len(prompts))
-
-    def _log_values(self, values: dict[str, float], batch_size: int) -> None:
-        for name, value in values.items():
-            if value != value:  # NaN: nothing to average
-                continue
-            metric = self.train_metrics[_key(name)]
-            metric(value)
-            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, batch_size=batch_size,
-                     prog_bar=name in ("reward", "kl"))
+        self.log_values("train", values, len(prompts), prog_bar=("reward", "kl"))
 
     # ----------------------------------------------------------------------------- evaluation
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions for held-out prompts; logs the mean reward (overall and per function)."""
-        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
-        total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
-        n = len(batch["prompt"])
-        values = {"reward": total}
-        values.update({f"reward/{name}": per_fn[:, j] for j, name in enumerate(self.rewards.names)})
-        for name, vals in values.items():
-            vals = vals[~torch.isnan(vals)]
-            if vals.numel():
-                metric = self.val_metrics[_key(name)]
-                metric.update(vals)
-                self.log(f"val/{name}", metric, on_epoch=True, batch_size=n, prog_bar=name == "reward")
+        self.log_greedy_rewards(batch)
 
     @torch.no_grad()
     def evaluate(self, rows: Sequence[Mapping[str, Any]], batch_size: int = 64) -> dict[str, Any]:
@@ -381,7 +327,3 @@ class GRPO(PolicyModule):
             out[f"reward/{name}"] = torch.nanmean(per_fn[:, j]).item()
         return out
 
-
-def _key(name: str) -> str:
-    """ModuleDict keys may not contain dots or slashes."""
-    return name.replace("/", "__").replace(".", "_")

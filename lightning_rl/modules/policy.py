@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
@@ -20,7 +21,8 @@ from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
-from lightning_rl.rollout.engine import Rollout
+from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
+from lightning_rl.rollout.hf import HFEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = None
         self._frozen_reference: list[nn.Module] = []  # kept out of the state dict and of .parameters()
         self._nonfinite_streak = 0
+        self.rollout_engine: RolloutEngine | None = None
+        self.generation_batch_size = 64  # sequences per generate call of the default engine
 
     # ----------------------------------------------------------------------------- model
     @override
@@ -197,6 +201,76 @@ class PolicyModule(L.LightningModule):
             chunk_size=self.logprob_chunk_size,
         )
 
+    # ----------------------------------------------------------------------------- rollouts and rewards
+    def default_engine(self) -> RolloutEngine:
+        """The transformers ``generate`` engine on the policy itself (created on first use)."""
+        if self.rollout_engine is None:
+            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
+                                           self.generation_batch_size)
+        return self.rollout_engine
+
+    def generate_rollout(
+        self, prompts: Sequence[Any], engine: RolloutEngine | None = None, sampling: SamplingConfig | None = None,
+        num_generations: int | None = None,
+    ) -> Rollout:
+        """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``).
+
+        ``sampling`` and ``num_generations`` default to the module's ``sampling`` and ``num_generations``.
+        """
+        engine = engine or self.default_engine()
+        rollout = engine.generate(self.encode(prompts), sampling or self.sampling,
+                                  num_generations or self.num_generations)
+        return rollout.to(self.device)
+
+    def score(
+        self, prompts: Sequence[Any], rollout: Rollout, columns: Mapping[str, Sequence[Any]], g: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Rewards of a rollout with ``g`` completions per prompt, from the module's ``rewards``.
+
+        Returns:
+            ``(total [N], per_function [N, F], completion texts)``; NaN where no function applies.
+        """
+        completions = self.decode_completions(rollout)
+        expanded = {k: [v for v in vals for _ in range(g)] for k, vals in columns.items()}
+        for k, vals in expanded.items():
+            if len(vals) != len(completions):
+                raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
+        expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
+        total, per_fn = self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
+        return total, per_fn, completions
+
+    def log_greedy_rewards(self, batch: Mapping[str, Any]) -> None:
+        """Validation for on-policy methods: greedy completions, mean reward overall and per function."""
+        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
+        total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
+        values = {"reward": total, **{f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)}}
+        self.log_values("val", values, len(batch["prompt"]), prog_bar=("reward",))
+
+    # ----------------------------------------------------------------------------- metrics
+    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
+        """Create the MeanMetric accumulators for the logged values."""
+        self.train_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in train})
+        self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
+
+    def log_values(
+        self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
+    ) -> None:
+        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out)."""
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        for name, value in values.items():
+            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
+            v = v[~torch.isnan(v)]
+            if not v.numel():
+                continue
+            metric = metrics[metric_key(name)]
+            if not torch.is_inference_mode_enabled() and any(
+                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
+                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
+            metric(v.to(metric.device))
+            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     prog_bar=name in prog_bar)
+
     # ----------------------------------------------------------------------------- optimization
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates."""
@@ -253,3 +327,8 @@ class PolicyModule(L.LightningModule):
     def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:
         """The dataset's extra columns of a batch (passed to reward functions)."""
         return {k: v for k, v in batch.items() if k not in exclude}
+
+
+def metric_key(name: str) -> str:
+    """ModuleDict key of a metric name (keys may not contain dots or slashes)."""
+    return name.replace("/", "__").replace(".", "_")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.algorithms.gae import check_discount, explained_variance, gae, whiten
@@ -35,8 +34,7 @@ from lightning_rl.modules.value_head import (
 )
 from lightning_rl.rewards.reward_model import RewardModel, same_tokenizer
 from lightning_rl.rewards.reward_set import RewardSet
-from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
-from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.rollout.engine import Rollout, SamplingConfig
 
 _STEP_METRICS = (
     "reward", "reward_std", "kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "loss",
@@ -198,11 +196,8 @@ class PPO(PolicyModule):
         self.value_head_dropout = value_head_dropout
         self.value_head: ValueHead | None = None
         self.critic: nn.Module | None = None
-        self.rollout_engine: RolloutEngine | None = None
-        names = list(_STEP_METRICS) + [f"reward/{n}" for n in self.rewards.names]
-        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in names})
-        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in ["reward"] +
-                                          [f"reward/{n}" for n in self.rewards.names]})
+        per_fn = [f"reward/{n}" for n in self.rewards.names]
+        self.make_metrics([*_STEP_METRICS, *per_fn], ["reward", *per_fn])
 
     @property
     @override
@@ -275,35 +270,6 @@ class PPO(PolicyModule):
             self.kl_ctl.load_state_dict(checkpoint["ppo_kl_controller"])
 
     # ----------------------------------------------------------------------------- rollouts
-    def default_engine(self) -> RolloutEngine:
-        """The transformers ``generate`` engine on the policy itself (created on first use)."""
-        if self.rollout_engine is None:
-            self.rollout_engine = HFEngine(lambda: self.policy, self.tokenizer.pad_token_id, self.eos_token_ids,
-                                           self.generation_batch_size)
-        return self.rollout_engine
-
-    def generate_rollout(
-        self, prompts: Sequence[Any], engine: RolloutEngine | None = None, sampling: SamplingConfig | None = None,
-        num_generations: int | None = None,
-    ) -> Rollout:
-        """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``)."""
-        engine = engine or self.default_engine()
-        rollout = engine.generate(self.encode(prompts), sampling or self.sampling,
-                                  num_generations or self.num_generations)
-        return rollout.to(self.device)
-
-    def score(self, prompts: Sequence[Any], rollout: Rollout, columns: Mapping[str, Sequence[Any]], g: int):
-        """Rewards of a rollout: ``(total [N], per_function [N, F])``; NaN where nothing applies."""
-        completions = self.decode_completions(rollout)
-        expanded = {k: [v for v in vals for _ in range(g)] for k, vals in columns.items()}
-        for k, vals in expanded.items():
-            if len(vals) != len(completions):
-                raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
-        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
-        expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
-        return self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
-
-    # ----------------------------------------------------------------------------- forward
     def policy_and_values(self, rollout: Rollout, rows: slice | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(logp, entropy, values)``, each ``[n, C]``, for ``rows``: one backbone forward when shared."""
         args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
@@ -352,7 +318,7 @@ class PPO(PolicyModule):
                 f"batch_size * num_generations = {len(prompts)} * {g} = {n} completions cannot be split into "
                 f"num_mini_batches={self.num_mini_batches} equal parts; choose values so that it divides"
             )
-        total, per_fn = self.score(prompts, rollout, self.columns_of(batch), g)
+        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         total = total.to(self.device)
         scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
         mask = rollout.completion_mask.float() * scored.float()[:, None]
@@ -410,7 +376,7 @@ class PPO(PolicyModule):
             col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
             if col.numel():
                 values[f"reward/{name}"] = col.mean().item()
-        self._log_values(values, len(prompts))
+        self.log_values("train", values, len(prompts), prog_bar=("reward", "kl", "value_loss"))
 
     def _micro_step(
         self, rollout: Rollout, rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
@@ -432,32 +398,8 @@ class PPO(PolicyModule):
         stats["entropy"].append(masked_mean(ent.detach(), mask).item())
         return loss.item()
 
-    def _log_values(self, values: dict[str, float], batch_size: int) -> None:
-        for name, value in values.items():
-            if value != value:  # NaN: nothing to average
-                continue
-            metric = self.train_metrics[_key(name)]
-            metric(value)
-            self.log(f"train/{name}", metric, on_step=True, on_epoch=True, batch_size=batch_size,
-                     prog_bar=name in ("reward", "kl", "value_loss"))
-
     # ----------------------------------------------------------------------------- evaluation
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Greedy completions for held-out prompts; logs the mean reward (overall and per function)."""
-        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
-        total, per_fn = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
-        values = {"reward": total}
-        values.update({f"reward/{name}": per_fn[:, j] for j, name in enumerate(self.rewards.names)})
-        for name, vals in values.items():
-            vals = vals[~torch.isnan(vals)]
-            if vals.numel():
-                metric = self.val_metrics[_key(name)]
-                metric.update(vals)
-                self.log(f"val/{name}", metric, on_epoch=True, batch_size=len(batch["prompt"]),
-                         prog_bar=name == "reward")
-
-
-def _key(name: str) -> str:
-    """ModuleDict keys may not contain dots or slashes."""
-    return name.replace("/", "__").replace(".", "_")
+        self.log_greedy_rewards(batch)

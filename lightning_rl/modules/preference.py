@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.data.preferences import response_text
@@ -283,31 +282,3 @@ class PreferenceModule(PolicyModule):
         """Row indices ``[m]`` of each micro-batch of ``n`` rows."""
         for start in range(0, n, self.micro_batch_size):
             yield torch.arange(start, min(start + self.micro_batch_size, n), device=self.device)
-
-    # ----------------------------------------------------------------------------- metrics
-    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
-        """Create the MeanMetric accumulators for the logged values."""
-        self.train_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in train})
-        self.val_metrics = nn.ModuleDict({_key(n): MeanMetric() for n in val})
-
-    def log_values(self, stage: Literal["train", "val"], values: Mapping[str, float | torch.Tensor],
-                   batch_size: int, prog_bar: Sequence[str] = ()) -> None:
-        """Update and log ``stage/<name>`` metrics (NaN values are left out)."""
-        metrics = self.train_metrics if stage == "train" else self.val_metrics
-        for name, value in values.items():
-            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
-            v = v[~torch.isnan(v)]
-            if not v.numel():
-                continue
-            metric = metrics[_key(name)]
-            if not torch.is_inference_mode_enabled() and any(
-                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
-                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
-            metric(v.to(metric.device))
-            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-                     prog_bar=name in prog_bar)
-
-
-def _key(name: str) -> str:
-    """ModuleDict keys may not contain dots or slashes."""
-    return name.replace("/", "__").replace(".", "_")
