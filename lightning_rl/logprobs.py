@@ -88,6 +88,54 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+def completion_hidden_states(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Final hidden states ``[N, C, H]``; row ``t`` is the state that predicts completion token ``t``.
+
+    Prompts are left-padded, completions right-padded (the :class:`~lightning_rl.rollout.Rollout`
+    layout). Positions follow the attention mask, as in ``generate``, so the values match the ones
+    the sampler saw.
+    """
+    body, _ = backbone_and_head(model)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
+    return hidden[:, p - 1 : p + c - 1]
+
+
+def logprobs_from_hidden(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    backend: Backend = "auto",
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob and entropy ``[N, C]`` from :func:`completion_hidden_states` (0 on padding).
+
+    Only the unmasked tokens go through ``model``'s LM head (fused: no full logits).
+    """
+    _, head = backbone_and_head(model)
+    valid = completion_mask.bool().flatten()
+    rows = valid.nonzero().squeeze(-1)
+    logp_sel, ent_sel = token_logprobs_entropy(
+        hidden.reshape(-1, hidden.shape[-1])[rows], head.weight, completion_ids.flatten()[rows],
+        getattr(head, "bias", None), temperature, backend, chunk_size,
+    )
+    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put((rows,), logp_sel)
+    ent = torch.zeros_like(logp).index_put((rows,), ent_sel)
+    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+
+
 def completion_logprobs(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -100,33 +148,18 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy of every completion token under ``model``.
 
-    Prompts are left-padded, completions right-padded (the :class:`~lightning_rl.rollout.Rollout`
-    layout). Positions follow the attention mask, as in ``generate``, so the values match the
-    ones the sampler saw.
-
     Returns:
         ``(logp, entropy)``, each ``[N, C]`` float32, 0 where ``completion_mask`` is 0.
     """
-    body, head = backbone_and_head(model)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    p, c = prompt_ids.shape[1], completion_ids.shape[1]
-    h = hidden[:, p - 1 : p + c - 1]
-    valid = completion_mask.bool().flatten()
-    rows = valid.nonzero().squeeze(-1)
-    targets = completion_ids.flatten()[rows]
-    logp_sel, ent_sel = token_logprobs_entropy(
-        h.reshape(-1, h.shape[-1])[rows], head.weight, targets, getattr(head, "bias", None),
-        temperature, backend, chunk_size,
-    )
-    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device)
-    ent = torch.zeros_like(logp)
-    logp = logp.index_put((rows,), logp_sel)
-    ent = ent.index_put((rows,), ent_sel)
-    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+    hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return logprobs_from_hidden(model, hidden, completion_ids, completion_mask, temperature, backend, chunk_size)
 
 
-__all__ = ["IGNORE_INDEX", "completion_logprobs", "token_logprobs_entropy", "resolve_backend"]
+__all__ = [
+    "IGNORE_INDEX",
+    "completion_hidden_states",
+    "completion_logprobs",
+    "logprobs_from_hidden",
+    "resolve_backend",
+    "token_logprobs_entropy",
+]

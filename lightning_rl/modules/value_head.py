@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_rl.logprobs import Backend, backbone_and_head, token_logprobs_entropy, unwrap
+from lightning_rl.logprobs import backbone_and_head, completion_hidden_states, logprobs_from_hidden, unwrap
 
 
 def check_hidden_state_access(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -59,44 +59,10 @@ class ValueHead(nn.Module):
         return self.summary(h).squeeze(-1).float()
 
 
-def completion_hidden_states(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Final hidden states ``[N, C, H]``; row ``t`` is the state that predicts completion token ``t``.
-
-    The layout and positions are those of :func:`lightning_rl.logprobs.completion_logprobs`.
-    """
-    body, _ = check_hidden_state_access(model)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
-    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    p, c = prompt_ids.shape[1], completion_ids.shape[1]
-    return hidden[:, p - 1 : p + c - 1]
-
-
-def logprobs_from_hidden(
-    model: nn.Module,
-    hidden: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float = 1.0,
-    backend: Backend = "auto",
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-prob and entropy ``[N, C]`` from :func:`completion_hidden_states` (0 on padding)."""
-    _, head = check_hidden_state_access(model)
-    valid = completion_mask.bool().flatten()
-    rows = valid.nonzero().squeeze(-1)
-    logp_sel, ent_sel = token_logprobs_entropy(
-        hidden.reshape(-1, hidden.shape[-1])[rows], head.weight, completion_ids.flatten()[rows],
-        getattr(head, "bias", None), temperature, backend, chunk_size,
-    )
-    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put((rows,), logp_sel)
-    ent = torch.zeros_like(logp).index_put((rows,), ent_sel)
-    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+__all__ = [
+    "ValueHead",
+    "check_hidden_state_access",
+    "completion_hidden_states",
+    "hidden_size_of",
+    "logprobs_from_hidden",
+]
