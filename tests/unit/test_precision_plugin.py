@@ -10,7 +10,17 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
 
-from lightning_rl import DPO, GRPO, PPO, MemoryAwarePrecision, PreferenceDataModule, PromptDataModule, VLLMRollout
+from lightning_rl import (
+    DPO,
+    GRPO,
+    KTO,
+    ORPO,
+    PPO,
+    MemoryAwarePrecision,
+    PreferenceDataModule,
+    PromptDataModule,
+    VLLMRollout,
+)
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.plugins import (
@@ -340,3 +350,24 @@ def test_ppo_and_dpo_fit_with_the_plugin():
     trainer.fit(dpo, PreferenceDataModule(pairs, batch_size=4))
     assert trainer.global_step == 2
     assert all(p.dtype == torch.bfloat16 for p in dpo.policy.parameters() if not p.requires_grad)
+
+
+def test_orpo_and_kto_fit_with_the_plugin():
+    L.seed_everything(0, verbose=False)
+    rng = random.Random(1)
+    pairs = []
+    for _ in range(8):
+        s = "".join(rng.choice("abcdef") for _ in range(4))
+        pairs.append({"prompt": s, "chosen": "".join(sorted(s)), "rejected": "".join(sorted(s, reverse=True))})
+    orpo = ORPO(model="tiny-llama", model_config=TINY, learning_rate=1e-3, lora={"r": 4, "lora_alpha": 8})
+    trainer = _trainer(MemoryAwarePrecision(), steps=2)
+    trainer.fit(orpo, PreferenceDataModule(pairs, batch_size=4))
+    assert trainer.global_step == 2
+    assert all(p.dtype == torch.bfloat16 for p in orpo.policy.parameters() if not p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in orpo.policy.parameters() if p.requires_grad)
+    kto = KTO(model="tiny-llama", model_config=TINY, learning_rate=1e-3, lora={"r": 4, "lora_alpha": 8})
+    trainer = _trainer(MemoryAwarePrecision(), steps=2)
+    trainer.fit(kto, PreferenceDataModule(pairs, batch_size=4, mode="unpaired"))
+    assert trainer.global_step == 2
+    assert all(p.dtype == torch.bfloat16 for p in kto.policy.parameters() if not p.requires_grad)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss_step"]))
