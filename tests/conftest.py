@@ -9,10 +9,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# lightning_rl next: from the repo root, transformers' probe for the PyPI ``kernels`` package would
-# otherwise find the top-level ``kernels/`` folder half-way through importing transformers.
-import lightning_rl  # noqa: E402, F401, I001
-
 import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 
