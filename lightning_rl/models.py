@@ -52,7 +52,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -152,25 +153,25 @@ def load_policy(
     Returns:
         ``(model, tokenizer)``; the tokenizer pads on the left and has a pad token.
     """
-    torch_dtype = _dtype(dtype)
+    weight_dtype = torch_dtype(dtype)
     if model_config and model not in TINY_CONFIGS:
         raise ValueError(
             f"model_config overrides only apply to the tiny models {sorted(TINY_CONFIGS)}, not {model!r}"
         )
     if model in (EMBEDDED_DEFAULT, "default"):
-        net, tok = _load_embedded_default(torch_dtype)
+        net, tok = _load_embedded_default(weight_dtype)
     elif model in TINY_CONFIGS:
-        net, tok = _load_tiny(model, model_config, torch_dtype)
+        net, tok = _load_tiny(model, model_config, weight_dtype)
     elif model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        net, tok = _load_gguf(path, torch_dtype)
+        net, tok = _load_gguf(path, weight_dtype)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
             net = AutoModelForCausalLM.from_pretrained(
-                model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                model, dtype=weight_dtype, trust_remote_code=trust_remote_code
             )
         except OSError as err:
             raise OSError(

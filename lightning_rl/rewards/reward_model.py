@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_rl.models import TINY_CONFIGS, _dtype
+from lightning_rl.models import TINY_CONFIGS, torch_dtype
 from lightning_rl.prompting import Prompt, render_prompt
 from lightning_rl.tokenizer import char_tokenizer
 
@@ -51,7 +51,7 @@ def tiny_reward_model(
         model_type, num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **cfg,
     )
-    return AutoModelForSequenceClassification.from_config(config, dtype=_dtype(dtype)), tokenizer
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(dtype)), tokenizer
 
 
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
@@ -104,7 +104,7 @@ class RewardModel:
         elif isinstance(model, str):
             if model_config:
                 raise ValueError(f"model_config only applies to the tiny models {sorted(TINY_CONFIGS)}")
-            net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=_dtype(dtype))
+            net = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch_dtype(dtype))
             tok = None
         elif isinstance(model, nn.Module):
             net, tok = model, None

@@ -18,7 +18,6 @@ import gc
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -31,16 +30,24 @@ from torch import nn
 
 from lightning_rl.logprobs import unwrap
 from lightning_rl.lora import is_lora
+from lightning_rl.models import torch_dtype
 from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.padding import left_pad, right_pad
+from lightning_rl.rollout.policy_weights import (
+    adapter_sync_unsupported_reason,
+    adapter_tensors,
+    base_weights,
+    full_weights,
+    merged_lora_weights,
+    vllm_lora_rank,
+)
 
 log = logging.getLogger(__name__)
 
 _VLLM_AVAILABLE = RequirementCache("vllm")
 LoRASync = Literal["auto", "adapter", "merged"]
 LORA_SYNC_MODES: tuple[str, ...] = ("auto", "adapter", "merged")
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _LORA_ID = 1
 _LORA_NAME = "lightning-rl-policy"
 _LORA_PATH = "in-memory://lightning-rl-policy"  # never read: the adapter is installed from tensors
@@ -137,108 +144,6 @@ def kv_cache_bytes_for(
     return int(math.ceil(tokens)) * per_token
 
 
-def _vllm_lora_rank(r: int) -> int:
-    for rank in _VLLM_LORA_RANKS:
-        if rank >= r:
-            return rank
-    raise ValueError(f"LoRA rank {r} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]})")
-
-
-def adapter_sync_unsupported_reason(model: nn.Module) -> str | None:
-    """Why vLLM cannot take ``model``'s LoRA adapter as tensors (None when it can)."""
-    if not is_lora(model):
-        return "the model has no LoRA adapter"
-    active = model.active_adapters if isinstance(model.active_adapters, list) else [model.active_adapter]
-    if len(active) != 1:
-        return f"{len(active)} adapters are active; vLLM takes one per request"
-    cfg = model.peft_config[active[0]]
-    if type(cfg).__name__ != "LoraConfig":
-        return f"the adapter is a {type(cfg).__name__}, not plain LoRA"
-    checks = (
-        (getattr(cfg, "use_dora", False), "DoRA adapters are not supported by vLLM"),
-        (getattr(cfg, "modules_to_save", None), "vLLM does not support modules_to_save"),
-        (getattr(cfg, "bias", "none") != "none", "vLLM does not support LoRA biases"),
-        (getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None),
-         "per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported"),
-        (cfg.r > _VLLM_LORA_RANKS[-1], f"rank {cfg.r} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]})"),
-    )
-    for failed, reason in checks:
-        if failed:
-            return reason
-    return None
-
-
-def _strip_peft(name: str) -> str:
-    name = name.replace(".base_layer.", ".")
-    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
-
-
-def full_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(transformers name, tensor)`` of every weight of a plain (non-LoRA) policy."""
-    for name, p in unwrap(model).named_parameters():
-        yield name, p.detach()
-
-
-def base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The frozen base weights of a LoRA policy under the base model's names."""
-    for name, p in model.get_base_model().named_parameters():
-        if "lora_" in name or ".original_module." in name:
-            continue
-        yield _strip_peft(name), p.detach()
-
-
-def merged_lora_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of a LoRA policy with its active adapters merged in (``W + delta``), without touching it."""
-    from peft.tuners.lora import LoraLayer
-
-    inner = model.get_base_model()
-    layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
-    for name, p in inner.named_parameters():
-        if "lora_" in name or ".original_module." in name:
-            continue
-        w = p.detach()
-        module_name, _, leaf = name.rpartition(".")
-        layer = layers.get(module_name.removesuffix(".base_layer"))
-        if layer is not None and leaf == "weight" and module_name.endswith(".base_layer") and not layer.merged:
-            delta = None
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    d = layer.get_delta_weight(adapter).float()
-                    delta = d if delta is None else delta + d
-            if delta is not None:
-                w = (w.float() + delta).to(w.dtype)
-        yield _strip_peft(name), w
-
-
-def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The active adapter's LoRA tensors (peft checkpoint names) and its config as a plain dict."""
-    from peft import get_peft_model_state_dict
-
-    name = model.active_adapter
-    cfg = model.peft_config[name]
-    tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-    target = cfg.target_modules
-    config = {
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "target_modules": sorted(target) if isinstance(target, set | list | tuple) else target,
-        "bias": cfg.bias,
-        "modules_to_save": cfg.modules_to_save,
-        "use_rslora": cfg.use_rslora,
-        "use_dora": getattr(cfg, "use_dora", False),
-    }
-    return tensors, config
-
-
-def _torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}") from None
-
-
 class VLLMEngine:
     """A vLLM engine in this process, on this GPU, generating with the policy's current weights.
 
@@ -316,7 +221,7 @@ class VLLMEngine:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
         if quant is not None and str(method).lower().endswith("gguf"):
             del config.quantization_config  # a GGUF file de-quantized on load: the weights in memory are plain
-        weight_dtype = next(base.parameters()).dtype if dtype == "auto" else _torch_dtype(dtype)
+        weight_dtype = next(base.parameters()).dtype if dtype == "auto" else torch_dtype(dtype)
 
         self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
         config.save_pretrained(self._dir)
@@ -344,7 +249,7 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.3
         if self.lora_mode == "adapter":
             r = model.peft_config[model.active_adapter].r
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_vllm_lora_rank(r))
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(r))
         kwargs.update(extra)
         self.engine_kwargs = kwargs
         self._dist_was_initialized = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,0 +1,113 @@
+"""The policy's weights as vLLM takes them: plain, LoRA base, merged LoRA, or adapter tensors.
+
+Names are the base transformers model's (peft's ``base_layer`` wrappers stripped), which is what
+vLLM's ``load_weights`` maps; the LoRA rank is rounded up to one vLLM compiles kernels for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_rl.logprobs import unwrap
+from lightning_rl.lora import is_lora
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest LoRA rank vLLM supports that holds ``r``."""
+    for rank in VLLM_LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+
+
+def adapter_sync_unsupported_reason(model: nn.Module) -> str | None:
+    """Why vLLM cannot take ``model``'s LoRA adapter as tensors (None when it can)."""
+    if not is_lora(model):
+        return "the model has no LoRA adapter"
+    active = model.active_adapters if isinstance(model.active_adapters, list) else [model.active_adapter]
+    if len(active) != 1:
+        return f"{len(active)} adapters are active; vLLM takes one per request"
+    cfg = model.peft_config[active[0]]
+    if type(cfg).__name__ != "LoraConfig":
+        return f"the adapter is a {type(cfg).__name__}, not plain LoRA"
+    checks = (
+        (getattr(cfg, "use_dora", False), "DoRA adapters are not supported by vLLM"),
+        (getattr(cfg, "modules_to_save", None), "vLLM does not support modules_to_save"),
+        (getattr(cfg, "bias", "none") != "none", "vLLM does not support LoRA biases"),
+        (getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None),
+         "per-module ranks or alphas (rank_pattern/alpha_pattern) are not supported"),
+        (cfg.r > VLLM_LORA_RANKS[-1], f"rank {cfg.r} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})"),
+    )
+    for failed, reason in checks:
+        if failed:
+            return reason
+    return None
+
+
+def _strip_peft(name: str) -> str:
+    name = name.replace(".base_layer.", ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+
+
+def full_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(transformers name, tensor)`` of every weight of a plain (non-LoRA) policy."""
+    for name, p in unwrap(model).named_parameters():
+        yield name, p.detach()
+
+
+def base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The frozen base weights of a LoRA policy under the base model's names."""
+    for name, p in model.get_base_model().named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        yield _strip_peft(name), p.detach()
+
+
+def merged_lora_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a LoRA policy with its active adapters merged in (``W + delta``), without touching it."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    for name, p in inner.named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        w = p.detach()
+        module_name, _, leaf = name.rpartition(".")
+        layer = layers.get(module_name.removesuffix(".base_layer"))
+        if layer is not None and leaf == "weight" and module_name.endswith(".base_layer") and not layer.merged:
+            delta = None
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    d = layer.get_delta_weight(adapter).float()
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                w = (w.float() + delta).to(w.dtype)
+        yield _strip_peft(name), w
+
+
+def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The active adapter's LoRA tensors (peft checkpoint names) and its config as a plain dict."""
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter
+    cfg = model.peft_config[name]
+    tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    target = cfg.target_modules
+    config = {
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "target_modules": sorted(target) if isinstance(target, set | list | tuple) else target,
+        "bias": cfg.bias,
+        "modules_to_save": cfg.modules_to_save,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": getattr(cfg, "use_dora", False),
+    }
+    return tensors, config
