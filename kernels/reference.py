@@ -88,6 +88,18 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         )
 
 
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    """Refuse shapes or a temperature the log-prob functions cannot take (shared by every backend)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def token_logprobs_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -109,14 +121,7 @@ def token_logprobs_entropy_reference(
     Returns:
         ``(logp, entropy)``, each ``[N]`` in float32 (float64 for float64 inputs).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_inputs(hidden, weight, targets, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _TokenLogprobsEntropy.apply(hidden, weight, bias, targets, float(temperature), int(chunk_size))

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from .reference import check_inputs
+
 IGNORE_INDEX = -100
 
 #: Tile sizes. GPU: 128x128 tiles, 64-deep K steps, suited to H100/H200 wgmma; the interpreter
@@ -137,14 +139,7 @@ def token_logprobs_entropy_triton(
     Returns:
         ``(logp, entropy)``, each ``[N]`` in float32 (float64 for float64 inputs).
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_inputs(hidden, weight, targets, temperature)
     if not is_available(hidden):
         raise RuntimeError("the Triton kernel needs triton and a CUDA tensor (or TRITON_INTERPRET=1)")
     cfg = _config(hidden, config)

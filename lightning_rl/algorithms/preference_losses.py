@@ -51,6 +51,18 @@ class PreferenceLoss:
         return (self.chosen_rewards > self.rejected_rewards).float()
 
 
+def check_dpo_settings(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Refuse DPO settings outside their domain, naming the fix."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}; set it to 0")
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -78,14 +90,7 @@ def dpo_loss(
         loss_type: ``sigmoid``, ``ipo``, ``hinge`` or ``robust``.
         label_smoothing: assumed probability that a label is flipped (``sigmoid``/``robust``), in [0, 0.5).
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type not in ("sigmoid", "robust"):
-        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not {loss_type!r}; set it to 0")
+    check_dpo_settings(beta, loss_type, label_smoothing)
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio

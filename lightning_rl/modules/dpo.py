@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from lightning_rl.algorithms.preference_losses import DPO_LOSS_TYPES, DPOLossType, dpo_loss, sft_nll
+from lightning_rl.algorithms.preference_losses import DPOLossType, check_dpo_settings, dpo_loss, sft_nll
 from lightning_rl.modules.preference import PreferenceModule, ReferenceMode, Sequences
 from lightning_rl.prompting import Prompt
 from lightning_rl.rewards.reward_set import RewardSet
@@ -80,14 +80,7 @@ class DPO(PreferenceModule):
     ) -> None:
         super().__init__(reference=reference, max_completion_length=max_completion_length,
                          micro_batch_size=micro_batch_size, **kwargs)
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        if label_smoothing and loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' or 'robust', not {loss_type!r}")
+        check_dpo_settings(beta, loss_type, label_smoothing)
         if sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
         if online and not reward_funcs:
