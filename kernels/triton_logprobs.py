@@ -3,9 +3,11 @@
 Same contract as :func:`lightning_rl.kernels.reference.token_logprobs_entropy_reference`. The
 forward (``triton_logprobs_forward``) walks vocabulary tiles with an online log-sum-exp and keeps
 only per-row scalars (``lse``, entropy); the backward (``triton_logprobs_backward``) recomputes
-the logit tiles. Extra memory: a few ``[N]`` vectors in the forward; in the backward one bounded
-``[N, Vc]`` gradient chunk (``dz_chunk_bytes``, 32 MiB by default) and an fp32 ``[N, H]`` dh
-accumulator when ``hidden`` is bf16/fp16.
+the logit tiles, walking token groups (outer loop) and vocabulary chunks (inner loop). Extra memory:
+a few ``[N]`` vectors and per-split partial sums in the forward; in the backward one bounded
+``[rows, Vc]`` gradient chunk (``dz_chunk_bytes``, 32 MiB by default) and an fp32 ``[rows, H]`` dh
+accumulator for the current token group (``dh_acc_bytes``, 24 MiB by default) when ``hidden`` is
+bf16/fp16, so the scratch stays near 56 MiB at any hidden size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from .reference import check_inputs
 
 IGNORE_INDEX = -100
 
-#: Tile sizes. GPU: 128x128 tiles, 64-deep K steps, suited to H100/H200 wgmma; the interpreter
-#: uses the smallest tiles ``tl.dot`` accepts so the CPU tests stay fast.
+#: Tile sizes and scratch bounds. GPU: 128x128 tiles, 64-deep K steps, suited to H100/H200 wgmma;
+#: the interpreter uses the smallest tiles ``tl.dot`` accepts so the CPU tests stay fast. Optional
+#: variant flags (off unless given; see ``triton_logprobs_forward``): ``tma`` (tensor-descriptor
+#: tile loads), ``even_k`` (no K masks when ``BLOCK_K`` divides ``H``), ``cublas`` (logits by cuBLAS
+#: into an fp32 chunk, Triton only for the row reductions / dz; ``fwd_chunk_bytes`` bounds its
+#: forward chunk, ``RED_BLOCK_N``/``RED_BLOCK_V`` its reduction tiles).
 GPU_CONFIG: dict[str, int] = {
     "BLOCK_N": 128,
     "BLOCK_V": 128,
@@ -28,6 +34,7 @@ GPU_CONFIG: dict[str, int] = {
     "num_warps": 8,
     "num_stages": 3,
     "dz_chunk_bytes": 32 << 20,
+    "dh_acc_bytes": 24 << 20,
 }
 INTERPRETER_CONFIG: dict[str, int] = {
     "BLOCK_N": 16,
@@ -36,6 +43,7 @@ INTERPRETER_CONFIG: dict[str, int] = {
     "num_warps": 4,
     "num_stages": 1,
     "dz_chunk_bytes": 16 * 64 * 4,  # several chunks even at test sizes
+    "dh_acc_bytes": 16 * 32 * 4,  # several token groups once N > 32 (H=16) or N > 16 (H=32)
 }
 
 
@@ -88,7 +96,9 @@ class _TritonTokenLogprobsEntropy(torch.autograd.Function):
         gl = _row_grad(grad_logp, valid)
         ge = _row_grad(grad_ent, valid)
         h, w, b = _prepare(hidden, weight, bias)
-        dh, dw, db = bwd.backward(h, w, b, targets.contiguous(), lse, ent, gl, ge, ctx.inv_t, needs, ctx.config)
+        dh, dw, db = bwd.backward(
+            h, w, b, targets.contiguous(), lse, ent, gl, ge, ctx.inv_t, needs, ctx.config, dw_dtype=weight.dtype
+        )
         return (
             None if dh is None else dh.to(hidden.dtype),
             None if dw is None else dw.to(weight.dtype),
@@ -133,8 +143,9 @@ def token_logprobs_entropy_triton(
         targets: token ids ``[N]``; positions equal to ``-100`` give 0 and no gradient.
         bias: optional LM head bias ``[V]``.
         temperature: sampling temperature the logits are divided by.
-        config: optional tile overrides (``BLOCK_N``, ``BLOCK_V``, ``BLOCK_K``, ``num_warps``,
-            ``num_stages``, ``dz_chunk_bytes``); for benchmarks.
+        config: optional overrides of :data:`GPU_CONFIG` (tiles, ``num_warps``, ``num_stages``,
+            ``dz_chunk_bytes``, ``dh_acc_bytes``) and the variant flags ``tma``, ``even_k``,
+            ``cublas``; for benchmarks.
 
     Returns:
         ``(logp, entropy)``, each ``[N]`` in float32 (float64 for float64 inputs).

@@ -1,42 +1,58 @@
 """Triton backward: logit gradients for one vocabulary chunk, then two cuBLAS matmuls per chunk.
 
-For a chunk of ``Vc`` vocabulary rows the kernel recomputes the logit tiles, turns them into
+When dh is needed, the tokens are processed in row groups of at most ``dh_acc_bytes / (4 * H)``
+rows (a multiple of ``BLOCK_N``, at least ``BLOCK_N``, balanced; a single group when that covers
+``N``), and inside a group the vocabulary in chunks of ``Vc`` rows (outer loop: groups, inner:
+chunks). For each (group, chunk) the kernel recomputes the logit tiles, turns them into
 ``dz = (-p * (g_logp + g_ent * (log p + H)) + g_logp * onehot(y)) / T`` using the per-row ``lse``
-and entropy saved by the forward, and writes ``dz`` ``[N, Vc]`` in the input dtype. Then
+and entropy saved by the forward, and writes ``dz`` ``[rows, Vc]`` in the input dtype. Then
 
-* ``dW[chunk] = dz.T @ h``: a full-depth (K = N) matmul written straight into its rows of ``dW``,
-  so ``dW`` needs no fp32 accumulator and no atomics;
-* ``dh += dz @ W[chunk]``: accumulated in fp32 across chunks.
+* ``dW[chunk] (+)= dz.T @ h[group]``: written straight into its rows of ``dW`` for the first
+  group and added with ``addmm(beta=1)`` for the others, in the weight's dtype (one rounding per
+  group; fp32 when the caller's weight is fp32), so no fp32 ``[V, H]`` accumulator and no atomics;
+* ``dh[group] += dz @ W[chunk]``: accumulated in an fp32 ``[rows, H]`` buffer across the chunks,
+  then written into the group's rows of the ``dh`` output (directly into ``dh`` for fp32 inputs).
+
+Extra memory beyond the returned gradients: the ``dz`` chunk (at most ``dz_chunk_bytes``, which
+also covers the fp32 logits chunk of the ``cublas`` variant; at least ``rows * BLOCK_V``
+elements), the fp32 dh accumulator (at most ``dh_acc_bytes``; none for fp32 inputs) and an fp32
+``[V]`` dbias: 32 + 24 MiB + 4V bytes with the GPU defaults, whatever ``N`` and ``H``.
 
 Why not fully fused (dh and dW from registers through atomics, as Cut Cross-Entropy does)? The
 outputs ``[tile, H]`` are far too large for registers, so each tile pair would issue
 ``BLOCK * H`` fp32 atomics on both sides: ``N*V*H*(1/BLOCK_N + 1/BLOCK_V)`` atomics in total,
 about 3e10 at N=8192, V=151936, H=1536, which is slower than the matmuls themselves on H100.
-A bounded ``dz`` chunk (``dz_chunk_bytes``) costs one write and two reads of ``N * Vc`` elements
-and lets cuBLAS do two thirds of the backward flops near peak.
+A bounded ``dz`` chunk costs one write and two reads of ``rows * Vc`` elements and lets cuBLAS
+do two thirds of the backward flops near peak.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_logprobs_forward import interpreting, logit_tile
+from .triton_logprobs_forward import (
+    chunk_columns,
+    interpreting,
+    logit_tile,
+    logits_chunk_fp32,
+    matmul_fp32,
+    tile_sources,
+)
 
 
 @triton.jit
 def _dz_kernel(
-    h_ptr,
-    w_ptr,
+    h_src,
+    w_src,
     b_ptr,
     y_ptr,
     lse_ptr,
     ent_ptr,
     gl_ptr,
     ge_ptr,
+    z_ptr,
     dz_ptr,
     N,
     V,
@@ -50,19 +66,33 @@ def _dz_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    TMA: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """``dz`` for rows ``[0, N)`` and vocabulary ``[v_start, v_stop)``; logits from ``z_ptr`` if ``FROM_LOGITS``."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    n0 = pid_n * BLOCK_N
+    v0 = v_start + pid_v * BLOCK_V
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_v = v0 + tl.arange(0, BLOCK_V)
     row_ok = offs_n < N
-    z = logit_tile(
-        h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_t,
-        HAS_BIAS, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_K,
-    )  # fmt: skip
+    out_ok = row_ok[:, None] & (offs_v < v_stop)[None, :]
+    if FROM_LOGITS:  # raw fp32 logits of this chunk, same layout as dz
+        z_ptrs = z_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
+        z = tl.load(z_ptrs, mask=out_ok, other=0.0)
+        if HAS_BIAS:
+            z = z + tl.load(b_ptr + offs_v, mask=offs_v < v_stop, other=0.0).to(tl.float32)[None, :]
+        z = z * inv_t
+    else:
+        z = logit_tile(
+            h_src, w_src, b_ptr, n0, v0, N, V, H, stride_hn, stride_wv, inv_t,
+            HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
     ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
     gl = tl.load(gl_ptr + offs_n, mask=row_ok, other=0.0)  # zero on masked rows
@@ -73,31 +103,20 @@ def _dz_kernel(
     dz = -p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
     dz = tl.where(offs_v[None, :] == y[:, None], dz + gl[:, None], dz) * inv_t
     ptrs = dz_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_v < v_stop)[None, :])
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=out_ok)
 
 
-@functools.lru_cache(maxsize=1)
-def _mm_out_dtype_works() -> bool:
-    """Whether ``torch.addmm(..., out_dtype=float32)`` (bf16/fp16 in, fp32 accumulate) runs here."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
-        c = torch.ones(16, 16, device="cuda", dtype=torch.float32)
-        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)  # exactly the call _accumulate_dh makes
-        return bool(c.eq(17).all())
-    except (RuntimeError, TypeError):
-        return False
+def group_rows(n: int, hdim: int, block_n: int, dh_acc_bytes: int) -> int:
+    """Rows per token group, so that the fp32 ``[rows, hdim]`` dh accumulator fits ``dh_acc_bytes``.
 
-
-def _accumulate_dh(dh_acc: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor) -> None:
-    """``dh_acc += dz @ w_chunk`` with an fp32 accumulator and low-precision operands."""
-    if dz.dtype == dh_acc.dtype:
-        dh_acc.addmm_(dz, w_chunk)
-    elif dz.is_cuda and _mm_out_dtype_works():
-        torch.addmm(dh_acc, dz, w_chunk, out_dtype=torch.float32, out=dh_acc)
-    else:
-        dh_acc += torch.mm(dz, w_chunk).float()
+    At most ``dh_acc_bytes / (4 * hdim)`` rounded down to a multiple of ``block_n`` (at least
+    ``block_n``), lowered so the groups have about equal size; ``n`` when one group covers it.
+    """
+    cap = max(block_n, (dh_acc_bytes // (4 * hdim)) // block_n * block_n)
+    if cap >= n:
+        return max(n, 1)
+    groups = triton.cdiv(n, cap)
+    return min(cap, triton.cdiv(triton.cdiv(n, groups), block_n) * block_n)
 
 
 def backward(
@@ -112,8 +131,12 @@ def backward(
     inv_t: float,
     needs: tuple[bool, bool, bool],
     config: dict[str, int],
+    dw_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(dh, dW, dbias)`` in fp32 for dh/dbias and in ``weight.dtype`` for dW (None if unneeded).
+    """Return ``(dh, dW, dbias)``, None where not needed.
+
+    dh comes in ``hidden.dtype``, dW in ``weight.dtype`` (fp32 if ``dw_dtype`` asks for it), dbias
+    in fp32.
 
     Args:
         hidden: ``[N, H]`` contiguous, same dtype as ``weight``.
@@ -126,36 +149,66 @@ def backward(
         grad_ent: fp32 ``[N]`` upstream gradient of the entropy, already zero on masked rows.
         inv_t: ``1 / temperature``.
         needs: whether dh, dW, dbias are wanted.
-        config: tile sizes plus ``dz_chunk_bytes`` (the ``[N, Vc]`` buffer's size bound).
+        config: tile sizes, ``dz_chunk_bytes`` (bound of the ``[rows, Vc]`` chunk buffers),
+            ``dh_acc_bytes`` (bound of the fp32 ``[rows, H]`` dh accumulator), variant flags.
+        dw_dtype: dtype of the caller's weight; fp32/fp64 with a low-precision ``weight`` makes
+            dW accumulate across token groups in fp32.
     """
     need_h, need_w, need_b = needs
     n, hdim = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
     bn, bv = config["BLOCK_N"], config["BLOCK_V"]
-    elem = hidden.element_size()
-    vc = max(bv, (config["dz_chunk_bytes"] // (max(n, 1) * elem)) // bv * bv)
-    vc = min(vc, triton.cdiv(v, bv) * bv)
-    dz = torch.empty((n, vc), dtype=hidden.dtype, device=dev)
-    dh = torch.zeros((n, hdim), dtype=torch.float32, device=dev) if need_h else None
-    dw = torch.empty_like(weight) if need_w else None
-    db = torch.empty(v, dtype=torch.float32, device=dev) if need_b else None
-    for v0 in range(0, v, vc):
-        v1 = min(v0 + vc, v)
-        dz_c = dz[:, : v1 - v0]
-        _dz_kernel[(triton.cdiv(n, bn), triton.cdiv(v1 - v0, bv))](
-            hidden, weight, hidden if bias is None else bias, targets, lse, entropy, grad_logp, grad_ent,
-            dz_c, n, v, hdim, v0, v1, hidden.stride(0), weight.stride(0), dz.stride(0), inv_t,
-            HAS_BIAS=bias is not None,
-            UPCAST=interpreting(),
-            IEEE=hidden.dtype == torch.float32,
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=config["BLOCK_K"],
-            num_warps=config["num_warps"], num_stages=config["num_stages"],
-        )  # fmt: skip
-        if need_w:
-            torch.mm(dz_c.t(), hidden, out=dw[v0:v1])
-        if need_h:
-            _accumulate_dh(dh, dz_c, weight[v0:v1])
-        if need_b:
-            torch.sum(dz_c, dim=0, dtype=torch.float32, out=db[v0:v1])
+    from_logits = bool(config.get("cublas", 0))
+    low_precision = hidden.dtype != torch.float32
+    # fp32 inputs accumulate dh in the output itself, but use the same groups (one code path)
+    rows = group_rows(n, hdim, bn, config.get("dh_acc_bytes", 24 << 20)) if need_h else max(n, 1)
+    bytes_per = hidden.element_size() + (4 if from_logits else 0)
+    vc = chunk_columns(rows, bytes_per, config["dz_chunk_bytes"], bv, v)
+    width = min(vc, v)
+    dz_buf = torch.empty(rows * width, dtype=hidden.dtype, device=dev)
+    z_buf = torch.empty(rows * width, dtype=torch.float32, device=dev) if from_logits else None
+    dh_acc = torch.empty((rows, hdim), dtype=torch.float32, device=dev) if need_h and low_precision else None
+    dh = torch.empty((n, hdim), dtype=hidden.dtype, device=dev) if need_h else None
+    wide_dw = low_precision and dw_dtype in (torch.float32, torch.float64)
+    alloc = torch.zeros if n == 0 else torch.empty  # the first group writes every row of dW and dbias
+    dw = alloc(weight.shape, dtype=torch.float32 if wide_dw else weight.dtype, device=dev) if need_w else None
+    db = alloc(v, dtype=torch.float32, device=dev) if need_b else None
+    for gi, g0 in enumerate(range(0, n, rows)):
+        g1 = min(g0 + rows, n)
+        m = g1 - g0
+        h_g = hidden[g0:g1]
+        h_src, w_src, tma, even_k = tile_sources(h_g, weight, config)
+        acc = None if dh is None else (dh[g0:g1] if dh_acc is None else dh_acc[:m])
+        for ci, v0 in enumerate(range(0, v, vc)):
+            v1 = min(v0 + vc, v)
+            dz_c = dz_buf[: m * (v1 - v0)].view(m, v1 - v0)
+            z_c = logits_chunk_fp32(z_buf, h_g, weight[v0:v1]) if from_logits else dz_c
+            _dz_kernel[(triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv))](
+                h_src, w_src, hidden if bias is None else bias, targets[g0:g1], lse[g0:g1], entropy[g0:g1],
+                grad_logp[g0:g1], grad_ent[g0:g1], z_c, dz_c,
+                m, v, hdim, v0, v1, hidden.stride(0), weight.stride(0), dz_c.stride(0), inv_t,
+                HAS_BIAS=bias is not None,
+                UPCAST=interpreting(),
+                IEEE=hidden.dtype == torch.float32,
+                TMA=tma, EVEN_K=even_k, FROM_LOGITS=from_logits,
+                BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=config["BLOCK_K"],
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )  # fmt: skip
+            if need_w:
+                if wide_dw:
+                    matmul_fp32(dw[v0:v1], dz_c.t(), h_g, accumulate=gi > 0)
+                elif gi == 0:
+                    torch.mm(dz_c.t(), h_g, out=dw[v0:v1])
+                else:
+                    dw[v0:v1].addmm_(dz_c.t(), h_g)  # beta=1: one rounding to the weight dtype per group
+            if need_h:
+                matmul_fp32(acc, dz_c, weight[v0:v1], accumulate=ci > 0)
+            if need_b:
+                if gi == 0:
+                    torch.sum(dz_c, dim=0, dtype=torch.float32, out=db[v0:v1])
+                else:
+                    db[v0:v1] += dz_c.sum(dim=0, dtype=torch.float32)
+        if dh_acc is not None:
+            dh[g0:g1].copy_(acc)
     return dh, dw, db

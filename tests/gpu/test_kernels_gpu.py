@@ -17,6 +17,15 @@ pytestmark = [
 ]
 
 NAMES = ("logp", "entropy", "dh", "dW", "dbias")
+#: Kernel variants selectable through the config dict; each must match the reference on its own.
+VARIANTS = {
+    "default": {},
+    "even_k": {"even_k": 1},
+    "tma": {"tma": 1},
+    "cublas": {"cublas": 1},
+    "block_v128": {"BLOCK_V": 128},  # v1 tiles (the default became 256 after the H100 run)
+    "stages4": {"num_stages": 4},
+}
 
 
 def _inputs(seed, n, h, v, dtype, bias=False, n_masked=0):
@@ -42,11 +51,11 @@ def _run(fn, hidden, weight, bias, targets, g_logp, g_ent, **kw):
     return [None if t is None else t.float() for t in out]
 
 
-def _compare(seed, n, h, v, dtype, tol_out, tol_grad, **kw):
+def _compare(seed, n, h, v, dtype, tol_out, tol_grad, config=None, **kw):
     bias = kw.pop("bias", False)
     hidden, weight, b, targets, gl, ge = _inputs(seed, n, h, v, dtype, bias=bias, n_masked=n // 16)
     ref = _run(token_logprobs_entropy_reference, hidden, weight, b, targets, gl, ge, **kw)
-    out = _run(token_logprobs_entropy_triton, hidden, weight, b, targets, gl, ge, **kw)
+    out = _run(token_logprobs_entropy_triton, hidden, weight, b, targets, gl, ge, config=config, **kw)
     for name, a, r in zip(NAMES, out, ref):
         if r is None:
             assert a is None
@@ -59,8 +68,16 @@ def _compare(seed, n, h, v, dtype, tol_out, tol_grad, **kw):
     assert torch.all(out[0][masked] == 0) and torch.all(out[2][masked] == 0)
 
 
-def test_qwen_shape_bf16():
-    _compare(0, n=4096, h=1536, v=151936, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_qwen_shape_bf16(variant):
+    _compare(0, n=4096, h=1536, v=151936, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2, config=VARIANTS[variant])
+
+
+@pytest.mark.parametrize("variant", ["default", "tma", "cublas"])
+def test_qwen_shape_bf16_several_token_groups(variant):
+    """``dh_acc_bytes`` of 8 MiB: 4 token groups of 1024 rows, dW accumulated across them in bf16."""
+    cfg = {"dh_acc_bytes": 8 << 20, **VARIANTS[variant]}
+    _compare(5, n=4096, h=1536, v=151936, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2, config=cfg)
 
 
 @pytest.mark.parametrize("v", [49152, 128256])
@@ -68,12 +85,44 @@ def test_wide_hidden_bf16(v):
     _compare(1, n=1000, h=4096, v=v, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2)
 
 
-def test_bias_temperature_fp16():
-    _compare(2, n=777, h=1024, v=32003, dtype=torch.float16, tol_out=1e-4, tol_grad=2e-2, bias=True, temperature=0.7)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bias_temperature_fp16(variant):
+    _compare(
+        2, n=777, h=1024, v=32003, dtype=torch.float16, tol_out=1e-4, tol_grad=2e-2, bias=True, temperature=0.7,
+        config=VARIANTS[variant],
+    )  # fmt: skip
 
 
-def test_fp32_exact_products():
-    _compare(3, n=300, h=512, v=10007, dtype=torch.float32, tol_out=1e-5, tol_grad=1e-4, bias=True, temperature=1.3)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fp32_exact_products(variant):
+    _compare(
+        3, n=300, h=512, v=10007, dtype=torch.float32, tol_out=1e-5, tol_grad=1e-4, bias=True, temperature=1.3,
+        config=VARIANTS[variant],
+    )  # fmt: skip
+
+
+def test_odd_hidden_size_variants_fall_back():
+    """H=1000: not a multiple of BLOCK_K=64 (even_k falls back); rows of 2000 bytes are 16-byte aligned."""
+    for variant in ("even_k", "tma", "cublas"):
+        _compare(6, n=513, h=1000, v=5003, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2, config=VARIANTS[variant])
+
+
+@pytest.mark.parametrize("variant", ["default", "cublas"])
+def test_backward_scratch_is_bounded_at_wide_hidden(variant):
+    """N=8192, H=4096, V=128256: peak memory beyond inputs and returned gradients stays <= 64 MiB."""
+    n, h, v = 8192, 4096, 128256
+    hidden, weight, _, targets, g_logp, g_ent = _inputs(7, n, h, v, torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logp, ent = token_logprobs_entropy_triton(hidden, weight, targets, config=VARIANTS[variant])
+    grads = torch.autograd.grad([logp, ent], [hidden, weight], [g_logp, g_ent])
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - sum(g.numel() * g.element_size() for g in grads)
+    assert extra <= 64 * 2**20, f"{variant}: backward scratch {extra / 2**20:.1f} MiB"
 
 
 def test_forward_never_builds_logits():

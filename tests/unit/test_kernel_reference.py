@@ -51,3 +51,17 @@ def test_reference_fp32_and_bf16_output_dtype():
     for dtype in (torch.float32, torch.bfloat16):
         logp, ent = token_logprobs_entropy_reference(hidden.to(dtype), weight.to(dtype), targets, bias=bias.to(dtype))
         assert logp.dtype == ent.dtype == torch.float32
+
+
+def test_autocast_does_not_round_the_logits():
+    torch.manual_seed(0)
+    h = torch.randn(7, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True) * 4  # logits of a few tens: bf16 rounding would move log p by ~0.05
+    y = torch.randint(0, 50, (7,))
+    exact, exact_ent = token_logprobs_entropy_reference(h, w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ent = token_logprobs_entropy_reference(h, w, y)
+        dense, _ = token_logprobs_entropy_dense(h, w, y)
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ent, exact_ent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(dense, exact, rtol=1e-5, atol=1e-5)

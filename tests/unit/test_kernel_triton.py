@@ -149,3 +149,93 @@ def test_is_available_and_argument_checks():
         token_logprobs_entropy_triton(
             x, torch.zeros(3, 4, device=DEVICE), torch.zeros(2, dtype=torch.long), temperature=0.0
         )
+
+
+# Token row groups x vocabulary chunks in the backward, and the optional tile variants. With these
+# overrides the tests below run 3 token groups (16 rows each at H=16) and 5 vocabulary chunks.
+GROUPED = {"dh_acc_bytes": 16 * 16 * 4, "dz_chunk_bytes": 16 * 32 * 4}
+VARIANTS = {
+    "default": {},
+    "even_k": {"even_k": 1},
+    "tma": {"tma": 1},
+    "cublas": {"cublas": 1, "fwd_chunk_bytes": 45 * 64 * 4, "RED_BLOCK_V": 32},
+}
+
+
+def _compare_cfg(seed, n, h, v, dtype, tol, config, temperature=1.0, bias=True, n_masked=0, weight_dtype=None):
+    hidden, weight, b, targets, gl, ge = _inputs(seed, n, h, v, dtype, bias, n_masked)
+    if weight_dtype is not None:
+        weight = weight.to(weight_dtype)
+    out = _run(
+        token_logprobs_entropy_triton, hidden, weight, b, targets, gl, ge, DEVICE, temperature=temperature,
+        config=config,
+    )  # fmt: skip
+    h64, w64, b64 = hidden.double(), weight.double(), None if b is None else b.double()
+    ref = _run(token_logprobs_entropy_reference, h64, w64, b64, targets, gl, ge, "cpu", temperature=temperature)
+    _check(out, ref, tol)
+    return out, targets
+
+
+def test_group_rows_bounds_the_dh_accumulator():
+    from lightning_rl.kernels.triton_logprobs_backward import group_rows
+
+    mib = 1 << 20
+    assert group_rows(8192, 1536, 128, 24 * mib) == 4096  # two groups
+    assert group_rows(1024, 1536, 128, 24 * mib) == 1024  # one group: v1 behaviour
+    rows = group_rows(8192, 4096, 128, 24 * mib)  # cap 1536 -> 6 balanced groups of 1408
+    assert rows % 128 == 0 and rows * 4096 * 4 <= 24 * mib and -(-8192 // rows) == 6
+    assert group_rows(100, 1 << 20, 16, 1) == 16  # never below BLOCK_N
+    assert group_rows(0, 16, 16, 1024) == 1
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_backward_and_variants(variant, dtype):
+    """Odd N, masked tokens, bias and temperature with several token groups and vocabulary chunks."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    out, targets = _compare_cfg(
+        seed=23, n=45, h=16, v=130, dtype=dtype, tol=tol, config={**GROUPED, **VARIANTS[variant]},
+        temperature=0.9, n_masked=7,
+    )  # fmt: skip
+    masked = targets == -100
+    assert torch.all(out[0][masked] == 0) and torch.all(out[2][masked] == 0)
+
+
+@pytest.mark.parametrize("variant", ["default", "even_k"])
+def test_grouped_backward_wider_hidden_without_bias(variant):
+    """H=48: three K steps; even_k takes its unmasked path (BLOCK_K=16 divides 48)."""
+    cfg = {"dh_acc_bytes": 16 * 48 * 4, "dz_chunk_bytes": 16 * 32 * 4, **VARIANTS[variant]}
+    _compare_cfg(seed=29, n=37, h=48, v=97, dtype=torch.float32, tol=1e-4, config=cfg, bias=False, n_masked=3)
+
+
+def test_even_k_falls_back_when_block_k_does_not_divide_h():
+    _compare_cfg(seed=31, n=21, h=24, v=70, dtype=torch.float32, tol=1e-4, config={**GROUPED, "even_k": 1})
+
+
+def test_grouped_fp32_weight_with_bf16_hidden_keeps_fp32_dw():
+    out, _ = _compare_cfg(
+        seed=37, n=45, h=16, v=130, dtype=torch.bfloat16, tol=2e-2, config=GROUPED, weight_dtype=torch.float32
+    )
+    assert out[3] is not None
+
+
+def test_grouped_tied_embeddings():
+    n, h, v = 45, 16, 70
+    g = torch.Generator().manual_seed(41)
+    emb = torch.randn(v, h, generator=g)
+    mix = torch.randn(h, h, generator=g) / h**0.5
+    ids = torch.randint(0, v, (n,), generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::5] = -100
+
+    def grad_of(fn, dtype, device, **kw):
+        e = emb.to(device, dtype).clone().requires_grad_()
+        hidden = torch.tanh(e[ids.to(device)] @ mix.to(device, dtype))
+        logp, ent = fn(hidden, e, targets.to(device), temperature=1.1, **kw)
+        (logp.sum() - 0.3 * ent.sum()).backward()
+        return e.grad.double().cpu()
+
+    ref = grad_of(token_logprobs_entropy_reference, torch.float64, "cpu")
+    for variant in ("default", "cublas"):
+        got = grad_of(token_logprobs_entropy_triton, torch.float32, DEVICE, config={**GROUPED, **VARIANTS[variant]})
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=variant)
