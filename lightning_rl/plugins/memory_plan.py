@@ -8,6 +8,10 @@ A step has two phases that never hold memory at the same time:
 * **train**: policy weights, gradients, optimizer states, the activations of one micro-batch
   (proportional to its tokens) and fixed extras (a log-prob chunk, a reference model).
 
+When the optimizer states live in CPU memory and are streamed through the device during the step
+(``MemoryAwarePrecision(optimizer_states="cpu")``), the train phase counts one streamed chunk of
+states instead of all of them, and the rollout phase none.
+
 :func:`plan_memory` picks the largest micro-batch (in tokens) and the KV-cache budget that fit,
 or raises :class:`MemoryPlanError` with the figure of each part and what to change.
 """
@@ -188,6 +192,8 @@ class MemoryPlan:
         return cls(**dict(data))
 
 
+_STREAM_FIX = ("keep optimizer states in CPU memory and stream them through the step chunk by chunk: "
+               "MemoryAwarePrecision(optimizer_states='cpu')")
 _TRAIN_FIXES = (
     "train LoRA adapters instead of all weights (lora={'r': 16}): no gradients or optimizer state for the base",
     "turn on gradient_checkpointing=True (activations per token shrink about tenfold)",
@@ -222,6 +228,7 @@ def plan_memory(
     max_micro_batch_tokens: int | None = None,
     extra_train_parts: Mapping[str, int] | None = None,
     reserved_bytes: int = 256 * MiB,
+    optimizer_device_bytes: int | None = None,
 ) -> MemoryPlan:
     """Choose the micro-batch size (tokens) and the KV-cache budget, or explain why nothing fits.
 
@@ -236,6 +243,10 @@ def plan_memory(
         max_micro_batch_tokens: upper bound (e.g. the whole batch); None: no bound.
         extra_train_parts: other fixed train-phase bytes by name (a log-prob chunk, a reference model).
         reserved_bytes: kept free for the allocator's fragmentation and small buffers.
+        optimizer_device_bytes: set when the optimizer states live in CPU memory and are streamed through
+            the device during the step: the bytes of states on the device at once (one chunk). The train
+            phase counts this instead of ``optimizer_bytes`` and the rollout phase counts no states.
+            None: all states stay on the device.
 
     Raises:
         MemoryPlanError: a phase cannot fit, with each part's figure and what to change.
@@ -246,11 +257,16 @@ def plan_memory(
         raise ValueError("sequence_tokens must be >= 1 and activation_bytes_per_token >= 0")
     opt = optimizer_state_bytes(model.trainable_params) if optimizer_bytes is None else optimizer_bytes
     grads = model.trainable_bytes if grad_bytes is None else grad_bytes
+    streamed = optimizer_device_bytes is not None
+    if streamed:
+        opt_part = {"optimizer states (streamed from CPU, one chunk)": min(opt, int(optimizer_device_bytes))}
+    else:
+        opt_part = {"optimizer states": opt}
     static = {
         "frozen weights": model.frozen_bytes,
         "trainable weights": model.trainable_bytes,
         "gradients": grads,
-        "optimizer states": opt,
+        **opt_part,
         **dict(extra_train_parts or {}),
         "reserve": reserved_bytes,
     }
@@ -258,8 +274,9 @@ def plan_memory(
     min_act = activation_bytes_per_token * sequence_tokens
     if free < min_act:
         parts = {**static, f"activations of one sequence ({sequence_tokens} tokens)": min_act}
+        fixes = _TRAIN_FIXES if streamed or not opt else (_TRAIN_FIXES[0], _STREAM_FIX, *_TRAIN_FIXES[1:])
         raise MemoryPlanError(_explain("train", parts, budget_bytes, f"one sequence needs {fmt_bytes(min_act)} of "
-                                       f"activations and {fmt_bytes(max(free, 0))} is left", _TRAIN_FIXES))
+                                       f"activations and {fmt_bytes(max(free, 0))} is left", fixes))
     tokens = free // activation_bytes_per_token if activation_bytes_per_token else 2**31
     if max_micro_batch_tokens is not None:
         tokens = min(tokens, max(max_micro_batch_tokens, sequence_tokens))
@@ -272,7 +289,7 @@ def plan_memory(
         rstatic = {
             "frozen weights": model.frozen_bytes,
             "trainable weights": model.trainable_bytes,
-            "optimizer states": 0 if rollout.offload_optimizer else opt,
+            "optimizer states": 0 if rollout.offload_optimizer or streamed else opt,
             "engine weights": rollout.engine_weight_bytes,
             "engine workspace": rollout.overhead_bytes,
             "reserve": reserved_bytes,
@@ -281,7 +298,7 @@ def plan_memory(
         exact = rollout.tokens * rollout.kv_bytes_per_token
         if kv_free < max(exact, rollout.kv_bytes_per_token):
             parts = {**rstatic, f"KV cache ({rollout.tokens} tokens)": exact}
-            fixes = _ROLLOUT_FIXES if not rollout.offload_optimizer else _ROLLOUT_FIXES[1:]
+            fixes = _ROLLOUT_FIXES if not (rollout.offload_optimizer or streamed) else _ROLLOUT_FIXES[1:]
             raise MemoryPlanError(_explain("rollout", parts, budget_bytes, f"the KV cache needs {fmt_bytes(exact)} "
                                            f"and {fmt_bytes(max(kv_free, 0))} is left", fixes))
         wanted = math.ceil(exact * rollout.headroom) if rollout.tokens else kv_free
@@ -294,6 +311,7 @@ def plan_memory(
 
 __all__ = [
     "GiB",
+    "MiB",
     "MemoryPlan",
     "MemoryPlanError",
     "ModelMemory",

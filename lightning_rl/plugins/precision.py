@@ -12,6 +12,9 @@ under ``trainer.plugins``. What it does:
   (lowers the module's ``micro_batch_size`` when it would not fit) and the KV-cache budget the
   :class:`~lightning_rl.callbacks.VLLMRollout` engine gets, or a ``MemoryPlanError`` before any OOM;
 * while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory;
+* with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
+  are streamed through the device in chunks of ``step_chunk_bytes`` during the optimizer step
+  (see :mod:`~lightning_rl.plugins.streamed_states`): AdamW's two fp32 moments leave the device;
 * device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
 
 On a CPU the frozen weights are stored in bf16 as well (half the RAM; CPU autocast runs matmuls in
@@ -38,6 +41,7 @@ from typing_extensions import override
 from lightning_rl.plugins.memory_plan import (
     GiB,
     MemoryPlan,
+    MiB,
     ModelMemory,
     RolloutNeeds,
     activation_bytes_per_token,
@@ -48,11 +52,13 @@ from lightning_rl.plugins.memory_plan import (
     plan_memory,
 )
 from lightning_rl.plugins.offload import OptimizerOffloader
+from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, check_streamable
 
 log = logging.getLogger(__name__)
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 Quantize = Literal["int8", "nf4"]
+OptimizerStates = Literal["device", "cpu"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _BNB_AVAILABLE = RequirementCache("bitsandbytes")
 
@@ -132,6 +138,13 @@ class MemoryAwarePrecision(Precision):
         engine_overhead_bytes: the rollout engine's workspace beyond weights and KV cache.
         reserved_bytes: kept free in the plan for fragmentation and small buffers.
         log_memory: log memory figures per phase.
+        optimizer_states: where optimizer states live between steps. ``device``: on the training device
+            (as usual). ``cpu``: in pinned CPU memory; the optimizer step brings them to the device
+            ``step_chunk_bytes`` at a time, steps those parameters, sends the states back and frees
+            those parameters' gradients. Bit-identical results; costs two host-device copies of the
+            states per step. Needs an optimizer with per-parameter state (AdamW, Adam, SGD, ...; not LBFGS).
+        step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
+            (a parameter whose states alone are larger is stepped on its own).
     """
 
     def __init__(
@@ -149,6 +162,8 @@ class MemoryAwarePrecision(Precision):
         engine_overhead_bytes: int = GiB,
         reserved_bytes: int = 256 * 1024**2,
         log_memory: bool = True,
+        optimizer_states: OptimizerStates = "device",
+        step_chunk_bytes: int = 64 * MiB,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -163,6 +178,10 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction <= 1), got {memory_budget}")
         if not 0 < utilization <= 1:
             raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+        if optimizer_states not in ("device", "cpu"):
+            raise ValueError(f"optimizer_states must be 'device' or 'cpu', got {optimizer_states!r}")
+        if step_chunk_bytes <= 0:
+            raise ValueError(f"step_chunk_bytes must be > 0, got {step_chunk_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         auto = compute_dtype == "auto"
         self.compute_dtype = default_compute_dtype(self.device_type) if auto else _DTYPES[compute_dtype]
@@ -179,6 +198,9 @@ class MemoryAwarePrecision(Precision):
         self.engine_overhead_bytes = engine_overhead_bytes
         self.reserved_bytes = reserved_bytes
         self.log_memory = log_memory
+        self.optimizer_states = optimizer_states
+        self.step_chunk_bytes = int(step_chunk_bytes)
+        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
         self.memory_stats: dict[str, dict[str, int]] = {}
@@ -281,6 +303,14 @@ class MemoryAwarePrecision(Precision):
             yield
 
     @override
+    @contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        """With ``optimizer_states="cpu"``, first send states a checkpoint load put on the device back to the CPU."""
+        self.offload_optimizer_states()
+        with self.forward_context():
+            yield
+
+    @override
     def post_backward(self, tensor: torch.Tensor, module: L.LightningModule) -> torch.Tensor:  # type: ignore[override]
         """Free the autocast cache once its casts have served their backward."""
         self.clear_autocast_cache()
@@ -295,6 +325,10 @@ class MemoryAwarePrecision(Precision):
         self._module = _lightning_module(model)
         device = next((p.device for p in model.parameters()), torch.device(self.device_type))
         self.device_type = device.type
+        if self._streamer is not None:
+            for opt in self._optimizers:
+                check_streamable(opt)
+            self.offload_optimizer_states()  # states an earlier fit left on the device
         if self.quantize is not None and device.type != "cuda":
             raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
                                f"the model is on {device}. Use quantize=None on this machine.")
@@ -341,7 +375,15 @@ class MemoryAwarePrecision(Precision):
         if opt_bytes == 0:
             numel = sum(p.numel() for o in optimizers for g in o.param_groups for p in g["params"])
             opt_bytes = optimizer_state_bytes(numel)
+        opt_device = None
+        if self._streamer is not None:
+            opt_device = max((self._streamer.device_bytes_estimate(o, opt_bytes) for o in optimizers), default=0)
         extra: dict[str, int] = {}
+        casts = sum(p.numel() for p in module.parameters() if p.requires_grad and p.dtype == torch.float32) * cdt
+        if casts:
+            # autocast caches a compute-dtype copy of every fp32 weight the grad-enabled forward uses
+            # (the backward keeps them anyway) until the cache is cleared after the backward
+            extra["autocast weight casts"] = casts
         backend = getattr(module, "logprob_backend", None)
         if backend is not None:
             from lightning_rl.logprobs import resolve_backend
@@ -355,7 +397,7 @@ class MemoryAwarePrecision(Precision):
         return plan_memory(budget_bytes=budget, model=model, activation_bytes_per_token=act, sequence_tokens=seq,
                            optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, config, seq, model),
                            max_micro_batch_tokens=max_tokens, extra_train_parts=extra,
-                           reserved_bytes=self.reserved_bytes)
+                           reserved_bytes=self.reserved_bytes, optimizer_device_bytes=opt_device)
 
     def _rollout_needs(
         self, module: L.LightningModule, config: Any, seq: int, model: ModelMemory
@@ -407,9 +449,9 @@ class MemoryAwarePrecision(Precision):
     def offload_for_rollout(self) -> int:
         """Move optimizer states and gradients to pinned CPU memory (before the engine wakes). Returns bytes."""
         self._record("train_end")
-        moved = 0
+        moved = self.offload_optimizer_states()  # with optimizer_states="cpu": usually nothing left to move
         if self.offload_enabled and self._optimizers and not self._offloader.is_offloaded:
-            moved = self._offloader.offload(self._optimizers, source=self.device_type)
+            moved += self._offloader.offload(self._optimizers, source=self.device_type)
         self._reset_peak()
         return moved
 
@@ -443,10 +485,29 @@ class MemoryAwarePrecision(Precision):
 
     @override
     def optimizer_step(self, optimizer: Any, model: L.LightningModule, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Step, then record the train phase's memory figures."""
-        out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        """Step (streaming the states chunk by chunk with ``optimizer_states="cpu"``), then record the memory figures.
+
+        In the streamed mode the closure (the backward in automatic optimization, nothing in manual
+        optimization), the ``on_before_optimizer_step`` hooks and gradient clipping all run first, so
+        every gradient is final before the first chunk steps.
+        """
+        if self._streamer is None:
+            out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        else:
+            out = self._wrap_closure(model, optimizer, closure)
+            self._streamer.step(optimizer, step_fn=lambda: optimizer.step(**kwargs))
         self._record("train")
         return out
+
+    def offload_optimizer_states(self) -> int:
+        """With ``optimizer_states="cpu"``: move optimizer states found on the device to CPU memory. Returns bytes."""
+        if self._streamer is None:
+            return 0
+        moved = sum(self._streamer.offload_states(opt) for opt in self._optimizers)
+        if moved and self.device_type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return moved
 
     # ----------------------------------------------------------------------------- checkpoints
     @override
@@ -488,6 +549,8 @@ class MemoryAwarePrecision(Precision):
         if self._offloader.is_offloaded:
             self._offloader.restore()
         self._offloader.release_buffers()
+        if self._streamer is not None:
+            self._streamer.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -76,3 +76,43 @@ def test_budget_below_unplanned_peak_completes_thanks_to_the_plan(bench):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         assert total > 0
+
+
+def test_streamed_optimizer_states_stay_on_cpu_between_steps_and_lower_the_peak(bench):
+    import lightning as L
+
+    from lightning_rl import MemoryAwarePrecision
+
+    seen = []
+
+    class StatePlaces(L.Callback):
+        """Where the optimizer's state tensors are before and after each training step (after its optimizer step)."""
+
+        def _look(self, trainer, when):
+            opt = trainer.optimizers[0]
+            big = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+            seen.append((when, len(big), sum(v.is_cuda for v in big), sum(v.is_pinned() for v in big)))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._look(trainer, "start")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._look(trainer, "end")
+
+    case = bench.CASES["smollm2-135m-shape full"]
+    base = bench.measure(case, "bf16-mixed", steps=2)
+    on_device = bench.measure(case, MemoryAwarePrecision(), steps=2)
+    plugin = MemoryAwarePrecision(optimizer_states="cpu")
+    streamed = bench.measure(case, plugin, steps=2, callbacks=(StatePlaces(),))
+    print(f"full FT SmolLM2-135M shape: bf16-mixed {base['peak_bytes'] / 2**30:.2f} GiB ({base['seconds']:.1f} s), "
+          f"states on device {on_device['peak_bytes'] / 2**30:.2f} GiB ({on_device['seconds']:.1f} s), streamed "
+          f"{streamed['peak_bytes'] / 2**30:.2f} GiB ({streamed['seconds']:.1f} s), ratio "
+          f"{streamed['peak_bytes'] / base['peak_bytes']:.2f}, {plugin._streamer.last_chunks} chunks, largest "
+          f"{plugin._streamer.last_peak_chunk_bytes / 2**20:.0f} MiB\n{seen}")
+    assert streamed["steps"] == on_device["steps"] == 2
+    assert seen[0] == ("start", 0, 0, 0)  # no states before the first step
+    for when, count, on_cuda, pinned in seen[1:]:
+        assert count > 0 and on_cuda == 0 and pinned == count, when  # in pinned CPU memory between steps
+    assert plugin._streamer.last_chunks > 1
+    # AdamW's two fp32 moments (about 1 GiB) are off the device, less one chunk during the step
+    assert on_device["peak_bytes"] - streamed["peak_bytes"] >= 0.5 * 2**30

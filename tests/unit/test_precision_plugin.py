@@ -310,9 +310,11 @@ class FakeEngine:
         self.calls.append(("sleep", self.plugin._offloader.is_offloaded))
 
 
-def test_rollout_callback_offloads_while_the_engine_is_awake_and_gets_a_kv_budget():
+@pytest.mark.parametrize("states", ["device", "cpu"])
+def test_rollout_callback_offloads_while_the_engine_is_awake_and_gets_a_kv_budget(states):
     module = _grpo()
-    plugin = MemoryAwarePrecision(offload_optimizer=True, memory_budget=4 * GiB, engine_overhead_bytes=0)
+    plugin = MemoryAwarePrecision(offload_optimizer=True, memory_budget=4 * GiB, engine_overhead_bytes=0,
+                                  optimizer_states=states, step_chunk_bytes=4096)
     calls = []
     cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin))
     snapshots = []
