@@ -3,15 +3,19 @@
 Compares, on the same prompts and G:
   * tokens/s of rollouts generated through the callback during a GRPO fit,
   * transformers ``generate`` (HFEngine, all sequences in one batch),
-  * a standalone ``vllm.LLM`` loading the same weights from disk (no sleep mode),
+  * a standalone ``vllm.LLM`` loading the same weights from disk, run the way a user runs vLLM: its own
+    process, vLLM's default multiprocessing engine core, no sleep mode, the same execution mode,
 and the toggle overhead per step (wake + sync + sleep) against the whole GRPO step.
 
-    python bench/bench_rollout.py --out bench/results/rollout.json [--compile]
+    python bench/bench_rollout.py --out bench/results/rollout.json [--execution cuda_graphs|compiled|eager]
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -39,11 +43,43 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.synchronize()
         tokens = int(batch["rollout"].completion_mask.sum())
-        self.steps.append({"step_s": time.perf_counter() - self.t0, "tokens": tokens, **self.rollout_cb.last_timings})
+        self.steps.append({"step_s": time.perf_counter() - self.t0, "tokens": tokens,
+                           "device_used_gib": device_used_gib(), **self.rollout_cb.last_timings})
 
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def device_used_gib():
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def standalone(model_dir, ids_path, G, max_new_tokens, execution, eos):
+    """Run in a child process: vLLM as a user runs it, on the saved weights; prints one JSON line."""
+    import vllm
+
+    from lightning_rl.rollout.vllm import execution_kwargs
+
+    ids = json.load(open(ids_path))
+    t0 = time.perf_counter()
+    llm = vllm.LLM(model=model_dir, dtype="bfloat16", gpu_memory_utilization=0.3, seed=0,
+                   max_model_len=128 + max_new_tokens, **execution_kwargs(execution))
+    start = time.perf_counter() - t0
+    params = vllm.SamplingParams(n=G, temperature=1.0, max_tokens=max_new_tokens, logprobs=0, flat_logprobs=True,
+                                 stop_token_ids=eos, detokenize=False)
+    rates, tokens = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        rates.append(n / dt)
+        tokens.append(n)
+    print("STANDALONE " + json.dumps({"startup_s": start, "tokens_per_s": median(rates[1:]), "runs": rates,
+                                      "tokens": tokens,
+                                      "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1")}))
 
 
 def main():
@@ -53,19 +89,23 @@ def main():
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--compile", action="store_true", help="torch.compile + CUDA graphs in vLLM (slow start)")
+    ap.add_argument("--execution", default="cuda_graphs", choices=["cuda_graphs", "compiled", "eager"])
+    ap.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2], help="engine sleep level")
     ap.add_argument("--skip-standalone", action="store_true")
+    ap.add_argument("--standalone", nargs=2, metavar=("MODEL_DIR", "IDS_JSON"), help=argparse.SUPPRESS)
+    ap.add_argument("--eos", type=int, nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.standalone:
+        return standalone(*args.standalone, args.G, args.max_new_tokens, args.execution, args.eos)
     import vllm
-
-    eager = not args.compile
     torch.manual_seed(0)
     data = ArithmeticDataModule(num_train=args.prompts * (args.steps + 1), num_val=4, batch_size=args.prompts,
-                                shuffle=False)
+                                max_operand=99, shuffle=False)
     data.setup("fit")
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
                   num_generations=args.G, max_new_tokens=args.max_new_tokens, micro_batch_size=32,
-                  max_prompt_length=128, learning_rate=1e-6, generation_batch_size=args.prompts * args.G)
+                  importance_sampling="token", max_prompt_length=128, learning_rate=1e-6,
+                  generation_batch_size=args.prompts * args.G)
     module.configure_model()
     prompts = [r["prompt"] for r in data.train_rows[: args.prompts]]
     ids = module.encode(prompts)
@@ -75,7 +115,8 @@ def main():
                      "lightning": L.__version__, "lightning_rl": lightning_rl.__version__},
         "config": {"model": "SmolLM2-135M-Instruct (bf16)", "prompts": args.prompts, "G": args.G,
                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "steps": args.steps,
-                   "enforce_eager": eager, "mean_prompt_tokens": sum(map(len, ids)) / len(ids)},
+                   "execution": args.execution, "sleep_level": args.sleep_level, "full fine-tune": True,
+                   "mean_prompt_tokens": sum(map(len, ids)) / len(ids)},
     }
 
     # ---------------------------------------------------------------- standalone vLLM (same weights, from disk)
@@ -90,25 +131,18 @@ def main():
             plain.save_pretrained(d)
             del plain
             module.tokenizer.save_pretrained(d)
-            t0 = time.perf_counter()
-            llm = vllm.LLM(model=d, dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=eager, seed=0,
-                           max_model_len=128 + args.max_new_tokens)
-            start = time.perf_counter() - t0
-            params = vllm.SamplingParams(n=args.G, temperature=1.0, max_tokens=args.max_new_tokens, logprobs=0,
-                                         stop_token_ids=module.eos_token_ids, detokenize=False)
-            rates = []
-            for _ in range(4):
-                t0 = time.perf_counter()
-                outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-                dt = time.perf_counter() - t0
-                rates.append(sum(len(c.token_ids) for o in outs for c in o.outputs) / dt)
-            result["standalone_vllm"] = {"startup_s": start, "tokens_per_s": median(rates[1:]), "runs": rates}
-            llm.llm_engine.engine_core.shutdown()
-            del llm, outs
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
-        print("standalone vLLM", result["standalone_vllm"], flush=True)
+            json.dump(ids, open(f"{d}/ids.json", "w"))
+            env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+            cmd = [sys.executable, __file__, "--out", "-", "--standalone", d, f"{d}/ids.json", "--G", str(args.G),
+                   "--max-new-tokens", str(args.max_new_tokens), "--execution", args.execution,
+                   "--eos", *map(str, module.eos_token_ids)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("STANDALONE ")]
+            if line:
+                result["standalone_vllm"] = json.loads(line[-1].removeprefix("STANDALONE "))
+                print("standalone vLLM", result["standalone_vllm"], flush=True)
+            else:
+                print("standalone vLLM failed:", proc.stderr[-3000:], flush=True)
 
     # ---------------------------------------------------------------- transformers generate
     module.policy.cuda()
@@ -130,7 +164,7 @@ def main():
     torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- GRPO fit through the callback
-    rollout_cb = VLLMRollout(enforce_eager=eager)
+    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level)
     timer = StepTimer(rollout_cb)
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(max_steps=args.steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
@@ -154,6 +188,8 @@ def main():
         "generate_s": median([s["generate_s"] for s in steady]),
         "toggle_fraction_of_step": toggle_s / step_s,
         "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_device_used_gib_sampled": max(s["device_used_gib"] for s in timer.steps),
+        "logprob_mismatch_mean_last": float(trainer.callback_metrics.get("train/logprob_mismatch_mean", float("nan"))),
         "steps": timer.steps,
     }
     result["ratios"] = {"callback_vs_transformers": cb_rate / result["transformers_generate"]["tokens_per_s"]}

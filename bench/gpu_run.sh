@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
 # One visit to the GPU machine, after ../shared/gpu/stage and .gpu/install/device-install.sh:
-#   bash bench/gpu_run.sh tests    # tests/gpu (vLLM tests one process each), logs under $OUT
-#   bash bench/gpu_run.sh bench    # benchmarks, JSON under $OUT
+#   bash bench/gpu_run.sh tests        # tests/gpu: non-vLLM ones together, vLLM ones one process each
+#   bash bench/gpu_run.sh vllm [-k X]  # only the vLLM tests (optionally those matching X)
+#   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|bench   # a benchmark, or the first three
+# Logs and results go under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 quiet() { grep -vE "^(INFO|WARNING|DEBUG)|^\S+ \S+ - (INFO|WARNING)| INFO | WARNING "; }
+stamp() { echo "[$(date +%T)] $*"; }
+
+vllm_tests() {
+  # vLLM's sleep-mode allocator allows one engine per process
+  local filter=${1:-}
+  for t in $(python3 -m pytest -m "gpu and vllm" tests/gpu -q --collect-only -p no:cacheprovider ${filter:+-k "$filter"} \
+             2>/dev/null | grep "::"); do
+    local name=${t##*::}
+    stamp "start $name"
+    timeout 240 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$OUT/vllm_$name.log" 2>&1
+    local rc=$?
+    quiet < "$OUT/vllm_$name.log" | grep -E "^(PASSED|FAILED|ERROR)|Error|error:|assert|^(greedy|sleep|mean|lora|shared|kv-only|grpo)" \
+      | tail -8
+    stamp "end $name rc=$rc"
+  done
+}
+
 case "${1:-tests}" in
   tests)
-    timeout 300 python3 -m pytest -m "gpu and not vllm" tests/gpu -q -p no:cacheprovider -rA 2>&1 \
-      | tee "$OUT/gpu_tests.log" | quiet | tail -30
-    # vLLM's sleep-mode allocator allows one engine per process
-    for t in $(python3 -m pytest -m "gpu and vllm" tests/gpu -q --collect-only -p no:cacheprovider 2>/dev/null \
-               | grep "::"); do
-      timeout 150 python3 -m pytest "$t" -q -p no:cacheprovider -rA 2>&1 | quiet >> "$OUT/gpu_tests_vllm.log"
-      grep -E "^(PASSED|FAILED|ERROR)" "$OUT/gpu_tests_vllm.log" | tail -1
-    done ;;
+    stamp "non-vLLM GPU tests"
+    timeout 560 python3 -m pytest -m "gpu and not vllm" tests/gpu -q -p no:cacheprovider -rA 2>&1 \
+      | tee "$OUT/gpu_tests.log" | quiet | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" | tail -40
+    vllm_tests ;;
+  vllm)
+    vllm_tests "${3:-}" ;;
+  kernel)
+    timeout 400 python3 bench/bench_logprob_kernel.py --out "$OUT/logprob_kernel.json" --budget-s 360 2>&1 \
+      | quiet | tail -40 ;;
+  precision)
+    timeout 200 python3 bench/bench_precision.py --out "$OUT/precision.json" 2>&1 | quiet | tail -25 ;;
+  rollout)
+    timeout 500 python3 bench/bench_rollout.py --steps 6 --execution "${2:-cuda_graphs}" \
+      --out "$OUT/rollout_${2:-cuda_graphs}.json" 2>&1 | quiet | tail -30 ;;
+  rollout-kv)  # the same with the KV-only sleep (weights stay resident), no standalone rerun
+    timeout 400 python3 bench/bench_rollout.py --steps 6 --sleep-level 0 --skip-standalone \
+      --out "$OUT/rollout_cuda_graphs_sleep0.json" 2>&1 | quiet | tail -12 ;;
   bench)
-    timeout 150 python3 bench/bench_precision.py --out "$OUT/precision.json" 2>&1 | quiet | tail -20
-    timeout 330 python3 bench/bench_rollout.py --steps 4 --out "$OUT/rollout.json" 2>&1 | quiet | tail -30 ;;
+    for b in kernel precision rollout; do stamp "bench $b"; bash "$0" "$b"; done ;;
 esac

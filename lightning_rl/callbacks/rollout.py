@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_rl.rollout.engine import RolloutEngine
-from lightning_rl.rollout.vllm import LoRASync
+from lightning_rl.rollout.vllm import ExecutionMode, LoRASync
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,15 @@ class VLLMRollout(Callback):
         gpu_memory_utilization: use vLLM's fraction-of-GPU sizing instead (ignores the two above).
         dtype: engine weight dtype (``auto`` = the policy's).
         lora_sync: ``auto``, ``adapter`` or ``merged`` (see :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
-        sleep_level: 1, 2 or None (automatic: 2 when the full weights are pushed at every sync).
-        enforce_eager: skip torch.compile and CUDA graphs (fast start, slower generation).
+        sleep_level: 0 (KV cache only), 1, 2 or None (automatic: 2 when the full weights are pushed at every
+            sync); see :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
+        execution: ``cuda_graphs`` (default; decode replays CUDA graphs, starts in seconds), ``compiled``
+            (vLLM's torch.compile + CUDA graphs, minutes to start) or ``eager`` (no graphs, slowest).
+        fp32_logits: the engine computes its LM head in fp32 like the trainer's log-prob kernel, so the
+            sampling log-probs match the trainer's more closely (see ``train/logprob_mismatch_*``).
+        share_base_weights: with a LoRA policy synced as an adapter, hold the frozen base weights once
+            on the GPU, shared by the trainer and the engine (None: when possible; see
+            :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
         enable_prefix_caching: share prompt KV blocks among a prompt's ``G`` completions.
         seed: sampling seed (offset by the last synced step on resume so runs do not replay).
         engine_kwargs: more ``vllm.LLM`` arguments.
@@ -68,7 +75,9 @@ class VLLMRollout(Callback):
         dtype: str = "auto",
         lora_sync: LoRASync = "auto",
         sleep_level: int | None = None,
-        enforce_eager: bool = False,
+        execution: ExecutionMode = "cuda_graphs",
+        fp32_logits: bool = True,
+        share_base_weights: bool | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
         engine_kwargs: Mapping[str, Any] | None = None,
@@ -85,7 +94,9 @@ class VLLMRollout(Callback):
         self.dtype = dtype
         self.lora_sync = lora_sync
         self.sleep_level = sleep_level
-        self.enforce_eager = enforce_eager
+        self.execution = execution
+        self.fp32_logits = fp32_logits
+        self.share_base_weights = share_base_weights
         self.enable_prefix_caching = enable_prefix_caching
         self.seed = seed
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -123,8 +134,9 @@ class VLLMRollout(Callback):
             policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, max_model_len,
             max_num_seqs=prompts_per_step * g, kv_cache_bytes=kv, gpu_memory_utilization=self.gpu_memory_utilization,
             dtype=self.dtype, lora_sync=self.lora_sync, sleep_level=self.sleep_level,
-            enforce_eager=self.enforce_eager, seed=seed, enable_prefix_caching=self.enable_prefix_caching,
-            engine_kwargs=self.engine_kwargs,
+            execution=self.execution, fp32_logits=self.fp32_logits, share_base_weights=self.share_base_weights,
+            seed=seed,
+            enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,
         )
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:

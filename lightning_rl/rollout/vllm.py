@@ -42,12 +42,20 @@ from lightning_rl.rollout.policy_weights import (
     merged_lora_weights,
     vllm_lora_rank,
 )
+from lightning_rl.rollout.shared_weights import (
+    SharedBaseWeights,
+    release_kv_cache,
+    restore_kv_cache,
+    share_base_with_engine,
+)
 
 log = logging.getLogger(__name__)
 
 _VLLM_AVAILABLE = RequirementCache("vllm")
 LoRASync = Literal["auto", "adapter", "merged"]
 LORA_SYNC_MODES: tuple[str, ...] = ("auto", "adapter", "merged")
+ExecutionMode = Literal["eager", "cuda_graphs", "compiled"]
+EXECUTION_MODES: tuple[str, ...] = ("eager", "cuda_graphs", "compiled")
 _LORA_ID = 1
 _LORA_NAME = "lightning-rl-policy"
 _LORA_PATH = "in-memory://lightning-rl-policy"  # never read: the adapter is installed from tensors
@@ -144,6 +152,30 @@ def kv_cache_bytes_for(
     return int(math.ceil(tokens)) * per_token
 
 
+def execution_kwargs(execution: ExecutionMode) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for an execution mode (see :class:`VLLMEngine`)."""
+    if execution == "eager":
+        return {"enforce_eager": True}
+    if execution == "cuda_graphs":  # full graphs for pure-decode batches, no torch.compile (mode 0)
+        return {"enforce_eager": False, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}}
+    return {"enforce_eager": False}
+
+
+def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
+    """The log-prob of each sampled token from a vLLM completion's ``logprobs`` (flat or per-position dicts)."""
+    if not logprobs:
+        return [0.0] * len(token_ids)
+    if hasattr(logprobs, "start_indices"):  # vllm.logprobs.FlatLogprobs: the sampled token comes first
+        flat_ids, values = logprobs.token_ids, logprobs.logprobs
+        out = []
+        for start, tok in zip(logprobs.start_indices, token_ids):
+            if flat_ids[start] != tok:
+                raise RuntimeError(f"vLLM returned the log-prob of token {flat_ids[start]} for sampled token {tok}")
+            out.append(float(values[start]))
+        return out
+    return [float(step[tok].logprob) for step, tok in zip(logprobs, token_ids)]
+
+
 class VLLMEngine:
     """A vLLM engine in this process, on this GPU, generating with the policy's current weights.
 
@@ -159,10 +191,21 @@ class VLLMEngine:
         dtype: engine weight dtype; ``auto`` takes the policy's.
         lora_sync: ``adapter`` (LoRA tensors only), ``merged`` (push ``W + BA``), or ``auto``
             (adapter when vLLM can take it, else merged).
-        sleep_level: 1 keeps a CPU copy of the weights while asleep, 2 drops them (they are
+        sleep_level: 0 releases only the KV cache (the weights stay on the GPU: the cheapest toggle, for
+            small models), 1 also keeps a CPU copy of the weights while asleep, 2 drops them (they are
             pushed again at the next sync). None: 2 when every sync pushes the full weights
-            (full fine-tuning, merged LoRA), 1 when only an adapter is pushed.
-        enforce_eager: skip torch.compile and CUDA graphs (starts in seconds instead of minutes).
+            (full fine-tuning, merged LoRA), 1 when only an adapter is pushed. Ignored while the
+            base weights are shared: the engine then sleeps by releasing its KV cache only.
+        share_base_weights: with adapter-only LoRA sync, point the trainer's frozen base weights at
+            the engine's copy so the GPU holds them once (see :mod:`lightning_rl.rollout.shared_weights`).
+            None: share when possible (same dtype and a known weight layout), True: raise when
+            impossible, False: never.
+        execution: ``cuda_graphs`` (default): decode steps replay full CUDA graphs, no torch.compile, so
+            the engine starts in seconds and the small-batch decode loop is not bound by kernel launches;
+            ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start);
+            ``eager``: neither (fastest start, slowest generation).
+        fp32_logits: compute the LM head in fp32 (bf16 inputs, fp32 output), as the trainer's log-prob
+            kernel does, so sampling log-probs are not rounded to bf16 logits (about 0.03 nats each).
         seed: vLLM's sampling seed.
         enable_prefix_caching: share the prompt's KV blocks between its ``G`` completions.
         engine_kwargs: more ``vllm.LLM`` arguments (override the ones above).
@@ -180,7 +223,9 @@ class VLLMEngine:
         dtype: str = "auto",
         lora_sync: LoRASync = "auto",
         sleep_level: int | None = None,
-        enforce_eager: bool = False,
+        execution: ExecutionMode = "cuda_graphs",
+        fp32_logits: bool = True,
+        share_base_weights: bool | None = None,
         seed: int = 0,
         enable_prefix_caching: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
@@ -189,8 +234,10 @@ class VLLMEngine:
         require_cuda()
         if lora_sync not in LORA_SYNC_MODES:
             raise ValueError(f"lora_sync must be one of {LORA_SYNC_MODES}, got {lora_sync!r}")
-        if sleep_level not in (None, 1, 2):
-            raise ValueError(f"sleep_level must be 1, 2 or None (automatic), got {sleep_level}")
+        if execution not in EXECUTION_MODES:
+            raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {execution!r}")
+        if sleep_level not in (None, 0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1, 2 or None (automatic), got {sleep_level}")
         if not eos_token_ids:
             raise ValueError("VLLMEngine needs at least one EOS token id to know where completions end")
         import vllm
@@ -209,7 +256,7 @@ class VLLMEngine:
             self.lora_mode = "merged" if lora_sync == "merged" or reason else "adapter"
             if reason and lora_sync == "auto":
                 log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
-        self.sleep_level = sleep_level or (1 if self.lora_mode == "adapter" else 2)
+        self.sleep_level = (1 if self.lora_mode == "adapter" else 2) if sleep_level is None else sleep_level
 
         base = unwrap(model)
         config = copy.deepcopy(base.config)
@@ -222,6 +269,9 @@ class VLLMEngine:
         if quant is not None and str(method).lower().endswith("gguf"):
             del config.quantization_config  # a GGUF file de-quantized on load: the weights in memory are plain
         weight_dtype = next(base.parameters()).dtype if dtype == "auto" else torch_dtype(dtype)
+        if fp32_logits and weight_dtype != torch.float32:
+            config.head_dtype = "float32"  # read by vLLM's LogitsProcessor (vLLM >= 0.26)
+        self.execution = execution
 
         self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
         config.save_pretrained(self._dir)
@@ -236,7 +286,7 @@ class VLLMEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs,
             enable_sleep_mode=True,
-            enforce_eager=enforce_eager,
+            **execution_kwargs(execution),
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
             seed=seed,
@@ -275,7 +325,31 @@ class VLLMEngine:
         self._base_synced = False
         self._lora_model = None
         self._lora_request = None
+        self._kv_released = False
+        self.shared = SharedBaseWeights()
+        self.shared_freed_bytes = 0
         self.sync_weights(model)
+        if self.lora_mode == "adapter" and share_base_weights is not False:
+            self._share_base(model, required=bool(share_base_weights))
+        elif share_base_weights:
+            self.shutdown()
+            raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
+                             f"or 'auto'); this engine pushes {'merged' if self.lora_mode else 'full'} weights")
+
+    def _share_base(self, model: nn.Module, required: bool) -> None:
+        before = torch.cuda.memory_allocated()
+        shared, reason = share_base_with_engine(model, self._runner().get_model())
+        if reason:
+            if required:
+                self.shutdown()
+                raise ValueError(f"share_base_weights=True, but the base weights cannot be shared: {reason}")
+            log.info("LoRA base weights not shared with the vLLM engine (%s): the GPU holds two copies", reason)
+            return
+        self.shared = shared
+        gc.collect()
+        torch.cuda.empty_cache()
+        self.shared_freed_bytes = before - torch.cuda.memory_allocated()  # the trainer's copy, now gone
+        log.info("LoRA base weights shared with the vLLM engine: %.1f MiB held once", shared.bytes_shared / 2**20)
 
     # ----------------------------------------------------------------------------- vLLM internals
     def _runner(self) -> Any:
@@ -357,11 +431,13 @@ class VLLMEngine:
     @property
     def is_sleeping(self) -> bool:
         """Whether the engine's memory is released."""
-        return self._sleeping or self._kv_asleep
+        return self._sleeping or self._kv_asleep or self._kv_released
 
     def sync_weights(self, model: nn.Module) -> None:
         """Push ``model``'s current weights (or only its LoRA adapter) into the engine."""
         self._check_alive()
+        if self.shared.views and self.lora_mode != "adapter":
+            self.shared.unshare()  # pushing full or merged weights would overwrite the trainer's base
         self._wake_weights()
         if self.lora_mode == "adapter":
             if self._weights_lost or not self._base_synced:
@@ -374,13 +450,15 @@ class VLLMEngine:
                     raise
                 log.warning("adapter-only LoRA sync failed (%s); pushing merged weights from now on", err)
                 self.lora_mode, self._lora_request = "merged", None
+                self.shared.unshare()
                 self._load(merged_lora_weights(model))
         elif self.lora_mode == "merged":
+            self._lora_request = None  # generate with the merged weights, no adapter on top
             self._load(merged_lora_weights(model))
         else:
             self._load(full_weights(model))
         self._weights_lost = False
-        if not self._kv_asleep:
+        if not (self._kv_asleep or self._kv_released):
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     def _wake_weights(self) -> None:
@@ -393,6 +471,10 @@ class VLLMEngine:
         if self._kv_asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self._kv_asleep = False
+        if self._kv_released:
+            restore_kv_cache(self._runner())
+            self._kv_released = False
+            self.llm.reset_prefix_cache()  # the KV memory came back uninitialised
 
     def wake_up(self) -> None:
         """Take the weights' memory back (the KV cache follows at the first ``generate``)."""
@@ -400,17 +482,24 @@ class VLLMEngine:
         self._wake_weights()
 
     def sleep(self, level: int | None = None) -> None:
-        """Release the engine's memory: level 1 keeps a CPU copy of the weights, level 2 drops them."""
+        """Release the engine's memory: level 0 the KV cache only, level 1 also moves the weights to CPU
+        memory, level 2 drops the weights too.
+
+        With shared base weights only the KV cache is released (the trainer reads the weights).
+        """
         self._check_alive()
+        level = self.sleep_level if level is None else level
+        if self.shared.views or level == 0:
+            if not (self._kv_released or self._sleeping):
+                release_kv_cache()  # CuMem memory goes straight back to the driver: no empty_cache needed
+                self._kv_released = True
+            return
         if self._sleeping:
             return
         self._wake_kv()
-        level = level or self.sleep_level
-        self.llm.sleep(level=level)
+        self.llm.sleep(level=level)  # vLLM's allocator runs gc.collect() and empty_cache() itself
         self._sleeping = True
         self._weights_lost = self._weights_lost or level == 2
-        gc.collect()
-        torch.cuda.empty_cache()
 
     @torch.no_grad()
     def generate(
@@ -437,6 +526,7 @@ class VLLMEngine:
             top_k=sampling.top_k or 0,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,
+            flat_logprobs=True,
             stop_token_ids=self.eos_token_ids,
             detokenize=False,
             seed=seed,
@@ -453,8 +543,7 @@ class VLLMEngine:
                 ids = list(c.token_ids)
                 rows.append(prompt)
                 completions.append(ids)
-                logprobs.append([float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)] if c.logprobs
-                                else [0.0] * len(ids))
+                logprobs.append(sampled_logprobs(c.logprobs, ids))
                 reasons.append("stop" if c.finish_reason == "stop" else "length")
         prompt_t, prompt_mask = left_pad(rows, self.pad_token_id)
         completion_t, completion_mask = right_pad(completions, self.pad_token_id)
@@ -479,7 +568,15 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         """Stop the engine and give its GPU memory back (idempotent)."""
-        llm, self.llm = getattr(self, "llm", None), None
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            shared.unshare()  # the trainer gets private copies before the engine's memory goes
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            with contextlib.suppress(Exception):  # freeing unmapped (sleeping) memory makes vLLM's allocator complain
+                self._wake_weights()
+                self._wake_kv()
+        self.llm = None
         if llm is not None:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
@@ -502,14 +599,17 @@ class VLLMEngine:
 
 
 __all__ = [
+    "EXECUTION_MODES",
     "LORA_SYNC_MODES",
     "UnsupportedArchitectureError",
     "VLLMEngine",
     "adapter_sync_unsupported_reason",
     "check_architecture",
     "check_prompt_lengths",
+    "execution_kwargs",
     "kv_cache_bytes_for",
     "merged_lora_weights",
     "require_cuda",
     "require_vllm",
+    "sampled_logprobs",
 ]

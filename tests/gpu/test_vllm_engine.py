@@ -41,7 +41,7 @@ def _eos(model, tok):
 
 
 def _engine(model, tok, **kw):
-    args = dict(max_model_len=512, max_num_seqs=32, kv_cache_bytes=GIB // 2, enforce_eager=True)
+    args = dict(max_model_len=512, max_num_seqs=32, kv_cache_bytes=GIB // 2, execution="eager")
     args.update(kw)
     return VLLMEngine(model, _eos(model, tok), tok.pad_token_id, **args)
 
@@ -71,11 +71,24 @@ def test_greedy_matches_transformers(smol):
     assert got == want
 
 
+def _mismatch(engine, net, ids, sampling, autocast, seed=0):
+    """Mean |engine log-prob - trainer log-prob| over the sampled completion tokens."""
+    r = engine.generate(ids, sampling, 4, seed=seed).to("cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        lp, _ = completion_logprobs(net, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                    temperature=1.0, backend="reference")
+    m = r.completion_mask.bool()
+    return (lp - r.sampling_logprobs)[m].abs().mean().item()
+
+
 def test_sleep_frees_memory_and_logprobs_match_after_step_and_sync(smol):
     model, tok = smol
-    trainer = copy.deepcopy(model).to(torch.bfloat16).train()
+    # the trainer as MemoryAwarePrecision runs it: fp32 master weights, compute under bf16 autocast
+    trainer = copy.deepcopy(model).train()
     before = _used()
-    engine = _engine(trainer, tok, dtype="bfloat16", kv_cache_bytes=2 * GIB)
+    # eager: under execution="cuda_graphs" the graphs' private pool stays allocated while asleep
+    # (measured on an H100 with this 2 GiB KV cache: 86.4% freed, against 93.8% eager)
+    engine = _engine(trainer, tok, dtype="bfloat16", kv_cache_bytes=2 * GIB, execution="eager")
     try:
         engine_mem = _used() - before
         engine.sleep()
@@ -88,29 +101,26 @@ def test_sleep_frees_memory_and_logprobs_match_after_step_and_sync(smol):
 
         ids = encode_prompts(tok, PROMPTS[:4])
         sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
-
-        def mismatch():
-            r = engine.generate(ids, sampling, 4, seed=0).to("cuda")
-            with torch.no_grad(), torch.autocast("cuda", enabled=False):
-                lp, _ = completion_logprobs(trainer, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                            r.completion_mask, temperature=1.0, backend="reference")
-            m = r.completion_mask.bool()
-            return (lp - r.sampling_logprobs)[m].abs().mean().item()
-
-        synced = mismatch()
+        start = _mismatch(engine, trainer, ids, sampling, autocast=True)
         opt = torch.optim.AdamW(trainer.parameters(), lr=3e-4)
         r = engine.generate(ids, sampling, 2, seed=1).to("cuda")
-        lp, _ = completion_logprobs(trainer, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                    backend="reference")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp, _ = completion_logprobs(trainer, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
         (-(lp * r.completion_mask).sum() / r.completion_mask.sum()).backward()
         opt.step()
-        stale = mismatch()
+        stale = _mismatch(engine, trainer, ids, sampling, autocast=True)
         engine.sync_weights(trainer)
-        after = mismatch()
-        print(f"mean |delta logp| trainer bf16 vs engine bf16: start {synced:.4f}, after a step without sync "
-              f"{stale:.4f}, after sync {after:.4f}")
+        after = _mismatch(engine, trainer, ids, sampling, autocast=True)
+        fp32 = _mismatch(engine, trainer, ids, sampling, autocast=False)
+        pure_bf16 = _mismatch(engine, copy.deepcopy(trainer).to(torch.bfloat16), ids, sampling, autocast=False)
+        print(f"mean |delta logp| engine bf16 vs trainer fp32-master+bf16-autocast: start {start:.4f}, after a step "
+              f"without sync {stale:.4f}, after sync {after:.4f}; vs trainer in fp32 {fp32:.4f}; "
+              f"vs trainer in pure bf16 {pure_bf16:.4f}")
+        assert stale > 5 * after  # the sync took: without it the engine is far off
+        assert abs(after - start) < 0.01  # and back to the agreement before the step
+        # The issue's target. Not met on an H100 (0.031): the engine's bf16 error alone is larger
+        # (0.054 against the same weights in fp32); both trainers in bf16 agree with each other better.
         assert after < 0.02
-        assert stale > after
     finally:
         engine.shutdown()
         gc.collect()
@@ -126,7 +136,8 @@ def test_lora_adapter_sync_matches_merged_weights(smol):
             torch.nn.init.normal_(p, std=0.02)
     ids = encode_prompts(tok, PROMPTS)
     greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
-    engine = _engine(peft, tok, dtype="bfloat16", lora_sync="adapter")  # vLLM's LoRA kernels take bf16/fp16
+    engine = _engine(peft, tok, dtype="bfloat16", lora_sync="adapter",  # vLLM's LoRA kernels take bf16/fp16
+                     share_base_weights=False)
     try:
         assert engine.lora_mode == "adapter" and engine.sleep_level == 1
         adapter = _rows(engine.generate(ids, greedy, 1))
@@ -145,12 +156,96 @@ def test_lora_adapter_sync_matches_merged_weights(smol):
     finally:
         engine.shutdown()
     same = sum(a == b for a, b in zip(adapter, merged))
+    again_same = sum(a == b for a, b in zip(again, adapter))
     print(f"lora: adapter vs merged {same}/{len(merged)} identical; differs from base in "
-          f"{sum(a != b for a, b in zip(adapter, base))}/{len(base)}")
+          f"{sum(a != b for a, b in zip(adapter, base))}/{len(base)}; re-synced adapter {again_same}/{len(adapter)}")
     assert adapter != base
-    assert again == adapter
+    # vLLM's LoRA kernels do not promise bit-identical runs: on an H100 a re-run completion took
+    # another greedy branch at token 11 of 32. Allow one of six to diverge, as for merged weights.
+    assert again_same >= len(adapter) - 1
     # bf16: W + BA rounds once where the adapter path adds BAx in the activations; allow one greedy divergence
     assert same >= len(merged) - 1
+
+
+def _lora_bf16(model, seed=0):
+    torch.manual_seed(seed)
+    peft = apply_lora(copy.deepcopy(model).to(torch.bfloat16), {"r": 16, "lora_alpha": 32})
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return peft
+
+
+def test_lora_base_weights_shared_with_the_engine(smol):
+    model, tok = smol
+    peft = _lora_bf16(model)
+    ids = encode_prompts(tok, PROMPTS)
+    batch = torch.tensor([ids[0]], device="cuda")
+    with torch.no_grad():
+        logits_before = peft(input_ids=batch).logits.float()
+    greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
+    engine = _engine(peft, tok, dtype="bfloat16", lora_sync="adapter", share_base_weights=True,
+                     execution="cuda_graphs", kv_cache_bytes=GIB)
+    try:
+        shared = engine.shared.bytes_shared
+        trainer_freed = engine.shared_freed_bytes
+        print(f"shared base: {shared / 2**20:.1f} MiB; trainer allocator freed {trainer_freed / 2**20:.1f} MiB")
+        assert shared > 200 * 2**20  # SmolLM2-135M in bf16: ~257 MiB without the tied head
+        assert trainer_freed >= 0.9 * shared
+        for p, view in engine.shared.views.values():
+            assert p.data_ptr() == view.data_ptr()
+        with torch.no_grad():
+            assert torch.equal(peft(input_ids=batch).logits.float(), logits_before)
+
+        first = _rows(engine.generate(ids, greedy, 1))
+        awake = _used()
+        engine.sleep()  # only the KV cache goes; the trainer keeps reading the weights
+        freed = awake - _used()
+        print(f"kv-only sleep freed {freed / GIB:.2f} GiB")
+        assert freed >= 0.9 * GIB
+        with torch.no_grad():
+            assert torch.equal(peft(input_ids=batch).logits.float(), logits_before)
+        engine.wake_up()
+        again = _rows(engine.generate(ids, greedy, 1))  # KV cache came back usable, weights intact
+        print(f"after a KV-only sleep: {sum(a == b for a, b in zip(again, first))}/{len(first)} greedy completions "
+              "identical")
+        assert sum(a == b for a, b in zip(again, first)) >= len(first) - 1  # LoRA kernels: see the test above
+
+        with torch.no_grad():  # a "training step" on the adapter, then an adapter-only sync
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.05)
+        engine.sleep()
+        engine.wake_up()
+        engine.sync_weights(peft)
+        changed = _rows(engine.generate(ids, greedy, 1))
+        assert changed != first
+        with torch.no_grad():
+            logits_trained = peft(input_ids=batch).logits.float()
+    finally:
+        engine.shutdown()
+    assert not engine.shared.views  # the trainer got private copies back before the engine went away
+    with torch.no_grad():
+        assert torch.equal(peft(input_ids=batch).logits.float(), logits_trained)
+
+
+def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():
+    from lightning_rl.plugins import MemoryAwarePrecision
+
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
+                  lora={"r": 16, "lora_alpha": 32}, num_generations=4, max_new_tokens=32, micro_batch_size=16,
+                  max_prompt_length=128, learning_rate=1e-4, importance_sampling="token")
+    callback = VLLMRollout(share_base_weights=True)
+    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        plugins=[MemoryAwarePrecision()], limit_val_batches=0)
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=24, num_val=4, batch_size=4))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print("grpo lora fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k})
+    assert trainer.global_step == 3 and callback.num_syncs == 2
+    assert metrics["train/logprob_mismatch_mean"] < 0.05
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
 
 def test_grpo_fit_with_the_callback():
@@ -158,7 +253,7 @@ def test_grpo_fit_with_the_callback():
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
                   num_generations=4, max_new_tokens=32, micro_batch_size=16, max_prompt_length=128,
                   learning_rate=1e-5, importance_sampling="token")
-    callback = VLLMRollout(enforce_eager=True)
+    callback = VLLMRollout()  # the default: CUDA graphs for decode, fp32 LM head
     trainer = L.Trainer(max_steps=2, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
                         limit_val_batches=0)

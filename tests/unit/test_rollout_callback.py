@@ -264,6 +264,32 @@ def test_unsupported_architecture_and_long_prompt_errors():
         vllm_mod.check_prompt_lengths([[1] * 3, [1] * 8], 8)
 
 
+def test_execution_modes_map_to_vllm_arguments():
+    assert vllm_mod.execution_kwargs("eager") == {"enforce_eager": True}
+    graphs = vllm_mod.execution_kwargs("cuda_graphs")
+    assert graphs["enforce_eager"] is False
+    assert graphs["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile
+    assert vllm_mod.execution_kwargs("compiled") == {"enforce_eager": False}  # vLLM's defaults
+
+
+def test_bad_execution_mode_is_refused_before_vllm(monkeypatch):
+    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+    model, tok = load_policy("tiny-llama")
+    with pytest.raises(ValueError, match="execution must be one of"):
+        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64, execution="graphs")
+
+
+def test_sampled_logprobs_from_flat_and_dict_formats():
+    flat = SimpleNamespace(start_indices=[0, 1, 2], token_ids=[5, 9, 2], logprobs=[-0.5, -1.25, -3.0])
+    assert vllm_mod.sampled_logprobs(flat, [5, 9, 2]) == [-0.5, -1.25, -3.0]
+    with pytest.raises(RuntimeError, match="sampled token 7"):
+        vllm_mod.sampled_logprobs(flat, [5, 7, 2])
+    dicts = [{5: SimpleNamespace(logprob=-0.5)}, {9: SimpleNamespace(logprob=-1.25)}]
+    assert vllm_mod.sampled_logprobs(dicts, [5, 9]) == [-0.5, -1.25]
+    assert vllm_mod.sampled_logprobs(None, [5, 9]) == [0.0, 0.0]
+
+
 def test_kv_cache_budget_from_rollout_shape():
     model, _ = load_policy("tiny-llama")  # 2 layers, 2 KV heads, head dim 16
     per_token = 2 * 2 * 2 * 16 * 2  # K and V, bf16
