@@ -17,6 +17,15 @@ import pytest  # noqa: E402
 # 0.9 s with one thread, 6.3 s with two under load).
 torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts with one intra-op thread (and leaves the count as it found it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = {"num_hidden_layers": 1}
 
 

@@ -22,7 +22,7 @@ are stepped by the caller, once per optimizer step, as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -105,35 +105,30 @@ class StreamedOptimizerStates:
         state[key] = buf
         return _tensor_bytes(value)
 
+    def _streamed(
+        self, optimizer: Optimizer, params: Iterable[nn.Parameter], in_storage: bool
+    ) -> Iterator[tuple[nn.Parameter, dict[str, Any], Any, torch.Tensor]]:
+        """``(param, state, key, tensor)`` of the streamed state tensors that are (or are not) in CPU storage."""
+        for p in params:
+            for key, value in list((optimizer.state.get(p) or {}).items()):
+                if _is_streamed(value) and (value.device == self.storage) == in_storage:
+                    yield p, optimizer.state[p], key, value
+
     def offload_states(self, optimizer: Optimizer, params: Iterable[nn.Parameter] | None = None) -> int:
         """Move the states of ``params`` (all the optimizer's by default) that are off the CPU to it. Returns bytes."""
-        keys = optimizer.state.keys() if params is None else params
-        moved = 0
-        for p in keys:
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            for key, value in list(state.items()):
-                if _is_streamed(value) and value.device != self.storage:
-                    moved += self._store(p, state, key, value)
-        return moved
+        keys = list(optimizer.state.keys()) if params is None else params
+        return sum(self._store(p, state, key, value) for p, state, key, value in self._streamed(optimizer, keys, False))
 
     def _load_states(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> int:
         """Bring the states of ``params`` to the devices the optimizer keeps them on. Returns bytes."""
         moved = 0
-        for p in params:
-            state = optimizer.state.get(p)
-            if not state:
+        for p, state, key, value in self._streamed(optimizer, params, True):
+            entry = self._slots.get((id(p), key))
+            home = p.device if entry is None or entry[0] is not value else entry[1]
+            if home == self.storage:
                 continue
-            for key, value in list(state.items()):
-                if not _is_streamed(value) or value.device != self.storage:
-                    continue
-                entry = self._slots.get((id(p), key))
-                home = p.device if entry is None or entry[0] is not value else entry[1]
-                if home == self.storage:
-                    continue
-                state[key] = value.to(home, non_blocking=value.is_pinned())
-                moved += _tensor_bytes(value)
+            state[key] = value.to(home, non_blocking=value.is_pinned())
+            moved += _tensor_bytes(value)
         return moved
 
     def states_on_device_bytes(self, optimizers: Iterable[Optimizer]) -> int:

@@ -28,15 +28,6 @@ class Recorder(Callback):
                           if k.startswith("train/") and k.endswith("_step")})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster (and steadier on a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fit(module, batches, callbacks=(), batch_size=8):
     rows = [{"prompt": f"Say {i}"} for i in range(64)]
     recorder = Recorder()

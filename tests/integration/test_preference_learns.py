@@ -14,15 +14,6 @@ from lightning_rl.modules.dpo import online_pairs
 TINY = dict(model="tiny-llama", learning_rate=1e-3, max_grad_norm=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CI machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sorted_pairs(n: int, seed: int) -> list[dict]:
     """Prompt: random letters; chosen: the letters sorted ascending; rejected: descending.
 

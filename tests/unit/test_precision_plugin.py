@@ -42,14 +42,6 @@ QWEN_05B = SimpleNamespace(hidden_size=896, num_hidden_layers=24, num_attention_
                            intermediate_size=4864, vocab_size=151936)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dense_reward(prompts, completions, completion_ids, **columns):
     return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
 

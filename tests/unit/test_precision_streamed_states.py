@@ -20,14 +20,6 @@ from lightning_rl.plugins.memory_plan import GiB, MemoryPlanError
 ROWS = [{"prompt": f"say {i}"} for i in range(16)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 1), nn.Linear(1, 1))
