@@ -8,11 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from lightning_rl.data.io import Rows, read_rows
-from lightning_rl.data.prompts import DataSource, RowsDataset, collate_rows, validate_prompt_rows
+from lightning_rl.data.prompts import DataSource, rows_loader, validate_prompt_rows
 
 log = logging.getLogger(__name__)
 
@@ -269,17 +268,14 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of training rows."""
         self.setup("fit")
-        gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-        return DataLoader(RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=self.shuffle,
-                          collate_fn=collate_rows, num_workers=self.num_workers, generator=gen)
+        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         """Batches of held-out rows (empty when there is no validation data)."""
         self.setup("validate")
         if not self.val_rows:
             return []
-        return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=collate_rows, num_workers=self.num_workers)
+        return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)
 
     def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader | None:
         """Every row of ``split`` once, in order (for precomputing reference log-probs); None if absent."""
@@ -287,4 +283,4 @@ class PreferenceDataModule(L.LightningDataModule):
         rows = self.train_rows if split == "train" else self.val_rows
         if not rows:
             return None
-        return DataLoader(RowsDataset(rows), batch_size=self.val_batch_size, shuffle=False, collate_fn=collate_rows)
+        return rows_loader(rows, self.val_batch_size)

@@ -34,6 +34,13 @@ def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+    """A DataLoader of column batches over ``rows``; shuffled from a generator seeded by torch's seed."""
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63) if shuffle else None
+    return DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_rows,
+                      num_workers=num_workers, generator=gen)
+
+
 def validate_prompt_rows(rows: Rows, prompt_column: str, where: str) -> None:
     """Refuse an empty dataset or rows without a usable prompt, naming the fix."""
     if not rows:
@@ -120,16 +127,11 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of training prompts."""
         self.setup("fit")
-        gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
-        return DataLoader(
-            RowsDataset(self.train_rows), batch_size=self.batch_size, shuffle=self.shuffle,
-            collate_fn=collate_rows, num_workers=self.num_workers, generator=gen, drop_last=False,
-        )
+        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         """Batches of held-out prompts (empty when there is no validation data)."""
         self.setup("validate")
         if not self.val_rows:
             return []
-        return DataLoader(RowsDataset(self.val_rows), batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=collate_rows, num_workers=self.num_workers)
+        return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)

@@ -22,6 +22,7 @@ from lightning_rl.algorithms.losses import (
     masked_mean,
     token_weights,
 )
+from lightning_rl.algorithms.mini_batches import mini_batch_bounds
 from lightning_rl.logprobs import Backend
 from lightning_rl.models import EMBEDDED_DEFAULT
 from lightning_rl.modules.policy import PolicyModule
@@ -59,7 +60,8 @@ class GRPO(PolicyModule):
         loss_type: token aggregation: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``.
         scale_rewards: advantage scaling: ``group``, ``batch`` or ``none``.
         num_iterations: policy updates per rollout (reuses it with stored old log-probs).
-        num_mini_batches: optimizer steps per pass over the rollout (must divide ``batch * G``).
+        num_mini_batches: optimizer steps per pass over the rollout, on near-equal shares of its
+            ``batch * G`` completions (fewer when the batch has fewer completions).
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss.
         importance_sampling: correct for the rollout engine (e.g. vLLM) sampling from slightly other
             log-probs than the trainer's: ``none``, ``token`` or ``sequence`` truncated importance weights
@@ -207,12 +209,7 @@ class GRPO(PolicyModule):
         n = rollout.num_sequences
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
-        if n % self.num_mini_batches:
-            raise ValueError(
-                f"batch_size * num_generations = {len(prompts)} * {g} = {n} completions cannot be split into "
-                f"num_mini_batches={self.num_mini_batches} equal parts; choose a batch_size or num_mini_batches "
-                "so that it divides"
-            )
+        bounds = mini_batch_bounds(n, self.num_mini_batches)
         total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
         mask = rollout.completion_mask.float()
@@ -230,12 +227,11 @@ class GRPO(PolicyModule):
 
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low",
                                                         "clip_ratio_high", "grad_norm", "importance_weight")}
-        per_mini = n // self.num_mini_batches
         world = self.trainer.world_size if self._trainer is not None else 1
         mismatch: list[dict[str, float]] = []
         for it in range(self.num_iterations):
-            for m in range(self.num_mini_batches):
-                rows = slice(m * per_mini, (m + 1) * per_mini)
+            for lo, hi in bounds:
+                rows = slice(lo, hi)
                 weights = token_weights(
                     mask[rows], self.loss_type, self.sampling.max_new_tokens, self.micro_batch_size, world,
                     self._global_tokens(mask[rows]) if self.loss_type == "dapo" else None,

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_rl.algorithms.gae import check_discount, explained_variance, gae, whiten
 from lightning_rl.algorithms.losses import clipped_surrogate, masked_mean
+from lightning_rl.algorithms.mini_batches import mini_batch_bounds
 from lightning_rl.algorithms.ppo_losses import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -73,7 +74,8 @@ class PPO(PolicyModule):
         lam: GAE lambda in ``[0, 1]``.
         whiten_advantages: scale advantages to zero mean and unit variance over the rollout's tokens.
         ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass (must divide the number of completions).
+        num_mini_batches: optimizer steps per pass, on near-equal shares of the completions (fewer
+            when the batch has fewer completions).
         micro_batch_size: sequences per forward/backward (gradients accumulate over them).
         generation_batch_size: sequences per ``generate`` call of the default engine.
         critic_model: a separate critic (model source as for ``model``; same tokenizer as the policy);
@@ -313,11 +315,7 @@ class PPO(PolicyModule):
         g, n = self.num_generations, rollout.num_sequences
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
-        if n % self.num_mini_batches:
-            raise ValueError(
-                f"batch_size * num_generations = {len(prompts)} * {g} = {n} completions cannot be split into "
-                f"num_mini_batches={self.num_mini_batches} equal parts; choose values so that it divides"
-            )
+        bounds = mini_batch_bounds(n, self.num_mini_batches)
         total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         total = total.to(self.device)
         scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
@@ -335,14 +333,13 @@ class PPO(PolicyModule):
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clip_frac",
                                                         "value_clip_frac", "approx_kl", "entropy", "grad_norm")}
-        per_mini = n // self.num_mini_batches
         for _ in range(self.ppo_epochs):
             order = torch.randperm(n).to(self.device)
-            for m in range(self.num_mini_batches):
-                idx = order[m * per_mini : (m + 1) * per_mini]
+            for lo, hi in bounds:
+                idx = order[lo:hi]
                 tokens = mask[idx].sum().clamp(min=1)
                 step_loss = 0.0
-                for s in range(0, per_mini, self.micro_batch_size):
+                for s in range(0, hi - lo, self.micro_batch_size):
                     mb = idx[s : s + self.micro_batch_size]
                     step_loss += self._micro_step(rollout, mb, mask[mb], tokens, old_logp[mb], old_values[mb],
                                                   advantages[mb], returns[mb], stats)
