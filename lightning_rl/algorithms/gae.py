@@ -8,6 +8,7 @@ The episode ends at the last real token: nothing is bootstrapped past it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -74,21 +75,38 @@ def gae(
     return adv, (adv + v) * m
 
 
-def masked_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean, unbiased variance and count of ``x`` where ``mask`` is set (variance 0 under 2 values)."""
-    m = mask.float()
-    count = int(m.sum().item())
-    mean = (x * m).sum() / max(count, 1)
-    var = (((x - mean) * m) ** 2).sum() / max(count - 1, 1)
-    return mean, var if count > 1 else torch.zeros_like(var), count
+def masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean, unbiased variance and count of ``x`` where ``mask`` is set (variance 0 under 2 values).
+
+    Args:
+        x: values.
+        mask: where ``x`` counts.
+        reduce: sums a tensor over processes (e.g. the strategy's all-reduce), so the statistics are
+            those of every process's values together; None: this process's only.
+    """
+    m = mask.double()
+    xd = x.double()
+    sums = torch.stack([m.sum(), (xd * m).sum(), (xd * xd * m).sum()])
+    if reduce is not None:
+        sums = reduce(sums)
+    count = int(round(sums[0].item()))
+    mean = sums[1] / max(count, 1)
+    var = ((sums[2] - count * mean * mean) / max(count - 1, 1)).clamp(min=0)
+    return mean.to(x.dtype), (var if count > 1 else torch.zeros_like(var)).to(x.dtype), count
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Scale ``x`` to unit variance over the masked positions (and zero mean unless ``shift_mean=False``).
 
     Fewer than two masked values cannot be scaled: they are only centered. Padding comes back 0.
+    ``reduce`` (see :func:`masked_mean_var`) whitens with the statistics of all processes.
     """
-    mean, var, count = masked_mean_var(x.float(), mask)
+    mean, var, count = masked_mean_var(x.float(), mask, reduce)
     m = mask.float()
     if count < 2:
         out = x.float() - mean if shift_mean else x.float()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
@@ -303,6 +304,13 @@ class PPO(PolicyModule):
                     ref_lp.append(self.sequence_logprobs(ref, rollout, rows, self.sampling.temperature)[0])
         return torch.cat(old_lp), torch.cat(old_v), torch.cat(ref_lp) if ref_lp else None
 
+    def _sum_over_processes(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """All-reduce (sum) over the trainer's processes under DDP/FSDP, so every rank whitens alike."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
     # ----------------------------------------------------------------------------- training
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -329,7 +337,7 @@ class PPO(PolicyModule):
         rewards = token_rewards(torch.nan_to_num(total), kl, mask, kl_coef)
         advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = whiten(advantages, mask)
+            advantages = whiten(advantages, mask, reduce=self._sum_over_processes())
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clip_frac",
                                                         "value_clip_frac", "approx_kl", "entropy", "grad_norm")}

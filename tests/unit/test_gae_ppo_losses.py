@@ -247,3 +247,24 @@ def test_reward_model_with_another_tokenizer_scores_retokenized_text():
     rm.on_unknown = "warn"
     with pytest.warns(UserWarning, match="unknown tokens"):
         assert len(rm(["1 2"], ["three"])) == 1
+
+
+def test_whiten_with_a_reduce_uses_the_statistics_of_every_process():
+    """Two simulated ranks: each whitens its half with the other's sums added in, as an all-reduce does."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 9) * 3 + 1
+    mask = (torch.rand(6, 9) > 0.3).float()
+    whole = whiten(x, mask)
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]  # unequal shares, as uneven batches give
+
+    def sums(xs, ms):
+        m, xd = ms.double(), xs.double()
+        return torch.stack([m.sum(), (xd * m).sum(), (xd * xd * m).sum()])
+
+    for i, (xs, ms) in enumerate(halves):
+        other = sums(*halves[1 - i])
+        got = whiten(xs, ms, reduce=lambda t, other=other: t + other)
+        rows = slice(0, 2) if i == 0 else slice(2, 6)
+        torch.testing.assert_close(got, whole[rows], atol=1e-5, rtol=1e-5)
+    alone = whiten(x[:2], mask[:2])  # without the reduce a rank whitens with its own statistics only
+    assert not torch.allclose(alone, whole[:2], atol=1e-3)
