@@ -205,7 +205,7 @@ class VLLMEngine:
             ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start);
             ``eager``: neither (fastest start, slowest generation).
         fp32_logits: compute the LM head in fp32 (bf16 inputs, fp32 output), as the trainer's log-prob
-            kernel does, so sampling log-probs are not rounded to bf16 logits (about 0.03 nats each).
+            kernel does, so the sampling log-probs come from logits that were never rounded to bf16.
         seed: vLLM's sampling seed.
         enable_prefix_caching: share the prompt's KV blocks between its ``G`` completions.
         engine_kwargs: more ``vllm.LLM`` arguments (override the ones above).
