@@ -219,7 +219,9 @@ def test_lora_base_weights_shared_with_the_engine(smol):
         engine.wake_up()
         engine.sync_weights(peft)
         changed = _rows(engine.generate(ids, greedy, 1))
-        assert changed != first
+        differ = sum(a != b for a, b in zip(changed, first))
+        print(f"after the adapter changed and synced: {differ}/{len(first)} greedy completions differ")
+        assert differ >= 2  # more than the one divergence re-runs of the same adapter showed
         with torch.no_grad():
             logits_trained = peft(input_ids=batch).logits.float()
     finally:
