@@ -240,14 +240,10 @@ class VLLMEngine:
             raise ValueError(f"sleep_level must be 0, 1, 2 or None (automatic), got {sleep_level}")
         if not eos_token_ids:
             raise ValueError("VLLMEngine needs at least one EOS token id to know where completions end")
-        import vllm
-        from vllm.model_executor.models import ModelRegistry
-
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.pad_token_id = int(pad_token_id)
         self.max_model_len = int(max_model_len)
         self.lora_sync = lora_sync
-        self.vllm_version = vllm.__version__
         self.lora_mode: str | None = None
         if is_lora(model):
             reason = adapter_sync_unsupported_reason(model)
@@ -257,6 +253,13 @@ class VLLMEngine:
             if reason and lora_sync == "auto":
                 log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
         self.sleep_level = (1 if self.lora_mode == "adapter" else 2) if sleep_level is None else sleep_level
+        if share_base_weights and self.lora_mode != "adapter":
+            raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
+                             f"or 'auto'); this engine would push {self.lora_mode or 'full'} weights")
+        import vllm
+        from vllm.model_executor.models import ModelRegistry
+
+        self.vllm_version = vllm.__version__
 
         base = unwrap(model)
         config = copy.deepcopy(base.config)
@@ -331,10 +334,6 @@ class VLLMEngine:
         self.sync_weights(model)
         if self.lora_mode == "adapter" and share_base_weights is not False:
             self._share_base(model, required=bool(share_base_weights))
-        elif share_base_weights:
-            self.shutdown()
-            raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
-                             f"or 'auto'); this engine pushes {'merged' if self.lora_mode else 'full'} weights")
 
     def _share_base(self, model: nn.Module, required: bool) -> None:
         before = torch.cuda.memory_allocated()

@@ -280,6 +280,14 @@ def test_bad_execution_mode_is_refused_before_vllm(monkeypatch):
         vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64, execution="graphs")
 
 
+def test_sharing_base_weights_without_a_lora_adapter_is_refused_before_vllm(monkeypatch):
+    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+    model, tok = load_policy("tiny-llama")
+    with pytest.raises(ValueError, match="share_base_weights=True needs a LoRA policy"):
+        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64, share_base_weights=True)
+
+
 def test_sampled_logprobs_from_flat_and_dict_formats():
     flat = SimpleNamespace(start_indices=[0, 1, 2], token_ids=[5, 9, 2], logprobs=[-0.5, -1.25, -3.0])
     assert vllm_mod.sampled_logprobs(flat, [5, 9, 2]) == [-0.5, -1.25, -3.0]
