@@ -131,7 +131,8 @@ def release_kv_cache() -> int:
     """
     from vllm.device_allocator.cumem import unmap_and_release
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # no kernel may still write into the KV cache
     freed = 0
     for data in _allocator().pointer_to_data.values():
         if data.tag == "kv_cache" and not data.is_asleep:

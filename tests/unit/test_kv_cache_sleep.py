@@ -1,0 +1,112 @@
+"""The KV-only sleep's bookkeeping and the engine's sleep/sync paths with shared weights, with fakes on CPU."""
+
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_rl.rollout import shared_weights
+from lightning_rl.rollout import vllm as vllm_mod
+
+
+@pytest.fixture
+def fake_cumem(monkeypatch):
+    """A stand-in for ``vllm.device_allocator.cumem``: allocations with tags, map/unmap calls recorded."""
+    calls = []
+    allocs = {
+        1: SimpleNamespace(handle=(0, 100, 1, 11), tag="weights", is_asleep=False),
+        2: SimpleNamespace(handle=(0, 300, 2, 12), tag="kv_cache", is_asleep=False),
+        3: SimpleNamespace(handle=(0, 500, 3, 13), tag="kv_cache", is_asleep=False),
+    }
+    allocator = SimpleNamespace(pointer_to_data=allocs)
+    module = ModuleType("vllm.device_allocator.cumem")
+    module.CuMemAllocator = SimpleNamespace(get_instance=lambda: allocator)
+    module.unmap_and_release = lambda handle: calls.append(("unmap", handle[3]))
+    module.create_and_map = lambda handle: calls.append(("map", handle[3]))
+    for name in ("vllm", "vllm.device_allocator"):
+        monkeypatch.setitem(sys.modules, name, ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.device_allocator.cumem", module)
+    return allocs, calls
+
+
+def test_release_and_restore_touch_only_the_kv_cache(fake_cumem):
+    allocs, calls = fake_cumem
+    assert shared_weights.release_kv_cache() == 800
+    assert calls == [("unmap", 12), ("unmap", 13)]
+    assert [a.is_asleep for a in allocs.values()] == [False, True, True]
+    assert shared_weights.release_kv_cache() == 0  # already released: nothing unmapped twice
+    assert len(calls) == 2
+
+    runner = SimpleNamespace(woken=0)
+    runner.post_kv_cache_wake_up = lambda: setattr(runner, "woken", runner.woken + 1)
+    shared_weights.restore_kv_cache(runner)
+    assert calls[2:] == [("map", 12), ("map", 13)]
+    assert not any(a.is_asleep for a in allocs.values())
+    assert runner.woken == 1  # vLLM re-initialises what lives in the KV memory
+
+
+class FakeLLM:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sleep(self, level):
+        self.calls.append(("llm.sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("llm.wake_up", tuple(tags or ())))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("llm.reset_prefix_cache",))
+
+
+def _engine_without_vllm(calls, sleep_level=2, views=None, lora_mode=None):
+    """A VLLMEngine's state machine around a fake LLM (no vLLM, no GPU)."""
+    engine = object.__new__(vllm_mod.VLLMEngine)
+    engine.llm = FakeLLM(calls)
+    engine.sleep_level, engine.lora_mode, engine.lora_sync = sleep_level, lora_mode, "auto"
+    engine._sleeping = engine._kv_asleep = engine._kv_released = engine._weights_lost = False
+    engine._base_synced, engine._lora_request, engine._lora_model = True, None, None
+    engine.shared = shared_weights.SharedBaseWeights(views or {})
+    engine._runner = lambda: SimpleNamespace(post_kv_cache_wake_up=lambda: calls.append(("post_kv",)))
+    engine._load = lambda weights: calls.append(("load", len(list(weights))))
+    engine._dir = ""
+    return engine
+
+
+def test_shared_weights_make_sleep_release_only_the_kv_cache(fake_cumem):
+    _, alloc_calls = fake_cumem
+    calls = []
+    p = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+    engine = _engine_without_vllm(calls, sleep_level=1, views={"w": (p, p.data)})
+    engine.sleep()
+    assert ("llm.sleep", 1) not in calls and engine._kv_released and engine.is_sleeping
+    assert alloc_calls == [("unmap", 12), ("unmap", 13)]
+    engine.wake_up()  # the weights never left
+    engine._wake_kv()  # what generate() does first
+    assert ("post_kv",) in calls and ("llm.reset_prefix_cache",) in calls and not engine._kv_released
+
+
+def test_sleep_level_zero_and_level_two(fake_cumem):
+    calls = []
+    engine = _engine_without_vllm(calls, sleep_level=0)
+    engine.sleep()
+    assert engine._kv_released and not engine._sleeping and not calls  # no vLLM sleep at all
+    engine._wake_kv()
+    calls.clear()
+    engine.sleep(level=2)
+    assert calls == [("llm.sleep", 2)] and engine._weights_lost and engine.needs_sync
+
+
+def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatch):
+    calls = []
+    storage = torch.arange(6.0)
+    p = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    p.data = storage[:3]  # the "engine's" memory
+    engine = _engine_without_vllm(calls, lora_mode="merged", views={"w": (p, storage[:3])})
+    monkeypatch.setattr(vllm_mod, "merged_lora_weights", lambda model: iter([("w", torch.ones(3))]))
+    engine.sync_weights(torch.nn.Linear(1, 1))
+    assert not engine.shared.views
+    assert p.data_ptr() != storage.data_ptr()  # a private copy now: the push cannot overwrite it
+    assert torch.equal(p.data, torch.tensor([0.0, 1.0, 2.0]))
+    assert ("load", 1) in calls
