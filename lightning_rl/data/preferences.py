@@ -7,11 +7,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_rl.data.io import Rows, read_rows
-from lightning_rl.data.prompts import DataSource, rows_loader, validate_prompt_rows
+from lightning_rl.data.prompts import DataSource, validate_prompt_rows
+from lightning_rl.data.rows import RowsDataModule, rows_loader
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def kl_partners(n: int, seed: int = 0) -> list[int]:
     return partner
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(RowsDataModule):
     """Preference data for DPO, ORPO (``mode="paired"``) and KTO (``mode="unpaired"``).
 
     Paired rows hold ``prompt``, ``chosen`` and ``rejected``; unpaired rows hold ``prompt``,
@@ -265,18 +265,6 @@ class PreferenceDataModule(L.LightningDataModule):
         return sum(labels), len(labels) - sum(labels)
 
     # ----------------------------------------------------------------------------- loaders
-    def train_dataloader(self) -> DataLoader:
-        """Batches of training rows."""
-        self.setup("fit")
-        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Batches of held-out rows (empty when there is no validation data)."""
-        self.setup("validate")
-        if not self.val_rows:
-            return []
-        return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)
-
     def reference_dataloader(self, split: Literal["train", "val"]) -> DataLoader | None:
         """Every row of ``split`` once, in order (for precomputing reference log-probs); None if absent."""
         self.setup("fit")

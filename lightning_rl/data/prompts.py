@@ -6,39 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
-
 from lightning_rl.data.io import Rows, read_rows
+from lightning_rl.data.rows import RowsDataModule
 
 DataSource = str | Path | Sequence[Mapping[str, Any]]
-
-
-class RowsDataset(Dataset):
-    """A list of row dicts as a map-style dataset."""
-
-    def __init__(self, rows: Rows):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[i]
-
-
-def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Turn a list of row dicts into a dict of columns (lists, no tensors)."""
-    keys = rows[0].keys()
-    return {k: [r.get(k) for r in rows] for k in keys}
-
-
-def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader of column batches over ``rows``; shuffled from a generator seeded by torch's seed."""
-    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63) if shuffle else None
-    return DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_rows,
-                      num_workers=num_workers, generator=gen)
 
 
 def validate_prompt_rows(rows: Rows, prompt_column: str, where: str) -> None:
@@ -60,7 +31,7 @@ def validate_prompt_rows(rows: Rows, prompt_column: str, where: str) -> None:
             )
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(RowsDataModule):
     """Prompts for on-policy RL (GRPO, PPO, online DPO).
 
     Each batch is a dict of columns: ``prompt`` (renamed from ``prompt_column``) plus every other
@@ -123,15 +94,3 @@ class PromptDataModule(L.LightningDataModule):
         if self.val_rows is None:
             val = self.load_val_rows()
             self.val_rows = None if val is None else self._normalize(val, "validation")
-
-    def train_dataloader(self) -> DataLoader:
-        """Batches of training prompts."""
-        self.setup("fit")
-        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Batches of held-out prompts (empty when there is no validation data)."""
-        self.setup("validate")
-        if not self.val_rows:
-            return []
-        return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)

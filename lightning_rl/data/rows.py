@@ -1,0 +1,63 @@
+"""Row dicts as batches of columns: the dataset, the collate function, and the loaders both DataModules share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_rl.data.io import Rows
+
+
+class RowsDataset(Dataset):
+    """A list of row dicts as a map-style dataset."""
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Turn a list of row dicts into a dict of columns (lists, no tensors)."""
+    keys = rows[0].keys()
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+    """A DataLoader of column batches over ``rows``; shuffled from a generator seeded by torch's seed."""
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63) if shuffle else None
+    return DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_rows,
+                      num_workers=num_workers, generator=gen)
+
+
+class RowsDataModule(L.LightningDataModule):
+    """Training and validation loaders over ``train_rows`` / ``val_rows``, filled by the subclass's ``setup``.
+
+    Subclasses set ``batch_size``, ``val_batch_size``, ``shuffle`` and ``num_workers``.
+    """
+
+    train_rows: Rows | None
+    val_rows: Rows | None
+    batch_size: int
+    val_batch_size: int
+    shuffle: bool
+    num_workers: int
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of training rows."""
+        self.setup("fit")
+        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Batches of held-out rows (empty when there is no validation data)."""
+        self.setup("validate")
+        if not self.val_rows:
+            return []
+        return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)
