@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -117,20 +118,25 @@ def _load_embedded_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
-def _load_tiny(name: str, overrides: dict[str, Any] | None, dtype: torch.dtype):
-    tokenizer = char_tokenizer()
+def tiny_config(name: str, overrides: dict[str, Any] | None, tokenizer: Any, **extra: Any) -> PretrainedConfig:
+    """The transformers config of tiny model ``name`` (see ``TINY_CONFIGS``) for the character ``tokenizer``."""
     cfg = dict(TINY_CONFIGS[name])
     cfg.update(overrides or {})
     model_type = cfg.pop("model_type")
     cfg.setdefault("vocab_size", len(tokenizer))
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         model_type,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **extra,
         **cfg,
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _load_tiny(name: str, overrides: dict[str, Any] | None, dtype: torch.dtype):
+    tokenizer = char_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config(name, overrides, tokenizer), dtype=dtype)
     return model, tokenizer
 
 

@@ -165,12 +165,9 @@ class DPO(PreferenceModule):
 
     def batch_sequences(self, batch: Mapping[str, Any]) -> Sequences:
         """Chosen rows then rejected rows of an offline batch."""
-        for col in ("chosen", "rejected"):
-            if col not in batch:
-                raise KeyError(f"DPO needs paired rows with a {col!r} column (got columns {sorted(batch)}); use "
-                               "PreferenceDataModule(mode='paired') or set online=True for prompt-only data")
-        prompts = list(batch["prompt"])
-        return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
+        return self.paired_sequences(
+            batch, "use PreferenceDataModule(mode='paired') or set online=True for prompt-only data"
+        )
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

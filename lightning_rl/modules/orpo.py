@@ -53,12 +53,7 @@ class ORPO(PreferenceModule):
 
     def batch_sequences(self, batch: Mapping[str, Any]) -> Sequences:
         """Chosen rows then rejected rows of a batch of pairs."""
-        for col in ("chosen", "rejected"):
-            if col not in batch:
-                raise KeyError(f"ORPO needs paired rows with a {col!r} column (got columns {sorted(batch)}); use "
-                               "PreferenceDataModule(mode='paired')")
-        prompts = list(batch["prompt"])
-        return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
+        return self.paired_sequences(batch, "use PreferenceDataModule(mode='paired')")
 
     def pair_losses(self, seqs: Sequences) -> dict[str, torch.Tensor]:
         """Per-pair ORPO pieces for ``seqs`` = chosen rows then rejected rows."""

@@ -266,6 +266,15 @@ class PreferenceModule(PolicyModule):
         ci, cm = right_pad(completion_ids, pad, self.device)
         return Sequences(pi, pm, ci, cm)
 
+    def paired_sequences(self, batch: Mapping[str, Any], fix: str) -> Sequences:
+        """Chosen rows then rejected rows of a batch of pairs; ``fix`` completes the missing-column error."""
+        for col in ("chosen", "rejected"):
+            if col not in batch:
+                raise KeyError(f"{type(self).__name__} needs paired rows with a {col!r} column (got columns "
+                               f"{sorted(batch)}); {fix}")
+        prompts = list(batch["prompt"])
+        return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
+
     def token_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
         """``[N, C]`` per-token log-probs (0 on padding) through the shared fused log-prob path."""
         logp, _ = completion_logprobs(

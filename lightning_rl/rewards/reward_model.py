@@ -20,14 +20,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from lightning_rl.models import TINY_CONFIGS, torch_dtype
+from lightning_rl.models import TINY_CONFIGS, tiny_config, torch_dtype
 from lightning_rl.prompting import Prompt, render_prompt
 from lightning_rl.tokenizer import char_tokenizer
 
@@ -43,14 +42,7 @@ def tiny_reward_model(
     if name not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny reward model {name!r}; choose from {sorted(TINY_CONFIGS)}")
     tokenizer = char_tokenizer()
-    cfg = dict(TINY_CONFIGS[name])
-    cfg.update(overrides or {})
-    model_type = cfg.pop("model_type")
-    cfg.setdefault("vocab_size", len(tokenizer))
-    config = AutoConfig.for_model(
-        model_type, num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **cfg,
-    )
+    config = tiny_config(name, overrides, tokenizer, num_labels=1)
     return AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(dtype)), tokenizer
 
 

@@ -151,3 +151,16 @@ def test_reference_dataloader_is_ordered():
     idx = [i for b in dm.reference_dataloader("train") for i in b["index"]]
     assert idx == [0, 1, 2, 3, 4]
     assert dm.reference_dataloader("val") is None
+
+
+@pytest.mark.parametrize(("cls", "fix"), [("DPO", "online=True"), ("ORPO", "mode='paired'")])
+def test_pair_methods_name_the_missing_column_and_the_fix(cls, fix):
+    import lightning_rl
+
+    module = getattr(lightning_rl, cls)(model="tiny-llama", model_config={"num_hidden_layers": 1})
+    module.configure_model()
+    with pytest.raises(KeyError, match=f"{cls} needs paired rows with a 'rejected' column") as info:
+        module.batch_sequences({"prompt": ["say 1"], "chosen": ["1"]})
+    assert fix in str(info.value)
+    seqs = module.batch_sequences({"prompt": ["a", "b"], "chosen": ["1", "2"], "rejected": ["3", "4"]})
+    assert seqs.prompt_ids.shape[0] == 4  # chosen rows, then rejected rows
