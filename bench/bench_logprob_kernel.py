@@ -38,12 +38,15 @@ TINY_SHAPES = [{"name": "tiny", "n": 45, "h": 32, "v": 130}]
 #: Config overrides measured at every shape, on top of the default config (``{}``).
 VARIANTS: dict[str, dict[str, int]] = {
     "default": {},
-    "v1_single_group": {"dh_acc_bytes": 1 << 40},  # v1 backward: one token group, fp32 [N, H] dh
-    "even_k": {"even_k": 1},
     "tma": {"tma": 1},
+    "block_v256": {"BLOCK_V": 256},
+    "tma_block_v256": {"tma": 1, "BLOCK_V": 256},
+    "flatten": {"flatten": 1},
+    "flatten_tma": {"flatten": 1, "tma": 1},
+    "flatten_block_v256": {"flatten": 1, "BLOCK_V": 256},
+    "flatten_tma_block_v256": {"flatten": 1, "tma": 1, "BLOCK_V": 256},
+    "even_k": {"even_k": 1},
     "cublas": {"cublas": 1},
-    "block_v128": {"BLOCK_V": 128},  # v1 tiles (the default became 256 after the H100 run)
-    "stages4": {"num_stages": 4},
 }
 
 

@@ -2,7 +2,8 @@
 # One visit to the GPU machine, after ../shared/gpu/stage and .gpu/install/device-install.sh:
 #   bash bench/gpu_run.sh tests        # tests/gpu: non-vLLM ones together, vLLM ones one process each
 #   bash bench/gpu_run.sh vllm [-k X]  # only the vLLM tests (optionally those matching X)
-#   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|bench   # a benchmark, or the first three
+#   bash bench/gpu_run.sh kernel-tests     # only the kernel tests (tests/gpu/test_kernel*.py)
+#   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
 # Logs and results go under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
@@ -34,8 +35,14 @@ case "${1:-tests}" in
     vllm_tests ;;
   vllm)
     vllm_tests "${3:-}" ;;
+  kernel-tests)
+    timeout 300 python3 -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_kernel_grpo_e2e.py -q \
+      -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_kernel_tests.log" | quiet \
+      | grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error" | tail -50 ;;
+  knobs)  # engine settings, each in its own process: tokens/s, a profile, the log-prob mismatch
+    timeout 420 python3 bench/bench_rollout_knobs.py --out "$OUT/rollout_knobs.json" "${@:2}" 2>&1 | quiet | tail -60 ;;
   kernel)
-    timeout 400 python3 bench/bench_logprob_kernel.py --out "$OUT/logprob_kernel.json" --budget-s 360 2>&1 \
+    timeout "${KERNEL_TIMEOUT:-400}" python3 bench/bench_logprob_kernel.py --out "$OUT/logprob_kernel.json" --budget-s "${KERNEL_BUDGET:-360}" 2>&1 \
       | quiet | tail -40 ;;
   precision)
     timeout 200 python3 bench/bench_precision.py --out "$OUT/precision.json" 2>&1 | quiet | tail -25 ;;

@@ -13,6 +13,9 @@ and entropy saved by the forward, and writes ``dz`` ``[rows, Vc]`` in the input 
 * ``dh[group] += dz @ W[chunk]``: accumulated in an fp32 ``[rows, H]`` buffer across the chunks,
   then written into the group's rows of the ``dh`` output (directly into ``dh`` for fp32 inputs).
 
+With the ``flatten`` variant the ``dz`` kernel runs persistent (about one program per SM walking
+the chunk's tiles in one flattened, software-pipelined loop) instead of one program per tile.
+
 Extra memory beyond the returned gradients: the ``dz`` chunk (at most ``dz_chunk_bytes``, which
 also covers the fp32 logits chunk of the ``cublas`` variant; at least ``rows * BLOCK_V``
 elements), the fp32 dh accumulator (at most ``dh_acc_bytes``; none for fp32 inputs) and an fp32
@@ -38,8 +41,45 @@ from .triton_logprobs_forward import (
     logit_tile,
     logits_chunk_fp32,
     matmul_fp32,
+    num_sms,
     tile_sources,
 )
+
+
+@triton.jit
+def _dz_tile(
+    h_src, w_src, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, z_ptr, dz_ptr,
+    n0, v0, N, V, H, v_start, v_stop, stride_hn, stride_wv, stride_dz, inv_t,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Write ``dz`` of the ``[BLOCK_N, BLOCK_V]`` tile at rows ``n0`` and vocabulary ``v0``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    row_ok = offs_n < N
+    out_ok = row_ok[:, None] & (offs_v < v_stop)[None, :]
+    if FROM_LOGITS:  # raw fp32 logits of this chunk, same layout as dz
+        z_ptrs = z_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
+        z = tl.load(z_ptrs, mask=out_ok, other=0.0)
+        if HAS_BIAS:
+            z = z + tl.load(b_ptr + offs_v, mask=offs_v < v_stop, other=0.0).to(tl.float32)[None, :]
+        z = z * inv_t
+    else:
+        z = logit_tile(
+            h_src, w_src, b_ptr, n0, v0, N, V, H, stride_hn, stride_wv, inv_t,
+            HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+    ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
+    gl = tl.load(gl_ptr + offs_n, mask=row_ok, other=0.0)  # zero on masked rows
+    ge = tl.load(ge_ptr + offs_n, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = -p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
+    dz = tl.where(offs_v[None, :] == y[:, None], dz + gl[:, None], dz) * inv_t
+    ptrs = dz_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -69,41 +109,34 @@ def _dz_kernel(
     TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
     FROM_LOGITS: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``dz`` for rows ``[0, N)`` and vocabulary ``[v_start, v_stop)``; logits from ``z_ptr`` if ``FROM_LOGITS``."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    v0 = v_start + pid_v * BLOCK_V
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_v = v0 + tl.arange(0, BLOCK_V)
-    row_ok = offs_n < N
-    out_ok = row_ok[:, None] & (offs_v < v_stop)[None, :]
-    if FROM_LOGITS:  # raw fp32 logits of this chunk, same layout as dz
-        z_ptrs = z_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
-        z = tl.load(z_ptrs, mask=out_ok, other=0.0)
-        if HAS_BIAS:
-            z = z + tl.load(b_ptr + offs_v, mask=offs_v < v_stop, other=0.0).to(tl.float32)[None, :]
-        z = z * inv_t
+    """``dz`` for rows ``[0, N)`` and vocabulary ``[v_start, v_stop)``; logits from ``z_ptr`` if ``FROM_LOGITS``.
+
+    One tile per program on a ``(row blocks, vocabulary tiles)`` grid, or, when ``PERSISTENT``, a
+    1-D grid of about one program per SM, each walking tiles ``pid, pid + programs, ...`` (rows
+    fastest, so programs running together share ``W`` tiles) in one flattened, pipelined loop.
+    """
+    if PERSISTENT:
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        num_tiles = n_blocks * tl.cdiv(v_stop - v_start, BLOCK_V)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _dz_tile(
+                h_src, w_src, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, z_ptr, dz_ptr,
+                (tile % n_blocks) * BLOCK_N, v_start + (tile // n_blocks) * BLOCK_V,
+                N, V, H, v_start, v_stop, stride_hn, stride_wv, stride_dz, inv_t,
+                HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, FROM_LOGITS, BLOCK_N, BLOCK_V, BLOCK_K,
+            )  # fmt: skip
     else:
-        z = logit_tile(
-            h_src, w_src, b_ptr, n0, v0, N, V, H, stride_hn, stride_wv, inv_t,
-            HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
+        _dz_tile(
+            h_src, w_src, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, z_ptr, dz_ptr,
+            tl.program_id(0) * BLOCK_N, v_start + tl.program_id(1) * BLOCK_V,
+            N, V, H, v_start, v_stop, stride_hn, stride_wv, stride_dz, inv_t,
+            HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, FROM_LOGITS, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-    ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-    gl = tl.load(gl_ptr + offs_n, mask=row_ok, other=0.0)  # zero on masked rows
-    ge = tl.load(ge_ptr + offs_n, mask=row_ok, other=0.0)
-    y = tl.load(y_ptr + offs_n, mask=row_ok, other=-1)
-    logp = z - lse[:, None]
-    p = tl.exp(logp)
-    dz = -p * (gl[:, None] + ge[:, None] * (logp + ent[:, None]))
-    dz = tl.where(offs_v[None, :] == y[:, None], dz + gl[:, None], dz) * inv_t
-    ptrs = dz_ptr + offs_n[:, None] * stride_dz + (offs_v - v_start)[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=out_ok)
 
 
 def group_rows(n: int, hdim: int, block_n: int, dh_acc_bytes: int) -> int:
@@ -160,6 +193,8 @@ def backward(
     dev = hidden.device
     bn, bv = config["BLOCK_N"], config["BLOCK_V"]
     from_logits = bool(config.get("cublas", 0))
+    persistent = bool(config.get("flatten", 0)) and not from_logits
+    slots = num_sms(dev) * config.get("ctas_per_sm", 1)
     low_precision = hidden.dtype != torch.float32
     # fp32 inputs accumulate dh in the output itself, but use the same groups (one code path)
     rows = group_rows(n, hdim, bn, config.get("dh_acc_bytes", 24 << 20)) if need_h else max(n, 1)
@@ -184,14 +219,16 @@ def backward(
             v1 = min(v0 + vc, v)
             dz_c = dz_buf[: m * (v1 - v0)].view(m, v1 - v0)
             z_c = logits_chunk_fp32(z_buf, h_g, weight[v0:v1]) if from_logits else dz_c
-            _dz_kernel[(triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv))](
+            tiles = (triton.cdiv(m, bn), triton.cdiv(v1 - v0, bv))
+            grid = (min(tiles[0] * tiles[1], slots),) if persistent else tiles
+            _dz_kernel[grid](
                 h_src, w_src, hidden if bias is None else bias, targets[g0:g1], lse[g0:g1], entropy[g0:g1],
                 grad_logp[g0:g1], grad_ent[g0:g1], z_c, dz_c,
                 m, v, hdim, v0, v1, hidden.stride(0), weight.stride(0), dz_c.stride(0), inv_t,
                 HAS_BIAS=bias is not None,
                 UPCAST=interpreting(),
                 IEEE=hidden.dtype == torch.float32,
-                TMA=tma, EVEN_K=even_k, FROM_LOGITS=from_logits,
+                TMA=tma, EVEN_K=even_k, FROM_LOGITS=from_logits, PERSISTENT=persistent,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=config["BLOCK_K"],
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
             )  # fmt: skip

@@ -16,6 +16,9 @@ Variants, chosen through the config dict (all off by default):
   clamped into range instead of masked; their results are discarded later).
 * ``"cublas": 1``: the logits of a vocabulary chunk are one cuBLAS GEMM into an fp32 ``[N, Vc]``
   buffer (``fwd_chunk_bytes``), and a Triton row kernel folds the chunk into the running sums.
+* ``"flatten": 1``: the loop over a program's vocabulary tiles and the K loop inside it become one
+  software-pipelined loop (``tl.range(..., flatten=True)``), so the next tile's loads are in flight
+  while the current tile's softmax epilogue runs, instead of the pipeline draining at every tile.
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def _forward_kernel(
     IEEE: tl.constexpr,
     TMA: tl.constexpr,
     EVEN_K: tl.constexpr,
+    FLATTEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -151,7 +155,7 @@ def _forward_kernel(
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     v_begin = pid_s * tiles_per_split * BLOCK_V
     v_end = tl.minimum(v_begin + tiles_per_split * BLOCK_V, V)
-    for v0 in range(v_begin, v_end, BLOCK_V):
+    for v0 in tl.range(v_begin, v_end, BLOCK_V, flatten=FLATTEN):
         z = logit_tile(
             h_src, w_src, b_ptr, n0, v0, N, V, H, stride_hn, stride_wv, inv_t,
             HAS_BIAS, UPCAST, IEEE, TMA, EVEN_K, BLOCK_N, BLOCK_V, BLOCK_K,
@@ -349,7 +353,7 @@ def forward(
         targets: ``[N]`` ids; any id outside ``[0, V)`` gets target logit 0.
         inv_t: ``1 / temperature``.
         config: ``BLOCK_N``, ``BLOCK_V``, ``BLOCK_K``, ``num_warps``, ``num_stages``, optional
-            ``tma`` / ``even_k`` / ``cublas`` flags (see the module docstring).
+            ``tma`` / ``even_k`` / ``cublas`` / ``flatten`` flags (see the module docstring).
     """
     n, hdim = hidden.shape
     v = weight.shape[0]
@@ -370,7 +374,7 @@ def forward(
             HAS_BIAS=bias is not None,
             UPCAST=interpreting(),
             IEEE=hidden.dtype == torch.float32,
-            TMA=tma, EVEN_K=even_k,
+            TMA=tma, EVEN_K=even_k, FLATTEN=bool(config.get("flatten", 0)),
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=config["BLOCK_K"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )  # fmt: skip

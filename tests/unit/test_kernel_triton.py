@@ -159,6 +159,9 @@ VARIANTS = {
     "even_k": {"even_k": 1},
     "tma": {"tma": 1},
     "cublas": {"cublas": 1, "fwd_chunk_bytes": 45 * 64 * 4, "RED_BLOCK_V": 32},
+    # persistent dz kernel: the interpreter has 4 "SMs", so each program walks several tiles
+    "flatten": {"flatten": 1},
+    "flatten_tma": {"flatten": 1, "tma": 1},
 }
 
 
@@ -201,7 +204,7 @@ def test_grouped_backward_and_variants(variant, dtype):
     assert torch.all(out[0][masked] == 0) and torch.all(out[2][masked] == 0)
 
 
-@pytest.mark.parametrize("variant", ["default", "even_k"])
+@pytest.mark.parametrize("variant", ["default", "even_k", "flatten"])
 def test_grouped_backward_wider_hidden_without_bias(variant):
     """H=48: three K steps; even_k takes its unmasked path (BLOCK_K=16 divides 48)."""
     cfg = {"dh_acc_bytes": 16 * 48 * 4, "dz_chunk_bytes": 16 * 32 * 4, **VARIANTS[variant]}
