@@ -48,6 +48,18 @@ VARIANTS: dict[str, dict[str, int]] = {
     "even_k": {"even_k": 1},
     "cublas": {"cublas": 1},
 }
+#: ``--sweep``: tile / pipeline / chunk settings around ``tma`` + ``BLOCK_V=256`` (every one keeps the
+#: scratch at or under 64 MiB).
+SWEEP: dict[str, dict[str, int]] = {
+    "tma_block_v256": {"tma": 1, "BLOCK_V": 256},
+    "tma_block_v256_stages4": {"tma": 1, "BLOCK_V": 256, "num_stages": 4},
+    "tma_block_v256_k128_stages2": {"tma": 1, "BLOCK_V": 256, "BLOCK_K": 128, "num_stages": 2},
+    "tma_block_v256_dz16mib": {"tma": 1, "BLOCK_V": 256, "dz_chunk_bytes": 16 << 20},
+    "tma_block_v256_dz8mib": {"tma": 1, "BLOCK_V": 256, "dz_chunk_bytes": 8 << 20},
+    "tma_block_n256": {"tma": 1, "BLOCK_N": 256, "BLOCK_V": 128},
+    "tma_block_v256_even_k": {"tma": 1, "BLOCK_V": 256, "even_k": 1},
+    "default": {},
+}
 
 
 def eager(hidden, weight, targets):
@@ -127,7 +139,7 @@ def measure(step, grad_bytes: int, device: torch.device, iters: int, forward=Non
         return {"error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 
-def bench_shape(shape, args, deadline, device, save):
+def bench_shape(shape, args, deadline, device, save, variants):
     """Measure one shape; ``save()`` is called after every row so the JSON stays current."""
     n, h, v = shape["n"], shape["h"], shape["v"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -144,7 +156,7 @@ def bench_shape(shape, args, deadline, device, save):
     with torch.no_grad():
         res["gemm_hW_ms"] = time_ms(lambda: hidden @ weight.t(), device, args.iters)  # one 2NHV cuBLAS GEMM
 
-    for name, override in VARIANTS.items():
+    for name, override in variants.items():
         if time.monotonic() > deadline - 10:
             m[f"triton_{name}"] = {"skipped": "budget"}
             continue
@@ -155,7 +167,7 @@ def bench_shape(shape, args, deadline, device, save):
             **measure(step, grad_bytes, device, args.iters, forward=lambda fn=fn: fn(hidden, weight, targets)),
         }
         save(res)
-    if time.monotonic() < deadline - 10:
+    if not args.no_eager and time.monotonic() < deadline - 10:
         m["eager"] = measure(make_step(eager, hidden, weight, targets, g_logp, g_ent), grad_bytes, device, args.iters)
         save(res)
     if not args.no_compile and time.monotonic() < deadline - 90:
@@ -202,6 +214,9 @@ def main():
     parser.add_argument("--budget-s", type=float, default=280.0, help="skip the rows that would start past this")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per row (after 2 warmups)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the SWEEP settings instead of VARIANTS")
+    parser.add_argument("--shapes", nargs="*", help="only these shape names")
     parser.add_argument("--reference", action="store_true", help="also time the (slow) chunked reference")
     parser.add_argument("--tiny", action="store_true", help="one small shape: checks the script, times nothing useful")
     args = parser.parse_args()
@@ -216,7 +231,7 @@ def main():
         "triton": triton.__version__,
         "python": platform.python_version(),
         "triton_config": GPU_CONFIG,
-        "variants": VARIANTS,
+        "variants": SWEEP if args.sweep else VARIANTS,
         "peak_tflops_assumed": PEAK_TFLOPS,
         "timing": f"median of {args.iters} CUDA-event times after 2 warmups; forward + backward "
         "(autograd.grad of logp, entropy); fwd_ms: forward only under no_grad",
@@ -228,10 +243,11 @@ def main():
             report["results"].append(res)
         out.write_text(json.dumps(report, indent=2))
 
-    for shape in TINY_SHAPES if args.tiny else SHAPES:
+    shapes = TINY_SHAPES if args.tiny else [s for s in SHAPES if not args.shapes or s["name"] in args.shapes]
+    for shape in shapes:
         if time.monotonic() > deadline:
             break
-        res = bench_shape(shape, args, deadline, device, save)
+        res = bench_shape(shape, args, deadline, device, save, SWEEP if args.sweep else VARIANTS)
         print(summary(res), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -26,10 +26,11 @@ import time
 
 SETTINGS: dict[str, dict] = {
     "default": {"mismatch": True, "profile": True},
-    "bf16_logits": {"engine": {"fp32_logits": False}},
+    "bf16_logits": {"engine": {"fp32_logits": False}, "mismatch": True},
     "no_async_scheduling": {"engine": {"engine_kwargs": {"async_scheduling": False}}},
     "no_prefix_caching": {"engine": {"enable_prefix_caching": False}},
     "fp32_engine": {"engine": {"dtype": "float32"}, "mismatch": True},
+    "bf16_logits_no_prefix_caching": {"engine": {"fp32_logits": False, "enable_prefix_caching": False}},
 }
 
 
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), help="names; a repeated name runs again")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -196,7 +197,8 @@ def main() -> None:
         "settings": {},
     }
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    for name in args.settings:
+    for i, name in enumerate(args.settings):
+        key = name if name not in args.settings[:i] else f"{name}#{args.settings[:i].count(name) + 1}"
         t0 = time.perf_counter()
         proc = subprocess.run(
             [
@@ -224,16 +226,16 @@ def main() -> None:
         else:
             res = {"error": proc.stderr[-2500:]}
         res["process_s"] = time.perf_counter() - t0
-        result["settings"][name] = res
+        result["settings"][key] = res
         brief = {k: res.get(k) for k in ("tokens_per_s", "ms_per_decode_step", "async_scheduling", "startup_s")}
-        print(name, json.dumps(brief), flush=True)
-        for key in ("mismatch_sampled", "mismatch_greedy_tokens"):
-            if key in res:
+        print(key, json.dumps(brief), flush=True)
+        for part in ("mismatch_sampled", "mismatch_greedy_tokens"):
+            if part in res:
                 print(
                     " ",
-                    key,
+                    part,
                     json.dumps(
-                        {k: (round(v["mean"], 4) if isinstance(v, dict) else round(v, 3)) for k, v in res[key].items()}
+                        {k: (round(v["mean"], 4) if isinstance(v, dict) else round(v, 3)) for k, v in res[part].items()}
                     ),
                     flush=True,
                 )
