@@ -37,28 +37,24 @@ SHAPES = [  # the issue's main shape first, then the memory-target shape
 TINY_SHAPES = [{"name": "tiny", "n": 45, "h": 32, "v": 130}]
 #: Config overrides measured at every shape, on top of the default config (``{}``).
 VARIANTS: dict[str, dict[str, int]] = {
-    "default": {},
-    "tma": {"tma": 1},
-    "block_v256": {"BLOCK_V": 256},
-    "tma_block_v256": {"tma": 1, "BLOCK_V": 256},
+    "default": {},  # TMA loads, 128 x 256 tiles
+    "v2_default": {"tma": 0, "BLOCK_V": 128},  # pointer loads, 128 x 128 tiles
+    "pointer_loads": {"tma": 0},
+    "tma_block_v128": {"BLOCK_V": 128},
     "flatten": {"flatten": 1},
-    "flatten_tma": {"flatten": 1, "tma": 1},
-    "flatten_block_v256": {"flatten": 1, "BLOCK_V": 256},
-    "flatten_tma_block_v256": {"flatten": 1, "tma": 1, "BLOCK_V": 256},
-    "even_k": {"even_k": 1},
+    "even_k": {"tma": 0, "even_k": 1},
     "cublas": {"cublas": 1},
 }
-#: ``--sweep``: tile / pipeline / chunk settings around ``tma`` + ``BLOCK_V=256`` (every one keeps the
-#: scratch at or under 64 MiB).
+#: ``--sweep``: tile / pipeline / chunk settings around the default (every one keeps the scratch at or
+#: under 64 MiB).
 SWEEP: dict[str, dict[str, int]] = {
-    "tma_block_v256": {"tma": 1, "BLOCK_V": 256},
-    "tma_block_v256_stages4": {"tma": 1, "BLOCK_V": 256, "num_stages": 4},
-    "tma_block_v256_k128_stages2": {"tma": 1, "BLOCK_V": 256, "BLOCK_K": 128, "num_stages": 2},
-    "tma_block_v256_dz16mib": {"tma": 1, "BLOCK_V": 256, "dz_chunk_bytes": 16 << 20},
-    "tma_block_v256_dz8mib": {"tma": 1, "BLOCK_V": 256, "dz_chunk_bytes": 8 << 20},
-    "tma_block_n256": {"tma": 1, "BLOCK_N": 256, "BLOCK_V": 128},
-    "tma_block_v256_even_k": {"tma": 1, "BLOCK_V": 256, "even_k": 1},
     "default": {},
+    "stages4": {"num_stages": 4},
+    "k128_stages2": {"BLOCK_K": 128, "num_stages": 2},
+    "dz16mib": {"dz_chunk_bytes": 16 << 20},
+    "dz8mib": {"dz_chunk_bytes": 8 << 20},
+    "block_n256_v128": {"BLOCK_N": 256, "BLOCK_V": 128},
+    "v2_default": {"tma": 0, "BLOCK_V": 128},
 }
 
 

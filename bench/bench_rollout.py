@@ -35,6 +35,7 @@ class StepTimer(L.Callback):
     def __init__(self, rollout_cb):
         self.rollout_cb = rollout_cb
         self.steps = []
+        self.sleep_level = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         torch.cuda.synchronize()
@@ -43,6 +44,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.synchronize()
         tokens = int(batch["rollout"].completion_mask.sum())
+        self.sleep_level = getattr(self.rollout_cb.engine, "sleep_level", None)
         self.steps.append({"step_s": time.perf_counter() - self.t0, "tokens": tokens,
                            "device_used_gib": device_used_gib(), **self.rollout_cb.last_timings})
 
@@ -92,6 +94,7 @@ def main():
     ap.add_argument("--execution", default="cuda_graphs", choices=["cuda_graphs", "compiled", "eager"])
     ap.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2], help="engine sleep level")
     ap.add_argument("--skip-standalone", action="store_true")
+    ap.add_argument("--no-pause-gc", action="store_true", help="leave Python's garbage collector on during generate")
     ap.add_argument("--standalone", nargs=2, metavar=("MODEL_DIR", "IDS_JSON"), help=argparse.SUPPRESS)
     ap.add_argument("--eos", type=int, nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -164,7 +167,7 @@ def main():
     torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- GRPO fit through the callback
-    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level)
+    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level, pause_gc=not args.no_pause_gc)
     timer = StepTimer(rollout_cb)
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(max_steps=args.steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
@@ -179,6 +182,8 @@ def main():
     cb_rate = median([s["tokens"] / s["generate_s"] for s in steady])
     result["callback"] = {
         "fit_s_including_engine_start": fit_s,
+        "sleep_level": timer.sleep_level,
+        "pause_gc": not args.no_pause_gc,
         "tokens_per_s": cb_rate,
         "step_s": step_s,
         "toggle_s": toggle_s,

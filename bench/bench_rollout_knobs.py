@@ -31,6 +31,13 @@ SETTINGS: dict[str, dict] = {
     "no_prefix_caching": {"engine": {"enable_prefix_caching": False}},
     "fp32_engine": {"engine": {"dtype": "float32"}, "mismatch": True},
     "bf16_logits_no_prefix_caching": {"engine": {"fp32_logits": False, "enable_prefix_caching": False}},
+    # the callback's cycle around every generate: sleep, wake, push the weights
+    "toggle_level2": {"engine": {"sleep_level": 2}, "toggle": True},
+    "toggle_level0": {"engine": {"sleep_level": 0}, "toggle": True},
+    # 3 million live Python objects created after the engine started (vLLM froze the heap before them),
+    # as a training process has: the collector's full passes scan them unless paused during generate
+    "big_heap": {"engine": {"pause_gc": False}, "heap": 3_000_000},
+    "big_heap_pause_gc": {"engine": {"pause_gc": True}, "heap": 3_000_000},
 }
 
 
@@ -78,19 +85,33 @@ def child(name: str, prompts: int, G: int, max_new_tokens: int) -> dict:
         "async_scheduling": engine.llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
     }
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
+    heap = [{"i": i} for i in range(setting.get("heap", 0))]
+    out["live_objects_added"] = len(heap)
     engine.generate(ids, sampling, G)  # warm-up
     runs = []
     for _ in range(4):
+        toggle_s = None
+        if setting.get("toggle"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.sleep()
+            engine.wake_up()
+            engine.sync_weights(model)
+            torch.cuda.synchronize()
+            toggle_s = time.perf_counter() - t0
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         r = engine.generate(ids, sampling, G, seed=None)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         lengths = r.completion_mask.sum(1)
-        runs.append({"s": dt, "tokens": int(lengths.sum()), "decode_steps": int(lengths.max())})
+        runs.append({"s": dt, "tokens": int(lengths.sum()), "decode_steps": int(lengths.max()), "toggle_s": toggle_s})
     out["runs"] = runs
     out["tokens_per_s"] = statistics.median(x["tokens"] / x["s"] for x in runs)
     out["ms_per_decode_step"] = statistics.median(1e3 * x["s"] / x["decode_steps"] for x in runs)
+    if setting.get("toggle"):
+        out["toggle_s"] = statistics.median(x["toggle_s"] for x in runs)
+    del heap
 
     if setting.get("profile"):
         from torch.profiler import ProfilerActivity, profile
@@ -227,7 +248,8 @@ def main() -> None:
             res = {"error": proc.stderr[-2500:]}
         res["process_s"] = time.perf_counter() - t0
         result["settings"][key] = res
-        brief = {k: res.get(k) for k in ("tokens_per_s", "ms_per_decode_step", "async_scheduling", "startup_s")}
+        brief = {k: res.get(k) for k in ("tokens_per_s", "ms_per_decode_step", "toggle_s", "async_scheduling",
+                                         "startup_s")}
         print(key, json.dumps(brief), flush=True)
         for part in ("mismatch_sampled", "mismatch_greedy_tokens"):
             if part in res:

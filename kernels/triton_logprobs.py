@@ -21,15 +21,18 @@ from .reference import check_inputs
 
 IGNORE_INDEX = -100
 
-#: Tile sizes and scratch bounds. GPU: 128x128 tiles, 64-deep K steps, suited to H100/H200 wgmma;
-#: the interpreter uses the smallest tiles ``tl.dot`` accepts so the CPU tests stay fast. Optional
-#: variant flags (off unless given; see ``triton_logprobs_forward``): ``tma`` (tensor-descriptor
-#: tile loads), ``even_k`` (no K masks when ``BLOCK_K`` divides ``H``), ``cublas`` (logits by cuBLAS
-#: into an fp32 chunk, Triton only for the row reductions / dz; ``fwd_chunk_bytes`` bounds its
-#: forward chunk, ``RED_BLOCK_N``/``RED_BLOCK_V`` its reduction tiles).
+#: Tile sizes and scratch bounds. GPU: 128 tokens x 256 vocabulary tiles, 64-deep K steps, tiles loaded
+#: through TMA tensor descriptors (``tma``; pointer loads where TMA is unavailable): the fastest
+#: setting measured on an H100 (``bench/results/logprob_kernel_NOTES.md``). The interpreter uses the
+#: smallest tiles ``tl.dot`` accepts so the CPU tests stay fast. Other variant flags (see
+#: ``triton_logprobs_forward``): ``even_k`` (no K masks when ``BLOCK_K`` divides ``H``; pointer loads
+#: only), ``flatten`` (one pipelined loop over tiles and K), ``cublas`` (logits by cuBLAS into an fp32
+#: chunk, Triton only for the row reductions / dz; ``fwd_chunk_bytes`` bounds its forward chunk,
+#: ``RED_BLOCK_N``/``RED_BLOCK_V`` its reduction tiles).
 GPU_CONFIG: dict[str, int] = {
+    "tma": 1,
     "BLOCK_N": 128,
-    "BLOCK_V": 128,
+    "BLOCK_V": 256,
     "BLOCK_K": 64,
     "num_warps": 8,
     "num_stages": 3,

@@ -110,3 +110,53 @@ def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatc
     assert p.data_ptr() != storage.data_ptr()  # a private copy now: the push cannot overwrite it
     assert torch.equal(p.data, torch.tensor([0.0, 1.0, 2.0]))
     assert ("load", 1) in calls
+
+
+def test_auto_sleep_level_keeps_small_weights_and_drops_large_ones():
+    assert vllm_mod.auto_sleep_level("adapter", 10 << 30) == 1  # the base waits in CPU memory
+    assert vllm_mod.auto_sleep_level(None, 270 << 20) == 0  # SmolLM2-135M in bf16: stays on the GPU
+    assert vllm_mod.auto_sleep_level("merged", 270 << 20) == 0
+    assert vllm_mod.auto_sleep_level(None, 3 << 30) == 2  # a 1.5B model: dropped, pushed again at the sync
+    assert vllm_mod.auto_sleep_level(None, 270 << 20, keep_weights_bytes=0) == 2
+
+
+def test_generate_pauses_the_garbage_collector_and_restores_it(monkeypatch):
+    import gc
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
+
+    seen = []
+
+    class Output:
+        def __init__(self):
+            self.outputs = [SimpleNamespace(index=0, token_ids=[5, 6], logprobs=[{5: SimpleNamespace(logprob=-0.5)},
+                                                                                 {6: SimpleNamespace(logprob=-1.0)}],
+                                            finish_reason="stop")]
+
+    class GeneratingLLM(FakeLLM):
+        def generate(self, prompts, params, use_tqdm, lora_request):
+            seen.append(gc.isenabled())
+            if len(seen) == 2:
+                raise RuntimeError("engine failure")
+            return [Output() for _ in prompts]
+
+    engine = _engine_without_vllm([], sleep_level=0)
+    engine.llm = GeneratingLLM([])
+    engine.max_model_len, engine.pad_token_id, engine.eos_token_ids = 64, 0, [2]
+    engine._wake_weights = engine._wake_kv = lambda: None
+    from lightning_rl.rollout import SamplingConfig
+
+    assert gc.isenabled()
+    for pause in (True, False):
+        engine.pause_gc = pause
+        try:
+            rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0))
+        except RuntimeError:
+            rollout = None
+        assert gc.isenabled()  # back on after a normal return and after a failure
+    assert seen == [False, True]
+    assert rollout is None
+    engine.pause_gc = True
+    rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0))
+    assert rollout.completion_ids.tolist() == [[5, 6]] and rollout.sampling_logprobs.tolist() == [[-0.5, -1.0]]

@@ -326,6 +326,25 @@ def test_rollout_callback_offloads_while_the_engine_is_awake_and_gets_a_kv_budge
     assert plugin.kv_cache_bytes >= 2 * 2 * 20 * kv_bytes_per_token(module.policy.config, 2)
 
 
+@pytest.mark.parametrize(("keep", "kept"), [(None, True), (0, False)])
+def test_plan_counts_engine_weights_that_stay_while_the_engine_sleeps(keep, kept):
+    """A small full fine-tune: the engine sleeps at level 0, so its weights are there during training too."""
+    module = _grpo()
+    plugin = MemoryAwarePrecision(memory_budget=4 * GiB, engine_overhead_bytes=0)
+    calls = []
+    kwargs = {} if keep is None else {"keep_weights_bytes": keep}
+    cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin), **kwargs)
+    trainer = _trainer(plugin, steps=1, callbacks=[cb])
+    trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    parts = plugin.memory_plan.train_parts
+    name = "engine weights (kept while the engine sleeps)"
+    if kept:
+        params = sum(p.numel() for p in module.policy.parameters())
+        assert parts[name] == params * 2  # the engine's bf16 copy ("auto" counts 2 bytes)
+    else:
+        assert name not in parts
+
+
 def test_ppo_and_dpo_fit_with_the_plugin():
     L.seed_everything(0, verbose=False)
     ppo = PPO(reward_funcs=[dense_reward], model="tiny-llama", model_config=TINY, num_generations=2,
