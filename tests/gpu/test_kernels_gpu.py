@@ -103,9 +103,11 @@ def test_fp32_exact_products(variant):
 
 
 def test_odd_hidden_size_variants_fall_back():
-    """H=1000: not a multiple of BLOCK_K=64 (even_k falls back); rows of 2000 bytes are 16-byte aligned."""
-    for variant in ("even_k", "tma", "cublas"):
+    """H=1000: not a multiple of BLOCK_K=64 (even_k falls back); rows of 2000 bytes are 16-byte aligned (TMA
+    works). H=1001: rows of 2002 bytes are not, so the default's TMA loads fall back to pointer loads."""
+    for variant in ("even_k", "default", "cublas"):
         _compare(6, n=513, h=1000, v=5003, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2, config=VARIANTS[variant])
+    _compare(8, n=257, h=1001, v=5003, dtype=torch.bfloat16, tol_out=1e-4, tol_grad=2e-2, config=VARIANTS["default"])
 
 
 @pytest.mark.parametrize("variant", ["default", "cublas"])
