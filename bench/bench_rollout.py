@@ -94,7 +94,6 @@ def main():
     ap.add_argument("--execution", default="cuda_graphs", choices=["cuda_graphs", "compiled", "eager"])
     ap.add_argument("--sleep-level", type=int, default=None, choices=[0, 1, 2], help="engine sleep level")
     ap.add_argument("--skip-standalone", action="store_true")
-    ap.add_argument("--no-pause-gc", action="store_true", help="leave Python's garbage collector on during generate")
     ap.add_argument("--standalone", nargs=2, metavar=("MODEL_DIR", "IDS_JSON"), help=argparse.SUPPRESS)
     ap.add_argument("--eos", type=int, nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,7 +166,7 @@ def main():
     torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- GRPO fit through the callback
-    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level, pause_gc=not args.no_pause_gc)
+    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level)
     timer = StepTimer(rollout_cb)
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(max_steps=args.steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
@@ -183,7 +182,6 @@ def main():
     result["callback"] = {
         "fit_s_including_engine_start": fit_s,
         "sleep_level": timer.sleep_level,
-        "pause_gc": not args.no_pause_gc,
         "tokens_per_s": cb_rate,
         "step_s": step_s,
         "toggle_s": toggle_s,

@@ -62,8 +62,6 @@ class VLLMRollout(Callback):
             on the GPU, shared by the trainer and the engine (None: when possible; see
             :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
         enable_prefix_caching: share prompt KV blocks among a prompt's ``G`` completions.
-        pause_gc: pause Python's cyclic garbage collector while the engine generates (see
-            :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
         seed: sampling seed (offset by the last synced step on resume so runs do not replay).
         engine_kwargs: more ``vllm.LLM`` arguments.
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
@@ -85,7 +83,6 @@ class VLLMRollout(Callback):
         fp32_logits: bool = True,
         share_base_weights: bool | None = None,
         enable_prefix_caching: bool = True,
-        pause_gc: bool = True,
         seed: int = 0,
         engine_kwargs: Mapping[str, Any] | None = None,
         engine_factory: EngineFactory | None = None,
@@ -102,7 +99,6 @@ class VLLMRollout(Callback):
         self.lora_sync = lora_sync
         self.sleep_level = sleep_level
         self.keep_weights_bytes = keep_weights_bytes
-        self.pause_gc = pause_gc
         self.execution = execution
         self.fp32_logits = fp32_logits
         self.share_base_weights = share_base_weights
@@ -144,7 +140,7 @@ class VLLMRollout(Callback):
             max_num_seqs=prompts_per_step * g, kv_cache_bytes=kv, gpu_memory_utilization=self.gpu_memory_utilization,
             dtype=self.dtype, lora_sync=self.lora_sync, sleep_level=self.sleep_level,
             execution=self.execution, fp32_logits=self.fp32_logits, share_base_weights=self.share_base_weights,
-            seed=seed, keep_weights_bytes=self.keep_weights_bytes, pause_gc=self.pause_gc,
+            seed=seed, keep_weights_bytes=self.keep_weights_bytes,
             enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,
         )
 

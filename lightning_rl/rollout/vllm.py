@@ -182,19 +182,6 @@ def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
 KEEP_WEIGHTS_BYTES = 1 << 30
 
 
-@contextlib.contextmanager
-def _gc_paused(pause: bool) -> Iterator[None]:
-    """Disable the cyclic garbage collector inside the block (if ``pause`` and it was enabled)."""
-    was_enabled = gc.isenabled()
-    if pause and was_enabled:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if pause and was_enabled:
-            gc.enable()
-
-
 def auto_sleep_level(lora_mode: str | None, weight_bytes: int, keep_weights_bytes: int = KEEP_WEIGHTS_BYTES) -> int:
     """The sleep level ``sleep_level=None`` picks.
 
@@ -246,9 +233,6 @@ class VLLMEngine:
             kernel does, so the sampling log-probs come from logits that were never rounded to bf16.
         seed: vLLM's sampling seed.
         enable_prefix_caching: share the prompt's KV blocks between its ``G`` completions.
-        pause_gc: pause Python's cyclic garbage collector during ``generate``. The decode loop is bound
-            by the CPU for small models, and in a training process a collection can scan the trainer's
-            objects mid-rollout; the collector runs again as soon as ``generate`` returns.
         engine_kwargs: more ``vllm.LLM`` arguments (override the ones above).
     """
 
@@ -269,7 +253,6 @@ class VLLMEngine:
         share_base_weights: bool | None = None,
         seed: int = 0,
         enable_prefix_caching: bool = True,
-        pause_gc: bool = True,
         keep_weights_bytes: int = KEEP_WEIGHTS_BYTES,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
@@ -295,7 +278,6 @@ class VLLMEngine:
             self.lora_mode = "merged" if lora_sync == "merged" or reason else "adapter"
             if reason and lora_sync == "auto":
                 log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
-        self.pause_gc = pause_gc
         if share_base_weights and self.lora_mode != "adapter":
             raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
                              f"or 'auto'); this engine would push {self.lora_mode or 'full'} weights")
@@ -578,11 +560,10 @@ class VLLMEngine:
             seed=seed,
         )
         t0 = time.perf_counter()
-        with _gc_paused(self.pause_gc):
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False,
-                lora_request=self._lora_request,
-            )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False,
+            lora_request=self._lora_request,
+        )
         elapsed = time.perf_counter() - t0
         rows, completions, logprobs, reasons = [], [], [], []
         for prompt, out in zip(prompt_ids, outputs):

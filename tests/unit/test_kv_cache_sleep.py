@@ -120,43 +120,30 @@ def test_auto_sleep_level_keeps_small_weights_and_drops_large_ones():
     assert vllm_mod.auto_sleep_level(None, 270 << 20, keep_weights_bytes=0) == 2
 
 
-def test_generate_pauses_the_garbage_collector_and_restores_it(monkeypatch):
-    import gc
+def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
     import sys
 
+    from lightning_rl.rollout import SamplingConfig
+
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
-
-    seen = []
-
-    class Output:
-        def __init__(self):
-            self.outputs = [SimpleNamespace(index=0, token_ids=[5, 6], logprobs=[{5: SimpleNamespace(logprob=-0.5)},
-                                                                                 {6: SimpleNamespace(logprob=-1.0)}],
-                                            finish_reason="stop")]
+    step = SimpleNamespace
 
     class GeneratingLLM(FakeLLM):
         def generate(self, prompts, params, use_tqdm, lora_request):
-            seen.append(gc.isenabled())
-            if len(seen) == 2:
-                raise RuntimeError("engine failure")
-            return [Output() for _ in prompts]
+            self.calls.append(("generate", len(prompts), params["n"], params["logprobs"]))
+            outs = [step(index=1, token_ids=[7], logprobs=[{7: step(logprob=-2.0)}], finish_reason="length"),
+                    step(index=0, token_ids=[5, 6], logprobs=[{5: step(logprob=-0.5)}, {6: step(logprob=-1.0)}],
+                         finish_reason="stop")]
+            return [step(outputs=outs) for _ in prompts]
 
-    engine = _engine_without_vllm([], sleep_level=0)
-    engine.llm = GeneratingLLM([])
+    calls = []
+    engine = _engine_without_vllm(calls, sleep_level=0)
+    engine.llm = GeneratingLLM(calls)
     engine.max_model_len, engine.pad_token_id, engine.eos_token_ids = 64, 0, [2]
     engine._wake_weights = engine._wake_kv = lambda: None
-    from lightning_rl.rollout import SamplingConfig
-
-    assert gc.isenabled()
-    for pause in (True, False):
-        engine.pause_gc = pause
-        try:
-            rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0))
-        except RuntimeError:
-            rollout = None
-        assert gc.isenabled()  # back on after a normal return and after a failure
-    assert seen == [False, True]
-    assert rollout is None
-    engine.pause_gc = True
-    rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0))
-    assert rollout.completion_ids.tolist() == [[5, 6]] and rollout.sampling_logprobs.tolist() == [[-0.5, -1.0]]
+    rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0), num_generations=2)
+    assert calls == [("generate", 1, 2, 0)]
+    assert rollout.completion_ids.tolist() == [[5, 6], [7, 0]]  # ordered by completion index, right-padded
+    assert rollout.completion_mask.tolist() == [[1, 1], [1, 0]]
+    assert rollout.sampling_logprobs.tolist() == [[-0.5, -1.0], [-2.0, 0.0]]
+    assert rollout.finish_reasons == ["stop", "length"] and rollout.group_index.tolist() == [0, 0]
