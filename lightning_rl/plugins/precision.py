@@ -408,7 +408,7 @@ class MemoryAwarePrecision(Precision):
         from lightning_rl.callbacks.rollout import VLLMRollout
         from lightning_rl.lora import is_lora
         from lightning_rl.rollout.policy_weights import adapter_sync_unsupported_reason
-        from lightning_rl.rollout.vllm import auto_sleep_level
+        from lightning_rl.rollout.vllm import auto_sleep_level, engine_weight_dtype
 
         trainer = module._trainer
         cb = next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, VLLMRollout)), None)
@@ -419,7 +419,7 @@ class MemoryAwarePrecision(Precision):
         if is_lora(policy):
             adapter = cb.lora_sync != "merged" and not adapter_sync_unsupported_reason(policy)
             lora_mode = "adapter" if adapter else "merged"
-        weight_bytes = model.total_params * (2 if cb.dtype in ("auto", "bfloat16", "float16") else 4)
+        weight_bytes = model.total_params * engine_weight_dtype(policy, cb.dtype).itemsize
         level = cb.sleep_level if cb.sleep_level is not None else auto_sleep_level(
             lora_mode, weight_bytes, cb.keep_weights_bytes)
         return weight_bytes if level == 0 and lora_mode != "adapter" else 0
@@ -446,7 +446,9 @@ class MemoryAwarePrecision(Precision):
                                 sequences * int(text.vocab_size) * 4 * 2, headroom=1.0, offload_optimizer=False)
         if cb.gpu_memory_utilization is not None:
             return None  # vLLM sizes itself from a fraction of the GPU
-        engine_bytes = 2 if cb.dtype in ("auto", "bfloat16", "float16") else 4
+        from lightning_rl.rollout.vllm import engine_weight_dtype
+
+        engine_bytes = engine_weight_dtype(module.policy, cb.dtype).itemsize
         per_token = kv_bytes_per_token(config, engine_bytes)
         headroom = float(cb.kv_cache_headroom)
         if cb.kv_cache_bytes is not None:
