@@ -9,10 +9,18 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
 from lightning_rl.rollout.engine import RolloutEngine
-from lightning_rl.rollout.vllm import KEEP_WEIGHTS_BYTES, ExecutionMode, LoRASync
+from lightning_rl.rollout.vllm import (
+    KEEP_WEIGHTS_BYTES,
+    ExecutionMode,
+    LoRASync,
+    auto_sleep_level,
+    engine_weight_bytes,
+    lora_sync_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,17 @@ class VLLMRollout(Callback):
         self._restored_step = 0
 
     # ----------------------------------------------------------------------------- engine
+    def weights_kept_asleep_bytes(self, policy: nn.Module) -> int:
+        """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
+        lora_mode, _ = lora_sync_mode(policy, self.lora_sync)
+        if lora_mode == "adapter":
+            return 0
+        weight_bytes = engine_weight_bytes(policy, self.dtype)
+        level = self.sleep_level
+        if level is None:
+            level = auto_sleep_level(lora_mode, weight_bytes, self.keep_weights_bytes)
+        return weight_bytes if level == 0 else 0
+
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
         """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
         from lightning_rl.rollout.vllm import VLLMEngine, engine_weight_dtype, kv_cache_bytes_for

@@ -95,6 +95,14 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
     return model if isinstance(model, L.LightningModule) else None
 
 
+def _rollout_callback(module: L.LightningModule) -> Any:
+    """The trainer's :class:`~lightning_rl.callbacks.VLLMRollout`, if it has one."""
+    from lightning_rl.callbacks.rollout import VLLMRollout
+
+    trainer = getattr(module, "_trainer", None)
+    return next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, VLLMRollout)), None)
+
+
 def _find_config(module: nn.Module) -> Any:
     for m in module.modules():
         cfg = getattr(m, "config", None)
@@ -392,48 +400,23 @@ class MemoryAwarePrecision(Precision):
             if resolve_backend(backend, device) == "reference":
                 chunk = int(getattr(module, "logprob_chunk_size", 1024))
                 extra["log-prob chunk (fp32 logits)"] = chunk * int(text.vocab_size) * 12
-        kept = self._engine_weights_kept_asleep(module, model)
+        cb = _rollout_callback(module)
+        kept = cb.weights_kept_asleep_bytes(module.policy) if cb is not None and hasattr(module, "policy") else 0
         if kept:
             extra["engine weights (kept while the engine sleeps)"] = kept
         micro = getattr(module, "micro_batch_size", None)
         max_tokens = int(micro) * seq if isinstance(micro, int) else None
         return plan_memory(budget_bytes=budget, model=model, activation_bytes_per_token=act, sequence_tokens=seq,
-                           optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, config, seq, model),
+                           optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, cb, config, seq, model),
                            max_micro_batch_tokens=max_tokens, extra_train_parts=extra,
                            reserved_bytes=self.reserved_bytes, optimizer_device_bytes=opt_device)
 
-    @staticmethod
-    def _engine_weights_kept_asleep(module: L.LightningModule, model: ModelMemory) -> int:
-        """Bytes of the vLLM engine's weights that stay on the GPU while it sleeps (sleep level 0)."""
-        from lightning_rl.callbacks.rollout import VLLMRollout
-        from lightning_rl.lora import is_lora
-        from lightning_rl.rollout.policy_weights import adapter_sync_unsupported_reason
-        from lightning_rl.rollout.vllm import auto_sleep_level, engine_weight_dtype
-
-        trainer = module._trainer
-        cb = next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, VLLMRollout)), None)
-        policy = getattr(module, "policy", None)
-        if cb is None or policy is None:
-            return 0
-        lora_mode = None
-        if is_lora(policy):
-            adapter = cb.lora_sync != "merged" and not adapter_sync_unsupported_reason(policy)
-            lora_mode = "adapter" if adapter else "merged"
-        weight_bytes = model.total_params * engine_weight_dtype(policy, cb.dtype).itemsize
-        level = cb.sleep_level if cb.sleep_level is not None else auto_sleep_level(
-            lora_mode, weight_bytes, cb.keep_weights_bytes)
-        return weight_bytes if level == 0 and lora_mode != "adapter" else 0
-
     def _rollout_needs(
-        self, module: L.LightningModule, config: Any, seq: int, model: ModelMemory
+        self, module: L.LightningModule, cb: Any, config: Any, seq: int, model: ModelMemory
     ) -> RolloutNeeds | None:
         if not hasattr(module, "generate_rollout"):
             return None
-        from lightning_rl.callbacks.rollout import VLLMRollout
-
         trainer = module._trainer
-        callbacks = trainer.callbacks if trainer is not None else []
-        cb = next((c for c in callbacks if isinstance(c, VLLMRollout)), None)
         g = int(getattr(module, "num_generations", 1))
         prompts = getattr(cb, "prompts_per_step", None) or getattr(getattr(trainer, "datamodule", None),
                                                                    "batch_size", None)

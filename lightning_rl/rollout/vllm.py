@@ -188,6 +188,24 @@ def engine_weight_dtype(model: nn.Module, dtype: str | torch.dtype = "auto") -> 
     return next(unwrap(model).parameters()).dtype if dtype == "auto" else torch_dtype(dtype)
 
 
+def engine_weight_bytes(model: nn.Module, dtype: str | torch.dtype = "auto") -> int:
+    """Size of the engine's copy of the policy's weights (see :func:`engine_weight_dtype`)."""
+    base = unwrap(model)
+    return sum(p.numel() for p in base.parameters()) * engine_weight_dtype(base, dtype).itemsize
+
+
+def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
+    """How the policy's weights reach the engine: ``(mode, reason)``.
+
+    ``mode`` is None for a policy without LoRA (full weights), ``"adapter"`` or ``"merged"``;
+    ``reason`` says why vLLM cannot take the adapter as tensors (None when it can).
+    """
+    if not is_lora(model):
+        return None, None
+    reason = adapter_sync_unsupported_reason(model)
+    return ("merged" if lora_sync == "merged" or reason else "adapter"), reason
+
+
 def auto_sleep_level(lora_mode: str | None, weight_bytes: int, keep_weights_bytes: int = KEEP_WEIGHTS_BYTES) -> int:
     """The sleep level ``sleep_level=None`` picks.
 
@@ -276,14 +294,11 @@ class VLLMEngine:
         self.pad_token_id = int(pad_token_id)
         self.max_model_len = int(max_model_len)
         self.lora_sync = lora_sync
-        self.lora_mode: str | None = None
-        if is_lora(model):
-            reason = adapter_sync_unsupported_reason(model)
-            if lora_sync == "adapter" and reason:
-                raise ValueError(f"lora_sync='adapter' is impossible for this adapter: {reason}; use 'merged'")
-            self.lora_mode = "merged" if lora_sync == "merged" or reason else "adapter"
-            if reason and lora_sync == "auto":
-                log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
+        self.lora_mode, reason = lora_sync_mode(model, lora_sync)
+        if lora_sync == "adapter" and reason:
+            raise ValueError(f"lora_sync='adapter' is impossible for this adapter: {reason}; use 'merged'")
+        if reason and lora_sync == "auto":
+            log.warning("vLLM cannot take this LoRA adapter as tensors (%s): pushing merged weights", reason)
         if share_base_weights and self.lora_mode != "adapter":
             raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
                              f"or 'auto'); this engine would push {self.lora_mode or 'full'} weights")
@@ -303,7 +318,7 @@ class VLLMEngine:
         if quant is not None and str(method).lower().endswith("gguf"):
             del config.quantization_config  # a GGUF file de-quantized on load: the weights in memory are plain
         weight_dtype = engine_weight_dtype(base, dtype)
-        self.weight_bytes = sum(p.numel() for p in base.parameters()) * weight_dtype.itemsize
+        self.weight_bytes = engine_weight_bytes(base, dtype)
         if sleep_level is None:
             sleep_level = auto_sleep_level(self.lora_mode, self.weight_bytes, keep_weights_bytes)
         self.sleep_level = sleep_level

@@ -334,3 +334,20 @@ def test_lora_base_and_adapter_tensors():
     assert config["r"] == 4 and config["lora_alpha"] == 8
     dora = apply_lora(load_policy("tiny-llama")[0], {"r": 4, "use_dora": True})
     assert "DoRA" in vllm_mod.adapter_sync_unsupported_reason(dora)
+
+
+def test_weights_kept_asleep_follow_the_engines_sync_mode_and_sleep_level():
+    net, _ = load_policy("tiny-llama")
+    full_bytes = sum(p.numel() for p in net.parameters()) * 4  # fp32 policy, engine dtype "auto"
+    assert vllm_mod.lora_sync_mode(net, "auto") == (None, None)
+    assert VLLMRollout().weights_kept_asleep_bytes(net) == full_bytes  # small: level 0 keeps them
+    assert VLLMRollout(dtype="bfloat16").weights_kept_asleep_bytes(net) == full_bytes // 2
+    assert VLLMRollout(keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0  # level 2 drops them
+    assert VLLMRollout(sleep_level=1, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0
+    assert VLLMRollout(sleep_level=0, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == full_bytes
+    peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
+    assert vllm_mod.lora_sync_mode(peft, "auto") == ("adapter", None)
+    assert vllm_mod.lora_sync_mode(peft, "merged") == ("merged", None)
+    assert VLLMRollout().weights_kept_asleep_bytes(peft) == 0  # adapter sync: the base waits in CPU memory
+    merged = sum(p.numel() for p in peft.get_base_model().parameters()) * 4
+    assert VLLMRollout(lora_sync="merged").weights_kept_asleep_bytes(peft) == merged
