@@ -53,8 +53,16 @@ def token_logprobs_entropy(
     backend: Backend = "auto",
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log p(target)`` and entropy per row of ``hidden`` (see ``lightning_rl.kernels``)."""
+    """``log p(target)`` and entropy per row of ``hidden`` (see ``lightning_rl.kernels``).
+
+    Under autocast the Triton kernel takes its matrix inputs in the autocast dtype (fp32 master weights
+    are cast once per call, hidden states too) and accumulates in fp32: the speed of bf16 weights,
+    with dW returned in the weight's own dtype. The reference path always computes in fp32.
+    """
     if resolve_backend(backend, hidden.device) == "triton":
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type) and hidden.dtype == torch.float32:
+            hidden = hidden.to(torch.get_autocast_dtype(device_type))
         return _triton_fn()(hidden, weight, targets, bias=bias, temperature=temperature)
     return token_logprobs_entropy_reference(hidden, weight, targets, bias, temperature, chunk_size)
 

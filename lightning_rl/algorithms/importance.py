@@ -50,17 +50,24 @@ def importance_weights(
     return torch.exp(delta.clamp(max=math.log(cap))) * m
 
 
+def mismatch_terms(
+    trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|trainer_logp - engine_logp|, mask)`` as float tensors, for statistics summed on the device."""
+    delta = (trainer_logp.detach().float() - engine_logp.detach().float()).abs()
+    return delta, mask.float()
+
+
 def mismatch_stats(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Mean and max ``|trainer_logp - engine_logp|`` over completion tokens.
 
     Returns:
         ``{"logprob_mismatch_mean": ..., "logprob_mismatch_max": ...}`` (0 when the mask is empty).
     """
-    m = mask.bool()
-    if not m.any():
-        return {"logprob_mismatch_mean": 0.0, "logprob_mismatch_max": 0.0}
-    delta = (trainer_logp.detach().float() - engine_logp.detach().float()).abs()[m]
-    return {"logprob_mismatch_mean": delta.mean().item(), "logprob_mismatch_max": delta.max().item()}
+    delta, m = mismatch_terms(trainer_logp, engine_logp, mask)
+    masked = delta * m
+    return {"logprob_mismatch_mean": (masked.sum() / m.sum().clamp(min=1)).item(),
+            "logprob_mismatch_max": masked.max().item() if masked.numel() else 0.0}
 
 
-__all__ = ["IMPORTANCE_LEVELS", "ImportanceLevel", "importance_weights", "mismatch_stats"]
+__all__ = ["IMPORTANCE_LEVELS", "ImportanceLevel", "importance_weights", "mismatch_stats", "mismatch_terms"]

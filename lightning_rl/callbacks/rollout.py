@@ -8,10 +8,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.rollout.engine import RolloutEngine
 from lightning_rl.rollout.vllm import (
     KEEP_WEIGHTS_BYTES,
@@ -19,6 +21,7 @@ from lightning_rl.rollout.vllm import (
     LoRASync,
     auto_sleep_level,
     engine_weight_bytes,
+    engine_weight_dtype,
     lora_sync_mode,
 )
 
@@ -54,7 +57,9 @@ class VLLMRollout(Callback):
         kv_cache_bytes: KV-cache size; None computes it from the rollout shape with ``kv_cache_headroom``.
         kv_cache_headroom: multiplier on the computed KV-cache size.
         gpu_memory_utilization: use vLLM's fraction-of-GPU sizing instead (ignores the two above).
-        dtype: engine weight dtype (``auto`` = the policy's).
+        dtype: engine weight and KV-cache dtype. ``auto``: the trainer's compute dtype under mixed precision
+            (bf16 for ``bf16-mixed`` and :class:`~lightning_rl.plugins.MemoryAwarePrecision`), else the
+            policy's; never fp32 for LoRA adapters pushed as tensors (see :meth:`engine_dtype`).
         lora_sync: ``auto``, ``adapter`` or ``merged`` (see :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
         sleep_level: 0 (KV cache only), 1, 2 or None (automatic: 1 for adapter-only LoRA sync; with full
             pushes 0 while the engine's weights fit ``keep_weights_bytes``, else 2); see
@@ -122,12 +127,22 @@ class VLLMRollout(Callback):
         self._restored_step = 0
 
     # ----------------------------------------------------------------------------- engine
-    def weights_kept_asleep_bytes(self, policy: nn.Module) -> int:
+    def engine_dtype(self, policy: nn.Module, trainer: Any = None) -> torch.dtype:
+        """The engine's weight and KV-cache dtype: ``dtype``, or for ``"auto"`` the trainer's compute dtype.
+
+        Under mixed precision (fp32 master weights, bf16 autocast) the engine runs in bf16: half the
+        memory of an fp32 engine, and vLLM's LoRA kernels need 16 bits. See
+        :func:`~lightning_rl.rollout.vllm.engine_weight_dtype`.
+        """
+        lora_mode, _ = lora_sync_mode(policy, self.lora_sync)
+        return engine_weight_dtype(policy, self.dtype, trainer_compute_dtype(trainer), adapter=lora_mode == "adapter")
+
+    def weights_kept_asleep_bytes(self, policy: nn.Module, trainer: Any = None) -> int:
         """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
         lora_mode, _ = lora_sync_mode(policy, self.lora_sync)
         if lora_mode == "adapter":
             return 0
-        weight_bytes = engine_weight_bytes(policy, self.dtype)
+        weight_bytes = engine_weight_bytes(policy, self.engine_dtype(policy, trainer))
         level = self.sleep_level
         if level is None:
             level = auto_sleep_level(lora_mode, weight_bytes, self.keep_weights_bytes)
@@ -135,7 +150,7 @@ class VLLMRollout(Callback):
 
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
         """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
-        from lightning_rl.rollout.vllm import VLLMEngine, engine_weight_dtype, kv_cache_bytes_for
+        from lightning_rl.rollout.vllm import VLLMEngine, kv_cache_bytes_for
 
         seed = self.seed + self._restored_step
         if self.engine_factory is not None:
@@ -145,19 +160,20 @@ class VLLMRollout(Callback):
         prompt_len = pl_module.max_prompt_length or 1024
         max_model_len = self.max_model_len or prompt_len + sampling.max_new_tokens
         policy = pl_module.policy
+        trainer = getattr(pl_module, "_trainer", None)
+        dtype = self.engine_dtype(policy, trainer)
         kv = self.kv_cache_bytes
-        plugin = _memory_plugin(getattr(pl_module, "_trainer", None))
+        plugin = _memory_plugin(trainer)
         if kv is None and self.gpu_memory_utilization is None and plugin is not None:
             kv = plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
         if kv is None and self.gpu_memory_utilization is None:
-            dtype = engine_weight_dtype(policy, self.dtype)
             kv = kv_cache_bytes_for(policy.config, prompts_per_step, g, max_model_len - sampling.max_new_tokens,
                                     sampling.max_new_tokens, dtype, self.kv_cache_headroom,
                                     shared_prompts=self.enable_prefix_caching)
         return VLLMEngine(
             policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, max_model_len,
             max_num_seqs=prompts_per_step * g, kv_cache_bytes=kv, gpu_memory_utilization=self.gpu_memory_utilization,
-            dtype=self.dtype, lora_sync=self.lora_sync, sleep_level=self.sleep_level,
+            dtype=str(dtype).removeprefix("torch."), lora_sync=self.lora_sync, sleep_level=self.sleep_level,
             execution=self.execution, fp32_logits=self.fp32_logits, share_base_weights=self.share_base_weights,
             seed=seed, keep_weights_bytes=self.keep_weights_bytes,
             enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_rl.algorithms.advantages import SCALE_REWARDS, ScaleRewards, group_advantages
-from lightning_rl.algorithms.importance import IMPORTANCE_LEVELS, ImportanceLevel, importance_weights, mismatch_stats
+from lightning_rl.algorithms.importance import IMPORTANCE_LEVELS, ImportanceLevel, importance_weights, mismatch_terms
 from lightning_rl.algorithms.losses import (
     LOSS_TYPES,
     LossType,
@@ -68,7 +69,9 @@ class GRPO(PolicyModule):
             ``min(pi_old / pi_engine, cap)`` on the per-token loss. The mismatch (mean and max
             ``|delta log-prob|``) is logged either way.
         importance_sampling_cap: upper bound of an importance weight.
-        micro_batch_size: sequences per forward/backward (gradients accumulate over them).
+        micro_batch_size: sequences per forward/backward (gradients accumulate over them). None (default):
+            as many as the memory plan of :class:`~lightning_rl.plugins.MemoryAwarePrecision` allows, else
+            what the free device memory holds (all of them on a CPU); see ``PolicyModule.micro_batch_for``.
         generation_batch_size: sequences per ``generate`` call of the default engine.
         val_max_new_tokens: generation limit for validation (greedy); defaults to ``max_new_tokens``.
         model: model source (see :func:`lightning_rl.models.load_policy`).
@@ -86,7 +89,7 @@ class GRPO(PolicyModule):
         chat_template: render plain-text prompts with the chat template.
         max_prompt_length: prompt length limit in tokens.
         truncate_prompts: left-truncate long prompts instead of refusing them.
-        gradient_checkpointing: recompute activations in the backward.
+        gradient_checkpointing: recompute activations in the backward; None (default): on CUDA devices.
         max_nonfinite_steps: consecutive NaN/inf steps skipped before an error.
     """
 
@@ -109,7 +112,7 @@ class GRPO(PolicyModule):
         mask_truncated_completions: bool = False,
         importance_sampling: ImportanceLevel = "none",
         importance_sampling_cap: float = 2.0,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | None = None,
         generation_batch_size: int = 64,
         val_max_new_tokens: int | None = None,
         model: str = EMBEDDED_DEFAULT,
@@ -127,7 +130,7 @@ class GRPO(PolicyModule):
         chat_template: bool = True,
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__(
@@ -148,8 +151,9 @@ class GRPO(PolicyModule):
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}")
+        micro = 1 if micro_batch_size is None else micro_batch_size
         for name, v in (("num_iterations", num_iterations), ("num_mini_batches", num_mini_batches),
-                        ("micro_batch_size", micro_batch_size), ("generation_batch_size", generation_batch_size)):
+                        ("micro_batch_size", micro), ("generation_batch_size", generation_batch_size)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
@@ -180,14 +184,12 @@ class GRPO(PolicyModule):
     def needs_reference_model(self) -> bool:
         return self.beta > 0
 
-    # ----------------------------------------------------------------------------- rollouts
     # ----------------------------------------------------------------------------- training
     @torch.no_grad()
-    def _logprobs_no_grad(self, model: nn.Module, rollout: Rollout) -> torch.Tensor:
+    def _logprobs_no_grad(self, model: nn.Module, rollout: Rollout, micro: int) -> torch.Tensor:
         out = []
-        for start in range(0, rollout.num_sequences, self.micro_batch_size):
-            lp, _ = self.sequence_logprobs(model, rollout, slice(start, start + self.micro_batch_size),
-                                           self.sampling.temperature)
+        for start in range(0, rollout.num_sequences, micro):
+            lp, _ = self.sequence_logprobs(model, rollout, slice(start, start + micro), self.sampling.temperature)
             out.append(lp)
         return torch.cat(out)
 
@@ -199,7 +201,10 @@ class GRPO(PolicyModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it."""
+        """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it.
+
+        Step statistics stay on the device as tensors and are read back once, at the end of the step.
+        """
         prompts = batch["prompt"]
         t0 = time.perf_counter()
         rollout = batch.get("rollout")
@@ -210,6 +215,7 @@ class GRPO(PolicyModule):
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
+        micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
         total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
         mask = rollout.completion_mask.float()
@@ -219,26 +225,24 @@ class GRPO(PolicyModule):
 
         t1 = time.perf_counter()
         off_policy = self.num_iterations > 1 or self.num_mini_batches > 1
-        old_logp = self._logprobs_no_grad(self.policy, rollout) if off_policy else None
+        old_logp = self._logprobs_no_grad(self.policy, rollout, micro) if off_policy else None
         ref_logp = None
         if self.beta > 0:
             with self.reference_model() as ref:
-                ref_logp = self._logprobs_no_grad(ref, rollout)
+                ref_logp = self._logprobs_no_grad(ref, rollout, micro)
 
-        stats: dict[str, list[float]] = {k: [] for k in ("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low",
-                                                        "clip_ratio_high", "grad_norm", "importance_weight")}
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         world = self.trainer.world_size if self._trainer is not None else 1
-        mismatch: list[dict[str, float]] = []
         for it in range(self.num_iterations):
             for lo, hi in bounds:
                 rows = slice(lo, hi)
                 weights = token_weights(
-                    mask[rows], self.loss_type, self.sampling.max_new_tokens, self.micro_batch_size, world,
+                    mask[rows], self.loss_type, self.sampling.max_new_tokens, micro, world,
                     self._global_tokens(mask[rows]) if self.loss_type == "dapo" else None,
                 )
-                step_loss = 0.0
-                for s in range(rows.start, rows.stop, self.micro_batch_size):
-                    mb = slice(s, min(s + self.micro_batch_size, rows.stop))
+                step_loss = torch.zeros((), device=self.device)
+                for s in range(rows.start, rows.stop, micro):
+                    mb = slice(s, min(s + micro, rows.stop))
                     w = weights[mb.start - rows.start : mb.stop - rows.start]
                     logp, ent = self.sequence_logprobs(self.policy, rollout, mb, self.sampling.temperature)
                     old = logp.detach() if old_logp is None else old_logp[mb]
@@ -246,46 +250,56 @@ class GRPO(PolicyModule):
                     per_token = terms.loss
                     mmask = mask[mb]
                     if it == 0:
-                        mismatch.append(mismatch_stats(old, rollout.sampling_logprobs[mb], rollout.completion_mask[mb]))
+                        delta, cmask = mismatch_terms(old, rollout.sampling_logprobs[mb], rollout.completion_mask[mb])
+                        stats["mismatch_sum"].append((delta * cmask).sum())
+                        stats["mismatch_count"].append(cmask.sum())
+                        stats["logprob_mismatch_max"].append((delta * cmask).max())
                     if self.importance_sampling != "none":
                         isw = importance_weights(old, rollout.sampling_logprobs[mb], mmask,
                                                  self.importance_sampling, self.importance_sampling_cap)
                         per_token = per_token * isw
-                        stats["importance_weight"].append(masked_mean(isw, mmask).item())
+                        stats["importance_weight"].append(masked_mean(isw, mmask))
                     if ref_logp is not None:
                         kl = kl_k3(logp, ref_logp[mb])
                         per_token = per_token + self.beta * kl
-                        stats["kl"].append(masked_mean(kl.detach(), mmask).item())
+                        stats["kl"].append(masked_mean(kl.detach(), mmask))
                     loss = (per_token * w).sum()
                     self.manual_backward(loss)
-                    step_loss += loss.item()
-                    stats["entropy"].append(masked_mean(ent.detach(), mmask).item())
+                    step_loss = step_loss + loss.detach()
+                    stats["entropy"].append(masked_mean(ent.detach(), mmask))
                     low, high = terms.clipped_low.float(), terms.clipped_high.float()
-                    stats["clip_ratio_low"].append(masked_mean(low, mmask).item())
-                    stats["clip_ratio_high"].append(masked_mean(high, mmask).item())
-                    stats["clip_ratio"].append(masked_mean(low + high, mmask).item())
+                    stats["clip_ratio_low"].append(masked_mean(low, mmask))
+                    stats["clip_ratio_high"].append(masked_mean(high, mmask))
+                    stats["clip_ratio"].append(masked_mean(low + high, mmask))
                 result = self.optimizer_step_checked(step_loss)
                 stats["loss"].append(step_loss)
-                stats["grad_norm"].append(result["grad_norm"])
+                stats["grad_norm"].append(torch.tensor(result["grad_norm"]))
         train_time = time.perf_counter() - t1
 
         lengths = rollout.completion_mask.sum(-1).float()
-        values = {k: sum(v) / len(v) for k, v in stats.items() if v}
         finite = total[~torch.isnan(total)]
+        device_values = {k: torch.stack([v.float().to(self.device) for v in vs]).mean()
+                         for k, vs in stats.items() if vs and k not in ("mismatch_sum", "mismatch_count",
+                                                                       "logprob_mismatch_max")}
+        if stats["mismatch_count"]:
+            count = torch.stack(stats["mismatch_count"]).sum()
+            device_values["logprob_mismatch_mean"] = torch.stack(stats["mismatch_sum"]).sum() / count.clamp(min=1)
+            device_values["logprob_mismatch_max"] = torch.stack(stats["logprob_mismatch_max"]).max()
+        device_values.update(
+            advantage_abs=advantages.abs().mean(),
+            completion_length=lengths.mean(),
+            completion_length_max=lengths.max(),
+            truncated_frac=truncated.float().mean(),
+        )
+        values = dict(zip(device_values, torch.stack(list(device_values.values())).tolist()))  # one sync
+        tokens = float(lengths.sum())
         values.update(
             reward=finite.mean().item() if finite.numel() else float("nan"),
             reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
-            advantage_abs=advantages.abs().mean().item(),
-            completion_length=lengths.mean().item(),
-            completion_length_max=lengths.max().item(),
-            truncated_frac=truncated.float().mean().item(),
             rollout_time=rollout_time,
             train_time=train_time,
-            tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
+            tokens_per_sec=tokens / max(rollout_time, 1e-9),
         )
-        if mismatch:
-            values["logprob_mismatch_mean"] = sum(d["logprob_mismatch_mean"] for d in mismatch) / len(mismatch)
-            values["logprob_mismatch_max"] = max(d["logprob_mismatch_max"] for d in mismatch)
         for j, name in enumerate(self.rewards.names):
             col = per_fn[:, j]
             col = col[~torch.isnan(col)]

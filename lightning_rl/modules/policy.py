@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
+from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
 from lightning_rl.prompting import Prompt, encode_prompts
@@ -50,7 +50,8 @@ class PolicyModule(L.LightningModule):
         chat_template: render plain-text prompts with the tokenizer's chat template.
         max_prompt_length: refuse longer prompts (or left-truncate them with ``truncate_prompts``).
         truncate_prompts: keep the last ``max_prompt_length`` tokens instead of refusing.
-        gradient_checkpointing: recompute activations in the backward to save memory.
+        gradient_checkpointing: recompute activations in the backward to save memory. None (default):
+            on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
     """
@@ -72,7 +73,7 @@ class PolicyModule(L.LightningModule):
         chat_template: bool = True,
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__()
@@ -96,13 +97,15 @@ class PolicyModule(L.LightningModule):
         self.chat_template = chat_template
         self.max_prompt_length = max_prompt_length
         self.truncate_prompts = truncate_prompts
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing_setting = gradient_checkpointing
+        self.gradient_checkpointing = bool(gradient_checkpointing)  # resolved in setup() when None
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
         self._frozen_reference: list[nn.Module] = []  # kept out of the state dict and of .parameters()
         self._nonfinite_streak = 0
         self.rollout_engine: RolloutEngine | None = None
+        self.micro_batch_tokens: int | None = None  # set by the memory plan or on_fit_start (micro_batch_size None)
         self.generation_batch_size = 64  # sequences per generate call of the default engine
 
     # ----------------------------------------------------------------------------- model
@@ -112,15 +115,37 @@ class PolicyModule(L.LightningModule):
         if self.policy is not None:
             return
         net, tok = load_policy(self.model_source, self.model_config, self.dtype_name)
-        if self.gradient_checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.lora is not None:
-                net.enable_input_require_grads()
         if self.needs_reference_model and self.lora is None:
             ref = copy.deepcopy(net).eval().requires_grad_(False)
             self._frozen_reference = [ref]
         self.policy = apply_lora(net, self.lora)
         self.tokenizer = tok
+        self.apply_gradient_checkpointing()
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Resolve ``gradient_checkpointing=None`` for the trainer's device (before the memory plan reads it)."""
+        if self.gradient_checkpointing_setting is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            self.gradient_checkpointing = device.type == "cuda"
+
+    def apply_gradient_checkpointing(self) -> None:
+        """Turn on activation recomputation in the policy's layers when ``gradient_checkpointing`` says so.
+
+        transformers recomputes only while the model is in train mode, which :meth:`on_train_batch_start`
+        ensures for the update.
+        """
+        if self.policy is None or not self.gradient_checkpointing:
+            return
+        net = unwrap(self.policy)
+        if not getattr(net, "supports_gradient_checkpointing", True) or _checkpointing_on(net):
+            return
+        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_lora(self.policy):
+            net.enable_input_require_grads()
 
     @property
     def needs_reference_model(self) -> bool:
@@ -158,9 +183,58 @@ class PolicyModule(L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Move the frozen reference copy (not a registered submodule) to the training device."""
+        """Move the frozen reference copy (not a registered submodule) to the training device.
+
+        Also turns on gradient checkpointing for a policy loaded before the trainer resolved the setting
+        (e.g. by :meth:`evaluate` before ``fit``), and sizes micro-batches when ``micro_batch_size`` is
+        None and no memory plan did (:meth:`auto_micro_batch_tokens`).
+        """
         for ref in self._frozen_reference:
             ref.to(self.device)
+        self.apply_gradient_checkpointing()
+        if getattr(self, "micro_batch_size", 0) is None and self.micro_batch_tokens is None:
+            self.micro_batch_tokens = self.auto_micro_batch_tokens()
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Train mode for the update (dropout, gradient checkpointing); rollouts switch to eval themselves.
+
+        transformers loads models in eval mode and Lightning keeps the mode a submodule has, so without
+        this the policy would train in eval mode. The frozen reference copy is not a registered
+        submodule and stays in eval mode.
+        """
+        self.train()
+
+    def auto_micro_batch_tokens(self) -> int | None:
+        """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
+
+        On CUDA: what the free device memory holds after gradients and optimizer states, at most
+        :data:`~lightning_rl.plugins.memory_plan.MAX_MICRO_BATCH_TOKENS`; elsewhere None (each optimizer
+        step's share of the rollout in one micro-batch).
+        """
+        if self.device.type != "cuda" or self.policy is None:
+            return None
+        from lightning_rl.plugins.memory_plan import activation_bytes_per_token, micro_batch_tokens_for
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        trainable = self.trainable_parameters()
+        state_bytes = sum(p.numel() * (p.element_size() + 8) for p in trainable)  # gradient + two AdamW moments
+        mixed = str(self.trainer.precision).startswith(("bf16", "16"))
+        act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
+        per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing)
+        return micro_batch_tokens_for(free - state_bytes, per_token)
+
+    def micro_batch_for(self, num_sequences: int, sequence_tokens: int) -> int:
+        """Sequences per forward/backward for ``num_sequences`` rows of ``sequence_tokens`` padded tokens.
+
+        ``micro_batch_size`` when set; else as many as ``micro_batch_tokens`` (from the memory plan or
+        :meth:`auto_micro_batch_tokens`) holds; else all of them.
+        """
+        if self.micro_batch_size:
+            return max(1, min(self.micro_batch_size, num_sequences))
+        if self.micro_batch_tokens:
+            return max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
+        return max(1, num_sequences)
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
@@ -290,8 +364,10 @@ class PolicyModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
-    def optimizer_step_checked(self, loss_value: float) -> dict[str, float]:
+    def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
         """Clip, check for NaN/inf, then step (or skip, leaving the weights untouched).
+
+        One host synchronization: the loss and the gradient norm are checked together.
 
         Returns:
             ``{"grad_norm": ..., "skipped": 0 or 1}``.
@@ -300,12 +376,13 @@ class PolicyModule(L.LightningModule):
         params = self.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros(())
-        finite = math.isfinite(loss_value) and bool(torch.isfinite(norm))
-        if not finite:
+            if grads else torch.zeros((), device=self.device)
+        loss = torch.as_tensor(loss_value, dtype=torch.float32).to(norm.device)
+        loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._nonfinite_streak += 1
             opt.zero_grad(set_to_none=True)
-            log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_value, norm.item())
+            log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_value, norm_value)
             if self._nonfinite_streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"the loss or gradients were NaN/inf for {self._nonfinite_streak} optimizer steps in a row "
@@ -321,12 +398,19 @@ class PolicyModule(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
-        return {"grad_norm": norm.item(), "skipped": 0.0}
+        return {"grad_norm": norm_value, "skipped": 0.0}
 
     @staticmethod
     def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:
         """The dataset's extra columns of a batch (passed to reward functions)."""
         return {k: v for k, v in batch.items() if k not in exclude}
+
+
+def _checkpointing_on(net: nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is on (read without its deprecation warning)."""
+    name = "is_activation_checkpointing" if hasattr(type(net), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(net, name, False))
 
 
 def metric_key(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,7 +78,8 @@ class PPO(PolicyModule):
         ppo_epochs: passes over each rollout.
         num_mini_batches: optimizer steps per pass, on near-equal shares of the completions (fewer
             when the batch has fewer completions).
-        micro_batch_size: sequences per forward/backward (gradients accumulate over them).
+        micro_batch_size: sequences per forward/backward (gradients accumulate over them); None (default):
+            sized by the memory plan or the free device memory (see ``PolicyModule.micro_batch_for``).
         generation_batch_size: sequences per ``generate`` call of the default engine.
         critic_model: a separate critic (model source as for ``model``; same tokenizer as the policy);
             None puts the value head on the policy's backbone.
@@ -101,7 +103,7 @@ class PPO(PolicyModule):
         chat_template: render plain-text prompts with the chat template.
         max_prompt_length: refuse longer prompts (or truncate with ``truncate_prompts``).
         truncate_prompts: keep the last ``max_prompt_length`` prompt tokens instead of refusing.
-        gradient_checkpointing: recompute activations in the backward.
+        gradient_checkpointing: recompute activations in the backward; None (default): on CUDA devices.
         max_nonfinite_steps: consecutive non-finite steps skipped before training stops.
     """
 
@@ -128,7 +130,7 @@ class PPO(PolicyModule):
         whiten_advantages: bool = True,
         ppo_epochs: int = 4,
         num_mini_batches: int = 1,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | None = None,
         generation_batch_size: int = 64,
         critic_model: str | None = None,
         critic_model_config: dict[str, Any] | None = None,
@@ -150,7 +152,7 @@ class PPO(PolicyModule):
         chat_template: bool = True,
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
     ) -> None:
         super().__init__(
@@ -165,8 +167,9 @@ class PPO(PolicyModule):
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}")
+        micro = 1 if micro_batch_size is None else micro_batch_size
         for name, v in (("num_generations", num_generations), ("ppo_epochs", ppo_epochs),
-                        ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro_batch_size),
+                        ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro),
                         ("generation_batch_size", generation_batch_size)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -289,18 +292,20 @@ class PPO(PolicyModule):
         return logp, ent, values
 
     @torch.no_grad()
-    def _rollout_stats(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _rollout_stats(
+        self, rollout: Rollout, micro: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Old log-probs, old values and (when the KL penalty is on) reference log-probs, without grad."""
         old_lp, old_v, ref_lp = [], [], []
-        for start in range(0, rollout.num_sequences, self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
+        for start in range(0, rollout.num_sequences, micro):
+            rows = slice(start, start + micro)
             lp, _, v = self.policy_and_values(rollout, rows)
             old_lp.append(lp)
             old_v.append(v)
         if self.needs_reference_model:
             with self.reference_model() as ref:
-                for start in range(0, rollout.num_sequences, self.micro_batch_size):
-                    rows = slice(start, start + self.micro_batch_size)
+                for start in range(0, rollout.num_sequences, micro):
+                    rows = slice(start, start + micro)
                     ref_lp.append(self.sequence_logprobs(ref, rollout, rows, self.sampling.temperature)[0])
         return torch.cat(old_lp), torch.cat(old_v), torch.cat(ref_lp) if ref_lp else None
 
@@ -324,13 +329,14 @@ class PPO(PolicyModule):
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
+        micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
         total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         total = total.to(self.device)
         scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
         mask = rollout.completion_mask.float() * scored.float()[:, None]
 
         t1 = time.perf_counter()
-        old_logp, old_values, ref_logp = self._rollout_stats(rollout)
+        old_logp, old_values, ref_logp = self._rollout_stats(rollout, micro)
         kl = kl_penalty(old_logp, ref_logp, self.kl_estimator) * mask if ref_logp is not None \
             else torch.zeros_like(old_logp)
         kl_coef = self.kl_ctl.value
@@ -339,21 +345,20 @@ class PPO(PolicyModule):
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._sum_over_processes())
 
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clip_frac",
-                                                        "value_clip_frac", "approx_kl", "entropy", "grad_norm")}
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(self.ppo_epochs):
             order = torch.randperm(n).to(self.device)
             for lo, hi in bounds:
                 idx = order[lo:hi]
                 tokens = mask[idx].sum().clamp(min=1)
-                step_loss = 0.0
-                for s in range(0, hi - lo, self.micro_batch_size):
-                    mb = idx[s : s + self.micro_batch_size]
-                    step_loss += self._micro_step(rollout, mb, mask[mb], tokens, old_logp[mb], old_values[mb],
-                                                  advantages[mb], returns[mb], stats)
+                step_loss = torch.zeros((), device=self.device)
+                for s in range(0, hi - lo, micro):
+                    mb = idx[s : s + micro]
+                    step_loss = step_loss + self._micro_step(rollout, mb, mask[mb], tokens, old_logp[mb],
+                                                             old_values[mb], advantages[mb], returns[mb], stats)
                 result = self.optimizer_step_checked(step_loss)
                 stats["loss"].append(step_loss)
-                stats["grad_norm"].append(result["grad_norm"])
+                stats["grad_norm"].append(torch.tensor(result["grad_norm"]))
         train_time = time.perf_counter() - t1
 
         seq_kl = kl.sum(-1)[scored]
@@ -361,7 +366,8 @@ class PPO(PolicyModule):
         self.kl_ctl.update(mean_kl, int(scored.sum()))
         lengths = rollout.completion_mask.sum(-1).float()
         finite = total[scored]
-        values = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        means = {k: torch.stack([x.float().to(self.device) for x in v]).mean() for k, v in stats.items() if v}
+        values = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one sync for the step statistics
         values.update(
             reward=finite.mean().item() if finite.numel() else float("nan"),
             reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
@@ -386,22 +392,25 @@ class PPO(PolicyModule):
     def _micro_step(
         self, rollout: Rollout, rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
         old_logp: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
-        stats: dict[str, list[float]],
-    ) -> float:
-        """Forward, loss and backward of one micro-batch; its loss is its share of the minibatch's token mean."""
+        stats: dict[str, list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch; its loss is its share of the minibatch's token mean.
+
+        Returns the detached loss; statistics are appended to ``stats`` as device tensors.
+        """
         logp, ent, values = self.policy_and_values(rollout, rows)
         pg = clipped_surrogate(logp, old_logp, advantages, self.cliprange)
         vf = clipped_value_loss(values, old_values, returns, self.cliprange_value)
         per_token = pg.loss + self.vf_coef * vf.loss - self.ent_coef * ent
         loss = (per_token * mask).sum() / tokens
         self.manual_backward(loss)
-        stats["policy_loss"].append(masked_mean(pg.loss.detach(), mask).item())
-        stats["value_loss"].append(masked_mean(vf.loss.detach(), mask).item())
-        stats["clip_frac"].append(masked_mean((pg.clipped_low | pg.clipped_high).float(), mask).item())
-        stats["value_clip_frac"].append(masked_mean(vf.clipped.float(), mask).item())
-        stats["approx_kl"].append(masked_mean(approx_kl(logp.detach(), old_logp), mask).item())
-        stats["entropy"].append(masked_mean(ent.detach(), mask).item())
-        return loss.item()
+        stats["policy_loss"].append(masked_mean(pg.loss.detach(), mask))
+        stats["value_loss"].append(masked_mean(vf.loss.detach(), mask))
+        stats["clip_frac"].append(masked_mean((pg.clipped_low | pg.clipped_high).float(), mask))
+        stats["value_clip_frac"].append(masked_mean(vf.clipped.float(), mask))
+        stats["approx_kl"].append(masked_mean(approx_kl(logp.detach(), old_logp), mask))
+        stats["entropy"].append(masked_mean(ent.detach(), mask))
+        return loss.detach()
 
     # ----------------------------------------------------------------------------- evaluation
     @override

@@ -29,6 +29,10 @@ from torch import nn
 GiB = 1024**3
 MiB = 1024**2
 
+#: Upper bound of a micro-batch chosen automatically (tokens). Beyond it the matrix products of one
+#: micro-batch already keep the GPU busy, while activation memory keeps growing with the tokens.
+MAX_MICRO_BATCH_TOKENS = 16384
+
 
 class MemoryPlanError(RuntimeError):
     """Training and the rollout engine cannot fit in the device memory budget."""
@@ -108,6 +112,17 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     if gradient_checkpointing:
         return layers * h * 4 + per_layer
     return layers * per_layer
+
+
+def micro_batch_tokens_for(free_bytes: int, activation_bytes_per_token: int, fraction: float = 0.8,
+                           limit: int = MAX_MICRO_BATCH_TOKENS) -> int:
+    """Tokens of a micro-batch whose activations take at most ``fraction`` of ``free_bytes`` (at most ``limit``).
+
+    Returns at least 1: a micro-batch always holds one sequence, whatever memory says.
+    """
+    if activation_bytes_per_token <= 0:
+        return limit
+    return int(max(1, min(limit, fraction * max(free_bytes, 0) // activation_bytes_per_token)))
 
 
 def optimizer_state_bytes(trainable_params: int, states_per_param: int = 2, state_bytes: int = 4) -> int:
@@ -310,6 +325,7 @@ def plan_memory(
 
 
 __all__ = [
+    "MAX_MICRO_BATCH_TOKENS",
     "GiB",
     "MiB",
     "MemoryPlan",
@@ -319,6 +335,7 @@ __all__ = [
     "activation_bytes_per_token",
     "fmt_bytes",
     "kv_bytes_per_token",
+    "micro_batch_tokens_for",
     "optimizer_state_bytes",
     "optimizer_state_bytes_of",
     "plan_memory",

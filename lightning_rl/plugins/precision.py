@@ -9,7 +9,8 @@ under ``trainer.plugins``. What it does:
 * the autocast cache is cleared whenever the grad mode changes between two forwards (old and
   reference log-probs are computed under ``no_grad``) and after every backward;
 * at setup it makes a :class:`~lightning_rl.plugins.memory_plan.MemoryPlan`: the micro-batch size
-  (lowers the module's ``micro_batch_size`` when it would not fit) and the KV-cache budget the
+  (the module's token budget per micro-batch when its ``micro_batch_size`` is None, the default; lowers
+  a set ``micro_batch_size`` when it would not fit) and the KV-cache budget the
   :class:`~lightning_rl.callbacks.VLLMRollout` engine gets, or a ``MemoryPlanError`` before any OOM;
 * while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory;
 * with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
@@ -39,6 +40,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.memory_plan import (
+    MAX_MICRO_BATCH_TOKENS,
     GiB,
     MemoryPlan,
     MiB,
@@ -401,11 +403,12 @@ class MemoryAwarePrecision(Precision):
                 chunk = int(getattr(module, "logprob_chunk_size", 1024))
                 extra["log-prob chunk (fp32 logits)"] = chunk * int(text.vocab_size) * 12
         cb = _rollout_callback(module)
-        kept = cb.weights_kept_asleep_bytes(module.policy) if cb is not None and hasattr(module, "policy") else 0
+        kept = cb.weights_kept_asleep_bytes(module.policy, module._trainer) \
+            if cb is not None and hasattr(module, "policy") else 0
         if kept:
             extra["engine weights (kept while the engine sleeps)"] = kept
         micro = getattr(module, "micro_batch_size", None)
-        max_tokens = int(micro) * seq if isinstance(micro, int) else None
+        max_tokens = int(micro) * seq if isinstance(micro, int) else MAX_MICRO_BATCH_TOKENS
         return plan_memory(budget_bytes=budget, model=model, activation_bytes_per_token=act, sequence_tokens=seq,
                            optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, cb, config, seq, model),
                            max_micro_batch_tokens=max_tokens, extra_train_parts=extra,
@@ -429,9 +432,7 @@ class MemoryAwarePrecision(Precision):
                                 sequences * int(text.vocab_size) * 4 * 2, headroom=1.0, offload_optimizer=False)
         if cb.gpu_memory_utilization is not None:
             return None  # vLLM sizes itself from a fraction of the GPU
-        from lightning_rl.rollout.vllm import engine_weight_dtype
-
-        engine_bytes = engine_weight_dtype(module.policy, cb.dtype).itemsize
+        engine_bytes = cb.engine_dtype(module.policy, trainer).itemsize
         per_token = kv_bytes_per_token(config, engine_bytes)
         headroom = float(cb.kv_cache_headroom)
         if cb.kv_cache_bytes is not None:
@@ -440,7 +441,15 @@ class MemoryAwarePrecision(Precision):
                             headroom=headroom, offload_optimizer=self.offload_enabled)
 
     def _apply_plan(self, module: nn.Module) -> None:
+        """Give the module the planned micro-batch.
+
+        A token budget when it left ``micro_batch_size`` None (its micro-batches then follow each rollout's
+        padded length), else at most the planned number of sequences.
+        """
         plan, seq, micro = self.memory_plan, _sequence_tokens(module), getattr(module, "micro_batch_size", None)
+        if plan is not None and micro is None and hasattr(module, "micro_batch_tokens"):
+            module.micro_batch_tokens = plan.micro_batch_tokens
+            return
         if plan is None or seq is None or not isinstance(micro, int):
             return
         planned = plan.micro_batch_sequences(seq)

@@ -79,6 +79,11 @@ class Rollout:
         return self.prompt_ids.shape[0]
 
     @property
+    def sequence_length(self) -> int:
+        """Padded tokens of one row (prompt + completion): what a forward pass over the rollout costs per row."""
+        return self.prompt_ids.shape[1] + self.completion_ids.shape[1]
+
+    @property
     def truncated(self) -> torch.Tensor:
         """``[N]`` bool, True where the completion hit the length limit."""
         return torch.tensor([r == "length" for r in self.finish_reasons], device=self.prompt_ids.device)

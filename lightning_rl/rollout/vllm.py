@@ -183,15 +183,39 @@ def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
 KEEP_WEIGHTS_BYTES = 1 << 30
 
 
-def engine_weight_dtype(model: nn.Module, dtype: str | torch.dtype = "auto") -> torch.dtype:
-    """The dtype the engine holds the policy's weights in: ``dtype``, or for ``"auto"`` the policy's own."""
-    return next(unwrap(model).parameters()).dtype if dtype == "auto" else torch_dtype(dtype)
+def engine_weight_dtype(
+    model: nn.Module, dtype: str | torch.dtype = "auto", compute_dtype: torch.dtype | None = None,
+    adapter: bool = False,
+) -> torch.dtype:
+    """The dtype the engine holds the policy's weights (and its KV cache) in.
+
+    Args:
+        model: the policy.
+        dtype: an explicit dtype, or ``"auto"``: the trainer's ``compute_dtype`` when it computes in 16
+            bits (mixed precision: fp32 master weights, bf16 matrix products), else the policy's own dtype.
+        compute_dtype: the trainer's compute dtype (see :func:`~lightning_rl.plugins.dtypes.trainer_compute_dtype`).
+        adapter: LoRA adapters are pushed as tensors: vLLM's LoRA kernels take 16-bit adapters only, so
+            ``"auto"`` never resolves to fp32 then (bf16), and an explicit fp32 is refused.
+
+    Raises:
+        ValueError: ``dtype="float32"`` with ``adapter=True``.
+    """
+    resolved = (compute_dtype or next(unwrap(model).parameters()).dtype) if dtype == "auto" else torch_dtype(dtype)
+    if adapter and resolved not in (torch.bfloat16, torch.float16):
+        if dtype != "auto":
+            raise ValueError(f"vLLM's LoRA kernels need a 16-bit engine, got dtype={dtype!r}: use dtype='bfloat16' "
+                             "(the adapter tensors are cast to it), or lora_sync='merged' to push merged weights")
+        resolved = torch.bfloat16
+    return resolved
 
 
-def engine_weight_bytes(model: nn.Module, dtype: str | torch.dtype = "auto") -> int:
+def engine_weight_bytes(
+    model: nn.Module, dtype: str | torch.dtype = "auto", compute_dtype: torch.dtype | None = None,
+    adapter: bool = False,
+) -> int:
     """Size of the engine's copy of the policy's weights (see :func:`engine_weight_dtype`)."""
-    base = unwrap(model)
-    return sum(p.numel() for p in base.parameters()) * engine_weight_dtype(base, dtype).itemsize
+    itemsize = engine_weight_dtype(model, dtype, compute_dtype, adapter).itemsize
+    return sum(p.numel() for p in unwrap(model).parameters()) * itemsize
 
 
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
@@ -236,7 +260,8 @@ class VLLMEngine:
         kv_cache_bytes: KV-cache size in bytes (see :func:`kv_cache_bytes_for`); None uses
             ``gpu_memory_utilization`` instead.
         gpu_memory_utilization: vLLM's fraction of the GPU when ``kv_cache_bytes`` is None.
-        dtype: engine weight dtype; ``auto`` takes the policy's.
+        dtype: engine weight dtype; ``auto`` takes the policy's (bf16 for LoRA adapters pushed as tensors:
+            vLLM's LoRA kernels need 16 bits; see :func:`engine_weight_dtype`).
         lora_sync: ``adapter`` (LoRA tensors only), ``merged`` (push ``W + BA``), or ``auto``
             (adapter when vLLM can take it, else merged).
         sleep_level: 0 releases only the KV cache (the weights stay on the GPU: the cheapest toggle, for
@@ -317,8 +342,10 @@ class VLLMEngine:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
         if quant is not None and str(method).lower().endswith("gguf"):
             del config.quantization_config  # a GGUF file de-quantized on load: the weights in memory are plain
-        weight_dtype = engine_weight_dtype(base, dtype)
-        self.weight_bytes = engine_weight_bytes(base, dtype)
+        adapter = self.lora_mode == "adapter"
+        weight_dtype = engine_weight_dtype(model, dtype, adapter=adapter)
+        self.weight_dtype = weight_dtype
+        self.weight_bytes = engine_weight_bytes(model, dtype, adapter=adapter)
         if sleep_level is None:
             sleep_level = auto_sleep_level(self.lora_mode, self.weight_bytes, keep_weights_bytes)
         self.sleep_level = sleep_level
@@ -440,6 +467,7 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         tensors, config = adapter_tensors(model)
+        tensors = {k: v.to(self.weight_dtype) for k, v in tensors.items()}  # fp32 masters -> the engine's 16 bits
         manager = self._runner().lora_manager
         adapters = manager._adapter_manager
         config["vllm_max_position_embeddings"] = getattr(manager, "max_position_embeddings", None)

@@ -242,3 +242,33 @@ def test_grouped_tied_embeddings():
     for variant in ("default", "cublas"):
         got = grad_of(token_logprobs_entropy_triton, torch.float32, DEVICE, config={**GROUPED, **VARIANTS[variant]})
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=variant)
+
+
+def test_autocast_runs_the_kernel_in_the_autocast_dtype_with_fp32_weight_gradients(monkeypatch):
+    """fp32 master weights under bf16 autocast: the kernel gets bf16 inputs (fast), dW stays fp32 and exact."""
+    from lightning_rl import logprobs
+
+    seen = []
+    real = logprobs._triton_fn()
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, config=GROUPED, **kwargs)
+
+    monkeypatch.setattr(logprobs, "_triton_fn", lambda: spy)
+    hidden, weight, _, targets, gl, ge = _inputs(43, 45, 16, 130, torch.float32, bias=False)
+    h = hidden.to(DEVICE).requires_grad_()
+    w = weight.to(DEVICE).requires_grad_()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        logp, ent = logprobs.token_logprobs_entropy(h, w, targets.to(DEVICE), backend="triton")
+    torch.autograd.backward([logp, ent], [gl.to(DEVICE, logp.dtype), ge.to(DEVICE, ent.dtype)])
+    assert seen == [(torch.bfloat16, torch.float32)]
+    assert logp.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    # float64 reference on the values the kernel multiplied: bf16-rounded hidden states and weights
+    out = [t.detach().double().cpu() for t in (logp, ent, h.grad, w.grad)] + [None]
+    ref = _run(token_logprobs_entropy_reference, hidden.bfloat16().double(), weight.bfloat16().double(), None,
+               targets, gl, ge, "cpu")
+    _check(out, ref, 2e-2)
+    without = logprobs.token_logprobs_entropy(h.detach(), w.detach(), targets.to(DEVICE), backend="triton")
+    assert seen[-1] == (torch.float32, torch.float32)  # outside autocast nothing is cast
+    assert without[0].dtype == torch.float32

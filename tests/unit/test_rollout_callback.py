@@ -7,10 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_rl import GRPO, PromptDataModule, VLLMRollout
+from lightning_rl import GRPO, MemoryAwarePrecision, PromptDataModule, VLLMRollout
 from lightning_rl.algorithms.importance import importance_weights, mismatch_stats
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
+from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout import HFEngine
 from lightning_rl.rollout import vllm as vllm_mod
@@ -351,3 +352,31 @@ def test_weights_kept_asleep_follow_the_engines_sync_mode_and_sleep_level():
     assert VLLMRollout().weights_kept_asleep_bytes(peft) == 0  # adapter sync: the base waits in CPU memory
     merged = sum(p.numel() for p in peft.get_base_model().parameters()) * 4
     assert VLLMRollout(lora_sync="merged").weights_kept_asleep_bytes(peft) == merged
+
+
+def test_engine_dtype_follows_the_trainers_compute_dtype():
+    net, _ = load_policy("tiny-llama")  # fp32 weights
+    bf16_mixed = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(precision_plugin=None))
+    full = SimpleNamespace(precision="32-true", strategy=SimpleNamespace(precision_plugin=None))
+    plugin = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(precision_plugin=MemoryAwarePrecision()))
+    assert trainer_compute_dtype(bf16_mixed) == torch.bfloat16
+    assert trainer_compute_dtype(plugin) == torch.bfloat16
+    assert trainer_compute_dtype(full) is None and trainer_compute_dtype(None) is None
+    cb = VLLMRollout()
+    assert cb.engine_dtype(net, bf16_mixed) == torch.bfloat16  # fp32 masters, bf16 products: a bf16 engine
+    assert cb.engine_dtype(net, plugin) == torch.bfloat16
+    assert cb.engine_dtype(net, full) == torch.float32  # a trainer in full precision keeps an fp32 engine
+    assert VLLMRollout(dtype="float32").engine_dtype(net, bf16_mixed) == torch.float32  # explicit wins
+    full_bytes = sum(p.numel() for p in net.parameters()) * 4
+    assert cb.weights_kept_asleep_bytes(net, bf16_mixed) == full_bytes // 2
+
+
+def test_lora_adapters_never_get_an_fp32_engine():
+    net, _ = load_policy("tiny-llama")
+    peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
+    # vLLM's LoRA kernels take 16-bit adapters: "auto" over fp32 weights and an fp32 trainer gives bf16
+    assert vllm_mod.engine_weight_dtype(peft, "auto", None, adapter=True) == torch.bfloat16
+    assert VLLMRollout().engine_dtype(peft, None) == torch.bfloat16
+    assert VLLMRollout(lora_sync="merged").engine_dtype(peft, None) == torch.float32  # merged weights may be fp32
+    with pytest.raises(ValueError, match="16-bit engine.*bfloat16.*merged"):
+        VLLMRollout(dtype="float32").engine_dtype(peft, None)

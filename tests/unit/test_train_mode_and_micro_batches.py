@@ -1,0 +1,130 @@
+"""The update runs in train mode (gradient checkpointing takes effect) and micro-batches follow the plan."""
+
+import lightning as L
+import pytest
+import torch
+from conftest import TINY, high_ids, make_trainer
+
+from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule
+from lightning_rl.models import load_policy, save_policy
+
+ROWS = [{"prompt": f"say {i}"} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny model saved to a folder, loaded back by users with ``from_pretrained`` (which gives eval mode)."""
+    L.seed_everything(0, verbose=False)
+    net, tok = load_policy("tiny-llama", TINY)
+    return str(save_policy(net, tok, tmp_path_factory.mktemp("tiny") / "model"))
+
+
+class ForwardModes:
+    """Records ``(grad enabled, training)`` for every forward of the first decoder layer's MLP.
+
+    The MLP sits inside the layer, so its hook also fires when gradient checkpointing recomputes the layer.
+    """
+
+    def __init__(self, module):
+        self.calls = []
+        layer = module.policy.get_base_model().model.layers[0] if hasattr(module.policy, "get_base_model") \
+            else module.policy.model.layers[0]
+        layer.mlp.register_forward_pre_hook(lambda m, args: self.calls.append((torch.is_grad_enabled(), m.training)))
+
+
+def _grpo(model, **kw):
+    L.seed_everything(0, verbose=False)
+    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, max_new_tokens=4, learning_rate=3e-3,
+                logprob_backend="reference", chat_template=False, max_prompt_length=16)
+    args.update(kw)
+    return GRPO(**args)
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
+    if method == "grpo":
+        module = _grpo(saved_tiny)
+    else:
+        module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2, max_new_tokens=4,
+                     learning_rate=3e-3, chat_template=False, max_prompt_length=16, ppo_epochs=1)
+    module.configure_model()
+    assert not module.policy.training  # transformers' from_pretrained gives eval mode
+    modes = ForwardModes(module)
+    make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    grad_modes = {training for grad, training in modes.calls if grad}
+    assert grad_modes == {True}  # every forward that builds a graph ran in train mode
+    # sampling (transformers generate) ran in eval mode
+    assert any(not grad and not training for grad, training in modes.calls)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_in_the_backward(saved_tiny):
+    counts = {}
+    for gc in (False, True):
+        module = _grpo(saved_tiny, gradient_checkpointing=gc)
+        module.configure_model()
+        modes = ForwardModes(module)
+        make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+        counts[gc] = sum(grad for grad, _ in modes.calls)
+    assert counts[False] >= 1
+    assert counts[True] == 2 * counts[False]  # each grad-enabled layer forward runs again in the backward
+
+
+def test_gradient_checkpointing_defaults_to_off_on_a_cpu(saved_tiny):
+    module = _grpo(saved_tiny)
+    assert module.gradient_checkpointing_setting is None
+    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    assert module.gradient_checkpointing is False
+
+
+def _count_policy_forwards(module):
+    calls = []
+    module.configure_model()
+    body = module.policy.model
+    body.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                   with_kwargs=True)
+    return calls
+
+
+def test_micro_batch_size_none_takes_the_whole_batch_on_a_cpu():
+    module = _grpo("tiny-llama", model_config=TINY)
+    assert module.micro_batch_size is None
+    rows = _count_policy_forwards(module)
+    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=4))
+    grad_rows = [r for r in rows if r == 8]
+    assert grad_rows and max(rows) == 8  # 4 prompts x G=2 in one forward
+
+
+def test_micro_batches_follow_the_memory_plans_token_budget():
+    module = _grpo("tiny-llama", model_config=TINY)
+    plugin = MemoryAwarePrecision(memory_budget=4 * 1024**3)
+    rows = _count_policy_forwards(module)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        plugins=[plugin])
+    # a plan whose token budget holds 3 padded sequences of this rollout
+    real = plugin.make_plan
+
+    def small_plan(module_, optimizers, device):
+        plan = real(module_, optimizers, device)
+        return type(plan)(**{**plan.to_dict(), "micro_batch_tokens": 3 * 12})
+
+    plugin.make_plan = small_plan
+    seen = []
+    real_micro = module.micro_batch_for
+    module.micro_batch_for = lambda n, width: seen.append((n, width)) or real_micro(n, width)
+    trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=4))
+    assert module.micro_batch_tokens == 36
+    n, width = seen[0]
+    expected = max(1, 36 // width)
+    assert n == 8 and expected < 8
+    k = -(-8 // expected)  # micro-batches of the update, the last forwards of the step
+    assert rows[-k:] == [expected] * (8 // expected) + ([8 % expected] if 8 % expected else [])
+
+
+def test_explicit_micro_batch_size_wins():
+    module = _grpo("tiny-llama", model_config=TINY, micro_batch_size=3)
+    assert module.micro_batch_for(8, 100) == 3
+    module.micro_batch_size, module.micro_batch_tokens = None, 250
+    assert module.micro_batch_for(8, 100) == 2
+    module.micro_batch_tokens = None
+    assert module.micro_batch_for(8, 100) == 8
