@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -66,8 +66,9 @@ class GRPO(PolicyModule):
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss.
         importance_sampling: correct for the rollout engine (e.g. vLLM) sampling from slightly other
             log-probs than the trainer's: ``none``, ``token`` or ``sequence`` truncated importance weights
-            ``min(pi_old / pi_engine, cap)`` on the per-token loss. The mismatch (mean and max
-            ``|delta log-prob|``) is logged either way.
+            ``min(pi_old / pi_engine, cap)`` on the per-token loss; ``auto`` (default): ``token`` for
+            rollouts of a separate engine (vLLM), ``none`` when the policy sampled them itself. The
+            mismatch (mean and max ``|delta log-prob|``) is logged either way.
         importance_sampling_cap: upper bound of an importance weight.
         micro_batch_size: sequences per forward/backward (gradients accumulate over them). None (default):
             as many as the memory plan of :class:`~lightning_rl.plugins.MemoryAwarePrecision` allows, else
@@ -110,7 +111,7 @@ class GRPO(PolicyModule):
         num_iterations: int = 1,
         num_mini_batches: int = 1,
         mask_truncated_completions: bool = False,
-        importance_sampling: ImportanceLevel = "none",
+        importance_sampling: ImportanceLevel | Literal["auto"] = "auto",
         importance_sampling_cap: float = 2.0,
         micro_batch_size: int | None = None,
         generation_batch_size: int = 64,
@@ -160,8 +161,9 @@ class GRPO(PolicyModule):
             raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        if importance_sampling not in IMPORTANCE_LEVELS:
-            raise ValueError(f"importance_sampling must be one of {IMPORTANCE_LEVELS}, got {importance_sampling!r}")
+        if importance_sampling not in (*IMPORTANCE_LEVELS, "auto"):
+            raise ValueError(f"importance_sampling must be 'auto' or one of {IMPORTANCE_LEVELS}, "
+                             f"got {importance_sampling!r}")
         if not importance_sampling_cap > 0:
             raise ValueError(f"importance_sampling_cap must be > 0, got {importance_sampling_cap}")
         self.save_hyperparameters()
@@ -199,6 +201,12 @@ class GRPO(PolicyModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         return float(count)
 
+    def importance_level(self, rollout: Rollout) -> ImportanceLevel:
+        """The importance-sampling level for ``rollout``: ``importance_sampling``, resolving ``auto``."""
+        if self.importance_sampling != "auto":
+            return self.importance_sampling
+        return "token" if rollout.extras.get("engine") not in (None, "hf") else "none"
+
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it.
@@ -216,6 +224,7 @@ class GRPO(PolicyModule):
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
         micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
+        is_level = self.importance_level(rollout)
         total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
         advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
         mask = rollout.completion_mask.float()
@@ -254,9 +263,9 @@ class GRPO(PolicyModule):
                         stats["mismatch_sum"].append((delta * cmask).sum())
                         stats["mismatch_count"].append(cmask.sum())
                         stats["logprob_mismatch_max"].append((delta * cmask).max())
-                    if self.importance_sampling != "none":
-                        isw = importance_weights(old, rollout.sampling_logprobs[mb], mmask,
-                                                 self.importance_sampling, self.importance_sampling_cap)
+                    if is_level != "none":
+                        isw = importance_weights(old, rollout.sampling_logprobs[mb], mmask, is_level,
+                                                 self.importance_sampling_cap)
                         per_token = per_token * isw
                         stats["importance_weight"].append(masked_mean(isw, mmask))
                     if ref_logp is not None:

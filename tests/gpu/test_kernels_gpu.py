@@ -141,3 +141,22 @@ def test_forward_never_builds_logits():
     assert extra < 16 * 2**20, (
         f"forward used {extra / 2**20:.1f} MiB; bf16 logits alone would be {n * v * 2 / 2**20:.0f}"
     )
+
+
+def test_fp32_master_weights_under_autocast_run_in_bf16_with_fp32_weight_gradients():
+    """The trainer's case under bf16-mixed: fp32 hidden states and LM head, the kernel computes in bf16."""
+    from lightning_rl.logprobs import token_logprobs_entropy
+
+    n, h, v = 4096, 896, 151936
+    hidden, weight, _, targets, gl, ge = _inputs(11, n, h, v, torch.float32, n_masked=n // 16)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logp, ent = token_logprobs_entropy(leaves[0], leaves[1], targets, backend="triton")
+    torch.autograd.backward([logp, ent], [gl, ge])
+    assert leaves[1].grad.dtype == torch.float32 and leaves[0].grad.dtype == torch.float32
+    # the reference on the values the kernel multiplied (bf16-rounded), computed in fp32
+    ref = _run(token_logprobs_entropy_reference, hidden.bfloat16(), weight.bfloat16(), None, targets, gl, ge)
+    out = [logp.detach().float(), ent.detach().float(), leaves[0].grad, leaves[1].grad]
+    for name, a, r in zip(NAMES, out, ref):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * scale, msg=lambda m, name=name: f"{name}: {m}")

@@ -374,3 +374,53 @@ def test_grpo_fit_with_the_callback():
     assert callback.num_rollouts == 2 and callback.num_syncs == 1
     assert callback.engine is None  # teardown shut it down
     assert metrics["train/logprob_mismatch_mean"] < 0.05
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "memory-plugin"])
+def test_grpo_lora_fit_with_fp32_adapters_and_the_default_engine_dtype(precision):
+    """fp32 LoRA adapters (the default dtype) reach vLLM's 16-bit LoRA kernels cast to the engine's bf16."""
+    from lightning_rl.plugins import MemoryAwarePrecision
+
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", lora={"r": 16, "lora_alpha": 32},
+                  num_generations=4, max_new_tokens=32, max_prompt_length=128, learning_rate=1e-4)
+    callback = VLLMRollout()
+    extra = {"plugins": [MemoryAwarePrecision()]} if precision == "memory-plugin" else {"precision": "bf16-mixed"}
+    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        limit_val_batches=0, **extra)
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=24, num_val=4, batch_size=4))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print(f"grpo lora fit ({precision}):", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k})
+    assert any(p.dtype == torch.float32 for n, p in module.policy.named_parameters() if "lora_" in n)
+    assert trainer.global_step == 3 and callback.num_syncs == 2
+    assert metrics["train/logprob_mismatch_mean"] < 0.05
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+
+
+def test_the_readme_gpu_configuration_trains_in_train_mode_with_its_planned_defaults():
+    """``GRPO`` defaults + ``VLLMRollout()`` + ``MemoryAwarePrecision()``, as the README's GPU snippet writes it."""
+    from lightning_rl.plugins import MemoryAwarePrecision
+
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, max_new_tokens=64, learning_rate=1e-5)
+    callback = VLLMRollout()
+    modes = []
+
+    class Modes(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            modes.append(pl_module.policy.training)
+
+    trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Modes()],
+                        plugins=[MemoryAwarePrecision()], limit_val_batches=0)
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=48, num_val=4, batch_size=8))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print("readme config:", {"micro_batch_tokens": module.micro_batch_tokens,
+                             "gradient_checkpointing": module.gradient_checkpointing,
+                             **{k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "memory/" in k}})
+    assert modes == [True, True, True]
+    assert module.gradient_checkpointing is True and module.micro_batch_size is None
+    assert module.micro_batch_tokens and module.micro_batch_tokens >= 1024
+    assert metrics["train/logprob_mismatch_mean"] < 0.05
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())

@@ -380,3 +380,16 @@ def test_lora_adapters_never_get_an_fp32_engine():
     assert VLLMRollout(lora_sync="merged").engine_dtype(peft, None) == torch.float32  # merged weights may be fp32
     with pytest.raises(ValueError, match="16-bit engine.*bfloat16.*merged"):
         VLLMRollout(dtype="float32").engine_dtype(peft, None)
+
+
+def test_importance_sampling_auto_corrects_only_rollouts_of_another_engine():
+    module = _module()
+    module.configure_model()
+    rollout = module.generate_rollout(["say 1", "say 2"])
+    assert module.importance_sampling == "auto"
+    assert module.importance_level(rollout) == "none"  # the policy sampled it itself
+    rollout.extras["engine"] = "vllm"
+    assert module.importance_level(rollout) == "token"
+    assert _module(importance_sampling="sequence").importance_level(rollout) == "sequence"
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        _module(importance_sampling="tokens")

