@@ -17,6 +17,7 @@ constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -124,11 +125,11 @@ def versions() -> dict[str, str]:
             out[name] = importlib.import_module(name).__version__
         except Exception as err:  # noqa: BLE001
             out[name] = f"absent ({type(err).__name__})"
-    try:
-        out["lightning_rl_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                    text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        pass
+    root = Path(__file__).resolve().parent.parent  # the working tree that ran: a digest of its sources
+    digest = hashlib.sha256()
+    for f in sorted([*root.glob("lightning_rl/**/*.py"), *root.glob("kernels/*.py")]):
+        digest.update(f.read_bytes())
+    out["lightning_rl_sources_sha256"] = digest.hexdigest()[:12]
     return out
 
 

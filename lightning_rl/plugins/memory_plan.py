@@ -29,9 +29,12 @@ from torch import nn
 GiB = 1024**3
 MiB = 1024**2
 
-#: Upper bound of a micro-batch chosen automatically (tokens). Beyond it the matrix products of one
-#: micro-batch already keep the GPU busy, while activation memory keeps growing with the tokens.
-MAX_MICRO_BATCH_TOKENS = 16384
+#: Upper bound of a micro-batch chosen automatically (tokens): more than one rollout of a usual GRPO step
+#: (128 sequences of a few hundred tokens), so a step trains in one micro-batch whenever memory allows. The
+#: update of a small model is bound by the CPU launching kernels, which costs the same per micro-batch
+#: whatever its size (SmolLM2-135M on an H200: 0.29 s of training with one micro-batch of 128 sequences,
+#: 0.56 s with two, 1.14 s with four; ``bench/results/vs_trl_NOTES.md``).
+MAX_MICRO_BATCH_TOKENS = 65536
 
 
 class MemoryPlanError(RuntimeError):
@@ -112,6 +115,18 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     if gradient_checkpointing:
         return layers * h * 4 + per_layer
     return layers * per_layer
+
+
+def rollout_kv_tokens(num_prompts: int, num_generations: int, prompt_length: int, max_new_tokens: int,
+                      shared_prompts: bool = True, block_size: int = 16) -> int:
+    """KV-cache tokens of one rollout of ``num_prompts * num_generations`` sequences (without headroom).
+
+    With prefix caching the ``G`` completions of a prompt share its prompt blocks, so the prompt counts
+    once per prompt; every sequence may waste one partly filled block.
+    """
+    sequences = num_prompts * num_generations
+    prompt_tokens = (num_prompts if shared_prompts else sequences) * prompt_length
+    return max(prompt_tokens + sequences * (max_new_tokens + block_size), prompt_length + max_new_tokens + block_size)
 
 
 def micro_batch_tokens_for(free_bytes: int, activation_bytes_per_token: int, fraction: float = 0.8,
@@ -339,4 +354,5 @@ __all__ = [
     "optimizer_state_bytes",
     "optimizer_state_bytes_of",
     "plan_memory",
+    "rollout_kv_tokens",
 ]

@@ -12,7 +12,8 @@ under ``trainer.plugins``. What it does:
   (the module's token budget per micro-batch when its ``micro_batch_size`` is None, the default; lowers
   a set ``micro_batch_size`` when it would not fit) and the KV-cache budget the
   :class:`~lightning_rl.callbacks.VLLMRollout` engine gets, or a ``MemoryPlanError`` before any OOM;
-* while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory;
+* while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory when the
+  plan needs that room for the engine (``offload_optimizer``);
 * with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
   are streamed through the device in chunks of ``step_chunk_bytes`` during the optimizer step
   (see :mod:`~lightning_rl.plugins.streamed_states`): AdamW's two fp32 moments leave the device;
@@ -43,6 +44,7 @@ from lightning_rl.plugins.memory_plan import (
     MAX_MICRO_BATCH_TOKENS,
     GiB,
     MemoryPlan,
+    MemoryPlanError,
     MiB,
     ModelMemory,
     RolloutNeeds,
@@ -52,6 +54,7 @@ from lightning_rl.plugins.memory_plan import (
     optimizer_state_bytes,
     optimizer_state_bytes_of,
     plan_memory,
+    rollout_kv_tokens,
 )
 from lightning_rl.plugins.offload import OptimizerOffloader
 from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, check_streamable
@@ -136,7 +139,9 @@ class MemoryAwarePrecision(Precision):
         compute_dtype: autocast dtype; ``auto`` = bf16, or fp16 on GPUs without bf16.
         quantize: store frozen linear weights in ``int8`` or ``nf4`` with bitsandbytes (CUDA only).
         offload_optimizer: move optimizer states and gradients to pinned CPU memory while the rollout
-            engine is awake; None: on for CUDA, off on a CPU.
+            engine is awake. None (default): only when the memory plan's rollout phase does not fit the
+            budget with them on the device (each offload costs two host copies of the states and a
+            re-allocation of the training memory, about a quarter of a SmolLM2 step on an H200); off on a CPU.
         memory_budget: device memory training may use: bytes (> 1), a fraction of the device (<= 1),
             or None (the device's total times ``utilization``; no plan on a CPU).
         utilization: fraction of the device's total used when ``memory_budget`` is None.
@@ -218,6 +223,7 @@ class MemoryAwarePrecision(Precision):
         self._last_grad_mode: bool | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._offloader = OptimizerOffloader()
+        self._offload_needed = False  # offload_optimizer=None: set when the plan fits only with offloading
         self._optimizers: list[Optimizer] = []
         self._module: L.LightningModule | None = None
         if self.compute_dtype == torch.float16:
@@ -343,7 +349,7 @@ class MemoryAwarePrecision(Precision):
             raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
                                f"the model is on {device}. Use quantize=None on this machine.")
         if self.plan and self._module is not None:
-            self.memory_plan = self.make_plan(self._module, self._optimizers, device)
+            self.memory_plan = self.plan_with_auto_offload(self._module, self._optimizers, device)
             if self.memory_plan is not None:
                 log.info("%s", self.memory_plan.summary())
                 self._apply_plan(self._module)
@@ -363,8 +369,27 @@ class MemoryAwarePrecision(Precision):
 
     @property
     def offload_enabled(self) -> bool:
-        """Whether optimizer states leave the device while the engine is awake."""
-        return self.device_type == "cuda" if self.offload_optimizer is None else bool(self.offload_optimizer)
+        """Whether optimizer states leave the device while the engine is awake (see ``offload_optimizer``)."""
+        if self.offload_optimizer is None:
+            return self.device_type == "cuda" and self._offload_needed
+        return bool(self.offload_optimizer)
+
+    def plan_with_auto_offload(
+        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
+    ) -> MemoryPlan | None:
+        """:meth:`make_plan`, first with the optimizer states on the device during rollouts.
+
+        With ``offload_optimizer=None`` on CUDA, a plan whose rollout phase does not fit is made again with
+        the states offloaded while the engine is awake, and offloading is switched on.
+        """
+        self._offload_needed = False
+        try:
+            return self.make_plan(module, optimizers, device)
+        except MemoryPlanError:
+            if self.offload_optimizer is not None or device.type != "cuda":
+                raise
+            self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
+            return self.make_plan(module, optimizers, device)
 
     def make_plan(self, module: L.LightningModule, optimizers: list[Optimizer],
                   device: torch.device) -> MemoryPlan | None:
@@ -424,6 +449,10 @@ class MemoryAwarePrecision(Precision):
         prompts = getattr(cb, "prompts_per_step", None) or getattr(getattr(trainer, "datamodule", None),
                                                                    "batch_size", None)
         tokens = int(prompts) * g * seq if isinstance(prompts, int) else 0
+        sampling = getattr(module, "sampling", None)
+        if cb is not None and isinstance(prompts, int) and sampling is not None:  # as the engine sizes its KV cache
+            new = int(sampling.max_new_tokens)
+            tokens = rollout_kv_tokens(int(prompts), g, max(seq - new, 1), new, cb.enable_prefix_caching)
         if cb is None:  # transformers generate inside the step: KV cache in the compute dtype, full logits rows
             cdt = torch.empty((), dtype=self.compute_dtype).element_size()
             text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -31,6 +31,7 @@ from torch import nn
 from lightning_rl.logprobs import unwrap
 from lightning_rl.lora import is_lora
 from lightning_rl.models import torch_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.padding import left_pad, right_pad
@@ -140,16 +141,9 @@ def kv_cache_bytes_for(
     """
     if headroom < 1:
         raise ValueError(f"headroom must be >= 1, got {headroom}")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-    sequences = num_prompts * num_generations
-    prompt_tokens = (num_prompts if shared_prompts else sequences) * prompt_length
-    tokens = (prompt_tokens + sequences * (max_new_tokens + block_size)) * headroom
-    tokens = max(tokens, prompt_length + max_new_tokens + block_size)
-    return int(math.ceil(tokens)) * per_token
+    tokens = rollout_kv_tokens(num_prompts, num_generations, prompt_length, max_new_tokens, shared_prompts, block_size)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes)
 
 
 def execution_kwargs(execution: ExecutionMode) -> dict[str, Any]:

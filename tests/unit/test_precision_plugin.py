@@ -385,3 +385,26 @@ def test_orpo_and_kto_fit_with_the_plugin():
     assert trainer.global_step == 2
     assert all(p.dtype == torch.bfloat16 for p in kto.policy.parameters() if not p.requires_grad)
     assert math.isfinite(float(trainer.callback_metrics["train/loss_step"]))
+
+
+@pytest.mark.parametrize("fits_without", [True, False])
+def test_optimizer_offload_is_automatic_only_when_the_rollout_needs_the_room(monkeypatch, fits_without):
+    plugin = MemoryAwarePrecision()
+    plugin.device_type = "cuda"
+    calls = []
+
+    def make_plan(module, optimizers, device):
+        calls.append(plugin.offload_enabled)
+        if not plugin.offload_enabled and not fits_without:
+            raise MemoryPlanError("the rollout phase does not fit")
+        return "plan"
+
+    monkeypatch.setattr(plugin, "make_plan", make_plan)
+    assert plugin.plan_with_auto_offload(None, [], torch.device("cuda")) == "plan"
+    assert calls == ([False] if fits_without else [False, True])
+    assert plugin.offload_enabled is (not fits_without)
+    explicit = MemoryAwarePrecision(offload_optimizer=False)
+    explicit.device_type = "cuda"
+    monkeypatch.setattr(explicit, "make_plan", lambda *a: (_ for _ in ()).throw(MemoryPlanError("no")))
+    with pytest.raises(MemoryPlanError):  # an explicit setting is kept, and the plan's error says what to change
+        explicit.plan_with_auto_offload(None, [], torch.device("cuda"))
