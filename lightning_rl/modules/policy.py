@@ -19,12 +19,17 @@ from typing_extensions import override
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
+from lightning_rl.modules.resume_state import rng_states, set_rng_states
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 
 log = logging.getLogger(__name__)
+
+
+RESUME_KEY = "lightning_rl_resume"  # checkpoint entry: random state and step counters of the module
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,6 +107,7 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = None
         self._frozen_reference: list[nn.Module] = []  # kept out of the state dict and of .parameters()
         self._nonfinite_streak = 0
+        self._rng_to_restore: dict[str, Any] | None = None
         self.rollout_engine: RolloutEngine | None = None
         self.generation_batch_size = 64  # sequences per generate call of the default engine
 
@@ -141,8 +147,15 @@ class PolicyModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make sure the policy exists before its weights are loaded."""
+        """Make sure the policy exists before its weights are loaded; keep the random state for a resumed fit."""
         self.configure_model()
+        state = checkpoint.get(RESUME_KEY) or {}
+        restore_rebuilt(self, checkpoint["state_dict"], state.get("rebuilt_weights"))
+        if state.get("reference") is not None and self._frozen_reference:
+            self._frozen_reference[0].load_state_dict(state["reference"])
+        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        if self._trainer is not None:  # resuming a fit (not load_from_checkpoint)
+            self._rng_to_restore = state.get("rng")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -150,11 +163,25 @@ class PolicyModule(L.LightningModule):
 
         Callables become import paths or ``{"class_path", "init_args"}`` specs (resolved again on
         load); one that cannot be written so (a lambda, say) is stored as None and has to be
-        passed again: ``Module.load_from_checkpoint(path, reward_funcs=[...])``.
+        passed again: ``Module.load_from_checkpoint(path, reward_funcs=[...])``. Frozen weights the
+        model source gives back on load (a LoRA base) are left out; the random state is kept for resuming.
         """
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
             checkpoint["hyper_parameters"] = {k: portable(v) for k, v in hparams.items()}
+        state: dict[str, Any] = {"rng": rng_states(), "nonfinite_streak": self._nonfinite_streak}
+        if "state_dict" in checkpoint:
+            state["rebuilt_weights"] = drop_rebuildable(self, checkpoint["state_dict"])
+        if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
+            state["reference"] = self._frozen_reference[0].state_dict()
+        checkpoint[RESUME_KEY] = state
+
+    @override
+    def on_train_start(self) -> None:
+        """In a resumed fit, put back the random state of the interrupted run (rollouts sample as it would)."""
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     @override
     def on_fit_start(self) -> None:

@@ -263,6 +263,7 @@ class PPO(PolicyModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the (possibly adapted) KL coefficient."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_kl_controller"] = self.kl_ctl.state_dict()
 
     @override

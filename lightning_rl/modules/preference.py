@@ -198,11 +198,13 @@ class PreferenceModule(PolicyModule):
     @override
     def on_train_start(self) -> None:
         """Precompute reference log-probs from the dataloaders when fit got no preference datamodule."""
+        super().on_train_start()
         self._precompute_from_trainer(use_loaders=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the precomputed reference log-probs (small: a few floats per row)."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["preference_reference_cache"] = {
             split: {"index": torch.tensor(list(c)), "logps": torch.stack(list(c.values()))}
             for split, c in self._ref_cache.items() if c
