@@ -103,6 +103,7 @@ class PPO(PolicyModule):
         truncate_prompts: keep the last ``max_prompt_length`` prompt tokens instead of refusing.
         gradient_checkpointing: recompute activations in the backward.
         max_nonfinite_steps: consecutive non-finite steps skipped before training stops.
+        max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class PPO(PolicyModule):
         truncate_prompts: bool = False,
         gradient_checkpointing: bool = False,
         max_nonfinite_steps: int = 3,
+        max_unscored_steps: int = 3,
     ) -> None:
         super().__init__(
             model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
@@ -159,6 +161,7 @@ class PPO(PolicyModule):
             logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
             chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
             gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
+            max_unscored_steps=max_unscored_steps,
         )
         self.gamma, self.lam = check_discount("gamma", gamma), check_discount("lam", lam)
         if kl_estimator not in KL_ESTIMATORS:
@@ -382,6 +385,7 @@ class PPO(PolicyModule):
             col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
             if col.numel():
                 values[f"reward/{name}"] = col.mean().item()
+        self.check_health(total, per_fn, values)
         self.log_values("train", values, len(prompts), prog_bar=("reward", "kl", "value_loss"))
 
     def _micro_step(

@@ -143,6 +143,7 @@ class PreferenceModule(PolicyModule):
 
     def reference_logps(self, batch: Mapping[str, Any], split: str) -> torch.Tensor:
         """``[B, K]`` reference log-probs: live, or looked up in the precomputed cache by ``batch["index"]``."""
+        self.check_batch(batch)
         if self.reference_mode != "precomputed":
             return self.compute_reference_logps(batch)
         if "index" not in batch:
@@ -268,12 +269,19 @@ class PreferenceModule(PolicyModule):
         ci, cm = right_pad(completion_ids, pad, self.device)
         return Sequences(pi, pm, ci, cm)
 
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        """Raise a ``KeyError`` naming the columns a training batch lacks (subclasses say which they need)."""
+
+    def require_columns(self, batch: Mapping[str, Any], columns: Sequence[str], fix: str) -> None:
+        """Raise a ``KeyError`` naming the ``columns`` that ``batch`` lacks; ``fix`` completes the message."""
+        missing = [c for c in columns if c not in batch]
+        if missing:
+            raise KeyError(f"{type(self).__name__} needs rows with {' and '.join(map(repr, columns))} columns; these "
+                           f"batches have no {' or '.join(map(repr, missing))} (their columns: {sorted(batch)}); {fix}")
+
     def paired_sequences(self, batch: Mapping[str, Any], fix: str) -> Sequences:
         """Chosen rows then rejected rows of a batch of pairs; ``fix`` completes the missing-column error."""
-        for col in ("chosen", "rejected"):
-            if col not in batch:
-                raise KeyError(f"{type(self).__name__} needs paired rows with a {col!r} column (got columns "
-                               f"{sorted(batch)}); {fix}")
+        self.require_columns(batch, ("chosen", "rejected"), fix)
         prompts = list(batch["prompt"])
         return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
 
