@@ -12,14 +12,23 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_rl import DPO, GRPO, PPO, PreferenceDataModule, PromptDataModule
+from lightning_rl import DPO, GRPO, PPO, MemoryAwarePrecision, PreferenceDataModule, PromptDataModule
+from lightning_rl.models import load_policy, save_policy
 
 STEPS = 7  # batches: 3 per epoch, so the runs cross two epoch boundaries
 PROMPTS = [{"prompt": f"say {i}"} for i in range(6)]
 PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
          [("abc", "abc", "cba"), ("dab", "abd", "dba"), ("fed", "def", "fed"), ("hgk", "ghk", "khg"),
           ("mlj", "jlm", "mlj"), ("qpn", "npq", "qpn")]]
-REWARD = {"GRPO": "train/reward_step", "PPO": "train/reward_step", "DPO": "train/rewards/margins_step"}
+REWARD = {"GRPO": "train/reward_step", "PPO": "train/reward_step", "DPO": "train/rewards/margins_step",
+          "GRPO-LoRA": "train/reward_step"}
+BASE_DIR = os.environ.get("RESUME_BASE_DIR", "")  # GRPO-LoRA's model: a saved tiny model (see save_base)
+
+
+def save_base(path) -> str:
+    """A tiny model saved as a directory: a source that gives the same weights on every load."""
+    L.seed_everything(0, verbose=False)
+    return str(save_policy(*load_policy("tiny-llama", {"num_hidden_layers": 1}), path))
 
 
 def high_ids(prompts, completions, completion_ids, **columns):
@@ -32,6 +41,10 @@ def build(kind: str, seed: int) -> tuple[L.LightningModule, L.LightningDataModul
     L.seed_everything(seed, verbose=False)
     common = dict(model="tiny-llama", model_config={"num_hidden_layers": 1}, learning_rate=3e-3,
                   logprob_backend="reference")
+    if kind == "GRPO-LoRA":  # LoRA on a base rebuilt from its directory, frozen weights bf16 under the plugin
+        module = GRPO(reward_funcs=[high_ids], num_generations=2, max_new_tokens=4, model=BASE_DIR, lora={"r": 4},
+                      beta=0.05, learning_rate=3e-3, logprob_backend="reference")
+        return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
     if kind == "DPO":
         return DPO(beta=0.1, **common), PreferenceDataModule(PAIRS, batch_size=2)
     if kind == "PPO":  # two PPO epochs over two mini-batches: shuffled with the global RNG
@@ -82,7 +95,7 @@ def fit(kind: str, seed: int, ckpt_dir, stop_after: int | None = None, ckpt_path
     steps_per_batch = getattr(module, "ppo_epochs", 1) * getattr(module, "num_mini_batches", 1)
     trainer = L.Trainer(max_steps=STEPS * steps_per_batch, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=callbacks)
+                        callbacks=callbacks, plugins=[MemoryAwarePrecision()] if kind == "GRPO-LoRA" else None)
     try:
         trainer.fit(module, data, ckpt_path=ckpt_path)
     except Interrupted:

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import resume_runs
 import torch
-from resume_runs import STEPS, fit
+from resume_runs import STEPS, fit, save_base
 
 HERE = Path(__file__).parent
 
@@ -21,6 +22,7 @@ HERE = Path(__file__).parent
 def uninterrupted(tmp_path_factory):
     """The reference runs, one per method (shared by the tests of this file)."""
     cache = {}
+    resume_runs.BASE_DIR = save_base(tmp_path_factory.mktemp("base") / "tiny")
 
     def get(kind):
         if kind not in cache:
@@ -42,12 +44,16 @@ def assert_resumed_like(full, resumed, stopped_after):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize(("kind", "stop_after"), [("GRPO", 2), ("GRPO", 3), ("PPO", 4), ("DPO", 5)],
-                         ids=["grpo-mid-epoch", "grpo-epoch-end", "ppo-mid-epoch", "dpo-mid-epoch"])
+@pytest.mark.parametrize(
+    ("kind", "stop_after"), [("GRPO", 2), ("GRPO", 3), ("PPO", 4), ("DPO", 5), ("GRPO-LoRA", 4)],
+    ids=["grpo-mid-epoch", "grpo-epoch-end", "ppo-mid-epoch", "dpo-mid-epoch", "grpo-lora-plugin-mid-epoch"])
 def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, kind, stop_after):
     full = uninterrupted(kind)
     _, first = fit(kind, 0, tmp_path, stop_after=stop_after)
     assert len(first.steps) == stop_after
+    if kind == "GRPO-LoRA":  # the checkpoint holds the adapters; the bf16 base comes back from its directory
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+        assert all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k][:3]
     resumed = fit(kind, 1234, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")
     assert_resumed_like(full, resumed, stop_after)
 
