@@ -173,7 +173,7 @@ class DPO(PreferenceModule):
     @override
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         if not self.online:
-            self.require_columns(batch, ("chosen", "rejected"), _PAIRED_FIX)
+            self.require_pair_columns(batch, _PAIRED_FIX)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

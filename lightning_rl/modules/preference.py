@@ -272,16 +272,17 @@ class PreferenceModule(PolicyModule):
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Raise a ``KeyError`` naming the columns a training batch lacks (subclasses say which they need)."""
 
-    def require_columns(self, batch: Mapping[str, Any], columns: Sequence[str], fix: str) -> None:
-        """Raise a ``KeyError`` naming the ``columns`` that ``batch`` lacks; ``fix`` completes the message."""
-        missing = [c for c in columns if c not in batch]
+    def require_pair_columns(self, batch: Mapping[str, Any], fix: str) -> None:
+        """Raise a ``KeyError`` naming the ``chosen``/``rejected`` columns ``batch`` lacks; ``fix`` ends the message."""
+        missing = [c for c in ("chosen", "rejected") if c not in batch]
         if missing:
-            raise KeyError(f"{type(self).__name__} needs rows with {' and '.join(map(repr, columns))} columns; these "
-                           f"batches have no {' or '.join(map(repr, missing))} (their columns: {sorted(batch)}); {fix}")
+            needed = " and ".join(f"a {c!r} column" for c in missing)
+            raise KeyError(f"{type(self).__name__} needs paired rows with {needed} (got columns {sorted(batch)}); "
+                           f"{fix}")
 
     def paired_sequences(self, batch: Mapping[str, Any], fix: str) -> Sequences:
         """Chosen rows then rejected rows of a batch of pairs; ``fix`` completes the missing-column error."""
-        self.require_columns(batch, ("chosen", "rejected"), fix)
+        self.require_pair_columns(batch, fix)
         prompts = list(batch["prompt"])
         return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
 

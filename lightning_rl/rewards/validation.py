@@ -21,14 +21,14 @@ def short_repr(x: Any, n: int = 120) -> str:
 
 def reward_values(values: Any, name: str, n: int) -> list[float | None]:
     """The ``n`` rewards a function named ``name`` returned, as floats (None kept), or a :class:`RewardError`."""
-    fix = f"reward function {name!r} must return a list with one float (or None) per completion"
+    fix = "it must return one float (or None) per completion, as a list"
     if (values is None or isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable)
             or getattr(values, "ndim", 1) != 1):
-        raise RewardError(f"{fix}; it returned {type(values).__name__} {short_repr(values)} for {n} completions")
+        got = "None" if values is None else f"{type(values).__name__} {short_repr(values)}"
+        raise RewardError(f"reward function {name!r} returned {got} for {n} completions; {fix}")
     values = list(values)
     if len(values) != n:
-        raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions; "
-                          "it must return one float (or None) per completion")
+        raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions; {fix}")
     out: list[float | None] = []
     for i, v in enumerate(values):
         if v is None:
@@ -39,7 +39,7 @@ def reward_values(values: Any, name: str, n: int) -> list[float | None]:
                 raise TypeError
             out.append(float(v))
         except (TypeError, ValueError):
-            raise RewardError(f"reward function {name!r} returned {short_repr(v)} ({type(v).__name__}) for sample {i}; "
+            raise RewardError(f"reward function {name!r} returned {short_repr(v)} for sample {i}; "
                               "expected a float or None") from None
     return out
 

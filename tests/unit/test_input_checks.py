@@ -65,9 +65,9 @@ def returns_text_values(prompts, completions, **columns):
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
-        (returns_string, r"'returns_string' must return a list with one float .* it returned str '1111' for 4"),
-        (returns_scalar, r"'returns_scalar' must return a list with one float .* it returned float 1.0 for 4"),
-        (returns_text_values, r"'returns_text_values' returned '1' \(str\) for sample 0; expected a float or None"),
+        (returns_string, r"'returns_string' returned str '1111' for 4 completions; it must return one float"),
+        (returns_scalar, r"'returns_scalar' returned float 1.0 for 4 completions; it must return one float"),
+        (returns_text_values, r"'returns_text_values' returned '1' for sample 0; expected a float or None"),
     ],
 )
 def test_unusable_reward_returns_name_the_function(fn, match):
