@@ -20,6 +20,8 @@ from lightning_rl.models import TINY_CONFIGS
 
 # state-dict prefix -> attribute naming the source its frozen weights are rebuilt from
 SOURCE_ATTRIBUTES = {"policy.": "model_source", "critic.": "critic_model"}
+# strategies whose checkpoints hold the module's plain state dict (sharded ones write their own layout)
+PLAIN_STATE_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
 
 
 def rebuildable(source: Any) -> bool:
@@ -28,12 +30,12 @@ def rebuildable(source: Any) -> bool:
 
 
 def rebuildable_frozen_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of frozen parameters that ``module``'s model sources rebuild on load."""
-    prefixes = [p for p, attr in SOURCE_ATTRIBUTES.items() if rebuildable(getattr(module, attr, None))]
+    """Names of frozen parameters (tied ones under each name) that ``module``'s model sources rebuild on load."""
+    prefixes = tuple(p for p, attr in SOURCE_ATTRIBUTES.items() if rebuildable(getattr(module, attr, None)))
     if not prefixes:
         return []
-    return [k for k, v in module.state_dict(keep_vars=True).items()
-            if isinstance(v, nn.Parameter) and not v.requires_grad and k.startswith(tuple(prefixes))]
+    return [n for n, p in module.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and n.startswith(prefixes)]
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -46,7 +48,13 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def drop_rebuildable(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, Any] | None:
-    """Remove the frozen weights the sources rebuild from ``state_dict``; returns what loading needs to check them."""
+    """Remove the frozen weights the sources rebuild from ``state_dict``; returns what loading needs to check them.
+
+    Only for checkpoints that hold the plain state dict (no trainer, one device or DDP).
+    """
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    if strategy is not None and type(strategy).__name__ not in PLAIN_STATE_STRATEGIES:
+        return None
     keys = [k for k in rebuildable_frozen_keys(module) if k in state_dict]
     if not keys:
         return None

@@ -166,7 +166,7 @@ class PolicyModule(L.LightningModule):
             self._frozen_reference[0].load_state_dict(state["reference"])
         self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.health.load_state_dict(state.get("health") or {})
-        if self._trainer is not None:  # resuming a fit (not load_from_checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming a fit, not load_from_checkpoint
             self._rng_to_restore = state.get("rng")
 
     @override
