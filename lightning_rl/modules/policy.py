@@ -161,7 +161,7 @@ class PolicyModule(L.LightningModule):
         """Make sure the policy exists before its weights are loaded; keep the random state for a resumed fit."""
         self.configure_model()
         state = checkpoint.get(RESUME_KEY) or {}
-        restore_rebuilt(self, checkpoint["state_dict"], state.get("rebuilt_weights"))
+        restore_rebuilt(self, checkpoint.get("state_dict", {}), state.get("rebuilt_weights"))
         if state.get("reference") is not None and self._frozen_reference:
             self._frozen_reference[0].load_state_dict(state["reference"])
         self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
