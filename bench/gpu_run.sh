@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh vllm [-k X]  # only the vLLM tests (optionally those matching X)
 #   bash bench/gpu_run.sh kernel-tests     # only the kernel tests (tests/gpu/test_kernel*.py)
 #   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
+#   bash bench/gpu_run.sh long [PART]  # bench_long_run.py: engine-full|engine-lora|grpo|fail-reward|fail-engine
 # Logs and results go under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
@@ -52,6 +53,9 @@ case "${1:-tests}" in
   rollout-kv)  # the same with the KV-only sleep (weights stay resident), no standalone rerun
     timeout 400 python3 bench/bench_rollout.py --steps 6 --sleep-level 0 --skip-standalone \
       --out "$OUT/rollout_cuda_graphs_sleep0.json" 2>&1 | quiet | tail -12 ;;
+  long)  # one part per call: each runs under the 10-minute limit of a GPU command
+    timeout 580 python3 bench/bench_long_run.py --part "${2:-engine-full}" --out "$OUT/long_run_${2:-engine-full}.json" \
+      2>&1 | quiet | tail -20 ;;
   bench)
     for b in kernel precision rollout; do stamp "bench $b"; bash "$0" "$b"; done ;;
 esac

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_rl.cli_errors import TRACEBACK_ENV, explain
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI: any LightningModule / LightningDataModule by ``class_path`` (GRPO, PPO, DPO, ...).
 
     Optimizers are arguments of the modules (``optimizer: OptimizerCallable``), so the CLI's
-    automatic ``--optimizer`` is off.
+    automatic ``--optimizer`` is off. An error this library raises (a bad config value, a missing
+    model directory, a reward function that fails) is printed in a few lines with the config key it
+    concerns, and the process exits with status 1; set ``LIGHTNING_RL_TRACEBACK=1`` for the traceback.
     """
-    return LightningCLI(
-        args=args,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        return LightningCLI(
+            args=args,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+        )
+    except Exception as err:
+        message = None if os.environ.get(TRACEBACK_ENV) else explain(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

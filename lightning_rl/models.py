@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_rl.model_source import check_local_dir, hub_load_kwargs, looks_like_path
 from lightning_rl.tokenizer import char_tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,11 @@ def load_policy(
             raise FileNotFoundError(f"GGUF file not found: {path}")
         net, tok = _load_gguf(path, weight_dtype)
     else:
+        extra = {} if looks_like_path(model) and check_local_dir(model) else hub_load_kwargs(model)
         try:
-            tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code, **extra)
             net = AutoModelForCausalLM.from_pretrained(
-                model, dtype=weight_dtype, trust_remote_code=trust_remote_code
+                model, dtype=weight_dtype, trust_remote_code=trust_remote_code, **extra
             )
         except OSError as err:
             raise OSError(

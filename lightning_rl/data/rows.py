@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rl.data.io import Rows
+from lightning_rl.data.sampler import ResumableDataLoader
 
 
 class RowsDataset(Dataset):
@@ -30,9 +31,17 @@ def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader of column batches over ``rows``; shuffled from a generator seeded by torch's seed."""
-    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63) if shuffle else None
+def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                resumable: bool = False) -> DataLoader:
+    """A DataLoader of column batches over ``rows``, seeded by torch's seed (never drawing on the global RNG).
+
+    ``resumable``: a :class:`~lightning_rl.data.sampler.ResumableDataLoader` (a new order each epoch, its
+    position saved in checkpoints), as training loaders are.
+    """
+    if resumable:
+        return ResumableDataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=shuffle,
+                                   collate_fn=collate_rows, num_workers=num_workers)
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
     return DataLoader(RowsDataset(rows), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_rows,
                       num_workers=num_workers, generator=gen)
 
@@ -53,7 +62,7 @@ class RowsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Batches of training rows."""
         self.setup("fit")
-        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers)
+        return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers, resumable=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Batches of held-out rows (empty when there is no validation data)."""

@@ -17,6 +17,8 @@ from lightning_rl.rollout.engine import Rollout, SamplingConfig
 
 _TRAIN_METRICS = ("loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
                   "logps/chosen", "logps/rejected", "grad_norm", "reward", "tie_frac", "rollout_time")
+_PAIRED_FIX = ("use PreferenceDataModule(mode='paired') with prompt/chosen/rejected rows, or online=True with "
+               "reward_funcs for prompt-only data")
 _VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
                 "logp_accuracy", "reward")
 
@@ -127,7 +129,8 @@ class DPO(PreferenceModule):
         completions = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
         columns = {k: [v for v in vals for _ in range(2)] for k, vals in self.columns_of(batch, ("prompt", "rollout",
                    "chosen", "rejected", "index")).items()}
-        total, _ = self.rewards([p for p in prompts for _ in range(2)], completions, columns)
+        total, per_fn = self.rewards([p for p in prompts for _ in range(2)], completions, columns)
+        self.health.check_rewards(total, per_fn, self.rewards.names, self.global_step)
         rewards = total.view(-1, 2)
         chosen_col, valid = online_pairs(rewards)
         stats = {"reward": torch.nanmean(total).item(), "tie_frac": 1 - valid.float().mean().item(),
@@ -165,9 +168,12 @@ class DPO(PreferenceModule):
 
     def batch_sequences(self, batch: Mapping[str, Any]) -> Sequences:
         """Chosen rows then rejected rows of an offline batch."""
-        return self.paired_sequences(
-            batch, "use PreferenceDataModule(mode='paired') or set online=True for prompt-only data"
-        )
+        return self.paired_sequences(batch, _PAIRED_FIX)
+
+    @override
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        if not self.online:
+            self.require_pair_columns(batch, _PAIRED_FIX)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

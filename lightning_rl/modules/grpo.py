@@ -26,15 +26,17 @@ from lightning_rl.algorithms.losses import (
 from lightning_rl.algorithms.mini_batches import mini_batch_bounds
 from lightning_rl.logprobs import Backend
 from lightning_rl.models import EMBEDDED_DEFAULT
+from lightning_rl.modules.config_checks import check_clip_range
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.rewards.reward_set import RewardSet
+from lightning_rl.rewards.validation import zero_std_fraction
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 
 _STEP_METRICS = (
     "reward", "reward_std", "advantage_abs", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
     "completion_length", "completion_length_max", "truncated_frac", "loss", "grad_norm",
     "rollout_time", "train_time", "tokens_per_sec", "importance_weight", "logprob_mismatch_mean",
-    "logprob_mismatch_max",
+    "logprob_mismatch_max", "frac_reward_zero_std",
 )
 
 
@@ -92,6 +94,7 @@ class GRPO(PolicyModule):
         truncate_prompts: left-truncate long prompts instead of refusing them.
         gradient_checkpointing: recompute activations in the backward; None (default): on CUDA devices.
         max_nonfinite_steps: consecutive NaN/inf steps skipped before an error.
+        max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class GRPO(PolicyModule):
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
+        max_unscored_steps: int = 3,
     ) -> None:
         super().__init__(
             model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
@@ -140,6 +144,7 @@ class GRPO(PolicyModule):
             logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
             chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
             gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
+            max_unscored_steps=max_unscored_steps,
         )
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -159,6 +164,7 @@ class GRPO(PolicyModule):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
             raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
+        check_clip_range(epsilon, epsilon_high)
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         if importance_sampling not in (*IMPORTANCE_LEVELS, "auto"):
@@ -305,6 +311,7 @@ class GRPO(PolicyModule):
         values.update(
             reward=finite.mean().item() if finite.numel() else float("nan"),
             reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
+            frac_reward_zero_std=zero_std_fraction(total, g),
             rollout_time=rollout_time,
             train_time=train_time,
             tokens_per_sec=tokens / max(rollout_time, 1e-9),
@@ -314,6 +321,7 @@ class GRPO(PolicyModule):
             col = col[~torch.isnan(col)]
             if col.numel():
                 values[f"reward/{name}"] = col.mean().item()
+        self.check_health(total, per_fn, values)
         self.log_values("train", values, len(prompts), prog_bar=("reward", "kl"))
 
     # ----------------------------------------------------------------------------- evaluation

@@ -65,6 +65,10 @@ class KTO(PreferenceModule):
         self._check_batch(batch)
         return [(batch["prompt"], batch["completion"]), (batch["prompt"], batch["kl_completion"])]
 
+    @override
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        self._check_batch(batch)
+
     @staticmethod
     def _check_batch(batch: Mapping[str, Any]) -> None:
         for col in ("completion", "label", "kl_completion"):

@@ -19,12 +19,20 @@ from typing_extensions import override
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
+from lightning_rl.modules.config_checks import check_optimizer_settings, check_step_limit
+from lightning_rl.modules.health import RunHealth
+from lightning_rl.modules.resume_state import rng_states, set_rng_states
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 
 log = logging.getLogger(__name__)
+
+
+SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
+RESUME_KEY = "lightning_rl_resume"  # checkpoint entry: random state and step counters of the module
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,6 +62,8 @@ class PolicyModule(L.LightningModule):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
+        max_unscored_steps: training steps in a row in which no completion got a reward (every
+            reward function returned None/NaN) before training stops with an error; 0 never stops.
     """
 
     def __init__(
@@ -75,12 +85,16 @@ class PolicyModule(L.LightningModule):
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
+        max_unscored_steps: int = 3,
     ) -> None:
         super().__init__()
         if logprob_backend not in BACKENDS:
             raise ValueError(f"logprob_backend must be one of {BACKENDS}, got {logprob_backend!r}")
         if learning_rate <= 0 or not math.isfinite(learning_rate):
             raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+        check_optimizer_settings(weight_decay, max_grad_norm)
+        check_step_limit("max_nonfinite_steps", max_nonfinite_steps, 1)
+        check_step_limit("max_unscored_steps", max_unscored_steps, 0)
         self.automatic_optimization = False
         self.model_source = model
         self.model_config = model_config
@@ -104,6 +118,9 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = None
         self._frozen_reference: list[nn.Module] = []  # kept out of the state dict and of .parameters()
         self._nonfinite_streak = 0
+        self._skipped_steps = 0  # optimizer steps skipped in the current training batch
+        self.health = RunHealth(max_unscored_steps)
+        self._rng_to_restore: dict[str, Any] | None = None
         self.rollout_engine: RolloutEngine | None = None
         self.micro_batch_tokens: int | None = None  # set by the memory plan or on_fit_start (micro_batch_size None)
         self.generation_batch_size = 64  # sequences per generate call of the default engine
@@ -166,8 +183,16 @@ class PolicyModule(L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Make sure the policy exists before its weights are loaded."""
+        """Make sure the policy exists before its weights are loaded; keep the random state for a resumed fit."""
         self.configure_model()
+        state = checkpoint.get(RESUME_KEY) or {}
+        restore_rebuilt(self, checkpoint.get("state_dict", {}), state.get("rebuilt_weights"))
+        if state.get("reference") is not None and self._frozen_reference:
+            self._frozen_reference[0].load_state_dict(state["reference"])
+        self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.health.load_state_dict(state.get("health") or {})
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming a fit, not load_from_checkpoint
+            self._rng_to_restore = state.get("rng")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -175,11 +200,26 @@ class PolicyModule(L.LightningModule):
 
         Callables become import paths or ``{"class_path", "init_args"}`` specs (resolved again on
         load); one that cannot be written so (a lambda, say) is stored as None and has to be
-        passed again: ``Module.load_from_checkpoint(path, reward_funcs=[...])``.
+        passed again: ``Module.load_from_checkpoint(path, reward_funcs=[...])``. Frozen weights the
+        model source gives back on load (a LoRA base) are left out; the random state is kept for resuming.
         """
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
             checkpoint["hyper_parameters"] = {k: portable(v) for k, v in hparams.items()}
+        state: dict[str, Any] = {"rng": rng_states(), "nonfinite_streak": self._nonfinite_streak,
+                                 "health": self.health.state_dict()}
+        if "state_dict" in checkpoint:
+            state["rebuilt_weights"] = drop_rebuildable(self, checkpoint["state_dict"])
+        if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
+            state["reference"] = self._frozen_reference[0].state_dict()
+        checkpoint[RESUME_KEY] = state
+
+    @override
+    def on_train_start(self) -> None:
+        """In a resumed fit, put back the random state of the interrupted run (rollouts sample as it would)."""
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     @override
     def on_fit_start(self) -> None:
@@ -324,19 +364,26 @@ class PolicyModule(L.LightningModule):
     # ----------------------------------------------------------------------------- metrics
     def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
         """Create the MeanMetric accumulators for the logged values."""
-        self.train_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in train})
+        self.train_metrics = nn.ModuleDict(
+            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn") for n in train})
         self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
 
     def log_values(
         self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
     ) -> None:
-        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out)."""
+        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out).
+
+        A training step's NaN ``grad_norm`` (its optimizer step was skipped) is logged as NaN for that
+        step and left out of the epoch mean.
+        """
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         for name, value in values.items():
             v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
             v = v[~torch.isnan(v)]
             if not v.numel():
-                continue
+                if stage != "train" or name not in SHOWN_NAN:
+                    continue
+                v = torch.tensor([math.nan])
             metric = metrics[metric_key(name)]
             if not torch.is_inference_mode_enabled() and any(
                     isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
@@ -389,6 +436,7 @@ class PolicyModule(L.LightningModule):
                     f"(last loss {loss_value}); the weights were left as they were before those steps. Lower "
                     "the learning rate, keep max_grad_norm set, use bf16 instead of fp16, or check the rewards."
                 )
+            self._skipped_steps += 1
             return {"grad_norm": float("nan"), "skipped": 1.0}
         self._nonfinite_streak = 0
         if self.max_grad_norm:
@@ -399,6 +447,18 @@ class PolicyModule(L.LightningModule):
         if sched is not None:
             sched.step()
         return {"grad_norm": norm_value, "skipped": 0.0}
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log ``train/skipped_steps``: optimizer steps of the batch skipped for a NaN/inf loss or gradient."""
+        self.log("train/skipped_steps", float(self._skipped_steps), on_step=True, on_epoch=True, reduce_fx="sum",
+                 batch_size=1)
+        self._skipped_steps = 0
+
+    def check_health(self, total: torch.Tensor, per_fn: torch.Tensor, values: Mapping[str, Any]) -> None:
+        """Per-step checks: reward functions that scored nothing (an error after ``max_unscored_steps``), collapse."""
+        self.health.check_rewards(total, per_fn, self.rewards.names, self.global_step)
+        self.health.check_collapse(dict(values), self.global_step)
 
     @staticmethod
     def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:

@@ -105,6 +105,7 @@ class PPO(PolicyModule):
         truncate_prompts: keep the last ``max_prompt_length`` prompt tokens instead of refusing.
         gradient_checkpointing: recompute activations in the backward; None (default): on CUDA devices.
         max_nonfinite_steps: consecutive non-finite steps skipped before training stops.
+        max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class PPO(PolicyModule):
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
         max_nonfinite_steps: int = 3,
+        max_unscored_steps: int = 3,
     ) -> None:
         super().__init__(
             model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
@@ -161,6 +163,7 @@ class PPO(PolicyModule):
             logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
             chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
             gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
+            max_unscored_steps=max_unscored_steps,
         )
         self.gamma, self.lam = check_discount("gamma", gamma), check_discount("lam", lam)
         if kl_estimator not in KL_ESTIMATORS:
@@ -266,6 +269,7 @@ class PPO(PolicyModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the (possibly adapted) KL coefficient."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_kl_controller"] = self.kl_ctl.state_dict()
 
     @override
@@ -387,6 +391,7 @@ class PPO(PolicyModule):
             col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
             if col.numel():
                 values[f"reward/{name}"] = col.mean().item()
+        self.check_health(total, per_fn, values)
         self.log_values("train", values, len(prompts), prog_bar=("reward", "kl", "value_loss"))
 
     def _micro_step(

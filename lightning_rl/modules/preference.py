@@ -143,6 +143,7 @@ class PreferenceModule(PolicyModule):
 
     def reference_logps(self, batch: Mapping[str, Any], split: str) -> torch.Tensor:
         """``[B, K]`` reference log-probs: live, or looked up in the precomputed cache by ``batch["index"]``."""
+        self.check_batch(batch)
         if self.reference_mode != "precomputed":
             return self.compute_reference_logps(batch)
         if "index" not in batch:
@@ -198,11 +199,13 @@ class PreferenceModule(PolicyModule):
     @override
     def on_train_start(self) -> None:
         """Precompute reference log-probs from the dataloaders when fit got no preference datamodule."""
+        super().on_train_start()
         self._precompute_from_trainer(use_loaders=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the precomputed reference log-probs (small: a few floats per row)."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint["preference_reference_cache"] = {
             split: {"index": torch.tensor(list(c)), "logps": torch.stack(list(c.values()))}
             for split, c in self._ref_cache.items() if c
@@ -266,12 +269,20 @@ class PreferenceModule(PolicyModule):
         ci, cm = right_pad(completion_ids, pad, self.device)
         return Sequences(pi, pm, ci, cm)
 
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        """Raise a ``KeyError`` naming the columns a training batch lacks (subclasses say which they need)."""
+
+    def require_pair_columns(self, batch: Mapping[str, Any], fix: str) -> None:
+        """Raise a ``KeyError`` naming the ``chosen``/``rejected`` columns ``batch`` lacks; ``fix`` ends the message."""
+        missing = [c for c in ("chosen", "rejected") if c not in batch]
+        if missing:
+            needed = " and ".join(f"a {c!r} column" for c in missing)
+            raise KeyError(f"{type(self).__name__} needs paired rows with {needed} (got columns {sorted(batch)}); "
+                           f"{fix}")
+
     def paired_sequences(self, batch: Mapping[str, Any], fix: str) -> Sequences:
         """Chosen rows then rejected rows of a batch of pairs; ``fix`` completes the missing-column error."""
-        for col in ("chosen", "rejected"):
-            if col not in batch:
-                raise KeyError(f"{type(self).__name__} needs paired rows with a {col!r} column (got columns "
-                               f"{sorted(batch)}); {fix}")
+        self.require_pair_columns(batch, fix)
         prompts = list(batch["prompt"])
         return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
 

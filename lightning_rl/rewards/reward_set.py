@@ -10,12 +10,9 @@ from typing import Any
 import torch
 
 from lightning_rl.rewards.spec import resolve_callable
+from lightning_rl.rewards.validation import RewardError, reward_values, short_repr
 
 RewardFn = Callable[..., Sequence[float | None]]
-
-
-class RewardError(RuntimeError):
-    """A reward function raised or returned something unusable."""
 
 
 def reward_name(fn: RewardFn) -> str:
@@ -31,11 +28,6 @@ def _accepts_all_kwargs(fn: RewardFn) -> tuple[bool, set[str]]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return True, set()
     return False, {p.name for p in params}
-
-
-def _short(x: Any, n: int = 120) -> str:
-    s = repr(x)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 class RewardSet:
@@ -62,6 +54,10 @@ class RewardSet:
             )
         self.funcs = list(funcs)
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(funcs)
+        bad = [(i, w) for i, w in enumerate(self.weights) if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"reward_weights[{bad[0][0]}] is {bad[0][1]}: each weight must be a finite number "
+                             "(0 turns a function off; leave reward_weights out for 1.0 each)")
         self.names = _unique([reward_name(f) for f in funcs])
 
     def _call_one(self, fn: RewardFn, name: str, prompts, completions, columns) -> list[float | None]:
@@ -71,25 +67,7 @@ class RewardSet:
             values = fn(prompts, completions, **kwargs)
         except Exception as err:
             raise RewardError(self._locate_failure(fn, name, prompts, completions, kwargs, err)) from err
-        values = list(values) if values is not None else None
-        if values is None or len(values) != len(completions):
-            got = "None" if values is None else f"{len(values)} values"
-            raise RewardError(
-                f"reward function {name!r} returned {got} for {len(completions)} completions; "
-                "it must return one float (or None) per completion"
-            )
-        out: list[float | None] = []
-        for i, v in enumerate(values):
-            if v is None:
-                out.append(None)
-                continue
-            try:
-                out.append(float(v))
-            except (TypeError, ValueError):
-                raise RewardError(
-                    f"reward function {name!r} returned {_short(v)} for sample {i}; expected a float or None"
-                ) from None
-        return out
+        return reward_values(values, name, len(completions))
 
     @staticmethod
     def _locate_failure(fn, name, prompts, completions, kwargs, err) -> str:
@@ -102,7 +80,7 @@ class RewardSet:
             except Exception as one_err:
                 return (
                     f"reward function {name!r} raised {type(one_err).__name__}: {one_err} on sample {i} "
-                    f"(prompt={_short(prompts[i])}, completion={_short(completions[i])}); fix the function or "
+                    f"(prompt={short_repr(prompts[i])}, completion={short_repr(completions[i])}); fix the function or "
                     "return None for samples it cannot score"
                 )
         return f"reward function {name!r} raised {type(err).__name__}: {err} on the batch of {len(completions)}"

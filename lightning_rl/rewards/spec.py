@@ -30,6 +30,13 @@ def import_object(path: str) -> Any:
         except AttributeError:
             break
         return obj
+    if path.startswith("__main__."):
+        name = path[len("__main__."):]
+        raise ImportError(
+            f"cannot import {path!r}: it was defined in the script that saved the checkpoint (__main__), which this "
+            f"process cannot import. Pass it again, e.g. Module.load_from_checkpoint(path, reward_funcs=[{name}, ...]) "
+            "(all of them, in the same order), or define it in an importable module so checkpoints can name it"
+        )
     raise ImportError(f"cannot import {path!r}: give an import path such as 'my_package.rewards.my_reward'")
 
 

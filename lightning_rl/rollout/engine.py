@@ -32,6 +32,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"top_k must be a positive number of tokens, or None (or 0) to sample from all tokens; "
+                             f"got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:

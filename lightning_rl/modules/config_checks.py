@@ -1,0 +1,30 @@
+"""Checks of constructor arguments shared by the modules: a bad value is refused at once, naming the fix."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_optimizer_settings(weight_decay: float, max_grad_norm: float | None) -> None:
+    """Refuse a negative or non-finite ``weight_decay`` and a ``max_grad_norm`` that would not clip."""
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0 (AdamW's decoupled decay; 0 turns it off), got {weight_decay}")
+    if max_grad_norm is not None and (math.isnan(max_grad_norm) or max_grad_norm < 0):
+        raise ValueError(f"max_grad_norm must be > 0 to clip the gradient norm to it, or None (or 0) to turn "
+                         f"clipping off; got {max_grad_norm}")
+
+
+def check_clip_range(epsilon: float, epsilon_high: float | None) -> None:
+    """``epsilon_high`` (DAPO's clip-higher) must not be below ``epsilon``."""
+    if epsilon_high is not None and epsilon_high < epsilon:
+        raise ValueError(
+            f"epsilon_high ({epsilon_high}) is below epsilon ({epsilon}): it is the upper clip range of the ratio "
+            "(DAPO's clip-higher, e.g. 0.28 with epsilon=0.2); set it >= epsilon, or leave it None to clip "
+            "symmetrically at epsilon"
+        )
+
+
+def check_step_limit(name: str, value: int, minimum: int) -> None:
+    """A count of steps in a row that must be an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,74 @@
+"""Per-step checks that an RL run still learns: its completions get rewards, and the policy has not collapsed."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_rl.rewards.validation import RewardError, unscored_functions
+
+log = logging.getLogger(__name__)
+
+COLLAPSE_ENTROPY = 0.05  # nats per token
+COLLAPSE_LENGTH = 1.5  # tokens per completion (an empty reply is its EOS token alone)
+
+
+def collapse_message(entropy: float | None, completion_length: float | None) -> str | None:
+    """Why a step looks collapsed (near-zero entropy and near-empty completions), or None."""
+    if entropy is None or completion_length is None or math.isnan(entropy) or math.isnan(completion_length):
+        return None
+    if entropy < COLLAPSE_ENTROPY and completion_length <= COLLAPSE_LENGTH:
+        return (f"the policy looks collapsed: entropy {entropy:.3g} nats per token and {completion_length:.2g} tokens "
+                "per completion (empty replies). Usually the learning rate is too high or the weights blew up: "
+                "lower learning_rate, keep max_grad_norm set, and resume from an earlier checkpoint")
+    return None
+
+
+class RunHealth:
+    """Warns, step by step, about reward functions that scored nothing and about a collapsed policy.
+
+    Args:
+        max_unscored_steps: training steps in a row in which no completion got a reward before
+            training stops with :class:`~lightning_rl.rewards.RewardError` (0 never stops).
+    """
+
+    def __init__(self, max_unscored_steps: int = 3) -> None:
+        self.max_unscored_steps = max_unscored_steps
+        self.unscored_streak = 0
+
+    def check_rewards(self, total: torch.Tensor, per_fn: torch.Tensor, names: Sequence[str], step: int) -> None:
+        """Warn for each function that scored none of this step's completions; raise after too many empty steps."""
+        n = int(total.shape[0])
+        silent = unscored_functions(per_fn, names)
+        for name in silent:
+            log.warning("reward function %r returned None/NaN for all %d completions at step %d: it gave no "
+                        "reward (check the columns it reads and what it returns)", name, n, step)
+        if n and bool(torch.isnan(total).all()):
+            self.unscored_streak += 1
+            if self.max_unscored_steps and self.unscored_streak >= self.max_unscored_steps:
+                raise RewardError(
+                    f"no completion got a reward for {self.unscored_streak} steps in a row ({n} completions at step "
+                    f"{step}; reward functions returning None/NaN for all of them: {silent}), so nothing was learned. "
+                    "Fix the reward functions (a None means 'does not apply'), or raise max_unscored_steps "
+                    "(0 never stops)"
+                )
+        else:
+            self.unscored_streak = 0
+
+    def check_collapse(self, values: dict[str, Any], step: int) -> None:
+        """Warn when a step's ``entropy`` and ``completion_length`` are both near zero."""
+        message = collapse_message(values.get("entropy"), values.get("completion_length"))
+        if message:
+            log.warning("step %d: %s", step, message)
+
+    def state_dict(self) -> dict[str, int]:
+        """The streak of steps without rewards (for a resumed run)."""
+        return {"unscored_streak": self.unscored_streak}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the streak."""
+        self.unscored_streak = int(state.get("unscored_streak", 0))

@@ -1,0 +1,42 @@
+"""The random state of the process as plain data, so a resumed run samples what the uninterrupted one would.
+
+Stored in checkpoints (loadable with ``torch.load(weights_only=True)``: tensors, lists and numbers
+only) and put back when the resumed run starts training.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and every CUDA device), Python's ``random`` and numpy."""
+    version, state, gauss = random.getstate()
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(state), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return out
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    return out
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back the random states :func:`rng_states` returned (parts this process cannot take are skipped)."""
+    torch.set_rng_state(states["torch"])
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in states:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,58 @@
+"""A resumed fit with VLLMRollout (fake engine on CPU): the engine holds the restored weights at its first rollout."""
+
+import lightning as L
+import torch
+from conftest import make_trainer, state_copy
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_rollout_callback import ROWS, FakeEngine, _module
+
+from lightning_rl import PromptDataModule, VLLMRollout
+
+
+class WeightHoldingEngine(FakeEngine):
+    """A fake engine that copies the weights it is given, as vLLM does, and records them at every rollout."""
+
+    def __init__(self, module, calls, seed):
+        super().__init__(module, calls)
+        self.seed = seed
+        self.held = state_copy(module.policy)
+        self.at_rollout = []
+
+    def sync_weights(self, model):
+        super().sync_weights(model)
+        self.held = state_copy(model)
+
+    def generate(self, prompt_ids, sampling, num_generations):
+        self.at_rollout.append(self.held)
+        return super().generate(prompt_ids, sampling, num_generations)
+
+
+def fit(steps, tmp_path, engines, ckpt_path=None, seed=0):
+    L.seed_everything(seed, verbose=False)
+    calls = []
+    callback = VLLMRollout(seed=5, engine_factory=lambda module, n, s: engines.append(
+        WeightHoldingEngine(module, calls, s)) or engines[-1])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
+    module = _module()
+    trainer = make_trainer(max_steps=steps, callbacks=[callback, ckpt], enable_checkpointing=True)
+    trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2), ckpt_path=ckpt_path)
+    return module, callback, calls
+
+
+def test_resumed_engine_starts_from_the_checkpoint_weights(tmp_path):
+    first = []
+    fit(2, tmp_path, first)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    saved = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    assert ckpt["callbacks"]["VLLMRollout"]["last_synced_step"] == 1 and ckpt["global_step"] == 2
+
+    resumed = []
+    module, callback, calls = fit(4, tmp_path / "resumed", resumed, ckpt_path=tmp_path / "last.ckpt", seed=99)
+    engine = resumed[0]
+    assert len(resumed) == 1 and engine.seed == 5 + 1  # seeded from the restored step: no replayed samples
+    held = engine.at_rollout[0]
+    assert any(not torch.equal(held[k], first[0].at_rollout[0][k]) for k in held)  # not the initial weights
+    for k, v in saved.items():
+        assert torch.equal(held[k], v), k
+    assert calls[:4] == ["create", "wake", "sync", "generate"]  # the restored step counts as a new policy
+    assert callback.num_rollouts == 2 + 2 and callback.num_syncs == 1 + 2
