@@ -210,8 +210,9 @@ class GRPO(PolicyModule):
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
-        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
+        total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), g)
         advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
+        self.record_rollout_samples(prompts, completions, total, per_fn, g, advantage=advantages)
         mask = rollout.completion_mask.float()
         truncated = rollout.truncated.to(self.device)
         if self.mask_truncated_completions:

@@ -23,6 +23,7 @@ from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.samples import StepSamples, per_completion
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class PolicyModule(L.LightningModule):
         self._nonfinite_streak = 0
         self.rollout_engine: RolloutEngine | None = None
         self.generation_batch_size = 64  # sequences per generate call of the default engine
+        self.last_samples: StepSamples | None = None  # the last training step's rows, for sample tables
 
     # ----------------------------------------------------------------------------- model
     @override
@@ -161,6 +163,17 @@ class PolicyModule(L.LightningModule):
         """Move the frozen reference copy (not a registered submodule) to the training device."""
         for ref in self._frozen_reference:
             ref.to(self.device)
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Sample completions in the logger, a report at the end of fit and a step-counting progress bar.
+
+        Each is added only when the Trainer has none of its kind (see
+        :func:`~lightning_rl.callbacks.defaults.default_callbacks`); pass your own to change its settings.
+        """
+        from lightning_rl.callbacks.defaults import default_callbacks
+
+        return default_callbacks(self.trainer)
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
@@ -239,6 +252,16 @@ class PolicyModule(L.LightningModule):
         expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
         total, per_fn = self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
         return total, per_fn, completions
+
+    def record_rollout_samples(
+        self, prompts: Sequence[Any], completions: Sequence[str], total: torch.Tensor, per_fn: torch.Tensor, g: int,
+        **extra: torch.Tensor,
+    ) -> None:
+        """Keep a step's completions, rewards (total and per function) and ``extra`` columns as ``last_samples``."""
+        columns: dict[str, Any] = {"prompt": per_completion(prompts, g), "completion": completions, "reward": total}
+        columns.update({f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)})
+        columns.update(extra)
+        self.last_samples = StepSamples(columns, g)
 
     def log_greedy_rewards(self, batch: Mapping[str, Any]) -> None:
         """Validation for on-policy methods: greedy completions, mean reward overall and per function."""

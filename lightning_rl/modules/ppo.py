@@ -42,6 +42,7 @@ _STEP_METRICS = (
     "reward", "reward_std", "kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "loss",
     "clip_frac", "value_clip_frac", "approx_kl", "entropy", "explained_variance", "value_mean", "return_mean",
     "advantage_std", "completion_length", "truncated_frac", "grad_norm", "rollout_time", "train_time",
+    "tokens_per_sec",
 )
 
 
@@ -324,7 +325,7 @@ class PPO(PolicyModule):
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
-        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
+        total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), g)
         total = total.to(self.device)
         scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
         mask = rollout.completion_mask.float() * scored.float()[:, None]
@@ -338,6 +339,8 @@ class PPO(PolicyModule):
         advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._sum_over_processes())
+        self.record_rollout_samples(prompts, completions, total, per_fn, g, kl=kl.sum(-1),
+                                    advantage=(advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1))
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clip_frac",
                                                         "value_clip_frac", "approx_kl", "entropy", "grad_norm")}
@@ -376,6 +379,7 @@ class PPO(PolicyModule):
             truncated_frac=rollout.truncated.float().mean().item(),
             rollout_time=rollout_time,
             train_time=train_time,
+            tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
         )
         for j, name in enumerate(self.rewards.names):
             col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
