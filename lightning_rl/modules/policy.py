@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,7 @@ from typing_extensions import override
 
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs
 from lightning_rl.lora import apply_lora, is_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
@@ -115,7 +116,7 @@ class PolicyModule(L.LightningModule):
             return
         net, tok = load_policy(self.model_source, self.model_config, self.dtype_name)
         if self.gradient_checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(net)
             if self.lora is not None:
                 net.enable_input_require_grads()
         if self.needs_reference_model and self.lora is None:
@@ -123,6 +124,19 @@ class PolicyModule(L.LightningModule):
             self._frozen_reference = [ref]
         self.policy = apply_lora(net, self.lora)
         self.tokenizer = tok
+
+    def export(self, out: str | Path, merge: bool = False, base_model: str | None = None,
+               dtype: str | None = None) -> Path:
+        """Write the policy as a Hugging Face folder: merged weights, or (LoRA, ``merge=False``) a peft adapter.
+
+        See :func:`lightning_rl.export.export_policy`; ``dtype`` defaults to the module's ``dtype``.
+        The same from a checkpoint: ``lightning-rl export --ckpt_path RUN.ckpt --out DIR [--merge]``.
+        """
+        from lightning_rl.export import export_policy
+
+        self.configure_model()
+        return export_policy(self.policy, self.tokenizer, out, self.model_source, merge=merge, base_model=base_model,
+                             dtype=dtype or self.dtype_name, title=type(self).__name__)
 
     @property
     def needs_reference_model(self) -> bool:

@@ -26,7 +26,7 @@ from lightning_rl.algorithms.ppo_losses import (
 )
 from lightning_rl.logprobs import Backend
 from lightning_rl.lora import apply_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.modules.value_head import (
     ValueHead,
@@ -224,7 +224,7 @@ class PPO(PolicyModule):
                     "critic_model=None to put the value head on the policy's backbone"
                 )
             if self.gradient_checkpointing:
-                critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(critic)
                 if self.lora is not None:
                     critic.enable_input_require_grads()
             self.critic = apply_lora(critic, self.lora)
