@@ -40,6 +40,7 @@ class CompletionSamples(Callback):
         key: the table's name (CSV file stem, TensorBoard tag, W&B key, MLflow artifact folder).
         max_chars: cut cells of the console table to this many characters.
         console: print the last table at the end of fit.
+        console_rows: at most this many rows in the console.
         dirpath: also append every table to ``<dirpath>/<key>.csv`` (e.g. when the Trainer has no logger).
     """
 
@@ -50,6 +51,7 @@ class CompletionSamples(Callback):
         key: str = "completions",
         max_chars: int = 200,
         console: bool = True,
+        console_rows: int = 8,
         dirpath: str | Path | None = None,
     ) -> None:
         if every_n_steps < 0 or num_groups < 1:
@@ -59,6 +61,7 @@ class CompletionSamples(Callback):
         self.key = key
         self.max_chars = max_chars
         self.console = console
+        self.console_rows = console_rows
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self._seen: StepSamples | None = None
         self._latest: tuple[int, StepSamples] | None = None
@@ -90,7 +93,7 @@ class CompletionSamples(Callback):
         if self._written_step != step:
             self.write(trainer, step, samples)
         if self.console and trainer.is_global_zero:
-            self.print_table(samples.head(self.num_groups), step, type(pl_module).__name__)
+            self.print_table(samples.head(self.num_groups)[: self.console_rows], step, type(pl_module).__name__)
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, step: int, samples: StepSamples) -> None:

@@ -41,6 +41,15 @@ def _floats(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _link(destination: str, root: Path) -> str:
+    """A markdown link for a file inside ``root`` (relative), else the destination as it is."""
+    path = Path(destination).resolve()
+    if path.is_file() and path.is_relative_to(root.resolve()):
+        rel = path.relative_to(root.resolve()).as_posix()
+        return f"[{rel}]({rel})"
+    return destination
+
+
 class RunReport(Callback):
     """Write a report of the run into its log directory at the end of fit.
 
@@ -118,7 +127,8 @@ class RunReport(Callback):
             return None
         from lightning_rl.callbacks.completions import CompletionSamples
 
-        samples = [d for cb in trainer.callbacks if isinstance(cb, CompletionSamples) for d in cb.destinations]
+        samples = [_link(d, root) for cb in trainer.callbacks if isinstance(cb, CompletionSamples)
+                   for d in cb.destinations]
         config = "config.yaml" if (root / "config.yaml").is_file() else None
         info = ReportInfo(title=type(pl_module).__name__, hparams=portable(dict(pl_module.hparams)),
                           config_file=config, samples=samples,

@@ -49,7 +49,7 @@ def test_grpo_fit_with_csv_logger_leaves_samples_and_report(make_grpo, make_data
     assert re.search(rf"\| reward \| [^|]+ \| {re.escape(f'{last_reward:.4g}')} \|", text)
     assert "| val/reward |" in text
     assert "model: tiny-llama" in text and "num_generations: 2" in text
-    assert "completions.csv" in text
+    assert "[completions.csv](completions.csv)" in text
 
     # the console: the last step's table, and where the report is
     out = capsys.readouterr().out
