@@ -31,7 +31,8 @@ def main(model: str = "smollm2-135m-instruct") -> None:
         max_new_tokens=24,
         learning_rate=2e-4,
     )
-    trainer = L.Trainer(max_steps=4, accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(max_steps=4, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                        log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
     print({k: round(float(v), 3) for k, v in trainer.callback_metrics.items() if k.startswith("train/reward")})
 

@@ -1,6 +1,6 @@
 """lightning-rl: reinforcement-learning fine-tuning of language models with PyTorch Lightning."""
 
-from lightning_rl.callbacks import VLLMRollout
+from lightning_rl.callbacks import CompletionSamples, RLProgressBar, RunReport, VLLMRollout
 from lightning_rl.data import ArithmeticDataModule, PreferenceDataModule, PromptDataModule
 from lightning_rl.models import load_policy
 from lightning_rl.modules import DPO, GRPO, KTO, ORPO, PPO, PolicyModule
@@ -17,13 +17,16 @@ __all__ = [
     "ORPO",
     "PPO",
     "ArithmeticDataModule",
+    "CompletionSamples",
     "HFEngine",
     "MemoryAwarePrecision",
     "PolicyModule",
     "PreferenceDataModule",
     "PromptDataModule",
+    "RLProgressBar",
     "Rollout",
     "RolloutEngine",
+    "RunReport",
     "SamplingConfig",
     "VLLMEngine",
     "VLLMRollout",

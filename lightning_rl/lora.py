@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,9 @@ def apply_lora(model: PreTrainedModel, spec: LoraConfig | Mapping[str, Any] | No
     """Wrap ``model`` with LoRA adapters (base weights frozen), or return it unchanged for ``None``."""
     if spec is None:
         return model
-    return get_peft_model(model, lora_config(spec))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config(spec))
 
 
 def is_lora(model: object) -> bool:

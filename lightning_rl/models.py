@@ -201,3 +201,15 @@ def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path
     net.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward (non-reentrant), through the API the installed transformers has.
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
+    warns on the old name; older versions only have the old one.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -39,6 +39,11 @@ def high_ids(prompts, completions, completion_ids, **columns):
     return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
 
 
+def char_codes(prompts, completions, **columns):
+    """Mean character code / 100 of each completion: a dense reward that reads only the text."""
+    return [sum(map(ord, c)) / (100 * max(len(c), 1)) for c in completions]
+
+
 class MetricRecorder(L.Callback):
     """Keeps the step value of some logged metrics after every training batch."""
 

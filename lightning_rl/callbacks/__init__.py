@@ -1,5 +1,8 @@
-"""Lightning callbacks: the colocated vLLM rollout toggle."""
+"""Lightning callbacks: the colocated vLLM rollout toggle, sample completions, the run report, the progress bar."""
 
+from lightning_rl.callbacks.completions import CompletionSamples
+from lightning_rl.callbacks.progress import RLProgressBar
+from lightning_rl.callbacks.report import RunReport
 from lightning_rl.callbacks.rollout import VLLMRollout
 
-__all__ = ["VLLMRollout"]
+__all__ = ["CompletionSamples", "RLProgressBar", "RunReport", "VLLMRollout"]

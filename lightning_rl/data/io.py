@@ -38,7 +38,8 @@ def read_rows(source: str | Path | Sequence[Mapping[str, Any]]) -> Rows:
             except ImportError:
                 raise ModuleNotFoundError("reading Parquet needs pyarrow: pip install pyarrow") from None
             return _check_dicts(pq.read_table(path).to_pylist(), str(path))
-        raise ValueError(f"unsupported data file {path}: use .jsonl, .json or .parquet, or pass a list of dicts")
+        raise ValueError(f"unsupported data file {path}: use .jsonl, .json, .parquet or .csv (or a glob of "
+                         "them), 'hf:<dataset>', or pass a list of dicts")
     return _check_dicts(list(source), "the given rows")
 
 

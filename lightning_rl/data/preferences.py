@@ -9,35 +9,24 @@ from typing import Any, Literal
 
 from torch.utils.data import DataLoader
 
-from lightning_rl.data.io import Rows, read_rows
+from lightning_rl.data.io import Rows
 from lightning_rl.data.prompts import DataSource, validate_prompt_rows
 from lightning_rl.data.rows import RowsDataModule, rows_loader
+from lightning_rl.data.sources import load_rows
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["paired", "unpaired"]
 OnInvalid = Literal["error", "skip"]
-HF_PREFIX = "hf:"
 
 
 class InvalidPreferenceError(ValueError):
     """A preference row cannot be trained on (empty response, identical chosen and rejected, bad label)."""
 
 
-def read_preference_rows(source: DataSource | Any, split: str = "train") -> Rows:
-    """Rows from a file, a list of dicts, a Hugging Face ``Dataset``, or ``"hf:<name>"`` (loads ``split``)."""
-    if isinstance(source, str) and source.startswith(HF_PREFIX):
-        try:
-            import datasets
-        except ImportError:
-            raise ModuleNotFoundError(
-                f"loading {source!r} needs the Hugging Face 'datasets' package: pip install datasets "
-                "(or export the data to .jsonl/.parquet and pass its path)"
-            ) from None
-        return read_rows(datasets.load_dataset(source[len(HF_PREFIX):], split=split).to_list())
-    if hasattr(source, "to_list") and not isinstance(source, (str, list)):  # a datasets.Dataset
-        return read_rows(source.to_list())
-    return read_rows(source)
+def read_preference_rows(source: DataSource | Any, split: str = "train", subset: str | None = None) -> Rows:
+    """Rows of any source :func:`~lightning_rl.data.sources.load_rows` takes (``hf:`` names load ``split``)."""
+    return load_rows(source, split, subset)
 
 
 def response_text(response: Any) -> str | None:
@@ -104,8 +93,9 @@ class PreferenceDataModule(RowsDataModule):
     one warning that counts them. A missing column always raises ``KeyError``.
 
     Args:
-        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` path, a list of dicts, a Hugging Face
-            ``Dataset``, or ``"hf:<dataset name>"`` (needs ``datasets``).
+        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` path or glob, a list of dicts, a Hugging
+            Face ``Dataset`` or ``DatasetDict``, or ``"hf:<dataset name or folder>"`` (see
+            :func:`~lightning_rl.data.sources.load_rows`; CSV, globs and ``hf:`` need ``datasets``).
         val_data: optional held-out rows, same forms.
         mode: ``paired`` (DPO, ORPO) or ``unpaired`` (KTO).
         prompt_column: column with the prompt.
@@ -115,6 +105,7 @@ class PreferenceDataModule(RowsDataModule):
         label_column: column with the desirable (true) / undesirable (false) label of unpaired rows.
         train_split: split loaded for ``"hf:..."`` training data.
         val_split: split loaded for ``"hf:..."`` validation data.
+        subset: configuration (subset) of ``"hf:..."`` data.
         batch_size: pairs (or unpaired rows) per training step.
         val_batch_size: rows per validation batch (defaults to ``batch_size``).
         shuffle: shuffle the training rows every epoch.
@@ -135,6 +126,7 @@ class PreferenceDataModule(RowsDataModule):
         label_column: str = "label",
         train_split: str = "train",
         val_split: str = "test",
+        subset: str | None = None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         shuffle: bool = True,
@@ -153,7 +145,7 @@ class PreferenceDataModule(RowsDataModule):
         self.mode = mode
         self.prompt_column, self.chosen_column, self.rejected_column = prompt_column, chosen_column, rejected_column
         self.completion_column, self.label_column = completion_column, label_column
-        self.train_split, self.val_split = train_split, val_split
+        self.train_split, self.val_split, self.subset = train_split, val_split, subset
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.shuffle = shuffle
@@ -169,11 +161,11 @@ class PreferenceDataModule(RowsDataModule):
         if self.train_data is None:
             raise ValueError("PreferenceDataModule needs train_data= (a .jsonl/.json/.parquet path, a list of dicts, "
                              "a datasets.Dataset or 'hf:<name>')")
-        return read_preference_rows(self.train_data, self.train_split)
+        return read_preference_rows(self.train_data, self.train_split, self.subset)
 
     def load_val_rows(self) -> Rows | None:
         """Raw rows of the validation split, if any."""
-        return None if self.val_data is None else read_preference_rows(self.val_data, self.val_split)
+        return None if self.val_data is None else read_preference_rows(self.val_data, self.val_split, self.subset)
 
     def _is_paired(self, row: Mapping[str, Any]) -> bool:
         return self.chosen_column in row or self.rejected_column in row

@@ -6,8 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_rl.data.io import Rows, read_rows
+from lightning_rl.data.io import Rows
 from lightning_rl.data.rows import RowsDataModule
+from lightning_rl.data.sources import load_rows
 
 DataSource = str | Path | Sequence[Mapping[str, Any]]
 
@@ -38,9 +39,14 @@ class PromptDataModule(RowsDataModule):
     column of the data, which the modules pass to the reward functions.
 
     Args:
-        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` path, or a list of dicts.
+        train_data: ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` path or glob, a list of dicts, a Hugging
+            Face ``Dataset`` or ``DatasetDict``, or ``"hf:<dataset name or folder>"`` (see
+            :func:`~lightning_rl.data.sources.load_rows`; CSV, globs and ``hf:`` need ``datasets``).
         val_data: optional held-out prompts, same forms.
         prompt_column: column holding the prompt (a string or a list of chat messages).
+        train_split: split loaded for ``"hf:..."`` training data (and of a ``DatasetDict``).
+        val_split: split loaded for ``"hf:..."`` validation data.
+        subset: configuration (subset) of ``"hf:..."`` data, e.g. ``main`` for ``openai/gsm8k``.
         batch_size: prompts per training step (each gets ``num_generations`` completions).
         val_batch_size: prompts per validation batch (defaults to ``batch_size``).
         shuffle: shuffle the training prompts every epoch.
@@ -52,6 +58,9 @@ class PromptDataModule(RowsDataModule):
         train_data: DataSource | None = None,
         val_data: DataSource | None = None,
         prompt_column: str = "prompt",
+        train_split: str = "train",
+        val_split: str = "test",
+        subset: str | None = None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         shuffle: bool = True,
@@ -63,6 +72,7 @@ class PromptDataModule(RowsDataModule):
         self.train_data = train_data
         self.val_data = val_data
         self.prompt_column = prompt_column
+        self.train_split, self.val_split, self.subset = train_split, val_split, subset
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.shuffle = shuffle
@@ -73,12 +83,13 @@ class PromptDataModule(RowsDataModule):
     def load_train_rows(self) -> Rows:
         """Rows of the training split (override to generate data)."""
         if self.train_data is None:
-            raise ValueError("PromptDataModule needs train_data= (a .jsonl/.json/.parquet path or a list of dicts)")
-        return read_rows(self.train_data)
+            raise ValueError("PromptDataModule needs train_data= (a .jsonl/.json/.parquet/.csv path or glob, a list of "
+                             "dicts, a datasets.Dataset or 'hf:<name>')")
+        return load_rows(self.train_data, self.train_split, self.subset)
 
     def load_val_rows(self) -> Rows | None:
         """Rows of the validation split, if any."""
-        return None if self.val_data is None else read_rows(self.val_data)
+        return None if self.val_data is None else load_rows(self.val_data, self.val_split, self.subset)
 
     def _normalize(self, rows: Rows, where: str) -> Rows:
         validate_prompt_rows(rows, self.prompt_column, where)

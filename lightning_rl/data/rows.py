@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_rl.data.io import Rows
 from lightning_rl.data.sampler import ResumableDataLoader
@@ -23,6 +23,17 @@ class RowsDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
+
+
+class NoRows(IterableDataset):
+    """No rows and no length: the validation loader of a DataModule without validation data.
+
+    Lightning then runs no validation batch and, since the loader has no length, does not warn that
+    its length is zero (it would for an empty list or an empty ``DataLoader``).
+    """
+
+    def __iter__(self):
+        return iter(())
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -64,9 +75,9 @@ class RowsDataModule(L.LightningDataModule):
         self.setup("fit")
         return rows_loader(self.train_rows, self.batch_size, self.shuffle, self.num_workers, resumable=True)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Batches of held-out rows (empty when there is no validation data)."""
+    def val_dataloader(self) -> DataLoader:
+        """Batches of held-out rows (a loader of no batches when there is no validation data)."""
         self.setup("validate")
         if not self.val_rows:
-            return []
+            return DataLoader(NoRows(), batch_size=None)
         return rows_loader(self.val_rows, self.val_batch_size, num_workers=self.num_workers)

@@ -141,6 +141,9 @@ class DPO(PreferenceModule):
         base = 2 * pair
         cc = chosen_col.to(self.device)[pair]
         rows = torch.cat([base + cc, base + 1 - cc])
+        picked = rows.tolist()
+        self._online_texts = ([prompts[i] for i in pair.tolist()], [completions[i] for i in picked[:len(pair)]],
+                              [completions[i] for i in picked[len(pair):]])
         seqs = Sequences(rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
         return seqs.rows(rows), stats
 
@@ -202,6 +205,8 @@ class DPO(PreferenceModule):
         result = self.optimizer_step_checked(step_loss)
         logged = {k: torch.cat(v) for k, v in values.items() if k != "logp_accuracy"}
         logged.update(extra, grad_norm=result["grad_norm"])
+        texts = self._online_texts if self.online else (batch["prompt"], batch["chosen"], batch["rejected"])
+        self.record_pair_samples(*texts, logged["rewards/chosen"], logged["rewards/rejected"])
         self.log_values("train", logged, n, prog_bar=("loss", "rewards/accuracy", "rewards/margins"))
 
     @override

@@ -231,8 +231,9 @@ class GRPO(PolicyModule):
         bounds = mini_batch_bounds(n, self.num_mini_batches)
         micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
         is_level = self.importance_level(rollout)
-        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
+        total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), g)
         advantages = group_advantages(total, g, self.scale_rewards).to(self.device)
+        self.record_rollout_samples(prompts, completions, total, per_fn, g, advantage=advantages)
         mask = rollout.completion_mask.float()
         truncated = rollout.truncated.to(self.device)
         if self.mask_truncated_completions:

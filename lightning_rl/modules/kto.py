@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_rl.algorithms.preference_losses import kto_kl_estimate, kto_loss, kto_weight_advice
 from lightning_rl.modules.preference import PreferenceModule, ReferenceMode, Sequences
 from lightning_rl.prompting import Prompt
+from lightning_rl.samples import StepSamples
 
 _METRICS = ("loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/desirable", "logps/undesirable")
 
@@ -127,6 +128,9 @@ class KTO(PreferenceModule):
             rewards.append(r)
             logps.append(lp)
         loss, r, lp = torch.cat(losses), torch.cat(rewards), torch.cat(logps)
+        if train:
+            self.last_samples = StepSamples({"prompt": list(batch["prompt"]), "completion": list(batch["completion"]),
+                                             "label": desirable.tolist(), "reward": r})
         return {"loss": loss, "kl": z0, "rewards/desirable": r[desirable], "rewards/undesirable": r[~desirable],
                 "logps/desirable": lp[desirable], "logps/undesirable": lp[~desirable]}
 

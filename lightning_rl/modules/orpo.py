@@ -85,6 +85,8 @@ class ORPO(PreferenceModule):
         result = self.optimizer_step_checked(step_loss)
         logged = {k: torch.cat(v) for k, v in values.items()}
         logged["grad_norm"] = result["grad_norm"]
+        self.record_pair_samples(batch["prompt"], batch["chosen"], batch["rejected"], logged["rewards/chosen"],
+                                 logged["rewards/rejected"])
         self.log_values("train", logged, n, prog_bar=("loss", "accuracy"))
 
     @override

@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,7 @@ from typing_extensions import override
 
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
 from lightning_rl.modules.config_checks import check_optimizer_settings, check_step_limit
 from lightning_rl.modules.health import RunHealth
@@ -27,6 +28,7 @@ from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.samples import StepSamples, per_completion
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,7 @@ class PolicyModule(L.LightningModule):
         self.rollout_engine: RolloutEngine | None = None
         self.micro_batch_tokens: int | None = None  # set by the memory plan or on_fit_start (micro_batch_size None)
         self.generation_batch_size = 64  # sequences per generate call of the default engine
+        self.last_samples: StepSamples | None = None  # the last training step's rows, for sample tables
 
     # ----------------------------------------------------------------------------- model
     @override
@@ -157,12 +160,22 @@ class PolicyModule(L.LightningModule):
         net = unwrap(self.policy)
         if not getattr(net, "supports_gradient_checkpointing", True) or _checkpointing_on(net):
             return
-        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
-            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(net)
         if is_lora(self.policy):
             net.enable_input_require_grads()
+
+    def export(self, out: str | Path, merge: bool = False, base_model: str | None = None,
+               dtype: str | None = None) -> Path:
+        """Write the policy as a Hugging Face folder: merged weights, or (LoRA, ``merge=False``) a peft adapter.
+
+        See :func:`lightning_rl.export.export_policy`; ``dtype`` defaults to the module's ``dtype``.
+        The same from a checkpoint: ``lightning-rl export --ckpt_path RUN.ckpt --out DIR [--merge]``.
+        """
+        from lightning_rl.export import export_policy
+
+        self.configure_model()
+        return export_policy(self.policy, self.tokenizer, out, self.model_source, merge=merge, base_model=base_model,
+                             dtype=dtype or self.dtype_name, title=type(self).__name__)
 
     @property
     def needs_reference_model(self) -> bool:
@@ -276,6 +289,17 @@ class PolicyModule(L.LightningModule):
             return max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
         return max(1, num_sequences)
 
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Sample completions in the logger, a report at the end of fit and a step-counting progress bar.
+
+        Each is added only when the Trainer has none of its kind (see
+        :func:`~lightning_rl.callbacks.defaults.default_callbacks`); pass your own to change its settings.
+        """
+        from lightning_rl.callbacks.defaults import default_callbacks
+
+        return default_callbacks(self.trainer)
+
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
         """The reference policy: the adapter-disabled base with LoRA, else a frozen copy."""
@@ -353,6 +377,16 @@ class PolicyModule(L.LightningModule):
         expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
         total, per_fn = self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
         return total, per_fn, completions
+
+    def record_rollout_samples(
+        self, prompts: Sequence[Any], completions: Sequence[str], total: torch.Tensor, per_fn: torch.Tensor, g: int,
+        **extra: torch.Tensor,
+    ) -> None:
+        """Keep a step's completions, rewards (total and per function) and ``extra`` columns as ``last_samples``."""
+        columns: dict[str, Any] = {"prompt": per_completion(prompts, g), "completion": completions, "reward": total}
+        columns.update({f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)})
+        columns.update(extra)
+        self.last_samples = StepSamples(columns, g)
 
     def log_greedy_rewards(self, batch: Mapping[str, Any]) -> None:
         """Validation for on-policy methods: greedy completions, mean reward overall and per function."""

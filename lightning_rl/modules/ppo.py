@@ -27,7 +27,7 @@ from lightning_rl.algorithms.ppo_losses import (
 )
 from lightning_rl.logprobs import Backend
 from lightning_rl.lora import apply_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, load_policy
+from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.modules.value_head import (
     ValueHead,
@@ -43,6 +43,7 @@ _STEP_METRICS = (
     "reward", "reward_std", "kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "loss",
     "clip_frac", "value_clip_frac", "approx_kl", "entropy", "explained_variance", "value_mean", "return_mean",
     "advantage_std", "completion_length", "truncated_frac", "grad_norm", "rollout_time", "train_time",
+    "tokens_per_sec",
 )
 
 
@@ -229,7 +230,7 @@ class PPO(PolicyModule):
                     "critic_model=None to put the value head on the policy's backbone"
                 )
             if self.gradient_checkpointing:
-                critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(critic)
                 if self.lora is not None:
                     critic.enable_input_require_grads()
             self.critic = apply_lora(critic, self.lora)
@@ -334,7 +335,7 @@ class PPO(PolicyModule):
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
         bounds = mini_batch_bounds(n, self.num_mini_batches)
         micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
-        total, per_fn, _ = self.score(prompts, rollout, self.columns_of(batch), g)
+        total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), g)
         total = total.to(self.device)
         scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
         mask = rollout.completion_mask.float() * scored.float()[:, None]
@@ -348,6 +349,8 @@ class PPO(PolicyModule):
         advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
             advantages = whiten(advantages, mask, reduce=self._sum_over_processes())
+        self.record_rollout_samples(prompts, completions, total, per_fn, g, kl=kl.sum(-1),
+                                    advantage=(advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1))
 
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(self.ppo_epochs):
@@ -386,6 +389,7 @@ class PPO(PolicyModule):
             truncated_frac=rollout.truncated.float().mean().item(),
             rollout_time=rollout_time,
             train_time=train_time,
+            tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
         )
         for j, name in enumerate(self.rewards.names):
             col = per_fn[:, j][~torch.isnan(per_fn[:, j])]

@@ -17,6 +17,7 @@ from lightning_rl.logprobs import completion_logprobs
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.prompting import Prompt, render_prompt
 from lightning_rl.rollout.padding import left_pad, right_pad
+from lightning_rl.samples import StepSamples
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,15 @@ class PreferenceModule(PolicyModule):
         if not result["skipped"]:
             self._policy_updated = True
         return result
+
+    def record_pair_samples(self, prompts: Sequence[Prompt], chosen: Sequence[Any], rejected: Sequence[Any],
+                            chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
+        """Keep a step's pairs and their implicit rewards as ``last_samples`` (read by the sample-table callback)."""
+        self.last_samples = StepSamples({
+            "prompt": list(prompts), "chosen": list(chosen), "rejected": list(rejected),
+            "reward_chosen": chosen_rewards, "reward_rejected": rejected_rewards,
+            "margin": chosen_rewards - rejected_rewards,
+        })
 
     # ----------------------------------------------------------------------------- tokens
     def _prompt_messages(self, prompt: Prompt) -> list[dict[str, Any]]:

@@ -43,9 +43,9 @@ def test_read_list_of_dicts_copies_rows():
 def test_read_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data file not found"):
         read_rows(tmp_path / "missing.jsonl")
-    bad = tmp_path / "d.csv"
+    bad = tmp_path / "d.txt"
     bad.write_text("a,b\n")
-    with pytest.raises(ValueError, match=r"use \.jsonl, \.json or \.parquet"):
+    with pytest.raises(ValueError, match=r"use \.jsonl, \.json, \.parquet or \.csv"):
         read_rows(bad)
     broken = tmp_path / "b.jsonl"
     broken.write_text('{"prompt": "a"}\n{"prompt": \n')
@@ -65,7 +65,7 @@ def test_batches_carry_extra_columns():
     batches = _batches(dm)
     assert [len(b["prompt"]) for b in batches] == [4, 2]
     assert batches[0] == {"prompt": ["1+1?", "2+3?"] * 2, "answer": ["2", "5"] * 2, "level": [1, 2] * 2}
-    assert dm.val_dataloader() == []
+    assert list(dm.val_dataloader()) == []  # no validation data: no batches
 
 
 def test_prompt_column_is_renamed():

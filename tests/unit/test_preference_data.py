@@ -124,18 +124,18 @@ def test_bad_arguments_and_formats(tmp_path):
         PreferenceDataModule(PAIRS, mode="pairs")
     with pytest.raises(ValueError, match="on_invalid"):
         PreferenceDataModule(PAIRS, on_invalid="ignore")
-    bad = tmp_path / "x.csv"
+    bad = tmp_path / "x.txt"
     bad.write_text("a,b\n")
     with pytest.raises(ValueError, match="unsupported data file"):
         _setup(str(bad))
 
 
 def test_hf_dataset_needs_datasets_or_loads(monkeypatch):
-    import importlib.util
+    from lightning_rl.data import sources
 
-    if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(ModuleNotFoundError, match="pip install datasets"):
-            read_preference_rows("hf:trl-lib/ultrafeedback_binarized")
+    monkeypatch.setattr(sources, "_DATASETS", False)  # as if datasets were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-rl\[data\]'"):
+        read_preference_rows("hf:trl-lib/ultrafeedback_binarized")
 
     class FakeDataset:  # the part of datasets.Dataset that is used
         def to_list(self):

@@ -1,0 +1,77 @@
+"""Prompt data from Hugging Face datasets (saved to disk, a hub-style folder, objects), CSV files and globs."""
+
+import json
+
+import datasets
+import pytest
+
+from lightning_rl.data import PromptDataModule, sources
+from lightning_rl.data.sources import load_rows
+
+ROWS = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """Keep the arrow files datasets writes for local files out of the home cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+
+def _saved(tmp_path):
+    path = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
+                          "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(str(path))
+    return path
+
+
+def test_hf_name_of_a_dataset_saved_to_disk_with_splits(tmp_path):
+    dm = PromptDataModule(train_data=f"hf:{_saved(tmp_path)}", val_data=f"hf:{_saved(tmp_path)}", batch_size=2)
+    dm.setup("fit")
+    assert dm.train_rows == ROWS[:4] and dm.val_rows == ROWS[4:]
+    with pytest.raises(KeyError, match=r"no split 'validation' \(splits: \['test', 'train'\]\)"):
+        load_rows(f"hf:{tmp_path / 'saved'}", "validation")
+
+
+def test_hf_name_of_a_hub_style_folder_goes_through_load_dataset(tmp_path):
+    folder = tmp_path / "my_org__arith"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:5]))
+    (folder / "test.jsonl").write_text(json.dumps(ROWS[5]))
+    dm = PromptDataModule(train_data=f"hf:{folder}", val_data=f"hf:{folder}", val_split="test")
+    dm.setup("fit")
+    assert dm.train_rows == ROWS[:5] and dm.val_rows == ROWS[5:]
+
+
+def test_dataset_and_dataset_dict_objects(tmp_path):
+    dm = PromptDataModule(train_data=datasets.Dataset.from_list(ROWS), batch_size=3)
+    assert [b["answer"] for b in dm.train_dataloader()] != []
+    assert dm.train_rows == ROWS
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:2]),
+                               "test": datasets.Dataset.from_list(ROWS[2:3])})
+    dm = PromptDataModule(train_data=dd, val_data=dd)
+    dm.setup("fit")
+    assert dm.train_rows == ROWS[:2] and dm.val_rows == ROWS[2:3]
+
+
+def test_csv_and_globs(tmp_path):
+    (tmp_path / "p.csv").write_text('question,answer\n"What is 1, then 2?",3\nhi,4\n')
+    dm = PromptDataModule(train_data=str(tmp_path / "p.csv"), prompt_column="question")
+    dm.setup("fit")
+    assert dm.train_rows == [{"prompt": "What is 1, then 2?", "answer": 3}, {"prompt": "hi", "answer": 4}]
+    for i in range(2):
+        (tmp_path / f"part-{i}.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[3 * i: 3 * i + 3]))
+    assert load_rows(str(tmp_path / "part-*.jsonl")) == ROWS
+    with pytest.raises(FileNotFoundError, match="no data file matches"):
+        load_rows(str(tmp_path / "none-*.jsonl"))
+    (tmp_path / "part-9.csv").write_text("prompt\nx\n")
+    with pytest.raises(ValueError, match="formats"):
+        load_rows(str(tmp_path / "part-*"))
+
+
+def test_without_datasets_the_error_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setattr(sources, "_DATASETS", False)
+    (tmp_path / "p.csv").write_text("prompt\nx\n")
+    for source in ("hf:openai/gsm8k", str(tmp_path / "p.csv")):
+        with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-rl\[data\]'"):
+            load_rows(source)
+    assert load_rows(ROWS) == ROWS  # lists and .jsonl/.json/.parquet need no extra package
