@@ -61,6 +61,11 @@ class DPO(PreferenceModule):
         **kwargs: :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, learning_rate, ...).
     """
 
+    @property
+    def generates_rollouts(self) -> bool:  # type: ignore[override]
+        """Online DPO samples two completions per prompt each step."""
+        return bool(self.online)
+
     def __init__(
         self,
         beta: float = 0.1,

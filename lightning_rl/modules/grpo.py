@@ -97,6 +97,8 @@ class GRPO(PolicyModule):
         max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
     """
 
+    generates_rollouts = True
+
     def __init__(
         self,
         reward_funcs: Sequence[Callable[..., Any]],

@@ -29,6 +29,7 @@ from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
+from lightning_rl.shapes import TrainingShape
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,54 @@ class PolicyModule(L.LightningModule):
         act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
         per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing)
         return micro_batch_tokens_for(free - state_bytes, per_token)
+
+    def training_shape(self) -> TrainingShape:
+        """The sizes of this module's steps, for the memory plan and the rollout callback (:mod:`lightning_rl.shapes`).
+
+        Subclasses with other lengths override :meth:`step_lengths`.
+        """
+        from lightning_rl.logprobs import resolve_backend
+
+        prompt, new = self.step_lengths()
+        sampling = getattr(self, "sampling", None)
+        reference = resolve_backend(self.logprob_backend, self.device) == "reference"
+        return TrainingShape(
+            model_config=unwrap(self.policy).config,
+            sequence_tokens=prompt + new,
+            max_prompt_tokens=prompt,
+            max_new_tokens=new,
+            generates=self.generates_rollouts and sampling is not None,
+            num_generations=int(getattr(self, "num_generations", 1)),
+            micro_batch_size=getattr(self, "micro_batch_size", None),
+            gradient_checkpointing=bool(self.gradient_checkpointing),
+            logprob_chunk_tokens=self.logprob_chunk_size if reference else None,
+            extra_frozen=tuple(self._frozen_reference),
+        )
+
+    #: Whether a training step samples completions (a rollout phase for the memory plan and the callback).
+    generates_rollouts: bool = False
+
+    def step_lengths(self) -> tuple[int, int]:
+        """``(prompt tokens, completion tokens)`` of the longest training sequence."""
+        sampling = getattr(self, "sampling", None)
+        new = int(sampling.max_new_tokens) if sampling is not None else 0
+        return int(self.max_prompt_length or 1024), new
+
+    def apply_micro_batch_plan(self, micro_batch_tokens: int) -> None:
+        """Take the memory plan's token budget per micro-batch.
+
+        With ``micro_batch_size`` None the budget is used as is (micro-batches then follow each rollout's
+        padded length); a fixed ``micro_batch_size`` is lowered to the whole sequences that fit.
+        """
+        if getattr(self, "micro_batch_size", None) is None:
+            self.micro_batch_tokens = int(micro_batch_tokens)
+            return
+        seq = self.training_shape().sequence_tokens
+        planned = max(1, micro_batch_tokens // max(1, seq))
+        if planned < self.micro_batch_size:
+            log.warning("memory plan: micro_batch_size lowered from %d to %d sequences", self.micro_batch_size,
+                        planned)
+            self.micro_batch_size = planned
 
     def micro_batch_for(self, num_sequences: int, sequence_tokens: int) -> int:
         """Sequences per forward/backward for ``num_sequences`` rows of ``sequence_tokens`` padded tokens.

@@ -109,6 +109,8 @@ class PPO(PolicyModule):
         max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
     """
 
+    generates_rollouts = True
+
     def __init__(
         self,
         reward_funcs: Sequence[Callable[..., Any]] | None = None,
