@@ -2,6 +2,8 @@
 # One visit to the GPU machine, after ../shared/gpu/stage and .gpu/install/device-install.sh:
 #   bash bench/gpu_run.sh tests        # tests/gpu: non-vLLM ones together, vLLM ones one process each
 #   bash bench/gpu_run.sh vllm [-k X]  # only the vLLM tests (optionally those matching X)
+#   bash bench/gpu_run.sh vllm-parallel [N]  # the vLLM tests N processes at a time (default 4); the ones that
+#                                            # measure the device's free memory run alone afterwards
 #   bash bench/gpu_run.sh kernel-tests     # only the kernel tests (tests/gpu/test_kernel*.py)
 #   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
 #   bash bench/gpu_run.sh long [PART]  # bench_long_run.py: engine-full|engine-lora|grpo|fail-reward|fail-engine
@@ -28,6 +30,28 @@ vllm_tests() {
   done
 }
 
+EXCLUSIVE="sleep_frees_memory or base_weights_shared"  # they read the device-wide free memory
+
+vllm_tests_parallel() {
+  local n=${1:-4}
+  python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
+  local tests
+  tests=$(python3 -m pytest -m "gpu and vllm" tests/gpu -q --collect-only -p no:cacheprovider -k "not ($EXCLUSIVE)" \
+          2>/dev/null | grep "::")
+  for t in $tests; do
+    while [ "$(jobs -rp | wc -l)" -ge "$n" ]; do sleep 1; done
+    local name=${t##*::}
+    ( timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$OUT/vllm_$name.log" 2>&1
+      echo "[$(date +%T)] end $name rc=$?" ) &
+  done
+  wait
+  for f in "$OUT"/vllm_*.log; do
+    quiet < "$f" | grep -E "^(PASSED|FAILED|ERROR)|Error|error:|assert|^(greedy|sleep|mean|lora|shared|kv-only|grpo|readme)" \
+      | tail -6
+  done
+  vllm_tests "$EXCLUSIVE"
+}
+
 case "${1:-tests}" in
   tests)
     stamp "non-vLLM GPU tests"
@@ -36,6 +60,8 @@ case "${1:-tests}" in
     vllm_tests ;;
   vllm)
     vllm_tests "${3:-}" ;;
+  vllm-parallel)
+    vllm_tests_parallel "${2:-4}" ;;
   kernel-tests)
     timeout 300 python3 -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_kernel_grpo_e2e.py -q \
       -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_kernel_tests.log" | quiet \
