@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.logprobs import unwrap
+from lightning_rl.models import unwrap
 
 log = logging.getLogger(__name__)
 

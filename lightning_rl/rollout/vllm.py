@@ -28,9 +28,8 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 
-from lightning_rl.logprobs import unwrap
 from lightning_rl.lora import is_lora
-from lightning_rl.models import torch_dtype
+from lightning_rl.models import torch_dtype, unwrap
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
