@@ -102,7 +102,7 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
 
 def _rollout_callback(module: L.LightningModule) -> Any:
     """The trainer's :class:`~lightning_rl.callbacks.VLLMRollout`, if it has one."""
-    from lightning_rl.callbacks.rollout import VLLMRollout
+    from lightning_rl.callbacks.vllm_rollout import VLLMRollout
 
     trainer = getattr(module, "_trainer", None)
     return next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, VLLMRollout)), None)
