@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -15,19 +16,19 @@ from typing_extensions import override
 
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.rollout.engine import RolloutEngine
-from lightning_rl.rollout.vllm import (
-    KEEP_WEIGHTS_BYTES,
-    ExecutionMode,
-    LoRASync,
-    auto_sleep_level,
-    engine_weight_bytes,
+from lightning_rl.rollout.vllm_settings import EngineSettings
+from lightning_rl.rollout.vllm_sizing import (
     engine_weight_dtype,
+    kv_cache_bytes_for,
     lora_sync_mode,
+    weights_kept_asleep_bytes,
 )
+from lightning_rl.shapes import TrainingShape
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
+_MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
 
 
 def _memory_plugin(trainer: L.Trainer | None) -> Any:
@@ -42,41 +43,22 @@ class VLLMRollout(Callback):
     """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
 
     The engine is created once at ``on_fit_start`` (or at the first batch when the number of
-    prompts per step is not known yet), sized from the rollout: ``G x prompts`` sequences of
-    ``max_prompt_length + max_new_tokens`` tokens. Before every training batch it wakes the
-    engine, pushes the policy's weights if an optimizer step happened since the last push
-    (``trainer.global_step``), generates with the module's ``generate_rollout(..., engine=...)``,
-    puts the engine to sleep and attaches the :class:`~lightning_rl.rollout.Rollout` to the batch
-    under ``"rollout"``, where :class:`~lightning_rl.modules.GRPO` picks it up.
+    prompts per step is not known yet), sized from the module's
+    :class:`~lightning_rl.shapes.TrainingShape`: ``G x prompts`` sequences of ``max_prompt_tokens +
+    max_new_tokens`` tokens. Before every training batch it wakes the engine, pushes the policy's
+    weights if an optimizer step happened since the last push (``trainer.global_step``), generates
+    with the module's ``generate_rollout(..., engine=...)``, puts the engine to sleep and attaches
+    the :class:`~lightning_rl.rollout.Rollout` to the batch under ``"rollout"``, where
+    :class:`~lightning_rl.modules.GRPO` picks it up.
 
     Args:
         prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
             or waits for the first batch.
         max_model_len: prompt + completion limit of the engine; None uses the module's
-            ``max_prompt_length + max_new_tokens``.
-        kv_cache_bytes: KV-cache size; None computes it from the rollout shape with ``kv_cache_headroom``.
-        kv_cache_headroom: multiplier on the computed KV-cache size.
-        gpu_memory_utilization: use vLLM's fraction-of-GPU sizing instead (ignores the two above).
-        dtype: engine weight and KV-cache dtype. ``auto``: the trainer's compute dtype under mixed precision
-            (bf16 for ``bf16-mixed`` and :class:`~lightning_rl.plugins.MemoryAwarePrecision`), else the
-            policy's; never fp32 for LoRA adapters pushed as tensors (see :meth:`engine_dtype`).
-        lora_sync: ``auto``, ``adapter`` or ``merged`` (see :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
-        sleep_level: 0 (KV cache only), 1, 2 or None (automatic: 1 for adapter-only LoRA sync; with full
-            pushes 0 while the engine's weights fit ``keep_weights_bytes``, else 2); see
-            :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
-        keep_weights_bytes: with ``sleep_level=None``, the largest engine weights kept on the GPU while it
-            sleeps (1 GiB: SmolLM2-135M's stay, and its toggle went from 58 to 21 ms per step on an H100;
-            a 1.5B model's are dropped).
-        execution: ``cuda_graphs`` (default; decode replays CUDA graphs, starts in seconds), ``compiled``
-            (vLLM's torch.compile + CUDA graphs, minutes to start) or ``eager`` (no graphs, slowest).
-        fp32_logits: the engine computes its LM head in fp32 like the trainer's log-prob kernel, so the
-            sampling log-probs match the trainer's more closely (see ``train/logprob_mismatch_*``).
-        share_base_weights: with a LoRA policy synced as an adapter, hold the frozen base weights once
-            on the GPU, shared by the trainer and the engine (None: when possible; see
-            :class:`~lightning_rl.rollout.vllm.VLLMEngine`).
-        enable_prefix_caching: share prompt KV blocks among a prompt's ``G`` completions.
-        seed: sampling seed (offset by the last synced step on resume so runs do not replay).
-        engine_kwargs: more ``vllm.LLM`` arguments.
+            ``max_prompt_tokens + max_new_tokens``.
+        settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
+            (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
+            step on resume so runs do not replay).
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
             (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
     """
@@ -85,19 +67,7 @@ class VLLMRollout(Callback):
         self,
         prompts_per_step: int | None = None,
         max_model_len: int | None = None,
-        kv_cache_bytes: int | None = None,
-        kv_cache_headroom: float = 1.2,
-        gpu_memory_utilization: float | None = None,
-        dtype: str = "auto",
-        lora_sync: LoRASync = "auto",
-        sleep_level: int | None = None,
-        keep_weights_bytes: int = KEEP_WEIGHTS_BYTES,
-        execution: ExecutionMode = "cuda_graphs",
-        fp32_logits: bool = True,
-        share_base_weights: bool | None = None,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        engine_kwargs: Mapping[str, Any] | None = None,
+        settings: EngineSettings | None = None,
         engine_factory: EngineFactory | None = None,
     ) -> None:
         super().__init__()
@@ -105,19 +75,7 @@ class VLLMRollout(Callback):
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
         self.prompts_per_step = prompts_per_step
         self.max_model_len = max_model_len
-        self.kv_cache_bytes = kv_cache_bytes
-        self.kv_cache_headroom = kv_cache_headroom
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.dtype = dtype
-        self.lora_sync = lora_sync
-        self.sleep_level = sleep_level
-        self.keep_weights_bytes = keep_weights_bytes
-        self.execution = execution
-        self.fp32_logits = fp32_logits
-        self.share_base_weights = share_base_weights
-        self.enable_prefix_caching = enable_prefix_caching
-        self.seed = seed
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self.settings = settings or EngineSettings()
         self.engine_factory = engine_factory
         self.engine: RolloutEngine | None = None
         self.last_synced_step: int | None = None
@@ -126,61 +84,51 @@ class VLLMRollout(Callback):
         self.last_timings: dict[str, float] = {}
         self._restored_step = 0
 
-    # ----------------------------------------------------------------------------- engine
+    # ----------------------------------------------------------------------------- sizing
     def engine_dtype(self, policy: nn.Module, trainer: Any = None) -> torch.dtype:
-        """The engine's weight and KV-cache dtype: ``dtype``, or for ``"auto"`` the trainer's compute dtype.
+        """The engine's weight and KV-cache dtype: ``settings.dtype``, or for ``"auto"`` the trainer's compute dtype.
 
         Under mixed precision (fp32 master weights, bf16 autocast) the engine runs in bf16: half the
         memory of an fp32 engine, and vLLM's LoRA kernels need 16 bits. See
-        :func:`~lightning_rl.rollout.vllm.engine_weight_dtype`.
+        :func:`~lightning_rl.rollout.vllm_sizing.engine_weight_dtype`.
         """
-        lora_mode, _ = lora_sync_mode(policy, self.lora_sync)
-        return engine_weight_dtype(policy, self.dtype, trainer_compute_dtype(trainer), adapter=lora_mode == "adapter")
+        lora_mode, _ = lora_sync_mode(policy, self.settings.lora_sync)
+        return engine_weight_dtype(policy, self.settings.dtype, trainer_compute_dtype(trainer),
+                                   adapter=lora_mode == "adapter")
 
     def weights_kept_asleep_bytes(self, policy: nn.Module, trainer: Any = None) -> int:
         """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
-        lora_mode, _ = lora_sync_mode(policy, self.lora_sync)
-        if lora_mode == "adapter":
-            return 0
-        weight_bytes = engine_weight_bytes(policy, self.engine_dtype(policy, trainer))
-        level = self.sleep_level
-        if level is None:
-            level = auto_sleep_level(lora_mode, weight_bytes, self.keep_weights_bytes)
-        return weight_bytes if level == 0 else 0
+        return weights_kept_asleep_bytes(policy, self.settings, trainer_compute_dtype(trainer))
 
+    def max_len(self, shape: TrainingShape) -> int:
+        """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
+        return self.max_model_len or shape.max_prompt_tokens + shape.max_new_tokens
+
+    # ----------------------------------------------------------------------------- engine
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
         """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
-        from lightning_rl.rollout.vllm import VLLMEngine, kv_cache_bytes_for
+        from lightning_rl.rollout.vllm import VLLMEngine
 
-        seed = self.seed + self._restored_step
+        seed = self.settings.seed + self._restored_step
         if self.engine_factory is not None:
             return self.engine_factory(pl_module, prompts_per_step, seed)
-        sampling = pl_module.sampling
-        g = pl_module.num_generations
-        prompt_len = pl_module.max_prompt_length or 1024
-        max_model_len = self.max_model_len or prompt_len + sampling.max_new_tokens
-        policy = pl_module.policy
-        trainer = getattr(pl_module, "_trainer", None)
+        shape = pl_module.training_shape()
+        policy, trainer, s = pl_module.policy, getattr(pl_module, "_trainer", None), self.settings
         dtype = self.engine_dtype(policy, trainer)
-        kv = self.kv_cache_bytes
+        kv = s.kv_cache_bytes
         plugin = _memory_plugin(trainer)
-        if kv is None and self.gpu_memory_utilization is None and plugin is not None:
+        if kv is None and s.gpu_memory_utilization is None and plugin is not None:
             kv = plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
-        if kv is None and self.gpu_memory_utilization is None:
-            kv = kv_cache_bytes_for(policy.config, prompts_per_step, g, max_model_len - sampling.max_new_tokens,
-                                    sampling.max_new_tokens, dtype, self.kv_cache_headroom,
-                                    shared_prompts=self.enable_prefix_caching)
-        return VLLMEngine(
-            policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, max_model_len,
-            max_num_seqs=prompts_per_step * g, kv_cache_bytes=kv, gpu_memory_utilization=self.gpu_memory_utilization,
-            dtype=str(dtype).removeprefix("torch."), lora_sync=self.lora_sync, sleep_level=self.sleep_level,
-            execution=self.execution, fp32_logits=self.fp32_logits, share_base_weights=self.share_base_weights,
-            seed=seed, keep_weights_bytes=self.keep_weights_bytes,
-            enable_prefix_caching=self.enable_prefix_caching, engine_kwargs=self.engine_kwargs,
-        )
+        if kv is None and s.gpu_memory_utilization is None:
+            new, g = shape.max_new_tokens, shape.num_generations
+            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new, dtype,
+                                    s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching)
+        settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
+        return VLLMEngine(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
+                          max_num_seqs=prompts_per_step * shape.num_generations, settings=settings)
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
-        for attr in ("generate_rollout", "policy", "sampling", "num_generations"):
+        for attr in _MODULE_NEEDS:
             if not hasattr(pl_module, attr):
                 raise TypeError(
                     f"VLLMRollout needs a module with `{attr}` (such as lightning_rl.GRPO); "
@@ -212,8 +160,7 @@ class VLLMRollout(Callback):
         prompts = batch["prompt"]
         if self.engine is None:
             self._create(trainer, pl_module, self.prompts_per_step or len(prompts))
-        engine = self.engine
-        plugin = _memory_plugin(trainer)
+        engine, plugin = self.engine, _memory_plugin(trainer)
         t0 = time.perf_counter()
         if plugin is not None:
             plugin.offload_for_rollout()  # optimizer states to pinned CPU memory while the engine is awake
@@ -259,13 +206,13 @@ class VLLMRollout(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Seed and sync bookkeeping for a resumed run."""
-        return {"seed": self.seed, "last_synced_step": self.last_synced_step, "num_syncs": self.num_syncs,
+        return {"seed": self.settings.seed, "last_synced_step": self.last_synced_step, "num_syncs": self.num_syncs,
                 "num_rollouts": self.num_rollouts}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the seed and counters; the engine seeds from ``seed + last synced step``."""
-        self.seed = int(state_dict.get("seed", self.seed))
+        self.settings = dataclasses.replace(self.settings, seed=int(state_dict.get("seed", self.settings.seed)))
         self._restored_step = int(state_dict.get("last_synced_step") or 0)
         self.num_syncs = int(state_dict.get("num_syncs", 0))
         self.num_rollouts = int(state_dict.get("num_rollouts", 0))

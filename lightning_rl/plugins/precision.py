@@ -452,20 +452,20 @@ class MemoryAwarePrecision(Precision):
         sampling = getattr(module, "sampling", None)
         if cb is not None and isinstance(prompts, int) and sampling is not None:  # as the engine sizes its KV cache
             new = int(sampling.max_new_tokens)
-            tokens = rollout_kv_tokens(int(prompts), g, max(seq - new, 1), new, cb.enable_prefix_caching)
+            tokens = rollout_kv_tokens(int(prompts), g, max(seq - new, 1), new, cb.settings.enable_prefix_caching)
         if cb is None:  # transformers generate inside the step: KV cache in the compute dtype, full logits rows
             cdt = torch.empty((), dtype=self.compute_dtype).element_size()
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
             sequences = int(prompts) * g if isinstance(prompts, int) else 1
             return RolloutNeeds(kv_bytes_per_token(config, cdt), tokens, 0,
                                 sequences * int(text.vocab_size) * 4 * 2, headroom=1.0, offload_optimizer=False)
-        if cb.gpu_memory_utilization is not None:
+        if cb.settings.gpu_memory_utilization is not None:
             return None  # vLLM sizes itself from a fraction of the GPU
         engine_bytes = cb.engine_dtype(module.policy, trainer).itemsize
         per_token = kv_bytes_per_token(config, engine_bytes)
-        headroom = float(cb.kv_cache_headroom)
-        if cb.kv_cache_bytes is not None:
-            tokens, headroom = math.ceil(cb.kv_cache_bytes / per_token), 1.0
+        headroom = float(cb.settings.kv_cache_headroom)
+        if cb.settings.kv_cache_bytes is not None:
+            tokens, headroom = math.ceil(cb.settings.kv_cache_bytes / per_token), 1.0
         return RolloutNeeds(per_token, tokens, model.total_params * engine_bytes, self.engine_overhead_bytes,
                             headroom=headroom, offload_optimizer=self.offload_enabled)
 

@@ -34,7 +34,7 @@ from lightning_rl.plugins import (
 )
 from lightning_rl.plugins import precision as precision_mod
 from lightning_rl.plugins.memory_plan import GiB, activation_bytes_per_token, kv_bytes_per_token
-from lightning_rl.rollout import HFEngine
+from lightning_rl.rollout import EngineSettings, HFEngine
 
 TINY = {"num_hidden_layers": 1}
 ROWS = [{"prompt": f"say {i}"} for i in range(16)]
@@ -332,8 +332,8 @@ def test_plan_counts_engine_weights_that_stay_while_the_engine_sleeps(keep, kept
     module = _grpo()
     plugin = MemoryAwarePrecision(memory_budget=4 * GiB, engine_overhead_bytes=0)
     calls = []
-    kwargs = {} if keep is None else {"keep_weights_bytes": keep}
-    cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin), **kwargs)
+    settings = EngineSettings() if keep is None else EngineSettings(keep_weights_bytes=keep)
+    cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin), settings=settings)
     trainer = _trainer(plugin, steps=1, callbacks=[cb])
     trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
     parts = plugin.memory_plan.train_parts
