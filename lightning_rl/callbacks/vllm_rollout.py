@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,28 +16,24 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
+from lightning_rl.plugins.precision import MemoryAwarePrecision
+from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.engine import RolloutEngine
 from lightning_rl.rollout.vllm_settings import EngineSettings
 from lightning_rl.rollout.vllm_sizing import (
+    engine_weight_bytes,
     engine_weight_dtype,
     kv_cache_bytes_for,
     lora_sync_mode,
     weights_kept_asleep_bytes,
 )
-from lightning_rl.shapes import TrainingShape
+from lightning_rl.shapes import TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
-
-
-def _memory_plugin(trainer: L.Trainer | None) -> Any:
-    """The trainer's :class:`~lightning_rl.plugins.MemoryAwarePrecision`, if it uses one."""
-    from lightning_rl.plugins.precision import MemoryAwarePrecision
-
-    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    return plugin if isinstance(plugin, MemoryAwarePrecision) else None
 
 
 class VLLMRollout(Callback):
@@ -50,6 +47,11 @@ class VLLMRollout(Callback):
     with the module's ``generate_rollout(..., engine=...)``, puts the engine to sleep and attaches
     the :class:`~lightning_rl.rollout.Rollout` to the batch under ``"rollout"``, where
     :class:`~lightning_rl.modules.GRPO` picks it up.
+
+    With :class:`~lightning_rl.plugins.MemoryAwarePrecision` the callback registers itself at ``setup``
+    (:meth:`~lightning_rl.plugins.MemoryAwarePrecision.register_rollout`): the plan asks it what the engine
+    needs (:meth:`rollout_memory`), the engine gets the plan's KV-cache budget, and the plugin moves optimizer
+    states out of the way while the engine is awake.
 
     Args:
         prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
@@ -83,6 +85,8 @@ class VLLMRollout(Callback):
         self.num_rollouts = 0
         self.last_timings: dict[str, float] = {}
         self._restored_step = 0
+        self._trainer: L.Trainer | None = None
+        self._plugin: MemoryAwarePrecision | None = None
 
     # ----------------------------------------------------------------------------- sizing
     def engine_dtype(self, policy: nn.Module, trainer: Any = None) -> torch.dtype:
@@ -104,6 +108,29 @@ class VLLMRollout(Callback):
         """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
         return self.max_model_len or shape.max_prompt_tokens + shape.max_new_tokens
 
+    def kv_tokens(self, shape: TrainingShape, prompts_per_step: int) -> int:
+        """KV-cache tokens of one rollout (without headroom), as the engine and the memory plan count them."""
+        new = shape.max_new_tokens
+        return rollout_kv_tokens(prompts_per_step, shape.num_generations, self.max_len(shape) - new, new,
+                                 self.settings.enable_prefix_caching)
+
+    def rollout_memory(self, shape: TrainingShape) -> RolloutMemory:
+        """What the engine takes from the device, for the memory plan (the plugin calls it at setup)."""
+        if self._trainer is None:
+            raise RuntimeError("VLLMRollout.rollout_memory is asked during a fit, after the callback's setup")
+        trainer, s = self._trainer, self.settings
+        policy = trainer.lightning_module.policy
+        dtype = self.engine_dtype(policy, trainer)
+        per_token = kv_bytes_per_token(shape.model_config, dtype.itemsize)
+        prompts = self.prompts_per_step or datamodule_batch_size(trainer)
+        tokens, headroom = (self.kv_tokens(shape, prompts) if prompts else 0), s.kv_cache_headroom
+        if s.kv_cache_bytes is not None:
+            tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
+        return RolloutMemory(engine_weight_bytes=engine_weight_bytes(policy, dtype),
+                             weights_kept_asleep_bytes=self.weights_kept_asleep_bytes(policy, trainer),
+                             kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
+                             sized_by_gpu_fraction=s.gpu_memory_utilization is not None)
+
     # ----------------------------------------------------------------------------- engine
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
         """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
@@ -116,9 +143,8 @@ class VLLMRollout(Callback):
         policy, trainer, s = pl_module.policy, getattr(pl_module, "_trainer", None), self.settings
         dtype = self.engine_dtype(policy, trainer)
         kv = s.kv_cache_bytes
-        plugin = _memory_plugin(trainer)
-        if kv is None and s.gpu_memory_utilization is None and plugin is not None:
-            kv = plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
+        if kv is None and s.gpu_memory_utilization is None and self._plugin is not None:
+            kv = self._plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
         if kv is None and s.gpu_memory_utilization is None:
             new, g = shape.max_new_tokens, shape.num_generations
             kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new, dtype,
@@ -144,10 +170,19 @@ class VLLMRollout(Callback):
 
     # ----------------------------------------------------------------------------- hooks
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Register with the trainer's :class:`~lightning_rl.plugins.MemoryAwarePrecision`, if it has one."""
+        self._trainer = trainer
+        plugin = trainer.precision_plugin
+        self._plugin = plugin if isinstance(plugin, MemoryAwarePrecision) else None
+        if self._plugin is not None:
+            self._plugin.register_rollout(self)
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Create the engine when the prompts per step are known (else at the first batch)."""
-        n = self.prompts_per_step or getattr(trainer.datamodule, "batch_size", None)
-        if self.engine is None and isinstance(n, int):
+        n = self.prompts_per_step or datamodule_batch_size(trainer)
+        if self.engine is None and n is not None:
             self._create(trainer, pl_module, n)
 
     @override
@@ -160,7 +195,7 @@ class VLLMRollout(Callback):
         prompts = batch["prompt"]
         if self.engine is None:
             self._create(trainer, pl_module, self.prompts_per_step or len(prompts))
-        engine, plugin = self.engine, _memory_plugin(trainer)
+        engine, plugin = self.engine, self._plugin
         t0 = time.perf_counter()
         if plugin is not None:
             plugin.offload_for_rollout()  # optimizer states to pinned CPU memory while the engine is awake
@@ -196,6 +231,7 @@ class VLLMRollout(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Shut the engine down at the end of fitting."""
         self.shutdown()
+        self._trainer = self._plugin = None
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
