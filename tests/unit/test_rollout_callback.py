@@ -12,6 +12,7 @@ from lightning_rl.algorithms.importance import importance_weights, mismatch_stat
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token
 from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout import EngineSettings, HFEngine, policy_weights, vllm_internals, vllm_outputs, vllm_sizing
 from lightning_rl.rollout import vllm as vllm_mod
@@ -400,3 +401,34 @@ def test_importance_sampling_auto_corrects_only_rollouts_of_another_engine():
     assert _module(importance_sampling="sequence").importance_level(rollout) == "sequence"
     with pytest.raises(ValueError, match="'auto' or one of"):
         _module(importance_sampling="tokens")
+
+
+def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
+    module = _module()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    cb = VLLMRollout(prompts_per_step=2)
+    cb.setup(trainer, module, "fit")
+    shape = module.training_shape()
+    memory = cb.rollout_memory(shape)
+    per_token = kv_bytes_per_token(module.policy.config, 2)  # a bf16 engine under bf16-mixed
+    assert memory.kv_bytes_per_token == per_token and not memory.sized_by_gpu_fraction
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2)
+    assert math.ceil(memory.kv_tokens * memory.headroom) * per_token == engine_kv  # what build_engine gives it
+    assert memory.engine_weight_bytes == sum(p.numel() for p in module.policy.parameters()) * 2
+    assert memory.weights_kept_asleep_bytes == memory.engine_weight_bytes  # small: level 0 keeps them
+    fixed = VLLMRollout(prompts_per_step=2, settings=EngineSettings(kv_cache_bytes=100 * per_token))
+    fixed.setup(trainer, module, "fit")
+    assert (fixed.rollout_memory(shape).kv_tokens, fixed.rollout_memory(shape).headroom) == (100, 1.0)
+    fraction = VLLMRollout(settings=EngineSettings(gpu_memory_utilization=0.3))
+    fraction.setup(trainer, module, "fit")
+    assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0
+
+
+def test_engine_settings_are_checked_when_built():
+    for bad, match in (({"sleep_level": 3}, "sleep_level"), ({"lora_sync": "both"}, "lora_sync"),
+                       ({"dtype": "int8"}, "dtype"), ({"kv_cache_headroom": 0.5}, "headroom"),
+                       ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization")):
+        with pytest.raises(ValueError, match=match):
+            EngineSettings(**bad)
