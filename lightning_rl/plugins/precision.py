@@ -112,7 +112,7 @@ class MemoryAwarePrecision(Precision):
         offload_optimizer: move optimizer states and gradients to pinned CPU memory while the rollout
             engine is awake. None (default): only when the memory plan's rollout phase does not fit the
             budget with them on the device (each offload costs two host copies of the states and a
-            re-allocation of the training memory, about a quarter of a SmolLM2 step on an H200); off on a CPU.
+            re-allocation of the training memory: ``bench/results/vs_trl_NOTES.md``); off on a CPU.
         memory_budget: device memory training may use: bytes (> 1), a fraction of the device (<= 1),
             or None (the device's total times ``utilization``; no plan on a CPU).
         utilization: fraction of the device's total used when ``memory_budget`` is None.
