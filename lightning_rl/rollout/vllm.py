@@ -11,7 +11,8 @@ the merged weights ``W + B A * scale`` are pushed instead.
 
 The pieces: :mod:`~lightning_rl.rollout.vllm_settings` (the arguments), :mod:`~lightning_rl.rollout.vllm_sizing`
 (torch-only sizing), :mod:`~lightning_rl.rollout.vllm_internals` (all that reaches into vLLM's private parts,
-version-gated), :mod:`~lightning_rl.rollout.vllm_outputs` (completions to a ``Rollout``) and this engine.
+version-gated), :mod:`~lightning_rl.rollout.vllm_checks` (early, clear errors),
+:mod:`~lightning_rl.rollout.vllm_outputs` (completions to a ``Rollout``) and this engine.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_rl.models import unwrap
-from lightning_rl.prompting import PromptTooLongError
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.policy_weights import (
     adapter_tensors,
@@ -41,6 +41,7 @@ from lightning_rl.rollout.policy_weights import (
 )
 from lightning_rl.rollout.shared_weights import SharedBaseWeights, share_base_with_engine
 from lightning_rl.rollout.sleep_state import Memory, SleepState
+from lightning_rl.rollout.vllm_checks import check_architecture, check_prompt_lengths, require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, fp32_head, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_outputs import rollout_from_outputs
 from lightning_rl.rollout.vllm_settings import EngineSettings
@@ -53,43 +54,6 @@ from lightning_rl.rollout.vllm_sizing import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedArchitectureError(ValueError):
-    """vLLM has no implementation of the policy's architecture."""
-
-
-def require_cuda() -> None:
-    """Raise a clear error when no CUDA device is visible."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "The vLLM rollout engine needs a CUDA GPU, and none is visible (torch.cuda.is_available() is "
-            "False). Run on a GPU machine, or drop the VLLMRollout callback to generate with transformers "
-            "(the module's default engine, which also runs on a CPU)."
-        )
-
-
-def check_architecture(architecture: str, supported: Collection[str], model_impl: str | None = None) -> None:
-    """Raise :class:`UnsupportedArchitectureError` unless vLLM implements ``architecture``."""
-    if model_impl == "transformers" or architecture in supported:
-        return
-    raise UnsupportedArchitectureError(
-        f"vLLM has no implementation of the architecture {architecture!r}. Use a model vLLM supports "
-        "(https://docs.vllm.ai/en/latest/models/supported_models.html), try vLLM's transformers backend with "
-        "EngineSettings(engine_kwargs={'model_impl': 'transformers'}), or drop the VLLMRollout callback to "
-        "generate with transformers."
-    )
-
-
-def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_model_len: int) -> None:
-    """Raise :class:`PromptTooLongError` for a prompt that leaves no room for a completion token."""
-    for i, p in enumerate(prompt_ids):
-        if len(p) >= max_model_len:
-            raise PromptTooLongError(
-                f"prompt {i} has {len(p)} tokens, but the vLLM engine's max_model_len is {max_model_len} "
-                "(prompt + completion). Raise it with VLLMRollout(max_model_len=...), or lower the module's "
-                "max_prompt_length (with truncate_prompts=True to cut long prompts)."
-            )
 
 
 class VLLMEngine:
@@ -420,10 +384,4 @@ class VLLMEngine:
             self.shutdown()
 
 
-__all__ = [
-    "UnsupportedArchitectureError",
-    "VLLMEngine",
-    "check_architecture",
-    "check_prompt_lengths",
-    "require_cuda",
-]
+__all__ = ["VLLMEngine"]

@@ -14,7 +14,15 @@ from lightning_rl.models import load_policy
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token
 from lightning_rl.prompting import PromptTooLongError
-from lightning_rl.rollout import EngineSettings, HFEngine, policy_weights, vllm_internals, vllm_outputs, vllm_sizing
+from lightning_rl.rollout import (
+    EngineSettings,
+    HFEngine,
+    policy_weights,
+    vllm_checks,
+    vllm_internals,
+    vllm_outputs,
+    vllm_sizing,
+)
 from lightning_rl.rollout import vllm as vllm_mod
 
 
@@ -263,12 +271,12 @@ def test_callback_without_vllm_fails_at_fit_start_with_the_extra(monkeypatch):
 
 
 def test_unsupported_architecture_and_long_prompt_errors():
-    with pytest.raises(vllm_mod.UnsupportedArchitectureError, match="model_impl"):
-        vllm_mod.check_architecture("MyOwnForCausalLM", {"LlamaForCausalLM"})
-    vllm_mod.check_architecture("LlamaForCausalLM", {"LlamaForCausalLM"})
-    vllm_mod.check_architecture("MyOwnForCausalLM", set(), model_impl="transformers")
+    with pytest.raises(vllm_checks.UnsupportedArchitectureError, match="model_impl"):
+        vllm_checks.check_architecture("MyOwnForCausalLM", {"LlamaForCausalLM"})
+    vllm_checks.check_architecture("LlamaForCausalLM", {"LlamaForCausalLM"})
+    vllm_checks.check_architecture("MyOwnForCausalLM", set(), model_impl="transformers")
     with pytest.raises(PromptTooLongError, match="max_model_len is 8"):
-        vllm_mod.check_prompt_lengths([[1] * 3, [1] * 8], 8)
+        vllm_checks.check_prompt_lengths([[1] * 3, [1] * 8], 8)
 
 
 def test_execution_modes_map_to_vllm_arguments():
