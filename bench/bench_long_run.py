@@ -76,6 +76,7 @@ def eos_ids(model, tok) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ engine cycles
 def engine_cycles(args, lora: bool) -> dict:
+    from lightning_rl.rollout import EngineSettings
     from lightning_rl.rollout.vllm import VLLMEngine
 
     torch.manual_seed(0)
@@ -91,8 +92,9 @@ def engine_cycles(args, lora: bool) -> dict:
     ids = encode_prompts(tok, [r["prompt"] for r in data.train_split])
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0)
     engine = VLLMEngine(model, eos_ids(model, tok), tok.pad_token_id, max_model_len=128 + args.max_new_tokens,
-                        max_num_seqs=args.prompts * args.G, kv_cache_bytes=512 * MIB, dtype="bfloat16",
-                        lora_sync="adapter" if lora else "auto")
+                        max_num_seqs=args.prompts * args.G,
+                        settings=EngineSettings(kv_cache_bytes=512 * MIB, dtype="bfloat16",
+                                                lora_sync="adapter" if lora else "auto"))
     samples, t0 = [], time.perf_counter()
     try:
         for cycle in range(args.cycles):

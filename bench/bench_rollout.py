@@ -26,7 +26,7 @@ import transformers
 import lightning_rl
 from lightning_rl import GRPO, ArithmeticDataModule, VLLMRollout
 from lightning_rl.rewards import NumericMatch
-from lightning_rl.rollout import HFEngine
+from lightning_rl.rollout import EngineSettings, HFEngine
 
 
 class StepTimer(L.Callback):
@@ -62,7 +62,7 @@ def standalone(model_dir, ids_path, G, max_new_tokens, execution, eos):
     """Run in a child process: vLLM as a user runs it, on the saved weights; prints one JSON line."""
     import vllm
 
-    from lightning_rl.rollout.vllm import execution_kwargs
+    from lightning_rl.rollout.vllm_sizing import execution_kwargs
 
     ids = json.load(open(ids_path))
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def main():
     torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- GRPO fit through the callback
-    rollout_cb = VLLMRollout(execution=args.execution, sleep_level=args.sleep_level)
+    rollout_cb = VLLMRollout(settings=EngineSettings(execution=args.execution, sleep_level=args.sleep_level))
     timer = StepTimer(rollout_cb)
     torch.cuda.reset_peak_memory_stats()
     trainer = L.Trainer(max_steps=args.steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,

@@ -50,7 +50,7 @@ def child(name: str, prompts: int, G: int, max_new_tokens: int) -> dict:
     from lightning_rl.logprobs import completion_logprobs
     from lightning_rl.models import load_policy
     from lightning_rl.prompting import encode_prompts
-    from lightning_rl.rollout import SamplingConfig
+    from lightning_rl.rollout import EngineSettings, SamplingConfig
     from lightning_rl.rollout.vllm import VLLMEngine
 
     setting = SETTINGS[name]
@@ -69,17 +69,16 @@ def child(name: str, prompts: int, G: int, max_new_tokens: int) -> dict:
     data = ArithmeticDataModule(num_train=prompts, num_val=4, batch_size=prompts, max_operand=99, shuffle=False)
     data.setup("fit")
     ids = encode_prompts(tok, [r["prompt"] for r in data.train_rows[:prompts]])
+    sizes = {"max_model_len": 128 + max_new_tokens, "max_num_seqs": prompts * G}
     kwargs = {
         "dtype": "bfloat16",
-        "max_model_len": 128 + max_new_tokens,
-        "max_num_seqs": prompts * G,
         "kv_cache_bytes": 1 << 30,
         **setting.get("engine", {}),
     }
-    engine = VLLMEngine(model, eos, tok.pad_token_id, **kwargs)
+    engine = VLLMEngine(model, eos, tok.pad_token_id, **sizes, settings=EngineSettings(**kwargs))
     out: dict = {
         "setting": name,
-        "engine_kwargs": {k: v for k, v in kwargs.items()},
+        "engine_kwargs": {**sizes, **kwargs},
         "startup_s": engine.startup_time,
         "async_scheduling": engine.llm.llm_engine.vllm_config.scheduler_config.async_scheduling,
     }

@@ -178,6 +178,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
     sampler = MemorySampler()
     from lightning_rl import GRPO, MemoryAwarePrecision, PromptDataModule, VLLMRollout
+    from lightning_rl.rollout import EngineSettings
 
     _, lora, new_tokens, lr = CASES[case]
     rows = make_rows(PROMPTS * steps)
@@ -217,7 +218,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G, max_new_tokens=new_tokens,
                   temperature=1.0, beta=0.0, learning_rate=lr, lora=dict(LORA) if lora else None,
                   **extra.get("grpo", {}))
-    rollout_cb = VLLMRollout(**extra.get("rollout", {}))
+    rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})))
     timer = StepTimer(rollout_cb)
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -335,7 +336,7 @@ def main() -> None:
     ap.add_argument("--trl-util", type=float, default=0.05, help="TRL's vllm_gpu_memory_utilization")
     ap.add_argument("--extra", action="append", default=[],
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
-                         '{"grpo": {...}, "rollout": {...}, "plugin": {...}}')
+                         '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}}')
     ap.add_argument("--profile-dir", default=None, help="write a torch-profiler table of one of our steps here")
     ap.add_argument("--models", default="/tmp/bench_models")
     ap.add_argument("--timeout", type=int, default=400)

@@ -35,7 +35,7 @@ def main() -> None:
     from lightning_rl.logprobs import completion_logprobs
     from lightning_rl.models import load_policy
     from lightning_rl.prompting import encode_prompts
-    from lightning_rl.rollout import SamplingConfig
+    from lightning_rl.rollout import EngineSettings, SamplingConfig
     from lightning_rl.rollout.vllm import VLLMEngine
 
     net, tok = load_policy(args.model, dtype="float32")
@@ -47,7 +47,8 @@ def main() -> None:
     ids = encode_prompts(tok, prompts, None, True, 256, False)
     eos = [tok.eos_token_id]
     engine = VLLMEngine(net, eos, tok.pad_token_id, max_model_len=128 + args.max_new_tokens,
-                        max_num_seqs=args.prompts * args.G, kv_cache_bytes=2 << 30, dtype="bfloat16", sleep_level=0)
+                        max_num_seqs=args.prompts * args.G,
+                        settings=EngineSettings(kv_cache_bytes=2 << 30, dtype="bfloat16", sleep_level=0))
     sampling = SamplingConfig(args.max_new_tokens, 1.0)
     rollout = engine.generate(ids, sampling, args.G).to("cuda")
     opt = torch.optim.AdamW(net.parameters(), lr=1e-7)

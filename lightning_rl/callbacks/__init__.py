@@ -3,6 +3,6 @@
 from lightning_rl.callbacks.completions import CompletionSamples
 from lightning_rl.callbacks.progress import RLProgressBar
 from lightning_rl.callbacks.report import RunReport
-from lightning_rl.callbacks.rollout import VLLMRollout
+from lightning_rl.callbacks.vllm_rollout import VLLMRollout
 
 __all__ = ["CompletionSamples", "RLProgressBar", "RunReport", "VLLMRollout"]

@@ -32,8 +32,7 @@ MiB = 1024**2
 #: Upper bound of a micro-batch chosen automatically (tokens): more than one rollout of a usual GRPO step
 #: (128 sequences of a few hundred tokens), so a step trains in one micro-batch whenever memory allows. The
 #: update of a small model is bound by the CPU launching kernels, which costs the same per micro-batch
-#: whatever its size (SmolLM2-135M on an H200: 0.29 s of training with one micro-batch of 128 sequences,
-#: 0.56 s with two, 1.14 s with four; ``bench/results/vs_trl_NOTES.md``).
+#: whatever its size (``bench/results/vs_trl_NOTES.md`` has the measurements).
 MAX_MICRO_BATCH_TOKENS = 65536
 
 

@@ -8,10 +8,12 @@ under ``trainer.plugins``. What it does:
   kept as fp32 master weights; the forward runs under ``torch.autocast``;
 * the autocast cache is cleared whenever the grad mode changes between two forwards (old and
   reference log-probs are computed under ``no_grad``) and after every backward;
-* at setup it makes a :class:`~lightning_rl.plugins.memory_plan.MemoryPlan`: the micro-batch size
-  (the module's token budget per micro-batch when its ``micro_batch_size`` is None, the default; lowers
-  a set ``micro_batch_size`` when it would not fit) and the KV-cache budget the
-  :class:`~lightning_rl.callbacks.VLLMRollout` engine gets, or a ``MemoryPlanError`` before any OOM;
+* at setup it makes a :class:`~lightning_rl.plugins.memory_plan.MemoryPlan` from the module's
+  :class:`~lightning_rl.shapes.TrainingShape` and, when a rollout engine shares the device, the
+  :class:`~lightning_rl.plugins.rollout_memory.RolloutMemory` its owner registered (:meth:`register_rollout`):
+  the micro-batch size (a token budget per micro-batch when the module's ``micro_batch_size`` is None, the
+  default; a set ``micro_batch_size`` is lowered when it would not fit) and the engine's KV-cache budget, or
+  a ``MemoryPlanError`` before any OOM;
 * while the rollout engine is awake, optimizer states and gradients wait in pinned CPU memory when the
   plan needs that room for the engine (``offload_optimizer``);
 * with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
@@ -26,7 +28,6 @@ bf16); pass ``frozen_dtype="float32"`` to keep them in fp32. Offloading is off o
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -41,23 +42,19 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.memory_plan import (
-    MAX_MICRO_BATCH_TOKENS,
     GiB,
     MemoryPlan,
     MemoryPlanError,
     MiB,
     ModelMemory,
-    RolloutNeeds,
-    activation_bytes_per_token,
-    fmt_bytes,
-    kv_bytes_per_token,
     optimizer_state_bytes,
     optimizer_state_bytes_of,
-    plan_memory,
-    rollout_kv_tokens,
 )
 from lightning_rl.plugins.offload import OptimizerOffloader
+from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
+from lightning_rl.plugins.shape_plan import plan_for_shape
 from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, check_streamable
+from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -100,35 +97,9 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
     return model if isinstance(model, L.LightningModule) else None
 
 
-def _rollout_callback(module: L.LightningModule) -> Any:
-    """The trainer's :class:`~lightning_rl.callbacks.VLLMRollout`, if it has one."""
-    from lightning_rl.callbacks.rollout import VLLMRollout
-
-    trainer = getattr(module, "_trainer", None)
-    return next((c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, VLLMRollout)), None)
-
-
-def _find_config(module: nn.Module) -> Any:
-    for m in module.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and (hasattr(cfg, "num_hidden_layers") or hasattr(cfg, "get_text_config")):
-            return cfg
-    return None
-
-
-def _sequence_tokens(module: nn.Module) -> int | None:
-    """Padded tokens of one training sequence of an RL module (prompt + completion), if it says."""
-    sampling = getattr(module, "sampling", None)
-    prompt = getattr(module, "max_prompt_length", None)
-    if sampling is not None and prompt:
-        return int(prompt) + int(sampling.max_new_tokens)
-    length = getattr(module, "max_length", None)
-    return int(length) if isinstance(length, int) else None
-
-
-def _extra_frozen(module: nn.Module) -> list[nn.Module]:
-    """Frozen modules a PolicyModule keeps outside its registered children (the reference copy)."""
-    return [m for m in getattr(module, "_frozen_reference", []) if isinstance(m, nn.Module)]
+def _shape(module: nn.Module | None) -> TrainingShape | None:
+    """The module's :class:`~lightning_rl.shapes.TrainingShape` (None for modules that do not describe their steps)."""
+    return module.training_shape() if isinstance(module, ShapedModule) else None
 
 
 class MemoryAwarePrecision(Precision):
@@ -141,7 +112,7 @@ class MemoryAwarePrecision(Precision):
         offload_optimizer: move optimizer states and gradients to pinned CPU memory while the rollout
             engine is awake. None (default): only when the memory plan's rollout phase does not fit the
             budget with them on the device (each offload costs two host copies of the states and a
-            re-allocation of the training memory, about a quarter of a SmolLM2 step on an H200); off on a CPU.
+            re-allocation of the training memory: ``bench/results/vs_trl_NOTES.md``); off on a CPU.
         memory_budget: device memory training may use: bytes (> 1), a fraction of the device (<= 1),
             or None (the device's total times ``utilization``; no plan on a CPU).
         utilization: fraction of the device's total used when ``memory_budget`` is None.
@@ -226,6 +197,7 @@ class MemoryAwarePrecision(Precision):
         self._offload_needed = False  # offload_optimizer=None: set when the plan fits only with offloading
         self._optimizers: list[Optimizer] = []
         self._module: L.LightningModule | None = None
+        self._rollout: RolloutMemoryProvider | None = None
         if self.compute_dtype == torch.float16:
             warnings.warn("MemoryAwarePrecision computes in fp16 on this device (no bf16): there is no loss "
                           "scaling, so very small gradients may underflow; prefer a GPU with bf16", stacklevel=2)
@@ -235,7 +207,8 @@ class MemoryAwarePrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Frozen floating parameters to ``frozen_dtype`` (or 8/4 bits), trainable ones to fp32 masters."""
         module = super().convert_module(module)
-        targets = [module, *_extra_frozen(module)]
+        shape = _shape(module)
+        targets = [module, *(shape.extra_frozen if shape is not None else ())]
         for m in targets:
             if self.quantize is not None:
                 self._quantize_frozen_linears(m)
@@ -391,21 +364,23 @@ class MemoryAwarePrecision(Precision):
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
             return self.make_plan(module, optimizers, device)
 
+    def register_rollout(self, provider: RolloutMemoryProvider | None) -> None:
+        """Plan a rollout phase for the engine ``provider`` runs beside training (None: no colocated engine).
+
+        :class:`~lightning_rl.callbacks.VLLMRollout` registers itself at ``setup``; the plan asks it for a
+        :class:`~lightning_rl.plugins.rollout_memory.RolloutMemory` once the policy exists.
+        """
+        self._rollout = provider
+
     def make_plan(self, module: L.LightningModule, optimizers: list[Optimizer],
                   device: torch.device) -> MemoryPlan | None:
-        """The memory plan for ``module`` on ``device`` (None when the budget or model shape is unknown)."""
+        """The memory plan for ``module`` on ``device`` (None when the budget or the module's shape is unknown)."""
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         budget = self._budget(total)
-        config = _find_config(module)
-        seq = _sequence_tokens(module)
-        if budget is None or config is None or seq is None:
-            log.info("MemoryAwarePrecision: no memory plan (budget %s, model config %s, sequence length %s)",
-                     budget, config is not None, seq)
+        shape = _shape(module)
+        if budget is None or shape is None:
+            log.info("MemoryAwarePrecision: no memory plan (budget %s, module shape %s)", budget, shape is not None)
             return None
-        model = ModelMemory.from_modules([module, *_extra_frozen(module)])
-        cdt = torch.empty((), dtype=self.compute_dtype).element_size()
-        act = self.activation_bytes_per_token or activation_bytes_per_token(
-            config, cdt, bool(getattr(module, "gradient_checkpointing", False)))
         opt_bytes = sum(optimizer_state_bytes_of(o) for o in optimizers)
         if opt_bytes == 0:
             numel = sum(p.numel() for o in optimizers for g in o.param_groups for p in g["params"])
@@ -413,80 +388,31 @@ class MemoryAwarePrecision(Precision):
         opt_device = None
         if self._streamer is not None:
             opt_device = max((self._streamer.device_bytes_estimate(o, opt_bytes) for o in optimizers), default=0)
-        extra: dict[str, int] = {}
-        casts = sum(p.numel() for p in module.parameters() if p.requires_grad and p.dtype == torch.float32) * cdt
-        if casts:
-            # autocast caches a compute-dtype copy of every fp32 weight the grad-enabled forward uses
-            # (the backward keeps them anyway) until the cache is cleared after the backward
-            extra["autocast weight casts"] = casts
-        backend = getattr(module, "logprob_backend", None)
-        if backend is not None:
-            from lightning_rl.logprobs import resolve_backend
-
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            if resolve_backend(backend, device) == "reference":
-                chunk = int(getattr(module, "logprob_chunk_size", 1024))
-                extra["log-prob chunk (fp32 logits)"] = chunk * int(text.vocab_size) * 12
-        cb = _rollout_callback(module)
-        kept = cb.weights_kept_asleep_bytes(module.policy, module._trainer) \
-            if cb is not None and hasattr(module, "policy") else 0
-        if kept:
-            extra["engine weights (kept while the engine sleeps)"] = kept
-        micro = getattr(module, "micro_batch_size", None)
-        max_tokens = int(micro) * seq if isinstance(micro, int) else MAX_MICRO_BATCH_TOKENS
-        return plan_memory(budget_bytes=budget, model=model, activation_bytes_per_token=act, sequence_tokens=seq,
-                           optimizer_bytes=opt_bytes, rollout=self._rollout_needs(module, cb, config, seq, model),
-                           max_micro_batch_tokens=max_tokens, extra_train_parts=extra,
-                           reserved_bytes=self.reserved_bytes, optimizer_device_bytes=opt_device)
-
-    def _rollout_needs(
-        self, module: L.LightningModule, cb: Any, config: Any, seq: int, model: ModelMemory
-    ) -> RolloutNeeds | None:
-        if not hasattr(module, "generate_rollout"):
-            return None
-        trainer = module._trainer
-        g = int(getattr(module, "num_generations", 1))
-        prompts = getattr(cb, "prompts_per_step", None) or getattr(getattr(trainer, "datamodule", None),
-                                                                   "batch_size", None)
-        tokens = int(prompts) * g * seq if isinstance(prompts, int) else 0
-        sampling = getattr(module, "sampling", None)
-        if cb is not None and isinstance(prompts, int) and sampling is not None:  # as the engine sizes its KV cache
-            new = int(sampling.max_new_tokens)
-            tokens = rollout_kv_tokens(int(prompts), g, max(seq - new, 1), new, cb.enable_prefix_caching)
-        if cb is None:  # transformers generate inside the step: KV cache in the compute dtype, full logits rows
-            cdt = torch.empty((), dtype=self.compute_dtype).element_size()
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            sequences = int(prompts) * g if isinstance(prompts, int) else 1
-            return RolloutNeeds(kv_bytes_per_token(config, cdt), tokens, 0,
-                                sequences * int(text.vocab_size) * 4 * 2, headroom=1.0, offload_optimizer=False)
-        if cb.gpu_memory_utilization is not None:
-            return None  # vLLM sizes itself from a fraction of the GPU
-        engine_bytes = cb.engine_dtype(module.policy, trainer).itemsize
-        per_token = kv_bytes_per_token(config, engine_bytes)
-        headroom = float(cb.kv_cache_headroom)
-        if cb.kv_cache_bytes is not None:
-            tokens, headroom = math.ceil(cb.kv_cache_bytes / per_token), 1.0
-        return RolloutNeeds(per_token, tokens, model.total_params * engine_bytes, self.engine_overhead_bytes,
-                            headroom=headroom, offload_optimizer=self.offload_enabled)
+        fp32_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad and p.dtype == torch.float32)
+        rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
+        return plan_for_shape(
+            shape, ModelMemory.from_modules([module, *shape.extra_frozen]), budget_bytes=budget,
+            compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
+            prompts_per_step=datamodule_batch_size(module._trainer), engine_overhead_bytes=self.engine_overhead_bytes,
+            offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
+            autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
+            activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes)
 
     def _apply_plan(self, module: nn.Module) -> None:
-        """Give the module the planned micro-batch.
+        """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).
 
         A token budget when it left ``micro_batch_size`` None (its micro-batches then follow each rollout's
-        padded length), else at most the planned number of sequences.
+        padded length), else at most the planned number of sequences (only with ``adjust_micro_batch``).
         """
-        plan, seq, micro = self.memory_plan, _sequence_tokens(module), getattr(module, "micro_batch_size", None)
-        if plan is not None and micro is None and hasattr(module, "micro_batch_tokens"):
-            module.micro_batch_tokens = plan.micro_batch_tokens
+        plan, shape = self.memory_plan, _shape(module)
+        if plan is None or shape is None:
             return
-        if plan is None or seq is None or not isinstance(micro, int):
-            return
-        planned = plan.micro_batch_sequences(seq)
-        self.planned_micro_batch_size = min(planned, micro)
-        if self.adjust_micro_batch and planned < micro:
-            log.warning("memory plan: micro_batch_size lowered from %d to %d sequences (%s of activations each)",
-                        micro, planned, fmt_bytes(plan.activation_bytes_per_token * seq))
-            module.micro_batch_size = planned
+        if shape.micro_batch_size is not None:
+            self.planned_micro_batch_size = min(plan.micro_batch_sequences(shape.sequence_tokens),
+                                                shape.micro_batch_size)
+            if not self.adjust_micro_batch:
+                return
+        module.apply_micro_batch_plan(plan.micro_batch_tokens)
 
     @property
     def kv_cache_bytes(self) -> int | None:
@@ -588,12 +514,14 @@ class MemoryAwarePrecision(Precision):
         mbs = state_dict.get("micro_batch_size")
         if isinstance(mbs, int):
             self.planned_micro_batch_size = mbs
-            if self._module is not None and self.adjust_micro_batch and hasattr(self._module, "micro_batch_size"):
-                self._module.micro_batch_size = min(mbs, self._module.micro_batch_size)
+            shape = _shape(self._module)
+            if shape is not None and self.adjust_micro_batch and shape.micro_batch_size is not None:
+                self._module.apply_micro_batch_plan(mbs * shape.sequence_tokens)  # at most mbs sequences
 
     @override
     def teardown(self) -> None:
-        """Bring offloaded states back and remove the hooks."""
+        """Bring offloaded states back, remove the hooks and forget the registered rollout engine."""
+        self._rollout = None
         if self._offloader.is_offloaded:
             self._offloader.restore()
         self._offloader.release_buffers()

@@ -1,6 +1,7 @@
-"""Rollout engines: the protocol, the transformers default, and (optional) vLLM."""
+"""Rollout engines: the protocol, the transformers default, and (optional) vLLM with its settings."""
 
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
+from lightning_rl.rollout.vllm_settings import EngineSettings
 
-__all__ = ["HFEngine", "Rollout", "RolloutEngine", "SamplingConfig"]
+__all__ = ["EngineSettings", "HFEngine", "Rollout", "RolloutEngine", "SamplingConfig"]

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.logprobs import unwrap
 from lightning_rl.lora import is_lora
+from lightning_rl.models import unwrap
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

@@ -6,8 +6,8 @@ model is re-pointed at the matching slice of the engine's weight storage (vLLM p
 rows, so each part is a contiguous row range), and the trainer's own copy is freed. Only the
 LoRA adapter tensors are pushed at each sync. Because the trainer now reads the engine's weight
 memory, the engine may never release its weights while training runs: it sleeps by releasing
-its KV cache only (:func:`release_kv_cache`), and :meth:`SharedBaseWeights.unshare` gives the
-trainer private copies back before the engine shuts down.
+its KV cache only (:func:`~lightning_rl.rollout.vllm_internals.release_kv_cache`), and
+:meth:`SharedBaseWeights.unshare` gives the trainer private copies back before the engine shuts down.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_rl.logprobs import unwrap
+from lightning_rl.models import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -117,49 +116,9 @@ def share_base_with_engine(model: nn.Module, engine_model: nn.Module) -> tuple[S
     return SharedBaseWeights(views), None
 
 
-def _allocator() -> Any:
-    from vllm.device_allocator.cumem import CuMemAllocator
-
-    return CuMemAllocator.get_instance()
-
-
-def release_kv_cache() -> int:
-    """Unmap the engine's KV-cache memory (its contents are discarded), keeping the weights resident.
-
-    Returns:
-        Bytes released.
-    """
-    from vllm.device_allocator.cumem import unmap_and_release
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # no kernel may still write into the KV cache
-    freed = 0
-    for data in _allocator().pointer_to_data.values():
-        if data.tag == "kv_cache" and not data.is_asleep:
-            unmap_and_release(data.handle)
-            data.is_asleep = True
-            freed += data.handle[1]
-    return freed
-
-
-def restore_kv_cache(runner: Any) -> None:
-    """Map fresh memory at the KV cache's addresses again (CUDA graphs stay valid) and re-initialise it."""
-    from vllm.device_allocator.cumem import create_and_map
-
-    for data in _allocator().pointer_to_data.values():
-        if data.tag == "kv_cache" and data.is_asleep:
-            create_and_map(data.handle)
-            data.is_asleep = False
-    post = getattr(runner, "post_kv_cache_wake_up", None)
-    if post is not None:
-        post()
-
-
 __all__ = [
     "SharedBaseWeights",
     "base_weight_views",
     "frozen_base_parameters",
-    "release_kv_cache",
-    "restore_kv_cache",
     "share_base_with_engine",
 ]

@@ -30,12 +30,13 @@ def _fit(module, callbacks=()):
 def test_ppo_fit_with_the_vllm_callback():
     pytest.importorskip("vllm")
     from lightning_rl.callbacks import VLLMRollout
+    from lightning_rl.rollout import EngineSettings
 
     torch.manual_seed(0)
     module = PPO(reward_funcs=[NumericMatch(position="first")], model="smollm2-135m-instruct", dtype="bfloat16",
                  num_generations=4, max_new_tokens=32, micro_batch_size=16, max_prompt_length=128,
                  learning_rate=1e-5, ppo_epochs=1, num_mini_batches=1)
-    callback = VLLMRollout(execution="eager")
+    callback = VLLMRollout(settings=EngineSettings(execution="eager"))
     _fit(module, [callback])
     assert callback.num_rollouts == 2 and callback.num_syncs == 1
     assert callback.engine is None  # teardown shut it down

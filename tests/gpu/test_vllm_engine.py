@@ -16,7 +16,7 @@ from lightning_rl.lora import apply_lora  # noqa: E402
 from lightning_rl.models import load_policy  # noqa: E402
 from lightning_rl.prompting import encode_prompts  # noqa: E402
 from lightning_rl.rewards import NumericMatch  # noqa: E402
-from lightning_rl.rollout import HFEngine, SamplingConfig  # noqa: E402
+from lightning_rl.rollout import EngineSettings, HFEngine, SamplingConfig  # noqa: E402
 from lightning_rl.rollout.vllm import VLLMEngine  # noqa: E402
 
 # vLLM's sleep mode allows one engine per process: bench/gpu_run.sh runs each of these in its own process
@@ -46,10 +46,10 @@ def _eos(model, tok):
     return sorted(i for i in ids if i is not None)
 
 
-def _engine(model, tok, **kw):
-    args = dict(max_model_len=512, max_num_seqs=32, kv_cache_bytes=GIB // 2, execution="eager")
-    args.update(kw)
-    return VLLMEngine(model, _eos(model, tok), tok.pad_token_id, **args)
+def _engine(model, tok, **settings):
+    settings = {"kv_cache_bytes": GIB // 2, "execution": "eager", **settings}
+    return VLLMEngine(model, _eos(model, tok), tok.pad_token_id, max_model_len=512, max_num_seqs=32,
+                      settings=EngineSettings(**settings))
 
 
 def _rows(rollout):
@@ -321,7 +321,7 @@ def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():
         learning_rate=1e-4,
         importance_sampling="token",
     )
-    callback = VLLMRollout(share_base_weights=True)
+    callback = VLLMRollout(settings=EngineSettings(share_base_weights=True))
     trainer = L.Trainer(
         max_steps=3,
         accelerator="gpu",

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_rl import GRPO, ArithmeticDataModule, VLLMRollout  # noqa: E402
 from lightning_rl.models import load_policy  # noqa: E402
 from lightning_rl.rewards import NumericMatch  # noqa: E402
+from lightning_rl.rollout import EngineSettings  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -34,7 +35,7 @@ def run(ckpt_dir, steps, extra=lambda rollout: [], ckpt_path=None):
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4, max_new_tokens=32,
                   micro_batch_size=16, max_prompt_length=128, learning_rate=1e-4)
-    rollout = VLLMRollout(dtype="float32", sleep_level=0)
+    rollout = VLLMRollout(settings=EngineSettings(dtype="float32", sleep_level=0))
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[*extra(rollout), rollout, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1,

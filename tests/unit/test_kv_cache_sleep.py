@@ -6,8 +6,11 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from lightning_rl.rollout import shared_weights
 from lightning_rl.rollout import vllm as vllm_mod
+from lightning_rl.rollout import vllm_internals, vllm_sizing
+from lightning_rl.rollout.shared_weights import SharedBaseWeights
+from lightning_rl.rollout.sleep_state import Memory, SleepState
+from lightning_rl.rollout.vllm_internals import VLLMInternals
 
 
 @pytest.fixture
@@ -32,15 +35,15 @@ def fake_cumem(monkeypatch):
 
 def test_release_and_restore_touch_only_the_kv_cache(fake_cumem):
     allocs, calls = fake_cumem
-    assert shared_weights.release_kv_cache() == 800
+    assert vllm_internals.release_kv_cache() == 800
     assert calls == [("unmap", 12), ("unmap", 13)]
     assert [a.is_asleep for a in allocs.values()] == [False, True, True]
-    assert shared_weights.release_kv_cache() == 0  # already released: nothing unmapped twice
+    assert vllm_internals.release_kv_cache() == 0  # already released: nothing unmapped twice
     assert len(calls) == 2
 
     runner = SimpleNamespace(woken=0)
     runner.post_kv_cache_wake_up = lambda: setattr(runner, "woken", runner.woken + 1)
-    shared_weights.restore_kv_cache(runner)
+    vllm_internals.restore_kv_cache(runner)
     assert calls[2:] == [("map", 12), ("map", 13)]
     assert not any(a.is_asleep for a in allocs.values())
     assert runner.woken == 1  # vLLM re-initialises what lives in the KV memory
@@ -60,17 +63,27 @@ class FakeLLM:
         self.calls.append(("llm.reset_prefix_cache",))
 
 
-def _engine_without_vllm(calls, sleep_level=2, views=None, lora_mode=None):
-    """A VLLMEngine's state machine around a fake LLM (no vLLM, no GPU)."""
-    engine = object.__new__(vllm_mod.VLLMEngine)
-    engine.llm = FakeLLM(calls)
-    engine.sleep_level, engine.lora_mode, engine.lora_sync = sleep_level, lora_mode, "auto"
-    engine._sleeping = engine._kv_asleep = engine._kv_released = engine._weights_lost = False
-    engine._base_synced, engine._lora_request, engine._lora_model = True, None, None
-    engine.shared = shared_weights.SharedBaseWeights(views or {})
-    engine._runner = lambda: SimpleNamespace(post_kv_cache_wake_up=lambda: calls.append(("post_kv",)))
-    engine._load = lambda weights: calls.append(("load", len(list(weights))))
-    engine._dir = ""
+class FakeInternals(VLLMInternals):
+    """vLLM's private parts without vLLM: weight loads recorded, the KV cache released through the (fake) CuMem."""
+
+    def __init__(self, calls):
+        super().__init__(llm=None)
+        self.calls = calls
+
+    @property
+    def runner(self):
+        return SimpleNamespace(post_kv_cache_wake_up=lambda: self.calls.append(("post_kv",)))
+
+    def load_weights(self, weights):
+        self.calls.append(("load", len(list(weights))))
+
+
+def _engine_without_vllm(calls, sleep_level=2, views=None, lora_mode=None, llm=None):
+    """A VLLMEngine's state machine around a fake LLM (no vLLM, no GPU), awake with synced weights."""
+    engine = vllm_mod.VLLMEngine.from_llm(llm or FakeLLM(calls), FakeInternals(calls), eos_token_ids=[2],
+                                          pad_token_id=0, max_model_len=64, lora_mode=lora_mode,
+                                          sleep_level=sleep_level, state=SleepState(weights_synced=True))
+    engine.shared = SharedBaseWeights(views or {})
     return engine
 
 
@@ -80,22 +93,22 @@ def test_shared_weights_make_sleep_release_only_the_kv_cache(fake_cumem):
     p = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
     engine = _engine_without_vllm(calls, sleep_level=1, views={"w": (p, p.data)})
     engine.sleep()
-    assert ("llm.sleep", 1) not in calls and engine._kv_released and engine.is_sleeping
+    assert ("llm.sleep", 1) not in calls and engine.state.memory is Memory.KV_RELEASED and engine.is_sleeping
     assert alloc_calls == [("unmap", 12), ("unmap", 13)]
     engine.wake_up()  # the weights never left
     engine._wake_kv()  # what generate() does first
-    assert ("post_kv",) in calls and ("llm.reset_prefix_cache",) in calls and not engine._kv_released
+    assert ("post_kv",) in calls and ("llm.reset_prefix_cache",) in calls and engine.state.memory is Memory.AWAKE
 
 
 def test_sleep_level_zero_and_level_two(fake_cumem):
     calls = []
     engine = _engine_without_vllm(calls, sleep_level=0)
     engine.sleep()
-    assert engine._kv_released and not engine._sleeping and not calls  # no vLLM sleep at all
+    assert engine.state.memory is Memory.KV_RELEASED and not calls  # no vLLM sleep at all
     engine._wake_kv()
     calls.clear()
     engine.sleep(level=2)
-    assert calls == [("llm.sleep", 2)] and engine._weights_lost and engine.needs_sync
+    assert calls == [("llm.sleep", 2)] and not engine.state.weights_synced and engine.needs_sync
 
 
 def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatch):
@@ -113,11 +126,11 @@ def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatc
 
 
 def test_auto_sleep_level_keeps_small_weights_and_drops_large_ones():
-    assert vllm_mod.auto_sleep_level("adapter", 10 << 30) == 1  # the base waits in CPU memory
-    assert vllm_mod.auto_sleep_level(None, 270 << 20) == 0  # SmolLM2-135M in bf16: stays on the GPU
-    assert vllm_mod.auto_sleep_level("merged", 270 << 20) == 0
-    assert vllm_mod.auto_sleep_level(None, 3 << 30) == 2  # a 1.5B model: dropped, pushed again at the sync
-    assert vllm_mod.auto_sleep_level(None, 270 << 20, keep_weights_bytes=0) == 2
+    assert vllm_sizing.auto_sleep_level("adapter", 10 << 30) == 1  # the base waits in CPU memory
+    assert vllm_sizing.auto_sleep_level(None, 270 << 20) == 0  # SmolLM2-135M in bf16: stays on the GPU
+    assert vllm_sizing.auto_sleep_level("merged", 270 << 20) == 0
+    assert vllm_sizing.auto_sleep_level(None, 3 << 30) == 2  # a 1.5B model: dropped, pushed again at the sync
+    assert vllm_sizing.auto_sleep_level(None, 270 << 20, keep_weights_bytes=0) == 2
 
 
 def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
@@ -137,13 +150,42 @@ def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
             return [step(outputs=outs) for _ in prompts]
 
     calls = []
-    engine = _engine_without_vllm(calls, sleep_level=0)
-    engine.llm = GeneratingLLM(calls)
-    engine.max_model_len, engine.pad_token_id, engine.eos_token_ids = 64, 0, [2]
-    engine._wake_weights = engine._wake_kv = lambda: None
+    engine = _engine_without_vllm(calls, sleep_level=0, llm=GeneratingLLM(calls))
     rollout = engine.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=2, temperature=1.0), num_generations=2)
     assert calls == [("generate", 1, 2, 0)]
     assert rollout.completion_ids.tolist() == [[5, 6], [7, 0]]  # ordered by completion index, right-padded
     assert rollout.completion_mask.tolist() == [[1, 1], [1, 0]]
     assert rollout.sampling_logprobs.tolist() == [[-0.5, -1.0], [-2.0, 0.0]]
     assert rollout.finish_reasons == ["stop", "length"] and rollout.group_index.tolist() == [0, 0]
+
+
+def test_level_one_sleep_brings_the_weights_back_before_the_kv_cache(fake_cumem):
+    calls = []
+    engine = _engine_without_vllm(calls, sleep_level=1)
+    engine.sleep()
+    assert calls == [("llm.sleep", 1)] and engine.state.memory is Memory.ASLEEP and not engine.needs_sync
+    engine.sleep()  # asleep already: nothing more
+    engine.wake_up()
+    assert calls[-1] == ("llm.wake_up", ("weights",)) and engine.state.memory is Memory.WEIGHTS_AWAKE
+    engine.sync_weights(torch.nn.Linear(2, 2))
+    assert calls[-1] == ("load", 2)  # no prefix-cache reset while the KV cache sleeps
+    engine._wake_kv()
+    assert calls[-1] == ("llm.wake_up", ("kv_cache",)) and not engine.is_sleeping
+
+
+def test_generate_refuses_weights_a_level_two_sleep_dropped(fake_cumem, monkeypatch):
+    from lightning_rl.rollout import SamplingConfig
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
+    engine = _engine_without_vllm([], sleep_level=2)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="sync_weights"):
+        engine.generate([[1, 2]], SamplingConfig(max_new_tokens=2))
+
+
+def test_vllm_outside_the_supported_range_is_refused_naming_it():
+    for version in ("0.26.0", "0.31.2", "0.30.0rc1"):
+        vllm_internals.check_vllm_version(version)
+    for version in ("0.25.2", "0.32.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=r"vllm>=0\.26,<0\.32.*" + version.replace(".", r"\.")):
+            vllm_internals.check_vllm_version(version)

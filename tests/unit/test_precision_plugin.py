@@ -33,8 +33,11 @@ from lightning_rl.plugins import (
     plan_memory,
 )
 from lightning_rl.plugins import precision as precision_mod
-from lightning_rl.plugins.memory_plan import GiB, activation_bytes_per_token, kv_bytes_per_token
-from lightning_rl.rollout import HFEngine
+from lightning_rl.plugins.memory_plan import GiB, MiB, activation_bytes_per_token, kv_bytes_per_token
+from lightning_rl.plugins.rollout_memory import RolloutMemory
+from lightning_rl.plugins.shape_plan import plan_for_shape
+from lightning_rl.rollout import EngineSettings, HFEngine
+from lightning_rl.shapes import TrainingShape
 
 TINY = {"num_hidden_layers": 1}
 ROWS = [{"prompt": f"say {i}"} for i in range(16)]
@@ -332,8 +335,8 @@ def test_plan_counts_engine_weights_that_stay_while_the_engine_sleeps(keep, kept
     module = _grpo()
     plugin = MemoryAwarePrecision(memory_budget=4 * GiB, engine_overhead_bytes=0)
     calls = []
-    kwargs = {} if keep is None else {"keep_weights_bytes": keep}
-    cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin), **kwargs)
+    settings = EngineSettings() if keep is None else EngineSettings(keep_weights_bytes=keep)
+    cb = VLLMRollout(engine_factory=lambda m, n, seed: FakeEngine(m, calls, plugin), settings=settings)
     trainer = _trainer(plugin, steps=1, callbacks=[cb])
     trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
     parts = plugin.memory_plan.train_parts
@@ -408,3 +411,45 @@ def test_optimizer_offload_is_automatic_only_when_the_rollout_needs_the_room(mon
     monkeypatch.setattr(explicit, "make_plan", lambda *a: (_ for _ in ()).throw(MemoryPlanError("no")))
     with pytest.raises(MemoryPlanError):  # an explicit setting is kept, and the plan's error says what to change
         explicit.plan_with_auto_offload(None, [], torch.device("cuda"))
+
+
+class Provider:
+    """A rollout engine's owner, as the plugin sees it: only what it registered."""
+
+    def __init__(self, memory):
+        self.memory, self.shapes = memory, []
+
+    def rollout_memory(self, shape):
+        self.shapes.append(shape)
+        return self.memory
+
+
+def test_plan_takes_the_engines_needs_from_the_registered_provider():
+    module = _grpo()
+    plugin = MemoryAwarePrecision(memory_budget=4 * GiB, engine_overhead_bytes=0)
+    provider = Provider(RolloutMemory(engine_weight_bytes=10 * MiB, weights_kept_asleep_bytes=3 * MiB,
+                                      kv_bytes_per_token=1000, kv_tokens=500, headroom=1.5))
+    plugin.register_rollout(provider)
+    _trainer(plugin, steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    shape = provider.shapes[0]
+    assert (shape.num_generations, shape.sequence_tokens, shape.generates) == (2, 20, True)
+    plan = plugin.memory_plan
+    assert plan.rollout_parts["engine weights"] == 10 * MiB
+    assert plan.kv_cache_bytes == math.ceil(500 * 1000 * 1.5)
+    assert plan.train_parts["engine weights (kept while the engine sleeps)"] == 3 * MiB
+
+
+def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():
+    shape = TrainingShape(model_config=QWEN_05B, sequence_tokens=512, max_prompt_tokens=256, max_new_tokens=256,
+                          generates=True, num_generations=8, micro_batch_size=4)
+    kw = dict(budget_bytes=40 * GiB, compute_dtype=torch.bfloat16, optimizer_bytes=4 * GiB, reserved_bytes=0)
+    in_step = plan_for_shape(shape, _model(), prompts_per_step=16, **kw)
+    assert in_step.rollout_parts["engine weights"] == 0  # transformers generates with the policy itself
+    assert in_step.kv_cache_bytes == 16 * 8 * 512 * kv_bytes_per_token(QWEN_05B, 2)
+    assert in_step.micro_batch_tokens == 4 * 512  # the fixed micro-batch bounds the plan
+    fraction = RolloutMemory(engine_weight_bytes=GiB, weights_kept_asleep_bytes=GiB, sized_by_gpu_fraction=True)
+    plan = plan_for_shape(shape, _model(), rollout=fraction, **kw)
+    assert plan.rollout_parts == {} and plan.kv_cache_bytes is None  # vLLM takes its fraction itself
+    assert plan.train_parts["engine weights (kept while the engine sleeps)"] == GiB
+    offline = plan_for_shape(TrainingShape(QWEN_05B, 512, 512, 0), _model(), rollout=fraction, **kw)
+    assert offline.rollout_parts == {} and "engine weights (kept while the engine sleeps)" in offline.train_parts

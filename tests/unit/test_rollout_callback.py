@@ -12,8 +12,17 @@ from lightning_rl.algorithms.importance import importance_weights, mismatch_stat
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token
 from lightning_rl.prompting import PromptTooLongError
-from lightning_rl.rollout import HFEngine
+from lightning_rl.rollout import (
+    EngineSettings,
+    HFEngine,
+    policy_weights,
+    vllm_checks,
+    vllm_internals,
+    vllm_outputs,
+    vllm_sizing,
+)
 from lightning_rl.rollout import vllm as vllm_mod
 
 
@@ -64,6 +73,11 @@ def _fit(callback, module, steps=3):
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(module, datamodule=PromptDataModule(train_data=ROWS, batch_size=2))
     return trainer
+
+
+def _settings(**settings):
+    """A callback with these engine settings."""
+    return VLLMRollout(settings=EngineSettings(**settings))
 
 
 def _callback(calls, **kw):
@@ -161,11 +175,11 @@ def test_teardown_on_exception():
 
 
 def test_state_dict_round_trip():
-    cb = VLLMRollout(seed=7)
+    cb = VLLMRollout(settings=EngineSettings(seed=7))
     cb.last_synced_step, cb.num_syncs, cb.num_rollouts = 5, 4, 6
     other = VLLMRollout()
     other.load_state_dict(cb.state_dict())
-    assert other.seed == 7 and other._restored_step == 5 and other.num_syncs == 4 and other.num_rollouts == 6
+    assert other.settings.seed == 7 and other._restored_step == 5 and other.num_syncs == 4 and other.num_rollouts == 6
     seeds = []
     other.engine_factory = lambda module, n, seed: seeds.append(seed) or FakeEngine(module, [])
     module = _module()
@@ -236,14 +250,14 @@ def test_grpo_importance_sampling_trains_and_logs_mismatch():
 
 # ----------------------------------------------------------------------------- vLLM engine, CPU-side
 def test_vllm_missing_says_which_extra(monkeypatch):
-    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", False)
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", False)
     model, _ = load_policy("tiny-llama")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-rl\[vllm\]'"):
         vllm_mod.VLLMEngine(model, [1], 0, 64)
 
 
 def test_no_cuda_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model, _ = load_policy("tiny-llama")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
@@ -251,62 +265,64 @@ def test_no_cuda_is_a_clear_error(monkeypatch):
 
 
 def test_callback_without_vllm_fails_at_fit_start_with_the_extra(monkeypatch):
-    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", False)
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", False)
     with pytest.raises(ModuleNotFoundError, match="lightning-rl"):
         _fit(VLLMRollout(), _module(), steps=1)
 
 
 def test_unsupported_architecture_and_long_prompt_errors():
-    with pytest.raises(vllm_mod.UnsupportedArchitectureError, match="model_impl"):
-        vllm_mod.check_architecture("MyOwnForCausalLM", {"LlamaForCausalLM"})
-    vllm_mod.check_architecture("LlamaForCausalLM", {"LlamaForCausalLM"})
-    vllm_mod.check_architecture("MyOwnForCausalLM", set(), model_impl="transformers")
+    with pytest.raises(vllm_checks.UnsupportedArchitectureError, match="model_impl"):
+        vllm_checks.check_architecture("MyOwnForCausalLM", {"LlamaForCausalLM"})
+    vllm_checks.check_architecture("LlamaForCausalLM", {"LlamaForCausalLM"})
+    vllm_checks.check_architecture("MyOwnForCausalLM", set(), model_impl="transformers")
     with pytest.raises(PromptTooLongError, match="max_model_len is 8"):
-        vllm_mod.check_prompt_lengths([[1] * 3, [1] * 8], 8)
+        vllm_checks.check_prompt_lengths([[1] * 3, [1] * 8], 8)
 
 
 def test_execution_modes_map_to_vllm_arguments():
-    assert vllm_mod.execution_kwargs("eager") == {"enforce_eager": True}
-    graphs = vllm_mod.execution_kwargs("cuda_graphs")
+    assert vllm_sizing.execution_kwargs("eager") == {"enforce_eager": True}
+    graphs = vllm_sizing.execution_kwargs("cuda_graphs")
     assert graphs["enforce_eager"] is False
     assert graphs["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile
-    assert vllm_mod.execution_kwargs("compiled") == {"enforce_eager": False}  # vLLM's defaults
+    assert vllm_sizing.execution_kwargs("compiled") == {"enforce_eager": False}  # vLLM's defaults
 
 
 def test_bad_execution_mode_is_refused_before_vllm(monkeypatch):
-    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
     monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
     model, tok = load_policy("tiny-llama")
     with pytest.raises(ValueError, match="execution must be one of"):
-        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64, execution="graphs")
+        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64,
+                            settings=EngineSettings(execution="graphs"))
 
 
 def test_sharing_base_weights_without_a_lora_adapter_is_refused_before_vllm(monkeypatch):
-    monkeypatch.setattr(vllm_mod, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
     monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
     model, tok = load_policy("tiny-llama")
     with pytest.raises(ValueError, match="share_base_weights=True needs a LoRA policy"):
-        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64, share_base_weights=True)
+        vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64,
+                            settings=EngineSettings(share_base_weights=True))
 
 
 def test_sampled_logprobs_from_flat_and_dict_formats():
     flat = SimpleNamespace(start_indices=[0, 1, 2], token_ids=[5, 9, 2], logprobs=[-0.5, -1.25, -3.0])
-    assert vllm_mod.sampled_logprobs(flat, [5, 9, 2]) == [-0.5, -1.25, -3.0]
+    assert vllm_outputs.sampled_logprobs(flat, [5, 9, 2]) == [-0.5, -1.25, -3.0]
     with pytest.raises(RuntimeError, match="sampled token 7"):
-        vllm_mod.sampled_logprobs(flat, [5, 7, 2])
+        vllm_outputs.sampled_logprobs(flat, [5, 7, 2])
     dicts = [{5: SimpleNamespace(logprob=-0.5)}, {9: SimpleNamespace(logprob=-1.25)}]
-    assert vllm_mod.sampled_logprobs(dicts, [5, 9]) == [-0.5, -1.25]
-    assert vllm_mod.sampled_logprobs(None, [5, 9]) == [0.0, 0.0]
+    assert vllm_outputs.sampled_logprobs(dicts, [5, 9]) == [-0.5, -1.25]
+    assert vllm_outputs.sampled_logprobs(None, [5, 9]) == [0.0, 0.0]
 
 
 def test_kv_cache_budget_from_rollout_shape():
     model, _ = load_policy("tiny-llama")  # 2 layers, 2 KV heads, head dim 16
     per_token = 2 * 2 * 2 * 16 * 2  # K and V, bf16
-    got = vllm_mod.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0)
+    got = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0)
     assert got == (16 * 100 + 128 * (128 + 16)) * per_token
-    unshared = vllm_mod.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, 1.0, shared_prompts=False)
+    unshared = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, 1.0, shared_prompts=False)
     assert unshared == (128 * 100 + 128 * (128 + 16)) * per_token
-    assert vllm_mod.kv_cache_bytes_for(model.config, 1, 1, 10, 10, torch.float32, 1.5) >= 36 * per_token * 2
+    assert vllm_sizing.kv_cache_bytes_for(model.config, 1, 1, 10, 10, torch.float32, 1.5) >= 36 * per_token * 2
 
 
 def test_lora_weights_for_the_engine():
@@ -316,8 +332,8 @@ def test_lora_weights_for_the_engine():
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    assert vllm_mod.adapter_sync_unsupported_reason(peft) is None
-    merged = dict(vllm_mod.merged_lora_weights(peft))
+    assert policy_weights.adapter_sync_unsupported_reason(peft) is None
+    merged = dict(policy_weights.merged_lora_weights(peft))
     reference = {k: v for k, v in peft.merge_and_unload(progressbar=False).state_dict().items()}
     assert set(merged) == {k for k in reference if k != "lm_head.weight"}  # tied head: not a parameter
     for k, v in merged.items():
@@ -326,32 +342,32 @@ def test_lora_weights_for_the_engine():
 
 def test_lora_base_and_adapter_tensors():
     base, _ = load_policy("tiny-llama")
-    plain = dict(vllm_mod.full_weights(base))
+    plain = dict(policy_weights.full_weights(base))
     peft = apply_lora(base, {"r": 4, "lora_alpha": 8})
-    assert set(dict(vllm_mod.base_weights(peft))) == set(plain)
-    tensors, config = vllm_mod.adapter_tensors(peft)
+    assert set(dict(policy_weights.base_weights(peft))) == set(plain)
+    tensors, config = policy_weights.adapter_tensors(peft)
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     assert all(k.startswith("base_model.model.model.layers.") for k in tensors)
     assert config["r"] == 4 and config["lora_alpha"] == 8
     dora = apply_lora(load_policy("tiny-llama")[0], {"r": 4, "use_dora": True})
-    assert "DoRA" in vllm_mod.adapter_sync_unsupported_reason(dora)
+    assert "DoRA" in policy_weights.adapter_sync_unsupported_reason(dora)
 
 
 def test_weights_kept_asleep_follow_the_engines_sync_mode_and_sleep_level():
     net, _ = load_policy("tiny-llama")
     full_bytes = sum(p.numel() for p in net.parameters()) * 4  # fp32 policy, engine dtype "auto"
-    assert vllm_mod.lora_sync_mode(net, "auto") == (None, None)
+    assert vllm_sizing.lora_sync_mode(net, "auto") == (None, None)
     assert VLLMRollout().weights_kept_asleep_bytes(net) == full_bytes  # small: level 0 keeps them
-    assert VLLMRollout(dtype="bfloat16").weights_kept_asleep_bytes(net) == full_bytes // 2
-    assert VLLMRollout(keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0  # level 2 drops them
-    assert VLLMRollout(sleep_level=1, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0
-    assert VLLMRollout(sleep_level=0, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == full_bytes
+    assert _settings(dtype="bfloat16").weights_kept_asleep_bytes(net) == full_bytes // 2
+    assert _settings(keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0  # level 2 drops them
+    assert _settings(sleep_level=1, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0
+    assert _settings(sleep_level=0, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == full_bytes
     peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
-    assert vllm_mod.lora_sync_mode(peft, "auto") == ("adapter", None)
-    assert vllm_mod.lora_sync_mode(peft, "merged") == ("merged", None)
+    assert vllm_sizing.lora_sync_mode(peft, "auto") == ("adapter", None)
+    assert vllm_sizing.lora_sync_mode(peft, "merged") == ("merged", None)
     assert VLLMRollout().weights_kept_asleep_bytes(peft) == 0  # adapter sync: the base waits in CPU memory
     merged = sum(p.numel() for p in peft.get_base_model().parameters()) * 4
-    assert VLLMRollout(lora_sync="merged").weights_kept_asleep_bytes(peft) == merged
+    assert _settings(lora_sync="merged").weights_kept_asleep_bytes(peft) == merged
 
 
 def test_engine_dtype_follows_the_trainers_compute_dtype():
@@ -366,7 +382,7 @@ def test_engine_dtype_follows_the_trainers_compute_dtype():
     assert cb.engine_dtype(net, bf16_mixed) == torch.bfloat16  # fp32 masters, bf16 products: a bf16 engine
     assert cb.engine_dtype(net, plugin) == torch.bfloat16
     assert cb.engine_dtype(net, full) == torch.float32  # a trainer in full precision keeps an fp32 engine
-    assert VLLMRollout(dtype="float32").engine_dtype(net, bf16_mixed) == torch.float32  # explicit wins
+    assert _settings(dtype="float32").engine_dtype(net, bf16_mixed) == torch.float32  # explicit wins
     full_bytes = sum(p.numel() for p in net.parameters()) * 4
     assert cb.weights_kept_asleep_bytes(net, bf16_mixed) == full_bytes // 2
 
@@ -375,11 +391,11 @@ def test_lora_adapters_never_get_an_fp32_engine():
     net, _ = load_policy("tiny-llama")
     peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
     # vLLM's LoRA kernels take 16-bit adapters: "auto" over fp32 weights and an fp32 trainer gives bf16
-    assert vllm_mod.engine_weight_dtype(peft, "auto", None, adapter=True) == torch.bfloat16
+    assert vllm_sizing.engine_weight_dtype(peft, "auto", None, adapter=True) == torch.bfloat16
     assert VLLMRollout().engine_dtype(peft, None) == torch.bfloat16
-    assert VLLMRollout(lora_sync="merged").engine_dtype(peft, None) == torch.float32  # merged weights may be fp32
+    assert _settings(lora_sync="merged").engine_dtype(peft, None) == torch.float32  # merged weights may be fp32
     with pytest.raises(ValueError, match="16-bit engine.*bfloat16.*merged"):
-        VLLMRollout(dtype="float32").engine_dtype(peft, None)
+        _settings(dtype="float32").engine_dtype(peft, None)
 
 
 def test_importance_sampling_auto_corrects_only_rollouts_of_another_engine():
@@ -393,3 +409,34 @@ def test_importance_sampling_auto_corrects_only_rollouts_of_another_engine():
     assert _module(importance_sampling="sequence").importance_level(rollout) == "sequence"
     with pytest.raises(ValueError, match="'auto' or one of"):
         _module(importance_sampling="tokens")
+
+
+def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
+    module = _module()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    cb = VLLMRollout(prompts_per_step=2)
+    cb.setup(trainer, module, "fit")
+    shape = module.training_shape()
+    memory = cb.rollout_memory(shape)
+    per_token = kv_bytes_per_token(module.policy.config, 2)  # a bf16 engine under bf16-mixed
+    assert memory.kv_bytes_per_token == per_token and not memory.sized_by_gpu_fraction
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2)
+    assert math.ceil(memory.kv_tokens * memory.headroom) * per_token == engine_kv  # what build_engine gives it
+    assert memory.engine_weight_bytes == sum(p.numel() for p in module.policy.parameters()) * 2
+    assert memory.weights_kept_asleep_bytes == memory.engine_weight_bytes  # small: level 0 keeps them
+    fixed = VLLMRollout(prompts_per_step=2, settings=EngineSettings(kv_cache_bytes=100 * per_token))
+    fixed.setup(trainer, module, "fit")
+    assert (fixed.rollout_memory(shape).kv_tokens, fixed.rollout_memory(shape).headroom) == (100, 1.0)
+    fraction = VLLMRollout(settings=EngineSettings(gpu_memory_utilization=0.3))
+    fraction.setup(trainer, module, "fit")
+    assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0
+
+
+def test_engine_settings_are_checked_when_built():
+    for bad, match in (({"sleep_level": 3}, "sleep_level"), ({"lora_sync": "both"}, "lora_sync"),
+                       ({"dtype": "int8"}, "dtype"), ({"kv_cache_headroom": 0.5}, "headroom"),
+                       ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization")):
+        with pytest.raises(ValueError, match=match):
+            EngineSettings(**bad)

@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_rollout_callback import ROWS, FakeEngine, _module
 
 from lightning_rl import PromptDataModule, VLLMRollout
+from lightning_rl.rollout import EngineSettings
 
 
 class WeightHoldingEngine(FakeEngine):
@@ -30,7 +31,7 @@ class WeightHoldingEngine(FakeEngine):
 def fit(steps, tmp_path, engines, ckpt_path=None, seed=0):
     L.seed_everything(seed, verbose=False)
     calls = []
-    callback = VLLMRollout(seed=5, engine_factory=lambda module, n, s: engines.append(
+    callback = VLLMRollout(settings=EngineSettings(seed=5), engine_factory=lambda module, n, s: engines.append(
         WeightHoldingEngine(module, calls, s)) or engines[-1])
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     module = _module()

@@ -1,0 +1,254 @@
+"""The callback that toggles the policy into a colocated vLLM engine before each training step."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
+from lightning_rl.plugins.precision import MemoryAwarePrecision
+from lightning_rl.plugins.rollout_memory import RolloutMemory
+from lightning_rl.rollout.engine import RolloutEngine
+from lightning_rl.rollout.vllm_settings import EngineSettings
+from lightning_rl.rollout.vllm_sizing import (
+    engine_weight_bytes,
+    engine_weight_dtype,
+    kv_cache_bytes_for,
+    lora_sync_mode,
+    weights_kept_asleep_bytes,
+)
+from lightning_rl.shapes import TrainingShape, datamodule_batch_size
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
+_MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
+
+
+class VLLMRollout(Callback):
+    """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
+
+    The engine is created once at ``on_fit_start`` (or at the first batch when the number of
+    prompts per step is not known yet), sized from the module's
+    :class:`~lightning_rl.shapes.TrainingShape`: ``G x prompts`` sequences of ``max_prompt_tokens +
+    max_new_tokens`` tokens. Before every training batch it wakes the engine, pushes the policy's
+    weights if an optimizer step happened since the last push (``trainer.global_step``), generates
+    with the module's ``generate_rollout(..., engine=...)``, puts the engine to sleep and attaches
+    the :class:`~lightning_rl.rollout.Rollout` to the batch under ``"rollout"``, where
+    :class:`~lightning_rl.modules.GRPO` picks it up.
+
+    With :class:`~lightning_rl.plugins.MemoryAwarePrecision` the callback registers itself at ``setup``
+    (:meth:`~lightning_rl.plugins.MemoryAwarePrecision.register_rollout`): the plan asks it what the engine
+    needs (:meth:`rollout_memory`), the engine gets the plan's KV-cache budget, and the plugin moves optimizer
+    states out of the way while the engine is awake.
+
+    Args:
+        prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
+            or waits for the first batch.
+        max_model_len: prompt + completion limit of the engine; None uses the module's
+            ``max_prompt_tokens + max_new_tokens``.
+        settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
+            (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
+            step on resume so runs do not replay).
+        engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
+            (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
+    """
+
+    def __init__(
+        self,
+        prompts_per_step: int | None = None,
+        max_model_len: int | None = None,
+        settings: EngineSettings | None = None,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step is not None and prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.prompts_per_step = prompts_per_step
+        self.max_model_len = max_model_len
+        self.settings = settings or EngineSettings()
+        self.engine_factory = engine_factory
+        self.engine: RolloutEngine | None = None
+        self.last_synced_step: int | None = None
+        self.num_syncs = 0
+        self.num_rollouts = 0
+        self.last_timings: dict[str, float] = {}
+        self._restored_step = 0
+        self._trainer: L.Trainer | None = None
+        self._plugin: MemoryAwarePrecision | None = None
+
+    # ----------------------------------------------------------------------------- sizing
+    def engine_dtype(self, policy: nn.Module, trainer: Any = None) -> torch.dtype:
+        """The engine's weight and KV-cache dtype: ``settings.dtype``, or for ``"auto"`` the trainer's compute dtype.
+
+        Under mixed precision (fp32 master weights, bf16 autocast) the engine runs in bf16: half the
+        memory of an fp32 engine, and vLLM's LoRA kernels need 16 bits. See
+        :func:`~lightning_rl.rollout.vllm_sizing.engine_weight_dtype`.
+        """
+        lora_mode, _ = lora_sync_mode(policy, self.settings.lora_sync)
+        return engine_weight_dtype(policy, self.settings.dtype, trainer_compute_dtype(trainer),
+                                   adapter=lora_mode == "adapter")
+
+    def weights_kept_asleep_bytes(self, policy: nn.Module, trainer: Any = None) -> int:
+        """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
+        return weights_kept_asleep_bytes(policy, self.settings, trainer_compute_dtype(trainer))
+
+    def max_len(self, shape: TrainingShape) -> int:
+        """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
+        return self.max_model_len or shape.max_prompt_tokens + shape.max_new_tokens
+
+    def kv_tokens(self, shape: TrainingShape, prompts_per_step: int) -> int:
+        """KV-cache tokens of one rollout (without headroom), as the engine and the memory plan count them."""
+        new = shape.max_new_tokens
+        return rollout_kv_tokens(prompts_per_step, shape.num_generations, self.max_len(shape) - new, new,
+                                 self.settings.enable_prefix_caching)
+
+    def rollout_memory(self, shape: TrainingShape) -> RolloutMemory:
+        """What the engine takes from the device, for the memory plan (the plugin calls it at setup)."""
+        if self._trainer is None:
+            raise RuntimeError("VLLMRollout.rollout_memory is asked during a fit, after the callback's setup")
+        trainer, s = self._trainer, self.settings
+        policy = trainer.lightning_module.policy
+        dtype = self.engine_dtype(policy, trainer)
+        per_token = kv_bytes_per_token(shape.model_config, dtype.itemsize)
+        prompts = self.prompts_per_step or datamodule_batch_size(trainer)
+        tokens, headroom = (self.kv_tokens(shape, prompts) if prompts else 0), s.kv_cache_headroom
+        if s.kv_cache_bytes is not None:
+            tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
+        return RolloutMemory(engine_weight_bytes=engine_weight_bytes(policy, dtype),
+                             weights_kept_asleep_bytes=self.weights_kept_asleep_bytes(policy, trainer),
+                             kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
+                             sized_by_gpu_fraction=s.gpu_memory_utilization is not None)
+
+    # ----------------------------------------------------------------------------- engine
+    def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
+        """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
+        from lightning_rl.rollout.vllm import VLLMEngine
+
+        seed = self.settings.seed + self._restored_step
+        if self.engine_factory is not None:
+            return self.engine_factory(pl_module, prompts_per_step, seed)
+        shape = pl_module.training_shape()
+        policy, trainer, s = pl_module.policy, getattr(pl_module, "_trainer", None), self.settings
+        dtype = self.engine_dtype(policy, trainer)
+        kv = s.kv_cache_bytes
+        if kv is None and s.gpu_memory_utilization is None and self._plugin is not None:
+            kv = self._plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
+        if kv is None and s.gpu_memory_utilization is None:
+            new, g = shape.max_new_tokens, shape.num_generations
+            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new, dtype,
+                                    s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching)
+        settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
+        return VLLMEngine(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
+                          max_num_seqs=prompts_per_step * shape.num_generations, settings=settings)
+
+    def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
+        for attr in _MODULE_NEEDS:
+            if not hasattr(pl_module, attr):
+                raise TypeError(
+                    f"VLLMRollout needs a module with `{attr}` (such as lightning_rl.GRPO); "
+                    f"{type(pl_module).__name__} has none"
+                )
+        t0 = time.perf_counter()
+        self.engine = self.build_engine(pl_module, prompts_per_step)
+        self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
+        log.info("rollout engine %s ready in %.1f s", type(self.engine).__name__, time.perf_counter() - t0)
+
+    def _needs_sync(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step != self.last_synced_step or bool(getattr(self.engine, "needs_sync", False))
+
+    # ----------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Register with the trainer's :class:`~lightning_rl.plugins.MemoryAwarePrecision`, if it has one."""
+        self._trainer = trainer
+        plugin = trainer.precision_plugin
+        self._plugin = plugin if isinstance(plugin, MemoryAwarePrecision) else None
+        if self._plugin is not None:
+            self._plugin.register_rollout(self)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Create the engine when the prompts per step are known (else at the first batch)."""
+        n = self.prompts_per_step or datamodule_batch_size(trainer)
+        if self.engine is None and n is not None:
+            self._create(trainer, pl_module, n)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Wake, sync if the policy changed, generate, sleep; attach ``batch["rollout"]``."""
+        if not isinstance(batch, dict) or "prompt" not in batch:
+            raise TypeError("VLLMRollout needs dict batches with a 'prompt' key (the prompt DataModules give them)")
+        prompts = batch["prompt"]
+        if self.engine is None:
+            self._create(trainer, pl_module, self.prompts_per_step or len(prompts))
+        engine, plugin = self.engine, self._plugin
+        t0 = time.perf_counter()
+        if plugin is not None:
+            plugin.offload_for_rollout()  # optimizer states to pinned CPU memory while the engine is awake
+        engine.wake_up()
+        t1 = time.perf_counter()
+        if self._needs_sync(trainer):
+            engine.sync_weights(pl_module.policy)
+            self.last_synced_step = trainer.global_step
+            self.num_syncs += 1
+        t2 = time.perf_counter()
+        try:
+            rollout = pl_module.generate_rollout(prompts, engine=engine)
+        finally:
+            t3 = time.perf_counter()
+            engine.sleep()
+            if plugin is not None:
+                plugin.restore_after_rollout()
+            t4 = time.perf_counter()
+        batch["rollout"] = rollout
+        self.num_rollouts += 1
+        self.last_timings = {"wake_s": t1 - t0, "sync_s": t2 - t1, "generate_s": t3 - t2, "sleep_s": t4 - t3,
+                             "toggle_s": (t2 - t0) + (t4 - t3)}
+        pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
+                           batch_size=len(prompts))
+
+    def shutdown(self) -> None:
+        """Shut the engine down and free its memory (idempotent)."""
+        engine, self.engine = self.engine, None
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Shut the engine down at the end of fitting."""
+        self.shutdown()
+        self._trainer = self._plugin = None
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Shut the engine down so a failed run gives the GPU memory back."""
+        self.shutdown()
+
+    # ----------------------------------------------------------------------------- checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Seed and sync bookkeeping for a resumed run."""
+        return {"seed": self.settings.seed, "last_synced_step": self.last_synced_step, "num_syncs": self.num_syncs,
+                "num_rollouts": self.num_rollouts}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the seed and counters; the engine seeds from ``seed + last synced step``."""
+        self.settings = dataclasses.replace(self.settings, seed=int(state_dict.get("seed", self.settings.seed)))
+        self._restored_step = int(state_dict.get("last_synced_step") or 0)
+        self.num_syncs = int(state_dict.get("num_syncs", 0))
+        self.num_rollouts = int(state_dict.get("num_rollouts", 0))

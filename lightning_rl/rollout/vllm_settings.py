@@ -1,0 +1,91 @@
+"""The colocated vLLM engine's settings: documented once, taken by :class:`~lightning_rl.rollout.vllm.VLLMEngine`
+and :class:`~lightning_rl.callbacks.VLLMRollout`, and parsed from YAML by LightningCLI (``settings:`` under the
+callback's ``init_args``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from lightning_rl.models import torch_dtype
+
+LoRASync = Literal["auto", "adapter", "merged"]
+LORA_SYNC_MODES: tuple[str, ...] = get_args(LoRASync)
+ExecutionMode = Literal["eager", "cuda_graphs", "compiled"]
+EXECUTION_MODES: tuple[str, ...] = get_args(ExecutionMode)
+
+#: Automatic sleep level: engines whose weights take at most this many bytes keep them on the GPU while asleep
+#: (level 0). Unmapping and remapping the weights costs time at every toggle, while small weights take little
+#: memory next to training's (``bench/results/rollout_NOTES.md`` has the measured toggles).
+KEEP_WEIGHTS_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the vLLM engine holds the policy, sleeps, runs and sizes its KV cache.
+
+    Args:
+        dtype: engine weight and KV-cache dtype. ``auto``: under :class:`~lightning_rl.callbacks.VLLMRollout` the
+            trainer's compute dtype when it computes in 16 bits (bf16 for ``bf16-mixed`` and
+            :class:`~lightning_rl.plugins.MemoryAwarePrecision`), else the policy's own dtype; never fp32 for LoRA
+            adapters pushed as tensors (vLLM's LoRA kernels take 16 bits; see
+            :func:`~lightning_rl.rollout.vllm_sizing.engine_weight_dtype`).
+        lora_sync: ``adapter`` (push the LoRA tensors only), ``merged`` (push ``W + BA``), or ``auto`` (adapter
+            when vLLM can take it, else merged).
+        sleep_level: 0 releases only the KV cache (the weights stay on the GPU: the cheapest toggle), 1 also keeps
+            a CPU copy of the weights while asleep, 2 drops them (pushed again at the next sync). None:
+            :func:`~lightning_rl.rollout.vllm_sizing.auto_sleep_level`. Ignored while the base weights are
+            shared: the engine then sleeps by releasing its KV cache only.
+        keep_weights_bytes: with ``sleep_level=None``, the largest engine weights kept on the GPU while asleep.
+        share_base_weights: with adapter-only LoRA sync, point the trainer's frozen base weights at the engine's
+            copy so the GPU holds them once (:mod:`lightning_rl.rollout.shared_weights`). None: when possible
+            (same dtype, a known weight layout); True: raise when impossible; False: never.
+        execution: ``cuda_graphs``: decode steps replay full CUDA graphs, no torch.compile (starts in seconds);
+            ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start); ``eager``: neither
+            (fastest start, slowest generation).
+        fp32_logits: compute the LM head in fp32 (16-bit inputs, fp32 output) as the trainer's log-prob kernel
+            does, so the sampling log-probs come from logits never rounded to 16 bits.
+        enable_prefix_caching: the ``G`` completions of a prompt share its KV blocks.
+        kv_cache_bytes: KV-cache size. None: from the memory plan when the trainer has
+            :class:`~lightning_rl.plugins.MemoryAwarePrecision`, else from the rollout's shape with
+            ``kv_cache_headroom`` (:func:`~lightning_rl.rollout.vllm_sizing.kv_cache_bytes_for`).
+        kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape.
+        gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the two settings above are ignored).
+        seed: vLLM's sampling seed.
+        engine_kwargs: more ``vllm.LLM`` arguments (they override the ones these settings give).
+    """
+
+    dtype: str = "auto"
+    lora_sync: LoRASync = "auto"
+    sleep_level: int | None = None
+    keep_weights_bytes: int = KEEP_WEIGHTS_BYTES
+    share_base_weights: bool | None = None
+    execution: ExecutionMode = "cuda_graphs"
+    fp32_logits: bool = True
+    enable_prefix_caching: bool = True
+    kv_cache_bytes: int | None = None
+    kv_cache_headroom: float = 1.2
+    gpu_memory_utilization: float | None = None
+    seed: int = 0
+    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto":
+            torch_dtype(self.dtype)  # raises ValueError naming the accepted names
+        if self.lora_sync not in LORA_SYNC_MODES:
+            raise ValueError(f"lora_sync must be one of {LORA_SYNC_MODES}, got {self.lora_sync!r}")
+        if self.execution not in EXECUTION_MODES:
+            raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {self.execution!r}")
+        if self.sleep_level not in (None, 0, 1, 2):
+            raise ValueError(f"sleep_level must be 0, 1, 2 or None (automatic), got {self.sleep_level}")
+        if self.kv_cache_headroom < 1:
+            raise ValueError(f"kv_cache_headroom must be >= 1, got {self.kv_cache_headroom}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0 (or None), got {self.kv_cache_bytes}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (or None), got {self.gpu_memory_utilization}")
+
+
+__all__ = ["EXECUTION_MODES", "KEEP_WEIGHTS_BYTES", "LORA_SYNC_MODES", "EngineSettings", "ExecutionMode", "LoRASync"]
