@@ -214,6 +214,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "device_used_gib": sampler.current_gib(),
                                "tokens": int(batch["rollout"].completion_mask.sum())})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
+            engine = self.rollout_cb.engine
+            if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive
+                self.engine_info = {"engine_dtype": str(getattr(engine, "weight_dtype", None)),
+                                    "sleep_level": getattr(engine, "sleep_level", None)}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G, max_new_tokens=new_tokens,
                   temperature=1.0, beta=0.0, learning_rate=lr, lora=dict(LORA) if lora else None,
@@ -226,7 +230,6 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                         log_every_n_steps=1)
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=PROMPTS, shuffle=False))
     mem = sampler.stop()
-    engine = rollout_cb.engine
     return {
         **summarize(timer.steps, warmup), **mem,
         "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -234,8 +237,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         "rewards": timer.rewards, "steps": timer.steps, "wall_s": time.perf_counter() - t_start,
         "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
                      "gradient_checkpointing": module.gradient_checkpointing,
-                     "engine_dtype": str(getattr(engine, "weight_dtype", None)),
-                     "sleep_level": getattr(engine, "sleep_level", None),
+                     **getattr(timer, "engine_info", {}),
                      "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
                                                                                  float("nan")))},
     }
