@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_rl.hparams import portable
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
@@ -25,7 +26,6 @@ from lightning_rl.modules.config_checks import check_optimizer_settings, check_s
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
 from lightning_rl.prompting import Prompt, encode_prompts
-from lightning_rl.rewards.spec import portable
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
