@@ -131,7 +131,7 @@ class ORPOLoss:
     """ORPO per pair: the total and its parts.
 
     Attributes:
-        loss: ``[B]`` ``nll + lam * odds_ratio``.
+        loss: ``[B]`` ``nll + beta * odds_ratio``.
         nll: ``[B]`` SFT negative log-likelihood of the chosen response (per token).
         odds_ratio: ``[B]`` ``-log sigmoid(log_odds_chosen - log_odds_rejected)``.
         log_odds_margin: ``[B]`` ``log_odds_chosen - log_odds_rejected`` (detached).
@@ -149,20 +149,20 @@ class ORPOLoss:
 
 
 def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, chosen_nll: torch.Tensor,
-              lam: float = 0.1) -> ORPOLoss:
-    """ORPO: ``L_SFT + lam * L_OR`` with ``L_OR = -log sigmoid(log odds(y_w) - log odds(y_l))``.
+              beta: float = 0.1) -> ORPOLoss:
+    """ORPO: ``L_SFT + beta * L_OR`` with ``L_OR = -log sigmoid(log odds(y_w) - log odds(y_l))``.
 
     Args:
         chosen_mean_logp: ``[B]`` length-normalized log-prob of the chosen responses.
         rejected_mean_logp: ``[B]`` same for the rejected responses.
         chosen_nll: ``[B]`` SFT negative log-likelihood of the chosen responses.
-        lam: weight of the odds-ratio term (the paper's lambda).
+        beta: weight of the odds-ratio term (the paper's lambda; TRL's name).
     """
-    if lam < 0:
-        raise ValueError(f"lambda (the odds-ratio weight) must be >= 0, got {lam}")
+    if beta < 0:
+        raise ValueError(f"beta (the odds-ratio weight) must be >= 0, got {beta}")
     margin = log_odds(chosen_mean_logp) - log_odds(rejected_mean_logp)
     odds_ratio = -F.logsigmoid(margin)
-    return ORPOLoss(chosen_nll + lam * odds_ratio, chosen_nll, odds_ratio, margin.detach())
+    return ORPOLoss(chosen_nll + beta * odds_ratio, chosen_nll, odds_ratio, margin.detach())
 
 
 def kto_kl_estimate(policy_kl_logp: torch.Tensor, ref_kl_logp: torch.Tensor) -> torch.Tensor:
