@@ -14,7 +14,7 @@ def test_cli_two_steps_from_example_yaml(tmp_path):
             "--config", str(EXAMPLES / "grpo_arithmetic.yaml"),
             "--model.init_args.model", "tiny-llama",
             "--model.init_args.lora", "null",
-            "--model.init_args.max_new_tokens", "4",
+            "--model.init_args.sampling.max_new_tokens", "4",
             "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2",
             "--trainer.logger", "false",

@@ -11,7 +11,7 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_rl import GRPO, PromptDataModule
+from lightning_rl import GRPO, PromptDataModule, SamplingConfig
 from lightning_rl.__main__ import main
 from lightning_rl.export import describe_source
 
@@ -46,8 +46,9 @@ def trained(tmp_path_factory):
     """A tiny LoRA GRPO policy after two optimizer steps, and its checkpoint."""
     tmp = tmp_path_factory.mktemp("export")
     L.seed_everything(0, verbose=False)
-    module = GRPO(reward_funcs=[high_ids], lora={"r": 4}, num_generations=2, max_new_tokens=NEW_TOKENS,
-                  learning_rate=3e-3, logprob_backend="reference", **MODEL)
+    module = GRPO(reward_funcs=[high_ids], lora={"r": 4}, num_generations=2,
+                  sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), learning_rate=3e-3, logprob_backend="reference",
+                  **MODEL)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="run")
     trainer = make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
     rows = [{"prompt": f"say {i}"} for i in range(8)]

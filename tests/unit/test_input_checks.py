@@ -22,7 +22,7 @@ def zero(prompts, completions, **columns):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"top_k": -5}, r"top_k must be a positive number of tokens, or None \(or 0\).*got -5"),
+        ({"sampling": {"top_k": -5}}, r"top_k must be a positive number of tokens, or None \(or 0\).*got -5"),
         ({"weight_decay": -5}, r"weight_decay must be >= 0 .*got -5"),
         ({"weight_decay": math.nan}, r"weight_decay must be >= 0"),
         ({"max_grad_norm": -1}, r"max_grad_norm must be > 0 to clip .*or None \(or 0\) to turn clipping off; got -1"),
@@ -158,8 +158,8 @@ CLI = ["fit", "--config", "examples/grpo_arithmetic.yaml", "--model.init_args.mo
     [
         (["--model.init_args.epsilon_high", "0.1"],
          "error: model.init_args.epsilon_high (lightning_rl.GRPO): ValueError: epsilon_high (0.1) is below epsilon"),
-        (["--model.init_args.top_k", "-5"],
-         "error: model.init_args.top_k (lightning_rl.GRPO): ValueError: top_k must be a positive number"),
+        (["--model.init_args.sampling.top_k", "-5"],
+         "error: model.init_args.sampling.top_k: ValueError: top_k must be a positive number"),
         (["--model.init_args.model", "./checkpoints/no-such-dir"],
          "error: model.init_args.model (lightning_rl.GRPO): FileNotFoundError: model directory "
          "'./checkpoints/no-such-dir' does not exist"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY, high_ids, make_trainer
 
-from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule
+from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
 
 ROWS = [{"prompt": f"say {i}"} for i in range(16)]
@@ -34,8 +34,8 @@ class ForwardModes:
 
 def _grpo(model, **kw):
     L.seed_everything(0, verbose=False)
-    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, max_new_tokens=4, learning_rate=3e-3,
-                logprob_backend="reference", chat_template=False, max_prompt_length=16)
+    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                learning_rate=3e-3, logprob_backend="reference", chat_template=False, max_prompt_length=16)
     args.update(kw)
     return GRPO(**args)
 
@@ -45,8 +45,9 @@ def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
     if method == "grpo":
         module = _grpo(saved_tiny)
     else:
-        module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2, max_new_tokens=4,
-                     learning_rate=3e-3, chat_template=False, max_prompt_length=16, ppo_epochs=1)
+        module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2,
+                     sampling=SamplingConfig(max_new_tokens=4), learning_rate=3e-3, chat_template=False,
+                     max_prompt_length=16, num_iterations=1)
     module.configure_model()
     assert not module.policy.training  # transformers' from_pretrained gives eval mode
     modes = ForwardModes(module)
