@@ -40,7 +40,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns by generalized advantage estimation (Schulman et al., 2016).
+    """Advantages and returns by generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438, Section 3).
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` after the last real token taken as 0
     (terminal), and ``A_t = delta_t + gamma * lam * A_{t+1}``.

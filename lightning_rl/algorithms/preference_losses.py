@@ -4,14 +4,16 @@ Every function takes per-sequence log-probabilities (``[B]`` tensors), never tok
 so the callers decide how tokens are aggregated (summed for DPO and KTO, length-normalized
 for ORPO). References:
 
-- DPO: Rafailov et al. 2023, "Direct Preference Optimization", eq. 7.
+- DPO: Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, eq. 7.
 - cDPO / label smoothing: Mitchell 2023, "A note on DPO with noisy preferences".
-- robust DPO: Chowdhury et al. 2024, "Provably Robust DPO", eq. 8 (unbiased under label flips).
+- robust DPO: Chowdhury et al. 2024, "Provably Robust DPO" (unbiased under label flips).
 - IPO: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-  Preferences", eq. 17: ``(h - 1/(2 tau))^2``.
+  Preferences", arXiv:2310.12036, Section 5: ``(h - 1/(2 tau))^2``.
 - hinge (SLiC): Zhao et al. 2023, ``max(0, 1 - beta * h)``.
-- ORPO: Hong et al. 2024, eq. 4-7.
-- KTO: Ethayarajh et al. 2024, eq. 7-8.
+- ORPO: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+  arXiv:2403.07691, Section 4.
+- KTO: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+  arXiv:2402.01306, Section 4.
 """
 
 from __future__ import annotations
