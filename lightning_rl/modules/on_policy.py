@@ -108,9 +108,8 @@ class OnPolicyModule(PolicyModule):
         super().__init__(**kwargs)
         self.rewards = RewardSet(reward_funcs, reward_weights)
         self.reward_models = [f for f in self.rewards.funcs if isinstance(f, RewardModel)]
-        self.num_generations, self.num_iterations, self.num_mini_batches = num_generations, num_iterations, \
-            num_mini_batches
-        self.sampling = sampling
+        self.num_generations, self.num_iterations = num_generations, num_iterations
+        self.num_mini_batches, self.sampling = num_mini_batches, sampling
         self.val_sampling = val_sampling or SamplingConfig(sampling.max_new_tokens, temperature=0.0)
         self.epsilon, self.epsilon_high = epsilon, epsilon_high
         self.micro_batch_size, self.generation_batch_size = micro_batch_size, generation_batch_size

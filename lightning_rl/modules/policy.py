@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_rl.hparams import portable
@@ -24,18 +23,18 @@ from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointin
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
 from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
 from lightning_rl.modules.health import RunHealth
+from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
-from lightning_rl.shapes import TrainingShape
 
 log = logging.getLogger(__name__)
 
 
-SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
 RESUME_KEY = "lightning_rl_resume"  # checkpoint entry: random state and step counters of the module
 MODULE_CLASS_KEY = "lightning_rl_module_class"  # checkpoint entry: import path of the module's class
 DEFAULT_LEARNING_RATE = 1e-5
@@ -46,7 +45,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients stayed NaN/inf for several optimizer steps in a row."""
 
 
-class PolicyModule(L.LightningModule):
+class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     """Base class: loads the policy in ``configure_model`` and owns what every RL method shares.
 
     Each argument below is documented here once; the method modules (``GRPO``, ``PPO``, ``DPO``, ...)
@@ -89,18 +88,8 @@ class PolicyModule(L.LightningModule):
         generates_rollouts: whether a training step samples completions.
     """
 
-    #: Whether a training step samples completions (a rollout phase for the memory plan and the callback).
-    generates_rollouts: bool = False
-    #: How training completions are sampled; set by the modules that sample.
-    sampling: SamplingConfig | None = None
-    #: Completions sampled per prompt.
-    num_generations: int = 1
     #: Sequences per ``generate`` call of the default engine.
     generation_batch_size: int = 64
-    #: Examples per forward/backward (None: sized from ``micro_batch_tokens``).
-    micro_batch_size: int | None = None
-    #: Sequences one example puts through the policy in a micro-batch (a preference pair: 2).
-    sequences_per_example: int = 1
     #: The reward functions, for the modules that score completions.
     rewards: RewardSet | None = None
     #: Constructor arguments left out of ``hparams`` (objects that cannot be stored as plain data).
@@ -303,81 +292,6 @@ class PolicyModule(L.LightningModule):
         """
         self.train()
 
-    def auto_micro_batch_tokens(self) -> int | None:
-        """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
-
-        On CUDA: what the free device memory holds after gradients and optimizer states, at most
-        :data:`~lightning_rl.plugins.memory_plan.MAX_MICRO_BATCH_TOKENS`; elsewhere None (each optimizer
-        step's share of the rollout in one micro-batch).
-        """
-        if self.device.type != "cuda" or self.policy is None:
-            return None
-        from lightning_rl.plugins.memory_plan import activation_bytes_per_token, micro_batch_tokens_for
-
-        free, _ = torch.cuda.mem_get_info(self.device)
-        trainable = self.trainable_parameters()
-        state_bytes = sum(p.numel() * (p.element_size() + 8) for p in trainable)  # gradient + two AdamW moments
-        mixed = str(self.trainer.precision).startswith(("bf16", "16"))
-        act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
-        per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing)
-        return micro_batch_tokens_for(free - state_bytes, per_token)
-
-    def training_shape(self) -> TrainingShape:
-        """The sizes of this module's steps, for the memory plan and the rollout callback (:mod:`lightning_rl.shapes`).
-
-        Call it after ``configure_model``. Subclasses with other lengths override :meth:`step_lengths`.
-        """
-        from lightning_rl.logprobs import resolve_backend
-
-        prompt, new = self.step_lengths()
-        generates = self.generates_rollouts and self.sampling is not None
-        micro = self.micro_batch_size
-        reference = resolve_backend(self.logprob_backend, self.device) == "reference"
-        return TrainingShape(
-            model_config=unwrap(self.policy).config,
-            sequence_tokens=prompt + new,
-            max_prompt_tokens=prompt,
-            max_new_tokens=new,
-            generates=generates,
-            num_generations=int(self.num_generations) if generates else 1,
-            micro_batch_size=None if micro is None else micro * self.sequences_per_example,
-            gradient_checkpointing=bool(self.gradient_checkpointing),
-            logprob_chunk_tokens=self.logprob_chunk_size if reference else None,
-            extra_frozen=tuple(self._frozen_reference),
-        )
-
-    def step_lengths(self) -> tuple[int, int]:
-        """``(prompt tokens, completion tokens)`` of the longest training sequence (1024 for an unlimited prompt)."""
-        new = int(self.sampling.max_new_tokens) if self.sampling is not None else 0
-        return int(self.max_prompt_length or 1024), new
-
-    def apply_micro_batch_plan(self, micro_batch_tokens: int) -> None:
-        """Take the memory plan's token budget per micro-batch.
-
-        With ``micro_batch_size`` None the budget is used as is (micro-batches then follow each rollout's
-        padded length); a fixed ``micro_batch_size`` is lowered to the whole examples that fit.
-        """
-        if self.micro_batch_size is None:
-            self.micro_batch_tokens = int(micro_batch_tokens)
-            return
-        seq = self.training_shape().sequence_tokens * self.sequences_per_example
-        planned = max(1, micro_batch_tokens // max(1, seq))
-        if planned < self.micro_batch_size:
-            log.warning("memory plan: micro_batch_size lowered from %d to %d", self.micro_batch_size, planned)
-            self.micro_batch_size = planned
-
-    def micro_batch_for(self, num_sequences: int, sequence_tokens: int) -> int:
-        """Sequences per forward/backward for ``num_sequences`` rows of ``sequence_tokens`` padded tokens.
-
-        ``micro_batch_size`` when set; else as many as ``micro_batch_tokens`` (from the memory plan or
-        :meth:`auto_micro_batch_tokens`) holds; else all of them.
-        """
-        if self.micro_batch_size:
-            return max(1, min(self.micro_batch_size, num_sequences))
-        if self.micro_batch_tokens:
-            return max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
-        return max(1, num_sequences)
-
     @override
     def configure_callbacks(self) -> list[L.Callback]:
         """Sample completions in the logger, a report at the end of fit and a step-counting progress bar.
@@ -467,37 +381,6 @@ class PolicyModule(L.LightningModule):
         total, per_fn = self.rewards(per_completion(prompts, g), completions, expanded)
         return total, per_fn, completions
 
-    # ----------------------------------------------------------------------------- metrics
-    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
-        """Create the MeanMetric accumulators for the logged values."""
-        self.train_metrics = nn.ModuleDict(
-            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn") for n in train})
-        self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
-
-    def log_values(
-        self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
-    ) -> None:
-        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out).
-
-        A training step's NaN ``grad_norm`` (its optimizer step was skipped) is logged as NaN for that
-        step and left out of the epoch mean.
-        """
-        metrics = self.train_metrics if stage == "train" else self.val_metrics
-        for name, value in values.items():
-            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
-            v = v[~torch.isnan(v)]
-            if not v.numel():
-                if stage != "train" or name not in SHOWN_NAN:
-                    continue
-                v = torch.tensor([math.nan])
-            metric = metrics[metric_key(name)]
-            if not torch.is_inference_mode_enabled() and any(
-                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
-                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
-            metric(v.to(metric.device))
-            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-                     prog_bar=name in prog_bar)
-
     # ----------------------------------------------------------------------------- optimization
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates."""
@@ -577,8 +460,3 @@ def _checkpointing_on(net: nn.Module) -> bool:
     name = "is_activation_checkpointing" if hasattr(type(net), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(net, name, False))
-
-
-def metric_key(name: str) -> str:
-    """ModuleDict key of a metric name (keys may not contain dots or slashes)."""
-    return name.replace("/", "__").replace(".", "_")
