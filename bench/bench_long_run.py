@@ -164,7 +164,8 @@ class FailingGenerate(L.Callback):
 def grpo_run(args, steps: int, reward=None, callbacks=(), ckpt_dir=None, ckpt_path=None):
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[reward or NumericMatch()], model="smollm2-135m-instruct", num_generations=args.G,
-                  max_new_tokens=args.max_new_tokens, micro_batch_size=32, max_prompt_length=128, learning_rate=1e-5,
+                  sampling={"max_new_tokens": args.max_new_tokens},
+                  micro_batch_size=32, max_prompt_length=128, learning_rate=1e-5,
                   importance_sampling="token")
     rollout = VLLMRollout()
     recorder = MemoryPerStep()

@@ -39,7 +39,8 @@ CASES: dict[str, dict[str, Any]] = {
     "smollm2-135m-shape full": dict(model="tiny-llama", model_config=SMOLLM2_135M, lora=None),
     "qwen2.5-0.5b-shape lora16": dict(model="tiny-qwen2", model_config=QWEN25_05B, lora={"r": 16, "lora_alpha": 32}),
 }
-STEP = dict(num_generations=4, max_new_tokens=32, max_prompt_length=32, micro_batch_size=16, chat_template=False,
+STEP = dict(num_generations=4, sampling={"max_new_tokens": 32},
+            max_prompt_length=32, micro_batch_size=16, chat_template=False,
             learning_rate=1e-5)
 BATCH = 4
 TARGET = 0.60

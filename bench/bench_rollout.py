@@ -105,7 +105,7 @@ def main():
                                 max_operand=99, shuffle=False)
     data.setup("fit")
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
-                  num_generations=args.G, max_new_tokens=args.max_new_tokens, micro_batch_size=32,
+                  num_generations=args.G, sampling={"max_new_tokens": args.max_new_tokens}, micro_batch_size=32,
                   importance_sampling="token", max_prompt_length=128, learning_rate=1e-6,
                   generation_batch_size=args.prompts * args.G)
     module.configure_model()

@@ -219,9 +219,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.engine_info = {"engine_dtype": str(getattr(engine, "weight_dtype", None)),
                                     "sleep_level": getattr(engine, "sleep_level", None)}
 
-    module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G, max_new_tokens=new_tokens,
-                  temperature=1.0, beta=0.0, learning_rate=lr, lora=dict(LORA) if lora else None,
-                  **extra.get("grpo", {}))
+    module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
+                  sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
+                  lora=dict(LORA) if lora else None, **extra.get("grpo", {}))
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})))
     timer = StepTimer(rollout_cb)
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,

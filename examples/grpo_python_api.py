@@ -8,7 +8,7 @@ import sys
 
 import lightning as L
 
-from lightning_rl import GRPO, PromptDataModule
+from lightning_rl import GRPO, PromptDataModule, SamplingConfig
 from lightning_rl.rewards import LengthPenalty
 
 
@@ -28,7 +28,7 @@ def main(model: str = "smollm2-135m-instruct") -> None:
         model=model,
         lora={"r": 8},
         num_generations=4,
-        max_new_tokens=24,
+        sampling=SamplingConfig(max_new_tokens=24),
         learning_rate=2e-4,
     )
     trainer = L.Trainer(max_steps=4, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,

@@ -8,6 +8,7 @@ traceback. :func:`explain` finds the library's exception in the chain, the objec
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from pathlib import Path
@@ -62,12 +63,22 @@ def _owner(error: BaseException) -> tuple[str, Any] | None:
     return None
 
 
+def _init_arguments(cls: type) -> list[str]:
+    """Constructor arguments of ``cls`` and of its bases (a subclass passes the bases' on with ``**kwargs``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        try:
+            params = inspect.signature(init).parameters if init is not None else {}
+        except (TypeError, ValueError):
+            continue
+        names += [p for p in params if p not in ("self", "args", "kwargs") and p not in names]
+    return names
+
+
 def _argument(message: str, obj: Any) -> str | None:
     """The constructor argument of ``obj`` a message is about: the first it names, else one whose value it quotes."""
-    try:
-        names = [p for p in inspect.signature(type(obj).__init__).parameters if p not in ("self", "args", "kwargs")]
-    except (TypeError, ValueError):
-        return None
+    names = _init_arguments(type(obj))
     hits = [(m.start(), -len(n), n) for n in names if (m := re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", message))]
     if hits:
         return min(hits)[2]
@@ -77,6 +88,27 @@ def _argument(message: str, obj: Any) -> str | None:
         if isinstance(value, str) and len(value) >= 3 and value in message:
             return n
     return None
+
+
+def _config_group(error: BaseException, ours: BaseException) -> tuple[str, Any] | None:
+    """``(config key, object)`` of a config object (a dataclass argument such as ``model.init_args.sampling``) that
+    raised ``ours`` while jsonargparse built it, before the object owning it existed; None when not found.
+
+    The key is read from jsonargparse's frames (the section's action and the nested group); without them the
+    object's class name stands for it.
+    """
+    frames = _frames(ours.__traceback__)
+    obj = next((f.f_locals.get("self") for f in reversed(frames) if _in_package(f)), None)
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return None
+    group = next((getattr(g, "dest", None) for f in frames if (g := f.f_locals.get("group")) is not None
+                  and getattr(g, "group_class", None) is type(obj)), None)
+    sections = {section for _, section in SECTIONS}
+    section = next((a.dest for f in _frames(error.__traceback__) if getattr(a := f.f_locals.get("self"), "dest", None)
+                    in sections), None)
+    if group is None or section is None:
+        return type(obj).__name__, obj
+    return f"{section}.init_args.{group}", obj
 
 
 def explain(error: BaseException) -> str | None:
@@ -92,5 +124,9 @@ def explain(error: BaseException) -> str | None:
         arg = _argument(message, obj)
         cls = f"{type(obj).__module__.split('.')[0]}.{type(obj).__name__}"
         where = f"{section}.init_args.{arg} ({cls}): " if arg else f"{section} ({cls}): "
+    elif (group := _config_group(error, ours)) is not None:
+        key, obj = group
+        arg = _argument(message, obj)
+        where = f"{key}.{arg}: " if arg else f"{key}: "
     return (f"error: {where}{type(ours).__name__}: {message}\n"
             f"(the full traceback: set {TRACEBACK_ENV}=1)")

@@ -31,8 +31,8 @@ from lightning_rl.lora import is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, SMOLLM2_WHEEL, TINY_CONFIGS, torch_dtype
 
 # a hyperparameter only each module class has, to tell which class wrote a checkpoint
-_CLASS_BY_HPARAM = {"scale_rewards": "GRPO", "vf_coef": "PPO", "label_smoothing": "DPO", "lam": "ORPO",
-                    "desirable_weight": "KTO"}
+#: Older checkpoints name no module class: a hyperparameter only one module has tells it (ORPO has none left).
+_CLASS_BY_HPARAM = {"scale_rewards": "GRPO", "vf_coef": "PPO", "label_smoothing": "DPO", "desirable_weight": "KTO"}
 
 
 def describe_source(source: str) -> tuple[str | None, str]:
@@ -134,7 +134,10 @@ def _card(kind: str, title: str, reference: str | None, what: str, dtype: torch.
 
 
 def module_class(name: str | None, hparams: dict[str, Any]) -> type:
-    """The module class: ``name`` (``GRPO`` or an import path), else guessed from the hyperparameters."""
+    """The module class: ``name`` (``GRPO`` or an import path such as a checkpoint stores), else a guess.
+
+    The guess reads the hyperparameters of an older checkpoint that named no class.
+    """
     if name is None:
         found = [cls for key, cls in _CLASS_BY_HPARAM.items() if key in hparams]
         if len(found) != 1:
@@ -155,8 +158,10 @@ def _unused_reward(prompts, completions, **columns):
 def load_for_export(ckpt_path: str | Path, module: str | None = None) -> Any:
     """The module of a checkpoint, on the CPU, without resolving its reward functions (exports never call them)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # the user's own checkpoint, as Lightning
+    from lightning_rl.modules.policy import MODULE_CLASS_KEY
+
     hparams = ckpt.get("hyper_parameters") or {}
-    cls = module_class(module, hparams)
+    cls = module_class(module or ckpt.get(MODULE_CLASS_KEY), hparams)
     overrides: dict[str, Any] = {}
     if "reward_funcs" in hparams:
         overrides["reward_funcs"] = [_unused_reward]

@@ -33,7 +33,7 @@ FIGURES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("entropy", "Token entropy", "nats", ("entropy",)),
     ("completion_length", "Completion length", "tokens", ("completion_length", "completion_length_max")),
     ("clip_ratio", "Clipped fraction of tokens", "fraction",
-     ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_frac", "value_clip_frac")),
+     ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "value_clip_ratio")),
     ("loss", "Loss", "loss", ("loss", "policy_loss", "value_loss", "nll")),
     ("preference", "Implicit rewards and accuracy", "value",
      ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "accuracy",
@@ -41,7 +41,7 @@ FIGURES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("memory", "Device memory per phase", "GiB", ("memory/*_peak_gib", "memory/host_rss_gib")),
 )
 ROLLOUT_PARTS = ("rollout_time", "rollout/wake_s", "rollout/sync_s", "rollout/generate_s", "rollout/sleep_s")
-SUMMARY_KEYS = ("reward", "reward/*", "kl", "entropy", "completion_length", "clip_ratio", "clip_frac", "loss",
+SUMMARY_KEYS = ("reward", "reward/*", "kl", "entropy", "completion_length", "clip_ratio", "loss",
                 "rewards/accuracy", "rewards/margins", "accuracy", "tokens_per_sec", "step_time_s", "memory/*peak_gib",
                 "memory/host_rss_gib")
 

@@ -76,12 +76,14 @@ def prompt_rows():
 @pytest.fixture
 def make_grpo():
     """Factory of seeded tiny GRPO modules (1-layer tiny-llama, short completions)."""
+    from lightning_rl import SamplingConfig
 
     def factory(seed=0, **overrides):
         L.seed_everything(seed, verbose=False)
         kwargs = dict(
-            reward_funcs=[high_ids], model="tiny-llama", model_config=TINY, num_generations=4, max_new_tokens=6,
-            learning_rate=3e-3, micro_batch_size=8, logprob_backend="reference",
+            reward_funcs=[high_ids], model="tiny-llama", model_config=TINY, num_generations=4,
+            sampling=SamplingConfig(max_new_tokens=6), learning_rate=3e-3, micro_batch_size=8,
+            logprob_backend="reference",
         )
         kwargs.update(overrides)
         from lightning_rl import GRPO

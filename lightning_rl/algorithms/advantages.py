@@ -16,7 +16,11 @@ def group_advantages(
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
 ) -> torch.Tensor:
-    """Group-relative advantages (GRPO): reward minus its group's mean, optionally scaled.
+    """Group-relative advantages: reward minus its group's mean, optionally scaled.
+
+    ``group`` is GRPO's outcome supervision, ``(r - mean) / std`` within the group (Shao et al. 2024,
+    DeepSeekMath, arXiv:2402.03300, Section 4.1.2); ``none`` leaves out the std as Dr. GRPO does
+    (Liu et al. 2025, arXiv:2503.20783).
 
     Completions are laid out group-contiguous: rows ``[i*G, (i+1)*G)`` share prompt ``i``.
     A reward of NaN (every reward function returned ``None`` for it) is left out of its group's

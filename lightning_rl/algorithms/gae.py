@@ -40,7 +40,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns by generalized advantage estimation (Schulman et al., 2016).
+    """Advantages and returns by generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438, Section 3).
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V`` after the last real token taken as 0
     (terminal), and ``A_t = delta_t + gamma * lam * A_{t+1}``.
@@ -75,10 +75,12 @@ def gae(
     return adv, (adv + v) * m
 
 
-def masked_mean_var(
+def masked_moments(
     x: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Mean, unbiased variance and count of ``x`` where ``mask`` is set (variance 0 under 2 values).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count, mean and unbiased variance of ``x`` where ``mask`` is set, as tensors (nothing is read back).
+
+    The variance is 0 under two values.
 
     Args:
         x: values.
@@ -91,10 +93,19 @@ def masked_mean_var(
     sums = torch.stack([m.sum(), (xd * m).sum(), (xd * xd * m).sum()])
     if reduce is not None:
         sums = reduce(sums)
-    count = int(round(sums[0].item()))
-    mean = sums[1] / max(count, 1)
-    var = ((sums[2] - count * mean * mean) / max(count - 1, 1)).clamp(min=0)
-    return mean.to(x.dtype), (var if count > 1 else torch.zeros_like(var)).to(x.dtype), count
+    count = sums[0].round()
+    mean = sums[1] / count.clamp(min=1)
+    var = ((sums[2] - count * mean * mean) / (count - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(count > 1, var, torch.zeros_like(var))
+    return count, mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean, unbiased variance and count (an int, read back) of ``x`` where ``mask`` is set (:func:`masked_moments`)."""
+    count, mean, var = masked_moments(x, mask, reduce)
+    return mean, var, int(count.item())
 
 
 def whiten(
@@ -117,10 +128,16 @@ def whiten(
     return out * m
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """``1 - Var(returns - values) / Var(returns)`` over masked tokens (NaN when the returns are constant)."""
-    _, var_r, count = masked_mean_var(returns.float(), mask)
-    if count < 2 or var_r.item() == 0.0:
-        return float("nan")
-    _, var_d, _ = masked_mean_var(returns.float() - values.float(), mask)
-    return 1.0 - (var_d / var_r).item()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over masked tokens: a 0-d tensor, NaN for constant returns.
+
+    Computed on the device without reading anything back, so a training step can log it with its other statistics.
+    """
+    count, _, var_r = masked_moments(returns.float(), mask)
+    _, _, var_d = masked_moments(returns.float() - values.float(), mask)
+    return torch.where((count >= 2) & (var_r != 0), 1.0 - var_d / var_r, torch.full_like(var_r, math.nan))
+
+
+def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased standard deviation of ``x`` where ``mask`` is set, a 0-d tensor (0 under two values)."""
+    return masked_moments(x.float(), mask)[2].sqrt()

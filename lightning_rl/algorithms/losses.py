@@ -1,4 +1,16 @@
-"""Policy-gradient losses as pure functions: per-token clipped surrogate, KL, and aggregation."""
+"""Policy-gradient losses as pure functions: per-token clipped surrogate, KL, and aggregation.
+
+The papers behind them:
+
+- PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347, eq. 7 (the
+  clipped surrogate).
+- GRPO: Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300, eq. 3 (the objective, averaged per sequence)
+  and eq. 4 (the k3 estimate of the KL to the reference).
+- DAPO: Yu et al. 2025, arXiv:2503.14476, Section 3.1 (clip-higher: a separate upper clip range) and
+  Section 3.3 (token-level loss: one mean over all the batch's tokens).
+- Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783 (no per-sequence
+  length normalization: a sum over tokens divided by a constant).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +24,7 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(policy || reference): ``exp(r - p) - (r - p) - 1`` (always >= 0)."""
+    """Per-token k3 estimator of KL(policy || reference): ``exp(r - p) - (r - p) - 1`` (DeepSeekMath eq. 4; >= 0)."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
 
@@ -39,7 +51,7 @@ def clipped_surrogate(
     epsilon: float,
     epsilon_high: float | None = None,
 ) -> SurrogateTerms:
-    """Per-token PPO/GRPO clipped surrogate loss ``-min(r*A, clip(r, 1-eps, 1+eps_high)*A)``.
+    """Per-token PPO/GRPO clipped surrogate loss ``-min(r*A, clip(r, 1-eps, 1+eps_high)*A)`` (PPO eq. 7).
 
     Args:
         logp: ``[B, T]`` log-probs under the current policy (with grad).
@@ -74,10 +86,10 @@ def token_weights(
     Computed once for the whole optimizer step's batch, so splitting it into micro-batches (and
     summing their gradients) gives exactly the same loss.
 
-    * ``grpo``: mean over tokens of each sequence, then mean over sequences.
+    * ``grpo``: mean over tokens of each sequence, then mean over sequences (GRPO eq. 3).
     * ``bnpo``: mean over the tokens of each micro-batch, then mean over micro-batches.
-    * ``dr_grpo``: sum over tokens divided by ``sequences * max_completion_length``.
-    * ``dapo``: sum over tokens divided by the number of tokens in the whole (global) batch.
+    * ``dr_grpo``: sum over tokens divided by ``sequences * max_completion_length`` (Dr. GRPO).
+    * ``dapo``: sum over tokens divided by the number of tokens in the whole (global) batch (DAPO Section 3.3).
 
     Args:
         mask: ``[B, T]`` 1 for tokens that count, 0 elsewhere.

@@ -1,7 +1,10 @@
 """PPO pieces as pure functions: KL-shaped token rewards, clipped value loss, approximate KL, KL control.
 
 The clipped policy loss is :func:`lightning_rl.algorithms.losses.clipped_surrogate` with per-token
-advantages.
+advantages; with the value loss and an entropy bonus it makes PPO's eq. 9 (Schulman et al. 2017,
+arXiv:1707.06347). The KL penalty in the rewards and its adaptive coefficient follow Ziegler et al.
+2019, "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593; the clipped value loss
+is OpenAI baselines' (it is not in the PPO paper).
 """
 
 from __future__ import annotations

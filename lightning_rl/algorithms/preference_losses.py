@@ -4,14 +4,16 @@ Every function takes per-sequence log-probabilities (``[B]`` tensors), never tok
 so the callers decide how tokens are aggregated (summed for DPO and KTO, length-normalized
 for ORPO). References:
 
-- DPO: Rafailov et al. 2023, "Direct Preference Optimization", eq. 7.
+- DPO: Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, eq. 7.
 - cDPO / label smoothing: Mitchell 2023, "A note on DPO with noisy preferences".
-- robust DPO: Chowdhury et al. 2024, "Provably Robust DPO", eq. 8 (unbiased under label flips).
+- robust DPO: Chowdhury et al. 2024, "Provably Robust DPO" (unbiased under label flips).
 - IPO: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-  Preferences", eq. 17: ``(h - 1/(2 tau))^2``.
+  Preferences", arXiv:2310.12036, Section 5: ``(h - 1/(2 tau))^2``.
 - hinge (SLiC): Zhao et al. 2023, ``max(0, 1 - beta * h)``.
-- ORPO: Hong et al. 2024, eq. 4-7.
-- KTO: Ethayarajh et al. 2024, eq. 7-8.
+- ORPO: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+  arXiv:2403.07691, Section 4.
+- KTO: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+  arXiv:2402.01306, Section 4.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class ORPOLoss:
     """ORPO per pair: the total and its parts.
 
     Attributes:
-        loss: ``[B]`` ``nll + lam * odds_ratio``.
+        loss: ``[B]`` ``nll + beta * odds_ratio``.
         nll: ``[B]`` SFT negative log-likelihood of the chosen response (per token).
         odds_ratio: ``[B]`` ``-log sigmoid(log_odds_chosen - log_odds_rejected)``.
         log_odds_margin: ``[B]`` ``log_odds_chosen - log_odds_rejected`` (detached).
@@ -149,20 +151,20 @@ class ORPOLoss:
 
 
 def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, chosen_nll: torch.Tensor,
-              lam: float = 0.1) -> ORPOLoss:
-    """ORPO: ``L_SFT + lam * L_OR`` with ``L_OR = -log sigmoid(log odds(y_w) - log odds(y_l))``.
+              beta: float = 0.1) -> ORPOLoss:
+    """ORPO: ``L_SFT + beta * L_OR`` with ``L_OR = -log sigmoid(log odds(y_w) - log odds(y_l))``.
 
     Args:
         chosen_mean_logp: ``[B]`` length-normalized log-prob of the chosen responses.
         rejected_mean_logp: ``[B]`` same for the rejected responses.
         chosen_nll: ``[B]`` SFT negative log-likelihood of the chosen responses.
-        lam: weight of the odds-ratio term (the paper's lambda).
+        beta: weight of the odds-ratio term (the paper's lambda; TRL's name).
     """
-    if lam < 0:
-        raise ValueError(f"lambda (the odds-ratio weight) must be >= 0, got {lam}")
+    if beta < 0:
+        raise ValueError(f"beta (the odds-ratio weight) must be >= 0, got {beta}")
     margin = log_odds(chosen_mean_logp) - log_odds(rejected_mean_logp)
     odds_ratio = -F.logsigmoid(margin)
-    return ORPOLoss(chosen_nll + lam * odds_ratio, chosen_nll, odds_ratio, margin.detach())
+    return ORPOLoss(chosen_nll + beta * odds_ratio, chosen_nll, odds_ratio, margin.detach())
 
 
 def kto_kl_estimate(policy_kl_logp: torch.Tensor, ref_kl_logp: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from lightning_rl.hparams import portable
 from lightning_rl.report import ReportInfo, write_report
-from lightning_rl.rewards.spec import portable
 
 GiB = 1024**3
 

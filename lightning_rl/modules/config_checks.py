@@ -28,3 +28,22 @@ def check_step_limit(name: str, value: int, minimum: int) -> None:
     """A count of steps in a row that must be an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_one_optimizer(optimizer: object, learning_rate: float, weight_decay: float, default_lr: float) -> None:
+    """Refuse an explicit ``optimizer`` together with a changed ``learning_rate`` or ``weight_decay``.
+
+    Those two configure the default AdamW; an optimizer given as a callable carries its own, so
+    accepting both would silently drop one of them.
+    """
+    if optimizer is None or (learning_rate == default_lr and weight_decay == 0.0):
+        return
+    changed = [f"{n}={v}" for n, v, d in (("learning_rate", learning_rate, default_lr),
+                                         ("weight_decay", weight_decay, 0.0)) if v != d]
+    raise ValueError(
+        f"learning_rate and weight_decay apply to the default AdamW optimizer only (got {', '.join(changed)}), but an "
+        "optimizer was given too: set the "
+        "learning rate and weight decay in the optimizer instead (Python: optimizer=functools.partial("
+        "torch.optim.AdamW, lr=..., weight_decay=...); YAML: optimizer: {class_path: torch.optim.AdamW, "
+        "init_args: {lr: ..., weight_decay: ...}}), or leave optimizer unset"
+    )

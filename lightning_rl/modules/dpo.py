@@ -10,7 +10,9 @@ import torch
 from typing_extensions import override
 
 from lightning_rl.algorithms.preference_losses import DPOLossType, check_dpo_settings, dpo_loss, sft_nll
-from lightning_rl.modules.preference import PreferenceModule, ReferenceMode, Sequences
+from lightning_rl.hparams import as_instance
+from lightning_rl.modules.policy import DEFAULT_SAMPLING
+from lightning_rl.modules.preference import PairLosses, PreferenceModule, Sequences
 from lightning_rl.prompting import Prompt
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
@@ -34,32 +36,33 @@ def online_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class DPO(PreferenceModule):
-    """Direct Preference Optimization (Rafailov et al. 2023) and its IPO / hinge / robust variants.
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290, eq. 7) and its variants.
 
     Offline, each batch holds preference pairs (``prompt``, ``chosen``, ``rejected``) from a
     :class:`~lightning_rl.data.PreferenceDataModule`. Online (``online=True``), each batch holds
     prompts: the rollout engine samples two completions per prompt, the reward functions rank
     them, and the better one is the chosen response (ties are left out). Chosen and rejected go
-    through the policy in one forward.
+    through the policy in one forward. ``loss_type`` ``ipo`` is IPO (Azar et al. 2023,
+    arXiv:2310.12036, Section 5), ``hinge`` SLiC's loss, ``robust`` the robust DPO of Chowdhury et al.
+    2024 (see :mod:`lightning_rl.algorithms.preference_losses`).
 
     Args:
         beta: inverse temperature of the implicit reward (IPO's ``tau``).
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` (SLiC) or ``robust``.
         label_smoothing: assumed label-flip probability for ``sigmoid`` (cDPO) and ``robust``.
         sft_weight: weight of an added SFT term (NLL per token of the chosen response, as in RPO).
-        reference: ``auto``, ``live`` or ``precomputed`` (see :class:`PreferenceModule`).
         online: generate the pairs with the rollout engine and rank them with ``reward_funcs``.
         reward_funcs: reward callables ``f(prompts, completions, **columns)`` for online mode.
         reward_weights: weight of each reward function.
-        max_new_tokens: generation limit in online mode.
-        temperature: sampling temperature in online mode (> 0).
-        top_p: nucleus sampling threshold in online mode.
-        top_k: top-k sampling in online mode.
+        sampling: how online completions are sampled (a :class:`~lightning_rl.rollout.SamplingConfig` or a
+            mapping of its fields; ``temperature`` > 0 so that the two differ).
         generation_batch_size: sequences per ``generate`` call of the default engine.
-        max_completion_length: keep at most this many tokens of each offline response.
-        micro_batch_size: pairs per forward/backward.
-        **kwargs: :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, learning_rate, ...).
+        **kwargs: the :class:`~lightning_rl.modules.preference.PreferenceModule` arguments (``reference``,
+            ``max_completion_length``, ``micro_batch_size`` in pairs) and the
+            :class:`~lightning_rl.modules.policy.PolicyModule` ones (``model``, ``lora``, ``learning_rate``, ...).
     """
+
+    num_generations = 2  # completions per prompt in online mode (read by rollout callbacks)
 
     @property
     def generates_rollouts(self) -> bool:  # type: ignore[override]
@@ -72,39 +75,33 @@ class DPO(PreferenceModule):
         loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
-        reference: ReferenceMode = "auto",
         online: bool = False,
         reward_funcs: Sequence[Callable[..., Any]] | None = None,
         reward_weights: Sequence[float] | None = None,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
+        sampling: SamplingConfig = DEFAULT_SAMPLING,
         generation_batch_size: int = 64,
-        max_completion_length: int | None = 512,
-        micro_batch_size: int = 8,
         **kwargs: Any,
     ) -> None:
-        super().__init__(reference=reference, max_completion_length=max_completion_length,
-                         micro_batch_size=micro_batch_size, **kwargs)
+        sampling = as_instance(sampling, SamplingConfig)
         check_dpo_settings(beta, loss_type, label_smoothing)
         if sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
         if online and not reward_funcs:
             raise ValueError("online DPO ranks its two completions per prompt with reward functions: give "
                              "reward_funcs=[...]")
-        if online and reference == "precomputed":
+        if online and kwargs.get("reference") == "precomputed":
             raise ValueError("online DPO generates new responses every step, so their reference log-probs cannot "
                              "be precomputed: use reference='live' (or 'auto')")
-        if online and temperature <= 0:
+        if online and sampling.temperature <= 0:
             raise ValueError(f"online DPO needs two different samples per prompt: temperature must be > 0, "
-                             f"got {temperature}")
-        self.save_hyperparameters()
+                             f"got {sampling.temperature}")
+        if generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1, got {generation_batch_size}")
+        super().__init__(**kwargs)
         self.beta, self.loss_type, self.label_smoothing, self.sft_weight = beta, loss_type, label_smoothing, sft_weight
         self.is_online = online
         self.rewards = RewardSet(reward_funcs, reward_weights) if reward_funcs else None
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
-        self.num_generations = 2  # completions per prompt in online mode (read by rollout callbacks)
+        self.sampling = sampling
         self.generation_batch_size = generation_batch_size
         self.make_metrics(_TRAIN_METRICS, _VAL_METRICS)
 
@@ -123,21 +120,15 @@ class DPO(PreferenceModule):
         prompts = batch["prompt"]
         t0 = time.perf_counter()
         rollout: Rollout | None = batch.get("rollout")
-        if rollout is None:
-            rollout = self.default_engine().generate(self.encode(prompts), self.sampling, 2)
-        rollout = rollout.to(self.device)
+        rollout = self.generate_rollout(prompts) if rollout is None else rollout.to(self.device)
         if rollout.num_sequences != 2 * len(prompts):
             raise ValueError(f"online DPO needs 2 completions per prompt; the rollout has {rollout.num_sequences} "
                              f"for {len(prompts)} prompts")
         rollout_time = time.perf_counter() - t0
-        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
-        completions = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
-        columns = {k: [v for v in vals for _ in range(2)] for k, vals in self.columns_of(batch, ("prompt", "rollout",
-                   "chosen", "rejected", "index")).items()}
-        total, per_fn = self.rewards([p for p in prompts for _ in range(2)], completions, columns)
+        columns = self.columns_of(batch, ("prompt", "rollout", "chosen", "rejected", "index"))
+        total, per_fn, completions = self.score(prompts, rollout, columns, 2)
         self.health.check_rewards(total, per_fn, self.rewards.names, self.global_step)
-        rewards = total.view(-1, 2)
-        chosen_col, valid = online_pairs(rewards)
+        chosen_col, valid = online_pairs(total.view(-1, 2))
         stats = {"reward": torch.nanmean(total).item(), "tie_frac": 1 - valid.float().mean().item(),
                  "rollout_time": rollout_time}
         if not valid.any():
@@ -183,6 +174,10 @@ class DPO(PreferenceModule):
         if not self.online:
             self.require_pair_columns(batch, _PAIRED_FIX)
 
+    def _losses(self, ref_all: torch.Tensor | None) -> PairLosses:
+        """:meth:`pair_losses` with the precomputed reference log-probs of each micro-batch's pairs, if any."""
+        return lambda sub, mb: self.pair_losses(sub, None if ref_all is None else ref_all[mb])
+
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One optimizer step on a batch of pairs (micro-batched; chosen and rejected in one forward)."""
@@ -196,45 +191,27 @@ class DPO(PreferenceModule):
         else:
             seqs = self.batch_sequences(batch)
             ref_all = self.reference_logps(batch, "train") if self.reference_mode == "precomputed" else None
-        n = seqs.prompt_ids.shape[0] // 2
-        values: dict[str, list[torch.Tensor]] = {}
-        step_loss = 0.0
-        for mb in self.micro_batches(n):
-            sub = seqs.rows(torch.cat([mb, mb + n]))
-            parts = self.pair_losses(sub, None if ref_all is None else ref_all[mb])
-            loss = parts["loss"].sum() / n
-            self.manual_backward(loss)
-            step_loss += loss.item()
-            for k, v in parts.items():
-                values.setdefault(k, []).append(v.detach())
-        result = self.optimizer_step_checked(step_loss)
-        logged = {k: torch.cat(v) for k, v in values.items() if k != "logp_accuracy"}
-        logged.update(extra, grad_norm=result["grad_norm"])
+        logged = self.pair_values(seqs, self._losses(ref_all), train=True)
+        del logged["logp_accuracy"]
+        logged.update(extra)
         texts = self._online_texts if self.online else (batch["prompt"], batch["chosen"], batch["rejected"])
         self.record_pair_samples(*texts, logged["rewards/chosen"], logged["rewards/rejected"])
-        self.log_values("train", logged, n, prog_bar=("loss", "rewards/accuracy", "rewards/margins"))
+        self.log_values("train", logged, seqs.prompt_ids.shape[0] // 2,
+                        prog_bar=("loss", "rewards/accuracy", "rewards/margins"))
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Held-out pairs: loss, implicit rewards, margins and accuracies (or, prompt-only, the mean reward)."""
+        """Held-out pairs: loss, implicit rewards, margins and accuracies (or, prompt-only, the mean greedy reward)."""
         if "chosen" not in batch:
             if self.rewards is None:
                 raise KeyError("validation batches without 'chosen'/'rejected' need reward_funcs to score them")
-            rollout = self.default_engine().generate(self.encode(batch["prompt"]), SamplingConfig(
-                self.sampling.max_new_tokens, temperature=0.0), 1)
-            ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
-            texts = self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
-            total, _ = self.rewards(batch["prompt"], texts, self.columns_of(batch, ("prompt", "index")))
+            greedy = SamplingConfig(self.sampling.max_new_tokens, temperature=0.0)
+            rollout = self.generate_rollout(batch["prompt"], sampling=greedy, num_generations=1)
+            total, _, texts = self.score(batch["prompt"], rollout, self.columns_of(batch, ("prompt", "index")), 1)
             self.log_values("val", {"reward": total}, len(texts), prog_bar=("reward",))
             return
         seqs = self.batch_sequences(batch)
         ref_all = self.reference_logps(batch, "val") if self.reference_mode == "precomputed" else None
-        n = seqs.prompt_ids.shape[0] // 2
-        values: dict[str, list[torch.Tensor]] = {}
-        for mb in self.micro_batches(n):
-            parts = self.pair_losses(seqs.rows(torch.cat([mb, mb + n])), None if ref_all is None else ref_all[mb])
-            for k in _VAL_METRICS:
-                if k in parts:
-                    values.setdefault(k, []).append(parts[k].detach())
-        self.log_values("val", {k: torch.cat(v) for k, v in values.items()}, n,
+        values = self.pair_values(seqs, self._losses(ref_all), train=False)
+        self.log_values("val", {k: v for k, v in values.items() if k in _VAL_METRICS}, seqs.prompt_ids.shape[0] // 2,
                         prog_bar=("rewards/accuracy", "rewards/margins"))

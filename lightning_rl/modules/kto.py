@@ -11,7 +11,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from lightning_rl.algorithms.preference_losses import kto_kl_estimate, kto_loss, kto_weight_advice
-from lightning_rl.modules.preference import PreferenceModule, ReferenceMode, Sequences
+from lightning_rl.modules.preference import PreferenceModule, Sequences
 from lightning_rl.prompting import Prompt
 from lightning_rl.samples import StepSamples
 
@@ -19,7 +19,7 @@ _METRICS = ("loss", "kl", "rewards/desirable", "rewards/undesirable", "logps/des
 
 
 class KTO(PreferenceModule):
-    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024).
+    """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv:2402.01306, Section 4).
 
     Each row is a prompt, a completion and a label (true = desirable). With the implicit reward
     ``r = log pi(y|x) - log pi_ref(y|x)`` and the reference point ``z0`` (a detached, clamped
@@ -34,30 +34,21 @@ class KTO(PreferenceModule):
         beta: inverse temperature.
         desirable_weight: ``lambda_D``.
         undesirable_weight: ``lambda_U``.
-        reference: ``auto``, ``live`` or ``precomputed`` (see :class:`PreferenceModule`).
-        max_completion_length: keep at most this many tokens of each completion.
-        micro_batch_size: rows per forward/backward.
-        **kwargs: :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, learning_rate, ...).
+        **kwargs: the :class:`~lightning_rl.modules.preference.PreferenceModule` arguments (``reference``,
+            ``max_completion_length``, ``micro_batch_size`` in rows) and the
+            :class:`~lightning_rl.modules.policy.PolicyModule` ones (``model``, ``lora``, ``learning_rate``, ...).
     """
 
-    def __init__(
-        self,
-        beta: float = 0.1,
-        desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0,
-        reference: ReferenceMode = "auto",
-        max_completion_length: int | None = 512,
-        micro_batch_size: int = 8,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(reference=reference, max_completion_length=max_completion_length,
-                         micro_batch_size=micro_batch_size, **kwargs)
+    sequences_per_example = 1  # one labelled completion per row
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 **kwargs: Any) -> None:
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         if desirable_weight < 0 or undesirable_weight < 0:
             raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight} and "
                              f"{undesirable_weight}")
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
         self.make_metrics(_METRICS + ("grad_norm",), _METRICS)
 
@@ -138,7 +129,7 @@ class KTO(PreferenceModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One optimizer step on a batch of labelled completions (micro-batched)."""
         values = self._step(batch, "train", train=True)
-        result = self.optimizer_step_checked(values["loss"].sum().item() / len(values["loss"]))
+        result = self.optimizer_step_checked(values["loss"].mean())
         values["grad_norm"] = result["grad_norm"]
         self.log_values("train", values, len(batch["prompt"]), prog_bar=("loss", "kl"))
 

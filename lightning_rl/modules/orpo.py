@@ -17,34 +17,29 @@ _METRICS = ("loss", "nll", "odds_ratio", "log_odds_margin", "accuracy", "logps/c
 
 
 class ORPO(PreferenceModule):
-    """Odds Ratio Preference Optimization (Hong et al. 2024): no reference model at all.
+    """Odds Ratio Preference Optimization (Hong et al. 2024, arXiv:2403.07691, Section 4): no reference model.
 
     The loss per pair is the SFT negative log-likelihood (per token) of the chosen response plus
-    ``lam`` times ``-log sigmoid(log odds(chosen) - log odds(rejected))``, where the odds come
+    ``beta`` times ``-log sigmoid(log odds(chosen) - log odds(rejected))``, where the odds come
     from length-normalized (per-token mean) log-probs. Chosen and rejected go through the
     policy in one forward.
 
     Args:
-        lam: weight of the odds-ratio term (the paper's lambda; TRL calls it beta).
-        max_completion_length: keep at most this many tokens of each response.
-        micro_batch_size: pairs per forward/backward.
-        **kwargs: :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, learning_rate, ...).
+        beta: weight of the odds-ratio term (the paper's lambda; TRL's ``ORPOConfig.beta``).
+        **kwargs: the :class:`~lightning_rl.modules.preference.PreferenceModule` arguments
+            (``max_completion_length``, ``micro_batch_size`` in pairs; there is no ``reference``) and the
+            :class:`~lightning_rl.modules.policy.PolicyModule` ones (``model``, ``lora``, ``learning_rate``, ...).
     """
 
     uses_reference = False
 
-    def __init__(
-        self,
-        lam: float = 0.1,
-        max_completion_length: int | None = 512,
-        micro_batch_size: int = 8,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(max_completion_length=max_completion_length, micro_batch_size=micro_batch_size, **kwargs)
-        if lam < 0:
-            raise ValueError(f"lam (the odds-ratio weight) must be >= 0, got {lam}")
-        self.save_hyperparameters()
-        self.lam = lam
+    def __init__(self, beta: float = 0.1, **kwargs: Any) -> None:
+        if beta < 0:
+            raise ValueError(f"beta (the odds-ratio weight) must be >= 0, got {beta}")
+        if kwargs.get("reference", "auto") != "auto":
+            raise ValueError("ORPO uses no reference model: leave reference out")
+        super().__init__(**kwargs)
+        self.beta = beta
         self.make_metrics(_METRICS + ("grad_norm",), _METRICS)
 
     @override
@@ -55,14 +50,14 @@ class ORPO(PreferenceModule):
         """Chosen rows then rejected rows of a batch of pairs."""
         return self.paired_sequences(batch, "use PreferenceDataModule(mode='paired')")
 
-    def pair_losses(self, seqs: Sequences) -> dict[str, torch.Tensor]:
-        """Per-pair ORPO pieces for ``seqs`` = chosen rows then rejected rows."""
+    def pair_losses(self, seqs: Sequences, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-pair ORPO pieces for ``seqs`` = chosen rows then rejected rows (``rows``: their pair indices, unused)."""
         n = seqs.prompt_ids.shape[0] // 2
         token_logp = self.token_logps(self.policy, seqs)
         mask = seqs.completion_mask
         mean = sequence_logp(token_logp, mask, average=True)
-        out = orpo_loss(mean[:n], mean[n:], sft_nll(token_logp[:n], mask[:n]), self.lam)
-        chosen_r, rejected_r = self.lam * mean[:n].detach(), self.lam * mean[n:].detach()
+        out = orpo_loss(mean[:n], mean[n:], sft_nll(token_logp[:n], mask[:n]), self.beta)
+        chosen_r, rejected_r = self.beta * mean[:n].detach(), self.beta * mean[n:].detach()
         return {"loss": out.loss, "nll": out.nll.detach(), "odds_ratio": out.odds_ratio.detach(),
                 "log_odds_margin": out.log_odds_margin, "accuracy": out.accuracy,
                 "logps/chosen": mean[:n].detach(), "logps/rejected": mean[n:].detach(),
@@ -72,30 +67,14 @@ class ORPO(PreferenceModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One optimizer step on a batch of pairs (micro-batched)."""
         seqs = self.batch_sequences(batch)
-        n = seqs.prompt_ids.shape[0] // 2
-        values: dict[str, list[torch.Tensor]] = {}
-        step_loss = 0.0
-        for mb in self.micro_batches(n):
-            parts = self.pair_losses(seqs.rows(torch.cat([mb, mb + n])))
-            loss = parts["loss"].sum() / n
-            self.manual_backward(loss)
-            step_loss += loss.item()
-            for k, v in parts.items():
-                values.setdefault(k, []).append(v.detach())
-        result = self.optimizer_step_checked(step_loss)
-        logged = {k: torch.cat(v) for k, v in values.items()}
-        logged["grad_norm"] = result["grad_norm"]
+        logged = self.pair_values(seqs, self.pair_losses, train=True)
         self.record_pair_samples(batch["prompt"], batch["chosen"], batch["rejected"], logged["rewards/chosen"],
                                  logged["rewards/rejected"])
-        self.log_values("train", logged, n, prog_bar=("loss", "accuracy"))
+        self.log_values("train", logged, seqs.prompt_ids.shape[0] // 2, prog_bar=("loss", "accuracy"))
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Held-out pairs: loss, its parts, log-odds margin and accuracy."""
         seqs = self.batch_sequences(batch)
-        n = seqs.prompt_ids.shape[0] // 2
-        values: dict[str, list[torch.Tensor]] = {}
-        for mb in self.micro_batches(n):
-            for k, v in self.pair_losses(seqs.rows(torch.cat([mb, mb + n]))).items():
-                values.setdefault(k, []).append(v.detach())
-        self.log_values("val", {k: torch.cat(v) for k, v in values.items()}, n, prog_bar=("accuracy",))
+        values = self.pair_values(seqs, self.pair_losses, train=False)
+        self.log_values("val", values, seqs.prompt_ids.shape[0] // 2, prog_bar=("accuracy",))

@@ -14,45 +14,54 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_rl.hparams import portable
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
-from lightning_rl.modules.config_checks import check_optimizer_settings, check_step_limit
+from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
 from lightning_rl.modules.health import RunHealth
+from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
-from lightning_rl.rewards.spec import portable
+from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
-from lightning_rl.shapes import TrainingShape
 
 log = logging.getLogger(__name__)
 
 
-SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
 RESUME_KEY = "lightning_rl_resume"  # checkpoint entry: random state and step counters of the module
+MODULE_CLASS_KEY = "lightning_rl_module_class"  # checkpoint entry: import path of the module's class
+DEFAULT_LEARNING_RATE = 1e-5
+DEFAULT_SAMPLING = SamplingConfig(max_new_tokens=64, temperature=1.0)  # the modules' default ``sampling``
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients stayed NaN/inf for several optimizer steps in a row."""
 
 
-class PolicyModule(L.LightningModule):
+class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     """Base class: loads the policy in ``configure_model`` and owns what every RL method shares.
+
+    Each argument below is documented here once; the method modules (``GRPO``, ``PPO``, ``DPO``, ...)
+    take their own arguments and pass the rest on (``**kwargs``), which LightningCLI resolves to this
+    signature: YAML keys are checked and ``--help`` lists them all.
 
     Args:
         model: model source (see :func:`lightning_rl.models.load_policy`).
         model_config: config overrides for the tiny test models.
         dtype: weight dtype (``float32``, ``bfloat16``, ``float16``).
         lora: LoRA settings (a peft ``LoraConfig`` or a mapping such as ``{"r": 16}``); None trains all weights.
-        learning_rate: AdamW learning rate when no ``optimizer`` is given.
-        weight_decay: AdamW weight decay when no ``optimizer`` is given.
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``).
+        learning_rate: learning rate of the default optimizer, AdamW.
+        weight_decay: weight decay of the default AdamW.
+        optimizer: another optimizer, a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``,
+            e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.01}}``); it takes its own learning rate,
+            so ``learning_rate`` and ``weight_decay`` must then stay at their defaults.
         lr_scheduler: a callable ``optimizer -> LRScheduler``, stepped once per optimizer step.
         max_grad_norm: clip the gradient norm to this (None or 0 disables).
         logprob_backend: ``auto`` (Triton kernel on CUDA), ``triton`` or ``reference``.
@@ -67,7 +76,24 @@ class PolicyModule(L.LightningModule):
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
             reward function returned None/NaN) before training stops with an error; 0 never stops.
+
+    Attributes the rollout callback and the precision plugin read (see :meth:`training_shape`):
+        policy, tokenizer, eos_token_ids: the model being trained and how its completions end.
+        sampling: how training completions are sampled (None: this module never samples).
+        num_generations: completions sampled per prompt.
+        max_prompt_length: longest prompt in tokens.
+        micro_batch_size: sequences (or examples, see ``sequences_per_example``) per forward/backward;
+            None sizes micro-batches from ``micro_batch_tokens``.
+        micro_batch_tokens: the token budget of a micro-batch (memory plan or :meth:`auto_micro_batch_tokens`).
+        generates_rollouts: whether a training step samples completions.
     """
+
+    #: Sequences per ``generate`` call of the default engine.
+    generation_batch_size: int = 64
+    #: The reward functions, for the modules that score completions.
+    rewards: RewardSet | None = None
+    #: Constructor arguments left out of ``hparams`` (objects that cannot be stored as plain data).
+    hparams_ignore: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -75,7 +101,7 @@ class PolicyModule(L.LightningModule):
         model_config: dict[str, Any] | None = None,
         dtype: str = "float32",
         lora: dict[str, Any] | None = None,
-        learning_rate: float = 1e-5,
+        learning_rate: float = DEFAULT_LEARNING_RATE,
         weight_decay: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -96,8 +122,10 @@ class PolicyModule(L.LightningModule):
         if learning_rate <= 0 or not math.isfinite(learning_rate):
             raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
         check_optimizer_settings(weight_decay, max_grad_norm)
+        check_one_optimizer(optimizer, learning_rate, weight_decay, DEFAULT_LEARNING_RATE)
         check_step_limit("max_nonfinite_steps", max_nonfinite_steps, 1)
         check_step_limit("max_unscored_steps", max_unscored_steps, 0)
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))  # every subclass's arguments, defaults included
         self.automatic_optimization = False
         self.model_source = model
         self.model_config = model_config
@@ -126,7 +154,6 @@ class PolicyModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self.rollout_engine: RolloutEngine | None = None
         self.micro_batch_tokens: int | None = None  # set by the memory plan or on_fit_start (micro_batch_size None)
-        self.generation_batch_size = 64  # sequences per generate call of the default engine
         self.last_samples: StepSamples | None = None  # the last training step's rows, for sample tables
 
     # ----------------------------------------------------------------------------- model
@@ -151,19 +178,24 @@ class PolicyModule(L.LightningModule):
             self.gradient_checkpointing = device.type == "cuda"
 
     def apply_gradient_checkpointing(self) -> None:
-        """Turn on activation recomputation in the policy's layers when ``gradient_checkpointing`` says so.
+        """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.
 
         transformers recomputes only while the model is in train mode, which :meth:`on_train_batch_start`
         ensures for the update.
         """
-        if self.policy is None or not self.gradient_checkpointing:
+        if not self.gradient_checkpointing:
             return
-        net = unwrap(self.policy)
-        if not getattr(net, "supports_gradient_checkpointing", True) or _checkpointing_on(net):
-            return
-        enable_activation_checkpointing(net)
-        if is_lora(self.policy):
-            net.enable_input_require_grads()
+        for model in self.checkpointed_models():
+            net = unwrap(model)
+            if not getattr(net, "supports_gradient_checkpointing", True) or _checkpointing_on(net):
+                continue
+            enable_activation_checkpointing(net)
+            if is_lora(model):
+                net.enable_input_require_grads()
+
+    def checkpointed_models(self) -> list[nn.Module]:
+        """The trained models whose layers recompute activations with ``gradient_checkpointing`` (the policy)."""
+        return [self.policy] if self.policy is not None else []
 
     def export(self, out: str | Path, merge: bool = False, base_model: str | None = None,
                dtype: str | None = None) -> Path:
@@ -227,6 +259,7 @@ class PolicyModule(L.LightningModule):
         if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
             state["reference"] = self._frozen_reference[0].state_dict()
         checkpoint[RESUME_KEY] = state
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @override
     def on_train_start(self) -> None:
@@ -246,7 +279,7 @@ class PolicyModule(L.LightningModule):
         for ref in self._frozen_reference:
             ref.to(self.device)
         self.apply_gradient_checkpointing()
-        if getattr(self, "micro_batch_size", 0) is None and self.micro_batch_tokens is None:
+        if self.micro_batch_size is None and self.micro_batch_tokens is None:
             self.micro_batch_tokens = self.auto_micro_batch_tokens()
 
     @override
@@ -258,85 +291,6 @@ class PolicyModule(L.LightningModule):
         submodule and stays in eval mode.
         """
         self.train()
-
-    def auto_micro_batch_tokens(self) -> int | None:
-        """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
-
-        On CUDA: what the free device memory holds after gradients and optimizer states, at most
-        :data:`~lightning_rl.plugins.memory_plan.MAX_MICRO_BATCH_TOKENS`; elsewhere None (each optimizer
-        step's share of the rollout in one micro-batch).
-        """
-        if self.device.type != "cuda" or self.policy is None:
-            return None
-        from lightning_rl.plugins.memory_plan import activation_bytes_per_token, micro_batch_tokens_for
-
-        free, _ = torch.cuda.mem_get_info(self.device)
-        trainable = self.trainable_parameters()
-        state_bytes = sum(p.numel() * (p.element_size() + 8) for p in trainable)  # gradient + two AdamW moments
-        mixed = str(self.trainer.precision).startswith(("bf16", "16"))
-        act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
-        per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing)
-        return micro_batch_tokens_for(free - state_bytes, per_token)
-
-    def training_shape(self) -> TrainingShape:
-        """The sizes of this module's steps, for the memory plan and the rollout callback (:mod:`lightning_rl.shapes`).
-
-        Subclasses with other lengths override :meth:`step_lengths`.
-        """
-        from lightning_rl.logprobs import resolve_backend
-
-        prompt, new = self.step_lengths()
-        sampling = getattr(self, "sampling", None)
-        reference = resolve_backend(self.logprob_backend, self.device) == "reference"
-        return TrainingShape(
-            model_config=unwrap(self.policy).config,
-            sequence_tokens=prompt + new,
-            max_prompt_tokens=prompt,
-            max_new_tokens=new,
-            generates=self.generates_rollouts and sampling is not None,
-            num_generations=int(getattr(self, "num_generations", 1)),
-            micro_batch_size=getattr(self, "micro_batch_size", None),
-            gradient_checkpointing=bool(self.gradient_checkpointing),
-            logprob_chunk_tokens=self.logprob_chunk_size if reference else None,
-            extra_frozen=tuple(self._frozen_reference),
-        )
-
-    #: Whether a training step samples completions (a rollout phase for the memory plan and the callback).
-    generates_rollouts: bool = False
-
-    def step_lengths(self) -> tuple[int, int]:
-        """``(prompt tokens, completion tokens)`` of the longest training sequence."""
-        sampling = getattr(self, "sampling", None)
-        new = int(sampling.max_new_tokens) if sampling is not None else 0
-        return int(self.max_prompt_length or 1024), new
-
-    def apply_micro_batch_plan(self, micro_batch_tokens: int) -> None:
-        """Take the memory plan's token budget per micro-batch.
-
-        With ``micro_batch_size`` None the budget is used as is (micro-batches then follow each rollout's
-        padded length); a fixed ``micro_batch_size`` is lowered to the whole sequences that fit.
-        """
-        if getattr(self, "micro_batch_size", None) is None:
-            self.micro_batch_tokens = int(micro_batch_tokens)
-            return
-        seq = self.training_shape().sequence_tokens
-        planned = max(1, micro_batch_tokens // max(1, seq))
-        if planned < self.micro_batch_size:
-            log.warning("memory plan: micro_batch_size lowered from %d to %d sequences", self.micro_batch_size,
-                        planned)
-            self.micro_batch_size = planned
-
-    def micro_batch_for(self, num_sequences: int, sequence_tokens: int) -> int:
-        """Sequences per forward/backward for ``num_sequences`` rows of ``sequence_tokens`` padded tokens.
-
-        ``micro_batch_size`` when set; else as many as ``micro_batch_tokens`` (from the memory plan or
-        :meth:`auto_micro_batch_tokens`) holds; else all of them.
-        """
-        if self.micro_batch_size:
-            return max(1, min(self.micro_batch_size, num_sequences))
-        if self.micro_batch_tokens:
-            return max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
-        return max(1, num_sequences)
 
     @override
     def configure_callbacks(self) -> list[L.Callback]:
@@ -424,72 +378,29 @@ class PolicyModule(L.LightningModule):
                 raise ValueError(f"column {k!r} has {len(vals) // g} values for {len(prompts)} prompts")
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, -1).tolist()
         expanded["completion_ids"] = [[t for t in row if t >= 0] for row in ids]
-        total, per_fn = self.rewards([p for p in prompts for _ in range(g)], completions, expanded)
+        total, per_fn = self.rewards(per_completion(prompts, g), completions, expanded)
         return total, per_fn, completions
-
-    def record_rollout_samples(
-        self, prompts: Sequence[Any], completions: Sequence[str], total: torch.Tensor, per_fn: torch.Tensor, g: int,
-        **extra: torch.Tensor,
-    ) -> None:
-        """Keep a step's completions, rewards (total and per function) and ``extra`` columns as ``last_samples``."""
-        columns: dict[str, Any] = {"prompt": per_completion(prompts, g), "completion": completions, "reward": total}
-        columns.update({f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)})
-        columns.update(extra)
-        self.last_samples = StepSamples(columns, g)
-
-    def log_greedy_rewards(self, batch: Mapping[str, Any]) -> None:
-        """Validation for on-policy methods: greedy completions, mean reward overall and per function."""
-        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
-        total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
-        values = {"reward": total, **{f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)}}
-        self.log_values("val", values, len(batch["prompt"]), prog_bar=("reward",))
-
-    # ----------------------------------------------------------------------------- metrics
-    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
-        """Create the MeanMetric accumulators for the logged values."""
-        self.train_metrics = nn.ModuleDict(
-            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn") for n in train})
-        self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
-
-    def log_values(
-        self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
-    ) -> None:
-        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out).
-
-        A training step's NaN ``grad_norm`` (its optimizer step was skipped) is logged as NaN for that
-        step and left out of the epoch mean.
-        """
-        metrics = self.train_metrics if stage == "train" else self.val_metrics
-        for name, value in values.items():
-            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
-            v = v[~torch.isnan(v)]
-            if not v.numel():
-                if stage != "train" or name not in SHOWN_NAN:
-                    continue
-                v = torch.tensor([math.nan])
-            metric = metrics[metric_key(name)]
-            if not torch.is_inference_mode_enabled() and any(
-                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
-                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
-            metric(v.to(metric.device))
-            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
-                     prog_bar=name in prog_bar)
 
     # ----------------------------------------------------------------------------- optimization
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    @override
-    def configure_optimizers(self):
-        """AdamW (or the given optimizer callable) over trainable parameters, plus an optional scheduler."""
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (one by default; PPO gives its value head its own learning rate)."""
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters; check the lora settings")
+        return [{"params": params}]
+
+    @override
+    def configure_optimizers(self):
+        """AdamW at ``learning_rate`` (or the given optimizer) over :meth:`parameter_groups`, and a scheduler."""
+        groups = self.parameter_groups()
         if self.optimizer_factory is not None:
-            opt = self.optimizer_factory(params)
+            opt = self.optimizer_factory(groups)
         else:
-            opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
@@ -538,11 +449,6 @@ class PolicyModule(L.LightningModule):
                  batch_size=1)
         self._skipped_steps = 0
 
-    def check_health(self, total: torch.Tensor, per_fn: torch.Tensor, values: Mapping[str, Any]) -> None:
-        """Per-step checks: reward functions that scored nothing (an error after ``max_unscored_steps``), collapse."""
-        self.health.check_rewards(total, per_fn, self.rewards.names, self.global_step)
-        self.health.check_collapse(dict(values), self.global_step)
-
     @staticmethod
     def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:
         """The dataset's extra columns of a batch (passed to reward functions)."""
@@ -554,8 +460,3 @@ def _checkpointing_on(net: nn.Module) -> bool:
     name = "is_activation_checkpointing" if hasattr(type(net), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(net, name, False))
-
-
-def metric_key(name: str) -> str:
-    """ModuleDict key of a metric name (keys may not contain dots or slashes)."""
-    return name.replace("/", "__").replace(".", "_")

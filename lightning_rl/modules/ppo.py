@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from lightning_rl.algorithms.gae import check_discount, explained_variance, gae, whiten
+from lightning_rl.algorithms.gae import check_discount, explained_variance, gae, masked_std, whiten
 from lightning_rl.algorithms.losses import clipped_surrogate, masked_mean
-from lightning_rl.algorithms.mini_batches import mini_batch_bounds
 from lightning_rl.algorithms.ppo_losses import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -25,47 +21,36 @@ from lightning_rl.algorithms.ppo_losses import (
     kl_penalty,
     token_rewards,
 )
-from lightning_rl.logprobs import Backend
 from lightning_rl.lora import apply_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
-from lightning_rl.modules.policy import PolicyModule
-from lightning_rl.modules.value_head import (
-    ValueHead,
-    completion_hidden_states,
-    hidden_size_of,
-    logprobs_from_hidden,
-)
+from lightning_rl.models import load_policy
+from lightning_rl.modules.experience import Experience, PolicyOutput, Rows
+from lightning_rl.modules.on_policy import OnPolicyModule
+from lightning_rl.modules.value_head import ValueHead, completion_hidden_states, hidden_size_of, logprobs_from_hidden
 from lightning_rl.rewards.reward_model import RewardModel, same_tokenizer
-from lightning_rl.rewards.reward_set import RewardSet
-from lightning_rl.rollout.engine import Rollout, SamplingConfig
-
-_STEP_METRICS = (
-    "reward", "reward_std", "kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "loss",
-    "clip_frac", "value_clip_frac", "approx_kl", "entropy", "explained_variance", "value_mean", "return_mean",
-    "advantage_std", "completion_length", "truncated_frac", "grad_norm", "rollout_time", "train_time",
-    "tokens_per_sec",
-)
+from lightning_rl.rollout.engine import Rollout
 
 
-class PPO(PolicyModule):
-    """Proximal Policy Optimization with a learned value function (Ouyang et al. / Ziegler et al. recipe).
+class PPO(OnPolicyModule):
+    """Proximal Policy Optimization with a learned value function, the RLHF recipe of Ziegler et al. 2019.
 
-    Each training step takes a batch of prompts and a rollout (from a callback under
-    ``batch["rollout"]``, else sampled with the default engine), scores every completion with the
-    reward functions and/or the reward model, puts that score on the last token and a per-token
-    KL penalty to the reference on every token, estimates advantages with GAE (whitened), then runs
-    ``ppo_epochs`` passes of clipped policy + clipped value + entropy updates over minibatches.
+    Each step samples ``num_generations`` completions per prompt and scores each whole completion
+    with the reward functions and/or the reward model; that score goes on the last token, and a
+    per-token KL penalty to the reference on every token (the adaptive coefficient of Ziegler et al.
+    2019 when ``kl_target`` is set). Advantages come from generalized advantage estimation
+    (Schulman et al. 2016, arXiv:1506.02438, Section 3) on the values of the rollout, whitened. Then
+    ``num_iterations`` passes over the rollout minimize the clipped surrogate (Schulman et al. 2017,
+    arXiv:1707.06347, eq. 7) plus ``vf_coef`` times the value loss minus ``ent_coef`` times the
+    entropy (eq. 9); the value loss is clipped around the rollout's values as in OpenAI's baselines
+    (``cliprange_value``; not in the paper). The steps and the methods to override are those of
+    :class:`~lightning_rl.modules.on_policy.OnPolicyModule`; ``epsilon`` / ``epsilon_high`` clip the ratio.
 
     Args:
         reward_funcs: callables ``f(prompts, completions, **columns) -> list[float | None]``.
         reward_weights: weight of each reward function, then of the reward model (default 1.0 each).
         reward_model: a :class:`~lightning_rl.rewards.RewardModel` scored like one more reward function.
         num_generations: completions sampled per prompt.
-        max_new_tokens: generation limit per completion.
-        temperature: sampling temperature (> 0), also applied to the trainer's log-probs.
-        top_p: nucleus sampling threshold.
-        top_k: top-k sampling (None disables).
-        cliprange: clip range of the policy ratio.
+        num_iterations: passes over each rollout (PPO's epochs), each in ``num_mini_batches`` shuffled
+            mini-batches.
         cliprange_value: clip range of the value update around the rollout's values (None: no clipping).
         vf_coef: weight of the value loss.
         ent_coef: weight of the entropy bonus (subtracted from the loss).
@@ -76,40 +61,22 @@ class PPO(PolicyModule):
         gamma: discount in ``[0, 1]``.
         lam: GAE lambda in ``[0, 1]``.
         whiten_advantages: scale advantages to zero mean and unit variance over the rollout's tokens.
-        ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass, on near-equal shares of the completions (fewer
-            when the batch has fewer completions).
-        micro_batch_size: sequences per forward/backward (gradients accumulate over them); None (default):
-            sized by the memory plan or the free device memory (see ``PolicyModule.micro_batch_for``).
-        generation_batch_size: sequences per ``generate`` call of the default engine.
         critic_model: a separate critic (model source as for ``model``; same tokenizer as the policy);
             None puts the value head on the policy's backbone.
         critic_model_config: config overrides for a tiny critic model.
-        value_learning_rate: learning rate of the value head and critic (default ``learning_rate``).
+        value_learning_rate: learning rate of the value head and critic (default: the policy's, i.e.
+            ``learning_rate`` or the given optimizer's).
         value_head_dropout: dropout before the value head's Linear.
-        val_max_new_tokens: generation limit for validation (greedy); defaults to ``max_new_tokens``.
-        model: model source (see :func:`lightning_rl.models.load_policy`).
-        model_config: config overrides for the tiny test models.
-        dtype: weight dtype.
-        lora: LoRA settings; with LoRA the adapters and the value head train, the base stays frozen.
-        learning_rate: AdamW learning rate of the policy (when no ``optimizer``).
-        weight_decay: AdamW weight decay.
-        optimizer: a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``); it gets
-            two parameter groups (policy, value) so ``value_learning_rate`` still applies.
-        lr_scheduler: a callable ``optimizer -> LRScheduler``.
-        max_grad_norm: gradient-norm clip (None or 0 disables).
-        logprob_backend: ``auto``, ``triton`` or ``reference``.
-        logprob_chunk_size: tokens per chunk of the reference log-prob path.
-        system_prompt: optional system message.
-        chat_template: render plain-text prompts with the chat template.
-        max_prompt_length: refuse longer prompts (or truncate with ``truncate_prompts``).
-        truncate_prompts: keep the last ``max_prompt_length`` prompt tokens instead of refusing.
-        gradient_checkpointing: recompute activations in the backward; None (default): on CUDA devices.
-        max_nonfinite_steps: consecutive non-finite steps skipped before training stops.
-        max_unscored_steps: steps in a row where no completion got a reward before an error (0: never).
+        **kwargs: the :class:`~lightning_rl.modules.on_policy.OnPolicyModule` arguments (``sampling``,
+            ``epsilon``, ``num_mini_batches``, ``micro_batch_size``, ...) and the
+            :class:`~lightning_rl.modules.policy.PolicyModule` ones (``model``, ``lora`` (the adapters and
+            the value head train, the base stays frozen), ``learning_rate``, ...).
     """
 
-    generates_rollouts = True
+    step_metrics = ("kl", "kl_coef", "non_score_reward", "policy_loss", "value_loss", "value_clip_ratio",
+                    "approx_kl", "explained_variance", "value_mean", "return_mean", "advantage_std")
+    progress_bar_metrics = ("reward", "kl", "value_loss")
+    hparams_ignore = ("reward_model",)  # a model, not plain data: pass it again to load_from_checkpoint
 
     def __init__(
         self,
@@ -117,11 +84,7 @@ class PPO(PolicyModule):
         reward_weights: Sequence[float] | None = None,
         reward_model: RewardModel | None = None,
         num_generations: int = 1,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
-        cliprange: float = 0.2,
+        num_iterations: int = 4,
         cliprange_value: float | None = 0.2,
         vf_coef: float = 0.1,
         ent_coef: float = 0.0,
@@ -132,84 +95,34 @@ class PPO(PolicyModule):
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten_advantages: bool = True,
-        ppo_epochs: int = 4,
-        num_mini_batches: int = 1,
-        micro_batch_size: int | None = None,
-        generation_batch_size: int = 64,
         critic_model: str | None = None,
         critic_model_config: dict[str, Any] | None = None,
         value_learning_rate: float | None = None,
         value_head_dropout: float = 0.0,
-        val_max_new_tokens: int | None = None,
-        model: str = EMBEDDED_DEFAULT,
-        model_config: dict[str, Any] | None = None,
-        dtype: str = "float32",
-        lora: dict[str, Any] | None = None,
-        learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        max_grad_norm: float | None = 1.0,
-        logprob_backend: Backend = "auto",
-        logprob_chunk_size: int = 1024,
-        system_prompt: str | None = None,
-        chat_template: bool = True,
-        max_prompt_length: int | None = 512,
-        truncate_prompts: bool = False,
-        gradient_checkpointing: bool | None = None,
-        max_nonfinite_steps: int = 3,
-        max_unscored_steps: int = 3,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model=model, model_config=model_config, dtype=dtype, lora=lora, learning_rate=learning_rate,
-            weight_decay=weight_decay, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
-            logprob_backend=logprob_backend, logprob_chunk_size=logprob_chunk_size, system_prompt=system_prompt,
-            chat_template=chat_template, max_prompt_length=max_prompt_length, truncate_prompts=truncate_prompts,
-            gradient_checkpointing=gradient_checkpointing, max_nonfinite_steps=max_nonfinite_steps,
-            max_unscored_steps=max_unscored_steps,
-        )
-        self.gamma, self.lam = check_discount("gamma", gamma), check_discount("lam", lam)
+        gamma, lam = check_discount("gamma", gamma), check_discount("lam", lam)
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}")
-        micro = 1 if micro_batch_size is None else micro_batch_size
-        for name, v in (("num_generations", num_generations), ("ppo_epochs", ppo_epochs),
-                        ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro),
-                        ("generation_batch_size", generation_batch_size)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if cliprange <= 0 or (cliprange_value is not None and cliprange_value <= 0):
-            raise ValueError(f"cliprange and cliprange_value must be > 0, got {cliprange} and {cliprange_value}")
+        if cliprange_value is not None and cliprange_value <= 0:
+            raise ValueError(f"cliprange_value must be > 0 (None: no value clipping), got {cliprange_value}")
         if vf_coef < 0 or ent_coef < 0:
             raise ValueError(f"vf_coef and ent_coef must be >= 0, got {vf_coef} and {ent_coef}")
         if value_learning_rate is not None and value_learning_rate <= 0:
             raise ValueError(f"value_learning_rate must be > 0, got {value_learning_rate}")
-        funcs = list(reward_funcs or [])
-        if reward_model is not None:
-            funcs.append(reward_model)
+        funcs = [*(reward_funcs or []), *([reward_model] if reward_model is not None else [])]
         if not funcs:
             raise ValueError("PPO needs a reward: give reward_funcs=[...], reward_model=RewardModel(...), or both")
-        self.save_hyperparameters(ignore=["reward_model"])
-        self.rewards = RewardSet(funcs, reward_weights)
-        self.reward_models = [f for f in funcs if isinstance(f, RewardModel)]
-        self.num_generations = num_generations
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
-        self.val_sampling = SamplingConfig(val_max_new_tokens or max_new_tokens, temperature=0.0)
-        self.cliprange, self.cliprange_value = cliprange, cliprange_value
-        self.vf_coef, self.ent_coef = vf_coef, ent_coef
-        self.kl_estimator = kl_estimator
-        self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
-        self.whiten_advantages = whiten_advantages
-        self.ppo_epochs, self.num_mini_batches = ppo_epochs, num_mini_batches
-        self.micro_batch_size, self.generation_batch_size = micro_batch_size, generation_batch_size
+        kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+        super().__init__(reward_funcs=funcs, reward_weights=reward_weights, num_generations=num_generations,
+                         num_iterations=num_iterations, **kwargs)
+        self.kl_ctl, self.kl_estimator = kl_ctl, kl_estimator
+        self.gamma, self.lam, self.whiten_advantages = gamma, lam, whiten_advantages
+        self.cliprange_value, self.vf_coef, self.ent_coef = cliprange_value, vf_coef, ent_coef
         self.critic_model, self.critic_model_config = critic_model, critic_model_config
-        self.value_learning_rate = value_learning_rate or learning_rate
-        self.value_head_dropout = value_head_dropout
+        self.value_learning_rate, self.value_head_dropout = value_learning_rate, value_head_dropout
         self.value_head: ValueHead | None = None
         self.critic: nn.Module | None = None
-        per_fn = [f"reward/{n}" for n in self.rewards.names]
-        self.make_metrics([*_STEP_METRICS, *per_fn], ["reward", *per_fn])
 
     @property
     @override
@@ -231,14 +144,13 @@ class PPO(PolicyModule):
                     "a critic reads the policy's token ids, so pick one of the same model family or leave "
                     "critic_model=None to put the value head on the policy's backbone"
                 )
-            if self.gradient_checkpointing:
-                enable_activation_checkpointing(critic)
-                if self.lora is not None:
-                    critic.enable_input_require_grads()
             self.critic = apply_lora(critic, self.lora)
+            self.apply_gradient_checkpointing()
         self.value_head = ValueHead(hidden_size_of(self.critic or self.policy), self.value_head_dropout)
-        for rm in self.reward_models:
-            rm.check_tokenizer(self.tokenizer)
+
+    @override
+    def checkpointed_models(self) -> list[nn.Module]:
+        return [m for m in (self.policy, self.critic) if m is not None]
 
     def value_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the value head and the critic."""
@@ -246,28 +158,17 @@ class PPO(PolicyModule):
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     @override
-    def configure_optimizers(self):
-        """AdamW (or the given callable) over two groups: policy at ``learning_rate``, value at its own."""
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Two groups: the policy's parameters, and the value head's and critic's at ``value_learning_rate``."""
         value = self.value_parameters()
         ids = {id(p) for p in value}
         policy = [p for p in self.trainable_parameters() if id(p) not in ids]
         if not policy:
             raise ValueError("the policy has no trainable parameters; check the lora settings")
-        groups = [{"params": policy, "lr": self.learning_rate}, {"params": value, "lr": self.value_learning_rate}]
-        if self.optimizer_factory is not None:
-            opt = self.optimizer_factory(groups)
-        else:
-            opt = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
-        if self.lr_scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
-
-    @override
-    def on_fit_start(self) -> None:
-        """Move the reference copy and the reward models to the training device."""
-        super().on_fit_start()
-        for rm in self.reward_models:
-            rm.to(self.device)
+        value_group: dict[str, Any] = {"params": value}
+        if self.value_learning_rate is not None:
+            value_group["lr"] = self.value_learning_rate
+        return [{"params": policy}, value_group]
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -282,149 +183,98 @@ class PPO(PolicyModule):
         if "ppo_kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["ppo_kl_controller"])
 
-    # ----------------------------------------------------------------------------- rollouts
-    def policy_and_values(self, rollout: Rollout, rows: slice | torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(logp, entropy, values)``, each ``[n, C]``, for ``rows``: one backbone forward when shared."""
-        args = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                rollout.completion_mask[rows])
+    # ----------------------------------------------------------------------------- the recipe's steps
+    @override
+    def loss_mask(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        """Completion tokens of the completions that got a reward (the others stay out of the loss)."""
+        scored = (~torch.isnan(rewards)).to(self.device)
+        return rollout.completion_mask.float() * scored.float()[:, None]
+
+    @override
+    def policy_forward(self, exp: Experience, rows: Rows) -> PolicyOutput:
+        """Log-probs, entropy and values of ``rows``: one backbone forward when the value head shares it."""
+        r = exp.rollout
+        args = (r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows])
         temp = self.sampling.temperature
         if self.critic is None:
             hidden = completion_hidden_states(self.policy, *args)
             logp, ent = logprobs_from_hidden(self.policy, hidden, args[2], args[3], temp, self.logprob_backend,
                                              self.logprob_chunk_size)
         else:
-            logp, ent = self.sequence_logprobs(self.policy, rollout, rows, temp)
+            logp, ent = self.sequence_logprobs(self.policy, r, rows, temp)
             hidden = completion_hidden_states(self.critic, *args)
-        values = self.value_head(hidden) * args[3].float()
-        return logp, ent, values
+        return PolicyOutput(logp, ent, self.value_head(hidden) * args[3].float())
 
+    @override
     @torch.no_grad()
-    def _rollout_stats(
-        self, rollout: Rollout, micro: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Old log-probs, old values and (when the KL penalty is on) reference log-probs, without grad."""
-        old_lp, old_v, ref_lp = [], [], []
-        for start in range(0, rollout.num_sequences, micro):
-            rows = slice(start, start + micro)
-            lp, _, v = self.policy_and_values(rollout, rows)
-            old_lp.append(lp)
-            old_v.append(v)
+    def prepare(self, exp: Experience) -> None:
+        """The rollout's log-probs and values before the update, and (with a KL penalty) reference log-probs."""
+        micro = exp.micro_batch_size
+        outs = [self.policy_forward(exp, slice(s, s + micro)) for s in range(0, exp.num_completions, micro)]
+        exp.old_logp, exp.values = torch.cat([o.logp for o in outs]), torch.cat([o.values for o in outs])
         if self.needs_reference_model:
             with self.reference_model() as ref:
-                for start in range(0, rollout.num_sequences, micro):
-                    rows = slice(start, start + micro)
-                    ref_lp.append(self.sequence_logprobs(ref, rollout, rows, self.sampling.temperature)[0])
-        return torch.cat(old_lp), torch.cat(old_v), torch.cat(ref_lp) if ref_lp else None
+                exp.ref_logp = self.no_grad_logprobs(ref, exp)
 
-    def _sum_over_processes(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """All-reduce (sum) over the trainer's processes under DDP/FSDP, so every rank whitens alike."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
-            return None
-        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
-
-    # ----------------------------------------------------------------------------- training
     @override
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """One rollout, then ``ppo_epochs * num_mini_batches`` optimizer steps on it."""
-        prompts = batch["prompt"]
-        t0 = time.perf_counter()
-        rollout = batch.get("rollout")
-        rollout = self.generate_rollout(prompts) if rollout is None else rollout.to(self.device)
-        rollout_time = time.perf_counter() - t0
-        g, n = self.num_generations, rollout.num_sequences
-        if n != len(prompts) * g:
-            raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
-        bounds = mini_batch_bounds(n, self.num_mini_batches)
-        micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
-        total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), g)
-        total = total.to(self.device)
-        scored = ~torch.isnan(total)  # completions no reward applies to stay out of the loss
-        mask = rollout.completion_mask.float() * scored.float()[:, None]
-
-        t1 = time.perf_counter()
-        old_logp, old_values, ref_logp = self._rollout_stats(rollout, micro)
-        kl = kl_penalty(old_logp, ref_logp, self.kl_estimator) * mask if ref_logp is not None \
-            else torch.zeros_like(old_logp)
-        kl_coef = self.kl_ctl.value
-        rewards = token_rewards(torch.nan_to_num(total), kl, mask, kl_coef)
-        advantages, returns = gae(rewards, old_values, mask, self.gamma, self.lam)
+    def compute_advantages(self, exp: Experience) -> torch.Tensor:
+        """``[N, C]`` GAE advantages of the KL-shaped token rewards, whitened; sets ``exp.kl`` and ``exp.returns``."""
+        mask = exp.mask
+        exp.kl = torch.zeros_like(exp.old_logp) if exp.ref_logp is None else \
+            kl_penalty(exp.old_logp, exp.ref_logp, self.kl_estimator) * mask
+        rewards = token_rewards(torch.nan_to_num(exp.rewards.to(self.device)), exp.kl, mask, self.kl_ctl.value)
+        advantages, exp.returns = gae(rewards, exp.values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = whiten(advantages, mask, reduce=self._sum_over_processes())
-        self.record_rollout_samples(prompts, completions, total, per_fn, g, kl=kl.sum(-1),
-                                    advantage=(advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+            advantages = whiten(advantages, mask, reduce=self.sum_over_processes())
+        return advantages
 
-        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(n).to(self.device)
-            for lo, hi in bounds:
-                idx = order[lo:hi]
-                tokens = mask[idx].sum().clamp(min=1)
-                step_loss = torch.zeros((), device=self.device)
-                for s in range(0, hi - lo, micro):
-                    mb = idx[s : s + micro]
-                    step_loss = step_loss + self._micro_step(rollout, mb, mask[mb], tokens, old_logp[mb],
-                                                             old_values[mb], advantages[mb], returns[mb], stats)
-                result = self.optimizer_step_checked(step_loss)
-                stats["loss"].append(step_loss)
-                stats["grad_norm"].append(torch.tensor(result["grad_norm"]))
-        train_time = time.perf_counter() - t1
-
-        seq_kl = kl.sum(-1)[scored]
-        mean_kl = seq_kl.mean().item() if seq_kl.numel() else float("nan")
-        self.kl_ctl.update(mean_kl, int(scored.sum()))
-        lengths = rollout.completion_mask.sum(-1).float()
-        finite = total[scored]
-        means = {k: torch.stack([x.float().to(self.device) for x in v]).mean() for k, v in stats.items() if v}
-        values = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one sync for the step statistics
-        values.update(
-            reward=finite.mean().item() if finite.numel() else float("nan"),
-            reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
-            kl=mean_kl,
-            kl_coef=kl_coef,
-            non_score_reward=(-kl_coef * seq_kl).mean().item() if seq_kl.numel() else float("nan"),
-            explained_variance=explained_variance(old_values, returns, mask),
-            value_mean=masked_mean(old_values, mask).item(),
-            return_mean=masked_mean(returns, mask).item(),
-            advantage_std=advantages[mask.bool()].std().item() if mask.sum() > 1 else 0.0,
-            completion_length=lengths.mean().item(),
-            truncated_frac=rollout.truncated.float().mean().item(),
-            rollout_time=rollout_time,
-            train_time=train_time,
-            tokens_per_sec=lengths.sum().item() / max(rollout_time, 1e-9),
-        )
-        for j, name in enumerate(self.rewards.names):
-            col = per_fn[:, j][~torch.isnan(per_fn[:, j])]
-            if col.numel():
-                values[f"reward/{name}"] = col.mean().item()
-        self.check_health(total, per_fn, values)
-        self.log_values("train", values, len(prompts), prog_bar=("reward", "kl", "value_loss"))
-
-    def _micro_step(
-        self, rollout: Rollout, rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
-        old_logp: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
-        stats: dict[str, list[torch.Tensor]],
-    ) -> torch.Tensor:
-        """Forward, loss and backward of one micro-batch; its loss is its share of the minibatch's token mean.
-
-        Returns the detached loss; statistics are appended to ``stats`` as device tensors.
-        """
-        logp, ent, values = self.policy_and_values(rollout, rows)
-        pg = clipped_surrogate(logp, old_logp, advantages, self.cliprange)
-        vf = clipped_value_loss(values, old_values, returns, self.cliprange_value)
-        per_token = pg.loss + self.vf_coef * vf.loss - self.ent_coef * ent
-        loss = (per_token * mask).sum() / tokens
-        self.manual_backward(loss)
-        stats["policy_loss"].append(masked_mean(pg.loss.detach(), mask))
-        stats["value_loss"].append(masked_mean(vf.loss.detach(), mask))
-        stats["clip_frac"].append(masked_mean((pg.clipped_low | pg.clipped_high).float(), mask))
-        stats["value_clip_frac"].append(masked_mean(vf.clipped.float(), mask))
-        stats["approx_kl"].append(masked_mean(approx_kl(logp.detach(), old_logp), mask))
-        stats["entropy"].append(masked_mean(ent.detach(), mask))
-        return loss.detach()
-
-    # ----------------------------------------------------------------------------- evaluation
     @override
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Greedy completions for held-out prompts; logs the mean reward (overall and per function)."""
-        self.log_greedy_rewards(batch)
+    def mini_batch_order(self, n: int) -> torch.Tensor:
+        """A new random order of the completions for every pass."""
+        return torch.randperm(n).to(self.device)
+
+    @override
+    def loss_weights(self, exp: Experience, rows: Rows) -> torch.Tensor:
+        """The mini-batch's token mean: each counted token weighs ``1 / tokens``."""
+        mask = exp.mask[rows]
+        return mask / mask.sum().clamp(min=1)
+
+    @override
+    def policy_loss(self, exp: Experience, rows: Rows, out: PolicyOutput) -> torch.Tensor:
+        """Per-token clipped surrogate + ``vf_coef`` * clipped value loss - ``ent_coef`` * entropy (eq. 9)."""
+        mask, old_logp = exp.mask[rows], exp.old_logp[rows]
+        pg = clipped_surrogate(out.logp, old_logp, exp.advantages[rows], self.epsilon, self.epsilon_high)
+        vf = clipped_value_loss(out.values, exp.values[rows], exp.returns[rows], self.cliprange_value)
+        exp.stats.add("policy_loss", masked_mean(pg.loss.detach(), mask))
+        exp.stats.add("value_loss", masked_mean(vf.loss.detach(), mask))
+        self.record_clipping(exp, pg, mask)
+        exp.stats.add("value_clip_ratio", masked_mean(vf.clipped.float(), mask))
+        exp.stats.add("approx_kl", masked_mean(approx_kl(out.logp.detach(), old_logp), mask))
+        return pg.loss + self.vf_coef * vf.loss - self.ent_coef * out.entropy
+
+    # ----------------------------------------------------------------------------- metrics, samples
+    @override
+    def step_statistics(self, exp: Experience) -> None:
+        """KL to the reference (mean per scored completion), value statistics and the advantages' spread."""
+        mask, stats = exp.mask, exp.stats
+        scored = (~torch.isnan(exp.rewards)).to(self.device).float()
+        count = scored.sum()
+        kl = torch.where(count > 0, (exp.kl.sum(-1) * scored).sum() / count.clamp(min=1),
+                         torch.full_like(count, math.nan))
+        stats.set("kl", kl)
+        stats.set("non_score_reward", -self.kl_ctl.value * kl)
+        stats.set("explained_variance", explained_variance(exp.values, exp.returns, mask))
+        stats.set("value_mean", masked_mean(exp.values, mask))
+        stats.set("return_mean", masked_mean(exp.returns, mask))
+        stats.set("advantage_std", masked_std(exp.advantages, mask))
+
+    @override
+    def end_step(self, exp: Experience, values: dict[str, float]) -> None:
+        """Log the KL coefficient of this step, then adapt it to the step's KL (when ``kl_target`` is set)."""
+        values["kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(values["kl"], int((~torch.isnan(exp.rewards)).sum()))
+
+    @override
+    def sample_columns(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """The KL of each completion to the reference, then its advantage (mean over its tokens)."""
+        return {"kl": exp.kl.sum(-1), **super().sample_columns(exp)}

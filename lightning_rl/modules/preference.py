@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ from lightning_rl.samples import StepSamples
 log = logging.getLogger(__name__)
 
 ReferenceMode = Literal["auto", "live", "precomputed"]
+PairLosses = Callable[["Sequences", torch.Tensor], dict[str, torch.Tensor]]
 REFERENCE_MODES: tuple[str, ...] = ("auto", "live", "precomputed")
 
 
@@ -65,11 +66,13 @@ class PreferenceModule(PolicyModule):
     Args:
         reference: ``auto``, ``live`` or ``precomputed``.
         max_completion_length: keep at most this many tokens of each response (None keeps all).
-        micro_batch_size: rows (pairs for DPO/ORPO) per forward/backward; gradients accumulate.
-        **kwargs: the :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, ...).
+        micro_batch_size: examples per forward/backward (pairs for DPO and ORPO, rows for KTO); gradients
+            accumulate over them.
+        **kwargs: the :class:`~lightning_rl.modules.policy.PolicyModule` arguments (model, lora, learning_rate, ...).
     """
 
     uses_reference: bool = True
+    sequences_per_example = 2  # a pair: chosen and rejected go through the policy together
 
     def __init__(
         self,
@@ -78,18 +81,26 @@ class PreferenceModule(PolicyModule):
         micro_batch_size: int = 8,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if max_completion_length is not None and max_completion_length < 1:
             raise ValueError(f"max_completion_length must be >= 1 or None, got {max_completion_length}")
+        super().__init__(**kwargs)
         self.reference = reference
         self.max_completion_length = max_completion_length
         self.micro_batch_size = micro_batch_size
         self._ref_cache: dict[str, dict[int, torch.Tensor]] = {}
         self._policy_updated = False
+
+    @override
+    def step_lengths(self) -> tuple[int, int]:
+        """``(prompt tokens, response tokens)``: responses are sampled (online) or cut at ``max_completion_length``."""
+        prompt = int(self.max_prompt_length or 1024)
+        if self.online and self.sampling is not None:
+            return prompt, int(self.sampling.max_new_tokens)
+        return prompt, int(self.max_completion_length or 1024)
 
     # ----------------------------------------------------------------------------- reference
     @property
@@ -221,7 +232,7 @@ class PreferenceModule(PolicyModule):
             self._ref_cache[split] = {int(i): v for i, v in zip(c["index"].tolist(), c["logps"])}
 
     @override
-    def optimizer_step_checked(self, loss_value: float) -> dict[str, float]:
+    def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
         result = super().optimizer_step_checked(loss_value)
         if not result["skipped"]:
             self._policy_updated = True
@@ -312,3 +323,26 @@ class PreferenceModule(PolicyModule):
         """Row indices ``[m]`` of each micro-batch of ``n`` rows."""
         for start in range(0, n, self.micro_batch_size):
             yield torch.arange(start, min(start + self.micro_batch_size, n), device=self.device)
+
+    def pair_values(self, seqs: Sequences, losses: PairLosses, train: bool) -> dict[str, torch.Tensor]:
+        """Per-pair values of ``losses`` over a batch of pairs (chosen rows, then rejected rows), by micro-batch.
+
+        ``losses(sub, rows)`` gets the chosen and rejected sequences of the pairs ``rows`` and returns per-pair
+        tensors, ``"loss"`` among them. With ``train``, each micro-batch's share of the batch's mean loss goes
+        backward and one optimizer step follows (its ``grad_norm`` is added). Nothing is read back per micro-batch.
+        """
+        n = seqs.prompt_ids.shape[0] // 2
+        values: dict[str, list[torch.Tensor]] = {}
+        step_loss = torch.zeros((), device=self.device)
+        for mb in self.micro_batches(n):
+            parts = losses(seqs.rows(torch.cat([mb, mb + n])), mb)
+            if train:
+                loss = parts["loss"].sum() / n
+                self.manual_backward(loss)
+                step_loss = step_loss + loss.detach()
+            for k, v in parts.items():
+                values.setdefault(k, []).append(v.detach())
+        out = {k: torch.cat(v) for k, v in values.items()}
+        if train:
+            out["grad_norm"] = torch.tensor(self.optimizer_step_checked(step_loss)["grad_norm"])
+        return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lightning_rl.rewards.spec import resolve_callable
+from lightning_rl.hparams import resolve_callable
 from lightning_rl.rewards.validation import RewardError, reward_values, short_repr
 
 RewardFn = Callable[..., Sequence[float | None]]

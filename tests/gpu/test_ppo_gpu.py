@@ -6,14 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_rl import PPO, ArithmeticDataModule
+from lightning_rl import PPO, ArithmeticDataModule, SamplingConfig
 from lightning_rl.rewards import NumericMatch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def _fit(module, callbacks=()):
-    steps = 2 * module.ppo_epochs * module.num_mini_batches  # two rollouts
+    steps = 2 * module.num_iterations * module.num_mini_batches  # two rollouts
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
                         limit_val_batches=0)
@@ -21,7 +21,7 @@ def _fit(module, callbacks=()):
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print("ppo fit:", {k: round(v, 4) for k, v in sorted(metrics.items()) if k.endswith("_step")})
     assert trainer.global_step == steps
-    for key in ("reward", "value_loss", "policy_loss", "kl", "entropy", "clip_frac"):
+    for key in ("reward", "value_loss", "policy_loss", "kl", "entropy", "clip_ratio"):
         assert math.isfinite(metrics[f"train/{key}_step"]), key
     return trainer, metrics
 
@@ -34,8 +34,8 @@ def test_ppo_fit_with_the_vllm_callback():
 
     torch.manual_seed(0)
     module = PPO(reward_funcs=[NumericMatch(position="first")], model="smollm2-135m-instruct", dtype="bfloat16",
-                 num_generations=4, max_new_tokens=32, micro_batch_size=16, max_prompt_length=128,
-                 learning_rate=1e-5, ppo_epochs=1, num_mini_batches=1)
+                 num_generations=4, sampling=SamplingConfig(max_new_tokens=32), micro_batch_size=16,
+                 max_prompt_length=128, learning_rate=1e-5, num_iterations=1, num_mini_batches=1)
     callback = VLLMRollout(settings=EngineSettings(execution="eager"))
     _fit(module, [callback])
     assert callback.num_rollouts == 2 and callback.num_syncs == 1
@@ -46,8 +46,8 @@ def test_ppo_fit_with_the_vllm_callback():
 def test_ppo_fit_with_the_default_engine_and_lora():
     torch.manual_seed(0)
     module = PPO(reward_funcs=[NumericMatch(position="first")], model="smollm2-135m-instruct", dtype="bfloat16",
-                 lora={"r": 8}, num_generations=2, max_new_tokens=16, micro_batch_size=8, max_prompt_length=128,
-                 learning_rate=1e-4, ppo_epochs=2, num_mini_batches=2)
+                 lora={"r": 8}, num_generations=2, sampling=SamplingConfig(max_new_tokens=16), micro_batch_size=8,
+                 max_prompt_length=128, learning_rate=1e-4, num_iterations=2, num_mini_batches=2)
     assert module.value_head is None  # built in configure_model, during fit
     _fit(module)
     assert module.value_head.summary.weight.abs().sum().item() > 0  # the value head trained (zero at start)

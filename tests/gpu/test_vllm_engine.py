@@ -315,7 +315,7 @@ def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():
         dtype="bfloat16",
         lora={"r": 16, "lora_alpha": 32},
         num_generations=4,
-        max_new_tokens=32,
+        sampling={"max_new_tokens": 32},
         micro_batch_size=16,
         max_prompt_length=128,
         learning_rate=1e-4,
@@ -349,7 +349,7 @@ def test_grpo_fit_with_the_callback():
         model="smollm2-135m-instruct",
         dtype="bfloat16",
         num_generations=4,
-        max_new_tokens=32,
+        sampling={"max_new_tokens": 32},
         micro_batch_size=16,
         max_prompt_length=128,
         learning_rate=1e-5,
@@ -383,7 +383,8 @@ def test_grpo_lora_fit_with_fp32_adapters_and_the_default_engine_dtype(precision
 
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", lora={"r": 16, "lora_alpha": 32},
-                  num_generations=4, max_new_tokens=32, max_prompt_length=128, learning_rate=1e-4)
+                  num_generations=4, sampling={"max_new_tokens": 32}, max_prompt_length=128,
+                  learning_rate=1e-4)
     callback = VLLMRollout()
     extra = {"plugins": [MemoryAwarePrecision()]} if precision == "memory-plugin" else {"precision": "bf16-mixed"}
     trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
@@ -403,7 +404,8 @@ def test_the_readme_gpu_configuration_trains_in_train_mode_with_its_planned_defa
     from lightning_rl.plugins import MemoryAwarePrecision
 
     torch.manual_seed(0)
-    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, max_new_tokens=64, learning_rate=1e-5)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
     callback = VLLMRollout()
     modes = []
 

@@ -33,7 +33,8 @@ CHECKED = ("model.layers.0.self_attn.o_proj.weight", "model.layers.29.mlp.down_p
 def run(ckpt_dir, steps, extra=lambda rollout: [], ckpt_path=None):
     """GRPO with VLLMRollout, a checkpoint every step; ``extra(rollout)`` gives callbacks that run before it."""
     torch.manual_seed(0)
-    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4, max_new_tokens=32,
+    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4,
+                  sampling={"max_new_tokens": 32},
                   micro_batch_size=16, max_prompt_length=128, learning_rate=1e-4)
     rollout = VLLMRollout(settings=EngineSettings(dtype="float32", sleep_level=0))
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,

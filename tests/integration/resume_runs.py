@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_rl import DPO, GRPO, PPO, MemoryAwarePrecision, PreferenceDataModule, PromptDataModule
+from lightning_rl import DPO, GRPO, PPO, MemoryAwarePrecision, PreferenceDataModule, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
 
 STEPS = 7  # batches: 3 per epoch, so the runs cross two epoch boundaries
@@ -42,16 +42,16 @@ def build(kind: str, seed: int) -> tuple[L.LightningModule, L.LightningDataModul
     common = dict(model="tiny-llama", model_config={"num_hidden_layers": 1}, learning_rate=3e-3,
                   logprob_backend="reference")
     if kind == "GRPO-LoRA":  # LoRA on a base rebuilt from its directory, frozen weights bf16 under the plugin
-        module = GRPO(reward_funcs=[high_ids], num_generations=2, max_new_tokens=4, model=BASE_DIR, lora={"r": 4},
-                      beta=0.05, learning_rate=3e-3, logprob_backend="reference")
+        module = GRPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                      model=BASE_DIR, lora={"r": 4}, beta=0.05, learning_rate=3e-3, logprob_backend="reference")
         return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
     if kind == "DPO":
         return DPO(beta=0.1, **common), PreferenceDataModule(PAIRS, batch_size=2)
     if kind == "PPO":  # two PPO epochs over two mini-batches: shuffled with the global RNG
-        module = PPO(reward_funcs=[high_ids], num_generations=2, max_new_tokens=4, ppo_epochs=2,
-                     num_mini_batches=2, value_head_dropout=0.1, **common)
+        module = PPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                     num_iterations=2, num_mini_batches=2, value_head_dropout=0.1, **common)
     else:
-        module = GRPO(reward_funcs=[high_ids], num_generations=2, max_new_tokens=4, **common)
+        module = GRPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4), **common)
     return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
 
 
@@ -92,7 +92,7 @@ def fit(kind: str, seed: int, ckpt_dir, stop_after: int | None = None, ckpt_path
     callbacks = [recorder, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_last=True)]
     if stop_after is not None:
         callbacks.append(StopAfter(stop_after, sigkill))
-    steps_per_batch = getattr(module, "ppo_epochs", 1) * getattr(module, "num_mini_batches", 1)
+    steps_per_batch = getattr(module, "num_iterations", 1) * getattr(module, "num_mini_batches", 1)
     trainer = L.Trainer(max_steps=STEPS * steps_per_batch, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=callbacks, plugins=[MemoryAwarePrecision()] if kind == "GRPO-LoRA" else None)

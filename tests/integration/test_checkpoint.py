@@ -6,11 +6,11 @@ import torch
 from conftest import make_trainer, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_rl import GRPO
+from lightning_rl import GRPO, SamplingConfig
 
 
 def _fit_and_save(make_grpo, make_data, tmp_path, steps=2, **overrides):
-    module = make_grpo(num_generations=2, max_new_tokens=4, **overrides)
+    module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=4), **overrides)
     module.configure_model()
     initial = state_copy(module.policy)
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=steps, save_top_k=-1)
@@ -69,7 +69,7 @@ def test_resume_continues_global_step_with_optimizer_state(make_grpo, make_data,
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
 
-    module = make_grpo(seed=7, num_generations=2, max_new_tokens=4)
+    module = make_grpo(seed=7, num_generations=2, sampling=SamplingConfig(max_new_tokens=4))
     check = _CompareOnStart(ckpt)
     trainer = make_trainer(max_steps=4, callbacks=[check])
     trainer.fit(module, make_data(batch_size=2), ckpt_path=path)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_trainer, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_rl import GRPO, PromptDataModule
+from lightning_rl import GRPO, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
 from lightning_rl.rewards import LengthPenalty
 
@@ -28,7 +28,8 @@ def base_dir(tmp_path):
 def train_lora(model, tmp_path, reward_funcs=None):
     L.seed_everything(0, verbose=False)
     module = GRPO(reward_funcs=reward_funcs or [LengthPenalty(target=4)], model=str(model), lora={"r": 4},
-                  num_generations=2, max_new_tokens=4, learning_rate=1e-2, logprob_backend="reference")
+                  num_generations=2, sampling=SamplingConfig(max_new_tokens=4), learning_rate=1e-2,
+                  logprob_backend="reference")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", every_n_train_steps=2)
     make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(
         module, PromptDataModule(train_data=ROWS, batch_size=2))

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from lightning_rl.__main__ import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -14,7 +16,7 @@ def test_cli_two_steps_from_example_yaml(tmp_path):
             "--config", str(EXAMPLES / "grpo_arithmetic.yaml"),
             "--model.init_args.model", "tiny-llama",
             "--model.init_args.lora", "null",
-            "--model.init_args.max_new_tokens", "4",
+            "--model.init_args.sampling.max_new_tokens", "4",
             "--trainer.max_steps", "2",
             "--trainer.val_check_interval", "2",
             "--trainer.logger", "false",
@@ -48,3 +50,30 @@ def test_gpu_example_yaml_builds_the_callback_plugin_and_module():
     assert isinstance(plugin, MemoryAwarePrecision) and plugin.optimizer_states == "device"
     assert isinstance(cli.model, GRPO) and cli.model.num_generations == 8 and cli.model.importance_sampling == "token"
     assert cli.datamodule.batch_size == 16
+
+
+MODULES = ["lightning_rl.GRPO", "lightning_rl.PPO", "lightning_rl.DPO", "lightning_rl.ORPO", "lightning_rl.KTO"]
+
+
+@pytest.mark.parametrize("class_path", MODULES)
+def test_help_lists_the_arguments_every_module_passes_on(class_path, capsys):
+    """``**kwargs`` resolves to the bases' signatures: each shared argument is listed with its doc."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", class_path])
+    out = capsys.readouterr().out
+    for key in ("model", "lora", "learning_rate", "optimizer", "max_prompt_length", "max_unscored_steps"):
+        assert f"--model.{key} " in out, key
+    if class_path in ("lightning_rl.GRPO", "lightning_rl.PPO"):
+        for key in ("sampling.max_new_tokens", "sampling.temperature", "epsilon", "num_mini_batches", "num_iterations"):
+            assert f"--model.{key} " in out, key
+
+
+@pytest.mark.parametrize(("key", "value"), [("learnin_rate", "0.1"), ("sampling", "{max_new_token: 4}")])
+def test_a_mistyped_yaml_key_is_an_error(key, value, tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(f"model:\n  class_path: lightning_rl.GRPO\n  init_args:\n"
+                      f"    reward_funcs: [lightning_rl.rewards.numeric_match]\n    {key}: {value}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert "learnin_rate" in err if key == "learnin_rate" else "does not accept option 'max_new_token'" in err

@@ -13,12 +13,12 @@ TINY = ["--model.init_args.model", "tiny-llama", "--model.init_args.model_config
 PAIR_COLUMNS = ["prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "margin"]
 # example -> (extra overrides, sample-table columns)
 RUNS = {
-    "grpo_arithmetic.yaml": (["--model.init_args.max_new_tokens", "4"],
+    "grpo_arithmetic.yaml": (["--model.init_args.sampling.max_new_tokens", "4"],
                              ["prompt", "completion", "reward", "reward/numeric_match", "advantage"]),
-    "ppo_arithmetic.yaml": (["--model.init_args.max_new_tokens", "4", "--data.init_args.batch_size", "2"],
+    "ppo_arithmetic.yaml": (["--model.init_args.sampling.max_new_tokens", "4", "--data.init_args.batch_size", "2"],
                             ["prompt", "completion", "reward", "reward/numeric_match", "kl", "advantage"]),
     # a dense reward, so the two sampled answers of a prompt do not tie (ties are left out of online DPO)
-    "dpo_online_smollm2.yaml": (["--model.init_args.max_new_tokens", "4", "--model.init_args.reward_funcs",
+    "dpo_online_smollm2.yaml": (["--model.init_args.sampling.max_new_tokens", "4", "--model.init_args.reward_funcs",
                                  '["conftest.char_codes"]'], PAIR_COLUMNS),
     "dpo_smollm2.yaml": (["--model.init_args.max_completion_length", "24"], PAIR_COLUMNS),
     "orpo_smollm2.yaml": (["--model.init_args.max_completion_length", "24"], PAIR_COLUMNS),
@@ -76,7 +76,8 @@ model:
   init_args:
     reward_funcs: [{{class_path: lightning_rl.rewards.NumericMatch, init_args: {{column: answer}}}}]
     num_generations: 2
-    max_new_tokens: 4
+    sampling:
+      max_new_tokens: 4
 data:
   class_path: lightning_rl.PromptDataModule
   init_args:

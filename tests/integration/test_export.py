@@ -11,7 +11,7 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_rl import GRPO, PromptDataModule
+from lightning_rl import GRPO, PromptDataModule, SamplingConfig
 from lightning_rl.__main__ import main
 from lightning_rl.export import describe_source
 
@@ -46,8 +46,9 @@ def trained(tmp_path_factory):
     """A tiny LoRA GRPO policy after two optimizer steps, and its checkpoint."""
     tmp = tmp_path_factory.mktemp("export")
     L.seed_everything(0, verbose=False)
-    module = GRPO(reward_funcs=[high_ids], lora={"r": 4}, num_generations=2, max_new_tokens=NEW_TOKENS,
-                  learning_rate=3e-3, logprob_backend="reference", **MODEL)
+    module = GRPO(reward_funcs=[high_ids], lora={"r": 4}, num_generations=2,
+                  sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), learning_rate=3e-3, logprob_backend="reference",
+                  **MODEL)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="run")
     trainer = make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True)
     rows = [{"prompt": f"say {i}"} for i in range(8)]
@@ -98,3 +99,23 @@ def test_adapter_base_of_each_model_source(tmp_path):
     assert describe_source("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct",
                                                              "the Hugging Face model Qwen/Qwen2.5-0.5B-Instruct")
     assert describe_source(str(tmp_path))[0] == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("cls_name", ["PPO", "ORPO"])
+def test_the_checkpoint_names_its_module_class_for_export(tmp_path, cls_name):
+    """PPO and ORPO checkpoints share hyperparameter names with other modules: the stored class path decides."""
+    from lightning_rl import ORPO, PPO
+    from lightning_rl.export import load_for_export
+    from lightning_rl.modules.policy import MODULE_CLASS_KEY
+
+    L.seed_everything(0, verbose=False)
+    cls = {"PPO": PPO, "ORPO": ORPO}[cls_name]
+    extra = {"reward_funcs": [high_ids], "num_generations": 2} if cls_name == "PPO" else {}
+    module = cls(**extra, **MODEL)
+    module.configure_model()
+    trainer = make_trainer(max_steps=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)[MODULE_CLASS_KEY].endswith(cls_name)
+    assert type(load_for_export(path)) is cls

@@ -6,14 +6,15 @@ import pytest
 import torch
 from conftest import MetricRecorder, make_trainer, sevens, state_copy
 
+from lightning_rl import SamplingConfig
 from lightning_rl.algorithms.losses import LOSS_TYPES
 
 
 def test_tiny_model_learns_to_write_sevens(make_grpo, make_data):
     # measured (seeds 0, 1, 2; 15 steps): first 5 steps 0.07 / 0.07 / 0.11 mean reward, last 5 steps
     # 0.83 / 0.92 / 0.96. A random 103-token model writes '7' about 1% of the time.
-    module = make_grpo(seed=0, reward_funcs=[sevens], num_generations=4, max_new_tokens=6, learning_rate=1e-2,
-                       micro_batch_size=16)
+    module = make_grpo(seed=0, reward_funcs=[sevens], num_generations=4, sampling=SamplingConfig(max_new_tokens=6),
+                       learning_rate=1e-2, micro_batch_size=16)
     rec = MetricRecorder()
     trainer = make_trainer(max_steps=15, callbacks=[rec])
     trainer.fit(module, make_data(batch_size=4))
@@ -34,8 +35,8 @@ def test_tiny_model_learns_to_write_sevens(make_grpo, make_data):
 def test_without_learning_the_reward_stays_low(make_grpo, make_data):
     # the control of the test above: same seed and data, a learning rate too small to matter
     # (measured: first 5 steps 0.018, last 5 steps 0.005)
-    module = make_grpo(seed=0, reward_funcs=[sevens], num_generations=4, max_new_tokens=6, learning_rate=1e-7,
-                       micro_batch_size=16)
+    module = make_grpo(seed=0, reward_funcs=[sevens], num_generations=4, sampling=SamplingConfig(max_new_tokens=6),
+                       learning_rate=1e-7, micro_batch_size=16)
     rec = MetricRecorder()
     make_trainer(max_steps=15, callbacks=[rec]).fit(module, make_data(batch_size=4))
     rewards = rec.values["train/reward_step"]
@@ -44,7 +45,8 @@ def test_without_learning_the_reward_stays_low(make_grpo, make_data):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_each_loss_type_runs(make_grpo, make_data, loss_type):
-    module = make_grpo(loss_type=loss_type, num_generations=2, max_new_tokens=4, micro_batch_size=2)
+    module = make_grpo(loss_type=loss_type, num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                       micro_batch_size=2)
     module.configure_model()
     before = state_copy(module.policy)
     rec = MetricRecorder()
@@ -57,8 +59,8 @@ def test_each_loss_type_runs(make_grpo, make_data, loss_type):
 
 
 def test_num_iterations_and_mini_batches(make_grpo, make_data):
-    module = make_grpo(num_generations=2, max_new_tokens=4, num_iterations=2, num_mini_batches=2,
-                       micro_batch_size=1, mask_truncated_completions=True)
+    module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=4), num_iterations=2,
+                       num_mini_batches=2, micro_batch_size=1, mask_truncated_completions=True)
     calls = []
     real = module.optimizer_step_checked
     module.optimizer_step_checked = lambda loss: calls.append(loss) or real(loss)
@@ -71,7 +73,7 @@ def test_num_iterations_and_mini_batches(make_grpo, make_data):
 
 @pytest.mark.parametrize("lora", [None, {"r": 4, "lora_alpha": 16}], ids=["frozen-copy", "lora"])
 def test_kl_to_the_reference_starts_at_zero(make_grpo, make_data, lora):
-    module = make_grpo(beta=0.1, lora=lora, num_generations=2, max_new_tokens=4,
+    module = make_grpo(beta=0.1, lora=lora, num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
                        learning_rate=3e-2 if lora else 1e-2)
     module.configure_model()
     base_before = {k: v for k, v in state_copy(module.policy).items() if "lora_" not in k}

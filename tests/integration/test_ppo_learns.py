@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_rl import PPO
+from lightning_rl import PPO, SamplingConfig
 from lightning_rl.callbacks import VLLMRollout
 from lightning_rl.data import PromptDataModule
 from lightning_rl.rewards import RewardModel
@@ -31,7 +31,7 @@ class Recorder(Callback):
 def _fit(module, batches, callbacks=(), batch_size=8):
     rows = [{"prompt": f"Say {i}"} for i in range(64)]
     recorder = Recorder()
-    steps_per_batch = module.ppo_epochs * module.num_mini_batches
+    steps_per_batch = module.num_iterations * module.num_mini_batches
     trainer = L.Trainer(max_steps=batches * steps_per_batch, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[recorder, *callbacks])
@@ -40,9 +40,9 @@ def _fit(module, batches, callbacks=(), batch_size=8):
 
 
 def _ppo(**overrides):
-    kwargs = dict(reward_funcs=[digit_fraction], model="tiny-llama", num_generations=2, max_new_tokens=8,
-                  learning_rate=3e-3, value_learning_rate=1e-2, kl_coef=0.01, ppo_epochs=2, num_mini_batches=2,
-                  micro_batch_size=8, vf_coef=0.5, chat_template=False)
+    kwargs = dict(reward_funcs=[digit_fraction], model="tiny-llama", num_generations=2,
+                  sampling=SamplingConfig(max_new_tokens=8), learning_rate=3e-3, value_learning_rate=1e-2, kl_coef=0.01,
+                  num_iterations=2, num_mini_batches=2, micro_batch_size=8, vf_coef=0.5, chat_template=False)
     kwargs.update(overrides)
     return PPO(**kwargs)
 
@@ -64,7 +64,7 @@ def test_reward_rises_and_value_loss_falls():
     assert mean("value_loss", last) < 0.5 * mean("value_loss", first)
     assert mean("explained_variance", last) > 0.0
     assert mean("kl", last) > 0.0 and all(r["kl_coef"] == pytest.approx(0.01) for r in rows)
-    assert all(0.0 <= r["clip_frac"] <= 1.0 and 0.0 <= r["value_clip_frac"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["clip_ratio"] <= 1.0 and 0.0 <= r["value_clip_ratio"] <= 1.0 for r in rows)
     assert mean("entropy", last) < mean("entropy", first)
 
 
@@ -86,7 +86,7 @@ def test_lora_trains_adapters_and_value_head_only():
 
 def test_separate_critic_and_rollout_from_the_batch():
     L.seed_everything(0)
-    module = _ppo(critic_model="tiny-llama", critic_model_config={"num_hidden_layers": 1}, ppo_epochs=1,
+    module = _ppo(critic_model="tiny-llama", critic_model_config={"num_hidden_layers": 1}, num_iterations=1,
                   num_mini_batches=1, kl_coef=0.0)
     # the real rollout callback, with the transformers engine standing in for vLLM on a CPU
     callback = VLLMRollout(engine_factory=lambda pl_module, prompts_per_step, seed: pl_module.default_engine())
@@ -105,7 +105,7 @@ def test_separate_critic_and_rollout_from_the_batch():
 
 def test_reward_model_as_the_only_reward():
     L.seed_everything(0)
-    module = _ppo(reward_funcs=None, reward_model=RewardModel("tiny-llama", device="cpu"), ppo_epochs=1,
+    module = _ppo(reward_funcs=None, reward_model=RewardModel("tiny-llama", device="cpu"), num_iterations=1,
                   num_mini_batches=1)
     rows = _fit(module, batches=1)
     assert "reward" in rows[0] and "reward/reward_model" in rows[0]
@@ -123,9 +123,9 @@ def test_cli_runs_the_example_yaml(tmp_path):
         "fit", "--config", str(config),
         "--model.init_args.model", "tiny-llama",
         "--model.init_args.lora", "null",
-        "--model.init_args.max_new_tokens", "4",
+        "--model.init_args.sampling.max_new_tokens", "4",
         "--model.init_args.micro_batch_size", "4",
-        "--trainer.max_steps", "4",  # two rollouts of ppo_epochs * num_mini_batches = 2 steps each
+        "--trainer.max_steps", "4",  # two rollouts of num_iterations * num_mini_batches = 2 steps each
         "--trainer.val_check_interval", "1",
         "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
@@ -135,5 +135,5 @@ def test_cli_runs_the_example_yaml(tmp_path):
         "--data.init_args.num_val", "4",
     ])
     assert isinstance(cli.model, PPO) and cli.trainer.global_step == 4
-    assert cli.model.rewards.names == ["numeric_match"] and cli.model.ppo_epochs == 2
+    assert cli.model.rewards.names == ["numeric_match"] and cli.model.num_iterations == 2
     assert "train/value_loss" in cli.trainer.callback_metrics and "val/reward" in cli.trainer.callback_metrics

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_rl import DPO, KTO, ORPO, PreferenceDataModule
+from lightning_rl import DPO, KTO, ORPO, PreferenceDataModule, SamplingConfig
 from lightning_rl.data import InvalidPreferenceError
 from lightning_rl.modules.dpo import online_pairs
 
@@ -112,7 +112,7 @@ def test_online_dpo_ranks_two_samples_by_reward():
     L.seed_everything(0)
     prompts = [{"prompt": p["prompt"]} for p in sorted_pairs(8, 5)]
     dm = PreferenceDataModule([{**p, "chosen": "x", "rejected": "y"} for p in prompts], batch_size=4)
-    module = DPO(beta=0.1, online=True, reward_funcs=[more_as], max_new_tokens=8, **TINY)
+    module = DPO(beta=0.1, online=True, reward_funcs=[more_as], sampling=SamplingConfig(max_new_tokens=8), **TINY)
     assert module.reference_mode == "live"
     module.configure_model()
     before = [p.detach().clone() for p in module.policy.parameters()]
@@ -132,7 +132,7 @@ def test_online_dpo_ranks_two_samples_by_reward():
 def test_orpo_learns_held_out_preference():
     L.seed_everything(0)
     dm = PreferenceDataModule(sorted_pairs(64, 1), sorted_pairs(48, 2), batch_size=8)
-    module = ORPO(lam=1.0, **TINY)
+    module = ORPO(beta=1.0, **TINY)
     before = validate(module, dm)
     trainer(epochs=4).fit(module, dm)
     after = validate(module, dm)

@@ -10,13 +10,14 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_rl import SamplingConfig
 from lightning_rl.callbacks import CompletionSamples, RLProgressBar, RunReport
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_grpo_fit_with_csv_logger_leaves_samples_and_report(make_grpo, make_data, prompt_rows, tmp_path, capsys):
-    module = make_grpo(num_generations=2, max_new_tokens=4)
+    module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=4))
     data = make_data(batch_size=2, val_data=prompt_rows[:2])
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
@@ -61,13 +62,13 @@ def test_no_logger_writes_no_files_but_prints_the_table(make_grpo, make_data, tm
 
     monkeypatch.chdir(tmp_path)
     trainer = make_trainer(max_steps=1)
-    trainer.fit(make_grpo(num_generations=2, max_new_tokens=3), make_data(batch_size=1))
+    trainer.fit(make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=3)), make_data(batch_size=1))
     assert list(tmp_path.iterdir()) == []
     assert "sample completions at step 1" in capsys.readouterr().out
 
 
 def test_progress_bar_counts_steps_and_shows_the_rl_values(make_grpo, make_data, tmp_path):
-    module = make_grpo(num_generations=2, max_new_tokens=3, beta=0.05, lora={"r": 4})
+    module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=3), beta=0.05, lora={"r": 4})
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path)
     trainer.fit(module, make_data(batch_size=1))
@@ -88,7 +89,7 @@ def test_callbacks_the_user_passed_are_kept(make_grpo, make_data, tmp_path):
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_model_summary=False, callbacks=[own_bar, own_samples, own_report],
                         default_root_dir=tmp_path)
-    trainer.fit(make_grpo(num_generations=2, max_new_tokens=3), make_data(batch_size=1))
+    trainer.fit(make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=3)), make_data(batch_size=1))
     assert trainer.progress_bar_callback is own_bar
     assert [cb for cb in trainer.callbacks if isinstance(cb, CompletionSamples)] == [own_samples]
     assert [cb for cb in trainer.callbacks if isinstance(cb, RunReport)] == [own_report]
@@ -99,7 +100,8 @@ def test_our_calls_raise_no_warnings(make_grpo, make_data, tmp_path):
     """No val data, gradient checkpointing and LoRA: none of the warnings our own calls used to cause."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = make_grpo(num_generations=2, max_new_tokens=3, gradient_checkpointing=True, lora={"r": 4})
+        module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=3), gradient_checkpointing=True,
+                           lora={"r": 4})
         trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
         trainer.fit(module, make_data(batch_size=2))

@@ -8,7 +8,7 @@ import torch
 from conftest import MetricRecorder, make_trainer
 from lightning.pytorch.loggers import Logger
 
-from lightning_rl import DPO, PreferenceDataModule, PromptDataModule
+from lightning_rl import DPO, PreferenceDataModule, PromptDataModule, SamplingConfig
 from lightning_rl.modules import grpo as grpo_module
 from lightning_rl.rewards import RewardError
 
@@ -37,8 +37,8 @@ def warnings_of(caplog, text):
 
 def test_a_reward_that_scores_nothing_warns_every_step_then_stops(make_grpo, make_data, caplog):
     caplog.set_level(logging.WARNING, logger=HEALTH_LOG)
-    module = make_grpo(reward_funcs=[scores_nothing, nan_for_all], num_generations=2, max_new_tokens=4,
-                       max_unscored_steps=3)
+    module = make_grpo(reward_funcs=[scores_nothing, nan_for_all], num_generations=2,
+                       sampling=SamplingConfig(max_new_tokens=4), max_unscored_steps=3)
     trainer = make_trainer(max_steps=10)
     with pytest.raises(RewardError, match=r"no completion got a reward for 3 steps in a row \(4 completions at step "
                                           r"3; .*\['scores_nothing', 'nan_for_all'\]\).*raise max_unscored_steps"):
@@ -50,8 +50,8 @@ def test_a_reward_that_scores_nothing_warns_every_step_then_stops(make_grpo, mak
 
 def test_one_silent_function_warns_and_flat_groups_are_logged(make_grpo, make_data, caplog):
     caplog.set_level(logging.WARNING, logger=HEALTH_LOG)
-    module = make_grpo(reward_funcs=[scores_nothing, constant], num_generations=2, max_new_tokens=4,
-                       max_unscored_steps=1)
+    module = make_grpo(reward_funcs=[scores_nothing, constant], num_generations=2,
+                       sampling=SamplingConfig(max_new_tokens=4), max_unscored_steps=1)
     recorder = MetricRecorder(names=("train/frac_reward_zero_std_step", "train/reward_step"))
     make_trainer(max_steps=2, callbacks=[recorder]).fit(module, make_data(batch_size=2))  # `constant` scores: no stop
     assert len(warnings_of(caplog, "'scores_nothing' returned None/NaN for all 4 completions")) == 2
@@ -67,7 +67,7 @@ def test_a_reward_returning_a_string_is_refused_in_training(make_grpo, make_data
 
 def test_a_collapsed_policy_is_reported(make_grpo, make_data, caplog):
     caplog.set_level(logging.WARNING, logger=HEALTH_LOG)
-    module = make_grpo(num_generations=2, max_new_tokens=1)
+    module = make_grpo(num_generations=2, sampling=SamplingConfig(max_new_tokens=1))
     module.configure_model()
     with torch.no_grad():
         module.policy.model.norm.weight.mul_(1e4)  # near one-hot next-token distributions: entropy ~ 0

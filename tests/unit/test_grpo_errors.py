@@ -15,7 +15,7 @@ from lightning_rl.rewards import RewardError
     [
         ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\), got 'ppo'"),
         ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
-        ({"temperature": 0.0}, r"temperature must be > 0 for training rollouts, got 0.0"),
+        ({"sampling": {"temperature": 0.0}}, r"temperature must be > 0 for training rollouts, got 0.0"),
         ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
         ({"epsilon": 0.0}, r"epsilon and epsilon_high must be > 0"),
         ({"epsilon_high": -0.1}, r"epsilon and epsilon_high must be > 0"),

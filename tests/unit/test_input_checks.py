@@ -1,11 +1,12 @@
 """Bad settings, bad reward returns, missing models and CLI errors are refused at once, naming the fix."""
 
+import functools
 import math
 
 import pytest
 import torch
 
-from lightning_rl import DPO, GRPO, PPO, model_source
+from lightning_rl import DPO, GRPO, ORPO, PPO, model_source
 from lightning_rl import models as models_module
 from lightning_rl.__main__ import main
 from lightning_rl.models import load_policy, save_policy
@@ -22,7 +23,7 @@ def zero(prompts, completions, **columns):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"top_k": -5}, r"top_k must be a positive number of tokens, or None \(or 0\).*got -5"),
+        ({"sampling": {"top_k": -5}}, r"top_k must be a positive number of tokens, or None \(or 0\).*got -5"),
         ({"weight_decay": -5}, r"weight_decay must be >= 0 .*got -5"),
         ({"weight_decay": math.nan}, r"weight_decay must be >= 0"),
         ({"max_grad_norm": -1}, r"max_grad_norm must be > 0 to clip .*or None \(or 0\) to turn clipping off; got -1"),
@@ -158,8 +159,8 @@ CLI = ["fit", "--config", "examples/grpo_arithmetic.yaml", "--model.init_args.mo
     [
         (["--model.init_args.epsilon_high", "0.1"],
          "error: model.init_args.epsilon_high (lightning_rl.GRPO): ValueError: epsilon_high (0.1) is below epsilon"),
-        (["--model.init_args.top_k", "-5"],
-         "error: model.init_args.top_k (lightning_rl.GRPO): ValueError: top_k must be a positive number"),
+        (["--model.init_args.sampling.top_k", "-5"],
+         "error: model.init_args.sampling.top_k: ValueError: top_k must be a positive number"),
         (["--model.init_args.model", "./checkpoints/no-such-dir"],
          "error: model.init_args.model (lightning_rl.GRPO): FileNotFoundError: model directory "
          "'./checkpoints/no-such-dir' does not exist"),
@@ -180,3 +181,32 @@ def test_cli_traceback_on_request(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGHTNING_RL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="Does not validate against any of the Union subtypes"):
         main([*CLI, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.epsilon_high", "0.1"])
+
+
+@pytest.mark.parametrize("cls", [GRPO, PPO, DPO])
+def test_an_optimizer_with_a_changed_learning_rate_is_refused(cls):
+    args = dict(model="tiny-llama", optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    if cls is not DPO:
+        args["reward_funcs"] = [zero]
+    with pytest.raises(ValueError, match=r"learning_rate and weight_decay apply to the default AdamW optimizer only "
+                                         r"\(got learning_rate=0.001\).*set the learning rate and weight decay in the"):
+        cls(learning_rate=1e-3, **args)
+    with pytest.raises(ValueError, match=r"\(got weight_decay=0.1\)"):
+        cls(weight_decay=0.1, **args)
+    cls(**args)  # the optimizer alone is fine
+
+
+def test_ppo_value_learning_rate_is_its_own_group_whatever_the_optimizer():
+    ppo = PPO(reward_funcs=[zero], model="tiny-llama", value_learning_rate=0.5,
+              optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    ppo.configure_model()
+    policy, value = ppo.configure_optimizers().param_groups
+    assert policy["lr"] == 0.1 and value["lr"] == 0.5  # the policy at the optimizer's own rate
+    ppo = PPO(reward_funcs=[zero], model="tiny-llama", learning_rate=3e-4)
+    ppo.configure_model()
+    assert [g["lr"] for g in ppo.configure_optimizers().param_groups] == [3e-4, 3e-4]
+
+
+def test_orpo_refuses_a_reference_setting():
+    with pytest.raises(ValueError, match="ORPO uses no reference model"):
+        ORPO(model="tiny-llama", reference="live")

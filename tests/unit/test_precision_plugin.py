@@ -52,8 +52,8 @@ def dense_reward(prompts, completions, completion_ids, **columns):
 def _grpo(**kw):
     L.seed_everything(0, verbose=False)
     args = dict(reward_funcs=[dense_reward], model="tiny-llama", model_config=TINY, num_generations=2,
-                max_new_tokens=4, learning_rate=3e-3, micro_batch_size=4, logprob_backend="reference",
-                chat_template=False, max_prompt_length=16)
+                sampling={"max_new_tokens": 4}, learning_rate=3e-3, micro_batch_size=4,
+                logprob_backend="reference", chat_template=False, max_prompt_length=16)
     args.update(kw)
     return GRPO(**args)
 
@@ -352,8 +352,8 @@ def test_plan_counts_engine_weights_that_stay_while_the_engine_sleeps(keep, kept
 def test_ppo_and_dpo_fit_with_the_plugin():
     L.seed_everything(0, verbose=False)
     ppo = PPO(reward_funcs=[dense_reward], model="tiny-llama", model_config=TINY, num_generations=2,
-              max_new_tokens=4, learning_rate=3e-3, ppo_epochs=1, num_mini_batches=1, micro_batch_size=4,
-              chat_template=False, max_prompt_length=16)
+              sampling={"max_new_tokens": 4}, learning_rate=3e-3, num_iterations=1, num_mini_batches=1,
+              micro_batch_size=4, chat_template=False, max_prompt_length=16)
     trainer = _trainer(MemoryAwarePrecision(), steps=1)
     trainer.fit(ppo, PromptDataModule(train_data=ROWS, batch_size=2))
     assert trainer.global_step >= 1

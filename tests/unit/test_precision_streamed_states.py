@@ -182,9 +182,9 @@ def test_plugin_plan_counts_a_chunk_and_the_autocast_casts():
 def _grpo(**kw):
     L.seed_everything(0, verbose=False)
     args = dict(reward_funcs=[lambda prompts, completions, completion_ids, **c: [sum(i) / 100 for i in completion_ids]],
-                model="tiny-llama", model_config={"num_hidden_layers": 1}, num_generations=2, max_new_tokens=4,
-                learning_rate=3e-3, micro_batch_size=2, logprob_backend="reference", chat_template=False,
-                max_prompt_length=16)
+                model="tiny-llama", model_config={"num_hidden_layers": 1}, num_generations=2,
+                sampling={"max_new_tokens": 4}, learning_rate=3e-3, micro_batch_size=2, logprob_backend="reference",
+                chat_template=False, max_prompt_length=16)
     args.update(kw)
     return GRPO(**args)
 

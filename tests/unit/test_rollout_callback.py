@@ -62,8 +62,8 @@ ROWS = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(8)]
 
 def _module(**kw):
     args = dict(reward_funcs=[lambda prompts, completions, **_: [float(len(c)) for c in completions]],
-                model="tiny-llama", num_generations=2, max_new_tokens=4, chat_template=False, micro_batch_size=4,
-                max_prompt_length=32)
+                model="tiny-llama", num_generations=2, sampling={"max_new_tokens": 4}, chat_template=False,
+                micro_batch_size=4, max_prompt_length=32)
     args.update(kw)
     return GRPO(**args)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY, high_ids, make_trainer
 
-from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule
+from lightning_rl import DPO, GRPO, KTO, ORPO, PPO, MemoryAwarePrecision, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
 
 ROWS = [{"prompt": f"say {i}"} for i in range(16)]
@@ -34,8 +34,8 @@ class ForwardModes:
 
 def _grpo(model, **kw):
     L.seed_everything(0, verbose=False)
-    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, max_new_tokens=4, learning_rate=3e-3,
-                logprob_backend="reference", chat_template=False, max_prompt_length=16)
+    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                learning_rate=3e-3, logprob_backend="reference", chat_template=False, max_prompt_length=16)
     args.update(kw)
     return GRPO(**args)
 
@@ -45,8 +45,9 @@ def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
     if method == "grpo":
         module = _grpo(saved_tiny)
     else:
-        module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2, max_new_tokens=4,
-                     learning_rate=3e-3, chat_template=False, max_prompt_length=16, ppo_epochs=1)
+        module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2,
+                     sampling=SamplingConfig(max_new_tokens=4), learning_rate=3e-3, chat_template=False,
+                     max_prompt_length=16, num_iterations=1)
     module.configure_model()
     assert not module.policy.training  # transformers' from_pretrained gives eval mode
     modes = ForwardModes(module)
@@ -128,3 +129,38 @@ def test_explicit_micro_batch_size_wins():
     assert module.micro_batch_for(8, 100) == 2
     module.micro_batch_tokens = None
     assert module.micro_batch_for(8, 100) == 8
+
+
+@pytest.mark.parametrize(
+    ("build", "sequence", "generates", "generations", "micro"),
+    [
+        (lambda: _grpo("tiny-llama", model_config=TINY, micro_batch_size=3), 16 + 4, True, 2, 3),
+        (lambda: PPO(reward_funcs=[high_ids], model="tiny-llama", model_config=TINY, max_prompt_length=16,
+                     sampling={"max_new_tokens": 4}, num_generations=3), 16 + 4, True, 3, None),
+        # preference pairs: chosen and rejected share a micro-batch; responses are cut at max_completion_length
+        (lambda: DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=24,
+                     micro_batch_size=5), 16 + 24, False, 1, 10),
+        # online DPO samples two completions per prompt of up to sampling.max_new_tokens
+        (lambda: DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, online=True,
+                     reward_funcs=[high_ids], sampling={"max_new_tokens": 6}, micro_batch_size=2), 16 + 6, True, 2, 4),
+        (lambda: ORPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=None,
+                      micro_batch_size=1), 16 + 1024, False, 1, 2),
+        (lambda: KTO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=8,
+                     micro_batch_size=4), 16 + 8, False, 1, 4),
+    ],
+    ids=["grpo", "ppo", "dpo", "dpo-online", "orpo", "kto"],
+)
+def test_training_shape_of_each_module(build, sequence, generates, generations, micro):
+    module = build()
+    module.configure_model()
+    shape = module.training_shape()
+    assert (shape.sequence_tokens, shape.generates, shape.num_generations, shape.micro_batch_size) == \
+        (sequence, generates, generations, micro)
+    assert shape.model_config is module.policy.config
+
+
+def test_a_planned_micro_batch_counts_the_pairs_sequences():
+    dpo = DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=24, micro_batch_size=8)
+    dpo.configure_model()
+    dpo.apply_micro_batch_plan(5 * (16 + 24))  # five sequences fit: two whole pairs
+    assert dpo.micro_batch_size == 2

@@ -1,0 +1,51 @@
+"""Logged step values: one MeanMetric per name, train and val."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
+
+
+class StepMetrics:
+    """Mixed into :class:`~lightning_rl.modules.policy.PolicyModule`: ``train/<name>`` and ``val/<name>`` metrics."""
+
+    def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
+        """Create the MeanMetric accumulators for the logged values."""
+        self.train_metrics = nn.ModuleDict(
+            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn") for n in train})
+        self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
+
+    def log_values(
+        self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
+    ) -> None:
+        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out).
+
+        A training step's NaN ``grad_norm`` (its optimizer step was skipped) is logged as NaN for that
+        step and left out of the epoch mean.
+        """
+        metrics = self.train_metrics if stage == "train" else self.val_metrics
+        for name, value in values.items():
+            v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
+            v = v[~torch.isnan(v)]
+            if not v.numel():
+                if stage != "train" or name not in SHOWN_NAN:
+                    continue
+                v = torch.tensor([math.nan])
+            metric = metrics[metric_key(name)]
+            if not torch.is_inference_mode_enabled() and any(
+                    isinstance(t, torch.Tensor) and t.is_inference() for t in metric.metric_state.values()):
+                metric.reset()  # states last reset under inference mode (a previous Trainer.validate)
+            metric(v.to(metric.device))
+            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                     prog_bar=name in prog_bar)
+
+
+def metric_key(name: str) -> str:
+    """ModuleDict key of a metric name (keys may not contain dots or slashes)."""
+    return name.replace("/", "__").replace(".", "_")
