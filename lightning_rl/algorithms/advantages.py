@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+
+from lightning_rl.algorithms.gae import masked_moments
 
 ScaleRewards = Literal["group", "batch", "none"]
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
@@ -15,6 +18,7 @@ def group_advantages(
     num_generations: int,
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages: reward minus its group's mean, optionally scaled.
 
@@ -32,6 +36,9 @@ def group_advantages(
         scale_rewards: ``"group"`` divides by the group's std, ``"batch"`` by the std over all
             completions, ``"none"`` does not scale (Dr. GRPO).
         eps: added to the std before dividing.
+        reduce: sums a tensor over processes (the strategy's all-reduce): ``"batch"`` then divides by the std
+            of every process's rewards, as one process holding the whole batch would. Groups never span
+            processes, so the other modes need none.
 
     Returns:
         ``[B*G]`` float32 advantages.
@@ -57,8 +64,11 @@ def group_advantages(
     if scale_rewards == "group":
         var = (centered**2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
         std = var.sqrt()
-    else:
+    elif reduce is None:
         flat = r[valid]
         std = flat.std() if flat.numel() > 1 else torch.zeros((), device=r.device)
+    else:
+        _, _, var = masked_moments(torch.where(valid, r, torch.zeros_like(r)), valid, reduce)
+        std = var.sqrt().float()
     adv = centered / (std + eps)
     return adv.flatten()

@@ -32,6 +32,9 @@ from lightning_rl.shapes import TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
 
+#: Seed offset between processes: each rank's engine samples its own prompts from its own stream.
+RANK_SEED_STRIDE = 1_000_003
+
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
 
@@ -60,7 +63,8 @@ class VLLMRollout(Callback):
             ``max_prompt_tokens + max_new_tokens``.
         settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
             (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
-            step on resume so runs do not replay).
+            step on resume so runs do not replay, and by the process's rank under DDP/FSDP so the processes'
+            engines draw different samples).
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
             (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
     """
@@ -136,7 +140,9 @@ class VLLMRollout(Callback):
         """A :class:`VLLMEngine` sized for ``prompts_per_step * G`` sequences of the module's lengths."""
         from lightning_rl.rollout.vllm import VLLMEngine
 
-        seed = self.settings.seed + self._restored_step
+        trainer = getattr(pl_module, "_trainer", None)
+        rank = int(getattr(trainer, "global_rank", 0) or 0)
+        seed = self.settings.seed + self._restored_step + RANK_SEED_STRIDE * rank
         if self.engine_factory is not None:
             return self.engine_factory(pl_module, prompts_per_step, seed)
         shape = pl_module.training_shape()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -246,14 +247,37 @@ class OnPolicyModule(PolicyModule):
         exp.stats.set("truncated_frac", exp.rollout.truncated.float().mean())
         exp.stats.set("completion_tokens", lengths.sum())
         self.step_statistics(exp)
-        values = exp.stats.read(self.device)  # the one read-back of the step
+        values = self.over_processes(exp.stats.read(self.device))  # the one read-back of the step
         tokens = values.pop("completion_tokens")
-        values.update(self.reward_statistics(exp), rollout_time=rollout_time, train_time=train_time,
-                      tokens_per_sec=tokens / max(rollout_time, 1e-9))
+        values.update(self.reward_statistics(self.with_all_rewards(exp)), rollout_time=rollout_time,
+                      train_time=train_time, tokens_per_sec=tokens / max(rollout_time, 1e-9))
         self.end_step(exp, values)
         self.health.check_rewards(exp.rewards, exp.rewards_per_function, self.rewards.names, self.global_step)
         self.health.check_collapse(values, self.global_step)
         self.log_values("train", values, len(exp.prompts), prog_bar=self.progress_bar_metrics)
+
+    def over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Under DDP/FSDP, the step statistics of every process: means (maxima for ``*_max``), in two all-reduces.
+
+        Every process logs the same figures, those of the whole step; in a single process ``values`` as is.
+        """
+        reduce = self.sum_over_processes()
+        if reduce is None or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        means = (reduce(t) / self.trainer.world_size).tolist()
+        maxima = self.trainer.strategy.reduce(t, reduce_op=dist.ReduceOp.MAX).tolist()
+        return {k: (hi if k.endswith("_max") else mean) for k, mean, hi in zip(keys, means, maxima)}
+
+    def with_all_rewards(self, exp: Experience) -> Experience:
+        """``exp`` with the rewards of every process (gathered under DDP/FSDP), for the reward statistics."""
+        if self.sum_over_processes() is None:
+            return exp
+        f = exp.rewards_per_function.shape[-1]
+        total = self.all_gather(exp.rewards.to(self.device)).reshape(-1).cpu()
+        per_fn = self.all_gather(exp.rewards_per_function.to(self.device)).reshape(-1, f).cpu()
+        return dataclasses.replace(exp, rewards=total, rewards_per_function=per_fn)
 
     def end_step(self, exp: Experience, values: dict[str, float]) -> None:
         """After the statistics are read: adapt state to them (PPO's KL coefficient); may add to ``values``."""
@@ -272,13 +296,6 @@ class OnPolicyModule(PolicyModule):
         columns.update({f"reward/{n}": exp.rewards_per_function[:, j] for j, n in enumerate(self.rewards.names)})
         columns.update(self.sample_columns(exp))
         self.last_samples = StepSamples(columns, self.num_generations)
-
-    def sum_over_processes(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """All-reduce (sum) over the trainer's processes under DDP/FSDP; None in a single process."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
-            return None
-        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
     @torch.no_grad()
     def no_grad_logprobs(self, model: torch.nn.Module, exp: Experience) -> torch.Tensor:

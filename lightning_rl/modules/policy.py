@@ -6,12 +6,13 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
@@ -405,10 +406,18 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}
 
+    def sum_over_processes(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """All-reduce (sum) over the trainer's processes under DDP/FSDP; None in a single process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return None
+        return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
     def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
         """Clip, check for NaN/inf, then step (or skip, leaving the weights untouched).
 
-        One host synchronization: the loss and the gradient norm are checked together.
+        One host synchronization: the loss and the gradient norm are checked together. Under DDP/FSDP
+        they are averaged over the processes first, so every process makes the same decision.
 
         Returns:
             ``{"grad_norm": ..., "skipped": 0 or 1}``.
@@ -419,7 +428,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
             if grads else torch.zeros((), device=self.device)
         loss = torch.as_tensor(loss_value, dtype=torch.float32).to(norm.device)
-        loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()
+        checked = torch.stack([loss, norm.float()])
+        reduce = self.sum_over_processes()
+        if reduce is not None:  # every process skips or steps alike: a NaN on one rank is a NaN in the sum
+            checked = reduce(checked) / self.trainer.world_size
+        loss_value, norm_value = checked.tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._nonfinite_streak += 1
             opt.zero_grad(set_to_none=True)

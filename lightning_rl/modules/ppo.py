@@ -235,9 +235,16 @@ class PPO(OnPolicyModule):
 
     @override
     def loss_weights(self, exp: Experience, rows: Rows) -> torch.Tensor:
-        """The mini-batch's token mean: each counted token weighs ``1 / tokens``."""
+        """The mini-batch's token mean: each counted token weighs ``1 / tokens``.
+
+        Under DDP/FSDP the tokens are counted over every process and the weights scaled by their number,
+        so the averaged gradients are those of the token mean over the whole (global) mini-batch.
+        """
         mask = exp.mask[rows]
-        return mask / mask.sum().clamp(min=1)
+        reduce = self.sum_over_processes()
+        if reduce is None:
+            return mask / mask.sum().clamp(min=1)
+        return mask * self.trainer.world_size / reduce(mask.sum().detach()).clamp(min=1)
 
     @override
     def policy_loss(self, exp: Experience, rows: Rows, out: PolicyOutput) -> torch.Tensor:

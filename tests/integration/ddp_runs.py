@@ -1,0 +1,103 @@
+"""A tiny GRPO or PPO fit on the CPU in one process or under Lightning's DDP (gloo); rank 0 writes the result.
+
+Run by tests/integration/test_ddp_equivalence.py as a script (Lightning's DDP launcher starts the other
+ranks by running this file again). Completions come from an engine that seeds each prompt's sampling from
+the prompt and the step, so a prompt gets the same completions whichever process (and batch) it lands in:
+what differs between the runs is only the rank logic under test.
+
+    python tests/integration/ddp_runs.py --method grpo --devices 2 --batch-size 2 --out result.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+import lightning as L
+import torch
+
+from lightning_rl import GRPO, PPO, PromptDataModule
+from lightning_rl.rollout import HFEngine, Rollout
+from lightning_rl.rollout.padding import left_pad, right_pad
+
+
+def high_ids(prompts, completions, completion_ids, **columns):
+    """Mean token id / 100: a dense reward, so the completions of a group differ."""
+    return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
+
+
+class PerPromptSeededEngine(HFEngine):
+    """transformers ``generate``, each prompt's completions drawn from a seed of (call number, prompt)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def generate(self, prompt_ids, sampling, num_generations=1):  # noqa: D102
+        prompts, completions, logprobs, reasons = [], [], [], []
+        for ids in prompt_ids:
+            seed = int(hashlib.sha256(f"{self.calls}:{list(ids)}".encode()).hexdigest()[:8], 16)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                part = super().generate([ids], sampling, num_generations)
+            for i in range(part.num_sequences):
+                keep = part.completion_mask[i].bool()
+                prompts.append(part.prompt_ids[i][part.prompt_mask[i].bool()].tolist())
+                completions.append(part.completion_ids[i][keep].tolist())
+                logprobs.append(part.sampling_logprobs[i][keep].tolist())
+                reasons.append(part.finish_reasons[i])
+        self.calls += 1
+        prompt_t, prompt_mask = left_pad(prompts, self.pad_token_id)
+        completion_t, completion_mask = right_pad(completions, self.pad_token_id)
+        lp = torch.zeros(completion_t.shape)
+        for i, row in enumerate(logprobs):
+            lp[i, : len(row)] = torch.tensor(row)
+        return Rollout(prompt_t, prompt_mask, completion_t, completion_mask, lp, reasons,
+                       torch.arange(len(prompt_ids)).repeat_interleave(num_generations))
+
+
+class Record(L.Callback):
+    """The step's (all-process) loss and reward, as the module logged them."""
+
+    def __init__(self):
+        self.loss, self.reward = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+        self.loss.append(float(trainer.callback_metrics["train/loss_step"]))
+        self.reward.append(float(trainer.callback_metrics["train/reward_step"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=["grpo", "ppo"], default="grpo")
+    ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=4, help="prompts per process and step")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    common = dict(reward_funcs=[high_ids], model="tiny-llama", model_config={"num_hidden_layers": 1},
+                  num_generations=4, sampling={"max_new_tokens": 6}, learning_rate=1e-2, chat_template=False,
+                  logprob_backend="reference", max_prompt_length=16)
+    if args.method == "grpo":  # the global token count (dapo) and the batch std of the rewards cross processes
+        module = GRPO(loss_type="dapo", scale_rewards="batch", **common)
+    else:  # whitening and the token mean of the loss cross processes
+        module = PPO(num_iterations=1, **common)
+    module.configure_model()
+    module.rollout_engine = PerPromptSeededEngine(lambda: module.policy, module.tokenizer.pad_token_id,
+                                                  module.eos_token_ids)
+    record = Record()
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=args.devices,
+                        strategy="ddp" if args.devices > 1 else "auto", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[record])
+    rows = [{"prompt": f"say {i}"} for i in range(32)]
+    trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
+    if trainer.is_global_zero:
+        torch.save({"loss": record.loss, "reward": record.reward,
+                    "weights": {k: v.detach().cpu() for k, v in module.policy.state_dict().items()}}, args.out)
+
+
+if __name__ == "__main__":
+    main()
