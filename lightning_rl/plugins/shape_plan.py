@@ -31,11 +31,14 @@ def in_step_generation_needs(
 ) -> RolloutNeeds:
     """The module generating inside its step (transformers ``generate``).
 
-    A KV cache in the compute dtype and fp32 logits rows; no engine weights, no offloading.
+    A KV cache in the compute dtype, and the fp32 logits ``generate`` keeps for every new token (the
+    sampled tokens' log-probs are read from them) plus one step's worth being read; no engine weights,
+    no offloading.
     """
     sequences = prompts_per_step * shape.num_generations if prompts_per_step else 0
+    logit_rows = max(sequences, 1) * (shape.max_new_tokens + 2)
     return RolloutNeeds(kv_bytes_per_token(shape.model_config, compute_dtype.itemsize),
-                        sequences * shape.sequence_tokens, 0, max(sequences, 1) * _vocab_size(shape.model_config) * 8,
+                        sequences * shape.sequence_tokens, 0, logit_rows * _vocab_size(shape.model_config) * 4,
                         headroom=1.0, offload_optimizer=False)
 
 

@@ -94,10 +94,9 @@ class HFEngine:
                 sl = slice(start, start + self.max_batch_size)
                 out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config)
                 new = out.sequences[:, ids.shape[1] :]
-                steps = torch.stack(out.logits, dim=1).float() / temperature
-                lp = torch.log_softmax(steps, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
                 completions.append(new)
-                logprobs.append(lp)
+                logprobs.append(sampled_logprobs(list(out.logits), new, temperature))
+                del out
         finally:
             model.train(was_training)
         width = max(c.shape[1] for c in completions)
@@ -116,3 +115,18 @@ class HFEngine:
             finish_reasons=reasons,
             group_index=group_index,
         )
+
+
+def sampled_logprobs(step_logits: list[torch.Tensor], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[N, T]`` log-probs of the sampled ``tokens`` from ``generate``'s per-step ``[N, V]`` logits.
+
+    One step at a time, each step's logits dropped once read: the extra memory is one step's ``[N, V]``
+    in fp32, not a second copy of all ``T`` steps (which the caller's ``generate`` output holds once).
+    """
+    columns = []
+    for t in range(len(step_logits)):
+        z = step_logits[t].float() / temperature
+        step_logits[t] = None  # type: ignore[call-overload]
+        columns.append(torch.log_softmax(z, dim=-1).gather(-1, tokens[:, t, None]).squeeze(-1))
+    return torch.stack(columns, dim=1)
+

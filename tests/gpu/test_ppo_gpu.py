@@ -12,6 +12,11 @@ from lightning_rl.rewards import NumericMatch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+def length_reward(prompts, completions, **columns):
+    """Characters / 100: never the same for every completion, so the returns differ from zero."""
+    return [len(c) / 100 for c in completions]
+
+
 def _fit(module, callbacks=()):
     steps = 2 * module.num_iterations * module.num_mini_batches  # two rollouts
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
@@ -33,8 +38,10 @@ def test_ppo_fit_with_the_vllm_callback():
     from lightning_rl.rollout import EngineSettings
 
     torch.manual_seed(0)
-    module = PPO(reward_funcs=[NumericMatch(position="first")], model="smollm2-135m-instruct", dtype="bfloat16",
-                 num_generations=4, sampling=SamplingConfig(max_new_tokens=32), micro_batch_size=16,
+    # a dense reward besides the sparse one: two rollouts of SmolLM2 may score 0 everywhere on arithmetic
+    # (seen on an H200), and with all-zero returns the value head has nothing to learn
+    module = PPO(reward_funcs=[NumericMatch(position="first"), length_reward], model="smollm2-135m-instruct",
+                 dtype="bfloat16", num_generations=4, sampling=SamplingConfig(max_new_tokens=32), micro_batch_size=16,
                  max_prompt_length=128, learning_rate=1e-5, num_iterations=1, num_mini_batches=1)
     callback = VLLMRollout(settings=EngineSettings(execution="eager"))
     _fit(module, [callback])
