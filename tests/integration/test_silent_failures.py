@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import MetricRecorder, make_trainer
+from helpers import MetricRecorder, make_trainer
 from lightning.pytorch.loggers import Logger
 
 from lightning_rl import DPO, PreferenceDataModule, PromptDataModule, SamplingConfig

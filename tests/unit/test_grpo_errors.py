@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_trainer, sevens, state_copy
+from helpers import make_trainer, sevens, state_copy
 
 from lightning_rl import GRPO
 from lightning_rl.modules import NonFiniteLossError

@@ -2,7 +2,7 @@
 
 import lightning as L
 import torch
-from conftest import make_trainer, state_copy
+from helpers import make_trainer, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_rollout_callback import ROWS, FakeEngine, _module
 

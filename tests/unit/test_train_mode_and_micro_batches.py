@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, high_ids, make_trainer
+from helpers import TINY, high_ids, make_trainer
 
 from lightning_rl import DPO, GRPO, KTO, ORPO, PPO, MemoryAwarePrecision, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
