@@ -54,3 +54,74 @@ def make_trainer(max_steps=2, callbacks=(), **kwargs):
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def tiny_grpo(model="tiny-llama", **overrides):
+    """A seeded GRPO module for quick CPU fits: 2 generations of up to 4 tokens, plain prompts of up to 16 tokens."""
+    from lightning_rl import GRPO
+
+    L.seed_everything(0, verbose=False)
+    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, sampling={"max_new_tokens": 4},
+                learning_rate=3e-3, logprob_backend="reference", chat_template=False, max_prompt_length=16)
+    args.update(overrides)
+    return GRPO(**args)
+
+
+def plugin_trainer(plugin, steps=2, callbacks=(), **kwargs):
+    """A quiet CPU Trainer with one precision plugin."""
+    return make_trainer(max_steps=steps, callbacks=callbacks, plugins=[plugin], **kwargs)
+
+
+# ----------------------------------------------------------------------------- VLLMRollout without vLLM
+SUM_ROWS = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(8)]
+
+
+class FakeEngine:
+    """Records calls; generates with transformers on the live policy."""
+
+    def __init__(self, module, calls, needs_sync_after_sleep=False):
+        from lightning_rl.rollout import HFEngine
+
+        self.calls = calls
+        self.module = module
+        self.inner = HFEngine(lambda: module.policy, module.tokenizer.pad_token_id, module.eos_token_ids)
+        self.needs_sync = False
+        self.needs_sync_after_sleep = needs_sync_after_sleep
+        calls.append("create")
+
+    def wake_up(self):
+        self.calls.append("wake")
+
+    def sync_weights(self, model):
+        assert model is self.module.policy
+        self.needs_sync = False
+        self.calls.append("sync")
+
+    def generate(self, prompt_ids, sampling, num_generations):
+        self.calls.append("generate")
+        return self.inner.generate(prompt_ids, sampling, num_generations)
+
+    def sleep(self):
+        self.calls.append("sleep")
+        self.needs_sync = self.needs_sync_after_sleep
+
+    def shutdown(self):
+        self.calls.append("shutdown")
+
+
+def rollout_grpo(**kw):
+    """The GRPO module of the VLLMRollout tests: tiny-llama rewarded by completion length, 2 generations."""
+    from lightning_rl import GRPO
+
+    args = dict(reward_funcs=[lambda prompts, completions, **_: [float(len(c)) for c in completions]],
+                model="tiny-llama", num_generations=2, sampling={"max_new_tokens": 4}, chat_template=False,
+                micro_batch_size=4, max_prompt_length=32)
+    args.update(kw)
+    return GRPO(**args)
+
+
+def fake_rollout(calls, **kw):
+    """A VLLMRollout whose engines are FakeEngines recording into ``calls``."""
+    from lightning_rl import VLLMRollout
+
+    return VLLMRollout(engine_factory=lambda module, n, seed: FakeEngine(module, calls, **kw))
