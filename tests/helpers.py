@@ -11,6 +11,7 @@ import torch
 # test modules that set environment variables first (the Triton and vLLM ones) import the library.
 
 TINY = {"num_hidden_layers": 1}
+SAY_ROWS = [{"prompt": f"say {i}"} for i in range(16)]
 
 
 def sevens(prompts, completions, **columns):
@@ -49,6 +50,11 @@ def make_trainer(max_steps=2, callbacks=(), **kwargs):
     )
     defaults.update(kwargs)
     return L.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and values."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
