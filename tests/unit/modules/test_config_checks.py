@@ -1,18 +1,13 @@
-"""Bad settings, bad reward returns, missing models and CLI errors are refused at once, naming the fix."""
+"""Bad module settings are refused at construction, naming the fix (GRPO, PPO, DPO, ORPO; optimizers)."""
 
 import functools
 import math
 
 import pytest
 import torch
+from helpers import sevens
 
-from lightning_rl import DPO, GRPO, ORPO, PPO, model_source
-from lightning_rl import models as models_module
-from lightning_rl.__main__ import main
-from lightning_rl.models import load_policy, save_policy
-from lightning_rl.modules.health import collapse_message
-from lightning_rl.rewards import RewardError, RewardSet
-from lightning_rl.rewards.validation import zero_std_fraction
+from lightning_rl import DPO, GRPO, ORPO, PPO
 
 
 def zero(prompts, completions, **columns):
@@ -51,136 +46,30 @@ def test_bad_grpo_settings_fail_at_construction(kwargs, match):
         GRPO(**{"reward_funcs": [zero], "model": "tiny-llama", **kwargs})
 
 
-def returns_string(prompts, completions, **columns):
-    return "1111"
-
-
-def returns_scalar(prompts, completions, **columns):
-    return 1.0
-
-
-def returns_text_values(prompts, completions, **columns):
-    return ["1"] * len(completions)
-
-
 @pytest.mark.parametrize(
-    ("fn", "match"),
+    ("kwargs", "match"),
     [
-        (returns_string, r"'returns_string' returned str '1111' for 4 completions; it must return one float"),
-        (returns_scalar, r"'returns_scalar' returned float 1.0 for 4 completions; it must return one float"),
-        (returns_text_values, r"'returns_text_values' returned '1' for sample 0; expected a float or None"),
+        ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\), got 'ppo'"),
+        ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
+        ({"sampling": {"temperature": 0.0}}, r"temperature must be > 0 for training rollouts, got 0.0"),
+        ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
+        ({"epsilon": 0.0}, r"epsilon and epsilon_high must be > 0"),
+        ({"epsilon_high": -0.1}, r"epsilon and epsilon_high must be > 0"),
+        ({"beta": -1.0}, r"beta must be >= 0"),
+        ({"num_iterations": 0}, r"num_iterations must be >= 1, got 0"),
+        ({"num_mini_batches": 0}, r"num_mini_batches must be >= 1"),
+        ({"micro_batch_size": 0}, r"micro_batch_size must be >= 1"),
+        ({"learning_rate": 0.0}, r"learning_rate must be a positive number"),
+        ({"logprob_backend": "cuda"}, r"logprob_backend must be one of"),
+        ({"reward_funcs": []}, r"at least one reward function is needed"),
+        ({"reward_weights": [1.0, 2.0]}, r"reward_weights has 2 values for 1 reward functions"),
     ],
 )
-def test_unusable_reward_returns_name_the_function(fn, match):
-    with pytest.raises(RewardError, match=match):
-        RewardSet([fn])(["p"] * 4, ["c"] * 4, {})
-
-
-def test_array_and_generator_returns_are_still_rewards():
-    total, _ = RewardSet([lambda p, c, **k: torch.tensor([1.0, 2.0]), lambda p, c, **k: (0.5 for _ in c)])(
-        ["p"] * 2, ["c"] * 2, {})
-    assert total.tolist() == [1.5, 2.5]
-
-
-def test_zero_std_fraction_counts_groups_without_signal():
-    nan = math.nan
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, nan, nan, nan, 2.0, 3.0, 3.0, 3.0, 3.0])
-    # groups of 2: [1,1] flat, [0,1] signal, [nan,nan] none, [nan,2] one value, [3,3] flat, [3,3] flat
-    assert zero_std_fraction(rewards, 2) == pytest.approx(5 / 6)
-    assert zero_std_fraction(rewards, 4) == pytest.approx(2 / 3)  # [1,1,0,1] has signal
-
-
-def test_collapse_message_needs_both_signs():
-    assert collapse_message(0.01, 1.0) and "lower learning_rate" in collapse_message(0.01, 1.0)
-    assert collapse_message(0.01, 12.0) is None  # confident but still writing
-    assert collapse_message(2.0, 1.0) is None  # short answers from a policy that still explores
-    assert collapse_message(None, 1.0) is None and collapse_message(math.nan, 1.0) is None
-
-
-# ----------------------------------------------------------------------------- model sources
-def test_a_mistyped_local_model_dir_says_it_does_not_exist(tmp_path):
-    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 1})
-    save_policy(net, tok, tmp_path / "checkpoints" / "my-model")
-    with pytest.raises(FileNotFoundError, match=r"model directory '.*my-modle' does not exist \(looked for .*\); "
-                                                r"did you mean .*checkpoints/my-model\?"):
-        load_policy(str(tmp_path / "checkpoints" / "my-modle"))
-    with pytest.raises(FileNotFoundError, match=r"has no config.json, so it is not a saved transformers model"):
-        load_policy(str(tmp_path / "checkpoints"))
-    assert load_policy(str(tmp_path / "checkpoints" / "my-model"))[0].config.num_hidden_layers == 1
-
-
-@pytest.fixture
-def no_hub_download(monkeypatch, tmp_path):
-    """An empty HF cache, and transformers' loaders replaced by ones that fail the test if reached."""
-    import huggingface_hub.constants as hub
-
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-
-    def reached(*args, **kwargs):
-        raise AssertionError("transformers was asked to download")
-
-    monkeypatch.setattr(models_module.AutoTokenizer, "from_pretrained", reached)
-    monkeypatch.setattr(models_module.AutoModelForCausalLM, "from_pretrained", reached)
-    return tmp_path / "hf-cache"
-
-
-def test_an_unreachable_hub_fails_at_once_saying_where_it_looked(no_hub_download, monkeypatch):
-    monkeypatch.setattr(model_source, "hub_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(OSError, match=r"model 'someone/no-such-model' is not a local directory, not in the Hugging "
-                                      rf"Face cache \({no_hub_download}\), and http://127.0.0.1:9 cannot be used"):
-        load_policy("someone/no-such-model")
-
-
-def test_offline_mode_fails_without_a_request(no_hub_download, monkeypatch):
-    def probed(*args, **kwargs):
-        raise AssertionError("the hub was probed although HF_HUB_OFFLINE is set")
-
-    monkeypatch.setattr(model_source, "hub_unreachable_reason", probed)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"cannot be used \(HF_HUB_OFFLINE is set\)"):
-        load_policy("someone/no-such-model")
-
-
-def test_a_cached_model_loads_offline_when_the_hub_is_unreachable(monkeypatch):
-    monkeypatch.setattr(model_source, "hub_endpoint", lambda: "http://127.0.0.1:9")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(model_source, "hub_cached", lambda repo_id: True)
-    assert model_source.hub_load_kwargs("someone/cached-model") == {"local_files_only": True}
-
-
-# ----------------------------------------------------------------------------- CLI
-CLI = ["fit", "--config", "examples/grpo_arithmetic.yaml", "--model.init_args.model", "tiny-llama",
-       "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-
-
-@pytest.mark.parametrize(
-    ("extra", "first_line"),
-    [
-        (["--model.init_args.epsilon_high", "0.1"],
-         "error: model.init_args.epsilon_high (lightning_rl.GRPO): ValueError: epsilon_high (0.1) is below epsilon"),
-        (["--model.init_args.sampling.top_k", "-5"],
-         "error: model.init_args.sampling.top_k: ValueError: top_k must be a positive number"),
-        (["--model.init_args.model", "./checkpoints/no-such-dir"],
-         "error: model.init_args.model (lightning_rl.GRPO): FileNotFoundError: model directory "
-         "'./checkpoints/no-such-dir' does not exist"),
-    ],
-    ids=["construction", "sampling", "fit"],
-)
-def test_cli_errors_lead_with_the_library_message_and_config_key(extra, first_line, capsys, monkeypatch, tmp_path):
-    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
-    with pytest.raises(SystemExit) as info:
-        main([*CLI, "--trainer.default_root_dir", str(tmp_path), *extra])
-    assert info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith(first_line), err
-    assert len(err) == 2 and "LIGHTNING_RL_TRACEBACK=1" in err[1]
-
-
-def test_cli_traceback_on_request(monkeypatch, tmp_path):
-    monkeypatch.setenv("LIGHTNING_RL_TRACEBACK", "1")
-    with pytest.raises(ValueError, match="Does not validate against any of the Union subtypes"):
-        main([*CLI, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.epsilon_high", "0.1"])
+def test_bad_settings_fail_at_construction(kwargs, match):
+    args = dict(reward_funcs=[sevens], model="tiny-llama")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        GRPO(**args)
 
 
 @pytest.mark.parametrize("cls", [GRPO, PPO, DPO])
