@@ -68,3 +68,20 @@ def make_data(prompt_rows):
                                 **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """tiny-qwen2 (untied head) with an LM-head bias that makes EOS likely, so rollouts both stop and
+    run to the length limit."""
+    from lightning_rl import load_policy
+
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny-qwen2")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 2.5
+    model.lm_head = head
+    return model.eval(), tok
