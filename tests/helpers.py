@@ -29,6 +29,11 @@ def char_codes(prompts, completions, **columns):
     return [sum(map(ord, c)) / (100 * max(len(c), 1)) for c in completions]
 
 
+def returns_string(prompts, completions, **columns):
+    """A broken reward function: one string instead of a value per completion."""
+    return "1111"
+
+
 class MetricRecorder(L.Callback):
     """Keeps the step value of some logged metrics after every training batch."""
 

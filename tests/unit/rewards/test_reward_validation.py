@@ -4,13 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import returns_string
 
 from lightning_rl.rewards import RewardError, RewardSet
 from lightning_rl.rewards.validation import zero_std_fraction
-
-
-def returns_string(prompts, completions, **columns):
-    return "1111"
 
 
 def returns_scalar(prompts, completions, **columns):
