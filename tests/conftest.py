@@ -1,4 +1,7 @@
-"""Shared fixtures: seeded tiny GRPO modules, prompt rows, and a CPU Trainer that records metrics."""
+"""Session setup (one intra-op thread, the Triton interpreter without CUDA) and shared fixtures.
+
+Helpers that tests import (rewards, ``make_trainer``, ``MetricRecorder``...) live in ``helpers.py``.
+"""
 
 import os
 
@@ -11,11 +14,13 @@ if not torch.cuda.is_available():
 
 import lightning as L  # noqa: E402
 import pytest  # noqa: E402
+from helpers import TINY, high_ids  # noqa: E402
 
 # The tiny models are far too small to gain from intra-op threads, and on a shared 2-core machine the
 # spinning threads of a second process slow every matmul down several times (measured: 3 GRPO steps
 # 0.9 s with one thread, 6.3 s with two under load).
 torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -24,47 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-TINY = {"num_hidden_layers": 1}
-
-
-def sevens(prompts, completions, **columns):
-    """Fraction of '7' characters in each completion (a behaviour a tiny random model can learn)."""
-    return [c.count("7") / max(len(c), 1) for c in completions]
-
-
-def high_ids(prompts, completions, completion_ids, **columns):
-    """Mean token id / 100: a dense reward, so the completions of a group differ and the weights move."""
-    return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
-
-
-def char_codes(prompts, completions, **columns):
-    """Mean character code / 100 of each completion: a dense reward that reads only the text."""
-    return [sum(map(ord, c)) / (100 * max(len(c), 1)) for c in completions]
-
-
-class MetricRecorder(L.Callback):
-    """Keeps the step value of some logged metrics after every training batch."""
-
-    def __init__(self, names=("train/reward_step", "train/kl_step", "train/loss_step")):
-        self.names = names
-        self.values = {n: [] for n in names}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for n in self.names:
-            v = trainer.callback_metrics.get(n)
-            self.values[n].append(float("nan") if v is None else float(v))
-
-
-def make_trainer(max_steps=2, callbacks=(), **kwargs):
-    """A quiet CPU Trainer."""
-    defaults = dict(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=list(callbacks), **defaults)
 
 
 @pytest.fixture
@@ -106,6 +70,18 @@ def make_data(prompt_rows):
     return factory
 
 
-def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of a module's state dict."""
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+@pytest.fixture(scope="module")
+def qwen():
+    """tiny-qwen2 (untied head) with an LM-head bias that makes EOS likely, so rollouts both stop and
+    run to the length limit."""
+    from lightning_rl import load_policy
+
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny-qwen2")
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 2.5
+    model.lm_head = head
+    return model.eval(), tok

@@ -1,7 +1,8 @@
 """Seeded tiny GRPO / PPO / DPO runs that checkpoint every step, for the exact-resume tests.
 
 Also a script: ``python resume_runs.py KIND DIR KILL_AFTER`` trains and SIGKILLs its own process at
-the start of batch ``KILL_AFTER + 1``, after the checkpoint of batch ``KILL_AFTER`` was written.
+the start of batch ``KILL_AFTER + 1``, after the checkpoint of batch ``KILL_AFTER`` was written
+(with ``tests/`` on ``PYTHONPATH``, for ``helpers``).
 """
 
 import os
@@ -10,6 +11,7 @@ import sys
 
 import lightning as L
 import torch
+from helpers import high_ids
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rl import DPO, GRPO, PPO, MemoryAwarePrecision, PreferenceDataModule, PromptDataModule, SamplingConfig
@@ -29,11 +31,6 @@ def save_base(path) -> str:
     """A tiny model saved as a directory: a source that gives the same weights on every load."""
     L.seed_everything(0, verbose=False)
     return str(save_policy(*load_policy("tiny-llama", {"num_hidden_layers": 1}), path))
-
-
-def high_ids(prompts, completions, completion_ids, **columns):
-    """Mean token id / 100: a dense reward, so every group has signal and the weights move."""
-    return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
 
 
 def build(kind: str, seed: int) -> tuple[L.LightningModule, L.LightningDataModule]:

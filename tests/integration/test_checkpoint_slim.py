@@ -7,7 +7,7 @@ import types
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer, state_copy
+from helpers import make_trainer, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rl import GRPO, PromptDataModule, SamplingConfig

@@ -19,7 +19,7 @@ RUNS = {
                             ["prompt", "completion", "reward", "reward/numeric_match", "kl", "advantage"]),
     # a dense reward, so the two sampled answers of a prompt do not tie (ties are left out of online DPO)
     "dpo_online_smollm2.yaml": (["--model.init_args.sampling.max_new_tokens", "4", "--model.init_args.reward_funcs",
-                                 '["conftest.char_codes"]'], PAIR_COLUMNS),
+                                 '["helpers.char_codes"]'], PAIR_COLUMNS),
     "dpo_smollm2.yaml": (["--model.init_args.max_completion_length", "24"], PAIR_COLUMNS),
     "orpo_smollm2.yaml": (["--model.init_args.max_completion_length", "24"], PAIR_COLUMNS),
     "kto_smollm2.yaml": (["--model.init_args.max_completion_length", "24"],

@@ -5,7 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import high_ids, make_trainer
+from helpers import high_ids, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import MetricRecorder, make_trainer, sevens, state_copy
+from helpers import MetricRecorder, make_trainer, sevens, state_copy
 
 from lightning_rl import SamplingConfig
 from lightning_rl.algorithms.losses import LOSS_TYPES

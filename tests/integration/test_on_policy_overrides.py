@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, high_ids, make_trainer, state_copy
+from helpers import TINY, high_ids, make_trainer, state_copy
 
 from lightning_rl import GRPO, PPO, SamplingConfig
 

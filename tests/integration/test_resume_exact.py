@@ -6,6 +6,7 @@ and at an epoch boundary (3 batches an epoch). The resumed run starts from anoth
 the checkpoint holds can make it match.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 from resume_runs import STEPS, fit, save_base
 
 HERE = Path(__file__).parent
+# the script imports helpers from tests/: pytest's pythonpath option reaches only pytest's own process
+PYTHONPATH = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, kind, stop_after):
 def test_sigkilled_run_resumes_exactly(uninterrupted, tmp_path):
     """The first part runs in its own process, killed with SIGKILL at the start of its 5th batch."""
     proc = subprocess.run([sys.executable, str(HERE / "resume_runs.py"), "GRPO", str(tmp_path), "4"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": PYTHONPATH})
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
     resumed = fit("GRPO", 1234, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")

@@ -58,7 +58,7 @@ def test_grpo_fit_with_csv_logger_leaves_samples_and_report(make_grpo, make_data
 
 
 def test_no_logger_writes_no_files_but_prints_the_table(make_grpo, make_data, tmp_path, monkeypatch, capsys):
-    from conftest import make_trainer
+    from helpers import make_trainer
 
     monkeypatch.chdir(tmp_path)
     trainer = make_trainer(max_steps=1)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import MetricRecorder, make_trainer
+from helpers import MetricRecorder, make_trainer, returns_string
 from lightning.pytorch.loggers import Logger
 
 from lightning_rl import DPO, PreferenceDataModule, PromptDataModule, SamplingConfig
@@ -25,10 +25,6 @@ def nan_for_all(prompts, completions, **columns):
 
 def constant(prompts, completions, **columns):
     return [1.0] * len(completions)
-
-
-def returns_string(prompts, completions, **columns):
-    return "1111"
 
 
 def warnings_of(caplog, text):

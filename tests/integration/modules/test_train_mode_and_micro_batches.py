@@ -1,14 +1,13 @@
-"""The update runs in train mode (gradient checkpointing takes effect) and micro-batches follow the plan."""
+"""Through Trainer.fit: the update runs in train mode (gradient checkpointing takes effect) and micro-batches follow
+the plan."""
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, high_ids, make_trainer
+from helpers import SAY_ROWS, TINY, high_ids, make_trainer, tiny_grpo
 
-from lightning_rl import DPO, GRPO, KTO, ORPO, PPO, MemoryAwarePrecision, PromptDataModule, SamplingConfig
+from lightning_rl import PPO, MemoryAwarePrecision, PromptDataModule, SamplingConfig
 from lightning_rl.models import load_policy, save_policy
-
-ROWS = [{"prompt": f"say {i}"} for i in range(16)]
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +31,10 @@ class ForwardModes:
         layer.mlp.register_forward_pre_hook(lambda m, args: self.calls.append((torch.is_grad_enabled(), m.training)))
 
 
-def _grpo(model, **kw):
-    L.seed_everything(0, verbose=False)
-    args = dict(reward_funcs=[high_ids], model=model, num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
-                learning_rate=3e-3, logprob_backend="reference", chat_template=False, max_prompt_length=16)
-    args.update(kw)
-    return GRPO(**args)
-
-
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
     if method == "grpo":
-        module = _grpo(saved_tiny)
+        module = tiny_grpo(saved_tiny)
     else:
         module = PPO(reward_funcs=[high_ids], model=saved_tiny, num_generations=2,
                      sampling=SamplingConfig(max_new_tokens=4), learning_rate=3e-3, chat_template=False,
@@ -51,7 +42,7 @@ def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
     module.configure_model()
     assert not module.policy.training  # transformers' from_pretrained gives eval mode
     modes = ForwardModes(module)
-    make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
     grad_modes = {training for grad, training in modes.calls if grad}
     assert grad_modes == {True}  # every forward that builds a graph ran in train mode
     # sampling (transformers generate) ran in eval mode
@@ -61,19 +52,19 @@ def test_a_policy_loaded_in_eval_mode_trains_in_train_mode(saved_tiny, method):
 def test_gradient_checkpointing_recomputes_the_layers_in_the_backward(saved_tiny):
     counts = {}
     for gc in (False, True):
-        module = _grpo(saved_tiny, gradient_checkpointing=gc)
+        module = tiny_grpo(saved_tiny, gradient_checkpointing=gc)
         module.configure_model()
         modes = ForwardModes(module)
-        make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+        make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
         counts[gc] = sum(grad for grad, _ in modes.calls)
     assert counts[False] >= 1
     assert counts[True] == 2 * counts[False]  # each grad-enabled layer forward runs again in the backward
 
 
 def test_gradient_checkpointing_defaults_to_off_on_a_cpu(saved_tiny):
-    module = _grpo(saved_tiny)
+    module = tiny_grpo(saved_tiny)
     assert module.gradient_checkpointing_setting is None
-    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
+    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
     assert module.gradient_checkpointing is False
 
 
@@ -87,16 +78,16 @@ def _count_policy_forwards(module):
 
 
 def test_micro_batch_size_none_takes_the_whole_batch_on_a_cpu():
-    module = _grpo("tiny-llama", model_config=TINY)
+    module = tiny_grpo("tiny-llama", model_config=TINY)
     assert module.micro_batch_size is None
     rows = _count_policy_forwards(module)
-    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=4))
+    make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=4))
     grad_rows = [r for r in rows if r == 8]
     assert grad_rows and max(rows) == 8  # 4 prompts x G=2 in one forward
 
 
 def test_micro_batches_follow_the_memory_plans_token_budget():
-    module = _grpo("tiny-llama", model_config=TINY)
+    module = tiny_grpo("tiny-llama", model_config=TINY)
     plugin = MemoryAwarePrecision(memory_budget=4 * 1024**3)
     rows = _count_policy_forwards(module)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -113,54 +104,10 @@ def test_micro_batches_follow_the_memory_plans_token_budget():
     seen = []
     real_micro = module.micro_batch_for
     module.micro_batch_for = lambda n, width: seen.append((n, width)) or real_micro(n, width)
-    trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=4))
+    trainer.fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=4))
     assert module.micro_batch_tokens == 36
     n, width = seen[0]
     expected = max(1, 36 // width)
     assert n == 8 and expected < 8
     k = -(-8 // expected)  # micro-batches of the update, the last forwards of the step
     assert rows[-k:] == [expected] * (8 // expected) + ([8 % expected] if 8 % expected else [])
-
-
-def test_explicit_micro_batch_size_wins():
-    module = _grpo("tiny-llama", model_config=TINY, micro_batch_size=3)
-    assert module.micro_batch_for(8, 100) == 3
-    module.micro_batch_size, module.micro_batch_tokens = None, 250
-    assert module.micro_batch_for(8, 100) == 2
-    module.micro_batch_tokens = None
-    assert module.micro_batch_for(8, 100) == 8
-
-
-@pytest.mark.parametrize(
-    ("build", "sequence", "generates", "generations", "micro"),
-    [
-        (lambda: _grpo("tiny-llama", model_config=TINY, micro_batch_size=3), 16 + 4, True, 2, 3),
-        (lambda: PPO(reward_funcs=[high_ids], model="tiny-llama", model_config=TINY, max_prompt_length=16,
-                     sampling={"max_new_tokens": 4}, num_generations=3), 16 + 4, True, 3, None),
-        # preference pairs: chosen and rejected share a micro-batch; responses are cut at max_completion_length
-        (lambda: DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=24,
-                     micro_batch_size=5), 16 + 24, False, 1, 10),
-        # online DPO samples two completions per prompt of up to sampling.max_new_tokens
-        (lambda: DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, online=True,
-                     reward_funcs=[high_ids], sampling={"max_new_tokens": 6}, micro_batch_size=2), 16 + 6, True, 2, 4),
-        (lambda: ORPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=None,
-                      micro_batch_size=1), 16 + 1024, False, 1, 2),
-        (lambda: KTO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=8,
-                     micro_batch_size=4), 16 + 8, False, 1, 4),
-    ],
-    ids=["grpo", "ppo", "dpo", "dpo-online", "orpo", "kto"],
-)
-def test_training_shape_of_each_module(build, sequence, generates, generations, micro):
-    module = build()
-    module.configure_model()
-    shape = module.training_shape()
-    assert (shape.sequence_tokens, shape.generates, shape.num_generations, shape.micro_batch_size) == \
-        (sequence, generates, generations, micro)
-    assert shape.model_config is module.policy.config
-
-
-def test_a_planned_micro_batch_counts_the_pairs_sequences():
-    dpo = DPO(model="tiny-llama", model_config=TINY, max_prompt_length=16, max_completion_length=24, micro_batch_size=8)
-    dpo.configure_model()
-    dpo.apply_micro_batch_plan(5 * (16 + 24))  # five sequences fit: two whole pairs
-    assert dpo.micro_batch_size == 2

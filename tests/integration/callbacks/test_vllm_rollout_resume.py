@@ -2,9 +2,8 @@
 
 import lightning as L
 import torch
-from conftest import make_trainer, state_copy
+from helpers import SUM_ROWS, FakeEngine, make_trainer, rollout_grpo, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_rollout_callback import ROWS, FakeEngine, _module
 
 from lightning_rl import PromptDataModule, VLLMRollout
 from lightning_rl.rollout import EngineSettings
@@ -34,9 +33,9 @@ def fit(steps, tmp_path, engines, ckpt_path=None, seed=0):
     callback = VLLMRollout(settings=EngineSettings(seed=5), engine_factory=lambda module, n, s: engines.append(
         WeightHoldingEngine(module, calls, s)) or engines[-1])
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
-    module = _module()
+    module = rollout_grpo()
     trainer = make_trainer(max_steps=steps, callbacks=[callback, ckpt], enable_checkpointing=True)
-    trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2), ckpt_path=ckpt_path)
+    trainer.fit(module, PromptDataModule(train_data=SUM_ROWS, batch_size=2), ckpt_path=ckpt_path)
     return module, callback, calls
 
 

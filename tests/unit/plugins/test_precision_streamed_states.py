@@ -1,12 +1,14 @@
-"""MemoryAwarePrecision(optimizer_states="cpu"): chunked optimizer steps, plan arithmetic, checkpoints, fits (CPU)."""
+"""MemoryAwarePrecision(optimizer_states="cpu"): chunked optimizer steps and the plan's arithmetic, without a fit (CPU).
 
+Its fits are in tests/integration/plugins/test_precision_streamed_states_fit.py.
+"""
 
-import lightning as L
 import pytest
 import torch
+from helpers import bit_equal
 from torch import nn
 
-from lightning_rl import GRPO, MemoryAwarePrecision, PromptDataModule
+from lightning_rl import MemoryAwarePrecision
 from lightning_rl.plugins import (
     MemoryAwareFSDPPrecision,
     ModelMemory,
@@ -16,8 +18,6 @@ from lightning_rl.plugins import (
     plan_memory,
 )
 from lightning_rl.plugins.memory_plan import GiB, MemoryPlanError
-
-ROWS = [{"prompt": f"say {i}"} for i in range(16)]
 
 
 def _net(seed=0):
@@ -31,10 +31,6 @@ def _backward(net, step):
     net[4].weight.grad = None  # never has a gradient: no state, never stepped
     if step % 2:
         net[2].bias.grad = None  # sometimes has none: skipped on those steps
-
-
-def _equal(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 OPTIMIZERS = {
@@ -63,13 +59,13 @@ def test_streamed_steps_are_bit_identical_to_plain_steps(name):
         opt_b.zero_grad(set_to_none=True)  # what the module does next: harmless
         assert streamer.last_chunks > 1
     for a, b in zip(plain.parameters(), streamed.parameters(), strict=True):
-        assert _equal(a, b)
+        assert bit_equal(a, b)
     pa, pb = list(plain.parameters()), list(streamed.parameters())
     for a, b in zip(pa, pb, strict=True):
         sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
         assert sa.keys() == sb.keys()
         for k in sa:
-            assert _equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]
+            assert bit_equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]
     assert not opt_b.state.get(pb[-2])  # the parameter that never had a gradient has no state
     assert opt_a.state_dict()["param_groups"] == opt_b.state_dict()["param_groups"]
 
@@ -158,118 +154,3 @@ def test_plan_counts_one_streamed_chunk_of_states_and_none_during_rollout():
     assert "streamed from CPU" in plan.summary()
     small = plan_memory(optimizer_bytes=1000, optimizer_device_bytes=chunk, **kw)
     assert small.train_parts["optimizer states (streamed from CPU, one chunk)"] == 1000  # never more than all
-
-
-def test_plugin_plan_counts_a_chunk_and_the_autocast_casts():
-    def plan(**kw):
-        module = _grpo()
-        plugin = MemoryAwarePrecision(memory_budget=4 * GiB, **kw)
-        _trainer(plugin, steps=1).fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
-        return plugin.memory_plan, module
-
-    on_device, module = plan()
-    streamed, _ = plan(optimizer_states="cpu", step_chunk_bytes=16 * 1024)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    assert on_device.train_parts["optimizer states"] == 8 * trainable
-    assert on_device.train_parts["autocast weight casts"] == 2 * trainable
-    largest = max(p.numel() for p in module.parameters() if p.requires_grad) * 8
-    assert 16 * 1024 < largest < 8 * trainable  # the largest parameter's states are more than one chunk
-    assert streamed.train_parts["optimizer states (streamed from CPU, one chunk)"] == largest
-    assert streamed.micro_batch_tokens >= on_device.micro_batch_tokens
-
-
-# ----------------------------------------------------------------------------- through Lightning
-def _grpo(**kw):
-    L.seed_everything(0, verbose=False)
-    args = dict(reward_funcs=[lambda prompts, completions, completion_ids, **c: [sum(i) / 100 for i in completion_ids]],
-                model="tiny-llama", model_config={"num_hidden_layers": 1}, num_generations=2,
-                sampling={"max_new_tokens": 4}, learning_rate=3e-3, micro_batch_size=2, logprob_backend="reference",
-                chat_template=False, max_prompt_length=16)
-    args.update(kw)
-    return GRPO(**args)
-
-
-def _trainer(plugin, steps=2, **kw):
-    args = dict(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, plugins=[plugin])
-    args.update(kw)
-    return L.Trainer(**args)
-
-
-def test_grpo_fit_with_streamed_states_matches_states_on_device():
-    results = {}
-    for mode in ("device", "cpu"):
-        module = _grpo(beta=0.05)  # several micro-batches per step, gradient clipping, a frozen reference
-        plugin = MemoryAwarePrecision(optimizer_states=mode, step_chunk_bytes=256 * 1024)
-        trainer = _trainer(plugin, steps=2)
-        trainer.fit(module, PromptDataModule(train_data=ROWS, batch_size=2))
-        assert trainer.global_step == 2
-        results[mode] = (module, trainer.optimizers[0], plugin)
-    (dev, opt_dev, _), (cpu, opt_cpu, plugin) = results["device"], results["cpu"]
-    assert plugin._streamer.last_chunks > 1
-    for (n, a), b in zip(dev.policy.named_parameters(), cpu.policy.parameters(), strict=True):
-        assert _equal(a, b), n
-    assert all(p.grad is None for p in cpu.policy.parameters())
-    sd_dev, sd_cpu = opt_dev.state_dict(), opt_cpu.state_dict()
-    assert sd_dev["state"].keys() == sd_cpu["state"].keys()
-    for k, s in sd_dev["state"].items():
-        assert all(_equal(s[key], sd_cpu["state"][k][key]) for key in s)
-
-
-class Regression(L.LightningModule):
-    """Manual optimization as in the RL modules: two micro-batch backwards, clipping, step, zero_grad, scheduler."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-        self.frozen = nn.Linear(8, 8).requires_grad_(False)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        x, y = batch
-        for half in (slice(0, 2), slice(2, 4)):
-            loss = (self.net(self.frozen(x[half])).float() - y[half]).pow(2).mean()
-            self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.net.parameters(), lr=1e-2, weight_decay=0.01)
-        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
-        return torch.utils.data.DataLoader([(x, y)] * 8, batch_size=None)  # the same batch every step
-
-
-def test_checkpoint_round_trip_continues_like_an_uninterrupted_run(tmp_path):
-    def plugin():
-        return MemoryAwarePrecision(optimizer_states="cpu", step_chunk_bytes=512)
-
-    whole = Regression()
-    _trainer(plugin(), steps=4).fit(whole)
-    first = Regression()
-    trainer = _trainer(plugin(), steps=2)
-    trainer.fit(first)
-    path = tmp_path / "mid.ckpt"
-    trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["optimizer_states"][0]
-    assert len(saved["state"]) == 4 and all(s["exp_avg"].device.type == "cpu" for s in saved["state"].values())
-    resumed = Regression()
-    fresh = plugin()
-    trainer = _trainer(fresh, steps=4)
-    trainer.fit(resumed, ckpt_path=path)
-    assert trainer.global_step == 4
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        assert _equal(a, b)
-    assert fresh._streamer.states_on_device_bytes(trainer.optimizers) == 0
-    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [1e-2 / 16]  # schedulers untouched
-    device_mode = Regression()
-    _trainer(MemoryAwarePrecision(), steps=4).fit(device_mode)
-    for a, b in zip(whole.parameters(), device_mode.parameters(), strict=True):
-        assert _equal(a, b)

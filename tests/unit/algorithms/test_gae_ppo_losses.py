@@ -1,33 +1,13 @@
-"""GAE, whitening, PPO losses, KL control, the value head and the reward model, against hand-computed values."""
+"""GAE, whitening, PPO losses and KL control, against hand-computed values."""
 
 import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from lightning_rl.algorithms.gae import explained_variance, gae, whiten
 from lightning_rl.algorithms.losses import clipped_surrogate, masked_mean
-from lightning_rl.algorithms.ppo_losses import (
-    AdaptiveKLController,
-    clipped_value_loss,
-    kl_penalty,
-    token_rewards,
-)
-from lightning_rl.logprobs import completion_logprobs
-from lightning_rl.models import load_policy
-from lightning_rl.modules.value_head import (
-    ValueHead,
-    check_hidden_state_access,
-    completion_hidden_states,
-    hidden_size_of,
-    logprobs_from_hidden,
-)
-from lightning_rl.rewards import RewardModel, RewardSet
-from lightning_rl.rewards.reward_model import tiny_reward_model
-from lightning_rl.tokenizer import SPECIAL_TOKENS, char_tokenizer
+from lightning_rl.algorithms.ppo_losses import AdaptiveKLController, clipped_value_loss, kl_penalty, token_rewards
 
 # Two sequences: row 0 fills the whole width (truncated at the limit), row 1 ends after 2 tokens.
 REWARDS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
@@ -145,108 +125,6 @@ def test_adaptive_kl_controller():
         AdaptiveKLController(0.1, target=0.0)
     with pytest.raises(ValueError, match="cannot start at 0"):
         AdaptiveKLController(0.0, target=1.0)
-
-
-# ----------------------------------------------------------------------------- value head
-def _tiny_batch(tok):
-    prompt_ids = torch.tensor([[tok.pad_token_id, 10, 11], [12, 13, 14]])
-    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    completion_ids = torch.tensor([[20, 21, tok.eos_token_id], [22, tok.pad_token_id, tok.pad_token_id]])
-    completion_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    return prompt_ids, prompt_mask, completion_ids, completion_mask
-
-
-def test_shared_backbone_gives_the_same_logprobs_and_values_of_the_right_shape():
-    torch.manual_seed(0)
-    model, tok = load_policy("tiny-llama")
-    batch = _tiny_batch(tok)
-    hidden = completion_hidden_states(model, *batch)
-    assert hidden.shape == (2, 3, hidden_size_of(model)) and hidden_size_of(model) == 64
-    logp, ent = logprobs_from_hidden(model, hidden, batch[2], batch[3], backend="reference")
-    want_logp, want_ent = completion_logprobs(model, *batch, backend="reference")
-    torch.testing.assert_close(logp, want_logp)
-    torch.testing.assert_close(ent, want_ent)
-    head = ValueHead(64)
-    values = head(hidden)
-    assert values.shape == (2, 3) and values.dtype == torch.float32
-    assert values.abs().sum() == 0  # zero-initialised: values start at 0
-
-
-def test_value_head_refuses_a_model_without_hidden_state_access():
-    class Scorer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(4, 4)
-
-    with pytest.raises(TypeError, match="value head reads the final hidden states.*critic_model"):
-        check_hidden_state_access(Scorer())
-    with pytest.raises(TypeError, match="value head"):
-        hidden_size_of(Scorer())
-
-
-# ----------------------------------------------------------------------------- reward model
-def _digits_tokenizer() -> PreTrainedTokenizerFast:
-    """A tokenizer unlike the policy's: specials, digits and space only."""
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for ch in "0123456789 ":
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
-
-
-def _classifier(tok, num_labels=1):
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
-                                  num_labels=num_labels, pad_token_id=tok.pad_token_id)
-    return AutoModelForSequenceClassification.from_config(config)
-
-
-def test_reward_model_scores_the_last_token_of_prompt_plus_completion():
-    torch.manual_seed(0)
-    rm = RewardModel("tiny-llama", device="cpu", batch_size=2)
-    prompts = ["What is 1 + 1?", [{"role": "user", "content": "Hi"}], "x"]
-    completions = ["2", "Hello there", "a longer completion text"]
-    scores = rm(prompts, completions)
-    assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
-    assert rm(prompts, completions) == pytest.approx(scores)  # deterministic (eval mode)
-    for p, c, s in zip(prompts, completions, scores):  # alone, without padding: the same score
-        ids = rm.tokenizer(rm.render(p, c), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        assert rm.model(input_ids=ids).logits[0, 0].item() == pytest.approx(s, abs=1e-5)
-    assert len(set(round(s, 6) for s in scores)) == 3
-    total, per_fn = RewardSet([rm])(prompts, completions, {})  # usable as a GRPO/PPO reward function
-    assert per_fn.shape == (3, 1) and total.tolist() == pytest.approx(scores, abs=1e-5)
-
-
-def test_reward_model_refuses_more_than_one_label_and_a_missing_tokenizer():
-    tok = char_tokenizer()
-    with pytest.raises(ValueError, match="num_labels=1"):
-        RewardModel(_classifier(tok, num_labels=3), tokenizer=tok)
-    with pytest.raises(ValueError, match="needs its tokenizer"):
-        RewardModel(_classifier(tok))
-
-
-def test_reward_model_with_another_tokenizer_scores_retokenized_text():
-    tok = _digits_tokenizer()
-    rm = RewardModel(_classifier(tok), tokenizer=tok, device="cpu", chat_template=False, on_unknown="error")
-    policy_tok = char_tokenizer()
-    assert not rm.check_tokenizer(policy_tok)
-    _, same_tok = tiny_reward_model()
-    assert RewardModel("tiny-llama").check_tokenizer(same_tok)
-    # the policy's token ids do not matter: the text is re-tokenized with the reward model's tokenizer
-    a = rm(["1 2"], ["34"], completion_ids=[[1, 2, 3]])
-    b = rm(["1 2"], ["34"], completion_ids=[policy_tok("34", add_special_tokens=False)["input_ids"]])
-    assert a == b
-    ids = tok("1 234", return_tensors="pt")["input_ids"]
-    assert a[0] == pytest.approx(rm.model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
-    with pytest.raises(ValueError, match="tokenizer cannot encode.*on_unknown='ignore'"):
-        rm(["1 2"], ["three"])
-    rm.on_unknown = "warn"
-    with pytest.warns(UserWarning, match="unknown tokens"):
-        assert len(rm(["1 2"], ["three"])) == 1
 
 
 def test_whiten_with_a_reduce_uses_the_statistics_of_every_process():

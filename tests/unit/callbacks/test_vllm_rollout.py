@@ -1,0 +1,153 @@
+"""VLLMRollout's hooks, state and sizing with a fake engine on CPU (its fits: tests/integration/callbacks)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import FakeEngine, fake_rollout, rollout_grpo
+
+from lightning_rl import MemoryAwarePrecision, VLLMRollout
+from lightning_rl.lora import apply_lora
+from lightning_rl.models import load_policy
+from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.memory_plan import kv_bytes_per_token
+from lightning_rl.rollout import EngineSettings, vllm_sizing
+
+
+def _settings(**settings):
+    """A callback with these engine settings."""
+    return VLLMRollout(settings=EngineSettings(**settings))
+
+
+def _hook_setup():
+    calls = []
+    module = rollout_grpo()
+    module.configure_model()
+    cb = fake_rollout(calls)
+    trainer = SimpleNamespace(global_step=0, datamodule=None)
+    module.log_dict = lambda *a, **k: None
+    return calls, module, cb, trainer
+
+
+def test_no_sync_when_weights_did_not_change():
+    calls, module, cb, trainer = _hook_setup()
+    for i in range(3):
+        batch = {"prompt": ["1+1=", "2+2="]}
+        cb.on_train_batch_start(trainer, module, batch, i)
+        assert batch["rollout"].num_sequences == 4
+    assert "sync" not in calls and calls.count("generate") == 3
+    trainer.global_step = 1
+    cb.on_train_batch_start(trainer, module, {"prompt": ["1+1="]}, 3)
+    assert calls[-4:] == ["wake", "sync", "generate", "sleep"]
+    assert set(cb.last_timings) == {"wake_s", "sync_s", "generate_s", "sleep_s", "toggle_s"}
+
+
+def test_sleeps_even_when_generation_fails():
+    calls, module, cb, trainer = _hook_setup()
+    cb.on_train_batch_start(trainer, module, {"prompt": ["1+1="]}, 0)
+    cb.engine.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        cb.on_train_batch_start(trainer, module, {"prompt": ["1+1="]}, 1)
+    assert calls[-1] == "sleep"
+
+
+def test_state_dict_round_trip():
+    cb = VLLMRollout(settings=EngineSettings(seed=7))
+    cb.last_synced_step, cb.num_syncs, cb.num_rollouts = 5, 4, 6
+    other = VLLMRollout()
+    other.load_state_dict(cb.state_dict())
+    assert other.settings.seed == 7 and other._restored_step == 5 and other.num_syncs == 4 and other.num_rollouts == 6
+    seeds = []
+    other.engine_factory = lambda module, n, seed: seeds.append(seed) or FakeEngine(module, [])
+    module = rollout_grpo()
+    module.configure_model()
+    other._create(SimpleNamespace(global_step=5), module, 2)
+    assert seeds == [12]  # seed + last synced step: a resumed run does not replay the first rollouts
+
+
+def test_batch_must_be_a_dict_with_prompts():
+    calls, module, cb, trainer = _hook_setup()
+    with pytest.raises(TypeError, match="'prompt'"):
+        cb.on_train_batch_start(trainer, module, [1, 2], 0)
+
+
+def test_weights_kept_asleep_follow_the_engines_sync_mode_and_sleep_level():
+    net, _ = load_policy("tiny-llama")
+    full_bytes = sum(p.numel() for p in net.parameters()) * 4  # fp32 policy, engine dtype "auto"
+    assert vllm_sizing.lora_sync_mode(net, "auto") == (None, None)
+    assert VLLMRollout().weights_kept_asleep_bytes(net) == full_bytes  # small: level 0 keeps them
+    assert _settings(dtype="bfloat16").weights_kept_asleep_bytes(net) == full_bytes // 2
+    assert _settings(keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0  # level 2 drops them
+    assert _settings(sleep_level=1, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == 0
+    assert _settings(sleep_level=0, keep_weights_bytes=0).weights_kept_asleep_bytes(net) == full_bytes
+    peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
+    assert vllm_sizing.lora_sync_mode(peft, "auto") == ("adapter", None)
+    assert vllm_sizing.lora_sync_mode(peft, "merged") == ("merged", None)
+    assert VLLMRollout().weights_kept_asleep_bytes(peft) == 0  # adapter sync: the base waits in CPU memory
+    merged = sum(p.numel() for p in peft.get_base_model().parameters()) * 4
+    assert _settings(lora_sync="merged").weights_kept_asleep_bytes(peft) == merged
+
+
+def test_engine_dtype_follows_the_trainers_compute_dtype():
+    net, _ = load_policy("tiny-llama")  # fp32 weights
+    bf16_mixed = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(precision_plugin=None))
+    full = SimpleNamespace(precision="32-true", strategy=SimpleNamespace(precision_plugin=None))
+    plugin = SimpleNamespace(precision="bf16-mixed", strategy=SimpleNamespace(precision_plugin=MemoryAwarePrecision()))
+    assert trainer_compute_dtype(bf16_mixed) == torch.bfloat16
+    assert trainer_compute_dtype(plugin) == torch.bfloat16
+    assert trainer_compute_dtype(full) is None and trainer_compute_dtype(None) is None
+    cb = VLLMRollout()
+    assert cb.engine_dtype(net, bf16_mixed) == torch.bfloat16  # fp32 masters, bf16 products: a bf16 engine
+    assert cb.engine_dtype(net, plugin) == torch.bfloat16
+    assert cb.engine_dtype(net, full) == torch.float32  # a trainer in full precision keeps an fp32 engine
+    assert _settings(dtype="float32").engine_dtype(net, bf16_mixed) == torch.float32  # explicit wins
+    full_bytes = sum(p.numel() for p in net.parameters()) * 4
+    assert cb.weights_kept_asleep_bytes(net, bf16_mixed) == full_bytes // 2
+
+
+def test_lora_adapters_never_get_an_fp32_engine():
+    net, _ = load_policy("tiny-llama")
+    peft = apply_lora(net, {"r": 4, "lora_alpha": 8})
+    # vLLM's LoRA kernels take 16-bit adapters: "auto" over fp32 weights and an fp32 trainer gives bf16
+    assert vllm_sizing.engine_weight_dtype(peft, "auto", None, adapter=True) == torch.bfloat16
+    assert VLLMRollout().engine_dtype(peft, None) == torch.bfloat16
+    assert _settings(lora_sync="merged").engine_dtype(peft, None) == torch.float32  # merged weights may be fp32
+    with pytest.raises(ValueError, match="16-bit engine.*bfloat16.*merged"):
+        _settings(dtype="float32").engine_dtype(peft, None)
+
+
+def test_importance_sampling_auto_corrects_only_rollouts_of_another_engine():
+    module = rollout_grpo()
+    module.configure_model()
+    rollout = module.generate_rollout(["say 1", "say 2"])
+    assert module.importance_sampling == "auto"
+    assert module.importance_level(rollout) == "none"  # the policy sampled it itself
+    rollout.extras["engine"] = "vllm"
+    assert module.importance_level(rollout) == "token"
+    assert rollout_grpo(importance_sampling="sequence").importance_level(rollout) == "sequence"
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        rollout_grpo(importance_sampling="tokens")
+
+
+def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    cb = VLLMRollout(prompts_per_step=2)
+    cb.setup(trainer, module, "fit")
+    shape = module.training_shape()
+    memory = cb.rollout_memory(shape)
+    per_token = kv_bytes_per_token(module.policy.config, 2)  # a bf16 engine under bf16-mixed
+    assert memory.kv_bytes_per_token == per_token and not memory.sized_by_gpu_fraction
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2)
+    assert math.ceil(memory.kv_tokens * memory.headroom) * per_token == engine_kv  # what build_engine gives it
+    assert memory.engine_weight_bytes == sum(p.numel() for p in module.policy.parameters()) * 2
+    assert memory.weights_kept_asleep_bytes == memory.engine_weight_bytes  # small: level 0 keeps them
+    fixed = VLLMRollout(prompts_per_step=2, settings=EngineSettings(kv_cache_bytes=100 * per_token))
+    fixed.setup(trainer, module, "fit")
+    assert (fixed.rollout_memory(shape).kv_tokens, fixed.rollout_memory(shape).headroom) == (100, 1.0)
+    fraction = VLLMRollout(settings=EngineSettings(gpu_memory_utilization=0.3))
+    fraction.setup(trainer, module, "fit")
+    assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0

@@ -1,0 +1,101 @@
+"""Bad module settings are refused at construction, naming the fix (GRPO, PPO, DPO, ORPO; optimizers)."""
+
+import functools
+import math
+
+import pytest
+import torch
+from helpers import sevens
+
+from lightning_rl import DPO, GRPO, ORPO, PPO
+
+
+def zero(prompts, completions, **columns):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("cls", [GRPO, PPO, DPO])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sampling": {"top_k": -5}}, r"top_k must be a positive number of tokens, or None \(or 0\).*got -5"),
+        ({"weight_decay": -5}, r"weight_decay must be >= 0 .*got -5"),
+        ({"weight_decay": math.nan}, r"weight_decay must be >= 0"),
+        ({"max_grad_norm": -1}, r"max_grad_norm must be > 0 to clip .*or None \(or 0\) to turn clipping off; got -1"),
+        ({"max_unscored_steps": -1}, r"max_unscored_steps must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_settings_of_every_module_fail_at_construction(cls, kwargs, match):
+    args = dict(model="tiny-llama", **kwargs)
+    if cls is not DPO:
+        args["reward_funcs"] = [zero]
+    with pytest.raises(ValueError, match=match):
+        cls(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epsilon": 0.2, "epsilon_high": 0.1}, r"epsilon_high \(0.1\) is below epsilon \(0.2\).*set it >= epsilon"),
+        ({"reward_weights": [math.nan]}, r"reward_weights\[0\] is nan: each weight must be a finite number"),
+        ({"reward_weights": [1.0, math.inf], "reward_funcs": [zero, zero]}, r"reward_weights\[1\] is inf"),
+    ],
+)
+def test_bad_grpo_settings_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GRPO(**{"reward_funcs": [zero], "model": "tiny-llama", **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "ppo"}, r"loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\), got 'ppo'"),
+        ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
+        ({"sampling": {"temperature": 0.0}}, r"temperature must be > 0 for training rollouts, got 0.0"),
+        ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
+        ({"epsilon": 0.0}, r"epsilon and epsilon_high must be > 0"),
+        ({"epsilon_high": -0.1}, r"epsilon and epsilon_high must be > 0"),
+        ({"beta": -1.0}, r"beta must be >= 0"),
+        ({"num_iterations": 0}, r"num_iterations must be >= 1, got 0"),
+        ({"num_mini_batches": 0}, r"num_mini_batches must be >= 1"),
+        ({"micro_batch_size": 0}, r"micro_batch_size must be >= 1"),
+        ({"learning_rate": 0.0}, r"learning_rate must be a positive number"),
+        ({"logprob_backend": "cuda"}, r"logprob_backend must be one of"),
+        ({"reward_funcs": []}, r"at least one reward function is needed"),
+        ({"reward_weights": [1.0, 2.0]}, r"reward_weights has 2 values for 1 reward functions"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, match):
+    args = dict(reward_funcs=[sevens], model="tiny-llama")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        GRPO(**args)
+
+
+@pytest.mark.parametrize("cls", [GRPO, PPO, DPO])
+def test_an_optimizer_with_a_changed_learning_rate_is_refused(cls):
+    args = dict(model="tiny-llama", optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    if cls is not DPO:
+        args["reward_funcs"] = [zero]
+    with pytest.raises(ValueError, match=r"learning_rate and weight_decay apply to the default AdamW optimizer only "
+                                         r"\(got learning_rate=0.001\).*set the learning rate and weight decay in the"):
+        cls(learning_rate=1e-3, **args)
+    with pytest.raises(ValueError, match=r"\(got weight_decay=0.1\)"):
+        cls(weight_decay=0.1, **args)
+    cls(**args)  # the optimizer alone is fine
+
+
+def test_ppo_value_learning_rate_is_its_own_group_whatever_the_optimizer():
+    ppo = PPO(reward_funcs=[zero], model="tiny-llama", value_learning_rate=0.5,
+              optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    ppo.configure_model()
+    policy, value = ppo.configure_optimizers().param_groups
+    assert policy["lr"] == 0.1 and value["lr"] == 0.5  # the policy at the optimizer's own rate
+    ppo = PPO(reward_funcs=[zero], model="tiny-llama", learning_rate=3e-4)
+    ppo.configure_model()
+    assert [g["lr"] for g in ppo.configure_optimizers().param_groups] == [3e-4, 3e-4]
+
+
+def test_orpo_refuses_a_reference_setting():
+    with pytest.raises(ValueError, match="ORPO uses no reference model"):
+        ORPO(model="tiny-llama", reference="live")
