@@ -1,11 +1,12 @@
 """A tiny GRPO or PPO fit on the CPU in one process or under Lightning's DDP (gloo); rank 0 writes the result.
 
-Run by tests/integration/test_ddp_equivalence.py as a script (Lightning's DDP launcher starts the other
-ranks by running this file again). Completions come from an engine that seeds each prompt's sampling from
-the prompt and the step, so a prompt gets the same completions whichever process (and batch) it lands in:
-what differs between the runs is only the rank logic under test.
+Run by tests/integration/modules/test_ddp_equivalence.py as a script, with ``tests/`` on ``PYTHONPATH``
+(Lightning's DDP launcher starts the other ranks by running this file again). Completions come from an
+engine that seeds each prompt's sampling from the prompt and the step, so a prompt gets the same
+completions whichever process (and batch) it lands in: what differs between the runs is only the rank
+logic under test.
 
-    python tests/integration/ddp_runs.py --method grpo --devices 2 --batch-size 2 --out result.pt
+    PYTHONPATH=tests python tests/integration/modules/ddp_runs.py --method grpo --devices 2 --out r.pt
 """
 
 from __future__ import annotations
@@ -15,15 +16,11 @@ import hashlib
 
 import lightning as L
 import torch
+from helpers import high_ids
 
 from lightning_rl import GRPO, PPO, PromptDataModule
 from lightning_rl.rollout import HFEngine, Rollout
 from lightning_rl.rollout.padding import left_pad, right_pad
-
-
-def high_ids(prompts, completions, completion_ids, **columns):
-    """Mean token id / 100: a dense reward, so the completions of a group differ."""
-    return [sum(ids) / (100 * max(len(ids), 1)) for ids in completion_ids]
 
 
 class PerPromptSeededEngine(HFEngine):

@@ -1,5 +1,6 @@
 """GRPO and PPO under Lightning's DDP (2 CPU processes, gloo) match one process holding the same global batch."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +9,15 @@ import pytest
 import torch
 
 RUN = Path(__file__).with_name("ddp_runs.py")
+TESTS = Path(__file__).parents[2]  # tests/: the runs import helpers from there, every rank alike
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
 def _fit(tmp_path, method, devices, batch_size):
     out = tmp_path / f"{method}_{devices}.pt"
     proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
                            "--batch-size", str(batch_size), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
