@@ -48,7 +48,7 @@ def test_gpu_example_yaml_builds_the_callback_plugin_and_module():
     assert len(rollout) == 1 and rollout[0].settings.execution == "cuda_graphs" and rollout[0].settings.fp32_logits
     plugin = cli.trainer.strategy.precision_plugin
     assert isinstance(plugin, MemoryAwarePrecision) and plugin.optimizer_states == "device"
-    assert isinstance(cli.model, GRPO) and cli.model.num_generations == 8 and cli.model.importance_sampling == "token"
+    assert isinstance(cli.model, GRPO) and cli.model.num_generations == 8 and cli.model.importance_sampling == "auto"
     assert cli.datamodule.batch_size == 16
 
 
