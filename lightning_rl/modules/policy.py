@@ -273,12 +273,15 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     def on_fit_start(self) -> None:
         """Move the frozen reference copy (not a registered submodule) to the training device.
 
-        Also turns on gradient checkpointing for a policy loaded before the trainer resolved the setting
-        (e.g. by :meth:`evaluate` before ``fit``), and sizes micro-batches when ``micro_batch_size`` is
-        None and no memory plan did (:meth:`auto_micro_batch_tokens`).
+        Also puts the module in train mode (transformers loads models in eval mode; Lightning would
+        otherwise warn about it before the first batch), turns on gradient checkpointing for a policy
+        loaded before the trainer resolved the setting (e.g. by :meth:`evaluate` before ``fit``), and
+        sizes micro-batches when ``micro_batch_size`` is None and no memory plan did
+        (:meth:`auto_micro_batch_tokens`).
         """
         for ref in self._frozen_reference:
             ref.to(self.device)
+        self.train()
         self.apply_gradient_checkpointing()
         if self.micro_batch_size is None and self.micro_batch_tokens is None:
             self.micro_batch_tokens = self.auto_micro_batch_tokens()

@@ -61,6 +61,16 @@ def test_gradient_checkpointing_recomputes_the_layers_in_the_backward(saved_tiny
     assert counts[True] == 2 * counts[False]  # each grad-enabled layer forward runs again in the backward
 
 
+def test_no_eval_mode_warning_at_the_start_of_training(saved_tiny):
+    import warnings
+
+    module = tiny_grpo(saved_tiny)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+    assert not [w for w in caught if "in eval mode at the start of training" in str(w.message)]
+
+
 def test_gradient_checkpointing_defaults_to_off_on_a_cpu(saved_tiny):
     module = tiny_grpo(saved_tiny)
     assert module.gradient_checkpointing_setting is None
