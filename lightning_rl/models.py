@@ -210,6 +210,13 @@ def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path
     return path
 
 
+def activation_checkpointing_on(model: torch.nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is on (read without the deprecation warning of the old name)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute activations in the backward (non-reentrant), through the API the installed transformers has.
 

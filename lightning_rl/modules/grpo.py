@@ -123,8 +123,7 @@ class GRPO(OnPolicyModule):
     def compute_advantages(self, exp: Experience) -> torch.Tensor:
         """``[N]`` group-relative advantages: reward minus the group mean, scaled per ``scale_rewards``."""
         reduce = self.sum_over_processes() if self.scale_rewards == "batch" else None
-        rewards = exp.rewards.to(self.device) if reduce is not None else exp.rewards  # all-reduced on the device
-        return group_advantages(rewards, self.num_generations, self.scale_rewards, reduce=reduce).to(self.device)
+        return group_advantages(exp.rewards.to(self.device), self.num_generations, self.scale_rewards, reduce=reduce)
 
     @override
     def loss_weights(self, exp: Experience, rows: Rows) -> torch.Tensor:

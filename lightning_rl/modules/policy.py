@@ -20,7 +20,12 @@ from typing_extensions import override
 from lightning_rl.hparams import portable
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, enable_activation_checkpointing, load_policy
+from lightning_rl.models import (
+    EMBEDDED_DEFAULT,
+    activation_checkpointing_on,
+    enable_activation_checkpointing,
+    load_policy,
+)
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
 from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
 from lightning_rl.modules.health import RunHealth
@@ -188,7 +193,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return
         for model in self.checkpointed_models():
             net = unwrap(model)
-            if not getattr(net, "supports_gradient_checkpointing", True) or _checkpointing_on(net):
+            if not getattr(net, "supports_gradient_checkpointing", True) or activation_checkpointing_on(net):
                 continue
             enable_activation_checkpointing(net)
             if is_lora(model):
@@ -469,10 +474,3 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     def columns_of(batch: Mapping[str, Any], exclude: Sequence[str] = ("prompt", "rollout")) -> dict[str, list]:
         """The dataset's extra columns of a batch (passed to reward functions)."""
         return {k: v for k, v in batch.items() if k not in exclude}
-
-
-def _checkpointing_on(net: nn.Module) -> bool:
-    """Whether transformers' activation checkpointing is on (read without its deprecation warning)."""
-    name = "is_activation_checkpointing" if hasattr(type(net), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(net, name, False))

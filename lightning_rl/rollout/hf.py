@@ -95,7 +95,7 @@ class HFEngine:
                 out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config)
                 new = out.sequences[:, ids.shape[1] :]
                 completions.append(new)
-                logprobs.append(sampled_logprobs(list(out.logits), new, temperature))
+                logprobs.append(step_logits_logprobs(list(out.logits), new, temperature))
                 del out
         finally:
             model.train(was_training)
@@ -117,7 +117,7 @@ class HFEngine:
         )
 
 
-def sampled_logprobs(step_logits: list[torch.Tensor], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+def step_logits_logprobs(step_logits: list[torch.Tensor], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """``[N, T]`` log-probs of the sampled ``tokens`` from ``generate``'s per-step ``[N, V]`` logits.
 
     One step at a time, each step's logits dropped once read: the extra memory is one step's ``[N, V]``
