@@ -10,8 +10,12 @@ Parts (vLLM's sleep-mode allocator serves one engine per process, so each runs i
   grpo                      --steps (200) GRPO steps with VLLMRollout and MemoryAwarePrecision
   fail-reward, fail-engine  a reward function (or the engine's generate) raises at step 6; last.ckpt holds step 5;
                             a fresh process resumes from it with VLLMRollout and trains 3 more steps
-Device memory is `total - free` from cudaMemGetInfo (it sees vLLM's own allocator) after every cycle or step; the
-growth is the median of the last 20 samples minus the median of the 20 after a 10-sample warm-up (target < 64 MiB).
+After every cycle or step the part records this process's device memory from NVML (it sees vLLM's own allocator
+and the CUDA context, and only this process, so parts can run at once on one GPU), the device's `total - free`,
+and torch's counters. The growth is the median of the last 20 samples minus the median of the 20 after a
+10-sample warm-up (target < 64 MiB), on the process's NVML figure.
+
+    bash bench/gpu_run.sh long-parallel   # every part at once, each in its own process (about 5 minutes)
 """
 
 import argparse
@@ -42,14 +46,31 @@ PARTS = ("engine-full", "engine-lora", "grpo", "fail-reward", "fail-engine")
 FAIL_AT, RESUME_STEPS = 6, 3
 
 
+_NVML: list = []
+
+
+def process_used_mib() -> float:
+    """This process's device memory as NVML reports it (NaN when NVML does not list the process)."""
+    import pynvml
+
+    if not _NVML:
+        pynvml.nvmlInit()
+        _NVML.append(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()))
+    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(_NVML[0]):
+        if p.pid == os.getpid() and p.usedGpuMemory:
+            return p.usedGpuMemory / MIB
+    return float("nan")
+
+
 def memory() -> dict[str, float]:
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    return {"device_used_mib": (total - free) / MIB, "torch_allocated_mib": torch.cuda.memory_allocated() / MIB,
+    return {"process_used_mib": process_used_mib(), "device_used_mib": (total - free) / MIB,
+            "torch_allocated_mib": torch.cuda.memory_allocated() / MIB,
             "torch_reserved_mib": torch.cuda.memory_reserved() / MIB}
 
 
-def growth(samples: list[dict[str, float]], key: str = "device_used_mib", warm: int = 10, window: int = 20) -> dict:
+def growth(samples: list[dict[str, float]], key: str = "process_used_mib", warm: int = 10, window: int = 20) -> dict:
     values = [s[key] for s in samples]
     if len(values) < warm + 2 * window:
         return {"key": key, "note": f"too few samples ({len(values)})"}
@@ -104,10 +125,10 @@ def engine_cycles(args, lora: bool) -> dict:
             engine.wake_up()
             engine.sync_weights(model)
             rollout = engine.generate(ids, sampling, args.G)
-            awake = memory()["device_used_mib"]
+            awake = memory()["process_used_mib"]
             engine.sleep()
             tokens = int(rollout.completion_mask.sum())
-            samples.append({"cycle": cycle, "awake_device_used_mib": awake, "tokens": tokens, **memory()})
+            samples.append({"cycle": cycle, "awake_process_used_mib": awake, "tokens": tokens, **memory()})
             if cycle % 50 == 0:
                 print(f"{'lora' if lora else 'full'} cycle {cycle}: {samples[-1]}", flush=True)
     finally:
@@ -117,7 +138,8 @@ def engine_cycles(args, lora: bool) -> dict:
                        "max_new_tokens": args.max_new_tokens, "sleep_level": engine.sleep_level,
                        "lora_mode": engine.lora_mode},
             "seconds": time.perf_counter() - t0, "growth_asleep": growth(samples),
-            "growth_awake": growth(samples, "awake_device_used_mib"), "samples": samples}
+            "growth_awake": growth(samples, "awake_process_used_mib"),
+            "growth_device_used": growth(samples, "device_used_mib"), "samples": samples}
 
 
 # ------------------------------------------------------------------------------------------ GRPO runs
@@ -190,7 +212,7 @@ def grpo_long(args) -> dict:
     return {"config": {"model": "SmolLM2-135M-Instruct", "plugin": "MemoryAwarePrecision", "steps": args.steps,
                        "prompts": args.prompts, "G": args.G, "max_new_tokens": args.max_new_tokens},
             "error": error, "global_step": trainer.global_step, "num_syncs": rollout.num_syncs, "seconds": seconds,
-            "growth": growth(recorder.samples),
+            "growth": growth(recorder.samples), "growth_device_used": growth(recorder.samples, "device_used_mib"),
             "growth_torch_allocated": growth(recorder.samples, "torch_allocated_mib"), "samples": recorder.samples}
 
 

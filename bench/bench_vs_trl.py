@@ -237,6 +237,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         "rewards": timer.rewards, "steps": timer.steps, "wall_s": time.perf_counter() - t_start,
         "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
                      "gradient_checkpointing": module.gradient_checkpointing,
+                     "compile_layers": module.compile_layers,
                      **getattr(timer, "engine_info", {}),
                      "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
                                                                                  float("nan")))},

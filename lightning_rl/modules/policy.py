@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
+from lightning_rl.compiled_layers import compile_decoder_layers
 from lightning_rl.hparams import portable
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
@@ -78,6 +79,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         truncate_prompts: keep the last ``max_prompt_length`` tokens instead of refusing.
         gradient_checkpointing: recompute activations in the backward to save memory. None (default):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
+        compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
+            activations and rotary embeddings; one compile shared by all layers, see
+            :mod:`lightning_rl.compiled_layers`). None (default): on when training on a CUDA device.
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -119,6 +123,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
+        compile_layers: bool | None = None,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
     ) -> None:
@@ -150,6 +155,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.truncate_prompts = truncate_prompts
         self.gradient_checkpointing_setting = gradient_checkpointing
         self.gradient_checkpointing = bool(gradient_checkpointing)  # resolved in setup() when None
+        self.compile_layers_setting = compile_layers
+        self.compile_layers = bool(compile_layers)  # resolved in setup() when None
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -175,13 +182,19 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.policy = apply_lora(net, self.lora)
         self.tokenizer = tok
         self.apply_gradient_checkpointing()
+        self.apply_compile_layers()
 
     @override
     def setup(self, stage: str) -> None:
-        """Resolve ``gradient_checkpointing=None`` for the trainer's device (before the memory plan reads it)."""
+        """Resolve ``gradient_checkpointing=None`` and ``compile_layers=None`` for the trainer's device.
+
+        Before the memory plan reads them, and before :meth:`configure_model` loads the policy.
+        """
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if self.gradient_checkpointing_setting is None:
-            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             self.gradient_checkpointing = device.type == "cuda"
+        if self.compile_layers_setting is None:
+            self.compile_layers = device.type == "cuda"
 
     def apply_gradient_checkpointing(self) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.
@@ -198,6 +211,13 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             enable_activation_checkpointing(net)
             if is_lora(model):
                 net.enable_input_require_grads()
+
+    def apply_compile_layers(self) -> None:
+        """With ``compile_layers``, run the decoder layers of :meth:`checkpointed_models` compiled in the update."""
+        if not self.compile_layers:
+            return
+        for model in self.checkpointed_models():
+            compile_decoder_layers(model)
 
     def checkpointed_models(self) -> list[nn.Module]:
         """The trained models whose layers recompute activations with ``gradient_checkpointing`` (the policy)."""
@@ -288,6 +308,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             ref.to(self.device)
         self.train()
         self.apply_gradient_checkpointing()
+        self.apply_compile_layers()
         if self.micro_batch_size is None and self.micro_batch_tokens is None:
             self.micro_batch_tokens = self.auto_micro_batch_tokens()
 

@@ -1,0 +1,103 @@
+"""Regional compilation of the policy's decoder layers for the update.
+
+A small model's update is bound by kernel launches: every decoder layer runs its norms, activation and
+rotary embedding as a few dozen small kernels, in the forward, the recomputed forward and the backward.
+``torch.compile`` of one decoder layer fuses them; all layers of one class share the compiled code
+(their parameters are graph inputs), so the compile cost is paid once, not once per layer.
+
+Only the update runs compiled: a layer in train mode with gradients on. Generation (with a KV cache),
+evaluation and reference log-probs run the eager layer. A compiler failure (no C compiler, an operator
+inductor cannot lower) falls back to the eager layer with one warning, so training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Marks a layer whose ``forward`` dispatches to the compiled code (the attribute holds the eager forward).
+EAGER_FORWARD = "_lightning_rl_eager_forward"
+
+
+class _CompiledClassForward:
+    """One compiled ``forward`` per decoder-layer class, shared by its layers, with an eager fallback."""
+
+    def __init__(self, cls: type, backend: str | Callable, dynamic: bool | None) -> None:
+        self.eager = cls.forward
+        self.compiled = torch.compile(cls.forward, backend=backend, dynamic=dynamic)
+        self.failed: str | None = None
+
+    def __call__(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is None and layer.training and torch.is_grad_enabled():
+            try:
+                return self.compiled(layer, *args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:  # compile errors happen before any compute
+                self.failed = failure_summary(err)
+                log.warning("torch.compile of %s failed (%s); its layers run eagerly from now on "
+                            "(pass compile_layers=False to skip compiling)", type(layer).__name__, self.failed)
+        return self.eager(layer, *args, **kwargs)
+
+
+def failure_summary(err: BaseException) -> str:
+    """One line naming a compiler failure and its root cause."""
+    cause = err.__cause__ or getattr(err, "inner_exception", None) or err
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: ``GradientCheckpointingLayer`` subclasses, else ``*DecoderLayer`` modules."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+    return [m for m in model.modules()
+            if (GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer))
+            or type(m).__name__.endswith("DecoderLayer")]
+
+
+def compile_decoder_layers(model: nn.Module, backend: str | Callable = "inductor",
+                           dynamic: bool | None = True) -> int:
+    """Run the decoder layers of ``model`` through ``torch.compile`` during the update (idempotent).
+
+    Args:
+        model: a transformers causal LM, or a peft wrapper of one.
+        backend: the ``torch.compile`` backend (tests use ``aot_eager``).
+        dynamic: compile for any sequence length at once (rollouts change the length every step).
+
+    Returns:
+        The number of layers that now dispatch to compiled code.
+    """
+    shared: dict[type, _CompiledClassForward] = {}
+    count = 0
+    for layer in decoder_layers(model):
+        if EAGER_FORWARD in vars(layer):
+            count += 1
+            continue
+        cls = type(layer)
+        if cls not in shared:
+            shared[cls] = _CompiledClassForward(cls, backend, dynamic)
+        dispatch = shared[cls]
+        setattr(layer, EAGER_FORWARD, True)
+        layer.forward = types.MethodType(_bound(dispatch), layer)
+        count += 1
+    return count
+
+
+def _bound(dispatch: _CompiledClassForward) -> Callable[..., Any]:
+    def forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return dispatch(layer, *args, **kwargs)
+
+    return forward
+
+
+def compiled_layer_count(model: nn.Module) -> int:
+    """How many decoder layers of ``model`` dispatch to compiled code."""
+    return sum(EAGER_FORWARD in vars(m) for m in decoder_layers(model))

@@ -1,0 +1,96 @@
+"""Regional compilation of decoder layers: same numbers as eager, one graph for all layers and lengths,
+eager outside the update, and a compiler failure that falls back with a warning."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from lightning_rl.compiled_layers import compile_decoder_layers, compiled_layer_count, decoder_layers
+from lightning_rl.models import enable_activation_checkpointing, load_policy
+
+
+@pytest.fixture
+def saved_policy(tmp_path):
+    """A 3-layer tiny-llama saved to a folder and loaded back with from_pretrained (fp32, eval mode)."""
+    torch.manual_seed(0)
+    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 3})
+    net.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    return lambda: load_policy(str(tmp_path / "policy"))[0]
+
+
+def run(model, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    logits.square().mean().backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_compiled_layers_match_eager_with_one_graph_for_every_layer_and_length(saved_policy):
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = saved_policy(), saved_policy()
+    for m in (eager, compiled):
+        enable_activation_checkpointing(m)
+        m.train()
+    assert compile_decoder_layers(compiled, backend="aot_eager") == 3
+    assert compile_decoder_layers(compiled, backend="aot_eager") == 3  # idempotent
+    for length in (11, 7, 19):
+        ids = torch.randint(0, eager.config.vocab_size, (2, length))
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+        (le, ge), (lc, gc) = run(eager, ids), run(compiled, ids)
+        torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)
+        for a, b in zip(gc, ge, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_generation_and_no_grad_run_the_eager_layers(saved_policy):
+    torch._dynamo.reset()
+    counters.clear()
+    model = saved_policy()
+    compile_decoder_layers(model, backend="aot_eager")
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    model.eval()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert counters["stats"]["calls_captured"] == 0
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(saved_policy, caplog):
+    torch._dynamo.reset()
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    eager, model = saved_policy(), saved_policy()
+    eager.train()
+    model.train()
+    compile_decoder_layers(model, backend=broken_backend)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with caplog.at_level(logging.WARNING, logger="lightning_rl.compiled_layers"):
+        out = model(input_ids=ids, use_cache=False).logits
+        again = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(out, eager(input_ids=ids, use_cache=False).logits)
+    torch.testing.assert_close(again, out)
+    warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "no C compiler here" in warnings[0].getMessage()
+
+
+def test_the_module_compiles_on_cuda_only_unless_asked(make_grpo):
+    module = make_grpo(model_config={"num_hidden_layers": 2})
+    module.setup("fit")  # no trainer: the module's device, the CPU
+    assert module.compile_layers is False
+    module.configure_model()
+    assert compiled_layer_count(module.policy) == 0
+
+    asked = make_grpo(model_config={"num_hidden_layers": 2}, compile_layers=True)
+    asked.setup("fit")
+    asked.configure_model()
+    assert compiled_layer_count(asked.policy) == len(decoder_layers(asked.policy)) == 2
