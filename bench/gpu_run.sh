@@ -4,6 +4,8 @@
 #   bash bench/gpu_run.sh vllm [-k X]  # only the vLLM tests (optionally those matching X)
 #   bash bench/gpu_run.sh vllm-parallel [N]  # the vLLM tests N processes at a time (default 4); the ones that
 #                                            # measure the device's free memory run alone afterwards
+#   bash bench/gpu_run.sh vllm-shared [N]    # only the first half of vllm-parallel (safe beside other GPU work)
+#   bash bench/gpu_run.sh vllm-exclusive     # only its second half (nothing else may use the GPU meanwhile)
 #   bash bench/gpu_run.sh kernel-tests     # only the kernel tests (tests/gpu/test_kernel*.py)
 #   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
 #   bash bench/gpu_run.sh long [PART]  # bench_long_run.py: engine-full|engine-lora|grpo|fail-reward|fail-engine
@@ -33,7 +35,7 @@ vllm_tests() {
 
 EXCLUSIVE="sleep_frees_memory or base_weights_shared"  # they read the device-wide free memory
 
-vllm_tests_parallel() {
+vllm_tests_shared() {  # the vLLM tests that do not read the device's free memory, N at a time
   local n=${1:-4}
   python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
   local tests
@@ -50,6 +52,10 @@ vllm_tests_parallel() {
     quiet < "$f" | grep -E "^(PASSED|FAILED|ERROR)|Error|error:|assert|^(greedy|sleep|mean|lora|shared|kv-only|grpo|readme)" \
       | tail -6
   done
+}
+
+vllm_tests_parallel() {
+  vllm_tests_shared "${1:-4}"
   vllm_tests "$EXCLUSIVE"
 }
 
@@ -63,6 +69,10 @@ case "${1:-tests}" in
     vllm_tests "${3:-}" ;;
   vllm-parallel)
     vllm_tests_parallel "${2:-4}" ;;
+  vllm-shared)
+    vllm_tests_shared "${2:-4}" ;;
+  vllm-exclusive)
+    vllm_tests "$EXCLUSIVE" ;;
   kernel-tests)
     timeout 300 python3 -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_kernel_grpo_e2e.py -q \
       -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_kernel_tests.log" | quiet \
