@@ -22,7 +22,8 @@ def test_wrapper_parts_are_dropped_from_names():
     assert clean_name("_fsdp_wrapped_module.policy.model.layers.1._fsdp_wrapped_module._checkpoint_wrapped_module."
                       "mlp.up_proj.weight") == "policy.model.layers.1.mlp.up_proj.weight"
     assert clean_name("_orig_mod.lm_head.weight") == "lm_head.weight"
-    assert clean_name("model.my_fsdp_wrapped_module.weight") == "model.my_fsdp_wrapped_module.weight"  # whole parts only
+    # only whole wrapper parts go
+    assert clean_name("model.my_fsdp_wrapped_module.weight") == "model.my_fsdp_wrapped_module.weight"
 
 
 def test_an_unsharded_policy_gives_its_parameters_as_they_are():
