@@ -78,11 +78,11 @@ class EngineRanks:
 
     @classmethod
     def current(cls, tensor_parallel_size: int = 1) -> EngineRanks:
-        """The ranks of this process from ``torch.distributed`` (when initialised) and the current CUDA device."""
+        """The ranks of this process from ``torch.distributed``, and its CUDA device (when initialised)."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist else 0
         world = torch.distributed.get_world_size() if dist else 1
-        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        device = torch.cuda.current_device() if dist and torch.cuda.is_available() else 0  # read by vLLM then
         return cls(rank, world, device, tensor_parallel_size, dist)
 
     @property

@@ -30,10 +30,13 @@ def kv_cache_bytes_for(
     headroom: float = 1.2,
     shared_prompts: bool = True,
     block_size: int = 16,
+    tensor_parallel_size: int = 1,
 ) -> int:
     """KV-cache bytes for one rollout of ``num_prompts * num_generations`` sequences, with headroom.
 
     Tokens are counted by :func:`~lightning_rl.plugins.memory_plan.rollout_kv_tokens`, as the memory plan counts them.
+    With ``tensor_parallel_size = T`` these are one shard's bytes: the group generates the prompts of its ``T``
+    processes (``T * num_prompts``), and each shard holds ``1/T`` of the KV heads.
 
     Args:
         config: the policy's transformers config (layers, KV heads, head size).
@@ -45,12 +48,14 @@ def kv_cache_bytes_for(
         headroom: multiplier on top of the exact need (>= 1).
         shared_prompts: the prompt blocks are shared by the ``G`` completions (prefix caching).
         block_size: tokens per KV block.
+        tensor_parallel_size: processes (GPUs) that share one engine.
     """
     if headroom < 1:
         raise ValueError(f"headroom must be >= 1, got {headroom}")
-    tokens = rollout_kv_tokens(num_prompts, num_generations, prompt_length, max_new_tokens, shared_prompts, block_size)
+    tokens = rollout_kv_tokens(num_prompts * tensor_parallel_size, num_generations, prompt_length, max_new_tokens,
+                               shared_prompts, block_size)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes)
+    return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes, tensor_parallel_size)
 
 
 def execution_kwargs(execution: ExecutionMode) -> dict[str, Any]:
@@ -90,11 +95,16 @@ def engine_weight_dtype(
 
 def engine_weight_bytes(
     model: nn.Module, dtype: str | torch.dtype = "auto", compute_dtype: torch.dtype | None = None,
-    adapter: bool = False,
+    adapter: bool = False, tensor_parallel_size: int = 1,
 ) -> int:
-    """Size of the engine's copy of the policy's weights (see :func:`engine_weight_dtype`)."""
+    """Size of this process's copy of the policy's weights in the engine (see :func:`engine_weight_dtype`).
+
+    With ``tensor_parallel_size = T`` each process holds one shard: ``1/T`` of the weights (rounded up).
+    Parameters sharded by FSDP2 (DTensors) count at their full size.
+    """
     itemsize = engine_weight_dtype(model, dtype, compute_dtype, adapter).itemsize
-    return sum(p.numel() for p in unwrap(model).parameters()) * itemsize
+    total = sum(p.numel() for p in unwrap(model).parameters()) * itemsize
+    return -(-total // tensor_parallel_size)
 
 
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
@@ -141,7 +151,8 @@ def weights_kept_asleep_bytes(
     lora_mode, _ = lora_sync_mode(model, settings.lora_sync)
     if lora_mode == "adapter":
         return 0
-    weight_bytes = engine_weight_bytes(model, settings.dtype, compute_dtype)
+    weight_bytes = engine_weight_bytes(model, settings.dtype, compute_dtype,
+                                       tensor_parallel_size=settings.tensor_parallel_size)
     return weight_bytes if engine_sleep_level(lora_mode, weight_bytes, settings) == 0 else 0
 
 

@@ -89,6 +89,20 @@ def test_kv_cache_budget_from_rollout_shape():
     assert vllm_sizing.kv_cache_bytes_for(model.config, 1, 1, 10, 10, torch.float32, 1.5) >= 36 * per_token * 2
 
 
+def test_a_tensor_parallel_shard_holds_its_share_of_weights_and_kv_for_the_groups_prompts():
+    model, _ = load_policy("tiny-llama")  # 2 layers, 2 KV heads, head dim 16
+    per_rank = 2 * 2 * 1 * 16 * 2  # one of the 2 KV heads per shard
+    got = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0,
+                                         tensor_parallel_size=2)
+    assert got == (32 * 100 + 256 * (128 + 16)) * per_rank  # the group's 2 x 16 prompts, half the heads
+    replicated = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0,
+                                                tensor_parallel_size=4)
+    assert replicated == (64 * 100 + 512 * (128 + 16)) * per_rank  # 2 KV heads on 4 shards: one head each
+    full = vllm_sizing.engine_weight_bytes(model, "bfloat16")
+    assert full == sum(p.numel() for p in model.parameters()) * 2
+    assert vllm_sizing.engine_weight_bytes(model, "bfloat16", tensor_parallel_size=2) == -(-full // 2)
+
+
 def test_lora_weights_for_the_engine():
     torch.manual_seed(0)
     base, _ = load_policy("tiny-llama")
