@@ -117,7 +117,7 @@ def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatc
     p = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
     p.data = storage[:3]  # the "engine's" memory
     engine = _engine_without_vllm(calls, lora_mode="merged", views={"w": (p, storage[:3])})
-    monkeypatch.setattr(vllm_mod, "merged_lora_weights", lambda model: iter([("w", torch.ones(3))]))
+    monkeypatch.setattr(vllm_mod, "merged_lora_weights", lambda model, root=None: iter([("w", torch.ones(3))]))
     engine.sync_weights(torch.nn.Linear(1, 1))
     assert not engine.shared.views
     assert p.data_ptr() != storage.data_ptr()  # a private copy now: the push cannot overwrite it
