@@ -123,7 +123,8 @@ def new_tp_group(ranks: EngineRanks) -> Any:
     """
     if ranks.tensor_parallel_size == 1:
         return None
-    group, _ = torch.distributed.new_subgroups_by_enumeration(tp_groups(ranks.world_size, ranks.tensor_parallel_size))
+    groups = tp_groups(ranks.world_size, ranks.tensor_parallel_size)
+    group, _ = torch.distributed.new_subgroups_by_enumeration(groups, backend="gloo")  # it gathers Python lists
     return group
 
 

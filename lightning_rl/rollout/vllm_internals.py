@@ -113,6 +113,21 @@ def unwrapped_lora_layers(model: nn.Module) -> Iterator[None]:
             setattr(parent, child, module)
 
 
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then put the old values back."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def fp32_head(config: Any) -> None:
     """Ask vLLM for an LM head with fp32 output (read by its ``LogitsProcessor`` from the model config)."""
     config.head_dtype = "float32"
@@ -139,7 +154,8 @@ class VLLMInternals:
         Args:
             kwargs: the ``vllm.LLM`` arguments.
             launcher_env: for ``distributed_executor_backend="external_launcher"``, the ``RANK`` and ``LOCAL_RANK``
-                (the CUDA device) vLLM's executor reads from the environment; they are set before vLLM starts.
+                (the CUDA device) vLLM's executor reads from the environment; they are set while vLLM starts (and
+                put back after: Lightning reads ``LOCAL_RANK`` as its own local rank).
                 vLLM then joins the ``torch.distributed`` world the trainer initialised instead of making one.
 
         Raises:
@@ -154,11 +170,12 @@ class VLLMInternals:
             )
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine must live in this process
-        os.environ.update(launcher_env or {})
         import vllm
 
         _ENGINE_STARTED_IN_PROCESS = True
-        return cls(vllm.LLM(**kwargs), dist_was_initialized=dist)
+        with _environment(launcher_env or {}):  # Lightning reads LOCAL_RANK too: vLLM sees it only while starting
+            llm = vllm.LLM(**kwargs)
+        return cls(llm, dist_was_initialized=dist)
 
     @property
     def runner(self) -> Any:

@@ -117,12 +117,16 @@ def _check_weights(kind: str, lora: bool) -> None:
 
 
 def _check_prompts() -> None:
-    from lightning_rl.rollout.tensor_parallel import gather_group_prompts
+    from lightning_rl.rollout.engine_ranks import EngineRanks, new_tp_group
+    from lightning_rl.rollout.tensor_parallel import gather_group_prompts, own_rows
 
-    rank = dist.get_rank()
-    mine = [[rank, 1], [rank, 2, 3]] if rank == 0 else [[rank, 9]]
-    prompts, counts = gather_group_prompts(mine, dist.group.WORLD)
+    ranks = EngineRanks.current(tensor_parallel_size=2)
+    assert ranks.external_launcher and ranks.rank_in_group == dist.get_rank()
+    group = new_tp_group(ranks)  # the engine's group: ranks 0 and 1
+    mine = [[ranks.rank, 1], [ranks.rank, 2, 3]] if ranks.rank == 0 else [[ranks.rank, 9]]
+    prompts, counts = gather_group_prompts(mine, group)
     assert prompts == [[0, 1], [0, 2, 3], [1, 9]] and counts == [2, 1], (prompts, counts)
+    assert own_rows(counts, ranks.rank_in_group, 4) == (slice(0, 8) if ranks.rank == 0 else slice(8, 12))
 
 
 def _run(rank: int, port: int, cases: list[str]) -> None:

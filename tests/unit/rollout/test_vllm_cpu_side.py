@@ -1,5 +1,6 @@
 """The vLLM engine's CPU-side parts: errors before vLLM starts, sizing, output parsing, the weights it is sent."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -137,3 +138,11 @@ def test_engine_settings_are_checked_when_built():
                        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization")):
         with pytest.raises(ValueError, match=match):
             EngineSettings(**bad)
+
+
+def test_the_launcher_variables_are_set_only_while_vllm_starts(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("RANK", raising=False)
+    with vllm_internals._environment({"LOCAL_RANK": "3", "RANK": "1"}):
+        assert (os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("3", "1")
+    assert os.environ["LOCAL_RANK"] == "0" and "RANK" not in os.environ  # Lightning reads its own LOCAL_RANK again
