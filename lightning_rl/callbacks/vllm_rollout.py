@@ -40,6 +40,12 @@ EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
 
 
+def _strategy_model(trainer: Any) -> nn.Module | None:
+    """The module the trainer's strategy wrapped (under FSDP its units hold the policy's shards), if any."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    return model if isinstance(model, nn.Module) else None
+
+
 class VLLMRollout(Callback):
     """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
 
@@ -112,7 +118,8 @@ class VLLMRollout(Callback):
 
     def weights_kept_asleep_bytes(self, policy: nn.Module, trainer: Any = None) -> int:
         """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
-        return weights_kept_asleep_bytes(policy, self.settings, trainer_compute_dtype(trainer))
+        dtype = trainer_compute_dtype(trainer)
+        return weights_kept_asleep_bytes(policy, self.settings, dtype, _strategy_model(trainer))
 
     def max_len(self, shape: TrainingShape) -> int:
         """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
@@ -136,7 +143,8 @@ class VLLMRollout(Callback):
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         if s.kv_cache_bytes is not None:
             tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
-        return RolloutMemory(engine_weight_bytes=engine_weight_bytes(policy, dtype, tensor_parallel_size=tp),
+        weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=_strategy_model(trainer))
+        return RolloutMemory(engine_weight_bytes=weight_bytes,
                              weights_kept_asleep_bytes=self.weights_kept_asleep_bytes(policy, trainer),
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
                              sized_by_gpu_fraction=s.gpu_memory_utilization is not None)
@@ -166,7 +174,7 @@ class VLLMRollout(Callback):
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
         return VLLMEngine(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
                           max_num_seqs=prompts_per_step * shape.num_generations, settings=settings,
-                          weights_root=getattr(getattr(trainer, "strategy", None), "model", None))
+                          weights_root=_strategy_model(trainer))
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
         for attr in _MODULE_NEEDS:

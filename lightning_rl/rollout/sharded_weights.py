@@ -112,6 +112,29 @@ def fsdp1_parameters(model: nn.Module, root: nn.Module) -> Iterator[tuple[str, t
                 yield full[len(policy) + 1 if policy else 0 :], p.detach()
 
 
+def full_numel(model: nn.Module, root: nn.Module | None = None) -> int:
+    """Elements of ``model``'s parameters at their full (unsharded) size, without gathering anything.
+
+    FSDP1 units hold their parameters' sizes in their flat parameter (torch's ``_fqns`` and ``_numels``, stable
+    since torch 2.0); a DTensor's ``numel()`` is its full size already.
+    """
+    root = model if root is None else root
+    units = fsdp1_units(root)
+    if not units:
+        return sum(p.numel() for p in model.parameters())
+    policy, total = _module_path(root, model), 0
+    for unit_name, unit in units:
+        flat = getattr(unit, "_flat_param", None)
+        if flat is None:
+            continue
+        unit_path = clean_name(unit_name + ".").removesuffix(".") if unit_name else ""
+        for fqn, numel in zip(flat._fqns, flat._numels, strict=True):
+            full = clean_name(".".join(x for x in (unit_path, fqn) if x))
+            if not policy or full.startswith(policy + "."):
+                total += int(numel)
+    return total
+
+
 def fsdp2_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` of ``model``'s parameters, gathering one DTensor at a time."""
     for name, p in model.named_parameters():
@@ -138,6 +161,7 @@ __all__ = [
     "fsdp1_parameters",
     "fsdp1_units",
     "fsdp2_parameters",
+    "full_numel",
     "gathered_parameters",
     "is_dtensor",
     "is_sharded",

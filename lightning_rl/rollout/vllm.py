@@ -123,7 +123,7 @@ class VLLMEngine:
         adapter = lora_mode == "adapter"
         weight_dtype = engine_weight_dtype(model, settings.dtype, adapter=adapter)
         weight_bytes = engine_weight_bytes(model, settings.dtype, adapter=adapter,
-                                           tensor_parallel_size=ranks.tensor_parallel_size)
+                                           tensor_parallel_size=ranks.tensor_parallel_size, root=weights_root)
         self._bind(VLLMInternals(None), eos_token_ids, pad_token_id, max_model_len, settings, lora_mode,
                    engine_sleep_level(lora_mode, weight_bytes, settings), weight_dtype, ranks=ranks)
         self.weight_bytes = weight_bytes

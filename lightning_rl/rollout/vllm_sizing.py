@@ -17,6 +17,7 @@ from lightning_rl.lora import is_lora
 from lightning_rl.models import torch_dtype, unwrap
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.rollout.policy_weights import adapter_sync_unsupported_reason
+from lightning_rl.rollout.sharded_weights import full_numel
 from lightning_rl.rollout.vllm_settings import KEEP_WEIGHTS_BYTES, EngineSettings, ExecutionMode, LoRASync
 
 
@@ -95,15 +96,16 @@ def engine_weight_dtype(
 
 def engine_weight_bytes(
     model: nn.Module, dtype: str | torch.dtype = "auto", compute_dtype: torch.dtype | None = None,
-    adapter: bool = False, tensor_parallel_size: int = 1,
+    adapter: bool = False, tensor_parallel_size: int = 1, root: nn.Module | None = None,
 ) -> int:
     """Size of this process's copy of the policy's weights in the engine (see :func:`engine_weight_dtype`).
 
     With ``tensor_parallel_size = T`` each process holds one shard: ``1/T`` of the weights (rounded up).
-    Parameters sharded by FSDP2 (DTensors) count at their full size.
+    Parameters sharded by FSDP count at their full size (``root``: the module holding FSDP1 units around the
+    policy, see :func:`~lightning_rl.rollout.sharded_weights.full_numel`).
     """
     itemsize = engine_weight_dtype(model, dtype, compute_dtype, adapter).itemsize
-    total = sum(p.numel() for p in unwrap(model).parameters()) * itemsize
+    total = full_numel(unwrap(model), root) * itemsize
     return -(-total // tensor_parallel_size)
 
 
@@ -145,14 +147,15 @@ def engine_sleep_level(lora_mode: str | None, weight_bytes: int, settings: Engin
 
 
 def weights_kept_asleep_bytes(
-    model: nn.Module, settings: EngineSettings, compute_dtype: torch.dtype | None = None
+    model: nn.Module, settings: EngineSettings, compute_dtype: torch.dtype | None = None,
+    root: nn.Module | None = None,
 ) -> int:
     """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes at level 0)."""
     lora_mode, _ = lora_sync_mode(model, settings.lora_sync)
     if lora_mode == "adapter":
         return 0
     weight_bytes = engine_weight_bytes(model, settings.dtype, compute_dtype,
-                                       tensor_parallel_size=settings.tensor_parallel_size)
+                                       tensor_parallel_size=settings.tensor_parallel_size, root=root)
     return weight_bytes if engine_sleep_level(lora_mode, weight_bytes, settings) == 0 else 0
 
 

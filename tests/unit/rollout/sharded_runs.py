@@ -18,7 +18,7 @@ from torch import nn
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.rollout.policy_weights import adapter_tensors, base_weights, full_weights, merged_lora_weights
-from lightning_rl.rollout.sharded_weights import is_sharded
+from lightning_rl.rollout.sharded_weights import full_numel, is_sharded
 
 WORLD = 2
 
@@ -93,9 +93,11 @@ def _counted_unshards(opened: list[int]):
 
 def _check_weights(kind: str, lora: bool) -> None:
     holder, want, adapter = _models(lora)
+    numel = sum(p.numel() for p in holder.policy.parameters())
     root = _shard(holder, kind)
     policy = holder.policy
     assert is_sharded(policy, root), kind
+    assert full_numel(policy, root) == numel, (full_numel(policy, root), numel)  # the engine's size, not a shard's
     opened: list[int] = []
     with _counted_unshards(opened):
         source = base_weights(policy, root) if lora else full_weights(policy, root)
