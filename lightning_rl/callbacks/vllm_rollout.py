@@ -32,11 +32,18 @@ from lightning_rl.shapes import TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
 
-#: Seed offset between processes: each rank's engine samples its own prompts from its own stream.
+#: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
+#: alike) samples its own prompts from its own stream.
 RANK_SEED_STRIDE = 1_000_003
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
+
+
+def _strategy_model(trainer: Any) -> nn.Module | None:
+    """The module the trainer's strategy wrapped (under FSDP its units hold the policy's shards), if any."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    return model if isinstance(model, nn.Module) else None
 
 
 class VLLMRollout(Callback):
@@ -64,7 +71,12 @@ class VLLMRollout(Callback):
         settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
             (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
             step on resume so runs do not replay, and by the process's rank under DDP/FSDP so the processes'
-            engines draw different samples).
+            engines draw different samples; with ``tensor_parallel_size = T`` by the rank's group ``rank // T``,
+            the same for the ``T`` shards of one engine).
+
+    Under Lightning's DDP or FSDP each process builds its own engine on its own GPU (vLLM's external-launcher
+    mode); ``settings.tensor_parallel_size`` shards one engine over groups of consecutive processes. Under FSDP
+    the weights are gathered from the strategy's shards one unit (FSDP1) or tensor (FSDP2) at a time.
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
             (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
     """
@@ -106,7 +118,8 @@ class VLLMRollout(Callback):
 
     def weights_kept_asleep_bytes(self, policy: nn.Module, trainer: Any = None) -> int:
         """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes, level 0)."""
-        return weights_kept_asleep_bytes(policy, self.settings, trainer_compute_dtype(trainer))
+        dtype = trainer_compute_dtype(trainer)
+        return weights_kept_asleep_bytes(policy, self.settings, dtype, _strategy_model(trainer))
 
     def max_len(self, shape: TrainingShape) -> int:
         """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
@@ -124,13 +137,14 @@ class VLLMRollout(Callback):
             raise RuntimeError("VLLMRollout.rollout_memory is asked during a fit, after the callback's setup")
         trainer, s = self._trainer, self.settings
         policy = trainer.lightning_module.policy
-        dtype = self.engine_dtype(policy, trainer)
-        per_token = kv_bytes_per_token(shape.model_config, dtype.itemsize)
+        dtype, tp = self.engine_dtype(policy, trainer), s.tensor_parallel_size
+        per_token = kv_bytes_per_token(shape.model_config, dtype.itemsize, tp)  # this shard's KV heads
         prompts = self.prompts_per_step or datamodule_batch_size(trainer)
-        tokens, headroom = (self.kv_tokens(shape, prompts) if prompts else 0), s.kv_cache_headroom
+        tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         if s.kv_cache_bytes is not None:
             tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
-        return RolloutMemory(engine_weight_bytes=engine_weight_bytes(policy, dtype),
+        weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=_strategy_model(trainer))
+        return RolloutMemory(engine_weight_bytes=weight_bytes,
                              weights_kept_asleep_bytes=self.weights_kept_asleep_bytes(policy, trainer),
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
                              sized_by_gpu_fraction=s.gpu_memory_utilization is not None)
@@ -142,7 +156,8 @@ class VLLMRollout(Callback):
 
         trainer = getattr(pl_module, "_trainer", None)
         rank = int(getattr(trainer, "global_rank", 0) or 0)
-        seed = self.settings.seed + self._restored_step + RANK_SEED_STRIDE * rank
+        group = rank // self.settings.tensor_parallel_size  # the shards of one engine sample alike
+        seed = self.settings.seed + self._restored_step + RANK_SEED_STRIDE * group
         if self.engine_factory is not None:
             return self.engine_factory(pl_module, prompts_per_step, seed)
         shape = pl_module.training_shape()
@@ -154,10 +169,12 @@ class VLLMRollout(Callback):
         if kv is None and s.gpu_memory_utilization is None:
             new, g = shape.max_new_tokens, shape.num_generations
             kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new, dtype,
-                                    s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching)
+                                    s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
+                                    tensor_parallel_size=s.tensor_parallel_size)
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
         return VLLMEngine(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
-                          max_num_seqs=prompts_per_step * shape.num_generations, settings=settings)
+                          max_num_seqs=prompts_per_step * shape.num_generations, settings=settings,
+                          weights_root=_strategy_model(trainer))
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
         for attr in _MODULE_NEEDS:

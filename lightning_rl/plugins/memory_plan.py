@@ -86,11 +86,16 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def kv_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes per token: ``2 (K and V) * layers * kv_heads * head_dim * dtype bytes``."""
+def kv_bytes_per_token(config: Any, dtype_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
+    """KV-cache bytes per token: ``2 (K and V) * layers * kv_heads * head_dim * dtype bytes``.
+
+    With ``tensor_parallel_size = T`` the bytes one shard holds: ``kv_heads // T`` heads (at least one: vLLM
+    replicates the KV heads when there are fewer than ``T``).
+    """
     text = _text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = max(1, kv_heads // tensor_parallel_size)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 

@@ -2,6 +2,10 @@
 
 Names are the base transformers model's (peft's ``base_layer`` wrappers stripped), which is what
 vLLM's ``load_weights`` maps; the LoRA rank is rounded up to one vLLM compiles kernels for.
+
+A policy sharded by FSDP (``root``: the module Lightning's strategy wrapped) gives its full tensors one FSDP
+unit or one parameter at a time (:mod:`~lightning_rl.rollout.sharded_weights`), never the whole model at once;
+every process must then consume the same iterator to its end (each gather is a collective).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from lightning_rl.lora import is_lora
 from lightning_rl.models import unwrap
+from lightning_rl.rollout.sharded_weights import gathered_parameters, is_sharded
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -56,23 +61,46 @@ def _strip_peft(name: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
 
 
-def full_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def policy_parameters(model: nn.Module, root: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` of ``model``'s parameters, one at a time, gathered from FSDP shards when sharded.
+
+    Args:
+        model: the policy (or a part of it, such as a peft model's base model).
+        root: the module the strategy wrapped (FSDP1 keeps the policy's outer parameters in a unit above it).
+    """
+    if is_sharded(model, root):
+        yield from gathered_parameters(model, root)
+    else:
+        for name, p in model.named_parameters():
+            yield name, p.detach()
+
+
+def full_weights(model: nn.Module, root: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(transformers name, tensor)`` of every weight of a plain (non-LoRA) policy."""
-    for name, p in unwrap(model).named_parameters():
-        yield name, p.detach()
+    yield from policy_parameters(unwrap(model), root)
 
 
-def base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def base_weights(model: nn.Module, root: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The frozen base weights of a LoRA policy under the base model's names."""
-    for name, p in model.get_base_model().named_parameters():
+    for name, p in policy_parameters(model.get_base_model(), root):
         if "lora_" in name or ".original_module." in name:
             continue
-        yield _strip_peft(name), p.detach()
+        yield _strip_peft(name), p
 
 
-def merged_lora_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of a LoRA policy with its active adapters merged in (``W + delta``), without touching it."""
+def merged_lora_weights(model: nn.Module, root: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a LoRA policy with its active adapters merged in (``W + delta``), without touching it.
+
+    Raises:
+        NotImplementedError: the policy is sharded by FSDP (sync the adapter instead).
+    """
     from peft.tuners.lora import LoraLayer
+
+    if is_sharded(model, root):
+        raise NotImplementedError(
+            "pushing merged LoRA weights from an FSDP-sharded policy is not supported: use lora_sync='adapter' "
+            "(or 'auto') with an adapter vLLM can take, or train without FSDP (strategy='ddp')"
+        )
 
     inner = model.get_base_model()
     layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
@@ -93,13 +121,27 @@ def merged_lora_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield _strip_peft(name), w
 
 
-def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def sharded_adapter_tensors(model: nn.Module, adapter: str, root: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``adapter`` gathered from FSDP shards, under peft's checkpoint names (copies).
+
+    The names are those ``get_peft_model_state_dict`` gives a LoRA adapter without biases: the parameter's
+    name without the adapter's name. FSDP1 gathers each unit holding adapter tensors whole (its layer).
+    """
+    tag = f".{adapter}."
+    return {name.replace(tag, ".", 1): t.clone() for name, t in policy_parameters(model, root)
+            if "lora_" in name and tag in name}
+
+
+def adapter_tensors(model: nn.Module, root: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The active adapter's LoRA tensors (peft checkpoint names) and its config as a plain dict."""
     from peft import get_peft_model_state_dict
 
     name = model.active_adapter
     cfg = model.peft_config[name]
-    tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    if is_sharded(model, root):
+        tensors = sharded_adapter_tensors(model, name, root)
+    else:
+        tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     target = cfg.target_modules
     config = {
         "r": cfg.r,

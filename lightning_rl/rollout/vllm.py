@@ -5,6 +5,12 @@ the weights from the live policy, so a model that exists only in memory (loaded 
 modified, or being trained) works. Sleep mode lets it hand its memory (weights and KV cache) back
 to training between rollouts; :class:`~lightning_rl.rollout.sleep_state.SleepState` says where it is.
 
+Under Lightning's DDP or FSDP (``torch.distributed`` initialised, one process per GPU) every process runs its
+own engine on its own GPU in vLLM's external-launcher mode, generating for its own prompts; with
+``tensor_parallel_size = T`` groups of ``T`` consecutive processes share one sharded engine and generate the
+group's prompts together (:mod:`~lightning_rl.rollout.engine_ranks`, :mod:`~lightning_rl.rollout.tensor_parallel`).
+Weights of a policy sharded by FSDP are gathered one unit or tensor at a time on their way in.
+
 LoRA policies sync only their adapter tensors (in memory, no merge, no disk) into vLLM's LoRA
 manager; when vLLM cannot take the adapter (DoRA, ``modules_to_save``, biases, rank patterns),
 the merged weights ``W + B A * scale`` are pushed instead.
@@ -32,6 +38,7 @@ from torch import nn
 
 from lightning_rl.models import unwrap
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
+from lightning_rl.rollout.engine_ranks import EngineRanks, new_tp_group
 from lightning_rl.rollout.policy_weights import (
     adapter_tensors,
     base_weights,
@@ -39,8 +46,10 @@ from lightning_rl.rollout.policy_weights import (
     merged_lora_weights,
     vllm_lora_rank,
 )
+from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.shared_weights import SharedBaseWeights, share_base_with_engine
 from lightning_rl.rollout.sleep_state import Memory, SleepState
+from lightning_rl.rollout.tensor_parallel import gather_group_prompts, own_rows, take_rows
 from lightning_rl.rollout.vllm_checks import check_architecture, check_prompt_lengths, require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, fp32_head, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_outputs import rollout_from_outputs
@@ -64,10 +73,18 @@ class VLLMEngine:
         eos_token_ids: ids that end a completion.
         pad_token_id: id used to pad prompts and completions in the returned :class:`Rollout`.
         max_model_len: longest prompt + completion in tokens.
-        max_num_seqs: sequences vLLM runs at once (the rollout's ``prompts * G``).
-        settings: dtype, LoRA sync, sleep level, execution mode, KV-cache size, ... (see
+        max_num_seqs: sequences this process's rollout has at once (its ``prompts * G``); a tensor-parallel
+            engine runs ``tensor_parallel_size`` times as many (the group's).
+        settings: dtype, LoRA sync, sleep level, execution mode, KV-cache size, tensor parallelism, ... (see
             :class:`~lightning_rl.rollout.vllm_settings.EngineSettings`); ``kv_cache_bytes=None`` sizes vLLM by
             ``gpu_memory_utilization`` (0.3 when that is None too).
+        weights_root: the module the training strategy wrapped (Lightning's ``trainer.strategy.model``): under
+            FSDP its units hold the policy's shards, gathered from there at every sync. None: ``model``.
+
+    Raises:
+        ValueError: a ``tensor_parallel_size`` these processes cannot form (see
+            :func:`~lightning_rl.rollout.engine_ranks.check_tensor_parallel`), or settings that contradict each
+            other or the policy.
     """
 
     def __init__(
@@ -78,8 +95,10 @@ class VLLMEngine:
         max_model_len: int,
         max_num_seqs: int = 256,
         settings: EngineSettings | None = None,
+        weights_root: nn.Module | None = None,
     ) -> None:
         settings = settings or EngineSettings()
+        ranks = EngineRanks.current(settings.tensor_parallel_size)
         require_vllm()
         require_cuda()
         if not eos_token_ids:
@@ -92,18 +111,30 @@ class VLLMEngine:
         if settings.share_base_weights and lora_mode != "adapter":
             raise ValueError("share_base_weights=True needs a LoRA policy synced as an adapter (lora_sync='adapter' "
                              f"or 'auto'); this engine would push {lora_mode or 'full'} weights")
+        sharded = is_sharded(model, weights_root)
+        unshareable = _unshareable_reason(ranks, sharded)
+        if settings.share_base_weights and unshareable:
+            raise ValueError(f"share_base_weights=True is impossible: {unshareable}; use share_base_weights=None")
+        if sharded and lora_mode == "merged":
+            raise ValueError("an FSDP-sharded LoRA policy syncs its adapter only, and vLLM cannot take this one as "
+                             f"an adapter ({reason or 'lora_sync=merged'}): use lora_sync='adapter' with a plain "
+                             "LoRA adapter, or strategy='ddp'")
         require_supported_vllm()
         adapter = lora_mode == "adapter"
         weight_dtype = engine_weight_dtype(model, settings.dtype, adapter=adapter)
-        weight_bytes = engine_weight_bytes(model, settings.dtype, adapter=adapter)
+        weight_bytes = engine_weight_bytes(model, settings.dtype, adapter=adapter,
+                                           tensor_parallel_size=ranks.tensor_parallel_size, root=weights_root)
         self._bind(VLLMInternals(None), eos_token_ids, pad_token_id, max_model_len, settings, lora_mode,
-                   engine_sleep_level(lora_mode, weight_bytes, settings), weight_dtype)
+                   engine_sleep_level(lora_mode, weight_bytes, settings), weight_dtype, ranks=ranks)
         self.weight_bytes = weight_bytes
+        self.weights_root = weights_root
         self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
         try:
-            kwargs = self._llm_kwargs(model, max_num_seqs)
+            kwargs = self._llm_kwargs(model, max_num_seqs * ranks.tensor_parallel_size)
+            self.tp_group = new_tp_group(ranks)  # collective: every process, before vLLM makes its own groups
             t0 = time.perf_counter()
-            self.internals = VLLMInternals.start(kwargs)
+            launcher_env = ranks.launcher_env() if ranks.external_launcher else None
+            self.internals = VLLMInternals.start(kwargs, launcher_env)
         except Exception:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -111,7 +142,7 @@ class VLLMEngine:
         self.llm = self.internals.llm
         self.engine_kwargs = kwargs
         self.sync_weights(model)
-        if adapter and settings.share_base_weights is not False:
+        if adapter and settings.share_base_weights is not False and not unshareable:
             self._share_base(model, required=bool(settings.share_base_weights))
 
     @classmethod
@@ -127,6 +158,8 @@ class VLLMEngine:
         sleep_level: int = 0,
         weight_dtype: torch.dtype = torch.bfloat16,
         state: SleepState | None = None,
+        ranks: EngineRanks | None = None,
+        tp_group: Any = None,
     ) -> VLLMEngine:
         """An engine around an ``llm`` that already runs (or a stand-in for tests): no vLLM import, no GPU.
 
@@ -141,17 +174,20 @@ class VLLMEngine:
             sleep_level: the level :meth:`sleep` uses.
             weight_dtype: the engine's weight dtype (adapter tensors are cast to it).
             state: where its memory is and whether it holds the policy's weights (default: awake, not synced).
+            ranks: its place among the processes (default: a lone process).
+            tp_group: the process group of its tensor-parallel group (None: it generates alone).
         """
         engine = cls.__new__(cls)
         engine._bind(internals, eos_token_ids, pad_token_id, max_model_len, settings or EngineSettings(), lora_mode,
-                     sleep_level, weight_dtype, state)
+                     sleep_level, weight_dtype, state, ranks)
         engine.llm = llm
+        engine.tp_group = tp_group
         return engine
 
     def _bind(
         self, internals: VLLMInternals, eos_token_ids: Sequence[int], pad_token_id: int, max_model_len: int,
         settings: EngineSettings, lora_mode: str | None, sleep_level: int, weight_dtype: torch.dtype,
-        state: SleepState | None = None,
+        state: SleepState | None = None, ranks: EngineRanks | None = None,
     ) -> None:
         """Set every attribute of an engine (the one list of them)."""
         self.internals = internals
@@ -171,6 +207,9 @@ class VLLMEngine:
         self.shared_freed_bytes = 0
         self.startup_time = 0.0
         self.engine_kwargs: dict[str, Any] = {}
+        self.ranks = ranks or EngineRanks()
+        self.tp_group: Any = None
+        self.weights_root: nn.Module | None = None
         self._lora_request: Any = None
         self._dir = ""
 
@@ -204,6 +243,7 @@ class VLLMEngine:
             enable_prefix_caching=s.enable_prefix_caching,
             logprobs_mode="processed_logprobs",  # log-probs after temperature, as the trainer computes them
             seed=s.seed,
+            **self.ranks.llm_kwargs(),
         )
         if s.kv_cache_bytes is not None:
             free, total = torch.cuda.mem_get_info()
@@ -237,8 +277,8 @@ class VLLMEngine:
         """The model runner in this process (:attr:`VLLMInternals.runner`)."""
         return self.internals.runner
 
-    def _install_adapter(self, model: nn.Module) -> None:
-        tensors, config = adapter_tensors(model)
+    def _install_adapter(self, model: nn.Module, root: nn.Module | None) -> None:
+        tensors, config = adapter_tensors(model, root)
         tensors = {k: v.to(self.weight_dtype) for k, v in tensors.items()}  # fp32 masters -> the engine's 16 bits
         self._lora_request = self.internals.install_adapter(tensors, config)
 
@@ -253,29 +293,35 @@ class VLLMEngine:
         """Whether the engine's memory is released."""
         return self.state.is_sleeping
 
-    def sync_weights(self, model: nn.Module) -> None:
-        """Push ``model``'s current weights (or only its LoRA adapter) into the engine."""
+    def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
+        """Push ``model``'s current weights (or only its LoRA adapter) into the engine.
+
+        Under FSDP every process must call it at the same point: the shards are gathered collectively, one unit
+        or tensor at a time, from ``root`` (default: the engine's ``weights_root``). A tensor-parallel engine takes
+        full tensors on every process and keeps its shard of them.
+        """
         self._check_alive()
+        root = root if root is not None else self.weights_root
         if self.shared.views and self.lora_mode != "adapter":
             self.shared.unshare()  # pushing full or merged weights would overwrite the trainer's base
         self._wake_weights()
         if self.lora_mode == "adapter":
             if not self.state.weights_synced:
-                self.internals.load_weights(base_weights(model))
+                self.internals.load_weights(base_weights(model, root))
             try:
-                self._install_adapter(model)
+                self._install_adapter(model, root)
             except Exception as err:
                 if self.lora_sync != "auto":
                     raise
                 log.warning("adapter-only LoRA sync failed (%s); pushing merged weights from now on", err)
                 self.lora_mode, self._lora_request = "merged", None
                 self.shared.unshare()
-                self.internals.load_weights(merged_lora_weights(model))
+                self.internals.load_weights(merged_lora_weights(model, root))
         elif self.lora_mode == "merged":
             self._lora_request = None  # generate with the merged weights, no adapter on top
-            self.internals.load_weights(merged_lora_weights(model))
+            self.internals.load_weights(merged_lora_weights(model, root))
         else:
-            self.internals.load_weights(full_weights(model))
+            self.internals.load_weights(full_weights(model, root))
         self.state.weights_synced = True
         if self.state.memory is Memory.AWAKE:
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
@@ -325,7 +371,11 @@ class VLLMEngine:
         self, prompt_ids: list[list[int]], sampling: SamplingConfig, num_generations: int = 1,
         seed: int | None = None,
     ) -> Rollout:
-        """Sample ``num_generations`` completions per prompt with their sampling log-probs."""
+        """Sample ``num_generations`` completions per prompt with their sampling log-probs.
+
+        A tensor-parallel engine generates its group's prompts (every member must call it at the same point, with
+        the same sampling and seed) and returns the rows of this process's own prompts.
+        """
         from vllm import SamplingParams
 
         self._check_alive()
@@ -334,6 +384,9 @@ class VLLMEngine:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt needs at least one token")
         check_prompt_lengths(prompt_ids, self.max_model_len)
+        counts = None
+        if self.tp_group is not None:
+            prompt_ids, counts = gather_group_prompts(prompt_ids, self.tp_group)
         self._wake_weights()
         if not self.state.weights_synced:
             raise RuntimeError("the engine holds no policy weights (a level-2 sleep dropped them): "
@@ -357,7 +410,10 @@ class VLLMEngine:
             lora_request=self._lora_request,
         )
         extras = {"engine": "vllm", "generate_time": time.perf_counter() - t0}
-        return rollout_from_outputs(prompt_ids, outputs, num_generations, self.pad_token_id, extras)
+        rollout = rollout_from_outputs(prompt_ids, outputs, num_generations, self.pad_token_id, extras)
+        if counts is None:
+            return rollout
+        return take_rows(rollout, own_rows(counts, self.ranks.rank_in_group, num_generations))
 
     # ----------------------------------------------------------------------------- lifecycle
     def _check_alive(self) -> None:
@@ -382,6 +438,15 @@ class VLLMEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.shutdown()
+
+
+def _unshareable_reason(ranks: EngineRanks, sharded: bool) -> str | None:
+    """Why the trainer's base weights cannot point at the engine's (None when they can)."""
+    if ranks.tensor_parallel_size > 1:
+        return f"the engine holds 1/{ranks.tensor_parallel_size} of each weight (tensor_parallel_size > 1)"
+    if sharded:
+        return "the trainer's weights are sharded by FSDP"
+    return None
 
 
 __all__ = ["VLLMEngine"]

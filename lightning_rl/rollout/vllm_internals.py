@@ -6,8 +6,11 @@ while the weights stay). These move between vLLM releases, so everything that to
 :data:`SUPPORTED_VLLM`; :func:`require_supported_vllm` refuses other versions with an error naming the range.
 
 This file is also the one place that changes process state for vLLM (:meth:`VLLMInternals.start`): it sets
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine must live in this process, where its model can be reached) and
-marks that an engine was started (vLLM's sleep-mode allocator serves one engine per process).
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine must live in this process, where its model can be reached), the
+``RANK``/``LOCAL_RANK`` variables vLLM's external launcher reads under DDP/FSDP, and marks that an engine was
+started (vLLM's sleep-mode allocator serves one engine per process). Under ``torch.distributed`` the engine runs
+in vLLM's ``external_launcher`` mode (one engine per trainer process, joining the trainer's process group), and
+:meth:`VLLMInternals.shutdown` leaves that group alone.
 """
 
 from __future__ import annotations
@@ -110,6 +113,21 @@ def unwrapped_lora_layers(model: nn.Module) -> Iterator[None]:
             setattr(parent, child, module)
 
 
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then put the old values back."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def fp32_head(config: Any) -> None:
     """Ask vLLM for an LM head with fp32 output (read by its ``LogitsProcessor`` from the model config)."""
     config.head_dtype = "float32"
@@ -130,8 +148,15 @@ class VLLMInternals:
         self._lora_model: Any = None
 
     @classmethod
-    def start(cls, kwargs: Mapping[str, Any]) -> VLLMInternals:
+    def start(cls, kwargs: Mapping[str, Any], launcher_env: Mapping[str, str] | None = None) -> VLLMInternals:
         """Start ``vllm.LLM(**kwargs)`` in this process (see the module docstring for what this changes).
+
+        Args:
+            kwargs: the ``vllm.LLM`` arguments.
+            launcher_env: for ``distributed_executor_backend="external_launcher"``, the ``RANK`` and ``LOCAL_RANK``
+                (the CUDA device) vLLM's executor reads from the environment; they are set while vLLM starts (and
+                put back after: Lightning reads ``LOCAL_RANK`` as its own local rank).
+                vLLM then joins the ``torch.distributed`` world the trainer initialised instead of making one.
 
         Raises:
             RuntimeError: an engine was already started in this process.
@@ -148,7 +173,9 @@ class VLLMInternals:
         import vllm
 
         _ENGINE_STARTED_IN_PROCESS = True
-        return cls(vllm.LLM(**kwargs), dist_was_initialized=dist)
+        with _environment(launcher_env or {}):  # Lightning reads LOCAL_RANK too: vLLM sees it only while starting
+            llm = vllm.LLM(**kwargs)
+        return cls(llm, dist_was_initialized=dist)
 
     @property
     def runner(self) -> Any:
@@ -160,7 +187,7 @@ class VLLMInternals:
 
             raise RuntimeError(
                 "cannot reach the vLLM model in this process; the engine must run in-process "
-                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0) with one GPU (vllm {vllm.__version__})"
+                f"(VLLM_ENABLE_V1_MULTIPROCESSING=0), one worker per process (vllm {vllm.__version__})"
             ) from err
 
     def model(self) -> nn.Module:

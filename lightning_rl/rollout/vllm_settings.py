@@ -54,6 +54,10 @@ class EngineSettings:
         kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape.
         gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the two settings above are ignored).
         seed: vLLM's sampling seed.
+        tensor_parallel_size: GPUs one engine is sharded over, for a policy whose engine does not fit one GPU.
+            Needs ``torch.distributed`` (Lightning's ``strategy="ddp"`` or ``"fsdp"``, one process per GPU) with a
+            number of processes it divides; groups of consecutive ranks share an engine, which generates the
+            group's prompts together (:mod:`~lightning_rl.rollout.tensor_parallel`).
         engine_kwargs: more ``vllm.LLM`` arguments (they override the ones these settings give).
     """
 
@@ -69,6 +73,7 @@ class EngineSettings:
     kv_cache_headroom: float = 1.2
     gpu_memory_utilization: float | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class EngineSettings:
             raise ValueError(f"kv_cache_headroom must be >= 1, got {self.kv_cache_headroom}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0 (or None), got {self.kv_cache_bytes}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (or None), got {self.gpu_memory_utilization}")
 

@@ -17,6 +17,7 @@ from lightning_rl.lora import is_lora
 from lightning_rl.models import torch_dtype, unwrap
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.rollout.policy_weights import adapter_sync_unsupported_reason
+from lightning_rl.rollout.sharded_weights import full_numel
 from lightning_rl.rollout.vllm_settings import KEEP_WEIGHTS_BYTES, EngineSettings, ExecutionMode, LoRASync
 
 
@@ -30,10 +31,13 @@ def kv_cache_bytes_for(
     headroom: float = 1.2,
     shared_prompts: bool = True,
     block_size: int = 16,
+    tensor_parallel_size: int = 1,
 ) -> int:
     """KV-cache bytes for one rollout of ``num_prompts * num_generations`` sequences, with headroom.
 
     Tokens are counted by :func:`~lightning_rl.plugins.memory_plan.rollout_kv_tokens`, as the memory plan counts them.
+    With ``tensor_parallel_size = T`` these are one shard's bytes: the group generates the prompts of its ``T``
+    processes (``T * num_prompts``), and each shard holds ``1/T`` of the KV heads.
 
     Args:
         config: the policy's transformers config (layers, KV heads, head size).
@@ -45,12 +49,14 @@ def kv_cache_bytes_for(
         headroom: multiplier on top of the exact need (>= 1).
         shared_prompts: the prompt blocks are shared by the ``G`` completions (prefix caching).
         block_size: tokens per KV block.
+        tensor_parallel_size: processes (GPUs) that share one engine.
     """
     if headroom < 1:
         raise ValueError(f"headroom must be >= 1, got {headroom}")
-    tokens = rollout_kv_tokens(num_prompts, num_generations, prompt_length, max_new_tokens, shared_prompts, block_size)
+    tokens = rollout_kv_tokens(num_prompts * tensor_parallel_size, num_generations, prompt_length, max_new_tokens,
+                               shared_prompts, block_size)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes)
+    return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes, tensor_parallel_size)
 
 
 def execution_kwargs(execution: ExecutionMode) -> dict[str, Any]:
@@ -90,11 +96,17 @@ def engine_weight_dtype(
 
 def engine_weight_bytes(
     model: nn.Module, dtype: str | torch.dtype = "auto", compute_dtype: torch.dtype | None = None,
-    adapter: bool = False,
+    adapter: bool = False, tensor_parallel_size: int = 1, root: nn.Module | None = None,
 ) -> int:
-    """Size of the engine's copy of the policy's weights (see :func:`engine_weight_dtype`)."""
+    """Size of this process's copy of the policy's weights in the engine (see :func:`engine_weight_dtype`).
+
+    With ``tensor_parallel_size = T`` each process holds one shard: ``1/T`` of the weights (rounded up).
+    Parameters sharded by FSDP count at their full size (``root``: the module holding FSDP1 units around the
+    policy, see :func:`~lightning_rl.rollout.sharded_weights.full_numel`).
+    """
     itemsize = engine_weight_dtype(model, dtype, compute_dtype, adapter).itemsize
-    return sum(p.numel() for p in unwrap(model).parameters()) * itemsize
+    total = full_numel(unwrap(model), root) * itemsize
+    return -(-total // tensor_parallel_size)
 
 
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
@@ -135,13 +147,15 @@ def engine_sleep_level(lora_mode: str | None, weight_bytes: int, settings: Engin
 
 
 def weights_kept_asleep_bytes(
-    model: nn.Module, settings: EngineSettings, compute_dtype: torch.dtype | None = None
+    model: nn.Module, settings: EngineSettings, compute_dtype: torch.dtype | None = None,
+    root: nn.Module | None = None,
 ) -> int:
     """Bytes of the engine's weights that stay on the GPU while it sleeps (full or merged pushes at level 0)."""
     lora_mode, _ = lora_sync_mode(model, settings.lora_sync)
     if lora_mode == "adapter":
         return 0
-    weight_bytes = engine_weight_bytes(model, settings.dtype, compute_dtype)
+    weight_bytes = engine_weight_bytes(model, settings.dtype, compute_dtype,
+                                       tensor_parallel_size=settings.tensor_parallel_size, root=root)
     return weight_bytes if engine_sleep_level(lora_mode, weight_bytes, settings) == 0 else 0
 
 

@@ -52,6 +52,31 @@ def test_gpu_example_yaml_builds_the_callback_plugin_and_module():
     assert cli.datamodule.batch_size == 16
 
 
+def test_the_engines_tensor_parallel_size_parses_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_rl import VLLMRollout
+
+    config = tmp_path / "tp.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_rl.VLLMRollout\n"
+        "      init_args:\n"
+        "        settings:\n"
+        "          tensor_parallel_size: 2\n"
+        "          execution: eager\n"
+    )
+    cli = LightningCLI(
+        args=["--config", str(EXAMPLES / "grpo_smollm2_vllm.yaml"), "--config", str(config),
+              "--trainer.accelerator", "cpu", "--model.init_args.model", "tiny-llama", "--trainer.logger", "false"],
+        run=False, auto_configure_optimizers=False,
+    )
+    rollout = [cb for cb in cli.trainer.callbacks if isinstance(cb, VLLMRollout)]
+    assert len(rollout) == 1
+    assert rollout[0].settings.tensor_parallel_size == 2 and rollout[0].settings.execution == "eager"
+
+
 MODULES = ["lightning_rl.GRPO", "lightning_rl.PPO", "lightning_rl.DPO", "lightning_rl.ORPO", "lightning_rl.KTO"]
 
 

@@ -34,3 +34,18 @@ def test_each_process_engine_samples_from_its_own_seed():
     for rank in (0, 1):
         cb.build_engine(SimpleNamespace(_trainer=SimpleNamespace(global_rank=rank)), 4)
     assert seeds == [7, 7 + RANK_SEED_STRIDE]
+
+
+def test_the_shards_of_a_tensor_parallel_engine_share_their_groups_seed():
+    from types import SimpleNamespace
+
+    from lightning_rl import VLLMRollout
+    from lightning_rl.callbacks.vllm_rollout import RANK_SEED_STRIDE
+    from lightning_rl.rollout import EngineSettings
+
+    seeds = []
+    cb = VLLMRollout(settings=EngineSettings(seed=7, tensor_parallel_size=2),
+                     engine_factory=lambda m, n, seed: seeds.append(seed))
+    for rank in range(4):
+        cb.build_engine(SimpleNamespace(_trainer=SimpleNamespace(global_rank=rank)), 4)
+    assert seeds == [7, 7, 7 + RANK_SEED_STRIDE, 7 + RANK_SEED_STRIDE]  # ranks 0-1 and 2-3 sample alike

@@ -151,3 +151,23 @@ def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
     fraction = VLLMRollout(settings=EngineSettings(gpu_memory_utilization=0.3))
     fraction.setup(trainer, module, "fit")
     assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0
+
+
+def test_rollout_memory_of_a_tensor_parallel_shard():
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    one, two = VLLMRollout(prompts_per_step=2), _settings(tensor_parallel_size=2)
+    two.prompts_per_step = 2
+    for cb in (one, two):
+        cb.setup(trainer, module, "fit")
+    shape = module.training_shape()
+    alone, shard = one.rollout_memory(shape), two.rollout_memory(shape)
+    assert shard.kv_bytes_per_token == kv_bytes_per_token(module.policy.config, 2, tensor_parallel_size=2)
+    assert shard.kv_bytes_per_token * 2 == alone.kv_bytes_per_token  # tiny-llama: 2 KV heads, one per shard
+    assert shard.kv_tokens == two.kv_tokens(shape, 4)  # the group generates both processes' 2 prompts
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2,
+                                               tensor_parallel_size=2)
+    assert math.ceil(shard.kv_tokens * shard.headroom) * shard.kv_bytes_per_token == engine_kv
+    assert shard.engine_weight_bytes == -(-alone.engine_weight_bytes // 2)

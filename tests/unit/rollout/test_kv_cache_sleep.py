@@ -117,7 +117,7 @@ def test_a_full_or_merged_push_unshares_the_trainer_first(fake_cumem, monkeypatc
     p = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
     p.data = storage[:3]  # the "engine's" memory
     engine = _engine_without_vllm(calls, lora_mode="merged", views={"w": (p, storage[:3])})
-    monkeypatch.setattr(vllm_mod, "merged_lora_weights", lambda model: iter([("w", torch.ones(3))]))
+    monkeypatch.setattr(vllm_mod, "merged_lora_weights", lambda model, root=None: iter([("w", torch.ones(3))]))
     engine.sync_weights(torch.nn.Linear(1, 1))
     assert not engine.shared.views
     assert p.data_ptr() != storage.data_ptr()  # a private copy now: the push cannot overwrite it
@@ -157,6 +157,43 @@ def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
     assert rollout.completion_mask.tolist() == [[1, 1], [1, 0]]
     assert rollout.sampling_logprobs.tolist() == [[-0.5, -1.0], [-2.0, 0.0]]
     assert rollout.finish_reasons == ["stop", "length"] and rollout.group_index.tolist() == [0, 0]
+
+
+def test_a_tensor_parallel_member_generates_the_groups_prompts_and_keeps_its_own_rows(monkeypatch):
+    import sys
+
+    from lightning_rl.rollout import SamplingConfig
+    from lightning_rl.rollout.engine_ranks import EngineRanks
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=lambda **kw: kw))
+    step = SimpleNamespace
+    group = object()
+    gathered = []
+
+    def gather(prompt_ids, tp_group):  # rank 0 of the group gave 2 prompts, this rank (1) gives its own
+        gathered.append((prompt_ids, tp_group))
+        return [[1, 1], [1, 2], *prompt_ids], [2, len(prompt_ids)]
+
+    class EchoLLM(FakeLLM):
+        def generate(self, prompts, params, use_tqdm, lora_request):  # completion tokens: the prompt's last id
+            self.calls.append(("generate", [p["prompt_token_ids"] for p in prompts], params["n"]))
+            return [step(outputs=[step(index=i, token_ids=[p["prompt_token_ids"][-1]] * 2,
+                                       logprobs=[{p["prompt_token_ids"][-1]: step(logprob=-1.0)}] * 2,
+                                       finish_reason="stop") for i in range(params["n"])]) for p in prompts]
+
+    monkeypatch.setattr(vllm_mod, "gather_group_prompts", gather)
+    calls = []
+    engine = vllm_mod.VLLMEngine.from_llm(
+        EchoLLM(calls), FakeInternals(calls), eos_token_ids=[2], pad_token_id=0, max_model_len=64,
+        state=SleepState(weights_synced=True), tp_group=group,
+        ranks=EngineRanks(rank=3, world_size=4, tensor_parallel_size=2, distributed=True))
+    rollout = engine.generate([[3, 7], [3, 8], [3, 9]], SamplingConfig(max_new_tokens=2), num_generations=2)
+    assert gathered == [([[3, 7], [3, 8], [3, 9]], group)]
+    assert calls == [("generate", [[1, 1], [1, 2], [3, 7], [3, 8], [3, 9]], 2)]  # the group's 5 prompts, once
+    assert rollout.num_sequences == 6  # this rank's 3 prompts x 2
+    assert rollout.completion_ids[:, 0].tolist() == [7, 7, 8, 8, 9, 9]
+    assert rollout.prompt_ids[:, -1].tolist() == [7, 7, 8, 8, 9, 9]
+    assert rollout.group_index.tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_level_one_sleep_brings_the_weights_back_before_the_kv_cache(fake_cumem):

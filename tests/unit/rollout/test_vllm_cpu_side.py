@@ -1,5 +1,6 @@
 """The vLLM engine's CPU-side parts: errors before vLLM starts, sizing, output parsing, the weights it is sent."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -89,6 +90,20 @@ def test_kv_cache_budget_from_rollout_shape():
     assert vllm_sizing.kv_cache_bytes_for(model.config, 1, 1, 10, 10, torch.float32, 1.5) >= 36 * per_token * 2
 
 
+def test_a_tensor_parallel_shard_holds_its_share_of_weights_and_kv_for_the_groups_prompts():
+    model, _ = load_policy("tiny-llama")  # 2 layers, 2 KV heads, head dim 16
+    per_rank = 2 * 2 * 1 * 16 * 2  # one of the 2 KV heads per shard
+    got = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0,
+                                         tensor_parallel_size=2)
+    assert got == (32 * 100 + 256 * (128 + 16)) * per_rank  # the group's 2 x 16 prompts, half the heads
+    replicated = vllm_sizing.kv_cache_bytes_for(model.config, 16, 8, 100, 128, torch.bfloat16, headroom=1.0,
+                                                tensor_parallel_size=4)
+    assert replicated == (64 * 100 + 512 * (128 + 16)) * per_rank  # 2 KV heads on 4 shards: one head each
+    full = vllm_sizing.engine_weight_bytes(model, "bfloat16")
+    assert full == sum(p.numel() for p in model.parameters()) * 2
+    assert vllm_sizing.engine_weight_bytes(model, "bfloat16", tensor_parallel_size=2) == -(-full // 2)
+
+
 def test_lora_weights_for_the_engine():
     torch.manual_seed(0)
     base, _ = load_policy("tiny-llama")
@@ -123,3 +138,11 @@ def test_engine_settings_are_checked_when_built():
                        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization")):
         with pytest.raises(ValueError, match=match):
             EngineSettings(**bad)
+
+
+def test_the_launcher_variables_are_set_only_while_vllm_starts(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("RANK", raising=False)
+    with vllm_internals._environment({"LOCAL_RANK": "3", "RANK": "1"}):
+        assert (os.environ["LOCAL_RANK"], os.environ["RANK"]) == ("3", "1")
+    assert os.environ["LOCAL_RANK"] == "0" and "RANK" not in os.environ  # Lightning reads its own LOCAL_RANK again

@@ -1,0 +1,117 @@
+"""The per-process engine under Lightning's DDP and FSDP, shown with one process on one GPU.
+
+With ``strategy="ddp"`` or ``"fsdp"`` Lightning initialises ``torch.distributed`` even for one device, so the engine
+takes the path every process of a multi-GPU run takes: vLLM's external launcher joining Lightning's process group,
+and (FSDP) the weights gathered from the strategy's shards one unit at a time.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
+
+from lightning_rl import GRPO, ArithmeticDataModule, VLLMRollout  # noqa: E402
+from lightning_rl.rewards import NumericMatch  # noqa: E402
+from lightning_rl.rollout import EngineSettings  # noqa: E402
+from lightning_rl.rollout.policy_weights import full_weights  # noqa: E402
+from lightning_rl.rollout.sharded_weights import is_sharded  # noqa: E402
+
+# vLLM's sleep mode allows one engine per process: bench/gpu_run.sh runs each of these in its own process
+pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _grpo(learning_rate=1e-5):
+    torch.manual_seed(0)
+    return GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16", num_generations=4,
+                sampling={"max_new_tokens": 32}, micro_batch_size=16, max_prompt_length=128,
+                learning_rate=learning_rate, importance_sampling="token")
+
+
+def _trainer(strategy, callbacks, **kwargs):
+    return L.Trainer(max_steps=2, accelerator="gpu", devices=1, strategy=strategy, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=callbacks, limit_val_batches=0, **kwargs)
+
+
+class EngineSeen(L.Callback):
+    """Keeps what the rollout callback's engine was started with (the engine is gone after the fit)."""
+
+    def __init__(self, rollout: VLLMRollout) -> None:
+        self.rollout = rollout
+        self.kwargs: dict = {}
+        self.ranks = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.kwargs = dict(self.rollout.engine.engine_kwargs)
+        self.ranks = self.rollout.engine.ranks
+
+
+def test_grpo_fit_under_ddp_runs_the_engine_in_external_launcher_mode():
+    module = _grpo()
+    rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
+    seen = EngineSeen(rollout)
+    trainer = _trainer("ddp", [rollout, seen])
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=16, num_val=4, batch_size=4))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print("grpo ddp fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k})
+    assert seen.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert seen.kwargs["tensor_parallel_size"] == 1
+    assert seen.ranks.distributed and (seen.ranks.rank, seen.ranks.world_size) == (0, 1)
+    assert trainer.global_step == 2 and rollout.num_rollouts == 2 and rollout.num_syncs == 1
+    assert metrics["train/logprob_mismatch_mean"] < 0.05  # the engine generated with the policy's weights
+    assert rollout.engine is None  # shut down at teardown ...
+    assert torch.distributed.is_initialized()  # ... leaving Lightning's process group alone
+
+
+class EngineMatchesPolicy(L.Callback):
+    """After the first optimizer step and the rollout's sync: the engine's weights are the policy's, gathered."""
+
+    NAMES = ("model.norm.weight", "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight",
+             "model.layers.29.input_layernorm.weight", "model.embed_tokens.weight")
+
+    def __init__(self, rollout: VLLMRollout) -> None:
+        self.rollout = rollout
+        self.start: dict[str, torch.Tensor] = {}
+        self.compared: list[str] = []
+        self.changed = False
+        self.sharded = False
+
+    def _policy(self, trainer, pl_module):
+        return {k: v.float().cpu() for k, v in full_weights(pl_module.policy, trainer.strategy.model)}
+
+    def on_train_start(self, trainer, pl_module):
+        self.sharded = is_sharded(pl_module.policy, trainer.strategy.model)
+        self.start = self._policy(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx != 1:
+            return
+        assert self.rollout.num_syncs == 1  # VLLMRollout's hook ran first and pushed the stepped weights
+        policy = self._policy(trainer, pl_module)
+        engine = {k: v.float().cpu() for k, v in self.rollout.engine.internals.model().named_parameters()}
+        for name in self.NAMES:
+            rows = policy[name].shape[0]  # vLLM may pad the vocabulary rows of the embedding
+            assert torch.equal(engine[name][:rows], policy[name]), name
+            self.compared.append(name)
+        q, k, v = (policy[f"model.layers.3.self_attn.{p}_proj.weight"] for p in "qkv")
+        assert torch.equal(engine["model.layers.3.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
+        self.changed = any(not torch.equal(policy[n], self.start[n]) for n in self.NAMES)
+
+
+def test_grpo_fit_under_fsdp_syncs_the_gathered_shards_into_the_engine():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    module = _grpo(learning_rate=1e-3)  # a step large enough to move bf16 weights
+    rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
+    check = EngineMatchesPolicy(rollout)
+    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})  # one unit per decoder layer: gathered one by one
+    trainer = _trainer(strategy, [rollout, check], precision="bf16-true")  # the policy's own bf16 in FSDP units
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=16, num_val=4, batch_size=4))
+    print("grpo fsdp fit: compared", check.compared, "changed by the step:", check.changed)
+    assert check.sharded  # the policy lives in FSDP units: the sync went through the gather
+    assert check.compared == list(EngineMatchesPolicy.NAMES)
+    assert check.changed  # the compared weights are the stepped ones, not the initial ones
+    assert trainer.global_step == 2 and rollout.num_syncs == 1
