@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU visit as a few back-to-back device calls, each under the 10-minute limit. Every call packs its logs
+# and results into $OUT/<stage>.tar.gz (the device returns a few files only), even when its work times out.
+#   bash bench/gpu_visit.sh install          # after the staged parts: install vLLM, TRL, the project
+#   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
+#   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
+#   bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]   # bench_vs_trl.py (EXTRA: LABEL=JSON variants)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
+FINAL=${OUT:-/tmp/out}
+stage=${1:?stage}
+WORK=/tmp/visit_$stage; rm -rf "$WORK"; mkdir -p "$WORK"
+export OUT=$WORK
+budget=${BUDGET_S:-560}
+pack() { tar czf "$FINAL/${stage//+/_}.tar.gz" -C "$WORK" . ; }
+trap pack EXIT
+case "$stage" in
+  install)
+    mkdir -p /tmp/parts; cp .gpu/part_07/* /tmp/parts/ 2>/dev/null
+    bash .gpu/install/device-install.sh > "$WORK/install.log" 2>&1; tail -8 "$WORK/install.log" ;;
+  long+vllm)
+    timeout "$budget" bash bench/gpu_run.sh long-parallel > "$WORK/long.txt" 2>&1 &
+    long=$!
+    timeout "$budget" bash bench/gpu_run.sh vllm-shared "${2:-3}" > "$WORK/vllm_shared.txt" 2>&1
+    wait $long
+    cat "$WORK/long.txt" "$WORK/vllm_shared.txt" | grep -E "PASSED|FAILED|ERROR|rc=|growth|ok" | tail -60 ;;
+  rest)
+    timeout 240 bash bench/gpu_run.sh vllm-exclusive > "$WORK/vllm_exclusive.txt" 2>&1
+    timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" tests/gpu -q -p no:cacheprovider -rA \
+      > "$WORK/gpu_non_vllm.log" 2>&1
+    cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
+  bench)
+    extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
+    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
+      --runners "${3:?runners}" "${extras[@]}" --steps 12 --timeout 300 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
+      | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
