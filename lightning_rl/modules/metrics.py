@@ -6,10 +6,21 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
 SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
+
+
+def several_processes() -> bool:
+    """Whether metric states are synced at epoch end: only in a process group of more than one process.
+
+    torchmetrics syncs whenever ``torch.distributed`` is initialised. A single-GPU run with a vLLM engine has a
+    one-process group (vLLM starts it), and a sync there only builds an NCCL communicator (device memory that
+    stays taken) to exchange nothing.
+    """
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class StepMetrics:
@@ -18,8 +29,10 @@ class StepMetrics:
     def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
         """Create the MeanMetric accumulators for the logged values."""
         self.train_metrics = nn.ModuleDict(
-            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn") for n in train})
-        self.val_metrics = nn.ModuleDict({metric_key(n): MeanMetric() for n in val})
+            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn",
+                                       distributed_available_fn=several_processes) for n in train})
+        self.val_metrics = nn.ModuleDict(
+            {metric_key(n): MeanMetric(distributed_available_fn=several_processes) for n in val})
 
     def log_values(
         self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()

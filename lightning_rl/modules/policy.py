@@ -81,7 +81,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
             activations and rotary embeddings; one compile shared by all layers, see
-            :mod:`lightning_rl.compiled_layers`). None (default): on when training on a CUDA device.
+            :mod:`lightning_rl.compiled_layers`). Off by default: it halves the update of a small model measured
+            alone, but a whole GRPO step with the vLLM engine has not been shown faster with it (bench/results).
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -123,7 +124,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
-        compile_layers: bool | None = None,
+        compile_layers: bool = False,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
     ) -> None:
@@ -155,8 +156,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.truncate_prompts = truncate_prompts
         self.gradient_checkpointing_setting = gradient_checkpointing
         self.gradient_checkpointing = bool(gradient_checkpointing)  # resolved in setup() when None
-        self.compile_layers_setting = compile_layers
-        self.compile_layers = bool(compile_layers)  # resolved in setup() when None
+        self.compile_layers = compile_layers
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -186,15 +186,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Resolve ``gradient_checkpointing=None`` and ``compile_layers=None`` for the trainer's device.
-
-        Before the memory plan reads them, and before :meth:`configure_model` loads the policy.
-        """
-        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        """Resolve ``gradient_checkpointing=None`` for the trainer's device (before the memory plan reads it)."""
         if self.gradient_checkpointing_setting is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             self.gradient_checkpointing = device.type == "cuda"
-        if self.compile_layers_setting is None:
-            self.compile_layers = device.type == "cuda"
 
     def apply_gradient_checkpointing(self) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.
