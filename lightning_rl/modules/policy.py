@@ -32,6 +32,7 @@ from lightning_rl.modules.config_checks import check_one_optimizer, check_optimi
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.sharding import check_strategy, fully_shard_policy
 from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
@@ -183,10 +184,19 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.tokenizer = tok
         self.apply_gradient_checkpointing()
         self.apply_compile_layers()
+        self.apply_sharding()
 
     @override
     def setup(self, stage: str) -> None:
-        """Resolve ``gradient_checkpointing=None`` for the trainer's device (before the memory plan reads it)."""
+        """Refuse a strategy that cannot run manual optimization sharded; resolve ``gradient_checkpointing=None``.
+
+        ``gradient_checkpointing=None`` is resolved for the trainer's device before the memory plan reads it.
+
+        Raises:
+            ValueError: Lightning's ``FSDPStrategy`` (see :mod:`lightning_rl.modules.sharding`).
+        """
+        if self._trainer is not None:
+            check_strategy(self._trainer.strategy)
         if self.gradient_checkpointing_setting is None:
             device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             self.gradient_checkpointing = device.type == "cuda"
@@ -213,6 +223,22 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return
         for model in self.checkpointed_models():
             compile_decoder_layers(model)
+
+    def apply_sharding(self) -> None:
+        """Under ``ModelParallelStrategy``, shard the trained modules with FSDP2 over its device mesh (idempotent).
+
+        The trained modules are :meth:`checkpointed_models` and :meth:`other_trained_modules`: every parameter
+        that gets a gradient must live in an FSDP2 unit, which also reduces its gradient over the processes.
+        """
+        mesh = self.device_mesh if self._trainer is not None else None
+        if mesh is None:
+            return
+        for model in [*self.checkpointed_models(), *self.other_trained_modules()]:
+            fully_shard_policy(model, mesh)
+
+    def other_trained_modules(self) -> list[nn.Module]:
+        """Trained modules besides :meth:`checkpointed_models` (PPO's value head); none here."""
+        return []
 
     def checkpointed_models(self) -> list[nn.Module]:
         """The trained models whose layers recompute activations with ``gradient_checkpointing`` (the policy)."""

@@ -148,10 +148,15 @@ class PPO(OnPolicyModule):
             self.apply_gradient_checkpointing()
             self.apply_compile_layers()
         self.value_head = ValueHead(hidden_size_of(self.critic or self.policy), self.value_head_dropout)
+        self.apply_sharding()
 
     @override
     def checkpointed_models(self) -> list[nn.Module]:
         return [m for m in (self.policy, self.critic) if m is not None]
+
+    @override
+    def other_trained_modules(self) -> list[nn.Module]:
+        return [self.value_head] if self.value_head is not None else []
 
     def value_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the value head and the critic."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.metadata
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -27,6 +28,8 @@ from lightning_utilities.core.imports import RequirementCache
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 #: vLLM versions whose internals this file was written against.
 SUPPORTED_VLLM = ">=0.26,<0.32"
@@ -255,30 +258,58 @@ class VLLMInternals:
         restore_kv_cache(self.runner)
 
     def shutdown(self) -> None:
-        """Stop the engine core and vLLM's parallel state, and give the GPU memory back (idempotent)."""
+        """Stop the engine core and vLLM's parallel state, and give the GPU memory back (idempotent).
+
+        A process group that existed before the engine started (Lightning's, under DDP/FSDP) survives: vLLM's
+        teardown may destroy the default group, which is not its own then (:func:`keep_default_group`).
+        """
         llm, self.llm = self.llm, None
         if llm is None:
             return
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        self._lora_model = None
-        gc.collect()
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        guard = keep_default_group() if self.dist_was_initialized else contextlib.nullcontext()
+        with guard:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            self._lora_model = None
+            gc.collect()
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-            destroy_model_parallel()
-            if not self.dist_was_initialized:
-                destroy_distributed_environment()
-        gc.collect()
+                destroy_model_parallel()
+                if not self.dist_was_initialized:
+                    destroy_distributed_environment()
+            gc.collect()
         torch.cuda.empty_cache()
 
+
+@contextlib.contextmanager
+def keep_default_group() -> Iterator[None]:
+    """While inside, ``torch.distributed.destroy_process_group()`` of the default group does nothing.
+
+    Other groups (vLLM's own tensor-parallel ones) are still destroyed. On a GPU, with one process under
+    Lightning's DDP and vLLM's external launcher, the default group was gone after the engine's shutdown.
+    """
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is None or group is torch.distributed.GroupMember.WORLD:
+            log.debug("kept the default process group that vLLM's teardown would destroy")
+            return
+        real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
 
 __all__ = [
     "SUPPORTED_VLLM",
     "VLLMInternals",
     "check_vllm_version",
     "fp32_head",
+    "keep_default_group",
     "release_kv_cache",
     "require_supported_vllm",
     "require_vllm",

@@ -1,8 +1,9 @@
-"""The per-process engine under Lightning's DDP and FSDP, shown with one process on one GPU.
+"""The per-process engine under Lightning's DDP and FSDP2, shown with one process on one GPU.
 
-With ``strategy="ddp"`` or ``"fsdp"`` Lightning initialises ``torch.distributed`` even for one device, so the engine
-takes the path every process of a multi-GPU run takes: vLLM's external launcher joining Lightning's process group,
-and (FSDP) the weights gathered from the strategy's shards one unit at a time.
+With ``strategy="ddp"`` or ``ModelParallelStrategy`` Lightning initialises ``torch.distributed`` even for one device,
+so the engine takes the path every process of a multi-GPU run takes: vLLM's external launcher joining Lightning's
+process group, and (FSDP2) the weights gathered from the policy's DTensor shards one tensor at a time. Lightning's
+``FSDPStrategy`` (FSDP1) cannot run manual optimization and is refused at setup (tests/unit/modules/test_sharding.py).
 """
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 import lightning as L  # noqa: E402
-from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 
 from lightning_rl import GRPO, ArithmeticDataModule, VLLMRollout  # noqa: E402
 from lightning_rl.rewards import NumericMatch  # noqa: E402
@@ -101,17 +102,15 @@ class EngineMatchesPolicy(L.Callback):
         self.changed = any(not torch.equal(policy[n], self.start[n]) for n in self.NAMES)
 
 
-def test_grpo_fit_under_fsdp_syncs_the_gathered_shards_into_the_engine():
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
+def test_grpo_fit_under_fsdp2_syncs_the_gathered_shards_into_the_engine():
     module = _grpo(learning_rate=1e-3)  # a step large enough to move bf16 weights
     rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
     check = EngineMatchesPolicy(rollout)
-    strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})  # one unit per decoder layer: gathered one by one
-    trainer = _trainer(strategy, [rollout, check], precision="bf16-true")  # the policy's own bf16 in FSDP units
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)  # FSDP2: the module shards itself
+    trainer = _trainer(strategy, [rollout, check], precision="bf16-true")  # the policy's own bf16 in FSDP2 units
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=16, num_val=4, batch_size=4))
-    print("grpo fsdp fit: compared", check.compared, "changed by the step:", check.changed)
-    assert check.sharded  # the policy lives in FSDP units: the sync went through the gather
+    print("grpo fsdp2 fit: compared", check.compared, "changed by the step:", check.changed)
+    assert check.sharded  # the policy's parameters are DTensors: the sync went through the gather
     assert check.compared == list(EngineMatchesPolicy.NAMES)
     assert check.changed  # the compared weights are the stepped ones, not the initial ones
     assert trainer.global_step == 2 and rollout.num_syncs == 1

@@ -1,0 +1,84 @@
+"""Which Lightning strategies can shard a policy trained with manual optimization, and FSDP2 sharding for them.
+
+Every lightning-rl module optimizes manually: ``training_step`` calls backward itself. Lightning's
+``FSDPStrategy`` (torch FSDP1) runs ``training_step`` inside the root unit's forward, so a backward there
+finds the root unit still in its forward state and fails ("Expects BACKWARD_PRE or BACKWARD_POST state"),
+Lightning-AI/pytorch-lightning#19685. ``ModelParallelStrategy`` (FSDP2) leaves ``training_step`` alone and
+hands the module a device mesh in ``configure_model``, where :func:`fully_shard_policy` shards each decoder
+layer and then the whole model over the mesh's data-parallel dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_rl.compiled_layers import decoder_layers
+
+FSDP1_REFUSED = (
+    "Lightning's FSDPStrategy (torch FSDP1) cannot train lightning-rl's modules: they optimize manually "
+    "(backward inside training_step), which FSDP1 under Lightning does not support "
+    "(Lightning-AI/pytorch-lightning#19685). Use strategy='ddp' when the policy and its optimizer states fit "
+    "one GPU, or ModelParallelStrategy(data_parallel_size=<GPUs>, tensor_parallel_size=1) to shard them with "
+    "FSDP2 (the module shards its decoder layers itself)"
+)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse a strategy that cannot run manual optimization on a sharded policy (see the module docstring).
+
+    Raises:
+        ValueError: Lightning's ``FSDPStrategy``.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(FSDP1_REFUSED)
+
+
+def data_parallel_mesh(mesh: Any) -> Any:
+    """The data-parallel part of ``ModelParallelStrategy``'s mesh (tensor-parallel training is not supported).
+
+    Raises:
+        ValueError: a mesh with a tensor-parallel dimension larger than one.
+    """
+    names = tuple(mesh.mesh_dim_names or ())
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"lightning-rl shards the policy with FSDP2 over the data-parallel dimension only, but the device mesh "
+            f"has tensor_parallel size {mesh['tensor_parallel'].size()}: use ModelParallelStrategy("
+            "data_parallel_size=<GPUs>, tensor_parallel_size=1) (tensor-parallel generation is "
+            "EngineSettings(tensor_parallel_size=...) on VLLMRollout)"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) already manages ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
+    """Shard ``model`` with FSDP2: each decoder layer is one unit (gathered for its own forward), then the rest.
+
+    Idempotent. Frozen weights (a LoRA base) are sharded too; only trainable ones get gradients.
+
+    Args:
+        model: a transformers causal LM or a peft wrapper of one.
+        mesh: ``ModelParallelStrategy``'s device mesh (its data-parallel dimension is used).
+
+    Returns:
+        ``model``, now an ``FSDPModule`` whose parameters are ``DTensor`` shards.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_fully_sharded(model):
+        return model
+    dp = data_parallel_mesh(mesh)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=dp)
+    fully_shard(model, mesh=dp)
+    return model
