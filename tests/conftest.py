@@ -70,6 +70,22 @@ def make_data(prompt_rows):
     return factory
 
 
+@pytest.fixture
+def saved_tiny_llama(tmp_path):
+    """Factory: a seeded tiny-llama with ``layers`` decoder layers saved to a folder (loaded back as users do)."""
+    from lightning_rl import load_policy
+
+    def factory(layers: int = 2) -> str:
+        torch.manual_seed(0)
+        net, tok = load_policy("tiny-llama", {"num_hidden_layers": layers})
+        path = tmp_path / f"tiny-llama-{layers}"
+        net.save_pretrained(path)
+        tok.save_pretrained(path)
+        return str(path)
+
+    return factory
+
+
 @pytest.fixture(scope="module")
 def qwen():
     """tiny-qwen2 (untied head) with an LM-head bias that makes EOS likely, so rollouts both stop and

@@ -12,13 +12,10 @@ from lightning_rl.models import enable_activation_checkpointing, load_policy
 
 
 @pytest.fixture
-def saved_policy(tmp_path):
-    """A 3-layer tiny-llama saved to a folder and loaded back with from_pretrained (fp32, eval mode)."""
-    torch.manual_seed(0)
-    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 3})
-    net.save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    return lambda: load_policy(str(tmp_path / "policy"))[0]
+def saved_policy(saved_tiny_llama):
+    """Loads a 3-layer tiny-llama saved to a folder with from_pretrained (fp32, eval mode)."""
+    path = saved_tiny_llama(3)
+    return lambda: load_policy(path)[0]
 
 
 def run(model, ids):

@@ -57,17 +57,9 @@ def cpu_mesh(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.fixture
-def saved_policy(tmp_path):
-    torch.manual_seed(0)
-    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 2})
-    net.save_pretrained(tmp_path / "p")
-    tok.save_pretrained(tmp_path / "p")
-    return str(tmp_path / "p")
-
-
-def test_fully_sharded_policy_trains_like_the_plain_one(cpu_mesh, saved_policy):
-    plain, sharded = load_policy(saved_policy)[0].train(), load_policy(saved_policy)[0].train()
+def test_fully_sharded_policy_trains_like_the_plain_one(cpu_mesh, saved_tiny_llama):
+    path = saved_tiny_llama(2)
+    plain, sharded = load_policy(path)[0].train(), load_policy(path)[0].train()
     fully_shard_policy(sharded, cpu_mesh)
     assert is_fully_sharded(sharded) and fully_shard_policy(sharded, cpu_mesh) is sharded  # idempotent
     assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
