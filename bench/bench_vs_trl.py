@@ -386,13 +386,17 @@ def main() -> None:
                 cmd += ["--profile-dir", args.profile_dir]
             t0 = time.perf_counter()
             print(f"[{time.strftime('%T')}] {case} / {runner}", flush=True)
+            warnings: list[str] = []
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 ok = proc.returncode == 0 and Path(result_path).stat().st_size > 0
                 err = None if ok else (proc.stderr or proc.stdout)[-2500:]
+                warnings = [ln for ln in (proc.stderr or "").splitlines()  # compile fallbacks, recompiles, ...
+                            if ("WARNING" in ln or "Warning" in ln) and "vllm" not in ln.lower()]
             except subprocess.TimeoutExpired as e:
                 ok, err = False, f"timeout after {args.timeout}s: {str(e.stderr)[-1500:]}"
             run = {"case": case, "runner": runner, "process_s": time.perf_counter() - t0}
+            run["warnings"] = warnings[-40:]
             if ok:
                 run.update(json.loads(Path(result_path).read_text()))
                 r = run
