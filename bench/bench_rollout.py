@@ -8,6 +8,10 @@ Compares, on the same prompts and G:
 and the toggle overhead per step (wake + sync + sleep) against the whole GRPO step.
 
     python bench/bench_rollout.py --out bench/results/rollout.json [--execution cuda_graphs|compiled|eager]
+    python bench/bench_rollout.py --model qwen05 --prompts 32 --G 8 --max-new-tokens 256 --steps 3 --out X.json
+
+``--model qwen05`` is a Qwen2.5-0.5B-shaped model with random weights (bench_vs_trl.py's folder; speed only):
+decoding 256 sequences of it is bound by the GPU rather than by Python, where the throughput targets apply.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -87,6 +92,8 @@ def standalone(model_dir, ids_path, G, max_new_tokens, execution, eos):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen05"])
+    ap.add_argument("--models", default="/tmp/bench_models", help="where bench_vs_trl.py's model folders go")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -104,7 +111,12 @@ def main():
     data = ArithmeticDataModule(num_train=args.prompts * (args.steps + 1), num_val=4, batch_size=args.prompts,
                                 max_operand=99, shuffle=False)
     data.setup("fit")
-    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
+    source = "smollm2-135m-instruct"
+    if args.model != "smollm2":
+        from bench_vs_trl import prepare_models
+
+        source = prepare_models(Path(args.models), {args.model})[args.model]
+    module = GRPO(reward_funcs=[NumericMatch()], model=source, dtype="bfloat16",
                   num_generations=args.G, sampling={"max_new_tokens": args.max_new_tokens}, micro_batch_size=32,
                   importance_sampling="token", max_prompt_length=128, learning_rate=1e-6,
                   generation_batch_size=args.prompts * args.G)
@@ -115,7 +127,9 @@ def main():
         "device": torch.cuda.get_device_name(0),
         "versions": {"torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
                      "lightning": L.__version__, "lightning_rl": lightning_rl.__version__},
-        "config": {"model": "SmolLM2-135M-Instruct (bf16)", "prompts": args.prompts, "G": args.G,
+        "config": {"model": {"smollm2": "SmolLM2-135M-Instruct (bf16)",
+                             "qwen05": "Qwen2.5-0.5B shape, random weights (bf16)"}[args.model],
+                   "prompts": args.prompts, "G": args.G,
                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "steps": args.steps,
                    "execution": args.execution, "sleep_level": args.sleep_level, "full fine-tune": True,
                    "mean_prompt_tokens": sum(map(len, ids)) / len(ids)},

@@ -8,6 +8,7 @@
 #   bash bench/gpu_run.sh vllm-exclusive     # only its second half (nothing else may use the GPU meanwhile)
 #   bash bench/gpu_run.sh kernel-tests     # only the kernel tests (tests/gpu/test_kernel*.py)
 #   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
+#   bash bench/gpu_run.sh rollout-qwen05   # rollout tokens/s on a Qwen2.5-0.5B shape: callback, generate, standalone vLLM
 #   bash bench/gpu_run.sh long [PART]  # bench_long_run.py: engine-full|engine-lora|grpo|fail-reward|fail-engine
 #   bash bench/gpu_run.sh long-parallel  # all five parts at once, one process each (memory is per process)
 # Logs and results go under $OUT (default /tmp/out).
@@ -87,6 +88,9 @@ case "${1:-tests}" in
   rollout)
     timeout 500 python3 bench/bench_rollout.py --steps 6 --execution "${2:-cuda_graphs}" \
       --out "$OUT/rollout_${2:-cuda_graphs}.json" 2>&1 | quiet | tail -30 ;;
+  rollout-qwen05)  # the throughput case: Qwen2.5-0.5B shape, 256 sequences x 256 new tokens
+    timeout 560 python3 bench/bench_rollout.py --model qwen05 --prompts 32 --G 8 --max-new-tokens 256 --steps 3 \
+      --out "$OUT/rollout_qwen05.json" 2>&1 | quiet | tail -20 ;;
   rollout-kv)  # the same with the KV-only sleep (weights stay resident), no standalone rerun
     timeout 400 python3 bench/bench_rollout.py --steps 6 --sleep-level 0 --skip-standalone \
       --out "$OUT/rollout_cuda_graphs_sleep0.json" 2>&1 | quiet | tail -12 ;;
