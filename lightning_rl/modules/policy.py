@@ -173,8 +173,13 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     # ----------------------------------------------------------------------------- model
     @override
     def configure_model(self) -> None:
-        """Load the policy and tokenizer once (idempotent), add LoRA, and keep a reference if needed."""
+        """Load the policy and tokenizer once (idempotent), add LoRA, and keep a reference if needed.
+
+        Under ``ModelParallelStrategy`` the trained modules are sharded here too, also when the policy was
+        loaded before the fit (by :meth:`evaluate`, say): the optimizer is built after this hook.
+        """
         if self.policy is not None:
+            self.apply_sharding()
             return
         net, tok = load_policy(self.model_source, self.model_config, self.dtype_name)
         if self.needs_reference_model and self.lora is None:

@@ -82,6 +82,8 @@ def test_modules_shard_every_trained_module_under_a_mesh(cpu_mesh, make_grpo):
     from lightning_rl import PPO
 
     grpo = make_grpo()
+    grpo.configure_model()  # loaded before the fit (as evaluate() does): no mesh yet
+    assert not is_fully_sharded(grpo.policy)
     grpo.trainer = make_trainer()
     grpo._device_mesh = cpu_mesh
     grpo.configure_model()
