@@ -22,7 +22,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Marks a layer whose ``forward`` dispatches to the compiled code (the attribute holds the eager forward).
+#: Set (to True) on a layer whose ``forward`` dispatches to the compiled code.
 EAGER_FORWARD = "_lightning_rl_eager_forward"
 
 
