@@ -19,6 +19,7 @@ and torch's counters. The growth is the median of the last 20 samples minus the 
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,17 +48,20 @@ PARTS = ("engine-full", "engine-lora", "grpo", "fail-reward", "fail-engine")
 FAIL_AT, RESUME_STEPS = 6, 3
 
 
-_NVML: list = []
+@functools.cache
+def nvml_device() -> Any:
+    """NVML's handle of this process's CUDA device (NVML initialised once)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
 
 
 def process_used_mib() -> float:
     """This process's device memory as NVML reports it (NaN when NVML does not list the process)."""
     import pynvml
 
-    if not _NVML:
-        pynvml.nvmlInit()
-        _NVML.append(pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device()))
-    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(_NVML[0]):
+    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(nvml_device()):
         if p.pid == os.getpid() and p.usedGpuMemory:
             return p.usedGpuMemory / MIB
     return float("nan")

@@ -18,6 +18,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 quiet() { grep -vE "^(INFO|WARNING|DEBUG)|^\S+ \S+ - (INFO|WARNING)| INFO | WARNING "; }
 stamp() { echo "[$(date +%T)] $*"; }
+warm_smollm2() {  # convert the embedded GGUF once, before processes that load it start together
+  python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
+}
 
 vllm_tests() {
   # vLLM's sleep-mode allocator allows one engine per process
@@ -38,7 +41,7 @@ EXCLUSIVE="sleep_frees_memory or base_weights_shared"  # they read the device-wi
 
 vllm_tests_shared() {  # the vLLM tests that do not read the device's free memory, N at a time
   local n=${1:-4}
-  python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
+  warm_smollm2
   local tests
   tests=$(python3 -m pytest -m "gpu and vllm" tests/gpu -q --collect-only -p no:cacheprovider -k "not ($EXCLUSIVE)" \
           2>/dev/null | grep "::")
@@ -98,7 +101,7 @@ case "${1:-tests}" in
     timeout 580 python3 bench/bench_long_run.py --part "${2:-engine-full}" --out "$OUT/long_run_${2:-engine-full}.json" \
       2>&1 | quiet | tail -20 ;;
   long-parallel)
-    python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
+    warm_smollm2
     for part in engine-full engine-lora grpo fail-reward fail-engine; do
       ( timeout 580 python3 bench/bench_long_run.py --part "$part" --out "$OUT/long_run_$part.json" \
           > "$OUT/long_$part.log" 2>&1; stamp "end long $part rc=$?" ) &

@@ -22,10 +22,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Set (to True) on a layer whose ``forward`` dispatches to the compiled code.
-EAGER_FORWARD = "_lightning_rl_eager_forward"
-
-
 class _CompiledClassForward:
     """One compiled ``forward`` per decoder-layer class, shared by its layers, with an eager fallback."""
 
@@ -76,28 +72,22 @@ def compile_decoder_layers(model: nn.Module, backend: str | Callable = "inductor
         The number of layers that now dispatch to compiled code.
     """
     shared: dict[type, _CompiledClassForward] = {}
-    count = 0
-    for layer in decoder_layers(model):
-        if EAGER_FORWARD in vars(layer):
-            count += 1
+    layers = decoder_layers(model)
+    for layer in layers:
+        if is_compiled(layer):
             continue
         cls = type(layer)
         if cls not in shared:
             shared[cls] = _CompiledClassForward(cls, backend, dynamic)
-        dispatch = shared[cls]
-        setattr(layer, EAGER_FORWARD, True)
-        layer.forward = types.MethodType(_bound(dispatch), layer)
-        count += 1
-    return count
+        layer.forward = types.MethodType(shared[cls], layer)  # an instance attribute: state dicts are unchanged
+    return len(layers)
 
 
-def _bound(dispatch: _CompiledClassForward) -> Callable[..., Any]:
-    def forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return dispatch(layer, *args, **kwargs)
-
-    return forward
+def is_compiled(layer: nn.Module) -> bool:
+    """Whether ``layer``'s ``forward`` dispatches to compiled code (set by :func:`compile_decoder_layers`)."""
+    return isinstance(getattr(vars(layer).get("forward"), "__func__", None), _CompiledClassForward)
 
 
 def compiled_layer_count(model: nn.Module) -> int:
     """How many decoder layers of ``model`` dispatch to compiled code."""
-    return sum(EAGER_FORWARD in vars(m) for m in decoder_layers(model))
+    return sum(is_compiled(m) for m in decoder_layers(model))

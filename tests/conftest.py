@@ -71,6 +71,29 @@ def make_data(prompt_rows):
 
 
 @pytest.fixture
+def one_process_group(monkeypatch):
+    """A gloo ``torch.distributed`` group of this process alone (what vLLM starts on one GPU), destroyed after."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def vllm_and_cuda_pretended(monkeypatch):
+    """vLLM and CUDA reported present, so ``VLLMEngine`` runs its own checks up to the point it would start vLLM."""
+    from lightning_rl.rollout import vllm as vllm_mod
+    from lightning_rl.rollout import vllm_internals
+
+    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
+    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+
+
+@pytest.fixture
 def saved_tiny_llama(tmp_path):
     """Factory: a seeded tiny-llama with ``layers`` decoder layers saved to a folder (loaded back as users do)."""
     from lightning_rl import load_policy

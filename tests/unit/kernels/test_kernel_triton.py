@@ -105,24 +105,30 @@ def test_all_masked_gives_zero_gradients():
         assert torch.all(t == 0)
 
 
-def test_tied_embeddings_accumulate_both_uses():
-    """The same matrix embeds the inputs and projects to the vocabulary: dW sums both paths."""
-    n, h, v = 17, 16, 37
-    g = torch.Generator().manual_seed(17)
+def _tied_grad(fn, dtype, device, *, seed, n, v, temperature, entropy_weight, mask_every=0, h=16, **kw):
+    """dL/dE when one matrix E embeds the inputs and projects to the vocabulary, L = sum(logp) + w * sum(entropy).
+
+    The inputs come from ``seed`` alone, so every call with the same seed sees the same problem.
+    """
+    g = torch.Generator().manual_seed(seed)
     emb = torch.randn(v, h, generator=g)
     mix = torch.randn(h, h, generator=g) / h**0.5
     ids = torch.randint(0, v, (n,), generator=g)
     targets = torch.randint(0, v, (n,), generator=g)
+    if mask_every:
+        targets[::mask_every] = -100
+    e = emb.to(device, dtype).clone().requires_grad_()
+    hidden = torch.tanh(e[ids.to(device)] @ mix.to(device, dtype))
+    logp, ent = fn(hidden, e, targets.to(device), temperature=temperature, **kw)
+    (logp.sum() + entropy_weight * ent.sum()).backward()
+    return e.grad.double().cpu()
 
-    def grad_of(fn, dtype, device):
-        e = emb.to(device, dtype).clone().requires_grad_()
-        hidden = torch.tanh(e[ids.to(device)] @ mix.to(device, dtype))
-        logp, ent = fn(hidden, e, targets.to(device), temperature=0.9)
-        (logp.sum() + 0.1 * ent.sum()).backward()
-        return e.grad.double().cpu()
 
-    got = grad_of(token_logprobs_entropy_triton, torch.float32, DEVICE)
-    ref = grad_of(token_logprobs_entropy_reference, torch.float64, "cpu")
+def test_tied_embeddings_accumulate_both_uses():
+    """The same matrix embeds the inputs and projects to the vocabulary: dW sums both paths."""
+    problem = dict(seed=17, n=17, v=37, temperature=0.9, entropy_weight=0.1)
+    got = _tied_grad(token_logprobs_entropy_triton, torch.float32, DEVICE, **problem)
+    ref = _tied_grad(token_logprobs_entropy_reference, torch.float64, "cpu", **problem)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -223,24 +229,11 @@ def test_grouped_fp32_weight_with_bf16_hidden_keeps_fp32_dw():
 
 
 def test_grouped_tied_embeddings():
-    n, h, v = 45, 16, 70
-    g = torch.Generator().manual_seed(41)
-    emb = torch.randn(v, h, generator=g)
-    mix = torch.randn(h, h, generator=g) / h**0.5
-    ids = torch.randint(0, v, (n,), generator=g)
-    targets = torch.randint(0, v, (n,), generator=g)
-    targets[::5] = -100
-
-    def grad_of(fn, dtype, device, **kw):
-        e = emb.to(device, dtype).clone().requires_grad_()
-        hidden = torch.tanh(e[ids.to(device)] @ mix.to(device, dtype))
-        logp, ent = fn(hidden, e, targets.to(device), temperature=1.1, **kw)
-        (logp.sum() - 0.3 * ent.sum()).backward()
-        return e.grad.double().cpu()
-
-    ref = grad_of(token_logprobs_entropy_reference, torch.float64, "cpu")
+    problem = dict(seed=41, n=45, v=70, temperature=1.1, entropy_weight=-0.3, mask_every=5)
+    ref = _tied_grad(token_logprobs_entropy_reference, torch.float64, "cpu", **problem)
     for variant in ("default", "cublas"):
-        got = grad_of(token_logprobs_entropy_triton, torch.float32, DEVICE, config={**GROUPED, **VARIANTS[variant]})
+        got = _tied_grad(token_logprobs_entropy_triton, torch.float32, DEVICE, **problem,
+                         config={**GROUPED, **VARIANTS[variant]})
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=variant)
 
 

@@ -1,21 +1,9 @@
 """Epoch-end metrics in a one-process group (what vLLM starts on one GPU) make no collective call."""
 
-import os
-
-import pytest
 import torch.distributed as dist
 from helpers import make_trainer
 
 from lightning_rl.modules.metrics import several_processes
-
-
-@pytest.fixture
-def one_process_group(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_no_collective_at_epoch_end_in_a_one_process_group(one_process_group, make_grpo, make_data, monkeypatch):

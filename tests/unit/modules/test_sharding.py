@@ -1,10 +1,7 @@
 """Sharded training: FSDPStrategy refused with the fix named, FSDP2 sharding under ModelParallelStrategy's mesh."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from helpers import make_trainer
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
@@ -47,14 +44,10 @@ def test_tensor_parallel_training_is_refused_with_the_fix():
 
 
 @pytest.fixture
-def cpu_mesh(monkeypatch):
+def cpu_mesh(one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(30000 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    dist.destroy_process_group()
+    return init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
 
 
 def test_fully_sharded_policy_trains_like_the_plain_one(cpu_mesh, saved_tiny_llama):

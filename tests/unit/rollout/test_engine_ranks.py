@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_rl.models import load_policy
-from lightning_rl.rollout import EngineSettings, vllm_internals
+from lightning_rl.rollout import EngineSettings
 from lightning_rl.rollout import vllm as vllm_mod
 from lightning_rl.rollout.engine_ranks import EngineRanks, check_tensor_parallel, new_tp_group, tp_groups
 
@@ -59,9 +59,7 @@ def test_one_rank_under_ddp_still_uses_the_external_launcher():
     assert r.llm_kwargs()["tensor_parallel_size"] == 1
 
 
-def test_the_engine_refuses_tensor_parallelism_in_a_lone_process_before_vllm(monkeypatch):
-    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
-    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+def test_the_engine_refuses_tensor_parallelism_in_a_lone_process_before_vllm(vllm_and_cuda_pretended, monkeypatch):
     monkeypatch.setattr(vllm_mod.torch.cuda, "current_device", lambda: 0)
     model, tok = load_policy("tiny-llama")
     with pytest.raises(ValueError, match="tensor_parallel_size=2 shards the engine over 2 processes"):

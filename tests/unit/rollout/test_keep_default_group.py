@@ -1,7 +1,5 @@
 """The engine's teardown cannot destroy a process group that existed before it (Lightning's)."""
 
-import os
-
 import torch.distributed as dist
 
 from lightning_rl.rollout.vllm_internals import VLLMInternals, keep_default_group
@@ -20,21 +18,16 @@ class FakeLLM:
         dist.destroy_process_group()
 
 
-def test_shutdown_leaves_the_trainers_default_group_and_destroys_the_others(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(31000 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        llm = FakeLLM()
-        VLLMInternals(llm, dist_was_initialized=True).shutdown()
-        assert llm.calls == 1 and dist.is_initialized()
-        real = dist.destroy_process_group
-        with keep_default_group():
-            group = dist.new_group([0])
-            dist.destroy_process_group(group)  # another group is still destroyed
-            dist.destroy_process_group()  # the default one is kept
-            assert dist.is_initialized()
-        assert dist.destroy_process_group is real
-    finally:
-        dist.destroy_process_group()
+def test_shutdown_leaves_the_trainers_default_group_and_destroys_the_others(one_process_group):
+    llm = FakeLLM()
+    VLLMInternals(llm, dist_was_initialized=True).shutdown()
+    assert llm.calls == 1 and dist.is_initialized()
+    real = dist.destroy_process_group
+    with keep_default_group():
+        group = dist.new_group([0])
+        dist.destroy_process_group(group)  # another group is still destroyed
+        dist.destroy_process_group()  # the default one is kept
+        assert dist.is_initialized()
+    assert dist.destroy_process_group is real
+    dist.destroy_process_group()  # the real one again
     assert not dist.is_initialized()

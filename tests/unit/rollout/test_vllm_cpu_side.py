@@ -52,18 +52,14 @@ def test_execution_modes_map_to_vllm_arguments():
     assert vllm_sizing.execution_kwargs("compiled") == {"enforce_eager": False}  # vLLM's defaults
 
 
-def test_bad_execution_mode_is_refused_before_vllm(monkeypatch):
-    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
-    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+def test_bad_execution_mode_is_refused_before_vllm(vllm_and_cuda_pretended):
     model, tok = load_policy("tiny-llama")
     with pytest.raises(ValueError, match="execution must be one of"):
         vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64,
                             settings=EngineSettings(execution="graphs"))
 
 
-def test_sharing_base_weights_without_a_lora_adapter_is_refused_before_vllm(monkeypatch):
-    monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", True)
-    monkeypatch.setattr(vllm_mod.torch.cuda, "is_available", lambda: True)
+def test_sharing_base_weights_without_a_lora_adapter_is_refused_before_vllm(vllm_and_cuda_pretended):
     model, tok = load_policy("tiny-llama")
     with pytest.raises(ValueError, match="share_base_weights=True needs a LoRA policy"):
         vllm_mod.VLLMEngine(model, [tok.eos_token_id], tok.pad_token_id, 64,
