@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,7 @@ def summarize(steps: list[dict], warmup: int) -> dict:
     steady = steps[warmup:] or steps
     med = lambda key: statistics.median(s[key] for s in steady) if steady and key in steady[0] else None  # noqa: E731
     return {"s_per_step": med("step_s"), "rollout_s": med("rollout_s"), "toggle_s": med("toggle_s"),
-            "train_s": med("train_s"), "steps_timed": len(steady)}
+            "train_s": med("train_s"), "update_s": med("update_s"), "steps_timed": len(steady)}
 
 
 # ----------------------------------------------------------------------------- models
@@ -172,7 +173,8 @@ def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- lightning-rl
-def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict) -> dict:
+def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
+             profile_name: str = "ours") -> dict:
     import lightning as L
     import torch
 
@@ -181,7 +183,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl.rollout import EngineSettings
 
     _, lora, new_tokens, lr = CASES[case]
-    rows = make_rows(PROMPTS * steps)
+    rows = make_rows(PROMPTS * (steps + 1))
     t_start = time.perf_counter()
 
     class StepTimer(L.Callback):
@@ -191,7 +193,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
             self.t0 = time.perf_counter()
-            if profile_dir and trainer.global_step == warmup:
+            if profile_dir and trainer.global_step == steps:  # one step past the timed ones
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
@@ -202,15 +204,18 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             if getattr(self, "prof", None) is not None:
                 self.prof.__exit__(None, None, None)
                 table = self.prof.key_averages().table
-                Path(profile_dir, f"profile_ours_{case}.txt").write_text(
+                Path(profile_dir, f"profile_{profile_name}_{case}.txt").write_text(
                     "== by CUDA time ==\n" + table(sort_by="cuda_time_total", row_limit=45)
                     + "\n== by CPU time ==\n" + table(sort_by="cpu_time_total", row_limit=45))
                 self.prof = None
+                return
             t = self.rollout_cb.last_timings
             rollout_s = t.get("wake_s", 0) + t.get("sync_s", 0) + t.get("generate_s", 0) + t.get("sleep_s", 0)
             m = trainer.callback_metrics
             self.steps.append({"step_s": step_s, "rollout_s": rollout_s, "toggle_s": t.get("toggle_s"),
                                "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
+                               "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
+                                                                                         float("nan")))),
                                "device_used_gib": sampler.current_gib(),
                                "tokens": int(batch["rollout"].completion_mask.sum())})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
@@ -224,7 +229,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                   lora=dict(LORA) if lora else None, **extra.get("grpo", {}))
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})))
     timer = StepTimer(rollout_cb)
-    trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps + bool(profile_dir), accelerator="gpu", devices=1, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[timer, rollout_cb], plugins=[MemoryAwarePrecision(**extra.get("plugin", {}))],
                         log_every_n_steps=1)
@@ -254,7 +260,7 @@ def run_trl(case: str, model_dir: str, steps: int, warmup: int, util: float, sle
     from trl import GRPOConfig, GRPOTrainer
 
     _, lora, new_tokens, lr = CASES[case]
-    rows = make_rows(PROMPTS * steps)
+    rows = make_rows(PROMPTS * (steps + 1))
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                               for r in rows])
     t_start = time.perf_counter()
@@ -322,7 +328,7 @@ def worker(args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.runner == "ours":
         res = run_ours(args.case, args.model_dir, args.steps, args.warmup, args.profile_dir,
-                       json.loads(args.extra or "{}"))
+                       json.loads(args.extra or "{}"), args.profile_name or "ours")
     else:
         res = run_trl(args.case, args.model_dir, args.steps, args.warmup, args.util, args.trl_sleep)
     res["device"] = torch.cuda.get_device_name(0)
@@ -340,7 +346,8 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}}')
-    ap.add_argument("--profile-dir", default=None, help="write a torch-profiler table of one of our steps here")
+    ap.add_argument("--profile-dir", default=None,
+                    help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")
     ap.add_argument("--timeout", type=int, default=400)
     # worker
@@ -351,6 +358,7 @@ def main() -> None:
     ap.add_argument("--util", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--trl-sleep", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--extra-json", dest="extra_one", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-name", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.runner:
         args.extra = args.extra_one
@@ -382,17 +390,19 @@ def main() -> None:
                 cmd.append("--trl-sleep")
             if label:
                 cmd += ["--extra-json", extras[label]]
-            if args.profile_dir and runner == "ours":
-                cmd += ["--profile-dir", args.profile_dir]
+            if args.profile_dir and kind == "ours":
+                cmd += ["--profile-dir", args.profile_dir, "--profile-name", runner.replace(":", "-")]
             t0 = time.perf_counter()
             print(f"[{time.strftime('%T')}] {case} / {runner}", flush=True)
             warnings: list[str] = []
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                 ok = proc.returncode == 0 and Path(result_path).stat().st_size > 0
                 err = None if ok else (proc.stderr or proc.stdout)[-2500:]
                 warnings = [ln for ln in (proc.stderr or "").splitlines()  # compile fallbacks, recompiles, ...
-                            if ("WARNING" in ln or "Warning" in ln) and "vllm" not in ln.lower()]
+                            if (("WARNING" in ln or "Warning" in ln) and "vllm" not in ln.lower())
+                            or re.search(r"ecompil|guard fail|graph break", ln)]
             except subprocess.TimeoutExpired as e:
                 ok, err = False, f"timeout after {args.timeout}s: {str(e.stderr)[-1500:]}"
             run = {"case": case, "runner": runner, "process_s": time.perf_counter() - t0}

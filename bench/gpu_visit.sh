@@ -4,7 +4,9 @@
 #   bash bench/gpu_visit.sh install          # after the staged parts: install vLLM, TRL, the project
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
 #   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
-#   bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]   # bench_vs_trl.py (EXTRA: LABEL=JSON variants)
+#   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
+#   bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]   # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
+#                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/out}
@@ -29,10 +31,22 @@ case "$stage" in
     timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" tests/gpu -q -p no:cacheprovider -rA \
       > "$WORK/gpu_non_vllm.log" 2>&1
     cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
+  rerun)  # the 200-step GRPO long run beside the named GPU test files, each test in its own process
+    timeout "$budget" bash bench/gpu_run.sh long grpo > "$WORK/long.txt" 2>&1 &
+    long=$!
+    for f in "${@:2}"; do
+      for t in $(python3 -m pytest "$f" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::"); do
+        timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$WORK/test_${t##*::}.log" 2>&1
+        echo "[$(date +%T)] rc=$? $t"
+      done
+    done
+    wait $long
+    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |compiled graphs" "$WORK"/test_*.log | tail -30
+    tail -5 "$WORK/long.txt" ;;
   bench)
     extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
-      --runners "${3:?runners}" "${extras[@]}" --steps 12 --timeout 300 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
+      --runners "${3:?runners}" "${extras[@]}" --steps 12 --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
