@@ -90,6 +90,29 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+def is_fsdp2_root(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``fully_shard``): its own forward gathers its root parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def body_output_through_root(model: nn.Module, body: nn.Module, inputs: dict) -> object:
+    """``body(**inputs)``'s output, computed by running ``model``'s own forward (logits for one position only).
+
+    FSDP2 gathers the parameters outside the decoder layers (embedding, final norm, LM head) in the root
+    module's forward hook and keeps them gathered until the backward; calling the backbone directly would skip
+    that hook and meet sharded weights.
+    """
+    captured: list[object] = []
+    handle = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def completion_hidden_states(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -107,7 +130,8 @@ def completion_hidden_states(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    inputs = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    out = body_output_through_root(model, body, inputs) if is_fsdp2_root(model) else body(**inputs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     p, c = prompt_ids.shape[1], completion_ids.shape[1]
     return hidden[:, p - 1 : p + c - 1]

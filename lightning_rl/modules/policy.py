@@ -32,7 +32,7 @@ from lightning_rl.modules.config_checks import check_one_optimizer, check_optimi
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
-from lightning_rl.modules.sharding import check_strategy, fully_shard_policy
+from lightning_rl.modules.sharding import check_strategy, fully_shard_policy, gradient_norm
 from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
@@ -480,8 +480,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         opt = self.optimizers()
         params = self.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros((), device=self.device)
+        norm = gradient_norm(grads, self.device)
         loss = torch.as_tensor(loss_value, dtype=torch.float32).to(norm.device)
         checked = torch.stack([loss, norm.float()])
         reduce = self.sum_over_processes()

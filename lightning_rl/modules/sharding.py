@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from lightning_rl.compiled_layers import decoder_layers
@@ -82,3 +84,25 @@ def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
         fully_shard(layer, mesh=dp)
     fully_shard(model, mesh=dp)
     return model
+
+
+def gradient_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of all of ``grads`` together, as a plain tensor on ``device``.
+
+    FSDP2 gradients are ``DTensor`` shards: their local squared norms are summed over the shards' (one-
+    dimensional, data-parallel) mesh in one all-reduce; plain gradients are complete on every process.
+    """
+    from torch.distributed.tensor import DTensor
+
+    squares = torch.zeros((), device=device, dtype=torch.float32)
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if plain:
+        squares = squares + torch.stack([torch.linalg.vector_norm(g.float()) for g in plain]).square().sum()
+    if sharded:
+        local = torch.stack([torch.linalg.vector_norm(g.to_local().float()) for g in sharded]).square().sum()
+        mesh = sharded[0].device_mesh
+        if mesh.size() > 1:
+            dist.all_reduce(local, group=mesh.get_group())
+        squares = squares + local.to(device)
+    return squares.sqrt()

@@ -71,6 +71,32 @@ def test_fully_sharded_policy_trains_like_the_plain_one(cpu_mesh, saved_tiny_lla
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_update_log_probs_of_a_sharded_policy_match_the_plain_one(cpu_mesh, saved_tiny_llama):
+    """The update's path (backbone, then the LM head's weight) gathers the sharded root parameters."""
+    from lightning_rl.logprobs import completion_logprobs
+
+    path = saved_tiny_llama(2)
+    plain, sharded = load_policy(path)[0].train(), load_policy(path)[0].train()
+    fully_shard_policy(sharded, cpu_mesh)
+    g = torch.Generator().manual_seed(0)
+    vocab = plain.config.vocab_size
+    p_ids, c_ids = torch.randint(0, vocab, (3, 5), generator=g), torch.randint(0, vocab, (3, 6), generator=g)
+    p_mask, c_mask = torch.ones_like(p_ids), torch.ones_like(c_ids)
+    p_mask[0, :2], c_mask[1, 4:] = 0, 0
+    results = []
+    for m in (plain, sharded):
+        with torch.no_grad():  # old log-probs first, as a second pass over the rollout does
+            completion_logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
+        logp, ent = completion_logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
+        (logp.sum() + ent.sum()).backward()
+        results.append(logp.detach())
+    torch.testing.assert_close(results[1], results[0])
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for n, p in sharded.named_parameters():
+        assert type(p).__name__ == "DTensor", f"{n} stayed gathered after the backward"
+        torch.testing.assert_close(p.grad.full_tensor(), grads[n], rtol=1e-5, atol=1e-6)
+
+
 def test_modules_shard_every_trained_module_under_a_mesh(cpu_mesh, make_grpo):
     from lightning_rl import PPO
 
@@ -89,3 +115,27 @@ def test_modules_shard_every_trained_module_under_a_mesh(cpu_mesh, make_grpo):
     ppo._device_mesh = cpu_mesh
     ppo.configure_model()
     assert is_fully_sharded(ppo.policy) and is_fully_sharded(ppo.critic) and is_fully_sharded(ppo.value_head)
+
+
+def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo, make_data, saved_tiny_llama):
+    """ModelParallelStrategy (FSDP2, one CPU process): the same completions, update and weights as no strategy."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    path = saved_tiny_llama(2)
+    weights = []
+    for strategy in ("auto", ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)):
+        module = make_grpo(model=path, model_config=None, logprob_backend="reference")
+        try:
+            make_trainer(max_steps=2, strategy=strategy).fit(module, make_data(batch_size=2))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        weights.append(dict(full_weights(module.policy)))
+        assert is_fully_sharded(module.policy) == (strategy != "auto")
+    plain, sharded = weights
+    assert sharded.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(sharded[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    start = dict(full_weights(load_policy(path)[0]))
+    assert any(not torch.equal(plain[n], start[n]) for n in plain)  # the two steps moved the weights
