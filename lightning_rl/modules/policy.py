@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from typing_extensions import override
 
-from lightning_rl.compiled_layers import compile_decoder_layers
+from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers
 from lightning_rl.hparams import portable
 from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
@@ -32,7 +32,7 @@ from lightning_rl.modules.config_checks import check_one_optimizer, check_optimi
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
-from lightning_rl.modules.sharding import check_strategy, fully_shard_policy, gradient_norm
+from lightning_rl.modules.sharding import check_strategy, fully_shard_policy, gradient_norm, is_model_parallel
 from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
@@ -82,8 +82,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
             activations and rotary embeddings; one compile shared by all layers, see
-            :mod:`lightning_rl.compiled_layers`). Off by default: it halves the update of a small model measured
-            alone, but a whole GRPO step with the vLLM engine has not been shown faster with it (bench/results).
+            :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune on one CUDA device
+            per process (not with LoRA, not under ``ModelParallelStrategy``, never on a CPU), the
+            configurations measured faster end to end (bench/results/vs_trl_NOTES.md); resolved in :meth:`setup`.
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -125,7 +126,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
-        compile_layers: bool = False,
+        compile_layers: bool | None = None,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
     ) -> None:
@@ -157,7 +158,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.truncate_prompts = truncate_prompts
         self.gradient_checkpointing_setting = gradient_checkpointing
         self.gradient_checkpointing = bool(gradient_checkpointing)  # resolved in setup() when None
-        self.compile_layers = compile_layers
+        self.compile_layers_setting = compile_layers
+        self.compile_layers = bool(compile_layers)  # resolved in setup() when None
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -193,9 +195,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Refuse a strategy that cannot run manual optimization sharded; resolve ``gradient_checkpointing=None``.
+        """Refuse a strategy that cannot run manual optimization sharded; resolve the ``None`` (automatic) settings.
 
-        ``gradient_checkpointing=None`` is resolved for the trainer's device before the memory plan reads it.
+        ``gradient_checkpointing=None`` is resolved for the trainer's device before the memory plan reads it;
+        ``compile_layers=None`` for the device, the strategy and LoRA (:func:`auto_compile_layers`).
 
         Raises:
             ValueError: Lightning's ``FSDPStrategy`` (see :mod:`lightning_rl.modules.sharding`).
@@ -205,6 +208,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if self.gradient_checkpointing_setting is None:
             device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             self.gradient_checkpointing = device.type == "cuda"
+        if self.compile_layers_setting is None:
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
+            self.compile_layers = auto_compile_layers(device.type, lora=self.lora is not None, sharded=sharded)
 
     def apply_gradient_checkpointing(self) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.

@@ -39,6 +39,13 @@ def check_strategy(strategy: Any) -> None:
         raise ValueError(FSDP1_REFUSED)
 
 
+def is_model_parallel(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (the module shards with FSDP2)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
 def data_parallel_mesh(mesh: Any) -> Any:
     """The data-parallel part of ``ModelParallelStrategy``'s mesh (tensor-parallel training is not supported).
 

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lightning_rl.compiled_layers import compile_decoder_layers, compiled_layer_count, decoder_layers
+from lightning_rl.compiled_layers import (
+    auto_compile_layers,
+    compile_decoder_layers,
+    compiled_layer_count,
+    decoder_layers,
+)
 from lightning_rl.models import enable_activation_checkpointing, load_policy
 
 
@@ -80,8 +85,16 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(saved_policy, c
     assert len(warnings) == 1 and "no C compiler here" in warnings[0].getMessage()
 
 
-def test_the_module_compiles_only_when_asked(make_grpo):
+def test_automatic_compile_is_for_an_unsharded_full_fine_tune_on_cuda():
+    assert auto_compile_layers("cuda", lora=False, sharded=False)
+    assert not auto_compile_layers("cuda", lora=True, sharded=False)
+    assert not auto_compile_layers("cuda", lora=False, sharded=True)
+    assert not auto_compile_layers("cpu", lora=False, sharded=False)
+
+
+def test_the_module_compiles_when_asked_and_not_by_default_on_a_cpu(make_grpo):
     module = make_grpo(model_config={"num_hidden_layers": 2})
+    assert module.compile_layers_setting is None
     module.setup("fit")
     assert module.compile_layers is False
     module.configure_model()

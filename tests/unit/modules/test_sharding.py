@@ -139,3 +139,33 @@ def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo,
         torch.testing.assert_close(sharded[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
     start = dict(full_weights(load_policy(path)[0]))
     assert any(not torch.equal(plain[n], start[n]) for n in plain)  # the two steps moved the weights
+
+
+@pytest.mark.parametrize("method", ["ppo", "dpo"])
+def test_ppo_and_dpo_train_their_sharded_modules_under_model_parallel_strategy(method, saved_tiny_llama, prompt_rows):
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_rl import DPO, PPO, PreferenceDataModule, PromptDataModule, SamplingConfig
+
+    path = saved_tiny_llama(2)
+    if method == "ppo":
+        module = PPO(reward_funcs=[lambda prompts, completions, **k: [float(len(c)) for c in completions]],
+                     model=path, critic_model=path, sampling=SamplingConfig(max_new_tokens=6), learning_rate=1e-3,
+                     logprob_backend="reference")
+        data = PromptDataModule(train_data=prompt_rows, batch_size=2)
+    else:
+        module = DPO(model=path, learning_rate=1e-3, logprob_backend="reference")
+        rows = [{"prompt": f"say {i}", "chosen": "yes", "rejected": "no no"} for i in range(8)]
+        data = PreferenceDataModule(train_data=rows, batch_size=2)
+    try:
+        make_trainer(max_steps=2, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)).fit(
+            module, data)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    trained = module.trainable_parameters()
+    assert trained and all(type(p).__name__ == "DTensor" for p in trained)
+    after = dict(full_weights(module.policy))
+    start = dict(full_weights(load_policy(path)[0]))
+    assert any(not torch.equal(after[n], start[n]) for n in start)
