@@ -5,11 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import GenerationConfig
 
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.padding import completion_mask_and_reasons, left_pad
+
+
+def sharded_over_processes(model: nn.Module) -> bool:
+    """Whether ``model`` is FSDP2-sharded across several processes: each forward is a collective then.
+
+    ``generate`` must then run the same number of forwards on every process (transformers' ``synced_gpus``:
+    a process whose completions have all ended keeps stepping until every process is done).
+    """
+    from lightning_rl.logprobs import is_fsdp2_root
+
+    return is_fsdp2_root(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class HFEngine:
@@ -87,12 +99,14 @@ class HFEngine:
         config = self._generation_config(sampling)
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         completions, logprobs = [], []
+        synced = sharded_over_processes(model)
         was_training = model.training
         model.eval()
         try:
             for start in range(0, len(rows), self.max_batch_size):
                 sl = slice(start, start + self.max_batch_size)
-                out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config)
+                out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config,
+                                     synced_gpus=synced)
                 new = out.sequences[:, ids.shape[1] :]
                 completions.append(new)
                 logprobs.append(step_logits_logprobs(list(out.logits), new, temperature))

@@ -1,4 +1,4 @@
-"""A tiny GRPO or PPO fit on the CPU in one process or under Lightning's DDP (gloo); rank 0 writes the result.
+"""A tiny GRPO or PPO fit on the CPU in one process, under Lightning's DDP or FSDP2 (gloo); rank 0 writes the result.
 
 Run by tests/integration/modules/test_ddp_equivalence.py as a script, with ``tests/`` on ``PYTHONPATH``
 (Lightning's DDP launcher starts the other ranks by running this file again). Completions come from an
@@ -19,8 +19,11 @@ import torch
 from helpers import high_ids
 
 from lightning_rl import GRPO, PPO, PromptDataModule
+from lightning_rl.modules.sharding import is_fully_sharded
 from lightning_rl.rollout import HFEngine, Rollout
+from lightning_rl.rollout.hf import sharded_over_processes
 from lightning_rl.rollout.padding import left_pad, right_pad
+from lightning_rl.rollout.policy_weights import full_weights
 
 
 class PerPromptSeededEngine(HFEngine):
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=4, help="prompts per process and step")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp", help="with --devices > 1")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -86,14 +90,27 @@ def main() -> None:
                                                   module.eos_token_ids)
     record = Record()
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=args.devices,
-                        strategy="ddp" if args.devices > 1 else "auto", logger=False, enable_checkpointing=False,
+                        strategy=strategy_for(args.strategy, args.devices), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[record])
     rows = [{"prompt": f"say {i}"} for i in range(32)]
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
+    weights = {k: v.detach().cpu().clone() for k, v in full_weights(module.policy)}  # gathers shards: every rank
     if trainer.is_global_zero:
-        torch.save({"loss": record.loss, "reward": record.reward,
-                    "weights": {k: v.detach().cpu() for k, v in module.policy.state_dict().items()}}, args.out)
+        torch.save({"loss": record.loss, "reward": record.reward, "weights": weights,
+                    "sharded": is_fully_sharded(module.policy),
+                    "synced_generate": sharded_over_processes(module.policy)}, args.out)
+
+
+def strategy_for(name: str, devices: int):
+    """Lightning's DDP, or ``ModelParallelStrategy`` (the module shards itself with FSDP2), for ``devices``."""
+    if devices == 1:
+        return "auto"
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return "ddp"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""GRPO and PPO under Lightning's DDP (2 CPU processes, gloo) match one process holding the same global batch."""
+"""GRPO and PPO under Lightning's DDP and FSDP2 (2 CPU processes, gloo) match one process holding the same global
+batch."""
 
 import os
 import subprocess
@@ -13,11 +14,11 @@ TESTS = Path(__file__).parents[2]  # tests/: the runs import helpers from there,
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
-def _fit(tmp_path, method, devices, batch_size):
-    out = tmp_path / f"{method}_{devices}.pt"
+def _fit(tmp_path, method, devices, batch_size, strategy="ddp"):
+    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}.pt"
     proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
-                           "--batch-size", str(batch_size), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+                           "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
 
@@ -36,3 +37,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, metho
     moved = max((one["weights"][k] - w).abs().max().item()
                 for k, w in _fit(tmp_path, method, devices=1, batch_size=2)["weights"].items())
     assert moved > 1e-2  # half the batch in one process trains differently: the comparison can tell
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_two_processes_sharded_with_fsdp2_train_like_one(tmp_path, method):
+    """ModelParallelStrategy over 2 processes: each holds half of every weight, and the update is the same."""
+    one = _fit(tmp_path, method, devices=1, batch_size=4)
+    two = _fit(tmp_path, method, devices=2, batch_size=2, strategy="fsdp2")
+    assert two["sharded"] and not one["sharded"]
+    assert two["synced_generate"]  # generate stepped in lockstep: every forward of a sharded policy is collective
+    torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
