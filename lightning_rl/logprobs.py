@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from lightning_rl.kernels.reference import IGNORE_INDEX, token_logprobs_entropy_reference
-from lightning_rl.models import unwrap  # re-exported: the modules import it from here until they move
+from lightning_rl.models import (  # unwrap re-exported: the modules import it from here until they move
+    is_fully_sharded,
+    unwrap,
+)
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -90,13 +93,6 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
-def is_fsdp2_root(model: nn.Module) -> bool:
-    """Whether ``model`` is sharded with FSDP2 (``fully_shard``): its own forward gathers its root parameters."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def body_output_through_root(model: nn.Module, body: nn.Module, inputs: dict) -> object:
     """``body(**inputs)``'s output, computed by running ``model``'s own forward (logits for one position only).
 
@@ -131,7 +127,7 @@ def completion_hidden_states(
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
-    out = body_output_through_root(model, body, inputs) if is_fsdp2_root(model) else body(**inputs)
+    out = body_output_through_root(model, body, inputs) if is_fully_sharded(model) else body(**inputs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     p, c = prompt_ids.shape[1], completion_ids.shape[1]
     return hidden[:, p - 1 : p + c - 1]

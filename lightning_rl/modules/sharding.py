@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_rl.compiled_layers import decoder_layers
+from lightning_rl.models import is_fully_sharded, unwrap
 
 FSDP1_REFUSED = (
     "Lightning's FSDPStrategy (torch FSDP1) cannot train lightning-rl's modules: they optimize manually "
@@ -63,13 +64,6 @@ def data_parallel_mesh(mesh: Any) -> Any:
     return mesh["data_parallel"] if "data_parallel" in names else mesh
 
 
-def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether ``fully_shard`` (FSDP2) already manages ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
     """Shard ``model`` with FSDP2: each decoder layer is one unit (gathered for its own forward), then the rest.
 
@@ -80,16 +74,17 @@ def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
         mesh: ``ModelParallelStrategy``'s device mesh (its data-parallel dimension is used).
 
     Returns:
-        ``model``, now an ``FSDPModule`` whose parameters are ``DTensor`` shards.
+        ``model``, whose transformers model is now an ``FSDPModule`` with ``DTensor`` shards as parameters.
     """
     from torch.distributed.fsdp import fully_shard
 
     if is_fully_sharded(model):
         return model
     dp = data_parallel_mesh(mesh)
-    for layer in decoder_layers(model):
+    net = unwrap(model)  # under peft: the transformers model (peft's forward and generate reach its forward)
+    for layer in decoder_layers(net):
         fully_shard(layer, mesh=dp)
-    fully_shard(model, mesh=dp)
+    fully_shard(net, mesh=dp)
     return model
 
 

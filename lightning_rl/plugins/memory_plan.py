@@ -66,7 +66,10 @@ class ModelMemory:
 
     @classmethod
     def from_modules(cls, modules: Iterable[nn.Module]) -> ModelMemory:
-        """Count the parameters of ``modules`` (shared parameters once), as currently stored."""
+        """Count the parameters of ``modules`` (shared parameters once), as this process stores them.
+
+        An FSDP2-sharded parameter (a ``DTensor``) counts its local shard: the plan is per process.
+        """
         seen: set[int] = set()
         tp = tb = fp = fb = 0
         for module in modules:
@@ -74,12 +77,41 @@ class ModelMemory:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                nbytes = p.numel() * p.element_size()
+                numel = stored_numel(p)
+                nbytes = numel * p.element_size()
                 if p.requires_grad:
-                    tp, tb = tp + p.numel(), tb + nbytes
+                    tp, tb = tp + numel, tb + nbytes
                 else:
-                    fp, fb = fp + p.numel(), fb + nbytes
+                    fp, fb = fp + numel, fb + nbytes
         return cls(tp, tb, fp, fb)
+
+
+def stored_numel(p: torch.Tensor) -> int:
+    """Elements this process stores of ``p``: the local shard of an FSDP2 ``DTensor``, else all of them."""
+    to_local = getattr(p, "to_local", None)
+    return to_local().numel() if callable(to_local) else p.numel()
+
+
+def fsdp2_gathered_bytes(modules: Iterable[nn.Module]) -> int:
+    """Bytes FSDP2 holds gathered at once beyond the shards: the root unit's parameters and two layers'.
+
+    The root unit (embedding, final norm, LM head) stays gathered from the forward to the backward; a layer
+    unit is gathered for its own forward and backward while the next one is prefetched. 0 when nothing in
+    ``modules`` is sharded with ``fully_shard``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for module in modules for m in module.modules() if isinstance(m, FSDPModule)]
+    nested = {id(u) for unit in units for u in unit.modules() if u is not unit and isinstance(u, FSDPModule)}
+    roots, layers = 0, [0]
+    for unit in {id(u): u for u in units}.values():
+        inner = {id(p) for u in unit.modules() if u is not unit and isinstance(u, FSDPModule) for p in u.parameters()}
+        full = sum(p.numel() * p.element_size() for p in unit.parameters() if id(p) not in inner)
+        if id(unit) in nested:
+            layers.append(full)
+        else:
+            roots += full
+    return roots + 2 * max(layers) if units else 0
 
 
 def _text_config(config: Any) -> Any:

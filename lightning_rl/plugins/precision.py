@@ -47,8 +47,10 @@ from lightning_rl.plugins.memory_plan import (
     MemoryPlanError,
     MiB,
     ModelMemory,
+    fsdp2_gathered_bytes,
     optimizer_state_bytes,
     optimizer_state_bytes_of,
+    stored_numel,
 )
 from lightning_rl.plugins.offload import OptimizerOffloader
 from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
@@ -216,14 +218,37 @@ class MemoryAwarePrecision(Precision):
             self._register_cache_hooks(m)
         return module
 
+    def convert_before_sharding(self, module: nn.Module) -> None:
+        """Store ``module``'s weights as :meth:`convert_module` would, before FSDP2 shards them.
+
+        Under ``ModelParallelStrategy`` the lightning-rl modules shard their models in ``configure_model``,
+        before the strategy calls :meth:`convert_module`; FSDP2 records each parameter's dtype when it
+        shards, so the frozen weights go to ``frozen_dtype`` here first.
+
+        Raises:
+            ValueError: ``quantize`` is set (8/4-bit frozen weights are not sharded by FSDP2 here).
+        """
+        if self.quantize is not None:
+            raise ValueError(f"MemoryAwarePrecision(quantize={self.quantize!r}) cannot be combined with "
+                             "ModelParallelStrategy (FSDP2 does not shard bitsandbytes weights here): use "
+                             "quantize=None, or strategy='ddp' to keep quantized frozen weights")
+        self._convert_params(module)
+
     def _convert_params(self, module: nn.Module) -> None:
         with torch.no_grad():
             for p in module.parameters():
                 if not p.is_floating_point():
                     continue
                 dtype = torch.float32 if p.requires_grad else self.frozen_dtype
-                if p.dtype != dtype:
-                    p.data = p.data.to(dtype)
+                if p.dtype == dtype:
+                    continue
+                if callable(getattr(p, "to_local", None)):  # an FSDP2 shard: its dtype is fixed now
+                    raise ValueError(
+                        f"a parameter sharded by FSDP2 is stored as {p.dtype}, but MemoryAwarePrecision keeps "
+                        f"{'trainable' if p.requires_grad else 'frozen'} weights in {dtype}: shard after the "
+                        "plugin's conversion (MemoryAwarePrecision.convert_before_sharding; lightning-rl's "
+                        "modules do this in configure_model)")
+                p.data = p.data.to(dtype)
 
     def _quantize_frozen_linears(self, module: nn.Module) -> None:
         require_bitsandbytes()
@@ -383,20 +408,23 @@ class MemoryAwarePrecision(Precision):
             return None
         opt_bytes = sum(optimizer_state_bytes_of(o) for o in optimizers)
         if opt_bytes == 0:
-            numel = sum(p.numel() for o in optimizers for g in o.param_groups for p in g["params"])
+            numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
             opt_bytes = optimizer_state_bytes(numel)
         opt_device = None
         if self._streamer is not None:
             opt_device = max((self._streamer.device_bytes_estimate(o, opt_bytes) for o in optimizers), default=0)
-        fp32_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad and p.dtype == torch.float32)
+        fp32_trainable = sum(stored_numel(p) for p in module.parameters()
+                             if p.requires_grad and p.dtype == torch.float32)
+        modules = [module, *shape.extra_frozen]
         rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
         return plan_for_shape(
-            shape, ModelMemory.from_modules([module, *shape.extra_frozen]), budget_bytes=budget,
+            shape, ModelMemory.from_modules(modules), budget_bytes=budget,
             compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
             prompts_per_step=datamodule_batch_size(module._trainer), engine_overhead_bytes=self.engine_overhead_bytes,
             offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
-            activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes)
+            activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
+            gathered_weight_bytes=fsdp2_gathered_bytes(modules))
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).

@@ -65,6 +65,7 @@ def plan_for_shape(
     autocast_cast_bytes: int = 0,
     activation_bytes_per_token_override: int | None = None,
     reserved_bytes: int = 256 * 1024**2,
+    gathered_weight_bytes: int = 0,
 ) -> MemoryPlan:
     """Plan a module's steps.
 
@@ -82,6 +83,8 @@ def plan_for_shape(
         autocast_cast_bytes: autocast's cached compute-dtype copies of fp32 trainable weights.
         activation_bytes_per_token_override: replaces the activation estimate.
         reserved_bytes: kept free for fragmentation and small buffers.
+        gathered_weight_bytes: FSDP2's gathered (unsharded) weights held at once in the update
+            (:func:`~.memory_plan.fsdp2_gathered_bytes`); ``model`` then counts this process's shards.
 
     Raises:
         MemoryPlanError: a phase cannot fit.
@@ -95,6 +98,8 @@ def plan_for_shape(
         extra["autocast weight casts"] = autocast_cast_bytes
     if shape.logprob_chunk_tokens:
         extra["log-prob chunk (fp32 logits)"] = shape.logprob_chunk_tokens * _vocab_size(shape.model_config) * 12
+    if gathered_weight_bytes:
+        extra["FSDP2 gathered weights (root unit and two layers)"] = gathered_weight_bytes
     if rollout is not None and rollout.weights_kept_asleep_bytes:
         extra["engine weights (kept while the engine sleeps)"] = rollout.weights_kept_asleep_bytes
     needs = None

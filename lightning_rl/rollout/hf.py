@@ -19,9 +19,9 @@ def sharded_over_processes(model: nn.Module) -> bool:
     ``generate`` must then run the same number of forwards on every process (transformers' ``synced_gpus``:
     a process whose completions have all ended keeps stepping until every process is done).
     """
-    from lightning_rl.logprobs import is_fsdp2_root
+    from lightning_rl.models import is_fully_sharded
 
-    return is_fsdp2_root(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return is_fully_sharded(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class HFEngine:

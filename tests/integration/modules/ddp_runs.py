@@ -18,12 +18,11 @@ import lightning as L
 import torch
 from helpers import high_ids
 
-from lightning_rl import GRPO, PPO, PromptDataModule
+from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule
 from lightning_rl.modules.sharding import is_fully_sharded
 from lightning_rl.rollout import HFEngine, Rollout
 from lightning_rl.rollout.hf import sharded_over_processes
 from lightning_rl.rollout.padding import left_pad, right_pad
-from lightning_rl.rollout.policy_weights import full_weights
 
 
 class PerPromptSeededEngine(HFEngine):
@@ -74,13 +73,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="prompts per process and step")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp", help="with --devices > 1")
+    ap.add_argument("--plugin", action="store_true", help="MemoryAwarePrecision with a 4 GiB budget")
+    ap.add_argument("--lora", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     common = dict(reward_funcs=[high_ids], model="tiny-llama", model_config={"num_hidden_layers": 1},
                   num_generations=4, sampling={"max_new_tokens": 6}, learning_rate=1e-2, chat_template=False,
-                  logprob_backend="reference", max_prompt_length=16)
+                  logprob_backend="reference", max_prompt_length=16,
+                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"]} if args.lora else None)
     if args.method == "grpo":  # the global token count (dapo) and the batch std of the rewards cross processes
         module = GRPO(loss_type="dapo", scale_rewards="batch", **common)
     else:  # whitening and the token mean of the loss cross processes
@@ -92,14 +94,24 @@ def main() -> None:
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=args.devices,
                         strategy=strategy_for(args.strategy, args.devices), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[record])
+                        callbacks=[record],
+                        plugins=[MemoryAwarePrecision(memory_budget=4 * 2**30)] if args.plugin else None)
     rows = [{"prompt": f"say {i}"} for i in range(32)]
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
-    weights = {k: v.detach().cpu().clone() for k, v in full_weights(module.policy)}  # gathers shards: every rank
+    plan = getattr(trainer.precision_plugin, "memory_plan", None)
+    dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
+    weights = {n: gathered(p) for n, p in module.policy.named_parameters()}  # a collective: every rank
     if trainer.is_global_zero:
         torch.save({"loss": record.loss, "reward": record.reward, "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
-                    "synced_generate": sharded_over_processes(module.policy)}, args.out)
+                    "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
+                    "plan": None if plan is None else plan.to_dict()}, args.out)
+
+
+def gathered(p: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole parameter (an FSDP2 shard is gathered from every process)."""
+    full = p.full_tensor() if hasattr(p, "full_tensor") else p
+    return full.detach().float().cpu().clone()
 
 
 def strategy_for(name: str, devices: int):

@@ -14,10 +14,10 @@ TESTS = Path(__file__).parents[2]  # tests/: the runs import helpers from there,
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
-def _fit(tmp_path, method, devices, batch_size, strategy="ddp"):
-    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}.pt"
+def _fit(tmp_path, method, devices, batch_size, strategy="ddp", *flags):
+    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}{''.join(flags)}.pt"
     proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
-                           "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out)],
+                           "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
@@ -50,3 +50,19 @@ def test_two_processes_sharded_with_fsdp2_train_like_one(tmp_path, method):
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
+
+
+def test_lora_under_fsdp2_with_the_memory_plugin_plans_each_process_shard(tmp_path):
+    """LoRA + MemoryAwarePrecision over 2 FSDP2 processes: frozen bf16 and trainable fp32 shards, a plan per process."""
+    one = _fit(tmp_path, "grpo", 1, 4, "ddp", "--plugin", "--lora")
+    two = _fit(tmp_path, "grpo", 2, 2, "fsdp2", "--plugin", "--lora")
+    assert two["sharded"] and two["dtypes"] == one["dtypes"] == ["torch.bfloat16", "torch.float32"]
+    torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)
+    whole, shard = one["plan"]["train_parts"], two["plan"]["train_parts"]
+    for part in ("frozen weights", "trainable weights", "gradients", "optimizer states"):
+        assert 0.45 * whole[part] <= shard[part] <= 0.55 * whole[part], (part, whole[part], shard[part])
+    gathered = "FSDP2 gathered weights (root unit and two layers)"
+    weights = whole["frozen weights"] + whole["trainable weights"]
+    # the root unit and two layers, gathered: at most the whole model and one more layer (this model has one)
+    assert gathered not in whole and weights // 2 < shard[gathered] <= 2 * weights

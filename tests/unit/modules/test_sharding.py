@@ -169,3 +169,34 @@ def test_ppo_and_dpo_train_their_sharded_modules_under_model_parallel_strategy(m
     after = dict(full_weights(module.policy))
     start = dict(full_weights(load_policy(path)[0]))
     assert any(not torch.equal(after[n], start[n]) for n in start)
+
+
+def test_gathered_bytes_count_the_root_unit_and_two_layers(cpu_mesh, saved_tiny_llama):
+    from lightning_rl.compiled_layers import decoder_layers
+    from lightning_rl.plugins.memory_plan import fsdp2_gathered_bytes
+
+    model = load_policy(saved_tiny_llama(3))[0]
+    assert fsdp2_gathered_bytes([model]) == 0
+    layers = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in decoder_layers(model)]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    fully_shard_policy(model, cpu_mesh)
+    assert fsdp2_gathered_bytes([model]) == total - sum(layers) + 2 * max(layers)
+
+
+def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_wrong_dtype(cpu_mesh,
+                                                                                           saved_tiny_llama):
+    from lightning_rl import MemoryAwarePrecision
+
+    plugin = MemoryAwarePrecision(frozen_dtype="bfloat16")
+    path = saved_tiny_llama(2)
+    converted, late = load_policy(path)[0], load_policy(path)[0]
+    for m in (converted, late):
+        m.model.embed_tokens.requires_grad_(False)
+    plugin.convert_before_sharding(converted)
+    fully_shard_policy(converted, cpu_mesh)
+    plugin.convert_module(converted)  # what the strategy calls afterwards: nothing left to change
+    assert converted.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert converted.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    fully_shard_policy(late, cpu_mesh)
+    with pytest.raises(ValueError, match="convert_before_sharding"):
+        plugin.convert_module(late)
