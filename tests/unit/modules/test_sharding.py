@@ -200,3 +200,31 @@ def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_w
     fully_shard_policy(late, cpu_mesh)
     with pytest.raises(ValueError, match="convert_before_sharding"):
         plugin.convert_module(late)
+
+
+def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_data, saved_tiny_llama, tmp_path):
+    """Checkpoints of sharded weights and optimizer states: 2 steps + resume to 3 equals 3 steps in one go."""
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    path = saved_tiny_llama(2)
+
+    def fit(steps, folder, ckpt_path=None):
+        module = make_grpo(model=path, model_config=None)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1)
+        trainer = make_trainer(max_steps=steps, strategy=ModelParallelStrategy(data_parallel_size=1,
+                                                                               tensor_parallel_size=1),
+                               callbacks=[checkpoints], enable_checkpointing=True)
+        trainer.fit(module, make_data(batch_size=2, shuffle=True), ckpt_path=ckpt_path)
+        return trainer.global_step, {n: t.clone() for n, t in full_weights(module.policy)}
+
+    try:
+        steps, whole = fit(3, "whole")
+        fit(2, "cut")
+        resumed_steps, resumed = fit(3, "cut", ckpt_path=tmp_path / "cut" / "last.ckpt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert steps == resumed_steps == 3
+    assert all(torch.equal(resumed[n], whole[n]) for n in whole)
