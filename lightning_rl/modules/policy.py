@@ -211,11 +211,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """
         if self._trainer is not None:
             check_strategy(self._trainer.strategy)
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if self.gradient_checkpointing_setting is None:
-            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             self.gradient_checkpointing = device.type == "cuda"
         if self.compile_layers_setting is None:
-            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
             sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
             self.compile_layers = auto_compile_layers(device.type, lora=self.lora is not None, sharded=sharded)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_rl.compiled_layers import decoder_layers
 from lightning_rl.models import is_fully_sharded, unwrap
+from lightning_rl.rollout.sharded_weights import is_dtensor
 
 FSDP1_REFUSED = (
     "Lightning's FSDPStrategy (torch FSDP1) cannot train lightning-rl's modules: they optimize manually "
@@ -94,11 +95,9 @@ def gradient_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     FSDP2 gradients are ``DTensor`` shards: their local squared norms are summed over the shards' (one-
     dimensional, data-parallel) mesh in one all-reduce; plain gradients are complete on every process.
     """
-    from torch.distributed.tensor import DTensor
-
     squares = torch.zeros((), device=device, dtype=torch.float32)
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not is_dtensor(g)]
+    sharded = [g for g in grads if is_dtensor(g)]
     if plain:
         squares = squares + torch.stack([torch.linalg.vector_norm(g.float()) for g in plain]).square().sum()
     if sharded:

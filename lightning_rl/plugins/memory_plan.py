@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_rl.rollout.sharded_weights import is_dtensor
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -88,8 +90,7 @@ class ModelMemory:
 
 def stored_numel(p: torch.Tensor) -> int:
     """Elements this process stores of ``p``: the local shard of an FSDP2 ``DTensor``, else all of them."""
-    to_local = getattr(p, "to_local", None)
-    return to_local().numel() if callable(to_local) else p.numel()
+    return p.to_local().numel() if is_dtensor(p) else p.numel()
 
 
 def fsdp2_gathered_bytes(modules: Iterable[nn.Module]) -> int:

@@ -56,6 +56,7 @@ from lightning_rl.plugins.offload import OptimizerOffloader
 from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
 from lightning_rl.plugins.shape_plan import plan_for_shape
 from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, check_streamable
+from lightning_rl.rollout.sharded_weights import is_dtensor
 from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class MemoryAwarePrecision(Precision):
                 dtype = torch.float32 if p.requires_grad else self.frozen_dtype
                 if p.dtype == dtype:
                     continue
-                if callable(getattr(p, "to_local", None)):  # an FSDP2 shard: its dtype is fixed now
+                if is_dtensor(p):  # an FSDP2 shard: its dtype is fixed now
                     raise ValueError(
                         f"a parameter sharded by FSDP2 is stored as {p.dtype}, but MemoryAwarePrecision keeps "
                         f"{'trainable' if p.requires_grad else 'frozen'} weights in {dtype}: shard after the "

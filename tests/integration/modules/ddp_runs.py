@@ -23,6 +23,7 @@ from lightning_rl.modules.sharding import is_fully_sharded
 from lightning_rl.rollout import HFEngine, Rollout
 from lightning_rl.rollout.hf import sharded_over_processes
 from lightning_rl.rollout.padding import left_pad, right_pad
+from lightning_rl.rollout.sharded_weights import fsdp2_parameters
 
 
 class PerPromptSeededEngine(HFEngine):
@@ -100,18 +101,12 @@ def main() -> None:
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
     plan = getattr(trainer.precision_plugin, "memory_plan", None)
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
-    weights = {n: gathered(p) for n, p in module.policy.named_parameters()}  # a collective: every rank
+    weights = {n: t.float().cpu().clone() for n, t in fsdp2_parameters(module.policy)}  # gathers: every rank
     if trainer.is_global_zero:
         torch.save({"loss": record.loss, "reward": record.reward, "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
                     "plan": None if plan is None else plan.to_dict()}, args.out)
-
-
-def gathered(p: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of the whole parameter (an FSDP2 shard is gathered from every process)."""
-    full = p.full_tensor() if hasattr(p, "full_tensor") else p
-    return full.detach().float().cpu().clone()
 
 
 def strategy_for(name: str, devices: int):
