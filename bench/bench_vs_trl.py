@@ -69,7 +69,10 @@ def contains_sum(prompts, completions, answer, **kwargs):
 
 
 class MemorySampler:
-    """Peak device memory from NVML, sampled every ``interval`` seconds in a thread."""
+    """Peak device memory from NVML, sampled every ``interval`` seconds in a thread.
+
+    The process figure sums this process and its children: an engine in a process of its own counts.
+    """
 
     def __init__(self, interval: float = 0.01):
         import pynvml
@@ -82,6 +85,7 @@ class MemorySampler:
         self.peak_device = 0
         self.peak_process = 0
         self.process_seen = False
+        self._pids, self._pids_at = {self.pid}, -1.0
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -96,11 +100,18 @@ class MemorySampler:
         nv = self.nvml
         used = nv.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline
         self.peak_device = max(self.peak_device, used)
+        now = time.monotonic()
+        if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
+            import psutil
+
+            self._pids = {self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))}
+            self._pids_at = now
         try:
-            for p in nv.nvmlDeviceGetComputeRunningProcesses(self.handle):
-                if p.pid == self.pid and p.usedGpuMemory:
-                    self.process_seen = True
-                    self.peak_process = max(self.peak_process, p.usedGpuMemory)
+            ours = [p.usedGpuMemory for p in nv.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                    if p.pid in self._pids and p.usedGpuMemory]
+            if ours:
+                self.process_seen = True
+                self.peak_process = max(self.peak_process, sum(ours))
         except nv.NVMLError:
             pass
         return used
@@ -210,10 +221,13 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.prof = None
                 return
             t = self.rollout_cb.last_timings
-            rollout_s = t.get("wake_s", 0) + t.get("sync_s", 0) + t.get("generate_s", 0) + t.get("sleep_s", 0)
+            # the step's time in the rollout callback (with overlap: waiting for the rollout made during the last
+            # update, or generating the first one, plus starting the next)
+            rollout_s = sum(t.get(k, 0) for k in ("wake_s", "sync_s", "generate_s", "sleep_s", "wait_s"))
             m = trainer.callback_metrics
             self.steps.append({"step_s": step_s, "rollout_s": rollout_s, "toggle_s": t.get("toggle_s"),
                                "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
+                               "staleness": t.get("staleness", 0.0),
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
                                                                                          float("nan")))),
                                "device_used_gib": sampler.current_gib(),
@@ -227,7 +241,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
                   sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
                   lora=dict(LORA) if lora else None, **extra.get("grpo", {}))
-    rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})))
+    rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
     trainer = L.Trainer(max_steps=steps + bool(profile_dir), accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False,
@@ -243,7 +257,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         "rewards": timer.rewards, "steps": timer.steps, "wall_s": time.perf_counter() - t_start,
         "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
                      "gradient_checkpointing": module.gradient_checkpointing,
-                     "compile_layers": module.compile_layers,
+                     "compile_layers": module.compile_layers, "overlap": rollout_cb.overlapping,
                      **getattr(timer, "engine_info", {}),
                      "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
                                                                                  float("nan")))},

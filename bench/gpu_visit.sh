@@ -5,6 +5,7 @@
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
 #   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
+#   bash bench/gpu_visit.sh tests TEST...        # GPU test files or test ids, each test in its own process
 #   bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]   # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -16,6 +17,14 @@ export OUT=$WORK
 budget=${BUDGET_S:-560}
 pack() { tar czf "$FINAL/${stage//+/_}.tar.gz" -C "$WORK" . ; }
 trap pack EXIT
+each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process)
+  for f in "$@"; do
+    for t in $(python3 -m pytest "$f" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::"); do
+      timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$WORK/test_${t##*::}.log" 2>&1
+      echo "[$(date +%T)] rc=$? $t"
+    done
+  done
+}
 case "$stage" in
   install)
     mkdir -p /tmp/parts; cp .gpu/part_07/* /tmp/parts/ 2>/dev/null
@@ -34,15 +43,13 @@ case "$stage" in
   rerun)  # the 200-step GRPO long run beside the named GPU test files, each test in its own process
     timeout "$budget" bash bench/gpu_run.sh long grpo > "$WORK/long.txt" 2>&1 &
     long=$!
-    for f in "${@:2}"; do
-      for t in $(python3 -m pytest "$f" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::"); do
-        timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$WORK/test_${t##*::}.log" 2>&1
-        echo "[$(date +%T)] rc=$? $t"
-      done
-    done
+    each_test "${@:2}"
     wait $long
     grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |compiled graphs" "$WORK"/test_*.log | tail -30
     tail -5 "$WORK/long.txt" ;;
+  tests)
+    each_test "${@:2}"
+    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped fit|readme)" "$WORK"/test_*.log | tail -40 ;;
   bench)
     extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.plugins.precision import MemoryAwarePrecision
@@ -31,6 +32,10 @@ from lightning_rl.rollout.vllm_sizing import (
 from lightning_rl.shapes import TrainingShape, datamodule_batch_size
 
 log = logging.getLogger(__name__)
+
+#: Device memory of the engine's own process beyond its weights and KV cache (CUDA context, CUDA graphs, sampler
+#: workspace), for the memory plan when the engine runs beside training.
+ENGINE_PROCESS_OVERHEAD_BYTES = 1 << 30
 
 #: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
 #: alike) samples its own prompts from its own stream.
@@ -74,11 +79,24 @@ class VLLMRollout(Callback):
             engines draw different samples; with ``tensor_parallel_size = T`` by the rank's group ``rank // T``,
             the same for the ``T`` shards of one engine).
 
+    With ``overlap`` the engine runs in a process of its own
+    (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`) and generates the next batch's rollout while
+    the current batch trains: a step takes about the longer of the two instead of their sum. That rollout is one
+    optimizer step old when it trains; the module's truncated importance weights (engine log-probs against the
+    trainer's) correct for it, and ``rollout/staleness`` logs it. The engine then keeps its memory during the
+    update (the memory plan counts it in the train phase).
+
     Under Lightning's DDP or FSDP each process builds its own engine on its own GPU (vLLM's external-launcher
     mode); ``settings.tensor_parallel_size`` shards one engine over groups of consecutive processes. Under FSDP
     the weights are gathered from the strategy's shards one unit (FSDP1) or tensor (FSDP2) at a time.
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
-            (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine`.
+            (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine` (or with
+            ``overlap`` a :class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`).
+        overlap: generate the next batch's rollout during the current update. None (automatic): on when the
+            engine can run in its own process (one training process on CUDA device 0, a full fine-tune; see
+            :func:`~lightning_rl.rollout.vllm_process.process_engine_unsupported_reason`), else off. True raises
+            when it cannot. With ``engine_factory`` only True turns it on (the factory's engine must be safe to
+            use from a background thread while the policy trains).
     """
 
     def __init__(
@@ -87,6 +105,7 @@ class VLLMRollout(Callback):
         max_model_len: int | None = None,
         settings: EngineSettings | None = None,
         engine_factory: EngineFactory | None = None,
+        overlap: bool | None = None,
     ) -> None:
         super().__init__()
         if prompts_per_step is not None and prompts_per_step < 1:
@@ -95,6 +114,9 @@ class VLLMRollout(Callback):
         self.max_model_len = max_model_len
         self.settings = settings or EngineSettings()
         self.engine_factory = engine_factory
+        self.overlap = overlap
+        self.overlapping = False  # decided when the engine is built
+        self._ahead = RolloutAhead()
         self.engine: RolloutEngine | None = None
         self.last_synced_step: int | None = None
         self.num_syncs = 0
@@ -144,10 +166,24 @@ class VLLMRollout(Callback):
         if s.kv_cache_bytes is not None:
             tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
         weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=_strategy_model(trainer))
-        return RolloutMemory(engine_weight_bytes=weight_bytes,
-                             weights_kept_asleep_bytes=self.weights_kept_asleep_bytes(policy, trainer),
+        beside, kept = 0, self.weights_kept_asleep_bytes(policy, trainer)
+        if self.overlap_off_reason(trainer.lightning_module, trainer) is None:  # the engine stays up during updates
+            beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
+            kept = 0  # counted in ``beside``
+        return RolloutMemory(engine_weight_bytes=weight_bytes, weights_kept_asleep_bytes=kept,
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
-                             sized_by_gpu_fraction=s.gpu_memory_utilization is not None)
+                             sized_by_gpu_fraction=s.gpu_memory_utilization is not None,
+                             beside_training_bytes=beside)
+
+    def overlap_off_reason(self, pl_module: L.LightningModule, trainer: Any = None) -> str | None:
+        """Why this callback would generate between updates instead of during them (None: it overlaps)."""
+        if self.overlap is False:
+            return "overlap=False"
+        if self.engine_factory is not None:
+            return None if self.overlap else "a custom engine_factory (overlap=True overlaps its rollouts)"
+        from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
+
+        return process_engine_unsupported_reason(pl_module.policy, _strategy_model(trainer))
 
     # ----------------------------------------------------------------------------- engine
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:
@@ -172,7 +208,10 @@ class VLLMRollout(Callback):
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
-        return VLLMEngine(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
+        engine_cls = VLLMEngine
+        if self.overlapping:
+            from lightning_rl.rollout.vllm_process import VLLMProcessEngine as engine_cls
+        return engine_cls(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
                           max_num_seqs=prompts_per_step * shape.num_generations, settings=settings,
                           weights_root=_strategy_model(trainer))
 
@@ -183,10 +222,16 @@ class VLLMRollout(Callback):
                     f"VLLMRollout needs a module with `{attr}` (such as lightning_rl.GRPO); "
                     f"{type(pl_module).__name__} has none"
                 )
+        reason = self.overlap_off_reason(pl_module, trainer)
+        if self.overlap and reason:
+            raise ValueError(f"VLLMRollout(overlap=True) is impossible here: {reason}. Use overlap=None (automatic) "
+                             "or False to generate between updates.")
+        self.overlapping = reason is None
         t0 = time.perf_counter()
         self.engine = self.build_engine(pl_module, prompts_per_step)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
-        log.info("rollout engine %s ready in %.1f s", type(self.engine).__name__, time.perf_counter() - t0)
+        log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
+                 time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")
 
     def _needs_sync(self, trainer: L.Trainer) -> bool:
         return trainer.global_step != self.last_synced_step or bool(getattr(self.engine, "needs_sync", False))
@@ -218,6 +263,9 @@ class VLLMRollout(Callback):
         prompts = batch["prompt"]
         if self.engine is None:
             self._create(trainer, pl_module, self.prompts_per_step or len(prompts))
+        if self.overlapping:
+            self._overlapped_rollout(trainer, pl_module, batch, batch_idx)
+            return
         engine, plugin = self.engine, self._plugin
         t0 = time.perf_counter()
         if plugin is not None:
@@ -244,8 +292,43 @@ class VLLMRollout(Callback):
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
 
+    def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._needs_sync(trainer):
+            self.engine.sync_weights(pl_module.policy)
+            self.last_synced_step = trainer.global_step
+            self.num_syncs += 1
+
+    def _overlapped_rollout(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], batch_idx: int
+    ) -> None:
+        """Take this batch's rollout (generated during the last update, else now), start the next batch's."""
+        prompts, engine = batch["prompt"], self.engine
+        t0 = time.perf_counter()
+        taken = self._ahead.take(prompts)
+        t1 = time.perf_counter()
+        if taken is None:  # the first batch of a run or an epoch: nothing was generated ahead
+            self._sync(trainer, pl_module)
+            rollout, staleness = pl_module.generate_rollout(prompts, engine=engine), 0
+        else:
+            rollout, weights_step = taken
+            rollout, staleness = rollout.to(pl_module.device), trainer.global_step - weights_step
+        t2 = time.perf_counter()
+        upcoming = next_batch_prompts(trainer, batch_idx)
+        if upcoming is not None:
+            self._sync(trainer, pl_module)  # the weights this update starts from
+            ids, sampling, g = pl_module.encode(upcoming), pl_module.sampling, pl_module.num_generations
+            self._ahead.submit(upcoming, trainer.global_step, lambda: engine.generate(ids, sampling, g))
+        t3 = time.perf_counter()
+        batch["rollout"] = rollout
+        self.num_rollouts += 1
+        self.last_timings = {"wait_s": t1 - t0, "generate_s": t2 - t1, "sync_s": t3 - t2,
+                             "toggle_s": t3 - t2, "staleness": float(staleness)}
+        pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
+                           batch_size=len(prompts))
+
     def shutdown(self) -> None:
         """Shut the engine down and free its memory (idempotent)."""
+        self._ahead.close()  # a rollout still being generated ends first
         engine, self.engine = self.engine, None
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()

@@ -27,6 +27,8 @@ class RolloutMemory:
         headroom: multiplier on ``kv_tokens * kv_bytes_per_token``.
         sized_by_gpu_fraction: the engine takes a fixed fraction of the device (vLLM's
             ``gpu_memory_utilization``): the plan has no KV budget to give and plans no rollout phase.
+        beside_training_bytes: what an engine that generates during the update (in a process of its own) holds
+            while training runs: its weights, KV cache and process; counted in the train phase.
     """
 
     engine_weight_bytes: int
@@ -35,6 +37,7 @@ class RolloutMemory:
     kv_tokens: int = 0
     headroom: float = 1.2
     sized_by_gpu_fraction: bool = False
+    beside_training_bytes: int = 0
 
 
 @runtime_checkable

@@ -102,6 +102,8 @@ def plan_for_shape(
         extra["FSDP2 gathered weights (root unit and two layers)"] = gathered_weight_bytes
     if rollout is not None and rollout.weights_kept_asleep_bytes:
         extra["engine weights (kept while the engine sleeps)"] = rollout.weights_kept_asleep_bytes
+    if rollout is not None and rollout.beside_training_bytes:
+        extra["engine running beside the update (own process)"] = rollout.beside_training_bytes
     needs = None
     if shape.generates:
         needs = (in_step_generation_needs(shape, prompts_per_step, compute_dtype) if rollout is None

@@ -6,7 +6,8 @@ while the weights stay). These move between vLLM releases, so everything that to
 :data:`SUPPORTED_VLLM`; :func:`require_supported_vllm` refuses other versions with an error naming the range.
 
 This file is also the one place that changes process state for vLLM (:meth:`VLLMInternals.start`): it sets
-``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine must live in this process, where its model can be reached), the
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine must live in this process, where its model can be reached; or 1
+while :meth:`VLLMInternals.start_in_own_process` starts an engine in a child process), the
 ``RANK``/``LOCAL_RANK`` variables vLLM's external launcher reads under DDP/FSDP, and marks that an engine was
 started (vLLM's sleep-mode allocator serves one engine per process). Under ``torch.distributed`` the engine runs
 in vLLM's ``external_launcher`` mode (one engine per trainer process, joining the trainer's process group), and
@@ -20,6 +21,7 @@ import gc
 import importlib.metadata
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -131,6 +133,27 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """While inside, a spawned child process does not import the parent's ``__main__`` module.
+
+    vLLM starts its engine process with ``spawn`` once CUDA is initialised, and ``spawn`` runs the parent's main
+    script again in the child (as ``__mp_main__``): a training script without an ``if __name__ == "__main__":``
+    guard would train again there. vLLM's engine process needs nothing from ``__main__``.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            if "__spec__" in saved:
+                main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 def fp32_head(config: Any) -> None:
     """Ask vLLM for an LM head with fp32 output (read by its ``LogitsProcessor`` from the model config)."""
     config.head_dtype = "float32"
@@ -179,6 +202,19 @@ class VLLMInternals:
         with _environment(launcher_env or {}):  # Lightning reads LOCAL_RANK too: vLLM sees it only while starting
             llm = vllm.LLM(**kwargs)
         return cls(llm, dist_was_initialized=dist)
+
+    @classmethod
+    def start_in_own_process(cls, kwargs: Mapping[str, Any]) -> VLLMInternals:
+        """Start ``vllm.LLM(**kwargs)`` with its engine core in a child process (vLLM's multiprocessing mode).
+
+        The child is spawned without importing this process's ``__main__`` (:func:`main_module_hidden`). Its model
+        is out of this process's reach: :attr:`runner` and the methods that use it do not apply.
+        """
+        import vllm
+
+        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}), main_module_hidden():
+            llm = vllm.LLM(**kwargs)
+        return cls(llm, dist_was_initialized=False)
 
     @property
     def runner(self) -> Any:
@@ -310,6 +346,7 @@ __all__ = [
     "check_vllm_version",
     "fp32_head",
     "keep_default_group",
+    "main_module_hidden",
     "release_kv_cache",
     "require_supported_vllm",
     "require_vllm",

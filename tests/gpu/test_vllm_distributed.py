@@ -114,3 +114,31 @@ def test_grpo_fit_under_fsdp2_syncs_the_gathered_shards_into_the_engine():
     assert check.compared == list(EngineMatchesPolicy.NAMES)
     assert check.changed  # the compared weights are the stepped ones, not the initial ones
     assert trainer.global_step == 2 and rollout.num_syncs == 1
+
+
+def test_grpo_fit_under_fsdp2_with_the_memory_plugin():
+    """``ModelParallelStrategy`` + ``MemoryAwarePrecision``: fp32 master shards, a per-process plan, the engine fed."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_rl import MemoryAwarePrecision
+
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4,
+                  sampling={"max_new_tokens": 32}, max_prompt_length=128, learning_rate=1e-5,
+                  importance_sampling="token")
+    rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
+    plugin = MemoryAwarePrecision()
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = _trainer(strategy, [rollout], plugins=[plugin])
+    trainer.fit(module, datamodule=ArithmeticDataModule(num_train=16, num_val=4, batch_size=4))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    plan = plugin.memory_plan
+    print("grpo fsdp2 + plugin:", {"train_parts": plan.train_parts if plan else None,
+                                   **{k: round(v, 4) for k, v in metrics.items() if "mismatch" in k}})
+    params = list(module.policy.parameters())
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in params)  # trainable fp32 masters
+    assert not rollout.overlapping  # one engine per process in the trainer's process group
+    assert plan is not None and plan.train_parts["FSDP2 gathered weights (root unit and two layers)"] > 0
+    assert trainer.global_step == 2 and rollout.num_syncs == 1
+    assert metrics["train/logprob_mismatch_mean"] < 0.05
+    assert all(torch.isfinite(p.full_tensor()).all() for p in params)

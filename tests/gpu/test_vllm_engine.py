@@ -338,6 +338,7 @@ def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print("grpo lora fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k})
     assert trainer.global_step == 3 and callback.num_syncs == 2
+    assert not callback.overlapping  # a LoRA adapter syncs into the in-process engine, between updates
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
@@ -355,7 +356,7 @@ def test_grpo_fit_with_the_callback():
         learning_rate=1e-5,
         importance_sampling="token",
     )
-    callback = VLLMRollout()  # the default: CUDA graphs for decode, fp32 LM head
+    callback = VLLMRollout(overlap=False)  # the in-process engine between updates; CUDA graphs, fp32 LM head
     trainer = L.Trainer(
         max_steps=2,
         accelerator="gpu",
@@ -395,6 +396,7 @@ def test_grpo_lora_fit_with_fp32_adapters_and_the_default_engine_dtype(precision
     print(f"grpo lora fit ({precision}):", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k})
     assert any(p.dtype == torch.float32 for n, p in module.policy.named_parameters() if "lora_" in n)
     assert trainer.global_step == 3 and callback.num_syncs == 2
+    assert not callback.overlapping  # a LoRA adapter syncs into the in-process engine, between updates
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
@@ -424,5 +426,6 @@ def test_the_readme_gpu_configuration_trains_in_train_mode_with_its_planned_defa
     assert modes == [True, True, True]
     assert module.gradient_checkpointing is True and module.micro_batch_size is None
     assert module.micro_batch_tokens and module.micro_batch_tokens >= 1024
-    assert metrics["train/logprob_mismatch_mean"] < 0.05
+    assert callback.overlapping  # the next rollout is generated during each update, one optimizer step old
+    assert metrics["train/logprob_mismatch_mean"] < 0.15  # numerics plus one step's change of the policy
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())

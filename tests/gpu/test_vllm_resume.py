@@ -36,7 +36,8 @@ def run(ckpt_dir, steps, extra=lambda rollout: [], ckpt_path=None):
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4,
                   sampling={"max_new_tokens": 32},
                   micro_batch_size=16, max_prompt_length=128, learning_rate=1e-4)
-    rollout = VLLMRollout(settings=EngineSettings(dtype="float32", sleep_level=0))
+    # the in-process engine (its weights are read through engine._runner() below)
+    rollout = VLLMRollout(settings=EngineSettings(dtype="float32", sleep_level=0), overlap=False)
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[*extra(rollout), rollout, ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1,

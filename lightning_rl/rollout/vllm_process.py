@@ -1,0 +1,164 @@
+"""A vLLM engine whose decode loop runs in a process of its own, on the trainer's GPU.
+
+The in-process :class:`~lightning_rl.rollout.vllm.VLLMEngine` shares the trainer's Python interpreter: while it
+generates, nothing else runs, and the decode loop of a small model is bound by that interpreter (vLLM's
+scheduling and bookkeeping between steps), not by the GPU. Here vLLM's engine core runs in a child process
+(vLLM's own multiprocessing mode), so the trainer's process is free while it generates: the rollout of the next
+batch can run while the current batch trains (:class:`~lightning_rl.callbacks.VLLMRollout` with ``overlap``).
+
+Weights travel without a copy in the trainer's process: the child opens CUDA IPC handles of the policy's
+parameters once (:mod:`~lightning_rl.rollout.vllm_worker`), and each sync copies them into the engine's weights
+on the device, cast to the engine's dtype. The engine never sleeps: its weights and KV cache stay on the GPU.
+
+What it takes: one training process on CUDA device 0 of its visible devices (the child's GPU), a full fine-tune
+(not a LoRA adapter) whose parameters are not sharded. :func:`process_engine_unsupported_reason` says why not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_rl.rollout.policy_weights import full_weights
+from lightning_rl.rollout.sharded_weights import is_sharded
+from lightning_rl.rollout.vllm import VLLMEngine
+from lightning_rl.rollout.vllm_checks import require_cuda
+from lightning_rl.rollout.vllm_internals import VLLMInternals, require_supported_vllm, require_vllm
+from lightning_rl.rollout.vllm_settings import EngineSettings
+from lightning_rl.rollout.vllm_sizing import engine_weight_dtype
+from lightning_rl.rollout.vllm_worker import WORKER_EXTENSION
+
+log = logging.getLogger(__name__)
+
+
+def process_engine_unsupported_reason(model: nn.Module, root: nn.Module | None = None) -> str | None:
+    """Why the policy cannot feed an engine in its own process (None when it can).
+
+    Args:
+        model: the policy.
+        root: the module the training strategy wrapped (its FSDP units hold the policy's shards), if any.
+    """
+    if hasattr(model, "peft_config"):
+        return "a LoRA policy syncs its adapter into the in-process engine, which shares the base weights"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "several training processes (DDP/FSDP) each run an in-process engine in vLLM's external-launcher mode"
+    if is_sharded(model, root):
+        return "the policy's parameters are sharded"
+    devices = {p.device for p in model.parameters()}
+    if any(d.type != "cuda" for d in devices):
+        return "the policy is not on a CUDA device"
+    if any(d.index not in (0, None) for d in devices):
+        return "the policy is not on CUDA device 0 of the visible devices, where the engine process would run"
+    return None
+
+
+def ipc_handles(weights: Sequence[tuple[str, torch.Tensor]]) -> bytes:
+    """Pickled ``(name, rebuild function, args)`` of each CUDA tensor, for :mod:`~lightning_rl.rollout.vllm_worker`."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    items = []
+    for name, t in weights:
+        if not t.is_cuda:
+            raise ValueError(f"weight {name!r} is on {t.device}: the engine process reads CUDA tensors only")
+        rebuild, args = reduce_tensor(t)
+        items.append((name, rebuild, args))
+    return pickle.dumps(items)
+
+
+class VLLMProcessEngine(VLLMEngine):
+    """A vLLM engine in a child process on the trainer's GPU, reading the policy's weights through CUDA IPC.
+
+    Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` and
+    ``share_base_weights`` do not apply: this engine never sleeps).
+
+    Raises:
+        ValueError: the policy cannot feed it (:func:`process_engine_unsupported_reason`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        settings: EngineSettings | None = None,
+        weights_root: nn.Module | None = None,
+    ) -> None:
+        settings = settings or EngineSettings()
+        require_vllm()
+        require_cuda()
+        if not eos_token_ids:
+            raise ValueError("VLLMProcessEngine needs at least one EOS token id to know where completions end")
+        reason = process_engine_unsupported_reason(model, weights_root)
+        if reason:
+            raise ValueError(f"the vLLM engine cannot run in its own process: {reason}; use VLLMEngine")
+        require_supported_vllm()
+        weight_dtype = engine_weight_dtype(model, settings.dtype)
+        self._bind(VLLMInternals(None), eos_token_ids, pad_token_id, max_model_len, settings, None, 0, weight_dtype)
+        self.weights_root = weights_root
+        self._attached: tuple[Any, ...] = ()
+        self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
+        try:
+            kwargs = self._llm_kwargs(model, max_num_seqs)
+            kwargs.update(enable_sleep_mode=False, worker_extension_cls=WORKER_EXTENSION)
+            kwargs.update(settings.engine_kwargs)
+            t0 = time.perf_counter()
+            self.internals = VLLMInternals.start_in_own_process(kwargs)
+        except Exception:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        self.startup_time = time.perf_counter() - t0
+        self.llm = self.internals.llm
+        self.engine_kwargs = kwargs
+        self.weight_bytes = sum(t.numel() for _, t in full_weights(model)) * weight_dtype.itemsize
+        self.sync_weights(model)
+
+    def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
+        """Copy the policy's current weights into the engine (the engine process reads them in place).
+
+        Handles are sent again only when the parameters moved (another storage, shape or dtype).
+        """
+        self._check_alive()
+        weights = list(full_weights(model))
+        layout = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in weights)
+        if layout != self._attached:
+            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights),))
+            self._attached = layout
+        torch.cuda.synchronize()  # the optimizer's writes are done before the engine reads
+        self.llm.collective_rpc("lightning_rl_load")
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.state.weights_synced = True
+
+    def wake_up(self) -> None:
+        """Nothing to do: the engine keeps its memory."""
+        self._check_alive()
+
+    def sleep(self, level: int | None = None) -> None:
+        """Nothing to do: the engine keeps its memory (it runs beside training)."""
+        self._check_alive()
+
+    def shutdown(self) -> None:
+        """Stop the engine process and give its GPU memory back (idempotent)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.collective_rpc("lightning_rl_detach")
+            del llm
+        internals = getattr(self, "internals", None)
+        if internals is not None:
+            internals.shutdown()  # stops the engine process
+        self._attached = ()
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+
+__all__ = ["VLLMProcessEngine", "ipc_handles", "process_engine_unsupported_reason"]

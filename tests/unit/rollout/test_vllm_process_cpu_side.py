@@ -1,0 +1,112 @@
+"""The engine-in-its-own-process pieces that run without a GPU: spawning without re-running the script, when it
+applies, and what the memory plan counts for it (the engine itself: tests/gpu/test_vllm_process.py)."""
+
+import math
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import FakeEngine, rollout_grpo
+
+from lightning_rl import VLLMRollout
+from lightning_rl.lora import apply_lora
+from lightning_rl.models import load_policy
+from lightning_rl.plugins.memory_plan import GiB
+from lightning_rl.plugins.rollout_memory import RolloutMemory
+from lightning_rl.plugins.shape_plan import plan_for_shape
+from lightning_rl.rollout.vllm_internals import main_module_hidden
+from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
+
+
+def test_a_child_spawned_while_main_is_hidden_does_not_run_an_unguarded_script_again(tmp_path):
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "train.py"  # a training script without an `if __name__ == "__main__":` guard
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        with open({str(marker)!r}, "a") as f:
+            f.write(f"{{__name__}}\\n")
+        if __name__ == "__main__":
+            from lightning_rl.rollout.vllm_internals import main_module_hidden
+            hide = sys.argv[1] == "hide"
+            ctx = multiprocessing.get_context("spawn")
+            if hide:
+                with main_module_hidden():
+                    p = ctx.Process(target=os.getpid)
+                    p.start()
+                assert __file__ and __spec__ is None  # put back
+            else:
+                p = ctx.Process(target=os.getpid)
+                p.start()
+            p.join()
+            assert p.exitcode == 0
+    """))
+    subprocess.run([sys.executable, str(script), "plain"], check=True, timeout=120)
+    assert marker.read_text().split() == ["__main__", "__mp_main__"]  # what spawn does without the guard
+    marker.unlink()
+    subprocess.run([sys.executable, str(script), "hide"], check=True, timeout=120)
+    assert marker.read_text().split() == ["__main__"]
+
+
+def test_main_module_attributes_come_back_after_the_block():
+    main = sys.modules["__main__"]
+    before = (main.__dict__.get("__file__"), main.__dict__.get("__spec__"))
+    with pytest.raises(KeyError):
+        with main_module_hidden():
+            assert "__file__" not in main.__dict__ and getattr(main, "__spec__", None) is None
+            raise KeyError("the block failed")
+    assert (main.__dict__.get("__file__"), main.__dict__.get("__spec__")) == before
+
+
+def test_which_policies_can_feed_an_engine_in_its_own_process():
+    net, _ = load_policy("tiny-llama", dtype="float32")
+    assert "not on a CUDA device" in process_engine_unsupported_reason(net)
+    lora = apply_lora(net, {"r": 4})
+    assert "LoRA" in process_engine_unsupported_reason(lora)
+
+
+def test_overlap_true_names_why_it_cannot_run_before_building_an_engine():
+    module = rollout_grpo()
+    module.configure_model()  # a CPU policy
+    trainer = SimpleNamespace(global_step=0, strategy=None)
+    cb = VLLMRollout(overlap=True)
+    with pytest.raises(ValueError, match=r"overlap=True\) is impossible here: the policy is not on a CUDA device"):
+        cb._create(trainer, module, 2)
+    assert cb.engine is None
+    assert VLLMRollout().overlap_off_reason(module) == "the policy is not on a CUDA device"  # automatic: off
+    assert VLLMRollout(overlap=False).overlap_off_reason(module) == "overlap=False"
+    factory = VLLMRollout(engine_factory=lambda m, n, s: FakeEngine(m, []))
+    assert "engine_factory" in factory.overlap_off_reason(module)  # a custom engine overlaps only when asked
+
+
+def test_the_plan_counts_an_engine_running_beside_the_update_in_the_train_phase():
+    from lightning_rl.shapes import TrainingShape
+
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    cb = VLLMRollout(prompts_per_step=2, overlap=True, engine_factory=lambda m, n, s: FakeEngine(m, []))
+    cb.setup(trainer, module, "fit")
+    memory = cb.rollout_memory(module.training_shape())
+    kv = math.ceil(memory.kv_tokens * memory.headroom) * memory.kv_bytes_per_token
+    assert memory.beside_training_bytes == memory.engine_weight_bytes + kv + GiB  # weights, KV cache, process
+    assert memory.weights_kept_asleep_bytes == 0  # the engine never sleeps: its weights are in the figure above
+    between = VLLMRollout(prompts_per_step=2, engine_factory=lambda m, n, s: FakeEngine(m, []))
+    between.setup(trainer, module, "fit")
+    assert between.rollout_memory(module.training_shape()).beside_training_bytes == 0
+
+    shape = TrainingShape(model_config=module.policy.config, sequence_tokens=64, max_prompt_tokens=32,
+                          max_new_tokens=32, generates=True, num_generations=2, micro_batch_size=4)
+    kw = dict(budget_bytes=40 * GiB, compute_dtype=torch.bfloat16, optimizer_bytes=GiB, reserved_bytes=0)
+    model = SimpleNamespace(trainable_params=10, trainable_bytes=40, frozen_params=0, frozen_bytes=0,
+                            total_params=10, total_bytes=40)
+    beside = RolloutMemory(engine_weight_bytes=GiB, kv_bytes_per_token=1, kv_tokens=100,
+                           beside_training_bytes=3 * GiB)
+    plan = plan_for_shape(shape, model, rollout=beside, **kw)
+    assert plan.train_parts["engine running beside the update (own process)"] == 3 * GiB
+    plain = plan_for_shape(shape, model, rollout=RolloutMemory(engine_weight_bytes=GiB), **kw)
+    assert plan.train_peak_bytes - plain.train_peak_bytes == 3 * GiB
