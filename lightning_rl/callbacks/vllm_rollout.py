@@ -68,17 +68,6 @@ class VLLMRollout(Callback):
     needs (:meth:`rollout_memory`), the engine gets the plan's KV-cache budget, and the plugin moves optimizer
     states out of the way while the engine is awake.
 
-    Args:
-        prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
-            or waits for the first batch.
-        max_model_len: prompt + completion limit of the engine; None uses the module's
-            ``max_prompt_tokens + max_new_tokens``.
-        settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
-            (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
-            step on resume so runs do not replay, and by the process's rank under DDP/FSDP so the processes'
-            engines draw different samples; with ``tensor_parallel_size = T`` by the rank's group ``rank // T``,
-            the same for the ``T`` shards of one engine).
-
     With ``overlap`` the engine runs in a process of its own
     (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`) and generates the next batch's rollout while
     the current batch trains: a step takes about the longer of the two instead of their sum. That rollout is one
@@ -89,6 +78,17 @@ class VLLMRollout(Callback):
     Under Lightning's DDP or FSDP each process builds its own engine on its own GPU (vLLM's external-launcher
     mode); ``settings.tensor_parallel_size`` shards one engine over groups of consecutive processes. Under FSDP
     the weights are gathered from the strategy's shards one unit (FSDP1) or tensor (FSDP2) at a time.
+
+    Args:
+        prompts_per_step: prompts in a training batch; None reads ``trainer.datamodule.batch_size``
+            or waits for the first batch.
+        max_model_len: prompt + completion limit of the engine; None uses the module's
+            ``max_prompt_tokens + max_new_tokens``.
+        settings: the engine's dtype, LoRA sync, sleep level, execution mode, KV-cache sizing, seed, ...
+            (:class:`~lightning_rl.rollout.vllm_settings.EngineSettings`; the seed is offset by the last synced
+            step on resume so runs do not replay, and by the process's rank under DDP/FSDP so the processes'
+            engines draw different samples; with ``tensor_parallel_size = T`` by the rank's group ``rank // T``,
+            the same for the ``T`` shards of one engine).
         engine_factory: ``(module, prompts_per_step, seed) -> RolloutEngine`` to build another engine
             (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine` (or with
             ``overlap`` a :class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`).
@@ -96,7 +96,9 @@ class VLLMRollout(Callback):
             engine can run in its own process (one training process on CUDA device 0, a full fine-tune; see
             :func:`~lightning_rl.rollout.vllm_process.process_engine_unsupported_reason`), else off. True raises
             when it cannot. With ``engine_factory`` only True turns it on (the factory's engine must be safe to
-            use from a background thread while the policy trains).
+            use from a background thread while the policy trains). A module that overrides
+            ``generate_rollout`` generates between updates (the rollout made ahead calls ``encode`` and the
+            engine's ``generate`` directly).
     """
 
     def __init__(
@@ -179,6 +181,8 @@ class VLLMRollout(Callback):
         """Why this callback would generate between updates instead of during them (None: it overlaps)."""
         if self.overlap is False:
             return "overlap=False"
+        if getattr(type(pl_module).generate_rollout, "__qualname__", "") != "PolicyModule.generate_rollout":
+            return f"{type(pl_module).__name__} overrides generate_rollout"
         if self.engine_factory is not None:
             return None if self.overlap else "a custom engine_factory (overlap=True overlaps its rollouts)"
         from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason

@@ -110,3 +110,18 @@ def test_the_plan_counts_an_engine_running_beside_the_update_in_the_train_phase(
     assert plan.train_parts["engine running beside the update (own process)"] == 3 * GiB
     plain = plan_for_shape(shape, model, rollout=RolloutMemory(engine_weight_bytes=GiB), **kw)
     assert plan.train_peak_bytes - plain.train_peak_bytes == 3 * GiB
+
+
+def test_a_module_with_its_own_generate_rollout_generates_between_updates():
+    from lightning_rl import GRPO
+
+    class OwnRollouts(GRPO):
+        def generate_rollout(self, prompts, engine=None, sampling=None, num_generations=None):
+            return super().generate_rollout(prompts, engine, sampling, num_generations)
+
+    module = rollout_grpo()
+    own = OwnRollouts(**{k: v for k, v in module.hparams.items() if k != "reward_funcs"},
+                      reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)])
+    factory = dict(overlap=True, engine_factory=lambda m, n, s: FakeEngine(m, []))
+    assert VLLMRollout(**factory).overlap_off_reason(module) is None
+    assert VLLMRollout(**factory).overlap_off_reason(own) == "OwnRollouts overrides generate_rollout"
