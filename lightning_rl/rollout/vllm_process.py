@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import shutil
 import tempfile
@@ -132,7 +133,7 @@ class VLLMProcessEngine(VLLMEngine):
         weights = list(full_weights(model))
         layout = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in weights)
         if layout != self._attached:
-            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights),))
+            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights), os.getpid()))
             self._attached = layout
         torch.cuda.synchronize()  # the optimizer's writes are done before the engine reads
         self.llm.collective_rpc("lightning_rl_load")

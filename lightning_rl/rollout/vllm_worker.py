@@ -10,10 +10,51 @@ to the engine's dtype on the way, with no copy in the trainer's process.
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def exit_when_gone(
+    pid: int, interval_s: float = 1.0, exit_process: Callable[[int], Any] = os._exit
+) -> threading.Thread:
+    """Start a daemon thread that ends this process once process ``pid`` is gone.
+
+    The engine process watches the trainer: a trainer killed outright (SIGKILL, out of host memory) cannot stop
+    its engine, which would otherwise keep its GPU memory.
+    """
+
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(interval_s)
+        exit_process(1)
+
+    thread = threading.Thread(target=watch, name="lightning-rl-trainer-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 class PolicyWeightReceiver:
@@ -21,14 +62,18 @@ class PolicyWeightReceiver:
 
     model_runner: Any
 
-    def lightning_rl_attach(self, handles: bytes) -> int:
+    def lightning_rl_attach(self, handles: bytes, trainer_pid: int | None = None) -> int:
         """Open the trainer's tensors: ``handles`` is a pickled list of ``(name, rebuild function, args)``.
+
+        With ``trainer_pid`` this process also ends itself once the trainer is gone (:func:`exit_when_gone`).
 
         Returns:
             The number of tensors opened.
         """
         opened = [(name, rebuild(*args)) for name, rebuild, args in pickle.loads(handles)]
         self._lightning_rl_weights = opened
+        if trainer_pid is not None and getattr(self, "_lightning_rl_watch", None) is None:
+            self._lightning_rl_watch = exit_when_gone(trainer_pid)
         return len(opened)
 
     @torch.no_grad()
@@ -54,4 +99,4 @@ class PolicyWeightReceiver:
 #: The qualified name vLLM imports in its engine process.
 WORKER_EXTENSION = f"{PolicyWeightReceiver.__module__}.{PolicyWeightReceiver.__qualname__}"
 
-__all__ = ["WORKER_EXTENSION", "PolicyWeightReceiver"]
+__all__ = ["WORKER_EXTENSION", "PolicyWeightReceiver", "exit_when_gone", "process_alive"]

@@ -2,9 +2,11 @@
 applies, and what the memory plan counts for it (the engine itself: tests/gpu/test_vllm_process.py)."""
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -125,3 +127,45 @@ def test_a_module_with_its_own_generate_rollout_generates_between_updates():
     factory = dict(overlap=True, engine_factory=lambda m, n, s: FakeEngine(m, []))
     assert VLLMRollout(**factory).overlap_off_reason(module) is None
     assert VLLMRollout(**factory).overlap_off_reason(own) == "OwnRollouts overrides generate_rollout"
+
+
+def test_the_engine_process_ends_itself_when_the_trainer_is_killed(tmp_path):
+    """The watch the engine process starts at its first weight handles, on a plain child of a killed parent."""
+    from lightning_rl.rollout.vllm_worker import process_alive
+
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, signal, time
+
+        def engine(parent):
+            from lightning_rl.rollout.vllm_worker import exit_when_gone
+            exit_when_gone(parent, interval_s=0.1)
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            p = multiprocessing.get_context("spawn").Process(target=engine, args=(os.getpid(),))
+            p.start()
+            open({str(pid_file)!r}, "w").write(str(p.pid))
+            time.sleep(3)
+            os.kill(os.getpid(), signal.SIGKILL)  # no teardown, as when the host kills a run
+    """))
+    proc = subprocess.run([sys.executable, str(script)], timeout=120)
+    assert proc.returncode == -9
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_alive(child)
+
+
+def test_process_alive_and_a_watch_that_sees_its_process_go():
+    from lightning_rl.rollout.vllm_worker import exit_when_gone, process_alive
+
+    assert process_alive(os.getpid())
+    short = subprocess.Popen([sys.executable, "-c", "pass"])
+    short.wait()
+    assert not process_alive(short.pid)
+    exits = []
+    exit_when_gone(short.pid, interval_s=0.01, exit_process=exits.append).join(5)
+    assert exits == [1]
