@@ -96,9 +96,9 @@ class VLLMRollout(Callback):
             engine can run in its own process (one training process on CUDA device 0, a full fine-tune; see
             :func:`~lightning_rl.rollout.vllm_process.process_engine_unsupported_reason`), else off. True raises
             when it cannot. With ``engine_factory`` only True turns it on (the factory's engine must be safe to
-            use from a background thread while the policy trains). A module that overrides
-            ``generate_rollout`` generates between updates (the rollout made ahead calls ``encode`` and the
-            engine's ``generate`` directly).
+            use from a background thread while the policy trains). Between updates always for a module without
+            importance weights (PPO) or with ``importance_sampling="none"``, and for one that overrides
+            ``generate_rollout`` (the rollout made ahead calls ``encode`` and the engine's ``generate``).
     """
 
     def __init__(
@@ -183,6 +183,11 @@ class VLLMRollout(Callback):
             return "overlap=False"
         if getattr(type(pl_module).generate_rollout, "__qualname__", "") != "PolicyModule.generate_rollout":
             return f"{type(pl_module).__name__} overrides generate_rollout"
+        level = getattr(pl_module, "importance_sampling", None)
+        if level is None:
+            return f"{type(pl_module).__name__} has no importance weights to correct a rollout one step old"
+        if level == "none":
+            return "importance_sampling='none' would leave a rollout one step old uncorrected"
         if self.engine_factory is not None:
             return None if self.overlap else "a custom engine_factory (overlap=True overlaps its rollouts)"
         from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason

@@ -169,3 +169,15 @@ def test_process_alive_and_a_watch_that_sees_its_process_go():
     exits = []
     exit_when_gone(short.pid, interval_s=0.01, exit_process=exits.append).join(5)
     assert exits == [1]
+
+
+def test_only_modules_that_correct_a_stale_rollout_overlap():
+    from lightning_rl import PPO
+
+    factory = dict(overlap=True, engine_factory=lambda m, n, s: FakeEngine(m, []))
+    ppo = PPO(reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)], model="tiny-llama",
+              chat_template=False)
+    assert "no importance weights" in VLLMRollout(**factory).overlap_off_reason(ppo)
+    uncorrected = rollout_grpo(importance_sampling="none")
+    assert "importance_sampling='none'" in VLLMRollout(**factory).overlap_off_reason(uncorrected)
+    assert VLLMRollout(**factory).overlap_off_reason(rollout_grpo(importance_sampling="auto")) is None
