@@ -118,6 +118,7 @@ class VLLMRollout(Callback):
         self.engine_factory = engine_factory
         self.overlap = overlap
         self.overlapping = False  # decided when the engine is built
+        self._overlap_released = False  # the memory plan did not fit with the engine beside the update
         self._ahead = RolloutAhead()
         self.engine: RolloutEngine | None = None
         self.last_synced_step: int | None = None
@@ -181,6 +182,8 @@ class VLLMRollout(Callback):
         """Why this callback would generate between updates instead of during them (None: it overlaps)."""
         if self.overlap is False:
             return "overlap=False"
+        if self._overlap_released:
+            return "the memory plan does not fit with the engine beside the update"
         if getattr(type(pl_module).generate_rollout, "__qualname__", "") != "PolicyModule.generate_rollout":
             return f"{type(pl_module).__name__} overrides generate_rollout"
         level = getattr(pl_module, "importance_sampling", None)
@@ -193,6 +196,15 @@ class VLLMRollout(Callback):
         from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
 
         return process_engine_unsupported_reason(pl_module.policy, _strategy_model(trainer))
+
+    def release_overlap(self) -> bool:
+        """Give up automatic overlap (the memory plan asks when it does not fit); True when that changed the plan."""
+        if self.overlap is not None or self._overlap_released or self.engine is not None:
+            return False
+        if self._trainer is None or self.overlap_off_reason(self._trainer.lightning_module, self._trainer):
+            return False
+        self._overlap_released = True
+        return True
 
     # ----------------------------------------------------------------------------- engine
     def build_engine(self, pl_module: L.LightningModule, prompts_per_step: int) -> RolloutEngine:

@@ -378,13 +378,20 @@ class MemoryAwarePrecision(Precision):
     ) -> MemoryPlan | None:
         """:meth:`make_plan`, first with the optimizer states on the device during rollouts.
 
-        With ``offload_optimizer=None`` on CUDA, a plan whose rollout phase does not fit is made again with
+        A plan that does not fit with the engine running beside the update (a rollout provider whose
+        ``release_overlap()`` returns True) is made again with the engine between updates. With
+        ``offload_optimizer=None`` on CUDA, a plan whose rollout phase does not fit is made again with
         the states offloaded while the engine is awake, and offloading is switched on.
         """
         self._offload_needed = False
         try:
             return self.make_plan(module, optimizers, device)
-        except MemoryPlanError:
+        except MemoryPlanError as err:
+            release = getattr(self._rollout, "release_overlap", None)
+            if release is not None and release():  # its engine then sleeps during the update instead
+                log.warning("MemoryAwarePrecision: the rollout engine cannot run beside the update (%s); rollouts "
+                            "are generated between updates instead", err)
+                return self.plan_with_auto_offload(module, optimizers, device)
             if self.offload_optimizer is not None or device.type != "cuda":
                 raise
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory

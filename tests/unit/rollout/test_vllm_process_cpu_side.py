@@ -181,3 +181,37 @@ def test_only_modules_that_correct_a_stale_rollout_overlap():
     uncorrected = rollout_grpo(importance_sampling="none")
     assert "importance_sampling='none'" in VLLMRollout(**factory).overlap_off_reason(uncorrected)
     assert VLLMRollout(**factory).overlap_off_reason(rollout_grpo(importance_sampling="auto")) is None
+
+
+def test_a_plan_that_does_not_fit_with_the_engine_beside_the_update_drops_automatic_overlap(monkeypatch, caplog):
+    from lightning_rl import MemoryAwarePrecision
+    from lightning_rl.plugins.memory_plan import MemoryPlanError
+
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision_plugin=None)
+    monkeypatch.setattr("lightning_rl.rollout.vllm_process.process_engine_unsupported_reason", lambda *a: None)
+    cb = VLLMRollout(prompts_per_step=2)  # automatic overlap, which this policy could take (patched above)
+    cb._trainer = trainer
+    assert cb.overlap_off_reason(module) is None
+    plugin = MemoryAwarePrecision()
+    plugin.device_type = "cuda"
+    plugin.register_rollout(cb)
+    plans = []
+
+    def make_plan(module_, optimizers, device):
+        beside = cb.overlap_off_reason(module) is None
+        plans.append(beside)
+        if beside:
+            raise MemoryPlanError("the train phase does not fit: engine running beside the update 3 GiB")
+        return "plan"
+
+    monkeypatch.setattr(plugin, "make_plan", make_plan)
+    assert plugin.plan_with_auto_offload(module, [], torch.device("cuda")) == "plan"
+    assert plans == [True, False] and not plugin.offload_enabled
+    assert "generated between updates instead" in caplog.text
+    assert cb.overlap_off_reason(module) == "the memory plan does not fit with the engine beside the update"
+    assert not cb.release_overlap()  # once
+    forced = VLLMRollout(overlap=True)
+    forced._trainer = trainer
+    assert not forced.release_overlap()  # overlap=True: the plan's error stands
