@@ -249,7 +249,16 @@ class VLLMRollout(Callback):
                              "or False to generate between updates.")
         self.overlapping = reason is None
         t0 = time.perf_counter()
-        self.engine = self.build_engine(pl_module, prompts_per_step)
+        try:
+            self.engine = self.build_engine(pl_module, prompts_per_step)
+        except Exception as err:
+            if not (self.overlapping and self.overlap is None and self.engine_factory is None):
+                raise
+            reason = f"the engine process failed to start: {type(err).__name__}: {err}"
+            log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
+                        "(VLLMRollout(overlap=False) skips the attempt)", reason)
+            self.overlapping = False
+            self.engine = self.build_engine(pl_module, prompts_per_step)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")

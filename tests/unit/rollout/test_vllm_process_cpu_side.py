@@ -215,3 +215,32 @@ def test_a_plan_that_does_not_fit_with_the_engine_beside_the_update_drops_automa
     forced = VLLMRollout(overlap=True)
     forced._trainer = trainer
     assert not forced.release_overlap()  # overlap=True: the plan's error stands
+
+
+def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engine(monkeypatch, caplog):
+    import lightning_rl.rollout.vllm as vllm_engine
+    import lightning_rl.rollout.vllm_process as vllm_process
+
+    built = []
+
+    class NoProcess:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Engine core initialization failed")
+
+    class InProcess:
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["settings"])
+
+    monkeypatch.setattr(vllm_process, "process_engine_unsupported_reason", lambda *a: None)
+    monkeypatch.setattr(vllm_process, "VLLMProcessEngine", NoProcess)
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", InProcess)
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(global_step=0, strategy=None)
+    cb = VLLMRollout()
+    cb._create(trainer, module, 2)
+    assert isinstance(cb.engine, InProcess) and not cb.overlapping and len(built) == 1
+    assert "engine process failed to start: RuntimeError: Engine core initialization failed" in caplog.text
+    forced = VLLMRollout(overlap=True)  # asked for: the error stands
+    with pytest.raises(RuntimeError, match="initialization failed"):
+        forced._create(trainer, module, 2)
