@@ -266,6 +266,13 @@ class VLLMRollout(Callback):
     def _needs_sync(self, trainer: L.Trainer) -> bool:
         return trainer.global_step != self.last_synced_step or bool(getattr(self.engine, "needs_sync", False))
 
+    def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Push the policy's weights into the engine when it lacks the current ones (:meth:`_needs_sync`)."""
+        if self._needs_sync(trainer):
+            self.engine.sync_weights(pl_module.policy)
+            self.last_synced_step = trainer.global_step
+            self.num_syncs += 1
+
     # ----------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -302,10 +309,7 @@ class VLLMRollout(Callback):
             plugin.offload_for_rollout()  # optimizer states to pinned CPU memory while the engine is awake
         engine.wake_up()
         t1 = time.perf_counter()
-        if self._needs_sync(trainer):
-            engine.sync_weights(pl_module.policy)
-            self.last_synced_step = trainer.global_step
-            self.num_syncs += 1
+        self._sync(trainer, pl_module)
         t2 = time.perf_counter()
         try:
             rollout = pl_module.generate_rollout(prompts, engine=engine)
@@ -321,12 +325,6 @@ class VLLMRollout(Callback):
                              "toggle_s": (t2 - t0) + (t4 - t3)}
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
-
-    def _sync(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._needs_sync(trainer):
-            self.engine.sync_weights(pl_module.policy)
-            self.last_synced_step = trainer.global_step
-            self.num_syncs += 1
 
     def _overlapped_rollout(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], batch_idx: int

@@ -35,7 +35,7 @@ from lightning_rl.rollout.vllm import VLLMEngine
 from lightning_rl.rollout.vllm_checks import require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_settings import EngineSettings
-from lightning_rl.rollout.vllm_sizing import engine_weight_dtype
+from lightning_rl.rollout.vllm_sizing import engine_weight_bytes, engine_weight_dtype
 from lightning_rl.rollout.vllm_worker import WORKER_EXTENSION
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class VLLMProcessEngine(VLLMEngine):
         self.startup_time = time.perf_counter() - t0
         self.llm = self.internals.llm
         self.engine_kwargs = kwargs
-        self.weight_bytes = sum(t.numel() for _, t in full_weights(model)) * weight_dtype.itemsize
+        self.weight_bytes = engine_weight_bytes(model, settings.dtype)
         self.sync_weights(model)
 
     def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
