@@ -184,6 +184,42 @@ def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- lightning-rl
+def compile_counts() -> dict:
+    """Compiled variants of the log-prob kernels and graphs torch.compile made so far (to tell slow steps apart)."""
+    out = {}
+    try:
+        from lightning_rl.kernels import triton_logprobs_backward as bwd
+        from lightning_rl.kernels import triton_logprobs_forward as fwd
+        from torch._dynamo.utils import counters
+
+        kernels = (fwd._forward_kernel, fwd._reduce_chunk_kernel, bwd._dz_kernel)
+        out["logprob_kernel_variants"] = sum(len(c[0]) for k in kernels for c in k.device_caches.values())
+        out["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    except Exception as err:  # a diagnostic only: another Triton may keep its caches elsewhere
+        out["compile_counts_error"] = repr(err)
+    return out
+
+
+class GCTimer:
+    """Seconds spent in Python's garbage collector since the last :meth:`take`."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.total, self._t0 = 0.0, None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.total += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+
 def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
              profile_name: str = "ours") -> dict:
     import lightning as L
@@ -200,6 +236,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     class StepTimer(L.Callback):
         def __init__(self, rollout_cb):
             self.rollout_cb, self.steps, self.rewards = rollout_cb, [], []
+            self.gc = GCTimer()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
@@ -231,7 +268,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
                                                                                          float("nan")))),
                                "device_used_gib": sampler.current_gib(),
-                               "tokens": int(batch["rollout"].completion_mask.sum())})
+                               "tokens": int(batch["rollout"].completion_mask.sum()),
+                               "gc_s": self.gc.take(), **compile_counts()})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
             engine = self.rollout_cb.engine
             if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive

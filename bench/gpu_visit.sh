@@ -5,8 +5,8 @@
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
 #   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
-#   bash bench/gpu_visit.sh tests TEST...        # GPU test files or test ids, each test in its own process
-#   bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]   # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
+#   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
+#   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
@@ -17,13 +17,15 @@ export OUT=$WORK
 budget=${BUDGET_S:-560}
 pack() { tar czf "$FINAL/${stage//+/_}.tar.gz" -C "$WORK" . ; }
 trap pack EXIT
-each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process)
-  for f in "$@"; do
-    for t in $(python3 -m pytest "$f" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::"); do
-      timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$WORK/test_${t##*::}.log" 2>&1
-      echo "[$(date +%T)] rc=$? $t"
-    done
-  done
+one_test() {
+  timeout 300 python3 -m pytest "$1" -q -s -p no:cacheprovider -rA > "$WORK/test_${1##*::}.log" 2>&1
+  echo "[$(date +%T)] rc=$? $1"
+}
+export -f one_test; export WORK
+each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
+               # PAR of them at a time (default 1)
+  python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::" \
+    | xargs -P "${PAR:-1}" -I{} bash -c 'one_test "$1"' _ {}
 }
 case "$stage" in
   install)
@@ -49,11 +51,11 @@ case "$stage" in
     tail -5 "$WORK/long.txt" ;;
   tests)
     each_test "${@:2}"
-    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped fit|readme)" "$WORK"/test_*.log | tail -40 ;;
+    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped|readme|engine process|grpo)" "$WORK"/test_*.log | tail -40 ;;
   bench)
     extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
-      --runners "${3:?runners}" "${extras[@]}" --steps 12 --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
+      --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .triton_logprobs_forward import (
+    TOKEN_COUNT_ARGS,
     chunk_columns,
     interpreting,
     logit_tile,
@@ -82,7 +83,7 @@ def _dz_tile(
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS)
 def _dz_kernel(
     h_src,
     w_src,

@@ -30,6 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+#: Arguments that change with every batch's token count. Triton compiles a kernel again for each new combination of
+#: "divisible by 16" and "equal to 1" among its integer arguments (about 1 s each), so a training run meets new
+#: combinations for many steps: on an H200, two of the three 1-2 s updates of a 12-step GRPO run (0.2-0.3 s
+#: otherwise) were the first steps whose token count met a new combination. Left unspecialized, each kernel
+#: compiles once per run; these arguments only bound masks and loops.
+TOKEN_COUNT_ARGS = ("N",)
+
 
 @functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
@@ -116,7 +123,7 @@ def _online_update(z, offs_v, y, m, s, t, zy, V):
     return m_new, s, t, zy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS + ("tiles_per_split",))
 def _forward_kernel(
     h_src,
     w_src,
@@ -168,7 +175,7 @@ def _forward_kernel(
     tl.store(zy_ptr + out, zy, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_COUNT_ARGS)
 def _reduce_chunk_kernel(
     z_ptr,
     b_ptr,

@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
+from lightning_rl.lora import is_lora
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.plugins.precision import MemoryAwarePrecision
@@ -93,12 +94,14 @@ class VLLMRollout(Callback):
             (tests use a fake one); None builds a :class:`~lightning_rl.rollout.vllm.VLLMEngine` (or with
             ``overlap`` a :class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`).
         overlap: generate the next batch's rollout during the current update. None (automatic): on when the
-            engine can run in its own process (one training process on CUDA device 0, a full fine-tune; see
-            :func:`~lightning_rl.rollout.vllm_process.process_engine_unsupported_reason`), else off. True raises
-            when it cannot. With ``engine_factory`` only True turns it on (the factory's engine must be safe to
-            use from a background thread while the policy trains). Between updates always for a module without
-            importance weights (PPO) or with ``importance_sampling="none"``, and for one that overrides
-            ``generate_rollout`` (the rollout made ahead calls ``encode`` and the engine's ``generate``).
+            engine can run in its own process (one training process on CUDA device 0; a full fine-tune or plain
+            LoRA on linear layers, which that engine merges as it loads; see
+            :func:`~lightning_rl.rollout.vllm_process.process_engine_unsupported_reason`), else off. Off also with
+            ``settings.share_base_weights=True`` or ``settings.lora_sync="adapter"``, which ask for an engine in
+            this process. True raises when it cannot. With ``engine_factory`` only True turns it on (the factory's
+            engine must be safe to use from a background thread while the policy trains). Between updates always
+            for a module without importance weights (PPO) or with ``importance_sampling="none"``, and for one that
+            overrides ``generate_rollout`` (the rollout made ahead calls ``encode`` and the engine's ``generate``).
     """
 
     def __init__(
@@ -193,6 +196,10 @@ class VLLMRollout(Callback):
             return "importance_sampling='none' would leave a rollout one step old uncorrected"
         if self.engine_factory is not None:
             return None if self.overlap else "a custom engine_factory (overlap=True overlaps its rollouts)"
+        if self.settings.share_base_weights:
+            return "share_base_weights=True shares the LoRA base weights with an engine in this process"
+        if self.settings.lora_sync == "adapter" and is_lora(pl_module.policy):
+            return "lora_sync='adapter' pushes the adapter into an engine in this process"
         from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
 
         return process_engine_unsupported_reason(pl_module.policy, _strategy_model(trainer))

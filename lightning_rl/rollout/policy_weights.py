@@ -56,7 +56,8 @@ def adapter_sync_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _strip_peft(name: str) -> str:
+def strip_peft(name: str) -> str:
+    """A peft parameter name under the base model's names (no ``base_layer``, no ``modules_to_save.<adapter>``)."""
     name = name.replace(".base_layer.", ".")
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
 
@@ -85,7 +86,7 @@ def base_weights(model: nn.Module, root: nn.Module | None = None) -> Iterator[tu
     for name, p in policy_parameters(model.get_base_model(), root):
         if "lora_" in name or ".original_module." in name:
             continue
-        yield _strip_peft(name), p
+        yield strip_peft(name), p
 
 
 def merged_lora_weights(model: nn.Module, root: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -118,7 +119,7 @@ def merged_lora_weights(model: nn.Module, root: nn.Module | None = None) -> Iter
                     delta = d if delta is None else delta + d
             if delta is not None:
                 w = (w.float() + delta).to(w.dtype)
-        yield _strip_peft(name), w
+        yield strip_peft(name), w
 
 
 def sharded_adapter_tensors(model: nn.Module, adapter: str, root: nn.Module | None = None) -> dict[str, torch.Tensor]:

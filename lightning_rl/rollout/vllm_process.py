@@ -8,10 +8,12 @@ batch can run while the current batch trains (:class:`~lightning_rl.callbacks.VL
 
 Weights travel without a copy in the trainer's process: the child opens CUDA IPC handles of the policy's
 parameters once (:mod:`~lightning_rl.rollout.vllm_worker`), and each sync copies them into the engine's weights
-on the device, cast to the engine's dtype. The engine never sleeps: its weights and KV cache stay on the GPU.
+on the device, cast to the engine's dtype. A LoRA policy's base weights and adapter matrices travel the same way;
+the child merges them as it loads (:mod:`~lightning_rl.rollout.engine_weights`), so the engine generates without
+LoRA kernels. The engine never sleeps: its weights and KV cache stay on the GPU.
 
-What it takes: one training process on CUDA device 0 of its visible devices (the child's GPU), a full fine-tune
-(not a LoRA adapter) whose parameters are not sharded. :func:`process_engine_unsupported_reason` says why not.
+What it takes: one training process on CUDA device 0 of its visible devices (the child's GPU), parameters that
+are not sharded, and plain LoRA on linear layers if any. :func:`process_engine_unsupported_reason` says why not.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.rollout.policy_weights import full_weights
+from lightning_rl.rollout.engine_weights import EngineWeight, engine_weights, merge_unsupported_reason
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm import VLLMEngine
 from lightning_rl.rollout.vllm_checks import require_cuda
@@ -48,8 +50,9 @@ def process_engine_unsupported_reason(model: nn.Module, root: nn.Module | None =
         model: the policy.
         root: the module the training strategy wrapped (its FSDP units hold the policy's shards), if any.
     """
-    if hasattr(model, "peft_config"):
-        return "a LoRA policy syncs its adapter into the in-process engine, which shares the base weights"
+    lora_reason = merge_unsupported_reason(model)
+    if lora_reason:
+        return f"the engine process cannot merge this LoRA adapter ({lora_reason})"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "several training processes (DDP/FSDP) each run an in-process engine in vLLM's external-launcher mode"
     if is_sharded(model, root):
@@ -62,17 +65,28 @@ def process_engine_unsupported_reason(model: nn.Module, root: nn.Module | None =
     return None
 
 
-def ipc_handles(weights: Sequence[tuple[str, torch.Tensor]]) -> bytes:
-    """Pickled ``(name, rebuild function, args)`` of each CUDA tensor, for :mod:`~lightning_rl.rollout.vllm_worker`."""
+def ipc_handles(weights: Sequence[EngineWeight]) -> bytes:
+    """Pickled ``(name, base, [(a, b, scale), ...])`` with each tensor as ``(rebuild function, args)``.
+
+    :mod:`~lightning_rl.rollout.vllm_worker` opens them in the engine process.
+    """
     from torch.multiprocessing.reductions import reduce_tensor
 
-    items = []
-    for name, t in weights:
+    def handle(name: str, t: torch.Tensor) -> tuple[Any, Any]:
         if not t.is_cuda:
             raise ValueError(f"weight {name!r} is on {t.device}: the engine process reads CUDA tensors only")
-        rebuild, args = reduce_tensor(t)
-        items.append((name, rebuild, args))
+        return reduce_tensor(t)
+
+    items = [(w.name, handle(w.name, w.base), [(handle(w.name, p.a), handle(w.name, p.b), p.scale)
+                                                for p in w.products])
+             for w in weights]
     return pickle.dumps(items)
+
+
+def weights_layout(weights: Sequence[EngineWeight]) -> tuple[Any, ...]:
+    """What the engine process's views depend on: each tensor's address, shape and dtype, and the LoRA scales."""
+    return tuple((w.name, tuple(p.scale for p in w.products),
+                  tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in w.tensors())) for w in weights)
 
 
 class VLLMProcessEngine(VLLMEngine):
@@ -127,11 +141,12 @@ class VLLMProcessEngine(VLLMEngine):
     def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
         """Copy the policy's current weights into the engine (the engine process reads them in place).
 
-        Handles are sent again only when the parameters moved (another storage, shape or dtype).
+        Handles are sent again only when the parameters moved (another storage, shape or dtype). A LoRA policy's
+        adapters are merged into the base weights by the engine process as it loads them.
         """
         self._check_alive()
-        weights = list(full_weights(model))
-        layout = tuple((name, t.data_ptr(), tuple(t.shape), t.dtype) for name, t in weights)
+        weights = engine_weights(model)
+        layout = weights_layout(weights)
         if layout != self._attached:
             self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights), os.getpid()))
             self._attached = layout
@@ -162,4 +177,4 @@ class VLLMProcessEngine(VLLMEngine):
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
 
 
-__all__ = ["VLLMProcessEngine", "ipc_handles", "process_engine_unsupported_reason"]
+__all__ = ["VLLMProcessEngine", "ipc_handles", "process_engine_unsupported_reason", "weights_layout"]

@@ -5,7 +5,8 @@
 ``LLM.collective_rpc``. The handles are opened once (:meth:`~PolicyWeightReceiver.lightning_rl_attach`): the
 worker then holds views of the trainer's own parameter memory, and each sync
 (:meth:`~PolicyWeightReceiver.lightning_rl_load`) copies them into the engine's weights on the device, casting
-to the engine's dtype on the way, with no copy in the trainer's process.
+to the engine's dtype on the way, with no copy in the trainer's process. A LoRA policy's adapter products are added
+to their base weights on the way (:func:`~lightning_rl.rollout.engine_weights.merged_weight`), one weight at a time.
 """
 
 from __future__ import annotations
@@ -63,14 +64,22 @@ class PolicyWeightReceiver:
     model_runner: Any
 
     def lightning_rl_attach(self, handles: bytes, trainer_pid: int | None = None) -> int:
-        """Open the trainer's tensors: ``handles`` is a pickled list of ``(name, rebuild function, args)``.
+        """Open the trainer's tensors (:func:`~lightning_rl.rollout.vllm_process.ipc_handles`).
 
         With ``trainer_pid`` this process also ends itself once the trainer is gone (:func:`exit_when_gone`).
 
         Returns:
             The number of tensors opened.
         """
-        opened = [(name, rebuild(*args)) for name, rebuild, args in pickle.loads(handles)]
+        from lightning_rl.rollout.engine_weights import LoRAProduct
+
+        def open_tensor(handle: tuple[Any, Any]) -> torch.Tensor:
+            rebuild, args = handle
+            return rebuild(*args)
+
+        opened = [(name, open_tensor(base), tuple(LoRAProduct(open_tensor(a), open_tensor(b), scale)
+                                                  for a, b, scale in products))
+                  for name, base, products in pickle.loads(handles)]
         self._lightning_rl_weights = opened
         if trainer_pid is not None and getattr(self, "_lightning_rl_watch", None) is None:
             self._lightning_rl_watch = exit_when_gone(trainer_pid)
@@ -78,7 +87,9 @@ class PolicyWeightReceiver:
 
     @torch.no_grad()
     def lightning_rl_load(self) -> int:
-        """Copy the attached tensors into the engine's model (the trainer waits, idle, until this returns).
+        """Copy the attached tensors into the engine's model, LoRA products merged in, one weight at a time.
+
+        The trainer waits, idle, until this returns.
 
         Returns:
             The number of tensors loaded.
@@ -86,8 +97,12 @@ class PolicyWeightReceiver:
         weights = getattr(self, "_lightning_rl_weights", None)
         if weights is None:
             raise RuntimeError("lightning_rl_load before lightning_rl_attach: the trainer sent no weight handles")
-        self.model_runner.get_model().load_weights(iter(weights))
-        torch.cuda.synchronize()  # the trainer may write its parameters as soon as this returns
+        from lightning_rl.rollout.engine_weights import merged_weight
+
+        self.model_runner.get_model().load_weights((name, merged_weight(base, products))
+                                                   for name, base, products in weights)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the trainer may write its parameters as soon as this returns
         return len(weights)
 
     def lightning_rl_detach(self) -> None:

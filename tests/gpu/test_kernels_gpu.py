@@ -160,3 +160,33 @@ def test_fp32_master_weights_under_autocast_run_in_bf16_with_fp32_weight_gradien
     for name, a, r in zip(NAMES, out, ref):
         scale = r.abs().max().item()
         torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _compiled_count(kernel) -> int:
+    """Compiled variants of a Triton ``@jit`` kernel on the current device."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
+def test_token_counts_of_any_divisibility_reuse_one_compiled_kernel():
+    """Each step's token count differs; a count divisible by 16 (or a new vocabulary split) compiles nothing new.
+
+    The counts are those of a GRPO run on an H200 whose steps with a new divisibility took 1-2 s.
+    """
+    from lightning_rl.kernels.triton_logprobs_backward import _dz_kernel
+    from lightning_rl.kernels.triton_logprobs_forward import _forward_kernel
+
+    h, v = 576, 49152  # SmolLM2-135M's LM head
+    counts = (5925, 6369, 6231, 5523, 5504, 6144, 17)  # per-split tiles 3, 1, 24, 64, 3, ...; 5504 and 6144 % 16 == 0
+    before = None
+    for i, n in enumerate(counts):
+        hidden, weight, _, targets, gl, ge = _inputs(20 + i, n, h, v, torch.bfloat16)
+        out = _run(token_logprobs_entropy_triton, hidden, weight, None, targets, gl, ge)
+        if i == 0:
+            before = (_compiled_count(_forward_kernel), _compiled_count(_dz_kernel))
+        if n == 5504:  # still correct without the divisibility hint
+            ref = _run(token_logprobs_entropy_reference, hidden, weight, None, targets, gl, ge)
+            for name, a, r in zip(NAMES, out, ref):
+                if r is not None:
+                    torch.testing.assert_close(a, r, rtol=2e-2, atol=2e-2 * r.abs().max().item(),
+                                               msg=lambda m, name=name: f"{name}: {m}")
+    assert (_compiled_count(_forward_kernel), _compiled_count(_dz_kernel)) == before

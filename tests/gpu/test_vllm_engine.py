@@ -338,7 +338,7 @@ def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print("grpo lora fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k})
     assert trainer.global_step == 3 and callback.num_syncs == 2
-    assert not callback.overlapping  # a LoRA adapter syncs into the in-process engine, between updates
+    assert not callback.overlapping  # share_base_weights=True keeps the engine in this process, between updates
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
@@ -386,17 +386,23 @@ def test_grpo_lora_fit_with_fp32_adapters_and_the_default_engine_dtype(precision
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", lora={"r": 16, "lora_alpha": 32},
                   num_generations=4, sampling={"max_new_tokens": 32}, max_prompt_length=128,
                   learning_rate=1e-4)
-    callback = VLLMRollout()
+    callback = VLLMRollout(overlap=False)  # the adapter into vLLM's LoRA kernels (with overlap the engine merges)
+    modes = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            modes.append(callback.engine.lora_mode)
+
     extra = {"plugins": [MemoryAwarePrecision()]} if precision == "memory-plugin" else {"precision": "bf16-mixed"}
     trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Watch()],
                         limit_val_batches=0, **extra)
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=24, num_val=4, batch_size=4))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     print(f"grpo lora fit ({precision}):", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k})
     assert any(p.dtype == torch.float32 for n, p in module.policy.named_parameters() if "lora_" in n)
     assert trainer.global_step == 3 and callback.num_syncs == 2
-    assert not callback.overlapping  # a LoRA adapter syncs into the in-process engine, between updates
+    assert not callback.overlapping and modes == ["adapter"] * 3  # vLLM's LoRA kernels ran the fp32 adapter
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 

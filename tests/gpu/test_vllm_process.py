@@ -1,6 +1,7 @@
 """The vLLM engine in its own process (weights read through CUDA IPC) and the overlapped rollout, on a GPU."""
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -61,13 +62,89 @@ def test_engine_process_reads_the_trained_weights_at_each_sync():
     assert not _gpu_children()  # the engine process ended
 
 
-def test_the_readme_configuration_overlaps_rollouts_with_updates():
-    """``GRPO`` + ``VLLMRollout()`` + ``MemoryAwarePrecision()``: the next rollout is generated during the update."""
+def test_the_engine_process_ends_when_the_trainer_is_killed():
+    """A trainer killed outright (SIGKILL: no teardown) leaves no engine process holding GPU memory."""
+    import os
+    import subprocess
+    import time
+
+    import psutil
+
+    script = textwrap.dedent("""
+        import time
+        from lightning_rl.models import load_policy
+        from lightning_rl.rollout import EngineSettings
+        from lightning_rl.rollout.vllm_process import VLLMProcessEngine
+        model, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
+        engine = VLLMProcessEngine(model.cuda(), [tok.eos_token_id], tok.pad_token_id, max_model_len=256,
+                                   max_num_seqs=8, settings=EngineSettings(kv_cache_bytes=1 << 28))
+        print("READY", flush=True)
+        time.sleep(600)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in trainer.stdout:
+            if line.startswith("READY"):
+                break
+        assert trainer.poll() is None, "the trainer script ended before its engine was ready"
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        on_gpu = lambda: {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}  # noqa: E731
+        engines = [c.pid for c in psutil.Process(trainer.pid).children(recursive=True) if c.pid in on_gpu()]
+        assert len(engines) == 1, "the engine runs in a child process of the trainer, on the GPU"
+        trainer.kill()
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and set(engines) & on_gpu():
+            time.sleep(0.5)
+        print(f"engine process gone {60 - (deadline - time.monotonic()):.1f} s after the trainer was killed")
+        assert not set(engines) & on_gpu(), "the engine process still holds GPU memory after its trainer died"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_engine_process_merges_the_lora_adapter_at_each_sync():
+    """A LoRA policy: the engine process adds ``scale * B @ A`` to the base weights it reads, at every sync."""
+    from lightning_rl.lora import apply_lora
+    from lightning_rl.models import load_policy
+
+    model, tok = load_policy("smollm2-135m-instruct", dtype="float32")
+    torch.manual_seed(0)
+    peft = apply_lora(model.cuda(), {"r": 16, "lora_alpha": 32}).train()
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: the adapter would change nothing
+            torch.nn.init.normal_(p, std=0.02)
+    engine = VLLMProcessEngine(peft, _eos(model, tok), tok.pad_token_id, max_model_len=512, max_num_seqs=32,
+                               settings=EngineSettings(dtype="float32", kv_cache_bytes=GIB))
+    try:
+        assert engine.lora_mode is None and "enable_lora" not in engine.engine_kwargs  # merged, no LoRA kernels
+        ids = encode_prompts(tok, PROMPTS[:4])
+        sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
+        start = _mismatch(engine, peft, ids, sampling, autocast=False)
+        with peft.disable_adapter():
+            without_adapter = _mismatch(engine, peft, ids, sampling, autocast=False)
+        _step(peft, engine, ids, sampling, autocast=False)  # AdamW on the adapter only (the base is frozen)
+        stale = _mismatch(engine, peft, ids, sampling, autocast=False)
+        engine.sync_weights(peft)
+        after = _mismatch(engine, peft, ids, sampling, autocast=False)
+        print(f"process engine, LoRA, mean |delta logp| fp32: start {start:.5f}, against the base alone "
+              f"{without_adapter:.4f}, stale {stale:.4f}, after sync {after:.5f}")
+        assert start < 0.02 and after < 0.02
+        assert without_adapter > 5 * start  # the engine generates with the adapter merged in
+        assert stale > 0.05 and after < stale / 5
+    finally:
+        engine.shutdown()
+    assert not _gpu_children()
+
+
+def _overlapped_fit(module, steps=4):
+    """Fit ``module`` as the README's GPU snippet does; record each step's staleness, engine processes and mismatch."""
     from lightning_rl.plugins import MemoryAwarePrecision
 
-    torch.manual_seed(0)
-    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
-                  learning_rate=1e-5)
     callback = VLLMRollout()
     seen = []
 
@@ -77,10 +154,35 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"])})
 
-    trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Watch()],
                         plugins=[MemoryAwarePrecision()], limit_val_batches=0)
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=64, num_val=4, batch_size=8))
+    return trainer, callback, seen
+
+
+def test_a_lora_fit_overlaps_with_the_adapter_merged_in_the_engine_process():
+    """``GRPO(lora=...)`` + ``VLLMRollout()`` + ``MemoryAwarePrecision()``: LoRA overlaps too, with merged weights."""
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-4, lora={"r": 16, "lora_alpha": 32})
+    trainer, callback, seen = _overlapped_fit(module)
+    print("overlapped LoRA fit:", seen)
+    assert callback.overlapping and trainer.global_step == 4
+    assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
+    assert all(s["children"] == 1 for s in seen)
+    assert seen[0]["mismatch"] < 0.05  # peft starts B at zero: the engine's merged weights are the base
+    assert all(s["mismatch"] < 0.15 for s in seen[1:])
+    assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # it trained
+    assert callback.engine is None and not _gpu_children()
+
+
+def test_the_readme_configuration_overlaps_rollouts_with_updates():
+    """``GRPO`` + ``VLLMRollout()`` + ``MemoryAwarePrecision()``: the next rollout is generated during the update."""
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module)
     print("overlapped fit:", seen)
     assert callback.overlapping and trainer.global_step == 4
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]

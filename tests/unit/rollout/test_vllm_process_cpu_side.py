@@ -67,7 +67,22 @@ def test_which_policies_can_feed_an_engine_in_its_own_process():
     net, _ = load_policy("tiny-llama", dtype="float32")
     assert "not on a CUDA device" in process_engine_unsupported_reason(net)
     lora = apply_lora(net, {"r": 4})
-    assert "LoRA" in process_engine_unsupported_reason(lora)
+    assert "not on a CUDA device" in process_engine_unsupported_reason(lora)  # plain LoRA merges in the engine
+    dora, _ = load_policy("tiny-llama", dtype="float32")
+    assert "cannot merge this LoRA adapter (DoRA" in process_engine_unsupported_reason(
+        apply_lora(dora, {"r": 4, "use_dora": True}))
+
+
+def test_lora_settings_that_ask_for_an_engine_in_this_process_turn_overlap_off():
+    from lightning_rl.rollout import EngineSettings
+
+    module = rollout_grpo(lora={"r": 4, "lora_alpha": 8})
+    module.configure_model()
+    shared = VLLMRollout(settings=EngineSettings(share_base_weights=True))
+    assert shared.overlap_off_reason(module).startswith("share_base_weights=True")
+    adapter = VLLMRollout(settings=EngineSettings(lora_sync="adapter"))
+    assert adapter.overlap_off_reason(module).startswith("lora_sync='adapter'")
+    assert VLLMRollout().overlap_off_reason(module) == "the policy is not on a CUDA device"  # else: the device
 
 
 def test_overlap_true_names_why_it_cannot_run_before_building_an_engine():
