@@ -323,6 +323,16 @@ def chunk_columns(n: int, bytes_per_elem: int, budget: int, block: int, v: int) 
     return min(vc, triton.cdiv(v, block) * block)
 
 
+def partial_sums(splits: int, n: int, device: torch.device) -> list[torch.Tensor]:
+    """Four fp32 ``[splits, n]`` buffers (``m``, ``s``, ``t``, ``zy``), each its own allocation.
+
+    Slices of one ``[4, splits, n]`` tensor would start at offsets that are 16-byte aligned for some ``n`` and
+    not for others; Triton specializes pointer arguments on that alignment, so each new token count could
+    compile the kernel again. Separate allocations always start aligned.
+    """
+    return [torch.empty((splits, n), dtype=torch.float32, device=device) for _ in range(4)]
+
+
 def _forward_cublas(hidden, weight, bias, targets, inv_t, config):
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -330,8 +340,10 @@ def _forward_cublas(hidden, weight, bias, targets, inv_t, config):
     bn = config.get("RED_BLOCK_N", 8)
     vc = chunk_columns(n, 4, config.get("fwd_chunk_bytes", 32 << 20), bv, v)
     buf = torch.empty(n * min(vc, v), dtype=torch.float32, device=dev)
-    stats = torch.zeros((4, n), dtype=torch.float32, device=dev)
+    stats = partial_sums(1, n, dev)
     stats[0].fill_(float("-inf"))
+    for t in stats[1:]:
+        t.zero_()
     for v0 in range(0, v, vc):
         v1 = min(v0 + vc, v)
         z = logits_chunk_fp32(buf, hidden, weight[v0:v1])
@@ -340,7 +352,7 @@ def _forward_cublas(hidden, weight, bias, targets, inv_t, config):
             n, v, v0, v1 - v0, z.stride(0), inv_t,
             HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, num_warps=4,
         )  # fmt: skip
-    return stats[:, None, :]
+    return stats
 
 
 def forward(
@@ -372,11 +384,11 @@ def forward(
         splits = pick_splits(n_blocks, v_tiles, num_sms(hidden.device) * config.get("ctas_per_sm", 1))
         per = triton.cdiv(v_tiles, splits)
         splits = triton.cdiv(v_tiles, per)
-        part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+        part = partial_sums(splits, n, hidden.device)
         h_src, w_src, tma, even_k = tile_sources(hidden, weight, config)
         _forward_kernel[(n_blocks, splits)](
             h_src, w_src, hidden if bias is None else bias, targets,
-            part[0], part[1], part[2], part[3],
+            *part,
             n, v, hdim, hidden.stride(0), weight.stride(0), inv_t, per,
             HAS_BIAS=bias is not None,
             UPCAST=interpreting(),
@@ -385,7 +397,7 @@ def forward(
             BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=config["BLOCK_K"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )  # fmt: skip
-    m, s, t, zy = part.unbind(0)
+    m, s, t, zy = part
     m_max = m.amax(0)
     scale = torch.exp(m - m_max)
     s_tot = (s * scale).sum(0)

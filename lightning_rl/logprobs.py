@@ -121,10 +121,16 @@ def completion_hidden_states(
     Prompts are left-padded, completions right-padded (the :class:`~lightning_rl.rollout.Rollout`
     layout). Positions follow the attention mask, as in ``generate``, so the values match the ones
     the sampler saw.
+
+    One padding column is appended after the completions (masked, after every token, so no value changes):
+    a batch without any padding would otherwise reach the decoder layers without an attention mask (transformers
+    then uses a causal kernel), and the compiled layers (:mod:`lightning_rl.compiled_layers`) would compile a
+    second graph the first time that batch shape turns up (15 s for a Qwen2.5-0.5B shape on an H200).
     """
     body, _ = backbone_and_head(model)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    pad = completion_ids.new_zeros((completion_ids.shape[0], 1))
+    input_ids = torch.cat([prompt_ids, completion_ids, pad], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask, pad.to(completion_mask.dtype)], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
     out = body_output_through_root(model, body, inputs) if is_fully_sharded(model) else body(**inputs)

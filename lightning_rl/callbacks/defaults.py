@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 
 from lightning_rl.callbacks.completions import CompletionSamples
+from lightning_rl.callbacks.gc_pauses import FreezeLongLivedObjects
 from lightning_rl.callbacks.progress import RLProgressBar
 from lightning_rl.callbacks.report import RunReport
 
@@ -19,7 +20,8 @@ def _is_untouched_default(bar: Callback) -> bool:
 
 
 def default_callbacks(trainer: L.Trainer) -> list[Callback]:
-    """A :class:`CompletionSamples` and a :class:`RunReport` unless ``trainer`` has one of each.
+    """A :class:`CompletionSamples`, a :class:`RunReport` and a :class:`FreezeLongLivedObjects`, each unless
+    ``trainer`` has one of its kind.
 
     Also puts an :class:`RLProgressBar` in place of the Trainer's default progress bar (one with
     Lightning's default settings); a progress bar configured by the user stays.
@@ -32,4 +34,6 @@ def default_callbacks(trainer: L.Trainer) -> list[Callback]:
         added.append(CompletionSamples())
     if not any(isinstance(cb, RunReport) for cb in trainer.callbacks):
         added.append(RunReport())
+    if not any(isinstance(cb, FreezeLongLivedObjects) for cb in trainer.callbacks):
+        added.append(FreezeLongLivedObjects())
     return added

@@ -367,7 +367,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     @override
     def configure_callbacks(self) -> list[L.Callback]:
-        """Sample completions in the logger, a report at the end of fit and a step-counting progress bar.
+        """Sample completions, a report at the end of fit, a step-counting progress bar, GC pauses kept out of steps.
+
+        GC: :class:`~lightning_rl.callbacks.gc_pauses.FreezeLongLivedObjects`.
 
         Each is added only when the Trainer has none of its kind (see
         :func:`~lightning_rl.callbacks.defaults.default_callbacks`); pass your own to change its settings.

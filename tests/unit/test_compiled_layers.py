@@ -50,6 +50,27 @@ def test_compiled_layers_match_eager_with_one_graph_for_every_layer_and_length(s
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_update_batches_with_and_without_padding_share_one_graph(saved_policy):
+    """A rollout with no padding at all (prompts of one length, every completion at the limit) reuses the graph."""
+    from lightning_rl.logprobs import completion_logprobs
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = saved_policy()
+    model.train()
+    compile_decoder_layers(model, backend="aot_eager")
+    vocab = model.config.vocab_size
+    for full in (False, True, False):
+        p_ids, c_ids = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (3, 6))
+        p_mask, c_mask = torch.ones_like(p_ids), torch.ones_like(c_ids)
+        if not full:
+            p_mask[0, :2] = 0
+            c_mask[1, 4:] = 0
+        logp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, backend="reference")
+        logp.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_generation_and_no_grad_run_the_eager_layers(saved_policy):
     torch._dynamo.reset()
     counters.clear()
