@@ -22,12 +22,14 @@ from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_toke
 from lightning_rl.plugins.precision import MemoryAwarePrecision
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.engine import RolloutEngine
+from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm_settings import EngineSettings
 from lightning_rl.rollout.vllm_sizing import (
     engine_weight_bytes,
     engine_weight_dtype,
     kv_cache_bytes_for,
     lora_sync_mode,
+    shared_base_bytes,
     weights_kept_asleep_bytes,
 )
 from lightning_rl.shapes import TrainingShape, datamodule_batch_size
@@ -171,11 +173,15 @@ class VLLMRollout(Callback):
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         if s.kv_cache_bytes is not None:
             tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
-        weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=_strategy_model(trainer))
+        root = _strategy_model(trainer)
+        weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=root)
         beside, kept = 0, self.weights_kept_asleep_bytes(policy, trainer)
         if self.overlap_off_reason(trainer.lightning_module, trainer) is None:  # the engine stays up during updates
             beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
             kept = 0  # counted in ``beside``
+        else:  # an in-process engine; a LoRA base it shares with the trainer counts once, as frozen weights
+            frozen = self._plugin.frozen_dtype if self._plugin is not None else None
+            weight_bytes -= shared_base_bytes(policy, s, dtype, frozen, is_sharded(policy, root))
         return RolloutMemory(engine_weight_bytes=weight_bytes, weights_kept_asleep_bytes=kept,
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
                              sized_by_gpu_fraction=s.gpu_memory_utilization is not None,

@@ -19,7 +19,8 @@ class RolloutMemory:
     """Device memory of a rollout engine that shares the device with training (bytes).
 
     Args:
-        engine_weight_bytes: the engine's copy of the policy's weights while it is awake.
+        engine_weight_bytes: the engine's copy of the policy's weights while it is awake, less what it shares
+            with the trainer (a LoRA base the trainer's frozen weights point at counts once, as frozen weights).
         weights_kept_asleep_bytes: the part of those weights that stays on the device while the engine sleeps
             (it counts in the train phase too).
         kv_bytes_per_token: KV-cache bytes per token in the engine's dtype.

@@ -109,6 +109,26 @@ def engine_weight_bytes(
     return -(-total // tensor_parallel_size)
 
 
+def shared_base_bytes(
+    model: nn.Module, settings: EngineSettings, engine_dtype: torch.dtype, frozen_dtype: torch.dtype | None,
+    sharded: bool = False,
+) -> int:
+    """Bytes of an in-process engine's weights that the trainer's frozen LoRA base will point at (held once).
+
+    The engine shares them (:mod:`~lightning_rl.rollout.shared_weights`) when it takes the adapter as tensors,
+    ``share_base_weights`` is not False, each engine is one process's (no tensor parallelism, no FSDP shards),
+    and the trainer keeps its frozen weights in the engine's dtype (``frozen_dtype``). 0 otherwise.
+    """
+    from lightning_rl.rollout.shared_weights import frozen_base_parameters
+
+    lora_mode, _ = lora_sync_mode(model, settings.lora_sync)
+    if lora_mode != "adapter" or settings.share_base_weights is False or settings.tensor_parallel_size != 1:
+        return 0
+    if sharded or frozen_dtype != engine_dtype:
+        return 0
+    return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
+
+
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
     """How the policy's weights reach the engine: ``(mode, reason)``.
 
@@ -167,5 +187,6 @@ __all__ = [
     "execution_kwargs",
     "kv_cache_bytes_for",
     "lora_sync_mode",
+    "shared_base_bytes",
     "weights_kept_asleep_bytes",
 ]

@@ -171,3 +171,30 @@ def test_rollout_memory_of_a_tensor_parallel_shard():
                                                tensor_parallel_size=2)
     assert math.ceil(shard.kv_tokens * shard.headroom) * shard.kv_bytes_per_token == engine_kv
     assert shard.engine_weight_bytes == -(-alone.engine_weight_bytes // 2)
+
+
+def test_a_lora_base_shared_with_an_in_process_engine_counts_once_in_the_plan():
+    """The trainer's frozen base points at the engine's weights: the plan counts it as frozen weights only."""
+    from lightning_rl.rollout.shared_weights import frozen_base_parameters
+
+    module = rollout_grpo(lora={"r": 4, "lora_alpha": 8})
+    module.configure_model()
+    plugin = MemoryAwarePrecision(compute_dtype="bfloat16")  # frozen weights in bf16, the engine's dtype
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=plugin,
+                              strategy=SimpleNamespace(precision_plugin=plugin), datamodule=None)
+    shape = module.training_shape()
+    total = vllm_sizing.engine_weight_bytes(module.policy, torch.bfloat16)
+    base = sum(p.numel() for p in frozen_base_parameters(module.policy).values()) * 2
+    assert 0 < base < total
+
+    def engine_bytes(**kw):
+        cb = VLLMRollout(prompts_per_step=2, **kw)
+        cb.setup(trainer, module, "fit")
+        return cb.rollout_memory(shape).engine_weight_bytes
+
+    assert engine_bytes(overlap=False) == total - base  # the adapter's slots and what is not frozen
+    assert engine_bytes(overlap=False, settings=EngineSettings(share_base_weights=False)) == total
+    assert engine_bytes(overlap=False, settings=EngineSettings(lora_sync="merged")) == total  # full pushes
+    fp32_frozen = MemoryAwarePrecision(compute_dtype="bfloat16", frozen_dtype="float32")
+    trainer.precision_plugin = trainer.strategy.precision_plugin = fp32_frozen
+    assert engine_bytes(overlap=False) == total  # fp32 frozen weights cannot point at a bf16 engine
