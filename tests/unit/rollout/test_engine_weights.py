@@ -112,3 +112,15 @@ def test_the_worker_loads_merged_weights_one_at_a_time():
     expected = copy.deepcopy(peft).merge_and_unload().state_dict()
     for name, tensor in receiver.model_runner.loaded:
         torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_module_to_save_reaches_the_engine_as_its_trained_copy():
+    peft = _lora({"modules_to_save": ["norm"]})
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(1.0)  # the trained copy moves away from the original
+    weights = {w.name: merged_weight(w.base, w.products) for w in engine_weights(peft)}
+    expected = copy.deepcopy(peft).merge_and_unload().state_dict()
+    torch.testing.assert_close(weights["model.norm.weight"], expected["model.norm.weight"])
+    assert not torch.equal(weights["model.norm.weight"], peft.get_base_model().model.norm.original_module.weight)
