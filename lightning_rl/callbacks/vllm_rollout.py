@@ -28,6 +28,7 @@ from lightning_rl.rollout.vllm_sizing import (
     engine_weight_bytes,
     engine_weight_dtype,
     kv_cache_bytes_for,
+    kv_cache_dtype,
     lora_sync_mode,
     shared_base_bytes,
     weights_kept_asleep_bytes,
@@ -168,7 +169,7 @@ class VLLMRollout(Callback):
         trainer, s = self._trainer, self.settings
         policy = trainer.lightning_module.policy
         dtype, tp = self.engine_dtype(policy, trainer), s.tensor_parallel_size
-        per_token = kv_bytes_per_token(shape.model_config, dtype.itemsize, tp)  # this shard's KV heads
+        per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, tp)  # this shard's
         prompts = self.prompts_per_step or datamodule_batch_size(trainer)
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         if s.kv_cache_bytes is not None:
@@ -238,7 +239,8 @@ class VLLMRollout(Callback):
             kv = self._plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
         if kv is None and s.gpu_memory_utilization is None:
             new, g = shape.max_new_tokens, shape.num_generations
-            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new, dtype,
+            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new,
+                                    kv_cache_dtype(s, dtype),
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)

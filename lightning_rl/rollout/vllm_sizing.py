@@ -55,8 +55,18 @@ def kv_cache_bytes_for(
         raise ValueError(f"headroom must be >= 1, got {headroom}")
     tokens = rollout_kv_tokens(num_prompts * tensor_parallel_size, num_generations, prompt_length, max_new_tokens,
                                shared_prompts, block_size)
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    dtype_bytes = dtype.itemsize
     return int(math.ceil(tokens * headroom)) * kv_bytes_per_token(config, dtype_bytes, tensor_parallel_size)
+
+
+def kv_cache_dtype(settings: EngineSettings, engine_dtype: torch.dtype) -> torch.dtype:
+    """The engine's KV-cache dtype: the weights' dtype, or 8 bits when ``engine_kwargs`` asks vLLM for an fp8 cache.
+
+    ``EngineSettings(engine_kwargs={"kv_cache_dtype": "fp8"})`` halves a bf16 cache; the memory plan and the
+    KV-cache budget count it at one byte an element then.
+    """
+    asked = str(settings.engine_kwargs.get("kv_cache_dtype", "auto"))
+    return torch.float8_e4m3fn if asked.startswith("fp8") else engine_dtype
 
 
 def execution_kwargs(execution: ExecutionMode) -> dict[str, Any]:
@@ -186,6 +196,7 @@ __all__ = [
     "engine_weight_dtype",
     "execution_kwargs",
     "kv_cache_bytes_for",
+    "kv_cache_dtype",
     "lora_sync_mode",
     "shared_base_bytes",
     "weights_kept_asleep_bytes",

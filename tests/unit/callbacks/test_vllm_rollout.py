@@ -198,3 +198,22 @@ def test_a_lora_base_shared_with_an_in_process_engine_counts_once_in_the_plan():
     fp32_frozen = MemoryAwarePrecision(compute_dtype="bfloat16", frozen_dtype="float32")
     trainer.precision_plugin = trainer.strategy.precision_plugin = fp32_frozen
     assert engine_bytes(overlap=False) == total  # fp32 frozen weights cannot point at a bf16 engine
+
+
+def test_an_fp8_kv_cache_asked_of_vllm_counts_one_byte_an_element():
+    module = rollout_grpo()
+    module.configure_model()
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=None)
+    shape = module.training_shape()
+    plain = VLLMRollout(prompts_per_step=2)
+    fp8 = VLLMRollout(prompts_per_step=2, settings=EngineSettings(engine_kwargs={"kv_cache_dtype": "fp8"}))
+    for cb in (plain, fp8):
+        cb.setup(trainer, module, "fit")
+    bf16_kv, fp8_kv = plain.rollout_memory(shape), fp8.rollout_memory(shape)
+    assert fp8_kv.kv_bytes_per_token * 2 == bf16_kv.kv_bytes_per_token
+    assert fp8_kv.kv_tokens == bf16_kv.kv_tokens and fp8_kv.engine_weight_bytes == bf16_kv.engine_weight_bytes
+    assert vllm_sizing.kv_cache_dtype(fp8.settings, torch.bfloat16) == torch.float8_e4m3fn
+    assert vllm_sizing.kv_cache_dtype(plain.settings, torch.bfloat16) == torch.bfloat16
+    full = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16)
+    assert vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.float8_e4m3fn) * 2 == full
