@@ -169,7 +169,8 @@ class VLLMRollout(Callback):
         trainer, s = self._trainer, self.settings
         policy = trainer.lightning_module.policy
         dtype, tp = self.engine_dtype(policy, trainer), s.tensor_parallel_size
-        per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, tp)  # this shard's
+        # this shard's KV heads, in the cache's dtype
+        per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, tp)
         prompts = self.prompts_per_step or datamodule_batch_size(trainer)
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         if s.kv_cache_bytes is not None:
