@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from lightning_rl.lora import is_lora
-from lightning_rl.models import unwrap
-from lightning_rl.rollout.policy_weights import strip_peft
+from lightning_rl.rollout.policy_weights import base_weights, full_weights, strip_peft
 
 
 @dataclass(frozen=True)
@@ -96,23 +95,20 @@ def engine_weights(model: nn.Module) -> list[EngineWeight]:
         ValueError: the engine process cannot merge this adapter (:func:`merge_unsupported_reason`).
     """
     if not is_lora(model):
-        return [EngineWeight(name, p.detach()) for name, p in unwrap(model).named_parameters()]
+        return [EngineWeight(name, t) for name, t in full_weights(model)]
     reason = merge_unsupported_reason(model)
     if reason:
         raise ValueError(f"the engine process cannot merge this LoRA adapter: {reason}")
     from peft.tuners.lora import LoraLayer
 
-    inner = model.get_base_model()
-    products: dict[str, tuple[LoRAProduct, ...]] = {}
-    for module_name, layer in inner.named_modules():
+    products: dict[str, tuple[LoRAProduct, ...]] = {}  # by the base weight's engine name
+    for module_name, layer in model.get_base_model().named_modules():
         if isinstance(layer, LoraLayer) and not layer.merged:
-            products[f"{module_name}.base_layer.weight"] = tuple(
+            products[strip_peft(f"{module_name}.base_layer.weight")] = tuple(
                 LoRAProduct(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), float(layer.scaling[a]))
                 for a in layer.active_adapters if a in layer.lora_A
             )
-    return [EngineWeight(strip_peft(name), p.detach(), products.get(name, ()))
-            for name, p in inner.named_parameters()
-            if "lora_" not in name and ".original_module." not in name]
+    return [EngineWeight(name, t, products.get(name, ())) for name, t in base_weights(model)]
 
 
 __all__ = ["EngineWeight", "LoRAProduct", "engine_weights", "merge_unsupported_reason", "merged_weight"]

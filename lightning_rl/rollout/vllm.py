@@ -50,7 +50,7 @@ from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.shared_weights import SharedBaseWeights, share_base_with_engine
 from lightning_rl.rollout.sleep_state import Memory, SleepState
 from lightning_rl.rollout.tensor_parallel import gather_group_prompts, own_rows, take_rows
-from lightning_rl.rollout.vllm_checks import check_architecture, check_prompt_lengths, require_cuda
+from lightning_rl.rollout.vllm_checks import check_architecture, check_eos_ids, check_prompt_lengths, require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, fp32_head, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_outputs import rollout_from_outputs
 from lightning_rl.rollout.vllm_settings import EngineSettings
@@ -101,8 +101,7 @@ class VLLMEngine:
         ranks = EngineRanks.current(settings.tensor_parallel_size)
         require_vllm()
         require_cuda()
-        if not eos_token_ids:
-            raise ValueError("VLLMEngine needs at least one EOS token id to know where completions end")
+        check_eos_ids(eos_token_ids, "VLLMEngine")
         lora_mode, reason = lora_sync_mode(model, settings.lora_sync)
         if settings.lora_sync == "adapter" and reason:
             raise ValueError(f"lora_sync='adapter' is impossible for this adapter: {reason}; use 'merged'")

@@ -23,6 +23,12 @@ def require_cuda() -> None:
         )
 
 
+def check_eos_ids(eos_token_ids: Sequence[int], engine: str) -> None:
+    """Raise a clear error when an engine gets no EOS token id (it could not tell where completions end)."""
+    if not eos_token_ids:
+        raise ValueError(f"{engine} needs at least one EOS token id to know where completions end")
+
+
 def check_architecture(architecture: str, supported: Collection[str], model_impl: str | None = None) -> None:
     """Raise :class:`UnsupportedArchitectureError` unless vLLM implements ``architecture``."""
     if model_impl == "transformers" or architecture in supported:
@@ -46,4 +52,10 @@ def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_model_len: int
             )
 
 
-__all__ = ["UnsupportedArchitectureError", "check_architecture", "check_prompt_lengths", "require_cuda"]
+__all__ = [
+    "UnsupportedArchitectureError",
+    "check_architecture",
+    "check_eos_ids",
+    "check_prompt_lengths",
+    "require_cuda",
+]

@@ -34,7 +34,7 @@ from torch import nn
 from lightning_rl.rollout.engine_weights import EngineWeight, engine_weights, merge_unsupported_reason
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm import VLLMEngine
-from lightning_rl.rollout.vllm_checks import require_cuda
+from lightning_rl.rollout.vllm_checks import check_eos_ids, require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_settings import EngineSettings
 from lightning_rl.rollout.vllm_sizing import engine_weight_bytes, engine_weight_dtype
@@ -112,8 +112,7 @@ class VLLMProcessEngine(VLLMEngine):
         settings = settings or EngineSettings()
         require_vllm()
         require_cuda()
-        if not eos_token_ids:
-            raise ValueError("VLLMProcessEngine needs at least one EOS token id to know where completions end")
+        check_eos_ids(eos_token_ids, "VLLMProcessEngine")
         reason = process_engine_unsupported_reason(model, weights_root)
         if reason:
             raise ValueError(f"the vLLM engine cannot run in its own process: {reason}; use VLLMEngine")

@@ -116,6 +116,16 @@ def _step(trainer, engine, ids, sampling, autocast):
     opt.step()
 
 
+def _stale_then_synced(engine, trainer, ids, sampling, autocast, before_sync=None):
+    """Mismatch after one :func:`_step` without a sync, then after ``before_sync()`` (if any) and a sync."""
+    _step(trainer, engine, ids, sampling, autocast=autocast)
+    stale = _mismatch(engine, trainer, ids, sampling, autocast=autocast)
+    if before_sync is not None:
+        before_sync()
+    engine.sync_weights(trainer)
+    return stale, _mismatch(engine, trainer, ids, sampling, autocast=autocast)
+
+
 def test_fp32_engine_logprobs_match_the_trainer_after_step_and_sync(smol):
     """The issue's check that a sync carries the trained weights: fixed-seed samples, step, sync, compare."""
     model, tok = smol
@@ -125,12 +135,8 @@ def test_fp32_engine_logprobs_match_the_trainer_after_step_and_sync(smol):
         ids = encode_prompts(tok, PROMPTS[:4])
         sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
         start = _mismatch(engine, trainer, ids, sampling, autocast=False)
-        _step(trainer, engine, ids, sampling, autocast=False)
-        stale = _mismatch(engine, trainer, ids, sampling, autocast=False)
-        engine.sleep()
-        engine.wake_up()
-        engine.sync_weights(trainer)
-        after = _mismatch(engine, trainer, ids, sampling, autocast=False)
+        stale, after = _stale_then_synced(engine, trainer, ids, sampling, autocast=False,
+                                          before_sync=lambda: (engine.sleep(), engine.wake_up()))
         print(
             f"mean |delta logp| engine fp32 vs trainer fp32: start {start:.5f}, after a step without sync "
             f"{stale:.4f}, after sleep + sync {after:.5f}"
@@ -163,10 +169,7 @@ def test_sleep_frees_memory_and_logprobs_match_after_step_and_sync(smol):
         ids = encode_prompts(tok, PROMPTS[:4])
         sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
         start = _mismatch(engine, trainer, ids, sampling, autocast=True)
-        _step(trainer, engine, ids, sampling, autocast=True)
-        stale = _mismatch(engine, trainer, ids, sampling, autocast=True)
-        engine.sync_weights(trainer)
-        after = _mismatch(engine, trainer, ids, sampling, autocast=True)
+        stale, after = _stale_then_synced(engine, trainer, ids, sampling, autocast=True)
         fp32 = _mismatch(engine, trainer, ids, sampling, autocast=False)
         noise = _bf16_noise(trainer, engine, ids, sampling)
         print(

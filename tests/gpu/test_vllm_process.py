@@ -18,7 +18,7 @@ from lightning_rl.rollout import EngineSettings, SamplingConfig  # noqa: E402
 from lightning_rl.rollout.vllm_process import VLLMProcessEngine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_vllm_engine import PROMPTS, _eos, _mismatch, _step  # noqa: E402
+from test_vllm_engine import PROMPTS, _eos, _mismatch, _stale_then_synced  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GIB = 1 << 30
@@ -46,13 +46,9 @@ def test_engine_process_reads_the_trained_weights_at_each_sync():
         ids = encode_prompts(tok, PROMPTS[:4])
         sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
         start = _mismatch(engine, trainer, ids, sampling, autocast=False)
-        _step(trainer, engine, ids, sampling, autocast=False)
-        stale = _mismatch(engine, trainer, ids, sampling, autocast=False)
-        engine.sync_weights(trainer)
-        after = _mismatch(engine, trainer, ids, sampling, autocast=False)
-        _step(trainer, engine, ids, sampling, autocast=False)  # same storages: no new handles, new values read
-        engine.sync_weights(trainer)
-        again = _mismatch(engine, trainer, ids, sampling, autocast=False)
+        stale, after = _stale_then_synced(engine, trainer, ids, sampling, autocast=False)
+        # same storages: no new handles, new values read
+        _, again = _stale_then_synced(engine, trainer, ids, sampling, autocast=False)
         print(f"process engine, mean |delta logp| fp32: start {start:.5f}, stale {stale:.4f}, "
               f"after sync {after:.5f}, after a second step and sync {again:.5f}")
         assert start < 0.02 and after < 0.02 and again < 0.02
@@ -127,10 +123,8 @@ def test_engine_process_merges_the_lora_adapter_at_each_sync():
         start = _mismatch(engine, peft, ids, sampling, autocast=False)
         with peft.disable_adapter():
             without_adapter = _mismatch(engine, peft, ids, sampling, autocast=False)
-        _step(peft, engine, ids, sampling, autocast=False)  # AdamW on the adapter only (the base is frozen)
-        stale = _mismatch(engine, peft, ids, sampling, autocast=False)
-        engine.sync_weights(peft)
-        after = _mismatch(engine, peft, ids, sampling, autocast=False)
+        # AdamW on the adapter only (the base is frozen)
+        stale, after = _stale_then_synced(engine, peft, ids, sampling, autocast=False)
         print(f"process engine, LoRA, mean |delta logp| fp32: start {start:.5f}, against the base alone "
               f"{without_adapter:.4f}, stale {stale:.4f}, after sync {after:.5f}")
         assert start < 0.02 and after < 0.02

@@ -42,6 +42,9 @@ def test_unsupported_architecture_and_long_prompt_errors():
     vllm_checks.check_architecture("MyOwnForCausalLM", set(), model_impl="transformers")
     with pytest.raises(PromptTooLongError, match="max_model_len is 8"):
         vllm_checks.check_prompt_lengths([[1] * 3, [1] * 8], 8)
+    with pytest.raises(ValueError, match="VLLMProcessEngine needs at least one EOS token id"):
+        vllm_checks.check_eos_ids([], "VLLMProcessEngine")
+    vllm_checks.check_eos_ids([2], "VLLMEngine")
 
 
 def test_execution_modes_map_to_vllm_arguments():
