@@ -281,11 +281,11 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                   lora=dict(LORA) if lora else None, **extra.get("grpo", {}))
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
+    plugin = MemoryAwarePrecision(**extra.get("plugin", {}))
     trainer = L.Trainer(max_steps=steps + bool(profile_dir), accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer, rollout_cb], plugins=[MemoryAwarePrecision(**extra.get("plugin", {}))],
-                        log_every_n_steps=1)
+                        callbacks=[timer, rollout_cb], plugins=[plugin], log_every_n_steps=1)
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=PROMPTS, shuffle=False))
     mem = sampler.stop()
     return {
@@ -296,6 +296,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
                      "gradient_checkpointing": module.gradient_checkpointing,
                      "compile_layers": module.compile_layers, "overlap": rollout_cb.overlapping,
+                     "streams_optimizer_states": plugin.streams_optimizer_states,
+                     "memory_plan": None if plugin.memory_plan is None else plugin.memory_plan.summary(),
                      **getattr(timer, "engine_info", {}),
                      "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
                                                                                  float("nan")))},

@@ -38,9 +38,10 @@ class MemoryAwareFSDPPrecision(MemoryAwarePrecision, FSDPPrecision):
         if quantize is not None:
             raise ValueError("quantize is not supported with FSDP (bitsandbytes weights cannot be sharded this way); "
                              "use MemoryAwarePrecision on one GPU, or quantize=None")
-        if kwargs.get("optimizer_states", "device") != "device":
+        if kwargs.get("optimizer_states", "auto") not in ("auto", "device"):
             raise ValueError("optimizer_states='cpu' is not supported with FSDP (its flat sharded parameters are "
                              "stepped whole); use FSDPStrategy(cpu_offload=True) to keep optimizer states on the CPU")
+        kwargs["optimizer_states"] = "device"  # "auto" never streams sharded states
         MemoryAwarePrecision.__init__(self, frozen_dtype=frozen_dtype, compute_dtype=compute_dtype, **kwargs)
         FSDPPrecision.__init__(self, self.precision)
         self.convert_frozen = convert_frozen

@@ -18,7 +18,9 @@ under ``trainer.plugins``. What it does:
   plan needs that room for the engine (``offload_optimizer``);
 * with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
   are streamed through the device in chunks of ``step_chunk_bytes`` during the optimizer step
-  (see :mod:`~lightning_rl.plugins.streamed_states`): AdamW's two fp32 moments leave the device;
+  (see :mod:`~lightning_rl.plugins.streamed_states`): AdamW's two fp32 moments leave the device.
+  The default ``"auto"`` does so when the plan fits only that way, before it moves the rollout engine
+  from beside the update to between updates;
 * device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
 
 On a CPU the frozen weights are stored in bf16 as well (half the RAM; CPU autocast runs matmuls in
@@ -55,7 +57,7 @@ from lightning_rl.plugins.memory_plan import (
 from lightning_rl.plugins.offload import OptimizerOffloader
 from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
 from lightning_rl.plugins.shape_plan import plan_for_shape
-from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, check_streamable
+from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, UnsupportedOptimizerError, check_streamable
 from lightning_rl.rollout.sharded_weights import is_dtensor
 from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
 
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 Quantize = Literal["int8", "nf4"]
-OptimizerStates = Literal["device", "cpu"]
+OptimizerStates = Literal["auto", "device", "cpu"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _BNB_AVAILABLE = RequirementCache("bitsandbytes")
 
@@ -132,6 +134,8 @@ class MemoryAwarePrecision(Precision):
             ``step_chunk_bytes`` at a time, steps those parameters, sends the states back and frees
             those parameters' gradients. Bit-identical results; costs two host-device copies of the
             states per step. Needs an optimizer with per-parameter state (AdamW, Adam, SGD, ...; not LBFGS).
+            ``auto`` (default): ``device``, unless the memory plan on a CUDA device fits only with the
+            states in CPU memory; then ``cpu``, before the rollout engine gives up running beside the update.
         step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
             (a parameter whose states alone are larger is stepped on its own).
     """
@@ -151,7 +155,7 @@ class MemoryAwarePrecision(Precision):
         engine_overhead_bytes: int = GiB,
         reserved_bytes: int = 256 * 1024**2,
         log_memory: bool = True,
-        optimizer_states: OptimizerStates = "device",
+        optimizer_states: OptimizerStates = "auto",
         step_chunk_bytes: int = 64 * MiB,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
@@ -167,8 +171,8 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction <= 1), got {memory_budget}")
         if not 0 < utilization <= 1:
             raise ValueError(f"utilization must be in (0, 1], got {utilization}")
-        if optimizer_states not in ("device", "cpu"):
-            raise ValueError(f"optimizer_states must be 'device' or 'cpu', got {optimizer_states!r}")
+        if optimizer_states not in ("auto", "device", "cpu"):
+            raise ValueError(f"optimizer_states must be 'auto', 'device' or 'cpu', got {optimizer_states!r}")
         if step_chunk_bytes <= 0:
             raise ValueError(f"step_chunk_bytes must be > 0, got {step_chunk_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -387,6 +391,8 @@ class MemoryAwarePrecision(Precision):
         try:
             return self.make_plan(module, optimizers, device)
         except MemoryPlanError as err:
+            if self._stream_states_to_fit(optimizers, device, err):
+                return self.plan_with_auto_offload(module, optimizers, device)
             release = getattr(self._rollout, "release_overlap", None)
             if release is not None and release():  # its engine then sleeps during the update instead
                 log.warning("MemoryAwarePrecision: the rollout engine cannot run beside the update (%s); rollouts "
@@ -396,6 +402,35 @@ class MemoryAwarePrecision(Precision):
                 raise
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
             return self.make_plan(module, optimizers, device)
+
+    def _stream_states_to_fit(self, optimizers: list[Optimizer], device: torch.device, err: MemoryPlanError) -> bool:
+        """With ``optimizer_states="auto"``: switch to CPU-resident states when the plan does not fit without.
+
+        Tried before the engine gives up running beside the update: streaming costs two host-device copies
+        of the states per step, generating between updates costs the rollout's whole time. Returns True when
+        that changed the plan (on CUDA, for optimizers with per-parameter state only).
+        """
+        if self.optimizer_states != "auto" or self._streamer is not None or device.type != "cuda" or not optimizers:
+            return False
+        if any(type(p).__name__ == "DTensor" for o in optimizers for g in o.param_groups for p in g["params"]):
+            return False  # FSDP2 shards: each rank steps its own shard; not streamed automatically
+        try:
+            for opt in optimizers:
+                check_streamable(opt)
+        except UnsupportedOptimizerError as why:
+            log.info("MemoryAwarePrecision: optimizer states stay on the device: %s", why)
+            return False
+        log.warning("MemoryAwarePrecision: the memory plan does not fit with the optimizer states on the device (%s); "
+                    "they are kept in CPU memory and streamed through each optimizer step instead "
+                    "(optimizer_states='cpu'; optimizer_states='device' keeps them on the device)", err)
+        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+        self.offload_optimizer_states()
+        return True
+
+    @property
+    def streams_optimizer_states(self) -> bool:
+        """Whether the optimizer states live in CPU memory (``optimizer_states="cpu"``, or chosen by ``auto``)."""
+        return self._streamer is not None
 
     def register_rollout(self, provider: RolloutMemoryProvider | None) -> None:
         """Plan a rollout phase for the engine ``provider`` runs beside training (None: no colocated engine).

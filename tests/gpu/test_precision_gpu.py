@@ -116,3 +116,33 @@ def test_streamed_optimizer_states_stay_on_cpu_between_steps_and_lower_the_peak(
     assert plugin._streamer.last_chunks > 1
     # AdamW's two fp32 moments (about 1 GiB) are off the device, less one chunk during the step
     assert on_device["peak_bytes"] - streamed["peak_bytes"] >= 0.5 * 2**30
+
+
+def test_auto_optimizer_states_stream_from_cpu_when_only_that_fits_the_budget(bench):
+    from lightning_rl import MemoryAwarePrecision
+    from lightning_rl.plugins import MemoryPlanError
+
+    case = bench.CASES["smollm2-135m-shape full"]
+    device_plugin = MemoryAwarePrecision(optimizer_states="device")
+    bench.measure(case, device_plugin, steps=1)
+    parts = device_plugin.memory_plan.train_parts
+    activations = next(k for k in parts if k.startswith("activations"))
+    fixed = sum(v for k, v in parts.items() if k not in ("optimizer states", activations))
+    # room for the whole batch's activations and half of AdamW's states: only streamed states leave that room
+    budget = fixed + parts[activations] + parts["optimizer states"] // 2
+    refused = None
+    try:
+        bench.measure(case, MemoryAwarePrecision(optimizer_states="device", memory_budget=budget), steps=1)
+    except MemoryPlanError as err:
+        refused = str(err)
+    assert refused is not None and "optimizer_states='cpu'" in refused  # the explicit setting stands, and says why
+    try:
+        auto = MemoryAwarePrecision(memory_budget=budget, enforce_budget=True)  # optimizer_states="auto"
+        run = bench.measure(case, auto, steps=2)
+        print(f"budget {budget / 2**30:.2f} GiB (states {parts['optimizer states'] / 2**30:.2f} GiB): auto streamed "
+              f"{auto.streams_optimizer_states}, peak {run['peak_bytes'] / 2**30:.2f} GiB, "
+              f"micro-batch {run['micro_batch_size']}\n{auto.memory_plan.summary()}")
+        assert run["steps"] == 2 and auto.streams_optimizer_states
+        assert run["peak_bytes"] <= budget
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -47,7 +47,7 @@ def test_gpu_example_yaml_builds_the_callback_plugin_and_module():
     rollout = [cb for cb in cli.trainer.callbacks if isinstance(cb, VLLMRollout)]
     assert len(rollout) == 1 and rollout[0].settings.execution == "cuda_graphs" and rollout[0].settings.fp32_logits
     plugin = cli.trainer.strategy.precision_plugin
-    assert isinstance(plugin, MemoryAwarePrecision) and plugin.optimizer_states == "device"
+    assert isinstance(plugin, MemoryAwarePrecision) and plugin.optimizer_states == "auto"
     assert isinstance(cli.model, GRPO) and cli.model.num_generations == 8 and cli.model.importance_sampling == "auto"
     assert cli.datamodule.batch_size == 16
 

@@ -241,6 +241,48 @@ def test_optimizer_offload_is_automatic_only_when_the_rollout_needs_the_room(mon
         explicit.plan_with_auto_offload(None, [], torch.device("cuda"))
 
 
+@pytest.mark.parametrize("setting", ["auto", "device"])
+def test_auto_optimizer_states_stream_from_cpu_only_when_the_plan_needs_it(monkeypatch, caplog, setting):
+    plugin = MemoryAwarePrecision(optimizer_states=setting)
+    plugin.device_type = "cuda"
+    opt = torch.optim.AdamW(nn.Linear(4, 4).parameters())
+    calls = []
+
+    def make_plan(module, optimizers, device):
+        calls.append((plugin.streams_optimizer_states, plugin.offload_enabled))
+        if not plugin.streams_optimizer_states:
+            raise MemoryPlanError("the train phase does not fit: optimizer states 2 GiB")
+        return "plan"
+
+    monkeypatch.setattr(plugin, "make_plan", make_plan)
+    if setting == "device":  # the user's choice stands; the plan's error (with its fixes) reaches them
+        with pytest.raises(MemoryPlanError):
+            plugin.plan_with_auto_offload(None, [opt], torch.device("cuda"))
+        assert not plugin.streams_optimizer_states
+        return
+    assert not plugin.streams_optimizer_states  # nothing decided before the plan
+    assert plugin.plan_with_auto_offload(None, [opt], torch.device("cuda")) == "plan"
+    assert calls == [(False, False), (True, False)]  # streaming came before offloading during rollouts
+    assert plugin.streams_optimizer_states and "streamed through each optimizer step" in caplog.text
+    fits = MemoryAwarePrecision()
+    fits.device_type = "cuda"
+    monkeypatch.setattr(fits, "make_plan", lambda *a: "plan")
+    assert fits.plan_with_auto_offload(None, [opt], torch.device("cuda")) == "plan"
+    assert not fits.streams_optimizer_states  # a plan that fits keeps the states on the device
+
+
+def test_auto_optimizer_states_stay_on_the_device_for_an_optimizer_that_cannot_stream(monkeypatch):
+    plugin = MemoryAwarePrecision()
+    plugin.device_type = "cuda"
+    lbfgs = torch.optim.LBFGS(nn.Linear(4, 4).parameters())
+    monkeypatch.setattr(plugin, "make_plan", lambda *a: (_ for _ in ()).throw(MemoryPlanError("no room")))
+    with pytest.raises(MemoryPlanError, match="no room"):
+        plugin.plan_with_auto_offload(None, [lbfgs], torch.device("cuda"))
+    assert not plugin.streams_optimizer_states
+    with pytest.raises(ValueError, match="'auto', 'device' or 'cpu'"):
+        MemoryAwarePrecision(optimizer_states="disk")
+
+
 def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():
     shape = TrainingShape(model_config=QWEN_05B, sequence_tokens=512, max_prompt_tokens=256, max_new_tokens=256,
                           generates=True, num_generations=8, micro_batch_size=4)
