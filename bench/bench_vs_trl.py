@@ -269,7 +269,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                                                                          float("nan")))),
                                "device_used_gib": sampler.current_gib(),
                                "tokens": int(batch["rollout"].completion_mask.sum()),
-                               "gc_s": self.gc.take(), **compile_counts()})
+                               "gc_s": self.gc.take(), **compile_counts(),
+                               # the plugin's torch peaks per phase (the plan's two phases), in GiB
+                               **{f"{ph}_peak_gib": float(m[f"memory/{ph}_peak_gib"]) for ph in ("rollout", "train")
+                                  if f"memory/{ph}_peak_gib" in m}})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
             engine = self.rollout_cb.engine
             if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive
