@@ -18,8 +18,8 @@ from typing_extensions import override
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.lora import is_lora
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
-from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
-from lightning_rl.plugins.precision import MemoryAwarePrecision
+from lightning_rl.plugins.memory_plan import GiB, kv_bytes_per_token, planned_engine_bytes, rollout_kv_tokens
+from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_bytes
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.engine import RolloutEngine
 from lightning_rl.rollout.sharded_weights import is_sharded
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: Device memory of the engine's own process beyond its weights and KV cache (CUDA context, CUDA graphs, sampler
 #: workspace), for the memory plan when the engine runs beside training.
 ENGINE_PROCESS_OVERHEAD_BYTES = 1 << 30
+# how far above the memory plan's figure an engine's start may go before VLLMRollout warns (the plan's reserve)
+ENGINE_MEMORY_SLACK_BYTES = 256 << 20
 
 #: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
 #: alike) samples its own prompts from its own stream.
@@ -131,6 +133,7 @@ class VLLMRollout(Callback):
         self.num_syncs = 0
         self.num_rollouts = 0
         self.last_timings: dict[str, float] = {}
+        self.engine_start_bytes: int | None = None  # device memory in use that the engine's start added (CUDA)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
         self._plugin: MemoryAwarePrecision | None = None
@@ -265,6 +268,8 @@ class VLLMRollout(Callback):
                              "or False to generate between updates.")
         self.overlapping = reason is None
         t0 = time.perf_counter()
+        device = getattr(pl_module, "device", "cpu")
+        used_before = device_used_bytes(device)
         try:
             self.engine = self.build_engine(pl_module, prompts_per_step)
         except Exception as err:
@@ -275,9 +280,30 @@ class VLLMRollout(Callback):
                         "(VLLMRollout(overlap=False) skips the attempt)", reason)
             self.overlapping = False
             self.engine = self.build_engine(pl_module, prompts_per_step)
+        used_after = device_used_bytes(device)
+        if used_before is not None and used_after is not None:
+            self.engine_start_bytes = used_after - used_before
+            self._check_engine_memory(self.engine_start_bytes)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")
+
+    def _check_engine_memory(self, started_bytes: int) -> None:
+        """Log what the engine's start took; warn when that is more than the memory plan counted for it."""
+        plan = None if self._plugin is None else self._plugin.memory_plan
+        planned = None if plan is None else planned_engine_bytes(plan)
+        log.info("rollout engine start: device memory in use rose by %.2f GiB (the memory plan counted %s)",
+                 started_bytes / GiB, "nothing" if planned is None else f"{planned / GiB:.2f} GiB")
+        if planned is None or started_bytes <= planned + ENGINE_MEMORY_SLACK_BYTES:
+            return
+        measured_overhead = self._plugin.engine_overhead_bytes + started_bytes - planned
+        fix = ("VLLMRollout(overlap=False) runs the engine in this process, without a second CUDA context"
+               if self.overlapping else
+               f"MemoryAwarePrecision(engine_overhead_bytes={measured_overhead}) counts the engine's workspace as "
+               "measured here")
+        log.warning("VLLMRollout: the rollout engine took %.2f GiB of device memory at its start; the memory plan "
+                    "counted %.2f GiB for it (weights, workspace, KV cache), so the run may go over the plan's "
+                    "budget. %s.", started_bytes / GiB, planned / GiB, fix)
 
     def _needs_sync(self, trainer: L.Trainer) -> bool:
         return trainer.global_step != self.last_synced_step or bool(getattr(self.engine, "needs_sync", False))

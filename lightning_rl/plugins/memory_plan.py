@@ -274,6 +274,23 @@ _ROLLOUT_FIXES = (
 )
 
 
+ENGINE_BESIDE_PART = "engine running beside the update (own process)"
+_ENGINE_ROLLOUT_PARTS = ("engine weights", "engine workspace", "KV cache")
+
+
+def planned_engine_bytes(plan: MemoryPlan) -> int | None:
+    """What ``plan`` counts for the rollout engine once it has started (None: the plan has no engine).
+
+    An engine beside the update (its own process) is one train-phase part; an engine between updates is its
+    weights, workspace and KV cache in the rollout phase.
+    """
+    if plan.train_parts.get(ENGINE_BESIDE_PART):
+        return plan.train_parts[ENGINE_BESIDE_PART]
+    if not any(k in plan.rollout_parts for k in _ENGINE_ROLLOUT_PARTS):
+        return None
+    return sum(plan.rollout_parts.get(k, 0) for k in _ENGINE_ROLLOUT_PARTS)
+
+
 def _explain(phase: str, parts: Mapping[str, int], budget: int, need: str, fixes: Iterable[str]) -> str:
     lines = [f"the {phase} phase does not fit in the memory budget of {fmt_bytes(budget)}: {need}."]
     lines += [f"  {k}: {fmt_bytes(v)}" for k, v in parts.items()]
@@ -377,6 +394,7 @@ def plan_memory(
 
 
 __all__ = [
+    "ENGINE_BESIDE_PART",
     "MAX_MICRO_BATCH_TOKENS",
     "GiB",
     "MiB",
@@ -391,5 +409,6 @@ __all__ = [
     "optimizer_state_bytes",
     "optimizer_state_bytes_of",
     "plan_memory",
+    "planned_engine_bytes",
     "rollout_kv_tokens",
 ]

@@ -95,6 +95,19 @@ def memory_figures(device: torch.device | str | None = None) -> dict[str, int]:
             "peak": torch.cuda.max_memory_allocated(device)}
 
 
+def device_used_bytes(device: torch.device | str | None = None) -> int | None:
+    """Device memory in use by every process, as the driver counts it, after emptying PyTorch's cache (None off CUDA).
+
+    Unlike :func:`memory_figures` this sees what PyTorch's allocator does not: CUDA contexts, libraries, and
+    other processes, such as a rollout engine's own.
+    """
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    torch.cuda.empty_cache()  # blocks PyTorch holds but no tensor uses (a LoRA base handed to the engine) are free
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free)
+
+
 def _lightning_module(model: nn.Module) -> L.LightningModule | None:
     seen = 0
     while not isinstance(model, L.LightningModule) and hasattr(model, "module") and seen < 4:
@@ -604,4 +617,5 @@ class MemoryAwarePrecision(Precision):
         super().teardown()
 
 
-__all__ = ["MemoryAwarePrecision", "default_compute_dtype", "memory_figures", "require_bitsandbytes"]
+__all__ = ["MemoryAwarePrecision", "default_compute_dtype", "device_used_bytes", "memory_figures",
+           "require_bitsandbytes"]

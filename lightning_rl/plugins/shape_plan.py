@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lightning_rl.plugins.memory_plan import (
+    ENGINE_BESIDE_PART,
     MAX_MICRO_BATCH_TOKENS,
     MemoryPlan,
     ModelMemory,
@@ -103,7 +104,7 @@ def plan_for_shape(
     if rollout is not None and rollout.weights_kept_asleep_bytes:
         extra["engine weights (kept while the engine sleeps)"] = rollout.weights_kept_asleep_bytes
     if rollout is not None and rollout.beside_training_bytes:
-        extra["engine running beside the update (own process)"] = rollout.beside_training_bytes
+        extra[ENGINE_BESIDE_PART] = rollout.beside_training_bytes
     needs = None
     if shape.generates:
         needs = (in_step_generation_needs(shape, prompts_per_step, compute_dtype) if rollout is None

@@ -373,9 +373,11 @@ def test_grpo_fit_with_the_callback():
     )
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=16, num_val=4, batch_size=4))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    print("grpo fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k})
+    print("grpo fit:", {k: round(v, 4) for k, v in metrics.items() if "mismatch" in k or "rollout/" in k},
+          f"engine start {callback.engine_start_bytes / 2**30:.2f} GiB")
     assert trainer.global_step == 2
     assert callback.num_rollouts == 2 and callback.num_syncs == 1
+    assert callback.engine_start_bytes > 0  # the engine's weights, KV cache and workspace
     assert callback.engine is None  # teardown shut it down
     assert metrics["train/logprob_mismatch_mean"] < 0.05
 

@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 import lightning as L  # noqa: E402
 
 from lightning_rl import GRPO, ArithmeticDataModule, VLLMRollout  # noqa: E402
+from lightning_rl.plugins.memory_plan import planned_engine_bytes  # noqa: E402
 from lightning_rl.prompting import encode_prompts  # noqa: E402
 from lightning_rl.rewards import NumericMatch  # noqa: E402
 from lightning_rl.rollout import EngineSettings, SamplingConfig  # noqa: E402
@@ -177,8 +178,11 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)
     trainer, callback, seen = _overlapped_fit(module)
-    print("overlapped fit:", seen)
+    plan = trainer.precision_plugin.memory_plan
+    print("overlapped fit:", seen, f"engine start {callback.engine_start_bytes / 2**30:.2f} GiB, planned "
+          f"{planned_engine_bytes(plan) / 2**30:.2f} GiB")
     assert callback.overlapping and trainer.global_step == 4
+    assert callback.engine_start_bytes > 0  # the engine process's context, weights and KV cache on the device
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert all(s["children"] == 1 for s in seen)
     assert callback.num_syncs == 2  # before the updates of steps 1 and 2 (none for a rollout past the last step)

@@ -217,3 +217,53 @@ def test_an_fp8_kv_cache_asked_of_vllm_counts_one_byte_an_element():
     assert vllm_sizing.kv_cache_dtype(plain.settings, torch.bfloat16) == torch.bfloat16
     full = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16)
     assert vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.float8_e4m3fn) * 2 == full
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+@pytest.mark.parametrize("started_gib", [1.1, 2.0])
+def test_the_engines_start_is_measured_and_checked_against_the_memory_plan(monkeypatch, caplog, overlapping,
+                                                                         started_gib):
+    from lightning_rl.callbacks import vllm_rollout
+    from lightning_rl.plugins.memory_plan import ENGINE_BESIDE_PART, GiB, MemoryPlan
+
+    used = iter([3 * GiB, int((3 + started_gib) * GiB)])  # before and after the engine starts
+    monkeypatch.setattr(vllm_rollout, "device_used_bytes", lambda device: next(used))
+    plugin = MemoryAwarePrecision(engine_overhead_bytes=GiB // 4)
+    if overlapping:  # one train-phase part for the engine process
+        parts = dict(train_parts={ENGINE_BESIDE_PART: GiB})
+    else:  # weights, workspace and KV cache in the rollout phase
+        parts = dict(rollout_parts={"engine weights": GiB // 2, "engine workspace": GiB // 4, "KV cache": GiB // 4,
+                                    "trainable weights": 5 * GiB})
+    plugin.memory_plan = MemoryPlan(budget_bytes=10 * GiB, micro_batch_tokens=64, kv_cache_bytes=GiB // 4, **parts)
+    cb = VLLMRollout(engine_factory=lambda module, n, seed: FakeEngine(module, []))
+    cb._plugin = plugin
+    module = rollout_grpo()
+    module.configure_model()
+    with caplog.at_level("INFO"):
+        cb._create(SimpleNamespace(global_step=0), module, 2)
+    cb.overlapping = overlapping
+    assert cb.engine_start_bytes == int((3 + started_gib) * GiB) - 3 * GiB
+    assert "device memory in use rose by" in caplog.text and "the memory plan counted 1.00 GiB" in caplog.text
+    caplog.clear()
+    cb._check_engine_memory(cb.engine_start_bytes)
+    over = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if started_gib == 1.1:  # within the plan's reserve of its figure
+        assert not over
+        return
+    assert len(over) == 1 and "took 2.00 GiB" in over[0] and "counted 1.00 GiB" in over[0]
+    if overlapping:
+        assert "VLLMRollout(overlap=False)" in over[0]
+    else:  # the workspace the plan should count: its estimate plus what the start took beyond the plan
+        assert f"engine_overhead_bytes={GiB // 4 + GiB}" in over[0]
+
+
+def test_planned_engine_bytes_reads_either_phase_of_the_plan():
+    from lightning_rl.plugins.memory_plan import ENGINE_BESIDE_PART, GiB, MemoryPlan, planned_engine_bytes
+
+    def plan(**parts):
+        return MemoryPlan(budget_bytes=GiB, micro_batch_tokens=1, kv_cache_bytes=None, **parts)
+
+    assert planned_engine_bytes(plan(rollout_parts={"trainable weights": 5})) is None  # transformers generate
+    between = {"engine weights": 3, "KV cache": 4, "trainable weights": 100}
+    assert planned_engine_bytes(plan(rollout_parts=between)) == 7
+    assert planned_engine_bytes(plan(rollout_parts=between, train_parts={ENGINE_BESIDE_PART: 11})) == 11
