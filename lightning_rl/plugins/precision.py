@@ -425,7 +425,7 @@ class MemoryAwarePrecision(Precision):
         """
         if self.optimizer_states != "auto" or self._streamer is not None or device.type != "cuda" or not optimizers:
             return False
-        if any(type(p).__name__ == "DTensor" for o in optimizers for g in o.param_groups for p in g["params"]):
+        if any(is_dtensor(p) for o in optimizers for g in o.param_groups for p in g["params"]):
             return False  # FSDP2 shards: each rank steps its own shard; not streamed automatically
         try:
             for opt in optimizers:

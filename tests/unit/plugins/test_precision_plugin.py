@@ -271,13 +271,17 @@ def test_auto_optimizer_states_stream_from_cpu_only_when_the_plan_needs_it(monke
     assert not fits.streams_optimizer_states  # a plan that fits keeps the states on the device
 
 
-def test_auto_optimizer_states_stay_on_the_device_for_an_optimizer_that_cannot_stream(monkeypatch):
+def test_auto_optimizer_states_stay_on_the_device_for_an_optimizer_or_shards_that_cannot_stream(monkeypatch):
     plugin = MemoryAwarePrecision()
     plugin.device_type = "cuda"
     lbfgs = torch.optim.LBFGS(nn.Linear(4, 4).parameters())
     monkeypatch.setattr(plugin, "make_plan", lambda *a: (_ for _ in ()).throw(MemoryPlanError("no room")))
     with pytest.raises(MemoryPlanError, match="no room"):
         plugin.plan_with_auto_offload(None, [lbfgs], torch.device("cuda"))
+    assert not plugin.streams_optimizer_states
+    monkeypatch.setattr(precision_mod, "is_dtensor", lambda p: True)  # FSDP2 shards: each rank steps its own
+    with pytest.raises(MemoryPlanError, match="no room"):
+        plugin.plan_with_auto_offload(None, [torch.optim.AdamW(nn.Linear(4, 4).parameters())], torch.device("cuda"))
     assert not plugin.streams_optimizer_states
     with pytest.raises(ValueError, match="'auto', 'device' or 'cpu'"):
         MemoryAwarePrecision(optimizer_states="disk")
