@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 #: Device memory of the engine's own process beyond its weights and KV cache (CUDA context, CUDA graphs, sampler
 #: workspace), for the memory plan when the engine runs beside training.
 ENGINE_PROCESS_OVERHEAD_BYTES = 1 << 30
-# how far above the memory plan's figure an engine's start may go before VLLMRollout warns (the plan's reserve)
-ENGINE_MEMORY_SLACK_BYTES = 256 << 20
 
 #: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
 #: alike) samples its own prompts from its own stream.
@@ -294,7 +292,7 @@ class VLLMRollout(Callback):
         planned = None if plan is None else planned_engine_bytes(plan)
         log.info("rollout engine start: device memory in use rose by %.2f GiB (the memory plan counted %s)",
                  started_bytes / GiB, "nothing" if planned is None else f"{planned / GiB:.2f} GiB")
-        if planned is None or started_bytes <= planned + ENGINE_MEMORY_SLACK_BYTES:
+        if planned is None or started_bytes <= planned + self._plugin.reserved_bytes:  # within the plan's reserve
             return
         measured_overhead = self._plugin.engine_overhead_bytes + started_bytes - planned
         fix = ("VLLMRollout(overlap=False) runs the engine in this process, without a second CUDA context"
