@@ -100,6 +100,7 @@ class MemorySampler:
         nv = self.nvml
         used = nv.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline
         self.peak_device = max(self.peak_device, used)
+        self.step_peak = max(getattr(self, "step_peak", 0), used)
         now = time.monotonic()
         if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
             import psutil
@@ -118,6 +119,11 @@ class MemorySampler:
 
     def current_gib(self) -> float:
         return self.sample() / 2**30
+
+    def take_step_peak_gib(self) -> float:
+        """The device's NVML peak since the last call (one training step's), in GiB."""
+        peak, self.step_peak = max(getattr(self, "step_peak", 0), self.sample()), 0
+        return peak / 2**30
 
     def stop(self) -> dict[str, float | None]:
         self._stop.set()
@@ -175,7 +181,8 @@ def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
                           rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1.5B init takes minutes on a CPU
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         model.generation_config.eos_token_id = tok.eos_token_id
         model.save_pretrained(path)
         tok.save_pretrained(path)  # SmolLM2's tokenizer: its ids lie inside the Qwen vocabulary
@@ -240,6 +247,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
+            sampler.take_step_peak_gib()  # the step's NVML peak starts here
             self.t0 = time.perf_counter()
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -270,14 +278,21 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "device_used_gib": sampler.current_gib(),
                                "tokens": int(batch["rollout"].completion_mask.sum()),
                                "gc_s": self.gc.take(), **compile_counts(),
-                               # the plugin's torch peaks per phase (the plan's two phases), in GiB
-                               **{f"{ph}_peak_gib": float(m[f"memory/{ph}_peak_gib"]) for ph in ("rollout", "train")
-                                  if f"memory/{ph}_peak_gib" in m}})
+                               "step_nvml_peak_gib": sampler.take_step_peak_gib(),
+                               # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
+                               **{k.removeprefix("memory/"): float(v) for k, v in m.items()
+                                  if k.startswith("memory/") and k.endswith("_gib")}})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
             engine = self.rollout_cb.engine
             if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive
+                shared = getattr(engine, "shared", None)
                 self.engine_info = {"engine_dtype": str(getattr(engine, "weight_dtype", None)),
-                                    "sleep_level": getattr(engine, "sleep_level", None)}
+                                    "sleep_level": getattr(engine, "sleep_level", None),
+                                    # a LoRA base shared with an in-process engine: what it points at, and what
+                                    # the trainer's own copy gave back (torch's count) when it did
+                                    "shared_base_gib": (shared.bytes_shared / 2**30 if shared is not None
+                                                        else None),
+                                    "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
                   sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
@@ -460,7 +475,8 @@ def main() -> None:
                 ok = proc.returncode == 0 and Path(result_path).stat().st_size > 0
                 err = None if ok else (proc.stderr or proc.stdout)[-2500:]
                 warnings = [ln for ln in (proc.stderr or "").splitlines()  # compile fallbacks, recompiles, ...
-                            if (("WARNING" in ln or "Warning" in ln) and "vllm" not in ln.lower())
+                            if (("WARNING" in ln or "Warning" in ln)
+                                and ("lightning_rl" in ln or "vllm" not in ln.lower()))
                             or re.search(r"ecompil|guard fail|graph break", ln)]
             except subprocess.TimeoutExpired as e:
                 ok, err = False, f"timeout after {args.timeout}s: {str(e.stderr)[-1500:]}"

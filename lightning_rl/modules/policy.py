@@ -88,9 +88,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
             activations and rotary embeddings; one compile shared by all layers, see
-            :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune on one CUDA device
-            per process (not with LoRA, not under ``ModelParallelStrategy``, never on a CPU), the
-            configurations measured faster end to end (bench/results/vs_trl_NOTES.md); resolved in :meth:`setup`.
+            :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune or LoRA on one CUDA
+            device per process (not under ``ModelParallelStrategy``, never on a CPU), the configurations
+            measured faster end to end (bench/results/vs_trl_NOTES.md); resolved in :meth:`setup`.
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -204,7 +204,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """Refuse a strategy that cannot run manual optimization sharded; resolve the ``None`` (automatic) settings.
 
         ``gradient_checkpointing=None`` is resolved for the trainer's device before the memory plan reads it;
-        ``compile_layers=None`` for the device, the strategy and LoRA (:func:`auto_compile_layers`).
+        ``compile_layers=None`` for the device and the strategy (:func:`auto_compile_layers`).
 
         Raises:
             ValueError: Lightning's ``FSDPStrategy`` (see :mod:`lightning_rl.modules.sharding`).
@@ -216,7 +216,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             self.gradient_checkpointing = device.type == "cuda"
         if self.compile_layers_setting is None:
             sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
-            self.compile_layers = auto_compile_layers(device.type, lora=self.lora is not None, sharded=sharded)
+            self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
 
     def apply_gradient_checkpointing(self) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.

@@ -505,11 +505,19 @@ class MemoryAwarePrecision(Precision):
 
     # ----------------------------------------------------------------------------- rollout toggling
     def offload_for_rollout(self) -> int:
-        """Move optimizer states and gradients to pinned CPU memory (before the engine wakes). Returns bytes."""
+        """Make room for the engine before it wakes between updates. Returns the bytes moved to CPU memory.
+
+        Optimizer states (and gradients) go to pinned CPU memory when offloading is on, and the blocks
+        PyTorch still caches from the update (its activations) go back to the driver: the engine maps its
+        KV cache outside PyTorch's allocator, so cached blocks would otherwise sit beside it, where the memory
+        plan counts none.
+        """
         self._record("train_end")
         moved = self.offload_optimizer_states()  # with optimizer_states="cpu": usually nothing left to move
         if self.offload_enabled and self._optimizers and not self._offloader.is_offloaded:
             moved += self._offloader.offload(self._optimizers, source=self.device_type)
+        if self.device_type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
         self._reset_peak()
         return moved
 

@@ -146,3 +146,19 @@ def test_auto_optimizer_states_stream_from_cpu_when_only_that_fits_the_budget(be
         assert run["peak_bytes"] <= budget
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_blocks_cached_from_the_update_go_back_to_the_driver_before_the_engine_wakes():
+    """The engine maps its KV cache outside PyTorch's allocator: what PyTorch caches from the update must not stay."""
+    from lightning_rl import MemoryAwarePrecision
+
+    plugin = MemoryAwarePrecision()
+    plugin.device_type = "cuda"
+    activations = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # an update's 512 MiB, then freed
+    del activations
+    cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    free_before = torch.cuda.mem_get_info()[0]
+    assert cached >= 512 * 2**20
+    plugin.offload_for_rollout()
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 2**20
+    assert torch.cuda.mem_get_info()[0] - free_before >= 512 * 2**20  # the driver has it back
