@@ -207,6 +207,19 @@ def compile_counts() -> dict:
     return out
 
 
+def share_failure(policy, engine) -> str | None:
+    """Why an in-process engine holds its own copy of a LoRA base (None when it shares it, or does not apply)."""
+    shared = getattr(engine, "shared", None)
+    if shared is None or shared.views or getattr(engine, "lora_mode", None) != "adapter":
+        return None
+    try:
+        from lightning_rl.rollout.shared_weights import base_weight_views
+
+        return base_weight_views(policy, engine.internals.model())[1]
+    except Exception as err:  # noqa: BLE001 - a diagnostic only
+        return f"not checked: {err!r}"
+
+
 class GCTimer:
     """Seconds spent in Python's garbage collector since the last :meth:`take`."""
 
@@ -292,7 +305,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     # the trainer's own copy gave back (torch's count) when it did
                                     "shared_base_gib": (shared.bytes_shared / 2**30 if shared is not None
                                                         else None),
-                                    "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30}
+                                    "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30,
+                                    "share_failure": share_failure(pl_module.policy, engine)}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
                   sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
