@@ -74,7 +74,8 @@ def test_compiled_update_matches_eager_and_new_lengths_reuse_the_compiled_code(t
 
 def test_compiled_lora_update_matches_eager_in_one_graph_for_all_lengths(tmp_path):
     """LoRA adapters (peft, all linear layers) inside compiled decoder layers: same log-probs and adapter gradients
-    as the eager layers, and one graph for every rollout shape (no recompile per length, no graph break)."""
+    as the eager layers, and at most two graphs for all rollout shapes (padded or not; no recompile per length, no
+    graph break)."""
     from lightning_rl.lora import apply_lora
 
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def test_compiled_lora_update_matches_eager_in_one_graph_for_all_lengths(tmp_pat
         batch = _rollout(n, p, c, seed, padded)
         le, ge = _loss_and_grads(eager, batch)
         lc, gc = _loss_and_grads(compiled, batch)
-        assert set(ge) == {k for k in ge if "lora_" in k} and len(ge) == 4 * 7 * 2  # only the adapters train
+        assert all("lora_" in k for k in ge) and len(ge) == 4 * 7 * 2  # only the adapters train
         gap = (lc - le)[batch[3].bool()].abs().max().item()
         assert gap < 2e-2, f"shape {(n, p, c, padded)}: log-prob gap {gap:.3g} between compiled and eager layers"
         rel = max(((gc[k] - ge[k]).norm() / ge[k].norm().clamp(min=1e-12)).item() for k in ge)
