@@ -6,6 +6,8 @@
 #   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
+#   bash bench/gpu_visit.sh memory           # TRL beside SmolLM2 full under 2.25 and 2.5 GiB budgets (~300 s)
+#   bash bench/gpu_visit.sh memory15         # the Qwen2.5-1.5B LoRA shape under 4.5 and 5 GiB budgets (~250 s)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -57,5 +59,19 @@ case "$stage" in
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
       --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
+  memory|memory15)  # budgeted runs: fp8 KV cache and vLLM's profile run capped at 2,048 tokens
+    small='"rollout":{"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}}'
+    if [ "$stage" = memory ]; then
+      args=(--cases smollm2-full --runners trl
+            --extra "b225={\"plugin\":{\"memory_budget\":2415919104,\"engine_overhead_bytes\":402653184},$small}"
+            --extra "b250={\"plugin\":{\"memory_budget\":2684354560,\"engine_overhead_bytes\":402653184},$small}")
+    else
+      args=(--cases qwen15-lora --runners ,
+            --extra "b450={\"plugin\":{\"memory_budget\":4831838208,\"engine_overhead_bytes\":536870912},$small}"
+            --extra "b500={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$small}")
+    fi
+    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" --steps "${STEPS:-10}" \
+      --timeout 170 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
+      | grep -E "^\[|s/step|FAILED|speedup|peak_vs|Error" | cut -c1-600 | tail -30 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
