@@ -84,6 +84,7 @@ class MemorySampler:
         self.pid = os.getpid()
         self.peak_device = 0
         self.peak_process = 0
+        self.step_peak = 0  # since the last take_step_peak_gib()
         self.process_seen = False
         self._pids, self._pids_at = {self.pid}, -1.0
         self.interval = interval
@@ -100,7 +101,7 @@ class MemorySampler:
         nv = self.nvml
         used = nv.nvmlDeviceGetMemoryInfo(self.handle).used - self.baseline
         self.peak_device = max(self.peak_device, used)
-        self.step_peak = max(getattr(self, "step_peak", 0), used)
+        self.step_peak = max(self.step_peak, used)
         now = time.monotonic()
         if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
             import psutil
@@ -122,7 +123,7 @@ class MemorySampler:
 
     def take_step_peak_gib(self) -> float:
         """The device's NVML peak since the last call (one training step's), in GiB."""
-        peak, self.step_peak = max(getattr(self, "step_peak", 0), self.sample()), 0
+        peak, self.step_peak = max(self.step_peak, self.sample()), 0
         return peak / 2**30
 
     def stop(self) -> dict[str, float | None]:
