@@ -307,6 +307,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "shared_base_gib": (shared.bytes_shared / 2**30 if shared is not None
                                                         else None),
                                     "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30,
+                                    "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
                                     "share_failure": share_failure(pl_module.policy, engine)}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,

@@ -7,7 +7,7 @@
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
 #   bash bench/gpu_visit.sh memory           # TRL beside SmolLM2 full under 2.25 and 2.5 GiB budgets (~300 s)
-#   bash bench/gpu_visit.sh memory15         # the Qwen2.5-1.5B LoRA shape under 4.5 and 5 GiB budgets (~250 s)
+#   bash bench/gpu_visit.sh memory15         # the Qwen2.5-1.5B LoRA shape at 5 GiB, CUDA graphs and eager (~540 s)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -65,13 +65,16 @@ case "$stage" in
       args=(--cases smollm2-full --runners trl
             --extra "b225={\"plugin\":{\"memory_budget\":2415919104,\"engine_overhead_bytes\":402653184},$small}"
             --extra "b250={\"plugin\":{\"memory_budget\":2684354560,\"engine_overhead_bytes\":402653184},$small}")
-    else
+    else  # the first step compiles the LoRA layers (90 s for this shape): 6 steps, 270 s a run; the eager variant
+          # tells how much of the memory outside PyTorch's figures vLLM's CUDA graphs take
+      eager='"rollout":{"execution":"eager","engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}}'
       args=(--cases qwen15-lora --runners ,
-            --extra "b450={\"plugin\":{\"memory_budget\":4831838208,\"engine_overhead_bytes\":536870912},$small}"
-            --extra "b500={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$small}")
+            --extra "b500={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$small}"
+            --extra "b500e={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$eager}")
     fi
-    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" --steps "${STEPS:-10}" \
-      --timeout 170 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
+    [ "$stage" = memory ] && run_s=170 || run_s=270  # alone on the GPU: vLLM sizes TRL's cache from free memory
+    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" \
+      --steps "${STEPS:-$([ "$stage" = memory ] && echo 10 || echo 6)}" --timeout "$run_s" 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
       | grep -E "^\[|s/step|FAILED|speedup|peak_vs|Error" | cut -c1-600 | tail -30 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

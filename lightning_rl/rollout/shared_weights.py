@@ -8,6 +8,9 @@ LoRA adapter tensors are pushed at each sync. Because the trainer now reads the 
 memory, the engine may never release its weights while training runs: it sleeps by releasing
 its KV cache only (:func:`~lightning_rl.rollout.vllm_internals.release_kv_cache`), and
 :meth:`SharedBaseWeights.unshare` gives the trainer private copies back before the engine shuts down.
+
+The trainer's copy leaves the GPU before the engine allocates its weights (:func:`park_base_on_host`), so
+the two copies never meet there, and the engine loads the base from host memory.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def base_weight_views(
 ) -> tuple[dict[str, tuple[nn.Parameter, torch.Tensor]], str | None]:
     """Match each frozen base parameter of ``model`` to a view of ``engine_model``'s weights.
 
+    A parameter parked in host memory (:func:`park_base_on_host`) matches a view on the device.
+
     Returns:
         ``({name: (parameter, view)}, None)`` when every frozen parameter has a view of the same
         shape, dtype and device holding the same values, else ``({}, reason)``.
@@ -70,13 +75,13 @@ def base_weight_views(
         src = engine.get(target)
         if src is None:
             return {}, f"{name}: the engine has no parameter {target}"
-        if src.dtype != p.dtype or src.device != p.device:
+        if src.dtype != p.dtype or (src.device != p.device and p.device.type != "cpu"):
             return {}, (f"{name}: the engine holds it as {src.dtype} on {src.device}, the trainer as {p.dtype} on "
                         f"{p.device} (share only when both use the same dtype, e.g. bf16 frozen weights)")
         if src.dim() != p.dim() or src.shape[1:] != p.shape[1:] or offset + p.shape[0] > src.shape[0]:
             return {}, f"{name}: shape {tuple(p.shape)} does not fit {target} {tuple(src.shape)} at row {offset}"
         view = src.detach().narrow(0, offset, p.shape[0]) if p.dim() else src.detach()
-        if not torch.equal(view, p.detach()):
+        if not torch.equal(view, p.detach().to(view.device)):  # a parked parameter is compared on the device
             return {}, f"{name}: the engine's {target} rows {offset}:{offset + p.shape[0]} hold other values"
         views[name] = (p, view)
     return views, None
@@ -101,6 +106,53 @@ class SharedBaseWeights:
         self.views = {}
 
 
+@dataclass
+class ParkedBase:
+    """Frozen base parameters moved to host memory while an engine starts (:func:`park_base_on_host`)."""
+
+    devices: dict[str, tuple[nn.Parameter, torch.device]] = field(default_factory=dict)
+    freed_bytes: int = 0  # device memory PyTorch counted as allocated before the move, and not after
+    released_bytes: int = 0  # device memory PyTorch's allocator gave back to the driver
+
+    def restore(self) -> None:
+        """Move every parameter still in host memory back to its device (sharing failed, or the start did)."""
+        for p, device in self.devices.values():
+            if p.device != device:
+                p.data = p.data.to(device)
+        self.devices = {}
+
+
+def park_base_on_host(model: nn.Module, dtype: torch.dtype) -> tuple[ParkedBase, str | None]:
+    """Move ``model``'s frozen base parameters to host memory, before an engine that will share them starts.
+
+    Sharing replaces the trainer's copy with views of the engine's; parking it first keeps the GPU from
+    holding both while the engine allocates its own, and gives the freed blocks back to the driver.
+
+    Args:
+        model: the LoRA policy.
+        dtype: the engine's weight dtype; parameters of another dtype cannot be shared, so nothing moves then.
+
+    Returns:
+        The parked parameters and None, or an empty :class:`ParkedBase` and why nothing was moved.
+    """
+    base = frozen_base_parameters(model)
+    if not base:
+        return ParkedBase(), "the policy has no frozen base parameters"
+    odd = next((n for n, p in base.items() if p.dtype != dtype or p.device.type != "cuda"), None)
+    if odd is not None:
+        p = base[odd]
+        return ParkedBase(), f"{odd} is {p.dtype} on {p.device}, the engine's weights {dtype} on the GPU"
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    parked = ParkedBase({n: (p, p.device) for n, p in base.items()})
+    for p in base.values():
+        p.data = p.data.to("cpu")
+    del base
+    torch.cuda.empty_cache()
+    parked.freed_bytes = allocated - torch.cuda.memory_allocated()
+    parked.released_bytes = reserved - torch.cuda.memory_reserved()
+    return parked, None
+
+
 def share_base_with_engine(model: nn.Module, engine_model: nn.Module) -> tuple[SharedBaseWeights, str | None]:
     """Point ``model``'s frozen base parameters at ``engine_model``'s weights (see the module docstring).
 
@@ -117,8 +169,10 @@ def share_base_with_engine(model: nn.Module, engine_model: nn.Module) -> tuple[S
 
 
 __all__ = [
+    "ParkedBase",
     "SharedBaseWeights",
     "base_weight_views",
     "frozen_base_parameters",
+    "park_base_on_host",
     "share_base_with_engine",
 ]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import logging
 import shutil
 import tempfile
@@ -47,7 +46,12 @@ from lightning_rl.rollout.policy_weights import (
     vllm_lora_rank,
 )
 from lightning_rl.rollout.sharded_weights import is_sharded
-from lightning_rl.rollout.shared_weights import SharedBaseWeights, share_base_with_engine
+from lightning_rl.rollout.shared_weights import (
+    ParkedBase,
+    SharedBaseWeights,
+    park_base_on_host,
+    share_base_with_engine,
+)
 from lightning_rl.rollout.sleep_state import Memory, SleepState
 from lightning_rl.rollout.tensor_parallel import gather_group_prompts, own_rows, take_rows
 from lightning_rl.rollout.vllm_checks import check_architecture, check_eos_ids, check_prompt_lengths, require_cuda
@@ -128,6 +132,11 @@ class VLLMEngine:
         self.weight_bytes = weight_bytes
         self.weights_root = weights_root
         self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
+        share = adapter and settings.share_base_weights is not False and not unshareable
+        parked, park_reason = park_base_on_host(model, weight_dtype) if share else (ParkedBase(), None)
+        if park_reason and settings.share_base_weights:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise ValueError(f"share_base_weights=True, but the base weights cannot be shared: {park_reason}")
         try:
             kwargs = self._llm_kwargs(model, max_num_seqs * ranks.tensor_parallel_size)
             self.tp_group = new_tp_group(ranks)  # collective: every process, before vLLM makes its own groups
@@ -135,14 +144,19 @@ class VLLMEngine:
             launcher_env = ranks.launcher_env() if ranks.external_launcher else None
             self.internals = VLLMInternals.start(kwargs, launcher_env)
         except Exception:
+            parked.restore()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         self.startup_time = time.perf_counter() - t0
         self.llm = self.internals.llm
         self.engine_kwargs = kwargs
-        self.sync_weights(model)
-        if adapter and settings.share_base_weights is not False and not unshareable:
-            self._share_base(model, required=bool(settings.share_base_weights))
+        try:
+            self.sync_weights(model)  # a parked base loads from host memory
+        except Exception:
+            parked.restore()
+            raise
+        if share and not park_reason:
+            self._share_base(model, required=bool(settings.share_base_weights), parked=parked)
 
     @classmethod
     def from_llm(
@@ -204,6 +218,7 @@ class VLLMEngine:
         self.state = state or SleepState()
         self.shared = SharedBaseWeights()
         self.shared_freed_bytes = 0
+        self.shared_released_bytes = 0
         self.startup_time = 0.0
         self.engine_kwargs: dict[str, Any] = {}
         self.ranks = ranks or EngineRanks()
@@ -257,19 +272,24 @@ class VLLMEngine:
         kwargs.update(s.engine_kwargs)
         return kwargs
 
-    def _share_base(self, model: nn.Module, required: bool) -> None:
-        before = torch.cuda.memory_allocated()
+    def _share_base(self, model: nn.Module, required: bool, parked: ParkedBase) -> None:
+        """Point the parked base parameters at the engine's weights, or move them back to the GPU."""
         shared, reason = share_base_with_engine(model, self.internals.model())
         if reason:
+            parked.restore()
             if required:
                 self.shutdown()
                 raise ValueError(f"share_base_weights=True, but the base weights cannot be shared: {reason}")
             log.info("LoRA base weights not shared with the vLLM engine (%s): the GPU holds two copies", reason)
             return
         self.shared = shared
-        gc.collect()
-        torch.cuda.empty_cache()
-        self.shared_freed_bytes = before - torch.cuda.memory_allocated()  # the trainer's copy, now gone
+        self.shared_freed_bytes = parked.freed_bytes  # the trainer's copy, gone before the engine started
+        self.shared_released_bytes = parked.released_bytes
+        if parked.released_bytes < 0.9 * parked.freed_bytes:
+            log.warning("LoRA base weights shared with the vLLM engine, but PyTorch's allocator kept %.0f of the %.0f "
+                        "MiB the trainer's copy freed (other tensors share its memory blocks): the GPU holds that "
+                        "much more than the memory plan counts", (parked.freed_bytes - parked.released_bytes) / 2**20,
+                        parked.freed_bytes / 2**20)
         log.info("LoRA base weights shared with the vLLM engine: %.1f MiB held once", shared.bytes_shared / 2**20)
 
     def _runner(self) -> Any:

@@ -244,14 +244,22 @@ def _lora_bf16(model, seed=0):
     return peft
 
 
-def test_lora_base_weights_shared_with_the_engine(smol):
-    model, tok = smol
+def _lora_prompts_and_logits(model, tok):
+    """A bf16 LoRA policy, the prompts' ids, a batch of the first one and the policy's logits on it."""
     peft = _lora_bf16(model)
     ids = encode_prompts(tok, PROMPTS)
     batch = torch.tensor([ids[0]], device="cuda")
     with torch.no_grad():
-        logits_before = peft(input_ids=batch).logits.float()
+        return peft, ids, batch, peft(input_ids=batch).logits.float()
+
+
+def test_lora_base_weights_shared_with_the_engine(smol):
+    tok = smol[1]
+    peft, ids, batch, logits_before = _lora_prompts_and_logits(*smol)
     greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    used_before = _used()
     engine = _engine(
         peft,
         tok,
@@ -263,10 +271,14 @@ def test_lora_base_weights_shared_with_the_engine(smol):
     )
     try:
         shared = engine.shared.bytes_shared
-        trainer_freed = engine.shared_freed_bytes
-        print(f"shared base: {shared / 2**20:.1f} MiB; trainer allocator freed {trainer_freed / 2**20:.1f} MiB")
+        trainer_freed, released = engine.shared_freed_bytes, engine.shared_released_bytes
+        rise = _used() - used_before
+        print(f"shared base: {shared / 2**20:.1f} MiB; trainer allocator freed {trainer_freed / 2**20:.1f} MiB, "
+              f"gave the driver {released / 2**20:.1f} MiB; device memory rose {rise / GIB:.2f} GiB at the start")
         assert shared > 200 * 2**20  # SmolLM2-135M in bf16: ~257 MiB without the tied head
-        assert trainer_freed >= 0.9 * shared
+        assert trainer_freed >= 0.9 * shared  # the trainer's copy left before the engine loaded its own
+        assert released >= 0.9 * trainer_freed  # and went back to the driver, not into PyTorch's cache
+        assert all(p.device.type == "cuda" for p in peft.parameters())
         for p, view in engine.shared.views.values():
             assert p.data_ptr() == view.data_ptr()
         with torch.no_grad():
@@ -306,6 +318,36 @@ def test_lora_base_weights_shared_with_the_engine(smol):
     assert not engine.shared.views  # the trainer got private copies back before the engine went away
     with torch.no_grad():
         assert torch.equal(peft(input_ids=batch).logits.float(), logits_trained)
+
+
+def test_a_parked_base_goes_back_to_the_gpu_when_sharing_fails(smol, monkeypatch):
+    import lightning_rl.rollout.vllm as vllm_engine
+
+    tok = smol[1]
+    peft, ids, batch, logits_before = _lora_prompts_and_logits(*smol)
+    monkeypatch.setattr(vllm_engine, "share_base_with_engine",
+                        lambda *a: (vllm_engine.SharedBaseWeights(), "refused by the test"))
+    engine = _engine(peft, tok, dtype="bfloat16", lora_sync="adapter")  # share_base_weights=None: try, fall back
+    try:
+        assert not engine.shared.views and engine.shared_freed_bytes == 0
+        assert all(p.device.type == "cuda" for p in peft.parameters())  # the parked base came back
+        with torch.no_grad():
+            assert torch.equal(peft(input_ids=batch).logits.float(), logits_before)
+        assert len(_rows(engine.generate(ids, SamplingConfig(max_new_tokens=8, temperature=0.0), 1))) == len(ids)
+    finally:
+        engine.shutdown()
+
+
+def test_share_base_weights_true_raises_when_sharing_fails_and_the_base_is_back_on_the_gpu(smol, monkeypatch):
+    import lightning_rl.rollout.vllm as vllm_engine
+
+    model, tok = smol
+    peft = _lora_bf16(model)
+    monkeypatch.setattr(vllm_engine, "share_base_with_engine",
+                        lambda *a: (vllm_engine.SharedBaseWeights(), "refused by the test"))
+    with pytest.raises(ValueError, match="refused by the test"):  # one sleep-mode engine per process: its own test
+        _engine(peft, tok, dtype="bfloat16", lora_sync="adapter", share_base_weights=True)
+    assert all(p.device.type == "cuda" for p in peft.parameters())
 
 
 def test_grpo_lora_fit_with_shared_base_and_the_memory_plugin():

@@ -5,7 +5,12 @@ from torch import nn
 
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
-from lightning_rl.rollout.shared_weights import base_weight_views, frozen_base_parameters, share_base_with_engine
+from lightning_rl.rollout.shared_weights import (
+    base_weight_views,
+    frozen_base_parameters,
+    park_base_on_host,
+    share_base_with_engine,
+)
 
 
 class FakeVLLMModel(nn.Module):
@@ -115,3 +120,13 @@ def test_refuses_other_dtype_or_values():
     assert views == {} and "no parameter" in reason
     # nothing was changed by the refusals
     assert all(p.data_ptr() == q.data_ptr() for p, q in zip(base.values(), frozen_base_parameters(model).values()))
+
+
+def test_nothing_is_parked_when_the_base_cannot_be_shared():
+    model = _lora_policy(torch.float32)
+    before = {n: p.data_ptr() for n, p in frozen_base_parameters(model).items()}
+    parked, reason = park_base_on_host(model, torch.bfloat16)
+    assert not parked.devices and "torch.float32 on cpu" in reason and "torch.bfloat16" in reason
+    parked, reason = park_base_on_host(_lora_policy(), torch.bfloat16)  # bf16, but not on a GPU
+    assert not parked.devices and "on cpu" in reason
+    assert before == {n: p.data_ptr() for n, p in frozen_base_parameters(model).items()}
