@@ -121,6 +121,17 @@ class MemorySampler:
     def current_gib(self) -> float:
         return self.sample() / 2**30
 
+    def non_torch_gib(self) -> float | None:
+        """This process's NVML figure now less PyTorch's reserved memory: context, libraries, graphs, modules."""
+        import torch
+
+        try:
+            own = [p.usedGpuMemory for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                   if p.pid == self.pid and p.usedGpuMemory]
+        except self.nvml.NVMLError:
+            return None
+        return (sum(own) - torch.cuda.memory_reserved()) / 2**30 if own else None
+
     def take_step_peak_gib(self) -> float:
         """The device's NVML peak since the last call (one training step's), in GiB."""
         peak, self.step_peak = max(self.step_peak, self.sample()), 0
@@ -257,10 +268,15 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     class StepTimer(L.Callback):
         def __init__(self, rollout_cb):
             self.rollout_cb, self.steps, self.rewards = rollout_cb, [], []
+            self.non_torch: dict[str, float | None] = {}
             self.gc = GCTimer()
+
+        def on_fit_start(self, trainer, pl_module):  # runs before the rollout callback builds the engine
+            self.non_torch = {"before_engine": sampler.non_torch_gib()}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
+            self.non_torch.setdefault("before_first_step", sampler.non_torch_gib())  # the engine has started
             sampler.take_step_peak_gib()  # the step's NVML peak starts here
             self.t0 = time.perf_counter()
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
@@ -293,6 +309,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "tokens": int(batch["rollout"].completion_mask.sum()),
                                "gc_s": self.gc.take(), **compile_counts(),
                                "step_nvml_peak_gib": sampler.take_step_peak_gib(),
+                               "non_torch_gib": sampler.non_torch_gib(),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})
@@ -308,7 +325,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                                         else None),
                                     "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30,
                                     "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
-                                    "share_failure": share_failure(pl_module.policy, engine)}
+                                    "share_failure": share_failure(pl_module.policy, engine),
+                                    # where the memory outside PyTorch's figures appeared (first step: compile)
+                                    **{f"non_torch_{k}_gib": v for k, v in self.non_torch.items()}}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
                   sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
