@@ -137,6 +137,8 @@ class VLLMEngine:
         if park_reason and settings.share_base_weights:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise ValueError(f"share_base_weights=True, but the base weights cannot be shared: {park_reason}")
+        if park_reason:
+            log.info("LoRA base weights not shared with the vLLM engine (%s): the GPU holds two copies", park_reason)
         try:
             kwargs = self._llm_kwargs(model, max_num_seqs * ranks.tensor_parallel_size)
             self.tp_group = new_tp_group(ranks)  # collective: every process, before vLLM makes its own groups
