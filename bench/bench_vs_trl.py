@@ -108,15 +108,20 @@ class MemorySampler:
 
             self._pids = {self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))}
             self._pids_at = now
-        try:
-            ours = [p.usedGpuMemory for p in nv.nvmlDeviceGetComputeRunningProcesses(self.handle)
-                    if p.pid in self._pids and p.usedGpuMemory]
-            if ours:
-                self.process_seen = True
-                self.peak_process = max(self.peak_process, sum(ours))
-        except nv.NVMLError:
-            pass
+        ours = self._used_by(self._pids)
+        if ours is not None:
+            self.process_seen = True
+            self.peak_process = max(self.peak_process, ours)
         return used
+
+    def _used_by(self, pids: set[int]) -> int | None:
+        """NVML's device bytes of these processes (None when NVML lists none of them)."""
+        try:
+            used = [p.usedGpuMemory for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                    if p.pid in pids and p.usedGpuMemory]
+        except self.nvml.NVMLError:
+            return None
+        return sum(used) if used else None
 
     def current_gib(self) -> float:
         return self.sample() / 2**30
@@ -125,12 +130,8 @@ class MemorySampler:
         """This process's NVML figure now less PyTorch's reserved memory: context, libraries, graphs, modules."""
         import torch
 
-        try:
-            own = [p.usedGpuMemory for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-                   if p.pid == self.pid and p.usedGpuMemory]
-        except self.nvml.NVMLError:
-            return None
-        return (sum(own) - torch.cuda.memory_reserved()) / 2**30 if own else None
+        own = self._used_by({self.pid})
+        return None if own is None else (own - torch.cuda.memory_reserved()) / 2**30
 
     def take_step_peak_gib(self) -> float:
         """The device's NVML peak since the last call (one training step's), in GiB."""

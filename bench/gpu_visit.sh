@@ -60,21 +60,23 @@ case "$stage" in
       --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
   memory|memory15)  # budgeted runs: fp8 KV cache and vLLM's profile run capped at 2,048 tokens
-    small='"rollout":{"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}}'
-    if [ "$stage" = memory ]; then
+    kw='"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}'
+    small="\"rollout\":{$kw}"
+    if [ "$stage" = memory ]; then  # alone on the GPU: vLLM sizes TRL's KV cache from the free memory
+      run_s=170 steps=10
       args=(--cases smollm2-full --runners trl
             --extra "b225={\"plugin\":{\"memory_budget\":2415919104,\"engine_overhead_bytes\":402653184},$small}"
             --extra "b250={\"plugin\":{\"memory_budget\":2684354560,\"engine_overhead_bytes\":402653184},$small}")
     else  # the first step compiles the LoRA layers (90 s for this shape): 6 steps, 270 s a run; the eager variant
           # tells how much of the memory outside PyTorch's figures vLLM's CUDA graphs take
-      eager='"rollout":{"execution":"eager","engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}}'
+      run_s=270 steps=6
+      eager="\"rollout\":{\"execution\":\"eager\",$kw}"
       args=(--cases qwen15-lora --runners ,
             --extra "b500={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$small}"
             --extra "b500e={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$eager}")
     fi
-    [ "$stage" = memory ] && run_s=170 || run_s=270  # alone on the GPU: vLLM sizes TRL's cache from free memory
-    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" \
-      --steps "${STEPS:-$([ "$stage" = memory ] && echo 10 || echo 6)}" --timeout "$run_s" 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
+    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" --steps "${STEPS:-$steps}" \
+      --timeout "$run_s" 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
       | grep -E "^\[|s/step|FAILED|speedup|peak_vs|Error" | cut -c1-600 | tail -30 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -110,16 +110,16 @@ class SharedBaseWeights:
 class ParkedBase:
     """Frozen base parameters moved to host memory while an engine starts (:func:`park_base_on_host`)."""
 
-    devices: dict[str, tuple[nn.Parameter, torch.device]] = field(default_factory=dict)
+    devices: list[tuple[nn.Parameter, torch.device]] = field(default_factory=list)  # each with its own device
     freed_bytes: int = 0  # device memory PyTorch counted as allocated before the move, and not after
     released_bytes: int = 0  # device memory PyTorch's allocator gave back to the driver
 
     def restore(self) -> None:
         """Move every parameter still in host memory back to its device (sharing failed, or the start did)."""
-        for p, device in self.devices.values():
+        for p, device in self.devices:
             if p.device != device:
                 p.data = p.data.to(device)
-        self.devices = {}
+        self.devices = []
 
 
 def park_base_on_host(model: nn.Module, dtype: torch.dtype) -> tuple[ParkedBase, str | None]:
@@ -143,7 +143,7 @@ def park_base_on_host(model: nn.Module, dtype: torch.dtype) -> tuple[ParkedBase,
         p = base[odd]
         return ParkedBase(), f"{odd} is {p.dtype} on {p.device}, the engine's weights {dtype} on the GPU"
     allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-    parked = ParkedBase({n: (p, p.device) for n, p in base.items()})
+    parked = ParkedBase([(p, p.device) for p in base.values()])
     for p in base.values():
         p.data = p.data.to("cpu")
     del base

@@ -137,8 +137,6 @@ class VLLMEngine:
         if park_reason and settings.share_base_weights:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise ValueError(f"share_base_weights=True, but the base weights cannot be shared: {park_reason}")
-        if park_reason:
-            log.info("LoRA base weights not shared with the vLLM engine (%s): the GPU holds two copies", park_reason)
         try:
             kwargs = self._llm_kwargs(model, max_num_seqs * ranks.tensor_parallel_size)
             self.tp_group = new_tp_group(ranks)  # collective: every process, before vLLM makes its own groups
@@ -157,8 +155,8 @@ class VLLMEngine:
         except Exception:
             parked.restore()
             raise
-        if share and not park_reason:
-            self._share_base(model, required=bool(settings.share_base_weights), parked=parked)
+        if share:
+            self._share_base(model, bool(settings.share_base_weights), parked, park_reason)
 
     @classmethod
     def from_llm(
@@ -274,9 +272,13 @@ class VLLMEngine:
         kwargs.update(s.engine_kwargs)
         return kwargs
 
-    def _share_base(self, model: nn.Module, required: bool, parked: ParkedBase) -> None:
-        """Point the parked base parameters at the engine's weights, or move them back to the GPU."""
-        shared, reason = share_base_with_engine(model, self.internals.model())
+    def _share_base(self, model: nn.Module, required: bool, parked: ParkedBase, park_reason: str | None) -> None:
+        """Point the parked base parameters at the engine's weights, or move them back to the GPU.
+
+        ``park_reason``: why nothing was parked (sharing is impossible); then only that is logged.
+        """
+        shared, reason = ((SharedBaseWeights(), park_reason) if park_reason
+                          else share_base_with_engine(model, self.internals.model()))
         if reason:
             parked.restore()
             if required:
