@@ -68,6 +68,38 @@ def contains_sum(prompts, completions, answer, **kwargs):
     return [float(a in text_of(c)) for c, a in zip(completions, answer)]
 
 
+def cumem_bytes() -> dict[str, int]:
+    """Bytes of vLLM's sleep-mode allocator (weights and KV cache of an in-process engine), mapped and unmapped."""
+    out = {"mapped": 0, "unmapped": 0}
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+
+        for data in CuMemAllocator.get_instance().pointer_to_data.values():
+            out["unmapped" if data.is_asleep else "mapped"] += data.handle[1]
+    except Exception:  # no vLLM, or an allocator of another shape
+        pass
+    return out
+
+
+def cuda_stack_kib() -> float | None:
+    """The CUDA stack (local memory) per thread now, in KiB: the driver reserves it for every resident thread, and
+    it grows to the largest any launched kernel needs (spilling Triton kernels)."""
+    import ctypes
+
+    import torch
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        value = ctypes.c_size_t()
+        torch.cuda.init()
+        if lib.cudaDeviceGetLimit(ctypes.byref(value), 0) == 0:  # cudaLimitStackSize
+            return value.value / 1024
+    return None
+
+
 class MemorySampler:
     """Peak device memory from NVML, sampled every ``interval`` seconds in a thread.
 
@@ -85,6 +117,7 @@ class MemorySampler:
         self.peak_device = 0
         self.peak_process = 0
         self.step_peak = 0  # since the last take_step_peak_gib()
+        self.step_peak_process = 0  # this process and its children, since the last take_step_peak_gib()
         self.process_seen = False
         self._pids, self._pids_at = {self.pid}, -1.0
         self.interval = interval
@@ -112,6 +145,7 @@ class MemorySampler:
         if ours is not None:
             self.process_seen = True
             self.peak_process = max(self.peak_process, ours)
+            self.step_peak_process = max(self.step_peak_process, ours)
         return used
 
     def _used_by(self, pids: set[int]) -> int | None:
@@ -127,16 +161,39 @@ class MemorySampler:
         return self.sample() / 2**30
 
     def non_torch_gib(self) -> float | None:
-        """This process's NVML figure now less PyTorch's reserved memory: context, libraries, graphs, modules."""
+        """This process's NVML figure now less the device memory PyTorch holds: context, libraries, graphs, modules.
+
+        vLLM's sleep-mode allocator unmaps the KV cache behind PyTorch's back: PyTorch still counts those segments
+        as reserved, so they are taken out of its figure.
+        """
         import torch
 
         own = self._used_by({self.pid})
-        return None if own is None else (own - torch.cuda.memory_reserved()) / 2**30
+        if own is None:
+            return None
+        return (own - torch.cuda.memory_reserved() + cumem_bytes()["unmapped"]) / 2**30
+
+    def breakdown(self) -> dict[str, float | None]:
+        """Where this process's device memory is now, in GiB (and the CUDA stack per thread, in KiB)."""
+        import torch
+
+        own, cumem = self._used_by({self.pid}), cumem_bytes()
+        return {"nvml_gib": None if own is None else own / 2**30,
+                "torch_reserved_gib": torch.cuda.memory_reserved() / 2**30,
+                "torch_allocated_gib": torch.cuda.memory_allocated() / 2**30,
+                "cumem_mapped_gib": cumem["mapped"] / 2**30, "cumem_unmapped_gib": cumem["unmapped"] / 2**30,
+                "non_torch_gib": self.non_torch_gib(), "cuda_stack_kib": cuda_stack_kib()}
 
     def take_step_peak_gib(self) -> float:
-        """The device's NVML peak since the last call (one training step's), in GiB."""
+        """The device's NVML peak since the last call (one training step's), in GiB; the process's is kept for
+        :meth:`take_step_process_peak_gib`."""
         peak, self.step_peak = max(self.step_peak, self.sample()), 0
+        self.last_step_peak_process, self.step_peak_process = self.step_peak_process, 0
         return peak / 2**30
+
+    def take_step_process_peak_gib(self) -> float:
+        """The process's (and its children's) NVML peak over the span the last take_step_peak_gib() closed."""
+        return getattr(self, "last_step_peak_process", 0) / 2**30
 
     def stop(self) -> dict[str, float | None]:
         self._stop.set()
@@ -270,20 +327,29 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         def __init__(self, rollout_cb):
             self.rollout_cb, self.steps, self.rewards = rollout_cb, [], []
             self.non_torch: dict[str, float | None] = {}
+            self.memory: dict[str, dict] = {}  # sampler.breakdown() at the first step's milestones
             self.gc = GCTimer()
 
         def on_fit_start(self, trainer, pl_module):  # runs before the rollout callback builds the engine
             self.non_torch = {"before_engine": sampler.non_torch_gib()}
+            self.memory = {"before_engine": sampler.breakdown()}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
             self.non_torch.setdefault("before_first_step", sampler.non_torch_gib())  # the engine has started
+            self.memory.setdefault("before_first_step", sampler.breakdown())
             sampler.take_step_peak_gib()  # the step's NVML peak starts here
+            # loading, converting and the engine's start: the process's peak before the first step
+            if not hasattr(self, "setup_peak_gib"):
+                self.setup_peak_gib = sampler.take_step_process_peak_gib()
             self.t0 = time.perf_counter()
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
+            self.memory.setdefault("first_optimizer_step", sampler.breakdown())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             torch.cuda.synchronize()
@@ -310,7 +376,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "tokens": int(batch["rollout"].completion_mask.sum()),
                                "gc_s": self.gc.take(), **compile_counts(),
                                "step_nvml_peak_gib": sampler.take_step_peak_gib(),
-                               "non_torch_gib": sampler.non_torch_gib(),
+                               "step_nvml_process_peak_gib": sampler.take_step_process_peak_gib(),
+                               "memory": sampler.breakdown(),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})
@@ -328,7 +395,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
                                     "share_failure": share_failure(pl_module.policy, engine),
                                     # where the memory outside PyTorch's figures appeared (first step: compile)
-                                    **{f"non_torch_{k}_gib": v for k, v in self.non_torch.items()}}
+                                    "setup_nvml_process_peak_gib": getattr(self, "setup_peak_gib", None),
+                                    **{f"non_torch_{k}_gib": v for k, v in self.non_torch.items()},
+                                    **{f"memory_{k}": v for k, v in self.memory.items()}}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
                   sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
@@ -544,6 +613,10 @@ def ratios(runs: list[dict]) -> dict:
             out[f"{trl['case']}/{ours['runner']}"] = {
                 "speedup_vs_trl": trl["s_per_step"] / ours["s_per_step"],
                 "peak_vs_trl_device": ours["peak_nvml_device_gib"] / trl["peak_nvml_device_gib"],
+                # each process's own figure (engine processes included): the one that holds when runs share the GPU
+                "peak_vs_trl_process": (ours["peak_nvml_process_gib"] / trl["peak_nvml_process_gib"]
+                                        if ours.get("peak_nvml_process_gib") and trl.get("peak_nvml_process_gib")
+                                        else None),
                 "reward_last_ours": ours["rewards"][-1] if ours["rewards"] else None,
                 "reward_last_trl": trl["rewards"][-1] if trl["rewards"] else None,
             }

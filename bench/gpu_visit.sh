@@ -6,8 +6,8 @@
 #   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
-#   bash bench/gpu_visit.sh memory           # TRL beside SmolLM2 full under 2.25 and 2.5 GiB budgets (~300 s)
-#   bash bench/gpu_visit.sh memory15         # the Qwen2.5-1.5B LoRA shape at 5 GiB, CUDA graphs and eager (~540 s)
+#   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
+#                                            # at 5 GiB (~480 s; SKIP_TRL=1 leaves TRL out)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -59,24 +59,24 @@ case "$stage" in
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
       --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
-  memory|memory15)  # budgeted runs: fp8 KV cache and vLLM's profile run capped at 2,048 tokens
+  memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
+           # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
+           # ours side by side (each process's NVML figure is its own; their times are not clean): SmolLM2 full
+           # at 3 GiB, and the Qwen2.5-1.5B LoRA shape at 5 GiB (the first step compiles the LoRA layers for 90 s)
+    timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_vs_trl as b; \
+b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/models.log" 2>&1
     kw='"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}'
-    small="\"rollout\":{$kw}"
-    if [ "$stage" = memory ]; then  # alone on the GPU: vLLM sizes TRL's KV cache from the free memory
-      run_s=170 steps=10
-      args=(--cases smollm2-full --runners trl
-            --extra "b225={\"plugin\":{\"memory_budget\":2415919104,\"engine_overhead_bytes\":402653184},$small}"
-            --extra "b250={\"plugin\":{\"memory_budget\":2684354560,\"engine_overhead_bytes\":402653184},$small}")
-    else  # the first step compiles the LoRA layers (90 s for this shape): 6 steps, 270 s a run; the eager variant
-          # tells how much of the memory outside PyTorch's figures vLLM's CUDA graphs take
-      run_s=270 steps=6
-      eager="\"rollout\":{\"execution\":\"eager\",$kw}"
-      args=(--cases qwen15-lora --runners ,
-            --extra "b500={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$small}"
-            --extra "b500e={\"plugin\":{\"memory_budget\":5368709120,\"engine_overhead_bytes\":536870912},$eager}")
-    fi
-    timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" "${args[@]}" --steps "${STEPS:-$steps}" \
-      --timeout "$run_s" 2>&1 | grep -vE "^(INFO|DEBUG)" | tee "$WORK/bench.log" \
-      | grep -E "^\[|s/step|FAILED|speedup|peak_vs|Error" | cut -c1-600 | tail -30 ;;
+    b300='{"plugin":{"memory_budget":3221225472,"engine_overhead_bytes":402653184},"rollout":{'$kw'}}'
+    b500='{"plugin":{"memory_budget":5368709120,"engine_overhead_bytes":536870912},"rollout":{'$kw'}}'
+    run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and log named after NAME
+      local name=$1 secs=$2; shift 2
+      timeout "$secs" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_$name.json" "$@" 2>&1 \
+        | grep -vE "^(INFO|DEBUG)" > "$WORK/bench_$name.log"
+    }
+    [ -n "${SKIP_TRL:-}" ] || run_bench trl 200 --cases smollm2-full --runners trl --steps 10 --timeout 190
+    run_bench smollm2 200 --cases smollm2-full --runners , --extra "b300=$b300" --steps 10 --timeout 190 &
+    run_bench b500 280 --cases qwen15-lora --runners , --extra "b500=$b500" --steps 6 --timeout 270 &
+    wait
+    grep -hE "^\[|s/step|FAILED|Error" "$WORK"/bench_*.log | cut -c1-400 | tail -30 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -30,6 +30,7 @@ from lightning_rl.models import (
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
 from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
 from lightning_rl.modules.health import RunHealth
+from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
 from lightning_rl.modules.sharding import (
@@ -189,7 +190,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if self.policy is not None:
             self.apply_sharding()
             return
-        net, tok = load_policy(self.model_source, self.model_config, self.dtype_name)
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        net, tok = load_policy(self.model_source, self.model_config,
+                               policy_load_dtype(self.dtype_name, self.lora, plugin))
         if self.needs_reference_model and self.lora is None:
             ref = copy.deepcopy(net).eval().requires_grad_(False)
             self._frozen_reference = [ref]

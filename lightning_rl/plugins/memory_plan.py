@@ -299,6 +299,13 @@ def planned_engine_bytes(plan: MemoryPlan) -> int | None:
     return sum(plan.rollout_parts.get(k, 0) for k in _ENGINE_ROLLOUT_PARTS)
 
 
+CONTEXT_PART = "CUDA context and libraries (outside PyTorch)"
+
+
+def _context_part(context_bytes: int) -> dict[str, int]:
+    return {CONTEXT_PART: int(context_bytes)} if context_bytes > 0 else {}
+
+
 def _explain(phase: str, parts: Mapping[str, int], budget: int, need: str, fixes: Iterable[str]) -> str:
     lines = [f"the {phase} phase does not fit in the memory budget of {fmt_bytes(budget)}: {need}."]
     lines += [f"  {k}: {fmt_bytes(v)}" for k, v in parts.items()]
@@ -321,6 +328,7 @@ def plan_memory(
     extra_train_parts: Mapping[str, int] | None = None,
     reserved_bytes: int = 256 * MiB,
     optimizer_device_bytes: int | None = None,
+    context_bytes: int = 0,
 ) -> MemoryPlan:
     """Choose the micro-batch size (tokens) and the KV-cache budget, or explain why nothing fits.
 
@@ -339,6 +347,9 @@ def plan_memory(
             the device during the step: the bytes of states on the device at once (one chunk). The train
             phase counts this instead of ``optimizer_bytes`` and the rollout phase counts no states.
             None: all states stay on the device.
+        context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
+            modules), counted in both phases so that the budget is the process's whole figure (what NVML and
+            ``nvidia-smi`` show).
 
     Raises:
         MemoryPlanError: a phase cannot fit, with each part's figure and what to change.
@@ -361,6 +372,7 @@ def plan_memory(
         **opt_part,
         **dict(extra_train_parts or {}),
         "reserve": reserved_bytes,
+        **_context_part(context_bytes),
     }
     free = budget_bytes - sum(static.values())
     min_act = activation_bytes_per_token * sequence_tokens
@@ -385,6 +397,7 @@ def plan_memory(
             "engine weights": rollout.engine_weight_bytes,
             "engine workspace": rollout.overhead_bytes,
             "reserve": reserved_bytes,
+            **_context_part(context_bytes),
         }
         kv_free = budget_bytes - sum(rstatic.values())
         exact = rollout.tokens * rollout.kv_bytes_per_token
@@ -402,6 +415,7 @@ def plan_memory(
 
 
 __all__ = [
+    "CONTEXT_PART",
     "ENGINE_BESIDE_PART",
     "MAX_MICRO_BATCH_TOKENS",
     "GiB",

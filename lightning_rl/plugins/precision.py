@@ -43,6 +43,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_rl.plugins.device_context import context_bytes_for
 from lightning_rl.plugins.memory_plan import (
     GiB,
     MemoryPlan,
@@ -131,8 +132,9 @@ class MemoryAwarePrecision(Precision):
             engine is awake. None (default): only when the memory plan's rollout phase does not fit the
             budget with them on the device (each offload costs two host copies of the states and a
             re-allocation of the training memory: ``bench/results/vs_trl_NOTES.md``); off on a CPU.
-        memory_budget: device memory training may use: bytes (> 1), a fraction of the device (<= 1),
-            or None (the device's total times ``utilization``; no plan on a CPU).
+        memory_budget: device memory the process may use, as NVML and ``nvidia-smi`` count it (PyTorch's
+            memory, the in-process rollout engine's, and ``context_bytes``): bytes (> 1), a fraction of the
+            device (<= 1), or None (the device's total times ``utilization``; no plan on a CPU).
         utilization: fraction of the device's total used when ``memory_budget`` is None.
         plan: make a memory plan at setup (and refuse early when nothing fits).
         adjust_micro_batch: lower the module's ``micro_batch_size`` to what the plan allows.
@@ -151,6 +153,9 @@ class MemoryAwarePrecision(Precision):
             states in CPU memory; then ``cpu``, before the rollout engine gives up running beside the update.
         step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
             (a parameter whose states alone are larger is stepped on its own).
+        context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
+            modules), which the plan counts in both phases. None (default): measured through NVML when the plan
+            is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
     """
 
     def __init__(
@@ -170,6 +175,7 @@ class MemoryAwarePrecision(Precision):
         log_memory: bool = True,
         optimizer_states: OptimizerStates = "auto",
         step_chunk_bytes: int = 64 * MiB,
+        context_bytes: int | None = None,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -188,6 +194,8 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"optimizer_states must be 'auto', 'device' or 'cpu', got {optimizer_states!r}")
         if step_chunk_bytes <= 0:
             raise ValueError(f"step_chunk_bytes must be > 0, got {step_chunk_bytes}")
+        if context_bytes is not None and context_bytes < 0:
+            raise ValueError(f"context_bytes must be >= 0 (or None to measure it), got {context_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         auto = compute_dtype == "auto"
         self.compute_dtype = default_compute_dtype(self.device_type) if auto else _DTYPES[compute_dtype]
@@ -206,6 +214,8 @@ class MemoryAwarePrecision(Precision):
         self.log_memory = log_memory
         self.optimizer_states = optimizer_states
         self.step_chunk_bytes = int(step_chunk_bytes)
+        self.context_bytes = context_bytes
+        self.planned_context_bytes = 0  # what the last plan counted outside PyTorch
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
@@ -371,7 +381,10 @@ class MemoryAwarePrecision(Precision):
                 self._apply_plan(self._module)
         if self.enforce_budget and device.type == "cuda" and self.memory_budget is not None:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self._budget(total) / total), device)
+            outside = self.planned_context_bytes if self.memory_plan is not None else context_bytes_for(
+                device, self.context_bytes)
+            torch_share = self._budget(total) - outside
+            torch.cuda.set_per_process_memory_fraction(min(1.0, max(torch_share, 0) / total), device)
         if self.log_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return model, optimizers, lr_schedulers
@@ -473,6 +486,7 @@ class MemoryAwarePrecision(Precision):
                              if p.requires_grad and p.dtype == torch.float32)
         modules = [module, *shape.extra_frozen]
         rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
+        self.planned_context_bytes = context_bytes_for(device, self.context_bytes)
         return plan_for_shape(
             shape, ModelMemory.from_modules(modules), budget_bytes=budget,
             compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
@@ -480,7 +494,7 @@ class MemoryAwarePrecision(Precision):
             offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
-            gathered_weight_bytes=fsdp2_gathered_bytes(modules))
+            gathered_weight_bytes=fsdp2_gathered_bytes(modules), context_bytes=self.planned_context_bytes)
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).

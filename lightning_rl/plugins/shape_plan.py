@@ -67,6 +67,7 @@ def plan_for_shape(
     activation_bytes_per_token_override: int | None = None,
     reserved_bytes: int = 256 * 1024**2,
     gathered_weight_bytes: int = 0,
+    context_bytes: int = 0,
 ) -> MemoryPlan:
     """Plan a module's steps.
 
@@ -86,6 +87,7 @@ def plan_for_shape(
         reserved_bytes: kept free for fragmentation and small buffers.
         gathered_weight_bytes: FSDP2's gathered (unsharded) weights held at once in the update
             (:func:`~.memory_plan.fsdp2_gathered_bytes`); ``model`` then counts this process's shards.
+        context_bytes: the process's device memory outside PyTorch (see :func:`~.memory_plan.plan_memory`).
 
     Raises:
         MemoryPlanError: a phase cannot fit.
@@ -114,7 +116,7 @@ def plan_for_shape(
     return plan_memory(budget_bytes=budget_bytes, model=model, activation_bytes_per_token=act,
                        sequence_tokens=shape.sequence_tokens, optimizer_bytes=optimizer_bytes, rollout=needs,
                        max_micro_batch_tokens=max_tokens, extra_train_parts=extra, reserved_bytes=reserved_bytes,
-                       optimizer_device_bytes=optimizer_device_bytes)
+                       optimizer_device_bytes=optimizer_device_bytes, context_bytes=context_bytes)
 
 
 __all__ = ["engine_needs", "in_step_generation_needs", "plan_for_shape"]

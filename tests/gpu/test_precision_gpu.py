@@ -65,7 +65,8 @@ def test_budget_below_unplanned_peak_completes_thanks_to_the_plan(bench):
         assert oom, "the unplanned run should not fit in the budget"
         torch.cuda.set_per_process_memory_fraction(1.0)
         bench._cleanup()
-        plugin = MemoryAwarePrecision(memory_budget=budget, enforce_budget=True)
+        # PyTorch's own peak against the budget: the memory outside PyTorch is left out of the plan here
+        plugin = MemoryAwarePrecision(memory_budget=budget, enforce_budget=True, context_bytes=0)
         planned = bench.measure(case, plugin, steps=1)
         print(f"unplanned peak {unplanned['peak_bytes'] / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB, planned "
               f"peak {planned['peak_bytes'] / 2**30:.2f} GiB, micro_batch_size {planned['micro_batch_size']}\n"
@@ -162,3 +163,53 @@ def test_blocks_cached_from_the_update_go_back_to_the_driver_before_the_engine_w
     plugin.offload_for_rollout()
     assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 2**20
     assert torch.cuda.mem_get_info()[0] - free_before >= 512 * 2**20  # the driver has it back
+
+
+def test_memory_outside_pytorch_is_measured_apart_from_pytorchs_own():
+    from lightning_rl.plugins.device_context import memory_outside_torch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.empty(1, device=device)  # the CUDA context exists
+    before = memory_outside_torch(device)
+    block = torch.empty(2**30, dtype=torch.uint8, device=device)
+    after = memory_outside_torch(device)
+    print(f"outside PyTorch: {before / 2**20:.0f} MiB, then {after / 2**20:.0f} MiB with 1 GiB more in PyTorch")
+    assert before is not None and after is not None, "NVML should list this process"
+    assert 100 * 2**20 < before < 3 * 2**30  # a CUDA context and libraries, not PyTorch's blocks
+    assert abs(after - before) < 64 * 2**20  # PyTorch's gigabyte is not counted
+    del block
+
+
+def test_a_lora_base_never_sits_on_the_gpu_in_fp32(bench):
+    """The plugin stores the frozen base in bf16; loading it in fp32 first held twice that on the device."""
+    import threading
+
+    import lightning as L
+
+    from lightning_rl import MemoryAwarePrecision
+
+    class SetupPeak(L.Callback):
+        """PyTorch's allocated bytes, polled from before the model is loaded until the fit starts."""
+
+        def setup(self, trainer, pl_module, stage):
+            self.peak, self.done = 0, threading.Event()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+
+        def _poll(self):
+            while not self.done.is_set():
+                self.peak = max(self.peak, torch.cuda.memory_allocated())
+                self.done.wait(0.0005)
+
+        def on_fit_start(self, trainer, pl_module):
+            self.done.set()
+            self.thread.join()
+            self.base_bytes = sum(p.numel() * p.element_size() for p in pl_module.policy.parameters()
+                                  if not p.requires_grad)
+            self.dtypes = {p.dtype for p in pl_module.policy.parameters() if not p.requires_grad}
+
+    probe = SetupPeak()
+    bench.measure(bench.CASES["qwen2.5-0.5b-shape lora16"], MemoryAwarePrecision(), steps=1, callbacks=(probe,))
+    print(f"setup peak {probe.peak / 2**30:.2f} GiB for a {probe.base_bytes / 2**30:.2f} GiB bf16 base")
+    assert probe.dtypes == {torch.bfloat16}
+    assert probe.peak < 1.25 * probe.base_bytes  # an fp32 load would have reached twice the base

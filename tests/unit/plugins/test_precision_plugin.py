@@ -25,7 +25,7 @@ from lightning_rl.plugins import (
     plan_memory,
 )
 from lightning_rl.plugins import precision as precision_mod
-from lightning_rl.plugins.memory_plan import GiB, activation_bytes_per_token, kv_bytes_per_token
+from lightning_rl.plugins.memory_plan import CONTEXT_PART, GiB, activation_bytes_per_token, kv_bytes_per_token
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.plugins.shape_plan import plan_for_shape
 from lightning_rl.shapes import TrainingShape
@@ -303,3 +303,49 @@ def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():
     assert plan.train_parts["engine weights (kept while the engine sleeps)"] == GiB
     offline = plan_for_shape(TrainingShape(QWEN_05B, 512, 512, 0), _model(), rollout=fraction, **kw)
     assert offline.rollout_parts == {} and "engine weights (kept while the engine sleeps)" in offline.train_parts
+
+
+# ----------------------------------------------------------------------------- memory outside PyTorch
+def test_plan_counts_the_memory_outside_pytorch_in_both_phases():
+    model = _model(10_000_000, 1_000_000_000)
+    kw = dict(budget_bytes=6 * GiB, model=model, activation_bytes_per_token=50_000, sequence_tokens=512,
+              reserved_bytes=0, rollout=RolloutNeeds(kv_bytes_per_token=12288, tokens=8 * 512,
+                                                     engine_weight_bytes=0, overhead_bytes=GiB, headroom=100.0))
+    plain = plan_memory(**kw)
+    ctx = 700 * 2**20
+    counted = plan_memory(**kw, context_bytes=ctx)
+    assert CONTEXT_PART not in plain.train_parts and CONTEXT_PART not in plain.rollout_parts
+    assert counted.train_parts[CONTEXT_PART] == counted.rollout_parts[CONTEXT_PART] == ctx
+    # the room it takes comes out of the micro-batch and of the KV cache (which was using all that was left)
+    assert plain.micro_batch_tokens - counted.micro_batch_tokens >= (ctx // 50_000) // 512 * 512
+    assert plain.kv_cache_bytes - counted.kv_cache_bytes == ctx
+    assert counted.train_peak_bytes <= 6 * GiB and counted.rollout_peak_bytes <= 6 * GiB
+    with pytest.raises(MemoryPlanError, match="CUDA context and libraries"):
+        plan_memory(**{**kw, "budget_bytes": int(2.6 * GiB)}, context_bytes=GiB)
+
+
+def test_context_bytes_setting_measurement_and_fallback(monkeypatch):
+    from lightning_rl.plugins import device_context
+
+    cuda = torch.device("cuda", 0)
+    assert device_context.context_bytes_for(torch.device("cpu"), None) == 0
+    assert device_context.context_bytes_for(cuda, 123) == 123  # the user's figure wins
+    monkeypatch.setattr(device_context, "memory_outside_torch", lambda device: 456 * 2**20)
+    assert device_context.context_bytes_for(cuda, None) == 456 * 2**20
+    monkeypatch.setattr(device_context, "memory_outside_torch", lambda device: None)  # no NVML, or not listed
+    assert device_context.context_bytes_for(cuda, None) == device_context.DEFAULT_CONTEXT_BYTES
+    with pytest.raises(ValueError, match="context_bytes must be >= 0"):
+        MemoryAwarePrecision(context_bytes=-1)
+
+
+def test_a_cpu_plan_counts_no_context_and_a_given_one_appears_in_the_plan(monkeypatch):
+    grpo = _grpo(lora=None)
+    grpo.configure_model()
+    opt = torch.optim.AdamW(grpo.policy.parameters())
+    cpu = MemoryAwarePrecision(memory_budget=4 * GiB)
+    cpu.make_plan(grpo, [opt], torch.device("cpu"))
+    assert cpu.planned_context_bytes == 0
+    given = MemoryAwarePrecision(memory_budget=4 * GiB, context_bytes=300 * 2**20)
+    plan = given.make_plan(grpo, [opt], torch.device("cpu"))
+    assert plan.train_parts[CONTEXT_PART] == 300 * 2**20
+    assert "CUDA context and libraries (outside PyTorch): 300.0 MiB" in plan.summary()
