@@ -7,7 +7,7 @@
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
-#                                            # at 5 GiB (~480 s; SKIP_TRL=1 leaves TRL out)
+#                                            # at 5 GiB, twice (~480 s; SKIP_TRL=1 leaves TRL out)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -62,7 +62,8 @@ case "$stage" in
   memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
            # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
            # ours side by side (each process's NVML figure is its own; their times are not clean): SmolLM2 full
-           # at 3 GiB, and the Qwen2.5-1.5B LoRA shape at 5 GiB (the first step compiles the LoRA layers for 90 s)
+           # at 3 GiB, and the Qwen2.5-1.5B LoRA shape at 5 GiB with a 512 MiB and the default 1 GiB engine
+           # workspace (the first step compiles the LoRA layers for 90 s)
     timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_vs_trl as b; \
 b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/models.log" 2>&1
     kw='"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}'
@@ -76,6 +77,9 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/mod
     [ -n "${SKIP_TRL:-}" ] || run_bench trl 200 --cases smollm2-full --runners trl --steps 10 --timeout 190
     run_bench smollm2 200 --cases smollm2-full --runners , --extra "b300=$b300" --steps 10 --timeout 190 &
     run_bench b500 280 --cases qwen15-lora --runners , --extra "b500=$b500" --steps 6 --timeout 270 &
+    # the default 1 GiB engine workspace (close to the real one here): the plan generates the rollout in waves
+    run_bench b500w 280 --cases qwen15-lora --runners , --extra "b500w={\"plugin\":{\"memory_budget\":5368709120},\"rollout\":{$kw}}" \
+      --steps 6 --timeout 270 &
     wait
     grep -hE "^\[|s/step|FAILED|Error" "$WORK"/bench_*.log | cut -c1-400 | tail -30 ;;
   *) echo "unknown stage $stage"; exit 2 ;;

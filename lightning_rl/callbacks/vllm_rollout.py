@@ -30,6 +30,7 @@ from lightning_rl.rollout.vllm_sizing import (
     kv_cache_bytes_for,
     kv_cache_dtype,
     lora_sync_mode,
+    sequences_at_once,
     shared_base_bytes,
     weights_kept_asleep_bytes,
 )
@@ -44,6 +45,9 @@ ENGINE_PROCESS_OVERHEAD_BYTES = 1 << 30
 #: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
 #: alike) samples its own prompts from its own stream.
 RANK_SEED_STRIDE = 1_000_003
+
+#: Tokens of one KV block (vLLM's default): a sequence may waste up to one
+KV_BLOCK_TOKENS = 16
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
@@ -174,8 +178,9 @@ class VLLMRollout(Callback):
         per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, tp)
         prompts = self.prompts_per_step or datamodule_batch_size(trainer)
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
+        least = self.max_len(shape) + KV_BLOCK_TOKENS if tokens else 0  # one whole sequence: the least for waves
         if s.kv_cache_bytes is not None:
-            tokens, headroom = math.ceil(s.kv_cache_bytes / per_token), 1.0
+            tokens, headroom, least = math.ceil(s.kv_cache_bytes / per_token), 1.0, 0
         root = _strategy_model(trainer)
         weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=root)
         beside, kept = 0, self.weights_kept_asleep_bytes(policy, trainer)
@@ -188,7 +193,7 @@ class VLLMRollout(Callback):
         return RolloutMemory(engine_weight_bytes=weight_bytes, weights_kept_asleep_bytes=kept,
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
                              sized_by_gpu_fraction=s.gpu_memory_utilization is not None,
-                             beside_training_bytes=beside)
+                             beside_training_bytes=beside, min_kv_tokens=least)
 
     def overlap_off_reason(self, pl_module: L.LightningModule, trainer: Any = None) -> str | None:
         """Why this callback would generate between updates instead of during them (None: it overlaps)."""
@@ -246,12 +251,20 @@ class VLLMRollout(Callback):
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
+        sequences = prompts_per_step * shape.num_generations
+        plan = getattr(self._plugin, "memory_plan", None)
+        if kv is not None and s.kv_cache_bytes is None and plan is not None and plan.kv_fraction < 1:
+            per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize,
+                                           s.tensor_parallel_size)
+            at_once = sequences_at_once(kv, per_token, self.max_len(shape), sequences, s.tensor_parallel_size)
+            log.info("VLLMRollout: the memory plan's KV cache holds %d of the rollout's %d sequences at once; the "
+                     "engine generates the rest as those finish", at_once, sequences)
+            sequences = at_once
         engine_cls = VLLMEngine
         if self.overlapping:
             from lightning_rl.rollout.vllm_process import VLLMProcessEngine as engine_cls
         return engine_cls(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
-                          max_num_seqs=prompts_per_step * shape.num_generations, settings=settings,
-                          weights_root=_strategy_model(trainer))
+                          max_num_seqs=sequences, settings=settings, weights_root=_strategy_model(trainer))
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
         for attr in _MODULE_NEEDS:

@@ -211,6 +211,8 @@ class RolloutNeeds:
         overhead_bytes: the engine's workspace (sampler, activations, CUDA graphs).
         headroom: multiplier on the exact KV need.
         offload_optimizer: optimizer states go to the CPU while the engine is awake.
+        min_tokens: KV-cache tokens of one whole sequence: the least an engine that generates the rollout in
+            waves needs (0: it cannot, the whole rollout's KV cache must fit).
     """
 
     kv_bytes_per_token: int
@@ -219,6 +221,7 @@ class RolloutNeeds:
     overhead_bytes: int = 0
     headroom: float = 1.2
     offload_optimizer: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ class MemoryPlan:
     train_parts: dict[str, int] = field(default_factory=dict)
     rollout_parts: dict[str, int] = field(default_factory=dict)
     activation_bytes_per_token: int = 0
+    #: the share of one rollout's KV-cache tokens the KV budget holds: below 1 the engine generates in waves
+    kv_fraction: float = 1.0
 
     @property
     def train_peak_bytes(self) -> int:
@@ -253,6 +258,8 @@ class MemoryPlan:
         lines += [f"    {k}: {fmt_bytes(v)}" for k, v in self.train_parts.items()]
         if self.rollout_parts:
             kv = "unset" if self.kv_cache_bytes is None else fmt_bytes(self.kv_cache_bytes)
+            if self.kv_fraction < 1:
+                kv += f" ({self.kv_fraction:.0%} of one rollout's tokens: generated in waves)"
             lines.append(f"  rollout phase {fmt_bytes(self.rollout_peak_bytes)}, KV cache {kv}")
             lines += [f"    {k}: {fmt_bytes(v)}" for k, v in self.rollout_parts.items()]
         return "\n".join(lines)
@@ -329,6 +336,7 @@ def plan_memory(
     reserved_bytes: int = 256 * MiB,
     optimizer_device_bytes: int | None = None,
     context_bytes: int = 0,
+    waves: bool = False,
 ) -> MemoryPlan:
     """Choose the micro-batch size (tokens) and the KV-cache budget, or explain why nothing fits.
 
@@ -350,6 +358,8 @@ def plan_memory(
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), counted in both phases so that the budget is the process's whole figure (what NVML and
             ``nvidia-smi`` show).
+        waves: when a whole rollout's KV cache does not fit, give the engine what is left, if that holds
+            ``rollout.min_tokens`` (one whole sequence): it then generates the rollout a part at a time.
 
     Raises:
         MemoryPlanError: a phase cannot fit, with each part's figure and what to change.
@@ -387,7 +397,7 @@ def plan_memory(
     tokens = max(sequence_tokens, (tokens // sequence_tokens) * sequence_tokens)
     train_parts = {**static, f"activations ({tokens} tokens)": tokens * activation_bytes_per_token}
 
-    kv_budget = None
+    kv_budget, kv_fraction = None, 1.0
     rollout_parts: dict[str, int] = {}
     if rollout is not None:
         rstatic = {
@@ -401,17 +411,22 @@ def plan_memory(
         }
         kv_free = budget_bytes - sum(rstatic.values())
         exact = rollout.tokens * rollout.kv_bytes_per_token
-        if kv_free < max(exact, rollout.kv_bytes_per_token):
+        least = rollout.min_tokens * rollout.kv_bytes_per_token
+        in_waves = waves and 0 < least <= kv_free < exact
+        if kv_free < max(exact, rollout.kv_bytes_per_token) and not in_waves:
             parts = {**rstatic, f"KV cache ({rollout.tokens} tokens)": exact}
             fixes = _ROLLOUT_FIXES if not (rollout.offload_optimizer or streamed) else _ROLLOUT_FIXES[1:]
-            raise MemoryPlanError(_explain("rollout", parts, budget_bytes, f"the KV cache needs {fmt_bytes(exact)} "
-                                           f"and {fmt_bytes(max(kv_free, 0))} is left", fixes))
+            need = f"the KV cache needs {fmt_bytes(exact)} and {fmt_bytes(max(kv_free, 0))} is left"
+            if waves and least:
+                need += f" (generating in waves needs {fmt_bytes(least)}, one whole sequence)"
+            raise MemoryPlanError(_explain("rollout", parts, budget_bytes, need, fixes))
         wanted = math.ceil(exact * rollout.headroom) if rollout.tokens else kv_free
         kv_budget = int(min(kv_free, wanted))
+        kv_fraction = kv_budget / exact if in_waves else 1.0
         rollout_parts = {**rstatic, "KV cache": kv_budget}
     return MemoryPlan(budget_bytes=int(budget_bytes), micro_batch_tokens=int(tokens), kv_cache_bytes=kv_budget,
                       train_parts=train_parts, rollout_parts=rollout_parts,
-                      activation_bytes_per_token=int(activation_bytes_per_token))
+                      activation_bytes_per_token=int(activation_bytes_per_token), kv_fraction=kv_fraction)
 
 
 __all__ = [

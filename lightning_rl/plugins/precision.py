@@ -30,6 +30,7 @@ bf16); pass ``frozen_dtype="float32"`` to keep them in fp32. Offloading is off o
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ from lightning_rl.plugins.memory_plan import (
     MemoryPlanError,
     MiB,
     ModelMemory,
+    fmt_bytes,
     fsdp2_gathered_bytes,
     optimizer_state_bytes,
     optimizer_state_bytes_of,
@@ -225,6 +227,7 @@ class MemoryAwarePrecision(Precision):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._offloader = OptimizerOffloader()
         self._offload_needed = False  # offload_optimizer=None: set when the plan fits only with offloading
+        self._kv_waves = False  # set when the plan fits only with the rollout generated in waves
         self._optimizers: list[Optimizer] = []
         self._module: L.LightningModule | None = None
         self._rollout: RolloutMemoryProvider | None = None
@@ -411,19 +414,59 @@ class MemoryAwarePrecision(Precision):
         A plan that does not fit with the engine running beside the update (a rollout provider whose
         ``release_overlap()`` returns True) is made again with the engine between updates. With
         ``offload_optimizer=None`` on CUDA, a plan whose rollout phase does not fit is made again with
-        the states offloaded while the engine is awake, and offloading is switched on.
+        the states offloaded while the engine is awake, and offloading is switched on. Last, when only the
+        rollout's KV cache is short, the engine gets what is left and generates the rollout in waves
+        (:meth:`plan_with_kv_waves`).
         """
         self._offload_needed = False
+        self._kv_waves = False
+        try:
+            return self._plan_cheapest_first(module, optimizers, device)
+        except MemoryPlanError as err:
+            plan = self.plan_with_kv_waves(module, optimizers, device)
+            if plan is None:
+                raise err from None
+            return plan
+
+    def plan_with_kv_waves(
+        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
+    ) -> MemoryPlan | None:
+        """The plan with a KV cache smaller than one rollout, or None when that does not fit either.
+
+        The engine then holds as many whole sequences at once as the KV cache has room for and generates the
+        rest as earlier ones finish: slower rollouts in the budget the user gave, with a warning that says how
+        much more memory holds the rollout whole.
+        """
+        if self._rollout is None:
+            return None
+        self._kv_waves = True
+        try:
+            plan = self.make_plan(module, optimizers, device)
+        except MemoryPlanError:
+            self._kv_waves = False
+            return None
+        if plan is not None and plan.kv_fraction < 1 and plan.kv_cache_bytes is not None:
+            short = math.ceil(plan.kv_cache_bytes / plan.kv_fraction) - plan.kv_cache_bytes
+            log.warning("MemoryAwarePrecision: the KV cache (%s) holds %.0f%% of one rollout's tokens in the budget "
+                        "of %s: the engine generates each rollout in waves, which is slower. About %s more "
+                        "(memory_budget=%d) holds it whole.", fmt_bytes(plan.kv_cache_bytes), 100 * plan.kv_fraction,
+                        fmt_bytes(plan.budget_bytes), fmt_bytes(short), plan.budget_bytes + short)
+        return plan
+
+    def _plan_cheapest_first(
+        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
+    ) -> MemoryPlan | None:
+        """:meth:`make_plan`, changing one thing at a time until it fits (see :meth:`plan_with_auto_offload`)."""
         try:
             return self.make_plan(module, optimizers, device)
         except MemoryPlanError as err:
             if self._stream_states_to_fit(optimizers, device, err):
-                return self.plan_with_auto_offload(module, optimizers, device)
+                return self._plan_cheapest_first(module, optimizers, device)
             release = getattr(self._rollout, "release_overlap", None)
             if release is not None and release():  # its engine then sleeps during the update instead
                 log.warning("MemoryAwarePrecision: the rollout engine cannot run beside the update (%s); rollouts "
                             "are generated between updates instead", err)
-                return self.plan_with_auto_offload(module, optimizers, device)
+                return self._plan_cheapest_first(module, optimizers, device)
             if self.offload_optimizer is not None or device.type != "cuda":
                 raise
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
@@ -494,7 +537,8 @@ class MemoryAwarePrecision(Precision):
             offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
-            gathered_weight_bytes=fsdp2_gathered_bytes(modules), context_bytes=self.planned_context_bytes)
+            gathered_weight_bytes=fsdp2_gathered_bytes(modules), context_bytes=self.planned_context_bytes,
+            waves=self._kv_waves)
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).

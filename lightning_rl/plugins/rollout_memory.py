@@ -30,6 +30,8 @@ class RolloutMemory:
             ``gpu_memory_utilization``): the plan has no KV budget to give and plans no rollout phase.
         beside_training_bytes: what an engine that generates during the update (in a process of its own) holds
             while training runs: its weights, KV cache and process; counted in the train phase.
+        min_kv_tokens: KV-cache tokens of one whole sequence. With at least that much, the engine can generate
+            the rollout in waves when the plan has no room for all of it (0: it cannot).
     """
 
     engine_weight_bytes: int
@@ -39,6 +41,7 @@ class RolloutMemory:
     headroom: float = 1.2
     sized_by_gpu_fraction: bool = False
     beside_training_bytes: int = 0
+    min_kv_tokens: int = 0
 
 
 @runtime_checkable

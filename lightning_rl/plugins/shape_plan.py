@@ -48,7 +48,8 @@ def engine_needs(rollout: RolloutMemory, overhead_bytes: int, offload_optimizer:
     if rollout.sized_by_gpu_fraction:
         return None
     return RolloutNeeds(rollout.kv_bytes_per_token, rollout.kv_tokens, rollout.engine_weight_bytes, overhead_bytes,
-                        headroom=rollout.headroom, offload_optimizer=offload_optimizer)
+                        headroom=rollout.headroom, offload_optimizer=offload_optimizer,
+                        min_tokens=rollout.min_kv_tokens)
 
 
 def plan_for_shape(
@@ -68,6 +69,7 @@ def plan_for_shape(
     reserved_bytes: int = 256 * 1024**2,
     gathered_weight_bytes: int = 0,
     context_bytes: int = 0,
+    waves: bool = False,
 ) -> MemoryPlan:
     """Plan a module's steps.
 
@@ -88,6 +90,7 @@ def plan_for_shape(
         gathered_weight_bytes: FSDP2's gathered (unsharded) weights held at once in the update
             (:func:`~.memory_plan.fsdp2_gathered_bytes`); ``model`` then counts this process's shards.
         context_bytes: the process's device memory outside PyTorch (see :func:`~.memory_plan.plan_memory`).
+        waves: let a colocated engine's KV cache hold less than one rollout (see :func:`~.memory_plan.plan_memory`).
 
     Raises:
         MemoryPlanError: a phase cannot fit.
@@ -116,7 +119,8 @@ def plan_for_shape(
     return plan_memory(budget_bytes=budget_bytes, model=model, activation_bytes_per_token=act,
                        sequence_tokens=shape.sequence_tokens, optimizer_bytes=optimizer_bytes, rollout=needs,
                        max_micro_batch_tokens=max_tokens, extra_train_parts=extra, reserved_bytes=reserved_bytes,
-                       optimizer_device_bytes=optimizer_device_bytes, context_bytes=context_bytes)
+                       optimizer_device_bytes=optimizer_device_bytes, context_bytes=context_bytes,
+                       waves=waves and rollout is not None)
 
 
 __all__ = ["engine_needs", "in_step_generation_needs", "plan_for_shape"]

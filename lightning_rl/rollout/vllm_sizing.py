@@ -189,6 +189,27 @@ def weights_kept_asleep_bytes(
     return weight_bytes if engine_sleep_level(lora_mode, weight_bytes, settings) == 0 else 0
 
 
+def sequences_at_once(
+    kv_cache_bytes: int, kv_bytes_per_token: int, sequence_tokens: int, sequences: int,
+    tensor_parallel_size: int = 1, block_size: int = 16,
+) -> int:
+    """How many of this process's ``sequences`` an engine holds at once, each to its full length.
+
+    The ``max_num_seqs`` of an engine whose KV cache is smaller than one rollout (the memory plan's waves): vLLM
+    then never has to preempt a sequence it started, and starts the next ones as earlier ones finish.
+
+    Args:
+        kv_cache_bytes: the engine's KV cache (one shard's under tensor parallelism).
+        kv_bytes_per_token: KV bytes per token (one shard's).
+        sequence_tokens: the longest prompt plus the completion limit.
+        sequences: this process's sequences of one rollout (prompts x G).
+        tensor_parallel_size: processes that share the engine; its cache holds the whole group's sequences.
+        block_size: tokens per KV block (a sequence may waste one).
+    """
+    whole = kv_cache_bytes // max(1, (sequence_tokens + block_size) * kv_bytes_per_token)
+    return int(max(1, min(sequences, whole // max(1, tensor_parallel_size))))
+
+
 __all__ = [
     "auto_sleep_level",
     "engine_sleep_level",
@@ -198,6 +219,7 @@ __all__ = [
     "kv_cache_bytes_for",
     "kv_cache_dtype",
     "lora_sync_mode",
+    "sequences_at_once",
     "shared_base_bytes",
     "weights_kept_asleep_bytes",
 ]

@@ -77,6 +77,35 @@ def test_greedy_matches_transformers(smol):
     assert got == want
 
 
+def test_a_kv_cache_short_of_the_rollout_generates_it_in_waves(smol):
+    """The memory plan's waves: a KV cache for two whole sequences, ``max_num_seqs`` two, six prompts."""
+    from lightning_rl.plugins.memory_plan import kv_bytes_per_token
+    from lightning_rl.rollout.vllm_sizing import sequences_at_once
+
+    model, tok = smol
+    ids = encode_prompts(tok, PROMPTS)
+    max_len = 160
+    per_token = kv_bytes_per_token(model.config, 4)
+    kv = 2 * (max_len + 16) * per_token
+    assert sequences_at_once(kv, per_token, max_len, sequences=6 * 4) == 2
+    engine = VLLMEngine(model, _eos(model, tok), tok.pad_token_id, max_model_len=max_len, max_num_seqs=2,
+                        settings=EngineSettings(kv_cache_bytes=kv, execution="eager", dtype="float32"))
+    try:
+        greedy = _rows(engine.generate(ids, SamplingConfig(max_new_tokens=64, temperature=0.0), 1))
+        sampled = engine.generate(ids, SamplingConfig(max_new_tokens=64, temperature=1.0), 4, seed=3)
+    finally:
+        engine.shutdown()
+    want = _rows(HFEngine(model, tok.pad_token_id, _eos(model, tok)).generate(
+        ids, SamplingConfig(max_new_tokens=64, temperature=0.0), 1))
+    lengths = sampled.completion_mask.sum(1)
+    print(f"waves of 2: greedy {sum(a == b for a, b in zip(greedy, want))}/{len(want)} as transformers; "
+          f"sampled lengths {lengths.tolist()}")
+    assert greedy == want
+    assert sampled.completion_ids.shape[0] == 6 * 4 and bool((lengths > 0).all())
+    logps = sampled.sampling_logprobs[sampled.completion_mask.bool()]
+    assert bool(torch.isfinite(logps).all()) and bool((logps <= 0).all())
+
+
 def _trainer_logprobs(net, rollout, autocast):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         lp, _ = completion_logprobs(

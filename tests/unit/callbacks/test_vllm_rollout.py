@@ -14,6 +14,8 @@ from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import kv_bytes_per_token
 from lightning_rl.rollout import EngineSettings, vllm_sizing
 
+GIB = 2**30
+
 
 def _settings(**settings):
     """A callback with these engine settings."""
@@ -145,9 +147,11 @@ def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
     assert math.ceil(memory.kv_tokens * memory.headroom) * per_token == engine_kv  # what build_engine gives it
     assert memory.engine_weight_bytes == sum(p.numel() for p in module.policy.parameters()) * 2
     assert memory.weights_kept_asleep_bytes == memory.engine_weight_bytes  # small: level 0 keeps them
+    assert memory.min_kv_tokens == cb.max_len(shape) + 16  # one whole sequence: the least for waves
     fixed = VLLMRollout(prompts_per_step=2, settings=EngineSettings(kv_cache_bytes=100 * per_token))
     fixed.setup(trainer, module, "fit")
     assert (fixed.rollout_memory(shape).kv_tokens, fixed.rollout_memory(shape).headroom) == (100, 1.0)
+    assert fixed.rollout_memory(shape).min_kv_tokens == 0  # the user's KV cache size stands
     fraction = VLLMRollout(settings=EngineSettings(gpu_memory_utilization=0.3))
     fraction.setup(trainer, module, "fit")
     assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0
@@ -267,3 +271,41 @@ def test_planned_engine_bytes_reads_either_phase_of_the_plan():
     between = {"engine weights": 3, "KV cache": 4, "trainable weights": 100}
     assert planned_engine_bytes(plan(rollout_parts=between)) == 7
     assert planned_engine_bytes(plan(rollout_parts=between, train_parts={ENGINE_BESIDE_PART: 11})) == 11
+
+
+def test_sequences_at_once_counts_whole_sequences_of_the_group():
+    per_seq = (100 + 16) * 10
+    assert vllm_sizing.sequences_at_once(per_seq * 5 + 9, 10, 100, sequences=8) == 5
+    assert vllm_sizing.sequences_at_once(per_seq * 50, 10, 100, sequences=8) == 8  # never more than the rollout's
+    assert vllm_sizing.sequences_at_once(per_seq - 1, 10, 100, sequences=8) == 1  # at least one
+    # a tensor-parallel group's cache holds the group's sequences: this process gets its share
+    assert vllm_sizing.sequences_at_once(per_seq * 6, 10, 100, sequences=8, tensor_parallel_size=2) == 3
+
+
+@pytest.mark.parametrize("kv_fraction", [1.0, 0.25])
+def test_an_engine_whose_kv_cache_is_short_of_the_rollout_holds_whole_sequences_only(monkeypatch, kv_fraction):
+    from lightning_rl.plugins.memory_plan import MemoryPlan
+    from lightning_rl.rollout import vllm as vllm_mod
+
+    built = {}
+
+    class Recorder:
+        def __init__(self, policy, eos, pad, max_len, max_num_seqs, settings, weights_root):
+            built.update(max_len=max_len, max_num_seqs=max_num_seqs, kv=settings.kv_cache_bytes)
+
+    monkeypatch.setattr(vllm_mod, "VLLMEngine", Recorder)
+    module = rollout_grpo()
+    module.configure_model()
+    shape = module.training_shape()
+    cb = VLLMRollout(overlap=False)
+    per_token = kv_bytes_per_token(module.policy.config, 4)  # an fp32 engine for the tiny fp32 policy on a CPU
+    whole_sequence = (cb.max_len(shape) + 16) * per_token
+    kv = 3 * whole_sequence + 1
+    plugin = MemoryAwarePrecision()
+    plugin.memory_plan = MemoryPlan(budget_bytes=GIB, micro_batch_tokens=64, kv_cache_bytes=kv,
+                                    kv_fraction=kv_fraction)
+    cb._plugin = plugin
+    cb.build_engine(module, 4)
+    sequences = 4 * shape.num_generations
+    assert built["kv"] == kv
+    assert built["max_num_seqs"] == (sequences if kv_fraction == 1.0 else 3)

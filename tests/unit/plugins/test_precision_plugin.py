@@ -349,3 +349,58 @@ def test_a_cpu_plan_counts_no_context_and_a_given_one_appears_in_the_plan(monkey
     plan = given.make_plan(grpo, [opt], torch.device("cpu"))
     assert plan.train_parts[CONTEXT_PART] == 300 * 2**20
     assert "CUDA context and libraries (outside PyTorch): 300.0 MiB" in plan.summary()
+
+
+# ----------------------------------------------------------------------------- a rollout in waves
+def test_plan_gives_a_short_kv_cache_only_with_waves_and_one_whole_sequence():
+    needs = dict(kv_bytes_per_token=1024, tokens=2**20, headroom=1.2)  # one rollout: 1 GiB of KV cache
+    kw = dict(model=_model(1_000_000, 0), activation_bytes_per_token=1000, sequence_tokens=512, reserved_bytes=0)
+    static = 3 * 4_000_000 + 2 * 4_000_000  # weights, gradients, AdamW's two moments (fp32)
+    budget = static + GiB // 2
+    with pytest.raises(MemoryPlanError, match="the KV cache needs 1.00 GiB"):
+        plan_memory(budget_bytes=budget, rollout=RolloutNeeds(**needs, min_tokens=600), **kw)
+    plan = plan_memory(budget_bytes=budget, rollout=RolloutNeeds(**needs, min_tokens=600), waves=True, **kw)
+    assert plan.rollout_peak_bytes == budget  # the KV cache takes all that is left
+    assert plan.kv_fraction == pytest.approx(plan.kv_cache_bytes / GiB) and 0.49 < plan.kv_fraction < 0.51
+    assert "generated in waves" in plan.summary()
+    assert MemoryPlan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(MemoryPlanError, match="generating in waves needs"):  # not even one whole sequence fits
+        plan_memory(budget_bytes=budget, rollout=RolloutNeeds(**needs, min_tokens=2**19 + 2**14), waves=True, **kw)
+    with pytest.raises(MemoryPlanError):  # an engine that cannot generate in waves (min_tokens 0)
+        plan_memory(budget_bytes=budget, rollout=RolloutNeeds(**needs), waves=True, **kw)
+    whole = plan_memory(budget_bytes=budget + GiB, rollout=RolloutNeeds(**needs, min_tokens=600), waves=True, **kw)
+    assert whole.kv_fraction == 1.0 and whole.kv_cache_bytes == math.ceil(GiB * 1.2)  # the need and its headroom
+
+
+class _KVHungryRollout:
+    """A rollout provider whose one rollout needs a 1 GiB KV cache; ``least`` tokens make one whole sequence."""
+
+    def __init__(self, least):
+        self.least = least
+
+    def rollout_memory(self, shape):
+        return RolloutMemory(engine_weight_bytes=0, kv_bytes_per_token=1024, kv_tokens=2**20, headroom=1.0,
+                             min_kv_tokens=self.least)
+
+
+def test_the_plugin_generates_in_waves_last_and_says_what_holds_the_rollout_whole(caplog):
+    grpo = _grpo(lora=None)
+    grpo.configure_model()
+    opt = torch.optim.AdamW(grpo.policy.parameters())
+    cpu = torch.device("cpu")
+    roomy = MemoryAwarePrecision(memory_budget=4 * GiB, engine_overhead_bytes=0, reserved_bytes=0)
+    roomy._rollout = _KVHungryRollout(600)
+    plan = roomy.plan_with_auto_offload(grpo, [opt], cpu)
+    assert plan.kv_fraction == 1.0 and plan.kv_cache_bytes == GiB
+    budget = plan.rollout_peak_bytes - GiB // 2  # half the KV cache short
+    tight = MemoryAwarePrecision(memory_budget=budget, engine_overhead_bytes=0, reserved_bytes=0)
+    tight._rollout = _KVHungryRollout(600)
+    with caplog.at_level("WARNING"):
+        plan = tight.plan_with_auto_offload(grpo, [opt], cpu)
+    assert plan.kv_fraction == pytest.approx(0.5, abs=0.01) and plan.rollout_peak_bytes <= budget
+    warning = next(r.getMessage() for r in caplog.records if "waves" in r.getMessage())
+    assert f"memory_budget={budget + GiB - plan.kv_cache_bytes}" in warning and "50%" in warning
+    no_waves = MemoryAwarePrecision(memory_budget=budget, engine_overhead_bytes=0, reserved_bytes=0)
+    no_waves._rollout = _KVHungryRollout(0)  # an engine that cannot generate in waves: the plan's own error
+    with pytest.raises(MemoryPlanError, match="the rollout phase does not fit"):
+        no_waves.plan_with_auto_offload(grpo, [opt], cpu)
