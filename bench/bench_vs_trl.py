@@ -118,6 +118,7 @@ class MemorySampler:
         self.peak_process = 0
         self.step_peak = 0  # since the last take_step_peak_gib()
         self.step_peak_process = 0  # this process and its children, since the last take_step_peak_gib()
+        self.last_step_peak_process = 0  # the same over the span the last take_step_peak_gib() closed
         self.process_seen = False
         self._pids, self._pids_at = {self.pid}, -1.0
         self.interval = interval
@@ -193,7 +194,7 @@ class MemorySampler:
 
     def take_step_process_peak_gib(self) -> float:
         """The process's (and its children's) NVML peak over the span the last take_step_peak_gib() closed."""
-        return getattr(self, "last_step_peak_process", 0) / 2**30
+        return self.last_step_peak_process / 2**30
 
     def stop(self) -> dict[str, float | None]:
         self._stop.set()
@@ -326,21 +327,19 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     class StepTimer(L.Callback):
         def __init__(self, rollout_cb):
             self.rollout_cb, self.steps, self.rewards = rollout_cb, [], []
-            self.non_torch: dict[str, float | None] = {}
             self.memory: dict[str, dict] = {}  # sampler.breakdown() at the first step's milestones
+            self.setup_peak_gib: float | None = None  # the process's NVML peak before the first step
             self.gc = GCTimer()
 
         def on_fit_start(self, trainer, pl_module):  # runs before the rollout callback builds the engine
-            self.non_torch = {"before_engine": sampler.non_torch_gib()}
             self.memory = {"before_engine": sampler.breakdown()}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
-            self.non_torch.setdefault("before_first_step", sampler.non_torch_gib())  # the engine has started
-            self.memory.setdefault("before_first_step", sampler.breakdown())
+            self.memory.setdefault("before_first_step", sampler.breakdown())  # the engine has started
             sampler.take_step_peak_gib()  # the step's NVML peak starts here
             # loading, converting and the engine's start: the process's peak before the first step
-            if not hasattr(self, "setup_peak_gib"):
+            if self.setup_peak_gib is None:
                 self.setup_peak_gib = sampler.take_step_process_peak_gib()
             self.t0 = time.perf_counter()
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
@@ -395,8 +394,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
                                     "share_failure": share_failure(pl_module.policy, engine),
                                     # where the memory outside PyTorch's figures appeared (first step: compile)
-                                    "setup_nvml_process_peak_gib": getattr(self, "setup_peak_gib", None),
-                                    **{f"non_torch_{k}_gib": v for k, v in self.non_torch.items()},
+                                    "setup_nvml_process_peak_gib": self.setup_peak_gib,
+                                    **{f"non_torch_{k}_gib": v["non_torch_gib"] for k, v in self.memory.items()
+                                       if k != "first_optimizer_step"},
                                     **{f"memory_{k}": v for k, v in self.memory.items()}}
 
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,

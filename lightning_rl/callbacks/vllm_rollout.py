@@ -18,7 +18,13 @@ from typing_extensions import override
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.lora import is_lora
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
-from lightning_rl.plugins.memory_plan import GiB, kv_bytes_per_token, planned_engine_bytes, rollout_kv_tokens
+from lightning_rl.plugins.memory_plan import (
+    KV_BLOCK_TOKENS,
+    GiB,
+    kv_bytes_per_token,
+    planned_engine_bytes,
+    rollout_kv_tokens,
+)
 from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_bytes
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.engine import RolloutEngine
@@ -45,9 +51,6 @@ ENGINE_PROCESS_OVERHEAD_BYTES = 1 << 30
 #: Seed offset between engines: each process's engine (each tensor-parallel group's, whose members must sample
 #: alike) samples its own prompts from its own stream.
 RANK_SEED_STRIDE = 1_000_003
-
-#: Tokens of one KV block (vLLM's default): a sequence may waste up to one
-KV_BLOCK_TOKENS = 16
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
@@ -167,6 +170,11 @@ class VLLMRollout(Callback):
         return rollout_kv_tokens(prompts_per_step, shape.num_generations, self.max_len(shape) - new, new,
                                  self.settings.enable_prefix_caching)
 
+    def kv_bytes_per_token(self, shape: TrainingShape, dtype: torch.dtype) -> int:
+        """KV-cache bytes per token of this shard's KV heads, in the cache's dtype, for an engine of ``dtype``."""
+        s = self.settings
+        return kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, s.tensor_parallel_size)
+
     def rollout_memory(self, shape: TrainingShape) -> RolloutMemory:
         """What the engine takes from the device, for the memory plan (the plugin calls it at setup)."""
         if self._trainer is None:
@@ -174,8 +182,7 @@ class VLLMRollout(Callback):
         trainer, s = self._trainer, self.settings
         policy = trainer.lightning_module.policy
         dtype, tp = self.engine_dtype(policy, trainer), s.tensor_parallel_size
-        # this shard's KV heads, in the cache's dtype
-        per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize, tp)
+        per_token = self.kv_bytes_per_token(shape, dtype)
         prompts = self.prompts_per_step or datamodule_batch_size(trainer)
         tokens, headroom = (self.kv_tokens(shape, prompts * tp) if prompts else 0), s.kv_cache_headroom  # the group's
         least = self.max_len(shape) + KV_BLOCK_TOKENS if tokens else 0  # one whole sequence: the least for waves
@@ -254,9 +261,8 @@ class VLLMRollout(Callback):
         sequences = prompts_per_step * shape.num_generations
         plan = getattr(self._plugin, "memory_plan", None)
         if kv is not None and s.kv_cache_bytes is None and plan is not None and plan.kv_fraction < 1:
-            per_token = kv_bytes_per_token(shape.model_config, kv_cache_dtype(s, dtype).itemsize,
-                                           s.tensor_parallel_size)
-            at_once = sequences_at_once(kv, per_token, self.max_len(shape), sequences, s.tensor_parallel_size)
+            at_once = sequences_at_once(kv, self.kv_bytes_per_token(shape, dtype), self.max_len(shape), sequences,
+                                        s.tensor_parallel_size)
             log.info("VLLMRollout: the memory plan's KV cache holds %d of the rollout's %d sequences at once; the "
                      "engine generates the rest as those finish", at_once, sequences)
             sequences = at_once

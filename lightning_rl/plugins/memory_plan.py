@@ -162,8 +162,12 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     return layers * per_layer
 
 
+#: Tokens of one KV block (vLLM's default): each sequence may waste up to one partly filled block
+KV_BLOCK_TOKENS = 16
+
+
 def rollout_kv_tokens(num_prompts: int, num_generations: int, prompt_length: int, max_new_tokens: int,
-                      shared_prompts: bool = True, block_size: int = 16) -> int:
+                      shared_prompts: bool = True, block_size: int = KV_BLOCK_TOKENS) -> int:
     """KV-cache tokens of one rollout of ``num_prompts * num_generations`` sequences (without headroom).
 
     With prefix caching the ``G`` completions of a prompt share its prompt blocks, so the prompt counts
@@ -434,6 +438,7 @@ __all__ = [
     "ENGINE_BESIDE_PART",
     "MAX_MICRO_BATCH_TOKENS",
     "GiB",
+    "KV_BLOCK_TOKENS",
     "MiB",
     "MemoryPlan",
     "MemoryPlanError",

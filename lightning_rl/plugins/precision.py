@@ -46,6 +46,7 @@ from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
 from lightning_rl.plugins.memory_plan import (
+    CONTEXT_PART,
     GiB,
     MemoryPlan,
     MemoryPlanError,
@@ -217,7 +218,6 @@ class MemoryAwarePrecision(Precision):
         self.optimizer_states = optimizer_states
         self.step_chunk_bytes = int(step_chunk_bytes)
         self.context_bytes = context_bytes
-        self.planned_context_bytes = 0  # what the last plan counted outside PyTorch
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
@@ -384,8 +384,8 @@ class MemoryAwarePrecision(Precision):
                 self._apply_plan(self._module)
         if self.enforce_budget and device.type == "cuda" and self.memory_budget is not None:
             total = torch.cuda.get_device_properties(device).total_memory
-            outside = self.planned_context_bytes if self.memory_plan is not None else context_bytes_for(
-                device, self.context_bytes)
+            outside = (self.memory_plan.train_parts.get(CONTEXT_PART, 0) if self.memory_plan is not None
+                       else context_bytes_for(device, self.context_bytes))
             torch_share = self._budget(total) - outside
             torch.cuda.set_per_process_memory_fraction(min(1.0, max(torch_share, 0) / total), device)
         if self.log_memory and device.type == "cuda":
@@ -529,7 +529,6 @@ class MemoryAwarePrecision(Precision):
                              if p.requires_grad and p.dtype == torch.float32)
         modules = [module, *shape.extra_frozen]
         rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
-        self.planned_context_bytes = context_bytes_for(device, self.context_bytes)
         return plan_for_shape(
             shape, ModelMemory.from_modules(modules), budget_bytes=budget,
             compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
@@ -537,8 +536,8 @@ class MemoryAwarePrecision(Precision):
             offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
-            gathered_weight_bytes=fsdp2_gathered_bytes(modules), context_bytes=self.planned_context_bytes,
-            waves=self._kv_waves)
+            gathered_weight_bytes=fsdp2_gathered_bytes(modules),
+            context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves)
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_rl.lora import is_lora
 from lightning_rl.models import torch_dtype, unwrap
-from lightning_rl.plugins.memory_plan import kv_bytes_per_token, rollout_kv_tokens
+from lightning_rl.plugins.memory_plan import KV_BLOCK_TOKENS, kv_bytes_per_token, rollout_kv_tokens
 from lightning_rl.rollout.policy_weights import adapter_sync_unsupported_reason
 from lightning_rl.rollout.sharded_weights import full_numel
 from lightning_rl.rollout.vllm_settings import KEEP_WEIGHTS_BYTES, EngineSettings, ExecutionMode, LoRASync
@@ -30,7 +30,7 @@ def kv_cache_bytes_for(
     dtype: torch.dtype,
     headroom: float = 1.2,
     shared_prompts: bool = True,
-    block_size: int = 16,
+    block_size: int = KV_BLOCK_TOKENS,
     tensor_parallel_size: int = 1,
 ) -> int:
     """KV-cache bytes for one rollout of ``num_prompts * num_generations`` sequences, with headroom.
@@ -191,7 +191,7 @@ def weights_kept_asleep_bytes(
 
 def sequences_at_once(
     kv_cache_bytes: int, kv_bytes_per_token: int, sequence_tokens: int, sequences: int,
-    tensor_parallel_size: int = 1, block_size: int = 16,
+    tensor_parallel_size: int = 1, block_size: int = KV_BLOCK_TOKENS,
 ) -> int:
     """How many of this process's ``sequences`` an engine holds at once, each to its full length.
 

@@ -343,8 +343,8 @@ def test_a_cpu_plan_counts_no_context_and_a_given_one_appears_in_the_plan(monkey
     grpo.configure_model()
     opt = torch.optim.AdamW(grpo.policy.parameters())
     cpu = MemoryAwarePrecision(memory_budget=4 * GiB)
-    cpu.make_plan(grpo, [opt], torch.device("cpu"))
-    assert cpu.planned_context_bytes == 0
+    plan = cpu.make_plan(grpo, [opt], torch.device("cpu"))
+    assert CONTEXT_PART not in plan.train_parts and CONTEXT_PART not in plan.rollout_parts  # nothing counted
     given = MemoryAwarePrecision(memory_budget=4 * GiB, context_bytes=300 * 2**20)
     plan = given.make_plan(grpo, [opt], torch.device("cpu"))
     assert plan.train_parts[CONTEXT_PART] == 300 * 2**20
