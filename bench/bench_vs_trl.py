@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -138,9 +139,9 @@ class MemorySampler:
         self.step_peak = max(self.step_peak, used)
         now = time.monotonic()
         if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
-            import psutil
+            from lightning_rl.plugins.device_context import process_tree_pids
 
-            self._pids = {self.pid, *(c.pid for c in psutil.Process(self.pid).children(recursive=True))}
+            self._pids = process_tree_pids()
             self._pids_at = now
         ours = self._used_by(self._pids)
         if ours is not None:
@@ -505,6 +506,8 @@ def worker(args) -> None:
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the level and logger on each warning line, so that the orchestrator's filter keeps the library's warnings
+    logging.basicConfig(format="%(levelname)s:%(name)s:%(message)s")
     if args.runner == "ours":
         res = run_ours(args.case, args.model_dir, args.steps, args.warmup, args.profile_dir,
                        json.loads(args.extra or "{}"), args.profile_name or "ours")

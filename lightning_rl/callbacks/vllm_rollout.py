@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.lora import is_lora
+from lightning_rl.plugins.device_context import process_tree_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import (
     KV_BLOCK_TOKENS,
@@ -54,6 +55,17 @@ RANK_SEED_STRIDE = 1_000_003
 
 EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
+
+
+def _engine_start_measure(device: torch.device | str) -> Callable[[torch.device | str], int | None]:
+    """The figure taken before and after the engine starts.
+
+    This process and its descendants on the device (NVML), so that other jobs on the GPU do not move it; the
+    whole device's use where NVML cannot list processes.
+    """
+    if torch.device(device).type == "cuda" and process_tree_used_bytes(torch.device(device)) is not None:
+        return lambda dev: process_tree_used_bytes(torch.device(dev))
+    return device_used_bytes
 
 
 def _strategy_model(trainer: Any) -> nn.Module | None:
@@ -138,7 +150,7 @@ class VLLMRollout(Callback):
         self.num_syncs = 0
         self.num_rollouts = 0
         self.last_timings: dict[str, float] = {}
-        self.engine_start_bytes: int | None = None  # device memory in use that the engine's start added (CUDA)
+        self.engine_start_bytes: int | None = None  # device memory the engine's start added (CUDA; see _create)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
         self._plugin: MemoryAwarePrecision | None = None
@@ -286,7 +298,8 @@ class VLLMRollout(Callback):
         self.overlapping = reason is None
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
-        used_before = device_used_bytes(device)
+        measure_used = _engine_start_measure(device)
+        used_before = measure_used(device)
         try:
             self.engine = self.build_engine(pl_module, prompts_per_step)
         except Exception as err:
@@ -297,7 +310,7 @@ class VLLMRollout(Callback):
                         "(VLLMRollout(overlap=False) skips the attempt)", reason)
             self.overlapping = False
             self.engine = self.build_engine(pl_module, prompts_per_step)
-        used_after = device_used_bytes(device)
+        used_after = measure_used(device)
         if used_before is not None and used_after is not None:
             self.engine_start_bytes = used_after - used_before
             self._check_engine_memory(self.engine_start_bytes)

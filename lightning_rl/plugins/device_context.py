@@ -1,7 +1,9 @@
-"""The device memory a process holds outside PyTorch's allocator: the CUDA context and the libraries' modules.
+"""The device memory of this process as NVML counts it: outside PyTorch's allocator, and with its descendants.
 
-PyTorch's figures (``memory_reserved``) leave it out, NVML and ``nvidia-smi`` count it. The memory plan counts it
-so that a ``memory_budget`` is the process's whole figure.
+PyTorch's figures (``memory_reserved``) leave out the CUDA context and the libraries' modules; NVML and
+``nvidia-smi`` count them. The memory plan counts them so that a ``memory_budget`` is the process's whole figure.
+The rollout callback measures its engine's start in this process and its descendants only, so that other jobs on
+the same GPU do not move the figure.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import psutil
 import torch
 
 #: Used when NVML cannot say: this process's figure less PyTorch's reserved memory before the rollout engine
@@ -16,11 +19,11 @@ import torch
 DEFAULT_CONTEXT_BYTES = 600 * 1024**2
 
 
-def memory_outside_torch(device: torch.device) -> int | None:
-    """NVML's figure for this process on ``device`` less PyTorch's reserved memory there, in bytes.
+def nvml_used_by(device: torch.device, pids: set[int]) -> int | None:
+    """NVML's figure for the processes ``pids`` on ``device``, in bytes.
 
     Returns:
-        None when NVML (``nvidia-ml-py``) is missing, cannot find the device, or does not list this process
+        None when NVML (``nvidia-ml-py``) is missing, cannot find the device, or lists none of ``pids`` there
         (a container with its own PID namespace).
     """
     try:
@@ -35,15 +38,44 @@ def memory_outside_torch(device: torch.device) -> int | None:
         uuid = torch.cuda.get_device_properties(device).uuid
         handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
         used = sum(p.usedGpuMemory or 0 for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                   if p.pid == os.getpid())
+                   if p.pid in pids)
     except (pynvml.NVMLError, AttributeError, RuntimeError):
         return None
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-    if not used:
+    return used or None
+
+
+def process_tree_pids() -> set[int]:
+    """The PIDs of this process and its descendants (an engine in a process of its own, and its workers)."""
+    me = psutil.Process()
+    try:
+        return {me.pid, *(child.pid for child in me.children(recursive=True))}
+    except psutil.Error:
+        return {me.pid}
+
+
+def memory_outside_torch(device: torch.device) -> int | None:
+    """NVML's figure for this process on ``device`` less PyTorch's reserved memory there, in bytes.
+
+    Returns:
+        None when NVML cannot say (:func:`nvml_used_by`).
+    """
+    used = nvml_used_by(device, {os.getpid()})
+    if used is None:
         return None
     return max(0, used - torch.cuda.memory_reserved(device))
+
+
+def process_tree_used_bytes(device: torch.device) -> int | None:
+    """Device memory this process and its descendants hold on ``device``, as NVML counts it.
+
+    Unlike the device-wide figure, other jobs on the same GPU do not move it. PyTorch's cache is emptied first,
+    so that blocks no tensor uses do not count. None when NVML cannot say (:func:`nvml_used_by`).
+    """
+    torch.cuda.empty_cache()
+    return nvml_used_by(device, process_tree_pids())
 
 
 def context_bytes_for(device: torch.device, setting: int | None) -> int:
@@ -60,4 +92,11 @@ def context_bytes_for(device: torch.device, setting: int | None) -> int:
     return DEFAULT_CONTEXT_BYTES if measured is None else measured
 
 
-__all__ = ["DEFAULT_CONTEXT_BYTES", "context_bytes_for", "memory_outside_torch"]
+__all__ = [
+    "DEFAULT_CONTEXT_BYTES",
+    "context_bytes_for",
+    "memory_outside_torch",
+    "nvml_used_by",
+    "process_tree_pids",
+    "process_tree_used_bytes",
+]

@@ -261,6 +261,22 @@ def test_the_engines_start_is_measured_and_checked_against_the_memory_plan(monke
         assert f"engine_overhead_bytes={GiB // 4 + GiB}" in over[0]
 
 
+def test_the_engines_start_is_measured_in_this_process_tree_when_nvml_lists_it(monkeypatch):
+    """Other jobs on the GPU must not move the figure (a parallel start read -0.85 GiB device-wide)."""
+    from lightning_rl.callbacks import vllm_rollout
+
+    tree = iter([1000, 1000, 3000])  # the probe, then before and after the engine's start
+    device_wide = iter([50_000, 10_000])  # another job freed 40,000 meanwhile
+    monkeypatch.setattr(vllm_rollout, "process_tree_used_bytes", lambda device: next(tree))
+    monkeypatch.setattr(vllm_rollout, "device_used_bytes", lambda device: next(device_wide))
+    measure = vllm_rollout._engine_start_measure("cuda:0")
+    assert -measure("cuda:0") + measure("cuda:0") == 2000
+    # where NVML cannot list processes (a PID namespace of its own), and off CUDA: the whole device's use
+    monkeypatch.setattr(vllm_rollout, "process_tree_used_bytes", lambda device: None)
+    assert vllm_rollout._engine_start_measure("cuda:0") is vllm_rollout.device_used_bytes
+    assert vllm_rollout._engine_start_measure("cpu") is vllm_rollout.device_used_bytes
+
+
 def test_planned_engine_bytes_reads_either_phase_of_the_plan():
     from lightning_rl.plugins.memory_plan import ENGINE_BESIDE_PART, GiB, MemoryPlan, planned_engine_bytes
 
