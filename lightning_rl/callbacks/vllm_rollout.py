@@ -57,15 +57,22 @@ EngineFactory = Callable[[L.LightningModule, int, int], RolloutEngine]
 _MODULE_NEEDS = ("generate_rollout", "policy", "sampling", "num_generations", "training_shape")
 
 
-def _engine_start_measure(device: torch.device | str) -> Callable[[torch.device | str], int | None]:
-    """The figure taken before and after the engine starts.
+def _engine_start_measure(
+    device: torch.device | str,
+) -> tuple[Callable[[torch.device | str], int | None], int | None]:
+    """How the engine's start is measured, and the figure before it.
 
     This process and its descendants on the device (NVML), so that other jobs on the GPU do not move it; the
     whole device's use where NVML cannot list processes.
+
+    Returns:
+        The function to take the figure after the start with, and the figure now (None off CUDA).
     """
-    if torch.device(device).type == "cuda" and process_tree_used_bytes(torch.device(device)) is not None:
-        return lambda dev: process_tree_used_bytes(torch.device(dev))
-    return device_used_bytes
+    if torch.device(device).type == "cuda":
+        own = process_tree_used_bytes(torch.device(device))
+        if own is not None:
+            return (lambda dev: process_tree_used_bytes(torch.device(dev))), own
+    return device_used_bytes, device_used_bytes(device)
 
 
 def _strategy_model(trainer: Any) -> nn.Module | None:
@@ -298,8 +305,7 @@ class VLLMRollout(Callback):
         self.overlapping = reason is None
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
-        measure_used = _engine_start_measure(device)
-        used_before = measure_used(device)
+        measure_used, used_before = _engine_start_measure(device)
         try:
             self.engine = self.build_engine(pl_module, prompts_per_step)
         except Exception as err:

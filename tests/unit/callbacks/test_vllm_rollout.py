@@ -265,16 +265,18 @@ def test_the_engines_start_is_measured_in_this_process_tree_when_nvml_lists_it(m
     """Other jobs on the GPU must not move the figure (a parallel start read -0.85 GiB device-wide)."""
     from lightning_rl.callbacks import vllm_rollout
 
-    tree = iter([1000, 1000, 3000])  # the probe, then before and after the engine's start
+    tree = iter([1000, 3000])  # before and after the engine's start
     device_wide = iter([50_000, 10_000])  # another job freed 40,000 meanwhile
     monkeypatch.setattr(vllm_rollout, "process_tree_used_bytes", lambda device: next(tree))
     monkeypatch.setattr(vllm_rollout, "device_used_bytes", lambda device: next(device_wide))
-    measure = vllm_rollout._engine_start_measure("cuda:0")
-    assert -measure("cuda:0") + measure("cuda:0") == 2000
+    measure, before = vllm_rollout._engine_start_measure("cuda:0")
+    assert measure("cuda:0") - before == 2000
     # where NVML cannot list processes (a PID namespace of its own), and off CUDA: the whole device's use
     monkeypatch.setattr(vllm_rollout, "process_tree_used_bytes", lambda device: None)
-    assert vllm_rollout._engine_start_measure("cuda:0") is vllm_rollout.device_used_bytes
-    assert vllm_rollout._engine_start_measure("cpu") is vllm_rollout.device_used_bytes
+    monkeypatch.setattr(vllm_rollout, "device_used_bytes", lambda device: 7)
+    for device in ("cuda:0", "cpu"):
+        measure, before = vllm_rollout._engine_start_measure(device)
+        assert measure is vllm_rollout.device_used_bytes and before == 7
 
 
 def test_planned_engine_bytes_reads_either_phase_of_the_plan():
