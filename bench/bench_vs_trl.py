@@ -527,7 +527,8 @@ def main() -> None:
     ap.add_argument("--trl-util", type=float, default=0.05, help="TRL's vllm_gpu_memory_utilization")
     ap.add_argument("--extra", action="append", default=[],
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
-                         '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}}')
+                         '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
+                         '"env": {variables for its process}}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")
@@ -578,7 +579,8 @@ def main() -> None:
             print(f"[{time.strftime('%T')}] {case} / {runner}", flush=True)
             warnings: list[str] = []
             try:
-                env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
+                env = {**os.environ, "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
+                       **(json.loads(extras[label]).get("env", {}) if label else {})}
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                 ok = proc.returncode == 0 and Path(result_path).stat().st_size > 0
                 err = None if ok else (proc.stderr or proc.stdout)[-2500:]
