@@ -110,6 +110,10 @@ class MemorySampler:
     def __init__(self, interval: float = 0.01):
         import pynvml
 
+        # imported here, in the main thread: the sampling thread importing lightning_rl while the main thread
+        # does sees half-initialised modules (an ImportError on the twelfth visit's first runs)
+        from lightning_rl.plugins.device_context import process_tree_pids
+
         pynvml.nvmlInit()
         self.nvml = pynvml
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
@@ -121,7 +125,7 @@ class MemorySampler:
         self.step_peak_process = 0  # this process and its children, since the last take_step_peak_gib()
         self.last_step_peak_process = 0  # the same over the span the last take_step_peak_gib() closed
         self.process_seen = False
-        self._pids, self._pids_at = {self.pid}, -1.0
+        self._pids, self._pids_at, self._process_tree_pids = {self.pid}, -1.0, process_tree_pids
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -139,9 +143,7 @@ class MemorySampler:
         self.step_peak = max(self.step_peak, used)
         now = time.monotonic()
         if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
-            from lightning_rl.plugins.device_context import process_tree_pids
-
-            self._pids = process_tree_pids()
+            self._pids = self._process_tree_pids()
             self._pids_at = now
         ours = self._used_by(self._pids)
         if ours is not None:
