@@ -111,7 +111,7 @@ class MemorySampler:
         import pynvml
 
         # imported here, in the main thread: the sampling thread importing lightning_rl while the main thread
-        # does sees half-initialised modules (an ImportError on the twelfth visit's first runs)
+        # does sees half-initialised modules (an ImportError in every run of the thirteenth visit's first call)
         from lightning_rl.plugins.device_context import process_tree_pids
 
         pynvml.nvmlInit()
