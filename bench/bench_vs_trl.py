@@ -314,6 +314,23 @@ class GCTimer:
         return total
 
 
+def set_inductor_options(options: dict) -> None:
+    """Set ``torch._inductor.config`` entries (dotted names, e.g. ``triton.cudagraphs``) in this process only.
+
+    Unlike environment variables they do not reach the engine's child process, which compiles its own model.
+    """
+    import torch._inductor.config as inductor_config
+
+    for name, value in options.items():
+        *path, leaf = name.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, leaf):
+            raise ValueError(f"torch._inductor.config has no option {name!r}")
+        setattr(target, leaf, value)
+
+
 def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
              profile_name: str = "ours") -> dict:
     import lightning as L
@@ -323,6 +340,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl import GRPO, MemoryAwarePrecision, PromptDataModule, VLLMRollout
     from lightning_rl.rollout import EngineSettings
 
+    set_inductor_options(extra.get("inductor", {}))
     _, lora, new_tokens, lr = CASES[case]
     rows = make_rows(PROMPTS * (steps + 1))
     t_start = time.perf_counter()
@@ -530,7 +548,8 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[],
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
-                         '"env": {variables for its process}}')
+                         '"env": {variables for its process}, '
+                         '"inductor": {torch._inductor.config entries for the trainer process only}}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")
@@ -593,6 +612,8 @@ def main() -> None:
             except subprocess.TimeoutExpired as e:
                 ok, err = False, f"timeout after {args.timeout}s: {str(e.stderr)[-1500:]}"
             run = {"case": case, "runner": runner, "process_s": time.perf_counter() - t0}
+            if label:
+                run["overrides"] = json.loads(extras[label])
             run["warnings"] = warnings[-40:]
             if ok:
                 run.update(json.loads(Path(result_path).read_text()))
