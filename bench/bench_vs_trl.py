@@ -406,6 +406,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive
                 shared = getattr(engine, "shared", None)
                 self.engine_info = {"engine_dtype": str(getattr(engine, "weight_dtype", None)),
+                                    # the trainer's allocator grows its segments (turned on beside an engine process)
+                                    "expandable_segments": self.rollout_cb.expandable_segments,
                                     "sleep_level": getattr(engine, "sleep_level", None),
                                     # a LoRA base shared with an in-process engine: what it points at, and what
                                     # the trainer's own copy gave back (torch's count) when it did

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.lora import is_lora
+from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.memory_plan import (
@@ -103,7 +104,9 @@ class VLLMRollout(Callback):
     the current batch trains: a step takes about the longer of the two instead of their sum. That rollout is one
     optimizer step old when it trains; the module's truncated importance weights (engine log-probs against the
     trainer's) correct for it, and ``rollout/staleness`` logs it. The engine then keeps its memory during the
-    update (the memory plan counts it in the train phase).
+    update (the memory plan counts it in the train phase), and the trainer's CUDA allocator switches to
+    expandable segments (:mod:`~lightning_rl.plugins.allocator`; vLLM's sleep mode, which an engine in this
+    process needs, does not allow them), unless ``PYTORCH_CUDA_ALLOC_CONF`` names ``expandable_segments``.
 
     Under Lightning's DDP or FSDP each process builds its own engine on its own GPU (vLLM's external-launcher
     mode); ``settings.tensor_parallel_size`` shards one engine over groups of consecutive processes. Under FSDP
@@ -158,6 +161,7 @@ class VLLMRollout(Callback):
         self.num_rollouts = 0
         self.last_timings: dict[str, float] = {}
         self.engine_start_bytes: int | None = None  # device memory the engine's start added (CUDA; see _create)
+        self.expandable_segments = False  # this callback turned on expandable segments (beside an engine process)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
         self._plugin: MemoryAwarePrecision | None = None
@@ -320,6 +324,11 @@ class VLLMRollout(Callback):
         if used_before is not None and used_after is not None:
             self.engine_start_bytes = used_after - used_before
             self._check_engine_memory(self.engine_start_bytes)
+        if self.overlapping:
+            from lightning_rl.rollout.vllm_process import VLLMProcessEngine
+
+            if isinstance(self.engine, VLLMProcessEngine):  # no sleep mode in this process: segments may grow
+                self.expandable_segments = enable_expandable_segments(device)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")
@@ -438,6 +447,9 @@ class VLLMRollout(Callback):
         engine, self.engine = self.engine, None
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
+        if self.expandable_segments:  # a later engine in this process may need vLLM's sleep mode
+            disable_expandable_segments()
+            self.expandable_segments = False
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -327,3 +327,32 @@ def test_an_engine_whose_kv_cache_is_short_of_the_rollout_holds_whole_sequences_
     sequences = 4 * shape.num_generations
     assert built["kv"] == kv
     assert built["max_num_seqs"] == (sequences if kv_fraction == 1.0 else 3)
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_the_trainers_allocator_grows_its_segments_only_beside_an_engine_process(monkeypatch, own_process):
+    """vLLM's sleep mode (an engine in the trainer's process) does not allow expandable segments."""
+    from lightning_rl.callbacks import vllm_rollout
+    from lightning_rl.rollout.vllm_process import VLLMProcessEngine
+
+    turned_on, turned_off = [], []
+    monkeypatch.setattr(vllm_rollout, "enable_expandable_segments", lambda device: turned_on.append(device) or True)
+    monkeypatch.setattr(vllm_rollout, "disable_expandable_segments", lambda: turned_off.append(True))
+
+    def factory(module, n, seed):
+        engine = FakeEngine(module, [])
+        if own_process:  # the engine the callback builds with overlap when no factory is given
+            engine.__class__ = type("FakeProcessEngine", (FakeEngine, VLLMProcessEngine), {})
+        return engine
+
+    cb = VLLMRollout(engine_factory=factory, overlap=True)
+    module = rollout_grpo()
+    module.configure_model()
+    cb._create(SimpleNamespace(global_step=0), module, 2)
+    assert cb.overlapping
+    assert cb.expandable_segments is own_process and len(turned_on) == int(own_process)
+    cb.shutdown()  # back to fixed segments: a later engine in this process may need vLLM's sleep mode
+    assert not cb.expandable_segments and len(turned_off) == int(own_process)
+    in_process = VLLMRollout(engine_factory=factory, overlap=False)
+    in_process._create(SimpleNamespace(global_step=0), module, 2)
+    assert not in_process.expandable_segments and len(turned_on) == int(own_process)
