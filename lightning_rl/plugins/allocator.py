@@ -11,7 +11,8 @@ starts, as here, they leave the weights loaded before in fixed segments.
 
 vLLM's sleep mode, which an engine in the trainer's own process uses, refuses an allocator with expandable
 segments, so they are turned on only once the engine runs in a process of its own. A choice the user wrote in
-``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) is left as it is.
+``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) is left as it is, and the user's other settings there
+are applied again with the switch (a settings string applied alone resets the options it does not name).
 """
 
 from __future__ import annotations
@@ -24,23 +25,33 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # PyTorch reads the newer name first
+
+
+def user_settings(environ: Mapping[str, str] | None = None) -> str:
+    """The allocator settings the user wrote in the environment ("" when none)."""
+    environ = os.environ if environ is None else environ
+    return next((environ[v].strip(" ,") for v in ALLOC_CONF_VARIABLES if environ.get(v, "").strip()), "")
 
 
 def user_expandable_segments(environ: Mapping[str, str] | None = None) -> bool | None:
-    """The ``expandable_segments`` value the user set in the allocator's environment variables (None: not set)."""
-    environ = os.environ if environ is None else environ
-    for variable in ALLOC_CONF_VARIABLES:
-        for item in environ.get(variable, "").split(","):
-            key, _, value = item.partition(":")
-            if key.strip() == "expandable_segments":
-                return value.strip().lower() == "true"
+    """The ``expandable_segments`` value in the user's allocator settings (None: not set)."""
+    for item in user_settings(environ).split(","):
+        key, _, value = item.partition(":")
+        if key.strip() == "expandable_segments":
+            return value.strip().lower() == "true"
     return None
+
+
+def with_user_settings(setting: str, environ: Mapping[str, str] | None = None) -> str:
+    """``setting`` after the user's own allocator settings, which a settings string given alone would reset."""
+    own = user_settings(environ)
+    return f"{own},{setting}" if own else setting
 
 
 def set_allocator_settings(settings: str) -> None:
     """Apply ``settings`` (``PYTORCH_CUDA_ALLOC_CONF`` syntax) to the allocator of this process from now on."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: torch.cuda's
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # newer torch; older: torch.cuda's
     if setter is None:
         setter = torch.cuda.memory._set_allocator_settings
     setter(settings)
@@ -58,7 +69,7 @@ def enable_expandable_segments(device: torch.device | str) -> bool:
     if torch.device(device).type != "cuda" or user_expandable_segments() is not None:
         return False
     try:
-        set_allocator_settings("expandable_segments:True")
+        set_allocator_settings(with_user_settings("expandable_segments:True"))
     except (AttributeError, RuntimeError) as err:  # an allocator backend that has no such setting
         log.warning("could not turn on expandable segments in PyTorch's CUDA allocator (%s); training goes on "
                     "with fixed segments, which may hold more memory", err)
@@ -72,10 +83,10 @@ def disable_expandable_segments() -> None:
     A later engine in this process may use vLLM's sleep mode, which does not allow expandable segments.
     """
     try:
-        set_allocator_settings("expandable_segments:False")
+        set_allocator_settings(with_user_settings("expandable_segments:False"))
     except (AttributeError, RuntimeError) as err:
         log.warning("could not turn expandable segments off in PyTorch's CUDA allocator (%s)", err)
 
 
 __all__ = ["ALLOC_CONF_VARIABLES", "disable_expandable_segments", "enable_expandable_segments",
-           "set_allocator_settings", "user_expandable_segments"]
+           "set_allocator_settings", "user_expandable_segments", "user_settings", "with_user_settings"]

@@ -45,6 +45,17 @@ def test_disabling_goes_back_to_fixed_segments(settings):
     assert settings == ["expandable_segments:False"]
 
 
+def test_the_users_other_allocator_settings_are_kept(settings, monkeypatch):
+    """A settings string applied alone resets the options it does not name (max_split_size_mb, ...)."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,")
+    assert allocator.enable_expandable_segments("cuda:0") is True
+    allocator.disable_expandable_segments()
+    own = "max_split_size_mb:128"
+    assert settings == [f"{own},expandable_segments:True", f"{own},expandable_segments:False"]
+    both = {"PYTORCH_ALLOC_CONF": "a:2", "PYTORCH_CUDA_ALLOC_CONF": "b:3"}  # the newer name first, as PyTorch
+    assert allocator.with_user_settings("x:1", both) == "a:2,x:1"
+
+
 def test_an_allocator_without_the_setting_leaves_training_as_it_was_with_a_warning(monkeypatch, caplog):
     for variable in allocator.ALLOC_CONF_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
