@@ -12,7 +12,7 @@ starts, as here, they leave the weights loaded before in fixed segments.
 vLLM's sleep mode, which an engine in the trainer's own process uses, refuses an allocator with expandable
 segments, so they are turned on only once the engine runs in a process of its own. A choice the user wrote in
 ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) is left as it is, and the user's other settings there
-are applied again with the switch (a settings string applied alone resets the options it does not name).
+are applied again with the switch (PyTorch can reset the options a settings string applied alone does not name).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def user_expandable_segments(environ: Mapping[str, str] | None = None) -> bool |
 
 
 def with_user_settings(setting: str, environ: Mapping[str, str] | None = None) -> str:
-    """``setting`` after the user's own allocator settings, which a settings string given alone would reset."""
+    """``setting`` after the user's own allocator settings, which a settings string given alone can reset."""
     own = user_settings(environ)
     return f"{own},{setting}" if own else setting
 

@@ -46,7 +46,7 @@ def test_disabling_goes_back_to_fixed_segments(settings):
 
 
 def test_the_users_other_allocator_settings_are_kept(settings, monkeypatch):
-    """A settings string applied alone resets the options it does not name (max_split_size_mb, ...)."""
+    """PyTorch can reset the options a settings string applied alone does not name (max_split_size_mb, ...)."""
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,")
     assert allocator.enable_expandable_segments("cuda:0") is True
     allocator.disable_expandable_segments()
