@@ -314,6 +314,33 @@ class GCTimer:
         return total
 
 
+class ThreadCPUTimer:
+    """CPU seconds of this process's main thread and of its other threads since the last :meth:`take`.
+
+    The other threads of a trainer with an engine process include the rollout thread, which runs vLLM's front end
+    (its output processing) beside the update, and vLLM's thread that receives the engine core's outputs: what
+    they use of the interpreter, the update cannot.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.main_id = threading.main_thread().native_id
+        self._last = self._read()
+
+    def _read(self) -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in self.process.threads()}
+
+    def take(self) -> dict[str, float]:
+        now = self._read()
+        spent = {tid: cpu - self._last.get(tid, 0.0) for tid, cpu in now.items()}
+        self._last = now
+        main = spent.pop(self.main_id, 0.0)
+        return {"main_thread_cpu_s": main, "other_threads_cpu_s": sum(spent.values()),
+                "busiest_other_thread_cpu_s": max(spent.values(), default=0.0)}
+
+
 def set_inductor_options(options: dict) -> None:
     """Set ``torch._inductor.config`` entries (dotted names, e.g. ``triton.cudagraphs``) in this process only.
 
@@ -351,6 +378,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.memory: dict[str, dict] = {}  # sampler.breakdown() at the first step's milestones
             self.setup_peak_gib: float | None = None  # the process's NVML peak before the first step
             self.gc = GCTimer()
+            self.threads = ThreadCPUTimer()
 
         def on_fit_start(self, trainer, pl_module):  # runs before the rollout callback builds the engine
             self.memory = {"before_engine": sampler.breakdown()}
@@ -363,6 +391,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             if self.setup_peak_gib is None:
                 self.setup_peak_gib = sampler.take_step_process_peak_gib()
             self.t0 = time.perf_counter()
+            self.threads.take()  # the step's threads' CPU time starts here
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
@@ -394,7 +423,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                                                                          float("nan")))),
                                "device_used_gib": sampler.current_gib(),
                                "tokens": int(batch["rollout"].completion_mask.sum()),
-                               "gc_s": self.gc.take(), **compile_counts(),
+                               "gc_s": self.gc.take(), **compile_counts(), **self.threads.take(),
                                "step_nvml_peak_gib": sampler.take_step_peak_gib(),
                                "step_nvml_process_peak_gib": sampler.take_step_process_peak_gib(),
                                "memory": sampler.breakdown(),
