@@ -93,7 +93,8 @@ class VLLMProcessEngine(VLLMEngine):
     """A vLLM engine in a child process on the trainer's GPU, reading the policy's weights through CUDA IPC.
 
     Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` and
-    ``share_base_weights`` do not apply: this engine never sleeps).
+    ``share_base_weights`` do not apply: this engine never sleeps). ``settings.front_end="process"`` runs vLLM's
+    front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
 
     Raises:
         ValueError: the policy cannot feed it (:func:`process_engine_unsupported_reason`).
@@ -127,7 +128,12 @@ class VLLMProcessEngine(VLLMEngine):
             kwargs.update(enable_sleep_mode=False, worker_extension_cls=WORKER_EXTENSION)
             kwargs.update(settings.engine_kwargs)
             t0 = time.perf_counter()
-            self.internals = VLLMInternals.start_in_own_process(kwargs)
+            if settings.front_end == "process":  # vLLM's front end out of the trainer's interpreter too
+                from lightning_rl.rollout.front_end_process import start_in_front_end_process
+
+                self.internals = start_in_front_end_process(kwargs)
+            else:
+                self.internals = VLLMInternals.start_in_own_process(kwargs)
         except Exception:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise

@@ -15,6 +15,8 @@ LoRASync = Literal["auto", "adapter", "merged"]
 LORA_SYNC_MODES: tuple[str, ...] = get_args(LoRASync)
 ExecutionMode = Literal["eager", "cuda_graphs", "compiled"]
 EXECUTION_MODES: tuple[str, ...] = get_args(ExecutionMode)
+FrontEnd = Literal["trainer", "process"]
+FRONT_ENDS: tuple[str, ...] = get_args(FrontEnd)
 
 #: Automatic sleep level: engines whose weights take at most this many bytes keep them on the GPU while asleep
 #: (level 0). Unmapping and remapping the weights costs time at every toggle, while small weights take little
@@ -58,6 +60,11 @@ class EngineSettings:
             Needs ``torch.distributed`` (Lightning's ``strategy="ddp"`` or ``"fsdp"``, one process per GPU) with a
             number of processes it divides; groups of consecutive ranks share an engine, which generates the
             group's prompts together (:mod:`~lightning_rl.rollout.tensor_parallel`).
+        front_end: for an engine in a process of its own
+            (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`), where vLLM's front end runs: the loop
+            that receives each decode step's outputs from the engine core. ``trainer``: in the trainer's process (the
+            rollout thread, beside the update); ``process``: in a CPU-only process of its own, which hands back each
+            rollout in one message (:mod:`~lightning_rl.rollout.front_end_process`; not yet run on a GPU).
         engine_kwargs: more ``vllm.LLM`` arguments (they override the ones these settings give).
     """
 
@@ -74,6 +81,7 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    front_end: FrontEnd = "trainer"
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +91,8 @@ class EngineSettings:
             raise ValueError(f"lora_sync must be one of {LORA_SYNC_MODES}, got {self.lora_sync!r}")
         if self.execution not in EXECUTION_MODES:
             raise ValueError(f"execution must be one of {EXECUTION_MODES}, got {self.execution!r}")
+        if self.front_end not in FRONT_ENDS:
+            raise ValueError(f"front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         if self.sleep_level not in (None, 0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1, 2 or None (automatic), got {self.sleep_level}")
         if self.kv_cache_headroom < 1:
@@ -95,4 +105,5 @@ class EngineSettings:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (or None), got {self.gpu_memory_utilization}")
 
 
-__all__ = ["EXECUTION_MODES", "KEEP_WEIGHTS_BYTES", "LORA_SYNC_MODES", "EngineSettings", "ExecutionMode", "LoRASync"]
+__all__ = ["EXECUTION_MODES", "FRONT_ENDS", "KEEP_WEIGHTS_BYTES", "LORA_SYNC_MODES", "EngineSettings", "ExecutionMode",
+           "FrontEnd", "LoRASync"]

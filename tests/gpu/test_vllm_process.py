@@ -35,23 +35,26 @@ def _gpu_children():
     return [c.pid for c in psutil.Process().children(recursive=True) if c.pid in on_gpu]
 
 
-def test_engine_process_reads_the_trained_weights_at_each_sync():
+@pytest.mark.parametrize("front_end", ["trainer", "process"])
+def test_engine_process_reads_the_trained_weights_at_each_sync(front_end):
     from lightning_rl.models import load_policy
 
     model, tok = load_policy("smollm2-135m-instruct", dtype="float32")
     trainer = model.cuda().train()  # fp32 weights and compute: the tightest comparison
     engine = VLLMProcessEngine(trainer, _eos(trainer, tok), tok.pad_token_id, max_model_len=512, max_num_seqs=32,
-                               settings=EngineSettings(dtype="float32", kv_cache_bytes=GIB))
+                               settings=EngineSettings(dtype="float32", kv_cache_bytes=GIB, front_end=front_end))
     try:
         assert len(_gpu_children()) == 1, "the engine runs in a child process on the GPU"
+        if front_end == "process":  # the front end's own process holds no GPU memory (no CUDA context)
+            assert engine.internals.llm.process.pid not in _gpu_children()
         ids = encode_prompts(tok, PROMPTS[:4])
         sampling = SamplingConfig(max_new_tokens=48, temperature=1.0)
         start = _mismatch(engine, trainer, ids, sampling, autocast=False)
         stale, after = _stale_then_synced(engine, trainer, ids, sampling, autocast=False)
         # same storages: no new handles, new values read
         _, again = _stale_then_synced(engine, trainer, ids, sampling, autocast=False)
-        print(f"process engine, mean |delta logp| fp32: start {start:.5f}, stale {stale:.4f}, "
-              f"after sync {after:.5f}, after a second step and sync {again:.5f}")
+        print(f"process engine (front end in the {front_end}), mean |delta logp| fp32: start {start:.5f}, "
+              f"stale {stale:.4f}, after sync {after:.5f}, after a second step and sync {again:.5f}")
         assert start < 0.02 and after < 0.02 and again < 0.02
         assert stale > 0.1 and after < stale / 20
     finally:
@@ -59,7 +62,8 @@ def test_engine_process_reads_the_trained_weights_at_each_sync():
     assert not _gpu_children()  # the engine process ended
 
 
-def test_the_engine_process_ends_when_the_trainer_is_killed():
+@pytest.mark.parametrize("front_end", ["trainer", "process"])
+def test_the_engine_process_ends_when_the_trainer_is_killed(front_end):
     """A trainer killed outright (SIGKILL: no teardown) leaves no engine process holding GPU memory."""
     import os
     import subprocess
@@ -74,10 +78,11 @@ def test_the_engine_process_ends_when_the_trainer_is_killed():
         from lightning_rl.rollout.vllm_process import VLLMProcessEngine
         model, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
         engine = VLLMProcessEngine(model.cuda(), [tok.eos_token_id], tok.pad_token_id, max_model_len=256,
-                                   max_num_seqs=8, settings=EngineSettings(kv_cache_bytes=1 << 28))
+                                   max_num_seqs=8, settings=EngineSettings(kv_cache_bytes=1 << 28,
+                                                                           front_end=FRONT_END))
         print("READY", flush=True)
         time.sleep(600)
-    """)
+    """).replace("FRONT_END", repr(front_end))
     trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -136,11 +141,11 @@ def test_engine_process_merges_the_lora_adapter_at_each_sync():
     assert not _gpu_children()
 
 
-def _overlapped_fit(module, steps=4):
+def _overlapped_fit(module, steps=4, settings=None):
     """Fit ``module`` as the README's GPU snippet does; record each step's staleness, engine processes and mismatch."""
     from lightning_rl.plugins import MemoryAwarePrecision
 
-    callback = VLLMRollout()
+    callback = VLLMRollout(settings=settings)
     seen = []
 
     class Watch(L.Callback):
@@ -196,4 +201,19 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for
     # a later engine in this process that needs vLLM's sleep mode
     assert all(s["expandable"] for s in seen) and not callback.expandable_segments
+    assert callback.engine is None and not _gpu_children()
+
+
+def test_the_readme_configuration_overlaps_with_vllms_front_end_in_a_process_of_its_own():
+    """``EngineSettings(front_end="process")``: the rollout comes back in one message; training is the same."""
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module, settings=EngineSettings(front_end="process"))
+    print("overlapped fit, front end in its own process:", seen)
+    assert callback.overlapping and trainer.global_step == 4
+    assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
+    assert all(s["children"] == 1 for s in seen)  # the engine core; the front end holds no GPU memory
+    assert seen[0]["mismatch"] < 0.05 and all(s["mismatch"] < 0.15 for s in seen[1:])
+    assert callback.num_syncs == 2
     assert callback.engine is None and not _gpu_children()
