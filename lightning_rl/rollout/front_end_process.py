@@ -34,6 +34,7 @@ from lightning_rl.rollout.vllm_internals import main_module_hidden
 #: The calls the front end answers (anything else is refused).
 CALLS = ("generate", "collective_rpc", "reset_prefix_cache")
 _POLL_S = 0.5
+_SHUTDOWN = -1  # the sequence number of the shutdown message and its answer
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,8 @@ class FrontEndError(RuntimeError):
     """The front-end process failed a call, or died."""
 
 
-def _error_reply(err: BaseException) -> tuple[str, str]:
-    return "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+def _error_reply(seq: int, err: BaseException) -> tuple[int, str, str]:
+    return seq, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
 
 
 def _watch_parent(parent: int) -> None:
@@ -99,6 +100,9 @@ def _watch_parent(parent: int) -> None:
 def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> None:
     """The front-end process: make the engine with ``factory(kwargs)``, then answer calls until told to stop.
 
+    Each message is ``(sequence number, call, args, kwargs)`` and each answer ``(the same number, status, value)``,
+    so that an answer the trainer stopped waiting for (an interrupted call) is never taken for the next one's.
+
     Args:
         conn: this end of the pipe to the trainer.
         factory: ``"module:function"`` returning an object with ``.llm`` (a ``vllm.LLM``) and ``.shutdown()``.
@@ -109,13 +113,13 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
     try:
         internals = resolve_factory(factory)(kwargs)
     except BaseException as err:  # noqa: BLE001 - the trainer raises it
-        conn.send(_error_reply(err))
+        conn.send(_error_reply(0, err))
         return
-    conn.send(("ready", None))
+    conn.send((0, "ready", None))
     try:
         while True:
             try:
-                call, args, call_kwargs = conn.recv()
+                seq, call, args, call_kwargs = conn.recv()
             except (EOFError, OSError):  # the trainer closed its end or died
                 return
             if call == "shutdown":
@@ -124,13 +128,13 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
                 if call not in CALLS:
                     raise ValueError(f"the front end answers {CALLS} and 'shutdown', not {call!r}")
                 result = getattr(internals.llm, call)(*args, **call_kwargs)
-                conn.send(("ok", compact_outputs(result) if call == "generate" else result))
+                conn.send((seq, "ok", compact_outputs(result) if call == "generate" else result))
             except Exception as err:  # noqa: BLE001 - sent to the trainer, which raises it
-                conn.send(_error_reply(err))
+                conn.send(_error_reply(seq, err))
     finally:
         internals.shutdown()
         try:
-            conn.send(("stopped", None))
+            conn.send((_SHUTDOWN, "stopped", None))
         except (BrokenPipeError, OSError):
             pass
 
@@ -154,6 +158,7 @@ class RemoteLLM:
         ctx = multiprocessing.get_context("spawn")  # a CUDA parent cannot fork
         self._conn, child_conn = ctx.Pipe()
         self._lock = threading.Lock()
+        self._seq = 0  # the last call's number; the start's answer is 0
         # not a daemon: it starts the engine core as a child of its own, which a daemonic process may not do
         self.process = ctx.Process(target=serve, args=(child_conn, check_factory_path(factory), dict(kwargs),
                                                        os.getpid()),
@@ -168,21 +173,24 @@ class RemoteLLM:
         atexit.register(self._finalizer)
         t0 = time.perf_counter()
         try:
-            self._receive(deadline=t0 + start_timeout, what="start")
+            self._receive(0, deadline=t0 + start_timeout, what="start")
         except BaseException:
             self._stop(graceful=False)
             raise
         self.startup_time = time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------- calls
-    def _receive(self, deadline: float | None, what: str) -> Any:
-        while not self._conn.poll(_POLL_S):
-            if not self.process.is_alive():
-                raise FrontEndError(f"the vLLM front-end process died during {what} "
-                                    f"(exit code {self.process.exitcode})")
-            if deadline is not None and time.perf_counter() > deadline:
-                raise FrontEndError(f"the vLLM front-end process did not answer {what} in time")
-        status, value = self._conn.recv()
+    def _receive(self, seq: int, deadline: float | None, what: str) -> Any:
+        while True:
+            while not self._conn.poll(_POLL_S):
+                if not self.process.is_alive():
+                    raise FrontEndError(f"the vLLM front-end process died during {what} "
+                                        f"(exit code {self.process.exitcode})")
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise FrontEndError(f"the vLLM front-end process did not answer {what} in time")
+            answered, status, value = self._conn.recv()
+            if answered == seq:  # else the answer to a call the trainer stopped waiting for
+                break
         if status == "error":
             raise FrontEndError(f"the vLLM front-end process failed {what}: {value}")
         return value
@@ -191,8 +199,9 @@ class RemoteLLM:
         with self._lock:  # one call at a time: the pipe carries one conversation
             if not self.process.is_alive():
                 raise FrontEndError(f"the vLLM front-end process has exited (exit code {self.process.exitcode})")
-            self._conn.send((call, args, kwargs))
-            return self._receive(deadline=None, what=call)
+            self._seq += 1
+            self._conn.send((self._seq, call, args, kwargs))
+            return self._receive(self._seq, deadline=None, what=call)
 
     def generate(self, prompts: Sequence[Any], params: Any, use_tqdm: bool = False,
                  lora_request: Any = None) -> list[PromptOutput]:
@@ -223,9 +232,11 @@ def _stop_front_end(process: Any, conn: Any, lock: threading.Lock, graceful: boo
     if graceful and process.is_alive() and not conn.closed:
         try:
             with lock:
-                conn.send(("shutdown", (), {}))
-                if conn.poll(timeout):
-                    conn.recv()
+                conn.send((_SHUTDOWN, "shutdown", (), {}))
+                deadline = time.perf_counter() + timeout
+                while conn.poll(max(0.0, deadline - time.perf_counter())):
+                    if conn.recv()[0] == _SHUTDOWN:  # earlier answers nobody waited for go first
+                        break
         except (BrokenPipeError, EOFError, OSError):
             pass
     process.join(timeout if graceful else 5.0)

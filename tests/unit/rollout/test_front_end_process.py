@@ -74,7 +74,7 @@ def test_a_rollout_comes_back_from_the_front_end_process_in_one_message(tmp_path
         llm.reset_prefix_cache()
 
 
-def test_the_front_end_refuses_a_call_it_does_not_know():
+def test_the_front_end_refuses_a_call_it_does_not_know_and_drops_answers_nobody_waits_for():
     from lightning_rl.rollout.front_end_process import CALLS
 
     llm = RemoteLLM({}, factory=FACTORY)
@@ -82,6 +82,11 @@ def test_the_front_end_refuses_a_call_it_does_not_know():
         with pytest.raises(FrontEndError, match="answers .*not 'sleep'"):
             llm._call("sleep")
         assert "sleep" not in CALLS
+        # an answer nobody waited for (a call interrupted in the trainer) is not taken for the next call's
+        llm._seq += 1
+        llm._conn.send((llm._seq, "reset_prefix_cache", (), {}))
+        [(method, _, _)] = llm.collective_rpc("after_an_interrupted_call")
+        assert method == "after_an_interrupted_call"
     finally:
         llm.shutdown()
 
