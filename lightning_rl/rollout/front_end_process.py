@@ -8,8 +8,8 @@ the trainer's rollout thread and shares the trainer's interpreter with the updat
 :class:`RemoteLLM` starts a CPU-only child process that makes the ``vllm.LLM`` there (its engine core in a
 grandchild, as before) and answers one message per call: a whole rollout comes back as one pickle of token ids,
 sampled log-probs and finish reasons. The trainer's rollout thread only waits on a pipe meanwhile. Weight syncs
-pass through unchanged: the CUDA IPC handles are opened by the engine core, never by the front end, which makes
-no CUDA context of its own (vLLM's front end queries the GPU through NVML).
+pass through unchanged: the CUDA IPC handles are opened by the engine core, never by the front end, which is
+meant to hold no GPU memory (vLLM's front end asks NVML, not CUDA, about the GPU; the GPU tests check it).
 
 When the trainer dies, the pipe closes and the front end shuts its engine down and exits; a watchdog also exits
 when the parent process is gone.
