@@ -81,20 +81,19 @@ def main() -> None:
     ap.add_argument("--variants", default="eager,layers,stack")
     args = ap.parse_args()
     ids = torch.randint(0, 256, (args.batch, args.tokens), device=args.device)
-    runs = []
-    for name in args.variants.split(","):
-        try:
-            runs.append(time_variant(name, args.layers, args.device, ids, args.iters))
-        except Exception as err:  # noqa: BLE001 - a diagnostic: record the failure, go on
-            runs.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:500]})
-        print(runs[-1], flush=True)
     import transformers
 
     report = {"probe": "host time of a checkpointed forward + backward by compile region", "config": vars(args),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "runs": runs}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "runs": []}
+    for name in args.variants.split(","):
+        try:
+            report["runs"].append(time_variant(name, args.layers, args.device, ids, args.iters))
+        except Exception as err:  # noqa: BLE001 - a diagnostic: record the failure, go on
+            report["runs"].append({"variant": name, "error": f"{type(err).__name__}: {err}"[:500]})
+        print(report["runs"][-1], flush=True)
+        with open(args.out, "w") as f:  # after each variant: a variant cut off by a time limit keeps the others
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

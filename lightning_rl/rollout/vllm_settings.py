@@ -62,9 +62,11 @@ class EngineSettings:
             group's prompts together (:mod:`~lightning_rl.rollout.tensor_parallel`).
         front_end: for an engine in a process of its own
             (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`), where vLLM's front end runs: the loop
-            that receives each decode step's outputs from the engine core. ``trainer``: in the trainer's process (the
-            rollout thread, beside the update); ``process``: in a CPU-only process of its own, which hands back each
-            rollout in one message (:mod:`~lightning_rl.rollout.front_end_process`; not yet run on a GPU).
+            that receives each decode step's outputs from the engine core. ``process`` (the default): in a CPU-only
+            process of its own, which hands back each rollout in one message
+            (:mod:`~lightning_rl.rollout.front_end_process`), so the update beside it keeps the trainer's
+            interpreter (on an H200, SmolLM2's GRPO step 0.42-0.48 s against 0.47-0.54 s); ``trainer``: in the
+            trainer's process (the rollout thread, beside the update).
         engine_kwargs: more ``vllm.LLM`` arguments (they override the ones these settings give).
     """
 
@@ -81,7 +83,7 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
-    front_end: FrontEnd = "trainer"
+    front_end: FrontEnd = "process"
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

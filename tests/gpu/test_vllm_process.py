@@ -191,7 +191,8 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert callback.overlapping and trainer.global_step == 4
     assert callback.engine_start_bytes > 0  # the engine process's context, weights and KV cache on the device
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
-    assert all(s["children"] == 1 for s in seen)
+    assert all(s["children"] == 1 for s in seen)  # the engine core; vLLM's front end (the default
+    # front_end="process") is a child too, without GPU memory
     assert callback.num_syncs == 2  # before the updates of steps 1 and 2 (none for a rollout past the last step)
     assert seen[0]["mismatch"] < 0.05  # the same weights: bf16 engine against the trainer's bf16 autocast
     # one step old: the mismatch adds the step's change of the policy (0.025-0.075 seen on an H200), which the
@@ -204,16 +205,16 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert callback.engine is None and not _gpu_children()
 
 
-def test_the_readme_configuration_overlaps_with_vllms_front_end_in_a_process_of_its_own():
-    """``EngineSettings(front_end="process")``: the rollout comes back in one message; training is the same."""
+def test_the_readme_configuration_overlaps_with_vllms_front_end_in_the_trainer():
+    """``EngineSettings(front_end="trainer")``: vLLM's front end in the rollout thread; training is the same."""
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)
-    trainer, callback, seen = _overlapped_fit(module, settings=EngineSettings(front_end="process"))
-    print("overlapped fit, front end in its own process:", seen)
+    trainer, callback, seen = _overlapped_fit(module, settings=EngineSettings(front_end="trainer"))
+    print("overlapped fit, front end in the trainer:", seen)
     assert callback.overlapping and trainer.global_step == 4
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
-    assert all(s["children"] == 1 for s in seen)  # the engine core; the front end holds no GPU memory
+    assert all(s["children"] == 1 for s in seen)  # the engine core is the one child on the GPU
     assert seen[0]["mismatch"] < 0.05 and all(s["mismatch"] < 0.15 for s in seen[1:])
     assert callback.num_syncs == 2
     assert callback.engine is None and not _gpu_children()

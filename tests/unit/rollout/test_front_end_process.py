@@ -117,8 +117,8 @@ def test_the_factory_path_may_name_a_class_attribute():
 
 
 def test_front_end_setting_is_checked():
-    assert EngineSettings().front_end == "trainer"
-    assert EngineSettings(front_end="process").front_end == "process"
+    assert EngineSettings().front_end == "process"
+    assert EngineSettings(front_end="trainer").front_end == "trainer"
     with pytest.raises(ValueError, match="front_end must be one of"):
         EngineSettings(front_end="thread")
 
