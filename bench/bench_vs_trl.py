@@ -418,6 +418,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             m = trainer.callback_metrics
             self.steps.append({"step_s": step_s, "rollout_s": rollout_s, "toggle_s": t.get("toggle_s"),
                                "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
+                               "background_generate_s": t.get("background_generate_s"),
                                "staleness": t.get("staleness", 0.0),
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
                                                                                          float("nan")))),

@@ -8,6 +8,7 @@ weights correct (engine log-probs against the trainer's).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,11 +27,16 @@ class PendingRollout:
 
 
 class RolloutAhead:
-    """At most one rollout generated ahead, in one background thread."""
+    """At most one rollout generated ahead, in one background thread.
+
+    Attributes:
+        last_generate_s: how long the rollout :meth:`take` returned last took to generate in the background.
+    """
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self.pending: PendingRollout | None = None
+        self.last_generate_s = 0.0
 
     def submit(self, prompts: Sequence[Any], weights_step: int, generate: Callable[[], Rollout]) -> None:
         """Start ``generate()`` for ``prompts`` in the background (the engine must not be used until it ends)."""
@@ -38,7 +44,7 @@ class RolloutAhead:
             raise RuntimeError("a rollout is already being generated ahead; take it first")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-rl-rollout")
-        self.pending = PendingRollout(list(prompts), weights_step, self._pool.submit(generate))
+        self.pending = PendingRollout(list(prompts), weights_step, self._pool.submit(_timed, generate))
 
     def take(self, prompts: Sequence[Any]) -> tuple[Rollout, int] | None:
         """Wait for the pending rollout; ``(rollout, weights step)`` when it answers ``prompts``, else None.
@@ -49,7 +55,7 @@ class RolloutAhead:
         pending, self.pending = self.pending, None
         if pending is None:
             return None
-        rollout = pending.future.result()
+        rollout, self.last_generate_s = pending.future.result()
         if pending.prompts != list(prompts):
             return None
         return rollout, pending.weights_step
@@ -66,6 +72,12 @@ class RolloutAhead:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _timed(generate: Callable[[], Rollout]) -> tuple[Rollout, float]:
+    t0 = time.perf_counter()
+    rollout = generate()
+    return rollout, time.perf_counter() - t0
 
 
 _EMPTY, _END = object(), object()

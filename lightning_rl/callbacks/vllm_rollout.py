@@ -423,10 +423,11 @@ class VLLMRollout(Callback):
         t1 = time.perf_counter()
         if taken is None:  # the first batch of a run or an epoch: nothing was generated ahead
             self._sync(trainer, pl_module)
-            rollout, staleness = pl_module.generate_rollout(prompts, engine=engine), 0
+            rollout, staleness, background_s = pl_module.generate_rollout(prompts, engine=engine), 0, 0.0
         else:
             rollout, weights_step = taken
             rollout, staleness = rollout.to(pl_module.device), trainer.global_step - weights_step
+            background_s = self._ahead.last_generate_s
         t2 = time.perf_counter()
         upcoming = next_batch_prompts(trainer, batch_idx)
         if upcoming is not None:
@@ -436,8 +437,11 @@ class VLLMRollout(Callback):
         t3 = time.perf_counter()
         batch["rollout"] = rollout
         self.num_rollouts += 1
+        # generate_s: generated in place (the first batch of an epoch); background_generate_s: how long this
+        # batch's rollout took to generate beside the last update
         self.last_timings = {"wait_s": t1 - t0, "generate_s": t2 - t1, "sync_s": t3 - t2,
-                             "toggle_s": t3 - t2, "staleness": float(staleness)}
+                             "toggle_s": t3 - t2, "staleness": float(staleness),
+                             "background_generate_s": background_s}
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
 

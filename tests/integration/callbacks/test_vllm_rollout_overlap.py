@@ -50,7 +50,8 @@ def _fit(module, steps, rows=SUM_ROWS, **trainer_kw):
         r = batch["rollout"]
         seen.append({"global_step": module.trainer.global_step, "weights_step": r.extras["weights_step"],
                      "prompt_ids": r.extras["prompt_ids"], "expected_ids": module.encode(batch["prompt"]),
-                     "staleness": cb.last_timings["staleness"]})
+                     "staleness": cb.last_timings["staleness"],
+                     "background_s": cb.last_timings["background_generate_s"]})
         return original(batch, batch_idx)
 
     module.training_step = spy
@@ -66,6 +67,8 @@ def test_each_rollout_after_the_first_was_generated_during_the_last_update_from_
     assert trainer.global_step == 4 and cb.overlapping and cb.engine is None
     assert [s["global_step"] - s["weights_step"] for s in seen] == [0, 1, 1, 1]
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
+    # the first rollout is generated in place; the others report their time in the background thread
+    assert seen[0]["background_s"] == 0.0 and all(s["background_s"] > 0 for s in seen[1:])
     assert all(s["prompt_ids"] == s["expected_ids"] for s in seen)  # each batch trained on its own prompts
     generates = [e for e in log if e[0] == "generate"]
     assert len(generates) == 4  # none for a batch after the last step

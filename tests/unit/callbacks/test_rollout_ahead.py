@@ -1,6 +1,7 @@
 """RolloutAhead (the next batch's rollout in a background thread) and reading the batch Lightning fetched ahead."""
 
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -18,9 +19,11 @@ def test_take_returns_the_rollout_generated_in_the_background_for_the_same_promp
 
     ahead.submit(["a", "b"], 3, generate)
     assert started.wait(5)  # running while this thread goes on
+    time.sleep(0.2)
     release.set()
     (rollout, thread), step = ahead.take(["a", "b"])
     assert rollout == "rollout" and thread.startswith("lightning-rl-rollout") and step == 3
+    assert 0.2 <= ahead.last_generate_s < 5  # the generation's own time in the background thread
     assert ahead.pending is None and ahead.take(["a", "b"]) is None
     ahead.close()
 
