@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -228,13 +229,30 @@ def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = False) -> None:
     """Recompute activations in the backward (non-reentrant), through the API the installed transformers has.
 
     transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and
     warns on the old name; older versions only have the old one.
+
+    Args:
+        model: a transformers model.
+        offload: keep each checkpointed layer's saved inputs in pinned host memory until its recompute
+            (transformers' own ``offload`` option of activation checkpointing; CUDA only).
+
+    Raises:
+        ValueError: ``offload`` with a transformers whose activation checkpointing cannot offload.
     """
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    new_name = hasattr(model, "activation_checkpointing_enable")
+    enable = model.activation_checkpointing_enable if new_name else model.gradient_checkpointing_enable
+    kwargs: dict[str, Any] = {
+        "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if offload:
+        if "offload" not in inspect.signature(enable).parameters:
+            import transformers
+
+            raise ValueError(f"offload_checkpoints=True needs transformers' activation-checkpointing offload, which "
+                             f"transformers {transformers.__version__} does not have: upgrade transformers (5.17 "
+                             "has it) or pass offload_checkpoints=False")
+        kwargs["offload"] = True
+    enable(**kwargs)

@@ -30,6 +30,7 @@ class TrainingShape:
         micro_batch_size: sequences per forward/backward when the user fixed it; None lets the memory plan
             choose a token budget.
         gradient_checkpointing: activations are recomputed in the backward.
+        offload_checkpoints: the checkpointed layers' inputs wait in host memory until their recompute.
         logprob_chunk_tokens: rows per chunk of the reference log-prob path when that path runs (its fp32
             ``[rows, vocab]`` logits count in the plan); None with the fused Triton kernel.
         extra_frozen: frozen modules the module keeps outside its registered children (a reference copy).
@@ -43,6 +44,7 @@ class TrainingShape:
     num_generations: int = 1
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False
     logprob_chunk_tokens: int | None = None
     extra_frozen: Sequence[nn.Module] = field(default_factory=tuple)
 

@@ -87,6 +87,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         truncate_prompts: keep the last ``max_prompt_length`` tokens instead of refusing.
         gradient_checkpointing: recompute activations in the backward to save memory. None (default):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
+        offload_checkpoints: with gradient checkpointing on a CUDA device, keep each checkpointed layer's saved
+            inputs (the residual stream) in pinned host memory until the backward recomputes that layer
+            (transformers' activation-checkpointing ``offload``): the device holds about two layers' inputs
+            instead of every layer's, for a copy to the host in the forward and back in the backward. The memory
+            plan counts it. A CPU has nothing to offload (it stays off there). Not yet measured on a GPU.
         compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
             activations and rotary embeddings; one compile shared by all layers, see
             :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune or LoRA on one CUDA
@@ -133,6 +138,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
+        offload_checkpoints: bool = False,
         compile_layers: bool | None = None,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
@@ -146,6 +152,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         check_one_optimizer(optimizer, learning_rate, weight_decay, DEFAULT_LEARNING_RATE)
         check_step_limit("max_nonfinite_steps", max_nonfinite_steps, 1)
         check_step_limit("max_unscored_steps", max_unscored_steps, 0)
+        if offload_checkpoints and gradient_checkpointing is False:
+            raise ValueError("offload_checkpoints=True offloads the inputs that gradient checkpointing keeps; leave "
+                             "gradient_checkpointing at None (on on CUDA) or True, or drop offload_checkpoints")
         self.save_hyperparameters(ignore=list(self.hparams_ignore))  # every subclass's arguments, defaults included
         self.automatic_optimization = False
         self.model_source = model
@@ -165,6 +174,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.truncate_prompts = truncate_prompts
         self.gradient_checkpointing_setting = gradient_checkpointing
         self.gradient_checkpointing = bool(gradient_checkpointing)  # resolved in setup() when None
+        self.offload_checkpoints_setting = offload_checkpoints
+        self.offload_checkpoints = False  # resolved in setup(): CUDA only
         self.compile_layers_setting = compile_layers
         self.compile_layers = bool(compile_layers)  # resolved in setup() when None
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -217,6 +228,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if self.gradient_checkpointing_setting is None:
             self.gradient_checkpointing = device.type == "cuda"
+        self.offload_checkpoints = bool(self.offload_checkpoints_setting) and device.type == "cuda"
+        if self.offload_checkpoints_setting and device.type != "cuda":
+            log.info("offload_checkpoints: training on %s, where activations already live in host memory; "
+                     "nothing to offload", device.type)
         if self.compile_layers_setting is None:
             sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
             self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
@@ -231,9 +246,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return
         for model in self.checkpointed_models():
             net = unwrap(model)
-            if not getattr(net, "supports_gradient_checkpointing", True) or activation_checkpointing_on(net):
+            if not getattr(net, "supports_gradient_checkpointing", True):
                 continue
-            enable_activation_checkpointing(net)
+            if activation_checkpointing_on(net) and not self.offload_checkpoints:
+                continue
+            enable_activation_checkpointing(net, offload=self.offload_checkpoints)
             if is_lora(model):
                 net.enable_input_require_grads()
 

@@ -30,6 +30,8 @@ class StepSizes:
     micro_batch_size: int | None = None
     #: Sequences one example puts through the policy in a micro-batch (a preference pair: 2).
     sequences_per_example: int = 1
+    #: The checkpointed layers' inputs wait in host memory (resolved by the module's ``setup``).
+    offload_checkpoints: bool = False
 
     def auto_micro_batch_tokens(self) -> int | None:
         """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
@@ -47,7 +49,8 @@ class StepSizes:
         state_bytes = sum(p.numel() * (p.element_size() + 8) for p in trainable)  # gradient + two AdamW moments
         mixed = str(self.trainer.precision).startswith(("bf16", "16"))
         act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
-        per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing)
+        per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing,
+                                               self.offload_checkpoints)
         return micro_batch_tokens_for(free - state_bytes, per_token)
 
     def training_shape(self) -> TrainingShape:
@@ -68,6 +71,7 @@ class StepSizes:
             num_generations=int(self.num_generations) if generates else 1,
             micro_batch_size=None if micro is None else micro * self.sequences_per_example,
             gradient_checkpointing=bool(self.gradient_checkpointing),
+            offload_checkpoints=bool(self.offload_checkpoints),
             logprob_chunk_tokens=self.logprob_chunk_size if reference else None,
             extra_frozen=tuple(self._frozen_reference),
         )

@@ -136,8 +136,12 @@ def kv_bytes_per_token(config: Any, dtype_bytes: int = 2, tensor_parallel_size: 
 RECOMPUTED_LAYER_COPIES = 4
 """Copies of one layer's activations alive in a checkpointed backward (:func:`activation_bytes_per_token`)."""
 
+OFFLOADED_INPUTS_ON_DEVICE = 2
+"""Layers whose checkpointed inputs are on the device at once when they are offloaded to the host."""
 
-def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_checkpointing: bool = False) -> int:
+
+def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_checkpointing: bool = False,
+                               offload_checkpoints: bool = False) -> int:
     """Estimated activation bytes kept for the backward, per token of a micro-batch.
 
     A decoder layer keeps about ``10 * hidden + 2 * kv_dim + 5 * intermediate`` values per token
@@ -147,6 +151,8 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     activations, their gradients, and the fp32 temporaries of norms and casts. That factor is measured:
     a SmolLM2 full fine-tune with compiled layers on an H200 peaked at about 178 KB a token of micro-batch
     (two budgets, 2,560 and 5,760 tokens), where a single layer copy gave 95 KB and four give 180 KB.
+    With ``offload_checkpoints`` the layers' inputs wait in host memory, and only
+    :data:`OFFLOADED_INPUTS_ON_DEVICE` of them are on the device at once (the one being copied and the one in use).
     Memory-efficient attention is assumed (no ``seq x seq`` score matrix).
     """
     text = _text_config(config)
@@ -158,7 +164,8 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     per_layer = (10 * h + 2 * kv_heads * head_dim + 5 * inter) * dtype_bytes
     layers = text.num_hidden_layers
     if gradient_checkpointing:
-        return layers * h * 4 + RECOMPUTED_LAYER_COPIES * per_layer
+        inputs_on_device = min(layers, OFFLOADED_INPUTS_ON_DEVICE) if offload_checkpoints else layers
+        return inputs_on_device * h * 4 + RECOMPUTED_LAYER_COPIES * per_layer
     return layers * per_layer
 
 

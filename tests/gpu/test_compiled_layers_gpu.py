@@ -110,3 +110,35 @@ def test_compiled_lora_update_matches_eager_in_one_graph_for_all_lengths(tmp_pat
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     print(f"compiled LoRA graphs for {len(shapes)} rollout shapes: {graphs}; graph breaks: {breaks}")
     assert graphs <= 2 and breaks == 0, f"{graphs} graphs, {breaks} graph breaks for {len(shapes)} shapes"
+
+
+def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tmp_path):
+    """``enable_activation_checkpointing(offload=True)`` with the compiled layers: the checkpointed layers' inputs
+    wait in pinned host memory, so the update's peak drops by about (layers - 2) of them; the gradients stay."""
+    torch.manual_seed(0)
+    config = {**SMALL_LLAMA, "num_hidden_layers": 12}
+    net, tok = load_policy("tiny-llama", config)
+    net.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    batch = _rollout(32, 64, 448, seed=3)  # 16k tokens: each layer's fp32 input is 16 MiB
+    peaks, grads = {}, {}
+    for offload in (False, True):
+        torch._dynamo.reset()
+        model, _ = load_policy(str(tmp_path / "m"))
+        model = model.cuda().train()
+        enable_activation_checkpointing(model, offload=offload)
+        compile_decoder_layers(model)
+        _loss_and_grads(model, batch)  # compile and warm the allocator
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _, grads[offload] = _loss_and_grads(model, batch)
+        torch.cuda.synchronize()
+        peaks[offload] = torch.cuda.max_memory_allocated() - base
+        del model
+    layer_input = 32 * (64 + 448) * config["hidden_size"] * 4
+    print(f"offloaded checkpoints: update peak {peaks[False] / 2**20:.0f} -> {peaks[True] / 2**20:.0f} MiB "
+          f"(a layer's input {layer_input / 2**20:.0f} MiB)")
+    assert peaks[False] - peaks[True] >= 0.7 * (config["num_hidden_layers"] - 2) * layer_input
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-3, atol=1e-5)

@@ -124,3 +124,57 @@ def test_the_module_compiles_when_asked_and_not_by_default_on_a_cpu(make_grpo):
     asked.setup("fit")
     asked.configure_model()
     assert compiled_layer_count(asked.policy) == len(decoder_layers(asked.policy)) == 2
+
+
+class _UnpinnedSaveOnCpu(torch.autograd.graph.save_on_cpu):
+    """transformers' offload hook without pinned memory, which a CPU-only torch cannot allocate; counts its packs."""
+
+    packed: list[tuple[int, ...]] = []
+
+    def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+        super().__init__(pin_memory=False, device_type=device_type)
+        pack, unpack = self.pack_hook, self.unpack_hook
+
+        def counting_pack(tensor):
+            _UnpinnedSaveOnCpu.packed.append(tuple(tensor.shape))
+            return pack(tensor)
+
+        self.pack_hook, self.unpack_hook = counting_pack, unpack
+
+
+def test_offloaded_checkpoints_give_the_same_gradients_through_the_compiled_layers(saved_policy, monkeypatch):
+    """``enable_activation_checkpointing(offload=True)``: each layer's saved inputs go through transformers' offload
+    hook, and the compiled layers' outputs and gradients are the plain checkpointed ones."""
+    import transformers.modeling_utils as modeling_utils
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", _UnpinnedSaveOnCpu)
+    _UnpinnedSaveOnCpu.packed = []
+    plain, offloaded = saved_policy(), saved_policy()
+    enable_activation_checkpointing(plain)
+    enable_activation_checkpointing(offloaded, offload=True)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 13))
+    results = []
+    for m in (plain, offloaded):
+        torch._dynamo.reset()  # each model its own graphs (where transformers checkpoints inside the layer's forward,
+        # the layer's graph holds the checkpoint function)
+        m.train()
+        compile_decoder_layers(m, backend="aot_eager")
+        results.append(run(m, ids))
+    (lp, gp), (lo, go) = results
+    torch.testing.assert_close(lo, lp, rtol=0, atol=0)
+    for a, b in zip(go, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    hidden = (2, 13, plain.config.hidden_size)
+    assert _UnpinnedSaveOnCpu.packed.count(hidden) == 3  # the residual stream entering each of the 3 layers
+
+
+def test_offloaded_checkpoints_need_a_transformers_that_can_offload():
+    class OldModel:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    old = OldModel()
+    enable_activation_checkpointing(old)
+    assert old.kwargs == {"use_reentrant": False}
+    with pytest.raises(ValueError, match="offload_checkpoints=False"):
+        enable_activation_checkpointing(old, offload=True)

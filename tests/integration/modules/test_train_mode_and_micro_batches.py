@@ -78,6 +78,17 @@ def test_gradient_checkpointing_defaults_to_off_on_a_cpu(saved_tiny):
     assert module.gradient_checkpointing is False
 
 
+def test_offloaded_checkpoints_stay_off_on_a_cpu_and_need_checkpointing(saved_tiny, caplog):
+    with pytest.raises(ValueError, match="offload_checkpoints=True offloads the inputs that gradient checkpointing"):
+        tiny_grpo(saved_tiny, gradient_checkpointing=False, offload_checkpoints=True)
+    module = tiny_grpo(saved_tiny, gradient_checkpointing=True, offload_checkpoints=True)
+    with caplog.at_level("INFO", logger="lightning_rl.modules.policy"):
+        make_trainer(max_steps=1).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+    assert module.global_step == 1 and module.gradient_checkpointing
+    assert module.offload_checkpoints is False and not module.training_shape().offload_checkpoints
+    assert "nothing to offload" in caplog.text
+
+
 def _count_policy_forwards(module):
     calls = []
     module.configure_model()

@@ -123,6 +123,10 @@ def test_kv_and_activation_estimates_for_a_qwen_shape():
     per_layer = (10 * 896 + 2 * 128 + 5 * 4864) * 2
     checkpointed = activation_bytes_per_token(QWEN_05B, 2, gradient_checkpointing=True)
     assert checkpointed == 24 * 896 * 4 + 4 * per_layer < full / 4  # fp32 layer inputs + 4 recomputed-layer copies
+    offloaded = activation_bytes_per_token(QWEN_05B, 2, gradient_checkpointing=True, offload_checkpoints=True)
+    assert offloaded == 2 * 896 * 4 + 4 * per_layer  # two layers' inputs on the device, the rest in host memory
+    # offloading means nothing without checkpointing (every activation stays for the backward)
+    assert activation_bytes_per_token(QWEN_05B, 2, offload_checkpoints=True) == full
 
 
 def _model(trainable=500_000_000, frozen=0):
