@@ -290,6 +290,8 @@ _STREAM_FIX = ("keep optimizer states in CPU memory and stream them through the 
 _TRAIN_FIXES = (
     "train LoRA adapters instead of all weights (lora={'r': 16}): no gradients or optimizer state for the base",
     "turn on gradient_checkpointing=True (activations per token shrink about tenfold)",
+    "with gradient checkpointing on CUDA, keep the checkpointed layers' inputs in host memory: "
+    "offload_checkpoints=True",
     "store frozen weights in 8/4 bits: MemoryAwarePrecision(quantize='int8' or 'nf4') (needs bitsandbytes)",
     "use shorter sequences (max_prompt_length, max_new_tokens), or a device with more memory",
 )

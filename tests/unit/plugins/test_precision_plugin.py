@@ -158,7 +158,7 @@ def test_plan_refuses_training_that_cannot_fit_and_names_the_parts():
                     sequence_tokens=512)
     msg = str(err.value)
     for part in ("train phase", "trainable weights", "gradients", "optimizer states", "activations of one sequence",
-                 "What to change", "lora=", "gradient_checkpointing=True"):
+                 "What to change", "lora=", "gradient_checkpointing=True", "offload_checkpoints=True"):
         assert part in msg
     assert "1.86 GiB" in msg  # 500M fp32 weights
 
