@@ -106,7 +106,8 @@ class VLLMRollout(Callback):
     trainer's) correct for it, and ``rollout/staleness`` logs it. The engine then keeps its memory during the
     update (the memory plan counts it in the train phase), and the trainer's CUDA allocator switches to
     expandable segments (:mod:`~lightning_rl.plugins.allocator`; vLLM's sleep mode, which an engine in this
-    process needs, does not allow them), unless ``PYTORCH_CUDA_ALLOC_CONF`` names ``expandable_segments``.
+    process needs, does not allow them), unless ``PYTORCH_CUDA_ALLOC_CONF`` (or ``PYTORCH_ALLOC_CONF``) names
+    ``expandable_segments``.
 
     Under Lightning's DDP or FSDP each process builds its own engine on its own GPU (vLLM's external-launcher
     mode); ``settings.tensor_parallel_size`` shards one engine over groups of consecutive processes. Under FSDP

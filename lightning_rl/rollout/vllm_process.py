@@ -93,8 +93,8 @@ class VLLMProcessEngine(VLLMEngine):
     """A vLLM engine in a child process on the trainer's GPU, reading the policy's weights through CUDA IPC.
 
     Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` and
-    ``share_base_weights`` do not apply: this engine never sleeps). ``settings.front_end="process"`` runs vLLM's
-    front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
+    ``share_base_weights`` do not apply: this engine never sleeps). ``settings.front_end="process"`` (the default) runs
+    vLLM's front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
 
     Raises:
         ValueError: the policy cannot feed it (:func:`process_engine_unsupported_reason`).
