@@ -3,7 +3,8 @@
 # and results into $OUT/<stage>.tar.gz (the device returns a few files only), even when its work times out.
 #   bash bench/gpu_visit.sh install          # after the staged parts: install vLLM, TRL, the project
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
-#   bash bench/gpu_visit.sh rest             # the vLLM tests that need the GPU alone, then the other GPU tests
+#   bash bench/gpu_visit.sh rest [FILE...]   # the vLLM tests that need the GPU alone, then the other GPU tests
+#                                            # (those of the named files only, when given)
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
@@ -40,8 +41,9 @@ case "$stage" in
     wait $long
     cat "$WORK/long.txt" "$WORK/vllm_shared.txt" | grep -E "PASSED|FAILED|ERROR|rc=|growth|ok" | tail -60 ;;
   rest)
+    [ $# -gt 1 ] || set -- rest tests/gpu
     timeout 240 bash bench/gpu_run.sh vllm-exclusive > "$WORK/vllm_exclusive.txt" 2>&1
-    timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" tests/gpu -q -p no:cacheprovider -rA \
+    timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" "${@:2}" -q -p no:cacheprovider -rA \
       > "$WORK/gpu_non_vllm.log" 2>&1
     cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
   rerun)  # the 200-step GRPO long run beside the named GPU test files, each test in its own process
