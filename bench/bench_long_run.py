@@ -231,8 +231,11 @@ def fail_and_resume(args, what: str) -> dict:
                 "seconds": seconds, "samples": recorder.samples}
     reward = FlakyReward(FAIL_AT if what == "reward" else 0)
     callbacks = [lambda cb: FailingGenerate(cb, FAIL_AT)] if what == "engine" else []
-    trainer, _, recorder, error, seconds = grpo_run(args, FAIL_AT + 4, reward=reward, callbacks=callbacks,
-                                                    ckpt_dir=ckpt_dir)
+    trainer, rollout, recorder, error, seconds = grpo_run(args, FAIL_AT + 4, reward=reward, callbacks=callbacks,
+                                                          ckpt_dir=ckpt_dir)
+    # the broken generate() serves the first rollout generated after batch FAIL_AT starts: that batch's own, or,
+    # when rollouts overlap the updates, the next batch's (batch FAIL_AT's was generated during the last update)
+    last_good = FAIL_AT - 1 + int(what == "engine" and rollout.overlapping)
     saved_step = torch.load(ckpt_dir + "/last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     out_path = ckpt_dir + "/resume.json"
     cmd = [sys.executable, __file__, "--part", args.part, "--out", out_path, "--ckpt-dir", ckpt_dir,
@@ -240,10 +243,11 @@ def fail_and_resume(args, what: str) -> dict:
            "--max-new-tokens", str(args.max_new_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     resumed = json.load(open(out_path)) if os.path.exists(out_path) else {"stderr": proc.stderr[-3000:]}
-    ok = (error is not None and saved_step == FAIL_AT - 1 and resumed.get("error") is None
+    ok = (error is not None and saved_step == last_good and resumed.get("error") is None
           and resumed.get("global_step") == saved_step + RESUME_STEPS)
     return {"config": {"fails": what, "at_step": FAIL_AT, "resume_steps": RESUME_STEPS},
             "phase1": {"error": error, "global_step": trainer.global_step, "checkpoint_step": saved_step,
+                       "expected_checkpoint_step": last_good, "overlapped": rollout.overlapping,
                        "seconds": seconds, "samples": recorder.samples},
             "resumed": resumed, "ok": ok}
 

@@ -192,7 +192,7 @@ class RemoteLLM:
             if answered == seq:  # else the answer to a call the trainer stopped waiting for
                 break
         if status == "error":
-            raise FrontEndError(f"the vLLM front-end process failed {what}: {value}")
+            raise FrontEndError(f"the vLLM front-end process failed at {what}: {value}")
         return value
 
     def _call(self, call: str, *args: Any, **kwargs: Any) -> Any:

@@ -262,8 +262,9 @@ class VLLMEngine:
         if s.kv_cache_bytes is not None:
             free, total = torch.cuda.mem_get_info()
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_bytes)
-            # vLLM still checks that this fraction of the GPU is free at start; keep it below what is free
-            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or max(0.01, min(0.9, 0.9 * free / total))
+            # vLLM still checks that this fraction of the GPU is free when its worker starts (it sizes nothing by
+            # it here); half of what is free now leaves room for processes that start on the GPU meanwhile
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or max(0.01, min(0.9, 0.5 * free / total))
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization or 0.3
         if self.lora_mode == "adapter":

@@ -140,5 +140,9 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     print(f"offloaded checkpoints: update peak {peaks[False] / 2**20:.0f} -> {peaks[True] / 2**20:.0f} MiB "
           f"(a layer's input {layer_input / 2**20:.0f} MiB)")
     assert peaks[False] - peaks[True] >= 0.7 * (config["num_hidden_layers"] - 2) * layer_input
-    for name, g in grads[False].items():
-        torch.testing.assert_close(grads[True][name], g, rtol=1e-3, atol=1e-5)
+    # the offload moves tensors, not math; what differs is the order of CUDA's atomic adds (the embedding's
+    # backward), so compare each gradient as a whole (a dropped or stale layer input would be off by far more)
+    rel = {k: ((grads[True][k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in grads[False].items()}
+    worst = max(rel, key=rel.get)
+    print(f"offloaded checkpoints: largest relative gradient difference {rel[worst]:.2g} ({worst})")
+    assert rel[worst] < 1e-3, f"{worst}: relative gradient difference {rel[worst]:.3g} with offloaded checkpoints"

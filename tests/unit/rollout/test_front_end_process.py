@@ -62,7 +62,7 @@ def test_a_rollout_comes_back_from_the_front_end_process_in_one_message(tmp_path
         [(method, args, pid)] = llm.collective_rpc("lightning_rl_load", args=(1, "x"))
         assert (method, args) == ("lightning_rl_load", (1, "x")) and pid == llm.process.pid != os.getpid()
         assert llm.reset_prefix_cache() is True
-        with pytest.raises(FrontEndError, match=r"failed collective_rpc: RuntimeError: the worker failed on \(7,\)"):
+        with pytest.raises(FrontEndError, match=r"failed at collective_rpc: RuntimeError: the worker failed on \(7,\)"):
             llm.collective_rpc("fail", args=(7,))
         assert llm.generate(prompts[1:], {"n": 1, "max_tokens": 1})[0].outputs[0].token_ids == [9]  # still serving
     finally:
@@ -94,7 +94,7 @@ def test_the_front_end_refuses_a_call_it_does_not_know_and_drops_answers_nobody_
 def test_a_failed_start_names_the_error_and_leaves_no_process():
     import multiprocessing
 
-    with pytest.raises(FrontEndError, match="failed start: ValueError: no such model: nope"):
+    with pytest.raises(FrontEndError, match="failed at start: ValueError: no such model: nope"):
         RemoteLLM({"fail_start": "nope"}, factory=FACTORY)
     assert not [p for p in multiprocessing.active_children() if p.name == "lightning-rl-vllm-front-end"]
     with pytest.raises(ValueError, match="module:function"):
