@@ -135,14 +135,21 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
         _, grads[offload] = _loss_and_grads(model, batch)
         torch.cuda.synchronize()
         peaks[offload] = torch.cuda.max_memory_allocated() - base
+        if not offload:  # the same pass again: how far two backward passes differ without any offload
+            _, grads["again"] = _loss_and_grads(model, batch)
         del model
     layer_input = 32 * (64 + 448) * config["hidden_size"] * 4
     print(f"offloaded checkpoints: update peak {peaks[False] / 2**20:.0f} -> {peaks[True] / 2**20:.0f} MiB "
           f"(a layer's input {layer_input / 2**20:.0f} MiB)")
     assert peaks[False] - peaks[True] >= 0.7 * (config["num_hidden_layers"] - 2) * layer_input
-    # the offload moves tensors, not math; what differs is the order of CUDA's atomic adds (the embedding's
-    # backward), so compare each gradient as a whole (a dropped or stale layer input would be off by far more)
-    rel = {k: ((grads[True][k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in grads[False].items()}
+    # the offload moves tensors, not math; what differs between two backward passes is the order of CUDA's atomic
+    # adds (the embedding's and attention's backward), which bf16 autocast rounds into differences of a few 1e-3
+    # (5.4e-3 measured on an H200 for the worst tensor). A stale or wrong layer input would be off by order 1.
+    def relative(other):
+        return {k: ((other[k] - g).norm() / g.norm().clamp(min=1e-12)).item() for k, g in grads[False].items()}
+
+    rel, noise = relative(grads[True]), relative(grads["again"])
     worst = max(rel, key=rel.get)
-    print(f"offloaded checkpoints: largest relative gradient difference {rel[worst]:.2g} ({worst})")
-    assert rel[worst] < 1e-3, f"{worst}: relative gradient difference {rel[worst]:.3g} with offloaded checkpoints"
+    print(f"offloaded checkpoints: largest relative gradient difference {rel[worst]:.2g} ({worst}); two passes "
+          f"without offload differ by up to {max(noise.values()):.2g}")
+    assert rel[worst] < 2e-2, f"{worst}: relative gradient difference {rel[worst]:.3g} with offloaded checkpoints"
