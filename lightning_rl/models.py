@@ -229,6 +229,12 @@ def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
+def activation_offload_supported(model: PreTrainedModel) -> bool:
+    """Whether the installed transformers' activation checkpointing of ``model`` can offload saved inputs."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    return "offload" in inspect.signature(enable).parameters
+
+
 def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = False) -> None:
     """Recompute activations in the backward (non-reentrant), through the API the installed transformers has.
 
@@ -248,7 +254,7 @@ def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = Fals
     kwargs: dict[str, Any] = {
         "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if offload:
-        if "offload" not in inspect.signature(enable).parameters:
+        if not activation_offload_supported(model):
             import transformers
 
             raise ValueError(f"offload_checkpoints=True needs transformers' activation-checkpointing offload, which "

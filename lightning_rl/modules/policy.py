@@ -24,6 +24,7 @@ from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import (
     EMBEDDED_DEFAULT,
     activation_checkpointing_on,
+    activation_offload_supported,
     enable_activation_checkpointing,
     load_policy,
 )
@@ -91,7 +92,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             inputs (the residual stream) in pinned host memory until the backward recomputes that layer
             (transformers' activation-checkpointing ``offload``): the device holds about two layers' inputs
             instead of every layer's, for a copy to the host in the forward and back in the backward. The memory
-            plan counts it. A CPU has nothing to offload (it stays off there). Not yet measured on a GPU.
+            plan counts it. None (default): on when :class:`~lightning_rl.plugins.MemoryAwarePrecision` plans a
+            rollout engine that generates during the update, where the generation hides the copies
+            (:meth:`offload_checkpoints_beside_engine`); off otherwise. A CPU has nothing to offload (it stays
+            off there).
         compile_layers: run the decoder layers through ``torch.compile`` during the update (fused norms,
             activations and rotary embeddings; one compile shared by all layers, see
             :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune or LoRA on one CUDA
@@ -138,7 +142,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_prompt_length: int | None = 512,
         truncate_prompts: bool = False,
         gradient_checkpointing: bool | None = None,
-        offload_checkpoints: bool = False,
+        offload_checkpoints: bool | None = None,
         compile_layers: bool | None = None,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
@@ -253,6 +257,27 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             enable_activation_checkpointing(net, offload=self.offload_checkpoints)
             if is_lora(model):
                 net.enable_input_require_grads()
+
+    def offload_checkpoints_beside_engine(self) -> bool:
+        """``offload_checkpoints=None``: offload the checkpointed inputs, since a rollout engine runs beside the update.
+
+        :class:`~lightning_rl.plugins.MemoryAwarePrecision` calls it when its plan has an engine process that keeps
+        its memory and generates the next rollout during the update: the device then holds both, and the update's
+        copies to and from the host come out of time the generation takes anyway. Returns True when that switched
+        offloading on (a CUDA device, gradient checkpointing on, a transformers that can offload).
+        """
+        if self.offload_checkpoints_setting is not None or self.offload_checkpoints or not self.gradient_checkpointing:
+            return False
+        if self.device.type != "cuda" or self.policy is None:
+            return False
+        models = [unwrap(m) for m in self.checkpointed_models()]
+        if not all(activation_offload_supported(net) for net in models):
+            log.info("offload_checkpoints: this transformers cannot offload checkpointed inputs; they stay on the "
+                     "device")
+            return False
+        self.offload_checkpoints = True
+        self.apply_gradient_checkpointing()
+        return True
 
     def apply_compile_layers(self) -> None:
         """With ``compile_layers``, run the decoder layers of :meth:`checkpointed_models` compiled in the update."""

@@ -19,8 +19,11 @@ under ``trainer.plugins``. What it does:
 * with ``optimizer_states="cpu"`` the optimizer states live in pinned CPU memory all the time and
   are streamed through the device in chunks of ``step_chunk_bytes`` during the optimizer step
   (see :mod:`~lightning_rl.plugins.streamed_states`): AdamW's two fp32 moments leave the device.
-  The default ``"auto"`` does so when the plan fits only that way, before it moves the rollout engine
-  from beside the update to between updates;
+  The default ``"auto"`` does so when a rollout engine generates during the update (its process holds its
+  memory then, and the generation hides the copies), and when the plan fits only that way, before it moves
+  the rollout engine from beside the update to between updates; beside such an engine a module that left
+  ``offload_checkpoints`` None also offloads its checkpointed inputs
+  (:meth:`MemoryAwarePrecision.shrink_beside_engine`);
 * device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
 
 On a CPU the frozen weights are stored in bf16 as well (half the RAM; CPU autocast runs matmuls in
@@ -152,8 +155,10 @@ class MemoryAwarePrecision(Precision):
             ``step_chunk_bytes`` at a time, steps those parameters, sends the states back and frees
             those parameters' gradients. Bit-identical results; costs two host-device copies of the
             states per step. Needs an optimizer with per-parameter state (AdamW, Adam, SGD, ...; not LBFGS).
-            ``auto`` (default): ``device``, unless the memory plan on a CUDA device fits only with the
-            states in CPU memory; then ``cpu``, before the rollout engine gives up running beside the update.
+            ``auto`` (default): ``cpu`` on a CUDA device when the plan's rollout engine generates during the
+            update and the states are larger than one chunk (:meth:`shrink_beside_engine`), or when the plan
+            fits only with the states in CPU memory (tried before the engine gives up running beside the
+            update); ``device`` otherwise.
         step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
             (a parameter whose states alone are larger is stepped on its own).
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
@@ -378,6 +383,7 @@ class MemoryAwarePrecision(Precision):
             raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
                                f"the model is on {device}. Use quantize=None on this machine.")
         if self.plan and self._module is not None:
+            self.shrink_beside_engine(self._module, self._optimizers, device)
             self.memory_plan = self.plan_with_auto_offload(self._module, self._optimizers, device)
             if self.memory_plan is not None:
                 log.info("%s", self.memory_plan.summary())
@@ -472,14 +478,43 @@ class MemoryAwarePrecision(Precision):
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
             return self.make_plan(module, optimizers, device)
 
-    def _stream_states_to_fit(self, optimizers: list[Optimizer], device: torch.device, err: MemoryPlanError) -> bool:
-        """With ``optimizer_states="auto"``: switch to CPU-resident states when the plan does not fit without.
+    def shrink_beside_engine(
+        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
+    ) -> None:
+        """Make the trainer's share small when a rollout engine generates during the update (in its own process).
 
-        Tried before the engine gives up running beside the update: streaming costs two host-device copies
-        of the states per step, generating between updates costs the rollout's whole time. Returns True when
-        that changed the plan (on CUDA, for optimizers with per-parameter state only).
+        That engine holds its memory through the update, and the step lasts as long as its generation, which the
+        update runs beside. So with ``optimizer_states="auto"`` the optimizer states stay in CPU memory and stream
+        through the step (when they are larger than one ``step_chunk_bytes`` chunk), and a module that left
+        ``offload_checkpoints`` None offloads its checkpointed inputs (``offload_checkpoints_beside_engine``):
+        their copies to and from the host come out of the generation's time. Measured end to end against TRL on
+        an H200 (``bench/results/vs_trl_NOTES.md``). Only on CUDA, and only when the plan's rollout engine says it
+        stays up during the update.
         """
-        if self.optimizer_states != "auto" or self._streamer is not None or device.type != "cuda" or not optimizers:
+        shape = _shape(module)
+        if device.type != "cuda" or self._rollout is None or shape is None or not shape.generates:
+            return
+        if self._rollout.rollout_memory(shape).beside_training_bytes <= 0:
+            return  # no engine beside the update: the engine sleeps while training runs
+        offload = getattr(module, "offload_checkpoints_beside_engine", None)
+        if offload is not None and offload():
+            log.info("MemoryAwarePrecision: the rollout engine generates during the update; the checkpointed layers' "
+                     "inputs wait in host memory (GRPO(offload_checkpoints=False) keeps them on the device)")
+        if self.optimizer_states != "auto" or self._streamer is not None or not self._streamable(optimizers):
+            return
+        numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
+        if optimizer_state_bytes(numel) <= self.step_chunk_bytes:
+            return  # streaming would hold one chunk on the device: no smaller than the states themselves
+        log.info("MemoryAwarePrecision: the rollout engine generates during the update; the optimizer states (%s) "
+                 "stay in CPU memory and stream through each step (optimizer_states='device' keeps them on the "
+                 "device)", fmt_bytes(optimizer_state_bytes(numel)))
+        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+        self.offload_optimizer_states()
+
+    @staticmethod
+    def _streamable(optimizers: list[Optimizer]) -> bool:
+        """Whether these optimizers' states may stream from the CPU automatically (per-parameter state, no shards)."""
+        if not optimizers:
             return False
         if any(is_dtensor(p) for o in optimizers for g in o.param_groups for p in g["params"]):
             return False  # FSDP2 shards: each rank steps its own shard; not streamed automatically
@@ -488,6 +523,19 @@ class MemoryAwarePrecision(Precision):
                 check_streamable(opt)
         except UnsupportedOptimizerError as why:
             log.info("MemoryAwarePrecision: optimizer states stay on the device: %s", why)
+            return False
+        return True
+
+    def _stream_states_to_fit(self, optimizers: list[Optimizer], device: torch.device, err: MemoryPlanError) -> bool:
+        """With ``optimizer_states="auto"``: switch to CPU-resident states when the plan does not fit without.
+
+        Tried before the engine gives up running beside the update: streaming costs two host-device copies
+        of the states per step, generating between updates costs the rollout's whole time. Returns True when
+        that changed the plan (on CUDA, for optimizers with per-parameter state only).
+        """
+        if self.optimizer_states != "auto" or self._streamer is not None or device.type != "cuda":
+            return False
+        if not self._streamable(optimizers):
             return False
         log.warning("MemoryAwarePrecision: the memory plan does not fit with the optimizer states on the device (%s); "
                     "they are kept in CPU memory and streamed through each optimizer step instead "

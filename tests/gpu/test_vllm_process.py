@@ -176,6 +176,9 @@ def test_a_lora_fit_overlaps_with_the_adapter_merged_in_the_engine_process():
     assert seen[0]["mismatch"] < 0.05  # peft starts B at zero: the engine's merged weights are the base
     assert all(s["mismatch"] < 0.15 for s in seen[1:])
     assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # it trained
+    # beside the engine process the checkpointed inputs wait in host memory; the adapter's AdamW states (about
+    # 37 MB) are smaller than one 64 MiB step chunk, so they stay on the device
+    assert module.offload_checkpoints and not trainer.precision_plugin.streams_optimizer_states
     assert callback.engine is None and not _gpu_children()
 
 
@@ -199,6 +202,11 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     # truncated importance weights correct; a sync that failed would leave the engine on the first weights
     assert all(s["mismatch"] < 0.15 for s in seen[1:])
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    # beside the engine process the AdamW states (1 GiB) stream from the CPU and the checkpointed inputs wait in
+    # host memory (the defaults since 2026-12-02; MemoryAwarePrecision.shrink_beside_engine)
+    assert trainer.precision_plugin.streams_optimizer_states and module.offload_checkpoints
+    states = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    assert states and not any(t.is_cuda for t in states)  # in CPU memory between steps
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for
     # a later engine in this process that needs vLLM's sleep mode
     assert all(s["expandable"] for s in seen) and not callback.expandable_segments

@@ -89,6 +89,28 @@ def test_offloaded_checkpoints_stay_off_on_a_cpu_and_need_checkpointing(saved_ti
     assert "nothing to offload" in caplog.text
 
 
+def test_automatic_offload_of_checkpoints_switches_on_only_for_a_cuda_update_with_checkpointing(saved_tiny):
+    """``offload_checkpoints=None``: the plugin's call beside an engine process offloads on CUDA, nowhere else."""
+    module = tiny_grpo(saved_tiny, gradient_checkpointing=True)
+    module.configure_model()
+    module.gradient_checkpointing = True
+    layer = module.policy.model.layers[0]
+    eager_func = layer._gradient_checkpointing_func
+    assert module.offload_checkpoints_beside_engine() is False  # on a CPU there is nothing to offload
+    assert module.offload_checkpoints is False and layer._gradient_checkpointing_func is eager_func
+    module._device = torch.device("cuda", 0)  # as on a GPU (only the switch runs here; no forward)
+    assert module.offload_checkpoints_beside_engine() is True
+    assert module.offload_checkpoints is True
+    assert layer._gradient_checkpointing_func is not eager_func  # checkpointing again, now with offloaded inputs
+    assert module.offload_checkpoints_beside_engine() is False  # once
+    for kw in ({"offload_checkpoints": False}, {"gradient_checkpointing": False}):  # the user's choice stands
+        other = tiny_grpo(saved_tiny, **kw)
+        other.configure_model()
+        other.gradient_checkpointing = kw.get("gradient_checkpointing", True)
+        other._device = torch.device("cuda", 0)
+        assert other.offload_checkpoints_beside_engine() is False and other.offload_checkpoints is False
+
+
 def _count_policy_forwards(module):
     calls = []
     module.configure_model()

@@ -293,6 +293,54 @@ def test_auto_optimizer_states_stay_on_the_device_for_an_optimizer_or_shards_tha
         MemoryAwarePrecision(optimizer_states="disk")
 
 
+class _ShapedStub:
+    """A module that reports a generating shape and records whether the plugin asked it to offload checkpoints."""
+
+    def __init__(self, offloads=True):
+        self.offloads, self.asked = offloads, 0
+
+    def training_shape(self):
+        return SimpleNamespace(generates=True)
+
+    def apply_micro_batch_plan(self, micro_batch_tokens):
+        pass
+
+    def offload_checkpoints_beside_engine(self):
+        self.asked += 1
+        return self.offloads
+
+
+class _Engine:
+    def __init__(self, beside):
+        self.beside = beside
+
+    def rollout_memory(self, shape):
+        return RolloutMemory(engine_weight_bytes=GiB, beside_training_bytes=self.beside)
+
+
+@pytest.mark.parametrize(("setting", "beside", "device", "chunk", "streams", "asks"), [
+    ("auto", GiB, "cuda", 100, True, 1),     # an engine process beside the update: both levers
+    ("auto", 0, "cuda", 100, False, 0),      # the engine sleeps during the update: neither
+    ("auto", GiB, "cpu", 100, False, 0),     # nothing to shrink on a CPU
+    ("auto", GiB, "cuda", 1024, False, 1),   # states (160 bytes) no larger than one chunk: not worth streaming
+    ("device", GiB, "cuda", 100, False, 1),  # the user's choice for the states stands
+])
+def test_beside_an_engine_that_generates_during_the_update_states_stream_and_checkpoints_offload(
+        setting, beside, device, chunk, streams, asks):
+    plugin = MemoryAwarePrecision(optimizer_states=setting, step_chunk_bytes=chunk)
+    plugin.register_rollout(_Engine(beside))
+    module = _ShapedStub()
+    opt = torch.optim.AdamW(nn.Linear(4, 4).parameters())  # 20 parameters: 160 bytes of AdamW states
+    plugin.shrink_beside_engine(module, [opt], torch.device(device))
+    assert plugin.streams_optimizer_states is streams
+    assert module.asked == asks
+    lbfgs = MemoryAwarePrecision(step_chunk_bytes=100)  # an optimizer that cannot stream keeps its states
+    lbfgs.register_rollout(_Engine(GiB))
+    lbfgs.shrink_beside_engine(_ShapedStub(), [torch.optim.LBFGS(nn.Linear(4, 4).parameters())],
+                               torch.device("cuda"))
+    assert not lbfgs.streams_optimizer_states
+
+
 def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():
     shape = TrainingShape(model_config=QWEN_05B, sequence_tokens=512, max_prompt_tokens=256, max_new_tokens=256,
                           generates=True, num_generations=8, micro_batch_size=4)
