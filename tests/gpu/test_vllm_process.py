@@ -203,7 +203,7 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert all(s["mismatch"] < 0.15 for s in seen[1:])
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
     # beside the engine process the AdamW states (1 GiB) stream from the CPU and the checkpointed inputs wait in
-    # host memory (the defaults since 2026-12-02; MemoryAwarePrecision.shrink_beside_engine)
+    # host memory (the defaults since 2026-12-03; MemoryAwarePrecision.shrink_beside_engine)
     assert trainer.precision_plugin.streams_optimizer_states and module.offload_checkpoints
     states = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
     assert states and not any(t.is_cuda for t in states)  # in CPU memory between steps
