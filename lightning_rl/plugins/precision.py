@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
+from lightning_rl.plugins.host_masters import HostMasterWeights
 from lightning_rl.plugins.memory_plan import (
     CONTEXT_PART,
     GiB,
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 Quantize = Literal["int8", "nf4"]
 OptimizerStates = Literal["auto", "device", "cpu"]
+MasterWeights = Literal["device", "cpu"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _BNB_AVAILABLE = RequirementCache("bitsandbytes")
 
@@ -164,6 +166,14 @@ class MemoryAwarePrecision(Precision):
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
+        master_weights: where the fp32 masters of the trainable linear weights live. ``device`` (default): the
+            parameters are the fp32 masters, cast by autocast. ``cpu``: the parameters hold the compute dtype
+            and the fp32 masters wait in pinned host memory, streamed through the optimizer step with the
+            optimizer states (so the states stream too): half the weight and gradient bytes on the device and
+            no autocast casts of them (:mod:`~lightning_rl.plugins.host_masters`). Bit-identical to ``device``
+            with one micro-batch; with several the gradients add up in the compute dtype. Embeddings, the
+            output embedding and LoRA adapters stay fp32 on the device. One training process only. Not yet run on
+            a GPU.
     """
 
     def __init__(
@@ -184,6 +194,7 @@ class MemoryAwarePrecision(Precision):
         optimizer_states: OptimizerStates = "auto",
         step_chunk_bytes: int = 64 * MiB,
         context_bytes: int | None = None,
+        master_weights: MasterWeights = "device",
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -202,6 +213,12 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"optimizer_states must be 'auto', 'device' or 'cpu', got {optimizer_states!r}")
         if step_chunk_bytes <= 0:
             raise ValueError(f"step_chunk_bytes must be > 0, got {step_chunk_bytes}")
+        if master_weights not in ("device", "cpu"):
+            raise ValueError(f"master_weights must be 'device' or 'cpu', got {master_weights!r}")
+        if master_weights == "cpu" and optimizer_states == "device":
+            raise ValueError("master_weights='cpu' streams the fp32 masters through the optimizer step with the "
+                             "optimizer states, which optimizer_states='device' keeps on the device: use "
+                             "optimizer_states='auto' or 'cpu', or master_weights='device'")
         if context_bytes is not None and context_bytes < 0:
             raise ValueError(f"context_bytes must be >= 0 (or None to measure it), got {context_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -223,6 +240,8 @@ class MemoryAwarePrecision(Precision):
         self.optimizer_states = optimizer_states
         self.step_chunk_bytes = int(step_chunk_bytes)
         self.context_bytes = context_bytes
+        self.master_weights = master_weights
+        self._masters: HostMasterWeights | None = None
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
@@ -375,6 +394,8 @@ class MemoryAwarePrecision(Precision):
         self._module = _lightning_module(model)
         device = next((p.device for p in model.parameters()), torch.device(self.device_type))
         self.device_type = device.type
+        if self.master_weights == "cpu":
+            self._attach_host_masters(self._module, device)
         if self._streamer is not None:
             for opt in self._optimizers:
                 check_streamable(opt)
@@ -477,6 +498,61 @@ class MemoryAwarePrecision(Precision):
                 raise
             self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
             return self.make_plan(module, optimizers, device)
+
+    def _attach_host_masters(self, module: L.LightningModule | None, device: torch.device) -> None:
+        """``master_weights="cpu"``: the trainable linear weights to the compute dtype, their fp32 masters to the host.
+
+        Raises:
+            ValueError: several training processes, FSDP2 shards, or an optimizer that cannot stream its states.
+        """
+        if module is None or self._masters is not None:
+            return
+        trainer = module._trainer
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError(f"MemoryAwarePrecision(master_weights='cpu') supports one training process; this run "
+                             f"has {trainer.world_size}. Use master_weights='device' with several processes.")
+        if any(is_dtensor(p) for p in module.parameters()):
+            raise ValueError("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; "
+                             "use master_weights='device' with ModelParallelStrategy")
+        for opt in self._optimizers:
+            check_streamable(opt)
+        if self._streamer is None:
+            self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+        self._masters = HostMasterWeights(self.compute_dtype)
+        moved = self._masters.attach(module)
+        for opt in self._optimizers:
+            self._masters.watch_optimizer(opt)
+        self._streamer.masters = self._masters
+        log.info("MemoryAwarePrecision: %d trainable linear weights stored in %s on the %s; their fp32 masters "
+                 "(%s) stream with the optimizer states from host memory", len(self._masters),
+                 str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
+
+    @property
+    def host_master_weights(self) -> HostMasterWeights | None:
+        """The fp32 masters kept in host memory (``master_weights="cpu"``), else None."""
+        return self._masters
+
+    @override
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        """Clip by the norm of all gradients; with host masters the fp32 gradients take the factor at the step.
+
+        The norm is computed in fp32 over each gradient, as for fp32 gradients, so the factor is the one the
+        fp32-master path computes; the compute-dtype gradients of host-master weights are multiplied after
+        their upcast in the step instead of being rounded here.
+        """
+        if self._masters is None or not len(self._masters):
+            return super().clip_grad_by_norm(optimizer, clip_val)
+        grads = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        norms = [torch.linalg.vector_norm(grad.float() if grad.dtype != torch.float32 else grad) for _, grad in grads]
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        factor = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
+        for p, grad in grads:
+            if not self._masters.manages(p):
+                grad.mul_(factor.to(grad.device))
+        self._masters.grad_scale = factor
+        return None
 
     def shrink_beside_engine(
         self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
@@ -724,6 +800,11 @@ class MemoryAwarePrecision(Precision):
         self._offloader.release_buffers()
         if self._streamer is not None:
             self._streamer.clear()
+        if self._masters is not None:
+            self._masters.detach()  # the module keeps fp32 weights on its device after the fit
+            self._masters = None
+            if self._streamer is not None:
+                self._streamer.masters = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

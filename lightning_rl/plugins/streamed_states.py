@@ -12,6 +12,10 @@ element-wise and depends only on its own state, gradient and group settings, so 
 bit-identical to one plain ``optimizer.step()``. Optimizers with a state shared by all parameters
 (LBFGS) cannot be split this way and are refused.
 
+With :attr:`StreamedOptimizerStates.masters` set, the fp32 masters of the weights that
+:class:`~lightning_rl.plugins.host_masters.HostMasterWeights` keeps in host memory travel with their
+chunk's states: the optimizer steps the master, and the parameter gets the result in its own dtype.
+
 Zero-dimensional state tensors (Adam's ``step`` counters) are never moved: they stay where the
 optimizer puts them (a CPU scalar, or a device scalar with ``capturable``/``fused``).
 
@@ -23,11 +27,14 @@ are stepped by the caller, once per optimizer step, as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+
+if TYPE_CHECKING:
+    from lightning_rl.plugins.host_masters import HostMasterWeights
 
 MiB = 1024**2
 _UNSUPPORTED = ("LBFGS",)
@@ -90,6 +97,13 @@ class StreamedOptimizerStates:
         self._slots: dict[tuple[int, Any], tuple[torch.Tensor, torch.device]] = {}
         self.last_chunks = 0
         self.last_peak_chunk_bytes = 0
+        self.masters: HostMasterWeights | None = None  # fp32 masters in host memory, streamed with the states
+
+    def _param_bytes(self, p: nn.Parameter) -> int:
+        """Bytes of the tensor the optimizer steps for ``p``: its fp32 master when that lives in host memory."""
+        if self.masters is not None and self.masters.manages(p):
+            return p.numel() * 4
+        return _tensor_bytes(p)
 
     # ----------------------------------------------------------------------------- moving
     def _store(self, p: nn.Parameter, state: dict[str, Any], key: Any, value: torch.Tensor) -> int:
@@ -155,7 +169,7 @@ class StreamedOptimizerStates:
             for p in g["params"]:
                 nbytes = self._state_bytes(optimizer, p)
                 if nbytes is not None and p.numel():
-                    return nbytes / _tensor_bytes(p)
+                    return nbytes / self._param_bytes(p)
         return _DEFAULT_STATE_RATIO
 
     def chunks(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
@@ -166,7 +180,7 @@ class StreamedOptimizerStates:
         size = 0
         for p in params:
             known = self._state_bytes(optimizer, p)
-            nbytes = int(ratio * _tensor_bytes(p)) if known is None else known
+            nbytes = int(ratio * self._param_bytes(p)) if known is None else known
             if current and size + nbytes > self.chunk_bytes:
                 out.append(current)
                 current, size = [], 0
@@ -200,17 +214,24 @@ class StreamedOptimizerStates:
             for chunk in chunks:
                 for p in chunk:
                     p.grad = grads[p]
+                if self.masters is not None:
+                    self.masters.swap_in(chunk)  # the optimizer steps the fp32 masters
                 self._load_states(optimizer, chunk)
                 run()
                 if not done:
                     check_streamable(optimizer)  # the first chunk's step created no global state
                 peak = max(peak, sum(self._state_bytes(optimizer, p) or 0 for p in chunk))
                 self.offload_states(optimizer, chunk)
+                if self.masters is not None:
+                    self.masters.swap_out(chunk)
                 for p in chunk:
                     done.add(id(p))
                     if self.free_grads:
                         p.grad = None
         finally:
+            if self.masters is not None:  # an error mid-chunk: those weights and masters stay as they were
+                self.masters.swap_out(self.masters.swapped(), keep=False)
+                self.masters.grad_scale = None
             for p, g in grads.items():  # an error mid-way: the unstepped parameters get their gradients back
                 if id(p) not in done or not self.free_grads:
                     p.grad = g
@@ -227,8 +248,11 @@ class StreamedOptimizerStates:
             for p in g["params"]:
                 if p.requires_grad:
                     known = self._state_bytes(optimizer, p)
-                    largest = max(largest, int(ratio * _tensor_bytes(p)) if known is None else known)
-        return min(total_state_bytes, max(self.chunk_bytes, largest))
+                    largest = max(largest, int(ratio * self._param_bytes(p)) if known is None else known)
+        states = min(total_state_bytes, max(self.chunk_bytes, largest))
+        if self.masters is not None and len(self.masters):
+            return 2 * states  # a chunk's fp32 masters and fp32 gradients: as many bytes as AdamW's two moments
+        return states
 
     def clear(self) -> None:
         """Forget the buffer bookkeeping (the optimizers keep their CPU states)."""

@@ -1,27 +1,9 @@
 """MemoryAwarePrecision on a GPU: peak memory vs bf16-mixed, and a too-small budget made to fit by the plan."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[2] / "bench" / "bench_precision.py"
-    spec = importlib.util.spec_from_file_location("bench_precision", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_precision", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return _bench()
 
 
 def test_lora_peak_memory_below_bf16_mixed(bench):

@@ -23,8 +23,8 @@ PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
          [("abc", "abc", "cba"), ("dab", "abd", "dba"), ("fed", "def", "fed"), ("hgk", "ghk", "khg"),
           ("mlj", "jlm", "mlj"), ("qpn", "npq", "qpn")]]
 REWARD = {"GRPO": "train/reward_step", "PPO": "train/reward_step", "DPO": "train/rewards/margins_step",
-          "GRPO-LoRA": "train/reward_step"}
-BASE_DIR = os.environ.get("RESUME_BASE_DIR", "")  # GRPO-LoRA's model: a saved tiny model (see save_base)
+          "GRPO-LoRA": "train/reward_step", "GRPO-masters": "train/reward_step"}
+BASE_DIR = os.environ.get("RESUME_BASE_DIR", "")  # GRPO-LoRA's and GRPO-masters' model (see save_base)
 
 
 def save_base(path) -> str:
@@ -42,6 +42,10 @@ def build(kind: str, seed: int) -> tuple[L.LightningModule, L.LightningDataModul
         module = GRPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
                       model=BASE_DIR, lora={"r": 4}, beta=0.05, learning_rate=3e-3, logprob_backend="reference")
         return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
+    if kind == "GRPO-masters":  # full fine-tune, the linear weights' fp32 masters in host memory under the plugin
+        module = GRPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4),
+                      model=BASE_DIR, learning_rate=3e-3, logprob_backend="reference")
+        return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
     if kind == "DPO":
         return DPO(beta=0.1, **common), PreferenceDataModule(PAIRS, batch_size=2)
     if kind == "PPO":  # two PPO epochs over two mini-batches: shuffled with the global RNG
@@ -50,6 +54,10 @@ def build(kind: str, seed: int) -> tuple[L.LightningModule, L.LightningDataModul
     else:
         module = GRPO(reward_funcs=[high_ids], num_generations=2, sampling=SamplingConfig(max_new_tokens=4), **common)
     return module, PromptDataModule(train_data=PROMPTS, batch_size=2)
+
+
+PLUGINS = {"GRPO-LoRA": lambda: [MemoryAwarePrecision()],
+           "GRPO-masters": lambda: [MemoryAwarePrecision(master_weights="cpu")]}
 
 
 class StepRecorder(L.Callback):
@@ -92,7 +100,7 @@ def fit(kind: str, seed: int, ckpt_dir, stop_after: int | None = None, ckpt_path
     steps_per_batch = getattr(module, "num_iterations", 1) * getattr(module, "num_mini_batches", 1)
     trainer = L.Trainer(max_steps=STEPS * steps_per_batch, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=callbacks, plugins=[MemoryAwarePrecision()] if kind == "GRPO-LoRA" else None)
+                        callbacks=callbacks, plugins=PLUGINS.get(kind, lambda: None)())
     try:
         trainer.fit(module, data, ckpt_path=ckpt_path)
     except Interrupted:

@@ -48,8 +48,10 @@ def assert_resumed_like(full, resumed, stopped_after):
 
 
 @pytest.mark.parametrize(
-    ("kind", "stop_after"), [("GRPO", 2), ("GRPO", 3), ("PPO", 4), ("DPO", 5), ("GRPO-LoRA", 4)],
-    ids=["grpo-mid-epoch", "grpo-epoch-end", "ppo-mid-epoch", "dpo-mid-epoch", "grpo-lora-plugin-mid-epoch"])
+    ("kind", "stop_after"),
+    [("GRPO", 2), ("GRPO", 3), ("PPO", 4), ("DPO", 5), ("GRPO-LoRA", 4), ("GRPO-masters", 2)],
+    ids=["grpo-mid-epoch", "grpo-epoch-end", "ppo-mid-epoch", "dpo-mid-epoch", "grpo-lora-plugin-mid-epoch",
+         "grpo-host-masters-mid-epoch"])
 def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, kind, stop_after):
     full = uninterrupted(kind)
     _, first = fit(kind, 0, tmp_path, stop_after=stop_after)
@@ -57,6 +59,9 @@ def test_stopped_run_resumes_exactly(uninterrupted, tmp_path, kind, stop_after):
     if kind == "GRPO-LoRA":  # the checkpoint holds the adapters; the bf16 base comes back from its directory
         saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
         assert all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k][:3]
+    if kind == "GRPO-masters":  # the checkpoint holds the fp32 masters of the bf16 linear weights
+        saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+        assert all(v.dtype == torch.float32 for v in saved.values())
     resumed = fit(kind, 1234, tmp_path / "resumed", ckpt_path=tmp_path / "last.ckpt")
     assert_resumed_like(full, resumed, stop_after)
 

@@ -1,0 +1,230 @@
+"""Trainable linear weights stored in the compute dtype on the device, their fp32 masters in host memory.
+
+Under autocast a linear layer casts its fp32 weight to bf16 before the matmul, and the backward computes the
+weight's gradient in bf16 before casting it to fp32. :class:`HostMasterWeights` keeps what the matmul reads,
+the bf16 copy, as the parameter itself, and the fp32 master in (pinned) host memory beside the optimizer
+states that :class:`~lightning_rl.plugins.streamed_states.StreamedOptimizerStates` streams. The device then
+holds half the weight bytes, half the gradient bytes and no autocast casts of those weights.
+
+With one micro-batch the update is bit-identical to the fp32-master one: the forward reads the same bf16
+values (round to nearest of the master), the gradient is the same bf16 tensor, upcast at the step. With
+several micro-batches the gradients add up in bf16 instead of fp32.
+
+For the optimizer step :meth:`HostMasterWeights.swap_in` points each parameter of a chunk at a device copy of
+its master with the fp32 gradient, so a ``torch.optim`` optimizer steps the master (its states stay fp32);
+:meth:`HostMasterWeights.swap_out` writes the result back into the master and, rounded, into the parameter's
+own bf16 storage, whose address never changes (an engine process that maps it keeps reading it).
+
+The module's ``state_dict`` gives the masters (fp32) for these weights and ``load_state_dict`` fills them, so
+checkpoints and ``save_pretrained`` hold full-precision weights; an optimizer's ``load_state_dict`` sees the
+masters too, so its loaded states stay fp32. :meth:`HostMasterWeights.detach` puts fp32 weights back on the
+device at the end of the fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+
+def managed_linear_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """``(owner, name, parameter)`` of the trainable fp32 linear weights whose masters may live in host memory.
+
+    Only ``nn.Linear`` weights, never an embedding or the output embedding (tied to it in many models, and read
+    by the log-prob kernel) and never a LoRA adapter's matrices (a few MB, which peft's adapter state dict hands
+    to the rollout engine as they are), each parameter once.
+    """
+    heads: set[int] = set()
+    for m in module.modules():  # the models inside (a LightningModule's policy, a peft wrapper's base)
+        getter = getattr(m, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if isinstance(head, nn.Module):
+            heads.add(id(head))
+    skip: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, nn.Embedding) or id(m) in heads:
+            skip.update(id(p) for p in m.parameters(recurse=False))
+    out: list[tuple[nn.Module, str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for path, owner in module.named_modules():
+        if not isinstance(owner, nn.Linear) or "lora_" in path:
+            continue
+        p = owner.weight
+        if (p is None or id(p) in skip or id(p) in seen or not p.requires_grad or p.dtype != torch.float32
+                or p.dim() != 2):
+            continue
+        seen.add(id(p))
+        out.append((owner, "weight", p))
+    return out
+
+
+class HostMasterWeights:
+    """fp32 masters of trainable linear weights in host memory; the parameters hold the compute dtype.
+
+    Args:
+        dtype: the parameters' dtype on the device (the compute dtype, bf16 or fp16).
+        pin_memory: keep the masters of CUDA parameters in pinned memory (fast asynchronous copies).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, pin_memory: bool = True) -> None:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"host master weights need a 16-bit compute dtype, got {dtype}")
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        self._masters: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._names: dict[int, dict[str, nn.Parameter]] = {}  # id(owner) -> {name: parameter}
+        self._swapped: dict[int, torch.Tensor] = {}  # id(parameter) -> its own storage while the master stands in
+        self._handles: list[RemovableHandle] = []
+        self.grad_scale: torch.Tensor | None = None  # a gradient-clipping factor for the next step's fp32 gradients
+        self._optimizer_load: contextlib.AbstractContextManager | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def attach(self, module: nn.Module) -> int:
+        """Move the masters of ``module``'s :func:`managed_linear_weights` to host memory. Returns their bytes."""
+        moved = 0
+        for owner, name, p in managed_linear_weights(module):
+            if id(p) in self._masters:
+                continue
+            pin = self.pin_memory and p.is_cuda
+            master = torch.empty(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+            master.copy_(p.data)
+            with torch.no_grad():
+                p.data = p.data.to(self.dtype)
+            self._masters[id(p)] = (p, master)
+            if id(owner) not in self._names:
+                self._names[id(owner)] = {}
+                # torch marks its hooks with an attribute, which a bound method cannot take: partials can
+                self._handles.append(owner.register_state_dict_post_hook(functools.partial(self._state_dict_hook)))
+                self._handles.append(owner.register_load_state_dict_pre_hook(functools.partial(self._load_hook)))
+            self._names[id(owner)][name] = p
+            moved += master.numel() * master.element_size()
+        return moved
+
+    def watch_optimizer(self, optimizer: Optimizer) -> None:
+        """Let ``optimizer.load_state_dict`` see the fp32 masters, so the states it loads stay fp32."""
+        self._handles.append(optimizer.register_load_state_dict_pre_hook(self._before_optimizer_load))
+        self._handles.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
+
+    def detach(self) -> None:
+        """Put the fp32 weights back into the parameters, on their device, and remove the hooks."""
+        for p, master in self._masters.values():
+            own = self._swapped.pop(id(p), None)
+            device = (own if own is not None else p.data).device
+            with torch.no_grad():
+                p.data = master.to(device)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._masters.clear()
+        self._names.clear()
+        self.grad_scale = None
+
+    # ----------------------------------------------------------------------------- queries
+    def manages(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s master lives here."""
+        return id(p) in self._masters
+
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 master of ``p`` (host memory)."""
+        return self._masters[id(p)][1]
+
+    def __len__(self) -> int:
+        return len(self._masters)
+
+    @property
+    def master_bytes(self) -> int:
+        """Bytes of the fp32 masters in host memory."""
+        return sum(m.numel() * m.element_size() for _, m in self._masters.values())
+
+    # ----------------------------------------------------------------------------- the step
+    def swap_in(self, params: Sequence[nn.Parameter]) -> None:
+        """Point each managed parameter with a gradient at a device copy of its master, with the fp32 gradient.
+
+        Each gradient is upcast (and multiplied by :attr:`grad_scale`, the clipping factor, when set).
+        """
+        for p in params:
+            if id(p) not in self._masters or id(p) in self._swapped or p.grad is None:
+                continue
+            master = self._masters[id(p)][1]
+            grad = p.grad.float()
+            if self.grad_scale is not None:
+                grad.mul_(self.grad_scale.to(grad.device))
+            own = p.data
+            p.grad = None
+            with torch.no_grad():
+                p.data = master.to(own.device, non_blocking=master.is_pinned())
+            p.grad = grad
+            self._swapped[id(p)] = own
+
+    def swap_out(self, params: Iterable[nn.Parameter], keep: bool = True) -> None:
+        """Undo :meth:`swap_in`; with ``keep`` the stepped fp32 values go into the master and, rounded, the parameter.
+
+        Without ``keep`` (an error mid-step) the parameter and its master stay as they were before the step.
+        """
+        for p in params:
+            own = self._swapped.pop(id(p), None)
+            if own is None:
+                continue
+            if keep:
+                with torch.no_grad():
+                    own.copy_(p.data)
+                    master = self._masters[id(p)][1]
+                    master.copy_(p.data, non_blocking=master.is_pinned())
+            p.grad = None
+            with torch.no_grad():
+                p.data = own
+
+    def swapped(self) -> list[nn.Parameter]:
+        """The parameters that point at their masters now (between :meth:`swap_in` and :meth:`swap_out`)."""
+        return [self._masters[i][0] for i in self._swapped]
+
+    # ----------------------------------------------------------------------------- state dicts
+    def _state_dict_hook(self, owner: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for name, p in self._names.get(id(owner), {}).items():
+            key = prefix + name
+            if key in state_dict:
+                state_dict[key] = self._masters[id(p)][1].detach()
+
+    def _load_hook(self, owner: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        with torch.no_grad():
+            for name, p in self._names.get(id(owner), {}).items():
+                value = state_dict.get(prefix + name)
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    self._masters[id(p)][1].copy_(value)
+
+    @contextlib.contextmanager
+    def masters_in_place(self, params: Iterable[nn.Parameter]) -> Iterator[None]:
+        """Within: each managed parameter of ``params`` points at its (host) master."""
+        params = [p for p in params if id(p) in self._masters and id(p) not in self._swapped]
+        own = [p.data for p in params]
+        try:
+            with torch.no_grad():
+                for p in params:
+                    p.data = self._masters[id(p)][1]
+            yield
+        finally:
+            with torch.no_grad():
+                for p, data in zip(params, own, strict=True):
+                    p.data = data
+
+    def _before_optimizer_load(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        ctx = self.masters_in_place(params)
+        ctx.__enter__()
+        self._optimizer_load = ctx
+
+    def _after_optimizer_load(self, optimizer: Optimizer) -> None:
+        ctx = self._optimizer_load
+        if ctx is not None:
+            self._optimizer_load = None
+            ctx.__exit__(None, None, None)
+
+
+__all__ = ["HostMasterWeights", "managed_linear_weights"]

@@ -1,0 +1,142 @@
+"""fp32 masters in host memory, compute-dtype weights on the device: the same updates as fp32 masters under autocast."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rl import MemoryAwarePrecision
+from lightning_rl.models import load_policy
+from lightning_rl.plugins.host_masters import HostMasterWeights, managed_linear_weights
+from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 11))
+
+
+def _loss(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x).float().log_softmax(-1).mean().neg()
+
+
+def _pair(chunk_bytes=200):
+    """An fp32-master model with its AdamW, and the same model with host masters streamed chunk by chunk."""
+    ref = _net()
+    net = copy.deepcopy(ref)
+    masters = HostMasterWeights(torch.bfloat16)
+    masters.attach(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-2, weight_decay=0.1)
+    masters.watch_optimizer(opt)
+    streamer = StreamedOptimizerStates(chunk_bytes=chunk_bytes)
+    streamer.masters = masters
+    return ref, torch.optim.AdamW(ref.parameters(), lr=3e-2, weight_decay=0.1), net, opt, masters, streamer
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clipped"])
+def test_updates_are_bit_identical_to_fp32_masters_under_autocast(clip):
+    ref, ref_opt, net, opt, masters, streamer = _pair()
+    assert [n for _, n, _ in managed_linear_weights(_net())] == ["weight", "weight"]  # the two linear weights
+    own = {id(p): p.data_ptr() for p in net.parameters()}
+    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin._masters = masters
+    for step in range(4):
+        x = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(step))
+        _loss(ref, x).backward()
+        _loss(net, x).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+            plugin.clip_grad_by_norm(opt, clip)
+            assert masters.grad_scale is not None and float(masters.grad_scale) < 1  # the clip took effect
+        ref_opt.step()
+        ref_opt.zero_grad()
+        streamer.step(opt)
+        assert streamer.last_chunks > 1  # the masters really travelled chunk by chunk
+        for (name, a), b in zip(ref.named_parameters(), net.parameters(), strict=True):
+            if masters.manages(b):
+                assert b.dtype == torch.bfloat16 and torch.equal(masters.master(b), a), (step, name)
+                assert torch.equal(b, a.to(torch.bfloat16)), (step, name)  # what the matmul reads, as autocast's cast
+            else:
+                assert b.dtype == torch.float32 and torch.equal(b, a), (step, name)
+    assert {id(p): p.data_ptr() for p in net.parameters()} == own  # an engine process mapping them keeps reading them
+    for state in opt.state.values():
+        assert all(v.dtype == torch.float32 and not v.is_cuda for v in state.values())
+    masters.detach()
+    for a, b in zip(ref.parameters(), net.parameters(), strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a, b)  # after the fit the module holds fp32 weights again
+
+
+def test_state_dicts_hold_the_fp32_masters_and_loading_fills_them():
+    ref, ref_opt, net, opt, masters, streamer = _pair()
+    x = torch.randint(0, 11, (3, 5))
+    for model, step in ((ref, ref_opt.step), (net, lambda: streamer.step(opt))):
+        _loss(model, x).backward()
+        step()
+    saved = net.state_dict()
+    assert saved["1.weight"].dtype == torch.float32 and torch.equal(saved["1.weight"], ref[1].weight)
+    optimizer_saved = copy.deepcopy(opt.state_dict())
+
+    other, other_masters = _net(seed=5), HostMasterWeights(torch.bfloat16)
+    other_masters.attach(other)
+    other.load_state_dict(saved)
+    assert torch.equal(other_masters.master(other[1].weight), ref[1].weight)
+    assert torch.equal(other[1].weight, ref[1].weight.to(torch.bfloat16))
+    other_opt = torch.optim.AdamW(other.parameters(), lr=3e-2, weight_decay=0.1)
+    other_masters.watch_optimizer(other_opt)
+    other_opt.load_state_dict(optimizer_saved)
+    assert other[1].weight.dtype == torch.bfloat16  # the masters stood in only while loading
+    assert other_opt.state[other[1].weight]["exp_avg"].dtype == torch.float32  # not cast to the parameter's bf16
+    assert torch.equal(other_opt.state[other[1].weight]["exp_avg"], ref_opt.state[ref[1].weight]["exp_avg"])
+
+
+def test_an_error_mid_step_leaves_weights_and_masters_as_they_were():
+    _, _, net, opt, masters, streamer = _pair(chunk_bytes=1)  # a chunk per parameter
+    _loss(net, torch.randint(0, 11, (3, 5))).backward()
+    before = {id(p): p.detach().clone() for p in net.parameters()}
+    before_masters = {id(p): masters.master(p).clone() for p in net.parameters() if masters.manages(p)}
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        opt.step()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        streamer.step(opt, step_fn=failing_step)
+    assert not masters.swapped()
+    for p in net.parameters():
+        assert torch.equal(p, before[id(p)]) and p.grad is not None  # its gradient is back for a retry
+        if masters.manages(p):
+            assert p.dtype == torch.bfloat16 and torch.equal(masters.master(p), before_masters[id(p)])
+
+
+def test_embeddings_and_a_tied_output_embedding_keep_fp32_weights_on_the_device():
+    model, _ = load_policy("tiny-llama", {"num_hidden_layers": 1, "tie_word_embeddings": True})
+    model.float()
+    names = {id(p): n for n, p in model.named_parameters()}
+    managed = {names[id(p)] for _, _, p in managed_linear_weights(model)}
+    assert managed and all(".layers." in n and n.endswith("proj.weight") for n in managed)
+    untied, _ = load_policy("tiny-llama", {"num_hidden_layers": 1, "tie_word_embeddings": False})
+    untied.float()
+    assert "lm_head.weight" not in {n for n, p in untied.named_parameters()
+                                     if any(p is q for _, _, q in managed_linear_weights(untied))}
+
+
+def test_host_masters_need_their_states_streamed():
+    with pytest.raises(ValueError, match="optimizer_states='auto' or 'cpu'"):
+        MemoryAwarePrecision(master_weights="cpu", optimizer_states="device")
+    with pytest.raises(ValueError, match="master_weights must be"):
+        MemoryAwarePrecision(master_weights="gpu")
+    with pytest.raises(ValueError, match="16-bit"):
+        HostMasterWeights(torch.float32)
+
+
+def test_lora_adapters_keep_their_fp32_weights_on_the_device():
+    from lightning_rl.lora import apply_lora
+
+    model, _ = load_policy("tiny-llama", {"num_hidden_layers": 1})
+    model = apply_lora(model.float(), {"r": 4})
+    assert managed_linear_weights(model) == []  # the base is frozen, the adapters are tiny and go to the engine as is
