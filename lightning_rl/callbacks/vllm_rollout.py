@@ -320,6 +320,8 @@ class VLLMRollout(Callback):
             log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
                         "(VLLMRollout(overlap=False) skips the attempt)", reason)
             self.overlapping = False
+            if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
+                self._plugin.engine_leaves_the_update(pl_module)
             self.engine = self.build_engine(pl_module, prompts_per_step)
         used_after = measure_used(device)
         if used_before is not None and used_after is not None:

@@ -240,11 +240,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
             self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
 
-    def apply_gradient_checkpointing(self) -> None:
+    def apply_gradient_checkpointing(self, reapply: bool = False) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.
 
         transformers recomputes only while the model is in train mode, which :meth:`on_train_batch_start`
-        ensures for the update.
+        ensures for the update. ``reapply``: set it up again where it is on (to drop offloading).
         """
         if not self.gradient_checkpointing:
             return
@@ -252,7 +252,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             net = unwrap(model)
             if not getattr(net, "supports_gradient_checkpointing", True):
                 continue
-            if activation_checkpointing_on(net) and not self.offload_checkpoints:
+            if activation_checkpointing_on(net) and not self.offload_checkpoints and not reapply:
                 continue
             enable_activation_checkpointing(net, offload=self.offload_checkpoints)
             if is_lora(model):
@@ -278,6 +278,12 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.offload_checkpoints = True
         self.apply_gradient_checkpointing()
         return True
+
+    def keep_checkpoints_on_device(self) -> None:
+        """Undo :meth:`offload_checkpoints_beside_engine`: the rollout engine generates between updates after all."""
+        if self.offload_checkpoints_setting is None and self.offload_checkpoints:
+            self.offload_checkpoints = False
+            self.apply_gradient_checkpointing(reapply=True)
 
     def apply_compile_layers(self) -> None:
         """With ``compile_layers``, run the decoder layers of :meth:`checkpointed_models` compiled in the update."""

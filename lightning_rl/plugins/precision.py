@@ -242,6 +242,8 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self._masters: HostMasterWeights | None = None
+        self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
+        self._shrunk_checkpoints = False
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
@@ -574,6 +576,7 @@ class MemoryAwarePrecision(Precision):
             return  # no engine beside the update: the engine sleeps while training runs
         offload = getattr(module, "offload_checkpoints_beside_engine", None)
         if offload is not None and offload():
+            self._shrunk_checkpoints = True
             log.info("MemoryAwarePrecision: the rollout engine generates during the update; the checkpointed layers' "
                      "inputs wait in host memory (GRPO(offload_checkpoints=False) keeps them on the device)")
         if self.optimizer_states != "auto" or self._streamer is not None or not self._streamable(optimizers):
@@ -585,7 +588,36 @@ class MemoryAwarePrecision(Precision):
                  "stay in CPU memory and stream through each step (optimizer_states='device' keeps them on the "
                  "device)", fmt_bytes(optimizer_state_bytes(numel)))
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+        self._shrunk_states = True
         self.offload_optimizer_states()
+
+    def engine_leaves_the_update(self, module: L.LightningModule | None = None) -> None:
+        """The rollout engine generates between updates after all (its process failed to start): undo the shrink.
+
+        :meth:`shrink_beside_engine` streamed the optimizer states and offloaded the checkpointed inputs so that an
+        engine generating during the update would fit beside it and hide their copies. An engine between updates
+        sleeps while the update runs and hides nothing, so the states go back to the device (unless
+        ``master_weights="cpu"`` streams them) and the checkpointed inputs stay there. Under a ``memory_budget``
+        both stay as planned.
+        """
+        if self.memory_budget is not None:
+            return
+        if self._shrunk_states and self._streamer is not None and self._masters is None:
+            self._streamer.clear()
+            self._streamer = None
+            for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
+                for p, state in opt.state.items():
+                    for key, value in list(state.items()):
+                        if torch.is_tensor(value) and value.dim() and value.device != p.device:
+                            state[key] = value.to(p.device)
+            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the optimizer states stay "
+                     "on the device")
+        self._shrunk_states = False
+        module = module if module is not None else self._module
+        keep = getattr(module, "keep_checkpoints_on_device", None)
+        if self._shrunk_checkpoints and keep is not None:
+            keep()
+        self._shrunk_checkpoints = False
 
     @staticmethod
     def _streamable(optimizers: list[Optimizer]) -> bool:

@@ -150,7 +150,7 @@ def _overlapped_fit(module, steps=4, settings=None):
 
     class Watch(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append({"staleness": callback.last_timings["staleness"], "children": len(_gpu_children()),
+            seen.append({"staleness": callback.last_timings.get("staleness"), "children": len(_gpu_children()),
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"]),
                          "expandable": callback.expandable_segments, "segments": len(torch.cuda.memory_snapshot()),
@@ -211,6 +211,28 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     # a later engine in this process that needs vLLM's sleep mode
     assert all(s["expandable"] for s in seen) and not callback.expandable_segments
     assert callback.engine is None and not _gpu_children()
+
+
+def test_an_engine_process_that_fails_to_start_leaves_states_and_checkpoints_on_the_gpu(monkeypatch):
+    """The README configuration when the engine process cannot start: an in-process engine between updates, and the
+    plugin takes back what it shrank for an engine beside the update (no generation hides those copies now)."""
+    import lightning_rl.rollout.vllm_process as vllm_process
+
+    def no_process(*args, **kwargs):
+        raise RuntimeError("Engine core initialization failed (simulated)")
+
+    monkeypatch.setattr(vllm_process, "VLLMProcessEngine", no_process)
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module, steps=2)
+    print("failed engine process:", seen)
+    assert not callback.overlapping and trainer.global_step == 2
+    assert [s["staleness"] for s in seen] == [None, None]  # generated between updates from the current weights:
+    assert "wake_s" in callback.last_timings  # the in-process engine woke and slept around each rollout
+    assert not trainer.precision_plugin.streams_optimizer_states and not module.offload_checkpoints
+    states = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    assert states and all(t.is_cuda for t in states)
 
 
 def test_the_readme_configuration_overlaps_with_vllms_front_end_in_the_trainer():

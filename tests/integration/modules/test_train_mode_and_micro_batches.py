@@ -103,6 +103,9 @@ def test_automatic_offload_of_checkpoints_switches_on_only_for_a_cuda_update_wit
     assert module.offload_checkpoints is True
     assert layer._gradient_checkpointing_func is not eager_func  # checkpointing again, now with offloaded inputs
     assert module.offload_checkpoints_beside_engine() is False  # once
+    module.keep_checkpoints_on_device()  # the engine generates between updates after all: plain checkpointing again
+    assert module.offload_checkpoints is False
+    assert layer._gradient_checkpointing_func.func is eager_func.func  # torch's checkpoint, no offloading wrapper
     for kw in ({"offload_checkpoints": False}, {"gradient_checkpointing": False}):  # the user's choice stands
         other = tiny_grpo(saved_tiny, **kw)
         other.configure_model()

@@ -297,7 +297,7 @@ class _ShapedStub:
     """A module that reports a generating shape and records whether the plugin asked it to offload checkpoints."""
 
     def __init__(self, offloads=True):
-        self.offloads, self.asked = offloads, 0
+        self.offloads, self.asked, self.kept = offloads, 0, 0
 
     def training_shape(self):
         return SimpleNamespace(generates=True)
@@ -308,6 +308,9 @@ class _ShapedStub:
     def offload_checkpoints_beside_engine(self):
         self.asked += 1
         return self.offloads
+
+    def keep_checkpoints_on_device(self):
+        self.kept += 1
 
 
 class _Engine:
@@ -339,6 +342,27 @@ def test_beside_an_engine_that_generates_during_the_update_states_stream_and_che
     lbfgs.shrink_beside_engine(_ShapedStub(), [torch.optim.LBFGS(nn.Linear(4, 4).parameters())],
                                torch.device("cuda"))
     assert not lbfgs.streams_optimizer_states
+
+
+@pytest.mark.parametrize(("budget", "undone"), [(None, True), (4 * GiB, False)], ids=["whole-device", "budget"])
+def test_an_engine_that_leaves_the_update_takes_the_shrink_back_unless_a_budget_needs_it(budget, undone):
+    plugin = MemoryAwarePrecision(step_chunk_bytes=100, memory_budget=budget)
+    plugin.register_rollout(_Engine(GiB))
+    module = _ShapedStub()
+    opt = torch.optim.AdamW(nn.Linear(4, 4).parameters())
+    plugin._optimizers = [opt]
+    plugin.shrink_beside_engine(module, [opt], torch.device("cuda"))
+    assert plugin.streams_optimizer_states and module.asked == 1
+    plugin.engine_leaves_the_update(module)  # its process failed to start: the engine generates between updates
+    assert plugin.streams_optimizer_states is not undone
+    assert module.kept == int(undone)
+    plugin.engine_leaves_the_update(module)  # once
+    assert module.kept == int(undone)
+    chosen = MemoryAwarePrecision(optimizer_states="cpu")  # the user's streaming is not the shrink's to undo
+    chosen.register_rollout(_Engine(GiB))
+    chosen.shrink_beside_engine(_ShapedStub(), [opt], torch.device("cuda"))
+    chosen.engine_leaves_the_update(_ShapedStub())
+    assert chosen.streams_optimizer_states
 
 
 def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():

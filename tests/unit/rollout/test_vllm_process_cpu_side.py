@@ -253,8 +253,11 @@ def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engi
     module.configure_model()
     trainer = SimpleNamespace(global_step=0, strategy=None)
     cb = VLLMRollout()
+    left = []
+    cb._plugin = SimpleNamespace(engine_leaves_the_update=left.append, kv_cache_bytes=None, memory_plan=None)
     cb._create(trainer, module, 2)
     assert isinstance(cb.engine, InProcess) and not cb.overlapping and len(built) == 1
+    assert left == [module]  # the plugin takes back what it shrank for an engine beside the update
     assert "engine process failed to start: RuntimeError: Engine core initialization failed" in caplog.text
     forced = VLLMRollout(overlap=True)  # asked for: the error stands
     with pytest.raises(RuntimeError, match="initialization failed"):
