@@ -517,7 +517,12 @@ class MemoryAwarePrecision(Precision):
             raise ValueError("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; "
                              "use master_weights='device' with ModelParallelStrategy")
         for opt in self._optimizers:
-            check_streamable(opt)
+            try:
+                check_streamable(opt)
+            except UnsupportedOptimizerError as why:
+                raise UnsupportedOptimizerError(f"{why} (MemoryAwarePrecision(master_weights='cpu') steps the fp32 "
+                                                "masters chunk by chunk with the states: use master_weights='device' "
+                                                "with this optimizer)") from why
         if self._streamer is None:
             self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
         self._masters = HostMasterWeights(self.compute_dtype)

@@ -140,3 +140,17 @@ def test_lora_adapters_keep_their_fp32_weights_on_the_device():
     model, _ = load_policy("tiny-llama", {"num_hidden_layers": 1})
     model = apply_lora(model.float(), {"r": 4})
     assert managed_linear_weights(model) == []  # the base is frozen, the adapters are tiny and go to the engine as is
+
+
+def test_an_optimizer_that_cannot_step_in_chunks_is_refused_naming_master_weights():
+    from types import SimpleNamespace
+
+    from lightning_rl.plugins.streamed_states import UnsupportedOptimizerError
+
+    net = _net()
+    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin._optimizers = [torch.optim.LBFGS(net.parameters())]
+    net._trainer = SimpleNamespace(world_size=1)
+    with pytest.raises(UnsupportedOptimizerError, match="master_weights='device'"):
+        plugin._attach_host_masters(net, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # nothing converted before the refusal
