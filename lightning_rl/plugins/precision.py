@@ -552,7 +552,7 @@ class MemoryAwarePrecision(Precision):
         grads = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return None
-        norms = [torch.linalg.vector_norm(grad.float() if grad.dtype != torch.float32 else grad) for _, grad in grads]
+        norms = [torch.linalg.vector_norm(grad.float()) for _, grad in grads]  # .float() of fp32 is the tensor
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         factor = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
         for p, grad in grads:
@@ -608,13 +608,10 @@ class MemoryAwarePrecision(Precision):
         if self.memory_budget is not None:
             return
         if self._shrunk_states and self._streamer is not None and self._masters is None:
+            for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
+                self._streamer.return_states(opt)
             self._streamer.clear()
             self._streamer = None
-            for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
-                for p, state in opt.state.items():
-                    for key, value in list(state.items()):
-                        if torch.is_tensor(value) and value.dim() and value.device != p.device:
-                            state[key] = value.to(p.device)
             log.info("MemoryAwarePrecision: the rollout engine generates between updates; the optimizer states stay "
                      "on the device")
         self._shrunk_states = False

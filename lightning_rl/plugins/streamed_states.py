@@ -145,6 +145,16 @@ class StreamedOptimizerStates:
             moved += _tensor_bytes(value)
         return moved
 
+    def return_states(self, optimizer: Optimizer) -> int:
+        """Bring all of ``optimizer``'s streamed states back to the devices it keeps them on, for good. Returns bytes.
+
+        For a caller that stops streaming: the copies are complete when it returns, so the CPU buffers may go.
+        """
+        moved = self._load_states(optimizer, list(optimizer.state.keys()))
+        if moved and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return moved
+
     def states_on_device_bytes(self, optimizers: Iterable[Optimizer]) -> int:
         """Bytes of streamed state tensors that are not in CPU memory now."""
         total = 0
