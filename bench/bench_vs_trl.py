@@ -473,7 +473,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                      "gradient_checkpointing": module.gradient_checkpointing,
                      "compile_layers": module.compile_layers, "overlap": rollout_cb.overlapping,
                      "streams_optimizer_states": plugin.streams_optimizer_states,
-                     "offload_checkpoints": module.offload_checkpoints, "master_weights": plugin.master_weights,
+                     "offload_checkpoints": module.offload_checkpoints,
+                     "master_weights": plugin.resolved_master_weights,
                      "engine_start_gib": (None if rollout_cb.engine_start_bytes is None
                                           else rollout_cb.engine_start_bytes / 2**30),
                      "memory_plan": None if plugin.memory_plan is None else plugin.memory_plan.summary(),

@@ -22,7 +22,8 @@ under ``trainer.plugins``. What it does:
   The default ``"auto"`` does so when a rollout engine generates during the update (its process holds its
   memory then, and the generation hides the copies), and when the plan fits only that way, before it moves
   the rollout engine from beside the update to between updates; beside such an engine a module that left
-  ``offload_checkpoints`` None also offloads its checkpointed inputs
+  ``offload_checkpoints`` None also offloads its checkpointed inputs, and ``master_weights="auto"`` keeps the
+  trainable linear weights' fp32 masters in host memory, streamed with the states
   (:meth:`MemoryAwarePrecision.shrink_beside_engine`);
 * device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
 
@@ -48,7 +49,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
-from lightning_rl.plugins.host_masters import HostMasterWeights
+from lightning_rl.plugins.host_masters import HostMasterWeights, managed_linear_weights
 from lightning_rl.plugins.memory_plan import (
     CONTEXT_PART,
     GiB,
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 Quantize = Literal["int8", "nf4"]
 OptimizerStates = Literal["auto", "device", "cpu"]
-MasterWeights = Literal["device", "cpu"]
+MasterWeights = Literal["auto", "device", "cpu"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _BNB_AVAILABLE = RequirementCache("bitsandbytes")
 
@@ -166,14 +167,15 @@ class MemoryAwarePrecision(Precision):
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
-        master_weights: where the fp32 masters of the trainable linear weights live. ``device`` (default): the
+        master_weights: where the fp32 masters of the trainable linear weights live. ``device``: the
             parameters are the fp32 masters, cast by autocast. ``cpu``: the parameters hold the compute dtype
             and the fp32 masters wait in pinned host memory, streamed through the optimizer step with the
             optimizer states (so the states stream too): half the weight and gradient bytes on the device and
             no autocast casts of them (:mod:`~lightning_rl.plugins.host_masters`). Bit-identical to ``device``
             with one micro-batch; with several the gradients add up in the compute dtype. Embeddings, the
-            output embedding and LoRA adapters stay fp32 on the device. One training process only. Not yet run on
-            a GPU.
+            output embedding and LoRA adapters stay fp32 on the device. One training process only. ``auto``
+            (default): ``cpu`` when :meth:`shrink_beside_engine` streams the optimizer states beside a rollout
+            engine that generates during the update (one process, no FSDP2 shards), ``device`` otherwise.
     """
 
     def __init__(
@@ -194,7 +196,7 @@ class MemoryAwarePrecision(Precision):
         optimizer_states: OptimizerStates = "auto",
         step_chunk_bytes: int = 64 * MiB,
         context_bytes: int | None = None,
-        master_weights: MasterWeights = "device",
+        master_weights: MasterWeights = "auto",
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -213,8 +215,8 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"optimizer_states must be 'auto', 'device' or 'cpu', got {optimizer_states!r}")
         if step_chunk_bytes <= 0:
             raise ValueError(f"step_chunk_bytes must be > 0, got {step_chunk_bytes}")
-        if master_weights not in ("device", "cpu"):
-            raise ValueError(f"master_weights must be 'device' or 'cpu', got {master_weights!r}")
+        if master_weights not in ("auto", "device", "cpu"):
+            raise ValueError(f"master_weights must be 'auto', 'device' or 'cpu', got {master_weights!r}")
         if master_weights == "cpu" and optimizer_states == "device":
             raise ValueError("master_weights='cpu' streams the fp32 masters through the optimizer step with the "
                              "optimizer states, which optimizer_states='device' keeps on the device: use "
@@ -244,6 +246,8 @@ class MemoryAwarePrecision(Precision):
         self._masters: HostMasterWeights | None = None
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
         self._shrunk_checkpoints = False
+        self._shrunk_masters = False  # master_weights="auto" moved the masters to the host beside the engine
+        self.resolved_master_weights: Literal["device", "cpu"] = "device"  # where the last fit kept its masters
         self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
@@ -396,6 +400,7 @@ class MemoryAwarePrecision(Precision):
         self._module = _lightning_module(model)
         device = next((p.device for p in model.parameters()), torch.device(self.device_type))
         self.device_type = device.type
+        self.resolved_master_weights = "device"
         if self.master_weights == "cpu":
             self._attach_host_masters(self._module, device)
         if self._streamer is not None:
@@ -527,6 +532,7 @@ class MemoryAwarePrecision(Precision):
             self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
         self._masters = HostMasterWeights(self.compute_dtype)
         moved = self._masters.attach(module)
+        self.resolved_master_weights = "cpu"
         for opt in self._optimizers:
             self._masters.watch_optimizer(opt)
         self._streamer.masters = self._masters
@@ -569,10 +575,11 @@ class MemoryAwarePrecision(Precision):
         That engine holds its memory through the update, and the step lasts as long as its generation, which the
         update runs beside. So with ``optimizer_states="auto"`` the optimizer states stay in CPU memory and stream
         through the step (when they are larger than one ``step_chunk_bytes`` chunk), and a module that left
-        ``offload_checkpoints`` None offloads its checkpointed inputs (``offload_checkpoints_beside_engine``):
-        their copies to and from the host come out of the generation's time. Measured end to end against TRL on
-        an H200 (``bench/results/vs_trl_NOTES.md``). Only on CUDA, and only when the plan's rollout engine says it
-        stays up during the update.
+        ``offload_checkpoints`` None offloads its checkpointed inputs (``offload_checkpoints_beside_engine``), and
+        with ``master_weights="auto"`` streamed states carry the fp32 masters of the linear weights too (the
+        parameters hold the compute dtype): their copies to and from the host come out of the generation's time.
+        Measured end to end against TRL on an H200 (``bench/results/vs_trl_NOTES.md``). Only on CUDA, and only
+        when the plan's rollout engine says it stays up during the update.
         """
         shape = _shape(module)
         if device.type != "cuda" or self._rollout is None or shape is None or not shape.generates:
@@ -584,29 +591,55 @@ class MemoryAwarePrecision(Precision):
             self._shrunk_checkpoints = True
             log.info("MemoryAwarePrecision: the rollout engine generates during the update; the checkpointed layers' "
                      "inputs wait in host memory (GRPO(offload_checkpoints=False) keeps them on the device)")
-        if self.optimizer_states != "auto" or self._streamer is not None or not self._streamable(optimizers):
+        if self.optimizer_states == "auto" and self._streamer is None and self._streamable(optimizers):
+            numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
+            # streaming holds one chunk on the device: not worth it for states no larger than that
+            if optimizer_state_bytes(numel) > self.step_chunk_bytes:
+                log.info("MemoryAwarePrecision: the rollout engine generates during the update; the optimizer states "
+                         "(%s) stay in CPU memory and stream through each step (optimizer_states='device' keeps "
+                         "them on the device)", fmt_bytes(optimizer_state_bytes(numel)))
+                self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+                self._shrunk_states = True
+                self.offload_optimizer_states()
+        if self.master_weights == "auto" and self._streamer is not None:
+            self._host_masters_beside_engine(module, device)
+
+    def _host_masters_beside_engine(self, module: L.LightningModule, device: torch.device) -> None:
+        """``master_weights="auto"`` with states streaming beside the engine: the fp32 masters stream with them.
+
+        Only for one training process without FSDP2 shards and with linear weights to move; otherwise the masters
+        stay on the device.
+        """
+        if self._masters is not None or not isinstance(module, nn.Module):
             return
-        numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
-        if optimizer_state_bytes(numel) <= self.step_chunk_bytes:
-            return  # streaming would hold one chunk on the device: no smaller than the states themselves
-        log.info("MemoryAwarePrecision: the rollout engine generates during the update; the optimizer states (%s) "
-                 "stay in CPU memory and stream through each step (optimizer_states='device' keeps them on the "
-                 "device)", fmt_bytes(optimizer_state_bytes(numel)))
-        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
-        self._shrunk_states = True
-        self.offload_optimizer_states()
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return
+        if any(is_dtensor(p) for p in module.parameters()) or not managed_linear_weights(module):
+            return
+        self._attach_host_masters(module, device)
+        self._shrunk_masters = True
 
     def engine_leaves_the_update(self, module: L.LightningModule | None = None) -> None:
         """The rollout engine generates between updates after all (its process failed to start): undo the shrink.
 
         :meth:`shrink_beside_engine` streamed the optimizer states and offloaded the checkpointed inputs so that an
         engine generating during the update would fit beside it and hide their copies. An engine between updates
-        sleeps while the update runs and hides nothing, so the states go back to the device (unless
-        ``master_weights="cpu"`` streams them) and the checkpointed inputs stay there. Under a ``memory_budget``
-        both stay as planned.
+        sleeps while the update runs and hides nothing, so masters that ``master_weights="auto"`` moved to the host
+        come back as fp32 parameters, the states go back to the device (unless ``master_weights="cpu"`` streams
+        them) and the checkpointed inputs stay there. Under a ``memory_budget`` all stay as planned.
         """
         if self.memory_budget is not None:
             return
+        if self._shrunk_masters and self._masters is not None:
+            self._masters.detach()  # fp32 weights back on the device (no engine process maps them now)
+            self._masters = None
+            if self._streamer is not None:
+                self._streamer.masters = None
+            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the fp32 master weights "
+                     "stay on the device")
+            self.resolved_master_weights = "device"
+        self._shrunk_masters = False
         if self._shrunk_states and self._streamer is not None and self._masters is None:
             for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
                 self._streamer.return_states(opt)
@@ -834,6 +867,7 @@ class MemoryAwarePrecision(Precision):
         self._offloader.release_buffers()
         if self._streamer is not None:
             self._streamer.clear()
+        self._shrunk_masters = False
         if self._masters is not None:
             self._masters.detach()  # the module keeps fp32 weights on its device after the fit
             self._masters = None

@@ -45,7 +45,7 @@ def test_host_masters_lower_a_full_finetunes_peak_below_streamed_states(bench):
     from lightning_rl import MemoryAwarePrecision
 
     case = bench.CASES["smollm2-135m-shape full"]
-    streamed = bench.measure(case, MemoryAwarePrecision(optimizer_states="cpu"), steps=2)
+    streamed = bench.measure(case, MemoryAwarePrecision(optimizer_states="cpu", master_weights="device"), steps=2)
     plugin = MemoryAwarePrecision(master_weights="cpu")
     host = bench.measure(case, plugin, steps=2)
     print(f"full FT SmolLM2-135M shape: states streamed {streamed['peak_bytes'] / 2**30:.2f} GiB "

@@ -154,7 +154,9 @@ def _overlapped_fit(module, steps=4, settings=None):
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"]),
                          "expandable": callback.expandable_segments, "segments": len(torch.cuda.memory_snapshot()),
-                         "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3)})
+                         "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3),
+                         "linear_dtypes": sorted({str(m.weight.dtype) for n, m in pl_module.policy.named_modules()
+                                                  if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Watch()],
@@ -207,6 +209,11 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert trainer.precision_plugin.streams_optimizer_states and module.offload_checkpoints
     states = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
     assert states and not any(t.is_cuda for t in states)  # in CPU memory between steps
+    # the streamed states carry the linear weights' fp32 masters (master_weights="auto"): bf16 parameters on the
+    # device, which the engine process maps; fp32 parameters again after the fit
+    assert trainer.precision_plugin.resolved_master_weights == "cpu"
+    assert all(s["linear_dtypes"] == ["torch.bfloat16"] for s in seen)
+    assert all(p.dtype == torch.float32 for p in module.policy.parameters())
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for
     # a later engine in this process that needs vLLM's sleep mode
     assert all(s["expandable"] for s in seen) and not callback.expandable_segments
@@ -231,6 +238,8 @@ def test_an_engine_process_that_fails_to_start_leaves_states_and_checkpoints_on_
     assert [s["staleness"] for s in seen] == [None, None]  # generated between updates from the current weights:
     assert "wake_s" in callback.last_timings  # the in-process engine woke and slept around each rollout
     assert not trainer.precision_plugin.streams_optimizer_states and not module.offload_checkpoints
+    assert trainer.precision_plugin.resolved_master_weights == "device"  # fp32 masters back on the device
+    assert all(s["linear_dtypes"] == ["torch.float32"] for s in seen)
     states = [t for st in trainer.optimizers[0].state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
     assert states and all(t.is_cuda for t in states)
 

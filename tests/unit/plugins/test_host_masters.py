@@ -154,3 +154,81 @@ def test_an_optimizer_that_cannot_step_in_chunks_is_refused_naming_master_weight
     with pytest.raises(UnsupportedOptimizerError, match="master_weights='device'"):
         plugin._attach_host_masters(net, torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in net.parameters())  # nothing converted before the refusal
+
+
+class _Engine:
+    """A rollout engine that generates during the update (its own process) with 1 GiB beside it, or sleeps."""
+
+    def __init__(self, beside=2**30):
+        self.beside = beside
+
+    def rollout_memory(self, shape):
+        from lightning_rl.plugins.rollout_memory import RolloutMemory
+
+        return RolloutMemory(engine_weight_bytes=2**30, beside_training_bytes=self.beside)
+
+
+class _Policy(nn.Module):
+    """A generating module: its shape says it has rollouts, it offloads nothing."""
+
+    def __init__(self, world_size=1):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.net = _net()
+        self._trainer = SimpleNamespace(world_size=world_size)
+
+    def training_shape(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(generates=True)
+
+    def apply_micro_batch_plan(self, micro_batch_tokens):
+        pass
+
+
+def _shrunk(world_size=1, beside=2**30, **kw):
+    plugin = MemoryAwarePrecision(step_chunk_bytes=100, **kw)
+    plugin.register_rollout(_Engine(beside))
+    module = _Policy(world_size)
+    opt = torch.optim.AdamW(module.parameters())
+    plugin._optimizers = [opt]
+    if plugin.master_weights == "cpu":
+        plugin._attach_host_masters(module, torch.device("cuda"))  # what connect does before the shrink
+    plugin.shrink_beside_engine(module, [opt], torch.device("cuda"))
+    return plugin, module
+
+
+def _linear_dtypes(module):
+    return {p.dtype for _, _, p in [(None, None, m.weight) for m in module.modules() if isinstance(m, nn.Linear)]}
+
+
+@pytest.mark.parametrize(("kw", "world_size", "beside", "masters"), [
+    ({}, 1, 2**30, True),                              # the default beside an engine process: masters on the host
+    ({}, 1, 0, False),                                 # the engine sleeps during the update: nothing streams
+    ({}, 2, 2**30, False),                             # several processes: host masters support one only
+    ({"optimizer_states": "device"}, 1, 2**30, False),  # the user keeps the states, so the masters, on the device
+    ({"master_weights": "device"}, 1, 2**30, False),   # the user's choice stands
+    ({"optimizer_states": "cpu"}, 1, 2**30, True),     # states the user streams carry the masters too
+], ids=["auto", "engine-sleeps", "two-processes", "states-on-device", "device", "states-cpu"])
+def test_auto_master_weights_follow_the_states_streamed_beside_the_engine(kw, world_size, beside, masters):
+    plugin, module = _shrunk(world_size, beside, **kw)
+    assert (plugin.host_master_weights is not None) is masters
+    assert _linear_dtypes(module) == ({torch.bfloat16} if masters else {torch.float32})
+    assert module.net[0].weight.dtype == torch.float32  # the embedding never moves
+
+
+@pytest.mark.parametrize("master_weights", ["auto", "cpu"])
+def test_an_engine_that_leaves_the_update_takes_auto_masters_back_but_not_the_users(master_weights):
+    plugin, module = _shrunk(master_weights=master_weights)
+    before = {n: plugin.host_master_weights.master(p).clone() for n, p in module.named_parameters()
+              if plugin.host_master_weights.manages(p)}
+    plugin.engine_leaves_the_update(module)  # the engine process failed to start: between updates now
+    if master_weights == "auto":
+        assert plugin.host_master_weights is None and not plugin.streams_optimizer_states
+        assert _linear_dtypes(module) == {torch.float32}
+        params = dict(module.named_parameters())
+        assert all(torch.equal(params[n], m) for n, m in before.items())  # the fp32 values, not their bf16 rounding
+    else:
+        assert plugin.host_master_weights is not None and plugin.streams_optimizer_states
+        assert _linear_dtypes(module) == {torch.bfloat16}
