@@ -163,7 +163,11 @@ class MemoryAwarePrecision(Precision):
             fits only with the states in CPU memory (tried before the engine gives up running beside the
             update); ``device`` otherwise.
         step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
-            (a parameter whose states alone are larger is stepped on its own).
+            (a parameter whose states alone are larger is stepped on its own, or in slices, see below).
+        split_large_parameters: with streamed states, step a parameter whose states alone exceed
+            ``step_chunk_bytes`` (an embedding of a large vocabulary) in row slices of about one chunk, for Adam,
+            AdamW and SGD: bit-identical, and the device holds one slice's states and temporaries. Not yet run
+            on a GPU, so off by default.
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
@@ -197,6 +201,7 @@ class MemoryAwarePrecision(Precision):
         step_chunk_bytes: int = 64 * MiB,
         context_bytes: int | None = None,
         master_weights: MasterWeights = "auto",
+        split_large_parameters: bool = False,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -241,6 +246,7 @@ class MemoryAwarePrecision(Precision):
         self.log_memory = log_memory
         self.optimizer_states = optimizer_states
         self.step_chunk_bytes = int(step_chunk_bytes)
+        self.split_large_parameters = bool(split_large_parameters)
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self._masters: HostMasterWeights | None = None
@@ -248,7 +254,7 @@ class MemoryAwarePrecision(Precision):
         self._shrunk_checkpoints = False
         self._shrunk_masters = False  # master_weights="auto" moved the masters to the host beside the engine
         self.resolved_master_weights: Literal["device", "cpu"] = "device"  # where the last fit kept its masters
-        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes) if optimizer_states == "cpu" else None
+        self._streamer = self._new_streamer() if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
         self.planned_micro_batch_size: int | None = None
         self.memory_stats: dict[str, dict[str, int]] = {}
@@ -529,7 +535,7 @@ class MemoryAwarePrecision(Precision):
                                                 "masters chunk by chunk with the states: use master_weights='device' "
                                                 "with this optimizer)") from why
         if self._streamer is None:
-            self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+            self._streamer = self._new_streamer()
         self._masters = HostMasterWeights(self.compute_dtype)
         moved = self._masters.attach(module)
         self.resolved_master_weights = "cpu"
@@ -539,6 +545,9 @@ class MemoryAwarePrecision(Precision):
         log.info("MemoryAwarePrecision: %d trainable linear weights stored in %s on the %s; their fp32 masters "
                  "(%s) stream with the optimizer states from host memory", len(self._masters),
                  str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
+
+    def _new_streamer(self) -> StreamedOptimizerStates:
+        return StreamedOptimizerStates(self.step_chunk_bytes, split_large=self.split_large_parameters)
 
     @property
     def host_master_weights(self) -> HostMasterWeights | None:
@@ -598,7 +607,7 @@ class MemoryAwarePrecision(Precision):
                 log.info("MemoryAwarePrecision: the rollout engine generates during the update; the optimizer states "
                          "(%s) stay in CPU memory and stream through each step (optimizer_states='device' keeps "
                          "them on the device)", fmt_bytes(optimizer_state_bytes(numel)))
-                self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+                self._streamer = self._new_streamer()
                 self._shrunk_states = True
                 self.offload_optimizer_states()
         if self.master_weights == "auto" and self._streamer is not None:
@@ -683,7 +692,7 @@ class MemoryAwarePrecision(Precision):
         log.warning("MemoryAwarePrecision: the memory plan does not fit with the optimizer states on the device (%s); "
                     "they are kept in CPU memory and streamed through each optimizer step instead "
                     "(optimizer_states='cpu'; optimizer_states='device' keeps them on the device)", err)
-        self._streamer = StreamedOptimizerStates(self.step_chunk_bytes)
+        self._streamer = self._new_streamer()
         self.offload_optimizer_states()
         return True
 

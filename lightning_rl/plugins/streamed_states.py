@@ -19,6 +19,12 @@ chunk's states: the optimizer steps the master, and the parameter gets the resul
 Zero-dimensional state tensors (Adam's ``step`` counters) are never moved: they stay where the
 optimizer puts them (a CPU scalar, or a device scalar with ``capturable``/``fused``).
 
+With ``split_large=True`` a parameter whose states alone exceed one chunk (an embedding of a large vocabulary)
+is stepped in row slices of about one chunk each, for the element-wise optimizers Adam, AdamW and SGD: each
+slice sees the parameter's own step counter and its rows of the states, so the result is bit-identical to one
+step of the whole parameter, and the device holds one slice's states and temporaries instead of the whole
+parameter's. Not yet run on a GPU, so off by default.
+
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers
 are stepped by the caller, once per optimizer step, as before.
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
 MiB = 1024**2
 _UNSUPPORTED = ("LBFGS",)
 _DEFAULT_STATE_RATIO = 2.0  # AdamW: two moments in the parameter's dtype
+# optimizers whose step is element-wise given the parameter's step counters, so that row slices step alike
+_SLICEABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 class UnsupportedOptimizerError(TypeError):
@@ -83,14 +91,18 @@ class StreamedOptimizerStates:
         pin_memory: keep the CPU copies in pinned (page-locked) memory for fast asynchronous copies
             (only used for states of CUDA parameters).
         free_grads: set each parameter's ``.grad`` to None right after its chunk has stepped.
+        split_large: step a parameter whose states exceed ``chunk_bytes`` in row slices (Adam, AdamW, SGD).
     """
 
-    def __init__(self, chunk_bytes: int = 64 * MiB, pin_memory: bool = True, free_grads: bool = True) -> None:
+    def __init__(
+        self, chunk_bytes: int = 64 * MiB, pin_memory: bool = True, free_grads: bool = True, split_large: bool = False
+    ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
         self.chunk_bytes = int(chunk_bytes)
         self.pin_memory = pin_memory
         self.free_grads = free_grads
+        self.split_large = split_large
         self.storage = torch.device("cpu")
         # (id(parameter), state key) -> (CPU buffer, device the optimizer keeps that tensor on); the buffers
         # are reused from step to step (and after a checkpoint load, whose new states have the same shapes)
@@ -222,6 +234,11 @@ class StreamedOptimizerStates:
         peak = 0
         try:
             for chunk in chunks:
+                rows = self._slice_rows(optimizer, chunk, grads)
+                if rows:
+                    peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows))
+                    done.add(id(chunk[0]))
+                    continue
                 for p in chunk:
                     p.grad = grads[p]
                 if self.masters is not None:
@@ -250,12 +267,88 @@ class StreamedOptimizerStates:
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
 
+    # ----------------------------------------------------------------------------- slices of one parameter
+    def _slice_rows(self, optimizer: Optimizer, chunk: list[nn.Parameter], grads: dict[nn.Parameter, Any]) -> int:
+        """Rows per slice when ``chunk`` is one parameter to step in slices (see ``split_large``), else 0."""
+        if not self.split_large or len(chunk) != 1 or type(optimizer) not in _SLICEABLE:
+            return 0
+        p = chunk[0]
+        grad = grads.get(p)
+        if (grad is None or p.dim() == 0 or p.shape[0] < 2 or not p.is_contiguous() or not grad.is_contiguous()
+                or grad.shape != p.shape or (self.masters is not None and self.masters.manages(p))):
+            return 0
+        state = optimizer.state.get(p) or {}
+        if any(_is_streamed(v) and v.shape != p.shape for v in state.values()):
+            return 0  # a state tensor of another shape: its rows are not the parameter's rows
+        known = self._state_bytes(optimizer, p)
+        nbytes = int(self._ratio(optimizer) * self._param_bytes(p)) if known is None else known
+        if nbytes <= self.chunk_bytes:
+            return 0
+        return max(1, int(p.shape[0] * self.chunk_bytes // nbytes))
+
+    def _step_in_slices(
+        self, optimizer: Optimizer, p: nn.Parameter, grad: torch.Tensor, run: Callable[[], Any], rows: int
+    ) -> int:
+        """Step ``p`` ``rows`` rows at a time, each slice with its rows of the states. Returns a slice's state bytes.
+
+        Every slice starts from the parameter's step counters, or on its first step from no state, so the
+        optimizer initialises each slice as it would the whole; the per-element states go back to their rows of
+        the CPU buffers. On an error the parameter gets its gradient and its state back (rows already stepped
+        stay stepped).
+        """
+        data, home = p.data, p.device
+        before = dict(optimizer.state.get(p) or {})
+        first = not before
+        for k, v in list(before.items()):  # states a checkpoint load left on the device: to their CPU buffers
+            if _is_streamed(v) and v.device != self.storage:
+                self._store(p, before, k, v)
+        scalars = {k: v for k, v in before.items() if not _is_streamed(v)}
+        full = {k: v for k, v in before.items() if _is_streamed(v)}
+        last: dict[Any, Any] = scalars
+        peak = 0
+        try:
+            n = data.shape[0]  # p.shape is the slice's inside the loop
+            for a in range(0, n, rows):
+                b = min(n, a + rows)
+                optimizer.state.pop(p, None)  # on the first step the optimizer initialises each slice
+                if not first:
+                    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
+                    state.update({k: v[a:b].to(home, non_blocking=v.is_pinned()) for k, v in full.items()})
+                    optimizer.state[p] = state
+                p.data, p.grad = data[a:b], grad[a:b]
+                run()
+                after = optimizer.state[p]
+                for k, v in after.items():
+                    if not _is_streamed(v):
+                        continue
+                    if k not in full:  # the first step: one full-size CPU buffer per per-element state
+                        pin = self.pin_memory and v.is_cuda
+                        full[k] = torch.empty(data.shape, dtype=v.dtype, device=self.storage, pin_memory=pin)
+                    full[k][a:b].copy_(v, non_blocking=full[k].is_pinned())
+                last = {k: v for k, v in after.items() if not _is_streamed(v)}
+                peak = max(peak, sum(_tensor_bytes(v) for v in after.values() if _is_streamed(v)))
+        except BaseException:
+            p.data, p.grad = data, grad
+            optimizer.state.pop(p, None)
+            if before:
+                optimizer.state[p] = before
+            raise
+        p.data = data
+        p.grad = None if self.free_grads else grad
+        optimizer.state[p] = {**last, **full}
+        for k, v in full.items():
+            self._slots[(id(p), k)] = (v, home)
+        return peak
+
     def device_bytes_estimate(self, optimizer: Optimizer, total_state_bytes: int) -> int:
-        """Planned device bytes of states during a streamed step: one chunk, or the largest parameter's states."""
+        """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced)."""
         ratio = self._ratio(optimizer)
         largest = 0
+        sliced = self.split_large and type(optimizer) in _SLICEABLE
         for g in optimizer.param_groups:
             for p in g["params"]:
+                if sliced and p.dim() and p.shape[0] > 1 and not (self.masters is not None and self.masters.manages(p)):
+                    continue  # stepped in slices of one chunk
                 if p.requires_grad:
                     known = self._state_bytes(optimizer, p)
                     largest = max(largest, int(ratio * self._param_bytes(p)) if known is None else known)

@@ -1,6 +1,7 @@
 """MemoryAwarePrecision(optimizer_states="cpu") through Trainer.fit on CPU: the plan, GRPO, a checkpoint round trip."""
 
 import lightning as L
+import pytest
 import torch
 from helpers import SAY_ROWS, TINY, bit_equal, plugin_trainer, tiny_grpo
 from torch import nn
@@ -35,17 +36,22 @@ def test_plugin_plan_counts_a_chunk_and_the_autocast_casts():
     assert streamed.micro_batch_tokens >= on_device.micro_batch_tokens
 
 
-def test_grpo_fit_with_streamed_states_matches_states_on_device():
+@pytest.mark.parametrize("split", [False, True], ids=["whole-parameters", "large-ones-in-slices"])
+def test_grpo_fit_with_streamed_states_matches_states_on_device(split):
     results = {}
+    chunk = 16 * 1024 if split else 256 * 1024  # 16 KB: the embedding's states are several chunks
     for mode in ("device", "cpu"):
         module = _grpo(beta=0.05)  # several micro-batches per step, gradient clipping, a frozen reference
-        plugin = MemoryAwarePrecision(optimizer_states=mode, step_chunk_bytes=256 * 1024)
+        plugin = MemoryAwarePrecision(optimizer_states=mode, step_chunk_bytes=chunk, split_large_parameters=split)
         trainer = plugin_trainer(plugin, steps=2)
         trainer.fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
         assert trainer.global_step == 2
         results[mode] = (module, trainer.optimizers[0], plugin)
     (dev, opt_dev, _), (cpu, opt_cpu, plugin) = results["device"], results["cpu"]
     assert plugin._streamer.last_chunks > 1
+    if split:  # the largest parameter's states went through in slices of at most one chunk
+        largest = max(p.numel() for p in cpu.parameters() if p.requires_grad) * 8
+        assert largest > chunk and 0 < plugin._streamer.last_peak_chunk_bytes <= chunk
     for (n, a), b in zip(dev.policy.named_parameters(), cpu.policy.parameters(), strict=True):
         assert bit_equal(a, b), n
     assert all(p.grad is None for p in cpu.policy.parameters())

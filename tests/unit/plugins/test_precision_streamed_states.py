@@ -134,6 +134,96 @@ def test_unsupported_optimizers_are_refused_naming_the_option():
         MemoryAwareFSDPPrecision(optimizer_states="cpu")
 
 
+# ----------------------------------------------------------------------------- one large parameter in slices
+def _wide(seed=0):
+    """An embedding of 300 rows (its AdamW states, 19 KB, are the largest by far) feeding a small head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 5))
+
+
+def _wide_backward(net, step):
+    x = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(step))
+    net(x).pow(2).mean().backward()
+
+
+SLICEABLE = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", list(SLICEABLE))
+def test_a_parameter_larger_than_a_chunk_steps_in_slices_bit_identically(name):
+    plain, sliced = _wide(), _wide()
+    opt_a = SLICEABLE[name](list(plain.parameters()))
+    opt_b = SLICEABLE[name](list(sliced.parameters()))
+    streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)  # 2 KB: 32 of the 300 rows a slice
+    storage = sliced[0].weight.data_ptr()
+    for step in range(3):
+        for net in (plain, sliced):
+            _wide_backward(net, step)
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        streamer.step(opt_b)
+        assert all(p.grad is None for p in sliced.parameters())
+        for a, b in zip(plain.parameters(), sliced.parameters(), strict=True):
+            assert bit_equal(a, b), (name, step)
+            sa, sb = opt_a.state[a], opt_b.state[b]
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                assert bit_equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], (name, step, k)
+        assert sliced[0].weight.shape == (300, 8) and sliced[0].weight.data_ptr() == storage  # its own storage
+        # one slice of states at a time on the device: at most a chunk, where the whole would be 19.2 KB (before
+        # the first step the slices assume AdamW's two moments: amsgrad's third makes them half as large again)
+        assert 0 < streamer.last_peak_chunk_bytes <= (2048 if step else 3072)
+    assert streamer.device_bytes_estimate(opt_b, total_state_bytes=10**9) <= 2048
+    whole = StreamedOptimizerStates(chunk_bytes=2048)  # without split_large the embedding is one chunk
+    assert whole.device_bytes_estimate(opt_b, total_state_bytes=10**9) == sum(
+        t.numel() * t.element_size() for t in opt_b.state[sliced[0].weight].values() if t.dim())
+
+
+def test_an_error_in_a_slice_gives_the_parameter_back_its_gradient_and_states():
+    net = _wide()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)
+    _wide_backward(net, 0)
+    streamer.step(opt)  # states exist now
+    _wide_backward(net, 1)
+    weight = net[0].weight
+    grad = weight.grad.clone()
+    states = {k: v.clone() for k, v in opt.state[weight].items()}
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:  # the embedding's second slice
+            raise RuntimeError("boom")
+        opt.step()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        streamer.step(opt, step_fn=failing_step)
+    assert weight.shape == (300, 8) and torch.equal(weight.grad, grad)
+    assert opt.state[weight].keys() == states.keys()
+    assert all(torch.equal(opt.state[weight][k], v) for k, v in states.items() if v.dim() == 0)  # the counter
+    assert all(opt.state[weight][k].shape == (300, 8) for k, v in states.items() if v.dim())
+
+
+def test_only_elementwise_optimizers_and_unmanaged_parameters_are_sliced():
+    net = _wide()
+    _wide_backward(net, 0)
+    grads = {p: p.grad for p in net.parameters()}
+    streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)
+    weight = net[0].weight
+    assert streamer._slice_rows(torch.optim.AdamW(net.parameters()), [weight], grads) == 32  # 300 rows * 2048 // 19200
+    assert streamer._slice_rows(torch.optim.Adagrad(net.parameters()), [weight], grads) == 0
+    assert StreamedOptimizerStates(chunk_bytes=2048)._slice_rows(torch.optim.AdamW(net.parameters()), [weight],
+                                                                  grads) == 0
+    assert streamer._slice_rows(torch.optim.AdamW(net.parameters()), [net[1].weight], grads) == 0  # small
+
+
 # ----------------------------------------------------------------------------- plan arithmetic
 def test_plan_counts_one_streamed_chunk_of_states_and_none_during_rollout():
     model = ModelMemory(500_000_000, 2 * 10**9, 0, 0)  # 0.5B full fine-tune: 2 GB weights, 2 GB grads, 4 GB Adam
