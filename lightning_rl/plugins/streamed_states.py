@@ -335,7 +335,9 @@ class StreamedOptimizerStates:
             raise
         p.data = data
         p.grad = None if self.free_grads else grad
-        optimizer.state[p] = {**last, **full}
+        optimizer.state.pop(p, None)
+        if last or full:  # (an optimizer that keeps no state, like SGD without momentum, gets no entry)
+            optimizer.state[p] = {**last, **full}
         for k, v in full.items():
             self._slots[(id(p), k)] = (v, home)
         return peak
