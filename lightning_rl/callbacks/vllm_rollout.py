@@ -29,6 +29,7 @@ from lightning_rl.plugins.memory_plan import (
 )
 from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_bytes
 from lightning_rl.plugins.rollout_memory import RolloutMemory
+from lightning_rl.rollout.data_prompts import longest_prompt_tokens
 from lightning_rl.rollout.engine import RolloutEngine
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm_settings import EngineSettings
@@ -165,6 +166,7 @@ class VLLMRollout(Callback):
         self.expandable_segments = False  # this callback turned on expandable segments (beside an engine process)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
+        self._data_prompt_tokens: int | None = None  # kv_prompt_tokens="data": the data's longest prompt
         self._plugin: MemoryAwarePrecision | None = None
 
     # ----------------------------------------------------------------------------- sizing
@@ -188,11 +190,25 @@ class VLLMRollout(Callback):
         """The engine's prompt + completion limit: ``max_model_len``, or the module's longest sequence."""
         return self.max_model_len or shape.max_prompt_tokens + shape.max_new_tokens
 
+    def prompt_tokens(self, shape: TrainingShape) -> int:
+        """The prompt length the KV cache is sized for (``EngineSettings.kv_prompt_tokens``)."""
+        limit = self.max_len(shape) - shape.max_new_tokens
+        if self.settings.kv_prompt_tokens != "data" or self._trainer is None:
+            return limit
+        if self._data_prompt_tokens is None:
+            module = self._trainer.lightning_module
+            encode = getattr(module, "encode", None)
+            longest = None if encode is None else longest_prompt_tokens(self._trainer.datamodule, encode)
+            self._data_prompt_tokens = limit if longest is None else min(limit, longest)
+            log.info("VLLMRollout: the KV cache is sized for prompts of %d tokens (%s)", self._data_prompt_tokens,
+                     "the limit: the DataModule keeps no rows to measure" if longest is None
+                     else f"the data's longest; the limit is {limit}")
+        return self._data_prompt_tokens
+
     def kv_tokens(self, shape: TrainingShape, prompts_per_step: int) -> int:
         """KV-cache tokens of one rollout (without headroom), as the engine and the memory plan count them."""
-        new = shape.max_new_tokens
-        return rollout_kv_tokens(prompts_per_step, shape.num_generations, self.max_len(shape) - new, new,
-                                 self.settings.enable_prefix_caching)
+        return rollout_kv_tokens(prompts_per_step, shape.num_generations, self.prompt_tokens(shape),
+                                 shape.max_new_tokens, self.settings.enable_prefix_caching)
 
     def kv_bytes_per_token(self, shape: TrainingShape, dtype: torch.dtype) -> int:
         """KV-cache bytes per token of this shard's KV heads, in the cache's dtype, for an engine of ``dtype``."""
@@ -277,7 +293,7 @@ class VLLMRollout(Callback):
             kv = self._plugin.kv_cache_bytes  # the memory plan's KV budget (None without a plan)
         if kv is None and s.gpu_memory_utilization is None:
             new, g = shape.max_new_tokens, shape.num_generations
-            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.max_len(shape) - new, new,
+            kv = kv_cache_bytes_for(shape.model_config, prompts_per_step, g, self.prompt_tokens(shape), new,
                                     kv_cache_dtype(s, dtype),
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
@@ -368,6 +384,7 @@ class VLLMRollout(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Register with the trainer's :class:`~lightning_rl.plugins.MemoryAwarePrecision`, if it has one."""
         self._trainer = trainer
+        self._data_prompt_tokens = None  # measured again for this fit's data (kv_prompt_tokens="data")
         plugin = trainer.precision_plugin
         self._plugin = plugin if isinstance(plugin, MemoryAwarePrecision) else None
         if self._plugin is not None:

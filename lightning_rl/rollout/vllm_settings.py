@@ -17,6 +17,8 @@ ExecutionMode = Literal["eager", "cuda_graphs", "compiled"]
 EXECUTION_MODES: tuple[str, ...] = get_args(ExecutionMode)
 FrontEnd = Literal["trainer", "process"]
 FRONT_ENDS: tuple[str, ...] = get_args(FrontEnd)
+KVPromptTokens = Literal["limit", "data"]
+KV_PROMPT_TOKENS: tuple[str, ...] = get_args(KVPromptTokens)
 
 #: Automatic sleep level: engines whose weights take at most this many bytes keep them on the GPU while asleep
 #: (level 0). Unmapping and remapping the weights costs time at every toggle, while small weights take little
@@ -54,6 +56,11 @@ class EngineSettings:
             :class:`~lightning_rl.plugins.MemoryAwarePrecision`, else from the rollout's shape with
             ``kv_cache_headroom`` (:func:`~lightning_rl.rollout.vllm_sizing.kv_cache_bytes_for`).
         kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape.
+        kv_prompt_tokens: the prompt length the KV cache is sized for. ``limit`` (default): the module's
+            ``max_prompt_length``; ``data``: the longest prompt of the DataModule's rows, rendered once at setup
+            (:func:`~lightning_rl.rollout.data_prompts.longest_prompt_tokens`), or the limit when the DataModule
+            keeps no rows or more than 50,000. Longer prompts are still accepted (the engine's length limit
+            stays). Not yet run on a GPU.
         gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the two settings above are ignored).
         seed: vLLM's sampling seed.
         tensor_parallel_size: GPUs one engine is sharded over, for a policy whose engine does not fit one GPU.
@@ -80,6 +87,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     kv_cache_bytes: int | None = None
     kv_cache_headroom: float = 1.2
+    kv_prompt_tokens: KVPromptTokens = "limit"
     gpu_memory_utilization: float | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
@@ -97,6 +105,8 @@ class EngineSettings:
             raise ValueError(f"front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         if self.sleep_level not in (None, 0, 1, 2):
             raise ValueError(f"sleep_level must be 0, 1, 2 or None (automatic), got {self.sleep_level}")
+        if self.kv_prompt_tokens not in KV_PROMPT_TOKENS:
+            raise ValueError(f"kv_prompt_tokens must be one of {KV_PROMPT_TOKENS}, got {self.kv_prompt_tokens!r}")
         if self.kv_cache_headroom < 1:
             raise ValueError(f"kv_cache_headroom must be >= 1, got {self.kv_cache_headroom}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
@@ -107,5 +117,5 @@ class EngineSettings:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (or None), got {self.gpu_memory_utilization}")
 
 
-__all__ = ["EXECUTION_MODES", "FRONT_ENDS", "KEEP_WEIGHTS_BYTES", "LORA_SYNC_MODES", "EngineSettings", "ExecutionMode",
-           "FrontEnd", "LoRASync"]
+__all__ = ["EXECUTION_MODES", "FRONT_ENDS", "KEEP_WEIGHTS_BYTES", "KV_PROMPT_TOKENS", "LORA_SYNC_MODES",
+           "EngineSettings", "ExecutionMode", "FrontEnd", "KVPromptTokens", "LoRASync"]

@@ -250,6 +250,28 @@ def test_an_engine_process_that_fails_to_start_leaves_states_and_checkpoints_on_
     assert all(0 < s["states_on_gpu"][0] == s["states_on_gpu"][1] for s in seen)  # beside their parameters
 
 
+def test_a_kv_cache_sized_from_the_datas_prompts_starts_a_smaller_engine_that_generates_the_rollouts():
+    """``EngineSettings(kv_prompt_tokens="data")``: the KV cache holds the data's prompts, not 512-token ones."""
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module, steps=2, settings=EngineSettings(kv_prompt_tokens="data"))
+    shape = module.training_shape()
+    plan = trainer.precision_plugin.memory_plan
+    limit = VLLMRollout()
+    limit._trainer = callback._trainer
+    print("kv from the data:", seen, f"prompts of {callback.prompt_tokens(shape)} tokens (limit "
+          f"{shape.max_prompt_tokens}), KV {plan.kv_cache_bytes / 2**20:.0f} MiB, engine start "
+          f"{callback.engine_start_bytes / 2**30:.2f} GiB, planned {planned_engine_bytes(plan) / 2**30:.2f} GiB")
+    assert callback.prompt_tokens(shape) < shape.max_prompt_tokens == limit.prompt_tokens(shape)
+    assert callback.overlapping and trainer.global_step == 2
+    assert [s["staleness"] for s in seen] == [0.0, 1.0]  # both rollouts generated, the second beside the update
+    assert seen[0]["mismatch"] < 0.05 and seen[1]["mismatch"] < 0.15
+    per_token = callback.kv_bytes_per_token(shape, torch.bfloat16)
+    assert plan.kv_cache_bytes < limit.kv_tokens(shape, 8) * per_token  # below the limit's, before headroom
+    assert callback.engine is None and not _gpu_children()
+
+
 def test_the_readme_configuration_overlaps_with_vllms_front_end_in_the_trainer():
     """``EngineSettings(front_end="trainer")``: vLLM's front end in the rollout thread; training is the same."""
     torch.manual_seed(0)

@@ -157,6 +157,48 @@ def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
     assert fraction.rollout_memory(shape).sized_by_gpu_fraction and fraction.rollout_memory(shape).kv_tokens == 0
 
 
+def test_a_kv_cache_sized_from_the_data_holds_the_longest_prompt_and_keeps_the_engines_limit():
+    from lightning_rl import PromptDataModule
+
+    module = rollout_grpo()
+    module.configure_model()
+    data = PromptDataModule(train_data=[{"prompt": "say 1"}, {"prompt": "say 12345"}],
+                            val_data=[{"prompt": "say 1234567890"}], batch_size=2)
+    data.setup("fit")
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
+                              strategy=SimpleNamespace(precision_plugin=None), datamodule=data)
+    shape = module.training_shape()
+    limit, by_data = VLLMRollout(prompts_per_step=2), _settings(kv_prompt_tokens="data")
+    by_data.prompts_per_step = 2
+    for cb in (limit, by_data):
+        cb.setup(trainer, module, "fit")
+    longest = max(len(ids) for ids in module.encode(["say 1", "say 12345", "say 1234567890"]))  # the val prompt
+    assert 0 < longest < shape.max_prompt_tokens
+    assert by_data.prompt_tokens(shape) == longest and limit.prompt_tokens(shape) == shape.max_prompt_tokens
+    assert by_data.kv_tokens(shape, 2) < limit.kv_tokens(shape, 2)
+    assert by_data.rollout_memory(shape).kv_tokens == by_data.kv_tokens(shape, 2)
+    assert by_data.max_len(shape) == limit.max_len(shape)  # longer prompts are still accepted by the engine
+    data.train_rows = None  # a DataModule without rows to measure: the module's limit
+    again = _settings(kv_prompt_tokens="data")
+    again.setup(trainer, module, "fit")
+    assert again.prompt_tokens(shape) == shape.max_prompt_tokens
+    with pytest.raises(ValueError, match="kv_prompt_tokens must be one of"):
+        EngineSettings(kv_prompt_tokens="longest")
+
+
+def test_the_longest_prompt_is_left_unmeasured_for_large_or_foreign_data():
+    from lightning_rl.rollout.data_prompts import longest_prompt_tokens
+
+    def encode(prompts):
+        return [list(range(len(p))) for p in prompts]
+
+    rows = SimpleNamespace(train_rows=[{"prompt": "abc"}, {"prompt": "abcdef"}], val_rows=None)
+    assert longest_prompt_tokens(rows, encode) == 6
+    assert longest_prompt_tokens(rows, encode, max_rows=1) is None  # too many rows to render at setup
+    assert longest_prompt_tokens(SimpleNamespace(train_rows=[("abc",)]), encode) is None  # rows of another form
+    assert longest_prompt_tokens(None, encode) is None  # dataloaders passed to fit directly
+
+
 def test_rollout_memory_of_a_tensor_parallel_shard():
     module = rollout_grpo()
     module.configure_model()
