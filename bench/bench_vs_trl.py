@@ -446,6 +446,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30,
                                     "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
                                     "share_failure": share_failure(pl_module.policy, engine),
+                                    # the engine process's memory by kind (PyTorch's allocator, vLLM's pools)
+                                    "engine_memory_gib": engine_memory_gib(engine),
                                     # where the memory outside PyTorch's figures appeared (first step: compile)
                                     "setup_nvml_process_peak_gib": self.setup_peak_gib,
                                     **{f"non_torch_{k}_gib": v["non_torch_gib"] for k, v in self.memory.items()
@@ -482,6 +484,17 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                      "logprob_mismatch_mean": float(trainer.callback_metrics.get("train/logprob_mismatch_mean",
                                                                                  float("nan")))},
     }
+
+
+def engine_memory_gib(engine) -> dict[str, float] | None:
+    """An engine process's device memory by kind, in GiB (None for other engines, or when it cannot say)."""
+    breakdown = getattr(engine, "memory_breakdown", None)
+    if breakdown is None:
+        return None
+    try:
+        return {k: v / 2**30 for k, v in breakdown().items()}
+    except Exception as err:  # a diagnostic: the run goes on without it
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 # ----------------------------------------------------------------------------- TRL

@@ -160,6 +160,11 @@ class VLLMProcessEngine(VLLMEngine):
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.state.weights_synced = True
 
+    def memory_breakdown(self) -> dict[str, int]:
+        """The engine process's device memory by kind, in bytes (``PolicyWeightReceiver.lightning_rl_memory``)."""
+        self._check_alive()
+        return dict(self.llm.collective_rpc("lightning_rl_memory")[0])
+
     def wake_up(self) -> None:
         """Nothing to do: the engine keeps its memory."""
         self._check_alive()

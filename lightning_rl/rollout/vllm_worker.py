@@ -105,6 +105,26 @@ class PolicyWeightReceiver:
             torch.cuda.synchronize()  # the trainer may write its parameters as soon as this returns
         return len(weights)
 
+    def lightning_rl_memory(self) -> dict[str, int]:
+        """The engine process's device memory by kind, in bytes: PyTorch's allocator and vLLM's sleep-mode pools by tag.
+
+        ``torch_*`` come from PyTorch's caching allocator; ``cumem_<tag>`` (``weights``, ``kv_cache``) is what
+        vLLM's sleep-mode allocator has mapped now. The rest of the process's NVML figure is the CUDA context and
+        the libraries' own allocations. Empty on a machine without CUDA.
+        """
+        if not torch.cuda.is_available():
+            return {}
+        out = {"torch_allocated": torch.cuda.memory_allocated(), "torch_reserved": torch.cuda.memory_reserved(),
+               "torch_max_reserved": torch.cuda.max_memory_reserved()}
+        try:
+            from vllm.device_allocator.cumem import CuMemAllocator
+        except ImportError:  # a vLLM without the sleep-mode allocator
+            return out
+        for data in CuMemAllocator.get_instance().pointer_to_data.values():
+            key = f"cumem_{data.tag}"
+            out[key] = out.get(key, 0) + (0 if data.is_asleep else int(data.handle[1]))
+        return out
+
     def lightning_rl_detach(self) -> None:
         """Drop the views of the trainer's memory (before the trainer frees or moves it)."""
         self._lightning_rl_weights = None

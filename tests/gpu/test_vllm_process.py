@@ -162,6 +162,8 @@ def _overlapped_fit(module, steps=4, settings=None):
                          "expandable": callback.expandable_segments, "segments": len(torch.cuda.memory_snapshot()),
                          "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3),
                          "states_on_gpu": _states_on_gpu(trainer.optimizers[0]),
+                         "engine_memory": (callback.engine.memory_breakdown()
+                                           if hasattr(callback.engine, "memory_breakdown") else None),
                          "linear_dtypes": sorted({str(m.weight.dtype) for n, m in pl_module.policy.named_modules()
                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
@@ -202,6 +204,9 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
           f"{planned_engine_bytes(plan) / 2**30:.2f} GiB")
     assert callback.overlapping and trainer.global_step == 4
     assert callback.engine_start_bytes > 0  # the engine process's context, weights and KV cache on the device
+    kinds = seen[0]["engine_memory"]  # vLLM's pools mapped: the weights and the planned KV cache
+    print("engine process memory (GiB):", {k: round(v / 2**30, 3) for k, v in kinds.items()})
+    assert kinds["cumem_weights"] > 0 and kinds["cumem_kv_cache"] >= 0.9 * plan.kv_cache_bytes  # whole blocks
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert all(s["children"] == 1 for s in seen)  # the engine core; vLLM's front end (the default
     # front_end="process") is a child too, without GPU memory

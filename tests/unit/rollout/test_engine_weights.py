@@ -124,3 +124,8 @@ def test_a_module_to_save_reaches_the_engine_as_its_trained_copy():
     expected = copy.deepcopy(peft).merge_and_unload().state_dict()
     torch.testing.assert_close(weights["model.norm.weight"], expected["model.norm.weight"])
     assert not torch.equal(weights["model.norm.weight"], peft.get_base_model().model.norm.original_module.weight)
+
+
+def test_the_engine_processs_memory_breakdown_is_empty_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert PolicyWeightReceiver().lightning_rl_memory() == {}
