@@ -87,6 +87,18 @@ def release_kv_cache() -> int:
     return freed
 
 
+def mapped_pool_bytes() -> dict[str, int]:
+    """Bytes vLLM's sleep-mode allocator has mapped now, by tag (``weights``, ``kv_cache``); empty without it."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except ImportError:
+        return {}
+    out: dict[str, int] = {}
+    for data in CuMemAllocator.get_instance().pointer_to_data.values():
+        out[data.tag] = out.get(data.tag, 0) + (0 if data.is_asleep else int(data.handle[1]))
+    return out
+
+
 def restore_kv_cache(runner: Any) -> None:
     """Map fresh memory at the KV cache's addresses again (CUDA graphs stay valid) and re-initialise it."""
     from vllm.device_allocator.cumem import CuMemAllocator, create_and_map
@@ -347,6 +359,7 @@ __all__ = [
     "fp32_head",
     "keep_default_group",
     "main_module_hidden",
+    "mapped_pool_bytes",
     "release_kv_cache",
     "require_supported_vllm",
     "require_vllm",

@@ -116,13 +116,9 @@ class PolicyWeightReceiver:
             return {}
         out = {"torch_allocated": torch.cuda.memory_allocated(), "torch_reserved": torch.cuda.memory_reserved(),
                "torch_max_reserved": torch.cuda.max_memory_reserved()}
-        try:
-            from vllm.device_allocator.cumem import CuMemAllocator
-        except ImportError:  # a vLLM without the sleep-mode allocator
-            return out
-        for data in CuMemAllocator.get_instance().pointer_to_data.values():
-            key = f"cumem_{data.tag}"
-            out[key] = out.get(key, 0) + (0 if data.is_asleep else int(data.handle[1]))
+        from lightning_rl.rollout.vllm_internals import mapped_pool_bytes
+
+        out.update({f"cumem_{tag}": n for tag, n in mapped_pool_bytes().items()})
         return out
 
     def lightning_rl_detach(self) -> None:
