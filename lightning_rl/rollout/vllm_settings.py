@@ -61,7 +61,8 @@ class EngineSettings:
             (:func:`~lightning_rl.rollout.data_prompts.longest_prompt_tokens`), or the limit when the DataModule
             keeps no rows or more than 50,000. Longer prompts are still accepted (the engine's length limit
             stays). Not yet run on a GPU.
-        gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the two settings above are ignored).
+        gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the three KV settings above are
+            ignored).
         seed: vLLM's sampling seed.
         tensor_parallel_size: GPUs one engine is sharded over, for a policy whose engine does not fit one GPU.
             Needs ``torch.distributed`` (Lightning's ``strategy="ddp"`` or ``"fsdp"``, one process per GPU) with a
