@@ -138,11 +138,6 @@ class HostMasterWeights:
     def __len__(self) -> int:
         return len(self._masters)
 
-    @property
-    def master_bytes(self) -> int:
-        """Bytes of the fp32 masters in host memory."""
-        return sum(m.numel() * m.element_size() for _, m in self._masters.values())
-
     # ----------------------------------------------------------------------------- the step
     def swap_in(self, params: Sequence[nn.Parameter]) -> None:
         """Point each managed parameter with a gradient at a device copy of its master, with the fp32 gradient.

@@ -125,6 +125,18 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
     return model if isinstance(model, L.LightningModule) else None
 
 
+def _host_masters_refusal(module: nn.Module) -> str | None:
+    """Why ``module``'s fit cannot keep fp32 masters in host memory (several processes, FSDP2 shards), else None."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        return (f"MemoryAwarePrecision(master_weights='cpu') supports one training process; this run has "
+                f"{trainer.world_size}. Use master_weights='device' with several processes.")
+    if any(is_dtensor(p) for p in module.parameters()):
+        return ("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; use "
+                "master_weights='device' with ModelParallelStrategy")
+    return None
+
+
 def _shape(module: nn.Module | None) -> TrainingShape | None:
     """The module's :class:`~lightning_rl.shapes.TrainingShape` (None for modules that do not describe their steps)."""
     return module.training_shape() if isinstance(module, ShapedModule) else None
@@ -520,13 +532,9 @@ class MemoryAwarePrecision(Precision):
         """
         if module is None or self._masters is not None:
             return
-        trainer = module._trainer
-        if trainer is not None and trainer.world_size > 1:
-            raise ValueError(f"MemoryAwarePrecision(master_weights='cpu') supports one training process; this run "
-                             f"has {trainer.world_size}. Use master_weights='device' with several processes.")
-        if any(is_dtensor(p) for p in module.parameters()):
-            raise ValueError("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; "
-                             "use master_weights='device' with ModelParallelStrategy")
+        refusal = _host_masters_refusal(module)
+        if refusal is not None:
+            raise ValueError(refusal)
         for opt in self._optimizers:
             try:
                 check_streamable(opt)
@@ -621,10 +629,7 @@ class MemoryAwarePrecision(Precision):
         """
         if self._masters is not None or not isinstance(module, nn.Module):
             return
-        trainer = getattr(module, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            return
-        if any(is_dtensor(p) for p in module.parameters()) or not managed_linear_weights(module):
+        if _host_masters_refusal(module) is not None or not managed_linear_weights(module):
             return
         self._attach_host_masters(module, device)
         self._shrunk_masters = True

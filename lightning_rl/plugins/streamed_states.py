@@ -194,6 +194,16 @@ class StreamedOptimizerStates:
                     return nbytes / self._param_bytes(p)
         return _DEFAULT_STATE_RATIO
 
+    def _estimated_state_bytes(self, optimizer: Optimizer, p: nn.Parameter, ratio: float) -> int:
+        """Bytes of ``p``'s states: as they are, or ``ratio`` times its bytes before it has any."""
+        known = self._state_bytes(optimizer, p)
+        return int(ratio * self._param_bytes(p)) if known is None else known
+
+    def _sliceable(self, optimizer: Optimizer, p: nn.Parameter) -> bool:
+        """Whether ``p`` may step in row slices (``split_large``; an element-wise optimizer, not a host master)."""
+        return (self.split_large and type(optimizer) in _SLICEABLE and p.dim() > 0 and p.shape[0] > 1
+                and not (self.masters is not None and self.masters.manages(p)))
+
     def chunks(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
         """Split ``params`` (in order) into chunks of at most ``chunk_bytes`` of states (estimated before any)."""
         ratio = self._ratio(optimizer)
@@ -201,8 +211,7 @@ class StreamedOptimizerStates:
         current: list[nn.Parameter] = []
         size = 0
         for p in params:
-            known = self._state_bytes(optimizer, p)
-            nbytes = int(ratio * self._param_bytes(p)) if known is None else known
+            nbytes = self._estimated_state_bytes(optimizer, p, ratio)
             if current and size + nbytes > self.chunk_bytes:
                 out.append(current)
                 current, size = [], 0
@@ -270,18 +279,16 @@ class StreamedOptimizerStates:
     # ----------------------------------------------------------------------------- slices of one parameter
     def _slice_rows(self, optimizer: Optimizer, chunk: list[nn.Parameter], grads: dict[nn.Parameter, Any]) -> int:
         """Rows per slice when ``chunk`` is one parameter to step in slices (see ``split_large``), else 0."""
-        if not self.split_large or len(chunk) != 1 or type(optimizer) not in _SLICEABLE:
+        if len(chunk) != 1 or not self._sliceable(optimizer, chunk[0]):
             return 0
         p = chunk[0]
         grad = grads.get(p)
-        if (grad is None or p.dim() == 0 or p.shape[0] < 2 or not p.is_contiguous() or not grad.is_contiguous()
-                or grad.shape != p.shape or (self.masters is not None and self.masters.manages(p))):
+        if grad is None or not p.is_contiguous() or not grad.is_contiguous() or grad.shape != p.shape:
             return 0
         state = optimizer.state.get(p) or {}
         if any(_is_streamed(v) and v.shape != p.shape for v in state.values()):
             return 0  # a state tensor of another shape: its rows are not the parameter's rows
-        known = self._state_bytes(optimizer, p)
-        nbytes = int(self._ratio(optimizer) * self._param_bytes(p)) if known is None else known
+        nbytes = self._estimated_state_bytes(optimizer, p, self._ratio(optimizer))
         if nbytes <= self.chunk_bytes:
             return 0
         return max(1, int(p.shape[0] * self.chunk_bytes // nbytes))
@@ -346,14 +353,10 @@ class StreamedOptimizerStates:
         """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced)."""
         ratio = self._ratio(optimizer)
         largest = 0
-        sliced = self.split_large and type(optimizer) in _SLICEABLE
         for g in optimizer.param_groups:
             for p in g["params"]:
-                if sliced and p.dim() and p.shape[0] > 1 and not (self.masters is not None and self.masters.manages(p)):
-                    continue  # stepped in slices of one chunk
-                if p.requires_grad:
-                    known = self._state_bytes(optimizer, p)
-                    largest = max(largest, int(ratio * self._param_bytes(p)) if known is None else known)
+                if p.requires_grad and not self._sliceable(optimizer, p):  # a sliced one holds a chunk at most
+                    largest = max(largest, self._estimated_state_bytes(optimizer, p, ratio))
         states = min(total_state_bytes, max(self.chunk_bytes, largest))
         if self.masters is not None and len(self.masters):
             return 2 * states  # a chunk's fp32 masters and fp32 gradients: as many bytes as AdamW's two moments
