@@ -55,7 +55,7 @@ case "$stage" in
     tail -5 "$WORK/long.txt" ;;
   tests)
     each_test "${@:2}"
-    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped|readme|engine process|grpo)" "$WORK"/test_*.log | tail -40 ;;
+    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped|readme|engine process|grpo|streamed step|step peak|full FT|kv)" "$WORK"/test_*.log | tail -40 ;;
   bench)
     extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \

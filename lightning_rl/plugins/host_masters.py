@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -139,10 +139,11 @@ class HostMasterWeights:
         return len(self._masters)
 
     # ----------------------------------------------------------------------------- the step
-    def swap_in(self, params: Sequence[nn.Parameter]) -> None:
+    def swap_in(self, params: Sequence[nn.Parameter], loaded: Mapping[int, torch.Tensor] | None = None) -> None:
         """Point each managed parameter with a gradient at a device copy of its master, with the fp32 gradient.
 
-        Each gradient is upcast (and multiplied by :attr:`grad_scale`, the clipping factor, when set).
+        Each gradient is upcast (and multiplied by :attr:`grad_scale`, the clipping factor, when set). ``loaded``
+        maps ``id(parameter)`` to a device copy of its master a caller has already made; the others are copied.
         """
         for p in params:
             if id(p) not in self._masters or id(p) in self._swapped or p.grad is None:
@@ -153,8 +154,9 @@ class HostMasterWeights:
                 grad.mul_(self.grad_scale.to(grad.device))
             own = p.data
             p.grad = None
+            copy = None if loaded is None else loaded.get(id(p))
             with torch.no_grad():
-                p.data = master.to(own.device, non_blocking=master.is_pinned())
+                p.data = copy if copy is not None else master.to(own.device, non_blocking=master.is_pinned())
             p.grad = grad
             self._swapped[id(p)] = own
 

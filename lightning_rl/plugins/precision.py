@@ -180,6 +180,9 @@ class MemoryAwarePrecision(Precision):
             ``step_chunk_bytes`` (an embedding of a large vocabulary) in row slices of about one chunk, for Adam,
             AdamW and SGD: bit-identical, and the device holds one slice's states and temporaries. Not yet run
             on a GPU, so off by default.
+        overlap_state_copies: with streamed states on CUDA, copy the next chunk's states (and masters) in and the
+            last chunk's out on side streams while a chunk steps, so the copies and the step overlap; up to three
+            chunks on the device instead of one (the plan counts them). Not yet run on a GPU, so off by default.
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
@@ -214,6 +217,7 @@ class MemoryAwarePrecision(Precision):
         context_bytes: int | None = None,
         master_weights: MasterWeights = "auto",
         split_large_parameters: bool = False,
+        overlap_state_copies: bool = False,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -259,6 +263,7 @@ class MemoryAwarePrecision(Precision):
         self.optimizer_states = optimizer_states
         self.step_chunk_bytes = int(step_chunk_bytes)
         self.split_large_parameters = bool(split_large_parameters)
+        self.overlap_state_copies = bool(overlap_state_copies)
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self._masters: HostMasterWeights | None = None
@@ -555,7 +560,8 @@ class MemoryAwarePrecision(Precision):
                  str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
 
     def _new_streamer(self) -> StreamedOptimizerStates:
-        return StreamedOptimizerStates(self.step_chunk_bytes, split_large=self.split_large_parameters)
+        return StreamedOptimizerStates(self.step_chunk_bytes, split_large=self.split_large_parameters,
+                                       overlap_copies=self.overlap_state_copies)
 
     @property
     def host_master_weights(self) -> HostMasterWeights | None:

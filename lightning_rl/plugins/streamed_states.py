@@ -25,6 +25,13 @@ slice sees the parameter's own step counter and its rows of the states, so the r
 step of the whole parameter, and the device holds one slice's states and temporaries instead of the whole
 parameter's. Not yet run on a GPU, so off by default.
 
+With ``overlap_copies=True`` (CUDA only) the copies run on two side streams of their own: while chunk i steps
+on the current stream, chunk i+1's states (and masters) come in on one stream and chunk i-1's go out on the
+other, so the two directions of PCIe and the step overlap instead of waiting for each other. Up to three chunks
+are on the device at once instead of one. The destination tensors come from the current stream's pool (the
+copy streams wait for it before writing), and those that leave are marked as used by the outgoing stream, so
+the allocator reuses no memory a copy still reads. Not yet run on a GPU, so off by default.
+
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers
 are stepped by the caller, once per optimizer step, as before.
@@ -33,6 +40,7 @@ are stepped by the caller, once per optimizer step, as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,6 +90,16 @@ def _is_streamed(value: Any) -> bool:
     return torch.is_tensor(value) and value.dim() > 0
 
 
+@dataclass
+class _Prefetched:
+    """One chunk's states and masters copied to the device on the incoming stream, and the event that ends it."""
+
+    states: list[tuple[nn.Parameter, Any, torch.Tensor]] = field(default_factory=list)
+    masters: dict[int, torch.Tensor] = field(default_factory=dict)  # id(parameter) -> device copy of its master
+    done: torch.cuda.Event | None = None
+    device: torch.device | None = None
+
+
 class StreamedOptimizerStates:
     """Keeps optimizers' per-parameter states in CPU memory and steps them on the device chunk by chunk.
 
@@ -92,10 +110,16 @@ class StreamedOptimizerStates:
             (only used for states of CUDA parameters).
         free_grads: set each parameter's ``.grad`` to None right after its chunk has stepped.
         split_large: step a parameter whose states exceed ``chunk_bytes`` in row slices (Adam, AdamW, SGD).
+        overlap_copies: on CUDA, bring the next chunk in and the last one out on side streams while a chunk steps.
     """
 
     def __init__(
-        self, chunk_bytes: int = 64 * MiB, pin_memory: bool = True, free_grads: bool = True, split_large: bool = False
+        self,
+        chunk_bytes: int = 64 * MiB,
+        pin_memory: bool = True,
+        free_grads: bool = True,
+        split_large: bool = False,
+        overlap_copies: bool = False,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
@@ -103,6 +127,8 @@ class StreamedOptimizerStates:
         self.pin_memory = pin_memory
         self.free_grads = free_grads
         self.split_large = split_large
+        self.overlap_copies = overlap_copies
+        self._copy_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self.storage = torch.device("cpu")
         # (id(parameter), state key) -> (CPU buffer, device the optimizer keeps that tensor on); the buffers
         # are reused from step to step (and after a checkpoint load, whose new states have the same shapes)
@@ -241,40 +267,135 @@ class StreamedOptimizerStates:
         cuda = any(p.is_cuda for p in params)
         done: set[int] = set()
         peak = 0
+        rows: dict[int, int] = {}  # chunk index -> rows per slice (0: stepped whole), decided when first needed
+
+        def rows_of(i: int) -> int:
+            if i not in rows:
+                rows[i] = self._slice_rows(optimizer, chunks[i], grads)
+            return rows[i]
+
+        streams = self._streams_for(params) if self.overlap_copies and cuda else None
+        ahead: dict[int, _Prefetched] = {}
         try:
-            for chunk in chunks:
-                rows = self._slice_rows(optimizer, chunk, grads)
-                if rows:
-                    peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows))
+            for i, chunk in enumerate(chunks):
+                if rows_of(i):
+                    peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i)))
                     done.add(id(chunk[0]))
+                    if self.free_grads:
+                        grads[chunk[0]] = None
                     continue
+                loaded = None
+                if streams is not None:
+                    loaded = ahead.pop(i, None) or self._prefetch(optimizer, chunk, grads, streams[0])
+                    if i + 1 < len(chunks) and not rows_of(i + 1):  # the next chunk comes in while this one steps
+                        ahead[i + 1] = self._prefetch(optimizer, chunks[i + 1], grads, streams[0])
                 for p in chunk:
                     p.grad = grads[p]
-                if self.masters is not None:
-                    self.masters.swap_in(chunk)  # the optimizer steps the fp32 masters
-                self._load_states(optimizer, chunk)
+                if loaded is not None:
+                    self._install(optimizer, loaded)
+                if self.masters is not None:  # the optimizer steps the fp32 masters
+                    self.masters.swap_in(chunk, loaded=None if loaded is None else loaded.masters)
+                if loaded is None:
+                    self._load_states(optimizer, chunk)
                 run()
                 if not done:
                     check_streamable(optimizer)  # the first chunk's step created no global state
                 peak = max(peak, sum(self._state_bytes(optimizer, p) or 0 for p in chunk))
-                self.offload_states(optimizer, chunk)
-                if self.masters is not None:
-                    self.masters.swap_out(chunk)
+                if streams is not None:
+                    self._send_back(optimizer, chunk, streams[1])
+                else:
+                    self.offload_states(optimizer, chunk)
+                    if self.masters is not None:
+                        self.masters.swap_out(chunk)
                 for p in chunk:
                     done.add(id(p))
                     if self.free_grads:
                         p.grad = None
+                        grads[p] = None  # its memory goes now, not at the end of the step
         finally:
             if self.masters is not None:  # an error mid-chunk: those weights and masters stay as they were
                 self.masters.swap_out(self.masters.swapped(), keep=False)
                 self.masters.grad_scale = None
             for p, g in grads.items():  # an error mid-way: the unstepped parameters get their gradients back
-                if id(p) not in done or not self.free_grads:
+                if g is not None and (id(p) not in done or not self.free_grads):
                     p.grad = g
             if cuda:
                 torch.cuda.synchronize()  # the CPU copies are complete before anyone reads or reuses them
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
+
+    # ----------------------------------------------------------------------------- copies on side streams
+    def _streams_for(self, params: Sequence[nn.Parameter]) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
+        """The (incoming, outgoing) copy streams of the parameters' CUDA device; None when they span devices."""
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            return None
+        (device,) = devices
+        if device not in self._copy_streams:
+            self._copy_streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._copy_streams[device]
+
+    def _prefetch(
+        self, optimizer: Optimizer, chunk: Sequence[nn.Parameter], grads: dict[nn.Parameter, Any],
+        incoming: torch.cuda.Stream,
+    ) -> _Prefetched:
+        """Start copying ``chunk``'s CPU states (and host masters) to the device on ``incoming``.
+
+        The destinations are allocated from the current stream's pool, and ``incoming`` waits for the current
+        stream first, so nothing queued there still uses that memory when the copies write it.
+        """
+        out = _Prefetched()
+        sources: list[torch.Tensor] = []
+        for p, _, key, value in self._streamed(optimizer, chunk, True):
+            entry = self._slots.get((id(p), key))
+            home = p.device if entry is None or entry[0] is not value else entry[1]
+            if home == self.storage:
+                continue
+            out.states.append((p, key, torch.empty(value.shape, dtype=value.dtype, device=home)))
+            sources.append(value)
+        masters = [] if self.masters is None else [
+            p for p in chunk if self.masters.manages(p) and grads.get(p) is not None]
+        for p in masters:
+            out.masters[id(p)] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        out.device = incoming.device
+        incoming.wait_stream(torch.cuda.current_stream(incoming.device))
+        with torch.cuda.stream(incoming):
+            for (_, _, dst), src in zip(out.states, sources, strict=True):
+                dst.record_stream(incoming)  # dropped unused (an error mid-step): freed once the copy is done
+                dst.copy_(src, non_blocking=src.is_pinned())
+            for p in masters:
+                src, dst = self.masters.master(p), out.masters[id(p)]  # type: ignore[union-attr]
+                dst.record_stream(incoming)
+                dst.copy_(src, non_blocking=src.is_pinned())
+            out.done = incoming.record_event()
+        return out
+
+    @staticmethod
+    def _install(optimizer: Optimizer, loaded: _Prefetched) -> None:
+        """Make the current stream wait for ``loaded``'s copies, and put its states into the optimizer."""
+        if loaded.done is not None:
+            torch.cuda.current_stream(loaded.device).wait_event(loaded.done)
+        for p, key, dst in loaded.states:
+            optimizer.state[p][key] = dst
+
+    def _send_back(self, optimizer: Optimizer, chunk: Sequence[nn.Parameter], outgoing: torch.cuda.Stream) -> None:
+        """Copy ``chunk``'s stepped states (and masters) to host memory on ``outgoing``, after the step.
+
+        Each device tensor that leaves is marked as used by ``outgoing``, so its memory is reused only once the
+        copy has read it.
+        """
+        device = outgoing.device
+        outgoing.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(outgoing):
+            for p, state, key, value in list(self._streamed(optimizer, chunk, False)):
+                value.record_stream(outgoing)
+                self._store(p, state, key, value)
+            if self.masters is not None:
+                ids = {id(p) for p in chunk}
+                for p in self.masters.swapped():
+                    if id(p) in ids:
+                        p.data.record_stream(outgoing)  # the master's device copy, read by the copy below
+                self.masters.swap_out(chunk)
 
     # ----------------------------------------------------------------------------- slices of one parameter
     def _slice_rows(self, optimizer: Optimizer, chunk: list[nn.Parameter], grads: dict[nn.Parameter, Any]) -> int:
@@ -350,14 +471,19 @@ class StreamedOptimizerStates:
         return peak
 
     def device_bytes_estimate(self, optimizer: Optimizer, total_state_bytes: int) -> int:
-        """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced)."""
+        """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced).
+
+        With ``overlap_copies``, two more chunks (of at most the second largest parameter's states) are in flight.
+        """
         ratio = self._ratio(optimizer)
-        largest = 0
+        sizes = [0, 0]  # the two largest parameters' states (a sliced one holds a chunk at most)
         for g in optimizer.param_groups:
             for p in g["params"]:
-                if p.requires_grad and not self._sliceable(optimizer, p):  # a sliced one holds a chunk at most
-                    largest = max(largest, self._estimated_state_bytes(optimizer, p, ratio))
-        states = min(total_state_bytes, max(self.chunk_bytes, largest))
+                if p.requires_grad and not self._sliceable(optimizer, p):
+                    sizes = sorted([*sizes, self._estimated_state_bytes(optimizer, p, ratio)])[-2:]
+        states = min(total_state_bytes, max(self.chunk_bytes, sizes[1]))
+        if self.overlap_copies:  # the chunk coming in and the one going out beside the one that steps
+            states = min(total_state_bytes, states + 2 * max(self.chunk_bytes, sizes[0]))
         if self.masters is not None and len(self.masters):
             return 2 * states  # a chunk's fp32 masters and fp32 gradients: as many bytes as AdamW's two moments
         return states

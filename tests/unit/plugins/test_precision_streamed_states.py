@@ -249,3 +249,28 @@ def test_plan_counts_one_streamed_chunk_of_states_and_none_during_rollout():
     assert "streamed from CPU" in plan.summary()
     small = plan_memory(optimizer_bytes=1000, optimizer_device_bytes=chunk, **kw)
     assert small.train_parts["optimizer states (streamed from CPU, one chunk)"] == 1000  # never more than all
+
+
+# ----------------------------------------------------------------------------- copies on side streams
+def test_overlapped_copies_plan_two_more_chunks_and_change_nothing_on_a_cpu():
+    plain, streamed = _net(), _net()
+    opt_a = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    opt_b = torch.optim.AdamW(streamed.parameters(), lr=1e-2)
+    streamer = StreamedOptimizerStates(chunk_bytes=1024, overlap_copies=True)
+    for step in range(3):
+        _backward(plain, step)
+        _backward(streamed, step)
+        opt_a.step()
+        opt_a.zero_grad()
+        streamer.step(opt_b)  # no CUDA: the copies stay on the caller's side, as without the option
+    for a, b in zip(plain.parameters(), streamed.parameters(), strict=True):
+        assert bit_equal(a, b)
+    serial = StreamedOptimizerStates(chunk_bytes=1024)
+    one = serial.device_bytes_estimate(opt_b, total_state_bytes=10**9)
+    params = [p for p in streamed.parameters() if p in opt_b.state]
+    second = sorted(serial._state_bytes(opt_b, p) for p in params)[-2]
+    # the largest parameter's states step while two chunks (at most the second largest's) are in flight
+    assert streamer.device_bytes_estimate(opt_b, total_state_bytes=10**9) == one + 2 * max(1024, second)
+    assert streamer.device_bytes_estimate(opt_b, total_state_bytes=100) == 100
+    assert MemoryAwarePrecision(optimizer_states="cpu", overlap_state_copies=True)._streamer.overlap_copies
+    assert not MemoryAwarePrecision(optimizer_states="cpu")._streamer.overlap_copies
