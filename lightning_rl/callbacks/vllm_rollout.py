@@ -193,16 +193,19 @@ class VLLMRollout(Callback):
     def prompt_tokens(self, shape: TrainingShape) -> int:
         """The prompt length the KV cache is sized for (``EngineSettings.kv_prompt_tokens``)."""
         limit = self.max_len(shape) - shape.max_new_tokens
-        if self.settings.kv_prompt_tokens != "data" or self._trainer is None:
+        if self.settings.kv_prompt_tokens != "data":
             return limit
-        if self._data_prompt_tokens is None:
-            module = self._trainer.lightning_module
-            encode = getattr(module, "encode", None)
-            longest = None if encode is None else longest_prompt_tokens(self._trainer.datamodule, encode)
-            self._data_prompt_tokens = limit if longest is None else min(limit, longest)
-            log.info("VLLMRollout: the KV cache is sized for prompts of %d tokens (%s)", self._data_prompt_tokens,
-                     "the limit: the DataModule keeps no rows to measure" if longest is None
-                     else f"the data's longest; the limit is {limit}")
+        if self._data_prompt_tokens is not None:  # measured for this fit (kept after it, for a look at the plan)
+            return min(limit, self._data_prompt_tokens)
+        if self._trainer is None:
+            return limit
+        module = self._trainer.lightning_module
+        encode = getattr(module, "encode", None)
+        longest = None if encode is None else longest_prompt_tokens(self._trainer.datamodule, encode)
+        self._data_prompt_tokens = limit if longest is None else min(limit, longest)
+        log.info("VLLMRollout: the KV cache is sized for prompts of %d tokens (%s)", self._data_prompt_tokens,
+                 "the limit: the DataModule keeps no rows to measure" if longest is None
+                 else f"the data's longest; the limit is {limit}")
         return self._data_prompt_tokens
 
     def kv_tokens(self, shape: TrainingShape, prompts_per_step: int) -> int:

@@ -23,14 +23,14 @@ With ``split_large=True`` a parameter whose states alone exceed one chunk (an em
 is stepped in row slices of about one chunk each, for the element-wise optimizers Adam, AdamW and SGD: each
 slice sees the parameter's own step counter and its rows of the states, so the result is bit-identical to one
 step of the whole parameter, and the device holds one slice's states and temporaries instead of the whole
-parameter's. Not yet run on a GPU, so off by default.
+parameter's. On by default in :class:`~lightning_rl.plugins.MemoryAwarePrecision` (``split_large_parameters``).
 
 With ``overlap_copies=True`` (CUDA only) the copies run on two side streams of their own: while chunk i steps
 on the current stream, chunk i+1's states (and masters) come in on one stream and chunk i-1's go out on the
 other, so the two directions of PCIe and the step overlap instead of waiting for each other. Up to three chunks
 are on the device at once instead of one. The destination tensors come from the current stream's pool (the
 copy streams wait for it before writing), and those that leave are marked as used by the outgoing stream, so
-the allocator reuses no memory a copy still reads. Not yet run on a GPU, so off by default.
+the allocator reuses no memory a copy still reads. Off by default (it costs up to two more chunks of memory).
 
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers

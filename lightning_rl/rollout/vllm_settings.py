@@ -56,11 +56,12 @@ class EngineSettings:
             :class:`~lightning_rl.plugins.MemoryAwarePrecision`, else from the rollout's shape with
             ``kv_cache_headroom`` (:func:`~lightning_rl.rollout.vllm_sizing.kv_cache_bytes_for`).
         kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape.
-        kv_prompt_tokens: the prompt length the KV cache is sized for. ``limit`` (default): the module's
-            ``max_prompt_length``; ``data``: the longest prompt of the DataModule's rows, rendered once at setup
+        kv_prompt_tokens: the prompt length the KV cache is sized for. ``data`` (default): the longest prompt of
+            the DataModule's rows, rendered once at setup
             (:func:`~lightning_rl.rollout.data_prompts.longest_prompt_tokens`), or the limit when the DataModule
-            keeps no rows or more than 50,000. Longer prompts are still accepted (the engine's length limit
-            stays). Not yet run on a GPU.
+            keeps no rows or more than 50,000; longer prompts are still accepted
+            (the engine's length limit stays). ``limit``: the module's ``max_prompt_length``. On an H200 the
+            README's configuration peaked 0.23 GiB lower with ``data`` at the same rewards.
         gpu_memory_utilization: size vLLM by its fraction of the GPU instead (the three KV settings above are
             ignored).
         seed: vLLM's sampling seed.
@@ -88,7 +89,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     kv_cache_bytes: int | None = None
     kv_cache_headroom: float = 1.2
-    kv_prompt_tokens: KVPromptTokens = "limit"
+    kv_prompt_tokens: KVPromptTokens = "data"
     gpu_memory_utilization: float | None = None
     seed: int = 0
     tensor_parallel_size: int = 1

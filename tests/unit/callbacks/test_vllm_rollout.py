@@ -168,8 +168,9 @@ def test_a_kv_cache_sized_from_the_data_holds_the_longest_prompt_and_keeps_the_e
     trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=None,
                               strategy=SimpleNamespace(precision_plugin=None), datamodule=data)
     shape = module.training_shape()
-    limit, by_data = VLLMRollout(prompts_per_step=2), _settings(kv_prompt_tokens="data")
-    by_data.prompts_per_step = 2
+    assert VLLMRollout().settings.kv_prompt_tokens == "data"  # the default
+    limit, by_data = _settings(kv_prompt_tokens="limit"), _settings(kv_prompt_tokens="data")
+    limit.prompts_per_step = by_data.prompts_per_step = 2
     for cb in (limit, by_data):
         cb.setup(trainer, module, "fit")
     longest = max(len(ids) for ids in module.encode(["say 1", "say 12345", "say 1234567890"]))  # the val prompt
@@ -178,6 +179,8 @@ def test_a_kv_cache_sized_from_the_data_holds_the_longest_prompt_and_keeps_the_e
     assert by_data.kv_tokens(shape, 2) < limit.kv_tokens(shape, 2)
     assert by_data.rollout_memory(shape).kv_tokens == by_data.kv_tokens(shape, 2)
     assert by_data.max_len(shape) == limit.max_len(shape)  # longer prompts are still accepted by the engine
+    by_data._trainer = None  # after the fit (teardown): the plan's figure stays readable
+    assert by_data.prompt_tokens(shape) == longest
     data.train_rows = None  # a DataModule without rows to measure: the module's limit
     again = _settings(kv_prompt_tokens="data")
     again.setup(trainer, module, "fit")

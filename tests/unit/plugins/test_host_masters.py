@@ -218,6 +218,23 @@ def test_auto_master_weights_follow_the_states_streamed_beside_the_engine(kw, wo
     assert module.net[0].weight.dtype == torch.float32  # the embedding never moves
 
 
+def test_auto_masters_too_large_to_hide_behind_the_generation_stay_on_the_device(monkeypatch, caplog):
+    import lightning_rl.plugins.precision as precision
+
+    managed = 4 * sum(p.numel() for _, _, p in managed_linear_weights(_Policy()))
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", managed - 1)
+    with caplog.at_level("INFO", logger="lightning_rl.plugins.precision"):
+        plugin, module = _shrunk()
+    assert plugin.host_master_weights is None and plugin.streams_optimizer_states  # the states still stream
+    assert _linear_dtypes(module) == {torch.float32}
+    assert "master_weights='cpu' moves them" in caplog.text
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", managed)
+    plugin, module = _shrunk()
+    assert plugin.host_master_weights is not None  # at the limit they move
+    plugin, module = _shrunk(master_weights="cpu")  # the user's choice stands whatever the size
+    assert plugin.host_master_weights is not None
+
+
 @pytest.mark.parametrize("master_weights", ["auto", "cpu"])
 def test_an_engine_that_leaves_the_update_takes_auto_masters_back_but_not_the_users(master_weights):
     plugin, module = _shrunk(master_weights=master_weights)
