@@ -26,13 +26,16 @@ def test_plugin_plan_counts_a_chunk_and_the_autocast_casts():
         return plugin.memory_plan, module
 
     on_device, module = plan()
-    streamed, _ = plan(optimizer_states="cpu", step_chunk_bytes=16 * 1024)
+    streamed, _ = plan(optimizer_states="cpu", step_chunk_bytes=16 * 1024, split_large_parameters=False)
+    sliced, _ = plan(optimizer_states="cpu", step_chunk_bytes=16 * 1024)  # the default: large ones in slices
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert on_device.train_parts["optimizer states"] == 8 * trainable
     assert on_device.train_parts["autocast weight casts"] == 2 * trainable
     largest = max(p.numel() for p in module.parameters() if p.requires_grad) * 8
     assert 16 * 1024 < largest < 8 * trainable  # the largest parameter's states are more than one chunk
-    assert streamed.train_parts["optimizer states (streamed from CPU, one chunk)"] == largest
+    key = "optimizer states (streamed from CPU, one chunk)"
+    assert streamed.train_parts[key] == largest  # stepped whole
+    assert sliced.train_parts[key] == 16 * 1024  # stepped a chunk of rows at a time
     assert streamed.micro_batch_tokens >= on_device.micro_batch_tokens
 
 
