@@ -190,7 +190,7 @@ class MemoryAwarePrecision(Precision):
         overlap_state_copies: with streamed states on CUDA, copy the next chunk's states (and masters) in and the
             last chunk's out on side streams while a chunk steps, so the copies and the step overlap; up to three
             chunks on the device instead of one (the plan counts them). Off by default: on an H200 the
-            Qwen2.5-0.5B shape's update took 0.13 s less but its step only 0.05 s less, at 0.56 GiB more peak.
+            Qwen2.5-0.5B shape's update took 0.12 s less but its step only 0.05 s less, at 0.56 GiB more peak.
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
