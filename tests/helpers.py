@@ -62,6 +62,23 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def tied_embedding_model(vocab: int, hidden: int, mid: torch.nn.Module) -> torch.nn.ModuleDict:
+    """An embedding tied to the output head around ``mid``, on CUDA: a streamed step's largest parameter."""
+    emb = torch.nn.Embedding(vocab, hidden)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    head.weight = emb.weight
+    return torch.nn.ModuleDict({"emb": emb, "mid": mid, "head": head}).cuda()
+
+
+def tied_embedding_backward(model: torch.nn.ModuleDict, step: int, tokens: int) -> None:
+    """A bf16-autocast language-model loss and its backward on 4 rows of ``tokens`` random ids (seeded by ``step``)."""
+    vocab = model["emb"].num_embeddings
+    x = torch.randint(0, vocab, (4, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model["head"](model["mid"](model["emb"](x)))
+    logits.float().log_softmax(-1).mean().neg().backward()
+
+
 def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of a module's state dict."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

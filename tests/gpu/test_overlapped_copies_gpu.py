@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from helpers import tied_embedding_backward, tied_embedding_model
 from torch import nn
 
 from lightning_rl.plugins.host_masters import HostMasterWeights
@@ -16,18 +17,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _model():
     """An embedding tied to the output (stepped in slices when asked) and eight wide layers (many chunks)."""
     torch.manual_seed(0)
-    emb = nn.Embedding(32768, 1024)
-    head = nn.Linear(1024, 32768, bias=False)
-    head.weight = emb.weight
     layers = [nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)) for _ in range(8)]
-    return nn.ModuleDict({"emb": emb, "mid": nn.Sequential(*layers), "head": head}).cuda()
+    return tied_embedding_model(32768, 1024, nn.Sequential(*layers))
 
 
 def _backward(model, step):
-    x = torch.randint(0, 32768, (4, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model["head"](model["mid"](model["emb"](x)))
-    logits.float().log_softmax(-1).mean().neg().backward()
+    tied_embedding_backward(model, step, tokens=128)
 
 
 def _setup(model, host_masters, **streamer):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tied_embedding_backward, tied_embedding_model
 from torch import nn
 
 from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
@@ -14,17 +15,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _model():
     """SmolLM2's embedding shape (49,152 x 576: 216 MiB of AdamW states) tied to the output, and one layer."""
     torch.manual_seed(0)
-    emb = nn.Embedding(49152, 576)
-    head = nn.Linear(576, 49152, bias=False)
-    head.weight = emb.weight
-    return nn.ModuleDict({"emb": emb, "mid": nn.Linear(576, 576), "head": head}).cuda()
+    return tied_embedding_model(49152, 576, nn.Linear(576, 576))
 
 
 def _backward(model, step):
-    x = torch.randint(0, 49152, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(step))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model["head"](model["mid"](model["emb"](x)))
-    logits.float().log_softmax(-1).mean().neg().backward()
+    tied_embedding_backward(model, step, tokens=64)
 
 
 def test_sliced_steps_are_bit_identical_with_asynchronous_copies_and_lower_the_steps_peak():

@@ -33,6 +33,17 @@ def _backward(net, step):
         net[2].bias.grad = None  # sometimes has none: skipped on those steps
 
 
+def _assert_same_steps(plain, streamed, opt_a, opt_b, *where):
+    """Bit-equal parameters, the same parameters with states, and bit-equal (or equal) state values."""
+    for a, b in zip(plain.parameters(), streamed.parameters(), strict=True):
+        assert bit_equal(a, b), where
+        assert (a in opt_a.state) == (b in opt_b.state), where
+        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
+        assert sa.keys() == sb.keys(), where
+        for k in sa:
+            assert bit_equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], (*where, k)
+
+
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
     "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
@@ -58,14 +69,8 @@ def test_streamed_steps_are_bit_identical_to_plain_steps(name):
         assert all(p.grad is None for p in streamed.parameters())  # freed chunk by chunk
         opt_b.zero_grad(set_to_none=True)  # what the module does next: harmless
         assert streamer.last_chunks > 1
-    for a, b in zip(plain.parameters(), streamed.parameters(), strict=True):
-        assert bit_equal(a, b)
-    pa, pb = list(plain.parameters()), list(streamed.parameters())
-    for a, b in zip(pa, pb, strict=True):
-        sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert bit_equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k]
+    _assert_same_steps(plain, streamed, opt_a, opt_b, name)
+    pb = list(streamed.parameters())
     assert not opt_b.state.get(pb[-2])  # the parameter that never had a gradient has no state
     assert opt_a.state_dict()["param_groups"] == opt_b.state_dict()["param_groups"]
 
@@ -170,13 +175,7 @@ def test_a_parameter_larger_than_a_chunk_steps_in_slices_bit_identically(name):
         opt_a.zero_grad(set_to_none=True)
         streamer.step(opt_b)
         assert all(p.grad is None for p in sliced.parameters())
-        for a, b in zip(plain.parameters(), sliced.parameters(), strict=True):
-            assert bit_equal(a, b), (name, step)
-            assert (a in opt_a.state) == (b in opt_b.state), (name, step)
-            sa, sb = opt_a.state.get(a, {}), opt_b.state.get(b, {})
-            assert sa.keys() == sb.keys()
-            for k in sa:
-                assert bit_equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k], (name, step, k)
+        _assert_same_steps(plain, sliced, opt_a, opt_b, name, step)
         assert sliced[0].weight.shape == (300, 8) and sliced[0].weight.data_ptr() == storage  # its own storage
         # one slice of states at a time on the device: at most a chunk, where the whole would be 19.2 KB (before
         # the first step the slices assume AdamW's two moments: amsgrad's third makes them half as large again)
@@ -263,8 +262,7 @@ def test_overlapped_copies_plan_two_more_chunks_and_change_nothing_on_a_cpu():
         opt_a.step()
         opt_a.zero_grad()
         streamer.step(opt_b)  # no CUDA: the copies stay on the caller's side, as without the option
-    for a, b in zip(plain.parameters(), streamed.parameters(), strict=True):
-        assert bit_equal(a, b)
+    _assert_same_steps(plain, streamed, opt_a, opt_b)
     serial = StreamedOptimizerStates(chunk_bytes=1024)
     one = serial.device_bytes_estimate(opt_b, total_state_bytes=10**9)
     params = [p for p in streamed.parameters() if p in opt_b.state]
