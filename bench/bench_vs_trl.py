@@ -400,6 +400,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
             self.memory.setdefault("first_optimizer_step", sampler.breakdown())
 
+        def on_train_end(self, trainer, pl_module):  # the engine is still alive (it stops at teardown)
+            self.engine_at_end = engine_memory_gib(self.rollout_cb.engine)
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             torch.cuda.synchronize()
             step_s = time.perf_counter() - self.t0
@@ -477,6 +480,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                      "streams_optimizer_states": plugin.streams_optimizer_states,
                      "offload_checkpoints": module.offload_checkpoints,
                      "master_weights": plugin.resolved_master_weights,
+                     "engine_memory_at_end": getattr(timer, "engine_at_end", None),
                      "engine_start_gib": (None if rollout_cb.engine_start_bytes is None
                                           else rollout_cb.engine_start_bytes / 2**30),
                      "memory_plan": None if plugin.memory_plan is None else plugin.memory_plan.summary(),
