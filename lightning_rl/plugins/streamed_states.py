@@ -171,12 +171,16 @@ class StreamedOptimizerStates:
         keys = list(optimizer.state.keys()) if params is None else params
         return sum(self._store(p, state, key, value) for p, state, key, value in self._streamed(optimizer, keys, False))
 
+    def _home(self, p: nn.Parameter, key: Any, value: torch.Tensor) -> torch.device:
+        """Where the optimizer keeps ``p``'s state ``key``: where it was when this buffer took it, else on ``p``."""
+        entry = self._slots.get((id(p), key))
+        return p.device if entry is None or entry[0] is not value else entry[1]
+
     def _load_states(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> int:
         """Bring the states of ``params`` to the devices the optimizer keeps them on. Returns bytes."""
         moved = 0
         for p, state, key, value in self._streamed(optimizer, params, True):
-            entry = self._slots.get((id(p), key))
-            home = p.device if entry is None or entry[0] is not value else entry[1]
+            home = self._home(p, key, value)
             if home == self.storage:
                 continue
             state[key] = value.to(home, non_blocking=value.is_pinned())
@@ -347,8 +351,7 @@ class StreamedOptimizerStates:
         out = _Prefetched()
         sources: list[torch.Tensor] = []
         for p, _, key, value in self._streamed(optimizer, chunk, True):
-            entry = self._slots.get((id(p), key))
-            home = p.device if entry is None or entry[0] is not value else entry[1]
+            home = self._home(p, key, value)
             if home == self.storage:
                 continue
             out.states.append((p, key, torch.empty(value.shape, dtype=value.dtype, device=home)))
