@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import memory_snapshot  # bench/, beside this script
+
 CASES = {
     # name: (model, lora, max_new_tokens, learning rate)
     "smollm2-full": ("smollm2", False, 128, 1e-5),
@@ -368,6 +370,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl.rollout import EngineSettings
 
     set_inductor_options(extra.get("inductor", {}))
+    snapshot = bool(extra.get("snapshot"))  # one step past the timed ones with PyTorch's allocation history
     _, lora, new_tokens, lr = CASES[case]
     rows = make_rows(PROMPTS * (steps + 1))
     t_start = time.perf_counter()
@@ -396,6 +399,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
+            if snapshot and trainer.global_step == steps:
+                self.snapshot_start = memory_snapshot.record()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
             self.memory.setdefault("first_optimizer_step", sampler.breakdown())
@@ -406,6 +411,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             torch.cuda.synchronize()
             step_s = time.perf_counter() - self.t0
+            extra_step = getattr(self, "snapshot_start", None) is not None or getattr(self, "prof", None) is not None
+            if getattr(self, "snapshot_start", None) is not None:
+                self.snapshot_report = memory_snapshot.peak_report(memory_snapshot.stop(), self.snapshot_start)
+                self.snapshot_start = None
             if getattr(self, "prof", None) is not None:
                 self.prof.__exit__(None, None, None)
                 table = self.prof.key_averages().table
@@ -413,6 +422,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                     "== by CUDA time ==\n" + table(sort_by="cuda_time_total", row_limit=45)
                     + "\n== by CPU time ==\n" + table(sort_by="cpu_time_total", row_limit=45))
                 self.prof = None
+            if extra_step:
                 return
             t = self.rollout_cb.last_timings
             # the step's time in the rollout callback (with overlap: waiting for the rollout made during the last
@@ -451,6 +461,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "share_failure": share_failure(pl_module.policy, engine),
                                     # the engine process's memory by kind (PyTorch's allocator, vLLM's pools)
                                     "engine_memory_gib": engine_memory_gib(engine),
+                                    # what the engine process's allocator gave back after its start
+                                    "engine_released_at_start_gib": getattr(engine, "released_at_start_bytes",
+                                                                            0) / 2**30,
                                     # where the memory outside PyTorch's figures appeared (first step: compile)
                                     "setup_nvml_process_peak_gib": self.setup_peak_gib,
                                     **{f"non_torch_{k}_gib": v["non_torch_gib"] for k, v in self.memory.items()
@@ -463,7 +476,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
     plugin = MemoryAwarePrecision(**extra.get("plugin", {}))
-    trainer = L.Trainer(max_steps=steps + bool(profile_dir), accelerator="gpu", devices=1, logger=False,
+    trainer = L.Trainer(max_steps=steps + bool(profile_dir or snapshot), accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[timer, rollout_cb], plugins=[plugin], log_every_n_steps=1)
@@ -474,6 +487,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "rewards": timer.rewards, "steps": timer.steps, "wall_s": time.perf_counter() - t_start,
+        **({"memory_snapshot": timer.snapshot_report} if hasattr(timer, "snapshot_report") else {}),
         "resolved": {"micro_batch_size": module.micro_batch_size, "micro_batch_tokens": module.micro_batch_tokens,
                      "gradient_checkpointing": module.gradient_checkpointing,
                      "compile_layers": module.compile_layers, "overlap": rollout_cb.overlapping,
@@ -600,7 +614,8 @@ def main() -> None:
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
                          '"env": {variables for its process}, '
-                         '"inductor": {torch._inductor.config entries for the trainer process only}}')
+                         '"inductor": {torch._inductor.config entries for the trainer process only}, '
+                         '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site)}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")

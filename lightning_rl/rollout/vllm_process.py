@@ -142,6 +142,7 @@ class VLLMProcessEngine(VLLMEngine):
         self.engine_kwargs = kwargs
         self.weight_bytes = engine_weight_bytes(model, settings.dtype)
         self.sync_weights(model)
+        self.released_at_start_bytes = self.release_cached_memory()
 
     def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
         """Copy the policy's current weights into the engine (the engine process reads them in place).
@@ -159,6 +160,19 @@ class VLLMProcessEngine(VLLMEngine):
         self.llm.collective_rpc("lightning_rl_load")
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.state.weights_synced = True
+
+    def release_cached_memory(self) -> int:
+        """Give back what the engine process's allocator caches unused (its start leaves some). Returns the bytes.
+
+        Called once the engine has started: the process keeps its memory through training, so cached blocks that
+        generation does not take back would count against the run's peak.
+        """
+        self._check_alive()
+        released = int(self.llm.collective_rpc("lightning_rl_release_cache")[0])
+        if released:
+            log.info("VLLMProcessEngine: the engine process gave back %.0f MiB its allocator cached unused",
+                     released / 2**20)
+        return released
 
     def memory_breakdown(self) -> dict[str, int]:
         """The engine process's device memory by kind, in bytes (``PolicyWeightReceiver.lightning_rl_memory``)."""

@@ -129,3 +129,4 @@ def test_a_module_to_save_reaches_the_engine_as_its_trained_copy():
 def test_the_engine_processs_memory_breakdown_is_empty_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert PolicyWeightReceiver().lightning_rl_memory() == {}
+    assert PolicyWeightReceiver().lightning_rl_release_cache() == 0
