@@ -1,4 +1,4 @@
-"""Trainable linear weights stored in the compute dtype on the device, their fp32 masters in host memory.
+"""Trainable weights stored in the compute dtype on the device, their fp32 masters in host memory.
 
 Under autocast a linear layer casts its fp32 weight to bf16 before the matmul, and the backward computes the
 weight's gradient in bf16 before casting it to fp32. :class:`HostMasterWeights` keeps what the matmul reads,
@@ -6,9 +6,12 @@ the bf16 copy, as the parameter itself, and the fp32 master in (pinned) host mem
 states that :class:`~lightning_rl.plugins.streamed_states.StreamedOptimizerStates` streams. The device then
 holds half the weight bytes, half the gradient bytes and no autocast casts of those weights.
 
-With one micro-batch the update is bit-identical to the fp32-master one: the forward reads the same bf16
-values (round to nearest of the master), the gradient is the same bf16 tensor, upcast at the step. With
-several micro-batches the gradients add up in bf16 instead of fp32.
+For linear weights, with one micro-batch, the update is bit-identical to the fp32-master one: the forward reads
+the same bf16 values (round to nearest of the master), the gradient is the same bf16 tensor, upcast at the step.
+With several micro-batches the gradients add up in bf16 instead of fp32. The embeddings are managed too: a
+bf16 input embedding gives bf16 hidden states, so the residual stream between the decoder layers is bf16 (as in
+a bf16 model and in the rollout engine) where an fp32 embedding keeps it fp32, and a tied embedding's two
+gradients (the lookup's and the LM head's) add up in bf16.
 
 For the optimizer step :meth:`HostMasterWeights.swap_in` points each parameter of a chunk at a device copy of
 its master with the fp32 gradient, so a ``torch.optim`` optimizer steps the master (its states stay fp32);
@@ -34,39 +37,39 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 
-def managed_linear_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """``(owner, name, parameter)`` of the trainable fp32 linear weights whose masters may live in host memory.
+def managed_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """``(owner, name, parameter)`` of the trainable fp32 weights whose masters may live in host memory.
 
-    Only ``nn.Linear`` weights, never an embedding or the output embedding (tied to it in many models, and read
-    by the log-prob kernel) and never a LoRA adapter's matrices (a few MB, which peft's adapter state dict hands
-    to the rollout engine as they are), each parameter once.
+    Linear weights and embeddings: the input embedding, and the output embedding (the LM head) whether tied to it
+    or not. A parameter that several modules hold (a tied embedding) comes once per holder, so that each holder's
+    state dict gives the master. Never a LoRA adapter's matrices (a few MB, which peft's adapter state dict hands
+    to the rollout engine as they are), a sparse embedding or a parameter that is not 2-D.
     """
-    heads: set[int] = set()
-    for m in module.modules():  # the models inside (a LightningModule's policy, a peft wrapper's base)
-        getter = getattr(m, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        if isinstance(head, nn.Module):
-            heads.add(id(head))
-    skip: set[int] = set()
-    for m in module.modules():
-        if isinstance(m, nn.Embedding) or id(m) in heads:
-            skip.update(id(p) for p in m.parameters(recurse=False))
     out: list[tuple[nn.Module, str, nn.Parameter]] = []
-    seen: set[int] = set()
+    seen: set[int] = set()  # owners (a module reached by two paths)
     for path, owner in module.named_modules():
-        if not isinstance(owner, nn.Linear) or "lora_" in path:
+        if not isinstance(owner, nn.Linear | nn.Embedding) or "lora_" in path:
+            continue
+        if isinstance(owner, nn.Embedding) and owner.sparse:
             continue
         p = owner.weight
-        if (p is None or id(p) in skip or id(p) in seen or not p.requires_grad or p.dtype != torch.float32
-                or p.dim() != 2):
+        if p is None or id(owner) in seen or not p.requires_grad or p.dtype != torch.float32 or p.dim() != 2:
             continue
-        seen.add(id(p))
+        seen.add(id(owner))
         out.append((owner, "weight", p))
     return out
 
 
+def managed_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The distinct parameters of :func:`managed_weights` (a tied embedding once)."""
+    found: dict[int, nn.Parameter] = {}
+    for _, _, p in managed_weights(module):
+        found.setdefault(id(p), p)
+    return list(found.values())
+
+
 class HostMasterWeights:
-    """fp32 masters of trainable linear weights in host memory; the parameters hold the compute dtype.
+    """fp32 masters of trainable weights in host memory; the parameters hold the compute dtype.
 
     Args:
         dtype: the parameters' dtype on the device (the compute dtype, bf16 or fp16).
@@ -87,24 +90,23 @@ class HostMasterWeights:
 
     # ----------------------------------------------------------------------------- set-up
     def attach(self, module: nn.Module) -> int:
-        """Move the masters of ``module``'s :func:`managed_linear_weights` to host memory. Returns their bytes."""
+        """Move the masters of ``module``'s :func:`managed_weights` to host memory. Returns their bytes."""
         moved = 0
-        for owner, name, p in managed_linear_weights(module):
-            if id(p) in self._masters:
-                continue
-            pin = self.pin_memory and p.is_cuda
-            master = torch.empty(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
-            master.copy_(p.data)
-            with torch.no_grad():
-                p.data = p.data.to(self.dtype)
-            self._masters[id(p)] = (p, master)
+        for owner, name, p in managed_weights(module):
+            if id(p) not in self._masters:
+                pin = self.pin_memory and p.is_cuda
+                master = torch.empty(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+                master.copy_(p.data)
+                with torch.no_grad():
+                    p.data = p.data.to(self.dtype)
+                self._masters[id(p)] = (p, master)
+                moved += master.numel() * master.element_size()
             if id(owner) not in self._names:
                 self._names[id(owner)] = {}
                 # torch marks its hooks with an attribute, which a bound method cannot take: partials can
                 self._handles.append(owner.register_state_dict_post_hook(functools.partial(self._state_dict_hook)))
                 self._handles.append(owner.register_load_state_dict_pre_hook(functools.partial(self._load_hook)))
             self._names[id(owner)][name] = p
-            moved += master.numel() * master.element_size()
         return moved
 
     def watch_optimizer(self, optimizer: Optimizer) -> None:
@@ -224,4 +226,4 @@ class HostMasterWeights:
             ctx.__exit__(None, None, None)
 
 
-__all__ = ["HostMasterWeights", "managed_linear_weights"]
+__all__ = ["HostMasterWeights", "managed_parameters", "managed_weights"]

@@ -23,7 +23,7 @@ under ``trainer.plugins``. What it does:
   memory then, and the generation hides the copies), and when the plan fits only that way, before it moves
   the rollout engine from beside the update to between updates; beside such an engine a module that left
   ``offload_checkpoints`` None also offloads its checkpointed inputs, and ``master_weights="auto"`` keeps the
-  trainable linear weights' fp32 masters in host memory, streamed with the states
+  trainable linear weights' and embeddings' fp32 masters in host memory, streamed with the states
   (:meth:`MemoryAwarePrecision.shrink_beside_engine`);
 * device memory (allocated, reserved, peak) is logged per phase (``memory/<phase>_<figure>_gib``).
 
@@ -49,7 +49,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
-from lightning_rl.plugins.host_masters import HostMasterWeights, managed_linear_weights
+from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters
 from lightning_rl.plugins.memory_plan import (
     CONTEXT_PART,
     GiB,
@@ -194,13 +194,14 @@ class MemoryAwarePrecision(Precision):
         context_bytes: the process's device memory outside PyTorch's allocator (CUDA context, libraries'
             modules), which the plan counts in both phases. None (default): measured through NVML when the plan
             is made, else 600 MiB on CUDA (:mod:`~lightning_rl.plugins.device_context`); 0 on a CPU.
-        master_weights: where the fp32 masters of the trainable linear weights live. ``device``: the
+        master_weights: where the fp32 masters of the trainable linear weights and embeddings live. ``device``: the
             parameters are the fp32 masters, cast by autocast. ``cpu``: the parameters hold the compute dtype
             and the fp32 masters wait in pinned host memory, streamed through the optimizer step with the
             optimizer states (so the states stream too): half the weight and gradient bytes on the device and
-            no autocast casts of them (:mod:`~lightning_rl.plugins.host_masters`). Bit-identical to ``device``
-            with one micro-batch; with several the gradients add up in the compute dtype. Embeddings, the
-            output embedding and LoRA adapters stay fp32 on the device. One training process only. ``auto``
+            no autocast casts of them (:mod:`~lightning_rl.plugins.host_masters`). For the linear weights
+            bit-identical to ``device`` with one micro-batch; with several the gradients add up in the compute
+            dtype. With a compute-dtype input embedding the residual stream is in the compute dtype too (as in the
+            rollout engine). LoRA adapters stay fp32 on the device. One training process only. ``auto``
             (default): ``cpu`` when :meth:`shrink_beside_engine` streams the optimizer states beside a rollout
             engine that generates during the update (one process, no FSDP2 shards) and the masters are at most
             ``HOST_MASTERS_AUTO_MAX_BYTES`` (1 GiB, whose copies the generation hides), ``device`` otherwise.
@@ -539,7 +540,8 @@ class MemoryAwarePrecision(Precision):
             return self.make_plan(module, optimizers, device)
 
     def _attach_host_masters(self, module: L.LightningModule | None, device: torch.device) -> None:
-        """``master_weights="cpu"``: the trainable linear weights to the compute dtype, their fp32 masters to the host.
+        """``master_weights="cpu"``: the trainable weights (linear, embeddings) to the compute dtype, their fp32 masters
+        to the host.
 
         Raises:
             ValueError: several training processes, FSDP2 shards, or an optimizer that cannot stream its states.
@@ -564,8 +566,8 @@ class MemoryAwarePrecision(Precision):
         for opt in self._optimizers:
             self._masters.watch_optimizer(opt)
         self._streamer.masters = self._masters
-        log.info("MemoryAwarePrecision: %d trainable linear weights stored in %s on the %s; their fp32 masters "
-                 "(%s) stream with the optimizer states from host memory", len(self._masters),
+        log.info("MemoryAwarePrecision: %d trainable weights (linear, embeddings) stored in %s on the %s; their fp32 "
+                 "masters (%s) stream with the optimizer states from host memory", len(self._masters),
                  str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
 
     def _new_streamer(self) -> StreamedOptimizerStates:
@@ -608,7 +610,7 @@ class MemoryAwarePrecision(Precision):
         update runs beside. So with ``optimizer_states="auto"`` the optimizer states stay in CPU memory and stream
         through the step (when they are larger than one ``step_chunk_bytes`` chunk), and a module that left
         ``offload_checkpoints`` None offloads its checkpointed inputs (``offload_checkpoints_beside_engine``), and
-        with ``master_weights="auto"`` streamed states carry the fp32 masters of the linear weights too (the
+        with ``master_weights="auto"`` streamed states carry the fp32 masters of the linear weights and embeddings (the
         parameters hold the compute dtype): their copies to and from the host come out of the generation's time.
         Measured end to end against TRL on an H200 (``bench/results/vs_trl_NOTES.md``). Only on CUDA, and only
         when the plan's rollout engine says it stays up during the update.
@@ -639,14 +641,14 @@ class MemoryAwarePrecision(Precision):
     def _host_masters_beside_engine(self, module: L.LightningModule, device: torch.device) -> None:
         """``master_weights="auto"`` with states streaming beside the engine: the fp32 masters stream with them.
 
-        Only for one training process without FSDP2 shards and with linear weights to move, of at most
+        Only for one training process without FSDP2 shards and with weights to move, of at most
         ``HOST_MASTERS_AUTO_MAX_BYTES`` of masters; otherwise the masters stay on the device.
         """
         if self._masters is not None or not isinstance(module, nn.Module):
             return
         if _host_masters_refusal(module) is not None:
             return
-        nbytes = 4 * sum(p.numel() for _, _, p in managed_linear_weights(module))
+        nbytes = 4 * sum(p.numel() for p in managed_parameters(module))
         if not nbytes:
             return
         if nbytes > HOST_MASTERS_AUTO_MAX_BYTES:

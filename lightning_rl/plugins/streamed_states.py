@@ -230,9 +230,11 @@ class StreamedOptimizerStates:
         return int(ratio * self._param_bytes(p)) if known is None else known
 
     def _sliceable(self, optimizer: Optimizer, p: nn.Parameter) -> bool:
-        """Whether ``p`` may step in row slices (``split_large``; an element-wise optimizer, not a host master)."""
-        return (self.split_large and type(optimizer) in _SLICEABLE and p.dim() > 0 and p.shape[0] > 1
-                and not (self.masters is not None and self.masters.manages(p)))
+        """Whether ``p`` may step in row slices (``split_large`` and an element-wise optimizer)."""
+        return self.split_large and type(optimizer) in _SLICEABLE and p.dim() > 0 and p.shape[0] > 1
+
+    def _manages(self, p: nn.Parameter) -> bool:
+        return self.masters is not None and self.masters.manages(p)
 
     def chunks(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
         """Split ``params`` (in order) into chunks of at most ``chunk_bytes`` of states (estimated before any)."""
@@ -415,6 +417,8 @@ class StreamedOptimizerStates:
         nbytes = self._estimated_state_bytes(optimizer, p, self._ratio(optimizer))
         if nbytes <= self.chunk_bytes:
             return 0
+        if self._manages(p):  # a slice's fp32 master and fp32 gradient beside its states: AdamW's bytes again
+            nbytes *= 2
         return max(1, int(p.shape[0] * self.chunk_bytes // nbytes))
 
     def _step_in_slices(
@@ -425,9 +429,12 @@ class StreamedOptimizerStates:
         Every slice starts from the parameter's step counters, or on its first step from no state, so the
         optimizer initialises each slice as it would the whole; the per-element states go back to their rows of
         the CPU buffers. On an error the parameter gets its gradient and its state back (rows already stepped
-        stay stepped).
+        stay stepped). A parameter whose fp32 master lives in host memory steps its master's rows (with the
+        upcast gradient rows, times the clipping factor), which go back to the master and, rounded, to its rows.
         """
         data, home = p.data, p.device
+        master = self.masters.master(p) if self._manages(p) else None
+        scale = None if master is None else self.masters.grad_scale  # type: ignore[union-attr]
         before = dict(optimizer.state.get(p) or {})
         first = not before
         for k, v in list(before.items()):  # states a checkpoint load left on the device: to their CPU buffers
@@ -446,8 +453,19 @@ class StreamedOptimizerStates:
                     state = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
                     state.update({k: v[a:b].to(home, non_blocking=v.is_pinned()) for k, v in full.items()})
                     optimizer.state[p] = state
-                p.data, p.grad = data[a:b], grad[a:b]
+                if master is None:
+                    p.data, p.grad = data[a:b], grad[a:b]
+                else:
+                    rows_grad = grad[a:b].float()
+                    if scale is not None:
+                        rows_grad.mul_(scale.to(rows_grad.device))
+                    p.data = master[a:b].to(home, non_blocking=master.is_pinned())
+                    p.grad = rows_grad
                 run()
+                if master is not None:
+                    with torch.no_grad():
+                        data[a:b].copy_(p.data)
+                        master[a:b].copy_(p.data, non_blocking=master.is_pinned())
                 after = optimizer.state[p]
                 for k, v in after.items():
                     if not _is_streamed(v):

@@ -55,7 +55,10 @@ class EngineSettings:
         kv_cache_bytes: KV-cache size. None: from the memory plan when the trainer has
             :class:`~lightning_rl.plugins.MemoryAwarePrecision`, else from the rollout's shape with
             ``kv_cache_headroom`` (:func:`~lightning_rl.rollout.vllm_sizing.kv_cache_bytes_for`).
-        kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape.
+        kv_cache_headroom: multiplier (>= 1) on the KV cache computed from the rollout's shape. That count is
+            exact for the worst case (every completion to its limit at once, a partly filled block each, the
+            prompt blocks shared by the ``G`` completions), so 1.0 (default) needs no margin; a rollout that
+            outgrew it would make vLLM pause a sequence and compute it again later, slower but the same tokens.
         kv_prompt_tokens: the prompt length the KV cache is sized for. ``data`` (default): the longest prompt of
             the DataModule's rows, rendered once at setup
             (:func:`~lightning_rl.rollout.data_prompts.longest_prompt_tokens`), or the limit when the DataModule
@@ -89,7 +92,7 @@ class EngineSettings:
     fp32_logits: bool = True
     enable_prefix_caching: bool = True
     kv_cache_bytes: int | None = None
-    kv_cache_headroom: float = 1.2
+    kv_cache_headroom: float = 1.0
     kv_prompt_tokens: KVPromptTokens = "data"
     gpu_memory_utilization: float | None = None
     seed: int = 0

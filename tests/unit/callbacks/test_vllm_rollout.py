@@ -143,7 +143,8 @@ def test_rollout_memory_counts_the_kv_cache_the_engine_gets():
     memory = cb.rollout_memory(shape)
     per_token = kv_bytes_per_token(module.policy.config, 2)  # a bf16 engine under bf16-mixed
     assert memory.kv_bytes_per_token == per_token and not memory.sized_by_gpu_fraction
-    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2)
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16,
+                                               cb.settings.kv_cache_headroom)
     assert math.ceil(memory.kv_tokens * memory.headroom) * per_token == engine_kv  # what build_engine gives it
     assert memory.engine_weight_bytes == sum(p.numel() for p in module.policy.parameters()) * 2
     assert memory.weights_kept_asleep_bytes == memory.engine_weight_bytes  # small: level 0 keeps them
@@ -216,8 +217,8 @@ def test_rollout_memory_of_a_tensor_parallel_shard():
     assert shard.kv_bytes_per_token == kv_bytes_per_token(module.policy.config, 2, tensor_parallel_size=2)
     assert shard.kv_bytes_per_token * 2 == alone.kv_bytes_per_token  # tiny-llama: 2 KV heads, one per shard
     assert shard.kv_tokens == two.kv_tokens(shape, 4)  # the group generates both processes' 2 prompts
-    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16, 1.2,
-                                               tensor_parallel_size=2)
+    engine_kv = vllm_sizing.kv_cache_bytes_for(module.policy.config, 2, 2, 32, 4, torch.bfloat16,
+                                               two.settings.kv_cache_headroom, tensor_parallel_size=2)
     assert math.ceil(shard.kv_tokens * shard.headroom) * shard.kv_bytes_per_token == engine_kv
     assert shard.engine_weight_bytes == -(-alone.engine_weight_bytes // 2)
 

@@ -215,6 +215,37 @@ def test_an_error_in_a_slice_gives_the_parameter_back_its_gradient_and_states():
     assert all(opt.state[weight][k].shape == (300, 8) for k, v in states.items() if v.dim())
 
 
+@pytest.mark.parametrize("scale", [None, 0.25], ids=["no-clip", "clipped"])
+def test_an_embedding_with_its_master_in_host_memory_steps_in_slices_as_it_would_whole(scale):
+    from lightning_rl.plugins.host_masters import HostMasterWeights
+
+    runs = []
+    for split in (False, True):
+        net = _wide()
+        masters = HostMasterWeights(torch.bfloat16)
+        masters.attach(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+        streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=split)
+        streamer.masters = masters
+        weight = net[0].weight
+        storage = weight.data_ptr()
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 weights: the model runs under autocast
+                _wide_backward(net, step)
+            masters.grad_scale = None if scale is None else torch.tensor(scale)
+            streamer.step(opt)
+            assert weight.dtype == torch.bfloat16 and weight.shape == (300, 8) and weight.data_ptr() == storage
+            assert torch.equal(weight, masters.master(weight).to(torch.bfloat16))  # the rounded master
+            # a slice's master and fp32 gradient beside its states: half the rows of a slice without a master
+            assert streamer.last_peak_chunk_bytes <= (2048 if split and step else (3072 if split else 10**9))
+        if split:
+            assert streamer._slice_rows(opt, [weight], {weight: torch.zeros_like(weight)}) == 16
+        runs.append((masters.master(weight).clone(), {k: v.clone() for k, v in opt.state[weight].items()}))
+    (whole, whole_states), (sliced, sliced_states) = runs
+    assert torch.equal(whole, sliced)
+    assert all(torch.equal(whole_states[k], sliced_states[k]) for k in whole_states)
+
+
 def test_only_elementwise_optimizers_and_unmanaged_parameters_are_sliced():
     net = _wide()
     _wide_backward(net, 0)
