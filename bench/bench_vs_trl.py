@@ -461,6 +461,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "share_failure": share_failure(pl_module.policy, engine),
                                     # the engine process's memory by kind (PyTorch's allocator, vLLM's pools)
                                     "engine_memory_gib": engine_memory_gib(engine),
+                                    # parameters whose gradients the backward sends to host memory
+                                    "gradients_sent_to_host": len(getattr(trainer.precision_plugin,
+                                                                          "host_gradients", None) or ()),
                                     # what the engine process's allocator gave back after its start
                                     "engine_released_at_start_gib": getattr(engine, "released_at_start_bytes",
                                                                             0) / 2**30,

@@ -13,12 +13,17 @@ from typing import Any
 _OWN = ("lightning_rl", "kernels/", "transformers/", "peft/", "bench/", "torch/optim", "torch/utils/checkpoint")
 
 
-def record(max_entries: int = 2_000_000) -> int:
-    """Start recording allocations (Python stacks). Returns the bytes allocated now, the replay's start."""
+def record(max_entries: int = 2_000_000, stacks: bool = False) -> int:
+    """Start recording allocations. Returns the bytes allocated now, the replay's start.
+
+    With ``stacks`` each allocation keeps its Python stack. On an H200 (torch 2.11) that crashed the compiled
+    decoder layers' forward (``SystemError`` from ``autograd.Function.apply``), so by default only sizes are kept.
+    """
     import torch
 
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=max_entries, context="all" if stacks else None,
+                                             stacks="python")
     return torch.cuda.memory_allocated()
 
 

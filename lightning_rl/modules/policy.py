@@ -550,7 +550,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         opt = self.optimizers()
         params = self.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
-        norm = gradient_norm(grads, self.device)
+        # gradients the precision plugin sent to host memory during the backward (MemoryAwarePrecision's masters)
+        held = getattr(getattr(self._trainer, "precision_plugin", None), "host_gradients", None)
+        norm = gradient_norm(grads, self.device, None if held is None else held.squares())
         loss = torch.as_tensor(loss_value, dtype=torch.float32).to(norm.device)
         checked = torch.stack([loss, norm.float()])
         reduce = self.sum_over_processes()
@@ -560,6 +562,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._nonfinite_streak += 1
             opt.zero_grad(set_to_none=True)
+            if held is not None:
+                held.drop()
             log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_value, norm_value)
             if self._nonfinite_streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(

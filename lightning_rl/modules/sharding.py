@@ -89,13 +89,17 @@ def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
     return model
 
 
-def gradient_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def gradient_norm(grads: list[torch.Tensor], device: torch.device, held_squares: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """The L2 norm of all of ``grads`` together, as a plain tensor on ``device``.
 
     FSDP2 gradients are ``DTensor`` shards: their local squared norms are summed over the shards' (one-
     dimensional, data-parallel) mesh in one all-reduce; plain gradients are complete on every process.
+    ``held_squares`` adds the squared norms of gradients kept elsewhere (host memory) for this process.
     """
     squares = torch.zeros((), device=device, dtype=torch.float32)
+    if held_squares is not None:
+        squares = squares + held_squares.to(device)
     plain = [g for g in grads if not is_dtensor(g)]
     sharded = [g for g in grads if is_dtensor(g)]
     if plain:

@@ -137,6 +137,10 @@ class HostMasterWeights:
         """The fp32 master of ``p`` (host memory)."""
         return self._masters[id(p)][1]
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters whose masters live here."""
+        return [p for p, _ in self._masters.values()]
+
     def __len__(self) -> int:
         return len(self._masters)
 

@@ -49,6 +49,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
+from lightning_rl.plugins.host_gradients import HostGradients
 from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters
 from lightning_rl.plugins.memory_plan import (
     CONTEXT_PART,
@@ -142,6 +143,11 @@ def _host_masters_refusal(module: nn.Module) -> str | None:
         return ("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; use "
                 "master_weights='device' with ModelParallelStrategy")
     return None
+
+
+def _sends_gradients_to_host(device: torch.device) -> bool:
+    """Whether host masters' gradients go to host memory during the backward: on CUDA (a CPU's are there already)."""
+    return device.type == "cuda"
 
 
 def _shape(module: nn.Module | None) -> TrainingShape | None:
@@ -277,6 +283,7 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self._masters: HostMasterWeights | None = None
+        self._host_grads: HostGradients | None = None  # the masters' gradients, sent to host memory by the backward
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
         self._shrunk_checkpoints = False
         self._shrunk_masters = False  # master_weights="auto" moved the masters to the host beside the engine
@@ -569,6 +576,31 @@ class MemoryAwarePrecision(Precision):
         log.info("MemoryAwarePrecision: %d trainable weights (linear, embeddings) stored in %s on the %s; their fp32 "
                  "masters (%s) stream with the optimizer states from host memory", len(self._masters),
                  str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
+        if _sends_gradients_to_host(device):  # their gradients wait in host memory from the backward to the step
+            self._host_grads = HostGradients()
+            self._host_grads.attach(self._masters.parameters())
+            self._streamer.gradients = self._host_grads
+
+    def _detach_masters(self) -> None:
+        """fp32 weights back on the device, held gradients back beside them, the masters' hooks removed."""
+        if self._host_grads is not None:
+            self._host_grads.detach()
+            self._host_grads = None
+        if self._masters is not None:
+            self._masters.detach()
+            self._masters = None
+        if self._streamer is not None:
+            self._streamer.masters = None
+            self._streamer.gradients = None
+
+    @property
+    def host_gradients(self) -> HostGradients | None:
+        """The gradients the backward sent to host memory (with host masters on CUDA), else None.
+
+        A module that computes a gradient norm or skips a step itself reads :meth:`HostGradients.squares` and calls
+        :meth:`HostGradients.drop` (``PolicyModule.optimizer_step_checked`` does).
+        """
+        return self._host_grads
 
     def _new_streamer(self) -> StreamedOptimizerStates:
         return StreamedOptimizerStates(self.step_chunk_bytes, split_large=self.split_large_parameters,
@@ -590,9 +622,12 @@ class MemoryAwarePrecision(Precision):
         if self._masters is None or not len(self._masters):
             return super().clip_grad_by_norm(optimizer, clip_val)
         grads = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        held = None if self._host_grads is None else self._host_grads.squares()
+        if not grads and held is None:
             return None
         norms = [torch.linalg.vector_norm(grad.float()) for _, grad in grads]  # .float() of fp32 is the tensor
+        if held is not None:  # the gradients the backward sent to host memory, measured before they left
+            norms.append(held.sqrt())
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         factor = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
         for p, grad in grads:
@@ -671,10 +706,7 @@ class MemoryAwarePrecision(Precision):
         if self.memory_budget is not None:
             return
         if self._shrunk_masters and self._masters is not None:
-            self._masters.detach()  # fp32 weights back on the device (no engine process maps them now)
-            self._masters = None
-            if self._streamer is not None:
-                self._streamer.masters = None
+            self._detach_masters()  # fp32 weights back on the device (no engine process maps them now)
             log.info("MemoryAwarePrecision: the rollout engine generates between updates; the fp32 master weights "
                      "stay on the device")
             self.resolved_master_weights = "device"
@@ -907,11 +939,7 @@ class MemoryAwarePrecision(Precision):
         if self._streamer is not None:
             self._streamer.clear()
         self._shrunk_masters = False
-        if self._masters is not None:
-            self._masters.detach()  # the module keeps fp32 weights on its device after the fit
-            self._masters = None
-            if self._streamer is not None:
-                self._streamer.masters = None
+        self._detach_masters()  # the module keeps fp32 weights on its device after the fit
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

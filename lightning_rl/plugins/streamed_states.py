@@ -48,6 +48,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 if TYPE_CHECKING:
+    from lightning_rl.plugins.host_gradients import HostGradients
     from lightning_rl.plugins.host_masters import HostMasterWeights
 
 MiB = 1024**2
@@ -79,6 +80,11 @@ def check_streamable(optimizer: Optimizer) -> None:
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(id(k) not in params for k in optimizer.state):
         raise _error(optimizer, "it keeps state that does not belong to one parameter")
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: a gradient held in (pinned) host memory comes over asynchronously on the current stream."""
+    return t if t.device == device else t.to(device, non_blocking=t.is_pinned())
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -136,6 +142,7 @@ class StreamedOptimizerStates:
         self.last_chunks = 0
         self.last_peak_chunk_bytes = 0
         self.masters: HostMasterWeights | None = None  # fp32 masters in host memory, streamed with the states
+        self.gradients: HostGradients | None = None  # gradients the backward sent to host memory
 
     def _param_bytes(self, p: nn.Parameter) -> int:
         """Bytes of the tensor the optimizer steps for ``p``: its fp32 master when that lives in host memory."""
@@ -264,9 +271,12 @@ class StreamedOptimizerStates:
         """
         check_streamable(optimizer)
         run = step_fn or optimizer.step
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        held = self.gradients
+        params = [p for g in optimizer.param_groups for p in g["params"]
+                  if p.grad is not None or (held is not None and held.holds(p))]
         self.offload_states(optimizer)  # states a checkpoint load or a device move left on the device
-        grads = {p: p.grad for p in params}
+        # a gradient the backward sent to host memory stays there until its chunk comes (its host buffer here)
+        grads = {p: held.host_gradient(p) if p.grad is None else p.grad for p in params}  # type: ignore[union-attr]
         for p in params:
             p.grad = None
         chunks = self.chunks(optimizer, params)
@@ -287,6 +297,8 @@ class StreamedOptimizerStates:
                 if rows_of(i):
                     peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i)))
                     done.add(id(chunk[0]))
+                    if held is not None:
+                        held.release(chunk[0])
                     if self.free_grads:
                         grads[chunk[0]] = None
                     continue
@@ -296,7 +308,7 @@ class StreamedOptimizerStates:
                     if i + 1 < len(chunks) and not rows_of(i + 1):  # the next chunk comes in while this one steps
                         ahead[i + 1] = self._prefetch(optimizer, chunks[i + 1], grads, streams[0])
                 for p in chunk:
-                    p.grad = grads[p]
+                    p.grad = _on(grads[p], p.device)
                 if loaded is not None:
                     self._install(optimizer, loaded)
                 if self.masters is not None:  # the optimizer steps the fp32 masters
@@ -315,6 +327,8 @@ class StreamedOptimizerStates:
                         self.masters.swap_out(chunk)
                 for p in chunk:
                     done.add(id(p))
+                    if held is not None:
+                        held.release(p)
                     if self.free_grads:
                         p.grad = None
                         grads[p] = None  # its memory goes now, not at the end of the step
@@ -323,7 +337,11 @@ class StreamedOptimizerStates:
                 self.masters.swap_out(self.masters.swapped(), keep=False)
                 self.masters.grad_scale = None
             for p, g in grads.items():  # an error mid-way: the unstepped parameters get their gradients back
-                if g is not None and (id(p) not in done or not self.free_grads):
+                if g is None or (id(p) in done and self.free_grads):
+                    continue
+                if held is not None and held.holds(p):
+                    p.grad = None  # it still waits in host memory, for a retry
+                else:
                     p.grad = g
             if cuda:
                 torch.cuda.synchronize()  # the CPU copies are complete before anyone reads or reuses them
@@ -454,9 +472,9 @@ class StreamedOptimizerStates:
                     state.update({k: v[a:b].to(home, non_blocking=v.is_pinned()) for k, v in full.items()})
                     optimizer.state[p] = state
                 if master is None:
-                    p.data, p.grad = data[a:b], grad[a:b]
+                    p.data, p.grad = data[a:b], _on(grad[a:b], home)
                 else:
-                    rows_grad = grad[a:b].float()
+                    rows_grad = _on(grad[a:b], home).float()
                     if scale is not None:
                         rows_grad.mul_(scale.to(rows_grad.device))
                     p.data = master[a:b].to(home, non_blocking=master.is_pinned())
@@ -477,13 +495,13 @@ class StreamedOptimizerStates:
                 last = {k: v for k, v in after.items() if not _is_streamed(v)}
                 peak = max(peak, sum(_tensor_bytes(v) for v in after.values() if _is_streamed(v)))
         except BaseException:
-            p.data, p.grad = data, grad
+            p.data, p.grad = data, (None if grad.device != home else grad)  # a host-held one stays held
             optimizer.state.pop(p, None)
             if before:
                 optimizer.state[p] = before
             raise
         p.data = data
-        p.grad = None if self.free_grads else grad
+        p.grad = None if self.free_grads or grad.device != home else grad
         optimizer.state.pop(p, None)
         if last or full:  # (an optimizer that keeps no state, like SGD without momentum, gets no entry)
             optimizer.state[p] = {**last, **full}

@@ -58,3 +58,46 @@ def test_host_masters_lower_a_full_finetunes_peak_below_streamed_states(bench):
     # the linear weights (about 0.4 GB of SmolLM2's 0.54 GB fp32) keep half their bytes, their gradients too, and
     # autocast casts none of them: at least 0.3 GiB lower
     assert streamed["peak_bytes"] - host["peak_bytes"] >= 0.3 * 2**30
+
+
+def test_gradients_sent_to_host_memory_step_identically_and_lower_the_backwards_peak():
+    from lightning_rl.plugins.host_gradients import HostGradients
+
+    runs = {}
+    for hold in (False, True):
+        torch.manual_seed(0)
+        # many parameters of 1M each and few tokens: the gradients (68 MiB in bf16) outweigh the activations
+        net = nn.Sequential(nn.Embedding(1024, 1024), *[nn.Linear(1024, 1024, bias=False) for _ in range(32)],
+                            nn.Linear(1024, 1024, bias=False)).cuda()
+        masters = HostMasterWeights(torch.bfloat16)
+        masters.attach(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        streamer = StreamedOptimizerStates(chunk_bytes=1 << 20, split_large=True)
+        streamer.masters = masters
+        if hold:
+            held = HostGradients()
+            held.attach(masters.parameters())
+            streamer.gradients = held
+        peaks = []
+        for step in range(3):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            for part in range(2):  # two micro-batches: the second adds the first's held gradient back
+                x = torch.randint(0, 1024, (2, 16), device="cuda",
+                                  generator=torch.Generator("cuda").manual_seed(10 * step + part))
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    net(x).float().log_softmax(-1).mean().neg().backward()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+            if hold:
+                assert all(p.grad is None for p in masters.parameters())
+                assert all(held.host_gradient(p).is_pinned() for p in held.held())
+            streamer.step(opt)
+        runs[hold] = ([masters.master(p).clone() for p in masters.parameters()], max(peaks))
+    (kept, kept_peak), (sent, sent_peak) = runs[False], runs[True]
+    assert all(torch.equal(a, b) for a, b in zip(kept, sent, strict=True))
+    grad_bytes = sum(p.numel() * 2 for p in masters.parameters())  # bf16 gradients
+    print(f"backward peak above the weights: gradients kept {kept_peak / 2**20:.1f} MiB, sent to host memory "
+          f"{sent_peak / 2**20:.1f} MiB (the gradients: {grad_bytes / 2**20:.1f} MiB)")
+    assert kept_peak - sent_peak >= grad_bytes // 2

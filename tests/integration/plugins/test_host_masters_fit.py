@@ -2,6 +2,7 @@
 masters in checkpoints and back in the module after the fit, and a memory plan that counts half the bytes."""
 
 import lightning as L
+import pytest
 import torch
 from helpers import SAY_ROWS, plugin_trainer, tiny_grpo
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -61,3 +62,42 @@ def test_the_plan_counts_bf16_weights_and_gradients_and_no_casts_of_them(saved_t
     # the linear weights and the embedding are nearly all the bytes: about half of them, plus the fp32 norms
     linear_share = (fp32["trainable weights"] - host["trainable weights"]) * 2 / fp32["trainable weights"]
     assert 0.2 < linear_share < 1
+
+
+class Held(L.Callback):
+    """Per training batch: the parameters whose gradients the backward sent to host memory, and the grad norm."""
+
+    def __init__(self):
+        self.seen, self.norms = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        held = trainer.precision_plugin.host_gradients
+        self.seen.append(None if held is None else (len(held), len(held.held())))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(trainer.callback_metrics["train/grad_norm_step"]))
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2], ids=["one-micro-batch", "two-micro-batches"])
+def test_gradients_held_in_host_memory_train_as_gradients_on_the_device(saved_tiny_llama, monkeypatch,
+                                                                         micro_batch_size):
+    """What CUDA does with host masters (gradients to host memory in the backward), run on a CPU: the same fit."""
+    import lightning_rl.plugins.precision as precision
+
+    path = saved_tiny_llama(1)
+    runs = {}
+    for send in (False, True):
+        monkeypatch.setattr(precision, "_sends_gradients_to_host", lambda device, send=send: send)
+        module = tiny_grpo(path, micro_batch_size=micro_batch_size, num_generations=2)
+        plugin = MemoryAwarePrecision(master_weights="cpu")
+        held = Held()
+        plugin_trainer(plugin, steps=3, callbacks=[held]).fit(module, PromptDataModule(train_data=SAY_ROWS,
+                                                                                       batch_size=2))
+        runs[send] = (held, {n: p.detach().clone() for n, p in module.policy.named_parameters()})
+    (kept, weights_kept), (sent, weights_sent) = runs[False], runs[True]
+    assert kept.seen == [None] * 3
+    managed = sent.seen[0][0]
+    assert managed > 0 and sent.seen == [(managed, managed)] * 3  # every managed gradient waited in host memory
+    assert kept.norms == pytest.approx(sent.norms, rel=1e-5)  # the module's norm counts the held gradients
+    for name, w in weights_kept.items():  # clipped at 1.0 (the default): the factor may differ in its last bit
+        torch.testing.assert_close(weights_sent[name], w, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,121 @@
+"""Gradients of host-master weights sent to pinned host memory as the backward produces them.
+
+With fp32 masters in host memory (:mod:`~lightning_rl.plugins.host_masters`) the optimizer step streams each
+chunk's masters and states through the device. The gradients were the one full set of tensors left on the device
+between the backward and the step, and they set the backward's peak: at its end every layer's gradient is there
+beside the first layer's recomputed activations. :class:`HostGradients` copies each managed parameter's gradient
+into a pinned host buffer as soon as autograd has accumulated it (a post-accumulate-grad hook) and frees it on the
+device; :class:`~lightning_rl.plugins.streamed_states.StreamedOptimizerStates` brings each chunk's gradients back
+with its states. The squared norm of each gradient is taken on the device before it leaves, so gradient clipping
+and the NaN check read no host memory.
+
+All copies run on the backward's CUDA stream, so they are ordered with the kernels that produce and reuse the
+memory; the host never reads the buffers. A second micro-batch of the same optimizer step brings the first one's
+gradient back and adds it before the sum leaves again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class HostGradients:
+    """Pinned host buffers holding the gradients of some parameters between the backward and the optimizer step.
+
+    Args:
+        pin_memory: page-locked buffers (asynchronous copies); only used for CUDA parameters.
+    """
+
+    def __init__(self, pin_memory: bool = True) -> None:
+        self.pin_memory = pin_memory
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._held: dict[int, nn.Parameter] = {}
+        self._squares: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._watched: set[int] = set()
+
+    def attach(self, params: Iterable[nn.Parameter]) -> int:
+        """Send the gradients of ``params`` to host memory from the next backward on. Returns how many."""
+        n = 0
+        for p in params:
+            if id(p) in self._watched or not p.requires_grad:
+                continue
+            self._watched.add(id(p))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._leave))
+            n += 1
+        return n
+
+    def detach(self) -> None:
+        """Stop moving gradients; a gradient still held goes back to its parameter (on its device)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p in list(self._held.values()):
+            p.grad = self.take(p, p.device)
+        self._watched.clear()
+        self._buffers.clear()
+
+    def _buffer(self, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(id(p))
+        if buf is None or buf.shape != grad.shape or buf.dtype != grad.dtype:
+            buf = torch.empty(grad.shape, dtype=grad.dtype, device="cpu", pin_memory=self.pin_memory and grad.is_cuda)
+            self._buffers[id(p)] = buf
+        return buf
+
+    @torch.no_grad()
+    def _leave(self, p: nn.Parameter) -> None:
+        grad = p.grad
+        if grad is None or grad.is_sparse:
+            return
+        buf = self._buffer(p, grad)
+        if id(p) in self._held:  # an earlier micro-batch of this step left already: add it back first
+            grad.add_(buf.to(grad.device, non_blocking=buf.is_pinned()))
+        self._squares[id(p)] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        buf.copy_(grad, non_blocking=buf.is_pinned())
+        self._held[id(p)] = p
+        p.grad = None  # the device memory goes back to the allocator, reused after the copy on this stream
+
+    # ----------------------------------------------------------------------------- the step
+    def holds(self, p: nn.Parameter) -> bool:
+        """Whether ``p``'s gradient waits in host memory."""
+        return id(p) in self._held
+
+    def held(self) -> list[nn.Parameter]:
+        """The parameters whose gradients wait in host memory."""
+        return list(self._held.values())
+
+    def squares(self) -> torch.Tensor | None:
+        """The sum of the held gradients' squared L2 norms (fp32, on their device); None when none is held."""
+        if not self._squares:
+            return None
+        return torch.stack(list(self._squares.values())).sum()
+
+    def host_gradient(self, p: nn.Parameter) -> torch.Tensor:
+        """The host buffer of ``p``'s held gradient (read by copies on the device's stream, not by the host)."""
+        return self._buffers[id(p)]
+
+    def take(self, p: nn.Parameter, device: torch.device) -> torch.Tensor:
+        """``p``'s held gradient copied to ``device``; it is no longer held."""
+        buf = self._buffers[id(p)]
+        self.release(p)
+        return buf.to(device, non_blocking=buf.is_pinned())
+
+    def release(self, p: nn.Parameter) -> None:
+        """Forget ``p``'s held gradient (it has been stepped, or the step was skipped)."""
+        self._held.pop(id(p), None)
+        self._squares.pop(id(p), None)
+
+    def drop(self) -> None:
+        """Forget every held gradient (a skipped optimizer step: ``zero_grad``)."""
+        self._held.clear()
+        self._squares.clear()
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+
+__all__ = ["HostGradients"]
