@@ -124,7 +124,7 @@ class PolicyWeightReceiver:
     def lightning_rl_release_cache(self) -> int:
         """Give PyTorch's cached but unused device memory back to the driver. Returns the bytes released.
 
-        vLLM's start (the profiling run, the CUDA graphs' capture) leaves blocks cached that generation may not
+        vLLM's start (a profiling run, the CUDA graphs' capture) may leave blocks cached that generation does not
         need again; a process that keeps its memory beside training holds them for nothing. Graph pools in use
         stay. 0 on a machine without CUDA.
         """

@@ -232,7 +232,7 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     # device, which the engine process maps; fp32 parameters again after the fit
     assert trainer.precision_plugin.resolved_master_weights == "cpu"
     assert all(s["linear_dtypes"] == ["torch.bfloat16"] for s in seen)
-    # their gradients (the 211 linear weights and the tied embedding) wait in host memory from the backward on
+    # their gradients (210 linear weights and the tied embedding) wait in host memory from the backward on
     assert all(s["grads_sent_to_host"] == 211 for s in seen)
     assert all(p.dtype == torch.float32 for p in module.policy.parameters())
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for

@@ -275,3 +275,27 @@ def test_an_engine_that_leaves_the_update_takes_auto_masters_back_but_not_the_us
     else:
         assert plugin.host_master_weights is not None and plugin.streams_optimizer_states
         assert _linear_dtypes(module) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("send", [True, False], ids=["gradients-to-host", "gradients-on-device"])
+def test_host_masters_on_cuda_empty_the_cache_and_send_gradients_to_host_memory_unless_told_not(monkeypatch, send):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    plugin, module = _shrunk(gradients_to_host=send)  # masters attached for a CUDA device (tensors on the CPU here)
+    assert plugin.host_master_weights is not None
+    assert emptied  # the fp32 weights the conversion freed go back to the driver
+    held = plugin.host_gradients
+    assert (held is not None and len(held) == len(plugin.host_master_weights)) is send
+    plugin.teardown()
+    assert plugin.host_gradients is None and plugin.host_master_weights is None
+
+
+def test_a_fit_that_stops_between_backward_and_step_leaves_fp32_gradients_on_fp32_weights():
+    plugin, module = _shrunk()  # host masters and gradients sent to host memory (a CUDA device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.net(torch.randint(0, 11, (3, 5))).float().sum()
+    loss.backward()
+    assert plugin.host_gradients.held()  # the backward sent them; no step followed
+    plugin.teardown()
+    for p in module.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
