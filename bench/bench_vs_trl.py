@@ -361,7 +361,7 @@ def set_inductor_options(options: dict) -> None:
 
 
 def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
-             profile_name: str = "ours") -> dict:
+             profile_name: str = "ours", partial_path: str | None = None) -> dict:
     import lightning as L
     import torch
 
@@ -445,6 +445,14 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})
             self.rewards.append(float(m.get("train/reward_step", float("nan"))))
+            if partial_path and len(self.steps) == steps and (profile_dir or snapshot):
+                # the timed steps are done; a crash in the extra (profiled or recorded) step keeps them
+                Path(partial_path).write_text(json.dumps({
+                    **summarize(self.steps, warmup), "rewards": self.rewards, "steps": self.steps, "partial": True,
+                    "peak_nvml_device_gib": max(x["step_nvml_peak_gib"] for x in self.steps),
+                    "peak_nvml_process_gib": max(x["step_nvml_process_peak_gib"] for x in self.steps),
+                    "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}))
             engine = self.rollout_cb.engine
             if engine is not None and not hasattr(self, "engine_info"):  # read while the engine is alive
                 shared = getattr(engine, "shared", None)
@@ -598,7 +606,7 @@ def worker(args) -> None:
     logging.basicConfig(format="%(levelname)s:%(name)s:%(message)s")
     if args.runner == "ours":
         res = run_ours(args.case, args.model_dir, args.steps, args.warmup, args.profile_dir,
-                       json.loads(args.extra or "{}"), args.profile_name or "ours")
+                       json.loads(args.extra or "{}"), args.profile_name or "ours", partial_path=args.result)
     else:
         res = run_trl(args.case, args.model_dir, args.steps, args.warmup, args.util, args.trl_sleep)
     res["device"] = torch.cuda.get_device_name(0)
@@ -693,6 +701,9 @@ def main() -> None:
                       + (f"; {r.get('resolved')}" if "resolved" in r else ""), flush=True)
             else:
                 run["error"] = err
+                partial = Path(result_path).read_text() if Path(result_path).exists() else ""
+                if partial:  # the timed steps finished before the extra step failed: keep their figures
+                    run.update(json.loads(partial))
                 print("   FAILED:", err[-1200:], flush=True)
             report["runs"].append(run)
             Path(args.out).write_text(json.dumps(report, indent=1))
