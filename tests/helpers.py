@@ -62,6 +62,21 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def host_master_stepping(net: torch.nn.Module, lr: float, chunk_bytes: int, split_large: bool = False):
+    """``net``'s weights in bf16 with fp32 masters in host memory, its AdamW (weight decay 0.1, watched by the
+    masters) and a streamer stepping them ``chunk_bytes`` of states at a time: ``(masters, optimizer, streamer)``."""
+    from lightning_rl.plugins.host_masters import HostMasterWeights
+    from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
+
+    masters = HostMasterWeights(torch.bfloat16)
+    masters.attach(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.1)
+    masters.watch_optimizer(opt)
+    streamer = StreamedOptimizerStates(chunk_bytes=chunk_bytes, split_large=split_large)
+    streamer.masters = masters
+    return masters, opt, streamer
+
+
 def tied_embedding_model(vocab: int, hidden: int, mid: torch.nn.Module) -> torch.nn.ModuleDict:
     """An embedding tied to the output head around ``mid``, on CUDA: a streamed step's largest parameter."""
     emb = torch.nn.Embedding(vocab, hidden)

@@ -155,9 +155,7 @@ class HostMasterWeights:
             if id(p) not in self._masters or id(p) in self._swapped or p.grad is None:
                 continue
             master = self._masters[id(p)][1]
-            grad = p.grad.float()
-            if self.grad_scale is not None:
-                grad.mul_(self.grad_scale.to(grad.device))
+            grad = self.fp32_gradient(p.grad)
             own = p.data
             p.grad = None
             copy = None if loaded is None else loaded.get(id(p))
@@ -165,6 +163,13 @@ class HostMasterWeights:
                 p.data = copy if copy is not None else master.to(own.device, non_blocking=master.is_pinned())
             p.grad = grad
             self._swapped[id(p)] = own
+
+    def fp32_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad`` (a compute-dtype gradient, or rows of one) upcast for its master, times :attr:`grad_scale`."""
+        grad = grad.float()
+        if self.grad_scale is not None:
+            grad.mul_(self.grad_scale.to(grad.device))
+        return grad
 
     def swap_out(self, params: Iterable[nn.Parameter], keep: bool = True) -> None:
         """Undo :meth:`swap_in`; with ``keep`` the stepped fp32 values go into the master and, rounded, the parameter.

@@ -452,7 +452,6 @@ class StreamedOptimizerStates:
         """
         data, home = p.data, p.device
         master = self.masters.master(p) if self._manages(p) else None
-        scale = None if master is None else self.masters.grad_scale  # type: ignore[union-attr]
         before = dict(optimizer.state.get(p) or {})
         first = not before
         for k, v in list(before.items()):  # states a checkpoint load left on the device: to their CPU buffers
@@ -474,11 +473,8 @@ class StreamedOptimizerStates:
                 if master is None:
                     p.data, p.grad = data[a:b], _on(grad[a:b], home)
                 else:
-                    rows_grad = _on(grad[a:b], home).float()
-                    if scale is not None:
-                        rows_grad.mul_(scale.to(rows_grad.device))
                     p.data = master[a:b].to(home, non_blocking=master.is_pinned())
-                    p.grad = rows_grad
+                    p.grad = self.masters.fp32_gradient(_on(grad[a:b], home))  # type: ignore[union-attr]
                 run()
                 if master is not None:
                     with torch.no_grad():

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import host_master_stepping
 from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.plugins.host_gradients import HostGradients
-from lightning_rl.plugins.host_masters import HostMasterWeights
-from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
 
 
 def _net(seed=0):
@@ -24,11 +23,7 @@ def _backward(model, step, part=0):
 def _setup(hold: bool):
     """A model with host masters streamed in 2 KB chunks (the embedding in slices); its gradients held or not."""
     net = _net()
-    masters = HostMasterWeights(torch.bfloat16)
-    masters.attach(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-2, weight_decay=0.1)
-    streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)
-    streamer.masters = masters
+    masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048, split_large=True)
     plugin = MemoryAwarePrecision(master_weights="cpu")
     plugin._masters = masters
     held = None

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import host_master_stepping
 from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.models import load_policy
 from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters, managed_weights
-from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
 
 
 def _net(seed=0):
@@ -26,12 +26,7 @@ def _pair(chunk_bytes=200):
     """An fp32-master model with its AdamW, and the same model with host masters streamed chunk by chunk."""
     ref = _net()
     net = copy.deepcopy(ref)
-    masters = HostMasterWeights(torch.bfloat16)
-    masters.attach(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-2, weight_decay=0.1)
-    masters.watch_optimizer(opt)
-    streamer = StreamedOptimizerStates(chunk_bytes=chunk_bytes)
-    streamer.masters = masters
+    masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=chunk_bytes)
     return ref, torch.optim.AdamW(ref.parameters(), lr=3e-2, weight_decay=0.1), net, opt, masters, streamer
 
 

@@ -217,16 +217,12 @@ def test_an_error_in_a_slice_gives_the_parameter_back_its_gradient_and_states():
 
 @pytest.mark.parametrize("scale", [None, 0.25], ids=["no-clip", "clipped"])
 def test_an_embedding_with_its_master_in_host_memory_steps_in_slices_as_it_would_whole(scale):
-    from lightning_rl.plugins.host_masters import HostMasterWeights
+    from helpers import host_master_stepping
 
     runs = []
     for split in (False, True):
         net = _wide()
-        masters = HostMasterWeights(torch.bfloat16)
-        masters.attach(net)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
-        streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=split)
-        streamer.masters = masters
+        masters, opt, streamer = host_master_stepping(net, lr=1e-2, chunk_bytes=2048, split_large=split)
         weight = net[0].weight
         storage = weight.data_ptr()
         for step in range(3):
