@@ -183,11 +183,50 @@ def completion_logprobs(
     return logprobs_from_hidden(model, hidden, completion_ids, completion_mask, temperature, backend, chunk_size)
 
 
+def packed_completion_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    backend: Backend = "auto",
+    chunk_size: int = 1024,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` with the sequences packed in one row without padding (:mod:`~lightning_rl.packing`).
+
+    ``max_len`` bounds a sequence's length for the attention kernel; a bound fixed for the run (the longest prompt
+    plus ``max_new_tokens``) keeps compiled layers from recompiling when a rollout's longest sequence changes.
+    A prototype, not yet run on a GPU; the same values as :func:`completion_logprobs` on a CPU.
+    """
+    from lightning_rl.packing import attention_packed, pack_rows
+
+    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    bound = packed.max_len if max_len is None else max(max_len, packed.max_len)
+    body, head = backbone_and_head(model)
+    with attention_packed(model):
+        out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
+                   max_length_q=bound, max_length_k=bound)
+    hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+    valid = completion_mask.bool().flatten()
+    rows = valid.nonzero().squeeze(-1)
+    logp_sel, ent_sel = token_logprobs_entropy(
+        hidden[packed.targets_at], head.weight, completion_ids.flatten()[rows], getattr(head, "bias", None),
+        temperature, backend, chunk_size,
+    )
+    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put((rows,), logp_sel)
+    ent = torch.zeros_like(logp).index_put((rows,), ent_sel)
+    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+
+
 __all__ = [
     "IGNORE_INDEX",
     "completion_hidden_states",
     "completion_logprobs",
     "logprobs_from_hidden",
+    "packed_completion_logprobs",
     "resolve_backend",
     "token_logprobs_entropy",
 ]

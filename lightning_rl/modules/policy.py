@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers
 from lightning_rl.hparams import portable
-from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, unwrap
+from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, packed_completion_logprobs, unwrap
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import (
     EMBEDDED_DEFAULT,
@@ -82,6 +82,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_grad_norm: clip the gradient norm to this (None or 0 disables).
         logprob_backend: ``auto`` (Triton kernel on CUDA), ``triton`` or ``reference``.
         logprob_chunk_size: tokens per chunk in the reference log-prob path.
+        pack_sequences: a prototype, not yet run on a GPU: the policy's forward for log-probs lays each
+            sequence's real tokens end to end in one row, without padding (:mod:`~lightning_rl.packing`). The same
+            log-probs and gradients as the padded layout on a CPU. Off by default.
         system_prompt: optional system message added to every prompt.
         chat_template: render plain-text prompts with the tokenizer's chat template.
         max_prompt_length: refuse longer prompts (or left-truncate them with ``truncate_prompts``).
@@ -137,6 +140,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_grad_norm: float | None = 1.0,
         logprob_backend: Backend = "auto",
         logprob_chunk_size: int = 1024,
+        pack_sequences: bool = False,
         system_prompt: str | None = None,
         chat_template: bool = True,
         max_prompt_length: int | None = 512,
@@ -172,6 +176,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.logprob_backend = logprob_backend
         self.logprob_chunk_size = logprob_chunk_size
+        self.pack_sequences = bool(pack_sequences)
         self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.max_prompt_length = max_prompt_length
@@ -457,6 +462,15 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
+        if self.pack_sequences:
+            sampling = getattr(self, "sampling", None)
+            bound = (None if self.max_prompt_length is None or sampling is None
+                     else self.max_prompt_length + sampling.max_new_tokens)
+            return packed_completion_logprobs(
+                model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                rollout.completion_mask[rows], temperature=temperature, backend=self.logprob_backend,
+                chunk_size=self.logprob_chunk_size, max_len=bound,
+            )
         return completion_logprobs(
             model,
             rollout.prompt_ids[rows],

@@ -1,0 +1,79 @@
+"""Sequences packed into one row (a prototype): the same log-probs and gradients as the padded layout on a CPU."""
+
+import pytest
+import torch
+
+from lightning_rl.logprobs import completion_logprobs, packed_completion_logprobs
+from lightning_rl.packing import pack_rows
+
+
+def _batch(n=5, p=7, c=9, vocab=100, seed=0):
+    """Left-padded prompts and right-padded completions of random lengths (the Rollout layout)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_len = torch.randint(1, p + 1, (n,), generator=g)
+    completion_len = torch.randint(1, c + 1, (n,), generator=g)
+    prompt_mask = (torch.arange(p) >= p - prompt_len[:, None]).long()
+    completion_mask = (torch.arange(c) < completion_len[:, None]).long()
+    prompt_ids = torch.randint(1, vocab, (n, p), generator=g) * prompt_mask
+    completion_ids = torch.randint(1, vocab, (n, c), generator=g) * completion_mask
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_packing_keeps_the_real_tokens_restarts_positions_and_points_at_each_completion_tokens_predictor():
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _batch()
+    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    lengths = (prompt_mask.sum(-1) + completion_mask.sum(-1)).tolist()
+    assert packed.input_ids.shape == (1, sum(lengths)) and packed.max_len == max(lengths)
+    assert packed.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    flat, positions = packed.input_ids[0].tolist(), packed.position_ids[0].tolist()
+    k = 0
+    for i, length in enumerate(lengths):
+        real = prompt_ids[i][prompt_mask[i].bool()].tolist() + completion_ids[i][completion_mask[i].bool()].tolist()
+        assert flat[packed.cu_seqlens[i]:packed.cu_seqlens[i + 1]] == real
+        assert positions[packed.cu_seqlens[i]:packed.cu_seqlens[i + 1]] == list(range(length))
+        for t in range(int(completion_mask[i].sum())):  # the state before completion token t predicts it
+            assert flat[packed.targets_at[k] + 1] == completion_ids[i, t]
+            k += 1
+    assert k == packed.targets_at.numel()
+    with pytest.raises(ValueError, match="prompt without tokens"):
+        pack_rows(prompt_ids, torch.zeros_like(prompt_mask), completion_ids, completion_mask)
+
+
+def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(2), dtype=torch.float32).train()
+    batch = _batch(vocab=model.config.vocab_size)
+    results = []
+    for fn in (completion_logprobs, packed_completion_logprobs):
+        model.zero_grad()
+        logp, ent = fn(model, *batch, backend="reference")
+        (logp.sum() + 0.1 * ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logp_a, ent_a, grads_a), (logp_b, ent_b, grads_b) = results
+    assert (logp_a[batch[3] == 0] == 0).all() and (logp_b[batch[3] == 0] == 0).all()
+    torch.testing.assert_close(logp_b, logp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert model.config._attn_implementation != "lightning_rl_packed"  # put back after the packed forward
+
+
+def test_a_grpo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_llama, monkeypatch):
+    from helpers import SAY_ROWS, make_trainer, tiny_grpo
+
+    import lightning_rl.packing as packing
+    from lightning_rl import PromptDataModule
+
+    calls = []
+    inner = packing._reference_attention
+    monkeypatch.setattr(packing, "_reference_attention", lambda *a: calls.append(1) or inner(*a))
+    path = saved_tiny_llama(1)
+    runs = []
+    for pack in (False, True):
+        module = tiny_grpo(path, pack_sequences=pack)
+        make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+        runs.append({n: p.detach().clone() for n, p in module.policy.named_parameters()})
+        assert bool(calls) is pack  # the padded fit never reached the packed attention; the packed one did
+    for name, w in runs[0].items():
+        torch.testing.assert_close(runs[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
