@@ -472,6 +472,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     # parameters whose gradients the backward sends to host memory
                                     "gradients_sent_to_host": len(getattr(trainer.precision_plugin,
                                                                           "host_gradients", None) or ()),
+                                    # the update's forwards pack the sequences without padding
+                                    "packed_sequences": pl_module.packs_sequences(pl_module.policy),
                                     # what the engine process's allocator gave back after its start
                                     "engine_released_at_start_gib": getattr(engine, "released_at_start_bytes",
                                                                             0) / 2**30,

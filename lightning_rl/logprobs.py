@@ -200,16 +200,13 @@ def packed_completion_logprobs(
     plus ``max_new_tokens``) keeps compiled layers from recompiling when a rollout's longest sequence changes.
     A prototype, not yet run on a GPU; the same values as :func:`completion_logprobs` on a CPU.
     """
-    from lightning_rl.packing import attention_packed, pack_rows
+    from lightning_rl.packing import pack_rows, packed_forward, use_packed_attention
 
     packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
     bound = packed.max_len if max_len is None else max(max_len, packed.max_len)
     body, head = backbone_and_head(model)
-    with attention_packed(model):
-        out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                   cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
-                   max_length_q=bound, max_length_k=bound)
-    hidden = (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
+    use_packed_attention(model)
+    hidden = packed_forward(body, packed, bound)
     valid = completion_mask.bool().flatten()
     rows = valid.nonzero().squeeze(-1)
     logp_sel, ent_sel = token_logprobs_entropy(

@@ -12,20 +12,23 @@ Not yet run on a GPU (``bench/results/vs_trl_NOTES.md``, twentieth visit: what t
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lightning_rl.models import unwrap
 
 ATTENTION = "lightning_rl_packed"
 _VARLEN_PARAMS: frozenset[str] = frozenset()  # varlen_attn's keyword names, read once outside compiled code
+_UNPACKED: dict[int, str] = {}  # id(config) -> the attention implementation a model had before the packed one
+_IN_PACKED_FORWARD = False  # within packed_forward: no mask to build (the cumulative lengths bound the attention)
 
 
 @dataclass
@@ -106,20 +109,76 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
 
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """A transformers attention function over one packed row: ``[1, H, T, D]`` in, ``[1, T, H, D]`` out."""
-    cu, max_len = kwargs["cu_seq_lens_q"], int(kwargs["max_length_q"])
+                     **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A transformers attention function: over one packed row when given ``cu_seq_lens_q``, else the model's own.
+
+    Packed: ``[1, H, T, D]`` in, ``[1, T, H, D]`` out. A call without cumulative lengths (a padded forward, the
+    embedded ``generate``) goes to the implementation the model had before :func:`use_packed_attention`.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        config = getattr(module, "config", None)
+        name = _UNPACKED.get(id(config), "sdpa")
+        fallback = ALL_ATTENTION_FUNCTIONS.get(name) or ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    for unsupported in ("sliding_window", "softcap"):
+        if kwargs.get(unsupported):
+            raise ValueError(f"packed sequences do not support {unsupported}: set pack_sequences=False")
+    max_len = int(kwargs["max_length_q"])
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = _flash_attention(q, k, v, cu, max_len, scaling) if q.is_cuda else _reference_attention(q, k, v, cu, scaling)
+    dtype = torch.get_autocast_dtype("cuda") if q.is_cuda and torch.is_autocast_enabled("cuda") else q.dtype
+    if q.is_cuda and dtype in (torch.float16, torch.bfloat16):  # flash attention takes half precision only
+        out = _flash_attention(*(t.to(dtype) for t in (q, k, v)), cu, max_len, scaling)
+    else:
+        out = _reference_attention(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
 
 
-def register_packed_attention() -> None:
-    """Make :data:`ATTENTION` a transformers attention implementation (idempotent)."""
-    global _VARLEN_PARAMS
-    from transformers import AttentionInterface
+def _mask(config: Any = None, **kwargs: Any) -> torch.Tensor | None:
+    """The mask for :data:`ATTENTION`: none for a packed forward, else the one the model's own attention takes."""
+    if _IN_PACKED_FORWARD:
+        return None
+    own = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(_UNPACKED.get(id(config), "sdpa"), sdpa_mask)
+    return own(config=config, **kwargs)
 
+
+def packing_unsupported(model: nn.Module) -> str | None:
+    """Why ``model``'s sequences cannot be packed, or None when they can.
+
+    A model must read its attention function from transformers' registry (``_supports_attention_backend``), or it
+    would attend across the packed sequences; sliding windows and soft-capped logits are not handled here.
+    """
+    net = unwrap(model)
+    config = getattr(net, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return f"{type(net).__name__} is not a transformers model"
+    if not getattr(net, "_supports_attention_backend", False):
+        return f"{type(net).__name__} does not take a registered attention function"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return f"{type(net).__name__} has layers of {sorted(set(layer_types) - {'full_attention'})}"
+    if layer_types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"{type(net).__name__} attends through a sliding window"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{type(net).__name__} soft-caps its attention logits"
+    if next(net.parameters()).is_cuda and not _varlen_available():
+        return "this PyTorch has no torch.nn.attention.varlen (PyTorch 2.10 or newer)"
+    return None
+
+
+def _varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def register_packed_attention() -> None:
+    """Make :data:`ATTENTION` a transformers attention implementation, with its mask (idempotent)."""
+    global _VARLEN_PARAMS
     AttentionInterface.register(ATTENTION, packed_attention)
+    AttentionMaskInterface.register(ATTENTION, _mask)
     if not _VARLEN_PARAMS:
         try:
             from torch.nn.attention.varlen import varlen_attn
@@ -128,18 +187,36 @@ def register_packed_attention() -> None:
         _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
 
 
-@contextlib.contextmanager
-def attention_packed(model: nn.Module) -> Iterator[None]:
-    """Within: ``model`` attends with :func:`packed_attention` (its config's implementation is put back after)."""
+def use_packed_attention(model: nn.Module) -> None:
+    """Let ``model`` attend with :func:`packed_attention` from now on (idempotent).
+
+    The switch stays: a gradient checkpoint recomputes its layers in the backward, after the forward returned,
+    and must attend as the forward did. Forwards without cumulative lengths keep the model's own attention.
+    ``_attn_implementation`` is not saved with the config, so a saved model loads as before.
+    """
     register_packed_attention()
     config = unwrap(model).config
-    before = config._attn_implementation
-    config._attn_implementation = ATTENTION
+    if config._attn_implementation != ATTENTION:
+        _UNPACKED[id(config)] = config._attn_implementation
+        config._attn_implementation = ATTENTION
+
+
+def packed_forward(body: nn.Module, packed: PackedRows, max_len: int) -> torch.Tensor:
+    """``body`` (a model's backbone, switched by :func:`use_packed_attention`) over ``packed``: ``[T, hidden]``.
+
+    ``max_len`` bounds a sequence's length for the attention kernel; a bound fixed for the run keeps compiled
+    layers from recompiling when a rollout's longest sequence changes.
+    """
+    global _IN_PACKED_FORWARD
+    _IN_PACKED_FORWARD = True
     try:
-        yield
+        out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
+                   max_length_q=max_len, max_length_k=max_len)
     finally:
-        config._attn_implementation = before
+        _IN_PACKED_FORWARD = False
+    return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
 
 
-__all__ = ["ATTENTION", "PackedRows", "attention_packed", "pack_rows", "packed_attention",
-           "register_packed_attention"]
+__all__ = ["ATTENTION", "PackedRows", "pack_rows", "packed_attention", "packed_forward", "packing_unsupported",
+           "register_packed_attention", "use_packed_attention"]

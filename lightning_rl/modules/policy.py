@@ -42,6 +42,7 @@ from lightning_rl.modules.sharding import (
     is_model_parallel,
 )
 from lightning_rl.modules.step_sizes import StepSizes
+from lightning_rl.packing import packing_unsupported
 from lightning_rl.prompting import Prompt, encode_prompts
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
@@ -82,9 +83,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_grad_norm: clip the gradient norm to this (None or 0 disables).
         logprob_backend: ``auto`` (Triton kernel on CUDA), ``triton`` or ``reference``.
         logprob_chunk_size: tokens per chunk in the reference log-prob path.
-        pack_sequences: a prototype, not yet run on a GPU: the policy's forward for log-probs lays each
-            sequence's real tokens end to end in one row, without padding (:mod:`~lightning_rl.packing`). The same
-            log-probs and gradients as the padded layout on a CPU. Off by default.
+        pack_sequences: lay each sequence's real tokens end to end in one row, without padding, for the log-prob
+            forwards (:mod:`~lightning_rl.packing`; variable-length flash attention on CUDA). None (default): on
+            for a model that supports it on CUDA under 16-bit autocast or in 16-bit weights; True also elsewhere
+            (a slower reference attention on a CPU), and an error for a model that cannot be packed.
         system_prompt: optional system message added to every prompt.
         chat_template: render plain-text prompts with the tokenizer's chat template.
         max_prompt_length: refuse longer prompts (or left-truncate them with ``truncate_prompts``).
@@ -140,7 +142,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         max_grad_norm: float | None = 1.0,
         logprob_backend: Backend = "auto",
         logprob_chunk_size: int = 1024,
-        pack_sequences: bool = False,
+        pack_sequences: bool | None = None,
         system_prompt: str | None = None,
         chat_template: bool = True,
         max_prompt_length: int | None = 512,
@@ -176,7 +178,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.logprob_backend = logprob_backend
         self.logprob_chunk_size = logprob_chunk_size
-        self.pack_sequences = bool(pack_sequences)
+        self.pack_sequences = pack_sequences
+        self._packs: dict[int, bool] = {}  # id(model) -> whether its forwards pack (a supported model on CUDA)
         self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.max_prompt_length = max_prompt_length
@@ -458,11 +461,31 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
+    def packs_sequences(self, model: nn.Module) -> bool:
+        """Whether :meth:`sequence_logprobs` packs ``model``'s sequences (see ``pack_sequences``).
+
+        Raises:
+            ValueError: ``pack_sequences=True`` for a model that cannot be packed.
+        """
+        if self.pack_sequences is False:
+            return False
+        if id(model) not in self._packs:
+            why = packing_unsupported(model)
+            if why is not None and self.pack_sequences:
+                raise ValueError(f"pack_sequences=True, but {why}: set pack_sequences=False (or leave it at None)")
+            self._packs[id(model)] = why is None and (bool(self.pack_sequences) or next(model.parameters()).is_cuda)
+            if why is not None:
+                log.info("pack_sequences: not packing, as %s", why)
+        if not self._packs[id(model)] or self.pack_sequences:
+            return self._packs[id(model)]
+        half = (torch.float16, torch.bfloat16)
+        return torch.is_autocast_enabled("cuda") or next(model.parameters()).dtype in half
+
     def sequence_logprobs(
         self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
-        if self.pack_sequences:
+        if self.packs_sequences(model):
             sampling = getattr(self, "sampling", None)
             bound = (None if self.max_prompt_length is None or sampling is None
                      else self.max_prompt_length + sampling.max_new_tokens)

@@ -92,14 +92,14 @@ class HostMasterWeights:
     def attach(self, module: nn.Module) -> int:
         """Move the masters of ``module``'s :func:`managed_weights` to host memory. Returns their bytes."""
         moved = 0
+        added: list[nn.Parameter] = []
         for owner, name, p in managed_weights(module):
             if id(p) not in self._masters:
                 pin = self.pin_memory and p.is_cuda
                 master = torch.empty(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
                 master.copy_(p.data)
-                with torch.no_grad():
-                    p.data = p.data.to(self.dtype)
                 self._masters[id(p)] = (p, master)
+                added.append(p)
                 moved += master.numel() * master.element_size()
             if id(owner) not in self._names:
                 self._names[id(owner)] = {}
@@ -107,7 +107,36 @@ class HostMasterWeights:
                 self._handles.append(owner.register_state_dict_post_hook(functools.partial(self._state_dict_hook)))
                 self._handles.append(owner.register_load_state_dict_pre_hook(functools.partial(self._load_hook)))
             self._names[id(owner)][name] = p
+        self._to_compute_dtype(added)
         return moved
+
+    def _to_compute_dtype(self, params: Sequence[nn.Parameter]) -> None:
+        """Store ``params`` in :attr:`dtype`, from their masters.
+
+        On CUDA every fp32 weight is freed, and PyTorch's cache emptied, before the first 16-bit copy is allocated.
+        Copies allocated while the fp32 weights still held the allocator's segments would each keep a segment
+        partly in use, so the freed fp32 bytes could not go back to the driver: on an H200, SmolLM2's reserve stood
+        at 0.61 GiB for 0.27 GiB of weights when each weight was converted in place.
+        """
+        on_cuda = [p for p in params if p.is_cuda]
+        with torch.no_grad():
+            for p in params:
+                if not p.is_cuda:
+                    p.data = p.data.to(self.dtype)
+            if not on_cuda:
+                return
+            device = on_cuda[0].device
+            for p in on_cuda:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            torch.cuda.empty_cache()
+            try:
+                for p in on_cuda:  # cast in host memory: no fp32 temporary on the device
+                    p.data = self._masters[id(p)][1].to(self.dtype).to(device)
+            except BaseException:
+                for p in on_cuda:  # never leave a parameter without its values
+                    if p.numel() == 0 and self._masters[id(p)][1].numel() != 0:
+                        p.data = self._masters[id(p)][1].to(device)
+                raise
 
     def watch_optimizer(self, optimizer: Optimizer) -> None:
         """Let ``optimizer.load_state_dict`` see the fp32 masters, so the states it loads stay fp32."""

@@ -101,3 +101,30 @@ def test_gradients_sent_to_host_memory_step_identically_and_lower_the_backwards_
     print(f"backward peak above the weights: gradients kept {kept_peak / 2**20:.1f} MiB, sent to host memory "
           f"{sent_peak / 2**20:.1f} MiB (the gradients: {grad_bytes / 2**20:.1f} MiB)")
     assert kept_peak - sent_peak >= grad_bytes // 2
+
+
+def test_attaching_masters_gives_the_freed_fp32_weights_back_to_the_driver():
+    def weights():  # SmolLM2-135M's linear shapes, loaded on the CPU and moved over, as from_pretrained and .cuda()
+        torch.manual_seed(0)
+        shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
+        return nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes).cuda()
+
+    def slack(convert):
+        net = weights()
+        convert(net)
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        del net
+        torch.cuda.empty_cache()
+        return held
+
+    def in_place(net):
+        for p in net.parameters():
+            p.data = p.data.to(torch.bfloat16)
+
+    fp32 = sum(p.numel() * 4 for p in weights().parameters())
+    torch.cuda.empty_cache()
+    before, after = slack(in_place), slack(HostMasterWeights(torch.bfloat16).attach)
+    print(f"cached but unused after the conversion, of {fp32 / 2**20:.0f} MiB fp32: each weight in place "
+          f"{before / 2**20:.1f} MiB, freed before the copies {after / 2**20:.1f} MiB")
+    assert after < 24 * 2**20  # at most one segment's tail, against the fp32 bytes that fragmented segments kept

@@ -166,6 +166,7 @@ def _overlapped_fit(module, steps=4, settings=None):
                                            if hasattr(callback.engine, "memory_breakdown") else None),
                          "engine_released_at_start": getattr(callback.engine, "released_at_start_bytes", None),
                          "grads_sent_to_host": len(getattr(trainer.precision_plugin, "host_gradients", None) or ()),
+                         "packed": pl_module.packs_sequences(pl_module.policy),
                          "linear_dtypes": sorted({str(m.weight.dtype) for n, m in pl_module.policy.named_modules()
                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
@@ -234,6 +235,8 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert all(s["linear_dtypes"] == ["torch.bfloat16"] for s in seen)
     # their gradients (210 linear weights and the tied embedding) wait in host memory from the backward on
     assert all(s["grads_sent_to_host"] == 211 for s in seen)
+    # the update's forwards pack the sequences without padding (pack_sequences=None on CUDA under bf16 autocast)
+    assert all(s["packed"] for s in seen)
     assert all(p.dtype == torch.float32 for p in module.policy.parameters())
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for
     # a later engine in this process that needs vLLM's sleep mode

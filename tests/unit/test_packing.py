@@ -56,10 +56,14 @@ def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama)
     torch.testing.assert_close(ent_b, ent_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
-    assert model.config._attn_implementation != "lightning_rl_packed"  # put back after the packed forward
+    assert model.config._attn_implementation == "lightning_rl_packed"  # stays: a checkpoint recomputes with it
+    model.zero_grad()
+    logp_c, _ = completion_logprobs(model, *batch, backend="reference")  # a padded forward: the model's own attention
+    torch.testing.assert_close(logp_c, logp_a, rtol=1e-5, atol=1e-5)
 
 
-def test_a_grpo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_llama, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "recomputed"])
+def test_a_grpo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_llama, monkeypatch, checkpointing):
     from helpers import SAY_ROWS, make_trainer, tiny_grpo
 
     import lightning_rl.packing as packing
@@ -71,9 +75,29 @@ def test_a_grpo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_ll
     path = saved_tiny_llama(1)
     runs = []
     for pack in (False, True):
-        module = tiny_grpo(path, pack_sequences=pack)
+        module = tiny_grpo(path, pack_sequences=pack, gradient_checkpointing=checkpointing)
         make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
         runs.append({n: p.detach().clone() for n, p in module.policy.named_parameters()})
         assert bool(calls) is pack  # the padded fit never reached the packed attention; the packed one did
     for name, w in runs[0].items():
         torch.testing.assert_close(runs[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_models_that_cannot_be_packed_are_named_and_refused_when_packing_is_asked_for(saved_tiny_llama):
+    from helpers import tiny_grpo
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from lightning_rl.packing import packing_unsupported
+
+    llama = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(1), dtype=torch.float32)
+    assert packing_unsupported(llama) is None
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                            sliding_window=8, max_window_layers=0))
+    assert "sliding_attention" in packing_unsupported(windowed)
+    assert "not a transformers model" in packing_unsupported(torch.nn.Linear(2, 2))
+    asked, auto = tiny_grpo(saved_tiny_llama(1), pack_sequences=True), tiny_grpo(saved_tiny_llama(1))
+    with pytest.raises(ValueError, match="pack_sequences=True, but .*sliding_attention.*pack_sequences=False"):
+        asked.packs_sequences(windowed)
+    assert not auto.packs_sequences(windowed) and not auto.packs_sequences(llama)  # None: CUDA only
+    assert asked.packs_sequences(llama)  # True: a CPU too
