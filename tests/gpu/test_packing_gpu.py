@@ -44,3 +44,40 @@ def test_packed_logprobs_and_gradients_match_the_padded_layout_under_bf16_autoca
     for name, g in grads_a.items():
         similarity = torch.nn.functional.cosine_similarity(g.flatten().float(), grads_b[name].flatten().float(), dim=0)
         assert similarity > 0.99, name
+
+
+@pytest.mark.parametrize("method", ["ppo", "dpo"])
+def test_ppo_and_dpo_fits_pack_by_default_on_a_gpu_and_train_as_the_padded_layout(saved_tiny_llama, method):
+    import lightning as L
+    from helpers import high_ids
+
+    from lightning_rl import DPO, PPO, PreferenceDataModule, PromptDataModule, SamplingConfig
+
+    pairs = [{"prompt": "abc"[: 1 + i % 3], "chosen": "x" * (1 + i % 4), "rejected": "yz" * (1 + i % 2)}
+             for i in range(16)]
+    prompts = [{"prompt": f"Say {i}"} for i in range(16)]
+    losses, moves = [], []
+    for pack in (None, False):
+        L.seed_everything(0, verbose=False)
+        if method == "ppo":
+            module = PPO(reward_funcs=[high_ids],
+                         model=saved_tiny_llama(2), num_generations=2, num_iterations=1, chat_template=False,
+                         sampling=SamplingConfig(max_new_tokens=8), learning_rate=1e-3, max_prompt_length=16,
+                         pack_sequences=pack)
+            data = PromptDataModule(train_data=prompts, batch_size=4)
+        else:
+            module = DPO(beta=0.1, model=saved_tiny_llama(2), learning_rate=1e-3, pack_sequences=pack)
+            data = PreferenceDataModule(pairs, batch_size=4)
+        trainer = L.Trainer(max_steps=3, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        module.configure_model()
+        start = torch.cat([p.detach().flatten().float() for p in module.policy.parameters()])
+        trainer.fit(module, datamodule=data)
+        assert module.packs_sequences(module.policy) is (pack is None)  # None packs on CUDA under bf16 autocast
+        losses.append(float(trainer.callback_metrics["train/loss_step"]))
+        moves.append(torch.cat([p.detach().flatten().float().cpu() for p in module.policy.parameters()]) - start)
+    similarity = torch.nn.functional.cosine_similarity(moves[0], moves[1], dim=0)
+    print(f"{method}: last loss packed {losses[0]:.5f}, padded {losses[1]:.5f}; the updates' cosine {similarity:.4f}")
+    assert moves[1].abs().max() > 0 and similarity > 0.9  # bf16, two attention kernels: close, not equal
+    assert losses[0] == pytest.approx(losses[1], rel=0.05, abs=5e-3)
