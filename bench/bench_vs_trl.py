@@ -404,6 +404,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
             self.memory.setdefault("first_optimizer_step", sampler.breakdown())
+            # PyTorch's peak so far: the forwards' and backwards' (the plugin's train_peak_gib adds the step's)
+            self.backward_peak_gib = torch.cuda.max_memory_allocated() / 2**30
 
         def on_train_end(self, trainer, pl_module):  # the engine is still alive (it stops at teardown)
             self.engine_at_end = engine_memory_gib(self.rollout_cb.engine)
@@ -441,6 +443,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "step_nvml_peak_gib": sampler.take_step_peak_gib(),
                                "step_nvml_process_peak_gib": sampler.take_step_process_peak_gib(),
                                "memory": sampler.breakdown(),
+                               "backward_peak_gib": getattr(self, "backward_peak_gib", None),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})

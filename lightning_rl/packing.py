@@ -13,6 +13,7 @@ against 0.86 padded, with the same log-probs (``bench/results/vs_trl_NOTES.md``,
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from lightning_rl.models import unwrap
 ATTENTION = "lightning_rl_packed"
 _VARLEN_PARAMS: frozenset[str] = frozenset()  # varlen_attn's keyword names, read once outside compiled code
 _UNPACKED: dict[int, str] = {}  # id(config) -> the attention implementation a model had before the packed one
-_IN_PACKED_FORWARD = False  # within packed_forward: no mask to build (the cumulative lengths bound the attention)
+_STATE = threading.local()  # .packing: within packed_forward (this thread): no mask to build, the lengths bound it
 
 
 @dataclass
@@ -136,7 +137,7 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 def _mask(config: Any = None, **kwargs: Any) -> torch.Tensor | None:
     """The mask for :data:`ATTENTION`: none for a packed forward, else the one the model's own attention takes."""
-    if _IN_PACKED_FORWARD:
+    if getattr(_STATE, "packing", False):
         return None
     own = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(_UNPACKED.get(id(config), "sdpa"), sdpa_mask)
     return own(config=config, **kwargs)
@@ -207,14 +208,13 @@ def packed_forward(body: nn.Module, packed: PackedRows, max_len: int) -> torch.T
     ``max_len`` bounds a sequence's length for the attention kernel; a bound fixed for the run keeps compiled
     layers from recompiling when a rollout's longest sequence changes.
     """
-    global _IN_PACKED_FORWARD
-    _IN_PACKED_FORWARD = True
+    _STATE.packing = True
     try:
         out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                    cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
                    max_length_q=max_len, max_length_k=max_len)
     finally:
-        _IN_PACKED_FORWARD = False
+        _STATE.packing = False
     return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]
 
 

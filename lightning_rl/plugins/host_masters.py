@@ -125,17 +125,16 @@ class HostMasterWeights:
                     p.data = p.data.to(self.dtype)
             if not on_cuda:
                 return
-            device = on_cuda[0].device
             for p in on_cuda:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             torch.cuda.empty_cache()
             try:
                 for p in on_cuda:  # cast in host memory: no fp32 temporary on the device
-                    p.data = self._masters[id(p)][1].to(self.dtype).to(device)
+                    p.data = self._masters[id(p)][1].to(self.dtype).to(p.device)
             except BaseException:
                 for p in on_cuda:  # never leave a parameter without its values
                     if p.numel() == 0 and self._masters[id(p)][1].numel() != 0:
-                        p.data = self._masters[id(p)][1].to(device)
+                        p.data = self._masters[id(p)][1].to(p.device)
                 raise
 
     def watch_optimizer(self, optimizer: Optimizer) -> None:
