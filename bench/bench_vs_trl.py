@@ -371,6 +371,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
     set_inductor_options(extra.get("inductor", {}))
     snapshot = bool(extra.get("snapshot"))  # one step past the timed ones with PyTorch's allocation history
+    # an A/B for the library: PyTorch's cache given back to the driver after each step's update (beside the engine
+    # process the plugin never empties it between steps, so what one step freed stays reserved into the next)
+    empty_cache_each_step = bool(extra.get("empty_cache_each_step"))
     _, lora, new_tokens, lr = CASES[case]
     rows = make_rows(PROMPTS * (steps + 1))
     t_start = time.perf_counter()
@@ -411,6 +414,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.engine_at_end = engine_memory_gib(self.rollout_cb.engine)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if empty_cache_each_step:
+                torch.cuda.empty_cache()  # inside the step's time: its cost counts
             torch.cuda.synchronize()
             step_s = time.perf_counter() - self.t0
             extra_step = getattr(self, "snapshot_start", None) is not None or getattr(self, "prof", None) is not None
@@ -631,7 +636,8 @@ def main() -> None:
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
                          '"env": {variables for its process}, '
                          '"inductor": {torch._inductor.config entries for the trainer process only}, '
-                         '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site)}')
+                         '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site), '
+                         '"empty_cache_each_step": true (the trainer empties its cache after each update)}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")
