@@ -13,6 +13,7 @@ against 0.86 padded, with the same log-probs (``bench/results/vs_trl_NOTES.md``,
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -118,9 +119,7 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        config = getattr(module, "config", None)
-        name = _UNPACKED.get(id(config), "sdpa")
-        fallback = ALL_ATTENTION_FUNCTIONS.get(name) or ALL_ATTENTION_FUNCTIONS["sdpa"]
+        fallback = _own_attention(module)
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     for unsupported in ("sliding_window", "softcap"):
         if kwargs.get(unsupported):
@@ -133,6 +132,16 @@ def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     else:
         out = _reference_attention(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
+
+
+def _own_attention(module: nn.Module) -> Any:
+    """The attention function ``module``'s model had before :func:`use_packed_attention` (sdpa if unknown)."""
+    name = _UNPACKED.get(id(getattr(module, "config", None)), "sdpa")
+    if name == "eager":  # not in the registry: each model file defines its own
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if own is not None:
+            return own
+    return ALL_ATTENTION_FUNCTIONS.get(name) or ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 def _mask(config: Any = None, **kwargs: Any) -> torch.Tensor | None:

@@ -178,6 +178,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.logprob_backend = logprob_backend
         self.logprob_chunk_size = logprob_chunk_size
+        if pack_sequences not in (None, True, False):
+            raise ValueError(f"pack_sequences must be None (pack where supported), True or False, got "
+                             f"{pack_sequences!r}")
         self.pack_sequences = pack_sequences
         self._packs: dict[int, bool] = {}  # id(model) -> whether its forwards pack (a supported model on CUDA)
         self.system_prompt = system_prompt

@@ -39,10 +39,12 @@ def test_packing_keeps_the_real_tokens_restarts_positions_and_points_at_each_com
         pack_rows(prompt_ids, torch.zeros_like(prompt_mask), completion_ids, completion_mask)
 
 
-def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama):
+@pytest.mark.parametrize("own", ["sdpa", "eager"])
+def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama, own):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(2), dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(2), dtype=torch.float32, attn_implementation=own)
+    model.train()
     batch = _batch(vocab=model.config.vocab_size)
     results = []
     for fn in (completion_logprobs, packed_completion_logprobs):
@@ -59,7 +61,7 @@ def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama)
     assert model.config._attn_implementation == "lightning_rl_packed"  # stays: a checkpoint recomputes with it
     model.zero_grad()
     logp_c, _ = completion_logprobs(model, *batch, backend="reference")  # a padded forward: the model's own attention
-    torch.testing.assert_close(logp_c, logp_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp_c, logp_a, rtol=0, atol=0)
 
 
 def test_models_that_cannot_be_packed_are_named_and_refused_when_packing_is_asked_for(saved_tiny_llama):
@@ -75,6 +77,8 @@ def test_models_that_cannot_be_packed_are_named_and_refused_when_packing_is_aske
                                             sliding_window=8, max_window_layers=0))
     assert "sliding_attention" in packing_unsupported(windowed)
     assert "not a transformers model" in packing_unsupported(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="pack_sequences must be None .*, True or False, got 'yes'"):
+        tiny_grpo(saved_tiny_llama(1), pack_sequences="yes")
     asked, auto = tiny_grpo(saved_tiny_llama(1), pack_sequences=True), tiny_grpo(saved_tiny_llama(1))
     with pytest.raises(ValueError, match="pack_sequences=True, but .*sliding_attention.*pack_sequences=False"):
         asked.packs_sequences(windowed)
