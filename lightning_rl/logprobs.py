@@ -153,13 +153,26 @@ def logprobs_from_hidden(
     Only the unmasked tokens go through ``model``'s LM head (fused: no full logits).
     """
     _, head = backbone_and_head(model)
-    valid = completion_mask.bool().flatten()
-    rows = valid.nonzero().squeeze(-1)
+    rows = completion_mask.bool().flatten().nonzero().squeeze(-1)
+    states = hidden.reshape(-1, hidden.shape[-1])[rows]
+    return _scattered_logprobs(head, states, completion_ids, rows, temperature, backend, chunk_size)
+
+
+def _scattered_logprobs(
+    head: nn.Module, states: torch.Tensor, completion_ids: torch.Tensor, rows: torch.Tensor, temperature: float,
+    backend: Backend, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy ``[N, C]`` of the tokens ``completion_ids.flatten()[rows]`` (0 elsewhere).
+
+    ``states`` ``[n, H]`` are the hidden states that predict those tokens; only they go through ``head`` (fused: no
+    full logits).
+    """
     logp_sel, ent_sel = token_logprobs_entropy(
-        hidden.reshape(-1, hidden.shape[-1])[rows], head.weight, completion_ids.flatten()[rows],
-        getattr(head, "bias", None), temperature, backend, chunk_size,
+        states, head.weight, completion_ids.flatten()[rows], getattr(head, "bias", None), temperature, backend,
+        chunk_size,
     )
-    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put((rows,), logp_sel)
+    logp = torch.zeros(completion_ids.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put(
+        (rows,), logp_sel)
     ent = torch.zeros_like(logp).index_put((rows,), ent_sel)
     return logp.view_as(completion_ids), ent.view_as(completion_ids)
 
@@ -207,15 +220,9 @@ def packed_completion_logprobs(
     body, head = backbone_and_head(model)
     use_packed_attention(model)
     hidden = packed_forward(body, packed, bound)
-    valid = completion_mask.bool().flatten()
-    rows = valid.nonzero().squeeze(-1)
-    logp_sel, ent_sel = token_logprobs_entropy(
-        hidden[packed.targets_at], head.weight, completion_ids.flatten()[rows], getattr(head, "bias", None),
-        temperature, backend, chunk_size,
-    )
-    logp = torch.zeros(valid.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put((rows,), logp_sel)
-    ent = torch.zeros_like(logp).index_put((rows,), ent_sel)
-    return logp.view_as(completion_ids), ent.view_as(completion_ids)
+    rows = completion_mask.bool().flatten().nonzero().squeeze(-1)
+    return _scattered_logprobs(head, hidden[packed.targets_at], completion_ids, rows, temperature, backend,
+                               chunk_size)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ against 0.86 padded, with the same log-probs (``bench/results/vs_trl_NOTES.md``,
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -171,17 +172,19 @@ def packing_unsupported(model: nn.Module) -> str | None:
         return f"{type(net).__name__} attends through a sliding window"
     if getattr(config, "attn_logit_softcapping", None):
         return f"{type(net).__name__} soft-caps its attention logits"
-    if next(net.parameters()).is_cuda and not _varlen_available():
+    if next(net.parameters()).is_cuda and _varlen_params() is None:
         return "this PyTorch has no torch.nn.attention.varlen (PyTorch 2.10 or newer)"
     return None
 
 
-def _varlen_available() -> bool:
+@functools.cache
+def _varlen_params() -> frozenset[str] | None:
+    """``varlen_attn``'s parameter names, or None when this PyTorch has no ``torch.nn.attention.varlen``."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def register_packed_attention() -> None:
@@ -189,12 +192,7 @@ def register_packed_attention() -> None:
     global _VARLEN_PARAMS
     AttentionInterface.register(ATTENTION, packed_attention)
     AttentionMaskInterface.register(ATTENTION, _mask)
-    if not _VARLEN_PARAMS:
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:  # an older torch: the CPU path still works, CUDA raises at the first call
-            return
-        _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
+    _VARLEN_PARAMS = _varlen_params() or frozenset()  # none in an older torch: CUDA raises at the first call
 
 
 def use_packed_attention(model: nn.Module) -> None:

@@ -488,25 +488,15 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
+        args = (model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                rollout.completion_mask[rows])
+        kwargs = dict(temperature=temperature, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size)
         if self.packs_sequences(model):
             sampling = getattr(self, "sampling", None)
             bound = (None if self.max_prompt_length is None or sampling is None
                      else self.max_prompt_length + sampling.max_new_tokens)
-            return packed_completion_logprobs(
-                model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                rollout.completion_mask[rows], temperature=temperature, backend=self.logprob_backend,
-                chunk_size=self.logprob_chunk_size, max_len=bound,
-            )
-        return completion_logprobs(
-            model,
-            rollout.prompt_ids[rows],
-            rollout.prompt_mask[rows],
-            rollout.completion_ids[rows],
-            rollout.completion_mask[rows],
-            temperature=temperature,
-            backend=self.logprob_backend,
-            chunk_size=self.logprob_chunk_size,
-        )
+            return packed_completion_logprobs(*args, **kwargs, max_len=bound)
+        return completion_logprobs(*args, **kwargs)
 
     # ----------------------------------------------------------------------------- rollouts and rewards
     def default_engine(self) -> RolloutEngine:
