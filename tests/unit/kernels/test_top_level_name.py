@@ -12,11 +12,11 @@ def test_the_folder_hands_the_name_kernels_to_an_installed_package_of_that_name(
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'installed'\nfrom .sub import VALUE\n")
     (site / "kernels" / "sub.py").write_text("VALUE = 7\n")
-    code = "import kernels, lightning_rl.kernels as ours; print(kernels.CUDAProperties, kernels.VALUE, ours.__all__)"
+    code = "import kernels; print(kernels.CUDAProperties, kernels.VALUE)"  # no transformers: it imports `kernels`
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(site), "PATH": ""},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["installed", "7", "['token_logprobs_entropy_reference']"]
+    assert out.stdout.split() == ["installed", "7"]
 
 
 def test_without_an_installed_package_the_folder_keeps_the_name(tmp_path):
