@@ -370,7 +370,11 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl.rollout import EngineSettings
 
     set_inductor_options(extra.get("inductor", {}))
-    snapshot = bool(extra.get("snapshot"))  # one step past the timed ones with PyTorch's allocation history
+    # PyTorch's allocation history of one step: True, one step past the timed ones; "first", the first step (the
+    # engine's first rollout and the compile happen there, and it set the trainer's reserve on an H200), timed as
+    # a warm-up step
+    snapshot_first = extra.get("snapshot") == "first"
+    snapshot = bool(extra.get("snapshot")) and not snapshot_first
     # an A/B for the library: PyTorch's cache given back to the driver after each step's update (beside the engine
     # process the plugin never empties it between steps, so what one step freed stays reserved into the next)
     empty_cache_each_step = bool(extra.get("empty_cache_each_step"))
@@ -402,7 +406,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
-            if snapshot and trainer.global_step == steps:
+            if (snapshot and trainer.global_step == steps) or (snapshot_first and trainer.global_step == 0):
                 self.snapshot_start = memory_snapshot.record()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
@@ -418,7 +422,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 torch.cuda.empty_cache()  # inside the step's time: its cost counts
             torch.cuda.synchronize()
             step_s = time.perf_counter() - self.t0
-            extra_step = getattr(self, "snapshot_start", None) is not None or getattr(self, "prof", None) is not None
+            extra_step = ((getattr(self, "snapshot_start", None) is not None and not snapshot_first)
+                          or getattr(self, "prof", None) is not None)
             if getattr(self, "snapshot_start", None) is not None:
                 self.snapshot_report = memory_snapshot.peak_report(memory_snapshot.stop(), self.snapshot_start)
                 self.snapshot_start = None
@@ -636,7 +641,8 @@ def main() -> None:
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
                          '"env": {variables for its process}, '
                          '"inductor": {torch._inductor.config entries for the trainer process only}, '
-                         '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site), '
+                         '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site; '
+                         '"first": the first step recorded instead), '
                          '"empty_cache_each_step": true (the trainer empties its cache after each update)}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")

@@ -89,12 +89,34 @@ def peak_report(snapshot: dict[str, Any], start_allocated: int, top: int = 30) -
         by_size[size] += 1
     sizes = sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])[:top]
     peak_frames = (events[peak_at].get("frames") or [])[:8] if peak_at >= 0 else []
+    by_stream: dict[int, int] = defaultdict(int)  # each stream's freed blocks are cached apart from the others'
+    for ev in events[: peak_at + 1]:
+        if ev.get("action") == "alloc" and ev.get("addr") in live:
+            by_stream[ev.get("stream", 0)] += ev["size"]
+    # the memory the allocator took from the driver during the stretch (segments, or pages of expandable ones)
+    grown, grown_peak, allocated_then = 0, 0, 0
+    cur = start_allocated
+    for ev in events:
+        action = ev.get("action")
+        if action == "alloc":
+            cur += ev["size"]
+        elif action == "free_completed":
+            cur -= ev["size"]
+        elif action in ("segment_alloc", "segment_map"):
+            grown += ev["size"]
+            if grown > grown_peak:
+                grown_peak, allocated_then = grown, cur
+        elif action in ("segment_free", "segment_unmap"):
+            grown -= ev["size"]
     return {
         "events": len(events),
         "start_allocated_gib": start_allocated / 2**30,
         "peak_allocated_gib": peak / 2**30,
         "peak_event_stack": [f"{f.get('filename', '?')}:{f.get('line', '?')} {f.get('name', '?')}"
                              for f in peak_frames],
+        "live_at_peak_by_stream_mib": {str(k): round(v / 2**20, 1) for k, v in by_stream.items()},
+        "segments_grown_peak_mib": round(grown_peak / 2**20, 1),
+        "allocated_when_segments_peaked_gib": allocated_then / 2**30,
         "live_at_peak_by_site": [{"site": s, "mib": round(b / 2**20, 1), "tensors": counts[s]} for s, b in rows],
         "live_at_peak_by_size": [{"mib_each": round(n / 2**20, 2), "tensors": c, "mib": round(n * c / 2**20, 1)}
                                  for n, c in sizes],
