@@ -17,6 +17,7 @@ constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -360,6 +361,12 @@ def set_inductor_options(options: dict) -> None:
         setattr(target, leaf, value)
 
 
+def packs_in_step(trainer, module) -> bool:
+    """Whether ``module``'s update packs its sequences, asked inside the precision plugin's forward context."""
+    with trainer.precision_plugin.forward_context():
+        return module.packs_sequences(module.policy)
+
+
 def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
              profile_name: str = "ours", partial_path: str | None = None) -> dict:
     import lightning as L
@@ -485,8 +492,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     # parameters whose gradients the backward sends to host memory
                                     "gradients_sent_to_host": len(getattr(trainer.precision_plugin,
                                                                           "host_gradients", None) or ()),
-                                    # the update's forwards pack the sequences without padding
-                                    "packed_sequences": pl_module.packs_sequences(pl_module.policy),
+                                    # the update's forwards pack the sequences without padding (asked under
+                                    # the step's autocast: an fp32 policy packs in 16-bit compute only)
+                                    "packed_sequences": packs_in_step(trainer, pl_module),
                                     # what the engine process's allocator gave back after its start
                                     "engine_released_at_start_gib": getattr(engine, "released_at_start_bytes",
                                                                             0) / 2**30,
@@ -496,9 +504,12 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                        if k != "first_optimizer_step"},
                                     **{f"memory_{k}": v for k, v in self.memory.items()}}
 
+    # an A/B of the default optimizer: {"optimizer": {"fused": false}} gives torch.optim.AdamW those arguments
+    optimizer = ({"learning_rate": lr} if "optimizer" not in extra else
+                 {"optimizer": functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0, **extra["optimizer"])})
     module = GRPO(reward_funcs=[contains_sum], model=model_dir, num_generations=G,
-                  sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0, learning_rate=lr,
-                  lora=dict(LORA) if lora else None, **extra.get("grpo", {}))
+                  sampling={"max_new_tokens": new_tokens, "temperature": 1.0}, beta=0.0,
+                  lora=dict(LORA) if lora else None, **optimizer, **extra.get("grpo", {}))
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
     plugin = MemoryAwarePrecision(**extra.get("plugin", {}))
@@ -643,7 +654,8 @@ def main() -> None:
                          '"inductor": {torch._inductor.config entries for the trainer process only}, '
                          '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site; '
                          '"first": the first step recorded instead), '
-                         '"empty_cache_each_step": true (the trainer empties its cache after each update)}')
+                         '"empty_cache_each_step": true (the trainer empties its cache after each update), '
+                         '"optimizer": {torch.optim.AdamW arguments, e.g. "fused": false}}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")

@@ -70,11 +70,13 @@ def peak_report(snapshot: dict[str, Any], start_allocated: int, top: int = 30) -
         if cur > peak:
             peak, peak_at = cur, i
     live: dict[int, tuple[int, str]] = {}
+    streams: dict[int, int] = {}  # address -> the stream of the live allocation there
     earlier = start_allocated  # what was allocated before the trace and still is
     for ev in events[: peak_at + 1]:
         action = ev.get("action")
         if action == "alloc":
             live[ev["addr"]] = (ev["size"], site(ev.get("frames") or []))
+            streams[ev["addr"]] = ev.get("stream", 0)
         elif action == "free_completed" and live.pop(ev["addr"], None) is None:
             earlier -= ev["size"]
     live[-1] = (earlier, "(allocated before the recorded stretch)")
@@ -90,9 +92,9 @@ def peak_report(snapshot: dict[str, Any], start_allocated: int, top: int = 30) -
     sizes = sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])[:top]
     peak_frames = (events[peak_at].get("frames") or [])[:8] if peak_at >= 0 else []
     by_stream: dict[int, int] = defaultdict(int)  # each stream's freed blocks are cached apart from the others'
-    for ev in events[: peak_at + 1]:
-        if ev.get("action") == "alloc" and ev.get("addr") in live:
-            by_stream[ev.get("stream", 0)] += ev["size"]
+    for addr, (size, _) in live.items():
+        if addr in streams:
+            by_stream[streams[addr]] += size
     # the memory the allocator took from the driver during the stretch (segments, or pages of expandable ones)
     grown, grown_peak, allocated_then = 0, 0, 0
     cur = start_allocated

@@ -30,6 +30,7 @@ from lightning_rl.models import (
 )
 from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
 from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
+from lightning_rl.modules.default_optimizer import default_adamw
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
@@ -74,7 +75,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         model_config: config overrides for the tiny test models.
         dtype: weight dtype (``float32``, ``bfloat16``, ``float16``).
         lora: LoRA settings (a peft ``LoraConfig`` or a mapping such as ``{"r": 16}``); None trains all weights.
-        learning_rate: learning rate of the default optimizer, AdamW.
+        learning_rate: learning rate of the default optimizer, AdamW (PyTorch's fused kernel on CUDA, except under
+            Lightning's ``bf16-mixed``/``16-mixed`` precision and FSDP: :mod:`~lightning_rl.modules.default_optimizer`).
         weight_decay: weight decay of the default AdamW.
         optimizer: another optimizer, a callable ``params -> Optimizer`` (LightningCLI ``OptimizerCallable``,
             e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.01}}``); it takes its own learning rate,
@@ -556,7 +558,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if self.optimizer_factory is not None:
             opt = self.optimizer_factory(groups)
         else:
-            opt = torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
+            plugin = self._trainer.precision_plugin if self._trainer is not None else None
+            opt = default_adamw(groups, lr=self.learning_rate, weight_decay=self.weight_decay, precision_plugin=plugin)
         if self.lr_scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(opt), "interval": "step"}}

@@ -237,6 +237,8 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert all(s["grads_sent_to_host"] == 211 for s in seen)
     # the update's forwards pack the sequences without padding (pack_sequences=None on CUDA under bf16 autocast)
     assert all(s["packed"] for s in seen)
+    # AdamW's fused CUDA kernel steps each streamed chunk (the default on CUDA outside AMP and FSDP since 2026-12-03)
+    assert trainer.optimizers[0].defaults["fused"]
     assert all(p.dtype == torch.float32 for p in module.policy.parameters())
     # beside the engine process the trainer's allocator grows its segments; back to fixed ones after the fit, for
     # a later engine in this process that needs vLLM's sleep mode
