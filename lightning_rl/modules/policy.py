@@ -486,19 +486,33 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         half = (torch.float16, torch.bfloat16)
         return torch.is_autocast_enabled("cuda") or next(model.parameters()).dtype in half
 
+    def packed_length_bound(self) -> int | None:
+        """The longest sequence the packed attention is sized for: the prompt limit plus ``max_new_tokens``.
+
+        A bound fixed for the run keeps compiled layers from recompiling for each batch's longest sequence; None
+        (no limit known) sizes it from each batch.
+        """
+        sampling = getattr(self, "sampling", None)
+        return None if self.max_prompt_length is None or sampling is None else (
+            self.max_prompt_length + sampling.max_new_tokens)
+
+    def completion_token_logprobs(
+        self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor, temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs and entropy ``[N, C]`` under ``model``: packed when :meth:`packs_sequences` says so."""
+        args = (model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        kwargs = dict(temperature=temperature, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size)
+        if self.packs_sequences(model):
+            return packed_completion_logprobs(*args, **kwargs, max_len=self.packed_length_bound())
+        return completion_logprobs(*args, **kwargs)
+
     def sequence_logprobs(
         self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
-        args = (model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                rollout.completion_mask[rows])
-        kwargs = dict(temperature=temperature, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size)
-        if self.packs_sequences(model):
-            sampling = getattr(self, "sampling", None)
-            bound = (None if self.max_prompt_length is None or sampling is None
-                     else self.max_prompt_length + sampling.max_new_tokens)
-            return packed_completion_logprobs(*args, **kwargs, max_len=bound)
-        return completion_logprobs(*args, **kwargs)
+        return self.completion_token_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                              rollout.completion_ids[rows], rollout.completion_mask[rows], temperature)
 
     # ----------------------------------------------------------------------------- rollouts and rewards
     def default_engine(self) -> RolloutEngine:

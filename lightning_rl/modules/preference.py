@@ -13,7 +13,6 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_rl.data.preferences import response_text
-from lightning_rl.logprobs import completion_logprobs, packed_completion_logprobs
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.prompting import Prompt, render_prompt
 from lightning_rl.rollout.padding import left_pad, right_pad
@@ -307,19 +306,16 @@ class PreferenceModule(PolicyModule):
         prompts = list(batch["prompt"])
         return self.tokenize(prompts + prompts, list(batch["chosen"]) + list(batch["rejected"]))
 
-    def token_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
-        """``[N, C]`` per-token log-probs (0 on padding) through the shared fused log-prob path.
+    @override
+    def packed_length_bound(self) -> int | None:
+        """The prompt and response limits together (the pairs' responses are cut to ``max_completion_length``)."""
+        limits = (self.max_prompt_length, self.max_completion_length)
+        return None if None in limits else sum(limits)
 
-        Packed without padding when :meth:`packs_sequences` says so, with a length bound fixed for the run (the
-        prompt and response limits) so that compiled layers do not recompile for each batch's longest pair.
-        """
-        args = (model, seqs.prompt_ids, seqs.prompt_mask, seqs.completion_ids, seqs.completion_mask)
-        kwargs = dict(temperature=1.0, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size)
-        if self.packs_sequences(model):
-            limits = (self.max_prompt_length, self.max_completion_length)
-            bound = None if None in limits else sum(limits)
-            return packed_completion_logprobs(*args, **kwargs, max_len=bound)[0]
-        return completion_logprobs(*args, **kwargs)[0]
+    def token_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
+        """``[N, C]`` per-token log-probs (0 on padding) through the shared fused log-prob path (packed or not)."""
+        return self.completion_token_logprobs(model, seqs.prompt_ids, seqs.prompt_mask, seqs.completion_ids,
+                                              seqs.completion_mask, temperature=1.0)[0]
 
     def summed_logps(self, model: nn.Module, seqs: Sequences) -> torch.Tensor:
         """``[N]`` summed log-prob of each response."""
