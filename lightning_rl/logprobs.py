@@ -213,16 +213,46 @@ def packed_completion_logprobs(
     plus ``max_new_tokens``) keeps compiled layers from recompiling when a rollout's longest sequence changes.
     The same values as :func:`completion_logprobs` (CPU tests; within bf16 rounding on a GPU).
     """
+    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len)
+    _, head = backbone_and_head(model)
+    return _scattered_logprobs(head, states, completion_ids, rows, temperature, backend, chunk_size)
+
+
+def packed_completion_hidden_states(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """:func:`completion_hidden_states` from one packed forward: ``[N, C, H]``, zero where ``completion_mask`` is 0.
+
+    For a value head on the policy's backbone (PPO): the states of the real tokens equal the padded layout's
+    (``max_len`` as in :func:`packed_completion_logprobs`); :func:`logprobs_from_hidden` reads only those.
+    """
+    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len)
+    out = states.new_zeros((completion_ids.numel(), states.shape[-1])).index_put((rows,), states)
+    return out.view(*completion_ids.shape, states.shape[-1])
+
+
+def _packed_completion_states(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor, max_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed forward: the final hidden states ``[n, H]`` that predict the real completion tokens.
+
+    Returned with those tokens' indices ``[n]`` in ``completion_ids.flatten()``.
+    """
     from lightning_rl.packing import pack_rows, packed_forward, use_packed_attention
 
     packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
     bound = packed.max_len if max_len is None else max(max_len, packed.max_len)
-    body, head = backbone_and_head(model)
+    body, _ = backbone_and_head(model)
     use_packed_attention(model)
     hidden = packed_forward(body, packed, bound)
     rows = completion_mask.bool().flatten().nonzero().squeeze(-1)
-    return _scattered_logprobs(head, hidden[packed.targets_at], completion_ids, rows, temperature, backend,
-                               chunk_size)
+    return hidden[packed.targets_at], rows
 
 
 __all__ = [
@@ -230,6 +260,7 @@ __all__ = [
     "completion_hidden_states",
     "completion_logprobs",
     "logprobs_from_hidden",
+    "packed_completion_hidden_states",
     "packed_completion_logprobs",
     "resolve_backend",
     "token_logprobs_entropy",

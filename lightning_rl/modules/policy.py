@@ -19,7 +19,15 @@ from typing_extensions import override
 
 from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers
 from lightning_rl.hparams import portable
-from lightning_rl.logprobs import BACKENDS, Backend, completion_logprobs, packed_completion_logprobs, unwrap
+from lightning_rl.logprobs import (
+    BACKENDS,
+    Backend,
+    completion_hidden_states,
+    completion_logprobs,
+    packed_completion_hidden_states,
+    packed_completion_logprobs,
+    unwrap,
+)
 from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import (
     EMBEDDED_DEFAULT,
@@ -506,6 +514,19 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if self.packs_sequences(model):
             return packed_completion_logprobs(*args, **kwargs, max_len=self.packed_length_bound())
         return completion_logprobs(*args, **kwargs)
+
+    def completion_hidden(
+        self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states ``[N, C, H]`` that predict the completion tokens, for a value head.
+
+        Packed when :meth:`packs_sequences` says so (then zero on padding).
+        """
+        args = (model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        if self.packs_sequences(model):
+            return packed_completion_hidden_states(*args, max_len=self.packed_length_bound())
+        return completion_hidden_states(*args)
 
     def sequence_logprobs(
         self, model: nn.Module, rollout: Rollout, rows: slice | torch.Tensor, temperature: float

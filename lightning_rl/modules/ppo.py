@@ -25,7 +25,7 @@ from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.modules.experience import Experience, PolicyOutput, Rows
 from lightning_rl.modules.on_policy import OnPolicyModule
-from lightning_rl.modules.value_head import ValueHead, completion_hidden_states, hidden_size_of, logprobs_from_hidden
+from lightning_rl.modules.value_head import ValueHead, hidden_size_of, logprobs_from_hidden
 from lightning_rl.rewards.reward_model import RewardModel, same_tokenizer
 from lightning_rl.rollout.engine import Rollout
 
@@ -203,12 +203,12 @@ class PPO(OnPolicyModule):
         args = (r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows])
         temp = self.sampling.temperature
         if self.critic is None:
-            hidden = completion_hidden_states(self.policy, *args)
+            hidden = self.completion_hidden(self.policy, *args)
             logp, ent = logprobs_from_hidden(self.policy, hidden, args[2], args[3], temp, self.logprob_backend,
                                              self.logprob_chunk_size)
         else:
             logp, ent = self.sequence_logprobs(self.policy, r, rows, temp)
-            hidden = completion_hidden_states(self.critic, *args)
+            hidden = self.completion_hidden(self.critic, *args)
         return PolicyOutput(logp, ent, self.value_head(hidden) * args[3].float())
 
     @override

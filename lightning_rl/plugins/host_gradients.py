@@ -9,6 +9,11 @@ device; :class:`~lightning_rl.plugins.streamed_states.StreamedOptimizerStates` b
 with its states. The squared norm of each gradient is taken on the device before it leaves, so gradient clipping
 and the NaN check read no host memory.
 
+The parameters may be bf16 weights whose fp32 masters stream with the states, or fp32 parameters themselves whose
+optimizer states stream (:class:`~lightning_rl.plugins.precision.MemoryAwarePrecision` beside a rollout engine
+process with masters too large to move). A clipped step scales the latter's gradients by :attr:`grad_scale` as they
+come back (the masters' upcast gradients take their own factor).
+
 All copies run on the backward's CUDA stream, so they are ordered with the kernels that produce and reuse the
 memory; the host never reads the buffers. A second micro-batch of the same optimizer step brings the first one's
 gradient back and adds it before the sum leaves again.
@@ -37,6 +42,7 @@ class HostGradients:
         self._squares: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._watched: set[int] = set()
+        self.grad_scale: torch.Tensor | None = None  # the clipping factor of the coming step (None: unclipped)
 
     def attach(self, params: Iterable[nn.Parameter]) -> int:
         """Send the gradients of ``params`` to host memory from the next backward on. Returns how many."""
@@ -113,6 +119,17 @@ class HostGradients:
         """Forget every held gradient (a skipped optimizer step: ``zero_grad``)."""
         self._held.clear()
         self._squares.clear()
+        self.grad_scale = None
+
+    def scaled(self, grad: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """A held gradient brought to its device times :attr:`grad_scale` when the step is clipped.
+
+        ``grad`` is the copy from the host buffer ``source`` (on a CPU, ``source`` itself), which is never changed.
+        """
+        if self.grad_scale is None:
+            return grad
+        factor = self.grad_scale.to(grad.device)
+        return grad * factor if grad is source else grad.mul_(factor)
 
     def __len__(self) -> int:
         return len(self._watched)

@@ -211,11 +211,14 @@ class MemoryAwarePrecision(Precision):
             (default): ``cpu`` when :meth:`shrink_beside_engine` streams the optimizer states beside a rollout
             engine that generates during the update (one process, no FSDP2 shards) and the masters are at most
             ``HOST_MASTERS_AUTO_MAX_BYTES`` (1 GiB, whose copies the generation hides), ``device`` otherwise.
-        gradients_to_host: with host masters on CUDA, send each of their gradients to pinned host memory as soon as
+        gradients_to_host: on CUDA, send each gradient of host-master weights to pinned host memory as soon as
             the backward has produced it, and bring it back with its chunk in the optimizer step
             (:mod:`~lightning_rl.plugins.host_gradients`): the backward's end no longer holds every gradient beside
             the last layer's activations. On (default): on an H200 the README configuration's PyTorch peak fell
-            from 1.24 to 0.88 GiB, together with the embeddings' masters (``vs_trl_NOTES.md``).
+            from 1.24 to 0.88 GiB, together with the embeddings' masters (``vs_trl_NOTES.md``). The same for the
+            fp32 gradients of a full fine-tune whose states :meth:`shrink_beside_engine` streams while its masters
+            stay on the device (too large to move with ``master_weights="auto"``, or ``"device"``): their copies
+            come out of the generation beside the update too.
     """
 
     def __init__(
@@ -294,6 +297,7 @@ class MemoryAwarePrecision(Precision):
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
         self._shrunk_checkpoints = False
         self._shrunk_masters = False  # master_weights="auto" moved the masters to the host beside the engine
+        self._shrunk_gradients = False  # fp32 parameters' gradients sent to host memory beside the engine
         self.resolved_master_weights: Literal["device", "cpu"] = "device"  # where the last fit kept its masters
         self._streamer = self._new_streamer() if optimizer_states == "cpu" else None
         self.memory_plan: MemoryPlan | None = None
@@ -610,7 +614,7 @@ class MemoryAwarePrecision(Precision):
 
     @property
     def host_gradients(self) -> HostGradients | None:
-        """The gradients the backward sent to host memory (with host masters on CUDA), else None.
+        """The gradients the backward sent to host memory (``gradients_to_host`` on CUDA), else None.
 
         A module that computes a gradient norm or skips a step itself reads :meth:`HostGradients.squares` and calls
         :meth:`HostGradients.drop` (``PolicyModule.optimizer_step_checked`` does).
@@ -628,13 +632,15 @@ class MemoryAwarePrecision(Precision):
 
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
-        """Clip by the norm of all gradients; with host masters the fp32 gradients take the factor at the step.
+        """Clip by the norm of all gradients; with host masters the fp32 gradients take the factor at the step, and
+        gradients waiting in host memory take it as they come back.
 
         The norm is computed in fp32 over each gradient, as for fp32 gradients, so the factor is the one the
         fp32-master path computes; the compute-dtype gradients of host-master weights are multiplied after
         their upcast in the step instead of being rounded here.
         """
-        if self._masters is None or not len(self._masters):
+        masters = self._masters if self._masters is not None and len(self._masters) else None
+        if masters is None and self._host_grads is None:
             return super().clip_grad_by_norm(optimizer, clip_val)
         grads = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         held = None if self._host_grads is None else self._host_grads.squares()
@@ -646,9 +652,12 @@ class MemoryAwarePrecision(Precision):
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
         factor = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
         for p, grad in grads:
-            if not self._masters.manages(p):
+            if masters is None or not masters.manages(p):
                 grad.mul_(factor.to(grad.device))
-        self._masters.grad_scale = factor
+        if masters is not None:
+            masters.grad_scale = factor
+        if self._host_grads is not None:  # held gradients of parameters without host masters: scaled as they return
+            self._host_grads.grad_scale = factor
         return None
 
     def shrink_beside_engine(
@@ -687,6 +696,28 @@ class MemoryAwarePrecision(Precision):
                 self.offload_optimizer_states()
         if self.master_weights == "auto" and self._streamer is not None:
             self._host_masters_beside_engine(module, device)
+        if self._streamer is not None and self._masters is None:
+            self._host_gradients_beside_engine(optimizers, device)
+
+    def _host_gradients_beside_engine(self, optimizers: list[Optimizer], device: torch.device) -> None:
+        """States streaming beside the engine with the fp32 parameters on the device: their gradients wait in host
+        memory from the backward to their chunk's step (``gradients_to_host``, on CUDA, without FSDP2 shards).
+
+        The backward then holds no full set of fp32 gradients (1.84 GiB for the Qwen2.5-0.5B shape); each comes
+        back with its chunk's states, scaled there by the clipping factor.
+        """
+        if self._host_grads is not None or not (self.gradients_to_host and _sends_gradients_to_host(device)):
+            return
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
+        if not params or any(is_dtensor(p) for p in params):
+            return
+        self._host_grads = HostGradients()
+        sent = self._host_grads.attach(params)
+        self._streamer.gradients = self._host_grads  # type: ignore[union-attr]
+        self._shrunk_gradients = True
+        log.info("MemoryAwarePrecision: the rollout engine generates during the update; the gradients of %d "
+                 "parameters wait in host memory from the backward to their chunk's step "
+                 "(gradients_to_host=False keeps them on the device)", sent)
 
     def _host_masters_beside_engine(self, module: L.LightningModule, device: torch.device) -> None:
         """``master_weights="auto"`` with states streaming beside the engine: the fp32 masters stream with them.
@@ -726,6 +757,11 @@ class MemoryAwarePrecision(Precision):
                      "stay on the device")
             self.resolved_master_weights = "device"
         self._shrunk_masters = False
+        if self._shrunk_gradients and self._masters is None:
+            self._detach_masters()  # no masters: this gives the held gradients back and stops sending them
+            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the gradients stay on the "
+                     "device")
+        self._shrunk_gradients = False
         if self._shrunk_states and self._streamer is not None and self._masters is None:
             for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
                 self._streamer.return_states(opt)
@@ -953,8 +989,8 @@ class MemoryAwarePrecision(Precision):
         self._offloader.release_buffers()
         if self._streamer is not None:
             self._streamer.clear()
-        self._shrunk_masters = False
-        self._detach_masters()  # the module keeps fp32 weights on its device after the fit
+        self._shrunk_masters = self._shrunk_gradients = False
+        self._detach_masters()  # the module keeps fp32 weights on its device after the fit (held gradients back)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

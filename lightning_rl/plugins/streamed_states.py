@@ -277,6 +277,7 @@ class StreamedOptimizerStates:
         self.offload_states(optimizer)  # states a checkpoint load or a device move left on the device
         # a gradient the backward sent to host memory stays there until its chunk comes (its host buffer here)
         grads = {p: held.host_gradient(p) if p.grad is None else p.grad for p in params}  # type: ignore[union-attr]
+        from_host = {id(p) for p in params if p.grad is None}
         for p in params:
             p.grad = None
         chunks = self.chunks(optimizer, params)
@@ -295,7 +296,8 @@ class StreamedOptimizerStates:
         try:
             for i, chunk in enumerate(chunks):
                 if rows_of(i):
-                    peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i)))
+                    peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i),
+                                                          id(chunk[0]) in from_host))
                     done.add(id(chunk[0]))
                     if held is not None:
                         held.release(chunk[0])
@@ -308,7 +310,7 @@ class StreamedOptimizerStates:
                     if i + 1 < len(chunks) and not rows_of(i + 1):  # the next chunk comes in while this one steps
                         ahead[i + 1] = self._prefetch(optimizer, chunks[i + 1], grads, streams[0])
                 for p in chunk:
-                    p.grad = _on(grads[p], p.device)
+                    p.grad = self._gradient_back(p, grads[p], id(p) in from_host)
                 if loaded is not None:
                     self._install(optimizer, loaded)
                 if self.masters is not None:  # the optimizer steps the fp32 masters
@@ -336,6 +338,8 @@ class StreamedOptimizerStates:
             if self.masters is not None:  # an error mid-chunk: those weights and masters stay as they were
                 self.masters.swap_out(self.masters.swapped(), keep=False)
                 self.masters.grad_scale = None
+            if held is not None:
+                held.grad_scale = None
             for p, g in grads.items():  # an error mid-way: the unstepped parameters get their gradients back
                 if g is None or (id(p) in done and self.free_grads):
                     continue
@@ -439,8 +443,20 @@ class StreamedOptimizerStates:
             nbytes *= 2
         return max(1, int(p.shape[0] * self.chunk_bytes // nbytes))
 
+    def _gradient_back(self, p: nn.Parameter, grad: torch.Tensor, from_host: bool) -> torch.Tensor:
+        """``grad`` (or a slice of it) on ``p``'s device for the step.
+
+        One that waited in host memory for a parameter without a host master takes the clipping factor here (a host
+        master's takes it on its fp32 upcast).
+        """
+        out = _on(grad, p.device)
+        if from_host and self.gradients is not None and not self._manages(p):
+            out = self.gradients.scaled(out, grad)
+        return out
+
     def _step_in_slices(
-        self, optimizer: Optimizer, p: nn.Parameter, grad: torch.Tensor, run: Callable[[], Any], rows: int
+        self, optimizer: Optimizer, p: nn.Parameter, grad: torch.Tensor, run: Callable[[], Any], rows: int,
+        from_host: bool = False,
     ) -> int:
         """Step ``p`` ``rows`` rows at a time, each slice with its rows of the states. Returns a slice's state bytes.
 
@@ -471,7 +487,7 @@ class StreamedOptimizerStates:
                     state.update({k: v[a:b].to(home, non_blocking=v.is_pinned()) for k, v in full.items()})
                     optimizer.state[p] = state
                 if master is None:
-                    p.data, p.grad = data[a:b], _on(grad[a:b], home)
+                    p.data, p.grad = data[a:b], self._gradient_back(p, grad[a:b], from_host)
                 else:
                     p.data = master[a:b].to(home, non_blocking=master.is_pinned())
                     p.grad = self.masters.fp32_gradient(_on(grad[a:b], home))  # type: ignore[union-attr]

@@ -156,6 +156,8 @@ def _overlapped_fit(module, steps=4, settings=None):
 
     class Watch(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with trainer.precision_plugin.forward_context():  # fp32 weights pack under the update's autocast
+                packed = pl_module.packs_sequences(pl_module.policy)
             seen.append({"staleness": callback.last_timings.get("staleness"), "children": len(_gpu_children()),
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"]),
@@ -166,7 +168,7 @@ def _overlapped_fit(module, steps=4, settings=None):
                                            if hasattr(callback.engine, "memory_breakdown") else None),
                          "engine_released_at_start": getattr(callback.engine, "released_at_start_bytes", None),
                          "grads_sent_to_host": len(getattr(trainer.precision_plugin, "host_gradients", None) or ()),
-                         "packed": pl_module.packs_sequences(pl_module.policy),
+                         "packed": packed,
                          "linear_dtypes": sorted({str(m.weight.dtype) for n, m in pl_module.policy.named_modules()
                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
@@ -250,6 +252,29 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     print(f"engine process: released {released / 2**20:.0f} MiB after its start; cached unused after each step "
           f"{[round(c / 2**20) for c in cached]} MiB")
     assert released > 0
+
+
+def test_masters_too_large_to_move_keep_fp32_weights_and_send_their_gradients_to_host_memory(monkeypatch):
+    """The README configuration for a model whose masters stay on the device (over ``HOST_MASTERS_AUTO_MAX_BYTES``,
+    like the Qwen2.5-0.5B shape): fp32 parameters, their gradients in host memory from the backward to the step."""
+    import lightning_rl.plugins.precision as precision
+
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module, steps=3)
+    print("overlapped fit, masters on the device:", seen)
+    plugin = trainer.precision_plugin
+    assert callback.overlapping and trainer.global_step == 3
+    assert plugin.resolved_master_weights == "device" and plugin.streams_optimizer_states
+    assert all(s["linear_dtypes"] == ["torch.float32"] for s in seen)
+    trainable = sum(1 for p in module.policy.parameters() if p.requires_grad)
+    assert all(s["grads_sent_to_host"] == trainable for s in seen)  # every fp32 gradient, norms included
+    assert all(s["packed"] for s in seen)  # fp32 weights pack under the update's bf16 autocast
+    assert seen[0]["mismatch"] < 0.05 and all(s["mismatch"] < 0.15 for s in seen[1:])  # the syncs carried the steps
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert plugin.host_gradients is None and callback.engine is None and not _gpu_children()
 
 
 def test_an_engine_process_that_fails_to_start_leaves_states_and_checkpoints_on_the_gpu(monkeypatch):

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from lightning_rl.logprobs import completion_logprobs, packed_completion_logprobs
+from lightning_rl.logprobs import (
+    completion_hidden_states,
+    completion_logprobs,
+    packed_completion_hidden_states,
+    packed_completion_logprobs,
+)
 from lightning_rl.packing import pack_rows
 
 
@@ -62,6 +67,18 @@ def test_packed_logprobs_and_gradients_match_the_padded_layout(saved_tiny_llama,
     model.zero_grad()
     logp_c, _ = completion_logprobs(model, *batch, backend="reference")  # a padded forward: the model's own attention
     torch.testing.assert_close(logp_c, logp_a, rtol=0, atol=0)
+
+
+def test_packed_hidden_states_match_the_padded_layouts_on_the_completion_tokens(saved_tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny_llama(2), dtype=torch.float32)
+    batch = _batch(vocab=model.config.vocab_size)
+    mask = batch[3].bool()
+    padded = completion_hidden_states(model, *batch)
+    packed = packed_completion_hidden_states(model, *batch, max_len=64)
+    assert packed.shape == padded.shape and (packed[~mask] == 0).all()
+    torch.testing.assert_close(packed[mask], padded[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_models_that_cannot_be_packed_are_named_and_refused_when_packing_is_asked_for(saved_tiny_llama):

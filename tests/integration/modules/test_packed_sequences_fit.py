@@ -25,12 +25,17 @@ def test_a_grpo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_ll
         torch.testing.assert_close(runs[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_ppo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_llama):
+def test_a_ppo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_llama, monkeypatch):
+    """The value head on the shared backbone reads the packed forward's hidden states too."""
     import lightning as L
     from helpers import SAY_ROWS, high_ids, make_trainer
 
+    import lightning_rl.modules.policy as policy
     from lightning_rl import PPO, PromptDataModule, SamplingConfig
 
+    calls = []
+    inner = policy.packed_completion_hidden_states
+    monkeypatch.setattr(policy, "packed_completion_hidden_states", lambda *a, **k: calls.append(1) or inner(*a, **k))
     runs = []
     for pack in (False, True):
         L.seed_everything(0, verbose=False)
@@ -39,6 +44,7 @@ def test_a_ppo_fit_with_packed_sequences_trains_as_the_padded_one(saved_tiny_lla
                      max_prompt_length=16, pack_sequences=pack)
         make_trainer(max_steps=2).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
         assert module.packs_sequences(module.policy) is pack
+        assert bool(calls) is pack  # the policy's forward with the value head packed, or never reached packing
         runs.append({n: p.detach().clone() for n, p in module.named_parameters()})
     for name, w in runs[0].items():
         torch.testing.assert_close(runs[1][name], w, rtol=1e-4, atol=1e-5, msg=name)

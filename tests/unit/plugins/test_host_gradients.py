@@ -131,3 +131,49 @@ def test_detach_gives_held_gradients_back_and_stops_moving_them():
         assert p.grad is not None and torch.equal(p.grad, expected[n]), n
     _backward(net, 1)
     assert all(p.grad is not None for p in net.parameters()) and not held.held()
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clipped"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_held_gradients_of_fp32_parameters_step_as_gradients_on_the_device(micro_batches, clip):
+    """No host masters (fp32 parameters whose states stream): every gradient waits in host memory, the embedding
+    steps in slices, and a clipped step scales the held gradients as they come back."""
+    from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
+
+    runs = []
+    for hold in (False, True):
+        net = _net()
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-2, weight_decay=0.1)
+        streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)
+        plugin = MemoryAwarePrecision()
+        held = None
+        if hold:
+            held = HostGradients()
+            assert held.attach(net.parameters()) == 5  # the embedding, two weights and two biases
+            streamer.gradients = plugin._host_grads = held
+        sources = []
+        for step in range(3):
+            for part in range(micro_batches):
+                _backward(net, step, part)
+            if hold:
+                assert all(p.grad is None for p in net.parameters()) and len(held.held()) == 5
+                sources = [held.host_gradient(p).clone() for p in net.parameters()]
+            if clip is not None:
+                plugin.clip_grad_by_norm(opt, clip)
+                if hold:
+                    assert held.grad_scale is not None and float(held.grad_scale) < 1
+                    assert all(torch.equal(held.host_gradient(p), s)  # scaled on the way back, not in the buffer
+                               for p, s in zip(net.parameters(), sources, strict=True))
+            streamer.step(opt)
+            assert all(p.grad is None for p in net.parameters())
+            if hold:
+                assert held.held() == [] and held.grad_scale is None
+        runs.append(({n: p.detach().clone() for n, p in net.named_parameters()},
+                     [{k: v.clone() for k, v in st.items()} for st in opt.state.values()]))
+    (weights_a, states_a), (weights_b, states_b) = runs
+    tol = {"rtol": 0, "atol": 0} if clip is None else {"rtol": 1e-5, "atol": 1e-6}
+    for name, w in weights_a.items():
+        torch.testing.assert_close(weights_b[name], w, **tol, msg=name)
+    for a, b in zip(states_a, states_b, strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], **tol)

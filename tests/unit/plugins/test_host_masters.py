@@ -294,3 +294,25 @@ def test_a_fit_that_stops_between_backward_and_step_leaves_fp32_gradients_on_fp3
     plugin.teardown()
     for p in module.parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("send", [True, False], ids=["gradients-to-host", "gradients-on-device"])
+def test_masters_too_large_to_move_still_send_their_fp32_gradients_to_host_memory(monkeypatch, send):
+    import lightning_rl.plugins.precision as precision
+
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)  # every model's masters stay on the device
+    plugin, module = _shrunk(gradients_to_host=send)
+    assert plugin.host_master_weights is None and plugin.streams_optimizer_states
+    held = plugin.host_gradients
+    assert (held is not None and len(held) == len(list(module.parameters()))) is send
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.net(torch.randint(0, 11, (3, 5))).float().sum()
+    loss.backward()
+    if send:
+        assert all(p.grad is None for p in module.parameters()) and len(held.held()) == len(held)
+    plugin.engine_leaves_the_update(module)  # the engine process failed to start: its copies hide nothing now
+    assert plugin.host_gradients is None and not plugin.streams_optimizer_states
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())  # given back
+    plugin, module = _shrunk(gradients_to_host=send)
+    plugin.teardown()
+    assert plugin.host_gradients is None
