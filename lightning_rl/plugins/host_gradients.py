@@ -86,6 +86,27 @@ class HostGradients:
         p.grad = None  # the device memory goes back to the allocator, reused after the copy on this stream
 
     # ----------------------------------------------------------------------------- the step
+    def watches(self, p: nn.Parameter) -> bool:
+        """Whether the backward sends ``p``'s gradient to host memory."""
+        return id(p) in self._watched
+
+    def device_bytes(self, params: Iterable[nn.Parameter]) -> int:
+        """Planned device bytes of the gradients of ``params``.
+
+        Those not watched count whole; of the watched ones, two at most are on the device at once (the one the
+        backward just produced and, with several micro-batches, the earlier sum that comes back to be added to it).
+        """
+        kept, sent = 0, [0, 0]
+        for p in params:
+            if not p.requires_grad:
+                continue
+            nbytes = p.numel() * p.element_size()
+            if self.watches(p):
+                sent = sorted([*sent, nbytes])[-2:]
+            else:
+                kept += nbytes
+        return kept + sum(sent)
+
     def holds(self, p: nn.Parameter) -> bool:
         """Whether ``p``'s gradient waits in host memory."""
         return id(p) in self._held

@@ -842,6 +842,8 @@ class MemoryAwarePrecision(Precision):
                              if p.requires_grad and p.dtype == torch.float32)
         modules = [module, *shape.extra_frozen]
         rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
+        held = self._host_grads  # gradients the backward sends to host memory stay on the device only briefly
+        grad_bytes = None if held is None or not len(held) else held.device_bytes(module.parameters())
         return plan_for_shape(
             shape, ModelMemory.from_modules(modules), budget_bytes=budget,
             compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
@@ -850,7 +852,8 @@ class MemoryAwarePrecision(Precision):
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
             gathered_weight_bytes=fsdp2_gathered_bytes(modules),
-            context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves)
+            context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves,
+            grad_bytes=grad_bytes)
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).

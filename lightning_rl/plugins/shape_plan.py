@@ -70,6 +70,7 @@ def plan_for_shape(
     gathered_weight_bytes: int = 0,
     context_bytes: int = 0,
     waves: bool = False,
+    grad_bytes: int | None = None,
 ) -> MemoryPlan:
     """Plan a module's steps.
 
@@ -91,6 +92,8 @@ def plan_for_shape(
             (:func:`~.memory_plan.fsdp2_gathered_bytes`); ``model`` then counts this process's shards.
         context_bytes: the process's device memory outside PyTorch (see :func:`~.memory_plan.plan_memory`).
         waves: let a colocated engine's KV cache hold less than one rollout (see :func:`~.memory_plan.plan_memory`).
+        grad_bytes: the gradients' device bytes (gradients sent to host memory count a little); None: one per
+            trainable parameter in its stored dtype.
 
     Raises:
         MemoryPlanError: a phase cannot fit.
@@ -120,7 +123,7 @@ def plan_for_shape(
                        sequence_tokens=shape.sequence_tokens, optimizer_bytes=optimizer_bytes, rollout=needs,
                        max_micro_batch_tokens=max_tokens, extra_train_parts=extra, reserved_bytes=reserved_bytes,
                        optimizer_device_bytes=optimizer_device_bytes, context_bytes=context_bytes,
-                       waves=waves and rollout is not None)
+                       waves=waves and rollout is not None, grad_bytes=grad_bytes)
 
 
 __all__ = ["engine_needs", "in_step_generation_needs", "plan_for_shape"]

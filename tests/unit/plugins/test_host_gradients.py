@@ -177,3 +177,14 @@ def test_held_gradients_of_fp32_parameters_step_as_gradients_on_the_device(micro
     for a, b in zip(states_a, states_b, strict=True):
         for k in a:
             torch.testing.assert_close(b[k], a[k], **tol)
+
+
+def test_the_plan_counts_gradients_sent_to_host_memory_as_the_two_largest_in_flight():
+    net = _net()
+    held = HostGradients()
+    held.attach([net[0].weight, net[1].weight, net[3].weight])  # not the biases
+    sizes = {n: p.numel() * 4 for n, p in net.named_parameters()}
+    kept = sizes["1.bias"] + sizes["3.bias"]
+    two_largest = sum(sorted([sizes["0.weight"], sizes["1.weight"], sizes["3.weight"]])[-2:])
+    assert held.device_bytes(net.parameters()) == kept + two_largest
+    assert held.device_bytes(net.parameters()) < sum(sizes.values())

@@ -316,3 +316,27 @@ def test_masters_too_large_to_move_still_send_their_fp32_gradients_to_host_memor
     plugin, module = _shrunk(gradients_to_host=send)
     plugin.teardown()
     assert plugin.host_gradients is None
+
+
+def test_the_plan_counts_gradients_waiting_in_host_memory_at_their_largest_two(monkeypatch):
+    from types import SimpleNamespace
+
+    import lightning_rl.plugins.precision as precision
+
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    plugin, module = _shrunk()  # fp32 parameters, their gradients sent to host memory
+    seen = {}
+
+    def fake_plan(shape, model, **kw):
+        seen.update(kw)
+
+    monkeypatch.setattr(precision, "plan_for_shape", fake_plan)
+    monkeypatch.setattr(precision, "_shape", lambda m: SimpleNamespace(generates=False, extra_frozen=()))
+    monkeypatch.setattr(precision, "datamodule_batch_size", lambda trainer: 1)
+    plugin.memory_budget = 2**30
+    plugin.make_plan(module, plugin._optimizers, torch.device("cpu"))
+    sizes = sorted(p.numel() * 4 for p in module.parameters())
+    assert seen["grad_bytes"] == sum(sizes[-2:]) < sum(sizes)
+    plugin.teardown()
+    plugin.make_plan(module, plugin._optimizers, torch.device("cpu"))
+    assert seen["grad_bytes"] is None  # no gradients held: one per trainable parameter
