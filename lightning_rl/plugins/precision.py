@@ -697,16 +697,21 @@ class MemoryAwarePrecision(Precision):
         if self.master_weights == "auto" and self._streamer is not None:
             self._host_masters_beside_engine(module, device)
         if self._streamer is not None and self._masters is None:
-            self._host_gradients_beside_engine(optimizers, device)
+            self._host_gradients_beside_engine(module, optimizers, device)
 
-    def _host_gradients_beside_engine(self, optimizers: list[Optimizer], device: torch.device) -> None:
+    def _host_gradients_beside_engine(
+        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
+    ) -> None:
         """States streaming beside the engine with the fp32 parameters on the device: their gradients wait in host
-        memory from the backward to their chunk's step (``gradients_to_host``, on CUDA, without FSDP2 shards).
+        memory from the backward to their chunk's step.
 
-        The backward then holds no full set of fp32 gradients (1.84 GiB for the Qwen2.5-0.5B shape); each comes
-        back with its chunk's states, scaled there by the clipping factor.
+        With ``gradients_to_host``, on CUDA, for one training process without FSDP2 shards (as host masters). The
+        backward then holds no full set of fp32 gradients (1.84 GiB for the Qwen2.5-0.5B shape); each comes back
+        with its chunk's states, scaled there by the clipping factor.
         """
         if self._host_grads is not None or not (self.gradients_to_host and _sends_gradients_to_host(device)):
+            return
+        if isinstance(module, nn.Module) and _host_masters_refusal(module) is not None:
             return
         params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
         if not params or any(is_dtensor(p) for p in params):

@@ -340,3 +340,11 @@ def test_the_plan_counts_gradients_waiting_in_host_memory_at_their_largest_two(m
     plugin.teardown()
     plugin.make_plan(module, plugin._optimizers, torch.device("cpu"))
     assert seen["grad_bytes"] is None  # no gradients held: one per trainable parameter
+
+
+def test_several_training_processes_keep_their_fp32_gradients_on_the_device(monkeypatch):
+    import lightning_rl.plugins.precision as precision
+
+    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    plugin, _ = _shrunk(world_size=2)  # DDP's reducer reads every gradient where the backward left it
+    assert plugin.streams_optimizer_states and plugin.host_gradients is None
