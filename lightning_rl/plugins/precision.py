@@ -596,11 +596,17 @@ class MemoryAwarePrecision(Precision):
             # turns on expandable segments; on an H200 SmolLM2's reserve stood at 0.61 GiB for 0.27 allocated
             torch.cuda.empty_cache()
 
-    def _detach_masters(self) -> None:
-        """fp32 weights back on the device, held gradients back beside them, the masters' hooks removed."""
+    def _stop_host_gradients(self) -> None:
+        """Held gradients back on their parameters; the backward keeps gradients on the device from now on."""
         if self._host_grads is not None:
             self._host_grads.detach()
             self._host_grads = None
+        if self._streamer is not None:
+            self._streamer.gradients = None
+
+    def _detach_masters(self) -> None:
+        """fp32 weights back on the device, held gradients back beside them, the masters' hooks removed."""
+        self._stop_host_gradients()
         if self._masters is not None:
             params = self._masters.parameters()
             self._masters.detach()
@@ -610,7 +616,6 @@ class MemoryAwarePrecision(Precision):
                     p.grad = p.grad.to(p.dtype)
         if self._streamer is not None:
             self._streamer.masters = None
-            self._streamer.gradients = None
 
     @property
     def host_gradients(self) -> HostGradients | None:
@@ -712,9 +717,9 @@ class MemoryAwarePrecision(Precision):
         if self._host_grads is not None or not (self.gradients_to_host and _sends_gradients_to_host(device)):
             return
         if isinstance(module, nn.Module) and _host_masters_refusal(module) is not None:
-            return
+            return  # several processes or FSDP2 shards
         params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
-        if not params or any(is_dtensor(p) for p in params):
+        if not params:
             return
         self._host_grads = HostGradients()
         sent = self._host_grads.attach(params)
@@ -763,7 +768,7 @@ class MemoryAwarePrecision(Precision):
             self.resolved_master_weights = "device"
         self._shrunk_masters = False
         if self._shrunk_gradients and self._masters is None:
-            self._detach_masters()  # no masters: this gives the held gradients back and stops sending them
+            self._stop_host_gradients()
             log.info("MemoryAwarePrecision: the rollout engine generates between updates; the gradients stay on the "
                      "device")
         self._shrunk_gradients = False
