@@ -31,6 +31,8 @@ class TrainingShape:
             choose a token budget.
         gradient_checkpointing: activations are recomputed in the backward.
         offload_checkpoints: the checkpointed layers' inputs wait in host memory until their recompute.
+        tile_mlps: the decoder layers' MLPs run over slices of the tokens in the update
+            (:mod:`lightning_rl.tiled_mlp`).
         logprob_chunk_tokens: rows per chunk of the reference log-prob path when that path runs (its fp32
             ``[rows, vocab]`` logits count in the plan); None with the fused Triton kernel.
         extra_frozen: frozen modules the module keeps outside its registered children (a reference copy).
@@ -45,6 +47,7 @@ class TrainingShape:
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False
+    tile_mlps: bool = False
     logprob_chunk_tokens: int | None = None
     extra_frozen: Sequence[nn.Module] = field(default_factory=tuple)
 

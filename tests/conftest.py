@@ -58,6 +58,18 @@ def make_grpo():
 
 
 @pytest.fixture
+def tiny_llama_loader(saved_tiny_llama):
+    """Factory: ``layers`` -> a function loading a fresh copy of that saved tiny-llama (fp32, eval mode)."""
+    from lightning_rl import load_policy
+
+    def factory(layers: int = 2):
+        path = saved_tiny_llama(layers)
+        return lambda: load_policy(path)[0]
+
+    return factory
+
+
+@pytest.fixture
 def make_data(prompt_rows):
     """Factory of PromptDataModules over ``prompt_rows``."""
 

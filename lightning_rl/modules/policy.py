@@ -57,6 +57,7 @@ from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
+from lightning_rl.tiled_mlp import check_tiling, tile_decoder_mlps
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune or LoRA on one CUDA
             device per process (not under ``ModelParallelStrategy``, never on a CPU), the configurations
             measured faster end to end (bench/results/vs_trl_NOTES.md); resolved in :meth:`setup`.
+        tile_mlps: run each decoder layer's MLP over slices of the tokens in the update, keeping only its input
+            for the backward (:mod:`lightning_rl.tiled_mlp`): the recomputed layer's ``[tokens, intermediate]``
+            tensors exist for one slice at a time, for one more MLP forward; the memory plan counts it. Off by
+            default: not yet measured end to end. On a CUDA device it needs eager layers
+            (``compile_layers=False``): compiled layers with packed sequences failed there
+            (:func:`~lightning_rl.tiled_mlp.check_tiling`).
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -160,6 +167,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         gradient_checkpointing: bool | None = None,
         offload_checkpoints: bool | None = None,
         compile_layers: bool | None = None,
+        tile_mlps: bool = False,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
     ) -> None:
@@ -203,6 +211,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.offload_checkpoints = False  # resolved in setup(): CUDA only
         self.compile_layers_setting = compile_layers
         self.compile_layers = bool(compile_layers)  # resolved in setup() when None
+        if tile_mlps not in (True, False):
+            raise ValueError(f"tile_mlps must be True or False, got {tile_mlps!r}")
+        self.tile_mlps = tile_mlps
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -236,6 +247,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.tokenizer = tok
         self.apply_gradient_checkpointing()
         self.apply_compile_layers()
+        self.apply_tile_mlps()
         self.apply_sharding()
 
     @override
@@ -246,7 +258,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         ``compile_layers=None`` for the device and the strategy (:func:`auto_compile_layers`).
 
         Raises:
-            ValueError: Lightning's ``FSDPStrategy`` (see :mod:`lightning_rl.modules.sharding`).
+            ValueError: Lightning's ``FSDPStrategy`` (see :mod:`lightning_rl.modules.sharding`), or ``tile_mlps``
+                where it cannot run (:func:`~lightning_rl.tiled_mlp.check_tiling`).
         """
         if self._trainer is not None:
             check_strategy(self._trainer.strategy)
@@ -257,9 +270,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if self.offload_checkpoints_setting and device.type != "cuda":
             log.info("offload_checkpoints: training on %s, where activations already live in host memory; "
                      "nothing to offload", device.type)
+        sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
         if self.compile_layers_setting is None:
-            sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
             self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
+        check_tiling(self.tile_mlps, device.type, self.compile_layers, sharded)
 
     def apply_gradient_checkpointing(self, reapply: bool = False) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.
@@ -312,6 +326,13 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return
         for model in self.checkpointed_models():
             compile_decoder_layers(model)
+
+    def apply_tile_mlps(self) -> None:
+        """With ``tile_mlps``, slice the decoder layers' MLPs of :meth:`checkpointed_models` over the tokens."""
+        if not self.tile_mlps:
+            return
+        for model in self.checkpointed_models():
+            tile_decoder_mlps(model)
 
     def apply_sharding(self) -> None:
         """Under ``ModelParallelStrategy``, shard the trained modules with FSDP2 over its device mesh (idempotent).
@@ -424,6 +445,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.train()
         self.apply_gradient_checkpointing()
         self.apply_compile_layers()
+        self.apply_tile_mlps()
         if self.micro_batch_size is None and self.micro_batch_tokens is None:
             self.micro_batch_tokens = self.auto_micro_batch_tokens()
 

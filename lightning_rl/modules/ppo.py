@@ -147,6 +147,7 @@ class PPO(OnPolicyModule):
             self.critic = apply_lora(critic, self.lora)
             self.apply_gradient_checkpointing()
             self.apply_compile_layers()
+            self.apply_tile_mlps()
         self.value_head = ValueHead(hidden_size_of(self.critic or self.policy), self.value_head_dropout)
         self.apply_sharding()
 

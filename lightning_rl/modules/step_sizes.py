@@ -32,6 +32,8 @@ class StepSizes:
     sequences_per_example: int = 1
     #: The checkpointed layers' inputs wait in host memory (resolved by the module's ``setup``).
     offload_checkpoints: bool = False
+    #: The decoder layers' MLPs run over slices of the tokens in the update (resolved by the module's ``setup``).
+    tile_mlps: bool = False
 
     def auto_micro_batch_tokens(self) -> int | None:
         """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
@@ -50,7 +52,7 @@ class StepSizes:
         mixed = str(self.trainer.precision).startswith(("bf16", "16"))
         act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
         per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing,
-                                               self.offload_checkpoints)
+                                               self.offload_checkpoints, self.tile_mlps)
         return micro_batch_tokens_for(free - state_bytes, per_token)
 
     def training_shape(self) -> TrainingShape:
@@ -72,6 +74,7 @@ class StepSizes:
             micro_batch_size=None if micro is None else micro * self.sequences_per_example,
             gradient_checkpointing=bool(self.gradient_checkpointing),
             offload_checkpoints=bool(self.offload_checkpoints),
+            tile_mlps=bool(self.tile_mlps),
             logprob_chunk_tokens=self.logprob_chunk_size if reference else None,
             extra_frozen=tuple(self._frozen_reference),
         )

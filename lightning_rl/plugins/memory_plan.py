@@ -141,7 +141,7 @@ OFFLOADED_INPUTS_ON_DEVICE = 2
 
 
 def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_checkpointing: bool = False,
-                               offload_checkpoints: bool = False) -> int:
+                               offload_checkpoints: bool = False, tile_mlps: bool = False) -> int:
     """Estimated activation bytes kept for the backward, per token of a micro-batch.
 
     A decoder layer keeps about ``10 * hidden + 2 * kv_dim + 5 * intermediate`` values per token
@@ -153,6 +153,8 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     (two budgets, 2,560 and 5,760 tokens), where a single layer copy gave 95 KB and four give 180 KB.
     With ``offload_checkpoints`` the layers' inputs wait in host memory, and only
     :data:`OFFLOADED_INPUTS_ON_DEVICE` of them are on the device at once (the one being copied and the one in use).
+    With ``tile_mlps`` the recomputed layer's MLP holds its intermediates for one slice of the tokens at a time
+    (:mod:`lightning_rl.tiled_mlp`): about one ``hidden``-sized tensor per token instead of ``intermediate``.
     Memory-efficient attention is assumed (no ``seq x seq`` score matrix).
     """
     text = _text_config(config)
@@ -165,7 +167,8 @@ def activation_bytes_per_token(config: Any, dtype_bytes: int = 2, gradient_check
     layers = text.num_hidden_layers
     if gradient_checkpointing:
         inputs_on_device = min(layers, OFFLOADED_INPUTS_ON_DEVICE) if offload_checkpoints else layers
-        return inputs_on_device * h * 4 + RECOMPUTED_LAYER_COPIES * per_layer
+        recomputed = per_layer - 5 * (inter - min(inter, h)) * dtype_bytes if tile_mlps else per_layer
+        return inputs_on_device * h * 4 + RECOMPUTED_LAYER_COPIES * recomputed
     return layers * per_layer
 
 

@@ -99,7 +99,8 @@ def plan_for_shape(
         MemoryPlanError: a phase cannot fit.
     """
     act = activation_bytes_per_token_override or activation_bytes_per_token(
-        shape.model_config, compute_dtype.itemsize, shape.gradient_checkpointing, shape.offload_checkpoints)
+        shape.model_config, compute_dtype.itemsize, shape.gradient_checkpointing, shape.offload_checkpoints,
+        shape.tile_mlps)
     extra: dict[str, int] = {}
     if autocast_cast_bytes:
         # autocast caches a compute-dtype copy of every fp32 weight the grad-enabled forward uses

@@ -13,14 +13,13 @@ from lightning_rl.compiled_layers import (
     compiled_layer_count,
     decoder_layers,
 )
-from lightning_rl.models import enable_activation_checkpointing, load_policy
+from lightning_rl.models import enable_activation_checkpointing
 
 
 @pytest.fixture
-def saved_policy(saved_tiny_llama):
+def saved_policy(tiny_llama_loader):
     """Loads a 3-layer tiny-llama saved to a folder with from_pretrained (fp32, eval mode)."""
-    path = saved_tiny_llama(3)
-    return lambda: load_policy(path)[0]
+    return tiny_llama_loader(3)
 
 
 def run(model, ids):

@@ -1,0 +1,204 @@
+"""The decoder layers' MLPs computed over slices of the tokens during the update.
+
+In a checkpointed backward the recomputed layer holds its MLP's intermediate tensors for every token of the
+micro-batch at once: the gate and up projections, their product and their gradients, each
+``[tokens, intermediate_size]``. A first-step allocation history on an H200 (bench/results/vs_trl_NOTES.md,
+twenty-fourth visit) found four such tensors of 207 MiB at the backward's peak of a Qwen2.5-0.5B-shaped full
+fine-tune (22k packed tokens, intermediate 4,864), and eight of 35 MiB at SmolLM2's LoRA peak.
+
+:func:`tile_decoder_mlps` makes each decoder layer's MLP keep only its input for the backward and recompute itself
+there slice by slice (:class:`TiledMLPFunction`), so its intermediates exist for one slice at a time.
+:func:`mlp_slices` picks ``ceil(intermediate / hidden)`` slices: one slice's intermediate is then about as large as
+the layer's input. An MLP is token-wise (each output row depends on its own input row only), so slicing changes no
+value beyond the matmuls' accumulation order. The parameters' gradients are summed over the slices and handed to
+autograd once, so gradient hooks (gradients sent to host memory, DDP's reducer) see one gradient per parameter and
+backward. It costs one more forward of each MLP per update.
+
+Off by default: the modules' ``tile_mlps=True`` turns it on, and :func:`check_tiling` says where it cannot run.
+Only the update slices: an MLP in train mode with gradients on. Generation, evaluation and reference log-probs
+run the MLP as it is. An MLP with active dropout (its recomputation would draw other masks) or one that routes
+tokens to experts is left alone. Under compiled decoder layers (:mod:`lightning_rl.compiled_layers`) the sliced
+MLP runs eagerly between the two compiled halves of the layer (CPU-tested; on CUDA see :func:`check_tiling`).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_rl.compiled_layers import decoder_layers
+
+
+def mlp_slices(hidden_size: int, intermediate_size: int | None) -> int:
+    """Slices of the tokens whose MLP intermediates are each about one ``[tokens, hidden]`` tensor."""
+    if not intermediate_size or hidden_size < 1:
+        return 1
+    return max(1, math.ceil(intermediate_size / hidden_size))
+
+
+def _autocast_state(device_type: str) -> dict[str, Any]:
+    """The ambient autocast of ``device_type``, as ``torch.autocast`` arguments (restored in the backward)."""
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"device_type": device_type, "enabled": enabled,
+            "dtype": torch.get_autocast_dtype(device_type) if enabled else None}
+
+
+class TiledMLPFunction(torch.autograd.Function):
+    """``run(x)`` over ``slices`` row slices of ``x``; the backward recomputes each slice and sums its gradients.
+
+    ``params`` are the parameters ``run`` reads that need gradients: their gradients come back as this function's
+    own, one per parameter. Only ``x`` is kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[[torch.Tensor], torch.Tensor], slices: int, x: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        """``run`` over the row slices of ``x`` (autograd runs it without gradients); keeps ``x`` only."""
+        ctx.run, ctx.slices, ctx.params = run, slices, params
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out: torch.Tensor | None = None
+        start = 0
+        for part in rows.tensor_split(slices):
+            piece = run(part)
+            if out is None:
+                out = piece.new_empty((rows.shape[0], piece.shape[-1]))
+            out[start:start + part.shape[0]] = piece
+            start += part.shape[0]
+        assert out is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Recompute each slice under the forward's autocast; ``x``'s gradient and the parameters' summed ones."""
+        (x,) = ctx.saved_tensors
+        params: tuple[torch.Tensor, ...] = ctx.params
+        need_x = ctx.needs_input_grad[2]
+        need_params = [ctx.needs_input_grad[3 + i] for i in range(len(params))]
+        rows = x.reshape(-1, x.shape[-1])
+        grads_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(rows) if need_x else None
+        sums: list[torch.Tensor | None] = [None] * len(params)
+        wanted_params = [p for p, need in zip(params, need_params) if need]
+        start = 0
+        with torch.enable_grad(), torch.autocast(**ctx.autocast):
+            for part, g in zip(rows.tensor_split(ctx.slices), grads_out.tensor_split(ctx.slices)):
+                leaf = part.detach().requires_grad_(need_x)
+                out = ctx.run(leaf)
+                inputs = ([leaf] if need_x else []) + wanted_params
+                grads = list(torch.autograd.grad(out, inputs, g, allow_unused=True))
+                if need_x:
+                    grad_x[start:start + part.shape[0]] = grads.pop(0)
+                it = iter(grads)
+                for i, need in enumerate(need_params):
+                    if not need:
+                        continue
+                    grad = next(it)
+                    if grad is None:
+                        continue
+                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+                start += part.shape[0]
+        return (None, None, grad_x.view_as(x) if need_x else None, *sums)
+
+
+class _TiledForward:
+    """An MLP's ``forward`` that slices the tokens in the update and runs the MLP's own ``forward`` otherwise."""
+
+    def __init__(self, eager: Callable[..., torch.Tensor], slices: int) -> None:
+        self.eager = eager
+        self.slices = slices
+
+    @torch.compiler.disable
+    def __call__(self, mlp: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not (mlp.training and torch.is_grad_enabled()) or x.dim() < 2:
+            return self.eager(mlp, x, *args, **kwargs)
+        params = tuple(p for p in mlp.parameters() if p.requires_grad)
+        slices = min(self.slices, x.numel() // max(1, x.shape[-1]))
+        if slices <= 1 or not (params or x.requires_grad):
+            return self.eager(mlp, x)
+        return TiledMLPFunction.apply(lambda part: self.eager(mlp, part), slices, x, *params)
+
+
+def tiling_unsupported_reason(mlp: nn.Module) -> str | None:
+    """Why ``mlp`` cannot be sliced over tokens (None when it can)."""
+    name = type(mlp).__name__.lower()
+    if any(word in name for word in ("moe", "sparse", "expert")):
+        return f"{type(mlp).__name__} routes tokens to experts"
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules()):
+        return f"{type(mlp).__name__} has dropout, which its recomputation would draw again"
+    return None
+
+
+def _sizes(model: nn.Module) -> tuple[int, int | None]:
+    """The decoder's hidden and MLP intermediate sizes from the model's (text) config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return int(hidden), int(inter) if inter else None
+
+
+def tile_decoder_mlps(model: nn.Module) -> int:
+    """Slice each decoder layer's ``mlp`` over the tokens during the update (idempotent).
+
+    Args:
+        model: a transformers causal LM, or a peft wrapper of one.
+
+    Returns:
+        The number of decoder layers whose MLP now slices its tokens.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    hidden, inter = _sizes(base)
+    slices = mlp_slices(hidden, inter)
+    count = 0
+    if slices <= 1:
+        return 0
+    for layer in decoder_layers(model):
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, nn.Module) or tiling_unsupported_reason(mlp):
+            continue
+        if not is_tiled(mlp):
+            mlp.forward = types.MethodType(_TiledForward(type(mlp).forward, slices), mlp)  # state dicts unchanged
+        count += 1
+    return count
+
+
+def is_tiled(mlp: nn.Module) -> bool:
+    """Whether ``mlp``'s ``forward`` slices its tokens in the update (set by :func:`tile_decoder_mlps`)."""
+    return isinstance(getattr(vars(mlp).get("forward"), "__func__", None), _TiledForward)
+
+
+def tiled_mlp_count(model: nn.Module) -> int:
+    """How many decoder layers of ``model`` slice their MLP's tokens in the update."""
+    return sum(is_tiled(getattr(m, "mlp", None)) for m in decoder_layers(model)
+               if isinstance(getattr(m, "mlp", None), nn.Module))
+
+
+def check_tiling(tile_mlps: bool, device_type: str, compile_layers: bool, sharded: bool) -> None:
+    """Refuse ``tile_mlps`` where it does not run.
+
+    On an H200 (torch 2.11, inductor) a GRPO fit with compiled layers, packed sequences and offloaded checkpoints
+    stopped in the backward: the checkpoint's recomputation of a layer saved its tensors in another order than the
+    forward had (``CheckpointError``), once the sliced MLP split each compiled layer in two graphs. A compiled,
+    padded update matched the whole MLP there. Until the packed case is understood, a CUDA device slices with eager
+    layers only. FSDP2-sharded layers gather their weights per layer, which the slices' recomputation in the
+    backward was not checked against.
+
+    Raises:
+        ValueError: ``tile_mlps`` with compiled layers on CUDA, or with sharded layers.
+    """
+    if not tile_mlps:
+        return
+    if device_type == "cuda" and compile_layers:
+        raise ValueError("tile_mlps=True with compiled decoder layers on a CUDA device: their packed update failed "
+                         "there (a checkpoint recomputation mismatch); pass compile_layers=False to slice the MLPs, "
+                         "or drop tile_mlps")
+    if sharded:
+        raise ValueError("tile_mlps=True under ModelParallelStrategy (FSDP2-sharded layers) is not supported; "
+                         "drop tile_mlps")

@@ -1,0 +1,198 @@
+"""MLPs sliced over the tokens in the update: the same outputs and gradients as the whole MLP (float64 and under
+bf16 autocast, full fine-tune and LoRA, checkpointed and compiled layers), only the input kept for the backward,
+one gradient per parameter for the hooks, and the plain MLP outside the update."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rl.compiled_layers import compile_decoder_layers
+from lightning_rl.lora import apply_lora
+from lightning_rl.models import enable_activation_checkpointing
+from lightning_rl.tiled_mlp import (
+    TiledMLPFunction,
+    check_tiling,
+    is_tiled,
+    mlp_slices,
+    tile_decoder_mlps,
+    tiled_mlp_count,
+    tiling_unsupported_reason,
+)
+
+
+@pytest.fixture
+def saved_policy(tiny_llama_loader):
+    """Loads a 2-layer tiny-llama (hidden 64, intermediate 128) saved to a folder, as users load models."""
+    return tiny_llama_loader(2)
+
+
+def _loss_and_grads(model, ids, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    loss = logits.square().mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_slices_make_one_slices_intermediate_about_the_size_of_the_layer_input():
+    assert mlp_slices(896, 4864) == 6  # Qwen2.5-0.5B
+    assert mlp_slices(576, 1536) == 3  # SmolLM2-135M
+    assert mlp_slices(64, 128) == 2
+    assert mlp_slices(64, 64) == 1 and mlp_slices(64, None) == 1
+
+
+def test_the_function_matches_the_whole_mlp_in_float64_for_the_input_and_every_parameter():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 24), nn.SiLU(), nn.Linear(24, 8)).double()
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 7, 8, dtype=torch.float64)
+    whole = mlp(x)
+    expected = torch.autograd.grad(whole, [x, *mlp.parameters()], grad)
+    x2 = x.detach().clone().requires_grad_()
+    sliced = TiledMLPFunction.apply(mlp, 4, x2, *mlp.parameters())
+    got = torch.autograd.grad(sliced, [x2, *mlp.parameters()], grad)
+    torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_only_the_input_is_kept_for_the_backward_and_each_parameter_gets_one_gradient():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.SiLU(), nn.Linear(64, 16))
+    x = torch.randn(40, 16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    hooks = {id(p): 0 for p in mlp.parameters()}
+    for p in mlp.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: hooks.__setitem__(id(p), hooks[id(p)] + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = TiledMLPFunction.apply(mlp, 4, x, *mlp.parameters())
+    assert saved == [(40, 16)]  # the whole MLP would keep its [40, 64] intermediates too
+    out.sum().backward()
+    assert set(hooks.values()) == {1}
+    whole = nn.Sequential(*mlp)  # same parameters
+    xr = x.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(whole(xr).sum(), [xr, *mlp.parameters()])
+    got = [x.grad, *(p.grad for p in mlp.parameters())]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_tiled_policy_trains_as_the_whole_one_checkpointed_and_under_bf16_autocast(saved_policy, lora):
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"} if lora else None
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same adapters in both
+        models.append(apply_lora(saved_policy(), spec))
+    whole, tiled = models
+    if lora:  # B starts at zero: give the adapters something to say
+        for w in (whole, tiled):
+            for n, p in w.named_parameters():
+                if "lora_B" in n:
+                    with torch.no_grad():
+                        p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    for m in (whole, tiled):
+        enable_activation_checkpointing(m)
+        m.train()
+    assert tile_decoder_mlps(tiled) == 2
+    assert tile_decoder_mlps(tiled) == 2 and tiled_mlp_count(tiled) == 2  # idempotent
+    ids = torch.randint(0, whole.config.vocab_size, (3, 13))
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        (lw, gw), (lt, gt) = _loss_and_grads(whole, ids, autocast), _loss_and_grads(tiled, ids, autocast)
+        torch.testing.assert_close(lt, lw, rtol=tol, atol=tol)
+        assert gt.keys() == gw.keys() and len(gt) > 0
+        assert any("mlp" in n for n in gt)
+        if lora:
+            assert all("lora_" in n for n in gt)
+        for n in gw:
+            torch.testing.assert_close(gt[n], gw[n], rtol=tol, atol=tol * max(1.0, gw[n].abs().max().item()))
+
+
+def test_compiled_layers_with_tiled_mlps_match_eager_ones(saved_policy, monkeypatch):
+    torch._dynamo.reset()
+    calls = []
+    apply = TiledMLPFunction.apply
+    monkeypatch.setattr(TiledMLPFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    eager, compiled = saved_policy(), saved_policy()
+    for m in (eager, compiled):
+        enable_activation_checkpointing(m)
+        m.train()
+    tile_decoder_mlps(compiled)
+    compile_decoder_layers(compiled, backend="aot_eager")
+    for length in (11, 7):
+        ids = torch.randint(0, eager.config.vocab_size, (2, length))
+        (le, ge), (lc, gc) = _loss_and_grads(eager, ids), _loss_and_grads(compiled, ids)
+        torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)
+        for n in ge:
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-6)
+    assert len(calls) == 2 * 2 * 2  # two layers, two lengths, the forward and the checkpoint's recomputation
+
+
+def test_outside_the_update_the_mlp_runs_whole(saved_policy, monkeypatch):
+    model = saved_policy()
+    tile_decoder_mlps(model)
+    calls = []
+    monkeypatch.setattr(TiledMLPFunction, "apply", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    model.eval()
+    model(input_ids=ids, use_cache=False)  # eval mode, gradients on
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # train mode, no gradients
+    assert calls == []
+    assert model.state_dict().keys() == saved_policy().state_dict().keys()
+
+
+def test_mlps_with_dropout_or_experts_are_not_tiled(saved_policy):
+    assert "dropout" in tiling_unsupported_reason(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
+    assert tiling_unsupported_reason(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))) is None
+
+    class SparseMoeBlock(nn.Module):
+        pass
+
+    assert "experts" in tiling_unsupported_reason(SparseMoeBlock())
+    model = apply_lora(saved_policy(), {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"})
+    assert tile_decoder_mlps(model) == 0
+    assert not any(is_tiled(m) for m in model.modules())
+
+
+def test_tiling_is_refused_with_compiled_layers_on_cuda_and_with_sharded_layers():
+    check_tiling(True, "cuda", compile_layers=False, sharded=False)
+    check_tiling(True, "cpu", compile_layers=True, sharded=False)
+    check_tiling(False, "cuda", compile_layers=True, sharded=True)
+    with pytest.raises(ValueError, match="compile_layers=False"):
+        check_tiling(True, "cuda", compile_layers=True, sharded=False)
+    with pytest.raises(ValueError, match="ModelParallelStrategy"):
+        check_tiling(True, "cpu", compile_layers=False, sharded=True)
+
+
+def test_the_module_tiles_when_asked_and_not_by_default(make_grpo, make_data):
+    import lightning as L
+
+    module = make_grpo(model_config={"num_hidden_layers": 2})
+    assert module.tile_mlps is False
+    module.setup("fit")
+    assert module.tile_mlps is False
+    module.configure_model()
+    assert tiled_mlp_count(module.policy) == 0
+
+    asked = make_grpo(model_config={"num_hidden_layers": 2}, tile_mlps=True, gradient_checkpointing=True)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    calls = []
+    apply = TiledMLPFunction.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TiledMLPFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+        trainer.fit(asked, datamodule=make_data())
+    assert tiled_mlp_count(asked.policy) == 2
+    assert calls  # the update ran through the tiled MLPs
+    assert all(torch.isfinite(p).all() for p in asked.policy.parameters())
+
+    with pytest.raises(ValueError, match="tile_mlps"):
+        make_grpo(tile_mlps="yes")
