@@ -32,7 +32,7 @@ class StepSizes:
     sequences_per_example: int = 1
     #: The checkpointed layers' inputs wait in host memory (resolved by the module's ``setup``).
     offload_checkpoints: bool = False
-    #: The decoder layers' MLPs run over slices of the tokens in the update (resolved by the module's ``setup``).
+    #: The decoder layers' MLPs run over slices of the tokens in the update (the module's ``tile_mlps``).
     tile_mlps: bool = False
 
     def auto_micro_batch_tokens(self) -> int | None:

@@ -196,3 +196,17 @@ def test_the_module_tiles_when_asked_and_not_by_default(make_grpo, make_data):
 
     with pytest.raises(ValueError, match="tile_mlps"):
         make_grpo(tile_mlps="yes")
+
+
+def test_the_memory_plan_counts_one_slice_of_the_mlp_in_the_recomputed_layer():
+    from types import SimpleNamespace
+
+    from lightning_rl.plugins.memory_plan import RECOMPUTED_LAYER_COPIES, activation_bytes_per_token
+
+    qwen05 = SimpleNamespace(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2)
+    whole = activation_bytes_per_token(qwen05, 2, gradient_checkpointing=True, offload_checkpoints=True)
+    tiled = activation_bytes_per_token(qwen05, 2, gradient_checkpointing=True, offload_checkpoints=True,
+                                       tile_mlps=True)
+    assert whole - tiled == RECOMPUTED_LAYER_COPIES * 5 * (4864 - 896) * 2
+    assert activation_bytes_per_token(qwen05, 2, tile_mlps=True) == activation_bytes_per_token(qwen05, 2)
