@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_rl.compiled_layers import decoder_layers
+from lightning_rl.models import unwrap
 
 
 def mlp_slices(hidden_size: int, intermediate_size: int | None) -> int:
@@ -85,24 +86,20 @@ class TiledMLPFunction(torch.autograd.Function):
         grads_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(rows) if need_x else None
         sums: list[torch.Tensor | None] = [None] * len(params)
-        wanted_params = [p for p, need in zip(params, need_params) if need]
+        wanted = [i for i, need in enumerate(need_params) if need]
         start = 0
         with torch.enable_grad(), torch.autocast(**ctx.autocast):
             for part, g in zip(rows.tensor_split(ctx.slices), grads_out.tensor_split(ctx.slices)):
                 leaf = part.detach().requires_grad_(need_x)
                 out = ctx.run(leaf)
-                inputs = ([leaf] if need_x else []) + wanted_params
-                grads = list(torch.autograd.grad(out, inputs, g, allow_unused=True))
+                inputs = ([leaf] if need_x else []) + [params[i] for i in wanted]
+                grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
                 if need_x:
-                    grad_x[start:start + part.shape[0]] = grads.pop(0)
-                it = iter(grads)
-                for i, need in enumerate(need_params):
-                    if not need:
-                        continue
-                    grad = next(it)
-                    if grad is None:
-                        continue
-                    sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+                    grad_x[start:start + part.shape[0]] = grads[0]
+                    grads = grads[1:]
+                for i, grad in zip(wanted, grads, strict=True):
+                    if grad is not None:
+                        sums[i] = grad if sums[i] is None else sums[i].add_(grad)
                 start += part.shape[0]
         return (None, None, grad_x.view_as(x) if need_x else None, *sums)
 
@@ -135,15 +132,6 @@ def tiling_unsupported_reason(mlp: nn.Module) -> str | None:
     return None
 
 
-def _sizes(model: nn.Module) -> tuple[int, int | None]:
-    """The decoder's hidden and MLP intermediate sizes from the model's (text) config."""
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    return int(hidden), int(inter) if inter else None
-
-
 def tile_decoder_mlps(model: nn.Module) -> int:
     """Slice each decoder layer's ``mlp`` over the tokens during the update (idempotent).
 
@@ -153,12 +141,11 @@ def tile_decoder_mlps(model: nn.Module) -> int:
     Returns:
         The number of decoder layers whose MLP now slices its tokens.
     """
-    base = getattr(model, "get_base_model", lambda: model)()
-    hidden, inter = _sizes(base)
-    slices = mlp_slices(hidden, inter)
-    count = 0
+    config = unwrap(model).config.get_text_config()  # the decoder's sizes (a multimodal model's text part)
+    slices = mlp_slices(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
     if slices <= 1:
         return 0
+    count = 0
     for layer in decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
         if not isinstance(mlp, nn.Module) or tiling_unsupported_reason(mlp):
