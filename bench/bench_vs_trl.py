@@ -423,6 +423,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
         def on_train_end(self, trainer, pl_module):  # the engine is still alive (it stops at teardown)
             self.engine_at_end = engine_memory_gib(self.rollout_cb.engine)
+            from lightning_rl.cuda_limits import stack_limit
+
+            self.trainer_stack_limit = stack_limit()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if empty_cache_each_step:
@@ -533,6 +536,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                      "offload_checkpoints": module.offload_checkpoints,
                      "master_weights": plugin.resolved_master_weights,
                      "engine_memory_at_end": getattr(timer, "engine_at_end", None),
+                     "trainer_cuda_stack_limit": getattr(timer, "trainer_stack_limit", None),
                      "engine_start_gib": (None if rollout_cb.engine_start_bytes is None
                                           else rollout_cb.engine_start_bytes / 2**30),
                      "memory_plan": None if plugin.memory_plan is None else plugin.memory_plan.summary(),
@@ -548,7 +552,7 @@ def engine_memory_gib(engine) -> dict[str, float] | None:
     if breakdown is None:
         return None
     try:
-        return {k: v / 2**30 for k, v in breakdown().items()}
+        return {k: v if k == "cuda_stack_limit" else v / 2**30 for k, v in breakdown().items()}
     except Exception as err:  # a diagnostic: the run goes on without it
         return {"error": f"{type(err).__name__}: {err}"}
 

@@ -109,7 +109,8 @@ class PolicyWeightReceiver:
         """The engine process's device memory by kind, in bytes: PyTorch's allocator and vLLM's sleep-mode pools by tag.
 
         ``torch_*`` come from PyTorch's caching allocator; ``cumem_<tag>`` (``weights``, ``kv_cache``) is what
-        vLLM's sleep-mode allocator has mapped now. The rest of the process's NVML figure is the CUDA context and
+        vLLM's sleep-mode allocator has mapped now; ``cuda_stack_limit`` the context's per-thread stack limit (its
+        local-memory reservation scales with it). The rest of the process's NVML figure is the CUDA context and
         the libraries' own allocations. Empty on a machine without CUDA.
         """
         if not torch.cuda.is_available():
@@ -119,6 +120,12 @@ class PolicyWeightReceiver:
         from lightning_rl.rollout.vllm_internals import mapped_pool_bytes
 
         out.update({f"cumem_{tag}": n for tag, n in mapped_pool_bytes().items()})
+        from lightning_rl.cuda_limits import stack_limit
+
+        torch.cuda.synchronize()  # makes the context current on this thread for the driver call
+        limit = stack_limit()
+        if limit is not None:
+            out["cuda_stack_limit"] = limit
         return out
 
     def lightning_rl_release_cache(self) -> int:
