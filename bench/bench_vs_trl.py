@@ -88,20 +88,13 @@ def cumem_bytes() -> dict[str, int]:
 def cuda_stack_kib() -> float | None:
     """The CUDA stack (local memory) per thread now, in KiB: the driver reserves it for every resident thread, and
     it grows to the largest any launched kernel needs (spilling Triton kernels)."""
-    import ctypes
-
     import torch
 
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        value = ctypes.c_size_t()
-        torch.cuda.init()
-        if lib.cudaDeviceGetLimit(ctypes.byref(value), 0) == 0:  # cudaLimitStackSize
-            return value.value / 1024
-    return None
+    from lightning_rl.cuda_limits import stack_limit
+
+    torch.cuda.synchronize()  # the context current on this thread
+    limit = stack_limit()
+    return None if limit is None else limit / 1024
 
 
 class MemorySampler:
@@ -423,9 +416,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
         def on_train_end(self, trainer, pl_module):  # the engine is still alive (it stops at teardown)
             self.engine_at_end = engine_memory_gib(self.rollout_cb.engine)
-            from lightning_rl.cuda_limits import stack_limit
-
-            self.trainer_stack_limit = stack_limit()
+            self.trainer_stack_kib = cuda_stack_kib()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if empty_cache_each_step:
@@ -490,6 +481,11 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     "shared_freed_gib": getattr(engine, "shared_freed_bytes", 0) / 2**30,
                                     "shared_released_gib": getattr(engine, "shared_released_bytes", 0) / 2**30,
                                     "share_failure": share_failure(pl_module.policy, engine),
+                                    # a LoRA base that is the engine process's merged weights (share_merged_base)
+                                    "merged_base_gib": (engine.merged_base.bytes_shared / 2**30
+                                                        if getattr(engine, "merged_base", None) is not None
+                                                        else None),
+                                    "merged_base_freed_gib": getattr(engine, "merged_base_freed_bytes", 0) / 2**30,
                                     # the engine process's memory by kind (PyTorch's allocator, vLLM's pools)
                                     "engine_memory_gib": engine_memory_gib(engine),
                                     # parameters whose gradients the backward sends to host memory
@@ -536,7 +532,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                      "offload_checkpoints": module.offload_checkpoints,
                      "master_weights": plugin.resolved_master_weights,
                      "engine_memory_at_end": getattr(timer, "engine_at_end", None),
-                     "trainer_cuda_stack_limit": getattr(timer, "trainer_stack_limit", None),
+                     "trainer_cuda_stack_kib": getattr(timer, "trainer_stack_kib", None),
                      "engine_start_gib": (None if rollout_cb.engine_start_bytes is None
                                           else rollout_cb.engine_start_bytes / 2**30),
                      "memory_plan": None if plugin.memory_plan is None else plugin.memory_plan.summary(),

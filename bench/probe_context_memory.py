@@ -34,7 +34,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    from lightning_rl.cuda_limits import set_stack_limit, stack_limit
+    import ctypes
+
+    from lightning_rl.cuda_limits import stack_limit
+
+    def set_stack_limit(nbytes: int) -> bool:  # unsafe beside CUDA graphs: a probe's own process only
+        return ctypes.CDLL("libcuda.so.1").cuCtxSetLimit(0, ctypes.c_size_t(nbytes)) == 0
 
     stages: list[dict] = []
 

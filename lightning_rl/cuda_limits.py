@@ -1,9 +1,9 @@
-"""The CUDA context's per-thread stack limit, read and set through the driver API.
+"""The CUDA context's per-thread stack limit, read through the driver API (a memory diagnostic).
 
 The driver reserves local memory for every thread the device can hold at once (the stack limit times the
-resident threads: about 270k on an H200), and keeps a reservation grown for a kernel that needed a larger
-stack after that kernel ends. That memory is outside PyTorch's allocator and counts in the process's NVML
-figure. Setting the limit again gives the excess back; a later kernel that needs more grows it again.
+resident threads: 264 MiB at the default 1 KiB on an H200), outside PyTorch's allocator, and grows it for a kernel
+that needs more. Lowering the limit frees that memory but broke CUDA graphs on an H200 (bench/results/vs_trl_NOTES.md,
+nineteenth visit), so the library only reads it.
 """
 
 from __future__ import annotations
@@ -34,18 +34,4 @@ def stack_limit() -> int | None:
     return int(value.value)
 
 
-def set_stack_limit(nbytes: int) -> bool:
-    """Set the current CUDA context's per-thread stack limit (the driver resizes its local-memory reservation).
-
-    Returns:
-        Whether the driver accepted it (False without a CUDA driver or context).
-    """
-    if nbytes < 0:
-        raise ValueError(f"a stack limit is a byte count >= 0, got {nbytes}")
-    lib = _driver()
-    if lib is None:
-        return False
-    return lib.cuCtxSetLimit(_CU_LIMIT_STACK_SIZE, ctypes.c_size_t(nbytes)) == 0
-
-
-__all__ = ["set_stack_limit", "stack_limit"]
+__all__ = ["stack_limit"]

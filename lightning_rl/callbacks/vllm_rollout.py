@@ -39,6 +39,7 @@ from lightning_rl.rollout.vllm_sizing import (
     kv_cache_bytes_for,
     kv_cache_dtype,
     lora_sync_mode,
+    merged_base_bytes,
     sequences_at_once,
     shared_base_bytes,
     weights_kept_asleep_bytes,
@@ -81,6 +82,25 @@ def _strategy_model(trainer: Any) -> nn.Module | None:
     """The module the trainer's strategy wrapped (under FSDP its units hold the policy's shards), if any."""
     model = getattr(getattr(trainer, "strategy", None), "model", None)
     return model if isinstance(model, nn.Module) else None
+
+
+def check_merged_base_module(pl_module: L.LightningModule) -> None:
+    """Refuse ``share_merged_base=True`` for a module whose updates would read adapters the engine has not merged.
+
+    Raises:
+        ValueError: a reference model (``beta > 0``: the adapter-disabled base would be the merged weights), or
+            more than one optimizer step per rollout (``num_iterations`` or ``num_mini_batches`` above 1: the
+            steps after the first would read the weights merged before them).
+    """
+    if getattr(pl_module, "needs_reference_model", False):
+        raise ValueError("share_merged_base=True makes the LoRA base the engine's merged weights, so the "
+                         "adapter-disabled reference model (beta > 0) would not be the base; use "
+                         "share_merged_base=False, or beta=0")
+    steps = int(getattr(pl_module, "num_iterations", 1) or 1) * int(getattr(pl_module, "num_mini_batches", 1) or 1)
+    if steps > 1:
+        raise ValueError(f"share_merged_base=True needs one optimizer step per rollout (the engine merges the "
+                         f"adapters once a step), and this module takes {steps} (num_iterations x "
+                         "num_mini_batches); use share_merged_base=False")
 
 
 class VLLMRollout(Callback):
@@ -234,11 +254,12 @@ class VLLMRollout(Callback):
         root = _strategy_model(trainer)
         weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=root)
         beside, kept = 0, self.weights_kept_asleep_bytes(policy, trainer)
+        frozen = self._plugin.frozen_dtype if self._plugin is not None else None
         if self.overlap_off_reason(trainer.lightning_module, trainer) is None:  # the engine stays up during updates
+            weight_bytes -= merged_base_bytes(policy, s, dtype, frozen)  # a shared base counts once, as frozen weights
             beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
             kept = 0  # counted in ``beside``
         else:  # an in-process engine; a LoRA base it shares with the trainer counts once, as frozen weights
-            frozen = self._plugin.frozen_dtype if self._plugin is not None else None
             weight_bytes -= shared_base_bytes(policy, s, dtype, frozen, is_sharded(policy, root))
         return RolloutMemory(engine_weight_bytes=weight_bytes, weights_kept_asleep_bytes=kept,
                              kv_bytes_per_token=per_token, kv_tokens=tokens, headroom=headroom,
@@ -312,6 +333,9 @@ class VLLMRollout(Callback):
         engine_cls = VLLMEngine
         if self.overlapping:
             from lightning_rl.rollout.vllm_process import VLLMProcessEngine as engine_cls
+
+            if s.share_merged_base:
+                check_merged_base_module(pl_module)
         return engine_cls(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
                           max_num_seqs=sequences, settings=settings, weights_root=_strategy_model(trainer))
 
@@ -453,8 +477,9 @@ class VLLMRollout(Callback):
             background_s = self._ahead.last_generate_s
         t2 = time.perf_counter()
         upcoming = next_batch_prompts(trainer, batch_idx)
+        if upcoming is not None or getattr(engine, "syncs_before_each_update", False):
+            self._sync(trainer, pl_module)  # the weights this update starts from (a shared merged base reads them)
         if upcoming is not None:
-            self._sync(trainer, pl_module)  # the weights this update starts from
             ids, sampling, g = pl_module.encode(upcoming), pl_module.sampling, pl_module.num_generations
             self._ahead.submit(upcoming, trainer.global_step, lambda: engine.generate(ids, sampling, g))
         t3 = time.perf_counter()

@@ -25,13 +25,15 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_rl.lora import is_lora
 from lightning_rl.rollout.engine_weights import EngineWeight, engine_weights, merge_unsupported_reason
+from lightning_rl.rollout.merged_base import MergedBase, share_merged_base
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm import VLLMEngine
 from lightning_rl.rollout.vllm_checks import check_eos_ids, require_cuda
@@ -65,36 +67,54 @@ def process_engine_unsupported_reason(model: nn.Module, root: nn.Module | None =
     return None
 
 
-def ipc_handles(weights: Sequence[EngineWeight]) -> bytes:
+def ipc_handles(weights: Sequence[EngineWeight], with_bases: bool = True,
+                reduce: Callable[[torch.Tensor], tuple[Any, Any]] | None = None) -> bytes:
     """Pickled ``(name, base, [(a, b, scale), ...])`` with each tensor as ``(rebuild function, args)``.
 
-    :mod:`~lightning_rl.rollout.vllm_worker` opens them in the engine process.
+    :mod:`~lightning_rl.rollout.vllm_worker` opens them in the engine process. Without ``with_bases`` each base is
+    None: the engine process keeps the base itself (the trainer's base is shared, :mod:`.merged_base`). ``reduce``
+    replaces CUDA IPC (tests on a CPU).
     """
     from torch.multiprocessing.reductions import reduce_tensor
 
     def handle(name: str, t: torch.Tensor) -> tuple[Any, Any]:
+        if reduce is not None:
+            return reduce(t)
         if not t.is_cuda:
             raise ValueError(f"weight {name!r} is on {t.device}: the engine process reads CUDA tensors only")
         return reduce_tensor(t)
 
-    items = [(w.name, handle(w.name, w.base), [(handle(w.name, p.a), handle(w.name, p.b), p.scale)
-                                                for p in w.products])
+    items = [(w.name, handle(w.name, w.base) if with_bases else None,
+              [(handle(w.name, p.a), handle(w.name, p.b), p.scale) for p in w.products])
              for w in weights]
     return pickle.dumps(items)
 
 
-def weights_layout(weights: Sequence[EngineWeight]) -> tuple[Any, ...]:
+def weights_layout(weights: Sequence[EngineWeight], with_bases: bool = True) -> tuple[Any, ...]:
     """What the engine process's views depend on: each tensor's address, shape and dtype, and the LoRA scales."""
     return tuple((w.name, tuple(p.scale for p in w.products),
-                  tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in w.tensors())) for w in weights)
+                  tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in w.tensors()[0 if with_bases else 1:]))
+                 for w in weights)
+
+
+class _EngineParameters:
+    """The engine process's weights as opened in the trainer: what :func:`.merged_base.share_merged_base` reads."""
+
+    def __init__(self, packed: dict[str, list[str]], params: dict[str, torch.Tensor]) -> None:
+        self.packed_modules_mapping = packed
+        self._params = params
+
+    def named_parameters(self) -> Any:
+        return iter(self._params.items())
 
 
 class VLLMProcessEngine(VLLMEngine):
     """A vLLM engine in a child process on the trainer's GPU, reading the policy's weights through CUDA IPC.
 
-    Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` and
-    ``share_base_weights`` do not apply: this engine never sleeps). ``settings.front_end="process"`` (the default) runs
-    vLLM's front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
+    Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` does not apply: this
+    engine never sleeps). ``settings.share_merged_base=True`` with a LoRA policy points the trainer's frozen base at
+    the engine's merged weights (:mod:`~lightning_rl.rollout.merged_base`). ``settings.front_end="process"`` (the
+    default) runs vLLM's front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
 
     Raises:
         ValueError: the policy cannot feed it (:func:`process_engine_unsupported_reason`).
@@ -141,8 +161,47 @@ class VLLMProcessEngine(VLLMEngine):
         self.llm = self.internals.llm
         self.engine_kwargs = kwargs
         self.weight_bytes = engine_weight_bytes(model, settings.dtype)
+        self.merged_base = MergedBase()
+        self.merged_base_freed_bytes = 0
         self.sync_weights(model)
+        if settings.share_merged_base:
+            try:
+                self._share_merged_base(model)
+            except Exception:
+                self.shutdown()  # the engine process ends with the failed start, and the trainer keeps its base
+                raise
         self.released_at_start_bytes = self.release_cached_memory()
+
+    def _share_merged_base(self, model: nn.Module) -> None:
+        """Point the trainer's frozen LoRA base at the engine's (merged) weights and free the trainer's copy.
+
+        Raises:
+            ValueError: the base cannot be shared (no LoRA adapter, another dtype, an unknown weight layout).
+        """
+        if not is_lora(model):
+            raise ValueError("share_merged_base=True needs a LoRA policy; use share_merged_base=False")
+        reply = pickle.loads(self.llm.collective_rpc("lightning_rl_share_base")[0])
+        params = {name: rebuild(*args) for name, (rebuild, args) in reply["params"]}
+        cuda = torch.cuda.is_available()
+        allocated = torch.cuda.memory_allocated() if cuda else 0
+        share, reason = share_merged_base(model, _EngineParameters(reply["packed"], params))
+        if reason:
+            raise ValueError(f"share_merged_base=True, but the LoRA base cannot be shared with the engine process's "
+                             f"weights: {reason}; use share_merged_base=False")
+        self.merged_base = share
+        self.sync_weights(model)  # the adapters merged again, now into the shared weights; the handles lose the bases
+        if cuda:
+            torch.cuda.ipc_collect()  # the engine process dropped its views of the trainer's base
+            torch.cuda.empty_cache()
+            self.merged_base_freed_bytes = allocated - torch.cuda.memory_allocated()
+        log.info("VLLMProcessEngine: the LoRA base is the engine's merged weights (%.1f MiB held once)",
+                 share.bytes_shared / 2**20)
+
+    def unshare_base(self) -> None:
+        """Give the trainer private copies of its LoRA base again (before the engine process ends; idempotent)."""
+        if self.merged_base.views:
+            self.merged_base.unshare()
+            self._attached = ()  # the bases moved: the next sync sends them again
 
     def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
         """Copy the policy's current weights into the engine (the engine process reads them in place).
@@ -152,14 +211,23 @@ class VLLMProcessEngine(VLLMEngine):
         """
         self._check_alive()
         weights = engine_weights(model)
-        layout = weights_layout(weights)
+        with_bases = not self.merged_base.views  # a shared base stays in the engine process
+        layout = weights_layout(weights, with_bases)
         if layout != self._attached:
-            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights), os.getpid()))
+            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights, with_bases), os.getpid()))
             self._attached = layout
-        torch.cuda.synchronize()  # the optimizer's writes are done before the engine reads
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the optimizer's writes and the forwards reading a shared base are done
         self.llm.collective_rpc("lightning_rl_load")
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        if self.merged_base.views:
+            self.merged_base.mark_synced()
         self.state.weights_synced = True
+
+    @property
+    def syncs_before_each_update(self) -> bool:
+        """Whether every update needs a sync first: the trainer's LoRA base is the engine's merged weights."""
+        return bool(self.merged_base.views)
 
     def release_cached_memory(self) -> int:
         """Give back what the engine process's allocator caches unused (its start leaves some). Returns the bytes.
@@ -189,6 +257,8 @@ class VLLMProcessEngine(VLLMEngine):
 
     def shutdown(self) -> None:
         """Stop the engine process and give its GPU memory back (idempotent)."""
+        if getattr(self, "merged_base", None) is not None:
+            self.unshare_base()  # the views die with the engine process
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(Exception):

@@ -46,6 +46,11 @@ class EngineSettings:
         share_base_weights: with adapter-only LoRA sync, point the trainer's frozen base weights at the engine's
             copy so the GPU holds them once (:mod:`lightning_rl.rollout.shared_weights`). None: when possible
             (same dtype, a known weight layout); True: raise when impossible; False: never.
+        share_merged_base: for an engine in a process of its own
+            (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`, which merges a LoRA policy's adapters
+            into its weights), point the trainer's frozen LoRA base at those merged weights and free the trainer's
+            copy (:mod:`lightning_rl.rollout.merged_base`); raises when it cannot. Off by default until measured on
+            a GPU. Needs a module without a reference model (``beta=0``).
         execution: ``cuda_graphs``: decode steps replay full CUDA graphs, no torch.compile (starts in seconds);
             ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start); ``eager``: neither
             (fastest start, slowest generation).
@@ -88,6 +93,7 @@ class EngineSettings:
     sleep_level: int | None = None
     keep_weights_bytes: int = KEEP_WEIGHTS_BYTES
     share_base_weights: bool | None = None
+    share_merged_base: bool = False
     execution: ExecutionMode = "cuda_graphs"
     fp32_logits: bool = True
     enable_prefix_caching: bool = True

@@ -139,6 +139,20 @@ def shared_base_bytes(
     return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
 
 
+def merged_base_bytes(model: nn.Module, settings: EngineSettings, engine_dtype: torch.dtype,
+                      frozen_dtype: torch.dtype | None) -> int:
+    """Bytes of an engine process's weights that the trainer's frozen LoRA base will point at (held once).
+
+    With ``share_merged_base`` (:mod:`~lightning_rl.rollout.merged_base`) the trainer's frozen base is the engine
+    process's merged weights, when the trainer keeps its frozen weights in the engine's dtype. 0 otherwise.
+    """
+    from lightning_rl.rollout.shared_weights import frozen_base_parameters
+
+    if not settings.share_merged_base or not is_lora(model) or frozen_dtype != engine_dtype:
+        return 0
+    return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
+
+
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
     """How the policy's weights reach the engine: ``(mode, reason)``.
 
@@ -219,6 +233,7 @@ __all__ = [
     "kv_cache_bytes_for",
     "kv_cache_dtype",
     "lora_sync_mode",
+    "merged_base_bytes",
     "sequences_at_once",
     "shared_base_bytes",
     "weights_kept_asleep_bytes",

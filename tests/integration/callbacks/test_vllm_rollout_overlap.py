@@ -119,3 +119,27 @@ def test_a_run_resumed_from_a_checkpoint_saved_while_a_batch_was_peeked_trains_t
     whole = run(4)  # its checkpoint after step 2 was saved while batch 3's prompts were being generated
     resumed = run(4, ckpt_path=tmp_path / "epoch=0-step=2.ckpt", seed=7)
     assert len(whole) == 4 and resumed == whole[2:]
+
+
+class SharedBaseEngine(SnapshotEngine):
+    """An engine whose merged weights the trainer reads (a shared LoRA base): every update needs a sync first."""
+
+    syncs_before_each_update = True
+
+
+def test_an_engine_that_shares_its_weights_is_synced_before_every_update_even_the_last_of_an_epoch():
+    log, seen = [], []
+    cb = VLLMRollout(overlap=True, engine_factory=lambda m, n, seed: SharedBaseEngine(m, log))
+    module = rollout_grpo()
+    original = module.training_step
+
+    def spy(batch, batch_idx):  # the engine's weights are the ones this update starts from
+        seen.append((module.trainer.global_step, cb.engine.step))
+        return original(batch, batch_idx)
+
+    module.training_step = spy
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(module, datamodule=PromptDataModule(train_data=SUM_ROWS[:4], batch_size=2, shuffle=False))
+    assert seen == [(0, 0), (1, 1), (2, 2), (3, 3)]  # batches 2 and 4 end an epoch: nothing generated ahead
+    assert [e for e in log if e[0] == "sync"] == [("sync", 0), ("sync", 1), ("sync", 2), ("sync", 3)]

@@ -116,6 +116,25 @@ def test_the_plan_counts_an_engine_running_beside_the_update_in_the_train_phase(
     between.setup(trainer, module, "fit")
     assert between.rollout_memory(module.training_shape()).beside_training_bytes == 0
 
+    from lightning_rl.plugins import MemoryAwarePrecision
+    from lightning_rl.rollout import EngineSettings
+    from lightning_rl.rollout.shared_weights import frozen_base_parameters
+
+    lora = rollout_grpo(lora={"r": 4, "lora_alpha": 8})
+    lora.configure_model()
+    plugin = MemoryAwarePrecision()  # frozen weights in bf16, the engine's dtype: a merged base can be shared
+    lora_trainer = SimpleNamespace(lightning_module=lora, precision="bf16-mixed", precision_plugin=plugin,
+                                   strategy=SimpleNamespace(precision_plugin=plugin), datamodule=None)
+    figures = {}
+    for share in (False, True):
+        settings = EngineSettings(share_merged_base=share)
+        cb = VLLMRollout(prompts_per_step=2, overlap=True, settings=settings,
+                         engine_factory=lambda m, n, s: FakeEngine(m, []))
+        cb.setup(lora_trainer, lora, "fit")
+        figures[share] = cb.rollout_memory(lora.training_shape()).beside_training_bytes
+    base = sum(p.numel() for p in frozen_base_parameters(lora.policy).values()) * 2
+    assert figures[False] - figures[True] == base > 0  # the shared base counts once, as the trainer's frozen weights
+
     shape = TrainingShape(model_config=module.policy.config, sequence_tokens=64, max_prompt_tokens=32,
                           max_new_tokens=32, generates=True, num_generations=2, micro_batch_size=4)
     kw = dict(budget_bytes=40 * GiB, compute_dtype=torch.bfloat16, optimizer_bytes=GiB, reserved_bytes=0)
@@ -262,3 +281,18 @@ def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engi
     forced = VLLMRollout(overlap=True)  # asked for: the error stands
     with pytest.raises(RuntimeError, match="initialization failed"):
         forced._create(trainer, module, 2)
+
+
+def test_a_merged_base_is_refused_for_a_reference_model_or_several_steps_a_rollout_before_an_engine_starts():
+    from lightning_rl.rollout import EngineSettings
+
+    module = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, beta=0.1)
+    module.configure_model()
+    cb = VLLMRollout(settings=EngineSettings(share_merged_base=True))
+    cb.overlapping = True  # as _create decides on a GPU
+    with pytest.raises(ValueError, match=r"share_merged_base=True .* reference model \(beta > 0\)"):
+        cb.build_engine(module, 2)
+    several = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, num_iterations=2)
+    several.configure_model()
+    with pytest.raises(ValueError, match=r"one optimizer step per rollout .* takes 2"):
+        cb.build_engine(several, 2)

@@ -1,0 +1,198 @@
+"""A LoRA policy whose frozen base is the engine process's merged weights: one copy of the base on the GPU.
+
+An engine in its own process (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`) generates with merged
+weights ``W + s * B0 @ A0``, where ``(A0, B0)`` are the adapters of the last sync. Sharing points the trainer's
+frozen base parameters at views of those merged weights (CUDA IPC) and frees the trainer's own copy. peft then
+computes ``W_m x + s * B A x``; a forward hook on each ``lora_B`` returns its output minus that output detached,
+so the adapter path adds nothing to the value and keeps the gradients of ``A`` and ``B``, and a pre-hook on each
+``lora_A`` detaches its input, whose gradient ``W_m`` already carries (``W_m^T = W^T + s A0^T B0^T``). The forward
+is therefore ``(W + s * B0 A0) x``: the policy exactly (up to the merge's rounding to the engine's dtype, the same
+rounding the engine generates with) as long as the adapters are the synced ones, and so are all its gradients.
+
+After an optimizer step the adapters differ from the merged ones until the next sync; a forward then would
+compute the previous policy. A forward pre-hook on the input embeddings compares the adapters' version counters
+with those recorded at the sync and refuses such a forward. The pristine base stays in host memory: the state
+dict (checkpoints and their fingerprints) holds it instead of the merged values, and :meth:`MergedBase.unshare`
+gives the trainer private device copies of it again before the engine goes away.
+
+TorchDynamo does not guard on module hooks, so compiled decoder layers keep whatever hooks they were traced with:
+sharing and unsharing both reset torch.compile's caches (the layers compile again at their next update), and one
+process holds one such policy.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_rl.lora import is_lora
+from lightning_rl.models import unwrap
+from lightning_rl.rollout.shared_weights import base_weight_views
+
+
+class StaleMergedBaseError(RuntimeError):
+    """A forward of a policy whose shared base holds adapters older than the policy's own."""
+
+
+def value_free(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: ``output - output.detach()``, zero in value with ``output``'s gradient."""
+    return output - output.detach()
+
+
+def input_detached(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: the first input detached (the merged weight already carries the input's gradient)."""
+    return (args[0].detach(), *args[1:])
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The active LoRA ``A`` and ``B`` weights of every adapted layer, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    out = []
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer) and not layer.merged:
+            for a in layer.active_adapters:
+                if a in layer.lora_A:
+                    out += [layer.lora_A[a].weight, layer.lora_B[a].weight]
+    return out
+
+
+def _lora_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(layer.lora_A[a], layer.lora_B[a]) for layer in model.modules()
+            if isinstance(layer, LoraLayer) and not layer.merged for a in layer.active_adapters if a in layer.lora_A]
+
+
+@dataclass
+class MergedBase:
+    """Frozen base parameters that point into the engine's merged weights, and what undoes it.
+
+    Attributes:
+        views: ``{name: (parameter, view of the engine's weight)}``.
+        pristine: ``{name: host copy of the base}``.
+        adapters: the adapter weights whose versions a sync records.
+    """
+
+    views: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
+    pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapters: list[nn.Parameter] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    synced_versions: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def bytes_shared(self) -> int:
+        """Device bytes the trainer no longer holds a copy of."""
+        return sum(v.numel() * v.element_size() for _, v in self.views.values())
+
+    def mark_synced(self) -> None:
+        """Record that the engine has just merged the adapters as they are now."""
+        self.synced_versions = self._versions()
+
+    def _versions(self) -> tuple[tuple[int, int], ...]:
+        # in-place optimizer steps bump _version; a step that swaps .data moves the storage
+        return tuple((p._version, p.data_ptr()) for p in self.adapters)
+
+    def stale(self) -> bool:
+        """Whether the adapters changed (an optimizer step) since the engine last merged them."""
+        return self.synced_versions != self._versions()
+
+    def check_fresh(self) -> None:
+        """Raise :class:`StaleMergedBaseError` when :meth:`stale`, RuntimeError when a base parameter was moved."""
+        if not self.views:
+            return
+        moved = next((n for n, (p, view) in self.views.items() if p.data_ptr() != view.data_ptr()), None)
+        if moved is not None:
+            raise RuntimeError(
+                f"{moved} no longer points at the engine's merged weights (something gave the parameter new "
+                "storage), so the value-free adapter path would drop the adapter: keep the policy's frozen base "
+                "where it is while share_merged_base=True, or turn it off")
+        if self.stale():
+            raise StaleMergedBaseError(
+                "the policy's LoRA base is the engine's merged weights, which hold the adapters of the last sync, "
+                "and the adapters changed since (an optimizer step): sync the engine (engine.sync_weights(policy)) "
+                "before this forward, or run without sharing (EngineSettings(share_merged_base=False))")
+
+    def unshare(self) -> None:
+        """Give every shared parameter a private device copy of the pristine base and remove the hooks."""
+        for name, (p, view) in self.views.items():
+            p.data = self.pristine[name].to(view.device)
+        for handle in self.hooks:
+            handle.remove()
+        if self.hooks:
+            torch.compiler.reset()  # layers compiled with the hooks would keep running them
+        self.views, self.pristine, self.adapters, self.hooks = {}, {}, [], []
+        self.synced_versions = None
+
+
+def _owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module, list[tuple[str, str]]]:
+    """``{module: [(leaf, name), ...]}`` for every module that holds one of ``params`` (tied ones under each)."""
+    by_id = {id(p): name for name, p in params.items()}
+    owners: dict[nn.Module, list[tuple[str, str]]] = defaultdict(list)
+    for module in model.modules():
+        for leaf, p in module._parameters.items():
+            if p is not None and id(p) in by_id:
+                owners[module].append((leaf, by_id[id(p)]))
+    return owners
+
+
+def _install_hooks(model: nn.Module, share: MergedBase) -> None:
+    for lora_a, lora_b in _lora_pairs(model):
+        share.hooks.append(lora_a.register_forward_pre_hook(input_detached))
+        share.hooks.append(lora_b.register_forward_hook(value_free))
+    embeddings = model.get_input_embeddings()
+    share.hooks.append(embeddings.register_forward_pre_hook(lambda module, args: share.check_fresh()))
+    for module, leaves in _owners(model, {n: p for n, (p, _) in share.views.items()}).items():
+
+        def pristine_state(module: nn.Module, state: dict[str, Any], prefix: str, local: Any,
+                           leaves: list[tuple[str, str]] = leaves) -> None:
+            for leaf, name in leaves:
+                if prefix + leaf in state and not isinstance(state[prefix + leaf], nn.Parameter):  # keep_vars=False
+                    state[prefix + leaf] = share.pristine[name]
+
+        def refuse_load(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any,
+                        leaves: list[tuple[str, str]] = leaves) -> None:
+            if any(prefix + leaf in state for leaf, _ in leaves):
+                raise RuntimeError(
+                    "load_state_dict into LoRA base weights shared with the engine's merged weights: load the "
+                    "checkpoint before the engine starts (Trainer.fit(ckpt_path=...) does), or after it shut down")
+
+        share.hooks.append(module.register_state_dict_post_hook(pristine_state))
+        share.hooks.append(module.register_load_state_dict_pre_hook(refuse_load))
+
+
+def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[MergedBase, str | None]:
+    """Point ``model``'s frozen base parameters at ``engine_model``'s weights, which must hold the pristine base now.
+
+    The engine merges the adapters into those weights at each later sync; call :meth:`MergedBase.mark_synced`
+    after each (a forward before the first is refused). ``engine_model`` needs ``named_parameters()`` and, for
+    packed layers, ``packed_modules_mapping``.
+
+    Returns:
+        The share and None; or an empty :class:`MergedBase` and why sharing is impossible (nothing changed then).
+    """
+    if not is_lora(model):
+        return MergedBase(), "the policy has no LoRA adapter"
+    inner = unwrap(model)
+    adapters = adapter_parameters(inner)
+    if not adapters:
+        return MergedBase(), "the policy has no active LoRA adapter"
+    views, reason = base_weight_views(model, engine_model)
+    if reason:
+        return MergedBase(), reason
+    share = MergedBase(views=views, adapters=adapters)
+    for name, (p, view) in views.items():
+        share.pristine[name] = p.detach().to("cpu", copy=True)
+        p.data = view
+    _install_hooks(inner, share)  # stale until the first merge: mark_synced after it
+    torch.compiler.reset()  # compiled layers traced without the hooks would skip them (dynamo guards no hooks)
+    return share, None
+
+
+__all__ = ["MergedBase", "StaleMergedBaseError", "adapter_parameters", "input_detached", "share_merged_base",
+           "value_free"]
