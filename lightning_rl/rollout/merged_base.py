@@ -2,12 +2,13 @@
 
 An engine in its own process (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`) generates with merged
 weights ``W + s * B0 @ A0``, where ``(A0, B0)`` are the adapters of the last sync. Sharing points the trainer's
-frozen base parameters at views of those merged weights (CUDA IPC) and frees the trainer's own copy. peft then
-computes ``W_m x + s * B A x``; a forward hook on each ``lora_B`` returns its output minus that output detached,
-so the adapter path adds nothing to the value and keeps the gradients of ``A`` and ``B``, and a pre-hook on each
-``lora_A`` detaches its input, whose gradient ``W_m`` already carries (``W_m^T = W^T + s A0^T B0^T``). The forward
-is therefore ``(W + s * B0 A0) x``: the policy exactly (up to the merge's rounding to the engine's dtype, the same
-rounding the engine generates with) as long as the adapters are the synced ones, and so are all its gradients.
+frozen base parameters at views of those merged weights (CUDA IPC) and frees the trainer's own copy. Each adapted
+layer then runs its base layer only (peft's adapters disabled in that layer) and passes its output through
+:class:`~lightning_rl.lora_gradients.AdapterGradients`, which adds nothing to the value and gives ``A`` and ``B``
+their gradients in the backward; the input's gradient comes through the merged weight
+(``W_m^T = W^T + s A0^T B0^T``). The forward is therefore ``(W + s * B0 A0) x``: the policy exactly (up to the
+merge's rounding to the engine's dtype, the same rounding the engine generates with) as long as the adapters are the
+synced ones, and so are all its gradients; no adapter output is computed.
 
 After an optimizer step the adapters differ from the merged ones until the next sync; a forward then would
 compute the previous policy. A forward pre-hook on the input embeddings compares the adapters' version counters
@@ -31,22 +32,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_rl.lora import is_lora
+from lightning_rl.lora_gradients import AdapterGradients
 from lightning_rl.models import unwrap
 from lightning_rl.rollout.shared_weights import base_weight_views
 
 
 class StaleMergedBaseError(RuntimeError):
     """A forward of a policy whose shared base holds adapters older than the policy's own."""
-
-
-def value_free(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: ``output - output.detach()``, zero in value with ``output``'s gradient."""
-    return output - output.detach()
-
-
-def input_detached(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: the first input detached (the merged weight already carries the input's gradient)."""
-    return (args[0].detach(), *args[1:])
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -62,11 +54,38 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _lora_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+def _adapted_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    return [(layer.lora_A[a], layer.lora_B[a]) for layer in model.modules()
-            if isinstance(layer, LoraLayer) and not layer.merged for a in layer.active_adapters if a in layer.lora_A]
+    return [layer for layer in model.modules() if isinstance(layer, LoraLayer) and not layer.merged
+            and any(a in layer.lora_A for a in layer.active_adapters)]
+
+
+def _unsupported_layer(model: nn.Module) -> str | None:
+    """Why an adapted layer cannot take its gradients from :class:`AdapterGradients` (None when all can)."""
+    adapted = {id(layer) for layer in _adapted_layers(model)}
+    for name, layer in model.named_modules():
+        if id(layer) not in adapted:
+            continue
+        for a in layer.active_adapters:
+            if a not in layer.lora_A:
+                continue
+            if not isinstance(layer.lora_dropout[a], nn.Identity):
+                return f"{name} has LoRA dropout (lora_dropout > 0): the adapter's input differs from the layer's"
+            if a in getattr(layer, "lora_variant", {}):
+                return f"{name} uses a LoRA variant ({type(layer.lora_variant[a]).__name__})"
+    return None
+
+
+def adapter_gradients(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an adapted layer whose base weight is merged: the adapters' gradients, no adapter output."""
+    if not args:
+        raise TypeError(f"{type(module).__name__} was called without a positional input; the merged base needs it")
+    for a in module.active_adapters:
+        if a in module.lora_A:
+            output = AdapterGradients.apply(output, args[0], module.lora_A[a].weight, module.lora_B[a].weight,
+                                            float(module.scaling[a]))
+    return output
 
 
 @dataclass
@@ -83,6 +102,7 @@ class MergedBase:
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
     adapters: list[nn.Parameter] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
+    disabled: list[tuple[nn.Module, bool]] = field(default_factory=list)  # adapted layers, their flag before
     synced_versions: tuple[tuple[int, int], ...] | None = None
 
     @property
@@ -124,9 +144,11 @@ class MergedBase:
             p.data = self.pristine[name].to(view.device)
         for handle in self.hooks:
             handle.remove()
+        for layer, flag in self.disabled:
+            layer._disable_adapters = flag
         if self.hooks:
             torch.compiler.reset()  # layers compiled with the hooks would keep running them
-        self.views, self.pristine, self.adapters, self.hooks = {}, {}, [], []
+        self.views, self.pristine, self.adapters, self.hooks, self.disabled = {}, {}, [], [], []
         self.synced_versions = None
 
 
@@ -142,9 +164,10 @@ def _owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module
 
 
 def _install_hooks(model: nn.Module, share: MergedBase) -> None:
-    for lora_a, lora_b in _lora_pairs(model):
-        share.hooks.append(lora_a.register_forward_pre_hook(input_detached))
-        share.hooks.append(lora_b.register_forward_hook(value_free))
+    for layer in _adapted_layers(model):
+        share.disabled.append((layer, layer._disable_adapters))
+        layer._disable_adapters = True  # peft runs the base layer only (not enable_adapters: it would freeze them)
+        share.hooks.append(layer.register_forward_hook(adapter_gradients))
     embeddings = model.get_input_embeddings()
     share.hooks.append(embeddings.register_forward_pre_hook(lambda module, args: share.check_fresh()))
     for module, leaves in _owners(model, {n: p for n, (p, _) in share.views.items()}).items():
@@ -182,6 +205,9 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     adapters = adapter_parameters(inner)
     if not adapters:
         return MergedBase(), "the policy has no active LoRA adapter"
+    reason = _unsupported_layer(inner)
+    if reason:
+        return MergedBase(), reason
     views, reason = base_weight_views(model, engine_model)
     if reason:
         return MergedBase(), reason
@@ -194,5 +220,4 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     return share, None
 
 
-__all__ = ["MergedBase", "StaleMergedBaseError", "adapter_parameters", "input_detached", "share_merged_base",
-           "value_free"]
+__all__ = ["MergedBase", "StaleMergedBaseError", "adapter_gradients", "adapter_parameters", "share_merged_base"]

@@ -145,6 +145,10 @@ def test_sharing_is_refused_with_the_reason_and_nothing_changed(two_policies, sa
     assert {n: p.data_ptr() for n, p in shared.named_parameters()} == before
     ids = torch.randint(0, 100, (2, 9))
     torch.testing.assert_close(_loss(shared, ids), _loss(plain, ids))  # no hook left behind
+    model, _ = load_policy(saved_tiny_llama(2), dtype="float32")
+    dropout = apply_lora(model, {"r": 4, "lora_dropout": 0.1})
+    share, reason = share_merged_base(dropout, _engine_for(dropout))
+    assert "LoRA dropout" in reason and not share.views
 
 
 def test_compiled_checkpointed_layers_run_the_hooks_added_after_their_first_compile(two_policies):
