@@ -88,10 +88,17 @@ def check_merged_base_module(pl_module: L.LightningModule) -> None:
     """Refuse ``share_merged_base=True`` for a module whose updates would read adapters the engine has not merged.
 
     Raises:
-        ValueError: a reference model (``beta > 0``: the adapter-disabled base would be the merged weights), or
-            more than one optimizer step per rollout (``num_iterations`` or ``num_mini_batches`` above 1: the
-            steps after the first would read the weights merged before them).
+        ValueError: a policy without plain LoRA
+            (:func:`~lightning_rl.rollout.merged_base.merged_base_unsupported_reason`), a reference model
+            (``beta > 0``: the adapter-disabled base would be the merged weights), or more than one optimizer step
+            per rollout (``num_iterations`` or ``num_mini_batches`` above 1: the steps after the first would read
+            the weights merged before them).
     """
+    from lightning_rl.rollout.merged_base import merged_base_unsupported_reason
+
+    reason = merged_base_unsupported_reason(pl_module.policy)
+    if reason:
+        raise ValueError(f"share_merged_base=True is impossible here: {reason}; use share_merged_base=False")
     if getattr(pl_module, "needs_reference_model", False):
         raise ValueError("share_merged_base=True makes the LoRA base the engine's merged weights, so the "
                          "adapter-disabled reference model (beta > 0) would not be the base; use "
@@ -333,9 +340,6 @@ class VLLMRollout(Callback):
         engine_cls = VLLMEngine
         if self.overlapping:
             from lightning_rl.rollout.vllm_process import VLLMProcessEngine as engine_cls
-
-            if s.share_merged_base:
-                check_merged_base_module(pl_module)
         return engine_cls(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
                           max_num_seqs=sequences, settings=settings, weights_root=_strategy_model(trainer))
 
@@ -351,6 +355,12 @@ class VLLMRollout(Callback):
             raise ValueError(f"VLLMRollout(overlap=True) is impossible here: {reason}. Use overlap=None (automatic) "
                              "or False to generate between updates.")
         self.overlapping = reason is None
+        if self.settings.share_merged_base:
+            if self.overlapping:
+                check_merged_base_module(pl_module)  # before the start, which would fall back to an in-process engine
+            else:
+                log.warning("VLLMRollout: share_merged_base=True applies to an engine in its own process; the engine "
+                            "runs in this process (%s), where share_base_weights shares a LoRA base", reason)
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
         measure_used, used_before = _engine_start_measure(device)

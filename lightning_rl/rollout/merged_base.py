@@ -61,10 +61,19 @@ def _adapted_layers(model: nn.Module) -> list[nn.Module]:
             and any(a in layer.lora_A for a in layer.active_adapters)]
 
 
-def _unsupported_layer(model: nn.Module) -> str | None:
-    """Why an adapted layer cannot take its gradients from :class:`AdapterGradients` (None when all can)."""
-    adapted = {id(layer) for layer in _adapted_layers(model)}
-    for name, layer in model.named_modules():
+def merged_base_unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s LoRA base cannot be the engine's merged weights (None when it can, weights aside).
+
+    It needs a LoRA policy whose adapted layers take their gradients from :class:`AdapterGradients`: no LoRA
+    dropout (the adapter's input would differ from the layer's) and no peft variant such as DoRA.
+    """
+    if not is_lora(model):
+        return "the policy has no LoRA adapter"
+    inner = unwrap(model)
+    if not adapter_parameters(inner):
+        return "the policy has no active LoRA adapter"
+    adapted = {id(layer) for layer in _adapted_layers(inner)}
+    for name, layer in inner.named_modules():
         if id(layer) not in adapted:
             continue
         for a in layer.active_adapters:
@@ -96,6 +105,8 @@ class MergedBase:
         views: ``{name: (parameter, view of the engine's weight)}``.
         pristine: ``{name: host copy of the base}``.
         adapters: the adapter weights whose versions a sync records.
+        hooks: the hooks installed (adapter gradients, the freshness check, the state dict's).
+        disabled: each adapted layer with its peft ``_disable_adapters`` flag before sharing.
     """
 
     views: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
@@ -130,8 +141,8 @@ class MergedBase:
         if moved is not None:
             raise RuntimeError(
                 f"{moved} no longer points at the engine's merged weights (something gave the parameter new "
-                "storage), so the value-free adapter path would drop the adapter: keep the policy's frozen base "
-                "where it is while share_merged_base=True, or turn it off")
+                "storage), and the adapted layers run their base layer only, so the adapter would be missing: keep "
+                "the policy's frozen base where it is while share_merged_base=True, or turn it off")
         if self.stale():
             raise StaleMergedBaseError(
                 "the policy's LoRA base is the engine's merged weights, which hold the adapters of the last sync, "
@@ -199,19 +210,14 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     Returns:
         The share and None; or an empty :class:`MergedBase` and why sharing is impossible (nothing changed then).
     """
-    if not is_lora(model):
-        return MergedBase(), "the policy has no LoRA adapter"
-    inner = unwrap(model)
-    adapters = adapter_parameters(inner)
-    if not adapters:
-        return MergedBase(), "the policy has no active LoRA adapter"
-    reason = _unsupported_layer(inner)
+    reason = merged_base_unsupported_reason(model)
     if reason:
         return MergedBase(), reason
     views, reason = base_weight_views(model, engine_model)
     if reason:
         return MergedBase(), reason
-    share = MergedBase(views=views, adapters=adapters)
+    inner = unwrap(model)
+    share = MergedBase(views=views, adapters=adapter_parameters(inner))
     for name, (p, view) in views.items():
         share.pristine[name] = p.detach().to("cpu", copy=True)
         p.data = view
@@ -220,4 +226,5 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     return share, None
 
 
-__all__ = ["MergedBase", "StaleMergedBaseError", "adapter_gradients", "adapter_parameters", "share_merged_base"]
+__all__ = ["MergedBase", "StaleMergedBaseError", "adapter_gradients", "adapter_parameters",
+           "merged_base_unsupported_reason", "share_merged_base"]

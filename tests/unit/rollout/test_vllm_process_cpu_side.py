@@ -283,16 +283,22 @@ def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engi
         forced._create(trainer, module, 2)
 
 
-def test_a_merged_base_is_refused_for_a_reference_model_or_several_steps_a_rollout_before_an_engine_starts():
+def test_a_merged_base_is_refused_before_an_engine_starts_for_a_reference_model_several_steps_or_dropout():
     from lightning_rl.rollout import EngineSettings
 
     module = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, beta=0.1)
     module.configure_model()
     cb = VLLMRollout(settings=EngineSettings(share_merged_base=True))
-    cb.overlapping = True  # as _create decides on a GPU
+    cb.overlap_off_reason = lambda *args: None  # it overlaps, as on a GPU
+    cb.build_engine = lambda *args: pytest.fail("the engine must not start")  # nor fall back to an in-process one
+    trainer = SimpleNamespace(global_step=0, strategy=None)
     with pytest.raises(ValueError, match=r"share_merged_base=True .* reference model \(beta > 0\)"):
-        cb.build_engine(module, 2)
+        cb._create(trainer, module, 2)
     several = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, num_iterations=2)
     several.configure_model()
     with pytest.raises(ValueError, match=r"one optimizer step per rollout .* takes 2"):
-        cb.build_engine(several, 2)
+        cb._create(trainer, several, 2)
+    dropout = rollout_grpo(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1})
+    dropout.configure_model()
+    with pytest.raises(ValueError, match=r"share_merged_base=True is impossible here: .*LoRA dropout"):
+        cb._create(trainer, dropout, 2)

@@ -1,0 +1,93 @@
+"""A LoRA GRPO fit through ``Trainer.fit`` with the base shared as an engine process's merged weights, on a CPU.
+
+The engine is :class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`'s own weight handling against its
+worker (``PolicyWeightReceiver``) in this process, with a vLLM-shaped fake model (CUDA IPC replaced by handing over
+the same tensors), and it generates with transformers from a plain copy of the model whose weights are views of
+that fake's merged storage, as vLLM generates from its own weights. The rollouts overlap the updates.
+"""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+from helpers import SUM_ROWS, rollout_grpo
+
+from lightning_rl import PromptDataModule, VLLMRollout
+from lightning_rl.models import load_policy
+from lightning_rl.rollout import EngineSettings, HFEngine
+from lightning_rl.rollout.engine_weights import engine_weights, merged_weight
+from lightning_rl.rollout.merged_base import MergedBase
+from lightning_rl.rollout.shared_weights import frozen_base_parameters, share_base_with_engine
+from lightning_rl.rollout.sleep_state import SleepState
+from lightning_rl.rollout.vllm_process import VLLMProcessEngine
+from lightning_rl.rollout.vllm_worker import PolicyWeightReceiver
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "unit" / "rollout"))
+from test_merged_base_protocol import FakeLLM, LoadingFakeModel, _engine_rows, _hand_over  # noqa: E402
+
+
+class CPUMergedEngine(VLLMProcessEngine):
+    """The engine process's weight handling in this process; generation from the merged weights by transformers."""
+
+    def __init__(self, module, path):
+        policy = module.policy
+        self.fake = LoadingFakeModel({k: torch.zeros_like(v) for k, v in frozen_base_parameters(policy).items()})
+        worker = PolicyWeightReceiver()
+        worker.model_runner = SimpleNamespace(get_model=lambda: self.fake)
+        self.llm, self.internals, self.state, self._dir = FakeLLM(worker), None, SleepState(), ""
+        self._attached, self.merged_base, self.merged_base_freed_bytes = (), MergedBase(), 0
+        self.pristine = {k: v.detach().clone() for k, v in frozen_base_parameters(policy).items()}
+        self.syncs = 0
+        self.sync_weights(policy)
+        self._share_merged_base(policy)
+        generator, _ = load_policy(path, dtype="float32")
+        generator.requires_grad_(False).eval()
+        _, reason = share_base_with_engine(generator, self.fake)  # vLLM generates from the merged weights
+        assert reason is None, reason
+        self.inner = HFEngine(generator, module.tokenizer.pad_token_id, module.eos_token_ids)
+
+    def sync_weights(self, model, root=None):
+        super().sync_weights(model, root)
+        self.syncs += 1
+
+    def generate(self, prompt_ids, sampling, num_generations=1, seed=None):
+        return self.inner.generate(prompt_ids, sampling, num_generations)
+
+
+def test_a_lora_fit_with_a_merged_shared_base_trains_and_gives_the_base_back(saved_tiny_llama, monkeypatch):
+    import functools
+
+    from lightning_rl.rollout import vllm_process
+
+    monkeypatch.setattr(vllm_process, "ipc_handles", functools.partial(vllm_process.ipc_handles, reduce=_hand_over))
+    monkeypatch.setattr("torch.multiprocessing.reductions.reduce_tensor", _hand_over)
+    path = saved_tiny_llama(2)
+    torch.manual_seed(0)
+    module = rollout_grpo(model=path, lora={"r": 4, "lora_alpha": 8}, learning_rate=1e-2)
+    engines, seen = [], []
+    cb = VLLMRollout(overlap=True, settings=EngineSettings(share_merged_base=True),
+                     engine_factory=lambda m, n, seed: engines.append(CPUMergedEngine(m, path)) or engines[-1])
+    original = module.training_step
+
+    def spy(batch, batch_idx):  # each update reads the engine's weights, merged with the adapters it starts from
+        engine = engines[-1]
+        merged = {w.name: merged_weight(engine.pristine[w.name], w.products) for w in engine_weights(module.policy)}
+        exact = all(torch.equal(_engine_rows(engine.fake, n), t) for n, t in merged.items())
+        inside = all(p.data_ptr() == _engine_rows(engine.fake, n).data_ptr()
+                     for n, p in frozen_base_parameters(module.policy).items())
+        seen.append((module.trainer.global_step, engine.syncs, exact, inside))
+        return original(batch, batch_idx)
+
+    module.training_step = spy
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(module, datamodule=PromptDataModule(train_data=SUM_ROWS[:4], batch_size=2, shuffle=False))
+    assert trainer.global_step == 4 and cb.overlapping
+    assert [s[0] for s in seen] == [0, 1, 2, 3] and all(s[2] and s[3] for s in seen)
+    assert [s[1] for s in seen] == [2, 3, 4, 5]  # at the start and after sharing, then before each later update
+    assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # it trained
+    engine = engines[-1]
+    for name, p in frozen_base_parameters(module.policy).items():  # after the fit: private pristine copies
+        assert torch.equal(p, engine.pristine[name]) and p.data_ptr() != _engine_rows(engine.fake, name).data_ptr()
