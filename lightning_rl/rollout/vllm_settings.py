@@ -50,7 +50,8 @@ class EngineSettings:
             (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`, which merges a LoRA policy's adapters
             into its weights), point the trainer's frozen LoRA base at those merged weights and free the trainer's
             copy (:mod:`lightning_rl.rollout.merged_base`); raises when it cannot. Off by default until measured on
-            a GPU. Needs a module without a reference model (``beta=0``).
+            a GPU. Needs plain LoRA without dropout, no reference model (``beta=0``) and one optimizer step per
+            rollout (``num_iterations=1``, ``num_mini_batches=1``).
         execution: ``cuda_graphs``: decode steps replay full CUDA graphs, no torch.compile (starts in seconds);
             ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start); ``eager``: neither
             (fastest start, slowest generation).
