@@ -41,24 +41,23 @@ class StaleMergedBaseError(RuntimeError):
     """A forward of a policy whose shared base holds adapters older than the policy's own."""
 
 
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The active LoRA ``A`` and ``B`` weights of every adapted layer, in module order."""
+def _adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """``(name, layer, active adapters with a lora_A)`` of every unmerged LoRA layer that has one."""
     from peft.tuners.lora import LoraLayer
 
     out = []
-    for layer in model.modules():
+    for name, layer in model.named_modules():
         if isinstance(layer, LoraLayer) and not layer.merged:
-            for a in layer.active_adapters:
-                if a in layer.lora_A:
-                    out += [layer.lora_A[a].weight, layer.lora_B[a].weight]
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if active:
+                out.append((name, layer, active))
     return out
 
 
-def _adapted_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [layer for layer in model.modules() if isinstance(layer, LoraLayer) and not layer.merged
-            and any(a in layer.lora_A for a in layer.active_adapters)]
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The active LoRA ``A`` and ``B`` weights of every adapted layer, in module order."""
+    return [w for _, layer, active in _adapted_layers(model) for a in active
+            for w in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
 
 
 def merged_base_unsupported_reason(model: nn.Module) -> str | None:
@@ -69,16 +68,11 @@ def merged_base_unsupported_reason(model: nn.Module) -> str | None:
     """
     if not is_lora(model):
         return "the policy has no LoRA adapter"
-    inner = unwrap(model)
-    if not adapter_parameters(inner):
+    adapted = _adapted_layers(unwrap(model))
+    if not adapted:
         return "the policy has no active LoRA adapter"
-    adapted = {id(layer) for layer in _adapted_layers(inner)}
-    for name, layer in inner.named_modules():
-        if id(layer) not in adapted:
-            continue
-        for a in layer.active_adapters:
-            if a not in layer.lora_A:
-                continue
+    for name, layer, active in adapted:
+        for a in active:
             if not isinstance(layer.lora_dropout[a], nn.Identity):
                 return f"{name} has LoRA dropout (lora_dropout > 0): the adapter's input differs from the layer's"
             if a in getattr(layer, "lora_variant", {}):
@@ -175,7 +169,7 @@ def _owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[nn.Module
 
 
 def _install_hooks(model: nn.Module, share: MergedBase) -> None:
-    for layer in _adapted_layers(model):
+    for _, layer, _ in _adapted_layers(model):
         share.disabled.append((layer, layer._disable_adapters))
         layer._disable_adapters = True  # peft runs the base layer only (not enable_adapters: it would freeze them)
         share.hooks.append(layer.register_forward_hook(adapter_gradients))

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.lora import is_lora
 from lightning_rl.rollout.engine_weights import EngineWeight, engine_weights, merge_unsupported_reason
-from lightning_rl.rollout.merged_base import MergedBase, share_merged_base
+from lightning_rl.rollout.merged_base import MergedBase, merged_base_unsupported_reason, share_merged_base
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm import VLLMEngine
 from lightning_rl.rollout.vllm_checks import check_eos_ids, require_cuda
@@ -176,10 +175,12 @@ class VLLMProcessEngine(VLLMEngine):
         """Point the trainer's frozen LoRA base at the engine's (merged) weights and free the trainer's copy.
 
         Raises:
-            ValueError: the base cannot be shared (no LoRA adapter, another dtype, an unknown weight layout).
+            ValueError: the base cannot be shared (no plain LoRA adapter, another dtype, an unknown weight
+                layout).
         """
-        if not is_lora(model):
-            raise ValueError("share_merged_base=True needs a LoRA policy; use share_merged_base=False")
+        reason = merged_base_unsupported_reason(model)  # asked before the engine process changes anything
+        if reason:
+            raise ValueError(f"share_merged_base=True is impossible here: {reason}; use share_merged_base=False")
         reply = pickle.loads(self.llm.collective_rpc("lightning_rl_share_base")[0])
         params = {name: rebuild(*args) for name, (rebuild, args) in reply["params"]}
         cuda = torch.cuda.is_available()

@@ -119,6 +119,15 @@ def engine_weight_bytes(
     return -(-total // tensor_parallel_size)
 
 
+def _frozen_base_bytes(model: nn.Module, engine_dtype: torch.dtype, frozen_dtype: torch.dtype | None) -> int:
+    """The frozen LoRA base in the engine's dtype, when the trainer keeps it in that dtype (else 0: not shareable)."""
+    from lightning_rl.rollout.shared_weights import frozen_base_parameters
+
+    if frozen_dtype != engine_dtype:
+        return 0
+    return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
+
+
 def shared_base_bytes(
     model: nn.Module, settings: EngineSettings, engine_dtype: torch.dtype, frozen_dtype: torch.dtype | None,
     sharded: bool = False,
@@ -129,14 +138,10 @@ def shared_base_bytes(
     ``share_base_weights`` is not False, each engine is one process's (no tensor parallelism, no FSDP shards),
     and the trainer keeps its frozen weights in the engine's dtype (``frozen_dtype``). 0 otherwise.
     """
-    from lightning_rl.rollout.shared_weights import frozen_base_parameters
-
     lora_mode, _ = lora_sync_mode(model, settings.lora_sync)
     if lora_mode != "adapter" or settings.share_base_weights is False or settings.tensor_parallel_size != 1:
         return 0
-    if sharded or frozen_dtype != engine_dtype:
-        return 0
-    return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
+    return 0 if sharded else _frozen_base_bytes(model, engine_dtype, frozen_dtype)
 
 
 def merged_base_bytes(model: nn.Module, settings: EngineSettings, engine_dtype: torch.dtype,
@@ -146,11 +151,9 @@ def merged_base_bytes(model: nn.Module, settings: EngineSettings, engine_dtype: 
     With ``share_merged_base`` (:mod:`~lightning_rl.rollout.merged_base`) the trainer's frozen base is the engine
     process's merged weights, when the trainer keeps its frozen weights in the engine's dtype. 0 otherwise.
     """
-    from lightning_rl.rollout.shared_weights import frozen_base_parameters
-
-    if not settings.share_merged_base or not is_lora(model) or frozen_dtype != engine_dtype:
+    if not settings.share_merged_base or not is_lora(model):
         return 0
-    return sum(p.numel() for p in frozen_base_parameters(model).values()) * engine_dtype.itemsize
+    return _frozen_base_bytes(model, engine_dtype, frozen_dtype)
 
 
 def lora_sync_mode(model: nn.Module, lora_sync: LoRASync) -> tuple[str | None, str | None]:
