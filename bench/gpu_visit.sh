@@ -32,7 +32,7 @@ each_test() {  # every test of the named files or ids in its own process (one vL
 }
 case "$stage" in
   install)
-    mkdir -p /tmp/parts; cp .gpu/part_07/* /tmp/parts/ 2>/dev/null
+    mkdir -p /tmp/parts; for d in .gpu/part_*; do cp "$d"/* /tmp/parts/; done 2>/dev/null  # the last part, carried here
     bash .gpu/install/device-install.sh > "$WORK/install.log" 2>&1; tail -8 "$WORK/install.log" ;;
   long+vllm)
     timeout "$budget" bash bench/gpu_run.sh long-parallel > "$WORK/long.txt" 2>&1 &

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,11 @@ class RolloutAhead:
         if pending.prompts != list(prompts):
             return None
         return rollout, pending.weights_step
+
+    def wait(self) -> None:
+        """Wait until the pending rollout (if any) is generated, keeping it (and its error) for :meth:`take`."""
+        if self.pending is not None:
+            futures.wait([self.pending.future])
 
     def drop(self) -> None:
         """Wait for a pending rollout and drop it (its errors too): the engine is free afterwards."""

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, merged_base_refusal
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.lora import is_lora
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
@@ -82,32 +83,6 @@ def _strategy_model(trainer: Any) -> nn.Module | None:
     """The module the trainer's strategy wrapped (under FSDP its units hold the policy's shards), if any."""
     model = getattr(getattr(trainer, "strategy", None), "model", None)
     return model if isinstance(model, nn.Module) else None
-
-
-def check_merged_base_module(pl_module: L.LightningModule) -> None:
-    """Refuse ``share_merged_base=True`` for a module whose updates would read adapters the engine has not merged.
-
-    Raises:
-        ValueError: a policy without plain LoRA
-            (:func:`~lightning_rl.rollout.merged_base.merged_base_unsupported_reason`), a reference model
-            (``beta > 0``: the adapter-disabled base would be the merged weights), or more than one optimizer step
-            per rollout (``num_iterations`` or ``num_mini_batches`` above 1: the steps after the first would read
-            the weights merged before them).
-    """
-    from lightning_rl.rollout.merged_base import merged_base_unsupported_reason
-
-    reason = merged_base_unsupported_reason(pl_module.policy)
-    if reason:
-        raise ValueError(f"share_merged_base=True is impossible here: {reason}; use share_merged_base=False")
-    if getattr(pl_module, "needs_reference_model", False):
-        raise ValueError("share_merged_base=True makes the LoRA base the engine's merged weights, so the "
-                         "adapter-disabled reference model (beta > 0) would not be the base; use "
-                         "share_merged_base=False, or beta=0")
-    steps = int(getattr(pl_module, "num_iterations", 1) or 1) * int(getattr(pl_module, "num_mini_batches", 1) or 1)
-    if steps > 1:
-        raise ValueError(f"share_merged_base=True needs one optimizer step per rollout (the engine merges the "
-                         f"adapters once a step), and this module takes {steps} (num_iterations x "
-                         "num_mini_batches); use share_merged_base=False")
 
 
 class VLLMRollout(Callback):
@@ -191,6 +166,7 @@ class VLLMRollout(Callback):
         self.last_timings: dict[str, float] = {}
         self.engine_start_bytes: int | None = None  # device memory the engine's start added (CUDA; see _create)
         self.expandable_segments = False  # this callback turned on expandable segments (beside an engine process)
+        self.sharing_merged_base = False  # the policy's LoRA base is the engine process's merged weights (_create)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
         self._data_prompt_tokens: int | None = None  # kv_prompt_tokens="data": the data's longest prompt
@@ -262,8 +238,10 @@ class VLLMRollout(Callback):
         weight_bytes = engine_weight_bytes(policy, dtype, tensor_parallel_size=tp, root=root)
         beside, kept = 0, self.weights_kept_asleep_bytes(policy, trainer)
         frozen = self._plugin.frozen_dtype if self._plugin is not None else None
-        if self.overlap_off_reason(trainer.lightning_module, trainer) is None:  # the engine stays up during updates
-            weight_bytes -= merged_base_bytes(policy, s, dtype, frozen)  # a shared base counts once, as frozen weights
+        module = trainer.lightning_module
+        if self.overlap_off_reason(module, trainer) is None:  # the engine stays up during updates
+            shares = dataclasses.replace(s, share_merged_base=self.shares_merged_base(module, trainer))
+            weight_bytes -= merged_base_bytes(policy, shares, dtype, frozen)  # a shared base counts once, as frozen
             beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
             kept = 0  # counted in ``beside``
         else:  # an in-process engine; a LoRA base it shares with the trainer counts once, as frozen weights
@@ -295,6 +273,21 @@ class VLLMRollout(Callback):
         from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
 
         return process_engine_unsupported_reason(pl_module.policy, _strategy_model(trainer))
+
+    def shares_merged_base(
+        self, pl_module: L.LightningModule, trainer: Any = None, engine_dtype: torch.dtype | None = None
+    ) -> bool:
+        """Whether the engine process's merged weights will be the policy's LoRA base (``share_merged_base``).
+
+        True when asked for (``_create`` raises when impossible); with None (automatic) when the rollouts overlap
+        with an engine process this callback builds (no ``engine_factory``) and
+        :func:`~.merged_base_choice.merged_base_refusal` finds nothing against it (``engine_dtype``: also the
+        frozen base's dtype).
+        """
+        wanted = self.settings.share_merged_base
+        if wanted is False or self.overlap_off_reason(pl_module, trainer):
+            return False
+        return bool(wanted) or (self.engine_factory is None and merged_base_refusal(pl_module, engine_dtype) is None)
 
     def release_overlap(self) -> bool:
         """Give up automatic overlap (the memory plan asks when it does not fit); True when that changed the plan."""
@@ -328,7 +321,8 @@ class VLLMRollout(Callback):
                                     kv_cache_dtype(s, dtype),
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
-        settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed)
+        settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed,
+                                       share_merged_base=self.sharing_merged_base)
         sequences = prompts_per_step * shape.num_generations
         plan = getattr(self._plugin, "memory_plan", None)
         if kv is not None and s.kv_cache_bytes is None and plan is not None and plan.kv_fraction < 1:
@@ -361,6 +355,8 @@ class VLLMRollout(Callback):
             else:
                 log.warning("VLLMRollout: share_merged_base=True applies to an engine in its own process; the engine "
                             "runs in this process (%s), where share_base_weights shares a LoRA base", reason)
+        engine_dtype = self.engine_dtype(pl_module.policy, trainer) if self.overlapping else None
+        self.sharing_merged_base = self.overlapping and self.shares_merged_base(pl_module, trainer, engine_dtype)
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
         measure_used, used_before = _engine_start_measure(device)
@@ -372,7 +368,7 @@ class VLLMRollout(Callback):
             reason = f"the engine process failed to start: {type(err).__name__}: {err}"
             log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
                         "(VLLMRollout(overlap=False) skips the attempt)", reason)
-            self.overlapping = False
+            self.overlapping = self.sharing_merged_base = False
             if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
                 self._plugin.engine_leaves_the_update(pl_module)
             self.engine = self.build_engine(pl_module, prompts_per_step)
@@ -502,6 +498,20 @@ class VLLMRollout(Callback):
                              "background_generate_s": background_s}
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Merge the current adapters into an engine whose weights are the policy's LoRA base, before validating.
+
+        Validation generates with the policy itself, whose base (``share_merged_base``) holds the adapters of the
+        last sync; a rollout the engine is generating ahead ends first, so its weights do not change under it.
+        Only the first batch of a validation syncs (and none of a loop without batches).
+        """
+        if self.engine is not None and getattr(self.engine, "syncs_before_each_update", False):
+            self._ahead.wait()
+            self._sync(trainer, pl_module)
 
     def shutdown(self) -> None:
         """Shut the engine down and free its memory (idempotent)."""

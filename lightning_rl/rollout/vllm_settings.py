@@ -49,9 +49,11 @@ class EngineSettings:
         share_merged_base: for an engine in a process of its own
             (:class:`~lightning_rl.rollout.vllm_process.VLLMProcessEngine`, which merges a LoRA policy's adapters
             into its weights), point the trainer's frozen LoRA base at those merged weights and free the trainer's
-            copy (:mod:`lightning_rl.rollout.merged_base`); raises when it cannot. Off by default until measured on
-            a GPU. Needs plain LoRA without dropout, no reference model (``beta=0``) and one optimizer step per
-            rollout (``num_iterations=1``, ``num_mini_batches=1``).
+            copy (:mod:`lightning_rl.rollout.merged_base`). It needs plain LoRA without dropout, the frozen base in
+            the engine's dtype, no reference model (``beta=0``) and one optimizer step per rollout
+            (``num_iterations=1``, ``num_mini_batches=1``). None: :class:`~lightning_rl.callbacks.VLLMRollout`
+            turns it on when all hold (an engine built outside the callback leaves it off); True: raise when
+            impossible; False: never.
         execution: ``cuda_graphs``: decode steps replay full CUDA graphs, no torch.compile (starts in seconds);
             ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start); ``eager``: neither
             (fastest start, slowest generation).
@@ -94,7 +96,7 @@ class EngineSettings:
     sleep_level: int | None = None
     keep_weights_bytes: int = KEEP_WEIGHTS_BYTES
     share_base_weights: bool | None = None
-    share_merged_base: bool = False
+    share_merged_base: bool | None = None
     execution: ExecutionMode = "cuda_graphs"
     fp32_logits: bool = True
     enable_prefix_caching: bool = True

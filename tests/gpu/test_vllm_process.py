@@ -184,29 +184,35 @@ def test_a_lora_base_shared_as_the_engines_merged_weights_matches_the_engine_and
     assert not _gpu_children()
 
 
-def test_a_lora_fit_with_the_base_shared_as_the_engines_merged_weights_overlaps_and_trains():
-    """The LoRA fit above with ``share_merged_base=True``: synced before every update, the base held once."""
+def test_a_lora_fit_with_the_base_shared_as_the_engines_merged_weights_overlaps_validates_and_trains():
+    """The README's LoRA fit: by default the base is the engine's merged weights, synced before every update and
+    before each validation (which generates with the policy), mid-epoch while a rollout is generated ahead."""
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-4, lora={"r": 16, "lora_alpha": 32})
-    shared = []
+    shared, validated = [], []
 
     class Shared(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             shared.append(callback.engine.merged_base.bytes_shared)
 
-    callback = VLLMRollout(settings=EngineSettings(share_merged_base=True))
+        def on_validation_end(self, trainer, pl_module):
+            validated.append((trainer.global_step, float(trainer.callback_metrics["val/reward"])))
+
+    callback = VLLMRollout()
     from lightning_rl.plugins import MemoryAwarePrecision
 
     trainer = L.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Shared()],
-                        plugins=[MemoryAwarePrecision()], limit_val_batches=0)
+                        plugins=[MemoryAwarePrecision()], val_check_interval=2, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=64, num_val=4, batch_size=8))
     mismatch = float(trainer.callback_metrics["train/logprob_mismatch_mean"])
     print(f"LoRA fit, merged shared base: {shared[0] / 2**20:.1f} MiB shared, syncs {callback.num_syncs}, "
-          f"last mismatch {mismatch:.4f}")
-    assert callback.overlapping and trainer.global_step == 4
-    assert all(b > 0 for b in shared) and callback.num_syncs >= 4
+          f"validations {validated}, last mismatch {mismatch:.4f}")
+    assert callback.overlapping and callback.sharing_merged_base and trainer.global_step == 4
+    # the first update needs no sync (the adapter has not moved since the engine merged it at its start)
+    assert all(b > 0 for b in shared) and callback.num_syncs >= 3
+    assert [g for g, _ in validated] == [2, 4]
     assert mismatch < 0.15
     assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # it trained
     assert callback.engine is None and not _gpu_children()
@@ -257,7 +263,7 @@ def test_a_lora_fit_overlaps_with_the_adapter_merged_in_the_engine_process():
                   learning_rate=1e-4, lora={"r": 16, "lora_alpha": 32})
     trainer, callback, seen = _overlapped_fit(module)
     print("overlapped LoRA fit:", seen)
-    assert callback.overlapping and trainer.global_step == 4
+    assert callback.overlapping and callback.sharing_merged_base and trainer.global_step == 4  # the default
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert all(s["children"] == 1 for s in seen)
     assert seen[0]["mismatch"] < 0.05  # peft starts B at zero: the engine's merged weights are the base

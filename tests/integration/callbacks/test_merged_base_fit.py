@@ -81,12 +81,25 @@ def test_a_lora_fit_with_a_merged_shared_base_trains_and_gives_the_base_back(sav
         return original(batch, batch_idx)
 
     module.training_step = spy
+    validated = []
+
+    class Validated(L.Callback):  # validation generates with the policy: its base must hold the current adapters
+        def on_validation_end(self, trainer, pl_module):
+            validated.append((trainer.global_step, engines[-1].syncs))
+
+    # validation after every batch, while the next batch's rollout is being generated ahead
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
-    trainer.fit(module, datamodule=PromptDataModule(train_data=SUM_ROWS[:4], batch_size=2, shuffle=False))
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Validated()],
+                        val_check_interval=1, num_sanity_val_steps=1)
+    data = PromptDataModule(train_data=SUM_ROWS[:4], val_data=SUM_ROWS[4:6], batch_size=2, shuffle=False)
+    trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4 and cb.overlapping
     assert [s[0] for s in seen] == [0, 1, 2, 3] and all(s[2] and s[3] for s in seen)
     assert [s[1] for s in seen] == [2, 3, 4, 5]  # at the start and after sharing, then before each later update
+    # the sanity check needs no sync; each later validation merges the adapters of the step just taken (and the
+    # update after it then finds the engine synced)
+    assert validated == [(0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+    assert "val/reward" in trainer.callback_metrics
     assert any(p.abs().sum() > 0 for n, p in module.policy.named_parameters() if "lora_B" in n)  # it trained
     engine = engines[-1]
     for name, p in frozen_base_parameters(module.policy).items():  # after the fit: private pristine copies

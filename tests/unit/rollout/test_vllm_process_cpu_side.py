@@ -19,6 +19,7 @@ from lightning_rl.models import load_policy
 from lightning_rl.plugins.memory_plan import GiB
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.plugins.shape_plan import plan_for_shape
+from lightning_rl.rollout import EngineSettings
 from lightning_rl.rollout.vllm_internals import main_module_hidden
 from lightning_rl.rollout.vllm_process import process_engine_unsupported_reason
 
@@ -126,14 +127,20 @@ def test_the_plan_counts_an_engine_running_beside_the_update_in_the_train_phase(
     lora_trainer = SimpleNamespace(lightning_module=lora, precision="bf16-mixed", precision_plugin=plugin,
                                    strategy=SimpleNamespace(precision_plugin=plugin), datamodule=None)
     figures = {}
-    for share in (False, True):
+    for share in (False, True, None):
         settings = EngineSettings(share_merged_base=share)
         cb = VLLMRollout(prompts_per_step=2, overlap=True, settings=settings,
                          engine_factory=lambda m, n, s: FakeEngine(m, []))
         cb.setup(lora_trainer, lora, "fit")
         figures[share] = cb.rollout_memory(lora.training_shape()).beside_training_bytes
+    auto = VLLMRollout(prompts_per_step=2)  # the engine process it would build (on a GPU) shares by default
+    auto.overlap_off_reason = lambda *args: None
+    auto.setup(lora_trainer, lora, "fit")
+    figures["auto"] = auto.rollout_memory(lora.training_shape()).beside_training_bytes
     base = sum(p.numel() for p in frozen_base_parameters(lora.policy).values()) * 2
     assert figures[False] - figures[True] == base > 0  # the shared base counts once, as the trainer's frozen weights
+    assert figures[None] == figures[False]  # automatic: a custom engine_factory's engine decides for itself
+    assert figures["auto"] == figures[True]
 
     shape = TrainingShape(model_config=module.policy.config, sequence_tokens=64, max_prompt_tokens=32,
                           max_new_tokens=32, generates=True, num_generations=2, micro_batch_size=4)
@@ -284,21 +291,53 @@ def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engi
 
 
 def test_a_merged_base_is_refused_before_an_engine_starts_for_a_reference_model_several_steps_or_dropout():
-    from lightning_rl.rollout import EngineSettings
-
     module = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, beta=0.1)
     module.configure_model()
     cb = VLLMRollout(settings=EngineSettings(share_merged_base=True))
     cb.overlap_off_reason = lambda *args: None  # it overlaps, as on a GPU
     cb.build_engine = lambda *args: pytest.fail("the engine must not start")  # nor fall back to an in-process one
     trainer = SimpleNamespace(global_step=0, strategy=None)
-    with pytest.raises(ValueError, match=r"share_merged_base=True .* reference model \(beta > 0\)"):
+    with pytest.raises(ValueError, match=r"share_merged_base=True is impossible here: .*reference model \(beta > 0\)"):
         cb._create(trainer, module, 2)
     several = rollout_grpo(lora={"r": 4, "lora_alpha": 8}, num_iterations=2)
     several.configure_model()
-    with pytest.raises(ValueError, match=r"one optimizer step per rollout .* takes 2"):
+    with pytest.raises(ValueError, match=r"takes 2 optimizer steps per rollout"):
         cb._create(trainer, several, 2)
     dropout = rollout_grpo(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1})
     dropout.configure_model()
     with pytest.raises(ValueError, match=r"share_merged_base=True is impossible here: .*LoRA dropout"):
         cb._create(trainer, dropout, 2)
+
+
+def test_the_default_shares_a_merged_base_only_where_nothing_is_against_it():
+    """``share_merged_base=None``: on for plain LoRA with its frozen base in the engine's dtype, one step per
+    rollout and no reference model; off, silently, otherwise (and the engine is built to match)."""
+    built = []
+
+    def started(cb, module):
+        cb.overlap_off_reason = lambda *args: None  # it overlaps, as on a GPU
+        cb.build_engine = lambda m, n: built.append(cb.sharing_merged_base) or SimpleNamespace()
+        cb._create(SimpleNamespace(global_step=0, strategy=None), module, 2)
+        return built[-1]
+
+    def lora_module(frozen_dtype=torch.bfloat16, **kw):
+        module = rollout_grpo(lora={"r": 4, "lora_alpha": 8, **kw.pop("lora", {})}, **kw)
+        module.configure_model()
+        for p in module.policy.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(frozen_dtype)  # MemoryAwarePrecision keeps frozen weights in 16 bits
+        return module
+
+    cb = VLLMRollout()
+    cb.engine_dtype = lambda policy, trainer=None: torch.bfloat16
+    assert started(cb, lora_module()) is True
+    assert started(cb, lora_module(frozen_dtype=torch.float32)) is False  # the trainer's base in another dtype
+    assert started(cb, lora_module(beta=0.1)) is False
+    assert started(cb, lora_module(num_iterations=2)) is False
+    assert started(cb, lora_module(lora={"lora_dropout": 0.1})) is False
+    full = rollout_grpo()
+    full.configure_model()
+    assert started(cb, full) is False
+    off = VLLMRollout(settings=EngineSettings(share_merged_base=False))
+    off.engine_dtype = cb.engine_dtype
+    assert started(off, lora_module()) is False
