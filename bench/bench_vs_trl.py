@@ -120,6 +120,8 @@ class MemorySampler:
         self.step_peak = 0  # since the last take_step_peak_gib()
         self.step_peak_process = 0  # this process and its children, since the last take_step_peak_gib()
         self.last_step_peak_process = 0  # the same over the span the last take_step_peak_gib() closed
+        self.step_peak_split = (0, 0)  # (this process, its children) at the sample of step_peak_process
+        self.last_step_peak_split = (0, 0)
         self.process_seen = False
         self._pids, self._pids_at, self._process_tree_pids = {self.pid}, -1.0, process_tree_pids
         self.interval = interval
@@ -141,12 +143,26 @@ class MemorySampler:
         if now - self._pids_at > 0.5:  # this process and its children (an engine in a process of its own)
             self._pids = self._process_tree_pids()
             self._pids_at = now
-        ours = self._used_by(self._pids)
-        if ours is not None:
+        split = self._used_split(self._pids)
+        if split is not None:
+            ours = sum(split)
             self.process_seen = True
             self.peak_process = max(self.peak_process, ours)
-            self.step_peak_process = max(self.step_peak_process, ours)
+            if ours > self.step_peak_process:
+                self.step_peak_process, self.step_peak_split = ours, split
         return used
+
+    def _used_split(self, pids: set[int]) -> tuple[int, int] | None:
+        """NVML's device bytes of this process and of the others of ``pids`` (None when NVML lists none)."""
+        try:
+            listed = [(p.pid, p.usedGpuMemory) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+                      if p.pid in pids and p.usedGpuMemory]
+        except self.nvml.NVMLError:
+            return None
+        if not listed:
+            return None
+        own = sum(b for pid, b in listed if pid == self.pid)
+        return own, sum(b for _, b in listed) - own
 
     def _used_by(self, pids: set[int]) -> int | None:
         """NVML's device bytes of these processes (None when NVML lists none of them)."""
@@ -189,7 +205,14 @@ class MemorySampler:
         :meth:`take_step_process_peak_gib`."""
         peak, self.step_peak = max(self.step_peak, self.sample()), 0
         self.last_step_peak_process, self.step_peak_process = self.step_peak_process, 0
+        self.last_step_peak_split, self.step_peak_split = self.step_peak_split, (0, 0)
         return peak / 2**30
+
+    def take_step_peak_split_gib(self) -> dict[str, float]:
+        """This process's and its children's (an engine process) NVML figures at the sample where their sum
+        peaked, over the span the last take_step_peak_gib() closed."""
+        own, children = self.last_step_peak_split
+        return {"trainer": own / 2**30, "children": children / 2**30}
 
     def take_step_process_peak_gib(self) -> float:
         """The process's (and its children's) NVML peak over the span the last take_step_peak_gib() closed."""
@@ -453,6 +476,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "gc_s": self.gc.take(), **compile_counts(), **self.threads.take(),
                                "step_nvml_peak_gib": sampler.take_step_peak_gib(),
                                "step_nvml_process_peak_gib": sampler.take_step_process_peak_gib(),
+                               "step_nvml_process_peak_split_gib": sampler.take_step_peak_split_gib(),
                                "memory": sampler.breakdown(),
                                "backward_peak_gib": getattr(self, "backward_peak_gib", None),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
