@@ -139,9 +139,10 @@ class MergedBase:
                 "the policy's frozen base where it is while share_merged_base=True, or turn it off")
         if self.stale():
             raise StaleMergedBaseError(
-                "the policy's LoRA base is the engine's merged weights, which hold the adapters of the last sync, "
-                "and the adapters changed since (an optimizer step): sync the engine (engine.sync_weights(policy)) "
-                "before this forward, or run without sharing (EngineSettings(share_merged_base=False))")
+                "the policy's LoRA base is the engine's merged weights (VLLMRollout shares them by default beside "
+                "an engine process), which hold the adapters of the last sync, and the adapters changed since (an "
+                "optimizer step): sync the engine (engine.sync_weights(policy)) before this forward, or run without "
+                "sharing (VLLMRollout(settings=EngineSettings(share_merged_base=False)))")
 
     def unshare(self) -> None:
         """Give every shared parameter a private device copy of the pristine base and remove the hooks."""
