@@ -311,7 +311,7 @@ def test_a_merged_base_is_refused_before_an_engine_starts_for_a_reference_model_
 
 def test_the_default_shares_a_merged_base_only_where_nothing_is_against_it():
     """``share_merged_base=None``: on for plain LoRA with its frozen base in the engine's dtype, one step per
-    rollout and no reference model; off, silently, otherwise (and the engine is built to match)."""
+    rollout and no reference model; off, silently, otherwise (what `_create` decides before the engine starts)."""
     built = []
 
     def started(cb, module):
