@@ -154,11 +154,7 @@ class MemorySampler:
 
     def _used_split(self, pids: set[int]) -> tuple[int, int] | None:
         """NVML's device bytes of this process and of the others of ``pids`` (None when NVML lists none)."""
-        try:
-            listed = [(p.pid, p.usedGpuMemory) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-                      if p.pid in pids and p.usedGpuMemory]
-        except self.nvml.NVMLError:
-            return None
+        listed = self._listed(pids)
         if not listed:
             return None
         own = sum(b for pid, b in listed if pid == self.pid)
@@ -166,12 +162,16 @@ class MemorySampler:
 
     def _used_by(self, pids: set[int]) -> int | None:
         """NVML's device bytes of these processes (None when NVML lists none of them)."""
+        listed = self._listed(pids)
+        return sum(b for _, b in listed) if listed else None
+
+    def _listed(self, pids: set[int]) -> list[tuple[int, int]] | None:
+        """(pid, NVML device bytes) of the processes of ``pids`` that NVML lists (None on an NVML error)."""
         try:
-            used = [p.usedGpuMemory for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+            return [(p.pid, p.usedGpuMemory) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
                     if p.pid in pids and p.usedGpuMemory]
         except self.nvml.NVMLError:
             return None
-        return sum(used) if used else None
 
     def current_gib(self) -> float:
         return self.sample() / 2**30

@@ -240,7 +240,7 @@ class VLLMRollout(Callback):
         frozen = self._plugin.frozen_dtype if self._plugin is not None else None
         module = trainer.lightning_module
         if self.overlap_off_reason(module, trainer) is None:  # the engine stays up during updates
-            shares = dataclasses.replace(s, share_merged_base=self.shares_merged_base(module, trainer))
+            shares = dataclasses.replace(s, share_merged_base=self.shares_merged_base(module))
             weight_bytes -= merged_base_bytes(policy, shares, dtype, frozen)  # a shared base counts once, as frozen
             beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
             kept = 0  # counted in ``beside``
@@ -274,20 +274,18 @@ class VLLMRollout(Callback):
 
         return process_engine_unsupported_reason(pl_module.policy, _strategy_model(trainer))
 
-    def shares_merged_base(
-        self, pl_module: L.LightningModule, trainer: Any = None, engine_dtype: torch.dtype | None = None
-    ) -> bool:
-        """Whether the engine process's merged weights will be the policy's LoRA base (``share_merged_base``).
+    def shares_merged_base(self, pl_module: L.LightningModule, engine_dtype: torch.dtype | None = None) -> bool:
+        """Whether, with the rollouts overlapping, the engine process's merged weights will be the policy's LoRA
+        base (``share_merged_base``; the callers know whether they overlap).
 
-        True when asked for (``_create`` raises when impossible); with None (automatic) when the rollouts overlap
-        with an engine process this callback builds (no ``engine_factory``) and
-        :func:`~.merged_base_choice.merged_base_refusal` finds nothing against it (``engine_dtype``: also the
-        frozen base's dtype).
+        True when asked for (``_create`` raises when impossible); with None (automatic) for an engine process this
+        callback builds (no ``engine_factory``) where :func:`~.merged_base_choice.merged_base_refusal` finds
+        nothing against it (``engine_dtype``: also the frozen base's dtype).
         """
         wanted = self.settings.share_merged_base
-        if wanted is False or self.overlap_off_reason(pl_module, trainer):
-            return False
-        return bool(wanted) or (self.engine_factory is None and merged_base_refusal(pl_module, engine_dtype) is None)
+        if wanted is not None:
+            return wanted
+        return self.engine_factory is None and merged_base_refusal(pl_module, engine_dtype) is None
 
     def release_overlap(self) -> bool:
         """Give up automatic overlap (the memory plan asks when it does not fit); True when that changed the plan."""
@@ -355,8 +353,8 @@ class VLLMRollout(Callback):
             else:
                 log.warning("VLLMRollout: share_merged_base=True applies to an engine in its own process; the engine "
                             "runs in this process (%s), where share_base_weights shares a LoRA base", reason)
-        engine_dtype = self.engine_dtype(pl_module.policy, trainer) if self.overlapping else None
-        self.sharing_merged_base = self.overlapping and self.shares_merged_base(pl_module, trainer, engine_dtype)
+        self.sharing_merged_base = self.overlapping and self.shares_merged_base(
+            pl_module, self.engine_dtype(pl_module.policy, trainer))
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
         measure_used, used_before = _engine_start_measure(device)
@@ -507,9 +505,10 @@ class VLLMRollout(Callback):
 
         Validation generates with the policy itself, whose base (``share_merged_base``) holds the adapters of the
         last sync; a rollout the engine is generating ahead ends first, so its weights do not change under it.
-        Only the first batch of a validation syncs (and none of a loop without batches).
+        Only a validation batch that finds the engine behind syncs (so none of a loop without batches).
         """
-        if self.engine is not None and getattr(self.engine, "syncs_before_each_update", False):
+        if (self.engine is not None and getattr(self.engine, "syncs_before_each_update", False)
+                and self._needs_sync(trainer)):
             self._ahead.wait()
             self._sync(trainer, pl_module)
 
