@@ -393,6 +393,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl.rollout import EngineSettings
 
     set_inductor_options(extra.get("inductor", {}))
+    if extra.get("kernel"):  # the log-prob kernel's tiles and warps, in the trainer process (the only one running it)
+        from lightning_rl.kernels import triton_logprobs
+
+        triton_logprobs.GPU_CONFIG.update(extra["kernel"])
     # PyTorch's allocation history of one step: True, one step past the timed ones; "first", the first step (the
     # engine's first rollout and the compile happen there, and it set the trainer's reserve on an H200), timed as
     # a warm-up step
@@ -677,6 +681,7 @@ def main() -> None:
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
                          '"env": {variables for its process}, '
                          '"inductor": {torch._inductor.config entries for the trainer process only}, '
+                         '"kernel": {the log-prob kernel\'s GPU_CONFIG entries, e.g. "BLOCK_V": 128}, '
                          '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site; '
                          '"first": the first step recorded instead), '
                          '"empty_cache_each_step": true (the trainer empties its cache after each update), '

@@ -9,6 +9,7 @@
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
 #                                            # at 5 GiB, twice (~480 s; SKIP_TRL=1 leaves TRL out)
+#   bash bench/gpu_visit.sh probe            # probe_context_memory.py: each stage apart, the log-prob kernel's tiles
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -84,5 +85,31 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/mod
       --steps 6 --timeout 270 &
     wait
     grep -hE "^\[|s/step|FAILED|Error" "$WORK"/bench_*.log | cut -c1-400 | tail -30 ;;
+  probe)  # what each stage leaves outside PyTorch, each variant in a fresh process; the log-prob kernel's tiles
+          # against its registers, spills, the memory outside PyTorch and its time (SmolLM2 LoRA and full shapes)
+    probe() {  # NAME ARGS...
+      timeout 90 python3 bench/probe_context_memory.py --out "$WORK/probe_$1.json" "${@:2}" > "$WORK/probe_$1.log" 2>&1
+      echo "[$(date +%T)] rc=$? $1"
+    }
+    lora=(--stages triton --shape 16384,576,49152 --frozen-weight)
+    full=(--stages triton --shape 16384,576,49152)
+    probe cublas --stages cublas
+    probe lora_default "${lora[@]}"
+    probe lora_bv128 "${lora[@]}" --triton-config '{"BLOCK_V":128}'
+    probe lora_bn64 "${lora[@]}" --triton-config '{"BLOCK_N":64}'
+    probe lora_w16 "${lora[@]}" --triton-config '{"num_warps":16}'
+    probe lora_bv128_w4 "${lora[@]}" --triton-config '{"BLOCK_V":128,"num_warps":4}'
+    probe full_default "${full[@]}"
+    probe full_bv128 "${full[@]}" --triton-config '{"BLOCK_V":128}'
+    probe full_bn64 "${full[@]}" --triton-config '{"BLOCK_N":64}'
+    python3 - "$WORK" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(sys.argv[1] + "/probe_*.json")):
+    d = json.load(open(path))
+    grow = [(s["stage"][:24], round(s["outside_torch_mib"] or 0)) for s in d["stages"]]
+    k = d.get("triton") or {}
+    print(path.rsplit("/", 1)[1], grow, k.get("fwd_bwd_ms"), [(x["kernel"], x["n_regs"], x["n_spills"]) for x in k.get("kernels", [])])
+PY
+    ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -7,6 +7,12 @@ writes after each the process's NVML figure, PyTorch's reserved bytes and the CU
 stack limit to a few values and writes the NVML figure after each.
 
     python bench/probe_context_memory.py --out OUT.json
+    python bench/probe_context_memory.py --out OUT.json --stages triton --triton-config '{"BLOCK_V": 128}' \
+        --shape 16384,576,49152 --frozen-weight
+
+With ``--stages`` a fresh process runs only the named stages, so each stage's growth outside PyTorch is its
+own; the Triton stage also records each compiled kernel's registers and spills and times the kernel's forward
+and backward at ``--shape`` (tokens, hidden, vocabulary) with the given config overrides.
 """
 
 from __future__ import annotations
@@ -30,10 +36,59 @@ def process_bytes() -> int | None:
     return None
 
 
+def compiled_kernels() -> list[dict]:
+    """Registers, spills and shared memory of every compiled log-prob kernel in this process."""
+    from lightning_rl.kernels import triton_logprobs_backward as bwd
+    from lightning_rl.kernels import triton_logprobs_forward as fwd
+
+    found = []
+    for name, fn in (("forward", fwd._forward_kernel), ("reduce", fwd._reduce_chunk_kernel), ("dz", bwd._dz_kernel)):
+        for cache in getattr(fn, "device_caches", {}).values():
+            table = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in table.values():
+                found.append({"kernel": name, "n_regs": getattr(compiled, "n_regs", None),
+                              "n_spills": getattr(compiled, "n_spills", None),
+                              "shared": getattr(compiled.metadata, "shared", None),
+                              "num_warps": getattr(compiled.metadata, "num_warps", None)})
+    return found
+
+
+def triton_stage(config: dict, shape: list[int], frozen_weight: bool, mark) -> dict:
+    """Run the log-prob kernel forward and backward once (marked), then time five more; its kernels' resources."""
+    from lightning_rl.kernels.triton_logprobs import token_logprobs_entropy_triton
+
+    n, hdim, vocab = shape
+    h = torch.randn(n, hdim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, hdim, device="cuda", dtype=torch.bfloat16) * 0.02 if frozen_weight
+         else torch.randn(vocab, hdim, device="cuda", dtype=torch.float32, requires_grad=True))
+    t = torch.randint(0, vocab, (n,), device="cuda")
+
+    def once() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logp, ent = token_logprobs_entropy_triton(h, w, t, config=config)
+        (logp.sum() + ent.sum()).backward()
+
+    once()
+    mark("triton log-prob kernel forward+backward")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        once()
+    end.record()
+    torch.cuda.synchronize()
+    return {"config": config, "shape": shape, "frozen_weight": frozen_weight,
+            "fwd_bwd_ms": start.elapsed_time(end) / 5, "kernels": compiled_kernels()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="cublas,sdpa,inductor,triton,stack")
+    parser.add_argument("--triton-config", default="{}", help="JSON overrides of the kernel's GPU_CONFIG")
+    parser.add_argument("--shape", default="8192,896,151936", help="tokens,hidden,vocabulary of the Triton stage")
+    parser.add_argument("--frozen-weight", action="store_true", help="bf16 head without a gradient (LoRA)")
     args = parser.parse_args()
+    wanted = set(args.stages.split(","))
     import ctypes
 
     from lightning_rl.cuda_limits import stack_limit
@@ -56,34 +111,34 @@ def main() -> None:
     torch.zeros(1, device="cuda")
     mark("context")
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    (a @ a).sum().item()
-    mark("cublas bf16 matmul")
-    x = torch.randn(8, 14, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().backward()
-    mark("sdpa forward+backward")
-    f = torch.compile(lambda t: torch.nn.functional.silu(t) * t + 1)
-    f(a).sum().item()
-    mark("inductor elementwise")
-    from lightning_rl.kernels.triton_logprobs import token_logprobs_entropy_triton
-
-    h = torch.randn(8192, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(151936, 896, device="cuda", dtype=torch.float32, requires_grad=True)
-    t = torch.randint(0, 151936, (8192,), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logp, ent = token_logprobs_entropy_triton(h, w, t)
-    (logp.sum() + ent.sum()).backward()
-    del h, w, t, logp, ent
-    mark("triton log-prob kernel forward+backward")
-    del a, x
+    if "cublas" in wanted:
+        (a @ a).sum().item()
+        mark("cublas bf16 matmul")
+    if "sdpa" in wanted:
+        x = torch.randn(8, 14, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().backward()
+        del x
+        mark("sdpa forward+backward")
+    if "inductor" in wanted:
+        f = torch.compile(lambda t: torch.nn.functional.silu(t) * t + 1)
+        f(a).sum().item()
+        mark("inductor elementwise")
+    kernel: dict = {}
+    if "triton" in wanted:
+        kernel = triton_stage(json.loads(args.triton_config), [int(v) for v in args.shape.split(",")],
+                              args.frozen_weight, mark)
+    del a
     torch.cuda.empty_cache()
     mark("after empty_cache")
-    for limit in (stack_limit() or 1024, 1024, 512, 0):
-        ok = set_stack_limit(limit)
-        mark(f"stack limit set to {limit} ({'accepted' if ok else 'refused'})")
+    if "stack" in wanted:
+        for limit in (stack_limit() or 1024, 1024, 512, 0):
+            ok = set_stack_limit(limit)
+            mark(f"stack limit set to {limit} ({'accepted' if ok else 'refused'})")
     props = torch.cuda.get_device_properties(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "sms": props.multi_processor_count,
-              "max_threads_per_sm": getattr(props, "max_threads_per_multi_processor", None), "stages": stages}
+              "max_threads_per_sm": getattr(props, "max_threads_per_multi_processor", None),
+              "args": vars(args), "stages": stages, "triton": kernel}
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
 

@@ -29,6 +29,8 @@ class TrainingShape:
         num_generations: completions sampled per prompt (1 when nothing is sampled).
         micro_batch_size: sequences per forward/backward when the user fixed it; None lets the memory plan
             choose a token budget.
+        max_micro_batch_tokens: most padded tokens of a micro-batch the plan may choose (``micro_batch_size``
+            None); None leaves the plan's own bound.
         gradient_checkpointing: activations are recomputed in the backward.
         offload_checkpoints: the checkpointed layers' inputs wait in host memory until their recompute.
         tile_mlps: the decoder layers' MLPs run over slices of the tokens in the update
@@ -45,6 +47,7 @@ class TrainingShape:
     generates: bool = False
     num_generations: int = 1
     micro_batch_size: int | None = None
+    max_micro_batch_tokens: int | None = None
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False
     tile_mlps: bool = False

@@ -39,12 +39,16 @@ class StepSizes:
         """Tokens per forward/backward when ``micro_batch_size`` is None and no memory plan set them.
 
         On CUDA: what the free device memory holds after gradients and optimizer states, at most
-        :data:`~lightning_rl.plugins.memory_plan.MAX_MICRO_BATCH_TOKENS`; elsewhere None (each optimizer
-        step's share of the rollout in one micro-batch).
+        :meth:`micro_batch_token_limit` or :data:`~lightning_rl.plugins.memory_plan.MAX_MICRO_BATCH_TOKENS`;
+        elsewhere None (each optimizer step's share of the rollout in one micro-batch).
         """
         if self.device.type != "cuda" or self.policy is None:
             return None
-        from lightning_rl.plugins.memory_plan import activation_bytes_per_token, micro_batch_tokens_for
+        from lightning_rl.plugins.memory_plan import (
+            MAX_MICRO_BATCH_TOKENS,
+            activation_bytes_per_token,
+            micro_batch_tokens_for,
+        )
 
         free, _ = torch.cuda.mem_get_info(self.device)
         trainable = self.trainable_parameters()
@@ -53,7 +57,20 @@ class StepSizes:
         act_dtype = 2 if mixed else next(self.policy.parameters()).element_size()
         per_token = activation_bytes_per_token(unwrap(self.policy).config, act_dtype, self.gradient_checkpointing,
                                                self.offload_checkpoints, self.tile_mlps)
-        return micro_batch_tokens_for(free - state_bytes, per_token)
+        return micro_batch_tokens_for(free - state_bytes, per_token,
+                                      limit=self.micro_batch_token_limit() or MAX_MICRO_BATCH_TOKENS)
+
+    def micro_batch_token_limit(self) -> int | None:
+        """Most padded tokens of a micro-batch sized automatically, below what memory allows.
+
+        :data:`~lightning_rl.plugins.memory_plan.ADAPTER_MICRO_BATCH_TOKENS` when only adapters train (a peft
+        policy): its update's memory is then mostly activations, and a smaller micro-batch lowers the peak
+        for little time beside an overlapped generation. None otherwise (the plan's own bound).
+        """
+        from lightning_rl.lora import is_lora
+        from lightning_rl.plugins.memory_plan import ADAPTER_MICRO_BATCH_TOKENS
+
+        return ADAPTER_MICRO_BATCH_TOKENS if self.policy is not None and is_lora(self.policy) else None
 
     def training_shape(self) -> TrainingShape:
         """The sizes of this module's steps, for the memory plan and the rollout callback (:mod:`lightning_rl.shapes`).
@@ -72,6 +89,7 @@ class StepSizes:
             generates=generates,
             num_generations=int(self.num_generations) if generates else 1,
             micro_batch_size=None if micro is None else micro * self.sequences_per_example,
+            max_micro_batch_tokens=self.micro_batch_token_limit(),
             gradient_checkpointing=bool(self.gradient_checkpointing),
             offload_checkpoints=bool(self.offload_checkpoints),
             tile_mlps=bool(self.tile_mlps),
@@ -102,11 +120,14 @@ class StepSizes:
     def micro_batch_for(self, num_sequences: int, sequence_tokens: int) -> int:
         """Sequences per forward/backward for ``num_sequences`` rows of ``sequence_tokens`` padded tokens.
 
-        ``micro_batch_size`` when set; else as many as ``micro_batch_tokens`` (from the memory plan or
-        :meth:`auto_micro_batch_tokens`) holds; else all of them.
+        ``micro_batch_size`` when set; else the fewest micro-batches that ``micro_batch_tokens`` (from the
+        memory plan or :meth:`auto_micro_batch_tokens`) holds, evened out (128 sequences of which 94 fit go as
+        two of 64, not 94 and 34: the same passes at a lower peak); else all of them.
         """
         if self.micro_batch_size:
             return max(1, min(self.micro_batch_size, num_sequences))
         if self.micro_batch_tokens:
-            return max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
+            fit = max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
+            passes = max(1, -(-num_sequences // fit))
+            return max(1, -(-num_sequences // passes))
         return max(1, num_sequences)

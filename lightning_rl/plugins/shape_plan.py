@@ -119,7 +119,8 @@ def plan_for_shape(
         needs = (in_step_generation_needs(shape, prompts_per_step, compute_dtype) if rollout is None
                  else engine_needs(rollout, engine_overhead_bytes, offload_optimizer))
     micro = shape.micro_batch_size
-    max_tokens = micro * shape.sequence_tokens if micro is not None else MAX_MICRO_BATCH_TOKENS
+    max_tokens = micro * shape.sequence_tokens if micro is not None else (shape.max_micro_batch_tokens
+                                                                          or MAX_MICRO_BATCH_TOKENS)
     return plan_memory(budget_bytes=budget_bytes, model=model, activation_bytes_per_token=act,
                        sequence_tokens=shape.sequence_tokens, optimizer_bytes=optimizer_bytes, rollout=needs,
                        max_micro_batch_tokens=max_tokens, extra_train_parts=extra, reserved_bytes=reserved_bytes,

@@ -153,7 +153,9 @@ def test_micro_batches_follow_the_memory_plans_token_budget():
     trainer.fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=4))
     assert module.micro_batch_tokens == 36
     n, width = seen[0]
-    expected = max(1, 36 // width)
-    assert n == 8 and expected < 8
-    k = -(-8 // expected)  # micro-batches of the update, the last forwards of the step
-    assert rows[-k:] == [expected] * (8 // expected) + ([8 % expected] if 8 % expected else [])
+    fit = max(1, 36 // width)
+    assert n == 8 and fit < 8
+    k = -(-8 // fit)  # the fewest micro-batches of the update (the last forwards of the step), evened out
+    size = -(-8 // k)
+    assert rows[-k:] == [size] * (8 // size) + ([8 % size] if 8 % size else [])
+    assert max(rows[-k:]) - min(rows[-k:]) <= size - 1 and sum(rows[-k:]) == 8

@@ -18,6 +18,28 @@ def test_explicit_micro_batch_size_wins():
     assert module.micro_batch_for(8, 100) == 8
 
 
+@pytest.mark.parametrize(("sequences", "fit", "micro"), [(128, 94, 64), (8, 3, 3), (9, 2, 2), (10, 4, 4), (7, 7, 7),
+                                                          (12, 5, 4), (3, 100, 3), (0, 2, 1)])
+def test_a_token_budget_splits_into_the_fewest_even_micro_batches(sequences, fit, micro):
+    module = tiny_grpo("tiny-llama", model_config=TINY)
+    module.micro_batch_tokens = fit * 50 + 49  # fit whole 50-token sequences
+    assert module.micro_batch_for(sequences, 50) == micro
+    passes = -(-sequences // micro)
+    assert micro <= fit and passes == -(-sequences // fit)  # no more passes than the budget needs
+
+
+def test_only_adapter_training_limits_the_automatic_micro_batch():
+    from lightning_rl.plugins.memory_plan import ADAPTER_MICRO_BATCH_TOKENS
+
+    full = tiny_grpo("tiny-llama", model_config=TINY)
+    full.configure_model()
+    assert full.micro_batch_token_limit() is None and full.training_shape().max_micro_batch_tokens is None
+    lora = tiny_grpo("tiny-llama", model_config=TINY, lora={"r": 4})
+    lora.configure_model()
+    assert lora.micro_batch_token_limit() == ADAPTER_MICRO_BATCH_TOKENS == 16384
+    assert lora.training_shape().max_micro_batch_tokens == ADAPTER_MICRO_BATCH_TOKENS
+
+
 @pytest.mark.parametrize(
     ("build", "sequence", "generates", "generations", "micro"),
     [

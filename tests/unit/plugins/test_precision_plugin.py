@@ -3,6 +3,7 @@
 Its fits are in tests/integration/plugins/test_precision_plugin_fit.py.
 """
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -379,6 +380,20 @@ def test_plan_for_shape_without_an_engine_or_with_one_sized_by_a_gpu_fraction():
     assert plan.train_parts["engine weights (kept while the engine sleeps)"] == GiB
     offline = plan_for_shape(TrainingShape(QWEN_05B, 512, 512, 0), _model(), rollout=fraction, **kw)
     assert offline.rollout_parts == {} and "engine weights (kept while the engine sleeps)" in offline.train_parts
+
+
+def test_the_shapes_micro_batch_token_limit_bounds_an_automatic_micro_batch_only():
+    kw = dict(budget_bytes=40 * GiB, compute_dtype=torch.bfloat16, optimizer_bytes=GiB, reserved_bytes=0,
+              prompts_per_step=16)
+    auto = TrainingShape(model_config=QWEN_05B, sequence_tokens=500, max_prompt_tokens=250, max_new_tokens=250,
+                         generates=True, num_generations=8)
+    unbounded = plan_for_shape(auto, _model(), **kw).micro_batch_tokens
+    assert unbounded > 20_000  # 40 GiB hold far more than the limit below
+    limited = plan_for_shape(dataclasses.replace(auto, max_micro_batch_tokens=16384), _model(), **kw)
+    assert limited.micro_batch_tokens == 16000  # whole 500-token sequences within the limit
+    assert limited.train_parts["activations (16000 tokens)"] == 16000 * limited.activation_bytes_per_token
+    fixed = dataclasses.replace(auto, max_micro_batch_tokens=16384, micro_batch_size=40)
+    assert plan_for_shape(fixed, _model(), **kw).micro_batch_tokens == 40 * 500  # the user's size is not capped
 
 
 # ----------------------------------------------------------------------------- memory outside PyTorch
