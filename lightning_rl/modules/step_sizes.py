@@ -7,6 +7,7 @@ import logging
 import torch
 
 from lightning_rl.logprobs import resolve_backend, unwrap
+from lightning_rl.lora import is_lora
 from lightning_rl.rollout.engine import SamplingConfig
 from lightning_rl.shapes import TrainingShape
 
@@ -67,7 +68,6 @@ class StepSizes:
         policy): its update's memory is then mostly activations, and a smaller micro-batch lowers the peak
         for little time beside an overlapped generation. None otherwise (the plan's own bound).
         """
-        from lightning_rl.lora import is_lora
         from lightning_rl.plugins.memory_plan import ADAPTER_MICRO_BATCH_TOKENS
 
         return ADAPTER_MICRO_BATCH_TOKENS if self.policy is not None and is_lora(self.policy) else None
@@ -127,7 +127,7 @@ class StepSizes:
         if self.micro_batch_size:
             return max(1, min(self.micro_batch_size, num_sequences))
         if self.micro_batch_tokens:
-            fit = max(1, min(num_sequences, self.micro_batch_tokens // max(1, sequence_tokens)))
+            fit = max(1, self.micro_batch_tokens // max(1, sequence_tokens))
             passes = max(1, -(-num_sequences // fit))
             return max(1, -(-num_sequences // passes))
         return max(1, num_sequences)
