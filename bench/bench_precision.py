@@ -55,6 +55,8 @@ def reward_len(prompts, completions, **columns):
 
 
 def _cleanup() -> None:
+    """Free what the last fit left and forget its compiled layers, so each fit measures as in its own process."""
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
 

@@ -5,6 +5,12 @@ rotary embedding as a few dozen small kernels, in the forward, the recomputed fo
 ``torch.compile`` of one decoder layer fuses them; all layers of one class share the compiled code
 (their parameters are graph inputs), so the compile cost is paid once, not once per layer.
 
+Dynamo keeps its compiled code on the Python code object it ran and stops compiling a code object after
+``torch._dynamo.config.recompile_limit`` variants (8), running it eagerly from then on with only a log warning.
+Each model therefore compiles its own copy of the class's ``forward`` code: a process that fits several models
+(a sweep, a notebook, a test session) would otherwise reach that limit with all their variants together, and
+its later models would run eagerly.
+
 Only the update runs compiled: a layer in train mode with gradients on. Generation (with a KV cache),
 evaluation and reference log-probs run the eager layer. A compiler failure (no C compiler, an operator
 inductor cannot lower) falls back to the eager layer with one warning, so training goes on.
@@ -27,7 +33,7 @@ class _CompiledClassForward:
 
     def __init__(self, cls: type, backend: str | Callable, dynamic: bool | None) -> None:
         self.eager = cls.forward
-        self.compiled = torch.compile(cls.forward, backend=backend, dynamic=dynamic)
+        self.compiled = torch.compile(own_code_copy(cls.forward), backend=backend, dynamic=dynamic)
         self.failed: str | None = None
 
     def __call__(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -39,6 +45,21 @@ class _CompiledClassForward:
                 log.warning("torch.compile of %s failed (%s); its layers run eagerly from now on "
                             "(pass compile_layers=False to skip compiling)", type(layer).__name__, self.failed)
         return self.eager(layer, *args, **kwargs)
+
+
+def own_code_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: the same function, with a dynamo cache (and recompile count) of its own.
+
+    Args:
+        fn: a plain Python function (a class's ``forward``); anything else comes back as it is.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__dict__.update(fn.__dict__)
+    return copy
 
 
 def failure_summary(err: BaseException) -> str:

@@ -49,6 +49,22 @@ def test_compiled_layers_match_eager_with_one_graph_for_every_layer_and_length(s
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_each_model_compiles_its_own_code_so_earlier_models_do_not_use_up_the_recompile_limit(saved_policy):
+    """Models compiled one after another in one process (a sweep, a notebook) each get compiled layers: with a
+    recompile limit of 1, a second model whose weights need other guards (bf16 instead of fp32) would otherwise
+    run its layers eagerly."""
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n, dtype in enumerate((torch.float32, torch.bfloat16, torch.float32), start=1):
+            model = saved_policy().to(dtype).train()
+            compile_decoder_layers(model, backend="aot_eager")
+            run(model, ids)
+            assert counters["stats"]["unique_graphs"] == n, f"model {n} ran its layers eagerly"
+    assert len({id(m.forward.__func__) for m in decoder_layers(model)}) == 1  # its layers share one, as before
+
+
 def test_update_batches_with_and_without_padding_share_one_graph(saved_policy):
     """A rollout with no padding at all (prompts of one length, every completion at the limit) reuses the graph."""
     from lightning_rl.logprobs import completion_logprobs
