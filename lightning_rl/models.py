@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_rl.checkpoint_offload import keep_layer_inputs, offload_layer_inputs
+from lightning_rl.compiled_layers import decoder_layers
 from lightning_rl.model_source import check_local_dir, hub_load_kwargs, looks_like_path
 from lightning_rl.tokenizer import char_tokenizer
 
@@ -229,12 +230,6 @@ def activation_checkpointing_on(model: torch.nn.Module) -> bool:
     return bool(getattr(model, name, False))
 
 
-def activation_offload_supported(model: PreTrainedModel) -> bool:
-    """Whether the installed transformers' activation checkpointing of ``model`` can offload saved inputs."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    return "offload" in inspect.signature(enable).parameters
-
-
 def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = False) -> None:
     """Recompute activations in the backward (non-reentrant), through the API the installed transformers has.
 
@@ -243,22 +238,13 @@ def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = Fals
 
     Args:
         model: a transformers model.
-        offload: keep each checkpointed layer's saved inputs in pinned host memory until its recompute
-            (transformers' own ``offload`` option of activation checkpointing; CUDA only).
-
-    Raises:
-        ValueError: ``offload`` with a transformers whose activation checkpointing cannot offload.
+        offload: keep each checkpointed decoder layer's input in pinned host memory until its recompute
+            (:mod:`lightning_rl.checkpoint_offload`, hooks around the layer's call that compiled layers keep as
+            one graph; not transformers' ``offload``, which compiled layers ran eagerly). False takes them off.
     """
     new_name = hasattr(model, "activation_checkpointing_enable")
     enable = model.activation_checkpointing_enable if new_name else model.gradient_checkpointing_enable
-    kwargs: dict[str, Any] = {
-        "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if offload:
-        if not activation_offload_supported(model):
-            import transformers
-
-            raise ValueError(f"offload_checkpoints=True needs transformers' activation-checkpointing offload, which "
-                             f"transformers {transformers.__version__} does not have: upgrade transformers (5.17 "
-                             "has it) or pass offload_checkpoints=False")
-        kwargs["offload"] = True
-    enable(**kwargs)
+    name = "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs"
+    enable(**{name: {"use_reentrant": False}})
+    for layer in decoder_layers(model) if isinstance(model, torch.nn.Module) else ():
+        (offload_layer_inputs if offload else keep_layer_inputs)(layer)

@@ -32,7 +32,6 @@ from lightning_rl.lora import apply_lora, is_lora
 from lightning_rl.models import (
     EMBEDDED_DEFAULT,
     activation_checkpointing_on,
-    activation_offload_supported,
     enable_activation_checkpointing,
     load_policy,
 )
@@ -106,7 +105,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             on when training on a CUDA device, off on a CPU (see :meth:`setup`).
         offload_checkpoints: with gradient checkpointing on a CUDA device, keep each checkpointed layer's saved
             inputs (the residual stream) in pinned host memory until the backward recomputes that layer
-            (transformers' activation-checkpointing ``offload``): the device holds about two layers' inputs
+            (:mod:`lightning_rl.checkpoint_offload`): the device holds about two layers' inputs
             instead of every layer's, for a copy to the host in the forward and back in the backward. The memory
             plan counts it. None (default): on when :class:`~lightning_rl.plugins.MemoryAwarePrecision` plans a
             rollout engine that generates during the update, where the generation hides the copies
@@ -299,16 +298,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         :class:`~lightning_rl.plugins.MemoryAwarePrecision` calls it when its plan has an engine process that keeps
         its memory and generates the next rollout during the update: the device then holds both, and the update's
         copies to and from the host come out of time the generation takes anyway. Returns True when that switched
-        offloading on (a CUDA device, gradient checkpointing on, a transformers that can offload).
+        offloading on (a CUDA device, gradient checkpointing on).
         """
         if self.offload_checkpoints_setting is not None or self.offload_checkpoints or not self.gradient_checkpointing:
             return False
         if self.device.type != "cuda" or self.policy is None:
-            return False
-        models = [unwrap(m) for m in self.checkpointed_models()]
-        if not all(activation_offload_supported(net) for net in models):
-            log.info("offload_checkpoints: this transformers cannot offload checkpointed inputs; they stay on the "
-                     "device")
             return False
         self.offload_checkpoints = True
         self.apply_gradient_checkpointing()

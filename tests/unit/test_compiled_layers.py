@@ -141,49 +141,86 @@ def test_the_module_compiles_when_asked_and_not_by_default_on_a_cpu(make_grpo):
     assert compiled_layer_count(asked.policy) == len(decoder_layers(asked.policy)) == 2
 
 
-class _UnpinnedSaveOnCpu(torch.autograd.graph.save_on_cpu):
-    """transformers' offload hook without pinned memory, which a CPU-only torch cannot allocate; counts its packs."""
+@pytest.fixture
+def moved_to_host(monkeypatch):
+    """The shapes of the saved tensors that the offloaded checkpoints' hooks send to host memory."""
+    from lightning_rl import checkpoint_offload
 
-    packed: list[tuple[int, ...]] = []
+    moved = []
 
-    def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
-        super().__init__(pin_memory=False, device_type=device_type)
-        pack, unpack = self.pack_hook, self.unpack_hook
+    class Counting(checkpoint_offload._InputToHost):
+        def __init__(self, hidden_states):
+            super().__init__(hidden_states)
+            pack = self.pack_hook
 
-        def counting_pack(tensor):
-            _UnpinnedSaveOnCpu.packed.append(tuple(tensor.shape))
-            return pack(tensor)
+            def counting_pack(tensor):
+                packed = pack(tensor)
+                if packed[0]:
+                    moved.append(tuple(tensor.shape))
+                return packed
 
-        self.pack_hook, self.unpack_hook = counting_pack, unpack
+            self.pack_hook = counting_pack
+
+    monkeypatch.setattr(checkpoint_offload, "_InputToHost", Counting)
+    return moved
 
 
-def test_offloaded_checkpoints_give_the_same_gradients_through_the_compiled_layers(saved_policy, monkeypatch):
-    """``enable_activation_checkpointing(offload=True)``: each layer's saved inputs go through transformers' offload
-    hook, and the compiled layers' outputs and gradients are the plain checkpointed ones."""
-    import transformers.modeling_utils as modeling_utils
-
-    monkeypatch.setattr(modeling_utils, "save_on_cpu", _UnpinnedSaveOnCpu)
-    _UnpinnedSaveOnCpu.packed = []
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_offloaded_checkpoints_send_only_each_layers_input_and_keep_compiled_layers_one_graph(
+        saved_policy, moved_to_host, compiled):
+    """``enable_activation_checkpointing(offload=True)``: the residual stream entering each layer, and nothing
+    else a layer saves (weights, rotary tables), goes to host memory; the outputs and gradients are the plain
+    checkpointed ones, and compiled layers still compile one graph without a break (transformers' own offload
+    opened its hooks inside the layer's forward, where dynamo gave up and ran the layer eagerly)."""
     plain, offloaded = saved_policy(), saved_policy()
     enable_activation_checkpointing(plain)
     enable_activation_checkpointing(offloaded, offload=True)
     ids = torch.randint(0, plain.config.vocab_size, (2, 13))
-    results = []
+    results, graphs = [], []
     for m in (plain, offloaded):
-        torch._dynamo.reset()  # each model its own graphs (where transformers checkpoints inside the layer's forward,
-        # the layer's graph holds the checkpoint function)
+        torch._dynamo.reset()
+        counters.clear()
         m.train()
-        compile_decoder_layers(m, backend="aot_eager")
+        if compiled:
+            compile_decoder_layers(m, backend="aot_eager")
         results.append(run(m, ids))
+        graphs.append((counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())))
     (lp, gp), (lo, go) = results
     torch.testing.assert_close(lo, lp, rtol=0, atol=0)
     for a, b in zip(go, gp, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    hidden = (2, 13, plain.config.hidden_size)
-    assert _UnpinnedSaveOnCpu.packed.count(hidden) == 3  # the residual stream entering each of the 3 layers
+    assert moved_to_host == [(2, 13, plain.config.hidden_size)] * 3  # one input per layer, nothing else
+    assert graphs[1] == graphs[0] == ((1, 0) if compiled else (0, 0))
 
 
-def test_offloaded_checkpoints_need_a_transformers_that_can_offload():
+def test_offloaded_checkpoints_move_nothing_outside_a_training_forward_and_come_off(saved_policy, moved_to_host):
+    model = saved_policy()
+    enable_activation_checkpointing(model, offload=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    model.eval()
+    model(input_ids=ids).logits.sum().backward()  # eval mode: no recompute, nothing offloaded
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert moved_to_host == []
+    from lightning_rl.checkpoint_offload import _OPEN
+
+    layer = decoder_layers(model)[1]
+    layer.mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=ids)
+    del layer.mlp.forward
+    assert all(getattr(m, _OPEN) == [] for m in decoder_layers(model))  # the failed layers closed their hooks
+    moved_to_host.clear()
+    run(model, ids)
+    assert len(moved_to_host) == 3  # and the next forward offloads as before
+    moved_to_host.clear()
+    enable_activation_checkpointing(model)  # off again
+    run(model, ids)
+    assert moved_to_host == []
+
+
+def test_checkpointing_goes_through_the_api_an_older_transformers_has():
     class OldModel:
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
             self.kwargs = gradient_checkpointing_kwargs
@@ -191,5 +228,3 @@ def test_offloaded_checkpoints_need_a_transformers_that_can_offload():
     old = OldModel()
     enable_activation_checkpointing(old)
     assert old.kwargs == {"use_reentrant": False}
-    with pytest.raises(ValueError, match="offload_checkpoints=False"):
-        enable_activation_checkpointing(old, offload=True)
