@@ -22,7 +22,8 @@ _OPEN = "_lightning_rl_offload_open"
 
 
 class _InputToHost(torch.autograd.graph.save_on_cpu):
-    """Saved-tensor hooks that move what shares ``hidden_states``' storage to host memory and keep the rest.
+    """Saved-tensor hooks that move what shares ``hidden_states``' storage (and is contiguous) to host memory and keep
+    the rest.
 
     Weights, rotary tables and masks a layer saves stay where they are: the weights live on anyway, and the
     rotary tables are one tensor shared by every layer.
@@ -35,7 +36,8 @@ class _InputToHost(torch.autograd.graph.save_on_cpu):
         to_host, back = self.pack_hook, self.unpack_hook
 
         def pack(tensor: torch.Tensor) -> tuple[bool, Any]:
-            if tensor.untyped_storage().data_ptr() == storage:
+            # contiguous only: the copy comes back contiguous, and compiled code checks its saved tensors' strides
+            if tensor.untyped_storage().data_ptr() == storage and tensor.is_contiguous():
                 return True, to_host(tensor)
             return False, tensor
 

@@ -136,3 +136,27 @@ def qwen():
         head.bias[tok.eos_token_id] = 2.5
     model.lm_head = head
     return model.eval(), tok
+
+
+@pytest.fixture
+def moved_to_host(monkeypatch):
+    """The shapes of the saved tensors that the offloaded checkpoints' hooks send to host memory."""
+    from lightning_rl import checkpoint_offload
+
+    moved = []
+
+    class Counting(checkpoint_offload._InputToHost):
+        def __init__(self, hidden_states):
+            super().__init__(hidden_states)
+            pack = self.pack_hook
+
+            def counting_pack(tensor):
+                packed = pack(tensor)
+                if packed[0]:
+                    moved.append(tuple(tensor.shape))
+                return packed
+
+            self.pack_hook = counting_pack
+
+    monkeypatch.setattr(checkpoint_offload, "_InputToHost", Counting)
+    return moved
