@@ -168,3 +168,18 @@ def fake_rollout(calls, **kw):
     from lightning_rl import VLLMRollout
 
     return VLLMRollout(engine_factory=lambda module, n, seed: FakeEngine(module, calls, **kw))
+
+
+def node_counting_backend(name, sizes):
+    """A ``torch.compile`` backend that appends each graph's FX node count (its subgraphs', such as a checkpointed
+    region's, included) to ``sizes`` and compiles it with the backend ``name``: a layer that compiled tells
+    itself apart from one whose graph broke down to a stub."""
+    from torch._dynamo import lookup_backend
+
+    inner = lookup_backend(name)
+
+    def backend(gm, example_inputs):
+        sizes.append(sum(len(m.graph.nodes) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        return inner(gm, example_inputs)
+
+    return backend
