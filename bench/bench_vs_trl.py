@@ -295,6 +295,11 @@ def compile_counts() -> dict:
         kernels = (fwd._forward_kernel, fwd._reduce_chunk_kernel, bwd._dz_kernel)
         out["logprob_kernel_variants"] = sum(len(c[0]) for k in kernels for c in k.device_caches.values())
         out["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+        # a layer whose graph broke (transformers' offload did that) runs mostly eagerly: breaks > 0
+        out["dynamo_graph_breaks"] = int(sum(counters["graph_break"].values()))
+        from torch._inductor import metrics
+
+        out["inductor_kernels"] = int(metrics.generated_kernel_count)  # 0 where its cache had the code
     except Exception as err:  # a diagnostic only: another Triton may keep its caches elsewhere
         out["compile_counts_error"] = repr(err)
     return out
