@@ -12,13 +12,14 @@ layer then fell back to eager code (``torch.utils.checkpoint`` disables dynamo f
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
 _HANDLES = "_lightning_rl_offload_handles"
-_OPEN = "_lightning_rl_offload_open"
+_STATE = threading.local()  # .open: this thread's layer calls in flight, each with its hooks (None where inactive)
 
 
 class _InputToHost(torch.autograd.graph.save_on_cpu):
@@ -48,20 +49,28 @@ class _InputToHost(torch.autograd.graph.save_on_cpu):
         self.pack_hook, self.unpack_hook = pack, unpack
 
 
+def open_calls() -> list[tuple[nn.Module, Any]]:
+    """The offloading layer calls in flight in the calling thread: (layer, its hooks or None), innermost last."""
+    if not hasattr(_STATE, "open"):
+        _STATE.open = []
+    return _STATE.open
+
+
 def _open(layer: nn.Module, args: tuple, kwargs: dict) -> None:
     hidden = args[0] if args else kwargs.get("hidden_states")
     hooks = None
     if layer.training and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor):
         hooks = _InputToHost(hidden)
         hooks.__enter__()
-    getattr(layer, _OPEN).append(hooks)
+    open_calls().append((layer, hooks))
 
 
 def _close(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    opened = getattr(layer, _OPEN)
-    hooks = opened.pop() if opened else None
-    if hooks is not None:
-        hooks.__exit__(None, None, None)
+    calls = open_calls()
+    if calls and calls[-1][0] is layer:  # always_call pairs it with its pre-hook, also when the forward raised
+        _, hooks = calls.pop()
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
 
 
 def offload_layer_inputs(layer: nn.Module) -> None:
@@ -72,7 +81,6 @@ def offload_layer_inputs(layer: nn.Module) -> None:
     """
     if offloads_layer_inputs(layer):
         return
-    setattr(layer, _OPEN, [])
     handles = (layer.register_forward_pre_hook(_open, with_kwargs=True),
                layer.register_forward_hook(_close, with_kwargs=True, always_call=True))
     setattr(layer, _HANDLES, handles)
@@ -82,9 +90,8 @@ def keep_layer_inputs(layer: nn.Module) -> None:
     """Undo :func:`offload_layer_inputs`: ``layer``'s input stays on the device again."""
     for handle in getattr(layer, _HANDLES, ()):
         handle.remove()
-    for name in (_HANDLES, _OPEN):
-        if hasattr(layer, name):
-            delattr(layer, name)
+    if hasattr(layer, _HANDLES):
+        delattr(layer, _HANDLES)
 
 
 def offloads_layer_inputs(layer: nn.Module) -> bool:
@@ -92,4 +99,4 @@ def offloads_layer_inputs(layer: nn.Module) -> bool:
     return hasattr(layer, _HANDLES)
 
 
-__all__ = ["keep_layer_inputs", "offload_layer_inputs", "offloads_layer_inputs"]
+__all__ = ["keep_layer_inputs", "offload_layer_inputs", "offloads_layer_inputs", "open_calls"]
