@@ -246,5 +246,5 @@ def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = Fals
     enable = model.activation_checkpointing_enable if new_name else model.gradient_checkpointing_enable
     name = "activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs"
     enable(**{name: {"use_reentrant": False}})
-    for layer in decoder_layers(model) if isinstance(model, torch.nn.Module) else ():
+    for layer in decoder_layers(model):
         (offload_layer_inputs if offload else keep_layer_inputs)(layer)

@@ -175,6 +175,8 @@ def test_offloaded_checkpoints_send_only_each_layers_input_and_keep_compiled_lay
 
 
 def test_offloaded_checkpoints_move_nothing_outside_a_training_forward_and_come_off(saved_policy, moved_to_host):
+    from lightning_rl.checkpoint_offload import open_calls
+
     model = saved_policy()
     enable_activation_checkpointing(model, offload=True)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
@@ -184,8 +186,6 @@ def test_offloaded_checkpoints_move_nothing_outside_a_training_forward_and_come_
     with torch.no_grad():
         model(input_ids=ids)
     assert moved_to_host == []
-    from lightning_rl.checkpoint_offload import open_calls
-
     layer = decoder_layers(model)[1]
     layer.mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
     with pytest.raises(RuntimeError, match="boom"):
@@ -202,7 +202,7 @@ def test_offloaded_checkpoints_move_nothing_outside_a_training_forward_and_come_
 
 
 def test_checkpointing_goes_through_the_api_an_older_transformers_has():
-    class OldModel:
+    class OldModel(torch.nn.Module):
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
             self.kwargs = gradient_checkpointing_kwargs
 
