@@ -402,6 +402,11 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
         from lightning_rl.kernels import triton_logprobs
 
         triton_logprobs.GPU_CONFIG.update(extra["kernel"])
+    if extra.get("compiled_tiling"):  # an A/B for the library: sliced MLPs inside compiled layers on CUDA, which
+        # check_tiling refuses since the twenty-fourth visit's packed failure (under transformers' offload then)
+        from lightning_rl.modules import policy as policy_module
+
+        policy_module.check_tiling = lambda tile, device_type, compile_layers, sharded: None
     # PyTorch's allocation history of one step: True, one step past the timed ones; "first", the first step (the
     # engine's first rollout and the compile happen there, and it set the trainer's reserve on an H200), timed as
     # a warm-up step
@@ -690,6 +695,7 @@ def main() -> None:
                          '"snapshot": true (one more step, recorded: what PyTorch held at its peak, by site; '
                          '"first": the first step recorded instead), '
                          '"empty_cache_each_step": true (the trainer empties its cache after each update), '
+                         '"compiled_tiling": true (tile_mlps with compiled layers on CUDA, past check_tiling), '
                          '"optimizer": {torch.optim.AdamW arguments, e.g. "fused": false}}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")

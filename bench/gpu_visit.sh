@@ -5,6 +5,7 @@
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
 #   bash bench/gpu_visit.sh rest [FILE...]   # the vLLM tests that need the GPU alone, then the other GPU tests
 #                                            # (those of the named files only, when given)
+#   bash bench/gpu_visit.sh gpu TEST_FILE...  # those files' non-vLLM GPU tests in one process, full log
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
@@ -47,6 +48,10 @@ case "$stage" in
     timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" "${@:2}" -q -p no:cacheprovider -rA \
       > "$WORK/gpu_non_vllm.log" 2>&1
     cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
+  gpu)  # the named GPU test files' non-vLLM tests, all in one process (what one test leaves, the next meets)
+    timeout "$budget" python3 -m pytest -m "gpu and not vllm" "${@:2}" -q -p no:cacheprovider -rA \
+      > "$WORK/gpu_one_process.log" 2>&1
+    grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error:|^E " "$WORK/gpu_one_process.log" | tail -40 ;;
   rerun)  # the 200-step GRPO long run beside the named GPU test files, each test in its own process
     timeout "$budget" bash bench/gpu_run.sh long grpo > "$WORK/long.txt" 2>&1 &
     long=$!
