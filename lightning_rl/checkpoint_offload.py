@@ -1,102 +1,168 @@
 """Offloaded checkpoints: each checkpointed decoder layer's input waits in pinned host memory until its recompute.
 
-With activation checkpointing a layer keeps only its inputs for the backward, which recomputes the rest. Moving
+With activation checkpointing a layer keeps only its input for the backward, which recomputes the rest. Moving
 the residual-stream input of every layer to host memory in the forward, and back in the backward, leaves the
 device about two layers' inputs instead of every layer's.
 
-The hooks open around the layer's call (module hooks), outside its ``forward``, so a compiled layer
-(:mod:`lightning_rl.compiled_layers`) stays one graph. transformers' own ``offload`` opens
-``torch.autograd.graph.save_on_cpu`` inside the layer's ``forward``, which dynamo cannot trace: the compiled
-layer then fell back to eager code (``torch.utils.checkpoint`` disables dynamo for what it runs).
+The layer runs inside an autograd function of its own (the reentrant form of checkpointing): its forward runs the
+layer without autograd and copies the input to pinned host memory on a side stream; its backward copies it back,
+runs the layer again with autograd under the forward's autocast and random state, and backpropagates through that.
+No saved-tensor hooks are involved, and a compiled layer (:mod:`lightning_rl.compiled_layers`) compiles only its
+own math: on an H200 (torch 2.11, inductor), saved-tensor hooks opened around a compiled, checkpointed layer made
+it keep every activation instead of recomputing them (a test model's update peak went from 359 to 1839 MiB), and
+transformers' own ``offload`` (hooks inside the layer's ``forward``) ran compiled layers eagerly.
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-_HANDLES = "_lightning_rl_offload_handles"
-_STATE = threading.local()  # .open: this thread's layer calls in flight, each with its hooks (None where inactive)
+_FLAG = "_lightning_rl_offloads_inputs"
+_PLAIN_CHECKPOINT = "_lightning_rl_plain_checkpoint_func"
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-class _InputToHost(torch.autograd.graph.save_on_cpu):
-    """Saved-tensor hooks that move what shares ``hidden_states``' storage (and is contiguous) to host memory and keep
-    the rest.
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
-    Weights, rotary tables and masks a layer saves stay where they are: the weights live on anyway, and the
-    rotary tables are one tensor shared by every layer.
+
+def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``tensor`` to host memory (pinned, on a side stream, for a CUDA tensor); (copy, event)."""
+    if tensor.device.type != "cuda":
+        return tensor.detach().clone(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    stream = _copy_stream(tensor.device)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+    return host, stream.record_event()
+
+
+def from_host(host: torch.Tensor, event: Any, device: torch.device) -> torch.Tensor:
+    """The copy :func:`to_host` started, back on ``device`` (ordered after that copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    torch.cuda.current_stream(device).wait_event(event)
+    return host.to(device, non_blocking=True)
+
+
+def _autocast_state(device_type: str) -> dict[str, Any]:
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
+
+
+@contextlib.contextmanager
+def _replayed(rng: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
+    """The random state the forward ran with, for the recompute only (the caller's state is restored after)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], device)
+        yield
+
+
+def _tensors(values: Any) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from _tensors(value)
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """``run(hidden)`` without autograd, ``hidden`` in host memory; the backward recomputes and differentiates ``run``.
+
+    ``anchor`` is an empty tensor that requires grad, so the backward runs (and the layer's parameters get their
+    gradients) also when ``hidden`` does not require grad.
     """
 
-    def __init__(self, hidden_states: torch.Tensor) -> None:
-        on_device = hidden_states.device.type != "cpu"
-        super().__init__(pin_memory=on_device and torch.cuda.is_available(), device_type=hidden_states.device.type)
-        storage = hidden_states.untyped_storage().data_ptr()
-        to_host, back = self.pack_hook, self.unpack_hook
+    @staticmethod
+    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor, anchor: torch.Tensor) -> Any:
+        ctx.run, ctx.device, ctx.hidden_grad = run, hidden.device, hidden.requires_grad
+        kinds = [hidden.device.type] + (["cpu"] if hidden.device.type != "cpu" else [])
+        ctx.autocast = [_autocast_state(kind) for kind in kinds]
+        cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
+        ctx.rng = (torch.get_rng_state(), cuda_rng)
+        out = run(hidden)
+        ctx.host = to_host(hidden)
+        return out
 
-        def pack(tensor: torch.Tensor) -> tuple[bool, Any]:
-            # contiguous only: the copy comes back contiguous, and compiled code checks its saved tensors' strides
-            if tensor.untyped_storage().data_ptr() == storage and tensor.is_contiguous():
-                return True, to_host(tensor)
-            return False, tensor
-
-        def unpack(packed: tuple[bool, Any]) -> torch.Tensor:
-            moved, value = packed
-            return back(value) if moved else value
-
-        self.pack_hook, self.unpack_hook = pack, unpack
-
-
-def open_calls() -> list[tuple[nn.Module, Any]]:
-    """The offloading layer calls in flight in the calling thread: (layer, its hooks or None), innermost last."""
-    if not hasattr(_STATE, "open"):
-        _STATE.open = []
-    return _STATE.open
-
-
-def _open(layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    hooks = None
-    if layer.training and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor):
-        hooks = _InputToHost(hidden)
-        hooks.__enter__()
-    open_calls().append((layer, hooks))
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        hidden = from_host(*ctx.host, ctx.device).requires_grad_(ctx.hidden_grad)
+        ctx.host = None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(_replayed(ctx.rng, ctx.device))
+            for state in ctx.autocast:
+                stack.enter_context(torch.autocast(**state))
+            out = ctx.run(hidden)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=False)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.run = None
+        return None, hidden.grad if ctx.hidden_grad else None, None
 
 
-def _close(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    calls = open_calls()
-    if calls and calls[-1][0] is layer:  # always_call pairs it with its pre-hook, also when the forward raised
-        _, hooks = calls.pop()
-        if hooks is not None:
-            hooks.__exit__(None, None, None)
+def offloaded_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """A checkpoint function in the form transformers calls (``function(*args)``, recomputed in the backward) that
+    keeps ``args[0]``, the layer's input, in host memory meanwhile.
+
+    Falls back to PyTorch's non-reentrant checkpoint where the reentrant form would lose a gradient: another
+    argument (positional, or bound in a ``functools.partial``) that requires grad, or no tensor input.
+    """
+    hidden, rest = (args[0], args[1:]) if args else (None, ())
+    bound = tuple(function.keywords.values()) if isinstance(function, functools.partial) else ()
+    if (not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point()
+            or any(t.requires_grad for t in _tensors(rest + bound))):
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    anchor = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedLayer.apply(lambda h: function(h, *rest), hidden, anchor)
 
 
 def offload_layer_inputs(layer: nn.Module) -> None:
-    """Send ``layer``'s input to pinned host memory while a training forward keeps it for the backward (idempotent).
+    """Send ``layer``'s input to pinned host memory while a checkpointed training forward keeps it for the backward.
+
+    Call it after transformers set up the checkpointing (which sets each layer's checkpoint function); idempotent.
+    A compiled layer (:func:`~lightning_rl.compiled_layers.compile_decoder_layers`) asks :func:`offloads_layer_inputs`
+    and runs its compiled math through :func:`offloaded_checkpoint` itself.
 
     Args:
-        layer: a decoder layer whose first argument (or ``hidden_states``) is the residual stream.
+        layer: a decoder layer whose first argument is the residual stream.
     """
-    if offloads_layer_inputs(layer):
-        return
-    handles = (layer.register_forward_pre_hook(_open, with_kwargs=True),
-               layer.register_forward_hook(_close, with_kwargs=True, always_call=True))
-    setattr(layer, _HANDLES, handles)
+    current = getattr(layer, "_gradient_checkpointing_func", None)
+    if current is not None and current is not offloaded_checkpoint:
+        setattr(layer, _PLAIN_CHECKPOINT, current)
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    setattr(layer, _FLAG, True)
 
 
 def keep_layer_inputs(layer: nn.Module) -> None:
     """Undo :func:`offload_layer_inputs`: ``layer``'s input stays on the device again."""
-    for handle in getattr(layer, _HANDLES, ()):
-        handle.remove()
-    if hasattr(layer, _HANDLES):
-        delattr(layer, _HANDLES)
+    if hasattr(layer, _PLAIN_CHECKPOINT):
+        if getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
+            layer._gradient_checkpointing_func = getattr(layer, _PLAIN_CHECKPOINT)
+        delattr(layer, _PLAIN_CHECKPOINT)
+    if hasattr(layer, _FLAG):
+        delattr(layer, _FLAG)
 
 
 def offloads_layer_inputs(layer: nn.Module) -> bool:
     """Whether :func:`offload_layer_inputs` is on for ``layer``."""
-    return hasattr(layer, _HANDLES)
+    return getattr(layer, _FLAG, False)
 
 
-__all__ = ["keep_layer_inputs", "offload_layer_inputs", "offloads_layer_inputs", "open_calls"]
+__all__ = ["from_host", "keep_layer_inputs", "offload_layer_inputs", "offloaded_checkpoint", "offloads_layer_inputs",
+           "to_host"]

@@ -18,6 +18,7 @@ inductor cannot lower) falls back to the eager layer with one warning, so traini
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
@@ -26,25 +27,66 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_rl.checkpoint_offload import offloaded_checkpoint, offloads_layer_inputs
+
 log = logging.getLogger(__name__)
 
 class _CompiledClassForward:
-    """One compiled ``forward`` per decoder-layer class, shared by its layers, with an eager fallback."""
+    """One compiled ``forward`` per decoder-layer class, shared by its layers, with an eager fallback.
+
+    transformers wraps a layer class's ``forward`` in its checkpointing (``GradientCheckpointingLayer``); compiled,
+    that wrapper's checkpoint becomes part of the graph. A layer whose input is offloaded
+    (:mod:`lightning_rl.checkpoint_offload`) compiles the wrapped ``forward`` alone and checkpoints it outside the
+    graph instead.
+    """
 
     def __init__(self, cls: type, backend: str | Callable, dynamic: bool | None) -> None:
         self.eager = cls.forward
         self.compiled = torch.compile(own_code_copy(cls.forward), backend=backend, dynamic=dynamic)
+        self.inner = getattr(cls.forward, "__wrapped__", None)  # the layer's math, without transformers' checkpoint
+        self.compiled_inner = (torch.compile(own_code_copy(self.inner), backend=backend, dynamic=dynamic)
+                               if self.inner is not None else None)
         self.failed: str | None = None
 
     def __call__(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.failed is None and layer.training and torch.is_grad_enabled():
+            if (self.inner is not None and offloads_layer_inputs(layer)
+                    and getattr(layer, "gradient_checkpointing", False)):
+                return offloaded_checkpoint(functools.partial(self._inner, layer, **uncached(layer, kwargs)), *args)
             try:
                 return self.compiled(layer, *args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as err:  # compile errors happen before any compute
-                self.failed = failure_summary(err)
-                log.warning("torch.compile of %s failed (%s); its layers run eagerly from now on "
-                            "(pass compile_layers=False to skip compiling)", type(layer).__name__, self.failed)
+                self._fail(layer, err)
         return self.eager(layer, *args, **kwargs)
+
+    def _inner(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The layer's math, compiled unless compiling failed (in the forward or in the backward's recompute)."""
+        if self.failed is None:
+            try:
+                return self.compiled_inner(layer, *args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:
+                self._fail(layer, err)
+        return self.inner(layer, *args, **kwargs)
+
+    def _fail(self, layer: nn.Module, err: BaseException) -> None:
+        self.failed = failure_summary(err)
+        log.warning("torch.compile of %s failed (%s); its layers run eagerly from now on "
+                    "(pass compile_layers=False to skip compiling)", type(layer).__name__, self.failed)
+
+
+def uncached(layer: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A checkpointed layer's keyword arguments without a KV cache, as transformers' checkpointing wrapper passes them.
+
+    The recompute would update a cache a second time.
+    """
+    kwargs = dict(kwargs)
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if not getattr(layer, "_can_checkpoint_with_cache", False):
+        for name in ("cache", "layer_past", "past_key_values", "past_key_value"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = None
+    return kwargs
 
 
 def own_code_copy(fn: Callable) -> Callable:

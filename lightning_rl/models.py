@@ -239,8 +239,9 @@ def enable_activation_checkpointing(model: PreTrainedModel, offload: bool = Fals
     Args:
         model: a transformers model.
         offload: keep each checkpointed decoder layer's input in pinned host memory until its recompute
-            (:mod:`lightning_rl.checkpoint_offload`, hooks around the layer's call that compiled layers keep as
-            one graph; not transformers' ``offload``, which compiled layers ran eagerly). False takes them off.
+            (:mod:`lightning_rl.checkpoint_offload`: the layer runs in a reentrant checkpoint of its own, outside
+            any compiled graph; not transformers' ``offload``, which compiled layers ran eagerly). False takes
+            them off.
     """
     new_name = hasattr(model, "activation_checkpointing_enable")
     enable = model.activation_checkpointing_enable if new_name else model.gradient_checkpointing_enable

@@ -140,23 +140,15 @@ def qwen():
 
 @pytest.fixture
 def moved_to_host(monkeypatch):
-    """The shapes of the saved tensors that the offloaded checkpoints' hooks send to host memory."""
+    """The shapes of the layer inputs that offloaded checkpoints send to host memory, in order."""
     from lightning_rl import checkpoint_offload
 
     moved = []
+    to_host = checkpoint_offload.to_host
 
-    class Counting(checkpoint_offload._InputToHost):
-        def __init__(self, hidden_states):
-            super().__init__(hidden_states)
-            pack = self.pack_hook
+    def counting(tensor):
+        moved.append(tuple(tensor.shape))
+        return to_host(tensor)
 
-            def counting_pack(tensor):
-                packed = pack(tensor)
-                if packed[0]:
-                    moved.append(tuple(tensor.shape))
-                return packed
-
-            self.pack_hook = counting_pack
-
-    monkeypatch.setattr(checkpoint_offload, "_InputToHost", Counting)
+    monkeypatch.setattr(checkpoint_offload, "to_host", counting)
     return moved

@@ -114,8 +114,8 @@ def test_compiled_lora_update_matches_eager_in_one_graph_for_all_lengths(tmp_pat
 
 def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tmp_path):
     """``enable_activation_checkpointing(offload=True)`` with the compiled layers: the checkpointed layers' inputs
-    wait in pinned host memory, so the update's peak drops by about (layers - 2) of them; the gradients and the
-    compiled graphs stay."""
+    wait in pinned host memory, so the update's peak drops by about (layers - 2) of them (the first, hook-based
+    offload kept every activation there: 359 -> 1839 MiB); the gradients stay and the layers compile whole."""
     torch.manual_seed(0)
     config = {**SMALL_LLAMA, "num_hidden_layers": 12}
     net, tok = load_policy("tiny-llama", config)
@@ -148,10 +148,10 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     print(f"offloaded checkpoints: update peak {peaks[False] / 2**20:.0f} -> {peaks[True] / 2**20:.0f} MiB "
           f"(a layer's input {layer_input / 2**20:.0f} MiB)")
     assert peaks[False] - peaks[True] >= 0.7 * (config["num_hidden_layers"] - 2) * layer_input
-    # the offload's hooks open around the layer's call: its compiled code is the same graph, node for node
-    # (transformers' offload, inside the forward, left dynamo a stub at most)
+    # offloaded, the layer's math compiles without autograd (the forward) and with it (the recompute), whole layers
+    # without a break (transformers' offload, inside the forward, left dynamo a stub at most)
     print(f"offloaded checkpoints: (graph node counts, graph breaks) {graphs[False]} without, {graphs[True]} with")
-    assert graphs[True] == graphs[False] and min(graphs[True][0], default=0) > 50 and graphs[True][1] == 0
+    assert all(breaks == 0 and len(nodes) >= 1 and min(nodes) > 50 for nodes, breaks in graphs.values()), graphs
     # the offload moves tensors, not math; what differs between two backward passes is the order of CUDA's atomic
     # adds (the embedding's and attention's backward), which bf16 autocast rounds into differences of a few 1e-3
     # (5.4e-3 measured on an H200 for the worst tensor). A stale or wrong layer input would be off by order 1.

@@ -141,66 +141,6 @@ def test_the_module_compiles_when_asked_and_not_by_default_on_a_cpu(make_grpo):
     assert compiled_layer_count(asked.policy) == len(decoder_layers(asked.policy)) == 2
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-def test_offloaded_checkpoints_send_only_each_layers_input_and_keep_compiled_layers_one_graph(
-        saved_policy, moved_to_host, compiled):
-    """``enable_activation_checkpointing(offload=True)``: the residual stream entering each layer, and nothing
-    else a layer saves (weights, rotary tables), goes to host memory; the outputs and gradients are the plain
-    checkpointed ones, and compiled layers still compile one graph without a break (transformers' own offload
-    opened its hooks inside the layer's forward, where dynamo gave up and ran the layer eagerly)."""
-    from helpers import node_counting_backend
-
-    plain, offloaded = saved_policy(), saved_policy()
-    enable_activation_checkpointing(plain)
-    enable_activation_checkpointing(offloaded, offload=True)
-    ids = torch.randint(0, plain.config.vocab_size, (2, 13))
-    results, graphs = [], []
-    for m in (plain, offloaded):
-        torch._dynamo.reset()
-        counters.clear()
-        m.train()
-        nodes = []
-        if compiled:
-            compile_decoder_layers(m, backend=node_counting_backend("aot_eager", nodes))
-        results.append(run(m, ids))
-        graphs.append((nodes, sum(counters["graph_break"].values())))
-    (lp, gp), (lo, go) = results
-    torch.testing.assert_close(lo, lp, rtol=0, atol=0)
-    for a, b in zip(go, gp, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert moved_to_host == [(2, 13, plain.config.hidden_size)] * 3  # one input per layer, nothing else
-    assert graphs[1] == graphs[0], graphs  # the same graph, node for node, and no break
-    nodes, breaks = graphs[0]
-    assert breaks == 0 and (min(nodes, default=0) > 50 if compiled else nodes == [])  # whole layers (138 nodes)
-
-
-def test_offloaded_checkpoints_move_nothing_outside_a_training_forward_and_come_off(saved_policy, moved_to_host):
-    from lightning_rl.checkpoint_offload import open_calls
-
-    model = saved_policy()
-    enable_activation_checkpointing(model, offload=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    model.eval()
-    model(input_ids=ids).logits.sum().backward()  # eval mode: no recompute, nothing offloaded
-    model.train()
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert moved_to_host == []
-    layer = decoder_layers(model)[1]
-    layer.mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
-    with pytest.raises(RuntimeError, match="boom"):
-        model(input_ids=ids)
-    del layer.mlp.forward
-    assert open_calls() == []  # the failed layer closed its hooks
-    moved_to_host.clear()
-    run(model, ids)
-    assert len(moved_to_host) == 3  # and the next forward offloads as before
-    moved_to_host.clear()
-    enable_activation_checkpointing(model)  # off again
-    run(model, ids)
-    assert moved_to_host == []
-
-
 def test_checkpointing_goes_through_the_api_an_older_transformers_has():
     class OldModel(torch.nn.Module):
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
@@ -209,15 +149,3 @@ def test_checkpointing_goes_through_the_api_an_older_transformers_has():
     old = OldModel()
     enable_activation_checkpointing(old)
     assert old.kwargs == {"use_reentrant": False}
-
-
-def test_the_offload_hooks_move_the_layers_input_and_keep_other_tensors_and_strided_views():
-    from lightning_rl.checkpoint_offload import _InputToHost
-
-    hidden = torch.randn(2, 5, 8)
-    hooks = _InputToHost(hidden)
-    moved = hooks.pack_hook(hidden)
-    assert moved[0] and torch.equal(hooks.unpack_hook(moved), hidden)
-    for kept in (torch.randn(2, 5, 8), hidden.transpose(1, 2)):  # another tensor; a view whose copy changes strides
-        packed = hooks.pack_hook(kept)
-        assert not packed[0] and hooks.unpack_hook(packed) is kept
