@@ -99,6 +99,10 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if ctx.host is None:
+            raise RuntimeError("an offloaded checkpoint was differentiated twice (retain_graph=True, or torch.autograd."
+                               "grad before backward): its layer input is used up by the first backward; turn "
+                               "offload_checkpoints off (offload_checkpoints=False) for a second pass")
         hidden = from_host(*ctx.host, ctx.device).requires_grad_(ctx.hidden_grad)
         ctx.host = None
         with contextlib.ExitStack() as stack:

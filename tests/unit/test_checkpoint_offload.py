@@ -138,3 +138,11 @@ def test_a_strided_input_comes_back_from_host_memory_with_its_values():
     host, event = to_host(hidden)
     back = from_host(host, event, hidden.device)
     assert torch.equal(back, hidden) and back.data_ptr() != hidden.data_ptr()
+
+
+def test_a_second_backward_through_an_offloaded_checkpoint_names_the_setting_to_turn_off():
+    layer, hidden = DropoutLayer().eval(), torch.randn(4, 8, requires_grad=True)
+    out = offloaded_checkpoint(lambda h, s: layer(h, s), hidden, None).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="offload_checkpoints=False"):
+        out.backward()
