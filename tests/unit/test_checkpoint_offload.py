@@ -146,3 +146,31 @@ def test_a_second_backward_through_an_offloaded_checkpoint_names_the_setting_to_
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="offload_checkpoints=False"):
         out.backward()
+
+
+def test_compiled_lora_layers_offloaded_get_plain_checkpointings_adapter_gradients(saved_policy, moved_to_host):
+    """LoRA (the frozen embedding's output made to require grad, as the module does) through compiled, offloaded
+    layers: the same adapter gradients as plain checkpointing's, bit for bit, and only the adapters get any."""
+    from lightning_rl.lora import apply_lora
+
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"]}
+    ids = torch.randint(0, 64, (2, 11))
+    grads = {}
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = apply_lora(saved_policy(), spec)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give A a gradient too
+        model.train()
+        enable_activation_checkpointing(model.base_model.model, offload=offload)
+        model.base_model.model.enable_input_require_grads()
+        torch._dynamo.reset()
+        compile_decoder_layers(model, backend="aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+        grads[offload] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(moved_to_host) == 3
+    assert set(grads[True]) == set(grads[False]) and all("lora_" in n for n in grads[True]) and len(grads[True]) == 24
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=0, atol=0, msg=name)
