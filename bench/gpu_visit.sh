@@ -49,8 +49,9 @@ case "$stage" in
       > "$WORK/gpu_non_vllm.log" 2>&1
     cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
   gpu)  # the named GPU test files' non-vLLM tests, all in one process (what one test leaves, the next meets)
-    timeout "$budget" python3 -m pytest -m "gpu and not vllm" "${@:2}" -q -p no:cacheprovider -rA \
-      > "$WORK/gpu_one_process.log" 2>&1
+    # -v names each test as it ends; a test still running near the limit gets its threads' stacks dumped
+    timeout "$budget" python3 -m pytest -m "gpu and not vllm" "${@:2}" -v -p no:cacheprovider -rA \
+      -o faulthandler_timeout=$((budget - 20)) > "$WORK/gpu_one_process.log" 2>&1
     grep -E "^(PASSED|FAILED|ERROR)|passed|failed|Error:|^E " "$WORK/gpu_one_process.log" | tail -40 ;;
   rerun)  # the 200-step GRPO long run beside the named GPU test files, each test in its own process
     timeout "$budget" bash bench/gpu_run.sh long grpo > "$WORK/long.txt" 2>&1 &
