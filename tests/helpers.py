@@ -170,16 +170,20 @@ def fake_rollout(calls, **kw):
     return VLLMRollout(engine_factory=lambda module, n, seed: FakeEngine(module, calls, **kw))
 
 
-def node_counting_backend(name, sizes):
+def node_counting_backend(name, sizes, checkpointed=None):
     """A ``torch.compile`` backend that appends each graph's FX node count (its subgraphs', such as a checkpointed
     region's, included) to ``sizes`` and compiles it with the backend ``name``: a layer that compiled tells
-    itself apart from one whose graph broke down to a stub."""
+    itself apart from one whose graph broke down to a stub. ``checkpointed``, a list: gets, per graph, how many
+    checkpointed regions (``tag_activation_checkpoint`` calls) dynamo put in it."""
     from torch._dynamo import lookup_backend
 
     inner = lookup_backend(name)
 
     def backend(gm, example_inputs):
         sizes.append(sum(len(m.graph.nodes) for m in gm.modules() if isinstance(m, torch.fx.GraphModule)))
+        if checkpointed is not None:
+            checkpointed.append(sum("checkpoint" in str(getattr(n.target, "__name__", n.target))
+                                    for n in gm.graph.nodes if n.op == "call_function"))
         return inner(gm, example_inputs)
 
     return backend

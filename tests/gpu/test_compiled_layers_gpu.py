@@ -124,15 +124,15 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     batch = _rollout(32, 64, 448, seed=3)  # 16k tokens: each layer's fp32 input is 16 MiB
     from helpers import node_counting_backend
 
-    peaks, grads, graphs = {}, {}, {}
+    peaks, grads, graphs, regions = {}, {}, {}, {}
     for offload in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        nodes = []
+        nodes, regions[offload] = [], []
         model, _ = load_policy(str(tmp_path / "m"))
         model = model.cuda().train()
         enable_activation_checkpointing(model, offload=offload)
-        compile_decoder_layers(model, backend=node_counting_backend("inductor", nodes))
+        compile_decoder_layers(model, backend=node_counting_backend("inductor", nodes, regions[offload]))
         _loss_and_grads(model, batch)  # compile and warm the allocator
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -150,7 +150,8 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     assert peaks[False] - peaks[True] >= 0.7 * (config["num_hidden_layers"] - 2) * layer_input
     # offloaded, the layer's math compiles without autograd (the forward) and with it (the recompute), whole layers
     # without a break (transformers' offload, inside the forward, left dynamo a stub at most)
-    print(f"offloaded checkpoints: (graph node counts, graph breaks) {graphs[False]} without, {graphs[True]} with")
+    print(f"offloaded checkpoints: (graph node counts, graph breaks) {graphs[False]} without, {graphs[True]} with; "
+          f"checkpointed regions in each graph {regions[False]} without, {regions[True]} with")
     assert all(breaks == 0 and len(nodes) >= 1 and min(nodes) > 50 for nodes, breaks in graphs.values()), graphs
     # the offload moves tensors, not math; what differs between two backward passes is the order of CUDA's atomic
     # adds (the embedding's and attention's backward), which bf16 autocast rounds into differences of a few 1e-3
