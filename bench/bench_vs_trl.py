@@ -483,6 +483,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
                                "background_generate_s": t.get("background_generate_s"),
                                "staleness": t.get("staleness", 0.0),
+                               **{k: v for k, v in t.items() if k.startswith("engine_")},  # the rollout's steps
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
                                                                                          float("nan")))),
                                "device_used_gib": sampler.current_gib(),

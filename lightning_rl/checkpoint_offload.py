@@ -93,9 +93,8 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.autocast = [_autocast_state(kind) for kind in kinds]
         cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
         ctx.rng = (torch.get_rng_state(), cuda_rng)
-        out = run(hidden)
-        ctx.host = to_host(hidden)
-        return out
+        ctx.host = to_host(hidden)  # started first: on a GPU the copy runs beside the layer's own kernels
+        return run(hidden)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -32,6 +32,7 @@ from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_byt
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.data_prompts import longest_prompt_tokens
 from lightning_rl.rollout.engine import RolloutEngine
+from lightning_rl.rollout.engine_steps import engine_step_timings
 from lightning_rl.rollout.sharded_weights import is_sharded
 from lightning_rl.rollout.vllm_settings import EngineSettings
 from lightning_rl.rollout.vllm_sizing import (
@@ -460,7 +461,7 @@ class VLLMRollout(Callback):
         batch["rollout"] = rollout
         self.num_rollouts += 1
         self.last_timings = {"wake_s": t1 - t0, "sync_s": t2 - t1, "generate_s": t3 - t2, "sleep_s": t4 - t3,
-                             "toggle_s": (t2 - t0) + (t4 - t3)}
+                             "toggle_s": (t2 - t0) + (t4 - t3), **engine_step_timings(rollout)}
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
 
@@ -493,7 +494,7 @@ class VLLMRollout(Callback):
         # batch's rollout took to generate beside the last update
         self.last_timings = {"wait_s": t1 - t0, "generate_s": t2 - t1, "sync_s": t3 - t2,
                              "toggle_s": t3 - t2, "staleness": float(staleness),
-                             "background_generate_s": background_s}
+                             "background_generate_s": background_s, **engine_step_timings(rollout)}
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
 

@@ -128,9 +128,11 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
 
 #: ``master_weights="auto"`` keeps at most this many bytes of fp32 masters in host memory. Each step copies them
 #: both ways beside the generation: on an H200 host, SmolLM2-135M's 0.4 GB cost 0.04 s of update, hidden by the
-#: generation (0.57 against 0.65 s a step, 0.43 GiB less); the Qwen2.5-0.5B shape's 1.4 GB outlasted it (1.09
-#: against 0.85 s a step, 1.65 GiB less). Above it the masters stay on the device.
-HOST_MASTERS_AUTO_MAX_BYTES = GiB
+#: generation (0.57 against 0.65 s a step, 0.43 GiB less). The Qwen2.5-0.5B shape's 1.84 GiB ran faster in host
+#: memory in the three latest same-call comparisons (0.941 against 1.163 s a step at 5.81 against 7.63 GiB on
+#: 2026-12-04; 0.997 against 1.074 and 0.937 against 0.971 before): the update with fp32 weights on the device
+#: slowed the generation beside it more than the copies cost. Larger masters are unmeasured and stay on the device.
+HOST_MASTERS_AUTO_MAX_BYTES = 2 * GiB
 
 
 def _host_masters_refusal(module: nn.Module) -> str | None:
@@ -210,7 +212,7 @@ class MemoryAwarePrecision(Precision):
             rollout engine). LoRA adapters stay fp32 on the device. One training process only. ``auto``
             (default): ``cpu`` when :meth:`shrink_beside_engine` streams the optimizer states beside a rollout
             engine that generates during the update (one process, no FSDP2 shards) and the masters are at most
-            ``HOST_MASTERS_AUTO_MAX_BYTES`` (1 GiB, whose copies the generation hides), ``device`` otherwise.
+            ``HOST_MASTERS_AUTO_MAX_BYTES`` (2 GiB, whose copies the generation hides), ``device`` otherwise.
         gradients_to_host: on CUDA, send each gradient of host-master weights to pinned host memory as soon as
             the backward has produced it, and bring it back with its chunk in the optimizer step
             (:mod:`~lightning_rl.plugins.host_gradients`): the backward's end no longer holds every gradient beside

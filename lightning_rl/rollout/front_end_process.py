@@ -18,6 +18,7 @@ when the parent process is gone.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_rl.rollout.engine_steps import EngineSteps, StepClock, freeze_startup_objects
 from lightning_rl.rollout.vllm_internals import main_module_hidden
 
 #: The calls the front end answers (anything else is refused).
@@ -115,7 +117,9 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
     except BaseException as err:  # noqa: BLE001 - the trainer raises it
         conn.send(_error_reply(0, err))
         return
+    freeze_startup_objects()  # later full collections walk only what the rollouts make
     conn.send((0, "ready", None))
+    clock = StepClock(internals.llm)
     try:
         while True:
             try:
@@ -127,8 +131,11 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
             try:
                 if call not in CALLS:
                     raise ValueError(f"the front end answers {CALLS} and 'shutdown', not {call!r}")
-                result = getattr(internals.llm, call)(*args, **call_kwargs)
-                conn.send((seq, "ok", compact_outputs(result) if call == "generate" else result))
+                if call == "generate":  # the completions, and how the engine's steps went
+                    outputs, steps = clock.run(functools.partial(internals.llm.generate, *args, **call_kwargs))
+                    conn.send((seq, "ok", (compact_outputs(outputs), steps)))
+                else:
+                    conn.send((seq, "ok", getattr(internals.llm, call)(*args, **call_kwargs)))
             except Exception as err:  # noqa: BLE001 - sent to the trainer, which raises it
                 conn.send(_error_reply(seq, err))
     finally:
@@ -159,6 +166,7 @@ class RemoteLLM:
         self._conn, child_conn = ctx.Pipe()
         self._lock = threading.Lock()
         self._seq = 0  # the last call's number; the start's answer is 0
+        self.last_engine_steps: EngineSteps | None = None  # the last generate's (timed in the child)
         # not a daemon: it starts the engine core as a child of its own, which a daemonic process may not do
         self.process = ctx.Process(target=serve, args=(child_conn, check_factory_path(factory), dict(kwargs),
                                                        os.getpid()),
@@ -205,8 +213,12 @@ class RemoteLLM:
 
     def generate(self, prompts: Sequence[Any], params: Any, use_tqdm: bool = False,
                  lora_request: Any = None) -> list[PromptOutput]:
-        """``vllm.LLM.generate`` in the child; one :class:`PromptOutput` per prompt."""
-        return self._call("generate", list(prompts), params, use_tqdm=use_tqdm, lora_request=lora_request)
+        """``vllm.LLM.generate`` in the child; one :class:`PromptOutput` per prompt (its engine steps are kept as
+        ``last_engine_steps``).
+        """
+        outputs, self.last_engine_steps = self._call("generate", list(prompts), params, use_tqdm=use_tqdm,
+                                                     lora_request=lora_request)
+        return outputs
 
     def collective_rpc(self, method: str, args: tuple = ()) -> Any:
         """``vllm.LLM.collective_rpc`` in the child (the engine core's workers run ``method``)."""

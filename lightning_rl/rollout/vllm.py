@@ -38,6 +38,7 @@ from torch import nn
 from lightning_rl.models import unwrap
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.engine_ranks import EngineRanks, new_tp_group
+from lightning_rl.rollout.engine_steps import step_clock
 from lightning_rl.rollout.policy_weights import (
     adapter_tensors,
     base_weights,
@@ -429,11 +430,12 @@ class VLLMEngine:
             seed=seed,
         )
         t0 = time.perf_counter()
-        outputs = self.llm.generate(
+        outputs, steps = step_clock(self.llm).run(lambda: self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False,
             lora_request=self._lora_request,
-        )
-        extras = {"engine": "vllm", "generate_time": time.perf_counter() - t0}
+        ))
+        extras = {"engine": "vllm", "generate_time": time.perf_counter() - t0,
+                  **(steps.as_extras() if steps is not None else {})}
         rollout = rollout_from_outputs(prompt_ids, outputs, num_generations, self.pad_token_id, extras)
         if counts is None:
             return rollout

@@ -236,6 +236,8 @@ def _overlapped_fit(module, steps=4, settings=None):
             with trainer.precision_plugin.forward_context():  # fp32 weights pack under the update's autocast
                 packed = pl_module.packs_sequences(pl_module.policy)
             seen.append({"staleness": callback.last_timings.get("staleness"), "children": len(_gpu_children()),
+                         "engine_steps": callback.last_timings.get("engine_steps"),
+                         "longest": int(batch["rollout"].completion_mask.sum(1).max()),
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"]),
                          "expandable": callback.expandable_segments, "segments": len(torch.cuda.memory_snapshot()),
@@ -298,6 +300,8 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert all(s["children"] == 1 for s in seen)  # the engine core; vLLM's front end (the default
     # front_end="process") is a child too, without GPU memory
     assert callback.num_syncs == 2  # before the updates of steps 1 and 2 (none for a rollout past the last step)
+    # each rollout's engine steps were timed in the front-end process: a step per token of its longest completion
+    assert all(s["engine_steps"] is not None and s["engine_steps"] >= s["longest"] for s in seen)
     assert seen[0]["mismatch"] < 0.05  # the same weights: bf16 engine against the trainer's bf16 autocast
     # one step old: the mismatch adds the step's change of the policy (0.025-0.075 seen on an H200), which the
     # truncated importance weights correct; a sync that failed would leave the engine on the first weights

@@ -6,6 +6,7 @@ position, then another candidate). Kept light: the spawned front-end process imp
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,8 +24,20 @@ def completion(prompt_last: int, index: int, length: int) -> SimpleNamespace:
                            logprobs=SimpleNamespace(start_indices=starts, token_ids=flat_ids, logprobs=flat_lp))
 
 
+class FakeEngine:
+    """vLLM's ``llm_engine``: ``generate`` calls ``step`` once for the prefill and once per token."""
+
+    def step(self):
+        return []
+
+
 class FakeLLM:
+    def __init__(self):
+        self.llm_engine = FakeEngine()
+
     def generate(self, prompts, params, use_tqdm=False, lora_request=None):
+        for _ in range(params["max_tokens"] + 1):
+            self.llm_engine.step()
         return [SimpleNamespace(outputs=[completion(p["prompt_token_ids"][-1], i, params["max_tokens"])
                                          for i in reversed(range(params["n"]))])  # any order, as vLLM's
                 for p in prompts]
@@ -32,6 +45,8 @@ class FakeLLM:
     def collective_rpc(self, method, args=()):
         if method == "fail":
             raise RuntimeError(f"the worker failed on {args}")
+        if method == "gc_freeze_count":
+            return gc.get_freeze_count()
         return [(method, tuple(args), os.getpid())]
 
     def reset_prefix_cache(self):

@@ -58,6 +58,8 @@ def test_a_rollout_comes_back_from_the_front_end_process_in_one_message(tmp_path
         assert rollout.completion_ids.tolist()[4] == [10, 11, 12, 13]  # prompt 2, completion 1: 9 + 1 + k
         assert rollout.finish_reasons == ["stop", "length", "length"] * 2
         assert torch.allclose(rollout.sampling_logprobs[0], torch.tensor([-0.1, -0.2, -0.3, -0.4]))
+        assert llm.last_engine_steps.steps == 5  # timed in the child: a prefill, then one step per token
+        assert llm.collective_rpc("gc_freeze_count") > 1000  # its startup objects are out of the collector's walks
         # the calls a weight sync makes run in the front end's process
         [(method, args, pid)] = llm.collective_rpc("lightning_rl_load", args=(1, "x"))
         assert (method, args) == ("lightning_rl_load", (1, "x")) and pid == llm.process.pid != os.getpid()

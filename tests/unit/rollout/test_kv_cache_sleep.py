@@ -142,8 +142,12 @@ def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
     step = SimpleNamespace
 
     class GeneratingLLM(FakeLLM):
+        llm_engine = SimpleNamespace(step=lambda: [])
+
         def generate(self, prompts, params, use_tqdm, lora_request):
             self.calls.append(("generate", len(prompts), params["n"], params["logprobs"]))
+            for _ in range(3):  # vLLM's loop: a prefill step, then one per token
+                self.llm_engine.step()
             outs = [step(index=1, token_ids=[7], logprobs=[{7: step(logprob=-2.0)}], finish_reason="length"),
                     step(index=0, token_ids=[5, 6], logprobs=[{5: step(logprob=-0.5)}, {6: step(logprob=-1.0)}],
                          finish_reason="stop")]
@@ -157,6 +161,8 @@ def test_generate_builds_the_rollout_from_vllm_outputs(monkeypatch):
     assert rollout.completion_mask.tolist() == [[1, 1], [1, 0]]
     assert rollout.sampling_logprobs.tolist() == [[-0.5, -1.0], [-2.0, 0.0]]
     assert rollout.finish_reasons == ["stop", "length"] and rollout.group_index.tolist() == [0, 0]
+    assert rollout.extras["engine_steps"] == 3  # each step timed
+    assert 0 <= rollout.extras["engine_step_ms"] <= rollout.extras["engine_step_max_ms"]
 
 
 def test_a_tensor_parallel_member_generates_the_groups_prompts_and_keeps_its_own_rows(monkeypatch):
