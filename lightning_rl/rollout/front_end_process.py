@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_rl.rollout.engine_steps import EngineSteps, StepClock, freeze_startup_objects
+from lightning_rl.rollout.engine_steps import EngineSteps, StepClock, startup_objects_frozen
 from lightning_rl.rollout.vllm_internals import main_module_hidden
 
 #: The calls the front end answers (anything else is refused).
@@ -117,7 +117,12 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
     except BaseException as err:  # noqa: BLE001 - the trainer raises it
         conn.send(_error_reply(0, err))
         return
-    freeze_startup_objects()  # later full collections walk only what the rollouts make
+    with startup_objects_frozen():  # full collections walk only what the rollouts make
+        _answer_calls(conn, internals)
+
+
+def _answer_calls(conn: Any, internals: Any) -> None:
+    """Tell the trainer the engine is ready, answer its calls until told to stop, then shut the engine down."""
     conn.send((0, "ready", None))
     clock = StepClock(internals.llm)
     try:

@@ -144,3 +144,15 @@ def test_a_script_that_never_shuts_the_front_end_down_still_exits(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     pid = int(done.stdout.split()[-1])
     assert marker.read_text() == f"shut down {pid}"  # its engine was shut down, not left behind
+
+
+def test_the_front_end_exits_without_leak_reports_from_its_frozen_objects(capfd, tmp_path):
+    """The front end freezes its startup objects; left frozen at its exit, triton's bindings report leaks."""
+    llm = RemoteLLM({"marker": str(tmp_path / "down.txt")}, factory=FACTORY)
+    try:
+        assert llm.collective_rpc("gc_freeze_count") > 1000
+    finally:
+        llm.shutdown()
+    assert not llm.process.is_alive() and llm.process.exitcode == 0
+    err = capfd.readouterr().err
+    assert "leaked" not in err, err[-2000:]
