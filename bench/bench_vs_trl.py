@@ -446,6 +446,16 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             if (snapshot and trainer.global_step == steps) or (snapshot_first and trainer.global_step == 0):
                 self.snapshot_start = memory_snapshot.record()
 
+        def on_before_backward(self, trainer, pl_module, loss):  # the first micro-batch's forward has run
+            if "first_backward_start" not in self.memory:
+                torch.cuda.synchronize()
+                self.memory["first_backward_start"] = sampler.breakdown()
+
+        def on_after_backward(self, trainer, pl_module):  # the first micro-batch's backward has run
+            if "first_backward_end" not in self.memory:
+                torch.cuda.synchronize()
+                self.memory["first_backward_end"] = sampler.breakdown()
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
             self.memory.setdefault("first_optimizer_step", sampler.breakdown())
             # PyTorch's peak so far: the forwards' and backwards' (the plugin's train_peak_gib adds the step's)

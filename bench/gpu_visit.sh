@@ -11,6 +11,8 @@
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
 #                                            # at 5 GiB, twice (~480 s; SKIP_TRL=1 leaves TRL out)
 #   bash bench/gpu_visit.sh probe            # probe_context_memory.py: each stage apart, the log-prob kernel's tiles
+#   bash bench/gpu_visit.sh offload-memory   # probe_offload_memory.py: memory outside PyTorch per update phase,
+#                                            # compiled or eager layers, offloaded or plain checkpoints (~3 min)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -115,6 +117,25 @@ for path in sorted(glob.glob(sys.argv[1] + "/probe_*.json")):
     grow = [(s["stage"][:24], round(s["outside_torch_mib"] or 0)) for s in d["stages"]]
     k = d.get("triton") or {}
     print(path.rsplit("/", 1)[1], grow, k.get("fwd_bwd_ms"), [(x["kernel"], x["n_regs"], x["n_spills"]) for x in k.get("kernels", [])])
+PY
+    ;;
+  offload-memory)  # each variant in a fresh process: what one loads stays loaded
+    variant() {  # NAME ARGS...
+      timeout 150 python3 bench/probe_offload_memory.py --out "$WORK/offload_$1.json" "${@:2}" > "$WORK/offload_$1.log" 2>&1
+      echo "[$(date +%T)] rc=$? $1"
+    }
+    variant compiled_offloaded --layers compiled --checkpoints offloaded
+    variant compiled_plain --layers compiled --checkpoints plain
+    variant eager_offloaded --layers eager --checkpoints offloaded
+    variant eager_plain --layers eager --checkpoints plain
+    variant compiled_offloaded_no_static_launcher --layers compiled --checkpoints offloaded \
+      --inductor '{"use_static_cuda_launcher": false}'
+    python3 - "$WORK" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(sys.argv[1] + "/offload_*.json")):
+    d = json.load(open(path))
+    print(path.rsplit("/", 1)[1], [(s["stage"], round(s["outside_torch_mib"] or 0), s["stack_limit_bytes"])
+                                   for s in d["stages"]], [round(t, 3) for t in d["update_s"]])
 PY
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -34,6 +35,29 @@ def process_bytes() -> int | None:
         if p.pid == os.getpid():
             return int(p.usedGpuMemory)
     return None
+
+
+def stage_figures(name: str) -> dict:
+    """This process's NVML figure, PyTorch's reserve, their difference (MiB) and the CUDA stack limit, after a sync."""
+    from lightning_rl.cuda_limits import stack_limit
+
+    torch.cuda.synchronize()
+    nvml = process_bytes()
+    reserved = torch.cuda.memory_reserved()
+    return {"stage": name, "nvml_mib": None if nvml is None else nvml / 2**20,
+            "torch_reserved_mib": reserved / 2**20,
+            "outside_torch_mib": None if nvml is None else (nvml - reserved) / 2**20,
+            "stack_limit_bytes": stack_limit()}
+
+
+def stage_marker(stages: list[dict]) -> Callable[[str], None]:
+    """A function that appends :func:`stage_figures` of a named stage to ``stages`` and prints it."""
+
+    def mark(name: str) -> None:
+        stages.append(stage_figures(name))
+        print(stages[-1], flush=True)
+
+    return mark
 
 
 def compiled_kernels() -> list[dict]:
@@ -97,16 +121,7 @@ def main() -> None:
         return ctypes.CDLL("libcuda.so.1").cuCtxSetLimit(0, ctypes.c_size_t(nbytes)) == 0
 
     stages: list[dict] = []
-
-    def mark(name: str) -> None:
-        torch.cuda.synchronize()
-        nvml = process_bytes()
-        reserved = torch.cuda.memory_reserved()
-        stages.append({"stage": name, "nvml_mib": None if nvml is None else nvml / 2**20,
-                       "torch_reserved_mib": reserved / 2**20,
-                       "outside_torch_mib": None if nvml is None else (nvml - reserved) / 2**20,
-                       "stack_limit_bytes": stack_limit()})
-        print(stages[-1], flush=True)
+    mark = stage_marker(stages)
 
     torch.zeros(1, device="cuda")
     mark("context")
