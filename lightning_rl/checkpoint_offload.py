@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 _FLAG = "_lightning_rl_offloads_inputs"
+_REENTRANT = "_lightning_rl_reentrant_checkpoint"
 _PLAIN_CHECKPOINT = "_lightning_rl_plain_checkpoint_func"
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -80,30 +81,42 @@ def _tensors(values: Any) -> Iterator[torch.Tensor]:
 
 
 class _OffloadedLayer(torch.autograd.Function):
-    """``run(hidden)`` without autograd, ``hidden`` in host memory; the backward recomputes and differentiates ``run``.
+    """``run(hidden)`` without autograd, ``hidden`` in host memory (or kept, ``offload=False``); the backward
+    recomputes and differentiates ``run``.
 
     ``anchor`` is an empty tensor that requires grad, so the backward runs (and the layer's parameters get their
     gradients) also when ``hidden`` does not require grad.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor, anchor: torch.Tensor) -> Any:
+    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], hidden: torch.Tensor, anchor: torch.Tensor,
+                offload: bool) -> Any:
         ctx.run, ctx.device, ctx.hidden_grad = run, hidden.device, hidden.requires_grad
         kinds = [hidden.device.type] + (["cpu"] if hidden.device.type != "cpu" else [])
         ctx.autocast = [_autocast_state(kind) for kind in kinds]
         cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
         ctx.rng = (torch.get_rng_state(), cuda_rng)
-        ctx.host = to_host(hidden)  # started first: on a GPU the copy runs beside the layer's own kernels
+        ctx.offload, ctx.used = offload, False
+        if offload:
+            ctx.host = to_host(hidden)  # started first: on a GPU the copy runs beside the layer's own kernels
+        else:
+            ctx.save_for_backward(hidden)  # autograd checks that nothing changed it in place meanwhile
         return run(hidden)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        if ctx.host is None:
-            raise RuntimeError("an offloaded checkpoint was differentiated twice (retain_graph=True, or torch.autograd."
-                               "grad before backward): its layer input is used up by the first backward; turn "
-                               "offload_checkpoints off (offload_checkpoints=False) for a second pass")
-        hidden = from_host(*ctx.host, ctx.device).requires_grad_(ctx.hidden_grad)
-        ctx.host = None
+        if ctx.used:
+            raise RuntimeError("a layer under lightning-rl's reentrant checkpoint was differentiated twice "
+                               "(retain_graph=True, or torch.autograd.grad before backward): its recomputation runs "
+                               "once; turn offload_checkpoints off (offload_checkpoints=False), and tile_mlps with "
+                               "compiled layers, for a second pass")
+        ctx.used = True
+        if ctx.offload:
+            hidden = from_host(*ctx.host, ctx.device)
+            ctx.host = None
+        else:
+            hidden = ctx.saved_tensors[0].detach()
+        hidden.requires_grad_(ctx.hidden_grad)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(_replayed(ctx.rng, ctx.device))
@@ -116,12 +129,12 @@ class _OffloadedLayer(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.run = None
-        return None, hidden.grad if ctx.hidden_grad else None, None
+        return None, hidden.grad if ctx.hidden_grad else None, None, None
 
 
-def offloaded_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+def offloaded_checkpoint(function: Callable[..., Any], *args: Any, offload: bool = True) -> Any:
     """A checkpoint function in the form transformers calls (``function(*args)``, recomputed in the backward) that
-    keeps ``args[0]``, the layer's input, in host memory meanwhile.
+    keeps ``args[0]``, the layer's input, in host memory meanwhile (on the device with ``offload=False``).
 
     Falls back to PyTorch's non-reentrant checkpoint where the reentrant form would lose a gradient: another
     argument (positional, or bound in a ``functools.partial``) that requires grad, or no tensor input.
@@ -132,7 +145,7 @@ def offloaded_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
             or any(t.requires_grad for t in _tensors(rest + bound))):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _OffloadedLayer.apply(lambda h: function(h, *rest), hidden, anchor)
+    return _OffloadedLayer.apply(lambda h: function(h, *rest), hidden, anchor, offload)
 
 
 def offload_layer_inputs(layer: nn.Module) -> None:
@@ -167,5 +180,21 @@ def offloads_layer_inputs(layer: nn.Module) -> bool:
     return getattr(layer, _FLAG, False)
 
 
+def use_reentrant_checkpoint(layer: nn.Module) -> None:
+    """Have ``layer``, when compiled (:mod:`lightning_rl.compiled_layers`), checkpoint through
+    :func:`offloaded_checkpoint` also when its input stays on the device (idempotent).
+
+    For a layer whose compiled math has an eager part (a sliced MLP, :mod:`lightning_rl.tiled_mlp`): PyTorch's
+    non-reentrant checkpoint around its compiled pieces found the recomputation's saved tensors in another order
+    than the forward's on an H200 (``CheckpointError``).
+    """
+    setattr(layer, _REENTRANT, True)
+
+
+def uses_reentrant_checkpoint(layer: nn.Module) -> bool:
+    """Whether :func:`use_reentrant_checkpoint` is on for ``layer``."""
+    return getattr(layer, _REENTRANT, False)
+
+
 __all__ = ["from_host", "keep_layer_inputs", "offload_layer_inputs", "offloaded_checkpoint", "offloads_layer_inputs",
-           "to_host"]
+           "to_host", "use_reentrant_checkpoint", "uses_reentrant_checkpoint"]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.checkpoint_offload import offloaded_checkpoint, offloads_layer_inputs
+from lightning_rl.checkpoint_offload import offloaded_checkpoint, offloads_layer_inputs, uses_reentrant_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ class _CompiledClassForward:
 
     transformers wraps a layer class's ``forward`` in its checkpointing (``GradientCheckpointingLayer``); compiled,
     that wrapper's checkpoint becomes part of the graph. A layer whose input is offloaded
-    (:mod:`lightning_rl.checkpoint_offload`) compiles the wrapped ``forward`` alone and checkpoints it outside the
-    graph instead.
+    (:mod:`lightning_rl.checkpoint_offload`), or one marked for the library's reentrant checkpoint (a sliced MLP,
+    :mod:`lightning_rl.tiled_mlp`), compiles the wrapped ``forward`` alone and checkpoints it outside the graph
+    instead.
     """
 
     def __init__(self, cls: type, backend: str | Callable, dynamic: bool | None) -> None:
@@ -50,9 +51,11 @@ class _CompiledClassForward:
 
     def __call__(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.failed is None and layer.training and torch.is_grad_enabled():
-            if (self.inner is not None and offloads_layer_inputs(layer)
+            offload = offloads_layer_inputs(layer)
+            if (self.inner is not None and (offload or uses_reentrant_checkpoint(layer))
                     and getattr(layer, "gradient_checkpointing", False)):
-                return offloaded_checkpoint(functools.partial(self._inner, layer, **uncached(layer, kwargs)), *args)
+                return offloaded_checkpoint(functools.partial(self._inner, layer, **uncached(layer, kwargs)), *args,
+                                            offload=offload)
             try:
                 return self.compiled(layer, *args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as err:  # compile errors happen before any compute

@@ -15,14 +15,17 @@ autograd once, so gradient hooks (gradients sent to host memory, DDP's reducer) 
 backward. It costs one more forward of each MLP per update.
 
 Off by default: the modules' ``tile_mlps=True`` turns it on, and :func:`check_tiling` says where it cannot run.
-Only the update slices: an MLP in train mode with gradients on. Generation, evaluation and reference log-probs
-run the MLP as it is. An MLP with active dropout (its recomputation would draw other masks) or one that routes
-tokens to experts is left alone. Under compiled decoder layers (:mod:`lightning_rl.compiled_layers`) the sliced
-MLP runs eagerly between the two compiled halves of the layer (CPU-tested; on CUDA see :func:`check_tiling`).
+Only an MLP in train mode slices: with gradients on through :class:`TiledMLPFunction`, without them (a reentrant
+checkpoint's first pass, a no-grad forward over the update's tokens) slice after slice. Generation and evaluation
+(eval mode) run the MLP as it is. An MLP with active dropout (its recomputation would draw other masks) or one that
+routes tokens to experts is left alone. Under compiled decoder layers (:mod:`lightning_rl.compiled_layers`) the
+sliced MLP runs eagerly between the two compiled halves of the layer, and the layer checkpoints through the
+library's reentrant checkpoint (see :func:`check_tiling`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_rl.checkpoint_offload import use_reentrant_checkpoint
 from lightning_rl.compiled_layers import decoder_layers
 from lightning_rl.models import unwrap
 
@@ -49,6 +53,25 @@ def _autocast_state(device_type: str) -> dict[str, Any]:
             "dtype": torch.get_autocast_dtype(device_type) if enabled else None}
 
 
+def sliced(run: Callable[[torch.Tensor], torch.Tensor], slices: int, x: torch.Tensor) -> torch.Tensor:
+    """``run`` applied to ``slices`` row slices of ``x`` in turn, their outputs written into one tensor.
+
+    Only one slice's intermediates exist at a time; without autograd (the caller's grad mode decides) nothing of
+    them is kept.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out: torch.Tensor | None = None
+    start = 0
+    for part in rows.tensor_split(slices):
+        piece = run(part)
+        if out is None:
+            out = piece.new_empty((rows.shape[0], piece.shape[-1]))
+        out[start:start + part.shape[0]] = piece
+        start += part.shape[0]
+    assert out is not None
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class TiledMLPFunction(torch.autograd.Function):
     """``run(x)`` over ``slices`` row slices of ``x``; the backward recomputes each slice and sums its gradients.
 
@@ -63,17 +86,7 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.run, ctx.slices, ctx.params = run, slices, params
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x)
-        rows = x.reshape(-1, x.shape[-1])
-        out: torch.Tensor | None = None
-        start = 0
-        for part in rows.tensor_split(slices):
-            piece = run(part)
-            if out is None:
-                out = piece.new_empty((rows.shape[0], piece.shape[-1]))
-            out[start:start + part.shape[0]] = piece
-            start += part.shape[0]
-        assert out is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return sliced(run, slices, x)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -105,7 +118,12 @@ class TiledMLPFunction(torch.autograd.Function):
 
 
 class _TiledForward:
-    """An MLP's ``forward`` that slices the tokens in the update and runs the MLP's own ``forward`` otherwise."""
+    """An MLP's ``forward`` that slices the tokens in train mode and runs the MLP's own ``forward`` otherwise.
+
+    With autograd on it slices through :class:`TiledMLPFunction`; without (the first pass of a reentrant checkpoint,
+    a no-grad forward over an update's tokens) it runs the slices in turn, so that pass never holds the whole
+    MLP's intermediates either.
+    """
 
     def __init__(self, eager: Callable[..., torch.Tensor], slices: int) -> None:
         self.eager = eager
@@ -113,13 +131,18 @@ class _TiledForward:
 
     @torch.compiler.disable
     def __call__(self, mlp: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or not (mlp.training and torch.is_grad_enabled()) or x.dim() < 2:
+        if args or kwargs or not mlp.training or x.dim() < 2:
             return self.eager(mlp, x, *args, **kwargs)
-        params = tuple(p for p in mlp.parameters() if p.requires_grad)
         slices = min(self.slices, x.numel() // max(1, x.shape[-1]))
-        if slices <= 1 or not (params or x.requires_grad):
+        if slices <= 1:
             return self.eager(mlp, x)
-        return TiledMLPFunction.apply(lambda part: self.eager(mlp, part), slices, x, *params)
+        run = functools.partial(self.eager, mlp)
+        if not torch.is_grad_enabled():
+            return sliced(run, slices, x)
+        params = tuple(p for p in mlp.parameters() if p.requires_grad)
+        if not (params or x.requires_grad):
+            return sliced(run, slices, x)
+        return TiledMLPFunction.apply(run, slices, x, *params)
 
 
 def tiling_unsupported_reason(mlp: nn.Module) -> str | None:
@@ -152,6 +175,7 @@ def tile_decoder_mlps(model: nn.Module) -> int:
             continue
         if not is_tiled(mlp):
             mlp.forward = types.MethodType(_TiledForward(type(mlp).forward, slices), mlp)  # state dicts unchanged
+        use_reentrant_checkpoint(layer)  # compiled, the layer checkpoints through the library's own checkpoint
         count += 1
     return count
 
@@ -167,25 +191,21 @@ def tiled_mlp_count(model: nn.Module) -> int:
                if isinstance(getattr(m, "mlp", None), nn.Module))
 
 
-def check_tiling(tile_mlps: bool, device_type: str, compile_layers: bool, sharded: bool) -> None:
-    """Refuse ``tile_mlps`` where it does not run.
+def check_tiling(tile_mlps: bool, sharded: bool) -> None:
+    """Refuse ``tile_mlps`` where it does not run: with FSDP2-sharded layers.
 
-    On an H200 (torch 2.11, inductor) a GRPO fit with compiled layers, packed sequences and offloaded checkpoints
-    stopped in the backward: the checkpoint's recomputation of a layer saved its tensors in another order than the
-    forward had (``CheckpointError``), once the sliced MLP split each compiled layer in two graphs. A compiled,
-    padded update matched the whole MLP there. Until the packed case is understood, a CUDA device slices with eager
-    layers only. FSDP2-sharded layers gather their weights per layer, which the slices' recomputation in the
-    backward was not checked against.
+    Those gather their weights per layer, which the slices' recomputation in the backward was not checked against.
+    Compiled layers slice on any device: a compiled layer with a sliced MLP checkpoints through the library's own
+    reentrant checkpoint (:func:`~lightning_rl.checkpoint_offload.offloaded_checkpoint`, its input offloaded or
+    kept). PyTorch's non-reentrant checkpoint around such a layer's compiled pieces stopped a packed GRPO fit on an
+    H200 (torch 2.11): its recomputation saved the tensors in another order than the forward had
+    (``CheckpointError``); the reentrant checkpoint compares nothing of the kind.
 
     Raises:
-        ValueError: ``tile_mlps`` with compiled layers on CUDA, or with sharded layers.
+        ValueError: ``tile_mlps`` with sharded layers.
     """
     if not tile_mlps:
         return
-    if device_type == "cuda" and compile_layers:
-        raise ValueError("tile_mlps=True with compiled decoder layers on a CUDA device: their packed update failed "
-                         "there (a checkpoint recomputation mismatch); pass compile_layers=False to slice the MLPs, "
-                         "or drop tile_mlps")
     if sharded:
         raise ValueError("tile_mlps=True under ModelParallelStrategy (FSDP2-sharded layers) is not supported; "
                          "drop tile_mlps")

@@ -119,9 +119,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         tile_mlps: run each decoder layer's MLP over slices of the tokens in the update, keeping only its input
             for the backward (:mod:`lightning_rl.tiled_mlp`): the recomputed layer's ``[tokens, intermediate]``
             tensors exist for one slice at a time, for one more MLP forward; the memory plan counts it. Off by
-            default: not yet measured end to end. On a CUDA device it needs eager layers
-            (``compile_layers=False``): compiled layers with packed sequences failed there
-            (:func:`~lightning_rl.tiled_mlp.check_tiling`).
+            default: not yet measured end to end. Compiled layers with sliced MLPs checkpoint through the
+            library's reentrant checkpoint (:func:`~lightning_rl.tiled_mlp.check_tiling`; on CUDA CPU-tested only,
+            since PyTorch's checkpoint around them failed there); refused under FSDP2 sharding.
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
@@ -272,7 +272,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
         if self.compile_layers_setting is None:
             self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
-        check_tiling(self.tile_mlps, device.type, self.compile_layers, sharded)
+        check_tiling(self.tile_mlps, sharded)
 
     def apply_gradient_checkpointing(self, reapply: bool = False) -> None:
         """With ``gradient_checkpointing``, turn on activation recomputation in :meth:`checkpointed_models`.

@@ -1,9 +1,12 @@
-"""MLPs sliced over the tokens on a GPU (checkpointed eager layers, bf16 autocast, the Triton log-prob kernel, padded
-and packed sequences, full fine-tune and LoRA): the update's log-probs and gradients match the whole MLP's, and the
-backward's peak drops by at least one of the recomputed MLP's ``[tokens, intermediate]`` tensors.
+"""MLPs sliced over the tokens on a GPU (checkpointed layers, bf16 autocast, the Triton log-prob kernel, padded
+and packed sequences, full fine-tune and LoRA; eager layers, and compiled ones with offloaded inputs): the update's
+log-probs and gradients match the whole MLP's, and the backward's peak drops by at least one of the recomputed MLP's
+``[tokens, intermediate]`` tensors.
 
 On the first run (H200, 2026-12-03) the compiled variant of the full fine-tune passed (peak 187 -> 151 MiB, log-prob
-gap 0.0073), but a compiled, packed GRPO fit failed, so CUDA slices with eager layers only (``check_tiling``)."""
+gap 0.0073), but a compiled, packed GRPO fit failed in PyTorch's non-reentrant checkpoint (``CheckpointError``).
+Compiled layers with sliced MLPs now checkpoint through the library's reentrant checkpoint; the compiled cases here
+check that on a GPU."""
 
 import pytest
 import torch
@@ -48,9 +51,11 @@ def _step(model, batch, packed):
     return logp.detach(), grads, peak
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(("packed", "compiled"), [(False, False), (True, False), (True, True)],
+                         ids=["padded", "packed", "packed-compiled-offloaded"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_tiled_mlps_train_as_whole_ones_and_lower_the_backwards_peak(tmp_path, monkeypatch, lora, packed):
+def test_tiled_mlps_train_as_whole_ones_and_lower_the_backwards_peak(tmp_path, monkeypatch, lora, packed, compiled):
+    from lightning_rl.compiled_layers import compile_decoder_layers
     from lightning_rl.lora import apply_lora
 
     torch.manual_seed(0)
@@ -71,9 +76,12 @@ def test_tiled_mlps_train_as_whole_ones_and_lower_the_backwards_peak(tmp_path, m
                     if "lora_B" in name:
                         p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
         model = model.cuda().train()
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=compiled)  # compiled: as beside an engine process
         if tiled:
             assert tile_decoder_mlps(model) == 4
+        if compiled:
+            torch._dynamo.reset()
+            compile_decoder_layers(model)
         return model
 
     batch = _batch(32, 48, 208, seed=0)
@@ -90,7 +98,7 @@ def test_tiled_mlps_train_as_whole_ones_and_lower_the_backwards_peak(tmp_path, m
     assert calls, "the tiled MLPs never ran"
     gap = (lt - lw)[batch[3].bool()].abs().max().item()
     rel = max(((gt[k] - gw[k]).norm() / gw[k].norm().clamp(min=1e-12)).item() for k in gw)
-    case = f"{'lora' if lora else 'full'}, {'packed' if packed else 'padded'}"
+    case = f"{'lora' if lora else 'full'}, {'packed' if packed else 'padded'}{', compiled' if compiled else ''}"
     print(f"tiled MLP ({case}): log-prob gap {gap:.3g}, gradient rel {rel:.3g}, "
           f"backward peak {pw / 2**20:.0f} -> {pt / 2**20:.0f} MiB")
     assert gt.keys() == gw.keys()

@@ -1,6 +1,8 @@
 """Offloaded checkpoints: only each layer's input leaves for host memory, nothing else stays in autograd's graph, and
 the outputs and gradients are plain checkpointing's (autocast and dropout replayed), eager or compiled."""
 
+import functools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -109,13 +111,18 @@ def grads_of(layer, hidden, scale, checkpoint):
     return out.detach(), [p.grad.clone() for p in layer.parameters()]
 
 
-def test_offloaded_checkpoint_replays_dropout_and_reaches_parameters_when_the_input_needs_no_gradient():
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "kept"])
+def test_offloaded_checkpoint_replays_dropout_and_reaches_parameters_when_the_input_needs_no_gradient(
+        moved_to_host, offload):
     """A frozen embedding (LoRA) gives the first layer an input without gradient: the parameters still get theirs;
-    the recompute replays the forward's dropout mask, so the gradients are those of no checkpointing at all."""
+    the recompute replays the forward's dropout mask, so the gradients are those of no checkpointing at all, with
+    the input offloaded or kept on its device (``offload=False``, the compiled layers' reentrant checkpoint)."""
     torch.manual_seed(0)
     layer, hidden = DropoutLayer().train(), torch.randn(4, 8)
     ref_out, ref = grads_of(layer, hidden, None, checkpoint=None)
-    out, got = grads_of(layer, hidden, None, checkpoint=offloaded_checkpoint)
+    checkpoint = functools.partial(offloaded_checkpoint, offload=offload)
+    out, got = grads_of(layer, hidden, None, checkpoint=checkpoint)
+    assert len(moved_to_host) == (1 if offload else 0)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -140,11 +147,23 @@ def test_a_strided_input_comes_back_from_host_memory_with_its_values():
     assert torch.equal(back, hidden) and back.data_ptr() != hidden.data_ptr()
 
 
-def test_a_second_backward_through_an_offloaded_checkpoint_names_the_setting_to_turn_off():
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "kept"])
+def test_a_second_backward_through_an_offloaded_checkpoint_names_the_setting_to_turn_off(offload):
     layer, hidden = DropoutLayer().eval(), torch.randn(4, 8, requires_grad=True)
-    out = offloaded_checkpoint(lambda h, s: layer(h, s), hidden, None).sum()
+    out = offloaded_checkpoint(lambda h, s: layer(h, s), hidden, None, offload=offload).sum()
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="offload_checkpoints=False"):
+        out.backward()
+
+
+def test_a_kept_input_changed_in_place_before_the_backward_is_refused():
+    """With the input kept on the device, autograd's saved-tensor check catches an in-place change before the
+    recomputation would read the changed values."""
+    layer, hidden = DropoutLayer().eval(), torch.randn(4, 8, requires_grad=True)
+    base = hidden.detach().clone()
+    out = offloaded_checkpoint(lambda h, s: layer(h, s), base, None, offload=False).sum()
+    base.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
 
 

@@ -114,14 +114,26 @@ def test_a_tiled_policy_trains_as_the_whole_one_checkpointed_and_under_bf16_auto
             torch.testing.assert_close(gt[n], gw[n], rtol=tol, atol=tol * max(1.0, gw[n].abs().max().item()))
 
 
-def test_compiled_layers_with_tiled_mlps_match_eager_ones(saved_policy, monkeypatch):
+@pytest.mark.parametrize("offload", [False, True], ids=["kept", "offloaded"])
+def test_compiled_layers_with_tiled_mlps_match_eager_ones_through_the_reentrant_checkpoint(
+        saved_policy, monkeypatch, moved_to_host, offload):
+    """Compiled layers with sliced MLPs checkpoint through the library's reentrant checkpoint, their input kept on
+    the device or offloaded (PyTorch's non-reentrant checkpoint around the compiled pieces failed on an H200): the
+    forward slices without autograd, the recomputation through the tiled function, and the logits and gradients
+    are the eager whole MLP's."""
+    import lightning_rl.tiled_mlp as tiled_mlp
+    from lightning_rl.checkpoint_offload import _OffloadedLayer
+
     torch._dynamo.reset()
-    calls = []
-    apply = TiledMLPFunction.apply
+    calls, slicings, checkpoints = [], [], []
+    apply, sliced, reentrant = TiledMLPFunction.apply, tiled_mlp.sliced, _OffloadedLayer.apply
     monkeypatch.setattr(TiledMLPFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(tiled_mlp, "sliced", lambda *a: slicings.append(torch.is_grad_enabled()) or sliced(*a))
+    monkeypatch.setattr(_OffloadedLayer, "apply", lambda *a: checkpoints.append(a[-1]) or reentrant(*a))
     eager, compiled = saved_policy(), saved_policy()
+    enable_activation_checkpointing(eager)
+    enable_activation_checkpointing(compiled, offload=offload)
     for m in (eager, compiled):
-        enable_activation_checkpointing(m)
         m.train()
     tile_decoder_mlps(compiled)
     compile_decoder_layers(compiled, backend="aot_eager")
@@ -131,21 +143,34 @@ def test_compiled_layers_with_tiled_mlps_match_eager_ones(saved_policy, monkeypa
         torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)
         for n in ge:
             torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-6)
-    assert len(calls) == 2 * 2 * 2  # two layers, two lengths, the forward and the checkpoint's recomputation
+    # two layers, two lengths: one reentrant checkpoint each, offloading as asked; the forward slices without
+    # autograd, the recomputation through the tiled function (whose own forward slices with autograd off too)
+    assert checkpoints == [offload] * 4
+    assert len(calls) == 4 and slicings == [False] * 8
+    assert len(moved_to_host) == (4 if offload else 0)
 
 
-def test_outside_the_update_the_mlp_runs_whole(saved_policy, monkeypatch):
+def test_eval_mode_runs_the_whole_mlp_and_a_no_grad_train_forward_slices_without_autograd(saved_policy, monkeypatch):
+    """Generation and evaluation (eval mode) run the MLP as it is; a train-mode forward without gradients (a
+    reentrant checkpoint's first pass, old log-probs over the update's tokens) slices, with nothing for autograd,
+    and gives the whole MLP's values."""
+    import lightning_rl.tiled_mlp as tiled_mlp
+
     model = saved_policy()
     tile_decoder_mlps(model)
-    calls = []
+    calls, slicings = [], []
+    sliced = tiled_mlp.sliced
     monkeypatch.setattr(TiledMLPFunction, "apply", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(tiled_mlp, "sliced", lambda *a: slicings.append(1) or sliced(*a))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     model.eval()
-    model(input_ids=ids, use_cache=False)  # eval mode, gradients on
+    whole = model(input_ids=ids, use_cache=False).logits  # eval mode, gradients on
+    assert slicings == []
     model.train()
     with torch.no_grad():
-        model(input_ids=ids, use_cache=False)  # train mode, no gradients
-    assert calls == []
+        sliced_logits = model(input_ids=ids, use_cache=False).logits  # train mode, no gradients
+    assert calls == [] and len(slicings) == 2  # one per layer
+    torch.testing.assert_close(sliced_logits, whole.detach(), rtol=0, atol=1e-5)
     assert model.state_dict().keys() == saved_policy().state_dict().keys()
 
 
@@ -162,14 +187,11 @@ def test_mlps_with_dropout_or_experts_are_not_tiled(saved_policy):
     assert not any(is_tiled(m) for m in model.modules())
 
 
-def test_tiling_is_refused_with_compiled_layers_on_cuda_and_with_sharded_layers():
-    check_tiling(True, "cuda", compile_layers=False, sharded=False)
-    check_tiling(True, "cpu", compile_layers=True, sharded=False)
-    check_tiling(False, "cuda", compile_layers=True, sharded=True)
-    with pytest.raises(ValueError, match="compile_layers=False"):
-        check_tiling(True, "cuda", compile_layers=True, sharded=False)
+def test_tiling_is_refused_with_sharded_layers_only():
+    check_tiling(True, sharded=False)
+    check_tiling(False, sharded=True)
     with pytest.raises(ValueError, match="ModelParallelStrategy"):
-        check_tiling(True, "cpu", compile_layers=False, sharded=True)
+        check_tiling(True, sharded=True)
 
 
 def test_the_module_tiles_when_asked_and_not_by_default(make_grpo, make_data):

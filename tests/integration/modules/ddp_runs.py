@@ -107,6 +107,9 @@ def main() -> None:
                     "sharded": is_fully_sharded(module.policy),
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
                     "plan": None if plan is None else plan.to_dict()}, args.out)
+    if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads once aborted it (-6)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def strategy_for(name: str, devices: int):
