@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_rl.early_gradients import handed_off
 from lightning_rl.kernels.reference import IGNORE_INDEX, token_logprobs_entropy_reference
 from lightning_rl.models import (  # unwrap re-exported: the modules import it from here until they move
     is_fully_sharded,
@@ -167,9 +168,9 @@ def _scattered_logprobs(
     ``states`` ``[n, H]`` are the hidden states that predict those tokens; only they go through ``head`` (fused: no
     full logits).
     """
-    logp_sel, ent_sel = token_logprobs_entropy(
-        states, head.weight, completion_ids.flatten()[rows], getattr(head, "bias", None), temperature, backend,
-        chunk_size,
+    logp_sel, ent_sel = token_logprobs_entropy(  # the head's gradient leaves at once where its weight has a sink
+        states, handed_off(head.weight), completion_ids.flatten()[rows], getattr(head, "bias", None), temperature,
+        backend, chunk_size,
     )
     logp = torch.zeros(completion_ids.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put(
         (rows,), logp_sel)

@@ -17,15 +17,24 @@ come back (the masters' upcast gradients take their own factor).
 All copies run on the backward's CUDA stream, so they are ordered with the kernels that produce and reuse the
 memory; the host never reads the buffers. A second micro-batch of the same optimizer step brings the first one's
 gradient back and adds it before the sum leaves again.
+
+A watched parameter used in several places (a tied LM head and input embedding) need not wait for autograd's sum:
+each use wrapped in :func:`~lightning_rl.early_gradients.handed_off` (the LM head's, in
+:mod:`lightning_rl.logprobs`) sends its part to a host buffer of its own as the backward makes it. The part comes
+back to be added when autograd hands over the other uses' sum, before any earlier micro-batch's: the additions
+autograd would have made, in its order. A part that no other use joins by the end of the backward leaves alone.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_rl.early_gradients import set_gradient_sink
 
 
 class HostGradients:
@@ -42,6 +51,10 @@ class HostGradients:
         self._squares: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._watched: set[int] = set()
+        self._sinks: list[nn.Parameter] = []  # parameters whose handed-off uses send their parts here
+        self._parts: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}  # handed-off parts, in host buffers
+        self._part_buffers: dict[int, torch.Tensor] = {}
+        self._settle_queued = False
         self.grad_scale: torch.Tensor | None = None  # the clipping factor of the coming step (None: unclipped)
 
     def attach(self, params: Iterable[nn.Parameter]) -> int:
@@ -52,6 +65,8 @@ class HostGradients:
                 continue
             self._watched.add(id(p))
             self._handles.append(p.register_post_accumulate_grad_hook(self._leave))
+            set_gradient_sink(p, functools.partial(self._take_part, p))
+            self._sinks.append(p)
             n += 1
         return n
 
@@ -60,16 +75,26 @@ class HostGradients:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self._sinks:
+            set_gradient_sink(p, None)
+        self._sinks.clear()
         for p in list(self._held.values()):
             p.grad = self.take(p, p.device)
+        for p, part in self._parts.values():  # none outside a backward; kept as gradients if there were
+            back = part.to(p.device, copy=True)
+            p.grad = back if p.grad is None else p.grad.add_(back)
+        self._parts.clear()
+        self._part_buffers.clear()
         self._watched.clear()
         self._buffers.clear()
 
-    def _buffer(self, p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(id(p))
+    def _buffer(self, p: nn.Parameter, grad: torch.Tensor, buffers: dict[int, torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        buffers = self._buffers if buffers is None else buffers
+        buf = buffers.get(id(p))
         if buf is None or buf.shape != grad.shape or buf.dtype != grad.dtype:
             buf = torch.empty(grad.shape, dtype=grad.dtype, device="cpu", pin_memory=self.pin_memory and grad.is_cuda)
-            self._buffers[id(p)] = buf
+            buffers[id(p)] = buf
         return buf
 
     @torch.no_grad()
@@ -77,6 +102,9 @@ class HostGradients:
         grad = p.grad
         if grad is None or grad.is_sparse:
             return
+        part = self._parts.pop(id(p), None)
+        if part is not None:  # a handed-off use's part of this backward: autograd would have added it first
+            grad.add_(part[1].to(grad.device, non_blocking=part[1].is_pinned()))
         buf = self._buffer(p, grad)
         if id(p) in self._held:  # an earlier micro-batch of this step left already: add it back first
             grad.add_(buf.to(grad.device, non_blocking=buf.is_pinned()))
@@ -84,6 +112,34 @@ class HostGradients:
         buf.copy_(grad, non_blocking=buf.is_pinned())
         self._held[id(p)] = p
         p.grad = None  # the device memory goes back to the allocator, reused after the copy on this stream
+
+    @torch.no_grad()
+    def _take_part(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        """One use's part of ``p``'s gradient, handed off before autograd has the others: to host memory now.
+
+        Called in the backward; it waits there for the sum of ``p``'s other uses (:meth:`_leave`), or for the
+        backward's end (:meth:`_settle`).
+        """
+        grad = grad.detach()
+        earlier = self._parts.get(id(p))
+        if earlier is not None:  # a second handed-off use: the parts add in the order they came
+            grad = earlier[1].to(grad.device, non_blocking=earlier[1].is_pinned(), copy=True).add_(grad)
+        buf = self._buffer(p, grad, self._part_buffers)
+        buf.copy_(grad, non_blocking=buf.is_pinned())
+        self._parts[id(p)] = (p, buf)
+        if not self._settle_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._settle)  # at this backward's end
+            self._settle_queued = True
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """The backward's end: a handed-off part that no other use of its parameter joined leaves alone."""
+        self._settle_queued = False
+        for key, (p, part) in list(self._parts.items()):
+            del self._parts[key]  # taken here: _leave must not add it a second time
+            back = part.to(p.device, non_blocking=part.is_pinned(), copy=True)
+            p.grad = back if p.grad is None else p.grad.add_(back)
+            self._leave(p)
 
     # ----------------------------------------------------------------------------- the step
     def watches(self, p: nn.Parameter) -> bool:
