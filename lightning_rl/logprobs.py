@@ -156,21 +156,35 @@ def logprobs_from_hidden(
     _, head = backbone_and_head(model)
     rows = completion_mask.bool().flatten().nonzero().squeeze(-1)
     states = hidden.reshape(-1, hidden.shape[-1])[rows]
-    return _scattered_logprobs(head, states, completion_ids, rows, temperature, backend, chunk_size)
+    return _scattered_logprobs(model, head, states, completion_ids, rows, temperature, backend, chunk_size)
+
+
+def head_weight_for_kernel(model: nn.Module, head: nn.Module) -> torch.Tensor:
+    """``head``'s weight as the log-prob kernel takes it: handed off (:mod:`lightning_rl.early_gradients`) when it is
+    also ``model``'s input embedding.
+
+    A tied weight's gradient has two parts, the head's first in the backward and the embedding's last; a sink on the
+    weight (gradients sent to host memory) then takes the head's part at once instead of autograd holding it through
+    every layer's backward. An untied head's gradient is whole when the kernel makes it: it stays autograd's.
+    """
+    inner = unwrap(model)
+    embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    tied = embeddings is not None and getattr(embeddings, "weight", None) is head.weight
+    return handed_off(head.weight) if tied else head.weight
 
 
 def _scattered_logprobs(
-    head: nn.Module, states: torch.Tensor, completion_ids: torch.Tensor, rows: torch.Tensor, temperature: float,
-    backend: Backend, chunk_size: int,
+    model: nn.Module, head: nn.Module, states: torch.Tensor, completion_ids: torch.Tensor, rows: torch.Tensor,
+    temperature: float, backend: Backend, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy ``[N, C]`` of the tokens ``completion_ids.flatten()[rows]`` (0 elsewhere).
 
     ``states`` ``[n, H]`` are the hidden states that predict those tokens; only they go through ``head`` (fused: no
     full logits).
     """
-    logp_sel, ent_sel = token_logprobs_entropy(  # the head's gradient leaves at once where its weight has a sink
-        states, handed_off(head.weight), completion_ids.flatten()[rows], getattr(head, "bias", None), temperature,
-        backend, chunk_size,
+    logp_sel, ent_sel = token_logprobs_entropy(
+        states, head_weight_for_kernel(model, head), completion_ids.flatten()[rows], getattr(head, "bias", None),
+        temperature, backend, chunk_size,
     )
     logp = torch.zeros(completion_ids.numel(), dtype=logp_sel.dtype, device=logp_sel.device).index_put(
         (rows,), logp_sel)
@@ -216,7 +230,7 @@ def packed_completion_logprobs(
     """
     states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len)
     _, head = backbone_and_head(model)
-    return _scattered_logprobs(head, states, completion_ids, rows, temperature, backend, chunk_size)
+    return _scattered_logprobs(model, head, states, completion_ids, rows, temperature, backend, chunk_size)
 
 
 def packed_completion_hidden_states(
@@ -260,6 +274,7 @@ __all__ = [
     "IGNORE_INDEX",
     "completion_hidden_states",
     "completion_logprobs",
+    "head_weight_for_kernel",
     "logprobs_from_hidden",
     "packed_completion_hidden_states",
     "packed_completion_logprobs",

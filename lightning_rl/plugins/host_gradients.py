@@ -19,10 +19,11 @@ memory; the host never reads the buffers. A second micro-batch of the same optim
 gradient back and adds it before the sum leaves again.
 
 A watched parameter used in several places (a tied LM head and input embedding) need not wait for autograd's sum:
-each use wrapped in :func:`~lightning_rl.early_gradients.handed_off` (the LM head's, in
-:mod:`lightning_rl.logprobs`) sends its part to a host buffer of its own as the backward makes it. The part comes
-back to be added when autograd hands over the other uses' sum, before any earlier micro-batch's: the additions
-autograd would have made, in its order. A part that no other use joins by the end of the backward leaves alone.
+each use wrapped in :func:`~lightning_rl.early_gradients.handed_off` (a tied LM head's, in
+:func:`~lightning_rl.logprobs.head_weight_for_kernel`) sends its part to a host buffer of its own as the backward
+makes it. The part comes back to be added when autograd hands over the other uses' sum, before any earlier
+micro-batch's: the additions autograd would have made, in its order. A part that no other use joins by the end of
+the backward leaves alone.
 """
 
 from __future__ import annotations

@@ -100,3 +100,22 @@ def test_parts_that_no_other_use_joins_leave_at_the_backwards_end():
     torch.testing.assert_close(held.host_gradient(w), expected, rtol=1e-6, atol=1e-6)
     held.detach()
     assert gradient_sink(w) is None
+
+
+def test_an_untied_heads_gradient_stays_autograds(tmp_path, monkeypatch):
+    """An untied head's gradient is whole when the kernel makes it and leaves through autograd's hook at once:
+    handing it off would only copy it back and forth."""
+    from lightning_rl.models import load_policy
+
+    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 1, "tie_word_embeddings": False})
+    net.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_policy(str(tmp_path))[0].train()
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    held = HostGradients(pin_memory=False)
+    parts = []
+    take_part = held._take_part
+    monkeypatch.setattr(held, "_take_part", lambda p, g: parts.append(p) or take_part(p, g))
+    held.attach(model.parameters())
+    _backward(model, 0)
+    assert parts == [] and held.holds(model.get_output_embeddings().weight)
