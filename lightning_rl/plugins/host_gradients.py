@@ -53,9 +53,8 @@ class HostGradients:
         self._handles: list[RemovableHandle] = []
         self._watched: set[int] = set()
         self._sinks: list[nn.Parameter] = []  # parameters whose handed-off uses send their parts here
-        self._parts: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}  # handed-off parts, in host buffers
+        self._parts: dict[int, nn.Parameter] = {}  # parameters with a handed-off part waiting in _part_buffers
         self._part_buffers: dict[int, torch.Tensor] = {}
-        self._settle_queued = False
         self.grad_scale: torch.Tensor | None = None  # the clipping factor of the coming step (None: unclipped)
 
     def attach(self, params: Iterable[nn.Parameter]) -> int:
@@ -81,8 +80,8 @@ class HostGradients:
         self._sinks.clear()
         for p in list(self._held.values()):
             p.grad = self.take(p, p.device)
-        for p, part in self._parts.values():  # none outside a backward; kept as gradients if there were
-            back = part.to(p.device, copy=True)
+        for p in self._parts.values():  # none outside a backward; kept as gradients if there were
+            back = self._part_buffers[id(p)].to(p.device, copy=True)
             p.grad = back if p.grad is None else p.grad.add_(back)
         self._parts.clear()
         self._part_buffers.clear()
@@ -103,9 +102,9 @@ class HostGradients:
         grad = p.grad
         if grad is None or grad.is_sparse:
             return
-        part = self._parts.pop(id(p), None)
-        if part is not None:  # a handed-off use's part of this backward: autograd would have added it first
-            grad.add_(part[1].to(grad.device, non_blocking=part[1].is_pinned()))
+        if self._parts.pop(id(p), None) is not None:
+            part = self._part_buffers[id(p)]  # a handed-off use's part of this backward: autograd adds it first
+            grad.add_(part.to(grad.device, non_blocking=part.is_pinned()))
         buf = self._buffer(p, grad)
         if id(p) in self._held:  # an earlier micro-batch of this step left already: add it back first
             grad.add_(buf.to(grad.device, non_blocking=buf.is_pinned()))
@@ -122,22 +121,21 @@ class HostGradients:
         backward's end (:meth:`_settle`).
         """
         grad = grad.detach()
-        earlier = self._parts.get(id(p))
-        if earlier is not None:  # a second handed-off use: the parts add in the order they came
-            grad = earlier[1].to(grad.device, non_blocking=earlier[1].is_pinned(), copy=True).add_(grad)
+        if id(p) in self._parts:  # a second handed-off use: the parts add in the order they came
+            earlier = self._part_buffers[id(p)]
+            grad = earlier.to(grad.device, non_blocking=earlier.is_pinned(), copy=True).add_(grad)
         buf = self._buffer(p, grad, self._part_buffers)
         buf.copy_(grad, non_blocking=buf.is_pinned())
-        self._parts[id(p)] = (p, buf)
-        if not self._settle_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._settle)  # at this backward's end
-            self._settle_queued = True
+        self._parts[id(p)] = p
+        # at this backward's end (a second call finds nothing left; a backward that fails leaves no flag behind)
+        torch.autograd.Variable._execution_engine.queue_callback(self._settle)
 
     @torch.no_grad()
     def _settle(self) -> None:
         """The backward's end: a handed-off part that no other use of its parameter joined leaves alone."""
-        self._settle_queued = False
-        for key, (p, part) in list(self._parts.items()):
+        for key, p in list(self._parts.items()):
             del self._parts[key]  # taken here: _leave must not add it a second time
+            part = self._part_buffers[key]
             back = part.to(p.device, non_blocking=part.is_pinned(), copy=True)
             p.grad = back if p.grad is None else p.grad.add_(back)
             self._leave(p)
@@ -194,9 +192,10 @@ class HostGradients:
         self._squares.pop(id(p), None)
 
     def drop(self) -> None:
-        """Forget every held gradient (a skipped optimizer step: ``zero_grad``)."""
+        """Forget every held gradient and any handed-off part a failed backward left (a skipped step: ``zero_grad``)."""
         self._held.clear()
         self._squares.clear()
+        self._parts.clear()
         self.grad_scale = None
 
     def scaled(self, grad: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

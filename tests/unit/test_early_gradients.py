@@ -119,3 +119,31 @@ def test_an_untied_heads_gradient_stays_autograds(tmp_path, monkeypatch):
     held.attach(model.parameters())
     _backward(model, 0)
     assert parts == [] and held.holds(model.get_output_embeddings().weight)
+
+
+def test_a_part_a_failed_backward_left_is_dropped_with_the_skipped_step():
+    """A backward that fails after the handed-off use's part left (no end-of-backward settle then): dropping the
+    step forgets the part too, so the next backward's gradient is its own."""
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("boom")
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 4)
+    held = HostGradients(pin_memory=False)
+    held.attach([w])
+    failing = Boom.apply(x @ w.t()).sum() + (x.flip(0) @ handed_off(w).t()).sum()  # the handed-off use runs first
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.backward()
+    w.grad = None
+    held.drop()
+    (x @ handed_off(w).t()).square().sum().backward()
+    expected = torch.autograd.grad((x @ w.t()).square().sum(), w)[0]
+    torch.testing.assert_close(held.host_gradient(w), expected, rtol=0, atol=0)
