@@ -23,16 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_rl.cuda_streams import side_stream
+
 _FLAG = "_lightning_rl_offloads_inputs"
 _REENTRANT = "_lightning_rl_reentrant_checkpoint"
 _PLAIN_CHECKPOINT = "_lightning_rl_plain_checkpoint_func"
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _COPY_STREAMS:
-        _COPY_STREAMS[device] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[device]
 
 
 def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -40,7 +35,7 @@ def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
     if tensor.device.type != "cuda":
         return tensor.detach().clone(), None
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    stream = _copy_stream(tensor.device)
+    stream = side_stream(tensor.device, "offloaded checkpoints")
     stream.wait_stream(torch.cuda.current_stream(tensor.device))
     with torch.cuda.stream(stream):
         host.copy_(tensor, non_blocking=True)

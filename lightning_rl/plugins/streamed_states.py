@@ -47,6 +47,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_rl.cuda_streams import side_stream
+
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
     from lightning_rl.plugins.host_masters import HostMasterWeights
@@ -360,7 +362,7 @@ class StreamedOptimizerStates:
             return None
         (device,) = devices
         if device not in self._copy_streams:
-            self._copy_streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            self._copy_streams[device] = (side_stream(device, "states in"), side_stream(device, "states out"))
         return self._copy_streams[device]
 
     def _prefetch(
