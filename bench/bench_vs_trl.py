@@ -597,7 +597,8 @@ def engine_memory_gib(engine) -> dict[str, float] | None:
     if breakdown is None:
         return None
     try:
-        return {k: v if k == "cuda_stack_limit" else v / 2**30 for k, v in breakdown().items()}
+        return {k: v if k == "cuda_stack_limit" or k.startswith("streams_from_") else v / 2**30
+                for k, v in breakdown().items()}
     except Exception as err:  # a diagnostic: the run goes on without it
         return {"error": f"{type(err).__name__}: {err}"}
 

@@ -16,7 +16,8 @@ _CU_LIMIT_STACK_SIZE = 0
 
 
 @functools.cache
-def _driver() -> ctypes.CDLL | None:
+def cuda_driver() -> ctypes.CDLL | None:
+    """The CUDA driver library (``libcuda``), or None where it cannot be loaded."""
     try:
         return ctypes.CDLL("libcuda.so.1")
     except OSError:
@@ -25,7 +26,7 @@ def _driver() -> ctypes.CDLL | None:
 
 def stack_limit() -> int | None:
     """The current CUDA context's per-thread stack limit in bytes; None without a CUDA driver or context."""
-    lib = _driver()
+    lib = cuda_driver()
     if lib is None:
         return None
     value = ctypes.c_size_t()
@@ -34,4 +35,4 @@ def stack_limit() -> int | None:
     return int(value.value)
 
 
-__all__ = ["stack_limit"]
+__all__ = ["cuda_driver", "stack_limit"]

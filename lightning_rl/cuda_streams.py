@@ -11,27 +11,21 @@ it. Where the driver call is unavailable (ROCm, no ``libcuda``), it falls back t
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
+
+from lightning_rl.cuda_limits import cuda_driver
 
 _CU_STREAM_NON_BLOCKING = 1
 _STREAMS: dict[tuple[int, str], torch.cuda.Stream] = {}
 
 
-@functools.cache
-def _driver() -> ctypes.CDLL | None:
-    if torch.version.hip is not None:
-        return None
-    try:
-        return ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
+def driver_stream_pointer(index: int) -> int | None:
+    """A new non-blocking stream of CUDA device ``index`` made by the driver (its handle), or None when it failed.
 
-
-def _driver_stream(index: int) -> torch.cuda.Stream | None:
-    """A new non-blocking stream of device ``index`` from the driver, or None when the driver call failed."""
-    driver = _driver()
+    The stream lives as long as the process (as the pool's streams do).
+    """
+    driver = cuda_driver() if torch.version.hip is None else None
     if driver is None:
         return None
     with torch.cuda.device(index):
@@ -42,7 +36,13 @@ def _driver_stream(index: int) -> torch.cuda.Stream | None:
         handle = ctypes.c_void_p()
         if driver.cuStreamCreate(ctypes.byref(handle), _CU_STREAM_NON_BLOCKING) != 0 or not handle.value:
             return None
-        return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", index))
+        return int(handle.value)
+
+
+def device_index(device: torch.device | int | str | None) -> int:
+    """The CUDA device index ``device`` names (the current device for None or an index-less name)."""
+    index = device if isinstance(device, int) else None if device is None else torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def side_stream(device: torch.device | int | str, name: str = "copies") -> torch.cuda.Stream:
@@ -55,10 +55,13 @@ def side_stream(device: torch.device | int | str, name: str = "copies") -> torch
     Returns:
         A non-blocking stream (work on it overlaps the default stream's), the same object on every call.
     """
-    index = torch.device(device).index if not isinstance(device, int) else device
-    if index is None:
-        index = torch.cuda.current_device()
+    index = device_index(device)
     key = (index, name)
     if key not in _STREAMS:
-        _STREAMS[key] = _driver_stream(index) or torch.cuda.Stream(index)
+        pointer = driver_stream_pointer(index)
+        _STREAMS[key] = (torch.cuda.ExternalStream(pointer, device=torch.device("cuda", index)) if pointer is not None
+                         else torch.cuda.Stream(index))
     return _STREAMS[key]
+
+
+__all__ = ["device_index", "driver_stream_pointer", "side_stream"]

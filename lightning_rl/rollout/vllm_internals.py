@@ -224,7 +224,10 @@ class VLLMInternals:
         """
         import vllm
 
-        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}), main_module_hidden():
+        from lightning_rl.rollout.engine_streams import launcher_environment
+
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **launcher_environment()}  # streams from the driver there
+        with _environment(env), main_module_hidden():
             llm = vllm.LLM(**kwargs)
         return cls(llm, dist_was_initialized=False)
 

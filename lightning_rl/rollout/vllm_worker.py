@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lightning_rl.rollout.engine_streams import install_in_launched_engine, streams_made
+
 
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
@@ -150,8 +152,9 @@ class PolicyWeightReceiver:
 
         ``torch_*`` come from PyTorch's caching allocator; ``cumem_<tag>`` (``weights``, ``kv_cache``) is what
         vLLM's sleep-mode allocator has mapped now; ``cuda_stack_limit`` the context's per-thread stack limit (its
-        local-memory reservation scales with it). The rest of the process's NVML figure is the CUDA context and
-        the libraries' own allocations. Empty on a machine without CUDA.
+        local-memory reservation scales with it); ``streams_from_driver`` and ``streams_from_pool`` count the new
+        streams this process made (:mod:`~lightning_rl.rollout.engine_streams`). The rest of the process's NVML
+        figure is the CUDA context and the libraries' own allocations. Empty on a machine without CUDA.
         """
         if not torch.cuda.is_available():
             return {}
@@ -160,6 +163,7 @@ class PolicyWeightReceiver:
         from lightning_rl.rollout.vllm_internals import mapped_pool_bytes
 
         out.update({f"cumem_{tag}": n for tag, n in mapped_pool_bytes().items()})
+        out.update({f"streams_from_{kind}": n for kind, n in streams_made().items()})
         from lightning_rl.cuda_limits import stack_limit
 
         torch.cuda.synchronize()  # makes the context current on this thread for the driver call
@@ -191,5 +195,9 @@ class PolicyWeightReceiver:
 
 #: The qualified name vLLM imports in its engine process.
 WORKER_EXTENSION = f"{PolicyWeightReceiver.__module__}.{PolicyWeightReceiver.__qualname__}"
+
+# vLLM imports this module in the engine process as it resolves WORKER_EXTENSION, before it builds the worker that
+# makes its CUDA streams: an engine process the library launched makes them with the driver (.engine_streams)
+install_in_launched_engine()
 
 __all__ = ["WORKER_EXTENSION", "PolicyWeightReceiver", "exit_when_gone", "process_alive"]

@@ -289,7 +289,12 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert callback.overlapping and trainer.global_step == 4
     assert callback.engine_start_bytes > 0  # the engine process's context, weights and KV cache on the device
     kinds = seen[0]["engine_memory"]
-    print("engine process memory (GiB):", {k: round(v / 2**30, 3) for k, v in kinds.items()})
+    print("engine process memory (GiB):", {k: round(v / 2**30, 3) for k, v in kinds.items()
+                                           if not k.startswith("streams_from_")})
+    # vLLM's streams there (its current stream, the CUDA-graph capture's) came from the driver, not from PyTorch's
+    # pool of 32 per priority level (70 MiB outside PyTorch's allocator on an H200)
+    print("engine process streams:", {k: v for k, v in kinds.items() if k.startswith("streams_from_")})
+    assert kinds["streams_from_driver"] >= 1 and kinds["streams_from_pool"] == 0
     # no sleep mode in the engine process: its KV cache (sized for the data's prompts, the default) and its own
     # weights are PyTorch tensors there, and vLLM's sleep-mode pools hold nothing
     assert not any(k.startswith("cumem_") for k in kinds)

@@ -42,7 +42,7 @@ def fake_cuda(monkeypatch):
 
 def test_a_driver_stream_is_made_once_per_device_and_name(monkeypatch, fake_cuda):
     driver = _Driver(result=0)
-    monkeypatch.setattr(cuda_streams, "_driver", lambda: driver)
+    monkeypatch.setattr(cuda_streams, "cuda_driver", lambda: driver)
     first = cuda_streams.side_stream(torch.device("cuda", 0), "a")
     assert first == ("driver", 0x5001, 0)
     assert cuda_streams.side_stream("cuda:0", "a") is first
@@ -52,7 +52,7 @@ def test_a_driver_stream_is_made_once_per_device_and_name(monkeypatch, fake_cuda
 
 @pytest.mark.parametrize("driver", [None, _Driver(result=2)], ids=["no libcuda", "cuStreamCreate fails"])
 def test_without_a_driver_stream_the_pool_serves(monkeypatch, fake_cuda, driver):
-    monkeypatch.setattr(cuda_streams, "_driver", lambda: driver)
+    monkeypatch.setattr(cuda_streams, "cuda_driver", lambda: driver)
     assert cuda_streams.side_stream(torch.device("cuda", 1), "a") == ("pool", 1)
     assert cuda_streams.side_stream(torch.device("cuda", 1), "a") == ("pool", 1)
     assert fake_cuda == [("pool", 1)]
