@@ -49,7 +49,7 @@ vllm_tests_shared() {  # the vLLM tests that do not read the device's free memor
     while [ "$(jobs -rp | wc -l)" -ge "$n" ]; do sleep 1; done
     local name=${t##*::}
     ( timeout 300 python3 -m pytest "$t" -q -s -p no:cacheprovider -rA > "$OUT/vllm_$name.log" 2>&1
-      echo "[$(date +%T)] end $name rc=$?" ) &
+      rc=$?; echo "[$(date +%T)] end $name rc=$rc" ) &
   done
   wait
   for f in "$OUT"/vllm_*.log; do

@@ -26,9 +26,15 @@ pack() { tar czf "$FINAL/${stage//+/_}.tar.gz" -C "$WORK" . ; }
 trap pack EXIT
 one_test() {
   timeout 300 python3 -m pytest "$1" -q -s -p no:cacheprovider -rA > "$WORK/test_${1##*::}.log" 2>&1
-  echo "[$(date +%T)] rc=$? $1"
+  local rc=$?  # before the date's command substitution resets $?
+  echo "[$(date +%T)] rc=$rc $1"
 }
 export -f one_test; export WORK
+probe_run() {  # SCRIPT PREFIX SECONDS NAME ARGS...: one variant of bench/SCRIPT in a fresh process, JSON and log in $WORK
+  timeout "$3" python3 "bench/$1" --out "$WORK/$2_$4.json" "${@:5}" > "$WORK/$2_$4.log" 2>&1
+  local rc=$?
+  echo "[$(date +%T)] rc=$rc $4"
+}
 each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
                # PAR of them at a time (default 1)
   python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::" \
@@ -95,10 +101,7 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/mod
     grep -hE "^\[|s/step|FAILED|Error" "$WORK"/bench_*.log | cut -c1-400 | tail -30 ;;
   probe)  # what each stage leaves outside PyTorch, each variant in a fresh process; the log-prob kernel's tiles
           # against its registers, spills, the memory outside PyTorch and its time (SmolLM2 LoRA and full shapes)
-    probe() {  # NAME ARGS...
-      timeout 90 python3 bench/probe_context_memory.py --out "$WORK/probe_$1.json" "${@:2}" > "$WORK/probe_$1.log" 2>&1
-      echo "[$(date +%T)] rc=$? $1"
-    }
+    probe() { probe_run probe_context_memory.py probe 90 "$@"; }
     lora=(--stages triton --shape 16384,576,49152 --frozen-weight)
     full=(--stages triton --shape 16384,576,49152)
     probe cublas --stages cublas
@@ -120,10 +123,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/probe_*.json")):
 PY
     ;;
   offload-memory)  # each variant in a fresh process: what one loads stays loaded
-    variant() {  # NAME ARGS...
-      timeout 150 python3 bench/probe_offload_memory.py --out "$WORK/offload_$1.json" "${@:2}" > "$WORK/offload_$1.log" 2>&1
-      echo "[$(date +%T)] rc=$? $1"
-    }
+    variant() { probe_run probe_offload_memory.py offload 150 "$@"; }
     variant compiled_offloaded --layers compiled --checkpoints offloaded
     variant compiled_plain --layers compiled --checkpoints plain
     variant eager_offloaded --layers eager --checkpoints offloaded

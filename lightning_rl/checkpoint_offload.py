@@ -51,7 +51,8 @@ def from_host(host: torch.Tensor, event: Any, device: torch.device) -> torch.Ten
     return host.to(device, non_blocking=True)
 
 
-def _autocast_state(device_type: str) -> dict[str, Any]:
+def autocast_arguments(device_type: str) -> dict[str, Any]:
+    """The ambient autocast of ``device_type`` as ``torch.autocast`` arguments (a backward's recompute restores it)."""
     return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
             "dtype": torch.get_autocast_dtype(device_type), "cache_enabled": torch.is_autocast_cache_enabled()}
 
@@ -88,7 +89,7 @@ class _OffloadedLayer(torch.autograd.Function):
                 offload: bool) -> Any:
         ctx.run, ctx.device, ctx.hidden_grad = run, hidden.device, hidden.requires_grad
         kinds = [hidden.device.type] + (["cpu"] if hidden.device.type != "cpu" else [])
-        ctx.autocast = [_autocast_state(kind) for kind in kinds]
+        ctx.autocast = [autocast_arguments(kind) for kind in kinds]
         cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.device.type == "cuda" else None
         ctx.rng = (torch.get_rng_state(), cuda_rng)
         ctx.offload, ctx.used = offload, False
@@ -191,5 +192,5 @@ def uses_reentrant_checkpoint(layer: nn.Module) -> bool:
     return getattr(layer, _REENTRANT, False)
 
 
-__all__ = ["from_host", "keep_layer_inputs", "offload_layer_inputs", "offloaded_checkpoint", "offloads_layer_inputs",
-           "to_host", "use_reentrant_checkpoint", "uses_reentrant_checkpoint"]
+__all__ = ["autocast_arguments", "from_host", "keep_layer_inputs", "offload_layer_inputs", "offloaded_checkpoint",
+           "offloads_layer_inputs", "to_host", "use_reentrant_checkpoint", "uses_reentrant_checkpoint"]

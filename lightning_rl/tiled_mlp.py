@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.checkpoint_offload import use_reentrant_checkpoint
+from lightning_rl.checkpoint_offload import autocast_arguments, use_reentrant_checkpoint
 from lightning_rl.compiled_layers import decoder_layers
 from lightning_rl.models import unwrap
 
@@ -44,13 +44,6 @@ def mlp_slices(hidden_size: int, intermediate_size: int | None) -> int:
     if not intermediate_size or hidden_size < 1:
         return 1
     return max(1, math.ceil(intermediate_size / hidden_size))
-
-
-def _autocast_state(device_type: str) -> dict[str, Any]:
-    """The ambient autocast of ``device_type``, as ``torch.autocast`` arguments (restored in the backward)."""
-    enabled = torch.is_autocast_enabled(device_type)
-    return {"device_type": device_type, "enabled": enabled,
-            "dtype": torch.get_autocast_dtype(device_type) if enabled else None}
 
 
 def sliced(run: Callable[[torch.Tensor], torch.Tensor], slices: int, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +77,7 @@ class TiledMLPFunction(torch.autograd.Function):
                 *params: torch.Tensor) -> torch.Tensor:
         """``run`` over the row slices of ``x`` (autograd runs it without gradients); keeps ``x`` only."""
         ctx.run, ctx.slices, ctx.params = run, slices, params
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_arguments(x.device.type)
         ctx.save_for_backward(x)
         return sliced(run, slices, x)
 

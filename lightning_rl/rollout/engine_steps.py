@@ -11,11 +11,10 @@ full collection pauses that loop while the engine core decodes on); the rollout'
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -119,24 +118,6 @@ class _CollectionTime:
             self._began = None
 
 
-@contextlib.contextmanager
-def startup_objects_frozen() -> Iterator[None]:
-    """Collect, then keep every object alive now out of the collections made inside (``gc.freeze``).
-
-    For a process whose loop receives the engine's steps: its startup leaves millions of long-lived objects
-    (torch, vLLM, the model's config and tokenizer), and every full collection would walk them all while the
-    engine core decodes on without it. vLLM freezes its worker's startup heap the same way. They are given back
-    to the collector on the way out: objects still frozen at the interpreter's exit make triton's bindings report
-    them as leaks.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def engine_step_timings(rollout: Any) -> dict[str, float]:
     """The :data:`EXTRAS_KEYS` a rollout's ``extras`` hold (none for an engine that does not time its steps)."""
     extras = getattr(rollout, "extras", None) or {}
@@ -153,4 +134,4 @@ def step_clock(llm: Any) -> StepClock:
 
 
 __all__ = ["EXTRAS_KEYS", "EngineSteps", "StepClock", "engine_step_timings", "engine_steps_from",
-           "startup_objects_frozen", "step_clock"]
+           "step_clock"]

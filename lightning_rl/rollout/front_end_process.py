@@ -30,7 +30,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_rl.rollout.engine_steps import EngineSteps, StepClock, startup_objects_frozen
+from lightning_rl.frozen_objects import objects_frozen
+from lightning_rl.rollout.engine_steps import EngineSteps, StepClock
 from lightning_rl.rollout.vllm_internals import main_module_hidden
 
 #: The calls the front end answers (anything else is refused).
@@ -117,7 +118,7 @@ def serve(conn: Any, factory: str, kwargs: Mapping[str, Any], parent: int) -> No
     except BaseException as err:  # noqa: BLE001 - the trainer raises it
         conn.send(_error_reply(0, err))
         return
-    with startup_objects_frozen():  # full collections walk only what the rollouts make
+    with objects_frozen():  # the startup's objects (torch, vLLM, the tokenizer): collections walk only the rollouts'
         _answer_calls(conn, internals)
 
 

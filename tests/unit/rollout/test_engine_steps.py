@@ -102,13 +102,3 @@ def test_rollout_extras_give_the_callback_its_timings():
                                             "engine_step_ms": 3.5, "engine_step_p90_ms": 4.1,
                                             "engine_step_max_ms": 12.0, "engine_gc_s": 0.3}
     assert engine_step_timings(SimpleNamespace(extras={})) == {}
-
-
-def test_startup_objects_are_frozen_inside_and_given_back_after_even_on_error():
-    from lightning_rl.rollout.engine_steps import startup_objects_frozen
-
-    assert gc.get_freeze_count() == 0
-    with pytest.raises(RuntimeError, match="engine died"), startup_objects_frozen():
-        assert gc.get_freeze_count() > 1000
-        raise RuntimeError("engine died")
-    assert gc.get_freeze_count() == 0
