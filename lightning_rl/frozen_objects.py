@@ -15,15 +15,22 @@ import gc
 from collections.abc import Iterator
 
 
-@contextlib.contextmanager
-def objects_frozen() -> Iterator[None]:
-    """Collect, then keep every object alive now out of the collections made inside; unfreeze on the way out."""
+def freeze_objects() -> None:
+    """Collect what is garbage now, then keep every object alive now out of later collections (``gc.unfreeze``
+    gives them back).
+    """
     gc.collect()
     gc.freeze()
+
+
+@contextlib.contextmanager
+def objects_frozen() -> Iterator[None]:
+    """:func:`freeze_objects` for the block; unfreeze on the way out."""
+    freeze_objects()
     try:
         yield
     finally:
         gc.unfreeze()
 
 
-__all__ = ["objects_frozen"]
+__all__ = ["freeze_objects", "objects_frozen"]

@@ -9,14 +9,14 @@ fits again free what this fit left behind.
 
 from __future__ import annotations
 
-import contextlib
+import gc
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_rl.frozen_objects import objects_frozen
+from lightning_rl.frozen_objects import freeze_objects
 
 
 class FreezeLongLivedObjects(Callback):
@@ -27,25 +27,19 @@ class FreezeLongLivedObjects(Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._frozen: contextlib.ExitStack | None = None
-
-    @property
-    def frozen(self) -> bool:
-        """Whether the objects are frozen now."""
-        return self._frozen is not None
+        self.frozen = False
 
     def freeze(self) -> None:
         """Collect what is garbage now, then freeze the rest (no-op when already frozen)."""
-        if self._frozen is None:
-            stack = contextlib.ExitStack()
-            stack.enter_context(objects_frozen())
-            self._frozen = stack
+        if not self.frozen:
+            freeze_objects()
+            self.frozen = True
 
     def unfreeze(self) -> None:
         """Give the frozen objects back to the collector (no-op when not frozen)."""
-        if self._frozen is not None:
-            self._frozen.close()
-            self._frozen = None
+        if self.frozen:
+            gc.unfreeze()
+            self.frozen = False
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -120,8 +120,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             for the backward (:mod:`lightning_rl.tiled_mlp`): the recomputed layer's ``[tokens, intermediate]``
             tensors exist for one slice at a time, for one more MLP forward; the memory plan counts it. Off by
             default: not yet measured end to end. Compiled layers with sliced MLPs checkpoint through the
-            library's reentrant checkpoint (:func:`~lightning_rl.tiled_mlp.check_tiling`; on CUDA CPU-tested only,
-            since PyTorch's checkpoint around them failed there); refused under FSDP2 sharding.
+            library's reentrant checkpoint (:func:`~lightning_rl.tiled_mlp.check_tiling`; PyTorch's checkpoint
+            around them failed on CUDA; on an H200 the compiled, packed case with offloaded inputs now trains as the
+            whole MLP does, the kept-input case is CPU-tested); refused under FSDP2 sharding.
         max_nonfinite_steps: consecutive optimizer steps with NaN/inf loss or gradients that are
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every

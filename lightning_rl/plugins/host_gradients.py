@@ -81,8 +81,7 @@ class HostGradients:
         for p in list(self._held.values()):
             p.grad = self.take(p, p.device)
         for p in self._parts.values():  # none outside a backward; kept as gradients if there were
-            back = self._part_buffers[id(p)].to(p.device, copy=True)
-            p.grad = back if p.grad is None else p.grad.add_(back)
+            self._part_into_grad(p, non_blocking=False)
         self._parts.clear()
         self._part_buffers.clear()
         self._watched.clear()
@@ -135,10 +134,13 @@ class HostGradients:
         """The backward's end: a handed-off part that no other use of its parameter joined leaves alone."""
         for key, p in list(self._parts.items()):
             del self._parts[key]  # taken here: _leave must not add it a second time
-            part = self._part_buffers[key]
-            back = part.to(p.device, non_blocking=part.is_pinned(), copy=True)
-            p.grad = back if p.grad is None else p.grad.add_(back)
+            self._part_into_grad(p, non_blocking=self._part_buffers[key].is_pinned())
             self._leave(p)
+
+    def _part_into_grad(self, p: nn.Parameter, non_blocking: bool) -> None:
+        """Add the handed-off part waiting for ``p`` (a device copy of it) into ``p.grad``, or make it the gradient."""
+        back = self._part_buffers[id(p)].to(p.device, non_blocking=non_blocking, copy=True)
+        p.grad = back if p.grad is None else p.grad.add_(back)
 
     # ----------------------------------------------------------------------------- the step
     def watches(self, p: nn.Parameter) -> bool:
