@@ -13,6 +13,7 @@
 #   bash bench/gpu_visit.sh probe            # probe_context_memory.py: each stage apart, the log-prob kernel's tiles
 #   bash bench/gpu_visit.sh offload-memory   # probe_offload_memory.py: memory outside PyTorch per update phase,
 #                                            # compiled or eager layers, offloaded or plain checkpoints (~3 min)
+#   bash bench/gpu_visit.sh host-step        # probe_host_step.py: one optimizer step of host masters three ways
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -122,6 +123,10 @@ for path in sorted(glob.glob(sys.argv[1] + "/probe_*.json")):
     print(path.rsplit("/", 1)[1], grow, k.get("fwd_bwd_ms"), [(x["kernel"], x["n_regs"], x["n_spills"]) for x in k.get("kernels", [])])
 PY
     ;;
+  host-step)  # the host masters' optimizer step streamed, overlapped or run by the CPU, each shape in its own process
+    probe_run probe_host_step.py host_step 240 qwen05 --shape qwen05
+    probe_run probe_host_step.py host_step 120 smollm2 --shape smollm2
+    cat "$WORK"/host_step_*.log ;;
   offload-memory)  # each variant in a fresh process: what one loads stays loaded
     variant() { probe_run probe_offload_memory.py offload 150 "$@"; }
     variant compiled_offloaded --layers compiled --checkpoints offloaded

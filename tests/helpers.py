@@ -77,6 +77,20 @@ def host_master_stepping(net: torch.nn.Module, lr: float, chunk_bytes: int, spli
     return masters, opt, streamer
 
 
+def small_lm(seed: int = 0) -> torch.nn.Sequential:
+    """An embedding, two linear layers and a 300-token head (CPU), seeded: a host-masters test model."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Embedding(300, 8), torch.nn.Linear(8, 24), torch.nn.GELU(),
+                               torch.nn.Linear(24, 300))
+
+
+def small_lm_backward(model: torch.nn.Module, step: int, part: int = 0) -> None:
+    """A bf16-autocast language-model loss of :func:`small_lm` on 3 rows of 7 ids (seeded) and its backward."""
+    x = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(100 * step + part))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().log_softmax(-1).mean().neg().backward()
+
+
 def tied_embedding_model(vocab: int, hidden: int, mid: torch.nn.Module) -> torch.nn.ModuleDict:
     """An embedding tied to the output head around ``mid``, on CUDA: a streamed step's largest parameter."""
     emb = torch.nn.Embedding(vocab, hidden)

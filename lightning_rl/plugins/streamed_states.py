@@ -32,6 +32,11 @@ are on the device at once instead of one. The destination tensors come from the 
 copy streams wait for it before writing), and those that leave are marked as used by the outgoing stream, so
 the allocator reuses no memory a copy still reads. Off by default (it costs up to two more chunks of memory).
 
+With ``host_step=True``, the weights whose fp32 masters, states and gradients all wait in host memory (host masters
+with :class:`~lightning_rl.plugins.host_gradients.HostGradients`) step on the CPU instead of through the device
+(:func:`~lightning_rl.plugins.host_step.step_on_host`, Adam and AdamW): only their rounded weights cross PCIe. The
+other parameters stream as above.
+
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers
 are stepped by the caller, once per optimizer step, as before.
@@ -48,6 +53,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_rl.cuda_streams import side_stream
+from lightning_rl.plugins.host_step import host_step_refusal, step_on_host
 
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
@@ -119,6 +125,7 @@ class StreamedOptimizerStates:
         free_grads: set each parameter's ``.grad`` to None right after its chunk has stepped.
         split_large: step a parameter whose states exceed ``chunk_bytes`` in row slices (Adam, AdamW, SGD).
         overlap_copies: on CUDA, bring the next chunk in and the last one out on side streams while a chunk steps.
+        host_step: step the weights whose masters and gradients wait in host memory on the CPU (Adam, AdamW).
     """
 
     def __init__(
@@ -128,6 +135,7 @@ class StreamedOptimizerStates:
         free_grads: bool = True,
         split_large: bool = False,
         overlap_copies: bool = False,
+        host_step: bool = False,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
@@ -136,6 +144,8 @@ class StreamedOptimizerStates:
         self.free_grads = free_grads
         self.split_large = split_large
         self.overlap_copies = overlap_copies
+        self.host_step = host_step
+        self._host_scratch: torch.Tensor | None = None  # the host step's fp32 gradients, kept from step to step
         self._copy_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self.storage = torch.device("cpu")
         # (id(parameter), state key) -> (CPU buffer, device the optimizer keeps that tensor on); the buffers
@@ -282,8 +292,10 @@ class StreamedOptimizerStates:
         from_host = {id(p) for p in params if p.grad is None}
         for p in params:
             p.grad = None
-        chunks = self.chunks(optimizer, params)
+        on_host = self._stepped_on_host(optimizer, params, from_host)
         cuda = any(p.is_cuda for p in params)
+        params = [p for p in params if id(p) not in on_host]
+        chunks = self.chunks(optimizer, params)
         done: set[int] = set()
         peak = 0
         rows: dict[int, int] = {}  # chunk index -> rows per slice (0: stepped whole), decided when first needed
@@ -296,6 +308,10 @@ class StreamedOptimizerStates:
         streams = self._streams_for(params) if self.overlap_copies and cuda else None
         ahead: dict[int, _Prefetched] = {}
         try:
+            if on_host:
+                stepped = [p for p in grads if id(p) in on_host]
+                self._host_scratch = step_on_host(optimizer, stepped, self.masters, held, run,  # type: ignore[arg-type]
+                                                  scratch=self._host_scratch)
             for i, chunk in enumerate(chunks):
                 if rows_of(i):
                     peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i),
@@ -345,6 +361,8 @@ class StreamedOptimizerStates:
             for p, g in grads.items():  # an error mid-way: the unstepped parameters get their gradients back
                 if g is None or (id(p) in done and self.free_grads):
                     continue
+                if id(p) in on_host and not held.holds(p):  # type: ignore[union-attr]
+                    continue  # stepped on the host (its buffer carried the new weights)
                 if held is not None and held.holds(p):
                     p.grad = None  # it still waits in host memory, for a retry
                 else:
@@ -353,6 +371,16 @@ class StreamedOptimizerStates:
                 torch.cuda.synchronize()  # the CPU copies are complete before anyone reads or reuses them
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
+
+    def _stepped_on_host(
+        self, optimizer: Optimizer, params: Sequence[nn.Parameter], from_host: set[int]
+    ) -> set[int]:
+        """``id`` of the parameters that step on the CPU: host masters whose gradients wait in host memory."""
+        if not self.host_step or self.masters is None or self.gradients is None:
+            return set()
+        if host_step_refusal(optimizer) is not None:
+            return set()
+        return {id(p) for p in params if self._manages(p) and id(p) in from_host}
 
     # ----------------------------------------------------------------------------- copies on side streams
     def _streams_for(self, params: Sequence[nn.Parameter]) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -527,23 +555,34 @@ class StreamedOptimizerStates:
         """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced).
 
         With ``overlap_copies``, two more chunks (of at most the second largest parameter's states) are in flight.
+        With ``host_step``, the states of host masters whose gradients go to the host count for nothing.
         """
         ratio = self._ratio(optimizer)
         sizes = [0, 0]  # the two largest parameters' states (a sliced one holds a chunk at most)
+        # with host_step the host masters' states never come to the device (when their gradients go to the host)
+        on_host = self.host_step and self.gradients is not None and host_step_refusal(optimizer) is None
+        through_device = 0
         for g in optimizer.param_groups:
             for p in g["params"]:
-                if p.requires_grad and not self._sliceable(optimizer, p):
-                    sizes = sorted([*sizes, self._estimated_state_bytes(optimizer, p, ratio)])[-2:]
+                if not p.requires_grad or (on_host and self._manages(p)):
+                    continue
+                nbytes = self._estimated_state_bytes(optimizer, p, ratio)
+                through_device += nbytes
+                if not self._sliceable(optimizer, p):
+                    sizes = sorted([*sizes, nbytes])[-2:]
+        if on_host:
+            total_state_bytes = min(total_state_bytes, through_device)
         states = min(total_state_bytes, max(self.chunk_bytes, sizes[1]))
         if self.overlap_copies:  # the chunk coming in and the one going out beside the one that steps
             states = min(total_state_bytes, states + 2 * max(self.chunk_bytes, sizes[0]))
-        if self.masters is not None and len(self.masters):
+        if self.masters is not None and len(self.masters) and not on_host:
             return 2 * states  # a chunk's fp32 masters and fp32 gradients: as many bytes as AdamW's two moments
         return states
 
     def clear(self) -> None:
-        """Forget the buffer bookkeeping (the optimizers keep their CPU states)."""
+        """Forget the buffer bookkeeping (the optimizers keep their CPU states) and the host step's scratch."""
         self._slots.clear()
+        self._host_scratch = None
 
 
 __all__ = ["StreamedOptimizerStates", "UnsupportedOptimizerError", "check_streamable"]

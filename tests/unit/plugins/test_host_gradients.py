@@ -2,27 +2,15 @@
 
 import pytest
 import torch
-from helpers import host_master_stepping
-from torch import nn
+from helpers import host_master_stepping, small_lm, small_lm_backward
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.plugins.host_gradients import HostGradients
 
 
-def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 300))
-
-
-def _backward(model, step, part=0):
-    x = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(100 * step + part))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x).float().log_softmax(-1).mean().neg().backward()
-
-
 def _setup(hold: bool):
     """A model with host masters streamed in 2 KB chunks (the embedding in slices); its gradients held or not."""
-    net = _net()
+    net = small_lm()
     masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048, split_large=True)
     plugin = MemoryAwarePrecision(master_weights="cpu")
     plugin._masters = masters
@@ -46,7 +34,7 @@ def test_held_gradients_step_as_gradients_on_the_device(micro_batches, clip):
         norms = []
         for step in range(3):
             for part in range(micro_batches):
-                _backward(net, step, part)
+                small_lm_backward(net, step, part)
             if hold:  # the managed gradients left the device as the backward produced them; the biases stayed
                 assert all(p.grad is None for p in masters.parameters())
                 assert len(held.held()) == 3 and all(p.grad is not None for n, p in net.named_parameters()
@@ -80,12 +68,12 @@ def test_held_gradients_step_as_gradients_on_the_device(micro_batches, clip):
 def test_a_skipped_step_drops_the_held_gradients():
     net, masters, opt, streamer, plugin, held = _setup(hold=True)
     ref, ref_masters, ref_opt, ref_streamer, _, _ = _setup(hold=False)
-    _backward(net, 0)  # a step that will be skipped (a NaN loss, say)
+    small_lm_backward(net, 0)  # a step that will be skipped (a NaN loss, say)
     assert held.held()
     opt.zero_grad(set_to_none=True)
     held.drop()
     for model, streamer_ in ((net, streamer), (ref, ref_streamer)):
-        _backward(model, 1)
+        small_lm_backward(model, 1)
         streamer_.step(opt if model is net else ref_opt)
     for (name, a), b in zip(ref.named_parameters(), net.parameters(), strict=True):
         want = ref_masters.master(a) if ref_masters.manages(a) else a
@@ -96,8 +84,8 @@ def test_a_skipped_step_drops_the_held_gradients():
 def test_an_error_mid_step_keeps_the_unstepped_gradients_held_for_a_retry():
     net, masters, opt, streamer, plugin, held = _setup(hold=True)
     ref, ref_masters, ref_opt, ref_streamer, _, _ = _setup(hold=False)
-    _backward(net, 0)
-    _backward(ref, 0)
+    small_lm_backward(net, 0)
+    small_lm_backward(ref, 0)
     calls = []
 
     def failing_step():
@@ -123,13 +111,13 @@ def test_detach_gives_held_gradients_back_and_stops_moving_them():
     net, masters, opt, streamer, plugin, held = _setup(hold=True)
     ref = _setup(hold=False)[0]
     for model in (net, ref):
-        _backward(model, 0)
+        small_lm_backward(model, 0)
     expected = {n: p.grad for n, p in ref.named_parameters()}
     assert all(expected[n] is not None for n in expected)
     held.detach()
     for n, p in net.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, expected[n]), n
-    _backward(net, 1)
+    small_lm_backward(net, 1)
     assert all(p.grad is not None for p in net.parameters()) and not held.held()
 
 
@@ -142,7 +130,7 @@ def test_held_gradients_of_fp32_parameters_step_as_gradients_on_the_device(micro
 
     runs = []
     for hold in (False, True):
-        net = _net()
+        net = small_lm()
         opt = torch.optim.AdamW(net.parameters(), lr=3e-2, weight_decay=0.1)
         streamer = StreamedOptimizerStates(chunk_bytes=2048, split_large=True)
         plugin = MemoryAwarePrecision()
@@ -154,7 +142,7 @@ def test_held_gradients_of_fp32_parameters_step_as_gradients_on_the_device(micro
         sources = []
         for step in range(3):
             for part in range(micro_batches):
-                _backward(net, step, part)
+                small_lm_backward(net, step, part)
             if hold:
                 assert all(p.grad is None for p in net.parameters()) and len(held.held()) == 5
                 sources = [held.host_gradient(p).clone() for p in net.parameters()]
@@ -180,7 +168,7 @@ def test_held_gradients_of_fp32_parameters_step_as_gradients_on_the_device(micro
 
 
 def test_the_plan_counts_gradients_sent_to_host_memory_as_the_two_largest_in_flight():
-    net = _net()
+    net = small_lm()
     held = HostGradients()
     held.attach([net[0].weight, net[1].weight, net[3].weight])  # not the biases
     sizes = {n: p.numel() * 4 for n, p in net.named_parameters()}

@@ -1,0 +1,83 @@
+"""The host masters' optimizer step run by the CPU on a GPU machine: the streamed step's updates, no device memory."""
+
+import time
+
+import pytest
+import torch
+from helpers import tied_embedding_backward, tied_embedding_model
+from torch import nn
+
+from lightning_rl import MemoryAwarePrecision
+from lightning_rl.plugins.host_gradients import HostGradients
+from lightning_rl.plugins.host_masters import HostMasterWeights
+from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _run(on_host: bool, steps: int = 3):
+    torch.manual_seed(0)
+    mid = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
+    model = tied_embedding_model(32000, 512, mid)
+    masters = HostMasterWeights(torch.bfloat16)
+    masters.attach(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)  # the modules' default
+    masters.watch_optimizer(opt)
+    held = HostGradients()
+    held.attach(masters.parameters())
+    streamer = StreamedOptimizerStates(chunk_bytes=8 << 20, split_large=True, host_step=on_host)
+    streamer.masters, streamer.gradients = masters, held
+    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin._masters, plugin._host_grads = masters, held
+    own = [p.data_ptr() for p in model.parameters()]
+    peaks, seconds = [], []
+    for step in range(steps):
+        tied_embedding_backward(model, step, tokens=64)
+        plugin.clip_grad_by_norm(opt, 0.5)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        streamer.step(opt)
+        seconds.append(time.perf_counter() - t0)
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        for p in masters.parameters():
+            assert torch.equal(p.data, masters.master(p).to(p.device, torch.bfloat16)), step
+    assert [p.data_ptr() for p in model.parameters()] == own  # an engine process's mapping stays valid
+    counters = [v for st in opt.state.values() for v in st.values() if v.dim() == 0]
+    assert counters and all(v.is_cuda and float(v) == steps for v in counters)  # where fused AdamW keeps them
+    weights = {n: (masters.master(p) if masters.manages(p) else p).detach().cpu().clone()
+               for n, p in model.named_parameters()}
+    states = {n: {k: v.cpu().clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    return weights, states, max(peaks), seconds
+
+
+def test_the_host_step_updates_as_the_streamed_step_and_holds_no_states_on_the_device():
+    weights_d, states_d, peak_d, sec_d = _run(False)
+    weights_h, states_h, peak_h, sec_h = _run(True)
+    for name, w in weights_d.items():
+        torch.testing.assert_close(weights_h[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        for k, v in states_d[name].items():
+            torch.testing.assert_close(states_h[name][k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+    print(f"step peak above the weights: streamed {peak_d / 2**20:.1f} MiB, on the host {peak_h / 2**20:.2f} MiB; "
+          f"seconds {[round(s, 4) for s in sec_d]} against {[round(s, 4) for s in sec_h]}")
+    # the streamed step holds at least a chunk of states (8 MiB) and the masters' fp32 copies; the host step
+    # only the biases' states and gradients
+    assert peak_d >= 8 << 20
+    assert peak_h <= 1 << 20
+
+
+def test_a_fit_with_step_on_host_trains_as_the_streamed_step_within_its_memory(bench):
+    case = bench.CASES["smollm2-135m-shape full"]
+    reference = MemoryAwarePrecision(master_weights="cpu")
+    streamed = bench.measure(case, reference, steps=2)
+    plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=True)
+    host = bench.measure(case, plugin, steps=2)
+    print(f"SmolLM2-135M shape, host masters: streamed step {streamed['peak_bytes'] / 2**30:.3f} GiB "
+          f"({streamed['seconds']:.1f} s), step on the host {host['peak_bytes'] / 2**30:.3f} GiB "
+          f"({host['seconds']:.1f} s)")
+    assert host["steps"] == streamed["steps"] == 2
+    # the host step leaves the norms to stream (one chunk); the streamed step also every linear weight's states
+    assert plugin._streamer is not None and plugin._streamer.host_step
+    assert plugin._streamer.last_chunks == 1 < reference._streamer.last_chunks
+    assert host["peak_bytes"] <= streamed["peak_bytes"] + (16 << 20)

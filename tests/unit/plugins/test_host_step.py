@@ -1,0 +1,166 @@
+"""The host masters' optimizer step run by the CPU: the same AdamW steps as the step streamed through the device."""
+
+import pytest
+import torch
+from helpers import host_master_stepping, small_lm, small_lm_backward
+from torch import nn
+
+from lightning_rl import MemoryAwarePrecision
+from lightning_rl.plugins.host_gradients import HostGradients
+from lightning_rl.plugins.host_step import chunks_by_numel, host_step_refusal, step_on_host
+
+
+def _setup(on_host: bool, chunk_bytes=2048):
+    net = small_lm()
+    masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=chunk_bytes, split_large=True)
+    held = HostGradients()
+    held.attach(masters.parameters())
+    streamer.gradients = held
+    streamer.host_step = on_host
+    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin._masters, plugin._host_grads = masters, held
+    return net, masters, opt, streamer, plugin, held
+
+
+def _snapshot(net, masters, opt):
+    weights = {n: (masters.master(p) if masters.manages(p) else p).clone() for n, p in net.named_parameters()}
+    states = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in net.named_parameters()}
+    return weights, states
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clipped"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_host_step_matches_the_streamed_step(micro_batches, clip):
+    """Three steps with one or two backwards each: masters and moments as the streamed step's (PyTorch's fused CPU
+    kernel against its plain one), the bf16 weights their rounded masters, the step counters where they were."""
+    runs = []
+    for on_host in (False, True):
+        net, masters, opt, streamer, plugin, held = _setup(on_host)
+        for step in range(3):
+            for part in range(micro_batches):
+                small_lm_backward(net, step, part)
+            if clip is not None:
+                plugin.clip_grad_by_norm(opt, clip)
+                assert float(masters.grad_scale) < 1
+            streamer.step(opt)
+            assert held.held() == [] and all(p.grad is None for p in net.parameters())
+            assert masters.grad_scale is None
+            for p in masters.parameters():  # the device copy is the master rounded, as the streamed step writes it
+                assert p.dtype == torch.bfloat16
+                torch.testing.assert_close(p.data, masters.master(p).to(torch.bfloat16), rtol=0, atol=0)
+        assert all(g.get("fused") is None and g.get("foreach") is None for g in opt.param_groups)  # put back
+        counters = [v for st in opt.state.values() for v in st.values() if v.dim() == 0]
+        assert counters and all(v.device.type == "cpu" and float(v) == 3 for v in counters)
+        runs.append(_snapshot(net, masters, opt))
+    (weights_a, states_a), (weights_b, states_b) = runs
+    moved = 0
+    for name, w in weights_a.items():
+        start = dict(small_lm().named_parameters())[name]
+        torch.testing.assert_close(weights_b[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int((w - start).abs().max() > 1e-3)
+    assert moved == len(weights_a)  # every parameter trained
+    for name, a in states_a.items():
+        assert a.keys() == states_b[name].keys()
+        for k in a:
+            torch.testing.assert_close(states_b[name][k], a[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+
+
+def test_only_the_biases_stream_through_the_step():
+    """With the host step the streamed chunks hold the biases only; without it every parameter makes a chunk."""
+    net, masters, opt, streamer, _, _ = _setup(True)
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    small_lm_backward(net, 0)
+    streamer.step(opt)
+    assert streamer.last_chunks == len(streamer.chunks(opt, biases)) >= 1
+    streamer.host_step = False
+    small_lm_backward(net, 1)
+    streamer.step(opt)
+    assert streamer.last_chunks > len(streamer.chunks(opt, biases))
+    for p in masters.parameters():
+        torch.testing.assert_close(p.data, masters.master(p).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_an_optimizer_without_a_fused_cpu_kernel_streams_instead():
+    """SGD has no fused CPU kernel: the streamer steps it through the device path, with the same result as there."""
+    results = []
+    for on_host in (False, True):
+        net = small_lm()
+        masters, _, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        masters.watch_optimizer(opt)
+        held = HostGradients()
+        held.attach(masters.parameters())
+        streamer.gradients, streamer.host_step = held, on_host
+        for step in range(2):
+            small_lm_backward(net, step)
+            streamer.step(opt)
+        results.append({n: masters.master(p).clone() for n, p in net.named_parameters() if masters.manages(p)})
+    for name, w in results[0].items():
+        torch.testing.assert_close(results[1][name], w, rtol=0, atol=0, msg=name)
+    assert "SGD" in host_step_refusal(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+    with pytest.raises(ValueError, match="cannot run on the host: SGD"):
+        step_on_host(opt, [], masters, held, opt.step)
+
+
+def test_refusals_name_the_setting():
+    p = nn.Parameter(torch.zeros(2))
+    assert host_step_refusal(torch.optim.AdamW([p], lr=0.1)) is None
+    assert "capturable=True" in host_step_refusal(torch.optim.Adam([p], lr=0.1, capturable=True))
+    assert "differentiable=True" in host_step_refusal(torch.optim.AdamW([p], lr=0.1, differentiable=True))
+    assert "not torch.optim.Adam or AdamW" in host_step_refusal(torch.optim.RMSprop([p], lr=0.1))
+
+
+def test_the_plugin_refuses_step_on_host_with_an_optimizer_it_cannot_step():
+    net = small_lm()
+    plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=True)
+    plugin._optimizers = [torch.optim.SGD(net.parameters(), lr=0.1)]
+    with pytest.raises(ValueError, match=r"step_on_host=True.*SGD.*use step_on_host=False"):
+        plugin._attach_host_masters(net, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # refused before anything moved
+
+
+def test_an_error_in_the_step_leaves_the_unstepped_gradients_held():
+    """The first chunk steps, the second raises: its weights and masters stay as they were, its gradients wait in
+    host memory for a retry, and the retry steps it like an uninterrupted step."""
+    net, masters, opt, streamer, _, held = _setup(True)
+    ref_net, ref_masters, ref_opt, ref_streamer, _, _ = _setup(True)
+    for n in (net, ref_net):
+        small_lm_backward(n, 0)
+    ref_streamer.step(ref_opt)
+    params = masters.parameters()
+    before = {id(p): masters.master(p).clone() for p in params}
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        opt.step()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        step_on_host(opt, params, masters, held, failing, chunk_numel=params[0].numel())
+    first, rest = params[0], params[1:]
+    assert not held.holds(first) and all(held.holds(p) for p in rest)
+    for p in rest:
+        torch.testing.assert_close(masters.master(p), before[id(p)], rtol=0, atol=0)
+        assert p.grad is None and p.dtype == torch.bfloat16
+    step_on_host(opt, rest, masters, held, opt.step)
+    for p, q in zip(params, ref_masters.parameters(), strict=True):
+        torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0)
+
+
+def test_chunks_by_numel_keep_the_order_and_put_a_large_parameter_alone():
+    ps = [nn.Parameter(torch.zeros(n)) for n in (3, 4, 10, 2, 2)]
+    assert [[p.numel() for p in c] for c in chunks_by_numel(ps, 8)] == [[3, 4], [10], [2, 2]]
+
+
+def test_the_scratch_buffer_is_kept_from_step_to_step():
+    """The fp32 gradients' buffer (hundreds of MB for a real model) is made once, not page-faulted in every step."""
+    net, masters, opt, streamer, _, _ = _setup(True)
+    ptrs = []
+    for step in range(2):
+        small_lm_backward(net, step)
+        streamer.step(opt)
+        ptrs.append(streamer._host_scratch.data_ptr())
+    assert ptrs[0] == ptrs[1]
+    assert streamer._host_scratch.numel() == sum(p.numel() for p in masters.parameters())  # one chunk: all of them
