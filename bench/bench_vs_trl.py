@@ -246,9 +246,13 @@ def versions() -> dict[str, str]:
 
 def summarize(steps: list[dict], warmup: int) -> dict:
     steady = steps[warmup:] or steps
-    med = lambda key: statistics.median(s[key] for s in steady) if steady and key in steady[0] else None  # noqa: E731
+    def med(key: str) -> float | None:
+        values = [s[key] for s in steady if s.get(key) is not None]
+        return statistics.median(values) if values else None
+
     return {"s_per_step": med("step_s"), "rollout_s": med("rollout_s"), "toggle_s": med("toggle_s"),
-            "train_s": med("train_s"), "update_s": med("update_s"), "steps_timed": len(steady)}
+            "train_s": med("train_s"), "update_s": med("update_s"), "optimizer_step_s": med("optimizer_step_s"),
+            "steps_timed": len(steady)}
 
 
 # ----------------------------------------------------------------------------- models
@@ -457,6 +461,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.memory["first_backward_end"] = sampler.breakdown()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after a rollout and a backward
+            self.before_step_at = time.perf_counter()
             self.memory.setdefault("first_optimizer_step", sampler.breakdown())
             # PyTorch's peak so far: the forwards' and backwards' (the plugin's train_peak_gib adds the step's)
             self.backward_peak_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -504,6 +509,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "step_nvml_process_peak_split_gib": sampler.take_step_peak_split_gib(),
                                "memory": sampler.breakdown(),
                                "backward_peak_gib": getattr(self, "backward_peak_gib", None),
+                               # from the optimizer step's hook to the batch's end, and the streamed step itself
+                               "after_backward_s": step_s - (getattr(self, "before_step_at", self.t0) - self.t0),
+                               "optimizer_step_s": getattr(getattr(trainer.precision_plugin, "_streamer", None),
+                                                           "last_step_seconds", None),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})

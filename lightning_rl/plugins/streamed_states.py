@@ -44,6 +44,7 @@ are stepped by the caller, once per optimizer step, as before.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,7 @@ class StreamedOptimizerStates:
         self._slots: dict[tuple[int, Any], tuple[torch.Tensor, torch.device]] = {}
         self.last_chunks = 0
         self.last_peak_chunk_bytes = 0
+        self.last_step_seconds = 0.0  # the last step's wall time, its device work included on CUDA
         self.masters: HostMasterWeights | None = None  # fp32 masters in host memory, streamed with the states
         self.gradients: HostGradients | None = None  # gradients the backward sent to host memory
 
@@ -282,6 +284,7 @@ class StreamedOptimizerStates:
                 (default ``optimizer.step()``); it must not run a closure (backward is done before).
         """
         check_streamable(optimizer)
+        started = time.perf_counter()
         run = step_fn or optimizer.step
         held = self.gradients
         params = [p for g in optimizer.param_groups for p in g["params"]
@@ -371,6 +374,7 @@ class StreamedOptimizerStates:
                 torch.cuda.synchronize()  # the CPU copies are complete before anyone reads or reuses them
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
+        self.last_step_seconds = time.perf_counter() - started  # after the final synchronize on CUDA
 
     def _stepped_on_host(
         self, optimizer: Optimizer, params: Sequence[nn.Parameter], from_host: set[int]
