@@ -165,3 +165,29 @@ def test_the_scratch_buffer_is_kept_from_step_to_step():
         ptrs.append(streamer._host_scratch.data_ptr())
     assert ptrs[0] == ptrs[1]
     assert streamer._host_scratch.numel() == sum(p.numel() for p in masters.parameters())  # one chunk: all of them
+
+
+def test_a_run_resumed_from_a_checkpoint_steps_on_as_one_that_never_stopped():
+    """Two host steps, the model's and optimizer's state dicts saved and loaded into a fresh set-up, a third step:
+    the same masters and moments as three steps in one go."""
+    whole = _setup(True)
+    for step in range(3):
+        small_lm_backward(whole[0], step)
+        whole[3].step(whole[2])
+    first = _setup(True)
+    for step in range(2):
+        small_lm_backward(first[0], step)
+        first[3].step(first[2])
+    model_state = {k: v.clone() for k, v in first[0].state_dict().items()}
+    optimizer_state = first[2].state_dict()
+    resumed = _setup(True)
+    resumed[0].load_state_dict(model_state)
+    resumed[2].load_state_dict(optimizer_state)
+    small_lm_backward(resumed[0], 2)
+    resumed[3].step(resumed[2])
+    weights_a, states_a = _snapshot(whole[0], whole[1], whole[2])
+    weights_b, states_b = _snapshot(resumed[0], resumed[1], resumed[2])
+    for name, w in weights_a.items():
+        torch.testing.assert_close(weights_b[name], w, rtol=0, atol=0, msg=name)
+        for k, v in states_a[name].items():
+            torch.testing.assert_close(states_b[name][k], v, rtol=0, atol=0, msg=f"{name} {k}")
