@@ -786,7 +786,9 @@ def main() -> None:
             if ok:
                 run.update(json.loads(Path(result_path).read_text()))
                 r = run
-                print(f"   {r['s_per_step']:.3f} s/step (rollout {r['rollout_s']:.3f}, train {r['train_s']:.3f}); "
+                step = r.get("optimizer_step_s")  # the streamed or host optimizer step, when the plugin streams
+                print(f"   {r['s_per_step']:.3f} s/step (rollout {r['rollout_s']:.3f}, train {r['train_s']:.3f}"
+                      + ("" if step is None else f", optimizer step {step:.3f}") + "); "
                       f"peak NVML device {r['peak_nvml_device_gib']:.2f} GiB, process {r['peak_nvml_process_gib']}; "
                       f"torch {r['peak_torch_allocated_gib']:.2f} GiB; rewards {[round(x, 2) for x in r['rewards']]}"
                       + (f"; {r.get('resolved')}" if "resolved" in r else ""), flush=True)
