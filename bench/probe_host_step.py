@@ -65,9 +65,9 @@ def measure(shape: str, way: str, steps: int) -> dict:
                                        host_step=way == "host")
     streamer.masters, streamer.gradients = masters, held
     seconds, peaks = [], []
+    cuda = DEVICE.type == "cuda"
     for step in range(steps + 1):
         backward(net, step)
-        cuda = DEVICE.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -81,7 +81,7 @@ def measure(shape: str, way: str, steps: int) -> dict:
             peaks.append(torch.cuda.max_memory_allocated() - base if cuda else 0)
     params = sum(p.numel() for p in masters.parameters())
     del net, opt, streamer, masters, held
-    if DEVICE.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     return {"seconds": statistics.median(seconds), "all_seconds": seconds, "peak_mib": max(peaks) / 2**20,
             "params": params}

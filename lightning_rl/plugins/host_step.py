@@ -164,10 +164,12 @@ def step_on_host(
 
 
 def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
-    """Whether ``optimizer`` keeps ``p``'s step counters on ``p``'s device (fused or capturable groups)."""
+    """Whether ``optimizer`` keeps ``p``'s step counters on ``p``'s device: its group is fused (a capturable one,
+    the other such case, never steps on the host).
+    """
     for g in optimizer.param_groups:
         if any(q is p for q in g["params"]):
-            return bool(g.get("fused") or g.get("capturable"))
+            return bool(g.get("fused"))
     return False
 
 

@@ -376,13 +376,16 @@ class StreamedOptimizerStates:
         self.last_peak_chunk_bytes = peak
         self.last_step_seconds = time.perf_counter() - started  # after the final synchronize on CUDA
 
+    def _steps_on_host(self, optimizer: Optimizer) -> bool:
+        """Whether host masters whose gradients wait in host memory step on the CPU (``host_step``, Adam/AdamW)."""
+        return (self.host_step and self.masters is not None and self.gradients is not None
+                and host_step_refusal(optimizer) is None)
+
     def _stepped_on_host(
         self, optimizer: Optimizer, params: Sequence[nn.Parameter], from_host: set[int]
     ) -> set[int]:
         """``id`` of the parameters that step on the CPU: host masters whose gradients wait in host memory."""
-        if not self.host_step or self.masters is None or self.gradients is None:
-            return set()
-        if host_step_refusal(optimizer) is not None:
+        if not self._steps_on_host(optimizer):
             return set()
         return {id(p) for p in params if self._manages(p) and id(p) in from_host}
 
@@ -564,7 +567,7 @@ class StreamedOptimizerStates:
         ratio = self._ratio(optimizer)
         sizes = [0, 0]  # the two largest parameters' states (a sliced one holds a chunk at most)
         # with host_step the host masters' states never come to the device (when their gradients go to the host)
-        on_host = self.host_step and self.gradients is not None and host_step_refusal(optimizer) is None
+        on_host = self._steps_on_host(optimizer)
         through_device = 0
         for g in optimizer.param_groups:
             for p in g["params"]:
