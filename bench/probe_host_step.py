@@ -1,5 +1,5 @@
-"""Time one optimizer step of host-master weights three ways: streamed through the device, streamed with overlapped
-copies, and run by the CPU (``MemoryAwarePrecision(step_on_host=True)``).
+"""Time one optimizer step of host-master weights several ways: streamed through the device, streamed with overlapped
+copies, run by the CPU (``MemoryAwarePrecision(step_on_host=True)``), or a share by each at once (``step_on_host=0.5``).
 
 Run on the GPU machine: ``python3 bench/probe_host_step.py --shape qwen05 --out FILE``. The parameters have a model
 shape's linear weights and embeddings (bf16 on the device, fp32 masters in pinned host memory, gradients sent to
@@ -52,7 +52,23 @@ def backward(net: nn.Module, step: int) -> None:
 
 
 def measure(shape: str, way: str, steps: int) -> dict:
-    """One way's seconds per step and device peak above the weights."""
+    """One way's seconds per step and device peak above the weights.
+
+    ``streamed``, ``overlapped`` (copies on side streams) or ``host``; ``host:S`` steps the share S of the elements
+    on the host while the rest streams (``host:S/overlapped``: with overlapped copies); ``@N`` after any of them
+    runs the CPU's work on N threads.
+    """
+    way, _, threads = way.partition("@")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _measure(shape, way, steps)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(shape: str, way: str, steps: int) -> dict:
     torch.manual_seed(0)
     net = model(shape)
     masters = HostMasterWeights(torch.bfloat16)
@@ -61,8 +77,11 @@ def measure(shape: str, way: str, steps: int) -> dict:
     masters.watch_optimizer(opt)
     held = HostGradients()
     held.attach(masters.parameters())
-    streamer = StreamedOptimizerStates(chunk_bytes=128 << 20, split_large=True, overlap_copies=way == "overlapped",
-                                       host_step=way == "host")
+    kind, _, rest = way.partition(":")
+    share, _, copies = rest.partition("/")
+    host_step = float(share) if share else kind == "host"
+    streamer = StreamedOptimizerStates(chunk_bytes=128 << 20, split_large=True, host_step=host_step,
+                                       overlap_copies="overlapped" in (kind, copies))
     streamer.masters, streamer.gradients = masters, held
     seconds, peaks = [], []
     cuda = DEVICE.type == "cuda"
@@ -91,7 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen05")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--ways", default="streamed,overlapped,host")
+    parser.add_argument("--ways", default="streamed,overlapped,host",
+                        help="comma-separated: streamed, overlapped, host, host:SHARE[/overlapped], each with an "
+                             "optional @N (N CPU threads)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"

@@ -5,18 +5,23 @@ states too (:class:`~lightning_rl.plugins.streamed_states.StreamedOptimizerState
 the backward (:class:`~lightning_rl.plugins.host_gradients.HostGradients`), a step on the device copies each
 chunk's master, moments and gradient in and the master and moments out: 26 bytes per AdamW parameter across PCIe
 (7 GB in and 6 GB out for a Qwen2.5-0.5B shape), with the device busy beside a rollout engine that generates
-meanwhile. :func:`step_on_host` steps those parameters on the CPU instead, in chunks:
+meanwhile. :class:`HostStep` steps those parameters on the CPU instead, in chunks:
 
 1. each gradient is upcast into an fp32 scratch buffer (times the gradient-clipping factor, when set);
-2. the optimizer, pointed at the masters and switched to its fused kernel, steps the masters and the moments in
-   place in host memory;
+2. an optimizer of the same type and settings over stand-ins for the parameters (views of their masters), with
+   PyTorch's fused kernel, steps the masters and the moments in place in host memory;
 3. each master is rounded into its gradient's pinned host buffer, free once upcast, and that buffer is copied to
-   the parameter's own device storage asynchronously, on the current stream, while the CPU steps the next chunk.
+   the parameter's own device storage asynchronously, on the caller's stream, while the CPU steps the next chunk.
 
 Only the compute-dtype weights cross PCIe (2 bytes per parameter) and the device runs no kernel. The update is the
 same AdamW step as on the device: the same fp32 values in, PyTorch's fused kernel for the CPU instead of the one for
 CUDA (they may differ in the last bits of a few elements). The next backward writes its gradients into the same
 host buffers with copies queued on the same stream, so they wait for the weight copies that read them.
+
+The CPU and the PCIe link are separate resources: the streamer runs a :class:`HostStep` on a thread of its own while
+it streams the other parameters through the device, and :func:`host_share` picks which host masters step where.
+The step never sets a gradient on the real parameters and never adds a key to ``optimizer.state`` until
+:meth:`HostStep.finish`, so the streamer's own ``optimizer.step()`` calls meanwhile only see their chunk.
 
 Adam and AdamW (the modules' default optimizer) only, without ``capturable`` or ``differentiable``
 (:func:`host_step_refusal`).
@@ -24,8 +29,9 @@ Adam and AdamW (the modules' default optimizer) only, without ``capturable`` or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import logging
+import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +41,8 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
     from lightning_rl.plugins.host_masters import HostMasterWeights
+
+log = logging.getLogger(__name__)
 
 _STEPPED_ON_HOST = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -53,17 +61,6 @@ def host_step_refusal(optimizer: Optimizer) -> str | None:
     return None
 
 
-def _counters(optimizer: Optimizer, params: Sequence[nn.Parameter]) -> list[tuple[dict[str, Any], str, torch.device]]:
-    """``(state, key, device)`` of the zero-dimensional state tensors (step counters) of ``params``."""
-    out = []
-    for p in params:
-        state = optimizer.state.get(p) or {}
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.dim() == 0:
-                out.append((state, key, value.device))
-    return out
-
-
 def _move_counters(entries: list[tuple[dict[str, Any], str, torch.device]], to: torch.device | None) -> None:
     """Move the counters to ``to`` (None: back to the device each came from) in one copy per device."""
     by_device: dict[tuple[torch.device, torch.device], list[tuple[dict[str, Any], str]]] = {}
@@ -75,19 +72,6 @@ def _move_counters(entries: list[tuple[dict[str, Any], str, torch.device]], to: 
         moved = torch.stack([state[key] for state, key in items]).to(dst)
         for (state, key), value in zip(items, moved.unbind(), strict=True):
             state[key] = value.clone()  # a tensor of its own, as the optimizer made it
-
-
-@contextmanager
-def _fused_kernel(optimizer: Optimizer) -> Iterator[None]:
-    """Within: every group of ``optimizer`` runs PyTorch's fused kernel (on the CPU: one pass per tensor)."""
-    before = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
-    try:
-        for g in optimizer.param_groups:
-            g["fused"], g["foreach"] = True, False
-        yield
-    finally:
-        for g, (fused, foreach) in zip(optimizer.param_groups, before, strict=True):
-            g["fused"], g["foreach"] = fused, foreach
 
 
 def chunks_by_numel(params: Sequence[nn.Parameter], numel: int) -> list[list[nn.Parameter]]:
@@ -106,61 +90,180 @@ def chunks_by_numel(params: Sequence[nn.Parameter], numel: int) -> list[list[nn.
     return out
 
 
-def step_on_host(
-    optimizer: Optimizer,
-    params: Sequence[nn.Parameter],
-    masters: HostMasterWeights,
-    gradients: HostGradients,
-    run: Callable[[], Any],
-    chunk_numel: int = 32 * 1024**2,
-    scratch: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """Step ``params`` (host-master weights whose gradients wait in host memory) on the CPU, chunk by chunk.
+
+
+def host_share(params: Sequence[nn.Parameter], share: float) -> set[int]:
+    """``id`` of the parameters to step on the CPU: about ``share`` of the elements of ``params``, largest first.
+
+    The rest stream through the device at the same time, so the two sides should end together: each parameter goes
+    to the CPU while it fits in the CPU's share. ``share >= 1`` takes all of them, ``share <= 0`` none.
+    """
+    if share >= 1:
+        return {id(p) for p in params}
+    budget = share * sum(p.numel() for p in params)
+    taken, out = 0, set()
+    for p in sorted(params, key=lambda q: q.numel(), reverse=True):
+        if taken + p.numel() <= budget:
+            out.add(id(p))
+            taken += p.numel()
+    return out
+
+
+class HostStep:
+    """One optimizer step of some host-master weights on the CPU, inline or on a thread of its own.
+
+    Made in the caller's thread (it waits for the backward's copies into the host buffers), started there, and
+    ended there by :meth:`finish`, which installs the new states and releases the stepped gradients. Meanwhile it
+    reads ``optimizer.state`` and ``optimizer.param_groups`` but changes neither.
 
     Args:
-        optimizer: Adam or AdamW holding ``params`` (:func:`host_step_refusal` says None); every other parameter's
-            ``.grad`` must be None, so that ``run`` steps only the chunk in hand.
+        optimizer: Adam or AdamW holding ``params`` (:func:`host_step_refusal` says None).
         params: parameters :meth:`HostMasterWeights.manages` and :meth:`HostGradients.holds`.
         masters: their fp32 masters; :attr:`HostMasterWeights.grad_scale` is the clipping factor, when set.
-        gradients: their gradients; each buffer carries the stepped weights to the device afterwards, so the
-            gradients are released (not held any more) as their chunk steps.
-        run: one optimizer step over the parameters whose gradients are visible.
-        chunk_numel: elements stepped per call of ``run`` (the fp32 scratch buffer holds as many, or one larger
-            parameter).
-        scratch: the fp32 buffer an earlier call returned, used again when large enough: a fresh one of hundreds
+        gradients: their gradients; each buffer carries the stepped weights to the device afterwards.
+        chunk_numel: elements stepped at once (the fp32 scratch buffer holds as many, or one larger parameter).
+        scratch: the fp32 buffer an earlier step returned, used again when large enough: a fresh one of hundreds
             of MB costs its page faults on every step.
-
-    Returns:
-        The scratch buffer, for the next call (None when there was nothing to step).
 
     Raises:
         ValueError: ``optimizer`` cannot step on the CPU (:func:`host_step_refusal`).
     """
-    refusal = host_step_refusal(optimizer)
-    if refusal is not None:
-        raise ValueError(f"the optimizer step cannot run on the host: {refusal}")
-    if not params:
-        return scratch
-    for device in {p.device for p in params if p.is_cuda}:  # the backward's copies into the host buffers are done
-        torch.cuda.synchronize(device)
-    scale = None if masters.grad_scale is None else float(masters.grad_scale)
-    chunks = chunks_by_numel(params, chunk_numel)
-    need = max(sum(p.numel() for p in c) for c in chunks)
-    if scratch is None or scratch.numel() < need:
-        scratch = torch.empty(need, dtype=torch.float32)
-    counters = _counters(optimizer, params)
-    _move_counters(counters, torch.device("cpu"))
-    first = [p for p in params if not optimizer.state.get(p)]  # their states are made by this step, on the CPU
-    try:
-        with _fused_kernel(optimizer), torch.no_grad():
-            for chunk in chunks:
-                _step_chunk(optimizer, chunk, masters, gradients, run, scratch, scale)
-    finally:
-        # the counters go back; those the first step made go where the optimizer would have made them
-        made = [(state, key, p.device if _on_device(optimizer, p) else torch.device("cpu"))
-                for p in first for state, key, _ in _counters(optimizer, [p])]
-        _move_counters(counters + made, None)
-    return scratch
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        params: Sequence[nn.Parameter],
+        masters: HostMasterWeights,
+        gradients: HostGradients,
+        chunk_numel: int = 32 * 1024**2,
+        scratch: torch.Tensor | None = None,
+    ) -> None:
+        refusal = host_step_refusal(optimizer)
+        if refusal is not None:
+            raise ValueError(f"the optimizer step cannot run on the host: {refusal}")
+        self.optimizer, self.params, self.masters, self.gradients = optimizer, list(params), masters, gradients
+        for device in {p.device for p in self.params if p.is_cuda}:  # the backward's copies into the buffers are done
+            torch.cuda.synchronize(device)
+        # the weights' copies go on the caller's streams, where the next forward and backward find them ordered
+        self._streams = {p.device: torch.cuda.current_stream(p.device) for p in self.params if p.is_cuda}
+        self._scale = None if masters.grad_scale is None else float(masters.grad_scale)
+        self._chunks = chunks_by_numel(self.params, chunk_numel)
+        need = max((sum(p.numel() for p in c) for c in self._chunks), default=0)
+        if need and (scratch is None or scratch.numel() < need):
+            scratch = torch.empty(need, dtype=torch.float32)
+        self.scratch = scratch
+        self.stepped: list[nn.Parameter] = []
+        self._states: dict[int, dict[str, Any]] = {}  # the stepped parameters' new states, installed by finish()
+        self._made: set[int] = set()  # those whose states this step made (their first step)
+        self._returning: list[tuple[dict[str, Any], str, torch.device]] = []  # stepped counters, to go back
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, background: bool = True) -> HostStep:
+        """Step, on a thread of its own (``background``) or here and now. Returns ``self``."""
+        if background and self.params:
+            self._thread = threading.Thread(target=self._run, name="lightning-rl host step", daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+        return self
+
+    def step_now(self) -> torch.Tensor | None:
+        """Step here and now, and finish. Returns the scratch buffer, for the next step.
+
+        Raises:
+            Exception: what the step raised; the parameters it had not stepped keep their held gradients.
+        """
+        error = self.start(background=False).finish()
+        if error is not None:
+            raise error
+        return self.scratch
+
+    def finish(self) -> BaseException | None:
+        """Wait for the step, install the stepped parameters' states and release their gradients.
+
+        Returns the error the step raised, if any: the parameters it had not stepped keep their masters, states
+        and held gradients, for a retry.
+        """
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        made = []  # counters of states made by this step go where the optimizer itself would have made them
+        for p in self.stepped:
+            if id(p) in self._made:
+                home = p.device if _on_device(self.optimizer, p) else torch.device("cpu")
+                made += [(state, key, home) for state, key, _ in _counters_of(self._states[id(p)])]
+        _move_counters(self._returning + made, None)
+        for p in self.stepped:
+            self.optimizer.state[p] = self._states[id(p)]
+            self.gradients.release(p)
+        return self._error
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                views = {}
+                for p in self.params:  # shallow copies: the moments are stepped in place, the counters replaced
+                    state = self.optimizer.state.get(p)
+                    views[id(p)] = dict(state) if state else {}
+                    if not state:
+                        self._made.add(id(p))
+                counters = {id(p): _counters_of(views[id(p)]) for p in self.params}
+                _move_counters([e for entries in counters.values() for e in entries], torch.device("cpu"))
+                for chunk in self._chunks:
+                    self._step_chunk(chunk, views)
+                    # moved back only for stepped parameters: an unstepped one's real state was never touched
+                    self._returning += [e for p in chunk for e in counters[id(p)]]
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by finish()
+            self._error = err
+
+    def _step_chunk(self, chunk: Sequence[nn.Parameter], views: dict[int, dict[str, Any]]) -> None:
+        """Step one chunk's masters on the CPU, then send the rounded weights to the device through the grad buffers."""
+        stand_ins = []
+        offset = 0
+        for p in chunk:
+            grad = self.scratch[offset:offset + p.numel()].view(p.shape)  # type: ignore[index]
+            offset += p.numel()
+            grad.copy_(self.gradients.host_gradient(p))
+            if self._scale is not None:
+                grad.mul_(self._scale)
+            stand_in = nn.Parameter(self.masters.master(p))  # the master's own storage
+            stand_in.grad = grad
+            stand_ins.append(stand_in)
+        view = _view_optimizer(self.optimizer, chunk, stand_ins)
+        for p, stand_in in zip(chunk, stand_ins, strict=True):
+            if views[id(p)]:
+                view.state[stand_in] = views[id(p)]
+        view.step()
+        for p, stand_in in zip(chunk, stand_ins, strict=True):
+            self._states[id(p)] = views[id(p)] = view.state[stand_in]
+        for p in chunk:  # the master's new values, rounded, reach the device through its gradient's pinned buffer
+            buf = self.gradients.host_gradient(p)
+            buf.copy_(self.masters.master(p))
+            if p.is_cuda:
+                with torch.cuda.stream(self._streams[p.device]):
+                    p.data.copy_(buf, non_blocking=buf.is_pinned())
+            else:
+                p.data.copy_(buf)
+            self.stepped.append(p)
+
+
+def _counters_of(state: dict[str, Any]) -> list[tuple[dict[str, Any], str, torch.device]]:
+    """``(state, key, device)`` of a state dict's zero-dimensional tensors (step counters)."""
+    return [(state, k, v.device) for k, v in state.items() if torch.is_tensor(v) and v.dim() == 0]
+
+
+def _view_optimizer(optimizer: Optimizer, chunk: Sequence[nn.Parameter], stand_ins: Sequence[nn.Parameter]
+                    ) -> Optimizer:
+    """An optimizer of ``optimizer``'s type over ``stand_ins``, each in its parameter's group, with the fused kernel."""
+    by_id = {id(p): s for p, s in zip(chunk, stand_ins, strict=True)}
+    groups = []
+    for g in optimizer.param_groups:
+        mine = [by_id[id(p)] for p in g["params"] if id(p) in by_id]
+        if mine:
+            settings = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**settings, "params": mine, "fused": True, "foreach": False})
+    return type(optimizer)(groups)
 
 
 def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
@@ -173,38 +276,4 @@ def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
     return False
 
 
-def _step_chunk(
-    optimizer: Optimizer,
-    chunk: Sequence[nn.Parameter],
-    masters: HostMasterWeights,
-    gradients: HostGradients,
-    run: Callable[[], Any],
-    scratch: torch.Tensor,
-    scale: float | None,
-) -> None:
-    """Step one chunk's masters on the CPU, then send the rounded weights to the device through the grad buffers."""
-    own: list[torch.Tensor] = []
-    offset = 0
-    try:
-        for p in chunk:
-            grad = scratch[offset:offset + p.numel()].view(p.shape)
-            offset += p.numel()
-            grad.copy_(gradients.host_gradient(p))
-            if scale is not None:
-                grad.mul_(scale)
-            own.append(p.data)
-            p.data = masters.master(p)
-            p.grad = grad
-        run()
-    finally:
-        for p, data in zip(chunk, own, strict=False):
-            p.grad = None
-            p.data = data
-    for p in chunk:  # the master's new values, rounded, reach the device through its gradient's pinned buffer
-        buf = gradients.host_gradient(p)
-        buf.copy_(masters.master(p))
-        p.data.copy_(buf, non_blocking=buf.is_pinned())
-        gradients.release(p)
-
-
-__all__ = ["chunks_by_numel", "host_step_refusal", "step_on_host"]
+__all__ = ["HostStep", "chunks_by_numel", "host_share", "host_step_refusal"]

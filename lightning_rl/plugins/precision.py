@@ -226,8 +226,10 @@ class MemoryAwarePrecision(Precision):
             optimizer step on the CPU, where masters, states and gradients already are, instead of streaming them
             through the device: only the rounded weights cross PCIe (2 bytes per parameter instead of 26 for
             AdamW) and the device runs no kernel beside the rollout engine (:mod:`~lightning_rl.plugins.host_step`).
-            Adam and AdamW only; the other parameters (norms, biases) stream as before. Off by default: not yet
-            measured against the streamed step on a GPU.
+            A number in (0, 1) steps that share of those weights' elements on the CPU (the largest weights first)
+            while the rest stream through the device at the same time. Adam and AdamW only; the other parameters
+            (norms, biases) stream as before. Off by default: not yet measured end to end against the streamed
+            step on a GPU.
     """
 
     def __init__(
@@ -252,7 +254,7 @@ class MemoryAwarePrecision(Precision):
         split_large_parameters: bool = True,
         overlap_state_copies: bool = False,
         gradients_to_host: bool = True,
-        step_on_host: bool = False,
+        step_on_host: bool | float = False,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -302,7 +304,10 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self.gradients_to_host = bool(gradients_to_host)
-        self.step_on_host = bool(step_on_host)
+        if isinstance(step_on_host, str) or not 0 <= float(step_on_host) <= 1:
+            raise ValueError(f"MemoryAwarePrecision(step_on_host={step_on_host!r}): use True, False or the share of "
+                             "the host masters' elements to step on the CPU, a number in [0, 1]")
+        self.step_on_host: bool | float = step_on_host if isinstance(step_on_host, bool) else float(step_on_host)
         self._masters: HostMasterWeights | None = None
         self._host_grads: HostGradients | None = None  # the masters' gradients, sent to host memory by the backward
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
@@ -588,8 +593,9 @@ class MemoryAwarePrecision(Precision):
                                                 "masters chunk by chunk with the states: use master_weights='device' "
                                                 "with this optimizer)") from why
             if self.step_on_host and (refusal := host_step_refusal(opt)) is not None:
-                raise ValueError(f"MemoryAwarePrecision(step_on_host=True) steps the host masters on the CPU with "
-                                 f"Adam or AdamW, and {refusal}: use step_on_host=False with this optimizer")
+                raise ValueError(f"MemoryAwarePrecision(step_on_host={self.step_on_host}) steps the host masters on "
+                                 f"the CPU with Adam or AdamW, and {refusal}: use step_on_host=False with this "
+                                 "optimizer")
         if self._streamer is None:
             self._streamer = self._new_streamer()
         self._masters = HostMasterWeights(self.compute_dtype)

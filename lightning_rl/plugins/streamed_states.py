@@ -34,8 +34,10 @@ the allocator reuses no memory a copy still reads. Off by default (it costs up t
 
 With ``host_step=True``, the weights whose fp32 masters, states and gradients all wait in host memory (host masters
 with :class:`~lightning_rl.plugins.host_gradients.HostGradients`) step on the CPU instead of through the device
-(:func:`~lightning_rl.plugins.host_step.step_on_host`, Adam and AdamW): only their rounded weights cross PCIe. The
-other parameters stream as above.
+(:class:`~lightning_rl.plugins.host_step.HostStep`, Adam and AdamW): only their rounded weights cross PCIe. The
+CPU steps them on a thread of its own while the other parameters stream as above. With a share in (0, 1) instead
+(``host_step=0.5``), that share of those weights' elements steps on the CPU and the rest streams through the device
+at the same time: the CPU's memory bandwidth and the PCIe link each carry part of the step.
 
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers
@@ -44,6 +46,7 @@ are stepped by the caller, once per optimizer step, as before.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +57,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_rl.cuda_streams import side_stream
-from lightning_rl.plugins.host_step import host_step_refusal, step_on_host
+from lightning_rl.plugins.host_step import HostStep, host_share, host_step_refusal
 
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
     from lightning_rl.plugins.host_masters import HostMasterWeights
 
+log = logging.getLogger(__name__)
 MiB = 1024**2
 _UNSUPPORTED = ("LBFGS",)
 _DEFAULT_STATE_RATIO = 2.0  # AdamW: two moments in the parameter's dtype
@@ -126,7 +130,8 @@ class StreamedOptimizerStates:
         free_grads: set each parameter's ``.grad`` to None right after its chunk has stepped.
         split_large: step a parameter whose states exceed ``chunk_bytes`` in row slices (Adam, AdamW, SGD).
         overlap_copies: on CUDA, bring the next chunk in and the last one out on side streams while a chunk steps.
-        host_step: step the weights whose masters and gradients wait in host memory on the CPU (Adam, AdamW).
+        host_step: step the weights whose masters and gradients wait in host memory on the CPU (Adam, AdamW):
+            True for all of them, a float in (0, 1) for that share of their elements (the rest stream meanwhile).
     """
 
     def __init__(
@@ -136,10 +141,12 @@ class StreamedOptimizerStates:
         free_grads: bool = True,
         split_large: bool = False,
         overlap_copies: bool = False,
-        host_step: bool = False,
+        host_step: bool | float = False,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if not 0 <= float(host_step) <= 1:
+            raise ValueError(f"host_step must be True, False or a share in [0, 1], got {host_step!r}")
         self.chunk_bytes = int(chunk_bytes)
         self.pin_memory = pin_memory
         self.free_grads = free_grads
@@ -310,11 +317,14 @@ class StreamedOptimizerStates:
 
         streams = self._streams_for(params) if self.overlap_copies and cuda else None
         ahead: dict[int, _Prefetched] = {}
+        host: HostStep | None = None
+        host_error: BaseException | None = None
+        failed = False
         try:
-            if on_host:
-                stepped = [p for p in grads if id(p) in on_host]
-                self._host_scratch = step_on_host(optimizer, stepped, self.masters, held, run,  # type: ignore[arg-type]
-                                                  scratch=self._host_scratch)
+            if on_host:  # on a thread of its own while the other chunks stream through the device
+                host = HostStep(optimizer, [p for p in grads if id(p) in on_host], self.masters,  # type: ignore[arg-type]
+                                held, scratch=self._host_scratch)  # type: ignore[arg-type]
+                host.start(background=bool(chunks))
             for i, chunk in enumerate(chunks):
                 if rows_of(i):
                     peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i),
@@ -355,7 +365,15 @@ class StreamedOptimizerStates:
                     if self.free_grads:
                         p.grad = None
                         grads[p] = None  # its memory goes now, not at the end of the step
+            if host is not None and not chunks:
+                run()  # the step's hooks run once, as for a streamed chunk; no gradient shows, nothing steps
+        except BaseException:
+            failed = True
+            raise
         finally:
+            if host is not None:  # its stepped gradients are released here, the unstepped ones still held
+                host_error = host.finish()
+                self._host_scratch = host.scratch
             if self.masters is not None:  # an error mid-chunk: those weights and masters stay as they were
                 self.masters.swap_out(self.masters.swapped(), keep=False)
                 self.masters.grad_scale = None
@@ -372,6 +390,10 @@ class StreamedOptimizerStates:
                     p.grad = g
             if cuda:
                 torch.cuda.synchronize()  # the CPU copies are complete before anyone reads or reuses them
+            if host_error is not None and failed:
+                log.error("the host step failed beside a failed streamed step: %r", host_error)
+        if host_error is not None:
+            raise host_error
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
         self.last_step_seconds = time.perf_counter() - started  # after the final synchronize on CUDA
@@ -384,10 +406,12 @@ class StreamedOptimizerStates:
     def _stepped_on_host(
         self, optimizer: Optimizer, params: Sequence[nn.Parameter], from_host: set[int]
     ) -> set[int]:
-        """``id`` of the parameters that step on the CPU: host masters whose gradients wait in host memory."""
+        """``id`` of the parameters that step on the CPU: host masters whose gradients wait in host memory, all of
+        them or ``host_step``'s share (:func:`~lightning_rl.plugins.host_step.host_share`).
+        """
         if not self._steps_on_host(optimizer):
             return set()
-        return {id(p) for p in params if self._manages(p) and id(p) in from_host}
+        return host_share([p for p in params if self._manages(p) and id(p) in from_host], float(self.host_step))
 
     # ----------------------------------------------------------------------------- copies on side streams
     def _streams_for(self, params: Sequence[nn.Parameter]) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -562,12 +586,13 @@ class StreamedOptimizerStates:
         """Planned device bytes of states during a step: a chunk, or the largest parameter's states (unless sliced).
 
         With ``overlap_copies``, two more chunks (of at most the second largest parameter's states) are in flight.
-        With ``host_step``, the states of host masters whose gradients go to the host count for nothing.
+        With ``host_step=True``, the states of host masters whose gradients go to the host count for nothing (with a
+        share, the chunks they stream in are counted as without it).
         """
         ratio = self._ratio(optimizer)
         sizes = [0, 0]  # the two largest parameters' states (a sliced one holds a chunk at most)
         # with host_step the host masters' states never come to the device (when their gradients go to the host)
-        on_host = self._steps_on_host(optimizer)
+        on_host = self._steps_on_host(optimizer) and float(self.host_step) >= 1  # a share leaves some to stream
         through_device = 0
         for g in optimizer.param_groups:
             for p in g["params"]:

@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from helpers import tied_embedding_backward, tied_embedding_model
+from helpers import tied_embedding_model
 from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
@@ -15,7 +15,20 @@ from lightning_rl.plugins.streamed_states import StreamedOptimizerStates
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _run(on_host: bool, steps: int = 3):
+def _backward(model: nn.Module, step: int) -> None:
+    """Gradients that do not depend on the weights (seeded by ``step``), through the same hooks as any backward.
+
+    A language-model loss would make the two runs' gradients differ from the second step on: the CPU's and CUDA's
+    fused kernels may differ in an fp32 master's last bit, which can round the bf16 weight the other way, and the
+    next backward carries that into every gradient (``vs_trl_NOTES.md``, thirty-fourth visit). With these
+    gradients, any difference is the kernels' own.
+    """
+    g = torch.Generator("cuda").manual_seed(step)
+    loss = sum((p.float() * torch.randn(p.shape, device="cuda", generator=g)).sum() for p in model.parameters())
+    loss.backward()
+
+
+def _run(on_host: bool | float, steps: int = 3):
     torch.manual_seed(0)
     mid = nn.Sequential(*[nn.Linear(512, 512) for _ in range(4)])
     model = tied_embedding_model(32000, 512, mid)
@@ -32,7 +45,7 @@ def _run(on_host: bool, steps: int = 3):
     own = [p.data_ptr() for p in model.parameters()]
     peaks, seconds = [], []
     for step in range(steps):
-        tied_embedding_backward(model, step, tokens=64)
+        _backward(model, step)
         plugin.clip_grad_by_norm(opt, 0.5)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -52,9 +65,22 @@ def _run(on_host: bool, steps: int = 3):
     return weights, states, max(peaks), seconds
 
 
-def test_the_host_step_updates_as_the_streamed_step_and_holds_no_states_on_the_device():
+def _differences(name: str, got: torch.Tensor, want: torch.Tensor) -> str:
+    """How far ``got`` is from ``want``: the largest absolute difference, where it is, and how many elements differ."""
+    diff = (got.double() - want.double()).abs()
+    at = int(diff.argmax())
+    return (f"{name}: max abs diff {float(diff.max()):.3g} at {at} (got {float(got.flatten()[at]):.6g}, "
+            f"want {float(want.flatten()[at]):.6g}), {int((diff > 0).sum())} of {diff.numel()} differ")
+
+
+@pytest.mark.parametrize("share", [True, 0.5], ids=["all-on-host", "half-on-host"])
+def test_the_host_step_updates_as_the_streamed_step_and_holds_no_states_on_the_device(share):
     weights_d, states_d, peak_d, sec_d = _run(False)
-    weights_h, states_h, peak_h, sec_h = _run(True)
+    weights_h, states_h, peak_h, sec_h = _run(share)
+    for name, w in weights_d.items():
+        print(_differences(name, weights_h[name], w))
+        for k, v in states_d[name].items():
+            print(_differences(f"{name} {k}", states_h[name][k], v))
     for name, w in weights_d.items():
         torch.testing.assert_close(weights_h[name], w, rtol=1e-5, atol=1e-6, msg=name)
         for k, v in states_d[name].items():
@@ -62,9 +88,9 @@ def test_the_host_step_updates_as_the_streamed_step_and_holds_no_states_on_the_d
     print(f"step peak above the weights: streamed {peak_d / 2**20:.1f} MiB, on the host {peak_h / 2**20:.2f} MiB; "
           f"seconds {[round(s, 4) for s in sec_d]} against {[round(s, 4) for s in sec_h]}")
     # the streamed step holds at least a chunk of states (8 MiB) and the masters' fp32 copies; the host step
-    # only the biases' states and gradients
+    # only the biases' states and gradients (with half on the host, the embedding streams in slices as before)
     assert peak_d >= 8 << 20
-    assert peak_h <= 1 << 20
+    assert peak_h <= (1 << 20 if share is True else peak_d)
 
 
 def test_a_fit_with_step_on_host_trains_as_the_streamed_step_within_its_memory(bench):

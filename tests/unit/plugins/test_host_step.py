@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.plugins.host_gradients import HostGradients
-from lightning_rl.plugins.host_step import chunks_by_numel, host_step_refusal, step_on_host
+from lightning_rl.plugins.host_step import HostStep, chunks_by_numel, host_share, host_step_refusal
 
 
 def _setup(on_host: bool, chunk_bytes=2048):
@@ -28,13 +28,15 @@ def _snapshot(net, masters, opt):
     return weights, states
 
 
+@pytest.mark.parametrize("share", [True, 0.5], ids=["all-on-host", "half-on-host"])
 @pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clipped"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_the_host_step_matches_the_streamed_step(micro_batches, clip):
+def test_the_host_step_matches_the_streamed_step(micro_batches, clip, share):
     """Three steps with one or two backwards each: masters and moments as the streamed step's (PyTorch's fused CPU
-    kernel against its plain one), the bf16 weights their rounded masters, the step counters where they were."""
+    kernel against its plain one), the bf16 weights their rounded masters, the step counters where they were. With
+    half on the host, the other half streams through the step at the same time."""
     runs = []
-    for on_host in (False, True):
+    for on_host in (False, share):
         net, masters, opt, streamer, plugin, held = _setup(on_host)
         for step in range(3):
             for part in range(micro_batches):
@@ -63,6 +65,45 @@ def test_the_host_step_matches_the_streamed_step(micro_batches, clip):
         assert a.keys() == states_b[name].keys()
         for k in a:
             torch.testing.assert_close(states_b[name][k], a[k], rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+
+
+def test_a_share_steps_the_largest_weights_on_the_host_and_streams_the_rest():
+    """``host_step=0.5``: the embedding and the first layer (2,592 of 9,792 elements, largest first while they fit
+    in half) step on the host; the head's 7,200 stream with the biases."""
+    net, masters, opt, streamer, _, _ = _setup(0.5)
+    biases = [p for n, p in net.named_parameters() if n.endswith("bias")]
+    small_lm_backward(net, 0)
+    streamer.step(opt)
+    assert streamer._host_scratch.numel() == 2400 + 192
+    assert streamer.last_chunks > len(streamer.chunks(opt, biases))
+    assert all(p.grad is None for p in net.parameters())
+    for p in masters.parameters():
+        torch.testing.assert_close(p.data, masters.master(p).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_host_share_takes_the_largest_parameters_that_fit():
+    ps = [nn.Parameter(torch.zeros(n)) for n in (10, 40, 30, 20)]
+    ids = {id(p): p.numel() for p in ps}
+    assert sorted(ids[i] for i in host_share(ps, 0.5)) == [10, 40]  # 40 fits in 50, 30 does not, then 10
+    assert host_share(ps, 1.0) == set(ids) and host_share(ps, True) == set(ids)
+    assert host_share(ps, 0.0) == set()
+
+
+def test_step_hooks_run_when_every_chunk_steps_on_the_host():
+    """A model without biases: nothing streams, and the optimizer's step (its hooks, an LR scheduler's count) still
+    runs once per step, with no gradient visible to it."""
+    net = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 300, bias=False))
+    masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048)
+    held = HostGradients()
+    held.attach(masters.parameters())
+    streamer.gradients, streamer.host_step = held, True
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append([p.grad is None for p in net.parameters()]))
+    before = {id(p): masters.master(p).clone() for p in masters.parameters()}
+    small_lm_backward(net, 0)
+    streamer.step(opt)
+    assert streamer.last_chunks == 0 and seen == [[True, True]]
+    assert all(not torch.equal(masters.master(p), before[id(p)]) for p in masters.parameters())
 
 
 def test_only_the_biases_stream_through_the_step():
@@ -100,7 +141,7 @@ def test_an_optimizer_without_a_fused_cpu_kernel_streams_instead():
         torch.testing.assert_close(results[1][name], w, rtol=0, atol=0, msg=name)
     assert "SGD" in host_step_refusal(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
     with pytest.raises(ValueError, match="cannot run on the host: SGD"):
-        step_on_host(opt, [], masters, held, opt.step)
+        HostStep(opt, [], masters, held)
 
 
 def test_refusals_name_the_setting():
@@ -120,7 +161,7 @@ def test_the_plugin_refuses_step_on_host_with_an_optimizer_it_cannot_step():
     assert all(p.dtype == torch.float32 for p in net.parameters())  # refused before anything moved
 
 
-def test_an_error_in_the_step_leaves_the_unstepped_gradients_held():
+def test_an_error_in_the_step_leaves_the_unstepped_gradients_held(monkeypatch):
     """The first chunk steps, the second raises: its weights and masters stay as they were, its gradients wait in
     host memory for a retry, and the retry steps it like an uninterrupted step."""
     net, masters, opt, streamer, _, held = _setup(True)
@@ -131,21 +172,24 @@ def test_an_error_in_the_step_leaves_the_unstepped_gradients_held():
     params = masters.parameters()
     before = {id(p): masters.master(p).clone() for p in params}
     calls = []
+    step = torch.optim.AdamW.step
 
-    def failing():
+    def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        opt.step()
+        return step(self, *args, **kwargs)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        step_on_host(opt, params, masters, held, failing, chunk_numel=params[0].numel())
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="boom"):
+        m.setattr(torch.optim.AdamW, "step", failing)
+        HostStep(opt, params, masters, held, chunk_numel=params[0].numel()).step_now()
+    assert len(calls) == 2
     first, rest = params[0], params[1:]
     assert not held.holds(first) and all(held.holds(p) for p in rest)
     for p in rest:
         torch.testing.assert_close(masters.master(p), before[id(p)], rtol=0, atol=0)
         assert p.grad is None and p.dtype == torch.bfloat16
-    step_on_host(opt, rest, masters, held, opt.step)
+    HostStep(opt, rest, masters, held).step_now()
     for p, q in zip(params, ref_masters.parameters(), strict=True):
         torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0)
 
@@ -191,3 +235,43 @@ def test_a_run_resumed_from_a_checkpoint_steps_on_as_one_that_never_stopped():
         torch.testing.assert_close(weights_b[name], w, rtol=0, atol=0, msg=name)
         for k, v in states_a[name].items():
             torch.testing.assert_close(states_b[name][k], v, rtol=0, atol=0, msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "yes"])
+def test_the_plugin_refuses_a_share_outside_zero_to_one(bad):
+    with pytest.raises((ValueError, TypeError), match="step_on_host"):
+        MemoryAwarePrecision(step_on_host=bad)
+    assert MemoryAwarePrecision(step_on_host=0.5).step_on_host == 0.5
+
+
+def test_an_error_on_the_host_thread_reaches_the_caller_after_the_streamed_half_stepped(monkeypatch):
+    """``host_step=0.5``: the CPU's thread fails on its first chunk while the head streams. The error reaches the
+    caller; the head stepped, the CPU's weights did not and their gradients still wait; a retry steps them as one
+    uninterrupted step does."""
+    import threading
+
+    net, masters, opt, streamer, _, held = _setup(0.5)
+    ref_net, ref_masters, ref_opt, ref_streamer, _, _ = _setup(0.5)
+    for n in (net, ref_net):
+        small_lm_backward(n, 0)
+    ref_streamer.step(ref_opt)
+    before = {n: masters.master(p).clone() for n, p in net.named_parameters() if masters.manages(p)}
+    step = torch.optim.AdamW.step
+
+    def failing_on_a_thread(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("host boom")
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="host boom"):
+        m.setattr(torch.optim.AdamW, "step", failing_on_a_thread)
+        streamer.step(opt)
+    named = dict(net.named_parameters())
+    assert not torch.equal(masters.master(named["3.weight"]), before["3.weight"])  # the head streamed
+    for name in ("0.weight", "1.weight"):  # the CPU's share: untouched, still held
+        torch.testing.assert_close(masters.master(named[name]), before[name], rtol=0, atol=0)
+        assert held.holds(named[name]) and named[name].grad is None
+    streamer.step(opt)  # the retry: only the held gradients step
+    for (name, p), q in zip(net.named_parameters(), ref_net.parameters(), strict=True):
+        if masters.manages(p):
+            torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0, msg=name)
