@@ -14,7 +14,8 @@
 #   bash bench/gpu_visit.sh offload-memory   # probe_offload_memory.py: memory outside PyTorch per update phase,
 #                                            # compiled or eager layers, offloaded or plain checkpoints (~3 min)
 #   bash bench/gpu_visit.sh host-step        # probe_host_step.py: one optimizer step of host masters three ways
-#                                            # (WAYS=... names others, SKIP_SMOLLM2=1 runs the 0.5B shape only)
+#                                            # (WAYS=... names others, SKIP_SMOLLM2=1 runs the 0.5B shape only,
+#                                            # STEPS=N timed steps per way, 3 by default)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run
 set -uo pipefail
@@ -126,8 +127,9 @@ PY
     ;;
   host-step)  # the host masters' optimizer step streamed, overlapped or run by the CPU, each shape in its own process
     ways=${WAYS:-streamed,overlapped,host}
-    probe_run probe_host_step.py host_step 240 qwen05 --shape qwen05 --ways "$ways"
-    [ -n "${SKIP_SMOLLM2:-}" ] || probe_run probe_host_step.py host_step 120 smollm2 --shape smollm2 --ways "$ways"
+    probe_run probe_host_step.py host_step 240 qwen05 --shape qwen05 --ways "$ways" --steps "${STEPS:-3}"
+    [ -n "${SKIP_SMOLLM2:-}" ] || probe_run probe_host_step.py host_step 120 smollm2 --shape smollm2 --ways "$ways" \
+      --steps "${STEPS:-3}"
     cat "$WORK"/host_step_*.log ;;
   offload-memory)  # each variant in a fresh process: what one loads stays loaded
     variant() { probe_run probe_offload_memory.py offload 150 "$@"; }

@@ -55,8 +55,9 @@ def measure(shape: str, way: str, steps: int) -> dict:
     """One way's seconds per step and device peak above the weights.
 
     ``streamed``, ``overlapped`` (copies on side streams) or ``host``; ``host:S`` steps the share S of the elements
-    on the host while the rest streams (``host:S/overlapped``: with overlapped copies); ``@N`` after any of them
-    runs the CPU's work on N threads.
+    on the host while the rest streams (``host:S/overlapped``: with overlapped copies; ``host:auto``: the share
+    balanced after every step, its last value recorded); ``@N`` after any of them runs the CPU's work on N
+    threads.
     """
     way, _, threads = way.partition("@")
     before = torch.get_num_threads()
@@ -79,7 +80,7 @@ def _measure(shape: str, way: str, steps: int) -> dict:
     held.attach(masters.parameters())
     kind, _, rest = way.partition(":")
     share, _, copies = rest.partition("/")
-    host_step = float(share) if share else kind == "host"
+    host_step = (share if share == "auto" else float(share)) if share else kind == "host"
     streamer = StreamedOptimizerStates(chunk_bytes=128 << 20, split_large=True, host_step=host_step,
                                        overlap_copies="overlapped" in (kind, copies))
     streamer.masters, streamer.gradients = masters, held
@@ -99,11 +100,12 @@ def _measure(shape: str, way: str, steps: int) -> dict:
             seconds.append(time.perf_counter() - t0)
             peaks.append(torch.cuda.max_memory_allocated() - base if cuda else 0)
     params = sum(p.numel() for p in masters.parameters())
+    share = streamer.host_share if host_step == "auto" else None
     del net, opt, streamer, masters, held
     if cuda:
         torch.cuda.empty_cache()
     return {"seconds": statistics.median(seconds), "all_seconds": seconds, "peak_mib": max(peaks) / 2**20,
-            "params": params}
+            "params": params, "auto_share": share}
 
 
 def main() -> None:

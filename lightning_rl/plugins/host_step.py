@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,25 @@ def host_share(params: Sequence[nn.Parameter], share: float) -> set[int]:
     return out
 
 
+AUTO_SHARE_START = 0.5
+AUTO_SHARE_BOUNDS = (0.1, 0.9)  # both sides keep some weights, so both keep being timed
+
+
+def balanced_share(share: float, host: tuple[int, float], device: tuple[int, float]) -> float:
+    """The next automatic share of the CPU, from the last step's ``(elements, seconds)`` on each side.
+
+    Both sides run at once, so the step ends when the slower one does; they end together when the CPU's share of
+    the elements is its share of the throughput, ``h / (h + d)`` in elements per second. The new share moves
+    halfway there from ``share`` (one slow step does not swing it), within :data:`AUTO_SHARE_BOUNDS`.
+    """
+    (host_n, host_s), (dev_n, dev_s) = host, device
+    if min(host_n, dev_n) <= 0 or min(host_s, dev_s) <= 0:
+        return share
+    h, d = host_n / host_s, dev_n / dev_s
+    low, high = AUTO_SHARE_BOUNDS
+    return min(high, max(low, (share + h / (h + d)) / 2))
+
+
 class HostStep:
     """One optimizer step of some host-master weights on the CPU, inline or on a thread of its own.
 
@@ -156,6 +176,7 @@ class HostStep:
         self._states: dict[int, dict[str, Any]] = {}  # the stepped parameters' new states, installed by finish()
         self._made: set[int] = set()  # those whose states this step made (their first step)
         self._returning: list[tuple[dict[str, Any], str, torch.device]] = []  # stepped counters, to go back
+        self.seconds = 0.0  # the step's wall time on its thread, the weights' copies queued (not waited for)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -200,6 +221,7 @@ class HostStep:
         return self._error
 
     def _run(self) -> None:
+        started = time.perf_counter()
         try:
             with torch.no_grad():
                 views = {}
@@ -216,6 +238,7 @@ class HostStep:
                     self._returning += [e for p in chunk for e in counters[id(p)]]
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by finish()
             self._error = err
+        self.seconds = time.perf_counter() - started
 
     def _step_chunk(self, chunk: Sequence[nn.Parameter], views: dict[int, dict[str, Any]]) -> None:
         """Step one chunk's masters on the CPU, then send the rounded weights to the device through the grad buffers."""
@@ -276,4 +299,5 @@ def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
     return False
 
 
-__all__ = ["HostStep", "chunks_by_numel", "host_share", "host_step_refusal"]
+__all__ = ["AUTO_SHARE_BOUNDS", "AUTO_SHARE_START", "HostStep", "balanced_share", "chunks_by_numel", "host_share",
+           "host_step_refusal"]

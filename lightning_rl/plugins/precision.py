@@ -227,7 +227,8 @@ class MemoryAwarePrecision(Precision):
             through the device: only the rounded weights cross PCIe (2 bytes per parameter instead of 26 for
             AdamW) and the device runs no kernel beside the rollout engine (:mod:`~lightning_rl.plugins.host_step`).
             A number in (0, 1) steps that share of those weights' elements on the CPU (the largest weights first)
-            while the rest stream through the device at the same time. Adam and AdamW only; the other parameters
+            while the rest stream through the device at the same time; ``"auto"`` starts at half and moves the
+            share after each step toward both sides ending together. Adam and AdamW only; the other parameters
             (norms, biases) stream as before. Off by default: not yet measured end to end against the streamed
             step on a GPU.
     """
@@ -254,7 +255,7 @@ class MemoryAwarePrecision(Precision):
         split_large_parameters: bool = True,
         overlap_state_copies: bool = False,
         gradients_to_host: bool = True,
-        step_on_host: bool | float = False,
+        step_on_host: bool | float | Literal["auto"] = False,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -304,10 +305,11 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self.gradients_to_host = bool(gradients_to_host)
-        if isinstance(step_on_host, str) or not 0 <= float(step_on_host) <= 1:
-            raise ValueError(f"MemoryAwarePrecision(step_on_host={step_on_host!r}): use True, False or the share of "
-                             "the host masters' elements to step on the CPU, a number in [0, 1]")
-        self.step_on_host: bool | float = step_on_host if isinstance(step_on_host, bool) else float(step_on_host)
+        if step_on_host != "auto" and (isinstance(step_on_host, str) or not 0 <= float(step_on_host) <= 1):
+            raise ValueError(f"MemoryAwarePrecision(step_on_host={step_on_host!r}): use True, False, 'auto' or the "
+                             "share of the host masters' elements to step on the CPU, a number in [0, 1]")
+        self.step_on_host: bool | float | str = (
+            step_on_host if isinstance(step_on_host, bool | str) else float(step_on_host))
         self._masters: HostMasterWeights | None = None
         self._host_grads: HostGradients | None = None  # the masters' gradients, sent to host memory by the backward
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update

@@ -37,7 +37,9 @@ with :class:`~lightning_rl.plugins.host_gradients.HostGradients`) step on the CP
 (:class:`~lightning_rl.plugins.host_step.HostStep`, Adam and AdamW): only their rounded weights cross PCIe. The
 CPU steps them on a thread of its own while the other parameters stream as above. With a share in (0, 1) instead
 (``host_step=0.5``), that share of those weights' elements steps on the CPU and the rest streams through the device
-at the same time: the CPU's memory bandwidth and the PCIe link each carry part of the step.
+at the same time: the CPU's memory bandwidth and the PCIe link each carry part of the step. ``host_step="auto"``
+starts at half and moves the share after each step toward the two sides ending together
+(:func:`~lightning_rl.plugins.host_step.balanced_share`), so it follows the host's CPU and link.
 
 The optimizer's ``step`` runs once per chunk, so step hooks registered on it
 (``register_step_pre_hook``/``register_step_post_hook``) run once per chunk too; LR schedulers
@@ -57,7 +59,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_rl.cuda_streams import side_stream
-from lightning_rl.plugins.host_step import HostStep, host_share, host_step_refusal
+from lightning_rl.plugins.host_step import AUTO_SHARE_START, HostStep, balanced_share, host_share, host_step_refusal
 
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
@@ -131,7 +133,8 @@ class StreamedOptimizerStates:
         split_large: step a parameter whose states exceed ``chunk_bytes`` in row slices (Adam, AdamW, SGD).
         overlap_copies: on CUDA, bring the next chunk in and the last one out on side streams while a chunk steps.
         host_step: step the weights whose masters and gradients wait in host memory on the CPU (Adam, AdamW):
-            True for all of them, a float in (0, 1) for that share of their elements (the rest stream meanwhile).
+            True for all of them, a float in (0, 1) for that share of their elements (the rest stream meanwhile),
+            ``"auto"`` for a share that each step moves toward both sides ending together (:attr:`host_share`).
     """
 
     def __init__(
@@ -141,18 +144,19 @@ class StreamedOptimizerStates:
         free_grads: bool = True,
         split_large: bool = False,
         overlap_copies: bool = False,
-        host_step: bool | float = False,
+        host_step: bool | float | str = False,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        if not 0 <= float(host_step) <= 1:
-            raise ValueError(f"host_step must be True, False or a share in [0, 1], got {host_step!r}")
+        if host_step != "auto" and (isinstance(host_step, str) or not 0 <= float(host_step) <= 1):
+            raise ValueError(f"host_step must be True, False, 'auto' or a share in [0, 1], got {host_step!r}")
         self.chunk_bytes = int(chunk_bytes)
         self.pin_memory = pin_memory
         self.free_grads = free_grads
         self.split_large = split_large
         self.overlap_copies = overlap_copies
         self.host_step = host_step
+        self.host_share = AUTO_SHARE_START  # with host_step="auto": the CPU's share, balanced after every step
         self._host_scratch: torch.Tensor | None = None  # the host step's fp32 gradients, kept from step to step
         self._copy_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self.storage = torch.device("cpu")
@@ -319,12 +323,14 @@ class StreamedOptimizerStates:
         ahead: dict[int, _Prefetched] = {}
         host: HostStep | None = None
         host_error: BaseException | None = None
+        streamed: tuple[int, float] | None = None  # (elements, seconds) of the streamed side, for host_step="auto"
         failed = False
         try:
             if on_host:  # on a thread of its own while the other chunks stream through the device
                 host = HostStep(optimizer, [p for p in grads if id(p) in on_host], self.masters,  # type: ignore[arg-type]
                                 held, scratch=self._host_scratch)  # type: ignore[arg-type]
                 host.start(background=bool(chunks))
+            streaming = time.perf_counter()
             for i, chunk in enumerate(chunks):
                 if rows_of(i):
                     peak = max(peak, self._step_in_slices(optimizer, chunk[0], grads[chunk[0]], run, rows_of(i),
@@ -367,6 +373,10 @@ class StreamedOptimizerStates:
                         grads[p] = None  # its memory goes now, not at the end of the step
             if host is not None and not chunks:
                 run()  # the step's hooks run once, as for a streamed chunk; no gradient shows, nothing steps
+            if host is not None and chunks and self.host_step == "auto":
+                if cuda:
+                    torch.cuda.synchronize()  # the streamed side's time includes its device work
+                streamed = (sum(p.numel() for p in params), time.perf_counter() - streaming)
         except BaseException:
             failed = True
             raise
@@ -394,6 +404,9 @@ class StreamedOptimizerStates:
                 log.error("the host step failed beside a failed streamed step: %r", host_error)
         if host_error is not None:
             raise host_error
+        if host is not None and streamed is not None:
+            self.host_share = balanced_share(self.host_share, (sum(p.numel() for p in host.params), host.seconds),
+                                             streamed)
         self.last_chunks = len(chunks)
         self.last_peak_chunk_bytes = peak
         self.last_step_seconds = time.perf_counter() - started  # after the final synchronize on CUDA
@@ -411,7 +424,11 @@ class StreamedOptimizerStates:
         """
         if not self._steps_on_host(optimizer):
             return set()
-        return host_share([p for p in params if self._manages(p) and id(p) in from_host], float(self.host_step))
+        return host_share([p for p in params if self._manages(p) and id(p) in from_host], self._share())
+
+    def _share(self) -> float:
+        """The CPU's share of the host masters' elements in the coming step."""
+        return self.host_share if self.host_step == "auto" else float(self.host_step)
 
     # ----------------------------------------------------------------------------- copies on side streams
     def _streams_for(self, params: Sequence[nn.Parameter]) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
@@ -592,7 +609,7 @@ class StreamedOptimizerStates:
         ratio = self._ratio(optimizer)
         sizes = [0, 0]  # the two largest parameters' states (a sliced one holds a chunk at most)
         # with host_step the host masters' states never come to the device (when their gradients go to the host)
-        on_host = self._steps_on_host(optimizer) and float(self.host_step) >= 1  # a share leaves some to stream
+        on_host = self._steps_on_host(optimizer) and self._share() >= 1  # a share leaves some to stream
         through_device = 0
         for g in optimizer.param_groups:
             for p in g["params"]:

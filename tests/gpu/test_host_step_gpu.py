@@ -73,7 +73,7 @@ def _differences(name: str, got: torch.Tensor, want: torch.Tensor) -> str:
             f"want {float(want.flatten()[at]):.6g}), {int((diff > 0).sum())} of {diff.numel()} differ")
 
 
-@pytest.mark.parametrize("share", [True, 0.5], ids=["all-on-host", "half-on-host"])
+@pytest.mark.parametrize("share", [True, 0.5, "auto"], ids=["all-on-host", "half-on-host", "auto-share"])
 def test_the_host_step_updates_as_the_streamed_step_and_holds_no_states_on_the_device(share):
     weights_d, states_d, peak_d, sec_d = _run(False)
     weights_h, states_h, peak_h, sec_h = _run(share)

@@ -7,7 +7,15 @@ from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.plugins.host_gradients import HostGradients
-from lightning_rl.plugins.host_step import HostStep, chunks_by_numel, host_share, host_step_refusal
+from lightning_rl.plugins.host_step import (
+    AUTO_SHARE_BOUNDS,
+    AUTO_SHARE_START,
+    HostStep,
+    balanced_share,
+    chunks_by_numel,
+    host_share,
+    host_step_refusal,
+)
 
 
 def _setup(on_host: bool, chunk_bytes=2048):
@@ -28,7 +36,7 @@ def _snapshot(net, masters, opt):
     return weights, states
 
 
-@pytest.mark.parametrize("share", [True, 0.5], ids=["all-on-host", "half-on-host"])
+@pytest.mark.parametrize("share", [True, 0.5, "auto"], ids=["all-on-host", "half-on-host", "auto-share"])
 @pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clipped"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_the_host_step_matches_the_streamed_step(micro_batches, clip, share):
@@ -242,6 +250,28 @@ def test_the_plugin_refuses_a_share_outside_zero_to_one(bad):
     with pytest.raises((ValueError, TypeError), match="step_on_host"):
         MemoryAwarePrecision(step_on_host=bad)
     assert MemoryAwarePrecision(step_on_host=0.5).step_on_host == 0.5
+    assert MemoryAwarePrecision(step_on_host="auto").step_on_host == "auto"
+
+
+def test_balanced_share_moves_halfway_to_equal_finish_times():
+    # the CPU steps 2x as many elements per second as the device: they end together at 2/3; halfway from 0.5
+    assert balanced_share(0.5, (100, 1.0), (100, 2.0)) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert balanced_share(0.3, (30, 1.0), (70, 1.0)) == pytest.approx((0.3 + 0.3) / 2)  # balanced: stays
+    assert balanced_share(0.9, (100, 1.0), (100, 1e3)) == AUTO_SHARE_BOUNDS[1]  # a slow link: the CPU takes most
+    assert balanced_share(0.1, (100, 1e3), (100, 1.0)) == AUTO_SHARE_BOUNDS[0]
+    assert balanced_share(0.4, (0, 0.0), (100, 1.0)) == 0.4  # nothing measured on one side: unchanged
+
+
+def test_the_auto_share_follows_the_measured_step():
+    """``host_step="auto"``: each step moves the share from the last step's times, within its bounds."""
+    net, masters, opt, streamer, _, _ = _setup("auto")
+    shares = []
+    for step in range(3):
+        small_lm_backward(net, step)
+        streamer.step(opt)
+        shares.append(streamer.host_share)
+    assert all(AUTO_SHARE_BOUNDS[0] <= x <= AUTO_SHARE_BOUNDS[1] for x in shares)
+    assert shares[0] != AUTO_SHARE_START  # timed and moved after the first step
 
 
 def test_an_error_on_the_host_thread_reaches_the_caller_after_the_streamed_half_stepped(monkeypatch):
