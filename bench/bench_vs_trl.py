@@ -513,6 +513,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "after_backward_s": step_s - (getattr(self, "before_step_at", self.t0) - self.t0),
                                "optimizer_step_s": getattr(getattr(trainer.precision_plugin, "_streamer", None),
                                                            "last_step_seconds", None),
+                               # the CPU's share of the host masters for the next step (step_on_host="auto")
+                               "host_share": getattr(getattr(trainer.precision_plugin, "_streamer", None),
+                                                     "host_share", None),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})

@@ -305,3 +305,22 @@ def test_an_error_on_the_host_thread_reaches_the_caller_after_the_streamed_half_
     for (name, p), q in zip(net.named_parameters(), ref_net.parameters(), strict=True):
         if masters.manages(p):
             torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0, msg=name)
+
+
+def test_weights_that_move_between_the_host_and_the_streamed_side_step_on_alike():
+    """An automatic share moves weights between the sides from step to step: states made on the host stream later,
+    streamed states step on the host later, and the updates stay those of the streamed step."""
+    ref, ref_masters, ref_opt, ref_streamer, _, _ = _setup(False)
+    net, masters, opt, streamer, _, _ = _setup(True)
+    for step, share in enumerate((True, False, 0.5, True, 0.2)):
+        streamer.host_step = share
+        for n in (ref, net):
+            small_lm_backward(n, step)
+        ref_streamer.step(ref_opt)
+        streamer.step(opt)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        mine, theirs = (masters.master(p), ref_masters.master(q)) if masters.manages(p) else (p, q)
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+        for k, v in ref_opt.state[q].items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
+            assert opt.state[p][k].device == v.device
