@@ -514,8 +514,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                "optimizer_step_s": getattr(getattr(trainer.precision_plugin, "_streamer", None),
                                                            "last_step_seconds", None),
                                # the CPU's share of the host masters for the next step (step_on_host="auto")
-                               "host_share": getattr(getattr(trainer.precision_plugin, "_streamer", None),
-                                                     "host_share", None),
+                               "host_share": _auto_host_share(trainer),
                                # the plugin's torch figures per phase (peak, allocated, reserved at the phase's end)
                                **{k.removeprefix("memory/"): float(v) for k, v in m.items()
                                   if k.startswith("memory/") and k.endswith("_gib")}})
@@ -700,6 +699,12 @@ def worker(args) -> None:
         res = run_trl(args.case, args.model_dir, args.steps, args.warmup, args.util, args.trl_sleep)
     res["device"] = torch.cuda.get_device_name(0)
     Path(args.result).write_text(json.dumps(res))
+
+
+def _auto_host_share(trainer: object) -> float | None:
+    """The CPU's share of the host masters' step for the next step, when the plugin balances it (``"auto"``)."""
+    streamer = getattr(getattr(trainer, "precision_plugin", None), "_streamer", None)
+    return streamer.host_share if streamer is not None and streamer.host_step == "auto" else None
 
 
 def main() -> None:
