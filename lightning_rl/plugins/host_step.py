@@ -29,7 +29,6 @@ Adam and AdamW (the modules' default optimizer) only, without ``capturable`` or 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -42,8 +41,6 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
     from lightning_rl.plugins.host_masters import HostMasterWeights
-
-log = logging.getLogger(__name__)
 
 _STEPPED_ON_HOST = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -91,8 +88,6 @@ def chunks_by_numel(params: Sequence[nn.Parameter], numel: int) -> list[list[nn.
     return out
 
 
-
-
 def host_share(params: Sequence[nn.Parameter], share: float) -> set[int]:
     """``id`` of the parameters to step on the CPU: about ``share`` of the elements of ``params``, largest first.
 
@@ -134,7 +129,8 @@ class HostStep:
 
     Made in the caller's thread (it waits for the backward's copies into the host buffers), started there, and
     ended there by :meth:`finish`, which installs the new states and releases the stepped gradients. Meanwhile it
-    reads ``optimizer.state`` and ``optimizer.param_groups`` but changes neither.
+    steps the existing moment tensors in place but adds no key to ``optimizer.state``, replaces none of its
+    entries and leaves ``optimizer.param_groups`` as they are.
 
     Args:
         optimizer: Adam or AdamW holding ``params`` (:func:`host_step_refusal` says None).
@@ -233,15 +229,23 @@ class HostStep:
                 counters = {id(p): _counters_of(views[id(p)]) for p in self.params}
                 _move_counters([e for entries in counters.values() for e in entries], torch.device("cpu"))
                 for chunk in self._chunks:
-                    self._step_chunk(chunk, views)
-                    # moved back only for stepped parameters: an unstepped one's real state was never touched
-                    self._returning += [e for p in chunk for e in counters[id(p)]]
+                    self._step_chunk(chunk, views, counters)
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by finish()
             self._error = err
         self.seconds = time.perf_counter() - started
 
-    def _step_chunk(self, chunk: Sequence[nn.Parameter], views: dict[int, dict[str, Any]]) -> None:
-        """Step one chunk's masters on the CPU, then send the rounded weights to the device through the grad buffers."""
+    def _step_chunk(
+        self,
+        chunk: Sequence[nn.Parameter],
+        views: dict[int, dict[str, Any]],
+        counters: dict[int, list[tuple[dict[str, Any], str, torch.device]]],
+    ) -> None:
+        """Step one chunk's masters on the CPU, then send the rounded weights to the device through the grad buffers.
+
+        ``views`` holds each parameter's state dict as stepped here, ``counters`` its step counters (moved to the CPU
+        in those dicts): once the chunk has stepped, they go back by :meth:`finish`. An unstepped parameter's real
+        state was never touched.
+        """
         stand_ins = []
         offset = 0
         for p in chunk:
@@ -260,6 +264,8 @@ class HostStep:
         view.step()
         for p, stand_in in zip(chunk, stand_ins, strict=True):
             self._states[id(p)] = views[id(p)] = view.state[stand_in]
+        self.stepped += chunk  # masters and moments have stepped: a retry must not step them again
+        self._returning += [e for p in chunk for e in counters[id(p)]]
         for p in chunk:  # the master's new values, rounded, reach the device through its gradient's pinned buffer
             buf = self.gradients.host_gradient(p)
             buf.copy_(self.masters.master(p))
@@ -268,7 +274,6 @@ class HostStep:
                     p.data.copy_(buf, non_blocking=buf.is_pinned())
             else:
                 p.data.copy_(buf)
-            self.stepped.append(p)
 
 
 def _counters_of(state: dict[str, Any]) -> list[tuple[dict[str, Any], str, torch.device]]:
