@@ -305,7 +305,7 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self.gradients_to_host = bool(gradients_to_host)
-        if step_on_host != "auto" and (isinstance(step_on_host, str) or not 0 <= float(step_on_host) <= 1):
+        if step_on_host != "auto" and not (isinstance(step_on_host, int | float) and 0 <= step_on_host <= 1):
             raise ValueError(f"MemoryAwarePrecision(step_on_host={step_on_host!r}): use True, False, 'auto' or the "
                              "share of the host masters' elements to step on the CPU, a number in [0, 1]")
         self.step_on_host: bool | float | str = (
