@@ -59,6 +59,21 @@ def host_step_refusal(optimizer: Optimizer) -> str | None:
     return None
 
 
+def host_step_setting(value: object, setting: str) -> bool | float | str:
+    """``value`` checked as a host-step setting: a bool, ``"auto"``, or a share in [0, 1] (returned as a float).
+
+    Raises:
+        ValueError: anything else, naming ``setting`` (``"MemoryAwarePrecision(step_on_host=...)"``) and the values
+            it takes.
+    """
+    if isinstance(value, bool) or value == "auto":
+        return value  # type: ignore[return-value]
+    if isinstance(value, int | float) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError(f"{setting} got {value!r}: use True, False, 'auto' or the share of the host masters' elements "
+                     "to step on the CPU, a number in [0, 1]")
+
+
 def _move_counters(entries: list[tuple[dict[str, Any], str, torch.device]], to: torch.device | None) -> None:
     """Move the counters to ``to`` (None: back to the device each came from) in one copy per device."""
     by_device: dict[tuple[torch.device, torch.device], list[tuple[dict[str, Any], str]]] = {}
@@ -305,4 +320,4 @@ def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
 
 
 __all__ = ["AUTO_SHARE_BOUNDS", "AUTO_SHARE_START", "HostStep", "balanced_share", "chunks_by_numel", "host_share",
-           "host_step_refusal"]
+           "host_step_refusal", "host_step_setting"]

@@ -51,7 +51,7 @@ from typing_extensions import override
 from lightning_rl.plugins.device_context import context_bytes_for
 from lightning_rl.plugins.host_gradients import HostGradients
 from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters
-from lightning_rl.plugins.host_step import host_step_refusal
+from lightning_rl.plugins.host_step import host_step_refusal, host_step_setting
 from lightning_rl.plugins.memory_plan import (
     CONTEXT_PART,
     GiB,
@@ -305,11 +305,7 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self.gradients_to_host = bool(gradients_to_host)
-        if step_on_host != "auto" and not (isinstance(step_on_host, int | float) and 0 <= step_on_host <= 1):
-            raise ValueError(f"MemoryAwarePrecision(step_on_host={step_on_host!r}): use True, False, 'auto' or the "
-                             "share of the host masters' elements to step on the CPU, a number in [0, 1]")
-        self.step_on_host: bool | float | str = (
-            step_on_host if isinstance(step_on_host, bool | str) else float(step_on_host))
+        self.step_on_host = host_step_setting(step_on_host, "MemoryAwarePrecision(step_on_host=...)")
         self._masters: HostMasterWeights | None = None
         self._host_grads: HostGradients | None = None  # the masters' gradients, sent to host memory by the backward
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update

@@ -59,7 +59,14 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_rl.cuda_streams import side_stream
-from lightning_rl.plugins.host_step import AUTO_SHARE_START, HostStep, balanced_share, host_share, host_step_refusal
+from lightning_rl.plugins.host_step import (
+    AUTO_SHARE_START,
+    HostStep,
+    balanced_share,
+    host_share,
+    host_step_refusal,
+    host_step_setting,
+)
 
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_gradients import HostGradients
@@ -148,14 +155,12 @@ class StreamedOptimizerStates:
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        if host_step != "auto" and (isinstance(host_step, str) or not 0 <= float(host_step) <= 1):
-            raise ValueError(f"host_step must be True, False, 'auto' or a share in [0, 1], got {host_step!r}")
         self.chunk_bytes = int(chunk_bytes)
         self.pin_memory = pin_memory
         self.free_grads = free_grads
         self.split_large = split_large
         self.overlap_copies = overlap_copies
-        self.host_step = host_step
+        self.host_step = host_step_setting(host_step, "StreamedOptimizerStates(host_step=...)")
         self.host_share = AUTO_SHARE_START  # with host_step="auto": the CPU's share, balanced after every step
         self._host_scratch: torch.Tensor | None = None  # the host step's fp32 gradients, kept from step to step
         self._copy_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
