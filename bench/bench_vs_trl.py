@@ -546,6 +546,12 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                                         if getattr(engine, "merged_base", None) is not None
                                                         else None),
                                     "merged_base_freed_gib": getattr(engine, "merged_base_freed_bytes", 0) / 2**30,
+                                    # trained weights that are the engine process's own (share_trained_weights)
+                                    "shared_trained_gib": (engine.shared_weights.bytes_shared / 2**30
+                                                           if getattr(engine, "shared_weights", None) is not None
+                                                           else None),
+                                    "shared_trained_freed_gib": getattr(engine, "shared_weights_freed_bytes",
+                                                                        0) / 2**30,
                                     # the engine process's memory by kind (PyTorch's allocator, vLLM's pools)
                                     "engine_memory_gib": engine_memory_gib(engine),
                                     # parameters whose gradients the backward sends to host memory

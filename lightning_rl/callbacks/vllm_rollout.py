@@ -17,10 +17,12 @@ from typing_extensions import override
 
 from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, merged_base_refusal
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
+from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
 from lightning_rl.lora import is_lora
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
+from lightning_rl.plugins.host_masters import HostMasterWeights
 from lightning_rl.plugins.memory_plan import (
     KV_BLOCK_TOKENS,
     GiB,
@@ -168,6 +170,7 @@ class VLLMRollout(Callback):
         self.engine_start_bytes: int | None = None  # device memory the engine's start added (CUDA; see _create)
         self.expandable_segments = False  # this callback turned on expandable segments (beside an engine process)
         self.sharing_merged_base = False  # the policy's LoRA base is the engine process's merged weights (_create)
+        self.sharing_trained_weights = False  # the policy's 16-bit weights are the engine process's own (_create)
         self._restored_step = 0
         self._trainer: L.Trainer | None = None
         self._data_prompt_tokens: int | None = None  # kv_prompt_tokens="data": the data's longest prompt
@@ -243,6 +246,9 @@ class VLLMRollout(Callback):
         if self.overlap_off_reason(module, trainer) is None:  # the engine stays up during updates
             shares = dataclasses.replace(s, share_merged_base=self.shares_merged_base(module))
             weight_bytes -= merged_base_bytes(policy, shares, dtype, frozen)  # a shared base counts once, as frozen
+            masters = self._host_masters()
+            if masters is not None and self.shares_trained_weights(module, dtype):  # counted once, as the trainer's
+                weight_bytes -= sum(p.numel() for p in masters.parameters()) * dtype.itemsize
             beside = weight_bytes + math.ceil(tokens * headroom) * per_token + ENGINE_PROCESS_OVERHEAD_BYTES
             kept = 0  # counted in ``beside``
         else:  # an in-process engine; a LoRA base it shares with the trainer counts once, as frozen weights
@@ -288,6 +294,22 @@ class VLLMRollout(Callback):
             return wanted
         return self.engine_factory is None and merged_base_refusal(pl_module, engine_dtype) is None
 
+    def shares_trained_weights(self, pl_module: L.LightningModule, engine_dtype: torch.dtype | None = None) -> bool:
+        """Whether, with the rollouts overlapping, the policy's 16-bit trained weights will be the engine process's
+        own (``share_trained_weights``; the callers know whether they overlap).
+
+        True when asked for (``_create`` raises when impossible); with None (automatic) for an engine process this
+        callback builds where :func:`~.trained_weights_choice.trained_weights_refusal` finds nothing against it.
+        """
+        wanted = self.settings.share_trained_weights
+        if wanted is not None:
+            return wanted
+        return self.engine_factory is None and trained_weights_refusal(
+            pl_module, self._host_masters(), engine_dtype) is None
+
+    def _host_masters(self) -> HostMasterWeights | None:
+        return None if self._plugin is None else self._plugin.host_master_weights
+
     def release_overlap(self) -> bool:
         """Give up automatic overlap (the memory plan asks when it does not fit); True when that changed the plan."""
         if self.overlap is not None or self._overlap_released or self.engine is not None:
@@ -321,7 +343,8 @@ class VLLMRollout(Callback):
                                     s.kv_cache_headroom, shared_prompts=s.enable_prefix_caching,
                                     tensor_parallel_size=s.tensor_parallel_size)
         settings = dataclasses.replace(s, dtype=str(dtype).removeprefix("torch."), kv_cache_bytes=kv, seed=seed,
-                                       share_merged_base=self.sharing_merged_base)
+                                       share_merged_base=self.sharing_merged_base,
+                                       share_trained_weights=self._trained_weights_setting())
         sequences = prompts_per_step * shape.num_generations
         plan = getattr(self._plugin, "memory_plan", None)
         if kv is not None and s.kv_cache_bytes is None and plan is not None and plan.kv_fraction < 1:
@@ -330,11 +353,22 @@ class VLLMRollout(Callback):
             log.info("VLLMRollout: the memory plan's KV cache holds %d of the rollout's %d sequences at once; the "
                      "engine generates the rest as those finish", at_once, sequences)
             sequences = at_once
-        engine_cls = VLLMEngine
-        if self.overlapping:
-            from lightning_rl.rollout.vllm_process import VLLMProcessEngine as engine_cls
-        return engine_cls(policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape),
-                          max_num_seqs=sequences, settings=settings, weights_root=_strategy_model(trainer))
+        args = (policy, pl_module.eos_token_ids, pl_module.tokenizer.pad_token_id, self.max_len(shape))
+        kwargs = dict(max_num_seqs=sequences, settings=settings, weights_root=_strategy_model(trainer))
+        if not self.overlapping:
+            return VLLMEngine(*args, **kwargs)
+        from lightning_rl.rollout.vllm_process import VLLMProcessEngine
+
+        masters = self._host_masters() if self.sharing_trained_weights else None
+        return VLLMProcessEngine(*args, **kwargs, host_masters=masters)
+
+    def _trained_weights_setting(self) -> bool | None:
+        """``share_trained_weights`` for the engine process: True when asked for, None (share when the weights' layout
+        allows, else say why) when chosen automatically, else False.
+        """
+        if not self.sharing_trained_weights:
+            return False
+        return True if self.settings.share_trained_weights else None
 
     def _create(self, trainer: L.Trainer, pl_module: L.LightningModule, prompts_per_step: int) -> None:
         for attr in _MODULE_NEEDS:
@@ -354,8 +388,17 @@ class VLLMRollout(Callback):
             else:
                 log.warning("VLLMRollout: share_merged_base=True applies to an engine in its own process; the engine "
                             "runs in this process (%s), where share_base_weights shares a LoRA base", reason)
-        self.sharing_merged_base = self.overlapping and self.shares_merged_base(
-            pl_module, self.engine_dtype(pl_module.policy, trainer))
+        dtype = self.engine_dtype(pl_module.policy, trainer)
+        self.sharing_merged_base = self.overlapping and self.shares_merged_base(pl_module, dtype)
+        if self.settings.share_trained_weights:
+            reason = trained_weights_refusal(pl_module, self._host_masters(), dtype)
+            if self.overlapping and reason:  # before the start, which would fall back to an in-process engine
+                raise ValueError(f"share_trained_weights=True is impossible here: {reason}; use "
+                                 "share_trained_weights=False (or None: shared when possible)")
+            if not self.overlapping:
+                log.warning("VLLMRollout: share_trained_weights=True applies to an engine in its own process; the "
+                            "engine runs in this process (%s)", reason)
+        self.sharing_trained_weights = self.overlapping and self.shares_trained_weights(pl_module, dtype)
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
         measure_used, used_before = _engine_start_measure(device)
@@ -367,7 +410,7 @@ class VLLMRollout(Callback):
             reason = f"the engine process failed to start: {type(err).__name__}: {err}"
             log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
                         "(VLLMRollout(overlap=False) skips the attempt)", reason)
-            self.overlapping = self.sharing_merged_base = False
+            self.overlapping = self.sharing_merged_base = self.sharing_trained_weights = False
             if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
                 self._plugin.engine_leaves_the_update(pl_module)
             self.engine = self.build_engine(pl_module, prompts_per_step)

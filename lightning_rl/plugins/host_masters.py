@@ -18,6 +18,10 @@ its master with the fp32 gradient, so a ``torch.optim`` optimizer steps the mast
 :meth:`HostMasterWeights.swap_out` writes the result back into the master and, rounded, into the parameter's
 own bf16 storage, whose address never changes (an engine process that maps it keeps reading it).
 
+With :meth:`HostMasterWeights.stage` the rounded results wait in host buffers instead
+(:class:`~lightning_rl.plugins.staged_weights.StagedWeights`) until :meth:`HostMasterWeights.flush_staged` copies them
+in: for parameters that are a rollout engine's own weights, which it generates from while the update runs.
+
 The module's ``state_dict`` gives the masters (fp32) for these weights and ``load_state_dict`` fills them, so
 checkpoints and ``save_pretrained`` hold full-precision weights; an optimizer's ``load_state_dict`` sees the
 masters too, so its loaded states stay fp32. :meth:`HostMasterWeights.detach` puts fp32 weights back on the
@@ -35,6 +39,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
+
+from lightning_rl.plugins.staged_weights import StagedWeights
 
 
 def managed_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
@@ -87,6 +93,7 @@ class HostMasterWeights:
         self._handles: list[RemovableHandle] = []
         self.grad_scale: torch.Tensor | None = None  # a gradient-clipping factor for the next step's fp32 gradients
         self._optimizer_load: contextlib.AbstractContextManager | None = None
+        self.staging: StagedWeights | None = None  # stepped weights waiting for the next flush (see stage())
 
     # ----------------------------------------------------------------------------- set-up
     def attach(self, module: nn.Module) -> int:
@@ -153,8 +160,59 @@ class HostMasterWeights:
             h.remove()
         self._handles.clear()
         self._masters.clear()
+        self.staging = None  # the masters hold every stepped value
         self._names.clear()
         self.grad_scale = None
+
+    # ----------------------------------------------------------------------------- staging
+    def stage(self, params: Sequence[nn.Parameter]) -> StagedWeights:
+        """From now on, the stepped values of ``params`` (managed ones) wait in host buffers for :meth:`flush_staged`.
+
+        For parameters whose storage someone else reads while the optimizer steps (a rollout engine's weights).
+
+        Raises:
+            ValueError: a parameter's master does not live here, or staging is on already.
+        """
+        if self.staging is not None:
+            raise ValueError("the stepped weights are staged already; call unstage() first")
+        odd = next((p for p in params if id(p) not in self._masters), None)
+        if odd is not None:
+            raise ValueError(f"a parameter of shape {tuple(odd.shape)} has no host master here: only weights whose "
+                             "fp32 masters live in host memory can wait for a flush")
+        self.staging = StagedWeights(list(params), self.pin_memory)
+        return self.staging
+
+    def flush_staged(self) -> int:
+        """Copy the stepped values waiting in host buffers into their parameters. Returns the bytes copied.
+
+        Raises:
+            RuntimeError: called mid-step (a parameter points at its master's copy).
+        """
+        if self.staging is None:
+            return 0
+        if self._swapped:
+            raise RuntimeError("flush_staged during an optimizer step: the parameters point at their masters' copies")
+        return self.staging.flush()
+
+    def unstage(self) -> int:
+        """Copy what waits into the parameters and stop staging. Returns the bytes copied."""
+        moved = self.flush_staged()
+        self.staging = None
+        return moved
+
+    def stages(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s stepped values wait in a host buffer."""
+        return self.staging is not None and self.staging.holds(p)
+
+    def write_weight(self, p: torch.Tensor, own: torch.Tensor, values: torch.Tensor, rows: slice | None = None) -> None:
+        """Write ``p``'s stepped fp32 ``values`` (rows ``rows`` of it), rounded, into ``own`` (its storage) or its
+        host buffer when staged.
+        """
+        if self.stages(p):
+            self.staging.write(p, values, rows)  # type: ignore[union-attr]
+            return
+        with torch.no_grad():
+            (own if rows is None else own[rows]).copy_(values)
 
     # ----------------------------------------------------------------------------- queries
     def manages(self, p: torch.Tensor) -> bool:
@@ -200,7 +258,8 @@ class HostMasterWeights:
         return grad
 
     def swap_out(self, params: Iterable[nn.Parameter], keep: bool = True) -> None:
-        """Undo :meth:`swap_in`; with ``keep`` the stepped fp32 values go into the master and, rounded, the parameter.
+        """Undo :meth:`swap_in`; with ``keep`` the stepped fp32 values go into the master and, rounded, the parameter
+        (or its host buffer, :meth:`stage`).
 
         Without ``keep`` (an error mid-step) the parameter and its master stay as they were before the step.
         """
@@ -209,8 +268,8 @@ class HostMasterWeights:
             if own is None:
                 continue
             if keep:
+                self.write_weight(p, own, p.data)
                 with torch.no_grad():
-                    own.copy_(p.data)
                     master = self._masters[id(p)][1]
                     master.copy_(p.data, non_blocking=master.is_pinned())
             p.grad = None
@@ -229,6 +288,13 @@ class HostMasterWeights:
                 state_dict[key] = self._masters[id(p)][1].detach()
 
     def _load_hook(self, owner: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        names = self._names.get(id(owner), {})
+        if self.staging is not None and any(self.stages(p) and prefix + n in state_dict for n, p in names.items()):
+            raise RuntimeError(
+                "load_state_dict into weights that are the rollout engine's own memory "
+                "(EngineSettings(share_trained_weights=True)): the load would write them while the engine "
+                "generates. Load the checkpoint before the engine starts (Trainer.fit(ckpt_path=...) does) or after "
+                "it shut down")
         with torch.no_grad():
             for name, p in self._names.get(id(owner), {}).items():
                 value = state_dict.get(prefix + name)

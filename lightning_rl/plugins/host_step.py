@@ -282,6 +282,9 @@ class HostStep:
         self.stepped += chunk  # masters and moments have stepped: a retry must not step them again
         self._returning += [e for p in chunk for e in counters[id(p)]]
         for p in chunk:  # the master's new values, rounded, reach the device through its gradient's pinned buffer
+            if self.masters.stages(p):  # or wait in a host buffer of their own for the next flush
+                self.masters.write_weight(p, p.data, self.masters.master(p))
+                continue
             buf = self.gradients.host_gradient(p)
             buf.copy_(self.masters.master(p))
             if p.is_cuda:

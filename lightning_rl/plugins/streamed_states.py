@@ -547,7 +547,8 @@ class StreamedOptimizerStates:
         optimizer initialises each slice as it would the whole; the per-element states go back to their rows of
         the CPU buffers. On an error the parameter gets its gradient and its state back (rows already stepped
         stay stepped). A parameter whose fp32 master lives in host memory steps its master's rows (with the
-        upcast gradient rows, times the clipping factor), which go back to the master and, rounded, to its rows.
+        upcast gradient rows, times the clipping factor), which go back to the master and, rounded, to its rows (or to
+        its host buffer's rows when staged).
         """
         data, home = p.data, p.device
         master = self.masters.master(p) if self._manages(p) else None
@@ -576,8 +577,8 @@ class StreamedOptimizerStates:
                     p.grad = self.masters.fp32_gradient(_on(grad[a:b], home))  # type: ignore[union-attr]
                 run()
                 if master is not None:
+                    self.masters.write_weight(p, data, p.data, rows=slice(a, b))  # type: ignore[union-attr]
                     with torch.no_grad():
-                        data[a:b].copy_(p.data)
                         master[a:b].copy_(p.data, non_blocking=master.is_pinned())
                 after = optimizer.state[p]
                 for k, v in after.items():

@@ -53,14 +53,37 @@ def base_weight_views(
         ``({name: (parameter, view)}, None)`` when every frozen parameter has a view of the same
         shape, dtype and device holding the same values, else ``({}, reason)``.
     """
-    packed: Mapping[str, list[str]] = getattr(engine_model, "packed_modules_mapping", None) or {}
-    part_of = {part: (fused, parts) for fused, parts in packed.items() for part in parts}
-    engine = {_clean(n): p for n, p in engine_model.named_parameters()}
     base = frozen_base_parameters(model)
     if not base:
         return {}, "the policy has no frozen base parameters"
+    views, reason, _ = weight_views(base, engine_model)
+    return views, reason
+
+
+def weight_views(
+    params: Mapping[str, nn.Parameter], engine_model: nn.Module, skip_other_dtypes: bool = False
+) -> tuple[dict[str, tuple[nn.Parameter, torch.Tensor]], str | None, dict[str, str]]:
+    """Match each of ``params`` (by transformers name) to the rows of ``engine_model``'s weight that hold it.
+
+    vLLM packs ``q/k/v_proj`` into ``qkv_proj`` and ``gate/up_proj`` into ``gate_up_proj`` along the output rows
+    (``packed_modules_mapping``), so each part is a contiguous row range; the offset counts the rows of the
+    siblings before it, which must be among ``params`` too.
+
+    Args:
+        params: ``{transformers name: parameter}``.
+        engine_model: has ``named_parameters()`` and, for packed layers, ``packed_modules_mapping``.
+        skip_other_dtypes: leave out a parameter the engine holds in another dtype or lacks, instead of failing.
+
+    Returns:
+        ``(views, None, skipped)`` with ``views`` ``{name: (parameter, view)}`` and ``skipped`` ``{name: why}``,
+        or ``({}, reason, {})`` when a parameter cannot be matched (its shape or values differ from the engine's).
+    """
+    packed: Mapping[str, list[str]] = getattr(engine_model, "packed_modules_mapping", None) or {}
+    part_of = {part: (fused, parts) for fused, parts in packed.items() for part in parts}
+    engine = {_clean(n): p for n, p in engine_model.named_parameters()}
     views: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}
-    for name, p in base.items():
+    skipped: dict[str, str] = {}
+    for name, p in params.items():
         module_path, _, leaf = name.rpartition(".")
         parent, _, module = module_path.rpartition(".")
         offset, target = 0, name
@@ -68,23 +91,30 @@ def base_weight_views(
             fused, parts = part_of[module]
             target = f"{parent}.{fused}.{leaf}" if parent else f"{fused}.{leaf}"
             for sibling in parts[: parts.index(module)]:
-                prev = base.get(f"{parent}.{sibling}.{leaf}" if parent else f"{sibling}.{leaf}")
+                prev = params.get(f"{parent}.{sibling}.{leaf}" if parent else f"{sibling}.{leaf}")
                 if prev is None:
-                    return {}, f"{name}: its packed sibling {sibling} is not a frozen base parameter"
+                    return {}, f"{name}: its packed sibling {sibling} is not among the weights to share", {}
                 offset += prev.shape[0]
         src = engine.get(target)
         if src is None:
-            return {}, f"{name}: the engine has no parameter {target}"
+            if skip_other_dtypes:
+                skipped[name] = f"the engine has no parameter {target}"
+                continue
+            return {}, f"{name}: the engine has no parameter {target}", {}
         if src.dtype != p.dtype or (src.device != p.device and p.device.type != "cpu"):
-            return {}, (f"{name}: the engine holds it as {src.dtype} on {src.device}, the trainer as {p.dtype} on "
-                        f"{p.device} (share only when both use the same dtype, e.g. bf16 frozen weights)")
+            why = (f"{name}: the engine holds it as {src.dtype} on {src.device}, the trainer as {p.dtype} on "
+                   f"{p.device} (share only when both use the same dtype, e.g. bf16 frozen weights)")
+            if skip_other_dtypes:
+                skipped[name] = why
+                continue
+            return {}, why, {}
         if src.dim() != p.dim() or src.shape[1:] != p.shape[1:] or offset + p.shape[0] > src.shape[0]:
-            return {}, f"{name}: shape {tuple(p.shape)} does not fit {target} {tuple(src.shape)} at row {offset}"
+            return {}, f"{name}: shape {tuple(p.shape)} does not fit {target} {tuple(src.shape)} at row {offset}", {}
         view = src.detach().narrow(0, offset, p.shape[0]) if p.dim() else src.detach()
         if not torch.equal(view, p.detach().to(view.device)):  # a parked parameter is compared on the device
-            return {}, f"{name}: the engine's {target} rows {offset}:{offset + p.shape[0]} hold other values"
+            return {}, f"{name}: the engine's {target} rows {offset}:{offset + p.shape[0]} hold other values", {}
         views[name] = (p, view)
-    return views, None
+    return views, None, skipped
 
 
 @dataclass
@@ -172,6 +202,7 @@ __all__ = [
     "ParkedBase",
     "SharedBaseWeights",
     "base_weight_views",
+    "weight_views",
     "frozen_base_parameters",
     "park_base_on_host",
     "share_base_with_engine",

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,12 +34,20 @@ from torch import nn
 from lightning_rl.rollout.engine_weights import EngineWeight, engine_weights, merge_unsupported_reason
 from lightning_rl.rollout.merged_base import MergedBase, merged_base_unsupported_reason, share_merged_base
 from lightning_rl.rollout.sharded_weights import is_sharded
+from lightning_rl.rollout.shared_trained_weights import (
+    SharedTrainedWeights,
+    share_trained_weights,
+    trained_weights_unsupported_reason,
+)
 from lightning_rl.rollout.vllm import VLLMEngine
 from lightning_rl.rollout.vllm_checks import check_eos_ids, require_cuda
 from lightning_rl.rollout.vllm_internals import VLLMInternals, require_supported_vllm, require_vllm
 from lightning_rl.rollout.vllm_settings import EngineSettings
 from lightning_rl.rollout.vllm_sizing import engine_weight_bytes, engine_weight_dtype
 from lightning_rl.rollout.vllm_worker import WORKER_EXTENSION
+
+if TYPE_CHECKING:
+    from lightning_rl.plugins.host_masters import HostMasterWeights
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +120,11 @@ class VLLMProcessEngine(VLLMEngine):
 
     Same arguments as :class:`~lightning_rl.rollout.vllm.VLLMEngine` (``settings.sleep_level`` does not apply: this
     engine never sleeps). ``settings.share_merged_base=True`` with a LoRA policy points the trainer's frozen base at
-    the engine's merged weights (:mod:`~lightning_rl.rollout.merged_base`). ``settings.front_end="process"`` (the
-    default) runs vLLM's front end in a process of its own as well (:mod:`~lightning_rl.rollout.front_end_process`).
+    the engine's merged weights (:mod:`~lightning_rl.rollout.merged_base`); ``settings.share_trained_weights=True``
+    with a fully fine-tuned policy whose fp32 masters live in host memory (``host_masters``) points the trainer's
+    16-bit trainable weights at the engine's (:mod:`~lightning_rl.rollout.shared_trained_weights`).
+    ``settings.front_end="process"`` (the default) runs vLLM's front end in a process of its own as well
+    (:mod:`~lightning_rl.rollout.front_end_process`).
 
     Raises:
         ValueError: the policy cannot feed it (:func:`process_engine_unsupported_reason`).
@@ -128,6 +139,7 @@ class VLLMProcessEngine(VLLMEngine):
         max_num_seqs: int = 256,
         settings: EngineSettings | None = None,
         weights_root: nn.Module | None = None,
+        host_masters: HostMasterWeights | None = None,
     ) -> None:
         settings = settings or EngineSettings()
         require_vllm()
@@ -162,13 +174,27 @@ class VLLMProcessEngine(VLLMEngine):
         self.weight_bytes = engine_weight_bytes(model, settings.dtype)
         self.merged_base = MergedBase()
         self.merged_base_freed_bytes = 0
+        self.shared_weights = SharedTrainedWeights()
+        self.shared_weights_freed_bytes = 0
+        share_trained = settings.share_trained_weights is not False and not settings.share_merged_base
+        if share_trained:  # asked before the engine process changes anything
+            reason = trained_weights_unsupported_reason(model, host_masters)
+            if reason and settings.share_trained_weights:
+                self.shutdown()
+                raise ValueError(f"share_trained_weights=True is impossible here: {reason}; use "
+                                 "share_trained_weights=False")
+            if reason:
+                log.info("VLLMProcessEngine: the trained weights stay the trainer's own: %s", reason)
+                share_trained = False
         self.sync_weights(model)
-        if settings.share_merged_base:
-            try:
+        try:
+            if settings.share_merged_base:
                 self._share_merged_base(model)
-            except Exception:
-                self.shutdown()  # the engine process ends with the failed start, and the trainer keeps its base
-                raise
+            elif share_trained:
+                self._share_trained_weights(model, host_masters, required=bool(settings.share_trained_weights))
+        except Exception:
+            self.shutdown()  # the engine process ends with the failed start, and the trainer keeps its weights
+            raise
         self.released_at_start_bytes = self.release_cached_memory()
 
     def _share_merged_base(self, model: nn.Module) -> None:
@@ -181,11 +207,10 @@ class VLLMProcessEngine(VLLMEngine):
         reason = merged_base_unsupported_reason(model)  # asked before the engine process changes anything
         if reason:
             raise ValueError(f"share_merged_base=True is impossible here: {reason}; use share_merged_base=False")
-        reply = pickle.loads(self.llm.collective_rpc("lightning_rl_share_base")[0])
-        params = {name: rebuild(*args) for name, (rebuild, args) in reply["params"]}
+        engine_params = self._engine_parameters("lightning_rl_share_base")
         cuda = torch.cuda.is_available()
         allocated = torch.cuda.memory_allocated() if cuda else 0
-        share, reason = share_merged_base(model, _EngineParameters(reply["packed"], params))
+        share, reason = share_merged_base(model, engine_params)
         if reason:
             raise ValueError(f"share_merged_base=True, but the LoRA base cannot be shared with the engine process's "
                              f"weights: {reason}; use share_merged_base=False")
@@ -198,20 +223,66 @@ class VLLMProcessEngine(VLLMEngine):
         log.info("VLLMProcessEngine: the LoRA base is the engine's merged weights (%.1f MiB held once)",
                  share.bytes_shared / 2**20)
 
+    def _engine_parameters(self, method: str) -> _EngineParameters:
+        """The engine process's weights, opened in this process, from RPC ``method``'s reply."""
+        reply = pickle.loads(self.llm.collective_rpc(method)[0])
+        return _EngineParameters(reply["packed"], {name: rebuild(*args) for name, (rebuild, args) in reply["params"]})
+
+    def _share_trained_weights(self, model: nn.Module, masters: HostMasterWeights | None,
+                               required: bool = True) -> None:
+        """Point the trainer's 16-bit trainable weights at the engine's and free the trainer's copy.
+
+        Without ``required`` weights that cannot be shared stay the trainer's own, with a warning that says why.
+
+        Raises:
+            ValueError: ``required`` and they cannot be shared (no host masters, a LoRA policy, an unknown weight
+                layout).
+        """
+        cuda = torch.cuda.is_available()
+        allocated = torch.cuda.memory_allocated() if cuda else 0
+        share, reason = share_trained_weights(model, self._engine_parameters("lightning_rl_engine_parameters"),
+                                              masters)
+        if reason and not required:
+            log.warning("VLLMProcessEngine: the policy's trained weights stay the trainer's own, beside the engine's "
+                        "copy: %s", reason)
+            return
+        if reason:
+            raise ValueError(f"share_trained_weights=True, but the policy's weights cannot be the engine process's: "
+                             f"{reason}; use share_trained_weights=False")
+        self.shared_weights = share
+        self.sync_weights(model)  # the engine process drops its views of the trainer's copies (attached without them)
+        if cuda:
+            torch.cuda.ipc_collect()
+            torch.cuda.empty_cache()
+            self.shared_weights_freed_bytes = allocated - torch.cuda.memory_allocated()
+        log.info("VLLMProcessEngine: %d trained weights are the engine's own (%.1f MiB held once; their stepped "
+                 "values wait in host memory for each sync)", len(share.views), share.bytes_shared / 2**20)
+
     def unshare_base(self) -> None:
-        """Give the trainer private copies of its LoRA base again (before the engine process ends; idempotent)."""
+        """Give the trainer private copies of its LoRA base or trained weights again (before the engine process ends;
+        idempotent).
+        """
         if self.merged_base.views:
             self.merged_base.unshare()
             self._attached = ()  # the bases moved: the next sync sends them again
+        if self.shared_weights.views:
+            self.shared_weights.unshare()
+            self._attached = ()
 
     def sync_weights(self, model: nn.Module, root: nn.Module | None = None) -> None:
         """Copy the policy's current weights into the engine (the engine process reads them in place).
 
         Handles are sent again only when the parameters moved (another storage, shape or dtype). A LoRA policy's
-        adapters are merged into the base weights by the engine process as it loads them.
+        adapters are merged into the base weights by the engine process as it loads them. Trained weights that are
+        the engine's own (``share_trained_weights``) get their stepped values from host memory first and are not
+        loaded.
         """
         self._check_alive()
         weights = engine_weights(model)
+        if self.shared_weights.views:
+            shared = self.shared_weights.names
+            weights = [w for w in weights if w.name not in shared]
+            self.shared_weights.flush()  # the engine is idle: nothing generates from its weights now
         with_bases = not self.merged_base.views  # a shared base stays in the engine process
         layout = weights_layout(weights, with_bases)
         if layout != self._attached:
@@ -227,8 +298,10 @@ class VLLMProcessEngine(VLLMEngine):
 
     @property
     def syncs_before_each_update(self) -> bool:
-        """Whether every update needs a sync first: the trainer's LoRA base is the engine's merged weights."""
-        return bool(self.merged_base.views)
+        """Whether every update needs a sync first: the trainer's LoRA base is the engine's merged weights, or its
+        trained weights are the engine's (their stepped values wait for the sync).
+        """
+        return bool(self.merged_base.views or self.shared_weights.views)
 
     def release_cached_memory(self) -> int:
         """Give back what the engine process's allocator caches unused (its start leaves some). Returns the bytes.
@@ -259,7 +332,7 @@ class VLLMProcessEngine(VLLMEngine):
     def shutdown(self) -> None:
         """Stop the engine process and give its GPU memory back (idempotent)."""
         if getattr(self, "merged_base", None) is not None:
-            self.unshare_base()  # the views die with the engine process
+            self.unshare_base()  # the views die with the engine process (shared trained weights too)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             with contextlib.suppress(Exception):

@@ -54,6 +54,14 @@ class EngineSettings:
             (``num_iterations=1``, ``num_mini_batches=1``). None: :class:`~lightning_rl.callbacks.VLLMRollout`
             turns it on when all hold (an engine built outside the callback leaves it off); True: raise when
             impossible; False: never.
+        share_trained_weights: for an engine in a process of its own and a full fine-tune whose fp32 masters live
+            in host memory (``MemoryAwarePrecision``'s host masters), point the trainer's 16-bit trainable weights
+            at the engine's and free the trainer's copy (:mod:`lightning_rl.rollout.shared_trained_weights`): each
+            optimizer step's results wait in pinned host memory until the next sync copies them in. It needs the
+            weights in the engine's dtype and one optimizer step per rollout (``num_iterations=1``,
+            ``num_mini_batches=1``). False (default, until it is measured end to end on a GPU): never; True: raise
+            when impossible; None: when possible (:class:`~lightning_rl.callbacks.VLLMRollout` checks the module
+            and the plugin's masters, the engine process the weights' layout, and a message says why not).
         execution: ``cuda_graphs``: decode steps replay full CUDA graphs, no torch.compile (starts in seconds);
             ``compiled``: vLLM's torch.compile + piecewise CUDA graphs (minutes to start); ``eager``: neither
             (fastest start, slowest generation).
@@ -97,6 +105,7 @@ class EngineSettings:
     keep_weights_bytes: int = KEEP_WEIGHTS_BYTES
     share_base_weights: bool | None = None
     share_merged_base: bool | None = None
+    share_trained_weights: bool | None = False
     execution: ExecutionMode = "cuda_graphs"
     fp32_logits: bool = True
     enable_prefix_caching: bool = True

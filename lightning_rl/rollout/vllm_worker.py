@@ -132,8 +132,6 @@ class PolicyWeightReceiver:
         weights = getattr(self, "_lightning_rl_weights", None)
         if weights is None:
             raise RuntimeError("lightning_rl_share_base before lightning_rl_attach: the trainer sent no weight handles")
-        from torch.multiprocessing.reductions import reduce_tensor
-
         pin = torch.cuda.is_available()  # pinned: each sync copies the adapted weights to the device
         host = {name: torch.empty(base.shape, dtype=base.dtype, pin_memory=pin).copy_(base)
                 for name, base, _ in weights}
@@ -143,6 +141,18 @@ class PolicyWeightReceiver:
             torch.cuda.synchronize()
         self._lightning_rl_host_bases = host
         self._lightning_rl_weights = [(name, host[name], products) for name, _, products in weights]
+        return self.lightning_rl_engine_parameters()
+
+    def lightning_rl_engine_parameters(self) -> bytes:
+        """Hand out the engine's weights, unchanged: the trainer points its trained weights at them
+        (:mod:`~lightning_rl.rollout.shared_trained_weights`).
+
+        Returns:
+            Pickled ``{"packed": packed_modules_mapping, "params": [(name, CUDA IPC handle), ...]}``.
+        """
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        model = self.model_runner.get_model()
         packed = {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()}
         params = [(name, reduce_tensor(p.detach())) for name, p in model.named_parameters()]
         return pickle.dumps({"packed": packed, "params": params})

@@ -224,8 +224,9 @@ def _states_on_gpu(optimizer):
     return sum(t.is_cuda for t in states), len(states)
 
 
-def _overlapped_fit(module, steps=4, settings=None):
-    """Fit ``module`` as the README's GPU snippet does; record each step's staleness, engine processes and mismatch."""
+def _overlapped_fit(module, steps=4, settings=None, extra=()):
+    """Fit ``module`` as the README's GPU snippet does (with ``extra`` callbacks after the rollout's); record each
+    step's staleness, engine processes and mismatch."""
     from lightning_rl.plugins import MemoryAwarePrecision
 
     callback = VLLMRollout(settings=settings)
@@ -252,8 +253,8 @@ def _overlapped_fit(module, steps=4, settings=None):
                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
     trainer = L.Trainer(max_steps=steps, accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, Watch()],
-                        plugins=[MemoryAwarePrecision()], limit_val_batches=0)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback, *extra, Watch()], plugins=[MemoryAwarePrecision()], limit_val_batches=0)
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=64, num_val=4, batch_size=8))
     return trainer, callback, seen
 

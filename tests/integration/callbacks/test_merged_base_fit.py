@@ -8,52 +8,31 @@ that fake's merged storage, as vLLM generates from its own weights. The rollouts
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import torch
 from helpers import SUM_ROWS, rollout_grpo
 
 from lightning_rl import PromptDataModule, VLLMRollout
-from lightning_rl.models import load_policy
-from lightning_rl.rollout import EngineSettings, HFEngine
+from lightning_rl.rollout import EngineSettings
 from lightning_rl.rollout.engine_weights import engine_weights, merged_weight
-from lightning_rl.rollout.merged_base import MergedBase
-from lightning_rl.rollout.shared_weights import frozen_base_parameters, share_base_with_engine
-from lightning_rl.rollout.sleep_state import SleepState
-from lightning_rl.rollout.vllm_process import VLLMProcessEngine
-from lightning_rl.rollout.vllm_worker import PolicyWeightReceiver
+from lightning_rl.rollout.shared_weights import frozen_base_parameters
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "unit" / "rollout"))
-from test_merged_base_protocol import FakeLLM, LoadingFakeModel, _engine_rows, _hand_over  # noqa: E402
+from cpu_engine_process import CPUProcessEngine, watch_fit  # noqa: E402
+from test_merged_base_protocol import LoadingFakeModel, _engine_rows, _hand_over  # noqa: E402
 
 
-class CPUMergedEngine(VLLMProcessEngine):
+class CPUMergedEngine(CPUProcessEngine):
     """The engine process's weight handling in this process; generation from the merged weights by transformers."""
 
     def __init__(self, module, path):
         policy = module.policy
-        self.fake = LoadingFakeModel({k: torch.zeros_like(v) for k, v in frozen_base_parameters(policy).items()})
-        worker = PolicyWeightReceiver()
-        worker.model_runner = SimpleNamespace(get_model=lambda: self.fake)
-        self.llm, self.internals, self.state, self._dir = FakeLLM(worker), None, SleepState(), ""
-        self._attached, self.merged_base, self.merged_base_freed_bytes = (), MergedBase(), 0
+        super().__init__(LoadingFakeModel({k: torch.zeros_like(v) for k, v in frozen_base_parameters(policy).items()}))
         self.pristine = {k: v.detach().clone() for k, v in frozen_base_parameters(policy).items()}
-        self.syncs = 0
         self.sync_weights(policy)
         self._share_merged_base(policy)
-        generator, _ = load_policy(path, dtype="float32")
-        generator.requires_grad_(False).eval()
-        _, reason = share_base_with_engine(generator, self.fake)  # vLLM generates from the merged weights
-        assert reason is None, reason
-        self.inner = HFEngine(generator, module.tokenizer.pad_token_id, module.eos_token_ids)
-
-    def sync_weights(self, model, root=None):
-        super().sync_weights(model, root)
-        self.syncs += 1
-
-    def generate(self, prompt_ids, sampling, num_generations=1, seed=None):
-        return self.inner.generate(prompt_ids, sampling, num_generations)
+        self.generate_from(module, path, "float32")
 
 
 def test_a_lora_fit_with_a_merged_shared_base_trains_and_gives_the_base_back(saved_tiny_llama, monkeypatch):
@@ -66,30 +45,21 @@ def test_a_lora_fit_with_a_merged_shared_base_trains_and_gives_the_base_back(sav
     path = saved_tiny_llama(2)
     torch.manual_seed(0)
     module = rollout_grpo(model=path, lora={"r": 4, "lora_alpha": 8}, learning_rate=1e-2)
-    engines, seen = [], []
+    engines = []
     cb = VLLMRollout(overlap=True, settings=EngineSettings(share_merged_base=True),
                      engine_factory=lambda m, n, seed: engines.append(CPUMergedEngine(m, path)) or engines[-1])
-    original = module.training_step
 
-    def spy(batch, batch_idx):  # each update reads the engine's weights, merged with the adapters it starts from
-        engine = engines[-1]
+    def check(engine):  # each update reads the engine's weights, merged with the adapters it starts from
         merged = {w.name: merged_weight(engine.pristine[w.name], w.products) for w in engine_weights(module.policy)}
         exact = all(torch.equal(_engine_rows(engine.fake, n), t) for n, t in merged.items())
         inside = all(p.data_ptr() == _engine_rows(engine.fake, n).data_ptr()
                      for n, p in frozen_base_parameters(module.policy).items())
-        seen.append((module.trainer.global_step, engine.syncs, exact, inside))
-        return original(batch, batch_idx)
+        return exact, inside
 
-    module.training_step = spy
-    validated = []
-
-    class Validated(L.Callback):  # validation generates with the policy: its base must hold the current adapters
-        def on_validation_end(self, trainer, pl_module):
-            validated.append((trainer.global_step, engines[-1].syncs))
-
+    seen, validated, watch = watch_fit(module, engines, check)
     # validation after every batch, while the next batch's rollout is being generated ahead
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Validated()],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, watch],
                         val_check_interval=1, num_sanity_val_steps=1)
     data = PromptDataModule(train_data=SUM_ROWS[:4], val_data=SUM_ROWS[4:6], batch_size=2, shuffle=False)
     trainer.fit(module, datamodule=data)

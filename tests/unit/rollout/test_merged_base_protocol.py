@@ -19,6 +19,7 @@ from lightning_rl.models import load_policy
 from lightning_rl.rollout import vllm_process
 from lightning_rl.rollout.engine_weights import engine_weights, merged_weight
 from lightning_rl.rollout.merged_base import MergedBase, StaleMergedBaseError
+from lightning_rl.rollout.shared_trained_weights import SharedTrainedWeights
 from lightning_rl.rollout.shared_weights import frozen_base_parameters
 from lightning_rl.rollout.sleep_state import SleepState
 from lightning_rl.rollout.vllm_process import VLLMProcessEngine
@@ -90,6 +91,7 @@ def engine_and_policy(saved_tiny_llama, monkeypatch):
     engine = object.__new__(VLLMProcessEngine)  # the engine process is the worker above
     engine.llm, engine.internals, engine.state, engine._dir = FakeLLM(worker), None, SleepState(), ""
     engine._attached, engine.merged_base, engine.merged_base_freed_bytes = (), MergedBase(), 0
+    engine.shared_weights = SharedTrainedWeights()
     yield engine, policy, fake
     engine.shutdown()
     _HANDED.clear()

@@ -1,6 +1,7 @@
 """The engine-in-its-own-process pieces that run without a GPU: spawning without re-running the script, when it
 applies, and what the memory plan counts for it (the engine itself: tests/gpu/test_vllm_process.py)."""
 
+import copy
 import math
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 from helpers import FakeEngine, rollout_grpo
 
-from lightning_rl import VLLMRollout
+from lightning_rl import MemoryAwarePrecision, VLLMRollout
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 from lightning_rl.plugins.memory_plan import GiB
@@ -341,3 +342,70 @@ def test_the_default_shares_a_merged_base_only_where_nothing_is_against_it():
     off = VLLMRollout(settings=EngineSettings(share_merged_base=False))
     off.engine_dtype = cb.engine_dtype
     assert started(off, lora_module()) is False
+
+
+def _full_module_with_masters(**kw):
+    """A full-fine-tune GRPO module whose linear weights and embedding got bf16 copies of host masters."""
+    from lightning_rl.plugins.host_masters import HostMasterWeights
+
+    module = rollout_grpo(**kw)
+    module.configure_model()
+    masters = HostMasterWeights(torch.bfloat16)
+    masters.attach(module.policy)
+    return module, masters
+
+
+def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_and_refused_before_the_start():
+    """``share_trained_weights``: True raises the reason before the engine starts; None shares a full fine-tune with
+    host masters in the engine's dtype and one step per rollout (the engine process then tries, and says why not);
+    False and the other cases leave it off."""
+    built = []
+
+    def started(cb, module, masters):
+        cb.overlap_off_reason = lambda *args: None  # it overlaps, as on a GPU
+        cb._plugin = SimpleNamespace(host_master_weights=masters, kv_cache_bytes=None, memory_plan=None)
+        cb.engine_dtype = lambda policy, trainer=None: torch.bfloat16
+        cb.build_engine = lambda m, n: built.append((cb.sharing_trained_weights, cb._trained_weights_setting())) \
+            or SimpleNamespace()
+        cb._create(SimpleNamespace(global_step=0, strategy=None), module, 2)
+        return built[-1]
+
+    module, masters = _full_module_with_masters()
+    assert started(VLLMRollout(), module, masters) == (False, False)  # the default: off until measured on a GPU
+    auto = EngineSettings(share_trained_weights=None)
+    assert started(VLLMRollout(settings=auto), module, masters) == (True, None)
+    assert started(VLLMRollout(settings=auto), module, None) == (False, False)  # fp32 weights on the device
+    several, several_masters = _full_module_with_masters(num_iterations=2)
+    assert started(VLLMRollout(settings=auto), several, several_masters) == (False, False)
+    fp16 = copy.copy(masters)
+    fp16.dtype = torch.float16
+    assert started(VLLMRollout(settings=auto), module, fp16) == (False, False)  # not the engine's dtype
+    asked = EngineSettings(share_trained_weights=True)
+    assert started(VLLMRollout(settings=asked), module, masters) == (True, True)
+    for mod, m, why in ((module, None, "master_weights='cpu'"), (several, several_masters, "2 optimizer steps"),
+                        (module, fp16, "float16, the engine in torch.bfloat16")):
+        cb = VLLMRollout(settings=asked)
+        with pytest.raises(ValueError, match=rf"share_trained_weights=True is impossible here: .*{why}"):
+            started(cb, mod, m)
+    lora = rollout_grpo(lora={"r": 4, "lora_alpha": 8})
+    lora.configure_model()
+    with pytest.raises(ValueError, match="share_merged_base"):
+        started(VLLMRollout(settings=asked), lora, masters)
+
+
+def test_the_plan_counts_trained_weights_shared_with_the_engine_once():
+    """The engine process's weights that are the trainer's own count as the trainer's, not again beside it."""
+    module, masters = _full_module_with_masters()
+    plugin = MemoryAwarePrecision(compute_dtype="bfloat16")
+    plugin._masters = masters
+    trainer = SimpleNamespace(lightning_module=module, precision="bf16-mixed", precision_plugin=plugin,
+                              strategy=SimpleNamespace(precision_plugin=plugin), datamodule=None)
+
+    def engine_bytes(share):
+        cb = VLLMRollout(prompts_per_step=2, settings=EngineSettings(share_trained_weights=share))
+        cb.setup(trainer, module, "fit")
+        cb.overlap_off_reason = lambda *args: None
+        return cb.rollout_memory(module.training_shape()).engine_weight_bytes
+
+    shared = sum(p.numel() for p in masters.parameters()) * 2
+    assert engine_bytes(False) - engine_bytes(None) == shared == engine_bytes(False) - engine_bytes(True) > 0
