@@ -10,13 +10,14 @@ from lightning_rl.plugins.host_gradients import HostGradients
 
 def _run(staged: bool, ways: str, steps: int = 3):
     """Three AdamW steps of :func:`small_lm` with host masters, stepped ``ways`` (streamed in chunks, in row slices,
-    or on the host); with ``staged`` every managed weight waits for a flush after each step."""
+    on the host, or half on the host beside the other half streamed); with ``staged`` every managed weight waits
+    for a flush after each step."""
     net = small_lm()
     masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048, split_large=ways == "slices")
-    if ways == "host":
+    if ways in ("host", "half"):
         held = HostGradients()
         held.attach(masters.parameters())
-        streamer.gradients, streamer.host_step = held, True
+        streamer.gradients, streamer.host_step = held, True if ways == "host" else 0.5
     staging = masters.stage(masters.parameters()) if staged else None
     seen = []
     for step in range(steps):
@@ -35,7 +36,7 @@ def _run(staged: bool, ways: str, steps: int = 3):
     return seen, masters, net, opt
 
 
-@pytest.mark.parametrize("ways", ["chunks", "slices", "host"])
+@pytest.mark.parametrize("ways", ["chunks", "slices", "host", "half"])
 def test_staged_weights_wait_for_the_flush_then_match_the_unstaged_step(ways):
     plain, _, _, _ = _run(False, ways)
     staged, masters, _, _ = _run(True, ways)
