@@ -76,3 +76,48 @@ def test_a_full_fit_whose_weights_are_the_engines_trains_syncs_each_step_and_end
     down = "model.layers.0.mlp.down_proj.weight"
     assert weights[down].data_ptr() != _engine_rows(engine.fake, down).data_ptr()
     assert not torch.equal(weights[down], start[down])  # it trained
+
+
+def test_a_run_with_shared_weights_resumes_from_its_checkpoint_on_the_saved_masters(saved_tiny_llama, monkeypatch,
+                                                                                   tmp_path):
+    """The checkpoint holds the fp32 masters (saved while the last step waited in host memory); the resumed run's
+    engine starts from them, and its first update reads them rounded, in the engine's weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.setattr(vllm_process, "ipc_handles", functools.partial(vllm_process.ipc_handles, reduce=_hand_over))
+    monkeypatch.setattr("torch.multiprocessing.reductions.reduce_tensor", _hand_over)
+    path = saved_tiny_llama(1)
+
+    def fit(steps, ckpt_path=None):
+        torch.manual_seed(0)
+        module = rollout_grpo(model=path, learning_rate=1e-3)
+        engines = []
+        cb = VLLMRollout(overlap=True, settings=EngineSettings(share_trained_weights=True),
+                         engine_factory=lambda m, n, seed: engines.append(CPUSharedEngine(m, path)) or engines[-1])
+
+        def check(engine):  # the policy's managed weights as the update reads them, and whether they are the engine's
+            masters = engine.masters
+            weights = {n: p.detach().clone() for n, p in module.policy.named_parameters() if masters.manages(p)}
+            inside = all(p.data_ptr() == _engine_rows(engine.fake, n).data_ptr()
+                         for n, p in module.policy.named_parameters() if masters.manages(p))
+            return inside, weights
+
+        seen, _, watch = watch_fit(module, engines, check)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[cb, watch, ckpt],
+                            plugins=[MemoryAwarePrecision(master_weights="cpu")], limit_val_batches=0)
+        trainer.fit(module, datamodule=PromptDataModule(train_data=SUM_ROWS[:8], batch_size=2, shuffle=False),
+                    ckpt_path=ckpt_path)
+        return trainer, module, seen
+
+    _, first, _ = fit(2)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert saved[f"policy.{down}"].dtype == torch.float32
+    assert torch.equal(saved[f"policy.{down}"], dict(first.policy.named_parameters())[down])  # the masters
+    trainer, _, seen = fit(4, ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 4 and [s[0] for s in seen] == [2, 3] and all(s[2] for s in seen)
+    resumed = seen[0][3]
+    assert resumed and all(torch.equal(w, saved[f"policy.{n}"].to(torch.bfloat16)) for n, w in resumed.items())
+    assert not all(torch.equal(w, seen[1][3][n]) for n, w in resumed.items())  # the resumed run trained on

@@ -7,7 +7,8 @@ on a copy of the model whose weights are views of the fake's storage, as vLLM ge
 
 from types import SimpleNamespace
 
-from test_merged_base_protocol import FakeLLM
+import torch
+from test_merged_base_protocol import FakeLLM, _engine_rows
 
 from lightning_rl.models import load_policy
 from lightning_rl.rollout import HFEngine
@@ -43,6 +44,9 @@ class CPUProcessEngine(VLLMProcessEngine):
         """Generate with the model saved at ``path``, loaded in ``dtype``, whose weights are views of the fake's."""
         generator, _ = load_policy(path, dtype=dtype)
         generator.requires_grad_(False).eval()
+        with torch.no_grad():  # the engine's values now (a resumed run's are not the folder's)
+            for name, p in generator.named_parameters():
+                p.copy_(_engine_rows(self.fake, name))
         _, reason = share_base_with_engine(generator, self.fake)  # vLLM generates from its own weights
         assert reason is None, reason
         self.inner = HFEngine(generator, module.tokenizer.pad_token_id, module.eos_token_ids)
