@@ -497,6 +497,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.steps.append({"step_s": step_s, "rollout_s": rollout_s, "toggle_s": t.get("toggle_s"),
                                "generate_s": t.get("generate_s"), "train_s": step_s - rollout_s,
                                "background_generate_s": t.get("background_generate_s"),
+                               # waiting for the rollout made ahead, and the weight sync before the next one
+                               # (with share_trained_weights it copies the last step's weights in)
+                               "wait_s": t.get("wait_s"), "sync_s": t.get("sync_s"),
                                "staleness": t.get("staleness", 0.0),
                                **{k: v for k, v in t.items() if k.startswith("engine_")},  # the rollout's steps
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
