@@ -150,3 +150,20 @@ def test_sharing_is_refused_with_the_reason_before_anything_changes(saved_tiny_l
     plain, _ = load_policy(path, dtype="float32")
     assert "master_weights='cpu'" in trained_weights_unsupported_reason(plain, None)
     engine.shutdown()
+
+
+def test_a_weight_the_engine_lacks_stays_private_and_the_rest_is_shared(saved_tiny_llama, handed_over):
+    policy, masters, _, _ = _policy_with_masters(saved_tiny_llama(1))
+    engine, fake = _fake_engine(policy)
+    engine.sync_weights(policy)
+    lacking = "model.layers.0.self_attn.o_proj.weight"
+    params = {n: t for n, t in fake.named_parameters() if n != lacking}
+    share, reason = share_trained_weights(policy, SimpleNamespace(
+        named_parameters=lambda: iter(params.items()), packed_modules_mapping=fake.packed_modules_mapping), masters)
+    assert reason is None and lacking in share.skipped and "no parameter" in share.skipped[lacking]
+    assert len(share.views) == 7 and lacking not in share.names
+    o_proj = dict(policy.named_parameters())[lacking]
+    assert not masters.stages(o_proj) and all(masters.stages(p) for p, _ in share.views.values())
+    share.unshare()
+    assert masters.staging is None
+    engine.shutdown()
