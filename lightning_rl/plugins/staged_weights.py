@@ -27,8 +27,11 @@ class StagedWeights:
 
     def __init__(self, params: Sequence[nn.Parameter], pin_memory: bool = True) -> None:
         self._params = {id(p): p for p in params}
-        self._buffers = {id(p): torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin_memory and p.is_cuda)
-                         for p in params}
+        self._buffers = {}
+        with torch.no_grad():  # each buffer starts as its parameter: rows a failed step left unwritten stay right
+            for p in params:
+                buf = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin_memory and p.is_cuda)
+                self._buffers[id(p)] = buf.copy_(p.data)
         self._waiting: set[int] = set()
 
     def holds(self, p: torch.Tensor) -> bool:

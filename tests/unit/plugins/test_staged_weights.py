@@ -80,3 +80,31 @@ def test_staging_refuses_what_would_lose_or_misplace_values():
     masters.swap_out([net[3].weight], keep=False)
     masters.detach()  # the end of a fit: fp32 masters back into the parameters, nothing waits
     assert masters.staging is None and net[3].weight.dtype == torch.float32
+
+
+def test_a_step_that_fails_mid_parameter_flushes_only_the_rows_it_stepped():
+    """Row slices of the head step until the optimizer fails: the stepped rows wait, the others keep their values
+    through the flush (the buffers start as the parameters)."""
+    net = small_lm()
+    masters, opt, streamer = host_master_stepping(net, lr=3e-2, chunk_bytes=2048, split_large=True)
+    masters.stage(masters.parameters())
+    head = net[3].weight
+    before = head.detach().clone()
+    small_lm_backward(net, 0)
+    head_slices, step = [0], opt.step
+
+    def failing(*args, **kwargs):
+        if head.grad is not None:  # a slice of the head steps now
+            head_slices[0] += 1
+            if head_slices[0] == 3:  # two slices went by
+                raise RuntimeError("injected")
+        return step(*args, **kwargs)
+
+    opt.step = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        streamer.step(opt)
+    assert any(p is head for p in masters.staging.waiting)
+    masters.flush_staged()
+    changed = (head.detach() != before).any(dim=1)
+    assert 0 < int(changed.sum()) < head.shape[0]  # some rows stepped, the rest as they were
+    assert torch.equal(head.detach()[~changed], before[~changed])
