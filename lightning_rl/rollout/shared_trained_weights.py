@@ -68,7 +68,7 @@ class SharedTrainedWeights:
         views: ``{name: (parameter, view of the engine's weight)}``.
         masters: the host masters whose stepped values wait for :meth:`flush`.
         hooks: the freshness check on the input embeddings.
-        skipped: ``{name: why}`` of trainable weights left private (the engine holds them in another dtype).
+        skipped: ``{name: why}`` of trainable weights left private (the engine lacks them or holds another dtype).
     """
 
     views: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
@@ -100,10 +100,10 @@ class SharedTrainedWeights:
             raise RuntimeError(
                 f"{moved} no longer points at the engine's weights (something gave the parameter new storage), so "
                 "the engine would not see its updates: keep the policy's weights where they are while "
-                "share_trained_weights=True, or turn it off")
+                "they are shared with the engine, or set share_trained_weights=False")
         if self.stale():
             raise StaleSharedWeightsError(
-                "the policy's weights are the rollout engine's own (EngineSettings(share_trained_weights=True)), and "
+                "the policy's weights are the rollout engine's own (EngineSettings(share_trained_weights)), and "
                 "the optimizer's last step waits in host memory until the engine's next sync (the engine may be "
                 "generating from the previous weights now): sync the engine (engine.sync_weights(policy)) before this "
                 "forward, or run without sharing (share_trained_weights=False)")
