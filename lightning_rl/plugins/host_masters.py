@@ -292,7 +292,7 @@ class HostMasterWeights:
         if self.staging is not None and any(self.stages(p) and prefix + n in state_dict for n, p in names.items()):
             raise RuntimeError(
                 "load_state_dict into weights that are the rollout engine's own memory "
-                "(EngineSettings(share_trained_weights=True)): the load would write them while the engine "
+                "(EngineSettings(share_trained_weights)): the load would write them while the engine "
                 "generates. Load the checkpoint before the engine starts (Trainer.fit(ckpt_path=...) does) or after "
                 "it shut down")
         with torch.no_grad():
