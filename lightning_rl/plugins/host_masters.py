@@ -296,7 +296,7 @@ class HostMasterWeights:
                 "generates. Load the checkpoint before the engine starts (Trainer.fit(ckpt_path=...) does) or after "
                 "it shut down")
         with torch.no_grad():
-            for name, p in self._names.get(id(owner), {}).items():
+            for name, p in names.items():
                 value = state_dict.get(prefix + name)
                 if torch.is_tensor(value) and value.shape == p.shape:
                     self._masters[id(p)][1].copy_(value)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,17 +87,20 @@ def _move_counters(entries: list[tuple[dict[str, Any], str, torch.device]], to: 
             state[key] = value.clone()  # a tensor of its own, as the optimizer made it
 
 
-def chunks_by_numel(params: Sequence[nn.Parameter], numel: int) -> list[list[nn.Parameter]]:
-    """``params`` in order, in chunks of at most ``numel`` elements (a larger parameter alone)."""
+def chunks_by_size(
+    params: Sequence[nn.Parameter], limit: int, size: Callable[[nn.Parameter], int] = torch.Tensor.numel
+) -> list[list[nn.Parameter]]:
+    """``params`` in order, in chunks of at most ``limit`` of ``size`` (elements by default; a larger one alone)."""
     out: list[list[nn.Parameter]] = []
     current: list[nn.Parameter] = []
-    size = 0
+    total = 0
     for p in params:
-        if current and size + p.numel() > numel:
+        n = size(p)
+        if current and total + n > limit:
             out.append(current)
-            current, size = [], 0
+            current, total = [], 0
         current.append(p)
-        size += p.numel()
+        total += n
     if current:
         out.append(current)
     return out
@@ -178,7 +181,7 @@ class HostStep:
         # the weights' copies go on the caller's streams, where the next forward and backward find them ordered
         self._streams = {p.device: torch.cuda.current_stream(p.device) for p in self.params if p.is_cuda}
         self._scale = None if masters.grad_scale is None else float(masters.grad_scale)
-        self._chunks = chunks_by_numel(self.params, chunk_numel)
+        self._chunks = chunks_by_size(self.params, chunk_numel)
         need = max((sum(p.numel() for p in c) for c in self._chunks), default=0)
         if need and (scratch is None or scratch.numel() < need):
             scratch = torch.empty(need, dtype=torch.float32)
@@ -322,5 +325,5 @@ def _on_device(optimizer: Optimizer, p: nn.Parameter) -> bool:
     return False
 
 
-__all__ = ["AUTO_SHARE_BOUNDS", "AUTO_SHARE_START", "HostStep", "balanced_share", "chunks_by_numel", "host_share",
+__all__ = ["AUTO_SHARE_BOUNDS", "AUTO_SHARE_START", "HostStep", "balanced_share", "chunks_by_size", "host_share",
            "host_step_refusal", "host_step_setting"]

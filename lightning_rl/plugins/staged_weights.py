@@ -47,11 +47,6 @@ class StagedWeights:
         """The parameters whose stepped values have not been copied in yet."""
         return [self._params[i] for i in self._waiting]
 
-    @property
-    def nbytes(self) -> int:
-        """Host bytes of the buffers."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def write(self, p: torch.Tensor, values: torch.Tensor, rows: slice | None = None) -> None:
         """Round ``values`` (``p``'s stepped fp32 values, or rows ``rows`` of them) into ``p``'s buffer.
 

@@ -63,6 +63,7 @@ from lightning_rl.plugins.host_step import (
     AUTO_SHARE_START,
     HostStep,
     balanced_share,
+    chunks_by_size,
     host_share,
     host_step_refusal,
     host_step_setting,
@@ -276,19 +277,7 @@ class StreamedOptimizerStates:
     def chunks(self, optimizer: Optimizer, params: Sequence[nn.Parameter]) -> list[list[nn.Parameter]]:
         """Split ``params`` (in order) into chunks of at most ``chunk_bytes`` of states (estimated before any)."""
         ratio = self._ratio(optimizer)
-        out: list[list[nn.Parameter]] = []
-        current: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            nbytes = self._estimated_state_bytes(optimizer, p, ratio)
-            if current and size + nbytes > self.chunk_bytes:
-                out.append(current)
-                current, size = [], 0
-            current.append(p)
-            size += nbytes
-        if current:
-            out.append(current)
-        return out
+        return chunks_by_size(params, self.chunk_bytes, lambda p: self._estimated_state_bytes(optimizer, p, ratio))
 
     # ----------------------------------------------------------------------------- the step
     def step(self, optimizer: Optimizer, step_fn: Callable[[], Any] | None = None) -> None:

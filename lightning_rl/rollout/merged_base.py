@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_rl.lora import is_lora
 from lightning_rl.lora_gradients import AdapterGradients
 from lightning_rl.models import unwrap
-from lightning_rl.rollout.shared_weights import base_weight_views
+from lightning_rl.rollout.shared_weights import base_weight_views, moved_parameter
 
 
 class StaleMergedBaseError(RuntimeError):
@@ -131,7 +131,7 @@ class MergedBase:
         """Raise :class:`StaleMergedBaseError` when :meth:`stale`, RuntimeError when a base parameter was moved."""
         if not self.views:
             return
-        moved = next((n for n, (p, view) in self.views.items() if p.data_ptr() != view.data_ptr()), None)
+        moved = moved_parameter(self.views)
         if moved is not None:
             raise RuntimeError(
                 f"{moved} no longer points at the engine's merged weights (something gave the parameter new "

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_rl.lora import is_lora
 from lightning_rl.models import unwrap
-from lightning_rl.rollout.shared_weights import weight_views
+from lightning_rl.rollout.shared_weights import moved_parameter, weight_views
 
 if TYPE_CHECKING:
     from lightning_rl.plugins.host_masters import HostMasterWeights
@@ -95,7 +95,7 @@ class SharedTrainedWeights:
         """Raise :class:`StaleSharedWeightsError` when :meth:`stale`, RuntimeError when a parameter was moved."""
         if not self.views or self.masters is None or self.masters.staging is None:
             return  # not shared, or the masters went back into the parameters (the end of a fit)
-        moved = next((n for n, (p, view) in self.views.items() if p.data_ptr() != view.data_ptr()), None)
+        moved = moved_parameter(self.views)
         if moved is not None:
             raise RuntimeError(
                 f"{moved} no longer points at the engine's weights (something gave the parameter new storage), so "

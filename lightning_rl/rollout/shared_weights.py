@@ -117,6 +117,13 @@ def weight_views(
     return views, None, skipped
 
 
+def moved_parameter(views: Mapping[str, tuple[nn.Parameter, torch.Tensor]]) -> str | None:
+    """The name of the first parameter of ``views`` (``{name: (parameter, view)}``) that no longer points at its
+    view (something gave it new storage), or None.
+    """
+    return next((n for n, (p, view) in views.items() if p.data_ptr() != view.data_ptr()), None)
+
+
 @dataclass
 class SharedBaseWeights:
     """Frozen base parameters that currently point into the engine's weight memory."""
@@ -204,6 +211,7 @@ __all__ = [
     "base_weight_views",
     "weight_views",
     "frozen_base_parameters",
+    "moved_parameter",
     "park_base_on_host",
     "share_base_with_engine",
 ]

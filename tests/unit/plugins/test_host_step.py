@@ -12,7 +12,7 @@ from lightning_rl.plugins.host_step import (
     AUTO_SHARE_START,
     HostStep,
     balanced_share,
-    chunks_by_numel,
+    chunks_by_size,
     host_share,
     host_step_refusal,
 )
@@ -202,9 +202,9 @@ def test_an_error_in_the_step_leaves_the_unstepped_gradients_held(monkeypatch):
         torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0)
 
 
-def test_chunks_by_numel_keep_the_order_and_put_a_large_parameter_alone():
+def test_chunks_by_size_keep_the_order_and_put_a_large_parameter_alone():
     ps = [nn.Parameter(torch.zeros(n)) for n in (3, 4, 10, 2, 2)]
-    assert [[p.numel() for p in c] for c in chunks_by_numel(ps, 8)] == [[3, 4], [10], [2, 2]]
+    assert [[p.numel() for p in c] for c in chunks_by_size(ps, 8)] == [[3, 4], [10], [2, 2]]
 
 
 def test_the_scratch_buffer_is_kept_from_step_to_step():
