@@ -124,6 +124,24 @@ def tiny_grpo(model="tiny-llama", **overrides):
     return GRPO(**args)
 
 
+def host_steps_on_a_cpu(monkeypatch) -> list[int]:
+    """Make host masters' gradients wait in host memory during the backward, as on CUDA, so ``step_on_host`` steps
+    on a CPU; returns the list that gets the number of parameters of each step's CPU share."""
+    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.streamed_states as streamed_states
+
+    monkeypatch.setattr(precision, "_sends_gradients_to_host", lambda device: True)
+    on_cpu: list[int] = []
+
+    class CountedHostStep(streamed_states.HostStep):
+        def __init__(self, optimizer, params, *args, **kwargs):
+            on_cpu.append(len(params))
+            super().__init__(optimizer, params, *args, **kwargs)
+
+    monkeypatch.setattr(streamed_states, "HostStep", CountedHostStep)
+    return on_cpu
+
+
 def plugin_trainer(plugin, steps=2, callbacks=(), **kwargs):
     """A quiet CPU Trainer with one precision plugin."""
     return make_trainer(max_steps=steps, callbacks=callbacks, plugins=[plugin], **kwargs)

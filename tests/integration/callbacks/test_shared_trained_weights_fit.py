@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
-from helpers import SUM_ROWS, rollout_grpo
+from helpers import SUM_ROWS, host_steps_on_a_cpu, rollout_grpo
 
 from lightning_rl import MemoryAwarePrecision, PromptDataModule, VLLMRollout
 from lightning_rl.rollout import EngineSettings, vllm_process
@@ -37,10 +38,12 @@ class CPUSharedEngine(CPUProcessEngine):
         self.generate_from(module, path, "bfloat16")
 
 
+@pytest.mark.parametrize("step_on_host", [False, "auto"], ids=["streamed-step", "step-shared-with-the-cpu"])
 def test_a_full_fit_whose_weights_are_the_engines_trains_syncs_each_step_and_ends_with_private_weights(
-        saved_tiny_llama, monkeypatch):
+        saved_tiny_llama, monkeypatch, step_on_host):
     monkeypatch.setattr(vllm_process, "ipc_handles", functools.partial(vllm_process.ipc_handles, reduce=_hand_over))
     monkeypatch.setattr("torch.multiprocessing.reductions.reduce_tensor", _hand_over)
+    on_cpu = host_steps_on_a_cpu(monkeypatch) if step_on_host else []  # the gradients in host memory, as on CUDA
     path = saved_tiny_llama(2)
     torch.manual_seed(0)
     module = rollout_grpo(model=path, learning_rate=1e-3)
@@ -57,7 +60,7 @@ def test_a_full_fit_whose_weights_are_the_engines_trains_syncs_each_step_and_end
         return inside, exact
 
     seen, validated, watch = watch_fit(module, engines, check)
-    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=step_on_host)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, watch],
                         plugins=[plugin], val_check_interval=1, num_sanity_val_steps=1)
@@ -76,6 +79,7 @@ def test_a_full_fit_whose_weights_are_the_engines_trains_syncs_each_step_and_end
     down = "model.layers.0.mlp.down_proj.weight"
     assert weights[down].data_ptr() != _engine_rows(engine.fake, down).data_ptr()
     assert not torch.equal(weights[down], start[down])  # it trained
+    assert len(on_cpu) == (4 if step_on_host else 0) and all(on_cpu)  # each step put a share on the CPU
 
 
 def test_a_run_with_shared_weights_resumes_from_its_checkpoint_on_the_saved_masters(saved_tiny_llama, monkeypatch,

@@ -4,7 +4,7 @@ masters in checkpoints and back in the module after the fit, and a memory plan t
 import lightning as L
 import pytest
 import torch
-from helpers import SAY_ROWS, plugin_trainer, tiny_grpo
+from helpers import SAY_ROWS, host_steps_on_a_cpu, plugin_trainer, tiny_grpo
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rl import MemoryAwarePrecision, PromptDataModule
@@ -101,3 +101,36 @@ def test_gradients_held_in_host_memory_train_as_gradients_on_the_device(saved_ti
     assert kept.norms == pytest.approx(sent.norms, rel=1e-5)  # the module's norm counts the held gradients
     for name, w in weights_kept.items():  # clipped at 1.0 (the default): the factor may differ in its last bit
         torch.testing.assert_close(weights_sent[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("step_on_host", [True, 0.5, "auto"], ids=["all-on-the-cpu", "half", "auto"])
+def test_a_fit_with_the_step_on_the_cpu_trains_as_the_streamed_step(saved_tiny_llama, monkeypatch, step_on_host):
+    """``step_on_host`` through ``Trainer.fit``, gradients held in host memory as on CUDA: after one step the same
+    masters as the streamed step (identical gradients), and each later step puts its share on the CPU."""
+    on_cpu = host_steps_on_a_cpu(monkeypatch)
+    path = saved_tiny_llama(1)
+
+    def fit(steps, setting):
+        module = tiny_grpo(path, num_generations=2)
+        plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=setting)
+        plugin_trainer(plugin, steps=steps).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+        managed = sum(1 for n, _ in module.policy.named_parameters()  # linear weights and embeddings (tied here)
+                      if n.endswith("proj.weight") or "embed" in n or "lm_head" in n)
+        return {n: p.detach().clone() for n, p in module.policy.named_parameters()}, managed
+
+    streamed, _ = fit(1, False)
+    assert on_cpu == []
+    stepped, managed = fit(1, step_on_host)
+    assert len(on_cpu) == 1 and 0 < on_cpu[0] <= managed
+    if step_on_host is True:
+        assert on_cpu[0] == managed  # every host master stepped on the CPU
+    else:
+        assert on_cpu[0] < managed  # a share: the rest streamed beside it
+    for name, w in streamed.items():
+        torch.testing.assert_close(stepped[name], w, rtol=1e-5, atol=1e-7, msg=name)
+    start, _ = fit(0, False)
+    assert sum(not torch.equal(streamed[n], w) for n, w in start.items()) > len(start) // 2  # the step moved them
+    on_cpu.clear()
+    later, _ = fit(3, step_on_host)
+    assert len(on_cpu) == 3 and all(0 < n <= managed for n in on_cpu)
+    assert any(not torch.equal(later[n], w) for n, w in start.items())  # it trained
