@@ -391,13 +391,13 @@ class VLLMRollout(Callback):
         dtype = self.engine_dtype(pl_module.policy, trainer)
         self.sharing_merged_base = self.overlapping and self.shares_merged_base(pl_module, dtype)
         if self.settings.share_trained_weights:
-            reason = trained_weights_refusal(pl_module, self._host_masters(), dtype)
-            if self.overlapping and reason:  # before the start, which would fall back to an in-process engine
-                raise ValueError(f"share_trained_weights=True is impossible here: {reason}; use "
-                                 "share_trained_weights=False (or None: shared when possible)")
-            if not self.overlapping:
+            if not self.overlapping:  # ``reason`` says why the engine runs in this process
                 log.warning("VLLMRollout: share_trained_weights=True applies to an engine in its own process; the "
                             "engine runs in this process (%s)", reason)
+            # refused before the start, which would fall back to an in-process engine
+            elif refusal := trained_weights_refusal(pl_module, self._host_masters(), dtype):
+                raise ValueError(f"share_trained_weights=True is impossible here: {refusal}; use "
+                                 "share_trained_weights=False (or None: shared when possible)")
         self.sharing_trained_weights = self.overlapping and self.shares_trained_weights(pl_module, dtype)
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")

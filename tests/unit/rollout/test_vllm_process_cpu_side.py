@@ -355,14 +355,15 @@ def _full_module_with_masters(**kw):
     return module, masters
 
 
-def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_and_refused_before_the_start():
+def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_and_refused_before_the_start(
+        caplog):
     """``share_trained_weights``: True raises the reason before the engine starts; None shares a full fine-tune with
     host masters in the engine's dtype and one step per rollout (the engine process then tries, and says why not);
     False and the other cases leave it off."""
     built = []
 
-    def started(cb, module, masters):
-        cb.overlap_off_reason = lambda *args: None  # it overlaps, as on a GPU
+    def started(cb, module, masters, off_reason=None):
+        cb.overlap_off_reason = lambda *args: off_reason  # None: it overlaps, as on a GPU
         cb._plugin = SimpleNamespace(host_master_weights=masters, kv_cache_bytes=None, memory_plan=None)
         cb.engine_dtype = lambda policy, trainer=None: torch.bfloat16
         cb.build_engine = lambda m, n: built.append((cb.sharing_trained_weights, cb._trained_weights_setting())) \
@@ -391,6 +392,10 @@ def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_an
     lora.configure_model()
     with pytest.raises(ValueError, match="share_merged_base"):
         started(VLLMRollout(settings=asked), lora, masters)
+    with caplog.at_level("WARNING"):  # an in-process engine: the warning says why the engine runs there
+        assert started(VLLMRollout(settings=asked), module, None, off_reason="PPO has no importance weights") \
+            == (False, False)
+    assert "engine runs in this process (PPO has no importance weights)" in caplog.text
 
 
 def test_the_plan_counts_trained_weights_shared_with_the_engine_once():
