@@ -6,8 +6,8 @@ import os
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
-
+from lightning_rl.cli import LightningRLCLI
+from lightning_rl.cli_config_file import RUN_CONFIG_MARK
 from lightning_rl.cli_errors import TRACEBACK_ENV, explain
 
 
@@ -16,28 +16,31 @@ def main(args: list[str] | None = None) -> Any:
 
     Optimizers are arguments of the modules (``optimizer: OptimizerCallable``), so the CLI's
     automatic ``--optimizer`` is off. ``export`` (not a LightningCLI subcommand) writes a checkpoint's
-    policy as a Hugging Face folder (see :mod:`lightning_rl.export`). An error this library raises (a bad
-    config value, a missing model directory, a reward function that fails) is printed in a few lines with
-    the config key it concerns, and the process exits with status 1; set ``LIGHTNING_RL_TRACEBACK=1`` for
-    the traceback.
+    policy as a Hugging Face folder (see :mod:`lightning_rl.export`). The merged config is saved as
+    ``config.yaml`` in the log folder, never over a file that no run of this CLI wrote
+    (:class:`~lightning_rl.cli_config_file.SaveRunConfig`).
+    ``test`` and ``predict`` are refused for modules without a step for them. An error this library raises
+    (a bad config value, a missing model directory, a reward function that fails), or a missing file, is
+    printed in a few lines with the config key it concerns, and the process exits with status 1; set
+    ``LIGHTNING_RL_TRACEBACK=1`` for the traceback.
     """
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["export"]:
-        from lightning_rl.export import main as export_main
-
-        return export_main(argv[1:])
+    export = argv[:1] == ["export"]
     try:
-        return LightningCLI(
-            args=args,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-        )
+        if export:
+            from lightning_rl.export import main as export_main
+
+            return export_main(argv[1:])
+        return LightningRLCLI(args=args, auto_configure_optimizers=False)
     except Exception as err:
-        message = None if os.environ.get(TRACEBACK_ENV) else explain(err)
+        message = None if os.environ.get(TRACEBACK_ENV) else explain(err, config_keys=not export)
         if message is None:
             raise
         print(message, file=sys.stderr)
         raise SystemExit(1) from None
+
+
+__all__ = ["RUN_CONFIG_MARK", "main"]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 jsonargparse reports an exception raised while it builds a class from the config as "Does not
 validate against any of the Union subtypes", with the real message in the middle of a long
 traceback. :func:`explain` finds the library's exception in the chain, the object it concerns
-(the module, data module, callback or plugin) and the argument it names, and writes them out.
+(the module, data module, callback or plugin) and the argument it names, and writes them out. An argument
+is named from the message's words only for an error raised while the object was built; an error raised
+during the run names one only in an explicit form (``name=``, a backticked name, its quoted value). A
+missing file (``FileNotFoundError`` and its kin, from any library) is explained too.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins import Precision
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -26,6 +30,8 @@ SECTIONS: tuple[tuple[type, str], ...] = (
     (L.Callback, "trainer.callbacks"),
     (Precision, "trainer.plugins"),
 )
+#: Errors about a path the user gave, explained whichever library raised them.
+PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _frames(tb: TracebackType | None) -> list[Any]:
@@ -40,16 +46,22 @@ def _in_package(frame: Any) -> bool:
     return Path(frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def library_error(error: BaseException) -> BaseException | None:
     """The first exception of ``error``'s chain that this library raised (its innermost frame is ours), or None."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(error):
         frames = _frames(current.__traceback__)
         if frames and _in_package(frames[-1]) and isinstance(current, Exception):
             return current
-        current = current.__cause__ or current.__context__
     return None
 
 
@@ -57,6 +69,8 @@ def _owner(error: BaseException) -> tuple[str, Any] | None:
     """``(config section, object)`` of the outermost library frame whose ``self`` is a configured object."""
     for frame in _frames(error.__traceback__):
         obj = frame.f_locals.get("self")
+        if isinstance(obj, SaveConfigCallback):  # the CLI's own callback, not one of the config's
+            continue
         for cls, section in SECTIONS:
             if isinstance(obj, cls) and _in_package(frame):
                 return section, obj
@@ -76,16 +90,30 @@ def _init_arguments(cls: type) -> list[str]:
     return names
 
 
-def _argument(message: str, obj: Any) -> str | None:
-    """The constructor argument of ``obj`` a message is about: the first it names, else one whose value it quotes."""
+def _building(error: BaseException, obj: Any) -> bool:
+    """Whether ``error`` was raised while ``obj`` was built (its ``__init__`` is in the traceback)."""
+    return any(f.f_code.co_name == "__init__" and f.f_locals.get("self") is obj for f in _frames(error.__traceback__))
+
+
+def _argument(message: str, obj: Any, building: bool = True) -> str | None:
+    """The constructor argument of ``obj`` a message is about, or None.
+
+    While ``obj`` is built: the first argument the message names, else one whose string value it contains.
+    During the run the words of a message ("3 optimizer steps") name no argument: only ``name=``, a
+    backticked ``name`` or the argument's quoted value (``'./no-such-dir'``) do.
+    """
     names = _init_arguments(type(obj))
-    hits = [(m.start(), -len(n), n) for n in names if (m := re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", message))]
+    pattern = r"(?<![\w.]){0}(?!\w)" if building else r"(?<![\w.]){0}=|`{0}`"
+    hits = [(m.start(), -len(n), n) for n in names if (m := re.search(pattern.format(re.escape(n)), message))]
     if hits:
         return min(hits)[2]
     hparams = getattr(obj, "hparams", {}) or {}
     for n in names:
         value = hparams.get(n, getattr(obj, n, None))
-        if isinstance(value, str) and len(value) >= 3 and value in message:
+        if not isinstance(value, str) or len(value) < 3:
+            continue
+        quoted = (value,) if building else (repr(value), f'"{value}"', f"`{value}`")
+        if any(q in message for q in quoted):
             return n
     return None
 
@@ -111,22 +139,38 @@ def _config_group(error: BaseException, ours: BaseException) -> tuple[str, Any] 
     return f"{section}.init_args.{group}", obj
 
 
-def explain(error: BaseException) -> str | None:
-    """A few lines for a CLI user: the config key, the class, and the library's message; None when not ours."""
+def explain(error: BaseException, config_keys: bool = True) -> str | None:
+    """A few lines for a CLI user: the config key, the class, and the library's message; None when not ours.
+
+    Args:
+        error: what the CLI raised.
+        config_keys: name the config key (``model.init_args.beta``); False names only the class (for
+            ``export``, which has no config).
+    """
     ours = library_error(error)
     if ours is None:
-        return None
+        path_error = next((e for e in _chain(error) if isinstance(e, PATH_ERRORS)), None)
+        return None if path_error is None else _lines("", path_error, str(path_error))
     message = str(ours.args[0]) if isinstance(ours, KeyError) and ours.args else str(ours)
     owner = _owner(ours)
     where = ""
     if owner is not None:
         section, obj = owner
-        arg = _argument(message, obj)
         cls = f"{type(obj).__module__.split('.')[0]}.{type(obj).__name__}"
-        where = f"{section}.init_args.{arg} ({cls}): " if arg else f"{section} ({cls}): "
-    elif (group := _config_group(error, ours)) is not None:
+        if not config_keys:
+            where = f"{cls}: "
+        elif arg := _argument(message, obj, _building(ours, obj)):
+            where = f"{section}.init_args.{arg} ({cls}): "
+        else:
+            where = f"{section} ({cls}): "
+    elif config_keys and (group := _config_group(error, ours)) is not None:
         key, obj = group
         arg = _argument(message, obj)
         where = f"{key}.{arg}: " if arg else f"{key}: "
-    return (f"error: {where}{type(ours).__name__}: {message}\n"
+    return _lines(where, ours, message)
+
+
+def _lines(where: str, error: BaseException, message: str) -> str:
+    """The two lines :func:`explain` prints."""
+    return (f"error: {where}{type(error).__name__}: {message}\n"
             f"(the full traceback: set {TRACEBACK_ENV}=1)")

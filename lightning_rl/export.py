@@ -12,6 +12,11 @@
   test model) gets its base weights written to ``DIR/base`` and points there. ``base_model=``
   names another base instead.
 
+``dtype`` casts the written weights: the merged model's, or the adapter's and a written ``DIR/base``'s (a base
+named by its hub id or folder is not rewritten). LoRA adapters are merged in at least fp32, so a base kept in
+bf16 (``MemoryAwarePrecision``) does not round the trained update away; during a fit with host master weights
+the fp32 masters are written.
+
 A ``README.md`` in the folder says which kind it is, what the base is, and how to load it.
 """
 
@@ -20,10 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -55,6 +62,42 @@ def describe_source(source: str) -> tuple[str | None, str]:
     return source, f"the Hugging Face model {source}"
 
 
+#: The hook tables of a module: a copy to write gets none (they reach the trainer, its plugin and host masters).
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def weights_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``policy`` without hooks, holding what ``policy.state_dict()`` holds; floating weights in ``dtype``.
+
+    The state dict is the truth while training: host master weights put the fp32 masters in it, a LoRA base shared
+    with a rollout engine its pristine weights. A plain ``copy.deepcopy`` would keep hooks that point at the
+    original's plugin state (and copy that state, the trainer with it); its weights would be the compute-dtype ones.
+    Each weight is allocated once, in ``dtype`` (None: its own); parameters of other types (quantized ones) are copied.
+    """
+    state = policy.state_dict()
+    memo: dict[int, Any] = {}
+    for module in policy.modules():
+        for table in _HOOK_TABLES:
+            hooks = module.__dict__.get(table)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
+    originals = dict(policy.named_parameters(remove_duplicate=False))
+    fresh: set[int] = set()
+    for p in originals.values():
+        if type(p) is nn.Parameter and p.is_floating_point() and id(p) not in memo:
+            empty = torch.empty(p.shape, dtype=dtype or p.dtype, device=p.device)
+            memo[id(p)] = nn.Parameter(empty, requires_grad=p.requires_grad)
+            fresh.add(id(memo[id(p)]))
+    net = copy.deepcopy(policy, memo)
+    with torch.no_grad():
+        for name, p in net.named_parameters(remove_duplicate=False):
+            if id(p) in fresh:
+                p.copy_(state.get(name, originals[name]))
+    return net
+
+
 def _cast(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     net = net.to(dtype)
     if getattr(net, "config", None) is not None:
@@ -81,7 +124,7 @@ def export_policy(
         source: the ``model`` argument the policy was loaded from (names the adapter's base).
         merge: merge LoRA adapters into the weights; a policy without adapters is always written whole.
         base_model: the adapter's ``base_model_name_or_path`` (default: from ``source``, or ``out/base``).
-        dtype: dtype of the written weights.
+        dtype: dtype of the written weights (merged ones; an adapter's, and its base when written to ``out/base``).
         title: what trained it (for the README).
 
     Returns:
@@ -92,62 +135,161 @@ def export_policy(
     weight_dtype = torch_dtype(dtype)
     tokenizer.save_pretrained(out)
     reference, what = (base_model, f"{base_model} (given)") if base_model else describe_source(source)
+    base_written = False
     if is_lora(policy) and not merge:
         if reference is None:
-            base = _cast(copy.deepcopy(policy).unload(), weight_dtype)
+            base = _cast(weights_copy(policy, weight_dtype).unload(), weight_dtype)
             base.save_pretrained(out / "base")
             tokenizer.save_pretrained(out / "base")
             reference = str((out / "base").resolve())
             what += f"; written to {reference}"
+            base_written = True
         config = policy.peft_config[policy.active_adapter]
         before = config.base_model_name_or_path
         config.base_model_name_or_path = reference
         try:
-            policy.save_pretrained(out)
+            policy.save_pretrained(out)  # through the state dict: the fp32 masters under host master weights
         finally:
             config.base_model_name_or_path = before
+        _cast_adapter_file(out / "adapter_model.safetensors", weight_dtype)
         kind = "adapter"
     else:
-        net = copy.deepcopy(policy)
-        net = net.merge_and_unload() if is_lora(net) else net
+        net = merged_copy(policy, weight_dtype)
         _cast(net, weight_dtype).save_pretrained(out)
         kind = "merged"
-    (out / "README.md").write_text(_card(kind, title, reference, what, weight_dtype))
+    (out / "README.md").write_text(_card(kind, title, reference, what, weight_dtype, base_written))
     return out
 
 
-def _card(kind: str, title: str, reference: str | None, what: str, dtype: torch.dtype) -> str:
+def merged_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A hook-free :func:`weights_copy` of ``policy`` with its LoRA adapters (if any) merged in.
+
+    The merge runs in fp32, or in ``dtype`` or the widest dtype of the weights when wider: merged in a bf16 base
+    (``MemoryAwarePrecision`` keeps the frozen base so), most of the trained update would round away. The
+    caller casts the result. ``dtype``: the weights' dtype without adapters (None: each keeps its own).
+    """
+    if not hasattr(policy, "merge_and_unload"):  # a peft model (or its inner LoraModel) merges
+        return weights_copy(policy, dtype)
+    merge_dtype = torch.float32
+    for d in {dtype or torch.float32, *(p.dtype for p in policy.parameters() if p.is_floating_point())}:
+        merge_dtype = torch.promote_types(merge_dtype, d)
+    return weights_copy(policy, merge_dtype).merge_and_unload()
+
+
+def _cast_adapter_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite the adapter's floating tensors in ``dtype`` (peft writes them in the dtype they train in)."""
+    tensors = load_file(path)
+    if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+        save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, path,
+                  metadata={"format": "pt"})
+
+
+def _card(kind: str, title: str, reference: str | None, what: str, dtype: torch.dtype,
+          base_written: bool = False) -> str:
     dtype_name = str(dtype).removeprefix("torch.")
     if kind == "merged":
         body = ("Full model weights (LoRA adapters, if any, merged in), the tokenizer and its chat template.\n\n"
                 "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
                 "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
                 "```\n\nvLLM: `vllm.LLM(model=PATH)`.\n")
-        base = f"Trained from {what}."
+        base = f"Trained from {what}. Weights: {dtype_name}."
     else:
         body = ("A peft LoRA adapter and the tokenizer with its chat template.\n\n"
                 "```python\nfrom peft import AutoPeftModelForCausalLM\n"
                 "model = AutoPeftModelForCausalLM.from_pretrained(PATH)  # loads the base named below\n```\n\n"
                 "vLLM: `vllm.LLM(model=BASE, enable_lora=True)` with `LoRARequest('adapter', 1, PATH)`.\n")
-        base = f"Base model (`base_model_name_or_path`): `{reference}`: {what}."
+        weights = (f"the adapter's and the written base's are {dtype_name}" if base_written else
+                   f"the adapter's are {dtype_name}; the base's are as its source has them")
+        base = f"Base model (`base_model_name_or_path`): `{reference}`: {what}.\n\nWeights: {weights}."
     return f"# Policy exported by lightning-rl ({title}, {kind}, {dtype_name})\n\n{base}\n\n{body}"
+
+
+#: Exported base classes, not modules a checkpoint can hold.
+_BASE_CLASSES = ("PolicyModule", "OnPolicyModule")
+
+
+def module_names() -> list[str]:
+    """The names ``--module`` takes for the library's own module classes (GRPO, PPO, DPO, KTO, ORPO)."""
+    from lightning_rl.modules.policy import PolicyModule
+
+    package = importlib.import_module("lightning_rl")
+    return sorted(name for name in package.__all__ if name not in _BASE_CLASSES
+                  and isinstance(cls := getattr(package, name), type) and issubclass(cls, PolicyModule))
 
 
 def module_class(name: str | None, hparams: dict[str, Any]) -> type:
     """The module class: ``name`` (``GRPO`` or an import path such as a checkpoint stores), else a guess.
 
     The guess reads the hyperparameters of an older checkpoint that named no class.
+
+    Raises:
+        ValueError: ``name`` names no module class (or none is given and the guess fails).
     """
+    from lightning_rl.modules.policy import PolicyModule
+
     if name is None:
         found = [cls for key, cls in _CLASS_BY_HPARAM.items() if key in hparams]
         if len(found) != 1:
-            raise ValueError("cannot tell which module class wrote this checkpoint; pass --module (e.g. GRPO, "
-                             "or an import path such as my_project.MyModule)")
+            raise ValueError("cannot tell which module class wrote this checkpoint; pass --module (one of "
+                             f"{', '.join(module_names())}, or an import path such as my_project.MyModule)")
         name = found[0]
     if "." not in name:
+        names = module_names()
+        if name not in names:
+            near = [n for n in names if n.lower() == name.lower()]
+            hint = f"Did you mean {near[0]}? " if near else ""
+            raise ValueError(f"--module {name!r} is no module class. {hint}Pass one of {', '.join(names)} (names are "
+                             "case-sensitive) or the import path of your own, such as my_project.MyModule")
         return getattr(importlib.import_module("lightning_rl"), name)
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
+    path, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(path), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import the module class {name!r} ({err}): pass --module with one of "
+                         f"{', '.join(module_names())} or an importable path such as my_project.MyModule") from err
+    if not (isinstance(cls, type) and issubclass(cls, PolicyModule)):
+        raise ValueError(f"--module {name!r} is not a lightning-rl module class (a subclass of PolicyModule): pass "
+                         f"one of {', '.join(module_names())} or the import path of your own")
+    return cls
+
+
+def _check_matches(cls: type, stored: str | None, hparams: dict[str, Any], given: str) -> None:
+    """Refuse ``--module`` naming a class other than the one that wrote the checkpoint (a subclass of it is fine)."""
+    if stored is not None:
+        try:
+            wrote = module_class(stored, hparams)
+        except ValueError:  # the writer's class is not importable here: --module stands in for it
+            return
+        why = f"it was written by {wrote.__module__}.{wrote.__qualname__}"
+    else:  # an older checkpoint: only its hyperparameters tell
+        found = [c for key, c in _CLASS_BY_HPARAM.items() if key in hparams]
+        if len(found) != 1:
+            return
+        wrote = module_class(found[0], hparams)
+        why = f"its hyperparameters are {found[0]}'s"
+    if not issubclass(cls, wrote):
+        raise ValueError(f"--module {given} does not match the checkpoint: {why}. Leave --module out (the "
+                         f"checkpoint names its class) or pass --module {wrote.__name__}")
+
+
+def _read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
+        inside = f"; it holds {', '.join(found)}" if found else ""
+        raise FileNotFoundError(f"--ckpt_path {path} is a folder: pass the .ckpt file a Trainer.fit wrote{inside}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}. Pass --ckpt_path the .ckpt file a Trainer.fit wrote "
+                                "(e.g. lightning_logs/version_0/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own checkpoint, as Lightning
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a checkpoint torch.load reads ({err}): pass the .ckpt file a "
+                         "Trainer.fit wrote") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict): pass the .ckpt file a Trainer.fit "
+                         "wrote, not a weights file")
+    return ckpt
 
 
 def _unused_reward(prompts, completions, **columns):
@@ -156,12 +298,24 @@ def _unused_reward(prompts, completions, **columns):
 
 
 def load_for_export(ckpt_path: str | Path, module: str | None = None) -> Any:
-    """The module of a checkpoint, on the CPU, without resolving its reward functions (exports never call them)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # the user's own checkpoint, as Lightning
+    """The module of a checkpoint, on the CPU, without resolving its reward functions (exports never call them).
+
+    Args:
+        ckpt_path: a checkpoint written by ``Trainer.fit``.
+        module: its module class (a name such as ``GRPO`` or an import path); default: the class the checkpoint names.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: not a Lightning checkpoint, or ``module`` names no module class or another one than wrote it.
+    """
     from lightning_rl.modules.policy import MODULE_CLASS_KEY
 
+    ckpt = _read_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") or {}
-    cls = module_class(module or ckpt.get(MODULE_CLASS_KEY), hparams)
+    stored = ckpt.get(MODULE_CLASS_KEY)
+    cls = module_class(module or stored, hparams)
+    if module is not None:
+        _check_matches(cls, stored, hparams, module)
     overrides: dict[str, Any] = {}
     if "reward_funcs" in hparams:
         overrides["reward_funcs"] = [_unused_reward]

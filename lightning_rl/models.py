@@ -213,11 +213,16 @@ def load_policy(
 
 
 def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Save the policy as a plain transformers checkpoint (LoRA adapters merged into a copy)."""
+    """Save the policy as a plain transformers checkpoint.
+
+    LoRA adapters are merged into a copy, in fp32 (or the widest dtype of the weights), and written in that dtype:
+    merged into a bf16 base (as ``MemoryAwarePrecision`` keeps it) the trained update would round away. Host
+    master weights write their fp32 masters. For other dtypes or an adapter folder see :mod:`lightning_rl.export`.
+    """
+    from lightning_rl.export import merged_copy  # export imports this module
+
     path = Path(path)
-    net = model
-    if hasattr(net, "merge_and_unload"):
-        net = copy.deepcopy(net).merge_and_unload()
+    net = merged_copy(model) if hasattr(model, "merge_and_unload") else model  # peft: merged; else as it is
     net.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -35,6 +35,17 @@ def render_prompt(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_preview(prompt: Prompt, chars: int = 60) -> str:
+    """The first ``chars`` characters of a prompt's own text (a chat prompt's first user message)."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        messages = [m for m in prompt if isinstance(m, Mapping)]
+        user = [m for m in messages if m.get("role") == "user"] or messages
+        text = str(user[0].get("content", "")) if user else ""
+    return text if len(text) <= chars else text[:chars] + "..."
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
@@ -62,9 +73,9 @@ def encode_prompts(
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             if not truncate:
                 raise PromptTooLongError(
-                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length} "
-                    f"(starts {text[:60]!r}); raise max_prompt_length or set truncate_prompts=True to keep "
-                    "the last tokens"
+                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length} ({i} is "
+                    f"its position in this batch, not its dataset row; the prompt starts {prompt_preview(p)!r}); "
+                    "raise max_prompt_length or set truncate_prompts=True to keep the last tokens"
                 )
             ids = ids[-max_prompt_length:]
         out.append(list(ids))

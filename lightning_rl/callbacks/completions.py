@@ -95,6 +95,16 @@ class CompletionSamples(Callback):
         if self.console and trainer.is_global_zero:
             self.print_table(samples.head(self.num_groups)[: self.console_rows], step, type(pl_module).__name__)
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Write the last step's samples (unless already written) when the run fails: they may show why."""
+        if self._latest is None or self._written_step == self._latest[0]:
+            return
+        try:
+            self.write(trainer, *self._latest)
+        except Exception as err:  # noqa: BLE001 - the run's exception is the one to raise
+            log.warning("CompletionSamples: the last samples of the failed run were not written: %s", err)
+
     @rank_zero_only
     def write(self, trainer: L.Trainer, step: int, samples: StepSamples) -> None:
         """Send the first ``num_groups`` groups of ``samples`` to every logger (and ``dirpath``)."""

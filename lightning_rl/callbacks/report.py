@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing_extensions import override
 
 from lightning_rl.hparams import portable
 from lightning_rl.report import ReportInfo, write_report
+
+log = logging.getLogger(__name__)
 
 GiB = 1024**3
 
@@ -39,6 +42,17 @@ def _floats(values: dict[str, Any]) -> dict[str, float]:
         stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in tensors.values()])
         out.update(zip(tensors, stacked.cpu().tolist()))
     return out
+
+
+def _stop_note(stopped_by: BaseException | None) -> list[str]:
+    """The report's note on how a run that ended early stopped (none for a run that finished)."""
+    if stopped_by is None:
+        return []
+    if isinstance(stopped_by, KeyboardInterrupt):
+        return ["The run was interrupted (KeyboardInterrupt) before it finished: these are the steps it made."]
+    text = " ".join(str(stopped_by).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return [f"The run stopped early with {type(stopped_by).__name__}: {text}"]
 
 
 def _link(destination: str, root: Path) -> str:
@@ -119,9 +133,24 @@ class RunReport(Callback):
         """Write the report."""
         self.write(trainer, pl_module)
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Write the report of the steps before a failure (or Ctrl-C), saying how the run stopped.
+
+        A failure to write is logged and never replaces the run's own error.
+        """
+        try:
+            self.write(trainer, pl_module, stopped_by=exception)
+        except Exception as err:  # noqa: BLE001 - the run's exception is the one to raise
+            log.warning("RunReport: the report of the failed run was not written: %s", err)
+
     @rank_zero_only
-    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
-        """Write ``report.md`` and the figures; returns the markdown's path (None when there is nowhere to write)."""
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule,
+              stopped_by: BaseException | None = None) -> Path | None:
+        """Write ``report.md`` and the figures; returns the markdown's path (None when there is nowhere to write).
+
+        ``stopped_by``: the exception that ended the run early, named in the report's notes.
+        """
         root = self.target_dir(trainer)
         if root is None or not self.history:
             return None
@@ -132,7 +161,7 @@ class RunReport(Callback):
         config = "config.yaml" if (root / "config.yaml").is_file() else None
         info = ReportInfo(title=type(pl_module).__name__, hparams=portable(dict(pl_module.hparams)),
                           config_file=config, samples=samples,
-                          notes=[f"Device: {pl_module.device}; log dir: {root}"])
+                          notes=[f"Device: {pl_module.device}; log dir: {root}", *_stop_note(stopped_by)])
         self.report_path = write_report(self.history, self.val_history, root, info)
         rank_zero_info(f"Report: {self.report_path}")
         return self.report_path

@@ -28,7 +28,7 @@ def read_rows(source: str | Path | Sequence[Mapping[str, Any]]) -> Rows:
                             raise ValueError(f"{path}:{n} is not valid JSON: {err}") from err
             return _check_dicts(rows, str(path))
         if suffix == ".json":
-            data = json.loads(path.read_text())
+            data = _load_json(path)
             if not isinstance(data, list):
                 raise ValueError(f"{path} must hold a JSON list of objects (one per row)")
             return _check_dicts(data, str(path))
@@ -41,6 +41,30 @@ def read_rows(source: str | Path | Sequence[Mapping[str, Any]]) -> Rows:
         raise ValueError(f"unsupported data file {path}: use .jsonl, .json, .parquet or .csv (or a glob of "
                          "them), 'hf:<dataset>', or pass a list of dicts")
     return _check_dicts(list(source), "the given rows")
+
+
+def _load_json(path: Path) -> Any:
+    """Parse a ``.json`` file; errors name the file, line and column (and spot JSON Lines saved as ``.json``)."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"{path}:{err.lineno}"
+        if err.msg == "Extra data" and err.lineno > 1 and _is_json_lines(text):
+            jsonl = path.with_suffix(".jsonl").name
+            raise ValueError(f"{where} is not valid JSON (extra data after the first line's value): this looks like "
+                             f"JSON Lines, one object per line: rename it to {jsonl}") from err
+        raise ValueError(f"{where} is not valid JSON: {err.msg} at column {err.colno}") from err
+
+
+def _is_json_lines(text: str) -> bool:
+    """Whether ``text`` starts with a whole JSON value on its first line (then more on the next lines)."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _check_dicts(rows: list, where: str) -> Rows:

@@ -89,3 +89,31 @@ def restore_rebuilt(module: nn.Module, state_dict: dict[str, torch.Tensor], info
             "model argument at the original weights, e.g. Module.load_from_checkpoint(path, model='/path/to/base')"
         )
     state_dict.update({k: own[k] for k in keys})
+
+
+def reference_fingerprint(reference: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of a frozen reference its model source rebuilds: names and :func:`fingerprint`."""
+    state = reference.state_dict()
+    keys = [k for k, v in state.items() if v.is_floating_point()]
+    return {"keys": keys, "fingerprint": fingerprint([state[k] for k in keys])}
+
+
+def check_reference(reference: nn.Module, info: Mapping[str, Any] | None, source: Any) -> None:
+    """Refuse a rebuilt frozen reference whose weights are not the ones the checkpoint was trained against.
+
+    The reference of a full fine-tune (the KL term's, or a preference loss's) is loaded again from ``source``
+    rather than stored; a source whose weights changed since (an export written over it, a new revision) would
+    otherwise change the objective of the resumed run without a word.
+    """
+    if not info:
+        return
+    got = reference_fingerprint(reference)
+    want = info["fingerprint"]
+    same = got["keys"] == list(info["keys"]) and got["fingerprint"].shape == want.shape
+    if same and torch.allclose(got["fingerprint"], want, rtol=1e-6, atol=1e-6):
+        return
+    raise ValueError(
+        f"the frozen reference model rebuilt from model={source!r} differs from the one this checkpoint was trained "
+        "against: the model at that source changed. Point the model argument at the original weights, e.g. "
+        "Module.load_from_checkpoint(path, model='/path/to/original') or model: in the resumed run's config"
+    )

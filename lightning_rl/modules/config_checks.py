@@ -47,3 +47,33 @@ def check_one_optimizer(optimizer: object, learning_rate: float, weight_decay: f
         "torch.optim.AdamW, lr=..., weight_decay=...); YAML: optimizer: {class_path: torch.optim.AdamW, "
         "init_args: {lr: ..., weight_decay: ...}}), or leave optimizer unset"
     )
+
+
+def check_trainer_settings(accumulate_grad_batches: int, gradient_clip_val: float | None) -> None:
+    """Refuse the Trainer settings of automatic optimization, naming what these modules take instead.
+
+    The modules optimize manually (a rollout, then their own micro-batches and optimizer steps), where
+    Lightning refuses both settings with advice to switch to automatic optimization, which they cannot.
+    """
+    if accumulate_grad_batches != 1:
+        raise ValueError(
+            f"Trainer(accumulate_grad_batches={accumulate_grad_batches}) does not apply to lightning-rl's modules: "
+            "each training batch is one rollout whose micro-batches' gradients add up into its optimizer steps "
+            "already. Remove it; for more completions per optimizer step raise the data module's batch_size (or "
+            "num_generations), and set micro_batch_size to bound the memory of one forward"
+        )
+    if gradient_clip_val is not None and gradient_clip_val > 0:
+        raise ValueError(
+            f"Trainer(gradient_clip_val={gradient_clip_val}) does not apply to lightning-rl's modules (they clip in "
+            f"their own optimizer steps): remove it and pass max_grad_norm={gradient_clip_val} to the module"
+        )
+
+
+def steps_overshoot(max_steps: int, steps_per_batch: int) -> int | None:
+    """The step a run stops at when ``max_steps`` is not a multiple of the optimizer steps of one batch, else None.
+
+    The Trainer counts optimizer steps and checks ``max_steps`` only between training batches.
+    """
+    if max_steps <= 0 or steps_per_batch <= 1 or max_steps % steps_per_batch == 0:
+        return None
+    return math.ceil(max_steps / steps_per_batch) * steps_per_batch

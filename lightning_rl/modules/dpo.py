@@ -13,6 +13,7 @@ from lightning_rl.algorithms.preference_losses import DPOLossType, check_dpo_set
 from lightning_rl.hparams import as_instance
 from lightning_rl.modules.policy import DEFAULT_SAMPLING
 from lightning_rl.modules.preference import PairLosses, PreferenceModule, Sequences
+from lightning_rl.modules.rollout_layout import check_rollout_layout
 from lightning_rl.prompting import Prompt
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
@@ -124,6 +125,7 @@ class DPO(PreferenceModule):
         if rollout.num_sequences != 2 * len(prompts):
             raise ValueError(f"online DPO needs 2 completions per prompt; the rollout has {rollout.num_sequences} "
                              f"for {len(prompts)} prompts")
+        check_rollout_layout(rollout)
         rollout_time = time.perf_counter() - t0
         columns = self.columns_of(batch, ("prompt", "rollout", "chosen", "rejected", "index"))
         total, per_fn, completions = self.score(prompts, rollout, columns, 2)

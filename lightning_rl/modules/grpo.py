@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_rl.algorithms.advantages import SCALE_REWARDS, ScaleRewards, group_advantages
 from lightning_rl.algorithms.importance import IMPORTANCE_LEVELS, ImportanceLevel, importance_weights, mismatch_terms
-from lightning_rl.algorithms.losses import LOSS_TYPES, LossType, clipped_surrogate, kl_k3, masked_mean, token_weights
+from lightning_rl.algorithms.losses import LOSS_TYPES, LossType, clipped_surrogate, kl_k3, token_weights
 from lightning_rl.modules.experience import Experience, PolicyOutput, Rows
 from lightning_rl.modules.on_policy import OnPolicyModule
 from lightning_rl.rewards.validation import zero_std_fraction
@@ -152,11 +152,11 @@ class GRPO(OnPolicyModule):
         if level != "none":
             isw = importance_weights(old, rollout.sampling_logprobs[rows], mask, level, self.importance_sampling_cap)
             per_token = per_token * isw
-            exp.stats.add("importance_weight", masked_mean(isw, mask))
+            exp.stats.add_token_mean("importance_weight", isw.detach(), mask)
         if exp.ref_logp is not None:
             kl = kl_k3(out.logp, exp.ref_logp[rows])
             per_token = per_token + self.beta * kl
-            exp.stats.add("kl", masked_mean(kl.detach(), mask))
+            exp.stats.add_token_mean("kl", kl.detach(), mask)
         self.record_clipping(exp, terms, mask)
         return per_token
 

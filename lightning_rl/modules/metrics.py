@@ -10,8 +10,6 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
 
-SHOWN_NAN = ("grad_norm",)  # logged as NaN on a step where it is NaN (a skipped optimizer step)
-
 
 def several_processes() -> bool:
     """Whether metric states are synced at epoch end: only in a process group of more than one process.
@@ -29,25 +27,26 @@ class StepMetrics:
     def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
         """Create the MeanMetric accumulators for the logged values."""
         self.train_metrics = nn.ModuleDict(
-            {metric_key(n): MeanMetric(nan_strategy="ignore" if n in SHOWN_NAN else "warn",
-                                       distributed_available_fn=several_processes) for n in train})
+            {metric_key(n): MeanMetric(nan_strategy="ignore", distributed_available_fn=several_processes)
+             for n in train})
         self.val_metrics = nn.ModuleDict(
             {metric_key(n): MeanMetric(distributed_available_fn=several_processes) for n in val})
 
     def log_values(
         self, stage: str, values: Mapping[str, float | torch.Tensor], batch_size: int, prog_bar: Sequence[str] = ()
     ) -> None:
-        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out).
+        """Update and log ``<stage>/<name>`` metrics (``stage`` is train or val; NaN values are left out of means).
 
-        A training step's NaN ``grad_norm`` (its optimizer step was skipped) is logged as NaN for that
-        step and left out of the epoch mean.
+        A training step's NaN value (the ``grad_norm`` and ``loss`` of a skipped optimizer step, the ``reward`` of
+        a step no completion was scored in) is logged as NaN for that step and left out of the epoch mean, so
+        loggers, the progress bar and the report show the gap instead of the previous step's value.
         """
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         for name, value in values.items():
             v = value.detach().float().flatten() if isinstance(value, torch.Tensor) else torch.tensor([float(value)])
             v = v[~torch.isnan(v)]
             if not v.numel():
-                if stage != "train" or name not in SHOWN_NAN:
+                if stage != "train":
                     continue
                 v = torch.tensor([math.nan])
             metric = metrics[metric_key(name)]

@@ -11,12 +11,14 @@ import torch
 import torch.distributed as dist
 from typing_extensions import override
 
-from lightning_rl.algorithms.losses import SurrogateTerms, masked_mean
+from lightning_rl.algorithms.losses import SurrogateTerms
 from lightning_rl.algorithms.mini_batches import mini_batch_bounds
 from lightning_rl.hparams import as_instance
 from lightning_rl.modules.config_checks import check_clip_range
 from lightning_rl.modules.experience import Experience, PolicyOutput, Rows, row_count, sub_rows
 from lightning_rl.modules.policy import DEFAULT_SAMPLING, PolicyModule
+from lightning_rl.modules.resume_state import training_rng_kept
+from lightning_rl.modules.rollout_layout import check_rollout_layout
 from lightning_rl.rewards.reward_model import RewardModel
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
@@ -156,7 +158,14 @@ class OnPolicyModule(PolicyModule):
         g, n = self.num_generations, rollout.num_sequences
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
+        check_rollout_layout(rollout)
         return rollout
+
+    @property
+    @override
+    def optimizer_steps_per_batch(self) -> int:
+        """``num_iterations * num_mini_batches``."""
+        return self.num_iterations * self.num_mini_batches
 
     def score_rollout(self, batch: Mapping[str, Any], rollout: Rollout) -> Experience:
         """Step 2: rewards of every completion, the loss mask and the step's micro-batch size."""
@@ -194,7 +203,7 @@ class OnPolicyModule(PolicyModule):
                     loss = (self.policy_loss(exp, mb, out) * weights[start : start + row_count(mb)]).sum()
                     self.manual_backward(loss)
                     step_loss = step_loss + loss.detach()
-                    exp.stats.add("entropy", masked_mean(out.entropy.detach(), exp.mask[mb]))
+                    exp.stats.add_token_mean("entropy", out.entropy.detach(), exp.mask[mb])
                 result = self.optimizer_step_checked(step_loss)
                 exp.stats.add("loss", step_loss)
                 exp.stats.add("grad_norm", result["grad_norm"])
@@ -219,9 +228,9 @@ class OnPolicyModule(PolicyModule):
     def record_clipping(self, exp: Experience, terms: SurrogateTerms, mask: torch.Tensor) -> None:
         """Add the shares of tokens whose ratio was clipped below, above, and either (``clip_ratio``)."""
         low, high = terms.clipped_low.float(), terms.clipped_high.float()
-        exp.stats.add("clip_ratio_low", masked_mean(low, mask))
-        exp.stats.add("clip_ratio_high", masked_mean(high, mask))
-        exp.stats.add("clip_ratio", masked_mean(low + high, mask))
+        exp.stats.add_token_mean("clip_ratio_low", low, mask)
+        exp.stats.add_token_mean("clip_ratio_high", high, mask)
+        exp.stats.add_token_mean("clip_ratio", low + high, mask)
 
     # ----------------------------------------------------------------------------- metrics, samples
     def step_statistics(self, exp: Experience) -> None:
@@ -230,13 +239,12 @@ class OnPolicyModule(PolicyModule):
     def reward_statistics(self, exp: Experience) -> dict[str, float]:
         """Mean and std of the rewards, and the mean of each function's (NaN left out; on the CPU)."""
         finite = exp.rewards[~torch.isnan(exp.rewards)]
-        values = {"reward": finite.mean().item() if finite.numel() else float("nan"),
-                  "reward_std": finite.std().item() if finite.numel() > 1 else 0.0}
+        std = finite.std().item() if finite.numel() > 1 else (0.0 if finite.numel() else float("nan"))
+        values = {"reward": finite.mean().item() if finite.numel() else float("nan"), "reward_std": std}
         for j, name in enumerate(self.rewards.names):
             col = exp.rewards_per_function[:, j]
             col = col[~torch.isnan(col)]
-            if col.numel():
-                values[f"reward/{name}"] = col.mean().item()
+            values[f"reward/{name}"] = col.mean().item() if col.numel() else float("nan")  # logged as a gap
         return values
 
     def log_step(self, exp: Experience, rollout_time: float, train_time: float) -> None:
@@ -307,30 +315,53 @@ class OnPolicyModule(PolicyModule):
     # ----------------------------------------------------------------------------- evaluation
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Completions for held-out prompts (``val_sampling``: greedy by default); logs the mean reward."""
-        rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
-        total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
+        """Completions for held-out prompts (``val_sampling``: greedy by default); logs the mean reward.
+
+        Sampling and scoring leave the training's random states as they were (:func:`training_rng_kept`).
+        """
+        with training_rng_kept():
+            rollout = self.generate_rollout(batch["prompt"], sampling=self.val_sampling, num_generations=1)
+            total, per_fn, _ = self.score(batch["prompt"], rollout, self.columns_of(batch), 1)
         values = {"reward": total, **{f"reward/{n}": per_fn[:, j] for j, n in enumerate(self.rewards.names)}}
         self.log_values("val", values, len(batch["prompt"]), prog_bar=("reward",))
 
     @torch.no_grad()
-    def evaluate(self, rows: Sequence[Mapping[str, Any]], batch_size: int = 64) -> dict[str, Any]:
+    def evaluate(self, rows: Sequence[Mapping[str, Any]], batch_size: int = 64,
+                 prompt_column: str = "prompt") -> dict[str, Any]:
         """Completions (``val_sampling``) and rewards on ``rows`` outside a Trainer, e.g. before and after training.
+
+        The random states are left as they were (:func:`training_rng_kept`): evaluating before a fit does not change
+        what the fit samples.
+
+        Args:
+            rows: dicts with the prompt under ``prompt_column`` and the reward functions' columns.
+            batch_size: prompts per generation.
+            prompt_column: the rows' key of the prompt.
 
         Returns:
             ``{"reward": mean total reward, "reward/<fn>": ..., "completions": [...]}``.
+
+        Raises:
+            ValueError: no rows, or a row without ``prompt_column``.
         """
+        if not len(rows):
+            raise ValueError("evaluate() got no rows: pass a list of dicts with a prompt each")
+        missing = next((i for i, r in enumerate(rows) if prompt_column not in r), None)
+        if missing is not None:
+            raise ValueError(f"row {missing} has no {prompt_column!r} column (its keys: {sorted(rows[missing])}); "
+                             f"pass evaluate(rows, prompt_column=...) with the key that holds the prompt")
         self.configure_model()
         totals, per, texts = [], [], []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            prompts = [r["prompt"] for r in chunk]
-            columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != "prompt"}
-            rollout = self.generate_rollout(prompts, sampling=self.val_sampling, num_generations=1)
-            total, per_fn, completions = self.score(prompts, rollout, columns, 1)
-            totals.append(total)
-            per.append(per_fn)
-            texts.extend(completions)
+        with training_rng_kept():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                prompts = [r[prompt_column] for r in chunk]
+                columns = {k: [r.get(k) for r in chunk] for k in chunk[0] if k != prompt_column}
+                rollout = self.generate_rollout(prompts, sampling=self.val_sampling, num_generations=1)
+                total, per_fn, completions = self.score(prompts, rollout, columns, 1)
+                totals.append(total)
+                per.append(per_fn)
+                texts.extend(completions)
         total, per_fn = torch.cat(totals), torch.cat(per)
         out: dict[str, Any] = {"reward": torch.nanmean(total).item(), "completions": texts}
         for j, name in enumerate(self.rewards.names):

@@ -14,11 +14,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
 from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers
-from lightning_rl.hparams import portable
+from lightning_rl.dropout import disable_dropout
+from lightning_rl.hparams import portable, resolve_factory
 from lightning_rl.logprobs import (
     BACKENDS,
     Backend,
@@ -35,13 +37,26 @@ from lightning_rl.models import (
     enable_activation_checkpointing,
     load_policy,
 )
-from lightning_rl.modules.checkpoint_weights import drop_rebuildable, rebuildable, restore_rebuilt
-from lightning_rl.modules.config_checks import check_one_optimizer, check_optimizer_settings, check_step_limit
+from lightning_rl.modules.checkpoint_weights import (
+    check_reference,
+    drop_rebuildable,
+    rebuildable,
+    reference_fingerprint,
+    restore_rebuilt,
+)
+from lightning_rl.modules.config_checks import (
+    check_one_optimizer,
+    check_optimizer_settings,
+    check_step_limit,
+    check_trainer_settings,
+    steps_overshoot,
+)
 from lightning_rl.modules.default_optimizer import default_adamw
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.sequence_limits import check_sequences_fit
 from lightning_rl.modules.sharding import (
     check_strategy,
     fully_shard_policy,
@@ -127,6 +142,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             skipped (weights untouched) before training stops with an error.
         max_unscored_steps: training steps in a row in which no completion got a reward (every
             reward function returned None/NaN) before training stops with an error; 0 never stops.
+        disable_dropout: set the loaded model's dropout to 0 (:func:`~lightning_rl.dropout.disable_dropout`), so that
+            the update in train mode scores tokens as the rollout sampled them: with dropout, the ratio to the
+            rollout's log-probs and the KL to the reference would differ from 1 and 0 before any step. LoRA's
+            ``lora_dropout`` stays as set. On by default (most decoder models have none); False keeps it.
 
     Attributes the rollout callback and the precision plugin read (see :meth:`training_shape`):
         policy, tokenizer, eos_token_ids: the model being trained and how its completions end.
@@ -170,6 +189,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         tile_mlps: bool = False,
         max_nonfinite_steps: int = 3,
         max_unscored_steps: int = 3,
+        disable_dropout: bool = True,
     ) -> None:
         super().__init__()
         if logprob_backend not in BACKENDS:
@@ -191,8 +211,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.lora = lora
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = resolve_factory(optimizer, "optimizer")  # a stored import path or spec, on load
+        self.lr_scheduler_factory = resolve_factory(lr_scheduler, "lr_scheduler")
         self.max_grad_norm = max_grad_norm
         self.logprob_backend = logprob_backend
         self.logprob_chunk_size = logprob_chunk_size
@@ -214,6 +234,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if tile_mlps not in (True, False):
             raise ValueError(f"tile_mlps must be True or False, got {tile_mlps!r}")
         self.tile_mlps = tile_mlps
+        if disable_dropout not in (True, False):
+            raise ValueError(f"disable_dropout must be True or False, got {disable_dropout!r}")
+        self.disable_dropout = disable_dropout
         self.max_nonfinite_steps = max_nonfinite_steps
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -240,6 +263,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         net, tok = load_policy(self.model_source, self.model_config,
                                policy_load_dtype(self.dtype_name, self.lora, plugin))
+        self.drop_dropout(net)
         if self.needs_reference_model and self.lora is None:
             ref = copy.deepcopy(net).eval().requires_grad_(False)
             self._frozen_reference = [ref]
@@ -249,6 +273,16 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.apply_compile_layers()
         self.apply_tile_mlps()
         self.apply_sharding()
+
+    def drop_dropout(self, model: nn.Module) -> None:
+        """With ``disable_dropout``, set ``model``'s dropout to 0 before LoRA wraps it (logged when there was any)."""
+        if not self.disable_dropout:
+            return
+        changed = disable_dropout(model)
+        if changed:
+            log.info("%s: dropout set to 0 in %d places of %s, so that the update scores tokens as the rollout "
+                     "sampled them (disable_dropout=False keeps it)", type(self).__name__, changed,
+                     type(model).__name__)
 
     @override
     def setup(self, stage: str) -> None:
@@ -263,6 +297,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """
         if self._trainer is not None:
             check_strategy(self._trainer.strategy)
+            stop = steps_overshoot(self._trainer.max_steps, self.optimizer_steps_per_batch) if stage == "fit" else None
+            if stop is not None:
+                log.warning("%s: max_steps=%d is not a multiple of the %d optimizer steps each training batch makes, "
+                            "and the Trainer checks it between batches: this run stops at step %d",
+                            type(self).__name__, self._trainer.max_steps, self.optimizer_steps_per_batch, stop)
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         if self.gradient_checkpointing_setting is None:
             self.gradient_checkpointing = device.type == "cuda"
@@ -358,8 +397,11 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
                dtype: str | None = None) -> Path:
         """Write the policy as a Hugging Face folder: merged weights, or (LoRA, ``merge=False``) a peft adapter.
 
-        See :func:`lightning_rl.export.export_policy`; ``dtype`` defaults to the module's ``dtype``.
-        The same from a checkpoint: ``lightning-rl export --ckpt_path RUN.ckpt --out DIR [--merge]``.
+        See :func:`lightning_rl.export.export_policy`; ``dtype`` defaults to the module's ``dtype`` and casts the
+        merged weights, or the adapter's and the written base's. LoRA merges in fp32 (a bf16 base under
+        :class:`~lightning_rl.plugins.MemoryAwarePrecision` would round the update away), and a fit's host-held fp32
+        masters are what is written. The same from a checkpoint:
+        ``lightning-rl export --ckpt_path RUN.ckpt --out DIR [--merge]``.
         """
         from lightning_rl.export import export_policy
 
@@ -392,6 +434,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         restore_rebuilt(self, checkpoint.get("state_dict", {}), state.get("rebuilt_weights"))
         if state.get("reference") is not None and self._frozen_reference:
             self._frozen_reference[0].load_state_dict(state["reference"])
+        if self._frozen_reference:
+            check_reference(self._frozen_reference[0], state.get("reference_fingerprint"), self.model_source)
         self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.health.load_state_dict(state.get("health") or {})
         if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming a fit, not load_from_checkpoint
@@ -408,6 +452,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """
         hparams = checkpoint.get("hyper_parameters")
         if hparams:
+            hparams = {**self.hparams_initial, **hparams}  # Trainer.fit drops unpicklable ones (a lambda reward)
             checkpoint["hyper_parameters"] = {k: portable(v) for k, v in hparams.items()}
         state: dict[str, Any] = {"rng": rng_states(), "nonfinite_streak": self._nonfinite_streak,
                                  "health": self.health.state_dict()}
@@ -415,6 +460,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             state["rebuilt_weights"] = drop_rebuildable(self, checkpoint["state_dict"])
         if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
             state["reference"] = self._frozen_reference[0].state_dict()
+        elif self._frozen_reference:  # rebuilt from the source on load: checked against this fingerprint
+            state["reference_fingerprint"] = reference_fingerprint(self._frozen_reference[0])
         checkpoint[RESUME_KEY] = state
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
@@ -462,10 +509,22 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
         Each is added only when the Trainer has none of its kind (see
         :func:`~lightning_rl.callbacks.defaults.default_callbacks`); pass your own to change its settings.
+
+        Lightning asks for them before it checks its settings, so a fit first refuses here, with what to use
+        instead, the Trainer settings of automatic optimization (``accumulate_grad_batches``,
+        ``gradient_clip_val``; :func:`~lightning_rl.modules.config_checks.check_trainer_settings`).
         """
         from lightning_rl.callbacks.defaults import default_callbacks
 
-        return default_callbacks(self.trainer)
+        trainer = self.trainer
+        if trainer.state.fn == TrainerFn.FITTING:
+            check_trainer_settings(trainer.accumulate_grad_batches, trainer.gradient_clip_val)
+        return default_callbacks(trainer)
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps of one training batch, which the Trainer's ``global_step`` and ``max_steps`` count."""
+        return 1
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
@@ -567,10 +626,15 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """Sample completions for ``prompts`` with ``engine`` (default: transformers ``generate``).
 
         ``sampling`` and ``num_generations`` default to the module's ``sampling`` and ``num_generations``.
+
+        Raises:
+            PromptTooLongError: a prompt longer than ``max_prompt_length``, or one whose completion could run past
+                the model's positions (:func:`~lightning_rl.modules.sequence_limits.check_sequences_fit`).
         """
-        engine = engine or self.default_engine()
-        rollout = engine.generate(self.encode(prompts), sampling or self.sampling,
-                                  num_generations or self.num_generations)
+        engine, sampling = engine or self.default_engine(), sampling or self.sampling
+        ids = self.encode(prompts)
+        check_sequences_fit(ids, sampling.max_new_tokens, self.policy)
+        rollout = engine.generate(ids, sampling, num_generations or self.num_generations)
         return rollout.to(self.device)
 
     def score(

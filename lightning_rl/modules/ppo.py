@@ -138,6 +138,7 @@ class PPO(OnPolicyModule):
             return
         if self.critic_model is not None:
             critic, tok = load_policy(self.critic_model, self.critic_model_config, self.dtype_name)
+            self.drop_dropout(critic)
             if not same_tokenizer(tok, self.tokenizer):
                 raise ValueError(
                     f"the critic {self.critic_model!r} uses another tokenizer than the policy {self.model_source!r}; "
@@ -259,11 +260,11 @@ class PPO(OnPolicyModule):
         mask, old_logp = exp.mask[rows], exp.old_logp[rows]
         pg = clipped_surrogate(out.logp, old_logp, exp.advantages[rows], self.epsilon, self.epsilon_high)
         vf = clipped_value_loss(out.values, exp.values[rows], exp.returns[rows], self.cliprange_value)
-        exp.stats.add("policy_loss", masked_mean(pg.loss.detach(), mask))
-        exp.stats.add("value_loss", masked_mean(vf.loss.detach(), mask))
+        exp.stats.add_token_mean("policy_loss", pg.loss.detach(), mask)
+        exp.stats.add_token_mean("value_loss", vf.loss.detach(), mask)
         self.record_clipping(exp, pg, mask)
-        exp.stats.add("value_clip_ratio", masked_mean(vf.clipped.float(), mask))
-        exp.stats.add("approx_kl", masked_mean(approx_kl(out.logp.detach(), old_logp), mask))
+        exp.stats.add_token_mean("value_clip_ratio", vf.clipped.float(), mask)
+        exp.stats.add_token_mean("approx_kl", approx_kl(out.logp.detach(), old_logp), mask)
         return pg.loss + self.vf_coef * vf.loss - self.ent_coef * out.entropy
 
     # ----------------------------------------------------------------------------- metrics, samples
@@ -286,7 +287,9 @@ class PPO(OnPolicyModule):
     def end_step(self, exp: Experience, values: dict[str, float]) -> None:
         """Log the KL coefficient of this step, then adapt it to the step's KL (when ``kl_target`` is set)."""
         values["kl_coef"] = self.kl_ctl.value
-        self.kl_ctl.update(values["kl"], int((~torch.isnan(exp.rewards)).sum()))
+        scored = (~torch.isnan(exp.rewards)).sum().to(self.device)
+        reduce = self.sum_over_processes()  # the horizon counts the sequences of every process, as the KL does
+        self.kl_ctl.update(values["kl"], int(scored if reduce is None else reduce(scored)))
 
     @override
     def sample_columns(self, exp: Experience) -> dict[str, torch.Tensor]:

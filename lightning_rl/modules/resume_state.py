@@ -7,6 +7,8 @@ only) and put back when the resumed run starts training.
 from __future__ import annotations
 
 import random
+from collections.abc import Generator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,3 +42,18 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
         name, keys, pos, has_gauss, cached = states["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+@contextmanager
+def training_rng_kept() -> Generator[None, None, None]:
+    """Run the block (validation's sampling and scoring) without moving the training's random states.
+
+    Without it a validation pass would draw from the states the next training steps sample with, so a run with
+    validation would sample other completions than one without, and a run resumed from a checkpoint saved
+    before a validation pass (which it does not replay) would differ from the uninterrupted run.
+    """
+    states = rng_states()
+    try:
+        yield
+    finally:
+        set_rng_states(states)

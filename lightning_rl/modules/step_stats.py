@@ -12,12 +12,13 @@ class StepStats:
 
     Reading a device tensor (``.item()``, ``float()``) waits for the device, so a step that read its
     statistics per micro-batch would stall the GPU each time. Values are collected as they come, in
-    four kinds, and all of them are reduced on the device and copied back together.
+    five kinds, and all of them are reduced on the device and copied back together.
     """
 
     def __init__(self) -> None:
         self._means: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._ratios: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self._token_means: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._maxima: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._values: dict[str, torch.Tensor] = {}
 
@@ -29,6 +30,15 @@ class StepStats:
         """Sums of ``name``'s numerator and denominator; the step logs ``sum(numerators) / sum(denominators)``."""
         self._ratios[name].append((numerator, denominator))
 
+    def add_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """``values`` at the tokens ``mask`` counts; the step logs their mean over every token counted in the step.
+
+        Unlike :meth:`add` of a per-micro-batch mean, micro-batches weigh by their tokens, so the logged value does
+        not depend on how the step was split; a step that counted no token logs NaN.
+        """
+        m = mask.float()
+        self._token_means[name].append(((values.float() * m).sum(), m.sum()))
+
     def add_max(self, name: str, value: torch.Tensor) -> None:
         """One more value of ``name``; the step logs their maximum."""
         self._maxima[name].append(value)
@@ -38,7 +48,7 @@ class StepStats:
         self._values[name] = torch.as_tensor(value)
 
     def __contains__(self, name: str) -> bool:
-        return any(name in d for d in (self._means, self._ratios, self._maxima, self._values))
+        return any(name in d for d in (self._means, self._ratios, self._token_means, self._maxima, self._values))
 
     def reduced(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Every statistic reduced to a float32 scalar on ``device`` (nothing is read back)."""
@@ -50,6 +60,9 @@ class StepStats:
         for k, pairs in self._ratios.items():
             num = torch.stack([on(n) for n, _ in pairs]).sum()
             out[k] = num / torch.stack([on(d) for _, d in pairs]).sum().clamp(min=1)
+        for k, pairs in self._token_means.items():
+            num, den = torch.stack([on(n) for n, _ in pairs]).sum(), torch.stack([on(d) for _, d in pairs]).sum()
+            out[k] = torch.where(den > 0, num / den.clamp(min=1e-12), torch.full_like(num, float("nan")))
         out.update({k: torch.stack([on(v) for v in vs]).max() for k, vs in self._maxima.items() if vs})
         out.update({k: on(v).reshape(()) for k, v in self._values.items()})
         return out

@@ -22,6 +22,14 @@ def _parse_number(text: str) -> float | None:
         return None
 
 
+def _plain_value(answer: Any) -> Any:
+    """A column value as plain Python: a 0-d tensor or numpy scalar (what a default collate gives) via ``.item()``."""
+    item = getattr(answer, "item", None)
+    if callable(item) and getattr(answer, "ndim", None) == 0:
+        return item()
+    return answer
+
+
 def extract_number(text: str, position: Literal["first", "last"] = "last") -> float | None:
     """The first or last number written in ``text`` (``1,234`` and ``-5.5`` included), or None."""
     found = _NUMBER.findall(text)
@@ -55,7 +63,7 @@ class NumericMatch:
             )
         out: list[float | None] = []
         for completion, answer in zip(completions, columns[self.column], strict=True):
-            want = _parse_number(str(answer))
+            want = _parse_number(str(_plain_value(answer)))
             if want is None:
                 out.append(None)
                 continue

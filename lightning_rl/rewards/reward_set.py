@@ -42,12 +42,21 @@ class RewardSet:
     """
 
     def __init__(self, funcs: Sequence[RewardFn | str | Mapping[str, Any]], weights: Sequence[float] | None = None):
+        for i, f in enumerate(funcs or []):
+            if f is None:
+                raise TypeError(
+                    f"reward function #{i} is None, which is what a checkpoint holds for a reward function it could "
+                    "not store (a lambda, a function defined inside another, or an object without an import path): "
+                    "pass the reward functions again, all of them in the same order, e.g. "
+                    "GRPO.load_from_checkpoint(path, reward_funcs=[...])"
+                )
         funcs = [resolve_callable(f) for f in funcs or []]
         if not funcs:
             raise ValueError("at least one reward function is needed (reward_funcs=[...])")
-        for f in funcs:
+        for i, f in enumerate(funcs):
             if not callable(f):
-                raise TypeError(f"reward function {f!r} is not callable")
+                raise TypeError(f"reward function #{i} ({f!r}) is not callable: give a function "
+                                "f(prompts, completions, **columns), its import path, or a class_path spec")
         if weights is not None and len(weights) != len(funcs):
             raise ValueError(
                 f"reward_weights has {len(weights)} values for {len(funcs)} reward functions; give one each"

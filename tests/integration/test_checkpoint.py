@@ -1,5 +1,7 @@
 """A GRPO checkpoint loads back with identical weights, and training resumes where it stopped."""
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -79,3 +81,33 @@ def test_resume_continues_global_step_with_optimizer_state(make_grpo, make_data,
     moved = state_copy(module.policy)
     saved = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
     assert any(not torch.equal(saved[k], moved[k]) for k in saved)
+
+
+def sgd_at_a_hundredth(params):
+    """An optimizer given as an importable function (stored as its import path)."""
+    return torch.optim.SGD(params, lr=0.01)
+
+
+@pytest.mark.parametrize("optimizer", [sgd_at_a_hundredth, functools.partial(torch.optim.SGD, lr=0.01)],
+                         ids=["import-path", "partial"])
+def test_a_loaded_module_fits_again_with_its_optimizer_and_scheduler(make_grpo, make_data, tmp_path, optimizer):
+    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    _, _, path = _fit_and_save(make_grpo, make_data, tmp_path, optimizer=optimizer, lr_scheduler=scheduler,
+                               learning_rate=1e-5)  # the default: the optimizer carries its own
+    loaded = GRPO.load_from_checkpoint(path)
+    trainer = make_trainer(max_steps=1)
+    trainer.fit(loaded, make_data(batch_size=2))
+    opt = trainer.optimizers[0]
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["initial_lr"] == 0.01
+    assert type(trainer.lr_scheduler_configs[0].scheduler) is torch.optim.lr_scheduler.StepLR
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.005)  # the scheduler stepped once
+
+
+def test_a_lambda_reward_is_named_when_the_checkpoint_loads(make_grpo, make_data, tmp_path):
+    _, _, path = _fit_and_save(make_grpo, make_data, tmp_path,
+                               reward_funcs=[lambda prompts, completions, **kw: [float(len(c)) for c in completions]])
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["reward_funcs"] == [None]
+    with pytest.raises(TypeError, match=r"reward function #0 is None.*reward_funcs=\[\.\.\.\]"):
+        GRPO.load_from_checkpoint(path)
+    loaded = GRPO.load_from_checkpoint(path, reward_funcs=[lambda prompts, completions, **kw: [1.0] * len(completions)])
+    assert loaded.rewards.names

@@ -68,6 +68,22 @@ def test_a_changed_base_is_refused_on_load(base_dir, tmp_path):
         GRPO.load_from_checkpoint(path)
 
 
+def test_a_changed_source_of_a_full_fine_tunes_reference_is_refused_on_load(base_dir, tmp_path):
+    L.seed_everything(0, verbose=False)
+    module = GRPO(reward_funcs=[LengthPenalty(target=4)], model=str(base_dir), beta=0.1, num_generations=2,
+                  sampling=SamplingConfig(max_new_tokens=4), learning_rate=1e-2, logprob_backend="reference")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last", every_n_train_steps=2)
+    make_trainer(max_steps=2, callbacks=[ckpt], enable_checkpointing=True).fit(
+        module, PromptDataModule(train_data=ROWS, batch_size=2))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    GRPO.load_from_checkpoint(path)  # the same source: the reference is rebuilt as it was
+    L.seed_everything(1, verbose=False)
+    save_policy(*load_policy("tiny-llama", {"num_hidden_layers": 1}), base_dir)  # other weights at the same path
+    with pytest.raises(ValueError, match=r"frozen reference model rebuilt from model='.*base' differs from the one "
+                                         r"this checkpoint was trained against.*original weights"):
+        GRPO.load_from_checkpoint(path)
+
+
 def test_a_reward_defined_in_main_names_the_fix(base_dir, tmp_path, monkeypatch):
     main = sys.modules["__main__"]
 

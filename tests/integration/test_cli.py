@@ -102,3 +102,47 @@ def test_a_mistyped_yaml_key_is_an_error(key, value, tmp_path, capsys):
         main(["fit", "--config", str(config), "--trainer.logger", "false"])
     err = capsys.readouterr().err
     assert "learnin_rate" in err if key == "learnin_rate" else "does not accept option 'max_new_token'" in err
+
+
+TINY = ["--config", str(EXAMPLES / "grpo_arithmetic.yaml"), "--model.init_args.model", "tiny-llama",
+        "--model.init_args.model_config", "{num_hidden_layers: 1}", "--model.init_args.lora", "null",
+        "--model.init_args.sampling.max_new_tokens", "2", "--model.init_args.num_generations", "2",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_val", "2", "--data.init_args.val_batch_size", "2",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+
+
+def _short_error(capsys, args) -> str:
+    """The CLI's first error line, after checking the two-line form and exit status 1."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error: ") and "LIGHTNING_RL_TRACEBACK=1" in err[1], err
+    return err[0]
+
+
+@pytest.mark.parametrize(("subcommand", "step"), [("test", "test_step()"), ("predict", "predict_step() or forward()")])
+def test_test_and_predict_are_refused_in_one_line_and_validate_runs(subcommand, step, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    line = _short_error(capsys, [subcommand, *TINY, "--trainer.default_root_dir", str(tmp_path)])
+    assert line.startswith(f"error: UnsupportedSubcommandError: `{subcommand}` runs the module's {step}, which "
+                           "lightning_rl.GRPO does not define: it supports `fit` and `validate`"), line
+    cli = main(["validate", *TINY, "--trainer.default_root_dir", str(tmp_path / "validate")])
+    assert "val/reward" in cli.trainer.callback_metrics
+
+
+def test_export_errors_are_short(tmp_path, capsys, monkeypatch):
+    """A missing checkpoint, a misspelled or wrong ``--module``: two lines and status 1, as ``fit``'s errors."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    line = _short_error(capsys, ["export", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])
+    assert "FileNotFoundError" in line and "nope.ckpt" in line
+    main(["fit", *TINY, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
+          "--trainer.callbacks.save_last", "true"])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    for module in ("GRPo", "DPO"):
+        line = _short_error(capsys, ["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "x"),
+                                     "--module", module])
+        assert module in line and "model.init_args" not in line, line  # export has no config keys
+    assert not (tmp_path / "x").exists()

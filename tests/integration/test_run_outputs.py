@@ -131,3 +131,30 @@ def test_report_history_survives_a_checkpoint():
     resumed = RunReport()
     resumed.load_state_dict(report.state_dict())
     assert resumed.history == report.history and resumed.val_history == report.val_history
+
+
+def test_a_run_that_fails_leaves_its_report_and_last_samples(make_grpo, make_data, tmp_path):
+    calls = []
+
+    def fails_at_step_three(prompts, completions, **columns):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the grader's server went away")
+        return [float(len(c) % 2) for c in completions]
+
+    module = make_grpo(reward_funcs=[fails_at_step_three], num_generations=2,
+                       sampling=SamplingConfig(max_new_tokens=4))
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                        num_sanity_val_steps=0)
+    with pytest.raises(Exception, match="the grader's server went away"):
+        trainer.fit(module, make_data(batch_size=2))
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    text = (log_dir / "report.md").read_text()
+    assert "The run stopped early with" in text and "the grader's server went away" in text
+    with (log_dir / "metrics.csv").open() as fh:
+        logged = [r for r in csv.DictReader(fh) if r.get("train/reward_step")]
+    assert len(logged) == 2  # the two steps before the failure
+    with (log_dir / "completions.csv").open() as fh:
+        steps = {r["step"] for r in csv.DictReader(fh)}
+    assert steps == {"1", "2"}  # the first step (every_n_steps) and the last one before the failure

@@ -106,8 +106,27 @@ def test_a_skipped_step_logs_nan_grad_norm_not_the_last_value(make_grpo, make_da
     norms = [r["train/grad_norm_step"] for r in steps]
     assert len(norms) == 3 and math.isfinite(norms[0]) and math.isnan(norms[1]) and math.isfinite(norms[2]), norms
     assert [r["train/skipped_steps_step"] for r in steps] == [0.0, 1.0, 0.0]
+    losses = [r["train/loss_step"] for r in steps]  # not the first step's loss again
+    assert math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2]), losses
     epoch = [r for r in logger.rows if "train/skipped_steps_epoch" in r][-1]
     assert epoch["train/skipped_steps_epoch"] == 1.0 and math.isfinite(epoch["train/grad_norm_epoch"])
+    assert math.isfinite(epoch["train/loss_epoch"])
+
+
+def test_a_step_without_rewards_logs_nan_rewards_not_the_last_values(make_grpo, make_data):
+    calls = []
+
+    def first_step_only(prompts, completions, **columns):
+        calls.append(1)
+        if len(calls) > 1:
+            return [None] * len(completions)
+        return [float(i % 2) for i in range(len(completions))]
+
+    module = make_grpo(reward_funcs=[first_step_only], num_generations=2, max_unscored_steps=0)
+    recorder = MetricRecorder(names=("train/reward_step", "train/reward/first_step_only_step"))
+    make_trainer(max_steps=3, callbacks=[recorder]).fit(module, make_data(batch_size=2))
+    for name, values in recorder.values.items():
+        assert values[0] == 0.5 and math.isnan(values[1]) and math.isnan(values[2]), (name, values)
 
 
 PAIRS = [{"prompt": "ab", "chosen": "ab", "rejected": "ba"}, {"prompt": "cd", "chosen": "cd", "rejected": "dc"}]

@@ -6,7 +6,9 @@ before any step: the missing model folder is only looked for there, so the fit c
 
 import pytest
 
+from lightning_rl import GRPO
 from lightning_rl.__main__ import main
+from lightning_rl.cli_errors import _argument, explain
 
 CLI = ["fit", "--config", "examples/grpo_arithmetic.yaml", "--model.init_args.model", "tiny-llama",
        "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
@@ -39,3 +41,75 @@ def test_cli_traceback_on_request(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGHTNING_RL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="Does not validate against any of the Union subtypes"):
         main([*CLI, "--trainer.default_root_dir", str(tmp_path), "--model.init_args.epsilon_high", "0.1"])
+
+
+# ----------------------------------------------------------------------------- errors raised during the run
+# class paths for the CLI: pytest puts this folder on sys.path, so jsonargparse imports them as test_cli_errors.*
+
+
+class NaNGRPO(GRPO):
+    """A GRPO whose loss is NaN: the run stops with NonFiniteLossError ("... for 3 optimizer steps ...")."""
+
+    def policy_loss(self, exp, rows, out):
+        return super().policy_loss(exp, rows, out) * float("nan")
+
+
+def no_reward(prompts, completions, **columns):
+    """Scores nothing: the run stops with RewardError ("... or raise max_unscored_steps")."""
+    return [None] * len(completions)
+
+
+RUN = ["--model.init_args.model_config", "{num_hidden_layers: 1}", "--model.init_args.lora", "null",
+       "--model.init_args.sampling.max_new_tokens", "2", "--trainer.max_steps", "5", "--data.init_args.batch_size", "2",
+       "--model.init_args.num_generations", "2", "--trainer.val_check_interval", "5"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["--model", "test_cli_errors.NaNGRPO"], "error: model (test_cli_errors.NaNGRPO): NonFiniteLossError: "),
+        (["--model.init_args.reward_funcs", "[test_cli_errors.no_reward]"],
+         "error: model (lightning_rl.GRPO): RewardError: no completion got a reward for 3 steps"),
+    ],
+    ids=["nan-loss", "no-reward"],
+)
+def test_an_error_during_the_run_names_the_module_not_a_key_its_words_match(extra, first_line, capsys, monkeypatch,
+                                                                            tmp_path):
+    """"3 optimizer steps" is no ``optimizer`` setting, "raise max_unscored_steps" is advice, not the cause."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main([*CLI, "--trainer.default_root_dir", str(tmp_path), *RUN, *extra])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(first_line), err
+    assert len(err) == 2 and "LIGHTNING_RL_TRACEBACK=1" in err[1]
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the test wants the exception with its traceback
+        return err
+    raise AssertionError("nothing was raised")
+
+
+def test_a_key_is_named_from_the_message_words_only_while_the_object_is_built(make_grpo):
+    module = make_grpo(max_prompt_length=16, model="./runs/no-such-dir")
+    words = "the loss was NaN for 3 optimizer steps; lower the learning_rate or raise max_unscored_steps"
+    assert _argument(words, module, building=True) == "optimizer"  # a construction message names its argument
+    assert _argument(words, module, building=False) is None
+    assert _argument("prompt 1 has 34 tokens, more than max_prompt_length=16", module, building=False) == \
+        "max_prompt_length"
+    assert _argument("set `micro_batch_size` to a divisor of 8", module, building=False) == "micro_batch_size"
+    assert _argument("model directory './runs/no-such-dir' does not exist", module, building=False) == "model"
+    assert _argument("no model was found in the run", module, building=False) is None
+
+
+def test_a_path_error_from_any_library_is_short_and_export_names_no_config_key(make_grpo, tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    err = _raised(lambda: open(missing, "rb"))  # as torch.load / Lightning raise it: not this library's frame
+    assert explain(err).splitlines()[0] == f"error: FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
+    assert explain(_raised(lambda: int("x"))) is None  # anything else that is not ours keeps its traceback
+    bad = _raised(lambda: make_grpo(epsilon_high=0.1))
+    assert explain(bad).startswith("error: model.init_args.epsilon_high (lightning_rl.GRPO): ValueError")
+    assert explain(bad, config_keys=False).startswith("error: lightning_rl.GRPO: ValueError: epsilon_high")

@@ -60,11 +60,14 @@ class Record(L.Callback):
     """The step's (all-process) loss and reward, as the module logged them."""
 
     def __init__(self):
-        self.loss, self.reward = [], []
+        self.loss, self.reward, self.kl_coef = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         self.loss.append(float(trainer.callback_metrics["train/loss_step"]))
         self.reward.append(float(trainer.callback_metrics["train/reward_step"]))
+        kl_ctl = getattr(pl_module, "kl_ctl", None)
+        if kl_ctl is not None:
+            self.kl_coef.append(float(kl_ctl.value))
 
 
 def main() -> None:
@@ -86,8 +89,8 @@ def main() -> None:
                   lora={"r": 4, "target_modules": ["q_proj", "v_proj"]} if args.lora else None)
     if args.method == "grpo":  # the global token count (dapo) and the batch std of the rewards cross processes
         module = GRPO(loss_type="dapo", scale_rewards="batch", **common)
-    else:  # whitening and the token mean of the loss cross processes
-        module = PPO(num_iterations=1, **common)
+    else:  # whitening, the token mean of the loss and the adaptive KL's sequence count cross processes
+        module = PPO(num_iterations=1, kl_coef=0.05, kl_target=0.001, kl_horizon=32, **common)
     module.configure_model()
     module.rollout_engine = PerPromptSeededEngine(lambda: module.policy, module.tokenizer.pad_token_id,
                                                   module.eos_token_ids)
@@ -103,7 +106,7 @@ def main() -> None:
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
     weights = {n: t.float().cpu().clone() for n, t in fsdp2_parameters(module.policy)}  # gathers: every rank
     if trainer.is_global_zero:
-        torch.save({"loss": record.loss, "reward": record.reward, "weights": weights,
+        torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
                     "plan": None if plan is None else plan.to_dict()}, args.out)

@@ -31,6 +31,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, metho
     # the logged reward and loss are those of the whole step, whichever process logs them
     torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)
+    # PPO's adaptive KL coefficient moves by the sequences of both processes, as with one
+    torch.testing.assert_close(torch.tensor(two["kl_coef"]), torch.tensor(one["kl_coef"]), rtol=1e-5, atol=1e-9)
+    assert method == "grpo" or len(set(one["kl_coef"])) == 3  # it moved at every step
     # the same updates, up to the order of floating-point sums
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)

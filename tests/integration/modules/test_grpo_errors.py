@@ -101,3 +101,25 @@ def test_nan_loss_stops_after_max_nonfinite_steps(make_grpo, make_data, nan_loss
     assert nan_loss["n"] == 3
     after = module.policy.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_prompt_whose_completion_would_pass_the_models_positions_is_refused(make_grpo, make_data, tmp_path):
+    from lightning_rl import SamplingConfig, load_policy
+    from lightning_rl.prompting import PromptTooLongError
+
+    torch.manual_seed(0)
+    net, tok = load_policy("tiny-llama", {"num_hidden_layers": 1, "max_position_embeddings": 32})
+    net.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = [{"prompt": "x" * 10}, {"prompt": "y" * 30}]
+    module = make_grpo(model=str(tmp_path / "m"), model_config=None, num_generations=2, chat_template=False,
+                       max_prompt_length=None, sampling=SamplingConfig(max_new_tokens=8))
+    with pytest.raises(PromptTooLongError, match=r"prompt 1 of this batch has 3\d tokens; with max_new_tokens=8 its "
+                                                 r"sequence can reach \d+ tokens, more than the model's 32 positions "
+                                                 r"\(config.max_position_embeddings\)\. Set the module's "
+                                                 r"max_prompt_length to at most 24"):
+        make_trainer(max_steps=1).fit(module, make_data(batch_size=2, rows=rows))
+    # within the limit the same model trains
+    module = make_grpo(model=str(tmp_path / "m"), model_config=None, num_generations=2, chat_template=False,
+                       max_prompt_length=24, truncate_prompts=True, sampling=SamplingConfig(max_new_tokens=8))
+    make_trainer(max_steps=1).fit(module, make_data(batch_size=2, rows=rows))

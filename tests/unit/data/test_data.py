@@ -163,3 +163,25 @@ def test_arithmetic_datamodule():
     assert [q for b in batches for q in b["question"]] == [r["question"] for r in train]
     assert set(batches[0]) == {"prompt", "answer", "question"}
     assert [a for b in dm.val_dataloader() for a in b["answer"]] == [r["answer"] for r in val]
+
+
+def test_bad_json_names_the_file_and_line(tmp_path):
+    broken = tmp_path / "b.json"
+    broken.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
+    with pytest.raises(ValueError, match=r"b\.json:3 is not valid JSON: Expecting value at column 14") as info:
+        read_rows(broken)
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)
+
+
+def test_json_lines_saved_as_json_says_to_rename(tmp_path):
+    lines = tmp_path / "train.json"
+    lines.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"train\.json:2 is not valid JSON.*looks like JSON Lines.*rename it to "
+                                         r"train\.jsonl"):
+        read_rows(lines)
+    # two JSON values that are not one per line: no JSON Lines hint
+    multi = tmp_path / "m.json"
+    multi.write_text('{"prompt":\n "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"m\.json:3 is not valid JSON: Extra data") as info:
+        read_rows(multi)
+    assert "JSON Lines" not in str(info.value)

@@ -188,3 +188,18 @@ def test_reward_set_resolves_import_paths_and_specs():
     assert rs.names == ["numeric_match", "regex_format"]
     assert per_fn.tolist() == [[1.0, 1.0], [0.0, 0.0]]
     assert total.tolist() == [2.0, 0.0]
+
+
+def test_reward_set_none_entry_says_it_could_not_be_stored_and_how_to_pass_it_again():
+    with pytest.raises(TypeError, match=r"reward function #1 is None.*could not store \(a lambda.*"
+                                        r"load_from_checkpoint\(path, reward_funcs=\[\.\.\.\]\)"):
+        RewardSet([_one, None])
+
+
+def test_numeric_match_reads_tensor_and_numpy_answers():
+    np = pytest.importorskip("numpy")
+    completions = ["it is 3", "it is 3", "2.5", "4", "3"]
+    # what a plain DataLoader's default collate gives for an int column: a tensor, iterated as 0-d tensors
+    answers = [torch.tensor(3), np.int64(3), torch.tensor(2.5, dtype=torch.float64), torch.tensor(5), np.array(3)]
+    assert NumericMatch()(P3, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert NumericMatch()(P3, ["3", "x 7"], answer=torch.tensor([3, 5])) == [1.0, 0.0]

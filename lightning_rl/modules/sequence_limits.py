@@ -1,0 +1,49 @@
+"""The longest sequence a model has positions for, and the check that a rollout's sequences stay within it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_rl.prompting import PromptTooLongError
+
+#: Config fields that give a model's positions, in the order they are looked up (Llama/Qwen/Mistral, GPT-2, ...).
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_limit(model: nn.Module | None) -> tuple[int, str] | None:
+    """``(positions, config field)`` of ``model``'s config, or None when the config names none."""
+    config = getattr(model, "config", None)
+    for name in POSITION_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_sequences_fit(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, model: nn.Module | None) -> None:
+    """Refuse prompts whose completions could run past the model's positions.
+
+    A model with learned positions (GPT-2) fails there with an index error deep in torch, and one with rotary
+    positions computes at positions it was never trained on.
+
+    Raises:
+        PromptTooLongError: naming the longest prompt, the limit and the settings that fix it.
+    """
+    limit = position_limit(model)
+    if limit is None or not prompt_ids:
+        return
+    positions, field = limit
+    i = max(range(len(prompt_ids)), key=lambda k: len(prompt_ids[k]))
+    longest = len(prompt_ids[i])
+    if longest + max_new_tokens <= positions:
+        return
+    raise PromptTooLongError(
+        f"prompt {i} of this batch has {longest} tokens; with max_new_tokens={max_new_tokens} its sequence can reach "
+        f"{longest + max_new_tokens} tokens, more than the model's {positions} positions (config.{field}). Set the "
+        f"module's max_prompt_length to at most {max(positions - max_new_tokens, 1)} (truncate_prompts=True keeps "
+        "the last tokens of longer prompts) or lower sampling.max_new_tokens")
+
+
+__all__ = ["POSITION_FIELDS", "check_sequences_fit", "position_limit"]
