@@ -2,10 +2,13 @@
 
 jsonargparse reports an exception raised while it builds a class from the config as "Does not
 validate against any of the Union subtypes", with the real message in the middle of a long
-traceback. :func:`explain` finds the library's exception in the chain, the object it concerns
+traceback; for a list of classes (``trainer.plugins``, ``trainer.callbacks``) it keeps the exception only as
+text, and the exception itself only in its frames. :func:`explain` finds the library's exception in the chain
+or in those frames, the object it concerns
 (the module, data module, callback or plugin) and the argument it names, and writes them out. An argument
 is named from the message's words only for an error raised while the object was built; an error raised
-during the run names one only in an explicit form (``name=``, a backticked name, its quoted value). A
+during the run names one only in an explicit form (``name=``, a backticked name, its quoted value) in its first
+line, the error's own statement: the lines after it list figures and advice (``quantize='int8'``). A
 missing file (``FileNotFoundError`` and its kin, from any library) is explained too.
 """
 
@@ -56,9 +59,43 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+def _kept_by_jsonargparse(error: BaseException) -> list[BaseException]:
+    """Exceptions that jsonargparse's frames in ``error``'s traceback hold in their local variables.
+
+    Building a list of classes (``trainer.plugins: [...]``), jsonargparse tries each type of a Union, keeps each
+    type's exception in a list and raises one ValueError with their messages as text, chained to the first
+    type's exception only: the class's own exception (the library's, with its traceback) is left in that list.
+    """
+    found: list[BaseException] = []
+    for frame in _frames(error.__traceback__):
+        if not str(frame.f_globals.get("__name__", "")).startswith("jsonargparse"):
+            continue
+        for value in frame.f_locals.values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            found += [v for v in items if isinstance(v, BaseException)]
+    return found
+
+
+def _errors(error: BaseException) -> list[BaseException]:
+    """``error``'s chain (:func:`_chain`), then the exceptions jsonargparse kept aside (:func:`_kept_by_jsonargparse`)
+    and their chains, breadth first, each once.
+    """
+    seen: list[BaseException] = []
+    queue = [error]
+    while queue and len(seen) < 1000:
+        current = queue.pop(0)
+        chain = [e for e in _chain(current) if all(e is not s for s in seen)]
+        seen += chain
+        queue += [k for e in chain for k in _kept_by_jsonargparse(e)]
+    return seen
+
+
 def library_error(error: BaseException) -> BaseException | None:
-    """The first exception of ``error``'s chain that this library raised (its innermost frame is ours), or None."""
-    for current in _chain(error):
+    """The first exception that this library raised (its innermost frame is ours), or None.
+
+    ``error``'s chain is searched first, then the exceptions jsonargparse's frames kept aside (:func:`_errors`).
+    """
+    for current in _errors(error):
         frames = _frames(current.__traceback__)
         if frames and _in_package(frames[-1]) and isinstance(current, Exception):
             return current
@@ -100,9 +137,12 @@ def _argument(message: str, obj: Any, building: bool = True) -> str | None:
 
     While ``obj`` is built: the first argument the message names, else one whose string value it contains.
     During the run the words of a message ("3 optimizer steps") name no argument: only ``name=``, a
-    backticked ``name`` or the argument's quoted value (``'./no-such-dir'``) do.
+    backticked ``name`` or the argument's quoted value (``'./no-such-dir'``) in its first line do; the lines
+    below it hold figures and advice (``MemoryAwarePrecision(quantize='int8')``), not the cause.
     """
     names = _init_arguments(type(obj))
+    if not building:  # the error's own statement, not the figures and advice of the lines below it
+        message = message.split("\n", 1)[0]
     pattern = r"(?<![\w.]){0}(?!\w)" if building else r"(?<![\w.]){0}=|`{0}`"
     hits = [(m.start(), -len(n), n) for n in names if (m := re.search(pattern.format(re.escape(n)), message))]
     if hits:

@@ -54,8 +54,10 @@ class CompletionSamples(Callback):
         console_rows: int = 8,
         dirpath: str | Path | None = None,
     ) -> None:
-        if every_n_steps < 0 or num_groups < 1:
-            raise ValueError(f"every_n_steps must be >= 0 and num_groups >= 1, got {every_n_steps} and {num_groups}")
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0 (0: only at the end of fit), got {every_n_steps}")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1 (prompts whose completions are shown), got {num_groups}")
         self.every_n_steps = every_n_steps
         self.num_groups = num_groups
         self.key = key

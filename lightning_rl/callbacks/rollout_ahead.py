@@ -136,14 +136,15 @@ def _prompts_of(item: Any) -> list[Any] | None:
     return None
 
 
-def next_batch_prompts(trainer: Any, batch_idx: int) -> list[Any] | None:
+def next_batch_prompts(trainer: Any, batch_idx: int, steps_per_batch: int = 1) -> list[Any] | None:
     """The prompts of the batch the trainer trains after ``batch_idx``, read before the training loop takes it.
 
-    None at the end of an epoch or of the run (``max_steps``, ``limit_train_batches``), or with a loop that does
-    not fetch batches through Lightning's usual fetcher.
+    None at the end of an epoch or of the run (``max_steps``, counted in optimizer steps: ``steps_per_batch`` of
+    them each training batch, ``limit_train_batches``), or with a loop that does not fetch batches through
+    Lightning's usual fetcher.
     """
     max_steps = getattr(trainer, "max_steps", -1)
-    if max_steps is not None and max_steps >= 0 and trainer.global_step + 1 >= max_steps:
+    if max_steps is not None and max_steps >= 0 and trainer.global_step + max(steps_per_batch, 1) >= max_steps:
         return None
     num_batches = getattr(trainer, "num_training_batches", None)
     if isinstance(num_batches, int) and batch_idx + 1 >= num_batches:

@@ -19,6 +19,7 @@ from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
 from lightning_rl.lora import is_lora
+from lightning_rl.modules.sequence_limits import check_sequences_fit
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
@@ -80,6 +81,26 @@ def _engine_start_measure(
         if own is not None:
             return (lambda dev: process_tree_used_bytes(torch.device(dev))), own
     return device_used_bytes, device_used_bytes(device)
+
+
+def _upcoming_job(pl_module: L.LightningModule, engine: RolloutEngine, prompts: list[Any]) -> Callable[[], Any]:
+    """The job that generates the next batch's rollout, its prompts encoded and checked here (in this thread).
+
+    A prompt the module refuses (too long for ``max_prompt_length`` or for the model's positions) fails in the job,
+    so that the error surfaces when its own batch takes the rollout, after this batch trained and checkpointed.
+    """
+    sampling, g = pl_module.sampling, pl_module.num_generations
+    try:
+        ids = pl_module.encode(prompts)
+        check_sequences_fit(ids, sampling.max_new_tokens, pl_module.policy)
+    except Exception as err:  # noqa: BLE001 - raised again by the job, at the batch the prompts belong to
+        failure = err
+
+        def refuse() -> Any:
+            raise failure
+
+        return refuse
+    return lambda: engine.generate(ids, sampling, g)
 
 
 def _strategy_model(trainer: Any) -> nn.Module | None:
@@ -377,6 +398,12 @@ class VLLMRollout(Callback):
                     f"VLLMRollout needs a module with `{attr}` (such as lightning_rl.GRPO); "
                     f"{type(pl_module).__name__} has none"
                 )
+        if getattr(pl_module, "generates_rollouts", True) is False:
+            raise ValueError(
+                f"VLLMRollout generates the rollouts of modules whose training steps sample completions (GRPO, PPO, "
+                f"DPO(online=True)); this {type(pl_module).__name__} samples none, so the engine would generate for "
+                "nothing: remove the callback (or train online)"
+            )
         reason = self.overlap_off_reason(pl_module, trainer)
         if self.overlap and reason:
             raise ValueError(f"VLLMRollout(overlap=True) is impossible here: {reason}. Use overlap=None (automatic) "
@@ -523,13 +550,13 @@ class VLLMRollout(Callback):
             rollout, weights_step = taken
             rollout, staleness = rollout.to(pl_module.device), trainer.global_step - weights_step
             background_s = self._ahead.last_generate_s
+        rollout.extras["staleness"] = staleness  # what GRPO's importance_sampling="auto" corrects
         t2 = time.perf_counter()
-        upcoming = next_batch_prompts(trainer, batch_idx)
+        upcoming = next_batch_prompts(trainer, batch_idx, getattr(pl_module, "optimizer_steps_per_batch", 1))
         if upcoming is not None or getattr(engine, "syncs_before_each_update", False):
             self._sync(trainer, pl_module)  # the weights this update starts from (a shared merged base reads them)
         if upcoming is not None:
-            ids, sampling, g = pl_module.encode(upcoming), pl_module.sampling, pl_module.num_generations
-            self._ahead.submit(upcoming, trainer.global_step, lambda: engine.generate(ids, sampling, g))
+            self._ahead.submit(upcoming, trainer.global_step, _upcoming_job(pl_module, engine, upcoming))
         t3 = time.perf_counter()
         batch["rollout"] = rollout
         self.num_rollouts += 1

@@ -30,7 +30,10 @@ def read_preference_rows(source: DataSource | Any, split: str = "train", subset:
 
 
 def response_text(response: Any) -> str | None:
-    """The text of a response (a string, or chat messages whose contents are joined); None if malformed."""
+    """The text of a response (a string, or assistant messages whose contents are joined); None if malformed.
+
+    Conversations that also hold the prompt's messages are split by :func:`split_conversation` first.
+    """
     if isinstance(response, str):
         return response
     if isinstance(response, Sequence) and response and all(isinstance(m, Mapping) for m in response):
@@ -38,6 +41,76 @@ def response_text(response: Any) -> str | None:
         if all(isinstance(p, str) for p in parts):
             return "".join(parts)
     return None
+
+
+CONVERSATION_LAYOUTS = (
+    "Expected layouts: chosen/rejected (or completion) are strings or the assistant message(s) that answer the "
+    "prompt; or they are whole conversations that start with the prompt's messages (the prompt column as one user "
+    "turn, or the same message list) and end with the assistant reply; or, with no prompt column, conversations "
+    "that share their leading messages (which become the prompt) and end with different assistant replies"
+)
+_OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "index", "kl_completion")
+
+
+def _is_messages(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and bool(value)
+            and all(isinstance(m, Mapping) for m in value))
+
+
+def _same_message(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equal messages, ignoring keys set to None (a ``datasets`` struct column fills missing keys with None)."""
+    return ({k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None})
+
+
+def _same_messages(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> bool:
+    return len(a) == len(b) and all(_same_message(x, y) for x, y in zip(a, b))
+
+
+def _roles(messages: Sequence[Mapping[str, Any]]) -> str:
+    return "[" + ", ".join(str(m.get("role")) for m in messages) + "]"
+
+
+def split_conversation(prompt: Any, responses: Sequence[Any], has_prompt: bool = True) -> tuple[Any, list[Any]] | str:
+    """Split responses that repeat the conversation into ``(prompt, final assistant message(s) of each)``.
+
+    A response that is a list of messages with a non-assistant message (the UltraFeedback-binarized or
+    Anthropic-HH layout: ``[{"role": "user", ...}, {"role": "assistant", ...}]``) is split after its last
+    non-assistant message. The leading messages must be the same for every response and must be the
+    prompt: its messages, or (a string prompt) a conversation whose last user turn is the prompt, which
+    then becomes the prompt. Without a prompt (``has_prompt=False``) the leading messages are the prompt.
+    Responses that are strings or assistant messages only are returned unchanged.
+
+    Returns:
+        ``(prompt, responses)``, or the text of the problem.
+    """
+    heads, tails = [], []
+    for r in responses:
+        cut = 0
+        if _is_messages(r):
+            cut = max((j + 1 for j, m in enumerate(r) if m.get("role") != "assistant"), default=0)
+        heads.append(list(r[:cut]) if cut else [])
+        tails.append(r[cut:] if cut else r)
+    if not any(heads):
+        return prompt, list(responses)
+    head = next(h for h in heads if h)
+    if not all(_same_messages(h, head) for h in heads):
+        return (f"the responses continue different conversations (leading messages {' vs '.join(map(_roles, heads))}"
+                "), so they do not answer the same prompt")
+    if not all(_is_messages(t) for t in tails):
+        return (f"a response conversation {_roles(head)} ends with a non-assistant message: there is no assistant "
+                "reply to train on")
+    if not has_prompt:
+        return head, tails
+    if not isinstance(prompt, str) and not _is_messages(prompt):
+        return prompt, list(responses)  # a malformed prompt: refused by validate_prompt_rows
+    own = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if _same_messages(head, own):
+        return prompt, tails
+    last = head[-1]
+    if isinstance(prompt, str) and last.get("role") == "user" and last.get("content") == prompt:
+        return head, tails  # the conversation around the prompt (a system message, earlier turns) is the prompt
+    return (f"the responses are conversations whose leading messages {_roles(head)} are not the prompt's "
+            f"messages {_roles(own)} (or differ in content)")
 
 
 def _check_response(value: Any, column: str, i: int, where: str) -> str | None:
@@ -84,11 +157,19 @@ class PreferenceDataModule(RowsDataModule):
     Paired rows hold ``prompt``, ``chosen`` and ``rejected``; unpaired rows hold ``prompt``,
     ``completion`` and ``label`` (true = desirable). In ``unpaired`` mode a paired row is split
     into one desirable and one undesirable row, so both kinds of data can be mixed. Prompts and
-    responses are strings or chat-message lists (the responses' contents are used). Each batch
+    responses are strings or chat-message lists. Responses that hold the whole conversation (the
+    UltraFeedback-binarized and Anthropic-HH layouts: the prompt's user turn, then the assistant
+    reply) are split: their leading messages must be the prompt's (or, with no prompt column, are the
+    same in chosen and rejected and become the prompt), and the final assistant message(s) are the
+    response; other layouts are refused (see :func:`split_conversation`). Each batch
     is a dict of columns plus ``index`` (the row's position, used to cache reference
     log-probs) and, unpaired, ``kl_completion`` (another row's completion, for KTO's KL estimate).
 
-    Invalid rows (an empty response, identical chosen and rejected, a bad label) raise
+    A renamed column (``prompt_column="question"``) wins over a column of the data that has the
+    output's name (``prompt``): that one is dropped.
+
+    Invalid rows (an empty response, identical chosen and rejected, a bad label, a conversation that does
+    not start with the prompt) raise
     :class:`InvalidPreferenceError` by default; with ``on_invalid="skip"`` they are dropped with
     one warning that counts them. A missing column always raises ``KeyError``.
 
@@ -178,6 +259,30 @@ class PreferenceDataModule(RowsDataModule):
                     f"set {arg}= to the column that holds it"
                 )
 
+    def _split_conversations(self, rows: Rows, where: str) -> tuple[Rows, dict[int, str]]:
+        """Rows whose conversation responses are split into prompt + reply, and the problem of each row that fails.
+
+        A failing row keeps its place (so later messages number rows as given) with a stand-in prompt when it
+        has none; the row is refused in :meth:`normalize`.
+        """
+        out: Rows = []
+        problems: dict[int, str] = {}
+        for i, r in enumerate(rows):
+            columns = [self.chosen_column, self.rejected_column] if self._is_paired(r) else [self.completion_column]
+            columns = [c for c in columns if c in r]
+            has_prompt = r.get(self.prompt_column) is not None
+            if not any(_is_messages(r[c]) and any(m.get("role") != "assistant" for m in r[c]) for c in columns):
+                out.append(r)
+                continue
+            result = split_conversation(r.get(self.prompt_column), [r[c] for c in columns], has_prompt)
+            if isinstance(result, str):
+                problems[i] = (f"row {i} of the {where} dataset: {result}. {CONVERSATION_LAYOUTS}")
+                out.append(r if has_prompt else {**r, self.prompt_column: "?"})
+                continue
+            prompt, responses = result
+            out.append({**r, self.prompt_column: prompt, **dict(zip(columns, responses))})
+        return out, problems
+
     def normalize(self, rows: Rows, where: str) -> Rows:
         """Check rows and rename their columns to ``prompt``/``chosen``/``rejected`` (or ``completion``/``label``).
 
@@ -185,13 +290,16 @@ class PreferenceDataModule(RowsDataModule):
             KeyError: a required column is missing.
             InvalidPreferenceError: an unusable row while ``on_invalid="error"``.
         """
+        rows, split_problems = self._split_conversations(rows, where)
         validate_prompt_rows(rows, self.prompt_column, where)
         out: Rows = []
         problems: list[str] = []
         renamed = {self.prompt_column, self.chosen_column, self.rejected_column, self.completion_column,
                    self.label_column}
+        dropped: set[str] = set()
         for i, r in enumerate(rows):
-            extras = {k: v for k, v in r.items() if k not in renamed and k not in ("index", "kl_completion")}
+            extras = {k: v for k, v in r.items() if k not in renamed and k not in _OUTPUT_COLUMNS}
+            dropped.update(k for k in r if k not in renamed and k in _OUTPUT_COLUMNS[:5])
             paired = self._is_paired(r)
             if paired:
                 self._require(r, [(self.chosen_column, "chosen_column"), (self.rejected_column, "rejected_column")],
@@ -201,6 +309,9 @@ class PreferenceDataModule(RowsDataModule):
             else:
                 self._require(r, [(self.completion_column, "completion_column"), (self.label_column, "label_column")],
                               i, where)
+            if i in split_problems:
+                problems.append(split_problems[i])
+                continue
             if paired:
                 problem = (_check_response(r[self.chosen_column], "chosen", i, where)
                            or _check_response(r[self.rejected_column], "rejected", i, where))
@@ -212,11 +323,11 @@ class PreferenceDataModule(RowsDataModule):
                     continue
                 prompt = r[self.prompt_column]
                 if self.mode == "paired":
-                    out.append({"prompt": prompt, "chosen": r[self.chosen_column],
-                                "rejected": r[self.rejected_column], **extras})
+                    out.append({**extras, "prompt": prompt, "chosen": r[self.chosen_column],
+                                "rejected": r[self.rejected_column]})
                 else:
-                    out.append({"prompt": prompt, "completion": r[self.chosen_column], "label": True, **extras})
-                    out.append({"prompt": prompt, "completion": r[self.rejected_column], "label": False, **extras})
+                    out.append({**extras, "prompt": prompt, "completion": r[self.chosen_column], "label": True})
+                    out.append({**extras, "prompt": prompt, "completion": r[self.rejected_column], "label": False})
                 continue
             label = _label(r[self.label_column], i, self.label_column, where)
             problem = label if isinstance(label, str) else _check_response(r[self.completion_column], "completion",
@@ -224,8 +335,11 @@ class PreferenceDataModule(RowsDataModule):
             if problem:
                 problems.append(problem)
                 continue
-            out.append({"prompt": r[self.prompt_column], "completion": r[self.completion_column], "label": label,
-                        **extras})
+            out.append({**extras, "prompt": r[self.prompt_column], "completion": r[self.completion_column],
+                        "label": label})
+        if dropped:
+            log.info("dropped the %s column(s) of the %s dataset: the renamed columns (prompt_column=%r, ...) take "
+                     "their names", sorted(dropped), where, self.prompt_column)
         if problems:
             if self.on_invalid == "error":
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -43,7 +43,8 @@ class PromptDataModule(RowsDataModule):
             Face ``Dataset`` or ``DatasetDict``, or ``"hf:<dataset name or folder>"`` (see
             :func:`~lightning_rl.data.sources.load_rows`; CSV, globs and ``hf:`` need ``datasets``).
         val_data: optional held-out prompts, same forms.
-        prompt_column: column holding the prompt (a string or a list of chat messages).
+        prompt_column: column holding the prompt (a string or a list of chat messages). When it is not
+            ``prompt``, it becomes the ``prompt`` column and a column already named ``prompt`` is dropped.
         train_split: split loaded for ``"hf:..."`` training data (and of a ``DatasetDict``).
         val_split: split loaded for ``"hf:..."`` validation data.
         subset: configuration (subset) of ``"hf:..."`` data, e.g. ``main`` for ``openai/gsm8k``.
@@ -95,8 +96,9 @@ class PromptDataModule(RowsDataModule):
         validate_prompt_rows(rows, self.prompt_column, where)
         if self.prompt_column == "prompt":
             return rows
-        return [{"prompt": r[self.prompt_column], **{k: v for k, v in r.items() if k != self.prompt_column}}
-                for r in rows]
+        # the renamed column wins: a column already named "prompt" is dropped, never passed on as the prompt
+        return [{"prompt": r[self.prompt_column],
+                 **{k: v for k, v in r.items() if k not in (self.prompt_column, "prompt")}} for r in rows]
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check the data once."""

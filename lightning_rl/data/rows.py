@@ -12,17 +12,30 @@ from lightning_rl.data.io import Rows
 from lightning_rl.data.sampler import ResumableDataLoader
 
 
+def column_names(rows: Rows) -> list[str]:
+    """Every column of ``rows``, in the order of first appearance."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 class RowsDataset(Dataset):
-    """A list of row dicts as a map-style dataset."""
+    """A list of row dicts as a map-style dataset; every row has every column (None where a row lacks one).
+
+    So the columns of a batch, and those that reach the reward functions, never depend on which rows
+    the shuffle puts in it.
+    """
 
     def __init__(self, rows: Rows):
         self.rows = rows
+        self.columns = column_names(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.rows[i]
+        row = self.rows[i]
+        if len(row) == len(self.columns):  # the row's keys are among the columns: it has them all
+            return row
+        return {k: row.get(k) for k in self.columns}
 
 
 class NoRows(IterableDataset):
@@ -37,9 +50,8 @@ class NoRows(IterableDataset):
 
 
 def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Turn a list of row dicts into a dict of columns (lists, no tensors)."""
-    keys = rows[0].keys()
-    return {k: [r.get(k) for r in rows] for k in keys}
+    """Turn row dicts into a dict of columns (lists, no tensors): each column of any row, None where a row lacks it."""
+    return {k: [r.get(k) for r in rows] for k in column_names(rows)}
 
 
 def rows_loader(rows: Rows, batch_size: int, shuffle: bool = False, num_workers: int = 0,

@@ -2,7 +2,10 @@
 
 - ``.jsonl`` / ``.json`` / ``.parquet`` file: read here (errors name the line), no extra package.
 - ``.csv`` / ``.tsv`` file or a glob (``data/train-*.parquet``): ``datasets.load_dataset`` with the
-  format's builder.
+  format's builder. CSV/TSV cells are read as text, as written (``42`` is the string ``"42"``, ``NA``
+  stays ``"NA"``); an empty cell is None.
+- a path that names an existing file is read as that file, even with glob characters in its name
+  (``train[v2].jsonl``); only a path that is not a file is expanded as a glob.
 - ``"hf:<name>"``: ``datasets.load_dataset(name, subset, split=split)``: a dataset on the Hugging
   Face hub, or a local folder laid out like one; a folder written by ``save_to_disk`` is read
   with ``datasets.load_from_disk``.
@@ -14,6 +17,7 @@ The ``datasets`` package is optional: ``pip install 'lightning-rl[data]'``.
 
 from __future__ import annotations
 
+import csv
 import glob
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,9 +65,33 @@ def _files_rows(files: list[str], where: str) -> Rows:
     builders = {_BUILDERS.get(s) for s in suffixes}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"{where} matches files of formats {sorted(suffixes)}; use one of {sorted(_BUILDERS)}")
-    kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
+    builder = builders.pop()
     datasets = _datasets(f"reading {where}")
-    return read_rows(datasets.load_dataset(builders.pop(), data_files=files, split="train", **kwargs).to_list())
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        kwargs = _csv_text_kwargs(files, datasets, "\t" if suffixes == {".tsv"} else ",")
+    # datasets expands data_files as globs again: escape the names so "train[v2].csv" is that file
+    data_files = [glob.escape(f) for f in files]
+    return read_rows(datasets.load_dataset(builder, data_files=data_files, split="train", **kwargs).to_list())
+
+
+def _csv_text_kwargs(files: list[str], datasets: Any, delimiter: str) -> dict[str, Any]:
+    """``load_dataset("csv")`` arguments that read every cell as text (an empty cell as None).
+
+    Without them pandas infers a type per column: ``42`` becomes an int (which the prompt and response checks
+    refuse, and the file cannot say otherwise) and ``NA`` or ``null`` become None.
+    """
+    columns: dict[str, None] = {}
+    unique = True
+    for f in files:
+        with open(f, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh, delimiter=delimiter), [])
+        unique = unique and len(set(header)) == len(header)  # pandas renames repeated names ("a", "a.1")
+        columns.update(dict.fromkeys(header))
+    kwargs: dict[str, Any] = {"delimiter": delimiter, "keep_default_na": False, "na_values": [""]}
+    if columns and unique:
+        kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in columns})
+    return kwargs
 
 
 def load_rows(source: Any, split: str = "train", subset: str | None = None) -> Rows:
@@ -78,10 +106,11 @@ def load_rows(source: Any, split: str = "train", subset: str | None = None) -> R
         return _hub_rows(source[len(HF_PREFIX):], split, subset)
     if isinstance(source, (str, Path)):
         text = str(Path(source).expanduser())
-        if any(c in text for c in "*?["):
+        if any(c in text for c in "*?[") and not Path(text).is_file():
             files = sorted(glob.glob(text, recursive=True))
             if not files:
-                raise FileNotFoundError(f"no data file matches {text!r}")
+                raise FileNotFoundError(f"no data file matches {text!r} (a path with *, ? or [ that is not an "
+                                        "existing file is read as a glob pattern)")
             return _files_rows(files, repr(text))
         if Path(text).suffix.lower() in (".csv", ".tsv"):
             if not Path(text).is_file():

@@ -47,6 +47,10 @@ class DPO(PreferenceModule):
     arXiv:2310.12036, Section 5), ``hinge`` SLiC's loss, ``robust`` the robust DPO of Chowdhury et al.
     2024 (see :mod:`lightning_rl.algorithms.preference_losses`).
 
+    Online, a batch whose pairs all tie trains nothing and takes no optimizer step: it warns, and
+    ``max_unscored_steps`` such batches in a row stop training with a
+    :class:`~lightning_rl.rewards.RewardError` (``max_steps`` counts optimizer steps, so it would never end the run).
+
     Args:
         beta: inverse temperature of the implicit reward (IPO's ``tau``).
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` (SLiC) or ``robust``.
@@ -131,6 +135,7 @@ class DPO(PreferenceModule):
         total, per_fn, completions = self.score(prompts, rollout, columns, 2)
         self.health.check_rewards(total, per_fn, self.rewards.names, self.global_step)
         chosen_col, valid = online_pairs(total.view(-1, 2))
+        self.health.check_pairs(int(valid.sum()), len(prompts), self.rewards.names, self.global_step)
         stats = {"reward": torch.nanmean(total).item(), "tie_frac": 1 - valid.float().mean().item(),
                  "rollout_time": rollout_time}
         if not valid.any():

@@ -44,7 +44,8 @@ class GRPO(OnPolicyModule):
         importance_sampling: correct for the rollout engine (e.g. vLLM) sampling from slightly other
             log-probs than the trainer's: ``none``, ``token`` or ``sequence`` truncated importance weights
             ``min(pi_old / pi_engine, cap)`` on the per-token loss; ``auto`` (default): ``token`` for
-            rollouts of a separate engine (vLLM), ``none`` when the policy sampled them itself. The
+            rollouts of a separate engine (vLLM) or of older weights (generated during the last update), ``none``
+            when the policy sampled them itself with its current weights. The
             mismatch (mean and max ``|delta log-prob|``) is logged either way.
         importance_sampling_cap: upper bound of an importance weight.
         **kwargs: the :class:`~lightning_rl.modules.on_policy.OnPolicyModule` arguments (``sampling``,
@@ -96,10 +97,16 @@ class GRPO(OnPolicyModule):
         return self.beta > 0
 
     def importance_level(self, rollout: Rollout) -> ImportanceLevel:
-        """The importance-sampling level for ``rollout``: ``importance_sampling``, resolving ``auto``."""
+        """The importance-sampling level for ``rollout``: ``importance_sampling``, resolving ``auto``.
+
+        ``auto`` corrects with token-level weights a rollout sampled by another engine than the policy's own
+        forward (vLLM's kernels) or from older weights (``extras["staleness"] > 0``: generated during the last
+        update), and nothing otherwise.
+        """
         if self.importance_sampling != "auto":
             return self.importance_sampling
-        return "token" if rollout.extras.get("engine") not in (None, "hf") else "none"
+        other_engine = rollout.extras.get("engine") not in (None, "hf")
+        return "token" if other_engine or rollout.extras.get("staleness", 0) > 0 else "none"
 
     # ----------------------------------------------------------------------------- the paper's steps
     @override

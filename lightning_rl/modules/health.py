@@ -29,16 +29,18 @@ def collapse_message(entropy: float | None, completion_length: float | None) -> 
 
 
 class RunHealth:
-    """Warns, step by step, about reward functions that scored nothing and about a collapsed policy.
+    """Warns, step by step, about reward functions that scored nothing, pairs that all tie, and a collapsed policy.
 
     Args:
-        max_unscored_steps: training steps in a row in which no completion got a reward before
-            training stops with :class:`~lightning_rl.rewards.RewardError` (0 never stops).
+        max_unscored_steps: training steps in a row in which no completion got a reward (or, for
+            online DPO, no pair of completions got different rewards) before training stops with
+            :class:`~lightning_rl.rewards.RewardError` (0 never stops).
     """
 
     def __init__(self, max_unscored_steps: int = 3) -> None:
         self.max_unscored_steps = max_unscored_steps
         self.unscored_streak = 0
+        self.tie_streak = 0
 
     def check_rewards(self, total: torch.Tensor, per_fn: torch.Tensor, names: Sequence[str], step: int) -> None:
         """Warn for each function that scored none of this step's completions; raise after too many empty steps."""
@@ -59,6 +61,27 @@ class RunHealth:
         else:
             self.unscored_streak = 0
 
+    def check_pairs(self, valid: int, pairs: int, names: Sequence[str], step: int) -> None:
+        """Warn when no pair of a batch has a winner (every pair tied or was unscored); raise after too many in a row.
+
+        Such a batch trains nothing and takes no optimizer step, so ``global_step`` (and ``max_steps``) stands still.
+        """
+        if not pairs or valid:
+            self.tie_streak = 0
+            return
+        self.tie_streak += 1
+        log.warning("step %d: reward functions %s gave both completions of all %d prompts the same reward (or "
+                    "None/NaN), so there was no pair to train on and no optimizer step was taken (%d such batches in "
+                    "a row)", step, list(names), pairs, self.tie_streak)
+        if self.max_unscored_steps and self.tie_streak >= self.max_unscored_steps:
+            raise RewardError(
+                f"for {self.tie_streak} batches in a row, reward functions {list(names)} gave both completions of "
+                f"every prompt the same reward (or None/NaN), so online DPO had no pair to train on, took no optimizer "
+                f"step and global_step stayed at {step} (max_steps would never end the run). Use a denser reward "
+                "(partial credit rather than 0/1, or a tie-breaking term), a higher sampling temperature, or more "
+                "prompts per batch; or raise max_unscored_steps (0 never stops)"
+            )
+
     def check_collapse(self, values: dict[str, Any], step: int) -> None:
         """Warn when a step's ``entropy`` and ``completion_length`` are both near zero."""
         message = collapse_message(values.get("entropy"), values.get("completion_length"))
@@ -66,9 +89,10 @@ class RunHealth:
             log.warning("step %d: %s", step, message)
 
     def state_dict(self) -> dict[str, int]:
-        """The streak of steps without rewards (for a resumed run)."""
-        return {"unscored_streak": self.unscored_streak}
+        """The streaks of steps without rewards and of batches without a pair (for a resumed run)."""
+        return {"unscored_streak": self.unscored_streak, "tie_streak": self.tie_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the streak."""
+        """Restore the streaks."""
         self.unscored_streak = int(state.get("unscored_streak", 0))
+        self.tie_streak = int(state.get("tie_streak", 0))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +53,13 @@ class Sequences:
                          cm[:, :c_keep])
 
 
+def content_key(value: Any) -> int:
+    """A nonzero signed 64-bit hash of ``value`` (strings, numbers, lists and dicts of them; others by ``str``)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    key = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+    return key or 1
+
+
 class PreferenceModule(PolicyModule):
     """Base of DPO, ORPO and KTO: turns text rows into token tensors and log-probs, and owns the reference.
 
@@ -58,8 +67,10 @@ class PreferenceModule(PolicyModule):
 
     - ``live``: the adapter-disabled base with LoRA (no extra memory), else a frozen copy of the policy.
     - ``precomputed``: computed once with the initial policy, before the first optimizer step, for
-      every training and validation row of the datamodule (cached by row index, saved in
-      checkpoints): no second model in memory and no reference forward during training.
+      every training and validation row of the datamodule (cached by row index with a key of the
+      row's content, saved in checkpoints): no second model in memory and no reference forward during
+      training. A row whose content no longer matches its cached key (other data of the same size)
+      is computed again while the policy is still the initial one, and refused after that.
     - ``auto``: ``live`` with LoRA (or online generation), else ``precomputed``.
 
     Args:
@@ -90,8 +101,10 @@ class PreferenceModule(PolicyModule):
         self.reference = reference
         self.max_completion_length = max_completion_length
         self.micro_batch_size = micro_batch_size
-        self._ref_cache: dict[str, dict[int, torch.Tensor]] = {}
+        # split -> row index -> (content key of the row, or None from an older checkpoint; reference log-probs [K])
+        self._ref_cache: dict[str, dict[int, tuple[int | None, torch.Tensor]]] = {}
         self._policy_updated = False
+        self._warned_template_fallback = False
 
     @override
     def step_lengths(self) -> tuple[int, int]:
@@ -152,43 +165,110 @@ class PreferenceModule(PolicyModule):
                 out.append(self.summed_logps(ref, sub))
         return torch.cat(out).view(len(targets), n).T.contiguous()
 
+    def row_keys(self, batch: Mapping[str, Any]) -> list[int]:
+        """A content key per row of ``batch``: a hash of its reference targets and the tokenization settings."""
+        targets = self.reference_targets(batch)
+        settings = [self.max_prompt_length, self.max_completion_length, self.truncate_prompts, self.system_prompt,
+                    self.chat_template]
+        return [content_key([settings, [[prompts[i], responses[i]] for prompts, responses in targets]])
+                for i in range(len(targets[0][0]))]
+
+    def _stale_rows(self, batch: Mapping[str, Any], split: str) -> tuple[list[int], list[int], list[int]]:
+        """``(keys, missing, changed)``: row keys, and the rows of ``batch`` not cached / cached for other content."""
+        cache = self._ref_cache.get(split, {})
+        keys = self.row_keys(batch)
+        missing, changed = [], []
+        for i, (idx, key) in enumerate(zip(batch["index"], keys)):
+            entry = cache.get(int(idx))
+            if entry is None:
+                missing.append(i)
+            elif entry[0] is not None and entry[0] != key:
+                changed.append(i)
+        return keys, missing, changed
+
+    def _refuse_stale(self, batch: Mapping[str, Any], split: str, missing: list[int], changed: list[int]) -> None:
+        """Raise the error of rows whose reference log-probs cannot be computed any more (the policy has moved)."""
+        if changed:
+            rows = [int(batch["index"][i]) for i in changed][:5]
+            raise RuntimeError(
+                f"the precomputed reference log-probs of rows {rows} of the {split} data were computed for other rows "
+                "(the rows at these positions changed: another dataset of the same size, an edited file, or other "
+                "max_prompt_length/max_completion_length/system_prompt settings), and the policy has already been "
+                "updated so they cannot be computed again. Pass the data the reference log-probs were computed for "
+                "(evaluate other held-out data by giving it as val_data when the fit starts), or train with "
+                "reference='live'."
+            )
+        rows = [int(batch["index"][i]) for i in missing][:5]
+        raise RuntimeError(
+            f"no precomputed reference log-probs for rows {rows} of the {split} data, and the policy has already been "
+            "updated so they cannot be computed now. They are computed at the start of fit for the datamodule's "
+            "rows; give the same data, or set reference='live'."
+        )
+
     def reference_logps(self, batch: Mapping[str, Any], split: str) -> torch.Tensor:
-        """``[B, K]`` reference log-probs: live, or looked up in the precomputed cache by ``batch["index"]``."""
+        """``[B, K]`` reference log-probs: live, or looked up in the precomputed cache by ``batch["index"]``.
+
+        A cached entry is used only for the row it was computed for (same content key); other rows are
+        computed now while the policy is still the initial one.
+
+        Raises:
+            RuntimeError: a row is not cached (or was cached for other content) and the policy has been updated.
+        """
         self.check_batch(batch)
         if self.reference_mode != "precomputed":
             return self.compute_reference_logps(batch)
+        return self._cached_reference(batch, split)[0]
+
+    def _cached_reference(self, batch: Mapping[str, Any], split: str) -> tuple[torch.Tensor, int]:
+        """The precomputed ``[B, K]`` reference log-probs of ``batch`` and how many rows were computed now."""
         if "index" not in batch:
             raise KeyError("precomputed reference log-probs need an 'index' column in each batch (the row's "
                            "position); use PreferenceDataModule or set reference='live'")
         cache = self._ref_cache.setdefault(split, {})
-        missing = [i for i, idx in enumerate(batch["index"]) if int(idx) not in cache]
-        if missing:
+        keys, missing, changed = self._stale_rows(batch, split)
+        todo = sorted(missing + changed)
+        if todo:
             if self._policy_updated:
-                raise RuntimeError(
-                    f"no precomputed reference log-probs for rows {[batch['index'][i] for i in missing][:5]} of the "
-                    f"{split} data, and the policy has already been updated so they cannot be computed now. They "
-                    "are computed at the start of fit for the datamodule's rows; give the same data, or set "
-                    "reference='live'."
-                )
-            sub = {k: [v[i] for i in missing] if isinstance(v, list) else v for k, v in batch.items()}
+                self._refuse_stale(batch, split, missing, changed)
+            sub = {k: [v[i] for i in todo] if isinstance(v, list) else v for k, v in batch.items()}
             values = self.compute_reference_logps(sub).cpu()
-            for j, i in enumerate(missing):
-                cache[int(batch["index"][i])] = values[j]
-        return torch.stack([cache[int(idx)] for idx in batch["index"]]).to(self.device)
+            for j, i in enumerate(todo):
+                cache[int(batch["index"][i])] = (keys[i], values[j])
+        return torch.stack([cache[int(idx)][1] for idx in batch["index"]]).to(self.device), len(todo)
 
     def precompute_reference(self, batches: Iterable[Mapping[str, Any]], split: str) -> int:
-        """Fill the reference cache of ``split`` from ``batches`` (rows already cached are kept); returns rows added."""
-        before = len(self._ref_cache.get(split, {}))
+        """Fill the reference cache of ``split`` from ``batches`` (rows cached for the same content are kept).
+
+        Returns:
+            The number of rows computed (new rows, and rows whose content changed).
+        """
+        computed = 0
         for batch in batches:
-            self.reference_logps(batch, split)
-        return len(self._ref_cache.get(split, {})) - before
+            self.check_batch(batch)
+            computed += self._cached_reference(batch, split)[1]
+        return computed
+
+    def check_reference_cache(self, batches: Iterable[Mapping[str, Any]], split: str) -> None:
+        """Raise (as a lookup would) when a row of ``batches`` has no cached reference log-probs for its content."""
+        for batch in batches:
+            self.check_batch(batch)
+            _, missing, changed = self._stale_rows(batch, split)
+            if missing or changed:
+                self._refuse_stale(batch, split, missing, changed)
 
     def _precompute_from_trainer(self, use_loaders: bool) -> None:
-        if self.reference_mode != "precomputed" or self._policy_updated:
+        if self.reference_mode != "precomputed":
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "reference_dataloader"):
             sources = [(dm.reference_dataloader("train"), "train"), (dm.reference_dataloader("val"), "val")]
+            if self._policy_updated:  # a resumed or second fit: refuse changed data now, not at its first batch
+                for loader, split in sources:
+                    if loader is not None:
+                        self.check_reference_cache(loader, split)
+                return
+        elif self._policy_updated:
+            return
         elif use_loaders:
             vals = self.trainer.val_dataloaders
             vals = vals if isinstance(vals, (list, tuple)) else [vals] if vals is not None else []
@@ -215,10 +295,11 @@ class PreferenceModule(PolicyModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the precomputed reference log-probs (small: a few floats per row)."""
+        """Store the precomputed reference log-probs and their rows' content keys (a few numbers per row)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["preference_reference_cache"] = {
-            split: {"index": torch.tensor(list(c)), "logps": torch.stack(list(c.values()))}
+            split: {"index": torch.tensor(list(c)), "logps": torch.stack([v for _, v in c.values()]),
+                    "keys": torch.tensor([0 if k is None else k for k, _ in c.values()], dtype=torch.int64)}
             for split, c in self._ref_cache.items() if c
         }
 
@@ -228,7 +309,11 @@ class PreferenceModule(PolicyModule):
         super().on_load_checkpoint(checkpoint)
         self._policy_updated = checkpoint.get("global_step", 0) > 0
         for split, c in checkpoint.get("preference_reference_cache", {}).items():
-            self._ref_cache[split] = {int(i): v for i, v in zip(c["index"].tolist(), c["logps"])}
+            keys = c["keys"].tolist() if "keys" in c else [0] * len(c["index"])
+            if "keys" not in c:
+                log.warning("the checkpoint's precomputed reference log-probs of the %s data have no row keys (saved "
+                            "by an older version): they are used by row position, unchecked", split)
+            self._ref_cache[split] = {int(i): (k or None, v) for i, k, v in zip(c["index"].tolist(), keys, c["logps"])}
 
     @override
     def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
@@ -263,6 +348,14 @@ class PreferenceModule(PolicyModule):
         text = response_text(response)
         if text is None:
             raise ValueError(f"response {response!r} is neither a string nor a list of chat messages")
+        roles = [] if isinstance(response, str) else [m.get("role") for m in response]
+        if any(role != "assistant" for role in roles):
+            raise ValueError(
+                f"a response holds {roles} messages, but it is the assistant's reply only (a string or assistant "
+                "messages): conversations that repeat the prompt's messages would train on them as model output. "
+                "PreferenceDataModule splits such rows into prompt and final assistant message(s); with other data "
+                "loaders, give the prompt and the reply apart."
+            )
         templated = not isinstance(prompt, str) or bool(self.chat_template and tok.chat_template)
         if templated:
             head = render_prompt(tok, prompt, self.system_prompt, self.chat_template)
@@ -270,6 +363,11 @@ class PreferenceModule(PolicyModule):
             full = tok.apply_chat_template(self._prompt_messages(prompt) + [dict(m) for m in turn], tokenize=False)
             if full.startswith(head) and len(full) > len(head):
                 text = full[len(head):]
+            elif not self._warned_template_fallback:
+                self._warned_template_fallback = True
+                log.warning("the chat template renders prompt + response as text that does not start with the "
+                            "rendered prompt, so responses are tokenized as their plain text followed by EOS, without "
+                            "the template's assistant-turn tokens (first for the prompt %r)", prompt)
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         eos = set(self.eos_token_ids)
         cut = next((i for i, t in enumerate(ids) if t in eos), None)

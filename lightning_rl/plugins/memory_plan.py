@@ -295,21 +295,119 @@ class MemoryPlan:
         return cls(**dict(data))
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """What the run already does, so that :class:`MemoryPlanError` suggests only changes that would help.
+
+    None means not known: the change is still suggested.
+
+    Args:
+        adapters: only adapters train (LoRA); None infers it from the model (at most a tenth of the parameters
+            train).
+        gradient_checkpointing: activations are recomputed in the backward.
+        offload_checkpoints: the checkpointed layers' inputs wait in host memory.
+        cuda: the device is a CUDA device (quantized weights and offloaded checkpoints need one).
+        quantized: the frozen weights are stored in 8 or 4 bits already.
+    """
+
+    adapters: bool | None = None
+    gradient_checkpointing: bool | None = None
+    offload_checkpoints: bool | None = None
+    cuda: bool | None = None
+    quantized: bool | None = None
+
+    def trains_adapters(self, model: ModelMemory) -> bool:
+        """Whether only adapters train: the setting, else at most a tenth of ``model``'s parameters train."""
+        if self.adapters is not None:
+            return self.adapters
+        return model.total_params > 0 and 10 * model.trainable_params <= model.total_params
+
+
 _STREAM_FIX = ("keep optimizer states in CPU memory and stream them through the step chunk by chunk: "
                "MemoryAwarePrecision(optimizer_states='cpu')")
-_TRAIN_FIXES = (
-    "train LoRA adapters instead of all weights (lora={'r': 16}): no gradients or optimizer state for the base",
-    "turn on gradient_checkpointing=True (activations per token shrink about tenfold)",
-    "with gradient checkpointing on CUDA, keep the checkpointed layers' inputs in host memory: "
-    "offload_checkpoints=True",
-    "store frozen weights in 8/4 bits: MemoryAwarePrecision(quantize='int8' or 'nf4') (needs bitsandbytes)",
-    "use shorter sequences (max_prompt_length, max_new_tokens), or a device with more memory",
-)
-_ROLLOUT_FIXES = (
-    "offload optimizer states while the engine is awake: MemoryAwarePrecision(offload_optimizer=True)",
-    "generate fewer tokens per step (fewer prompts per batch, smaller num_generations or max_new_tokens)",
-    "train LoRA adapters (smaller optimizer state), or use a device with more memory",
-)
+_LORA_FIX = "train LoRA adapters instead of all weights (lora={'r': 16}): no gradients or optimizer state for the base"
+_CHECKPOINTING_FIX = "turn on gradient_checkpointing=True (activations per token shrink about tenfold)"
+_OFFLOAD_CHECKPOINTS_FIX = ("with gradient checkpointing on CUDA, keep the checkpointed layers' inputs in host memory: "
+                            "offload_checkpoints=True")
+_QUANTIZE_FIX = "store frozen weights in 8/4 bits: MemoryAwarePrecision(quantize='int8' or 'nf4') (needs bitsandbytes)"
+_SHORTER_FIX = "use shorter sequences (max_prompt_length, max_new_tokens)"
+_OFFLOAD_OPTIMIZER_FIX = ("offload optimizer states while the engine is awake: "
+                          "MemoryAwarePrecision(offload_optimizer=True)")
+_FEWER_TOKENS_FIX = ("generate fewer tokens per step (fewer prompts per batch, smaller num_generations or "
+                     "max_new_tokens)")
+_LORA_ROLLOUT_FIX = "train LoRA adapters (lora={'r': 16}): a smaller optimizer state"
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as :func:`fmt_bytes` writes it, in bytes below 1 MiB (a budget of 24 bytes is no "0.0 MiB")."""
+    return fmt_bytes(n) if abs(n) >= MiB else f"{int(n)} bytes"
+
+
+def _budget_fix(budget: int, reserved: int, need: int) -> str:
+    """Raise ``memory_budget`` (its units spelled out) or lower ``reserved_bytes``."""
+    fix = (f"raise memory_budget (now {int(budget)} bytes; a value > 1 is bytes, <= 1 a fraction of the device; "
+           f"this phase needs at least {_size(need)})")
+    if reserved > 0:
+        fix += f" or lower reserved_bytes (now {_size(reserved)})"
+    return fix + ", or use a device with more memory"
+
+
+def _order_fixes(budget: int, reserved: int, need: int, fixed: int, candidates: Iterable[tuple[int, str]],
+                 shrink_fixed: Iterable[tuple[int, str]], fixed_names: str) -> list[str]:
+    """The changes to suggest, the one that frees the most first.
+
+    ``candidates`` and ``shrink_fixed`` are ``(bytes it would free, change)``; those that free nothing are left
+    out. When the fixed parts (``fixed`` bytes of ``fixed_names``: reserve, context, weights) alone exceed the
+    budget, nothing else can help: the budget comes first and only the changes in ``shrink_fixed`` follow.
+    Otherwise the budget comes last.
+    """
+    def ranked(fixes: Iterable[tuple[int, str]]) -> list[str]:
+        return [text for _, text in sorted((f for f in fixes if f[0] > 0), key=lambda f: -f[0])]
+
+    if fixed >= budget:
+        first = (f"{fixed_names} alone take {_size(fixed)}, more than the budget: "
+                 + _budget_fix(budget, reserved, need))
+        return [first, *ranked(shrink_fixed)]
+    return [*ranked([*candidates, *shrink_fixed]), _budget_fix(budget, reserved, need)]
+
+
+def _train_fixes(parts: Mapping[str, int], budget: int, reserved: int, fixed: int, model: ModelMemory,
+                 grads: int, opt: int, streamed: bool, one_sequence: int, settings: RunSettings) -> list[str]:
+    """What to change when one sequence's activations do not fit, given what the run already does."""
+    opt_on_device = sum(v for k, v in parts.items() if k.startswith("optimizer states"))
+    checkpointing = settings.gradient_checkpointing
+    candidates = [
+        (0 if settings.trains_adapters(model) else grads + opt_on_device, _LORA_FIX),
+        (0 if streamed or settings.cuda is False else opt, _STREAM_FIX),
+        (0 if checkpointing else one_sequence * 9 // 10, _CHECKPOINTING_FIX),
+        (0 if checkpointing is False or settings.offload_checkpoints or settings.cuda is False else one_sequence // 2,
+         _OFFLOAD_CHECKPOINTS_FIX),
+        (one_sequence // 2, _SHORTER_FIX),
+    ]
+    can_quantize = not settings.quantized and settings.cuda is not False
+    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates,
+                        [(model.frozen_bytes // 2 if can_quantize else 0, _QUANTIZE_FIX)], _fixed_names(parts))
+
+
+def _fixed_names(parts: Mapping[str, int]) -> str:
+    """The fixed parts of a phase in words: "the reserve, the CUDA context and the weights"."""
+    names = ["the reserve", *(["the CUDA context"] if parts.get(CONTEXT_PART) else []), "the weights"]
+    if parts.get("engine weights") or parts.get("engine workspace"):
+        names.append("the engine's weights and workspace")
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _rollout_fixes(parts: Mapping[str, int], budget: int, reserved: int, fixed: int, model: ModelMemory, kv: int,
+                   opt_on_device: int, settings: RunSettings) -> list[str]:
+    """What to change when the rollout's KV cache does not fit, given what the run already does."""
+    candidates = [
+        (0 if settings.cuda is False else opt_on_device, _OFFLOAD_OPTIMIZER_FIX),
+        (kv // 2, _FEWER_TOKENS_FIX),
+        (0 if settings.trains_adapters(model) else opt_on_device, _LORA_ROLLOUT_FIX),
+    ]
+    can_quantize = not settings.quantized and settings.cuda is not False
+    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates,
+                        [(model.frozen_bytes // 2 if can_quantize else 0, _QUANTIZE_FIX)], _fixed_names(parts))
 
 
 ENGINE_BESIDE_PART = "engine running beside the update (own process)"
@@ -337,7 +435,7 @@ def _context_part(context_bytes: int) -> dict[str, int]:
 
 
 def _explain(phase: str, parts: Mapping[str, int], budget: int, need: str, fixes: Iterable[str]) -> str:
-    lines = [f"the {phase} phase does not fit in the memory budget of {fmt_bytes(budget)}: {need}."]
+    lines = [f"the {phase} phase does not fit in the memory budget of {_size(budget)}: {need}."]
     lines += [f"  {k}: {fmt_bytes(v)}" for k, v in parts.items()]
     lines.append(f"  total: {fmt_bytes(sum(parts.values()))}")
     lines.append("What to change:")
@@ -360,6 +458,7 @@ def plan_memory(
     optimizer_device_bytes: int | None = None,
     context_bytes: int = 0,
     waves: bool = False,
+    settings: RunSettings | None = None,
 ) -> MemoryPlan:
     """Choose the micro-batch size (tokens) and the KV-cache budget, or explain why nothing fits.
 
@@ -383,6 +482,8 @@ def plan_memory(
             ``nvidia-smi`` show).
         waves: when a whole rollout's KV cache does not fit, give the engine what is left, if that holds
             ``rollout.min_tokens`` (one whole sequence): it then generates the rollout a part at a time.
+        settings: what the run already does (LoRA, gradient checkpointing, the device), so that the error's
+            "What to change" leaves out what is done already; None: nothing is known, every change is listed.
 
     Raises:
         MemoryPlanError: a phase cannot fit, with each part's figure and what to change.
@@ -407,11 +508,14 @@ def plan_memory(
         "reserve": reserved_bytes,
         **_context_part(context_bytes),
     }
+    settings = settings or RunSettings()
+    weights = model.frozen_bytes + model.trainable_bytes + reserved_bytes + max(context_bytes, 0)
     free = budget_bytes - sum(static.values())
     min_act = activation_bytes_per_token * sequence_tokens
     if free < min_act:
         parts = {**static, f"activations of one sequence ({sequence_tokens} tokens)": min_act}
-        fixes = _TRAIN_FIXES if streamed or not opt else (_TRAIN_FIXES[0], _STREAM_FIX, *_TRAIN_FIXES[1:])
+        fixes = _train_fixes(parts, budget_bytes, reserved_bytes, weights, model, grads, opt, streamed, min_act,
+                             settings)
         raise MemoryPlanError(_explain("train", parts, budget_bytes, f"one sequence needs {fmt_bytes(min_act)} of "
                                        f"activations and {fmt_bytes(max(free, 0))} is left", fixes))
     tokens = free // activation_bytes_per_token if activation_bytes_per_token else 2**31
@@ -438,7 +542,9 @@ def plan_memory(
         in_waves = waves and 0 < least <= kv_free < exact
         if kv_free < max(exact, rollout.kv_bytes_per_token) and not in_waves:
             parts = {**rstatic, f"KV cache ({rollout.tokens} tokens)": exact}
-            fixes = _ROLLOUT_FIXES if not (rollout.offload_optimizer or streamed) else _ROLLOUT_FIXES[1:]
+            fixed = weights + rollout.engine_weight_bytes + rollout.overhead_bytes
+            fixes = _rollout_fixes(parts, budget_bytes, reserved_bytes, fixed, model, exact,
+                                   rstatic["optimizer states"], settings)
             need = f"the KV cache needs {fmt_bytes(exact)} and {fmt_bytes(max(kv_free, 0))} is left"
             if waves and least:
                 need += f" (generating in waves needs {fmt_bytes(least)}, one whole sequence)"
@@ -465,6 +571,7 @@ __all__ = [
     "ModelMemory",
     "RECOMPUTED_LAYER_COPIES",
     "RolloutNeeds",
+    "RunSettings",
     "activation_bytes_per_token",
     "fmt_bytes",
     "kv_bytes_per_token",

@@ -68,7 +68,12 @@ from lightning_rl.plugins.memory_plan import (
 from lightning_rl.plugins.offload import OptimizerOffloader
 from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
 from lightning_rl.plugins.shape_plan import plan_for_shape
-from lightning_rl.plugins.streamed_states import StreamedOptimizerStates, UnsupportedOptimizerError, check_streamable
+from lightning_rl.plugins.streamed_states import (
+    StreamedOptimizerStates,
+    UnsupportedOptimizerError,
+    check_streamable,
+    steps_per_parameter,
+)
 from lightning_rl.rollout.sharded_weights import is_dtensor
 from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
 
@@ -153,6 +158,16 @@ def _sends_gradients_to_host(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _warn_unless_per_parameter(optimizer: Optimizer) -> None:
+    """Warn that streaming ``optimizer`` in chunks may change its results (not one of torch's per-parameter ones)."""
+    if not steps_per_parameter(optimizer):
+        warnings.warn(f"MemoryAwarePrecision streams {type(optimizer).__name__}'s states and steps its parameters in "
+                      "chunks: the results match optimizer_states='device' only when its step of a parameter depends "
+                      "on that parameter alone (no global gradient norm, no decay of parameters without a gradient). "
+                      "Use optimizer_states='device' (and master_weights='device') if it couples parameters",
+                      stacklevel=3)
+
+
 def _shape(module: nn.Module | None) -> TrainingShape | None:
     """The module's :class:`~lightning_rl.shapes.TrainingShape` (None for modules that do not describe their steps)."""
     return module.training_shape() if isinstance(module, ShapedModule) else None
@@ -184,12 +199,14 @@ class MemoryAwarePrecision(Precision):
         optimizer_states: where optimizer states live between steps. ``device``: on the training device
             (as usual). ``cpu``: in pinned CPU memory; the optimizer step brings them to the device
             ``step_chunk_bytes`` at a time, steps those parameters, sends the states back and frees
-            those parameters' gradients. Bit-identical results; costs two host-device copies of the
-            states per step. Needs an optimizer with per-parameter state (AdamW, Adam, SGD, ...; not LBFGS).
-            ``auto`` (default): ``cpu`` on a CUDA device when the plan's rollout engine generates during the
-            update and the states are larger than one chunk (:meth:`shrink_beside_engine`), or when the plan
-            fits only with the states in CPU memory (tried before the engine gives up running beside the
-            update); ``device`` otherwise.
+            those parameters' gradients. Bit-identical results for optimizers whose step of a parameter
+            depends on that parameter alone (torch's AdamW, Adam, SGD, ...: ``PER_PARAMETER_OPTIMIZERS``; another
+            optimizer is streamed with a warning, since a global norm or coupling would be taken per chunk);
+            costs two host-device copies of the states per step. Not for LBFGS (one global history).
+            ``auto`` (default): ``cpu`` for torch's per-parameter optimizers, on a CUDA device when the plan's
+            rollout engine generates during the update and the states are larger than one chunk
+            (:meth:`shrink_beside_engine`), or when the plan fits only with the states in CPU memory (tried before
+            the engine gives up running beside the update); ``device`` otherwise.
         step_chunk_bytes: bytes of optimizer states on the device at once with ``optimizer_states="cpu"``
             (a parameter whose states alone are larger is stepped on its own, or in slices, see below).
         split_large_parameters: with streamed states, step a parameter whose states alone exceed
@@ -280,6 +297,16 @@ class MemoryAwarePrecision(Precision):
             raise ValueError("master_weights='cpu' streams the fp32 masters through the optimizer step with the "
                              "optimizer states, which optimizer_states='device' keeps on the device: use "
                              "optimizer_states='auto' or 'cpu', or master_weights='device'")
+        stepped_on_host = host_step_setting(step_on_host, "MemoryAwarePrecision(step_on_host=...)")
+        if stepped_on_host:
+            inert = [why for why, off in (("master_weights='device' (no host masters)", master_weights == "device"),
+                                          ("optimizer_states='device'", optimizer_states == "device"),
+                                          ("gradients_to_host=False", not gradients_to_host)) if off]
+            if inert:
+                raise ValueError(f"step_on_host={step_on_host!r} steps host masters whose gradients the backward sent "
+                                 f"to host memory, which {' and '.join(inert)} rule out: it would step nothing. Drop "
+                                 "step_on_host, or leave master_weights, optimizer_states and gradients_to_host at "
+                                 "their defaults")
         if context_bytes is not None and context_bytes < 0:
             raise ValueError(f"context_bytes must be >= 0 (or None to measure it), got {context_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,7 +332,7 @@ class MemoryAwarePrecision(Precision):
         self.context_bytes = context_bytes
         self.master_weights = master_weights
         self.gradients_to_host = bool(gradients_to_host)
-        self.step_on_host = host_step_setting(step_on_host, "MemoryAwarePrecision(step_on_host=...)")
+        self.step_on_host = stepped_on_host
         self._masters: HostMasterWeights | None = None
         self._host_grads: HostGradients | None = None  # the masters' gradients, sent to host memory by the backward
         self._shrunk_states = False  # set by shrink_beside_engine, undone by engine_leaves_the_update
@@ -471,6 +498,7 @@ class MemoryAwarePrecision(Precision):
         if self._streamer is not None:
             for opt in self._optimizers:
                 check_streamable(opt)
+                _warn_unless_per_parameter(opt)
             self.offload_optimizer_states()  # states an earlier fit left on the device
         if self.quantize is not None and device.type != "cuda":
             raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
@@ -481,12 +509,17 @@ class MemoryAwarePrecision(Precision):
             if self.memory_plan is not None:
                 log.info("%s", self.memory_plan.summary())
                 self._apply_plan(self._module)
-        if self.enforce_budget and device.type == "cuda" and self.memory_budget is not None:
+        if self.enforce_budget and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             outside = (self.memory_plan.train_parts.get(CONTEXT_PART, 0) if self.memory_plan is not None
                        else context_bytes_for(device, self.context_bytes))
             torch_share = self._budget(total) - outside
             torch.cuda.set_per_process_memory_fraction(min(1.0, max(torch_share, 0) / total), device)
+        if self.step_on_host and (self._masters is None or self._host_grads is None):
+            log.warning("MemoryAwarePrecision(step_on_host=%r) steps nothing in this fit: it steps host masters whose "
+                        "gradients the backward sends to host memory, and here %s", self.step_on_host,
+                        "the masters stay on the device" if self._masters is None else
+                        f"the gradients stay with their parameters (training on {device.type})")
         if self.log_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return model, optimizers, lr_schedulers
@@ -817,6 +850,12 @@ class MemoryAwarePrecision(Precision):
         except UnsupportedOptimizerError as why:
             log.info("MemoryAwarePrecision: optimizer states stay on the device: %s", why)
             return False
+        other = [type(o).__name__ for o in optimizers if not steps_per_parameter(o)]
+        if other:
+            log.info("MemoryAwarePrecision: optimizer states stay on the device: %s is not one of torch's optimizers "
+                     "whose step of a parameter depends on that parameter alone (optimizer_states='cpu' streams it "
+                     "anyway)", ", ".join(other))
+            return False
         return True
 
     def _stream_states_to_fit(self, optimizers: list[Optimizer], device: torch.device, err: MemoryPlanError) -> bool:
@@ -881,7 +920,8 @@ class MemoryAwarePrecision(Precision):
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
             gathered_weight_bytes=fsdp2_gathered_bytes(modules),
             context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves,
-            grad_bytes=grad_bytes)
+            grad_bytes=grad_bytes, cuda=device.type == "cuda", quantized=self.quantize is not None,
+            adapters=getattr(module, "lora", None) is not None)
 
     def _apply_plan(self, module: nn.Module) -> None:
         """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).
@@ -1001,8 +1041,11 @@ class MemoryAwarePrecision(Precision):
                 warnings.warn(f"the checkpoint was trained with {key}={state_dict[key]!r}, this run uses {now!r}",
                               stacklevel=2)
         plan = state_dict.get("plan")
-        if plan is not None and self.memory_plan is None:
+        if plan is not None and self.memory_plan is None:  # no plan made for this fit: the saving run's applies
             self.memory_plan = MemoryPlan.from_dict(plan)
+            shape = _shape(self._module)
+            if shape is not None and shape.micro_batch_size is None:  # its token budget, as _apply_plan gave it
+                self._module.apply_micro_batch_plan(self.memory_plan.micro_batch_tokens)
         self.memory_stats = {k: dict(v) for k, v in (state_dict.get("memory_stats") or {}).items()}
         mbs = state_dict.get("micro_batch_size")
         if isinstance(mbs, int):

@@ -14,6 +14,7 @@ from lightning_rl.plugins.memory_plan import (
     MemoryPlan,
     ModelMemory,
     RolloutNeeds,
+    RunSettings,
     activation_bytes_per_token,
     kv_bytes_per_token,
     plan_memory,
@@ -71,6 +72,9 @@ def plan_for_shape(
     context_bytes: int = 0,
     waves: bool = False,
     grad_bytes: int | None = None,
+    cuda: bool | None = None,
+    quantized: bool | None = None,
+    adapters: bool | None = None,
 ) -> MemoryPlan:
     """Plan a module's steps.
 
@@ -94,6 +98,10 @@ def plan_for_shape(
         waves: let a colocated engine's KV cache hold less than one rollout (see :func:`~.memory_plan.plan_memory`).
         grad_bytes: the gradients' device bytes (gradients sent to host memory count a little); None: one per
             trainable parameter in its stored dtype.
+        cuda: the plan is for a CUDA device; None: whether this machine has CUDA at all. Off CUDA a
+            :class:`~.memory_plan.MemoryPlanError` suggests no quantized weights or offloaded checkpoints.
+        quantized: the frozen weights are quantized already (the error then suggests no ``quantize``).
+        adapters: only LoRA adapters train; None infers it from ``model`` (see :class:`~.memory_plan.RunSettings`).
 
     Raises:
         MemoryPlanError: a phase cannot fit.
@@ -118,6 +126,9 @@ def plan_for_shape(
     if shape.generates:
         needs = (in_step_generation_needs(shape, prompts_per_step, compute_dtype) if rollout is None
                  else engine_needs(rollout, engine_overhead_bytes, offload_optimizer))
+    settings = RunSettings(adapters=adapters, gradient_checkpointing=shape.gradient_checkpointing,
+                           offload_checkpoints=shape.offload_checkpoints,
+                           cuda=torch.cuda.is_available() if cuda is None else cuda, quantized=quantized)
     micro = shape.micro_batch_size
     max_tokens = micro * shape.sequence_tokens if micro is not None else (shape.max_micro_batch_tokens
                                                                           or MAX_MICRO_BATCH_TOKENS)
@@ -125,7 +136,7 @@ def plan_for_shape(
                        sequence_tokens=shape.sequence_tokens, optimizer_bytes=optimizer_bytes, rollout=needs,
                        max_micro_batch_tokens=max_tokens, extra_train_parts=extra, reserved_bytes=reserved_bytes,
                        optimizer_device_bytes=optimizer_device_bytes, context_bytes=context_bytes,
-                       waves=waves and rollout is not None, grad_bytes=grad_bytes)
+                       waves=waves and rollout is not None, grad_bytes=grad_bytes, settings=settings)
 
 
 __all__ = ["engine_needs", "in_step_generation_needs", "plan_for_shape"]

@@ -93,6 +93,19 @@ def _error(optimizer: Optimizer, why: str) -> UnsupportedOptimizerError:
     )
 
 
+#: torch's optimizers whose step of a parameter reads that parameter's gradient and state alone: stepped chunk by
+#: chunk they give what one step of all gives. Another optimizer may couple parameters (a global gradient norm,
+#: decay of parameters without a gradient), which chunks would change.
+PER_PARAMETER_OPTIMIZERS = tuple(getattr(torch.optim, name) for name in (
+    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "ASGD", "Rprop", "Adafactor")
+    if hasattr(torch.optim, name))
+
+
+def steps_per_parameter(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is one of :data:`PER_PARAMETER_OPTIMIZERS` (not a subclass: it may step otherwise)."""
+    return type(optimizer) in PER_PARAMETER_OPTIMIZERS
+
+
 def check_streamable(optimizer: Optimizer) -> None:
     """Raise :class:`UnsupportedOptimizerError` when ``optimizer`` cannot be stepped chunk by chunk."""
     if not isinstance(optimizer, Optimizer):

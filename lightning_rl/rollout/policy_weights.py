@@ -113,8 +113,8 @@ def merged_lora_weights(model: nn.Module, root: nn.Module | None = None) -> Iter
         layer = layers.get(module_name.removesuffix(".base_layer"))
         if layer is not None and leaf == "weight" and module_name.endswith(".base_layer") and not layer.merged:
             delta = None
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
+            for adapter in layer.active_adapters:  # linear adapters, and embeddings' (lora_embedding_A/B)
+                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
                     d = layer.get_delta_weight(adapter).float()
                     delta = d if delta is None else delta + d
             if delta is not None:

@@ -6,7 +6,7 @@ before any step: the missing model folder is only looked for there, so the fit c
 
 import pytest
 
-from lightning_rl import GRPO
+from lightning_rl import GRPO, MemoryAwarePrecision
 from lightning_rl.__main__ import main
 from lightning_rl.cli_errors import _argument, explain
 
@@ -113,3 +113,58 @@ def test_a_path_error_from_any_library_is_short_and_export_names_no_config_key(m
     bad = _raised(lambda: make_grpo(epsilon_high=0.1))
     assert explain(bad).startswith("error: model.init_args.epsilon_high (lightning_rl.GRPO): ValueError")
     assert explain(bad, config_keys=False).startswith("error: lightning_rl.GRPO: ValueError: epsilon_high")
+
+
+# ----------------------------------------------------------------------------- plugins and callbacks
+PLUGIN = ("trainer:\n  plugins:\n    - class_path: lightning_rl.MemoryAwarePrecision\n      init_args:\n"
+          "        optimizer_states: cpu\n        memory_budget: 0.5\n")
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["--trainer.plugins.init_args.step_chunk_bytes=0"],
+         "error: trainer.plugins.init_args.step_chunk_bytes (lightning_rl.MemoryAwarePrecision): ValueError: "
+         "step_chunk_bytes must be > 0, got 0"),
+        (["--trainer.callbacks+=lightning_rl.VLLMRollout", "--trainer.callbacks.prompts_per_step=0"],
+         "error: trainer.callbacks.init_args.prompts_per_step (lightning_rl.VLLMRollout): ValueError: "
+         "prompts_per_step must be >= 1, got 0"),
+    ],
+    ids=["plugin", "callback"],
+)
+def test_an_error_building_a_plugin_or_callback_is_short(extra, first_line, capsys, monkeypatch, tmp_path):
+    """jsonargparse keeps a list item's exception only as text in "Does not validate against any of the Union
+    subtypes": the library's own message and key are still what the user sees."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    (tmp_path / "plugin.yaml").write_text(PLUGIN)
+    with pytest.raises(SystemExit) as info:
+        main([*CLI, "--trainer.default_root_dir", str(tmp_path), "--config", str(tmp_path / "plugin.yaml"), *extra])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == first_line, err
+    assert len(err) == 2 and "LIGHTNING_RL_TRACEBACK=1" in err[1]
+
+
+def test_a_memory_plan_error_is_not_blamed_on_a_setting_its_advice_names(capsys, monkeypatch, tmp_path):
+    """The advice below the error's first line shows ``quantize='int8'`` and ``optimizer_states='cpu'``: neither
+    is the cause of a budget of 1,000,000 bytes."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    (tmp_path / "plugin.yaml").write_text(PLUGIN)
+    with pytest.raises(SystemExit) as info:
+        main([*CLI, "--trainer.default_root_dir", str(tmp_path), *RUN, "--config", str(tmp_path / "plugin.yaml"),
+              "--trainer.plugins.init_args.memory_budget=1000000", "--trainer.max_steps", "1"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: trainer.plugins (lightning_rl.MemoryAwarePrecision): MemoryPlanError: the train "
+                             "phase does not fit in the memory budget of 1000000 bytes"), err
+    advice = err[err.index("What to change:") + 1]
+    assert "raise memory_budget (now 1000000 bytes; a value > 1 is bytes" in advice and "reserved_bytes" in advice
+
+
+def test_an_error_during_the_run_names_a_key_only_from_its_first_line():
+    plugin = MemoryAwarePrecision(quantize=None, optimizer_states="cpu")
+    advice = ("the train phase does not fit in the memory budget of 24 bytes: ...\nWhat to change:\n"
+              "  - store frozen weights in 8/4 bits: MemoryAwarePrecision(quantize='int8' or 'nf4')\n"
+              "  - MemoryAwarePrecision(optimizer_states='cpu')")
+    assert _argument(advice, plugin, building=False) is None
+    assert _argument("step_chunk_bytes=0 is too small\nraise it", plugin, building=False) == "step_chunk_bytes"

@@ -91,3 +91,16 @@ def test_callback_without_vllm_fails_at_fit_start_with_the_extra(monkeypatch):
     monkeypatch.setattr(vllm_internals, "_VLLM_AVAILABLE", False)
     with pytest.raises(ModuleNotFoundError, match="lightning-rl"):
         _fit(VLLMRollout(), rollout_grpo(), steps=1)
+
+
+def test_a_module_that_samples_nothing_in_training_is_refused():
+    from lightning_rl import DPO, PreferenceDataModule
+
+    calls = []
+    module = DPO(model="tiny-llama", chat_template=False)  # offline: trains on the data's pairs
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(4)]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[fake_rollout(calls)])
+    with pytest.raises(ValueError, match=r"this DPO samples none.*remove the callback \(or train online\)"):
+        trainer.fit(module, datamodule=PreferenceDataModule(rows, batch_size=2))
+    assert "generate" not in calls

@@ -5,6 +5,7 @@ import copy
 import threading
 
 import lightning as L
+import pytest
 import torch
 from helpers import SUM_ROWS, rollout_grpo
 
@@ -143,3 +144,40 @@ def test_an_engine_that_shares_its_weights_is_synced_before_every_update_even_th
     trainer.fit(module, datamodule=PromptDataModule(train_data=SUM_ROWS[:4], batch_size=2, shuffle=False))
     assert seen == [(0, 0), (1, 1), (2, 2), (3, 3)]  # batches 2 and 4 end an epoch: nothing generated ahead
     assert [e for e in log if e[0] == "sync"] == [("sync", 0), ("sync", 1), ("sync", 2), ("sync", 3)]
+
+
+def test_a_rollout_one_step_old_gets_importance_weights_from_a_custom_engine():
+    module = rollout_grpo()  # importance_sampling="auto"; the snapshot engine does not say it is vLLM
+    levels = []
+    original = module.policy_loss
+
+    def spy(exp, rows, out):
+        levels.append((exp.rollout.extras["staleness"], module.importance_level(exp.rollout)))
+        return original(exp, rows, out)
+
+    module.policy_loss = spy
+    _fit(module, steps=3)
+    assert sorted(set(levels)) == [(0, "none"), (1, "token")]  # the first rollout is in place, then one step old
+
+
+def test_several_optimizer_steps_a_batch_generate_nothing_for_a_batch_past_max_steps():
+    trainer, cb, log, seen = _fit(rollout_grpo(num_mini_batches=2, micro_batch_size=2), steps=4)
+    assert trainer.global_step == 4 and len(seen) == 2
+    assert len([e for e in log if e[0] == "generate"]) == 2  # not a third for a batch that cannot train
+
+
+def test_a_bad_prompt_in_the_next_batch_fails_at_its_own_batch_after_this_one_trained(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_rl.prompting import PromptTooLongError
+
+    rows = [*SUM_ROWS[:2], {"prompt": "1+" * 30 + "1=", "answer": "31"}, *SUM_ROWS[2:5]]  # the 2nd batch's
+    module = rollout_grpo(max_prompt_length=16)
+    log = []
+    cb = VLLMRollout(overlap=True, engine_factory=lambda m, n, seed: SnapshotEngine(m, log))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb, ckpt])
+    with pytest.raises(PromptTooLongError, match="more than max_prompt_length=16"):
+        trainer.fit(module, datamodule=PromptDataModule(train_data=rows, batch_size=2, shuffle=False))
+    assert trainer.global_step == 1 and [p.name for p in tmp_path.iterdir()] == ["epoch=0-step=1.ckpt"]

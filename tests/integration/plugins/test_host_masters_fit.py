@@ -99,8 +99,10 @@ def test_gradients_held_in_host_memory_train_as_gradients_on_the_device(saved_ti
     managed = sent.seen[0][0]
     assert managed > 0 and sent.seen == [(managed, managed)] * 3  # every managed gradient waited in host memory
     assert kept.norms == pytest.approx(sent.norms, rel=1e-5)  # the module's norm counts the held gradients
-    for name, w in weights_kept.items():  # clipped at 1.0 (the default): the factor may differ in its last bit
-        torch.testing.assert_close(weights_sent[name], w, rtol=1e-4, atol=1e-6, msg=name)
+    # clipped at 1.0 (the default): the factor may differ in its last bit, which can round a bf16 weight the other
+    # way after the first step, and every later gradient then differs by bf16 roundings: within 1% of one step (lr)
+    for name, w in weights_kept.items():
+        torch.testing.assert_close(weights_sent[name], w, rtol=1e-4, atol=0.01 * 3e-3, msg=name)
 
 
 @pytest.mark.parametrize("step_on_host", [True, 0.5, "auto"], ids=["all-on-the-cpu", "half", "auto"])

@@ -39,6 +39,25 @@ def test_plan_lowers_micro_batch_and_checkpoint_restores_it(tmp_path):
     assert resumed.micro_batch_size == 2 and fresh.memory_plan == plugin.memory_plan
 
 
+def test_a_planned_token_budget_is_restored_with_the_plan(tmp_path):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.micro_batch_tokens)
+
+    module = _grpo(micro_batch_size=None)  # the default: micro-batches of the plan's token budget
+    plugin = MemoryAwarePrecision(memory_budget=2 * GiB, activation_bytes_per_token=4 * 10**7)
+    trainer = plugin_trainer(plugin, steps=1, callbacks=[Spy()])
+    trainer.fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = _grpo(micro_batch_size=None)
+    plugin_trainer(MemoryAwarePrecision(), steps=2, callbacks=[Spy()]).fit(
+        resumed, PromptDataModule(train_data=SAY_ROWS, batch_size=2), ckpt_path=path)
+    assert seen == [40, 40]  # the resumed step micro-batches as the saving run did
+
+
 def test_grpo_fit_with_the_plugin_trains_fp32_lora_over_a_bf16_base():
     module = _grpo(lora={"r": 4, "lora_alpha": 8}, beta=0.05)
     plugin = MemoryAwarePrecision()

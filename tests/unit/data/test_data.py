@@ -78,6 +78,32 @@ def test_prompt_column_is_renamed():
     assert val == {"prompt": ["q1"], "answer": ["1"]}
 
 
+def test_renamed_prompt_column_wins_over_a_column_named_prompt():
+    rows = [{"question": "What is 2+2?", "prompt": "IGNORE ME", "answer": "4"}]
+    dm = PromptDataModule(train_data=rows, val_data=rows, prompt_column="question", batch_size=1, shuffle=False)
+    (batch,) = _batches(dm)
+    assert batch == {"prompt": ["What is 2+2?"], "answer": ["4"]}
+    assert list(dm.val_dataloader()) == [batch]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_batch_has_every_column_whatever_rows_it_holds(shuffle):
+    rows = [{"prompt": "a"}, {"prompt": "b", "answer": "2"}, {"prompt": "c", "answer": "3", "level": 1}]
+    for order in (rows, rows[::-1]):
+        dm = PromptDataModule(train_data=order, batch_size=1, shuffle=shuffle)
+        batches = _batches(dm)
+        assert all(set(b) == {"prompt", "answer", "level"} for b in batches)
+        by_prompt = {b["prompt"][0]: (b["answer"][0], b["level"][0]) for b in batches}
+        assert by_prompt == {"a": (None, None), "b": ("2", None), "c": ("3", 1)}
+
+
+def test_collate_rows_takes_the_union_of_the_columns():
+    from lightning_rl.data import collate_rows
+
+    assert collate_rows([{"p": "a"}, {"p": "b", "answer": "2"}]) == {"p": ["a", "b"], "answer": [None, "2"]}
+    assert collate_rows([{"p": "b", "answer": "2"}, {"p": "a"}]) == {"p": ["b", "a"], "answer": ["2", None]}
+
+
 def test_missing_prompt_column_names_column_and_fix():
     dm = PromptDataModule(train_data=[{"question": "q"}], batch_size=1)
     with pytest.raises(KeyError) as info:

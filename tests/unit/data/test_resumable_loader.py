@@ -56,3 +56,59 @@ def test_other_data_is_refused_with_the_fix():
     state = loader().state_dict()
     with pytest.raises(ValueError, match=r"had 10 rows per process in batches of 3, this run has 8 .*same data"):
         loader(rows=ROWS[:8]).load_state_dict(state)
+
+
+def test_seeds_give_unrelated_orders_not_shifted_epochs():
+    """With ``seed + epoch`` seed s at epoch e replayed seed s+1 at epoch e-1; (seed, epoch) is hashed now."""
+    rows = [{"i": i} for i in range(50)]
+    orders = {(s, e): epoch(loader(seed=s, rows=rows, batch_size=50), e)[0] for s in range(3) for e in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == len(orders)
+    assert epoch(loader(seed=1, rows=rows, batch_size=50), 2)[0] == orders[(1, 2)]  # still fixed by (seed, epoch)
+
+
+def test_the_default_seed_is_torchs_seed_in_one_process():
+    torch.manual_seed(1234)
+    assert ResumableDataLoader(RowsDataset(ROWS)).sampler.seed == 1234
+    assert epoch(ResumableDataLoader(RowsDataset(ROWS), batch_size=3, shuffle=True, collate_fn=collate_rows), 1) \
+        == epoch(loader(seed=1234), 1)
+
+
+class _TwoRanks:
+    """``torch.distributed`` as rank ``rank`` of 2 sees it; the broadcast hands out rank 0's value."""
+
+    def __init__(self, rank, rank0_value):
+        self.rank, self.rank0_value, self.broadcasts = rank, rank0_value, 0
+
+    def patch(self, monkeypatch):
+        from lightning_rl.data import sampler
+
+        monkeypatch.setattr(sampler.dist, "is_available", lambda: True)
+        monkeypatch.setattr(sampler.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(sampler.dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(sampler.dist, "get_rank", lambda group=None: self.rank)
+        monkeypatch.setattr(sampler.dist, "broadcast_object_list", self.broadcast)
+
+    def broadcast(self, objects, src=0, group=None, device=None):
+        assert src == 0
+        self.broadcasts += 1
+        if self.rank != 0:
+            objects[0] = self.rank0_value
+
+
+def test_ranks_without_a_common_seed_shuffle_alike_and_share_each_epoch(monkeypatch):
+    """Without seed_everything each process has its own torch seed; every rank must use rank 0's."""
+    rows = [{"i": i} for i in range(16)]
+    seen = {}
+    for rank, own_seed in ((0, 111), (1, 222)):
+        with monkeypatch.context() as m:
+            ranks = _TwoRanks(rank, rank0_value=111)
+            ranks.patch(m)
+            torch.manual_seed(own_seed)
+            dl = ResumableDataLoader(RowsDataset(rows), batch_size=4, shuffle=True, collate_fn=collate_rows)
+            assert dl.sampler.seed == 111 and ranks.broadcasts == 1
+            seen[rank] = [i for e in range(2) for b in epoch(dl, e) for i in b]
+            ResumableDataLoader(RowsDataset(rows), batch_size=4, seed=5)  # an explicit seed needs no broadcast
+            assert ranks.broadcasts == 1
+    for e in range(2):
+        shares = [seen[r][8 * e: 8 * e + 8] for r in (0, 1)]
+        assert sorted(shares[0] + shares[1]) == list(range(16))  # every row once per epoch, no duplicates

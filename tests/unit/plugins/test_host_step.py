@@ -324,3 +324,26 @@ def test_weights_that_move_between_the_host_and_the_streamed_side_step_on_alike(
         for k, v in ref_opt.state[q].items():
             torch.testing.assert_close(opt.state[p][k], v, rtol=1e-5, atol=1e-7, msg=f"{name} {k}")
             assert opt.state[p][k].device == v.device
+
+
+@pytest.mark.parametrize("setting", [{"master_weights": "device"}, {"optimizer_states": "device"},
+                                     {"gradients_to_host": False}], ids=["device-masters", "device-states", "no-host"])
+def test_the_plugin_refuses_step_on_host_where_it_would_step_nothing(setting):
+    with pytest.raises(ValueError, match=r"step_on_host='auto' steps host masters .* it would step nothing"):
+        MemoryAwarePrecision(step_on_host="auto", **setting)
+    MemoryAwarePrecision(step_on_host=False, **setting)  # fine without it
+
+
+def test_a_fit_whose_step_on_host_has_nothing_to_step_says_so(saved_tiny_llama, caplog):
+    import logging
+
+    from helpers import make_trainer, tiny_grpo
+
+    from lightning_rl import PromptDataModule
+
+    caplog.set_level(logging.WARNING, logger="lightning_rl.plugins.precision")
+    plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=True)  # on a CPU no gradient goes to the host
+    make_trainer(max_steps=1, plugins=[plugin]).fit(tiny_grpo(saved_tiny_llama(1)),
+                                                     PromptDataModule(train_data=[{"prompt": "ab"}], batch_size=1))
+    assert any("steps nothing in this fit" in r.getMessage() and "training on cpu" in r.getMessage()
+               for r in caplog.records)

@@ -495,3 +495,53 @@ def test_the_plugin_generates_in_waves_last_and_says_what_holds_the_rollout_whol
     no_waves._rollout = _KVHungryRollout(0)  # an engine that cannot generate in waves: the plan's own error
     with pytest.raises(MemoryPlanError, match="the rollout phase does not fit"):
         no_waves.plan_with_auto_offload(grpo, [opt], cpu)
+
+
+class _GlobalNormSGD(torch.optim.Optimizer):
+    """Per-parameter state, but every update is scaled by the norm of all gradients: chunks would change it."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad / norm, alpha=-g["lr"])
+
+
+def test_auto_streams_only_torchs_per_parameter_optimizers_and_warns_when_told_to_stream_another(monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lightning_rl.plugins.precision")
+    coupled = _GlobalNormSGD(nn.Linear(4, 4).parameters())
+    assert precision_mod.steps_per_parameter(torch.optim.AdamW(nn.Linear(2, 2).parameters()))
+    assert not precision_mod.steps_per_parameter(coupled)
+    assert not MemoryAwarePrecision._streamable([coupled])
+    assert any("_GlobalNormSGD is not one of torch's optimizers" in r.getMessage() for r in caplog.records)
+    assert MemoryAwarePrecision._streamable([torch.optim.AdamW(nn.Linear(2, 2).parameters())])
+    plugin = MemoryAwarePrecision(optimizer_states="cpu")
+    with pytest.warns(UserWarning, match="the results match optimizer_states='device' only when"):
+        plugin.connect(nn.Linear(4, 4), [coupled], [])
+
+
+def test_enforce_budget_caps_the_allocator_at_the_default_budget_too(monkeypatch):
+    import types
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda frac, device=None: calls.append(frac))
+    device = types.SimpleNamespace(total_memory=80 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: device)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+
+    class OnCuda(nn.Module):
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+    for kwargs, cap in ((dict(memory_budget=0.5), 0.5), ({}, 0.9), (dict(utilization=0.6), 0.6)):
+        calls.clear()
+        MemoryAwarePrecision(enforce_budget=True, context_bytes=0, **kwargs).connect(OnCuda(), [], [])
+        assert calls == [pytest.approx(cap)], kwargs

@@ -1,6 +1,7 @@
 """Built-in rewards and RewardSet: weights, None handling, and clear errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def test_numeric_match_last_and_first():
 
 def test_numeric_match_other_column_tolerance_and_unparseable_answer():
     fn = NumericMatch(column="target", tolerance=0.01)
-    assert fn(P3, ["3.14159", "3.2", "2"], target=["3.14", 3.14, "n/a"]) == [1.0, 0.0, None]
+    with pytest.warns(UserWarning, match="'target' answer 'n/a'"):
+        assert fn(P3, ["3.14159", "3.2", "2"], target=["3.14", 3.14, "n/a"]) == [1.0, 0.0, None]
 
 
 def test_numeric_match_missing_column_names_it():
@@ -203,3 +205,76 @@ def test_numeric_match_reads_tensor_and_numpy_answers():
     answers = [torch.tensor(3), np.int64(3), torch.tensor(2.5, dtype=torch.float64), torch.tensor(5), np.array(3)]
     assert NumericMatch()(P3, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0]
     assert NumericMatch()(P3, ["3", "x 7"], answer=torch.tensor([3, 5])) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("The answer is .5", 0.5),  # a leading-point decimal, not 5
+        ("-.5", -0.5),
+        ("The point is (1,2)", 2.0),  # two numbers, not 12
+        ("x = 1,5", 5.0),  # a comma before fewer than 3 digits separates numbers (no decimal commas)
+        ("1,2345", 2345.0),
+        ("1,234,567.25 total", 1234567.25),
+        ("The answer is \u22125", -5.0),  # U+2212 minus sign
+        ("version 1.2.3", 1.2),  # no 0.3 out of ".3"
+    ],
+)
+def test_extract_number_formats(text, want):
+    assert extract_number(text) == want
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "want"),
+    [
+        ("The answer is .5", "5", 0.0),
+        ("The answer is .5", "0.5", 1.0),
+        ("The point is (1,2)", "12", 0.0),
+        ("x = 1,5 (European decimal)", "15", 0.0),
+        ("It costs $5", "$5", 1.0),
+        ("It is 5 km", "5 km", 1.0),
+        ("The answer is 18", "Natalia sold 48/2 = 24 clips in May.\n#### 18", 1.0),
+        ("The answer is 1,000", "#### 1,000", 1.0),
+        ("The answer is 17", "Natalia sold 48/2 = 24 clips in May.\n#### 18", 0.0),
+        ("The answer is \u22125", "-5", 1.0),
+        ("The answer is -5", "\u22125", 1.0),
+        ("about 1000", "1e3", 1.0),
+    ],
+)
+def test_numeric_match_number_formats(completion, answer, want):
+    assert NumericMatch()(["p"], [completion], answer=[answer]) == [want]
+
+
+def test_numeric_match_ambiguous_answer_is_unscored_with_one_warning():
+    fn = NumericMatch()
+    with pytest.warns(UserWarning, match=r"cannot read one number from the 'answer' answer '3 or 4'.*'#### <number>'"):
+        assert fn(P3, ["3", "4", "5"], answer=["3 or 4", "1/2", "5"]) == [None, None, 1.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fn(P3, ["3"], answer=["n/a"]) == [None]  # warned once per NumericMatch
+
+
+def test_reference_number():
+    from lightning_rl.rewards.builtin import reference_number
+
+    assert [reference_number(a) for a in (7, 2.5, "USD 12", "5%", " 42 ", "####", None, True)] == [
+        7.0, 2.5, 12.0, 5.0, 42.0, None, None, None]
+
+
+def test_length_penalty_leaves_out_the_final_eos():
+    # what PolicyModule.score passes: the tokens up to and including the first EOS (id 2 here)
+    ids = [[11, 12, 13, 14, 2], [11, 12, 13, 14], [11, 12, 13, 14, 15, 2], [2]]
+    fn = LengthPenalty(target=4, coef=1.0, eos_token_ids=[2])
+    assert fn(["p"] * 4, ["abcd", "abcd", "abcde", ""], completion_ids=ids) == [0.0, 0.0, -1.0, 0.0]
+    assert LengthPenalty(target=4, coef=1.0)(["p"], ["abcd"], completion_ids=ids[:1]) == [-1.0]  # no EOS id given
+    with pytest.raises(ValueError, match="target and coef"):
+        LengthPenalty(target=-1, eos_token_ids=[2])
+
+
+def test_length_penalty_with_eos_ids_survives_a_checkpoint():
+    from lightning_rl.hparams import portable, resolve_callable
+
+    spec = portable(LengthPenalty(target=3, coef=0.5, eos_token_ids=[2]))
+    assert spec == {"class_path": "lightning_rl.rewards.builtin.LengthPenalty",
+                    "init_args": {"target": 3, "coef": 0.5, "eos_token_ids": [2]}}
+    assert resolve_callable(spec)(["p"], ["x"], completion_ids=[[5, 5, 5, 5, 2]]) == [-0.5]

@@ -103,15 +103,17 @@ def test_a_tensor_parallel_shard_holds_its_share_of_weights_and_kv_for_the_group
     assert vllm_sizing.engine_weight_bytes(model, "bfloat16", tensor_parallel_size=2) == -(-full // 2)
 
 
-def test_lora_weights_for_the_engine():
+@pytest.mark.parametrize("targets", [None, ["q_proj", "embed_tokens"]], ids=["all-linear", "with-embedding"])
+def test_lora_weights_for_the_engine(targets):
     torch.manual_seed(0)
     base, _ = load_policy("tiny-llama")
-    peft = apply_lora(base, {"r": 4, "lora_alpha": 8})
+    peft = apply_lora(base, {"r": 4, "lora_alpha": 8, **({"target_modules": targets} if targets else {})})
     for name, p in peft.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_A" in name:  # peft starts these at zero: the delta would be too
             torch.nn.init.normal_(p, std=0.1)
     assert policy_weights.adapter_sync_unsupported_reason(peft) is None
-    merged = dict(policy_weights.merged_lora_weights(peft))
+    # copies: a weight without a delta is the base's own tensor, which merge_and_unload merges into in place
+    merged = {k: v.clone() for k, v in policy_weights.merged_lora_weights(peft)}
     reference = {k: v for k, v in peft.merge_and_unload(progressbar=False).state_dict().items()}
     assert set(merged) == {k for k in reference if k != "lm_head.weight"}  # tied head: not a parameter
     for k, v in merged.items():
