@@ -22,7 +22,10 @@ from lightning_rl.models import (  # unwrap re-exported: the modules import it f
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
-_UNSUPPORTED_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+#: Config fields with which a model post-processes its LM head's output (Gemma-2/3n/4 softcapping, Cohere's scale,
+#: Granite's ``logits_scaling`` divisor, Falcon-H1's ``lm_head_multiplier``): the fused path computes raw head logits.
+_UNSUPPORTED_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling",
+                           "lm_head_multiplier")
 
 
 def _triton_fn():
@@ -84,13 +87,18 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             "(get_output_embeddings() and base_model_prefix); use a transformers *ForCausalLM model"
         )
     config = getattr(inner, "config", None)
-    for attr in _UNSUPPORTED_HEAD_ATTRS:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0, 0, 0.0):
-            raise NotImplementedError(
-                f"{type(inner).__name__} post-processes its logits ({attr}={value}), which the fused "
-                "log-prob path does not apply yet; open an issue with the model name"
-            )
+    configs = [config]
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text_config is not None and text_config is not config:  # multimodal LMs keep it there (Gemma-3n, Gemma-4)
+        configs.append(text_config)
+    for cfg in configs:
+        for attr in _UNSUPPORTED_HEAD_ATTRS:
+            value = getattr(cfg, attr, None)
+            if value not in (None, 1, 1.0, 0, 0.0):
+                raise NotImplementedError(
+                    f"{type(inner).__name__} post-processes its logits ({attr}={value}), which the fused "
+                    "log-prob path does not apply yet; open an issue with the model name"
+                )
     return body, head
 
 

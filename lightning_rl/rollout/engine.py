@@ -54,8 +54,9 @@ class Rollout:
         prompt_mask: ``[N, P]`` 1 on real prompt tokens.
         completion_ids: ``[N, C]`` right-padded completion token ids (EOS included when produced).
         completion_mask: ``[N, C]`` 1 on generated tokens up to and including the first EOS.
-        sampling_logprobs: ``[N, C]`` log-probs of each sampled token under the engine's
-            temperature-scaled distribution (0 on padding).
+        sampling_logprobs: ``[N, C]`` log-probs of each sampled token under the distribution the engine drew
+            it from: temperature-scaled and, with ``top_k`` / ``top_p``, truncated and renormalized (vLLM's
+            processed log-probs; the transformers engine's processed scores) (0 on padding).
         finish_reasons: ``"stop"`` (EOS reached) or ``"length"`` (truncated) per row.
         group_index: ``[N]`` index of the prompt each row answers.
     """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,30 @@ from transformers import GenerationConfig
 
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.rollout.padding import completion_mask_and_reasons, left_pad
+
+#: Held while a ``generate`` call runs with the model's own generation config set aside (see :func:`sampling_only`).
+_GENERATE_LOCK = threading.Lock()
+
+
+@contextmanager
+def sampling_only(model: nn.Module) -> Generator[None, None, None]:
+    """Run ``generate`` on ``model`` with none of its ``generation_config``'s defaults.
+
+    transformers fills every field a passed config leaves unset from the model's ``generation_config`` (a hub
+    model's ``repetition_penalty``, ``min_p``, ``suppress_tokens``, ...). Those would change the distribution tokens
+    are sampled from while the rollout's log-probs and the loss describe only temperature, top-k and top-p, as
+    vLLM samples. So the model's configs are replaced by blank ones for the call (one call at a time).
+    """
+    owners = [m for m in model.modules() if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+    with _GENERATE_LOCK:
+        saved = [m.generation_config for m in owners]
+        for m in owners:
+            m.generation_config = GenerationConfig()
+        try:
+            yield
+        finally:
+            for m, config in zip(owners, saved, strict=True):
+                m.generation_config = config
 
 
 def sharded_over_processes(model: nn.Module) -> bool:
@@ -71,7 +97,7 @@ class HFEngine:
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
-            output_logits=True,
+            output_scores=True,  # after temperature, top-k and top-p: the distribution each token was drawn from
         )
         if sampling.greedy:
             return GenerationConfig(do_sample=False, **common)
@@ -97,20 +123,20 @@ class HFEngine:
         rows = [p for p in prompt_ids for _ in range(num_generations)]
         ids, mask = left_pad(rows, self.pad_token_id, device)
         config = self._generation_config(sampling)
-        temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         completions, logprobs = [], []
         synced = sharded_over_processes(model)
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(rows), self.max_batch_size):
-                sl = slice(start, start + self.max_batch_size)
-                out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config,
-                                     synced_gpus=synced)
-                new = out.sequences[:, ids.shape[1] :]
-                completions.append(new)
-                logprobs.append(step_logits_logprobs(list(out.logits), new, temperature))
-                del out
+            with sampling_only(model):
+                for start in range(0, len(rows), self.max_batch_size):
+                    sl = slice(start, start + self.max_batch_size)
+                    out = model.generate(input_ids=ids[sl], attention_mask=mask[sl], generation_config=config,
+                                         synced_gpus=synced)
+                    new = out.sequences[:, ids.shape[1] :]
+                    completions.append(new)
+                    logprobs.append(step_logits_logprobs(list(out.scores), new, 1.0))  # scores: already scaled
+                    del out
         finally:
             model.train(was_training)
         width = max(c.shape[1] for c in completions)
@@ -132,10 +158,13 @@ class HFEngine:
 
 
 def step_logits_logprobs(step_logits: list[torch.Tensor], tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[N, T]`` log-probs of the sampled ``tokens`` from ``generate``'s per-step ``[N, V]`` logits.
+    """``[N, T]`` log-probs of the sampled ``tokens`` from ``generate``'s per-step ``[N, V]`` logits or scores.
 
-    One step at a time, each step's logits dropped once read: the extra memory is one step's ``[N, V]``
-    in fp32, not a second copy of all ``T`` steps (which the caller's ``generate`` output holds once).
+    ``generate``'s scores are its processed logits (temperature applied, tokens outside top-k / top-p at -inf):
+    with ``temperature=1.0`` their log-softmax is the truncated, renormalized distribution the token was drawn
+    from, what vLLM's processed log-probs are. One step at a time, each step's logits dropped once read: the extra
+    memory is one step's ``[N, V]`` in fp32, not a second copy of all ``T`` steps (which the caller's ``generate``
+    output holds once).
     """
     columns = []
     for t in range(len(step_logits)):

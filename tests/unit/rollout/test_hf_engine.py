@@ -68,6 +68,41 @@ def test_hf_engine_layout_and_logprobs(qwen, max_batch_size):
     assert (ent[rollout.completion_mask == 1] > 0).all()
 
 
+def test_hf_engine_top_k_log_probs_are_those_of_the_truncated_distribution(qwen):
+    model, tok = qwen
+    engine = HFEngine(model, tok.pad_token_id, [tok.eos_token_id])
+    torch.manual_seed(0)
+    rollout = engine.generate([tok("abc")["input_ids"]], SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=5),
+                              num_generations=4)
+    full, _ = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                  rollout.completion_mask, temperature=0.7, backend="reference")
+    # the sampled token's log-prob renormalized over the 5 most likely tokens, as vLLM's processed log-probs are
+    with torch.no_grad():
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+        mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, rollout.prompt_ids.shape[1] - 1 : -1].float()
+        kept = torch.log_softmax(logits / 0.7, -1).topk(5, -1).values.logsumexp(-1)
+    m = rollout.completion_mask.bool()
+    torch.testing.assert_close(rollout.sampling_logprobs[m], (full - kept)[m], rtol=0, atol=1e-4)
+    assert (rollout.sampling_logprobs[m] > full[m]).all()
+
+
+def test_hf_engine_samples_without_the_models_generation_defaults():
+    model, tok = load_policy("tiny-llama", {"num_hidden_layers": 1})
+    eos = tok.eos_token_id
+    # a hub model's generation_config.json: here one that would allow nothing but EOS
+    model.generation_config.suppress_tokens = [i for i in range(model.config.vocab_size) if i != eos]
+    model.generation_config.repetition_penalty = 1.3
+    engine = HFEngine(model, tok.pad_token_id, [eos])
+    torch.manual_seed(0)
+    rollout = engine.generate([tok("7+1=")["input_ids"]], SamplingConfig(max_new_tokens=6), num_generations=4)
+    assert (rollout.completion_ids[:, 0] != eos).any()  # sampled from temperature, top-k and top-p only
+    full, _ = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                  rollout.completion_mask, temperature=1.0, backend="reference")
+    torch.testing.assert_close(rollout.sampling_logprobs, full * rollout.completion_mask, rtol=0, atol=1e-4)
+    assert model.generation_config.repetition_penalty == 1.3 and len(model.generation_config.suppress_tokens) > 1
+
+
 def test_hf_engine_greedy_is_deterministic_and_restores_train_mode():
     model, tok = load_policy("tiny-llama", {"num_hidden_layers": 1})
     model.train()
