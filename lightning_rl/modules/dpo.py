@@ -116,6 +116,22 @@ class DPO(PreferenceModule):
         return self.is_online
 
     @override
+    def setup(self, stage: str) -> None:
+        """Refuse online DPO over several processes (its pairs per process differ: see the error).
+
+        Raises:
+            ValueError: ``online=True`` with a trainer of more than one process.
+        """
+        super().setup(stage)
+        if self.online and stage == "fit" and self._trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(
+                f"online DPO runs in one process: each process keeps the pairs its own rewards rank, so the processes "
+                f"would make different numbers of backward passes (DDP collectives) and wait on each other forever "
+                f"({self.trainer.world_size} processes here). Train it on one device, or train offline DPO on pairs "
+                "generated beforehand over several"
+            )
+
+    @override
     def reference_targets(self, batch: Mapping[str, Any]) -> list[tuple[Sequence[Prompt], Sequence[Any]]]:
         return [(batch["prompt"], batch["chosen"]), (batch["prompt"], batch["rejected"])]
 

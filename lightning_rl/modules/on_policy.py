@@ -172,7 +172,10 @@ class OnPolicyModule(PolicyModule):
         prompts = batch["prompt"]
         total, per_fn, completions = self.score(prompts, rollout, self.columns_of(batch), self.num_generations)
         bounds = mini_batch_bounds(rollout.num_sequences, self.num_mini_batches)
-        micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), rollout.sequence_length)
+        # the longest padded length of any process: with a token budget, every process then makes as many
+        # micro-batches (each backward of a DDP module is a collective)
+        tokens = self.max_over_processes(rollout.sequence_length)
+        micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), tokens)
         return Experience(prompts, rollout, total, per_fn, completions, self.loss_mask(rollout, total), micro)
 
     def loss_mask(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:

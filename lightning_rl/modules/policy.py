@@ -687,6 +687,17 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return None
         return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
+    def max_over_processes(self, value: int) -> int:
+        """The largest ``value`` of the trainer's processes under DDP/FSDP (itself in a single process).
+
+        What decides how many forwards and backwards a step makes must agree across processes: each backward of a
+        DDP module all-reduces its gradients, and a process with one backward more than the others waits forever.
+        """
+        if self.sum_over_processes() is None:
+            return value
+        t = torch.tensor(float(value), device=self.device)
+        return int(self.trainer.strategy.reduce(t, reduce_op=dist.ReduceOp.MAX).item())
+
     def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
         """Clip, check for NaN/inf, then step (or skip, leaving the weights untouched).
 

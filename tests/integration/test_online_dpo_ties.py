@@ -64,3 +64,20 @@ def test_nan_rewards_stop_as_unscored_steps_first():
     total = torch.full((4,), float("nan"))
     with pytest.raises(RewardError, match="no completion got a reward"):
         health.check_rewards(total, total.view(4, 1), ["r"], 0)
+
+
+def test_online_dpo_over_several_processes_is_refused_at_setup(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning_rl.modules.policy import PolicyModule
+
+    module = DPO(model="tiny-llama", online=True, reward_funcs=[always_zero], chat_template=False)
+    monkeypatch.setattr(PolicyModule, "setup", lambda self, stage: None)  # the strategy checks need a real trainer
+    module._trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"online DPO runs in one process.*\(2 processes here\)"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(world_size=1)
+    module.setup("fit")
+    offline = DPO(model="tiny-llama", chat_template=False)
+    offline._trainer = SimpleNamespace(world_size=2)
+    offline.setup("fit")  # offline pairs are the same number on every process

@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp", help="with --devices > 1")
     ap.add_argument("--plugin", action="store_true", help="MemoryAwarePrecision with a 4 GiB budget")
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0,
+                    help="a token budget per micro-batch (as the memory plan sets), with prompts of varied lengths")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -92,6 +94,8 @@ def main() -> None:
     else:  # whitening, the token mean of the loss and the adaptive KL's sequence count cross processes
         module = PPO(num_iterations=1, kl_coef=0.05, kl_target=0.001, kl_horizon=32, **common)
     module.configure_model()
+    if args.micro_batch_tokens:
+        module.micro_batch_tokens = args.micro_batch_tokens
     module.rollout_engine = PerPromptSeededEngine(lambda: module.policy, module.tokenizer.pad_token_id,
                                                   module.eos_token_ids)
     record = Record()
@@ -101,6 +105,8 @@ def main() -> None:
                         callbacks=[record],
                         plugins=[MemoryAwarePrecision(memory_budget=4 * 2**30)] if args.plugin else None)
     rows = [{"prompt": f"say {i}"} for i in range(32)]
+    if args.micro_batch_tokens:  # each process's padded length differs, and with it its micro-batches' rows
+        rows = [{"prompt": "say " + "x" * (i % 7)} for i in range(32)]
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
     plan = getattr(trainer.precision_plugin, "memory_plan", None)
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})

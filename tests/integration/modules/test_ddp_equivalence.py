@@ -42,6 +42,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, metho
     assert moved > 1e-2  # half the batch in one process trains differently: the comparison can tell
 
 
+def test_a_token_budget_gives_every_process_as_many_micro_batches(tmp_path):
+    """Micro-batches sized from a token budget and each process's padded length: the longest of all processes
+    decides, else one process makes a backward (a DDP collective) more than the other and both wait forever."""
+    one = _fit(tmp_path, "grpo", 1, 4, "ddp", "--micro-batch-tokens", "40")
+    two = _fit(tmp_path, "grpo", 2, 2, "ddp", "--micro-batch-tokens", "40")
+    torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
+
+
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_two_processes_sharded_with_fsdp2_train_like_one(tmp_path, method):
     """ModelParallelStrategy over 2 processes: each holds half of every weight, and the update is the same."""
