@@ -246,8 +246,9 @@ class MemoryAwarePrecision(Precision):
             A number in (0, 1) steps that share of those weights' elements on the CPU (the largest weights first)
             while the rest stream through the device at the same time; ``"auto"`` starts at half and moves the
             share after each step toward both sides ending together. Adam and AdamW only; the other parameters
-            (norms, biases) stream as before. Off by default: not yet measured end to end against the streamed
-            step on a GPU.
+            (norms, biases) stream as before. Off by default so far: on an H200 (2026-12-05) ``"auto"`` took the
+            Qwen2.5-0.5B shape's optimizer step from 0.34 to 0.20 s, its step from 0.878 to 0.821 s (0.762 with
+            ``share_trained_weights``); the default follows once the README configuration's GPU tests run so.
     """
 
     def __init__(
