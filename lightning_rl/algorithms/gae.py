@@ -20,13 +20,19 @@ def check_discount(name: str, value: float) -> float:
     return float(value)
 
 
+def not_right_padded(mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` True where a row of the ``[N, T]`` ``mask`` has a 1 after a 0 (its 1s are not one prefix)."""
+    m = mask.bool()
+    return (m[:, 1:] & ~m[:, :-1]).any(-1)
+
+
 def check_right_padded(mask: torch.Tensor) -> None:
     """Refuse a mask that is not 1 on a prefix of each row (holes or left padding)."""
     if mask.dim() != 2:
         raise ValueError(f"mask must be [batch, tokens], got shape {tuple(mask.shape)}")
-    m = mask.bool()
-    if (m[:, 1:] & ~m[:, :-1]).any():
-        rows = ((m[:, 1:] & ~m[:, :-1]).any(-1)).nonzero().flatten().tolist()
+    bad = not_right_padded(mask)
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
         raise ValueError(
             f"mask rows {rows[:8]} are not right-padded (a 1 follows a 0); GAE needs the real tokens of each "
             "sequence first and padding after them, as in Rollout.completion_mask"

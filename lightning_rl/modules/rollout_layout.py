@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_rl.algorithms.gae import not_right_padded
 from lightning_rl.rollout.engine import Rollout
-
-
-def _holes(mask: torch.Tensor) -> torch.Tensor:
-    """``[N]`` True where a row of ``mask`` has a 1 after a 0 (its real tokens are not one prefix)."""
-    m = mask.bool()
-    return (m[:, 1:] & ~m[:, :-1]).any(-1)
 
 
 def check_rollout_layout(rollout: Rollout) -> None:
@@ -23,17 +18,16 @@ def check_rollout_layout(rollout: Rollout) -> None:
     Raises:
         ValueError: naming the rows and the layout expected.
     """
-    prompt_bad = _holes(rollout.prompt_mask.flip(-1)) if rollout.prompt_mask.shape[1] > 1 else None
-    completion_bad = _holes(rollout.completion_mask) if rollout.completion_mask.shape[1] > 1 else None
-    flags = [f.any() for f in (prompt_bad, completion_bad) if f is not None]
-    if not flags or not torch.stack(flags).any().item():
+    prompt_bad = not_right_padded(rollout.prompt_mask.flip(-1))  # left-padded: right-padded when read backwards
+    completion_bad = not_right_padded(rollout.completion_mask)
+    if not torch.stack([prompt_bad.any(), completion_bad.any()]).any().item():  # one read of the device
         return
-    if prompt_bad is not None and prompt_bad.any():
+    if prompt_bad.any():
         rows = prompt_bad.nonzero().flatten().tolist()
         raise ValueError(f"the rollout's prompts in rows {rows[:8]} are not left-padded (a 0 of prompt_mask follows a "
                          "1): Rollout.prompt_ids must end each prompt at the last column, with padding before it "
                          "(lightning_rl.rollout.padding.left_pad lays rows out so)")
-    rows = completion_bad.nonzero().flatten().tolist()  # type: ignore[union-attr]
+    rows = completion_bad.nonzero().flatten().tolist()
     raise ValueError(f"the rollout's completions in rows {rows[:8]} are not right-padded (a 1 of completion_mask "
                      "follows a 0): Rollout.completion_ids must start each completion at the first column, with "
                      "padding after it")
