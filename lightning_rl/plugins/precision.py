@@ -246,9 +246,11 @@ class MemoryAwarePrecision(Precision):
             A number in (0, 1) steps that share of those weights' elements on the CPU (the largest weights first)
             while the rest stream through the device at the same time; ``"auto"`` starts at half and moves the
             share after each step toward both sides ending together. Adam and AdamW only; the other parameters
-            (norms, biases) stream as before. Off by default so far: on an H200 (2026-12-05) ``"auto"`` took the
-            Qwen2.5-0.5B shape's optimizer step from 0.34 to 0.20 s, its step from 0.878 to 0.821 s (0.762 with
-            ``share_trained_weights``); the default follows once the README configuration's GPU tests run so.
+            (norms, biases) stream as before. None (default): ``"auto"`` wherever it has something to step (host
+            masters, their gradients sent to host memory, Adam or AdamW), silently nothing elsewhere; an explicit
+            value raises or warns where it would step nothing. On an H200 (2026-12-05) ``"auto"`` took the
+            Qwen2.5-0.5B shape's optimizer step from 0.34 to 0.20 s and its step from 0.878 to 0.821 s (0.762 with
+            ``EngineSettings.share_trained_weights``).
     """
 
     def __init__(
@@ -273,7 +275,7 @@ class MemoryAwarePrecision(Precision):
         split_large_parameters: bool = True,
         overlap_state_copies: bool = False,
         gradients_to_host: bool = True,
-        step_on_host: bool | float | Literal["auto"] = False,
+        step_on_host: bool | float | Literal["auto"] | None = None,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
             if value != "auto" and value not in _DTYPES:
@@ -298,12 +300,16 @@ class MemoryAwarePrecision(Precision):
             raise ValueError("master_weights='cpu' streams the fp32 masters through the optimizer step with the "
                              "optimizer states, which optimizer_states='device' keeps on the device: use "
                              "optimizer_states='auto' or 'cpu', or master_weights='device'")
-        stepped_on_host = host_step_setting(step_on_host, "MemoryAwarePrecision(step_on_host=...)")
+        self.step_on_host_asked = step_on_host is not None  # None: "auto" where it has something to step, quietly
+        stepped_on_host = host_step_setting("auto" if step_on_host is None else step_on_host,
+                                            "MemoryAwarePrecision(step_on_host=...)")
         if stepped_on_host:
             inert = [why for why, off in (("master_weights='device' (no host masters)", master_weights == "device"),
                                           ("optimizer_states='device'", optimizer_states == "device"),
                                           ("gradients_to_host=False", not gradients_to_host)) if off]
-            if inert:
+            if inert and not self.step_on_host_asked:
+                stepped_on_host = False
+            elif inert:
                 raise ValueError(f"step_on_host={step_on_host!r} steps host masters whose gradients the backward sent "
                                  f"to host memory, which {' and '.join(inert)} rule out: it would step nothing. Drop "
                                  "step_on_host, or leave master_weights, optimizer_states and gradients_to_host at "
@@ -516,7 +522,7 @@ class MemoryAwarePrecision(Precision):
                        else context_bytes_for(device, self.context_bytes))
             torch_share = self._budget(total) - outside
             torch.cuda.set_per_process_memory_fraction(min(1.0, max(torch_share, 0) / total), device)
-        if self.step_on_host and (self._masters is None or self._host_grads is None):
+        if self.step_on_host and self.step_on_host_asked and (self._masters is None or self._host_grads is None):
             log.warning("MemoryAwarePrecision(step_on_host=%r) steps nothing in this fit: it steps host masters whose "
                         "gradients the backward sends to host memory, and here %s", self.step_on_host,
                         "the masters stay on the device" if self._masters is None else
@@ -624,7 +630,7 @@ class MemoryAwarePrecision(Precision):
                 raise UnsupportedOptimizerError(f"{why} (MemoryAwarePrecision(master_weights='cpu') steps the fp32 "
                                                 "masters chunk by chunk with the states: use master_weights='device' "
                                                 "with this optimizer)") from why
-            if self.step_on_host and (refusal := host_step_refusal(opt)) is not None:
+            if self.step_on_host and self.step_on_host_asked and (refusal := host_step_refusal(opt)) is not None:
                 raise ValueError(f"MemoryAwarePrecision(step_on_host={self.step_on_host}) steps the host masters on "
                                  f"the CPU with Adam or AdamW, and {refusal}: use step_on_host=False with this "
                                  "optimizer")

@@ -249,6 +249,8 @@ def _overlapped_fit(module, steps=4, settings=None, extra=()):
                          "engine_released_at_start": getattr(callback.engine, "released_at_start_bytes", None),
                          "grads_sent_to_host": len(getattr(trainer.precision_plugin, "host_gradients", None) or ()),
                          "packed": packed,
+                         "shared_bytes": getattr(getattr(callback.engine, "shared_weights", None), "bytes_shared", 0),
+                         "cpu_share": getattr(trainer.precision_plugin._streamer, "host_share", None),
                          "linear_dtypes": sorted({str(m.weight.dtype) for n, m in pl_module.policy.named_modules()
                                                   if isinstance(m, torch.nn.Linear) and ".layers." in n})})
 
@@ -305,7 +307,10 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert all(s["children"] == 1 for s in seen)  # the engine core; vLLM's front end (the default
     # front_end="process") is a child too, without GPU memory
-    assert callback.num_syncs == 2  # before the updates of steps 1 and 2 (none for a rollout past the last step)
+    # before the updates of steps 1 to 3: the engine's weights are the trainer's (share_trained_weights, the
+    # default), so each update first takes the step before's results in, the last one too (2 without sharing:
+    # no rollout past the last step)
+    assert callback.num_syncs == 3
     # each rollout's engine steps were timed in the front-end process: a step per token of its longest completion
     assert all(s["engine_steps"] is not None and s["engine_steps"] >= s["longest"] for s in seen)
     assert seen[0]["mismatch"] < 0.05  # the same weights: bf16 engine against the trainer's bf16 autocast
@@ -324,6 +329,12 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     assert all(s["linear_dtypes"] == ["torch.bfloat16"] for s in seen)
     # their gradients (210 linear weights and the tied embedding) wait in host memory from the backward on
     assert all(s["grads_sent_to_host"] == 211 for s in seen)
+    # the defaults since 2026-12-05: those bf16 weights are the engine process's own (share_trained_weights=None),
+    # and the optimizer steps a share of them on the CPU, balanced after every step (step_on_host=None: "auto")
+    print("shared trained weights:", callback.sharing_trained_weights, [s["shared_bytes"] for s in seen],
+          "CPU share of the step:", [s["cpu_share"] for s in seen])
+    assert callback.sharing_trained_weights and all(s["shared_bytes"] > 0 for s in seen)
+    assert trainer.precision_plugin.step_on_host == "auto" and len({s["cpu_share"] for s in seen}) > 1
     # the update's forwards pack the sequences without padding (pack_sequences=None on CUDA under bf16 autocast)
     assert all(s["packed"] for s in seen)
     # AdamW's fused CUDA kernel steps each streamed chunk (the default on CUDA outside AMP and FSDP since 2026-12-03)

@@ -245,7 +245,7 @@ def test_a_run_resumed_from_a_checkpoint_steps_on_as_one_that_never_stopped():
             torch.testing.assert_close(states_b[name][k], v, rtol=0, atol=0, msg=f"{name} {k}")
 
 
-@pytest.mark.parametrize("bad", [1.5, -0.1, "yes", None])
+@pytest.mark.parametrize("bad", [1.5, -0.1, "yes", [0.5]])
 def test_the_plugin_refuses_a_share_outside_zero_to_one(bad):
     with pytest.raises(ValueError, match="step_on_host"):
         MemoryAwarePrecision(step_on_host=bad)
@@ -332,6 +332,16 @@ def test_the_plugin_refuses_step_on_host_where_it_would_step_nothing(setting):
     with pytest.raises(ValueError, match=r"step_on_host='auto' steps host masters .* it would step nothing"):
         MemoryAwarePrecision(step_on_host="auto", **setting)
     MemoryAwarePrecision(step_on_host=False, **setting)  # fine without it
+    assert MemoryAwarePrecision(**setting).step_on_host is False  # the default steps nothing there, quietly
+
+
+def test_the_default_step_on_host_is_auto_where_it_applies_and_refuses_nothing():
+    assert MemoryAwarePrecision().step_on_host == "auto"
+    net = small_lm()
+    plugin = MemoryAwarePrecision(master_weights="cpu")
+    plugin._optimizers = [torch.optim.SGD(net.parameters(), lr=0.1)]
+    plugin._attach_host_masters(net, torch.device("cpu"))  # an optimizer it cannot step: streamed, not refused
+    assert plugin.host_master_weights is not None
 
 
 def test_a_fit_whose_step_on_host_has_nothing_to_step_says_so(saved_tiny_llama, caplog):
@@ -347,3 +357,9 @@ def test_a_fit_whose_step_on_host_has_nothing_to_step_says_so(saved_tiny_llama, 
                                                      PromptDataModule(train_data=[{"prompt": "ab"}], batch_size=1))
     assert any("steps nothing in this fit" in r.getMessage() and "training on cpu" in r.getMessage()
                for r in caplog.records)
+    caplog.clear()
+    quiet = MemoryAwarePrecision(master_weights="cpu")  # the default on a CPU: nothing to step, nothing said
+    make_trainer(max_steps=1, plugins=[quiet]).fit(tiny_grpo(saved_tiny_llama(1)),
+                                                    PromptDataModule(train_data=[{"prompt": "ab"}], batch_size=1))
+    assert quiet.step_on_host == "auto" and quiet.resolved_master_weights == "cpu"  # host masters, CPU gradients
+    assert not any("steps nothing" in r.getMessage() for r in caplog.records)

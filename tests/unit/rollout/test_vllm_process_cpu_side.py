@@ -281,7 +281,8 @@ def test_an_engine_process_that_fails_to_start_falls_back_to_the_in_process_engi
     trainer = SimpleNamespace(global_step=0, strategy=None)
     cb = VLLMRollout()
     left = []
-    cb._plugin = SimpleNamespace(engine_leaves_the_update=left.append, kv_cache_bytes=None, memory_plan=None)
+    cb._plugin = SimpleNamespace(engine_leaves_the_update=left.append, kv_cache_bytes=None, memory_plan=None,
+                                 host_master_weights=None)
     cb._create(trainer, module, 2)
     assert isinstance(cb.engine, InProcess) and not cb.overlapping and len(built) == 1
     assert left == [module]  # the plugin takes back what it shrank for an engine beside the update
@@ -357,9 +358,9 @@ def _full_module_with_masters(**kw):
 
 def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_and_refused_before_the_start(
         caplog):
-    """``share_trained_weights``: True raises the reason before the engine starts; None shares a full fine-tune with
-    host masters in the engine's dtype and one step per rollout (the engine process then tries, and says why not);
-    False and the other cases leave it off."""
+    """``share_trained_weights``: True raises the reason before the engine starts; None (the default) shares a full
+    fine-tune with host masters in the engine's dtype and one step per rollout (the engine process then tries, and
+    says why not); False and the other cases leave it off."""
     built = []
 
     def started(cb, module, masters, off_reason=None):
@@ -372,7 +373,9 @@ def test_trained_weights_are_shared_when_asked_or_where_nothing_is_against_it_an
         return built[-1]
 
     module, masters = _full_module_with_masters()
-    assert started(VLLMRollout(), module, masters) == (False, False)  # the default: off until measured on a GPU
+    assert started(VLLMRollout(), module, masters) == (True, None)  # the default (None) since 2026-12-05
+    off = EngineSettings(share_trained_weights=False)
+    assert started(VLLMRollout(settings=off), module, masters) == (False, False)
     auto = EngineSettings(share_trained_weights=None)
     assert started(VLLMRollout(settings=auto), module, masters) == (True, None)
     assert started(VLLMRollout(settings=auto), module, None) == (False, False)  # fp32 weights on the device
