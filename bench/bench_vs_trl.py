@@ -713,7 +713,8 @@ def worker(args) -> None:
 def _auto_host_share(trainer: object) -> float | None:
     """The CPU's share of the host masters' step for the next step, when the plugin balances it (``"auto"``)."""
     streamer = getattr(getattr(trainer, "precision_plugin", None), "_streamer", None)
-    return streamer.host_share if streamer is not None and streamer.host_step == "auto" else None
+    # getattr: an A/B run may import an older lightning_rl (PYTHONPATH in an extra's "env") without host_step
+    return streamer.host_share if getattr(streamer, "host_step", None) == "auto" else None
 
 
 def main() -> None:
