@@ -1,6 +1,8 @@
 """MemoryAwarePrecision(master_weights="cpu") through Trainer.fit on CPU: bf16 weights while training, fp32
 masters in checkpoints and back in the module after the fit, and a memory plan that counts half the bytes."""
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -8,6 +10,7 @@ from helpers import SAY_ROWS, host_steps_on_a_cpu, plugin_trainer, tiny_grpo
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rl import MemoryAwarePrecision, PromptDataModule
+from lightning_rl.modules.policy import DEFAULT_LEARNING_RATE
 from lightning_rl.plugins.memory_plan import GiB
 
 
@@ -136,3 +139,23 @@ def test_a_fit_with_the_step_on_the_cpu_trains_as_the_streamed_step(saved_tiny_l
     later, _ = fit(3, step_on_host)
     assert len(on_cpu) == 3 and all(0 < n <= managed for n in on_cpu)
     assert any(not torch.equal(later[n], w) for n, w in start.items())  # it trained
+
+
+def test_the_default_host_step_leaves_an_optimizer_it_cannot_run_to_the_streamed_step(saved_tiny_llama, monkeypatch):
+    """``step_on_host=None`` (the default) with SGD and host masters whose gradients wait in host memory: no step on
+    the CPU, no refusal, and the same weights as ``step_on_host=False`` after two steps."""
+    on_cpu = host_steps_on_a_cpu(monkeypatch)
+    path = saved_tiny_llama(1)
+
+    def fit(steps, **setting):
+        module = tiny_grpo(path, num_generations=2, learning_rate=DEFAULT_LEARNING_RATE,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+        plugin = MemoryAwarePrecision(master_weights="cpu", **setting)
+        plugin_trainer(plugin, steps=steps).fit(module, PromptDataModule(train_data=SAY_ROWS, batch_size=2))
+        return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+    default, off, start = fit(2), fit(2, step_on_host=False), fit(0)
+    assert on_cpu == []  # SGD: nothing stepped on the CPU
+    assert sum(not torch.equal(default[n], w) for n, w in start.items()) > len(start) // 2  # it trained
+    for name, w in off.items():
+        assert torch.equal(default[name], w), name
