@@ -27,13 +27,12 @@ class LightningRLCLI(LightningCLI):
 
     def _check_subcommand(self, subcommand: str) -> None:
         """Raise :class:`UnsupportedSubcommandError` when the module defines no step ``subcommand`` runs."""
-        methods = _STEP_METHODS[subcommand]
-        if any(is_overridden(m, self.model, L.LightningModule) for m in methods):
+        runs = {s: any(is_overridden(m, self.model, L.LightningModule) for m in ms) for s, ms in _STEP_METHODS.items()}
+        if runs[subcommand]:
             return
         cls = f"{type(self.model).__module__.split('.')[0]}.{type(self.model).__name__}"
-        supported = ["fit", *(s for s, ms in _STEP_METHODS.items()
-                              if any(is_overridden(m, self.model, L.LightningModule) for m in ms))]
-        step = " or ".join(f"{m}()" for m in methods)
+        supported = ["fit", *(s for s, ok in runs.items() if ok)]
+        step = " or ".join(f"{m}()" for m in _STEP_METHODS[subcommand])
         raise UnsupportedSubcommandError(
             f"`{subcommand}` runs the module's {step}, which {cls} does not define: it supports "
             f"{' and '.join(f'`{s}`' for s in supported)}. Run `validate` to score the validation prompts, "

@@ -86,9 +86,13 @@ def resolve_callable(spec: Any) -> Any:
         cls = import_object(spec["class_path"])
         return cls(**dict(spec.get("init_args") or {}))
     if isinstance(spec, Mapping) and PARTIAL_KEY in spec:
-        return functools.partial(import_object(spec[PARTIAL_KEY]), *(spec.get("args") or ()),
-                                 **dict(spec.get("keywords") or {}))
+        return _stored_partial(spec, import_object(spec[PARTIAL_KEY]))
     return spec
+
+
+def _stored_partial(spec: Mapping[str, Any], func: Any) -> functools.partial:
+    """The :class:`functools.partial` a ``{"partial", "args", "keywords"}`` spec stores, of ``func`` (its import)."""
+    return functools.partial(func, *(spec.get("args") or ()), **dict(spec.get("keywords") or {}))
 
 
 def resolve_factory(value: Any, what: str = "optimizer") -> Callable[..., Any] | None:
@@ -116,8 +120,7 @@ def resolve_factory(value: Any, what: str = "optimizer") -> Callable[..., Any] |
     elif isinstance(value, Mapping) and "class_path" in value:
         factory = functools.partial(_import(value["class_path"], *hints), **dict(value.get("init_args") or {}))
     elif isinstance(value, Mapping) and PARTIAL_KEY in value:
-        factory = functools.partial(_import(value[PARTIAL_KEY], *hints), *(value.get("args") or ()),
-                                    **dict(value.get("keywords") or {}))
+        factory = _stored_partial(value, _import(value[PARTIAL_KEY], *hints))
     else:
         raise TypeError(
             f"{what} must be a callable, an import path such as {example}, or a spec such as "

@@ -19,7 +19,7 @@ from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
 from lightning_rl.lora import is_lora
-from lightning_rl.modules.sequence_limits import check_sequences_fit
+from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
@@ -91,8 +91,7 @@ def _upcoming_job(pl_module: L.LightningModule, engine: RolloutEngine, prompts: 
     """
     sampling, g = pl_module.sampling, pl_module.num_generations
     try:
-        ids = pl_module.encode(prompts)
-        check_sequences_fit(ids, sampling.max_new_tokens, pl_module.policy)
+        ids = encode_within_positions(pl_module, prompts, sampling.max_new_tokens)
     except Exception as err:  # noqa: BLE001 - raised again by the job, at the batch the prompts belong to
         failure = err
 

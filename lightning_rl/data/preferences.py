@@ -29,6 +29,12 @@ def read_preference_rows(source: DataSource | Any, split: str = "train", subset:
     return load_rows(source, split, subset)
 
 
+def _is_messages(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of chat messages (mappings)."""
+    return (isinstance(value, Sequence) and not isinstance(value, str) and bool(value)
+            and all(isinstance(m, Mapping) for m in value))
+
+
 def response_text(response: Any) -> str | None:
     """The text of a response (a string, or assistant messages whose contents are joined); None if malformed.
 
@@ -36,7 +42,7 @@ def response_text(response: Any) -> str | None:
     """
     if isinstance(response, str):
         return response
-    if isinstance(response, Sequence) and response and all(isinstance(m, Mapping) for m in response):
+    if _is_messages(response):
         parts = [m.get("content") for m in response]
         if all(isinstance(p, str) for p in parts):
             return "".join(parts)
@@ -50,11 +56,6 @@ CONVERSATION_LAYOUTS = (
     "that share their leading messages (which become the prompt) and end with different assistant replies"
 )
 _OUTPUT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "index", "kl_completion")
-
-
-def _is_messages(value: Any) -> bool:
-    return (isinstance(value, Sequence) and not isinstance(value, str) and bool(value)
-            and all(isinstance(m, Mapping) for m in value))
 
 
 def _same_message(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

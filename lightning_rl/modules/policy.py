@@ -56,7 +56,7 @@ from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
-from lightning_rl.modules.sequence_limits import check_sequences_fit
+from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.modules.sharding import (
     check_strategy,
     fully_shard_policy,
@@ -632,8 +632,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
                 the model's positions (:func:`~lightning_rl.modules.sequence_limits.check_sequences_fit`).
         """
         engine, sampling = engine or self.default_engine(), sampling or self.sampling
-        ids = self.encode(prompts)
-        check_sequences_fit(ids, sampling.max_new_tokens, self.policy)
+        ids = encode_within_positions(self, prompts, sampling.max_new_tokens)
         rollout = engine.generate(ids, sampling, num_generations or self.num_generations)
         return rollout.to(self.device)
 

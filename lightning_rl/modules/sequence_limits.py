@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -46,4 +47,19 @@ def check_sequences_fit(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
         "the last tokens of longer prompts) or lower sampling.max_new_tokens")
 
 
-__all__ = ["POSITION_FIELDS", "check_sequences_fit", "position_limit"]
+def encode_within_positions(module: Any, prompts: Sequence[Any], max_new_tokens: int) -> list[list[int]]:
+    """``module.encode(prompts)``, refused by :func:`check_sequences_fit` against ``module.policy``'s positions.
+
+    What every rollout's prompts pass before an engine generates from them (the module's own rollouts and the
+    callback's next batch alike).
+
+    Raises:
+        PromptTooLongError: a prompt longer than the module's ``max_prompt_length``, or one whose completion could
+            run past the model's positions.
+    """
+    ids = module.encode(prompts)
+    check_sequences_fit(ids, max_new_tokens, module.policy)
+    return ids
+
+
+__all__ = ["POSITION_FIELDS", "check_sequences_fit", "encode_within_positions", "position_limit"]

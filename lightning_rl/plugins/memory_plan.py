@@ -384,9 +384,14 @@ def _train_fixes(parts: Mapping[str, int], budget: int, reserved: int, fixed: in
          _OFFLOAD_CHECKPOINTS_FIX),
         (one_sequence // 2, _SHORTER_FIX),
     ]
+    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates, [_quantize_fix(model, settings)],
+                        _fixed_names(parts))
+
+
+def _quantize_fix(model: ModelMemory, settings: RunSettings) -> tuple[int, str]:
+    """``(bytes it would free, change)`` of quantizing the frozen weights (nothing when done already or off CUDA)."""
     can_quantize = not settings.quantized and settings.cuda is not False
-    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates,
-                        [(model.frozen_bytes // 2 if can_quantize else 0, _QUANTIZE_FIX)], _fixed_names(parts))
+    return (model.frozen_bytes // 2 if can_quantize else 0, _QUANTIZE_FIX)
 
 
 def _fixed_names(parts: Mapping[str, int]) -> str:
@@ -405,9 +410,8 @@ def _rollout_fixes(parts: Mapping[str, int], budget: int, reserved: int, fixed: 
         (kv // 2, _FEWER_TOKENS_FIX),
         (0 if settings.trains_adapters(model) else opt_on_device, _LORA_ROLLOUT_FIX),
     ]
-    can_quantize = not settings.quantized and settings.cuda is not False
-    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates,
-                        [(model.frozen_bytes // 2 if can_quantize else 0, _QUANTIZE_FIX)], _fixed_names(parts))
+    return _order_fixes(budget, reserved, sum(parts.values()), fixed, candidates, [_quantize_fix(model, settings)],
+                        _fixed_names(parts))
 
 
 ENGINE_BESIDE_PART = "engine running beside the update (own process)"
