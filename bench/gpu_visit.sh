@@ -17,7 +17,11 @@
 #                                            # (WAYS=... names others, SKIP_SMOLLM2=1 runs the 0.5B shape only,
 #                                            # STEPS=N timed steps per way, 3 by default)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
-#                                                            # PROFILE=1 adds a profile of one step per run
+#                                                            # PROFILE=1 adds a profile of one step per run,
+#                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (0.05);
+#                                                            # an older lightning_rl: bench/ab_copies.sh
+#   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each):
+#                                                            # the smallest at which it runs, its peak and step
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/out}
@@ -77,8 +81,14 @@ case "$stage" in
   bench)
     extras=(); for e in "${@:4}"; do extras+=(--extra "$e"); done
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
-      --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
+      --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} ${TRL_UTIL:+--trl-util "$TRL_UTIL"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
+  trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
+    for u in ${UTILS:-0.02 0.03 0.04}; do
+      timeout 200 python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_util_$u.json" --cases "${2:?case}" --runners trl \
+        --trl-util "$u" --steps "${STEPS:-4}" --timeout 190 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" > "$WORK/trl_util_$u.log"
+      echo "== vllm_gpu_memory_utilization=$u"; grep -E "s/step|FAILED|Error" "$WORK/trl_util_$u.log" | cut -c1-300 | tail -3
+    done ;;
   memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
            # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
            # ours side by side (each process's NVML figure is its own; their times are not clean): SmolLM2 full
