@@ -22,6 +22,7 @@
 #                                                            # an older lightning_rl: bench/ab_copies.sh
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each):
 #                                                            # the smallest at which it runs, its peak and step
+#                                                            # (RUNNERS=trl,trl-sleep: with vLLM's sleep mode too)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
 FINAL=${OUT:-/tmp/out}
@@ -84,10 +85,11 @@ case "$stage" in
       --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} ${TRL_UTIL:+--trl-util "$TRL_UTIL"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
-    for u in ${UTILS:-0.02 0.03 0.04}; do
-      timeout 200 python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_util_$u.json" --cases "${2:?case}" --runners trl \
-        --trl-util "$u" --steps "${STEPS:-4}" --timeout 190 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" > "$WORK/trl_util_$u.log"
-      echo "== vllm_gpu_memory_utilization=$u"; grep -E "s/step|FAILED|Error" "$WORK/trl_util_$u.log" | cut -c1-300 | tail -3
+    for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction
+      timeout 200 python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_util_$u.json" --cases "${2:?case}" \
+        --runners "${RUNNERS:-trl}" --trl-util "$u" --steps "${STEPS:-4}" --timeout 190 2>&1 \
+        | grep -vE "^(INFO|WARNING|DEBUG)" > "$WORK/trl_util_$u.log"
+      echo "== vllm_gpu_memory_utilization=$u"; grep -E "^\[|s/step|FAILED|Error" "$WORK/trl_util_$u.log" | cut -c1-300 | tail -6
     done ;;
   memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
            # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
