@@ -43,6 +43,11 @@ probe_run() {  # SCRIPT PREFIX SECONDS NAME ARGS...: one variant of bench/SCRIPT
   local rc=$?
   echo "[$(date +%T)] rc=$rc $4"
 }
+run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and log in $WORK named after NAME
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_$name.json" "$@" 2>&1 \
+    | grep -vE "^(INFO|DEBUG)" > "$WORK/bench_$name.log"
+}
 each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
                # PAR of them at a time (default 1)
   python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::" \
@@ -86,10 +91,9 @@ case "$stage" in
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
     for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction
-      timeout 200 python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_util_$u.json" --cases "${2:?case}" \
-        --runners "${RUNNERS:-trl}" --trl-util "$u" --steps "${STEPS:-4}" --timeout 190 2>&1 \
-        | grep -vE "^(INFO|WARNING|DEBUG)" > "$WORK/trl_util_$u.log"
-      echo "== vllm_gpu_memory_utilization=$u"; grep -E "^\[|s/step|FAILED|Error" "$WORK/trl_util_$u.log" | cut -c1-300 | tail -6
+      run_bench "util_$u" 200 --cases "${2:?case}" --runners "${RUNNERS:-trl}" --trl-util "$u" \
+        --steps "${STEPS:-4}" --timeout 190
+      echo "== vllm_gpu_memory_utilization=$u"; grep -E "^\[|s/step|FAILED|Error" "$WORK/bench_util_$u.log" | cut -c1-300 | tail -6
     done ;;
   memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
            # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
@@ -101,11 +105,6 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/mod
     kw='"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}'
     b300='{"plugin":{"memory_budget":3221225472,"engine_overhead_bytes":402653184},"rollout":{'$kw'}}'
     b500='{"plugin":{"memory_budget":5368709120,"engine_overhead_bytes":536870912},"rollout":{'$kw'}}'
-    run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and log named after NAME
-      local name=$1 secs=$2; shift 2
-      timeout "$secs" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_$name.json" "$@" 2>&1 \
-        | grep -vE "^(INFO|DEBUG)" > "$WORK/bench_$name.log"
-    }
     [ -n "${SKIP_TRL:-}" ] || run_bench trl 200 --cases smollm2-full --runners trl --steps 10 --timeout 190
     run_bench smollm2 200 --cases smollm2-full --runners , --extra "b300=$b300" --steps 10 --timeout 190 &
     run_bench b500 280 --cases qwen15-lora --runners , --extra "b500=$b500" --steps 6 --timeout 270 &
