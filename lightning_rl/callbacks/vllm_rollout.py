@@ -102,6 +102,13 @@ def _upcoming_job(pl_module: L.LightningModule, engine: RolloutEngine, prompts: 
     return lambda: engine.generate(ids, sampling, g)
 
 
+def _restores_after_fit_start(trainer: Any) -> bool:
+    """Whether the trainer's strategy restores a checkpoint after ``on_fit_start`` (FSDP, DeepSpeed, ModelParallel:
+    ``restore_checkpoint_after_setup``): a resumed fit's callback states are not yet loaded there.
+    """
+    return bool(getattr(getattr(trainer, "strategy", None), "restore_checkpoint_after_setup", False))
+
+
 def _strategy_model(trainer: Any) -> nn.Module | None:
     """The module the trainer's strategy wrapped (under FSDP its units hold the policy's shards), if any."""
     model = getattr(getattr(trainer, "strategy", None), "model", None)
@@ -112,7 +119,8 @@ class VLLMRollout(Callback):
     """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
 
     The engine is created once at ``on_fit_start`` (or at the first batch when the number of
-    prompts per step is not known yet), sized from the module's
+    prompts per step is not known yet, or under a strategy that restores checkpoints after ``on_fit_start``, such
+    as FSDP or DeepSpeed: a resumed engine's seed counts the restored step), sized from the module's
     :class:`~lightning_rl.shapes.TrainingShape`: ``G x prompts`` sequences of ``max_prompt_tokens +
     max_new_tokens`` tokens. Before every training batch it wakes the engine, pushes the policy's
     weights if an optimizer step happened since the last push (``trainer.global_step``), generates
@@ -493,9 +501,14 @@ class VLLMRollout(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Create the engine when the prompts per step are known (else at the first batch)."""
+        """Create the engine when the prompts per step are known, else at the first batch.
+
+        Under a strategy that restores checkpoints after this hook (FSDP, DeepSpeed) it also waits for the first
+        batch: a resumed engine's seed then counts the restored step (:meth:`load_state_dict`) and repeats none of
+        the first run's sampling.
+        """
         n = self.prompts_per_step or datamodule_batch_size(trainer)
-        if self.engine is None and n is not None:
+        if self.engine is None and n is not None and not _restores_after_fit_start(trainer):
             self._create(trainer, pl_module, n)
 
     @override

@@ -4,6 +4,7 @@ import lightning as L
 import torch
 from helpers import SUM_ROWS, FakeEngine, make_trainer, rollout_grpo, state_copy
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_rl import PromptDataModule, VLLMRollout
 from lightning_rl.rollout import EngineSettings
@@ -27,14 +28,14 @@ class WeightHoldingEngine(FakeEngine):
         return super().generate(prompt_ids, sampling, num_generations)
 
 
-def fit(steps, tmp_path, engines, ckpt_path=None, seed=0):
+def fit(steps, tmp_path, engines, ckpt_path=None, seed=0, **trainer_kwargs):
     L.seed_everything(seed, verbose=False)
     calls = []
     callback = VLLMRollout(settings=EngineSettings(seed=5), engine_factory=lambda module, n, s: engines.append(
         WeightHoldingEngine(module, calls, s)) or engines[-1])
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     module = rollout_grpo()
-    trainer = make_trainer(max_steps=steps, callbacks=[callback, ckpt], enable_checkpointing=True)
+    trainer = make_trainer(max_steps=steps, callbacks=[callback, ckpt], enable_checkpointing=True, **trainer_kwargs)
     trainer.fit(module, PromptDataModule(train_data=SUM_ROWS, batch_size=2), ckpt_path=ckpt_path)
     return module, callback, calls
 
@@ -56,3 +57,26 @@ def test_resumed_engine_starts_from_the_checkpoint_weights(tmp_path):
         assert torch.equal(held[k], v), k
     assert calls[:4] == ["create", "wake", "sync", "generate"]  # the restored step counts as a new policy
     assert callback.num_rollouts == 2 + 2 and callback.num_syncs == 1 + 2
+
+
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """A CPU strategy that, as FSDP and DeepSpeed do, restores the checkpoint after ``on_fit_start``."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_an_engine_resumed_by_a_restore_after_setup_strategy_is_seeded_from_the_restored_step(tmp_path):
+    fit(2, tmp_path, [])
+    resumed = []
+    module, callback, calls = fit(4, tmp_path / "resumed", resumed, ckpt_path=tmp_path / "last.ckpt", seed=99,
+                                  strategy=RestoresAfterSetup(device=torch.device("cpu")))
+    assert len(resumed) == 1 and resumed[0].seed == 5 + 1  # without waiting for the restore: 5, the first run's
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    held = resumed[0].at_rollout[0]
+    for k, v in held.items():
+        assert torch.equal(v, saved["policy." + k]), k
+    # built at the first batch from the restored weights: the first sync follows the first resumed step
+    assert calls[:7] == ["create", "wake", "generate", "sleep", "wake", "sync", "generate"]
+    assert callback.num_rollouts == 2 + 2 and callback.num_syncs == 1 + 1
