@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import memory_snapshot  # bench/, beside this script
+import profile_sources  # bench/
 
 CASES = {
     # name: (model, lora, max_new_tokens, learning rate)
@@ -392,6 +393,14 @@ def packs_in_step(trainer, module) -> bool:
         return module.packs_sequences(module.policy)
 
 
+def stack_tables(events) -> str:
+    """The profiled step's CPU time by Python function: overall, then this library's, peft's and the models' own."""
+    return ("\n== by Python function, total CPU time ==\n" + profile_sources.function_table(events, rows=60)
+            + "\n== lightning_rl, peft, transformers: by self CPU time (Python between operators) ==\n"
+            + profile_sources.function_table(events, rows=40, sort_by="self_us",
+                                             only="lightning_rl|peft|transformers"))
+
+
 def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: str | None, extra: dict,
              profile_name: str = "ours", partial_path: str | None = None) -> dict:
     import lightning as L
@@ -419,6 +428,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     # an A/B for the library: PyTorch's cache given back to the driver after each step's update (beside the engine
     # process the plugin never empties it between steps, so what one step freed stays reserved into the next)
     empty_cache_each_step = bool(extra.get("empty_cache_each_step"))
+    # PROFILE_STACKS=1: the profiled step also records Python calls, and its table adds the CPU time by function
+    profile_stacks = os.environ.get("PROFILE_STACKS") == "1"
     _, lora, new_tokens, lr = CASES[case]
     rows = make_rows(PROMPTS * (steps + 1))
     t_start = time.perf_counter()
@@ -445,7 +456,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.threads.take()  # the step's threads' CPU time starts here
             if profile_dir and trainer.global_step == steps:  # one step past the timed ones
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   with_stack=profile_stacks)
                 self.prof.__enter__()
             if (snapshot and trainer.global_step == steps) or (snapshot_first and trainer.global_step == 0):
                 self.snapshot_start = memory_snapshot.record()
@@ -485,7 +497,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 table = self.prof.key_averages().table
                 Path(profile_dir, f"profile_{profile_name}_{case}.txt").write_text(
                     "== by CUDA time ==\n" + table(sort_by="cuda_time_total", row_limit=45)
-                    + "\n== by CPU time ==\n" + table(sort_by="cpu_time_total", row_limit=45))
+                    + "\n== by CPU time ==\n" + table(sort_by="cpu_time_total", row_limit=45)
+                    + (stack_tables(self.prof.events()) if profile_stacks else ""))
                 self.prof = None
             if extra_step:
                 return

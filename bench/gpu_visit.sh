@@ -18,6 +18,7 @@
 #                                            # STEPS=N timed steps per way, 3 by default)
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run,
+#                                                            # PROFILE_STACKS=1 its CPU time by Python function,
 #                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (0.05);
 #                                                            # an older lightning_rl: bench/ab_copies.sh
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each):
