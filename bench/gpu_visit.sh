@@ -21,7 +21,8 @@
 #                                                            # PROFILE_STACKS=1 its CPU time by Python function,
 #                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (0.05);
 #                                                            # an older lightning_rl: bench/ab_copies.sh
-#   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each):
+#   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each;
+#                                                            # STOP_AT_FIRST=1: up to the first that runs):
 #                                                            # the smallest at which it runs, its peak and step
 #                                                            # (RUNNERS=trl,trl-sleep: with vLLM's sleep mode too)
 set -uo pipefail
@@ -43,6 +44,10 @@ probe_run() {  # SCRIPT PREFIX SECONDS NAME ARGS...: one variant of bench/SCRIPT
   timeout "$3" python3 "bench/$1" --out "$WORK/$2_$4.json" "${@:5}" > "$WORK/$2_$4.log" 2>&1
   local rc=$?
   echo "[$(date +%T)] rc=$rc $4"
+}
+ran_steps() {  # JSON: whether a bench_vs_trl.py result file holds a run with a step time (it ran, not failed)
+  python3 -c "import json, sys; runs = json.load(open(sys.argv[1])).get('runs', [])
+sys.exit(0 if any(r.get('s_per_step') for r in runs) else 1)" "$1" 2>/dev/null
 }
 run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and log in $WORK named after NAME
   local name=$1 secs=$2; shift 2
@@ -95,6 +100,7 @@ case "$stage" in
       run_bench "util_$u" 200 --cases "${2:?case}" --runners "${RUNNERS:-trl}" --trl-util "$u" \
         --steps "${STEPS:-4}" --timeout 190
       echo "== vllm_gpu_memory_utilization=$u"; grep -E "^\[|s/step|FAILED|Error" "$WORK/bench_util_$u.log" | cut -c1-300 | tail -6
+      if [ -n "${STOP_AT_FIRST:-}" ] && ran_steps "$WORK/vs_trl_util_$u.json"; then echo "== $u ran: stopping"; break; fi
     done ;;
   memory)  # budgeted runs (fp8 KV cache, vLLM's profile run capped at 2,048 tokens); a budget is the process's
            # whole NVML figure. TRL first and alone: vLLM sizes its KV cache from the device's free memory. Then
