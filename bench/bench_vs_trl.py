@@ -251,8 +251,10 @@ def summarize(steps: list[dict], warmup: int) -> dict:
         values = [s[key] for s in steady if s.get(key) is not None]
         return statistics.median(values) if values else None
 
+    sync_parts = sorted({k for s in steady for k in s if k.startswith("sync_") and k != "sync_s"})
     return {"s_per_step": med("step_s"), "rollout_s": med("rollout_s"), "toggle_s": med("toggle_s"),
             "train_s": med("train_s"), "update_s": med("update_s"), "optimizer_step_s": med("optimizer_step_s"),
+            **({"sync_parts_s": {k.removeprefix("sync_"): med(k) for k in sync_parts}} if sync_parts else {}),
             "steps_timed": len(steady)}
 
 
@@ -514,6 +516,10 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                # (with share_trained_weights it copies the last step's weights in)
                                "wait_s": t.get("wait_s"), "sync_s": t.get("sync_s"),
                                "staleness": t.get("staleness", 0.0),
+                               # the parts of the engine process's last sync (prepare, attach, device wait, load,
+                               # prefix reset): where the toggle goes
+                               **{f"sync_{k}": v for k, v in
+                                  (getattr(self.rollout_cb.engine, "last_sync_timings", None) or {}).items()},
                                **{k: v for k, v in t.items() if k.startswith("engine_")},  # the rollout's steps
                                "update_s": float(m.get("train/train_time_step", m.get("train/train_time",
                                                                                          float("nan")))),
@@ -819,7 +825,10 @@ def main() -> None:
                 r = run
                 step = r.get("optimizer_step_s")  # the streamed or host optimizer step, when the plugin streams
                 print(f"   {r['s_per_step']:.3f} s/step (rollout {r['rollout_s']:.3f}, train {r['train_s']:.3f}"
-                      + ("" if step is None else f", optimizer step {step:.3f}") + "); "
+                      + ("" if step is None else f", optimizer step {step:.3f}")
+                      + ("" if not r.get("sync_parts_s") else ", sync " + ", ".join(
+                          f"{k.removesuffix('_s')} {v:.4f}" for k, v in r["sync_parts_s"].items() if v is not None))
+                      + "); "
                       f"peak NVML device {r['peak_nvml_device_gib']:.2f} GiB, process {r['peak_nvml_process_gib']}; "
                       f"torch {r['peak_torch_allocated_gib']:.2f} GiB; rewards {[round(x, 2) for x in r['rewards']]}"
                       + (f"; {r.get('resolved')}" if "resolved" in r else ""), flush=True)

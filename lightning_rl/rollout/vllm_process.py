@@ -153,6 +153,7 @@ class VLLMProcessEngine(VLLMEngine):
         self._bind(VLLMInternals(None), eos_token_ids, pad_token_id, max_model_len, settings, None, 0, weight_dtype)
         self.weights_root = weights_root
         self._attached: tuple[Any, ...] = ()
+        self.last_sync_timings: dict[str, float] = {}  # the parts of the last sync_weights, in seconds
         self._dir = tempfile.mkdtemp(prefix="lightning-rl-vllm-")
         try:
             kwargs = self._llm_kwargs(model, max_num_seqs)
@@ -278,6 +279,7 @@ class VLLMProcessEngine(VLLMEngine):
         loaded.
         """
         self._check_alive()
+        t0 = time.perf_counter()
         weights = engine_weights(model)
         if self.shared_weights.views:
             shared = self.shared_weights.names
@@ -285,16 +287,25 @@ class VLLMProcessEngine(VLLMEngine):
             self.shared_weights.flush()  # the engine is idle: nothing generates from its weights now
         with_bases = not self.merged_base.views  # a shared base stays in the engine process
         layout = weights_layout(weights, with_bases)
+        t1 = time.perf_counter()
         if layout != self._attached:
             self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights, with_bases), os.getpid()))
             self._attached = layout
+        t2 = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the optimizer's writes and the forwards reading a shared base are done
+        t3 = time.perf_counter()
         self.llm.collective_rpc("lightning_rl_load")
+        t4 = time.perf_counter()
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        t5 = time.perf_counter()
         if self.merged_base.views:
             self.merged_base.mark_synced()
         self.state.weights_synced = True
+        # where a sync's time goes (the bench records it): listing the weights (and the shared ones' copies from
+        # host memory), sending new handles, waiting for the device, the engine's load (or merge), the prefix reset
+        self.last_sync_timings = {"prepare_s": t1 - t0, "attach_s": t2 - t1, "device_wait_s": t3 - t2,
+                                  "load_s": t4 - t3, "prefix_reset_s": t5 - t4}
 
     @property
     def syncs_before_each_update(self) -> bool:

@@ -117,6 +117,9 @@ def test_a_shared_merged_base_follows_the_trained_adapters_and_comes_back_at_shu
     engine.sync_weights(policy)  # the first sync: merged from the trainer's own base
     for name, want in _merged_expected(policy, pristine).items():
         torch.testing.assert_close(_engine_rows(fake, name), want, rtol=0, atol=0)
+    parts = engine.last_sync_timings  # where the sync's time went, for the benchmark's record
+    assert set(parts) == {"prepare_s", "attach_s", "device_wait_s", "load_s", "prefix_reset_s"}
+    assert all(v >= 0 for v in parts.values()) and parts["attach_s"] > 0 and parts["load_s"] > 0
 
     engine._share_merged_base(policy)
     assert engine.syncs_before_each_update and engine.merged_base.bytes_shared > 0
