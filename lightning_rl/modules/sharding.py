@@ -90,7 +90,7 @@ def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
 
 
 def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the squares of every element of ``tensors``, accumulated in fp32.
+    """The sum of the squares of every element of ``tensors`` (at least one tensor), accumulated in fp32.
 
     One ``torch._foreach_norm`` per device and dtype: on CUDA a few kernels for all tensors instead of one per
     tensor (a LoRA policy has hundreds of adapter tensors). The result is on the first tensor's device.
