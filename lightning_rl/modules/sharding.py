@@ -19,6 +19,7 @@ from torch import nn
 from lightning_rl.compiled_layers import decoder_layers
 from lightning_rl.models import is_fully_sharded, unwrap
 from lightning_rl.rollout.sharded_weights import is_dtensor
+from lightning_rl.tensor_norms import sum_of_squares
 
 FSDP1_REFUSED = (
     "Lightning's FSDPStrategy (torch FSDP1) cannot train lightning-rl's modules: they optimize manually "
@@ -87,21 +88,6 @@ def fully_shard_policy(model: nn.Module, mesh: Any) -> nn.Module:
         fully_shard(layer, mesh=dp)
     fully_shard(net, mesh=dp)
     return model
-
-
-def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the squares of every element of ``tensors`` (at least one tensor), accumulated in fp32.
-
-    One ``torch._foreach_norm`` per device and dtype: on CUDA a few kernels for all tensors instead of one per
-    tensor (a LoRA policy has hundreds of adapter tensors). The result is on the first tensor's device.
-    """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    device = tensors[0].device
-    parts = [torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32)).square().sum().to(device)
-             for group in groups.values()]
-    return torch.stack(parts).sum()
 
 
 def gradient_norm(grads: list[torch.Tensor], device: torch.device, held_squares: torch.Tensor | None = None

@@ -76,6 +76,7 @@ from lightning_rl.plugins.streamed_states import (
 )
 from lightning_rl.rollout.sharded_weights import is_dtensor
 from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
+from lightning_rl.tensor_norms import tensor_norms
 
 log = logging.getLogger(__name__)
 
@@ -709,7 +710,7 @@ class MemoryAwarePrecision(Precision):
         held = None if self._host_grads is None else self._host_grads.squares()
         if not grads and held is None:
             return None
-        norms = [torch.linalg.vector_norm(grad.float()) for _, grad in grads]  # .float() of fp32 is the tensor
+        norms = tensor_norms([grad for _, grad in grads])  # in fp32, as for fp32 gradients
         if held is not None:  # the gradients the backward sent to host memory, measured before they left
             norms.append(held.sqrt())
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from lightning_rl.modules.sharding import gradient_norm, sum_of_squares
+from lightning_rl.modules.sharding import gradient_norm
+from lightning_rl.tensor_norms import sum_of_squares
 
 
 def _reference(tensors):
