@@ -8,15 +8,17 @@ The layer runs inside an autograd function of its own (the reentrant form of che
 layer without autograd and copies the input to pinned host memory on a side stream; its backward copies it back,
 runs the layer again with autograd under the forward's autocast and random state, and backpropagates through that.
 No saved-tensor hooks are involved, and a compiled layer (:mod:`lightning_rl.compiled_layers`) compiles only its
-own math: on an H200 (torch 2.11, inductor), saved-tensor hooks opened around a compiled, checkpointed layer made
-it keep every activation instead of recomputing them (a test model's update peak went from 359 to 1839 MiB), and
-transformers' own ``offload`` (hooks inside the layer's ``forward``) ran compiled layers eagerly.
+own math, in the forward (gradients off, :func:`in_checkpoint_forward`) and in the recompute: on an H200 (torch
+2.11, inductor), saved-tensor hooks opened around a compiled, checkpointed layer made it keep every activation
+instead of recomputing them (a test model's update peak went from 359 to 1839 MiB), and transformers' own
+``offload`` (hooks inside the layer's ``forward``) ran compiled layers eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +30,14 @@ from lightning_rl.cuda_streams import side_stream
 _FLAG = "_lightning_rl_offloads_inputs"
 _REENTRANT = "_lightning_rl_reentrant_checkpoint"
 _PLAIN_CHECKPOINT = "_lightning_rl_plain_checkpoint_func"
+_FORWARDS = threading.local()  # .depth: how many offloaded checkpoints' forwards this thread is inside
+
+
+def in_checkpoint_forward() -> bool:
+    """Whether this thread runs the forward of an :func:`offloaded_checkpoint`: gradients are off there, and the
+    layer is recomputed with them in the backward, so it is the update's forward all the same.
+    """
+    return getattr(_FORWARDS, "depth", 0) > 0
 
 
 def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -97,7 +107,11 @@ class _OffloadedLayer(torch.autograd.Function):
             ctx.host = to_host(hidden)  # started first: on a GPU the copy runs beside the layer's own kernels
         else:
             ctx.save_for_backward(hidden)  # autograd checks that nothing changed it in place meanwhile
-        return run(hidden)
+        _FORWARDS.depth = getattr(_FORWARDS, "depth", 0) + 1
+        try:
+            return run(hidden)
+        finally:
+            _FORWARDS.depth -= 1
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -133,8 +147,12 @@ def offloaded_checkpoint(function: Callable[..., Any], *args: Any, offload: bool
     keeps ``args[0]``, the layer's input, in host memory meanwhile (on the device with ``offload=False``).
 
     Falls back to PyTorch's non-reentrant checkpoint where the reentrant form would lose a gradient: another
-    argument (positional, or bound in a ``functools.partial``) that requires grad, or no tensor input.
+    argument (positional, or bound in a ``functools.partial``) that requires grad, or no tensor input. With
+    gradients off it only calls ``function``: no backward will recompute it (transformers up to 5.22 checkpoints a
+    layer in train mode whatever the gradient mode; 5.23 and later only with gradients on).
     """
+    if not torch.is_grad_enabled():
+        return function(*args)
     hidden, rest = (args[0], args[1:]) if args else (None, ())
     bound = tuple(function.keywords.values()) if isinstance(function, functools.partial) else ()
     if (not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point()
@@ -142,6 +160,35 @@ def offloaded_checkpoint(function: Callable[..., Any], *args: Any, offload: bool
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
     anchor = torch.empty(0, device=hidden.device, requires_grad=True)
     return _OffloadedLayer.apply(lambda h: function(h, *rest), hidden, anchor, offload)
+
+
+def kept_checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """:func:`offloaded_checkpoint` with the layer's input kept on its device (the library's reentrant checkpoint)."""
+    return offloaded_checkpoint(function, *args, offload=False)
+
+
+def _route(layer: nn.Module) -> None:
+    """Point transformers' checkpoint function of ``layer`` at the one its flags ask for, keeping the plain one.
+
+    transformers up to 5.22 calls it in ``GradientCheckpointingLayer.__call__``, around a compiled ``forward`` as
+    well, so the flags must act there; from 5.23 a compiled layer checkpoints its math itself
+    (:class:`~lightning_rl.compiled_layers._CompiledClassForward`) and only an eager one calls it.
+    """
+    wanted = (offloaded_checkpoint if getattr(layer, _FLAG, False)
+              else kept_checkpoint if getattr(layer, _REENTRANT, False) else None)
+    current = getattr(layer, "_gradient_checkpointing_func", None)
+    ours = current is offloaded_checkpoint or current is kept_checkpoint
+    if wanted is None:
+        if hasattr(layer, _PLAIN_CHECKPOINT):
+            if ours:
+                layer._gradient_checkpointing_func = getattr(layer, _PLAIN_CHECKPOINT)
+            delattr(layer, _PLAIN_CHECKPOINT)
+        return
+    if current is None:  # checkpointing is off; enabling it again routes the layer (enable_activation_checkpointing)
+        return
+    if not ours:
+        setattr(layer, _PLAIN_CHECKPOINT, current)
+    layer._gradient_checkpointing_func = wanted
 
 
 def offload_layer_inputs(layer: nn.Module) -> None:
@@ -154,21 +201,17 @@ def offload_layer_inputs(layer: nn.Module) -> None:
     Args:
         layer: a decoder layer whose first argument is the residual stream.
     """
-    current = getattr(layer, "_gradient_checkpointing_func", None)
-    if current is not None and current is not offloaded_checkpoint:
-        setattr(layer, _PLAIN_CHECKPOINT, current)
-        layer._gradient_checkpointing_func = offloaded_checkpoint
     setattr(layer, _FLAG, True)
+    _route(layer)
 
 
 def keep_layer_inputs(layer: nn.Module) -> None:
-    """Undo :func:`offload_layer_inputs`: ``layer``'s input stays on the device again."""
-    if hasattr(layer, _PLAIN_CHECKPOINT):
-        if getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
-            layer._gradient_checkpointing_func = getattr(layer, _PLAIN_CHECKPOINT)
-        delattr(layer, _PLAIN_CHECKPOINT)
+    """Undo :func:`offload_layer_inputs`: ``layer``'s input stays on the device again (through the library's
+    reentrant checkpoint where :func:`use_reentrant_checkpoint` asked for it, else transformers' own).
+    """
     if hasattr(layer, _FLAG):
         delattr(layer, _FLAG)
+    _route(layer)
 
 
 def offloads_layer_inputs(layer: nn.Module) -> bool:
@@ -177,14 +220,15 @@ def offloads_layer_inputs(layer: nn.Module) -> bool:
 
 
 def use_reentrant_checkpoint(layer: nn.Module) -> None:
-    """Have ``layer``, when compiled (:mod:`lightning_rl.compiled_layers`), checkpoint through
-    :func:`offloaded_checkpoint` also when its input stays on the device (idempotent).
+    """Have ``layer`` checkpoint through :func:`offloaded_checkpoint` also when its input stays on the device
+    (idempotent).
 
     For a layer whose compiled math has an eager part (a sliced MLP, :mod:`lightning_rl.tiled_mlp`): PyTorch's
     non-reentrant checkpoint around its compiled pieces found the recomputation's saved tensors in another order
-    than the forward's on an H200 (``CheckpointError``).
+    than the forward's on an H200 (``CheckpointError``, transformers 5.17, which checkpoints in ``__call__``).
     """
     setattr(layer, _REENTRANT, True)
+    _route(layer)
 
 
 def uses_reentrant_checkpoint(layer: nn.Module) -> bool:
@@ -192,5 +236,6 @@ def uses_reentrant_checkpoint(layer: nn.Module) -> bool:
     return getattr(layer, _REENTRANT, False)
 
 
-__all__ = ["autocast_arguments", "from_host", "keep_layer_inputs", "offload_layer_inputs", "offloaded_checkpoint",
-           "offloads_layer_inputs", "to_host", "use_reentrant_checkpoint", "uses_reentrant_checkpoint"]
+__all__ = ["autocast_arguments", "from_host", "in_checkpoint_forward", "keep_layer_inputs", "kept_checkpoint",
+           "offload_layer_inputs", "offloaded_checkpoint", "offloads_layer_inputs", "to_host",
+           "use_reentrant_checkpoint", "uses_reentrant_checkpoint"]

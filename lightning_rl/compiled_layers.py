@@ -11,9 +11,15 @@ Each model therefore compiles its own copy of the class's ``forward`` code: a pr
 (a sweep, a notebook, a test session) would otherwise reach that limit with all their variants together, and
 its later models would run eagerly.
 
-Only the update runs compiled: a layer in train mode with gradients on. Generation (with a KV cache),
-evaluation and reference log-probs run the eager layer. A compiler failure (no C compiler, an operator
+Only the update runs compiled: a layer in train mode with gradients on, or inside the forward of the library's
+offloaded checkpoint (gradients off there; the backward recomputes the layer with them). Generation (with a KV
+cache), evaluation and reference log-probs run the eager layer. A compiler failure (no C compiler, an operator
 inductor cannot lower) falls back to the eager layer with one warning, so training goes on.
+
+transformers checkpoints a layer in one of two places: up to 5.22 in ``GradientCheckpointingLayer.__call__``,
+around the whole module call (so around the compiled ``forward``); from 5.23 inside the class's ``forward``
+(``forward_with_checkpointing``), which :class:`_CompiledClassForward` then compiles, or unwraps to checkpoint
+outside the graph. Both run both passes of an offloaded layer compiled.
 """
 
 from __future__ import annotations
@@ -27,30 +33,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_rl.checkpoint_offload import offloaded_checkpoint, offloads_layer_inputs, uses_reentrant_checkpoint
+from lightning_rl.checkpoint_offload import (
+    in_checkpoint_forward,
+    offloaded_checkpoint,
+    offloads_layer_inputs,
+    uses_reentrant_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 class _CompiledClassForward:
     """One compiled ``forward`` per decoder-layer class, shared by its layers, with an eager fallback.
 
-    transformers wraps a layer class's ``forward`` in its checkpointing (``GradientCheckpointingLayer``); compiled,
-    that wrapper's checkpoint becomes part of the graph. A layer whose input is offloaded
-    (:mod:`lightning_rl.checkpoint_offload`), or one marked for the library's reentrant checkpoint (a sliced MLP,
-    :mod:`lightning_rl.tiled_mlp`), compiles the wrapped ``forward`` alone and checkpoints it outside the graph
-    instead.
+    transformers 5.23 and later wrap a layer class's ``forward`` in their checkpointing
+    (``GradientCheckpointingLayer``); compiled, that wrapper's checkpoint becomes part of the graph. A layer whose
+    input is offloaded (:mod:`lightning_rl.checkpoint_offload`), or one marked for the library's reentrant
+    checkpoint (a sliced MLP, :mod:`lightning_rl.tiled_mlp`), compiles the wrapped ``forward`` alone and
+    checkpoints it outside the graph instead. Earlier versions checkpoint in ``__call__``, outside this
+    ``forward``: an offloaded layer then arrives here inside the checkpoint's forward, gradients off
+    (:func:`~lightning_rl.checkpoint_offload.in_checkpoint_forward`), and runs compiled there too.
     """
 
     def __init__(self, cls: type, backend: str | Callable, dynamic: bool | None) -> None:
         self.eager = cls.forward
         self.compiled = torch.compile(own_code_copy(cls.forward), backend=backend, dynamic=dynamic)
-        self.inner = getattr(cls.forward, "__wrapped__", None)  # the layer's math, without transformers' checkpoint
+        self.inner = checkpoint_wrapped(cls.forward)  # the layer's math, without transformers' checkpoint
         self.compiled_inner = (torch.compile(own_code_copy(self.inner), backend=backend, dynamic=dynamic)
                                if self.inner is not None else None)
         self.failed: str | None = None
 
     def __call__(self, layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.failed is None and layer.training and torch.is_grad_enabled():
+        if self.failed is None and layer.training and (torch.is_grad_enabled() or in_checkpoint_forward()):
             offload = offloads_layer_inputs(layer)
             if (self.inner is not None and (offload or uses_reentrant_checkpoint(layer))
                     and getattr(layer, "gradient_checkpointing", False)):
@@ -75,6 +88,18 @@ class _CompiledClassForward:
         self.failed = failure_summary(err)
         log.warning("torch.compile of %s failed (%s); its layers run eagerly from now on "
                     "(pass compile_layers=False to skip compiling)", type(layer).__name__, self.failed)
+
+
+def checkpoint_wrapped(forward: Callable) -> Callable | None:
+    """The function transformers' checkpointing wrapper (5.23 and later) wraps in ``forward``, else None.
+
+    Only that wrapper counts: other decorators (``deprecate_kwarg``) set ``__wrapped__`` as well, and unwrapping
+    one of them would checkpoint a layer that transformers (in ``__call__``, up to 5.22) checkpoints already.
+    """
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_name != "forward_with_checkpointing":
+        return None
+    return getattr(forward, "__wrapped__", None)
 
 
 def uncached(layer: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

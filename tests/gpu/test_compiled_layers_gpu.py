@@ -124,7 +124,7 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     batch = _rollout(32, 64, 448, seed=3)  # 16k tokens: each layer's fp32 input is 16 MiB
     from helpers import node_counting_backend
 
-    peaks, grads, graphs, regions = {}, {}, {}, {}
+    peaks, grads, graphs, regions, unique = {}, {}, {}, {}, {}
     for offload in (False, True):
         torch._dynamo.reset()
         counters.clear()
@@ -141,6 +141,7 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
         torch.cuda.synchronize()
         peaks[offload] = torch.cuda.max_memory_allocated() - base
         graphs[offload] = (nodes, sum(counters["graph_break"].values()))
+        unique[offload] = counters["stats"]["unique_graphs"]
         if not offload:  # the same pass again: how far two backward passes differ without any offload
             _, grads["again"] = _loss_and_grads(model, batch)
         del model
@@ -153,6 +154,10 @@ def test_offloaded_checkpoints_lower_the_updates_peak_with_the_same_gradients(tm
     print(f"offloaded checkpoints: (graph node counts, graph breaks) {graphs[False]} without, {graphs[True]} with; "
           f"checkpointed regions in each graph {regions[False]} without, {regions[True]} with")
     assert all(breaks == 0 and len(nodes) >= 1 and min(nodes) > 50 for nodes, breaks in graphs.values()), graphs
+    # both passes of an offloaded layer run compiled, the checkpoint's forward (gradients off) and the recompute,
+    # wherever transformers checkpoints (in __call__ up to 5.22, and there the forward ran eagerly until 2026-12-05)
+    print(f"offloaded checkpoints: compiled graphs {unique[False]} without, {unique[True]} with")
+    assert unique[True] == 2, unique
     # the offload's checkpoint is the library's own, outside every graph ([0, 0] on an H200, 2026-12-04; torch 2.11
     # ran the plain path's checkpoint outside the graphs too)
     assert not any(regions[True]), regions
