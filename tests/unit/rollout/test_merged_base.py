@@ -152,14 +152,17 @@ def test_sharing_is_refused_with_the_reason_and_nothing_changed(two_policies, sa
     assert "LoRA dropout" in reason and not share.views
 
 
-def test_compiled_checkpointed_layers_run_the_hooks_added_after_their_first_compile(two_policies):
-    from lightning_rl.compiled_layers import compile_decoder_layers
+@pytest.mark.parametrize("offload", [False, True], ids=["kept", "offloaded"])
+def test_compiled_checkpointed_layers_run_the_hooks_added_after_their_first_compile(two_policies, offload):
+    """Offloaded, the checkpoint's forward (gradients off) compiles the adapter-gradient hooks too: two graphs, no
+    compile failure (which would send every layer back to eager)."""
+    from lightning_rl.compiled_layers import compile_decoder_layers, decoder_layers
     from lightning_rl.models import enable_activation_checkpointing
 
     torch._dynamo.reset()
     plain, shared = two_policies(torch.float32)  # plain stays eager: dynamo would give both one graph
     enable_activation_checkpointing(plain)
-    enable_activation_checkpointing(shared)
+    enable_activation_checkpointing(shared, offload=offload)
     compile_decoder_layers(shared, backend="aot_eager")
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(9))
     _loss(shared, ids).backward()  # compiled before sharing: traced without the hooks
@@ -172,7 +175,8 @@ def test_compiled_checkpointed_layers_run_the_hooks_added_after_their_first_comp
     torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
     a.backward()
     b.backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled again, with the hooks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (2 if offload else 1)  # again, with the hooks
+    assert all(layer.forward.__func__.failed is None for layer in decoder_layers(shared))
     ga, gb = _adapter_grads(plain), _adapter_grads(shared)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5)
