@@ -1,14 +1,15 @@
-"""Logged step values: one MeanMetric per name, train and val."""
+"""Logged step values: one MeanMetric per name, train and val, kept in host memory in a single process."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 
 def several_processes() -> bool:
@@ -21,15 +22,33 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class HostMetrics(nn.ModuleDict):
+    """Metrics that stay in host memory when their module moves to a GPU or changes dtype, in a single process.
+
+    The values they take are host floats already (:class:`~lightning_rl.modules.step_stats.StepStats` reads a step's
+    statistics back once). On a GPU every update of a metric was a copy to the device, a NaN check that waits for the
+    device (torchmetrics reads ``isnan(x).any()``) and a few small kernels: about 40 of each a GRPO step, while the
+    rollout engine generates the next step's completions on the same GPU. Lightning logs a metric where it lives.
+    Under DDP/FSDP (:func:`several_processes`) they move with the module, since torchmetrics syncs their states over
+    the process group (NCCL takes device tensors).
+    """
+
+    @override
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HostMetrics:
+        if several_processes():
+            return super()._apply(fn, recurse)
+        return self
+
+
 class StepMetrics:
     """Mixed into :class:`~lightning_rl.modules.policy.PolicyModule`: ``train/<name>`` and ``val/<name>`` metrics."""
 
     def make_metrics(self, train: Sequence[str], val: Sequence[str]) -> None:
         """Create the MeanMetric accumulators for the logged values."""
-        self.train_metrics = nn.ModuleDict(
+        self.train_metrics = HostMetrics(
             {metric_key(n): MeanMetric(nan_strategy="ignore", distributed_available_fn=several_processes)
              for n in train})
-        self.val_metrics = nn.ModuleDict(
+        self.val_metrics = HostMetrics(
             {metric_key(n): MeanMetric(distributed_available_fn=several_processes) for n in val})
 
     def log_values(

@@ -344,6 +344,10 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
     # a later engine in this process that needs vLLM's sleep mode
     assert all(s["expandable"] for s in seen) and not callback.expandable_segments
     assert callback.engine is None and not _gpu_children()
+    # the step metrics stayed in host memory (one process: no copy, NaN check or kernel of theirs on the GPU), and
+    # Lightning logged them from there
+    assert all(m.device.type == "cpu" for m in module.train_metrics.values())
+    assert "train/reward_step" in trainer.callback_metrics
     # the engine process's start (vLLM's profiling run, the graphs' capture) left blocks cached that it gave back
     released, cached = seen[0]["engine_released_at_start"], [s["engine_memory"]["torch_reserved"]
                                                              - s["engine_memory"]["torch_allocated"] for s in seen]
