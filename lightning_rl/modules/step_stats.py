@@ -27,7 +27,9 @@ class StepStats:
         self._means[name].append(torch.as_tensor(value))
 
     def add_ratio(self, name: str, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
-        """Sums of ``name``'s numerator and denominator; the step logs ``sum(numerators) / sum(denominators)``."""
+        """Sums of ``name``'s numerator and denominator; the step logs ``sum(numerators) / sum(denominators)``, NaN
+        when the denominators sum to 0 (as a token mean over no token: a gap in the log, left out of epoch means).
+        """
         self._ratios[name].append((numerator, denominator))
 
     def add_token_mean(self, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -57,10 +59,7 @@ class StepStats:
             return t.float().to(device)
 
         out = {k: torch.stack([on(v) for v in vs]).mean() for k, vs in self._means.items() if vs}
-        for k, pairs in self._ratios.items():
-            num = torch.stack([on(n) for n, _ in pairs]).sum()
-            out[k] = num / torch.stack([on(d) for _, d in pairs]).sum().clamp(min=1)
-        for k, pairs in self._token_means.items():
+        for k, pairs in (*self._ratios.items(), *self._token_means.items()):
             num, den = torch.stack([on(n) for n, _ in pairs]).sum(), torch.stack([on(d) for _, d in pairs]).sum()
             out[k] = torch.where(den > 0, num / den.clamp(min=1e-12), torch.full_like(num, float("nan")))
         out.update({k: torch.stack([on(v) for v in vs]).max() for k, vs in self._maxima.items() if vs})

@@ -18,12 +18,15 @@ def test_token_means_weigh_micro_batches_by_their_tokens():
         assert math.isclose(stats.read("cpu")["x"], expected, rel_tol=1e-6), bounds
 
 
-def test_a_token_mean_over_no_token_is_nan_and_sits_beside_the_other_kinds():
+def test_a_token_mean_or_ratio_over_nothing_is_nan_and_sits_beside_the_other_kinds():
     stats = StepStats()
     stats.add_token_mean("empty", torch.ones(2, 3), torch.zeros(2, 3))
     stats.add("mean", torch.tensor(2.0))
     stats.add("mean", torch.tensor(4.0))
     stats.add_ratio("ratio", torch.tensor(3.0), torch.tensor(4.0))
+    stats.add_ratio("small", torch.tensor(0.1), torch.tensor(0.25))  # a denominator below 1 divides as it is
+    stats.add_ratio("none", torch.tensor(0.0), torch.tensor(0.0))  # nothing counted: NaN as a token mean gives
     read = stats.read("cpu")
     assert math.isnan(read["empty"]) and read["mean"] == 3.0 and read["ratio"] == 0.75
+    assert math.isclose(read["small"], 0.4, rel_tol=1e-6) and math.isnan(read["none"])
     assert "empty" in stats
