@@ -229,14 +229,18 @@ def packed_completion_logprobs(
     backend: Backend = "auto",
     chunk_size: int = 1024,
     max_len: int | None = None,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`completion_logprobs` with the sequences packed in one row without padding (:mod:`~lightning_rl.packing`).
 
     ``max_len`` bounds a sequence's length for the attention kernel; a bound fixed for the run (the longest prompt
     plus ``max_new_tokens``) keeps compiled layers from recompiling when a rollout's longest sequence changes.
-    The same values as :func:`completion_logprobs` (CPU tests; within bf16 rounding on a GPU).
+    ``lengths``, each row's prompt and completion lengths in host memory, packs without reading the device
+    (:func:`~lightning_rl.packing.pack_lengths`). The same values as :func:`completion_logprobs` (CPU tests; within
+    bf16 rounding on a GPU).
     """
-    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len)
+    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len,
+                                             lengths)
     _, head = backbone_and_head(model)
     return _scattered_logprobs(model, head, states, completion_ids, rows, temperature, backend, chunk_size)
 
@@ -248,20 +252,23 @@ def packed_completion_hidden_states(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     max_len: int | None = None,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`completion_hidden_states` from one packed forward: ``[N, C, H]``, zero where ``completion_mask`` is 0.
 
     For a value head on the policy's backbone (PPO): the states of the real tokens equal the padded layout's
-    (``max_len`` as in :func:`packed_completion_logprobs`); :func:`logprobs_from_hidden` reads only those.
+    (``max_len`` and ``lengths`` as in :func:`packed_completion_logprobs`); :func:`logprobs_from_hidden` reads only
+    those.
     """
-    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len)
+    states, rows = _packed_completion_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, max_len,
+                                             lengths)
     out = states.new_zeros((completion_ids.numel(), states.shape[-1])).index_put((rows,), states)
     return out.view(*completion_ids.shape, states.shape[-1])
 
 
 def _packed_completion_states(
     model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor, max_len: int | None,
+    completion_mask: torch.Tensor, max_len: int | None, lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed forward: the final hidden states ``[n, H]`` that predict the real completion tokens.
 
@@ -269,13 +276,12 @@ def _packed_completion_states(
     """
     from lightning_rl.packing import pack_rows, packed_forward, use_packed_attention
 
-    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths)
     bound = packed.max_len if max_len is None else max(max_len, packed.max_len)
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
     hidden = packed_forward(body, packed, bound)
-    rows = completion_mask.bool().flatten().nonzero().squeeze(-1)
-    return hidden[packed.targets_at], rows
+    return hidden[packed.targets_at], packed.completion_rows
 
 
 __all__ = [

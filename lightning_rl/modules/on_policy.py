@@ -18,7 +18,7 @@ from lightning_rl.modules.config_checks import check_clip_range
 from lightning_rl.modules.experience import Experience, PolicyOutput, Rows, row_count, sub_rows
 from lightning_rl.modules.policy import DEFAULT_SAMPLING, PolicyModule
 from lightning_rl.modules.resume_state import training_rng_kept
-from lightning_rl.modules.rollout_layout import check_rollout_layout
+from lightning_rl.modules.rollout_layout import attach_host_lengths, check_rollout_layout
 from lightning_rl.rewards.reward_model import RewardModel
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
@@ -151,15 +151,19 @@ class OnPolicyModule(PolicyModule):
         self.log_step(exp, rollout_time, time.perf_counter() - t1)  # 6. metrics
 
     def rollout_of(self, batch: Mapping[str, Any]) -> Rollout:
-        """Step 1: the batch's attached rollout (moved to the device), else one sampled here; G per prompt."""
+        """Step 1: the batch's attached rollout (moved to the device), else one sampled here; G per prompt.
+
+        Its layout is checked where it arrives (an engine's rollout in host memory: without reading the device), and
+        the rows' lengths from that check stay with it, so that the packed forwards never read the device.
+        """
         prompts = batch["prompt"]
         rollout = batch.get("rollout")
-        rollout = self.generate_rollout(prompts) if rollout is None else rollout.to(self.device)
+        rollout = self.generate_rollout(prompts) if rollout is None else rollout
         g, n = self.num_generations, rollout.num_sequences
         if n != len(prompts) * g:
             raise ValueError(f"the rollout has {n} completions for {len(prompts)} prompts; expected {g} each")
-        check_rollout_layout(rollout)
-        return rollout
+        lengths = check_rollout_layout(rollout)
+        return attach_host_lengths(rollout.to(self.device), lengths)
 
     @property
     @override

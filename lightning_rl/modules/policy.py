@@ -56,6 +56,7 @@ from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
 from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.rollout_layout import rows_host_lengths
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.modules.sharding import (
     check_strategy,
@@ -582,13 +583,16 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     def completion_token_logprobs(
         self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor, temperature: float,
+        completion_mask: torch.Tensor, temperature: float, lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs and entropy ``[N, C]`` under ``model``: packed when :meth:`packs_sequences` says so."""
+        """Per-token log-probs and entropy ``[N, C]`` under ``model``: packed when :meth:`packs_sequences` says so.
+
+        ``lengths``: each row's prompt and completion lengths in host memory, with which packing reads no device.
+        """
         args = (model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         kwargs = dict(temperature=temperature, backend=self.logprob_backend, chunk_size=self.logprob_chunk_size)
         if self.packs_sequences(model):
-            return packed_completion_logprobs(*args, **kwargs, max_len=self.packed_length_bound())
+            return packed_completion_logprobs(*args, **kwargs, max_len=self.packed_length_bound(), lengths=lengths)
         return completion_logprobs(*args, **kwargs)
 
     def completion_hidden(
@@ -609,7 +613,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs and entropy of the completions ``rows`` of ``rollout`` under ``model``."""
         return self.completion_token_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                              rollout.completion_ids[rows], rollout.completion_mask[rows], temperature)
+                                              rollout.completion_ids[rows], rollout.completion_mask[rows], temperature,
+                                              rows_host_lengths(rollout, rows))
 
     # ----------------------------------------------------------------------------- rollouts and rewards
     def default_engine(self) -> RolloutEngine:

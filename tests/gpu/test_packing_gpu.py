@@ -14,6 +14,25 @@ from test_packing import _batch  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+def test_packing_from_host_lengths_never_waits_for_the_device_and_matches_the_masks():
+    """The update's packing from the rollout's lengths in host memory: one asynchronous copy from pinned memory, no
+    synchronizing call (CUDA's sync debug mode raises on one), the masks' packing index for index."""
+    from lightning_rl.packing import pack_lengths, pack_rows
+
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (t.cuda() for t in _batch(n=64, p=40, c=128))
+    lengths = prompt_mask.sum(-1).cpu(), completion_mask.sum(-1).cpu()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        packed = pack_lengths(prompt_ids, completion_ids, *lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    for field in ("input_ids", "position_ids", "cu_seqlens", "targets_at", "completion_rows"):
+        assert torch.equal(getattr(packed, field), getattr(expected, field)), field
+    assert packed.max_len == expected.max_len and packed.input_ids.is_cuda
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-layers"])
 def test_packed_logprobs_and_gradients_match_the_padded_layout_under_bf16_autocast(saved_tiny_llama, compiled):
     from transformers import AutoModelForCausalLM

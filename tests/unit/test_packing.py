@@ -9,7 +9,7 @@ from lightning_rl.logprobs import (
     packed_completion_hidden_states,
     packed_completion_logprobs,
 )
-from lightning_rl.packing import pack_rows
+from lightning_rl.packing import pack_lengths, pack_rows
 
 
 def _batch(n=5, p=7, c=9, vocab=100, seed=0):
@@ -42,6 +42,28 @@ def test_packing_keeps_the_real_tokens_restarts_positions_and_points_at_each_com
     assert k == packed.targets_at.numel()
     with pytest.raises(ValueError, match="prompt without tokens"):
         pack_rows(prompt_ids, torch.zeros_like(prompt_mask), completion_ids, completion_mask)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packing_from_host_lengths_matches_the_masks_and_never_reads_the_ids_device(seed):
+    """Each row's lengths in host memory give the masks' packing, index for index (empty completions included), and
+    the ids are only gathered where they live: on the meta device (no data to read) the packing still runs."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _batch(n=6, seed=seed)
+    completion_mask[seed % 6] = 0  # a completion without tokens (an immediate stop)
+    completion_ids = completion_ids * completion_mask
+    lengths = prompt_mask.sum(-1), completion_mask.sum(-1)
+    a = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    b = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths)
+    for field in ("input_ids", "position_ids", "cu_seqlens", "targets_at", "completion_rows"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=0, atol=0, msg=field)
+    assert b.max_len == a.max_len and b.cu_seqlens.dtype == torch.int32
+    assert a.completion_rows.tolist() == completion_mask.flatten().nonzero().flatten().tolist()
+    meta = pack_lengths(prompt_ids.to("meta"), completion_ids.to("meta"), *lengths)
+    assert meta.input_ids.device.type == "meta" and meta.input_ids.shape == a.input_ids.shape
+    with pytest.raises(ValueError, match="prompt without tokens"):
+        pack_lengths(prompt_ids, completion_ids, torch.zeros_like(lengths[0]), lengths[1])
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_lengths(prompt_ids, completion_ids, lengths[0] + prompt_ids.shape[1], lengths[1])
 
 
 @pytest.mark.parametrize("own", ["sdpa", "eager"])

@@ -5,7 +5,7 @@ import torch
 from helpers import make_trainer
 
 from lightning_rl import SamplingConfig
-from lightning_rl.modules.rollout_layout import check_rollout_layout
+from lightning_rl.modules.rollout_layout import attach_host_lengths, check_rollout_layout, rows_host_lengths
 from lightning_rl.rollout.engine import Rollout
 from lightning_rl.rollout.padding import left_pad
 
@@ -20,6 +20,19 @@ def test_the_layout_the_engines_make_passes():
     ids, mask = left_pad([[1, 2, 3], [4], []], 0)
     check_rollout_layout(_rollout(mask, torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])))
     check_rollout_layout(_rollout(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)))
+
+
+def test_the_check_gives_each_rows_lengths_in_host_memory_and_a_rollout_keeps_them_for_its_rows():
+    ids, mask = left_pad([[1, 2, 3], [4], [5, 6]], 0)
+    rollout = _rollout(mask, torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]]))
+    prompt_len, completion_len = check_rollout_layout(rollout)
+    assert prompt_len.tolist() == [3, 1, 2] and completion_len.tolist() == [2, 1, 0]
+    assert prompt_len.device.type == "cpu" and rows_host_lengths(rollout, slice(0, 2)) is None  # none kept yet
+    attach_host_lengths(rollout, (prompt_len, completion_len))
+    assert [t.tolist() for t in rows_host_lengths(rollout, slice(1, 3))] == [[1, 2], [1, 0]]
+    assert [t.tolist() for t in rows_host_lengths(rollout, torch.tensor([2, 0]))] == [[2, 3], [0, 2]]
+    assert rows_host_lengths(rollout, torch.tensor([2, 0], device="meta")) is None  # device indices: not read back
+    assert rows_host_lengths(rollout.to("cpu"), slice(0, 1)) is None  # a copy keeps none
 
 
 def test_a_right_padded_prompt_is_refused_with_its_row():
