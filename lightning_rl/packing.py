@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,32 +99,36 @@ def pack_lengths(
     The layout makes each row's real tokens one contiguous run of ``cat([prompt_ids, completion_ids], 1)``: the last
     ``prompt_len`` prompt columns, then the first ``completion_len`` completion columns. Every index is computed
     on the host and reaches the device in one asynchronous copy (pinned memory on CUDA), so the packing never waits
-    for the device, where the masks' version reads it for output sizes five times a forward.
+    for the device, where the masks' version reads it for output sizes five times a forward. The host arithmetic is
+    numpy's, on one thread: PyTorch's CPU kernels would run the larger of these arrays on its intra-op thread pool,
+    whose idle threads then spin beside the update and the engine.
     """
-    prompt_len, completion_len = prompt_len.long().cpu(), completion_len.long().cpu()
-    if bool((prompt_len == 0).any()):
+    pl, cl = np.asarray(prompt_len.cpu(), dtype=np.int64), np.asarray(completion_len.cpu(), dtype=np.int64)
+    if (pl == 0).any():
         raise ValueError(_EMPTY_PROMPT)
     n, p = prompt_ids.shape
     c = completion_ids.shape[1]
-    if prompt_len.shape != (n,) or completion_len.shape != (n,) or bool((prompt_len > p).any()) or bool(
-            (completion_len > c).any()):
-        raise ValueError(f"lengths of shape {tuple(prompt_len.shape)} / {tuple(completion_len.shape)} do not fit "
-                         f"{n} rows of {p} prompt and {c} completion columns")
-    seq_len = prompt_len + completion_len
-    cu = F.pad(seq_len.cumsum(0), (1, 0))
+    if pl.shape != (n,) or cl.shape != (n,) or (pl > p).any() or (cl > c).any():
+        raise ValueError(f"lengths of shape {pl.shape} / {cl.shape} do not fit {n} rows of {p} prompt and {c} "
+                         "completion columns")
+    seq_len = pl + cl
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(seq_len, out=cu[1:])
     total = int(cu[-1])
-    sequence = torch.repeat_interleave(torch.arange(n), seq_len)  # each packed token's row
-    offset = torch.arange(total) - cu[:-1][sequence]  # its place in its sequence: the position id
-    source = sequence * (p + c) + (p - prompt_len)[sequence] + offset  # its index in cat(...).flatten()
-    row = torch.repeat_interleave(torch.arange(n), completion_len)  # each completion token's row
-    col = torch.arange(row.numel()) - F.pad(completion_len.cumsum(0), (1, 0))[:-1][row]
-    targets_at = cu[:-1][row] + prompt_len[row] - 1 + col
-    host = torch.cat([source, offset, cu, targets_at, row * c + col])
+    sequence = np.repeat(np.arange(n), seq_len)  # each packed token's row
+    offset = np.arange(total) - cu[:-1][sequence]  # its place in its sequence: the position id
+    source = sequence * (p + c) + (p - pl)[sequence] + offset  # its index in cat(...).flatten()
+    row = np.repeat(np.arange(n), cl)  # each completion token's row
+    completion_starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(cl[:-1], out=completion_starts[1:])
+    col = np.arange(row.size) - completion_starts[row]
+    targets_at = cu[:-1][row] + pl[row] - 1 + col
+    parts = (source, offset, cu, targets_at, row * c + col)
     device = prompt_ids.device
-    if device.type == "cuda":
-        host = host.pin_memory()
+    host = torch.empty(sum(a.size for a in parts), dtype=torch.int64, pin_memory=device.type == "cuda")
+    np.concatenate(parts, out=host.numpy())
     index = host.to(device, non_blocking=True)
-    source_d, offset_d, cu_d, targets_d, rows_d = index.split([total, total, n + 1, row.numel(), row.numel()])
+    source_d, offset_d, cu_d, targets_d, rows_d = index.split([a.size for a in parts])
     input_ids = torch.cat([prompt_ids, completion_ids], 1).flatten()[source_d].unsqueeze(0)
     max_len = int(seq_len.max()) if n else 0
     return PackedRows(input_ids, offset_d.unsqueeze(0), cu_d.to(torch.int32), max_len, targets_d, rows_d)
