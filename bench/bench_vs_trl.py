@@ -413,6 +413,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     from lightning_rl.rollout import EngineSettings
 
     set_inductor_options(extra.get("inductor", {}))
+    if extra.get("torch_threads"):  # an A/B of the host's cores: the trainer's intra-op pool (the host step's)
+        torch.set_num_threads(int(extra["torch_threads"]))
     if extra.get("kernel"):  # the log-prob kernel's tiles and warps, in the trainer process (the only one running it)
         from lightning_rl.kernels import triton_logprobs
 
@@ -446,6 +448,17 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
 
         def on_fit_start(self, trainer, pl_module):  # runs before the rollout callback builds the engine
             self.memory = {"before_engine": sampler.breakdown()}
+
+        def on_train_start(self, trainer, pl_module):
+            # an A/B of the GPU's time slices: the update waits for its own kernels after every N-th decoder layer's
+            # forward (and recompute), so that it queues less ahead of the engine process's decode steps
+            every = int(extra.get("yield_gpu_every", 0))
+            if every:
+                from lightning_rl.compiled_layers import decoder_layers
+
+                for i, layer in enumerate(decoder_layers(pl_module.policy)):
+                    if i % every == every - 1:
+                        layer.register_forward_hook(lambda *_: torch.cuda.current_stream().synchronize())
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
@@ -754,7 +767,9 @@ def main() -> None:
                          '"first": the first step recorded instead), '
                          '"empty_cache_each_step": true (the trainer empties its cache after each update), '
                          '"compiled_tiling": true (tile_mlps with compiled layers on CUDA, past check_tiling), '
-                         '"optimizer": {torch.optim.AdamW arguments, e.g. "fused": false}}')
+                         '"optimizer": {torch.optim.AdamW arguments, e.g. "fused": false}, '
+                         '"torch_threads": N (the trainer\'s intra-op threads), '
+                         '"yield_gpu_every": N (the update waits for its kernels after every N-th layer)}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")

@@ -21,6 +21,8 @@
 #                                                            # PROFILE_STACKS=1 its CPU time by Python function,
 #                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (0.05);
 #                                                            # an older lightning_rl: bench/ab_copies.sh
+#   bash bench/gpu_visit.sh contention       # probe_engine_contention.py: the engine's decode step beside a training
+#                                            # loop, busy cores, long GPU kernels (LOADS=... picks them)
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each;
 #                                                            # STOP_AT_FIRST=1: up to the first that runs):
 #                                                            # the smallest at which it runs, its peak and step
@@ -95,6 +97,13 @@ case "$stage" in
     timeout "$budget" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl.json" --cases "${2:?cases}" \
       --runners "${3:?runners}" "${extras[@]}" --steps "${STEPS:-12}" --timeout 300 ${PROFILE:+--profile-dir "$WORK"} ${TRL_UTIL:+--trl-util "$TRL_UTIL"} 2>&1 | grep -vE "^(INFO|WARNING|DEBUG)" \
       | tee "$WORK/bench.log" | grep -E "^\[|s/step|FAILED|speedup|peak_vs|reward_last" | tail -40 ;;
+  contention)  # probe_engine_contention.py: the engine's decode step beside each load in a side process (~4 min;
+               # LOADS=none,train,... picks them)
+    timeout 90 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_vs_trl as b; \
+b.prepare_models(Path('/tmp/bench_models'), {'smollm2'})" > "$WORK/models.log" 2>&1
+    timeout "$budget" python3 bench/probe_engine_contention.py --model /tmp/bench_models/smollm2 \
+      --out "$WORK/contention.json" ${LOADS:+--loads "$LOADS"} > "$WORK/contention.log" 2>&1
+    grep -vE "^(INFO|DEBUG|WARNING)|^\(EngineCore" "$WORK/contention.log" | tail -15 ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
     for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction
       run_bench "util_$u" 200 --cases "${2:?case}" --runners "${RUNNERS:-trl}" --trl-util "$u" \

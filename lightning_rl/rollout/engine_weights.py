@@ -99,16 +99,24 @@ def engine_weights(model: nn.Module) -> list[EngineWeight]:
     reason = merge_unsupported_reason(model)
     if reason:
         raise ValueError(f"the engine process cannot merge this LoRA adapter: {reason}")
-    from peft.tuners.lora import LoraLayer
-
-    products: dict[str, tuple[LoRAProduct, ...]] = {}  # by the base weight's engine name
-    for module_name, layer in model.get_base_model().named_modules():
-        if isinstance(layer, LoraLayer) and not layer.merged:
-            products[strip_peft(f"{module_name}.base_layer.weight")] = tuple(
-                LoRAProduct(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), float(layer.scaling[a]))
-                for a in layer.active_adapters if a in layer.lora_A
-            )
+    products = {name: lora_products(layer) for name, layer in lora_layers_by_weight(model).items()}
     return [EngineWeight(name, t, products.get(name, ())) for name, t in base_weights(model)]
 
 
-__all__ = ["EngineWeight", "LoRAProduct", "engine_weights", "merge_unsupported_reason", "merged_weight"]
+def lora_layers_by_weight(model: nn.Module) -> dict[str, nn.Module]:
+    """Every unmerged peft LoRA layer of a LoRA policy, under its base weight's engine name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {strip_peft(f"{module_name}.base_layer.weight"): layer
+            for module_name, layer in model.get_base_model().named_modules()
+            if isinstance(layer, LoraLayer) and not layer.merged}
+
+
+def lora_products(layer: nn.Module) -> tuple[LoRAProduct, ...]:
+    """The products of a peft LoRA layer's active adapters, with their current weights."""
+    return tuple(LoRAProduct(layer.lora_A[a].weight.detach(), layer.lora_B[a].weight.detach(), float(layer.scaling[a]))
+                 for a in layer.active_adapters if a in layer.lora_A)
+
+
+__all__ = ["EngineWeight", "LoRAProduct", "engine_weights", "lora_layers_by_weight", "lora_products",
+           "merge_unsupported_reason", "merged_weight"]

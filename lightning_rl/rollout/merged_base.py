@@ -10,6 +10,10 @@ their gradients in the backward; the input's gradient comes through the merged w
 merge's rounding to the engine's dtype, the same rounding the engine generates with) as long as the adapters are the
 synced ones, and so are all its gradients; no adapter output is computed.
 
+Each sync after sharing merges in the trainer's process (:meth:`MergedBase.merge`): the trainer's base parameters
+are views of the engine's weights, so it writes ``W + s * B @ A`` (from the pristine base, pinned in host memory)
+into them directly, with no call into the engine process and no pass through vLLM's weight loaders.
+
 After an optimizer step the adapters differ from the merged ones until the next sync; a forward then would
 compute the previous policy. A forward pre-hook on the input embeddings compares the adapters' version counters
 with those recorded at the sync and refuses such a forward. The pristine base stays in host memory: the state
@@ -34,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_rl.lora import is_lora
 from lightning_rl.lora_gradients import AdapterGradients
 from lightning_rl.models import unwrap
+from lightning_rl.rollout.engine_weights import lora_layers_by_weight, lora_products, merged_weight
 from lightning_rl.rollout.shared_weights import base_weight_views, moved_parameter
 
 
@@ -97,7 +102,8 @@ class MergedBase:
 
     Attributes:
         views: ``{name: (parameter, view of the engine's weight)}``.
-        pristine: ``{name: host copy of the base}``.
+        pristine: ``{name: host copy of the base}`` (pinned where CUDA is available).
+        adapted: ``{name: peft LoRA layer}`` for the views whose weight the adapters change.
         adapters: the adapter weights whose versions a sync records.
         hooks: the hooks installed (adapter gradients, the freshness check, the state dict's).
         disabled: each adapted layer with its peft ``_disable_adapters`` flag before sharing.
@@ -105,6 +111,7 @@ class MergedBase:
 
     views: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     pristine: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapted: dict[str, nn.Module] = field(default_factory=dict)
     adapters: list[nn.Parameter] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
     disabled: list[tuple[nn.Module, bool]] = field(default_factory=list)  # adapted layers, their flag before
@@ -114,6 +121,19 @@ class MergedBase:
     def bytes_shared(self) -> int:
         """Device bytes the trainer no longer holds a copy of."""
         return sum(v.numel() * v.element_size() for _, v in self.views.values())
+
+    @torch.no_grad()
+    def merge(self) -> int:
+        """Write ``base + sum(scale * B @ A)``, with the adapters as they are now, into each adapted weight.
+
+        The writes are queued on the current stream: synchronize before the engine reads them. Call only while the
+        engine does not generate. Returns how many weights were merged.
+        """
+        for name, layer in self.adapted.items():
+            _, view = self.views[name]
+            base = self.pristine[name].to(view.device, non_blocking=True)
+            view.copy_(merged_weight(base, lora_products(layer)))
+        return len(self.adapted)
 
     def mark_synced(self) -> None:
         """Record that the engine has just merged the adapters as they are now."""
@@ -154,7 +174,7 @@ class MergedBase:
             layer._disable_adapters = flag
         if self.hooks:
             torch.compiler.reset()  # layers compiled with the hooks would keep running them
-        self.views, self.pristine, self.adapters, self.hooks, self.disabled = {}, {}, [], [], []
+        self.views, self.pristine, self.adapted, self.adapters, self.hooks, self.disabled = {}, {}, {}, [], [], []
         self.synced_versions = None
 
 
@@ -211,10 +231,15 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     views, reason = base_weight_views(model, engine_model)
     if reason:
         return MergedBase(), reason
+    adapted = {name: layer for name, layer in lora_layers_by_weight(model).items() if lora_products(layer)}
+    missing = sorted(set(adapted) - set(views))
+    if missing:
+        return MergedBase(), f"the adapted weight {missing[0]} has no view in the engine's weights"
     inner = unwrap(model)
-    share = MergedBase(views=views, adapters=adapter_parameters(inner))
+    share = MergedBase(views=views, adapted=adapted, adapters=adapter_parameters(inner))
+    pin = torch.cuda.is_available()  # each sync copies the adapted weights' base to the device
     for name, (p, view) in views.items():
-        share.pristine[name] = p.detach().to("cpu", copy=True)
+        share.pristine[name] = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p.detach())
         p.data = view
     _install_hooks(inner, share)  # stale until the first merge: mark_synced after it
     torch.compiler.reset()  # compiled layers traced without the hooks would skip them (dynamo guards no hooks)

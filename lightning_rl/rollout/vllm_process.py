@@ -74,13 +74,12 @@ def process_engine_unsupported_reason(model: nn.Module, root: nn.Module | None =
     return None
 
 
-def ipc_handles(weights: Sequence[EngineWeight], with_bases: bool = True,
+def ipc_handles(weights: Sequence[EngineWeight],
                 reduce: Callable[[torch.Tensor], tuple[Any, Any]] | None = None) -> bytes:
     """Pickled ``(name, base, [(a, b, scale), ...])`` with each tensor as ``(rebuild function, args)``.
 
-    :mod:`~lightning_rl.rollout.vllm_worker` opens them in the engine process. Without ``with_bases`` each base is
-    None: the engine process keeps the base itself (the trainer's base is shared, :mod:`.merged_base`). ``reduce``
-    replaces CUDA IPC (tests on a CPU).
+    :mod:`~lightning_rl.rollout.vllm_worker` opens them in the engine process. ``reduce`` replaces CUDA IPC (tests
+    on a CPU).
     """
     from torch.multiprocessing.reductions import reduce_tensor
 
@@ -91,16 +90,16 @@ def ipc_handles(weights: Sequence[EngineWeight], with_bases: bool = True,
             raise ValueError(f"weight {name!r} is on {t.device}: the engine process reads CUDA tensors only")
         return reduce_tensor(t)
 
-    items = [(w.name, handle(w.name, w.base) if with_bases else None,
-              [(handle(w.name, p.a), handle(w.name, p.b), p.scale) for p in w.products])
+    items = [(w.name, handle(w.name, w.base), [(handle(w.name, p.a), handle(w.name, p.b), p.scale)
+                                               for p in w.products])
              for w in weights]
     return pickle.dumps(items)
 
 
-def weights_layout(weights: Sequence[EngineWeight], with_bases: bool = True) -> tuple[Any, ...]:
+def weights_layout(weights: Sequence[EngineWeight]) -> tuple[Any, ...]:
     """What the engine process's views depend on: each tensor's address, shape and dtype, and the LoRA scales."""
     return tuple((w.name, tuple(p.scale for p in w.products),
-                  tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in w.tensors()[0 if with_bases else 1:]))
+                  tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in w.tensors()))
                  for w in weights)
 
 
@@ -216,7 +215,7 @@ class VLLMProcessEngine(VLLMEngine):
             raise ValueError(f"share_merged_base=True, but the LoRA base cannot be shared with the engine process's "
                              f"weights: {reason}; use share_merged_base=False")
         self.merged_base = share
-        self.sync_weights(model)  # the adapters merged again, now into the shared weights; the handles lose the bases
+        self.sync_weights(model)  # the adapters merged again, by this process into the shared weights
         if cuda:
             torch.cuda.ipc_collect()  # the engine process dropped its views of the trainer's base
             torch.cuda.empty_cache()
@@ -274,22 +273,25 @@ class VLLMProcessEngine(VLLMEngine):
         """Copy the policy's current weights into the engine (the engine process reads them in place).
 
         Handles are sent again only when the parameters moved (another storage, shape or dtype). A LoRA policy's
-        adapters are merged into the base weights by the engine process as it loads them. Trained weights that are
-        the engine's own (``share_trained_weights``) get their stepped values from host memory first and are not
-        loaded.
+        adapters are merged into the base weights by the engine process as it loads them; a base shared with the
+        engine (``share_merged_base``) gets them merged by this process, into the engine's weights, with no load.
+        Trained weights that are the engine's own (``share_trained_weights``) get their stepped values from host
+        memory first and are not loaded.
         """
         self._check_alive()
+        if self.merged_base.views:
+            self._merge_shared_base()
+            return
         t0 = time.perf_counter()
         weights = engine_weights(model)
         if self.shared_weights.views:
             shared = self.shared_weights.names
             weights = [w for w in weights if w.name not in shared]
             self.shared_weights.flush()  # the engine is idle: nothing generates from its weights now
-        with_bases = not self.merged_base.views  # a shared base stays in the engine process
-        layout = weights_layout(weights, with_bases)
+        layout = weights_layout(weights)
         t1 = time.perf_counter()
         if layout != self._attached:
-            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights, with_bases), os.getpid()))
+            self.llm.collective_rpc("lightning_rl_attach", args=(ipc_handles(weights), os.getpid()))
             self._attached = layout
         t2 = time.perf_counter()
         if torch.cuda.is_available():
@@ -299,13 +301,28 @@ class VLLMProcessEngine(VLLMEngine):
         t4 = time.perf_counter()
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         t5 = time.perf_counter()
-        if self.merged_base.views:
-            self.merged_base.mark_synced()
         self.state.weights_synced = True
         # where a sync's time goes (the bench records it): listing the weights (and the shared ones' copies from
         # host memory), sending new handles, waiting for the device, the engine's load (or merge), the prefix reset
         self.last_sync_timings = {"prepare_s": t1 - t0, "attach_s": t2 - t1, "device_wait_s": t3 - t2,
                                   "load_s": t4 - t3, "prefix_reset_s": t5 - t4}
+
+    def _merge_shared_base(self) -> None:
+        """A sync of a LoRA base shared with the engine: the trainer merges the adapters into the engine's weights
+        itself (:meth:`~lightning_rl.rollout.merged_base.MergedBase.merge`), then resets the engine's prefix cache.
+        """
+        t0 = time.perf_counter()
+        self.merged_base.merge()
+        t1 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the engine generates from these weights next
+        t2 = time.perf_counter()
+        self.llm.reset_prefix_cache()
+        t3 = time.perf_counter()
+        self.merged_base.mark_synced()
+        self.state.weights_synced = True
+        self.last_sync_timings = {"prepare_s": 0.0, "attach_s": 0.0, "device_wait_s": t2 - t1, "load_s": t1 - t0,
+                                  "prefix_reset_s": t3 - t2}
 
     @property
     def syncs_before_each_update(self) -> bool:

@@ -79,13 +79,9 @@ class PolicyWeightReceiver:
             rebuild, args = handle
             return rebuild(*args)
 
-        host = getattr(self, "_lightning_rl_host_bases", None) or {}
-        opened = []
-        for name, base, products in pickle.loads(handles):
-            if base is None and name not in host:
-                raise RuntimeError(f"{name}: the trainer sent no base weight and this process keeps none")
-            opened.append((name, host[name] if base is None else open_tensor(base),
-                           tuple(LoRAProduct(open_tensor(a), open_tensor(b), scale) for a, b, scale in products)))
+        opened = [(name, open_tensor(base),
+                   tuple(LoRAProduct(open_tensor(a), open_tensor(b), scale) for a, b, scale in products))
+                  for name, base, products in pickle.loads(handles)]
         self._lightning_rl_weights = opened
         if trainer_pid is not None and getattr(self, "_lightning_rl_watch", None) is None:
             self._lightning_rl_watch = exit_when_gone(trainer_pid)
@@ -106,25 +102,18 @@ class PolicyWeightReceiver:
         from lightning_rl.rollout.engine_weights import merged_weight
 
         model = self.model_runner.get_model()
-        if getattr(self, "_lightning_rl_host_bases", None):  # the base is shared: only adapted weights change,
-            weights = [w for w in weights if w[2]]  # merged from the host copies, one weight on the device at a time
-            device = next(model.parameters()).device
-            merged = ((name, merged_weight(base.to(device, non_blocking=True), products))
-                      for name, base, products in weights)
-        else:
-            merged = ((name, merged_weight(base, products)) for name, base, products in weights)
-        model.load_weights(merged)
+        model.load_weights((name, merged_weight(base, products)) for name, base, products in weights)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the trainer may write its parameters as soon as this returns
         return len(weights)
 
     @torch.no_grad()
     def lightning_rl_share_base(self) -> bytes:
-        """Keep the attached base weights in host memory, load them unmerged, and hand out the engine's weights.
+        """Load the attached base weights unmerged, drop the views of them, and hand out the engine's weights.
 
         After this the trainer points its frozen LoRA base at the engine's weights
-        (:mod:`~lightning_rl.rollout.merged_base`) and frees its own copy; each later
-        :meth:`lightning_rl_load` merges the adapters into the adapted weights from the host copies.
+        (:mod:`~lightning_rl.rollout.merged_base`), frees its own copy, and merges the adapters into them itself at
+        each sync; this process holds no view of the trainer's memory any more (a later load needs a new attach).
 
         Returns:
             Pickled ``{"packed": packed_modules_mapping, "params": [(name, CUDA IPC handle), ...]}``.
@@ -132,15 +121,11 @@ class PolicyWeightReceiver:
         weights = getattr(self, "_lightning_rl_weights", None)
         if weights is None:
             raise RuntimeError("lightning_rl_share_base before lightning_rl_attach: the trainer sent no weight handles")
-        pin = torch.cuda.is_available()  # pinned: each sync copies the adapted weights to the device
-        host = {name: torch.empty(base.shape, dtype=base.dtype, pin_memory=pin).copy_(base)
-                for name, base, _ in weights}
         model = self.model_runner.get_model()
         model.load_weights((name, base) for name, base, _ in weights)  # the pristine base, as the trainer holds it
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._lightning_rl_host_bases = host
-        self._lightning_rl_weights = [(name, host[name], products) for name, _, products in weights]
+        self._lightning_rl_weights = None  # the trainer frees its base next
         return self.lightning_rl_engine_parameters()
 
     def lightning_rl_engine_parameters(self) -> bytes:
@@ -199,7 +184,6 @@ class PolicyWeightReceiver:
     def lightning_rl_detach(self) -> None:
         """Drop the views of the trainer's memory (before the trainer frees or moves it)."""
         self._lightning_rl_weights = None
-        self._lightning_rl_host_bases = None
         torch.cuda.empty_cache()
 
 

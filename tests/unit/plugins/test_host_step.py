@@ -66,7 +66,9 @@ def test_the_host_step_matches_the_streamed_step(micro_batches, clip, share):
     moved = 0
     for name, w in weights_a.items():
         start = dict(small_lm().named_parameters())[name]
-        torch.testing.assert_close(weights_b[name], w, rtol=1e-5, atol=1e-6, msg=name)
+        # two kernels (fused and plain) whose roundings differ with the CPU's vector width: an AVX-512 host moved one
+        # element of a clipped step's weights by 1.4e-5 after three steps, against the 3e-2 of a step gone wrong
+        torch.testing.assert_close(weights_b[name], w, rtol=1e-5, atol=1e-4, msg=name)
         moved += int((w - start).abs().max() > 1e-3)
     assert moved == len(weights_a)  # every parameter trained
     for name, a in states_a.items():
@@ -303,8 +305,8 @@ def test_an_error_on_the_host_thread_reaches_the_caller_after_the_streamed_half_
         assert held.holds(named[name]) and named[name].grad is None
     streamer.step(opt)  # the retry: only the held gradients step
     for (name, p), q in zip(net.named_parameters(), ref_net.parameters(), strict=True):
-        if masters.manages(p):
-            torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=0, atol=0, msg=name)
+        if masters.manages(p):  # a step of fewer tensors may round its last elements apart (1.5e-8 on AVX-512)
+            torch.testing.assert_close(masters.master(p), ref_masters.master(q), rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_weights_that_move_between_the_host_and_the_streamed_side_step_on_alike():

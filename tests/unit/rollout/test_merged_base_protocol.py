@@ -2,9 +2,9 @@
 
 ``VLLMProcessEngine``'s calls go to a ``PolicyWeightReceiver`` holding a vLLM-shaped fake model (packed q/k/v and
 gate/up, a ``load_weights`` that writes rows of the packed weights), and CUDA IPC is replaced by handing the same
-tensors over. What is checked: the first sync merges from the trainer's base, sharing keeps the pristine base in
-the engine process and points the trainer at the engine's weights, later syncs merge from the host copies and the
-adapters as trained, and shutting down gives the trainer its base back.
+tensors over. What is checked: the first sync merges from the trainer's base, sharing points the trainer at the
+engine's weights and keeps the pristine base in the trainer's host memory (the engine process keeps none), later
+syncs merge the adapters as trained in the trainer's process, and shutting down gives the trainer its base back.
 """
 
 import functools
@@ -125,10 +125,10 @@ def test_a_shared_merged_base_follows_the_trained_adapters_and_comes_back_at_shu
     assert engine.syncs_before_each_update and engine.merged_base.bytes_shared > 0
     for name, p in frozen_base_parameters(policy).items():  # the trainer reads the engine's memory, merged
         assert p.data_ptr() == _engine_rows(fake, name).data_ptr(), name
-    host = engine.llm.worker._lightning_rl_host_bases
-    assert host.keys() == pristine.keys() and all(torch.equal(host[k], v) for k, v in pristine.items())
-    attached = engine.llm.worker._lightning_rl_weights
-    assert all(base is host[name] for name, base, _ in attached)  # no view of the trainer's (gone) base
+    assert engine.llm.worker._lightning_rl_weights is None  # no view of the trainer's (gone) base
+    kept = engine.merged_base.pristine  # the pristine base stays in the trainer's host memory
+    assert kept.keys() == pristine.keys() and all(torch.equal(kept[k], v) for k, v in pristine.items())
+    assert set(engine.merged_base.adapted) == {w.name for w in engine_weights(policy) if w.products}
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
@@ -137,12 +137,15 @@ def test_a_shared_merged_base_follows_the_trained_adapters_and_comes_back_at_shu
     with pytest.raises(StaleMergedBaseError):
         policy(input_ids=ids)
     fake.loads.clear()
-    engine.sync_weights(policy)  # merges the trained adapters from the host copies, adapted weights only
-    adapted = {w.name for w in engine_weights(policy) if w.products}
-    assert set(fake.loads) == adapted and engine.llm.prefix_resets >= 2
+    resets = engine.llm.prefix_resets
+    engine.sync_weights(policy)  # this process merges the trained adapters into the engine's weights: no load
+    assert fake.loads == [] and engine.llm.prefix_resets == resets + 1
+    assert engine.last_sync_timings["load_s"] > 0 and engine.last_sync_timings["attach_s"] == 0
     for name, want in _merged_expected(policy, pristine).items():
         torch.testing.assert_close(_engine_rows(fake, name), want.to(_engine_rows(fake, name).dtype), rtol=0, atol=0)
     policy(input_ids=ids)  # synced: the forward runs
+    with pytest.raises(RuntimeError, match="before lightning_rl_attach"):  # the engine process keeps no base
+        engine.llm.worker.lightning_rl_load()
 
     engine.shutdown()  # the trainer gets its pristine base back as private tensors
     for name, p in frozen_base_parameters(policy).items():
