@@ -529,6 +529,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                # (with share_trained_weights it copies the last step's weights in)
                                "wait_s": t.get("wait_s"), "sync_s": t.get("sync_s"),
                                "staleness": t.get("staleness", 0.0),
+                               # VLLMRollout(yield_gpu=True): the last update's waits for its kernels
+                               "gpu_yield_waits": t.get("gpu_yield_waits"),
                                # the parts of the engine process's last sync (prepare, attach, device wait, load,
                                # prefix reset): where the toggle goes
                                **{f"sync_{k}": v for k, v in

@@ -61,6 +61,10 @@ class RolloutAhead:
             return None
         return rollout, pending.weights_step
 
+    def generating(self) -> bool:
+        """Whether a rollout is being generated now (submitted and not finished)."""
+        return self.pending is not None and not self.pending.future.done()
+
     def wait(self) -> None:
         """Wait until the pending rollout (if any) is generated, keeping it (and its error) for :meth:`take`."""
         if self.pending is not None:

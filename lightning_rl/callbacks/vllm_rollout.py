@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, merged_base_refusal
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
+from lightning_rl.gpu_yield import GPUYield
 from lightning_rl.lora import is_lora
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
@@ -169,6 +170,9 @@ class VLLMRollout(Callback):
             engine must be safe to use from a background thread while the policy trains). Between updates always
             for a module without importance weights (PPO) or with ``importance_sampling="none"``, and for one that
             overrides ``generate_rollout`` (the rollout made ahead calls ``encode`` and the engine's ``generate``).
+        yield_gpu: with the engine in its own process generating beside the update, the update waits for its own
+            kernels after every decoder layer while the engine generates (:class:`~lightning_rl.gpu_yield.GPUYield`),
+            so that the engine's decode steps do not wait for the update's time slices on the GPU.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class VLLMRollout(Callback):
         settings: EngineSettings | None = None,
         engine_factory: EngineFactory | None = None,
         overlap: bool | None = None,
+        yield_gpu: bool = False,
     ) -> None:
         super().__init__()
         if prompts_per_step is not None and prompts_per_step < 1:
@@ -187,6 +192,8 @@ class VLLMRollout(Callback):
         self.settings = settings or EngineSettings()
         self.engine_factory = engine_factory
         self.overlap = overlap
+        self.yield_gpu = yield_gpu
+        self.gpu_yield: GPUYield | None = None  # installed on the policy when the engine process overlaps (_create)
         self.overlapping = False  # decided when the engine is built
         self._overlap_released = False  # the memory plan did not fit with the engine beside the update
         self._ahead = RolloutAhead()
@@ -457,6 +464,8 @@ class VLLMRollout(Callback):
 
             if isinstance(self.engine, VLLMProcessEngine):  # no sleep mode in this process: segments may grow
                 self.expandable_segments = enable_expandable_segments(device)
+                if self.yield_gpu and torch.device(device).type == "cuda":
+                    self.gpu_yield = GPUYield(pl_module.policy, self._ahead.generating)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")
@@ -577,6 +586,8 @@ class VLLMRollout(Callback):
         self.last_timings = {"wait_s": t1 - t0, "generate_s": t2 - t1, "sync_s": t3 - t2,
                              "toggle_s": t3 - t2, "staleness": float(staleness),
                              "background_generate_s": background_s, **engine_step_timings(rollout)}
+        if self.gpu_yield is not None:  # the last update's waits for its own kernels while the engine generated
+            self.last_timings["gpu_yield_waits"] = float(self.gpu_yield.take_waits())
         pl_module.log_dict({f"rollout/{k}": v for k, v in self.last_timings.items()}, on_step=True, on_epoch=False,
                            batch_size=len(prompts))
 
@@ -598,6 +609,9 @@ class VLLMRollout(Callback):
     def shutdown(self) -> None:
         """Shut the engine down and free its memory (idempotent)."""
         self._ahead.close()  # a rollout still being generated ends first
+        if self.gpu_yield is not None:
+            self.gpu_yield.remove()
+            self.gpu_yield = None
         engine, self.engine = self.engine, None
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()

@@ -224,12 +224,12 @@ def _states_on_gpu(optimizer):
     return sum(t.is_cuda for t in states), len(states)
 
 
-def _overlapped_fit(module, steps=4, settings=None, extra=()):
+def _overlapped_fit(module, steps=4, settings=None, extra=(), **callback_args):
     """Fit ``module`` as the README's GPU snippet does (with ``extra`` callbacks after the rollout's); record each
     step's staleness, engine processes and mismatch."""
     from lightning_rl.plugins import MemoryAwarePrecision
 
-    callback = VLLMRollout(settings=settings)
+    callback = VLLMRollout(settings=settings, **callback_args)
     seen = []
 
     class Watch(L.Callback):
@@ -238,6 +238,7 @@ def _overlapped_fit(module, steps=4, settings=None, extra=()):
                 packed = pl_module.packs_sequences(pl_module.policy)
             seen.append({"staleness": callback.last_timings.get("staleness"), "children": len(_gpu_children()),
                          "engine_steps": callback.last_timings.get("engine_steps"),
+                         "gpu_yield_waits": callback.last_timings.get("gpu_yield_waits"),
                          "longest": int(batch["rollout"].completion_mask.sum(1).max()),
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"]),
@@ -278,6 +279,21 @@ def test_a_lora_fit_overlaps_with_the_adapter_merged_in_the_engine_process():
     # 37 MB) are smaller than one 64 MiB step chunk, so they stay on the device
     assert module.offload_checkpoints and not trainer.precision_plugin.streams_optimizer_states
     assert callback.engine is None and not _gpu_children()
+
+
+def test_an_update_that_yields_the_gpu_to_the_generating_engine_trains_as_before():
+    """``VLLMRollout(yield_gpu=True)``: the update waits for its kernels between layers while the engine generates."""
+    torch.manual_seed(0)
+    module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
+                  learning_rate=1e-5)
+    trainer, callback, seen = _overlapped_fit(module, yield_gpu=True)
+    print("yielding fit:", [(s["staleness"], s["gpu_yield_waits"], s["mismatch"], s["reward"]) for s in seen])
+    assert callback.overlapping and trainer.global_step == 4 and callback.gpu_yield is None  # removed at the end
+    assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
+    assert seen[0]["gpu_yield_waits"] == 0  # no update before the first step
+    # each step reports the last update's waits: updates 0-2 ran while the next rollout was generated
+    assert sum(s["gpu_yield_waits"] for s in seen[1:]) > 0
+    assert all(s["mismatch"] < 0.15 for s in seen)
 
 
 def test_the_readme_configuration_overlaps_rollouts_with_updates():
