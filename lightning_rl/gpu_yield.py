@@ -45,7 +45,8 @@ class GPUYield:
             raise ValueError(f"every must be >= 1, got {every}")
         layers = decoder_layers(model)
         if not layers:
-            raise ValueError(f"{type(model).__name__} has no decoder layers to yield the GPU after")
+            raise ValueError(f"{type(model).__name__} has no decoder layers to yield the GPU after "
+                             "(GradientCheckpointingLayer or *DecoderLayer modules): use VLLMRollout(yield_gpu=False)")
         self.active, self.synchronize, self.waits = active, synchronize, 0
         self.handles: list[RemovableHandle] = [layer.register_forward_hook(self._hook)
                                                for i, layer in enumerate(layers) if i % every == every - 1]
