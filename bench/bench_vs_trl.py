@@ -450,15 +450,13 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.memory = {"before_engine": sampler.breakdown()}
 
         def on_train_start(self, trainer, pl_module):
-            # an A/B of the GPU's time slices: the update waits for its own kernels after every N-th decoder layer's
-            # forward (and recompute), so that it queues less ahead of the engine process's decode steps
+            # an A/B of the GPU's time slices: VLLMRollout(yield_gpu=True)'s waits at every N-th decoder layer, and
+            # whether the engine generates or not
             every = int(extra.get("yield_gpu_every", 0))
             if every:
-                from lightning_rl.compiled_layers import decoder_layers
+                from lightning_rl.gpu_yield import GPUYield
 
-                for i, layer in enumerate(decoder_layers(pl_module.policy)):
-                    if i % every == every - 1:
-                        layer.register_forward_hook(lambda *_: torch.cuda.current_stream().synchronize())
+                GPUYield(pl_module.policy, lambda: True, every=every)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.synchronize()
@@ -771,7 +769,7 @@ def main() -> None:
                          '"compiled_tiling": true (tile_mlps with compiled layers on CUDA, past check_tiling), '
                          '"optimizer": {torch.optim.AdamW arguments, e.g. "fused": false}, '
                          '"torch_threads": N (the trainer\'s intra-op threads), '
-                         '"yield_gpu_every": N (the update waits for its kernels after every N-th layer)}')
+                         '"yield_gpu_every": N (the update waits for its kernels at every N-th layer, always)}')
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch-profiler table of one extra step of each lightning-rl run here")
     ap.add_argument("--models", default="/tmp/bench_models")

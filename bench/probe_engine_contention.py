@@ -8,8 +8,8 @@ shape (16 prompts x G=8, 128 new tokens) while a side process runs one load:
 - ``train``: the policy's forward and backward (fp32 weights under bf16 autocast, gradient checkpointing, the
   Triton log-prob kernel) on micro-batches of the update's shape, back to back, one synchronization each;
 - ``cpu``: every core busy in PyTorch's intra-op pool (CPU matmuls), as a host optimizer step keeps them;
-- ``train-synced``: ``train``, waiting for its own kernels after every decoder layer's forward and recompute (the
-  update queues less work ahead of the engine's decode steps);
+- ``train-synced``: ``train``, waiting for its own kernels after every decoder layer's forward and before its
+  backward (:class:`~lightning_rl.gpu_yield.GPUYield`, always on: the update queues less ahead of the engine);
 - ``train+cpu``: both;
 - ``gpu-long``: back-to-back bf16 matmuls of about a millisecond each (the GPU kept busy with long kernels).
 
@@ -57,10 +57,9 @@ def _load(kind: str, model_dir: str, ready, stop, counter) -> None:  # noqa: ANN
         net.cuda().train()
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if kind == "train-synced":
-            from lightning_rl.compiled_layers import decoder_layers
+            from lightning_rl.gpu_yield import GPUYield
 
-            for layer in decoder_layers(net):
-                layer.register_forward_hook(lambda *_: torch.cuda.current_stream().synchronize())
+            GPUYield(net, lambda: True)
         gen = torch.Generator(device="cuda").manual_seed(0)
         prompt = torch.randint(0, 1000, (64, 45), device="cuda", generator=gen)
         completion = torch.randint(0, 1000, (64, 128), device="cuda", generator=gen)
