@@ -38,7 +38,8 @@ from torch.utils.hooks import RemovableHandle
 from lightning_rl.lora import is_lora
 from lightning_rl.lora_gradients import AdapterGradients
 from lightning_rl.models import unwrap
-from lightning_rl.rollout.engine_weights import lora_layers_by_weight, lora_products, merged_weight
+from lightning_rl.rollout.engine_weights import lora_products, merged_weight
+from lightning_rl.rollout.policy_weights import strip_peft
 from lightning_rl.rollout.shared_weights import base_weight_views, moved_parameter
 
 
@@ -231,11 +232,11 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     views, reason = base_weight_views(model, engine_model)
     if reason:
         return MergedBase(), reason
-    adapted = {name: layer for name, layer in lora_layers_by_weight(model).items() if lora_products(layer)}
+    inner = unwrap(model)
+    adapted = {strip_peft(f"{name}.base_layer.weight"): layer for name, layer, _ in _adapted_layers(inner)}
     missing = sorted(set(adapted) - set(views))
     if missing:
         return MergedBase(), f"the adapted weight {missing[0]} has no view in the engine's weights"
-    inner = unwrap(model)
     share = MergedBase(views=views, adapted=adapted, adapters=adapter_parameters(inner))
     pin = torch.cuda.is_available()  # each sync copies the adapted weights' base to the device
     for name, (p, view) in views.items():
