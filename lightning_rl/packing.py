@@ -118,12 +118,10 @@ def pack_lengths(
     sequence = np.repeat(np.arange(n), seq_len)  # each packed token's row
     offset = np.arange(total) - cu[:-1][sequence]  # its place in its sequence: the position id
     source = sequence * (p + c) + (p - pl)[sequence] + offset  # its index in cat(...).flatten()
-    row = np.repeat(np.arange(n), cl)  # each completion token's row
-    completion_starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(cl[:-1], out=completion_starts[1:])
-    col = np.arange(row.size) - completion_starts[row]
-    targets_at = cu[:-1][row] + pl[row] - 1 + col
-    parts = (source, offset, cu, targets_at, row * c + col)
+    at = np.flatnonzero(offset >= pl[sequence])  # the completion tokens' places in the packed row, in row order
+    row = sequence[at]
+    col = offset[at] - pl[row]
+    parts = (source, offset, cu, at - 1, row * c + col)  # each is predicted by the state one place before it
     device = prompt_ids.device
     host = torch.empty(sum(a.size for a in parts), dtype=torch.int64, pin_memory=device.type == "cuda")
     np.concatenate(parts, out=host.numpy())
