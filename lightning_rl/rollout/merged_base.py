@@ -103,7 +103,7 @@ class MergedBase:
 
     Attributes:
         views: ``{name: (parameter, view of the engine's weight)}``.
-        pristine: ``{name: host copy of the base}`` (pinned where CUDA is available).
+        pristine: ``{name: host copy of the base}`` (the adapted weights' pinned where CUDA is available).
         adapted: ``{name: peft LoRA layer}`` for the views whose weight the adapters change.
         adapters: the adapter weights whose versions a sync records.
         hooks: the hooks installed (adapter gradients, the freshness check, the state dict's).
@@ -238,8 +238,9 @@ def share_merged_base(model: nn.Module, engine_model: nn.Module) -> tuple[Merged
     if missing:
         return MergedBase(), f"the adapted weight {missing[0]} has no view in the engine's weights"
     share = MergedBase(views=views, adapted=adapted, adapters=adapter_parameters(inner))
-    pin = torch.cuda.is_available()  # each sync copies the adapted weights' base to the device
-    for name, (p, view) in views.items():
+    cuda = torch.cuda.is_available()
+    for name, (p, view) in views.items():  # pinned where each sync copies it to the device (the adapted weights)
+        pin = cuda and name in adapted
         share.pristine[name] = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p.detach())
         p.data = view
     _install_hooks(inner, share)  # stale until the first merge: mark_synced after it
