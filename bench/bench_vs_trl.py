@@ -450,7 +450,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
             self.memory = {"before_engine": sampler.breakdown()}
 
         def on_train_start(self, trainer, pl_module):
-            # an A/B of the GPU's time slices: VLLMRollout(yield_gpu=True)'s waits at every N-th decoder layer, and
+            # an A/B of the GPU's time slices: VLLMRollout()'s waits (yield_gpu) at every N-th decoder layer, and
             # whether the engine generates or not
             every = int(extra.get("yield_gpu_every", 0))
             if every:
@@ -527,7 +527,7 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                # (with share_trained_weights it copies the last step's weights in)
                                "wait_s": t.get("wait_s"), "sync_s": t.get("sync_s"),
                                "staleness": t.get("staleness", 0.0),
-                               # VLLMRollout(yield_gpu=True): the last update's waits for its kernels
+                               # VLLMRollout(yield_gpu=None, the default): the last update's waits for its kernels
                                "gpu_yield_waits": t.get("gpu_yield_waits"),
                                # the parts of the engine process's last sync (prepare, attach, device wait, load,
                                # prefix reset): where the toggle goes

@@ -10,6 +10,7 @@ and the engine's pending step runs at once. The update pays the launches it no l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_rl.compiled_layers import decoder_layers
+
+log = logging.getLogger(__name__)
 
 
 def _synchronize_stream() -> None:
@@ -77,4 +80,17 @@ class GPUYield:
         self.handles = []
 
 
-__all__ = ["GPUYield"]
+def gpu_yield_for(model: nn.Module, active: Callable[[], bool], setting: bool | None) -> GPUYield | None:
+    """:class:`GPUYield` on ``model`` for ``VLLMRollout(yield_gpu=setting)``, once its engine overlaps on CUDA.
+
+    None yields where ``model`` has decoder layers and returns None (with a log line) where it has none; True
+    raises there instead.
+    """
+    if setting is None and not decoder_layers(model):
+        log.info("VLLMRollout: %s has no decoder layers, so the update does not yield the GPU to the engine",
+                 type(model).__name__)
+        return None
+    return GPUYield(model, active)
+
+
+__all__ = ["GPUYield", "gpu_yield_for"]

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_rl.callbacks.merged_base_choice import check_merged_base_module, merged_base_refusal
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompts
 from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
-from lightning_rl.gpu_yield import GPUYield
+from lightning_rl.gpu_yield import GPUYield, gpu_yield_for
 from lightning_rl.lora import is_lora
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
@@ -172,7 +172,9 @@ class VLLMRollout(Callback):
             overrides ``generate_rollout`` (the rollout made ahead calls ``encode`` and the engine's ``generate``).
         yield_gpu: with the engine in its own process generating beside the update, the update waits for its own
             kernels after every decoder layer while the engine generates (:class:`~lightning_rl.gpu_yield.GPUYield`),
-            so that the engine's decode steps do not wait for the update's time slices on the GPU.
+            so that the engine's decode steps do not wait for the update's time slices on the GPU. None (the
+            default): on where that applies (an engine process overlapping the update on CUDA, a policy with
+            decoder layers), off elsewhere. True: the same, and a policy without decoder layers raises. False: off.
     """
 
     def __init__(
@@ -182,7 +184,7 @@ class VLLMRollout(Callback):
         settings: EngineSettings | None = None,
         engine_factory: EngineFactory | None = None,
         overlap: bool | None = None,
-        yield_gpu: bool = False,
+        yield_gpu: bool | None = None,
     ) -> None:
         super().__init__()
         if prompts_per_step is not None and prompts_per_step < 1:
@@ -464,8 +466,8 @@ class VLLMRollout(Callback):
 
             if isinstance(self.engine, VLLMProcessEngine):  # no sleep mode in this process: segments may grow
                 self.expandable_segments = enable_expandable_segments(device)
-                if self.yield_gpu and torch.device(device).type == "cuda":
-                    self.gpu_yield = GPUYield(pl_module.policy, self._ahead.generating)
+                if self.yield_gpu is not False and torch.device(device).type == "cuda":
+                    self.gpu_yield = gpu_yield_for(pl_module.policy, self._ahead.generating, self.yield_gpu)
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")

@@ -282,11 +282,12 @@ def test_a_lora_fit_overlaps_with_the_adapter_merged_in_the_engine_process():
 
 
 def test_an_update_that_yields_the_gpu_to_the_generating_engine_trains_as_before():
-    """``VLLMRollout(yield_gpu=True)``: the update waits for its kernels between layers while the engine generates."""
+    """``VLLMRollout()`` (``yield_gpu=None``): the update waits for its kernels between layers while the engine
+    generates."""
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)
-    trainer, callback, seen = _overlapped_fit(module, yield_gpu=True)
+    trainer, callback, seen = _overlapped_fit(module)
     print("yielding fit:", [(s["staleness"], s["gpu_yield_waits"], s["mismatch"], s["reward"]) for s in seen])
     assert callback.overlapping and trainer.global_step == 4 and callback.gpu_yield is None  # removed at the end
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_rl.callbacks.rollout_ahead import RolloutAhead
-from lightning_rl.gpu_yield import GPUYield
+from lightning_rl.gpu_yield import GPUYield, gpu_yield_for
 from lightning_rl.lora import apply_lora
 from lightning_rl.models import load_policy
 
@@ -71,3 +71,15 @@ def test_a_rollout_ahead_is_generating_until_its_job_ends():
     ahead.wait()
     assert not ahead.generating() and ahead.take(["p"]) == ("rollout", 0)
     ahead.close()
+
+
+def test_the_default_yields_where_there_are_decoder_layers_and_an_explicit_true_refuses_a_model_without(policy):
+    y = gpu_yield_for(policy, lambda: False, None)
+    assert isinstance(y, GPUYield) and len(y.handles) == 4
+    y.remove()
+    y = gpu_yield_for(policy, lambda: False, True)
+    assert len(y.handles) == 4
+    y.remove()
+    assert gpu_yield_for(nn.Linear(2, 2), lambda: True, None) is None
+    with pytest.raises(ValueError, match="no decoder layers"):
+        gpu_yield_for(nn.Linear(2, 2), lambda: True, True)
