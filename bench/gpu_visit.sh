@@ -19,10 +19,12 @@
 #   STEPS=N bash bench/gpu_visit.sh bench CASES RUNNERS [EXTRA...]  # bench_vs_trl.py (EXTRA: LABEL=JSON variants);
 #                                                            # PROFILE=1 adds a profile of one step per run,
 #                                                            # PROFILE_STACKS=1 its CPU time by Python function,
-#                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (0.05);
+#                                                            # TRL_UTIL=F TRL's vllm_gpu_memory_utilization (default:
+#                                                            # the smallest it ran at, bench_vs_trl.py);
 #                                                            # an older lightning_rl: bench/ab_copies.sh
 #   bash bench/gpu_visit.sh contention       # probe_engine_contention.py: the engine's decode step beside a training
 #                                            # loop, busy cores, long GPU kernels (LOADS=... picks them)
+#   bash bench/gpu_visit.sh mps              # probe_mps.py, then the defaults as clients of a private MPS daemon
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each;
 #                                                            # STOP_AT_FIRST=1: up to the first that runs):
 #                                                            # the smallest at which it runs, its peak and step
@@ -104,6 +106,19 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2'})" > "$WORK/models.log" 2
     timeout "$budget" python3 bench/probe_engine_contention.py --model /tmp/bench_models/smollm2 \
       --out "$WORK/contention.json" ${LOADS:+--loads "$LOADS"} > "$WORK/contention.log" 2>&1
     grep -vE "^(INFO|DEBUG|WARNING)|^\(EngineCore" "$WORK/contention.log" | tail -15 ;;
+  mps)  # probe_mps.py (plain and under a private MPS daemon: memory of one and two clients, CUDA IPC, expandable
+        # segments, a decode-like graph beside large matmuls; ~2 min), then the trainer and its engine process as
+        # clients of a private MPS daemon ('ours:mps') beside the defaults (CASES=..., RUNNERS=... change them)
+    timeout 240 python3 bench/probe_mps.py --out "$WORK/probe_mps.json" > "$WORK/probe_mps.log" 2>&1
+    grep -E "^(plain|mps):" "$WORK/probe_mps.log" | cut -c1-1200
+    d=/tmp/lrl-mps; mkdir -p "$d/pipe" "$d/log"
+    if CUDA_MPS_PIPE_DIRECTORY=$d/pipe CUDA_MPS_LOG_DIRECTORY=$d/log nvidia-cuda-mps-control -d; then
+      extra='mps={"env":{"CUDA_MPS_PIPE_DIRECTORY":"'$d/pipe'","CUDA_MPS_LOG_DIRECTORY":"'$d/log'"}}'
+      run_bench mps $((budget - 250)) --cases "${CASES:-smollm2-full}" --runners "${RUNNERS:-ours}" --extra "$extra" \
+        --steps "${STEPS:-10}" --timeout 200
+      echo quit | CUDA_MPS_PIPE_DIRECTORY=$d/pipe nvidia-cuda-mps-control
+      grep -E "^\[|s/step|FAILED" "$WORK/bench_mps.log" | cut -c1-400; cp -r "$d/log" "$WORK/mps_log"
+    fi ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
     for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction
       run_bench "util_$u" 200 --cases "${2:?case}" --runners "${RUNNERS:-trl}" --trl-util "$u" \
