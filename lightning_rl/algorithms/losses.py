@@ -79,7 +79,7 @@ def token_weights(
     max_completion_length: int | None = None,
     micro_batch_size: int | None = None,
     num_processes: int = 1,
-    global_num_tokens: float | None = None,
+    global_num_tokens: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights ``w`` such that a batch's loss is ``sum(per_token_loss * w)``.
 
@@ -97,8 +97,8 @@ def token_weights(
         max_completion_length: the generation limit (``dr_grpo``); defaults to ``T``.
         micro_batch_size: sequences per micro-batch (``bnpo``); defaults to ``B``.
         num_processes: data-parallel processes; the gradients are averaged over them.
-        global_num_tokens: tokens summed over all processes (``dapo``); defaults to this batch's
-            count times ``num_processes``.
+        global_num_tokens: tokens summed over all processes (``dapo``), a number or a tensor (kept on the device:
+            no host read); defaults to this batch's count times ``num_processes``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -110,8 +110,8 @@ def token_weights(
     if loss_type == "dr_grpo":
         return m / (b * (max_completion_length or t))
     if loss_type == "dapo":
-        total = global_num_tokens if global_num_tokens is not None else m.sum().item() * num_processes
-        return m * num_processes / max(total, 1.0)
+        total = global_num_tokens if global_num_tokens is not None else m.sum() * num_processes
+        return m * num_processes / torch.as_tensor(total, dtype=m.dtype, device=m.device).clamp(min=1.0)
     mbs = micro_batch_size or b
     w = torch.zeros_like(m)
     chunks = range(0, b, mbs)

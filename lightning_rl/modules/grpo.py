@@ -139,8 +139,8 @@ class GRPO(OnPolicyModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         global_tokens = None
         if self.loss_type == "dapo":
-            count, reduce = mask.sum().detach(), self.sum_over_processes()
-            global_tokens = float(reduce(count) if reduce is not None else count)
+            count, reduce = mask.sum().detach().float(), self.sum_over_processes()
+            global_tokens = reduce(count) if reduce is not None else count  # a device tensor: no host read
         return token_weights(mask, self.loss_type, self.sampling.max_new_tokens, exp.micro_batch_size, world,
                              global_tokens)
 

@@ -102,6 +102,20 @@ def test_dapo_weights():
     torch.testing.assert_close(token_weights(MASK, "dapo", num_processes=2, global_num_tokens=10), MASK * 2 / 10)
 
 
+def test_dapo_weights_take_the_global_count_as_a_tensor_without_reading_it_on_the_host(monkeypatch):
+    count = torch.tensor(10.0)
+    expected = MASK * 2 / 10
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("token_weights read a tensor on the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "__float__", no_host_read)
+    torch.testing.assert_close(token_weights(MASK, "dapo", num_processes=2, global_num_tokens=count), expected)
+    torch.testing.assert_close(token_weights(MASK, "dapo"), MASK / 7)
+    torch.testing.assert_close(token_weights(torch.zeros_like(MASK), "dapo"), torch.zeros(MASK.shape))  # no 0/0
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_weights_aggregate_per_token_loss_as_defined(loss_type):
     per_token = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 9.0, 9.0], [7.0, 9.0, 9.0, 9.0]])
