@@ -7,7 +7,9 @@ warm-up steps. Peak memory is sampled from NVML every 10 ms (the process's own e
 it, and the device's used memory above what was used before the process touched CUDA), beside torch's peak.
 
 lightning-rl runs exactly as the README's GPU snippet writes it: ``GRPO(...)`` with its defaults,
-``Trainer(callbacks=[VLLMRollout()], plugins=[MemoryAwarePrecision()])``. TRL runs with vLLM colocated, its
+``Trainer(max_steps=1000, callbacks=[VLLMRollout()], plugins=[MemoryAwarePrecision()])``, stopped after the
+timed steps: the first steps of a 1,000-step run (the defaults pick compiled layers for a run that long,
+:data:`RUN_MAX_STEPS`). TRL runs with vLLM colocated, its
 defaults otherwise (fp32 weights, bf16 autocast, gradient checkpointing, importance-sampling correction), a
 constant learning rate (as ours), and ``vllm_gpu_memory_utilization`` as given, by default TRL's best setting:
 the smallest fraction at which it ran the case's model (:data:`TRL_SMALLEST_UTIL`, scaled to this card).
@@ -35,6 +37,10 @@ from pathlib import Path
 
 import memory_snapshot  # bench/, beside this script
 import profile_sources  # bench/
+
+# The run whose first steps lightning-rl's timing covers: the defaults compile the decoder layers for a run this long
+# (``compile_layers=None`` stays eager below 200 steps, 500 with LoRA, whose first step's compile would outlast it)
+RUN_MAX_STEPS = 1000
 
 CASES = {
     # name: (model, lora, max_new_tokens, learning rate)
@@ -601,6 +607,9 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                 self.engine_info = {"engine_dtype": str(getattr(engine, "weight_dtype", None)),
                                     # the trainer's allocator grows its segments (turned on beside an engine process)
                                     "expandable_segments": self.rollout_cb.expandable_segments,
+                                    # this process and the engine process are clients of a private MPS daemon
+                                    "using_mps": self.rollout_cb.using_mps,
+                                    "mps_off_reason": self.rollout_cb.mps_off_reason,
                                     "sleep_level": getattr(engine, "sleep_level", None),
                                     # a LoRA base shared with an in-process engine: what it points at, and what
                                     # the trainer's own copy gave back (torch's count) when it did
@@ -646,10 +655,15 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
     plugin = MemoryAwarePrecision(**extra.get("plugin", {}))
-    trainer = L.Trainer(max_steps=steps + bool(profile_dir or snapshot), accelerator="gpu", devices=1, logger=False,
+    class StopAfter(L.Callback):  # the run is RUN_MAX_STEPS long; it stops after the steps this bench times
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= steps + bool(profile_dir or snapshot):
+                trainer.should_stop = True
+
+    trainer = L.Trainer(max_steps=max(RUN_MAX_STEPS, steps + 1), accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer, rollout_cb], plugins=[plugin], log_every_n_steps=1)
+                        callbacks=[timer, rollout_cb, StopAfter()], plugins=[plugin], log_every_n_steps=1)
     trainer.fit(module, PromptDataModule(train_data=rows, batch_size=PROMPTS, shuffle=False))
     mem = sampler.stop()
     return {
@@ -830,6 +844,7 @@ def main() -> None:
     trl_utils = {c: trl_util(args.trl_util, CASES[c][0]) for c in cases}  # TRL's fraction per case, read once
     report = {"benchmark": "GRPO step, lightning-rl vs TRL GRPOTrainer (vLLM colocated)", "versions": versions(),
               "config": {"G": G, "prompts_per_step": PROMPTS, "steps": args.steps, "warmup_steps": args.warmup,
+                         "ours_trainer_max_steps": max(RUN_MAX_STEPS, args.steps + 1),
                          "temperature": 1.0, "beta": 0.0, "lora": LORA, "trl_vllm_gpu_memory_utilization":
                          trl_utils,
                          "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c])) for c in cases},

@@ -139,15 +139,34 @@ def failure_summary(err: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def auto_compile_layers(device_type: str, sharded: bool) -> bool:
-    """What ``compile_layers=None`` means: compile on a CUDA device, unsharded, full fine-tune or LoRA.
+# The shortest runs (``Trainer(max_steps=...)``) whose compile pays for itself: the first step's compile against the
+# time each later step saves, on the GPU machine (README, ``compile_layers``). A full fine-tune: 8-25 s of compile,
+# 0.13 s saved a step (SmolLM2, 0.80 against 0.93 s a step on an H200): even after 60-190 steps. LoRA r=16: 45-90 s
+# of compile (69 s on an H100 on 2026-12-05, 46 of them in inductor's code generation), 0.06-0.20 s saved a step:
+# even after 225-1,500 steps.
+COMPILE_FROM_STEPS = 200
+COMPILE_FROM_STEPS_LORA = 500
+
+
+def auto_compile_layers(device_type: str, sharded: bool, max_steps: int = -1, lora: bool = False) -> bool:
+    """What ``compile_layers=None`` means: compile on a CUDA device, unsharded, in a run long enough to earn it.
 
     Measured end to end on an H200 (bench/results/vs_trl_NOTES.md): a SmolLM2 full fine-tune took 0.80 s a
     GRPO step compiled against 0.93 s eager, with less memory; with LoRA r=16 and the engine beside the update,
     0.62 and 0.48 s compiled against 0.68 s eager (two runs). On a CPU the compile takes longer than the updates
     it speeds up; FSDP2-sharded layers were not measured compiled.
+
+    Args:
+        device_type: the training device's type.
+        sharded: the layers are FSDP2-sharded (``ModelParallelStrategy``).
+        max_steps: the Trainer's ``max_steps``; -1 (or 0): no limit by steps, which counts as long. Below
+            :data:`COMPILE_FROM_STEPS` (:data:`COMPILE_FROM_STEPS_LORA` for a LoRA policy) the first step's compile
+            costs more than the run's later steps save, so such a run stays eager.
+        lora: the policy trains LoRA adapters (its compile takes several times longer).
     """
-    return device_type == "cuda" and not sharded
+    if device_type != "cuda" or sharded:
+        return False
+    return max_steps <= 0 or max_steps >= (COMPILE_FROM_STEPS_LORA if lora else COMPILE_FROM_STEPS)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

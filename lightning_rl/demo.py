@@ -20,10 +20,6 @@ from lightning_rl.modules.grpo import GRPO
 from lightning_rl.rewards import NumericMatch
 from lightning_rl.rollout import SamplingConfig
 
-# The compiled decoder layers (``compile_layers=None``: on with CUDA) cost 45-90 s at a LoRA run's first step on
-# the GPU machine and save 0.06-0.20 s a step afterwards (README, ``compile_layers``): a demo this short runs eagerly.
-COMPILE_FROM_STEPS = 500
-
 
 class StepPrinter(L.Callback):
     """Print one line per training step (reward, completion length, time), also without a TTY."""
@@ -58,7 +54,6 @@ def build(args: argparse.Namespace) -> tuple[GRPO, ArithmeticDataModule]:
         loss_type="dapo",
         micro_batch_size=args.num_generations * args.prompts_per_step,
         dtype="bfloat16" if torch.cuda.is_available() else "float32",
-        compile_layers=None if args.steps >= COMPILE_FROM_STEPS else False,
     )
     return module, data
 

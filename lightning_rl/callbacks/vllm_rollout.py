@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from lightning_rl.plugins.memory_plan import (
 )
 from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_bytes
 from lightning_rl.plugins.rollout_memory import RolloutMemory
+from lightning_rl.rollout.cuda_mps import active_private_mps, leave_private_mps, start_private_mps
 from lightning_rl.rollout.data_prompts import longest_prompt_tokens
 from lightning_rl.rollout.engine import RolloutEngine
 from lightning_rl.rollout.engine_steps import engine_step_timings
@@ -116,6 +118,31 @@ def _strategy_model(trainer: Any) -> nn.Module | None:
     return model if isinstance(model, nn.Module) else None
 
 
+def start_mps_for(wanted: bool | None, settings: EngineSettings, engine_factory: EngineFactory | None,
+                  overlap: bool | None) -> str | None:
+    """Start the private MPS daemon for ``VLLMRollout(mps=wanted)`` where it can serve; None, or why it did not.
+
+    Raises:
+        ValueError: ``wanted`` is True and the daemon cannot serve this process.
+    """
+    if wanted is False:
+        return "mps=False"
+    if overlap is False:
+        reason = "overlap=False: the engine runs in this process"
+    elif engine_factory is not None:
+        reason = "a custom engine_factory"
+    elif settings.tensor_parallel_size > 1:
+        reason = "a tensor-parallel engine"
+    else:
+        reason = start_private_mps()[1]
+    if reason and wanted:
+        raise ValueError(f"VLLMRollout(mps=True) is impossible here: {reason}. Use mps=None (MPS where it can "
+                         "serve) or False.")
+    if reason:
+        log.debug("VLLMRollout: no CUDA MPS (%s)", reason)
+    return reason
+
+
 class VLLMRollout(Callback):
     """Generate each training batch's rollout with a vLLM engine that shares the GPU with training.
 
@@ -175,6 +202,15 @@ class VLLMRollout(Callback):
             so that the engine's decode steps do not wait for the update's time slices on the GPU. None (the
             default): on where that applies (an engine process overlapping the update on CUDA, a policy with
             decoder layers), off elsewhere. True: the same, and a policy without decoder layers raises. False: off.
+        mps: run this process and its engine process as clients of a private CUDA MPS daemon
+            (:mod:`~lightning_rl.rollout.cuda_mps`), so that the GPU runs their kernels at the same time instead of
+            time-slicing between them. Started here, in the constructor: CUDA connects to MPS when it starts in a
+            process, so construct the callback before anything uses the GPU (as in ``Trainer(callbacks=[...])``).
+            False (the default, until this start has passed its GPU test): never. None: started where it can be
+            (Linux, one training process, the driver's ``nvidia-cuda-mps-control``, CUDA not started yet, no
+            ``CUDA_MPS_PIPE_DIRECTORY`` of your own, an engine that may run in its own process); otherwise, or when
+            this process did not become a client by the time the engine starts, the run goes on without it
+            (logged). True: the same, and what prevents it raises.
     """
 
     def __init__(
@@ -185,10 +221,14 @@ class VLLMRollout(Callback):
         engine_factory: EngineFactory | None = None,
         overlap: bool | None = None,
         yield_gpu: bool | None = None,
+        mps: bool | None = False,
     ) -> None:
         super().__init__()
         if prompts_per_step is not None and prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.mps = mps
+        self.mps_off_reason = start_mps_for(mps, settings or EngineSettings(), engine_factory, overlap)
+        self.using_mps = False  # decided when the engine is built (_create)
         self.prompts_per_step = prompts_per_step
         self.max_model_len = max_model_len
         self.settings = settings or EngineSettings()
@@ -442,6 +482,7 @@ class VLLMRollout(Callback):
                 raise ValueError(f"share_trained_weights=True is impossible here: {refusal}; use "
                                  "share_trained_weights=False (or None: shared when possible)")
         self.sharing_trained_weights = self.overlapping and self.shares_trained_weights(pl_module, dtype)
+        self.using_mps = self._check_mps_client(getattr(pl_module, "device", "cpu"))
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
         measure_used, used_before = _engine_start_measure(device)
@@ -471,6 +512,30 @@ class VLLMRollout(Callback):
         self.last_synced_step = trainer.global_step  # the engine starts with the policy's current weights
         log.info("rollout engine %s ready in %.1f s; rollouts %s", type(self.engine).__name__,
                  time.perf_counter() - t0, "overlap the updates" if self.overlapping else f"between updates ({reason})")
+
+    def _check_mps_client(self, device: Any) -> bool:
+        """Whether this process is a client of its private MPS daemon, which its engine process then joins.
+
+        Where it is not (its CUDA started before the daemon, or it has not used CUDA), the daemon quits and the engine
+        process starts without it (``mps=True`` raises instead). A daemon that does not answer is kept: quitting it
+        under a client would break that client's CUDA context.
+        """
+        daemon = active_private_mps()
+        if daemon is None:
+            return False
+        client = daemon.is_client(os.getpid())
+        if client is False:
+            reason = ("this process is not a client of the MPS daemon (its CUDA started before the daemon, or it uses "
+                      "no CUDA): construct VLLMRollout before anything uses the GPU")
+            if self.mps:
+                raise RuntimeError(f"VLLMRollout(mps=True): {reason}; use mps=None to go on without MPS")
+            leave_private_mps(reason)
+            self.mps_off_reason = reason
+            return False
+        if client is None:
+            log.warning("VLLMRollout: the MPS daemon in %s did not answer whether this process is its client; it "
+                        "stays, and the engine process joins it", daemon.root)
+        return torch.device(device).type == "cuda"
 
     def _check_engine_memory(self, started_bytes: int) -> None:
         """Log what the engine's start took; warn when that is more than the memory plan counted for it."""

@@ -131,7 +131,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             activations and rotary embeddings; one compile shared by all layers, see
             :mod:`lightning_rl.compiled_layers`). None (default): on for a full fine-tune or LoRA on one CUDA
             device per process (not under ``ModelParallelStrategy``, never on a CPU), the configurations
-            measured faster end to end (bench/results/vs_trl_NOTES.md); resolved in :meth:`setup`.
+            measured faster end to end (bench/results/vs_trl_NOTES.md), in a run long enough to earn the first
+            step's compile: no ``max_steps``, or at least 200 (500 with LoRA;
+            :func:`~lightning_rl.compiled_layers.auto_compile_layers`); resolved in :meth:`setup`.
         tile_mlps: run each decoder layer's MLP over slices of the tokens in the update, keeping only its input
             for the backward (:mod:`lightning_rl.tiled_mlp`): the recomputed layer's ``[tokens, intermediate]``
             tensors exist for one slice at a time, for one more MLP forward; the memory plan counts it. Off by
@@ -312,7 +314,12 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
                      "nothing to offload", device.type)
         sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
         if self.compile_layers_setting is None:
-            self.compile_layers = auto_compile_layers(device.type, sharded=sharded)
+            max_steps = self._trainer.max_steps if self._trainer is not None else -1
+            self.compile_layers = auto_compile_layers(device.type, sharded=sharded, max_steps=max_steps,
+                                                      lora=self.lora is not None or is_lora(self.policy))
+            if not self.compile_layers and auto_compile_layers(device.type, sharded=sharded):
+                log.info("compile_layers=None: the decoder layers stay eager for this run of max_steps=%d, too short "
+                         "to earn their first step's compile (compile_layers=True compiles them anyway)", max_steps)
         check_tiling(self.tile_mlps, sharded)
 
     def apply_gradient_checkpointing(self, reapply: bool = False) -> None:

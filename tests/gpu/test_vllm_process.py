@@ -304,6 +304,9 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
                   learning_rate=1e-5)
     trainer, callback, seen = _overlapped_fit(module)
     plan = trainer.precision_plugin.memory_plan
+    # in this pytest process CUDA may have started before the callback (the fixtures ask torch.cuda.is_available()):
+    # whether MPS then served it says whether the driver connects at cuInit or at the context's creation
+    print("MPS:", callback.using_mps, callback.mps_off_reason)
     print("overlapped fit:", seen, f"engine start {callback.engine_start_bytes / 2**30:.2f} GiB, planned "
           f"{planned_engine_bytes(plan) / 2**30:.2f} GiB")
     assert callback.overlapping and trainer.global_step == 4

@@ -123,8 +123,33 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(saved_policy, c
 
 def test_automatic_compile_is_for_unsharded_layers_on_cuda_full_or_lora():
     assert auto_compile_layers("cuda", sharded=False)  # a full fine-tune and LoRA alike (both measured faster)
+    assert auto_compile_layers("cuda", sharded=False, lora=True)
     assert not auto_compile_layers("cuda", sharded=True)
     assert not auto_compile_layers("cpu", sharded=False)
+
+
+@pytest.mark.parametrize(("max_steps", "lora", "compiled"), [
+    (-1, True, True), (0, False, True),  # no limit by steps: a long run
+    (199, False, False), (200, False, True),
+    (499, True, False), (500, True, True), (200, True, False),
+])
+def test_a_run_too_short_to_earn_its_first_steps_compile_stays_eager(max_steps, lora, compiled):
+    assert auto_compile_layers("cuda", sharded=False, max_steps=max_steps, lora=lora) is compiled
+
+
+@pytest.mark.parametrize(("max_steps", "lora", "compiled"), [(100, False, False), (1000, False, True),
+                                                            (300, True, False), (1000, True, True)])
+def test_the_module_resolves_compile_layers_from_the_trainers_max_steps_and_lora(make_grpo, monkeypatch, max_steps,
+                                                                                 lora, compiled):
+    import lightning as L
+
+    module = make_grpo(model_config={"num_hidden_layers": 2}, lora={"r": 4, "target_modules": "all-linear"}
+                       if lora else None)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False)
+    module.trainer = trainer
+    monkeypatch.setattr(type(trainer.strategy), "root_device", property(lambda self: torch.device("cuda")))
+    module.setup("fit")
+    assert module.compile_layers is compiled
 
 
 def test_the_module_compiles_when_asked_and_not_by_default_on_a_cpu(make_grpo):
