@@ -4,7 +4,7 @@ With the engine in a process of its own (``VLLMRollout`` overlapping the update)
 Without MPS the GPU time-slices them: the engine's short decode steps wait for the update's slices. Under MPS both
 processes are clients of one server, and their kernels run on the GPU at the same time. Measured end to end on an
 H100 (2026-12-05, ``bench/bench_vs_trl.py``, the README's configuration): SmolLM2 full fine-tune 0.405 s a step
-against 0.475 s without (and 0.504 against 0.581 s in a second call), the same peak memory within 0.08 GiB.
+against 0.475 s without (and 0.504 against 0.581 s in another call), the same peak memory within 0.08 GiB.
 
 The daemon here is private: its pipe and log folders are a temporary folder of its own, so only processes whose
 environment names that folder (this process, once :func:`start_private_mps` sets ``CUDA_MPS_PIPE_DIRECTORY``
