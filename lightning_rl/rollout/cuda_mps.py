@@ -163,14 +163,19 @@ def start_private_mps() -> tuple[PrivateMPS | None, str | None]:
     (root / "pipe").mkdir()
     (root / "log").mkdir()
     env = {**os.environ, **daemon.env}
-    try:
-        started = subprocess.run([control, "-d"], env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as err:
-        shutil.rmtree(root, ignore_errors=True)
-        return None, f"{CONTROL} -d failed: {err}"
+    # its messages go to a file, not a pipe: a daemon that kept a pipe's end open would hold run() until the timeout
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            started = subprocess.run([control, "-d"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                     timeout=_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as err:
+            shutil.rmtree(root, ignore_errors=True)
+            return None, f"{CONTROL} -d failed: {err}"
+        out.seek(0)
+        message = out.read().strip()
     if started.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
-        return None, f"{CONTROL} -d exited with {started.returncode}: {(started.stderr or started.stdout).strip()}"
+        return None, f"{CONTROL} -d exited with {started.returncode}: {message}"
     daemon.watchdog = _start_watchdog(daemon)  # from here on the daemon quits when this process has gone
     if reason := probe_client(env):
         daemon.command("quit")

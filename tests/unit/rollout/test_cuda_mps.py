@@ -19,7 +19,11 @@ FAKE_CONTROL = """#!/bin/bash
 log="$FAKE_MPS_LOG"
 if [ "$1" = "-d" ]; then
   [ -d "$CUDA_MPS_PIPE_DIRECTORY" ] && [ -d "$CUDA_MPS_LOG_DIRECTORY" ] || exit 5
-  echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$log"; exit "${FAKE_MPS_START_RC:-0}"
+  echo "start $CUDA_MPS_PIPE_DIRECTORY" >> "$log"
+  [ -n "$FAKE_MPS_START_RC" ] && { echo "cannot start: $FAKE_MPS_START_RC" >&2; exit "$FAKE_MPS_START_RC"; }
+  # a daemon: it outlives this call, holding the output it was given (as a careless one would)
+  ( sleep 60 ) &
+  exit 0
 fi
 while read -r cmd arg; do
   echo "$cmd $arg" >> "$log"
@@ -113,7 +117,7 @@ def test_cuda_started_before_the_callback_means_no_daemon(fake_control, monkeypa
 def test_a_daemon_that_fails_to_start_or_to_serve_a_client_leaves_the_environment_as_it_was(fake_control,
                                                                                              monkeypatch):
     monkeypatch.setenv("FAKE_MPS_START_RC", "1")
-    assert "exited with 1" in VLLMRollout(mps=None).mps_off_reason
+    assert VLLMRollout(mps=None).mps_off_reason.endswith("exited with 1: cannot start: 1")
     monkeypatch.delenv("FAKE_MPS_START_RC")
     monkeypatch.setattr(cuda_mps, "probe_client", lambda env: "a CUDA client of the MPS daemon could not start")
     assert VLLMRollout(mps=None).mps_off_reason == "a CUDA client of the MPS daemon could not start"
