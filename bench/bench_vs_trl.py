@@ -42,6 +42,12 @@ import profile_sources  # bench/
 # (``compile_layers=None`` stays eager below 200 steps, 500 with LoRA, whose first step's compile would outlast it)
 RUN_MAX_STEPS = 1000
 
+
+def ours_max_steps(last_step: int) -> int:
+    """The ``max_steps`` of lightning-rl's Trainer, which stops after ``last_step``: a run of :data:`RUN_MAX_STEPS`."""
+    return max(RUN_MAX_STEPS, last_step + 1)
+
+
 CASES = {
     # name: (model, lora, max_new_tokens, learning rate)
     "smollm2-full": ("smollm2", False, 128, 1e-5),
@@ -655,12 +661,14 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
     rollout_cb = VLLMRollout(settings=EngineSettings(**extra.get("rollout", {})), **extra.get("callback", {}))
     timer = StepTimer(rollout_cb)
     plugin = MemoryAwarePrecision(**extra.get("plugin", {}))
+    last_step = steps + bool(profile_dir or snapshot)  # the profiled or snapshot step comes after the timed ones
+
     class StopAfter(L.Callback):  # the run is RUN_MAX_STEPS long; it stops after the steps this bench times
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step >= steps + bool(profile_dir or snapshot):
+            if trainer.global_step >= last_step:
                 trainer.should_stop = True
 
-    trainer = L.Trainer(max_steps=max(RUN_MAX_STEPS, steps + 1), accelerator="gpu", devices=1, logger=False,
+    trainer = L.Trainer(max_steps=ours_max_steps(last_step), accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[timer, rollout_cb, StopAfter()], plugins=[plugin], log_every_n_steps=1)
@@ -844,7 +852,7 @@ def main() -> None:
     trl_utils = {c: trl_util(args.trl_util, CASES[c][0]) for c in cases}  # TRL's fraction per case, read once
     report = {"benchmark": "GRPO step, lightning-rl vs TRL GRPOTrainer (vLLM colocated)", "versions": versions(),
               "config": {"G": G, "prompts_per_step": PROMPTS, "steps": args.steps, "warmup_steps": args.warmup,
-                         "ours_trainer_max_steps": max(RUN_MAX_STEPS, args.steps + 1),
+                         "ours_trainer_max_steps": ours_max_steps(args.steps),
                          "temperature": 1.0, "beta": 0.0, "lora": LORA, "trl_vllm_gpu_memory_utilization":
                          trl_utils,
                          "cases": {c: dict(zip(("model", "lora", "max_new_tokens", "lr"), CASES[c])) for c in cases},

@@ -226,12 +226,12 @@ class VLLMRollout(Callback):
         super().__init__()
         if prompts_per_step is not None and prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
-        self.mps = mps
-        self.mps_off_reason = start_mps_for(mps, settings or EngineSettings(), engine_factory, overlap)
-        self.using_mps = False  # decided when the engine is built (_create)
         self.prompts_per_step = prompts_per_step
         self.max_model_len = max_model_len
         self.settings = settings or EngineSettings()
+        self.mps = mps
+        self.mps_off_reason = start_mps_for(mps, self.settings, engine_factory, overlap)
+        self.using_mps = False  # decided when the engine is built (_create)
         self.engine_factory = engine_factory
         self.overlap = overlap
         self.yield_gpu = yield_gpu
@@ -482,9 +482,9 @@ class VLLMRollout(Callback):
                 raise ValueError(f"share_trained_weights=True is impossible here: {refusal}; use "
                                  "share_trained_weights=False (or None: shared when possible)")
         self.sharing_trained_weights = self.overlapping and self.shares_trained_weights(pl_module, dtype)
-        self.using_mps = self._check_mps_client(getattr(pl_module, "device", "cpu"))
         t0 = time.perf_counter()
         device = getattr(pl_module, "device", "cpu")
+        self.using_mps = self._check_mps_client(device)
         measure_used, used_before = _engine_start_measure(device)
         try:
             self.engine = self.build_engine(pl_module, prompts_per_step)

@@ -42,7 +42,8 @@ ok = (cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
 sys.exit(0 if ok else 3)
 """
 
-# The watchdog: waits for its parent (the trainer) to be gone, then quits the daemon and removes its folder.
+# The watchdog: waits for its parent (the trainer) to be gone, then quits the daemon its environment names and
+# removes the daemon's folder.
 _WATCHDOG = """
 import os, shutil, subprocess, sys, time
 parent, root, control = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -53,9 +54,8 @@ while True:
     except OSError:
         break
     time.sleep(0.2)
-env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=root + "/pipe", CUDA_MPS_LOG_DIRECTORY=root + "/log")
 try:
-    subprocess.run([control], input="quit\\n", text=True, env=env, timeout=60, capture_output=True)
+    subprocess.run([control], input="quit\\n", text=True, timeout=60, capture_output=True)
 finally:
     shutil.rmtree(root, ignore_errors=True)
 """
@@ -203,8 +203,7 @@ def _start_watchdog(daemon: PrivateMPS) -> subprocess.Popen:
     """A process that quits ``daemon`` and removes its folder after this process has exited."""
     return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(daemon.root), daemon.control],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={k: v for k, v in os.environ.items()
-                                                         if k not in (PIPE_ENV, LOG_ENV)})
+                            start_new_session=True, env={**os.environ, **daemon.env})
 
 
 def leave_private_mps(reason: str) -> None:
