@@ -616,6 +616,8 @@ def run_ours(case: str, model_dir: str, steps: int, warmup: int, profile_dir: st
                                     # this process and the engine process are clients of a private MPS daemon
                                     "using_mps": self.rollout_cb.using_mps,
                                     "mps_off_reason": self.rollout_cb.mps_off_reason,
+                                    # this process's MPS client priority ("1": below the engine process's "0")
+                                    "mps_client_priority": os.environ.get("CUDA_MPS_CLIENT_PRIORITY"),
                                     "sleep_level": getattr(engine, "sleep_level", None),
                                     # a LoRA base shared with an in-process engine: what it points at, and what
                                     # the trainer's own copy gave back (torch's count) when it did

@@ -25,7 +25,8 @@
 #   bash bench/gpu_visit.sh contention       # probe_engine_contention.py: the engine's decode step beside a training
 #                                            # loop, busy cores, long GPU kernels (LOADS=... picks them)
 #   bash bench/gpu_visit.sh mps              # VLLMRollout(mps=True)'s GPU test, then the defaults against the callback's
-#                                            # MPS daemon (PROBE=1: probe_mps.py first)
+#                                            # MPS daemon, its trainer below normal priority and both at normal
+#                                            # (PROBE=1: probe_mps.py first; SKIP_TEST=1: no test; CASES=...)
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each;
 #                                                            # STOP_AT_FIRST=1: up to the first that runs):
 #                                                            # the smallest at which it runs, its peak and step
@@ -107,18 +108,24 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2'})" > "$WORK/models.log" 2
     timeout "$budget" python3 bench/probe_engine_contention.py --model /tmp/bench_models/smollm2 \
       --out "$WORK/contention.json" ${LOADS:+--loads "$LOADS"} > "$WORK/contention.log" 2>&1
     grep -vE "^(INFO|DEBUG|WARNING)|^\(EngineCore" "$WORK/contention.log" | tail -15 ;;
-  mps)  # VLLMRollout(mps=True)'s GPU test (the README configuration in a fresh process; its start, clients and
-        # watchdog), then the defaults against 'ours:mps_lib' (the callback's own daemon); the route measured on
-        # 2026-12-05 (a daemon started here, named in both processes' environment) was 13-15% faster a step.
+  mps)  # VLLMRollout(mps=True)'s GPU test (the README configuration in a fresh process; its start, clients, their
+        # priorities and watchdog; SKIP_TEST=1 leaves it out), then the defaults against 'ours:mps_lib' (the
+        # callback's own daemon, the trainer a below-normal client) and 'ours:mps_eq' (both clients normal, as on
+        # the forty-third visit, when it gave no gain; a daemon the bench started gave 13-15% the visit before).
         # PROBE=1 first runs probe_mps.py (memory of one and two clients, IPC, co-running; ~2 min)
     if [ -n "${PROBE:-}" ]; then
       timeout 240 python3 bench/probe_mps.py --out "$WORK/probe_mps.json" > "$WORK/probe_mps.log" 2>&1
       grep -E "^(plain|mps):" "$WORK/probe_mps.log" | cut -c1-1200
     fi
-    timeout 300 python3 -m pytest tests/gpu/test_mps_gpu.py -q -s -p no:cacheprovider -rA > "$WORK/test_mps.log" 2>&1
-    echo "[$(date +%T)] rc=$? tests/gpu/test_mps_gpu.py"; grep -E "^(PASSED|FAILED|ERROR)|MPS fit|Error" "$WORK/test_mps.log" | cut -c1-600
-    run_bench mps $((budget - 310)) --cases "${CASES:-smollm2-full}" --runners "${RUNNERS:-ours}" \
-      --extra 'mps_lib={"callback":{"mps":true}}' --steps "${STEPS:-10}" --timeout 200
+    reserve=10
+    if [ -z "${SKIP_TEST:-}" ]; then
+      reserve=310
+      timeout 300 python3 -m pytest tests/gpu/test_mps_gpu.py -q -s -p no:cacheprovider -rA > "$WORK/test_mps.log" 2>&1
+      echo "[$(date +%T)] rc=$? tests/gpu/test_mps_gpu.py"; grep -E "^(PASSED|FAILED|ERROR)|MPS fit|Error" "$WORK/test_mps.log" | cut -c1-600
+    fi
+    run_bench mps $((budget - reserve)) --cases "${CASES:-smollm2-full}" --runners "${RUNNERS:-ours}" \
+      --extra 'mps_lib={"callback":{"mps":true}}' \
+      --extra 'mps_eq={"callback":{"mps":true},"env":{"CUDA_MPS_CLIENT_PRIORITY":"0"}}' --steps "${STEPS:-10}" --timeout 200
     grep -E "^\[|s/step|FAILED|using_mps" "$WORK/bench_mps.log" | cut -c1-400 ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
     for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction

@@ -206,11 +206,13 @@ class VLLMRollout(Callback):
             (:mod:`~lightning_rl.rollout.cuda_mps`), so that the GPU runs their kernels at the same time instead of
             time-slicing between them. Started here, in the constructor: CUDA connects to MPS when it starts in a
             process, so construct the callback before anything uses the GPU (as in ``Trainer(callbacks=[...])``).
-            False (the default: on an H100 it passed its GPU test but gave no gain; docs/gpu_settings.md): never.
-            None: started where it can be (Linux, one training process, the driver's ``nvidia-cuda-mps-control``,
-            CUDA not started yet, no ``CUDA_MPS_PIPE_DIRECTORY`` of your own, an engine that may run in its own
-            process); otherwise, or when this process did not become a client by the time the engine starts, the
-            run goes on without it (logged). True: the same, and what prevents it raises.
+            This process joins at below-normal priority and its engine process at normal priority, unless
+            ``CUDA_MPS_CLIENT_PRIORITY`` is set already. False (the default: on an H100 it passed its GPU test but
+            gave no gain; docs/gpu_settings.md): never. None: started where it can be (Linux, one training process,
+            the driver's ``nvidia-cuda-mps-control``, CUDA not started yet, no ``CUDA_MPS_PIPE_DIRECTORY`` of your
+            own, an engine that may run in its own process); otherwise, or when this process did not become a client
+            by the time the engine starts, the run goes on without it (logged). True: the same, and what prevents it
+            raises.
     """
 
     def __init__(

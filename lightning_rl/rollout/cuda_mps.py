@@ -3,8 +3,9 @@
 With the engine in a process of its own (``VLLMRollout`` overlapping the update), two processes share one GPU.
 Without MPS the GPU time-slices them: the engine's short decode steps wait for the update's slices. Under MPS both
 processes are clients of one server, and their kernels run on the GPU at the same time. Measured end to end on an
-H100 (2026-12-05, ``bench/bench_vs_trl.py``, the README's configuration): SmolLM2 full fine-tune 0.405 s a step
-against 0.475 s without (and 0.504 against 0.581 s in another call), the same peak memory within 0.08 GiB.
+H100 with a daemon the bench started (2026-12-05, ``bench/bench_vs_trl.py``, the README's configuration): SmolLM2
+full fine-tune 0.405 s a step against 0.475 s without (and 0.504 against 0.581 s in another call), the same peak
+memory within 0.08 GiB; on another H100 this module's daemon (both clients at the same priority) gave no gain.
 
 The daemon here is private: its pipe and log folders are a temporary folder of its own, so only processes whose
 environment names that folder (this process, once :func:`start_private_mps` sets ``CUDA_MPS_PIPE_DIRECTORY``
@@ -12,6 +13,13 @@ before CUDA starts, and the processes it starts) are its clients; other users' p
 are untouched. The CUDA driver connects to MPS when CUDA is first initialized in a process, so the daemon must run
 before that. A watchdog process quits the daemon and removes its folder once this process has exited, however it
 exits (a server quit under a live client would break that client's CUDA context, so nothing quits it earlier).
+
+The engine's generation sets the step (the update ends first), and under MPS the update's kernels took SMs from
+the engine's decode steps: on an H100 the update ran faster and the generation slower, and the callback's daemon
+gave no gain in two calls (``docs/gpu_settings.md``). So this process (the trainer) joins as a below-normal
+priority client (``CUDA_MPS_CLIENT_PRIORITY=1``, NVIDIA's MPS client priority) and its engine process as a
+normal one: the engine's kernels go first, the update takes the SMs they leave. Where the environment already
+sets ``CUDA_MPS_CLIENT_PRIORITY``, both processes keep that value. Not measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +38,11 @@ log = logging.getLogger(__name__)
 
 CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV, LOG_ENV = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
+#: NVIDIA's MPS client priority, read when a client's CUDA starts: "0" normal, "1" below normal.
+PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"
+#: Set beside a below-normal :data:`PRIORITY_ENV` in the trainer: the priority its engine process starts with.
+ENGINE_PRIORITY_ENV = "LIGHTNING_RL_MPS_ENGINE_PRIORITY"
+TRAINER_PRIORITY, ENGINE_PRIORITY = "1", "0"
 _TIMEOUT_S = 30
 
 # A CUDA client of the daemon, without torch (a fraction of a second): the driver connects to the server at cuInit,
@@ -69,11 +83,13 @@ class PrivateMPS:
         root: its folder (``pipe/`` and ``log/``), removed when this process has exited.
         control: the path of ``nvidia-cuda-mps-control``.
         watchdog: the process that quits the daemon after this one.
+        priorities: the client priorities it set in this process's environment (:func:`client_priorities`).
     """
 
     root: Path
     control: str
     watchdog: subprocess.Popen | None = None
+    priorities: dict[str, str] | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -180,10 +196,27 @@ def start_private_mps() -> tuple[PrivateMPS | None, str | None]:
     if reason := probe_client(env):
         daemon.command("quit")
         return None, reason
-    os.environ.update(daemon.env)
+    daemon.priorities = client_priorities(os.environ)
+    os.environ.update({**daemon.env, **daemon.priorities})
     _DAEMON = daemon
     log.info("CUDA MPS: a private daemon in %s serves this process and its engine process", root)
     return daemon, None
+
+
+def client_priorities(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment entries that make this process a below-normal client and its engine process a normal one.
+
+    Nothing where ``environ`` sets :data:`PRIORITY_ENV` already (the user's choice, which both processes inherit).
+    """
+    if PRIORITY_ENV in environ:
+        return {}
+    return {PRIORITY_ENV: TRAINER_PRIORITY, ENGINE_PRIORITY_ENV: ENGINE_PRIORITY}
+
+
+def engine_process_environment() -> dict[str, str]:
+    """The entries an engine process must start with to take the MPS priority its trainer chose for it (or none)."""
+    priority = os.environ.get(ENGINE_PRIORITY_ENV)
+    return {PRIORITY_ENV: priority} if priority else {}
 
 
 def probe_client(env: dict[str, str]) -> str | None:
@@ -217,7 +250,7 @@ def leave_private_mps(reason: str) -> None:
     daemon = active_private_mps()
     if daemon is None:
         return
-    for key in daemon.env:
+    for key in {**daemon.env, **(daemon.priorities or {})}:
         os.environ.pop(key, None)
     _DAEMON = None
     daemon.command("quit")

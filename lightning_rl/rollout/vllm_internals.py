@@ -224,9 +224,11 @@ class VLLMInternals:
         """
         import vllm
 
+        from lightning_rl.rollout.cuda_mps import engine_process_environment
         from lightning_rl.rollout.engine_streams import launcher_environment
 
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **launcher_environment()}  # streams from the driver there
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", **launcher_environment(),  # streams from the driver there
+               **engine_process_environment()}  # its MPS client priority, where the trainer chose one
         with _environment(env), main_module_hidden():
             llm = vllm.LLM(**kwargs)
         return cls(llm, dist_was_initialized=False)

@@ -1,6 +1,6 @@
 """The README's GPU configuration with ``VLLMRollout(mps=True)`` in a fresh process, as a user's script runs it: the
-trainer and its engine process are clients of one private CUDA MPS daemon, the fit trains, and the daemon is gone
-after the process."""
+trainer and its engine process are clients of one private CUDA MPS daemon (the trainer at below-normal priority),
+the fit trains, and the daemon is gone after the process."""
 
 import json
 import subprocess
@@ -24,6 +24,17 @@ SCRIPT = textwrap.dedent("""
     from lightning_rl.rewards import NumericMatch
     from lightning_rl.rollout import cuda_mps
 
+    def client_priority(pid):
+        # the MPS client priority a process started with (its environment, as CUDA read it)
+        try:
+            entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            return None
+        for entry in entries:
+            if entry.startswith(cuda_mps.PRIORITY_ENV.encode() + b"="):
+                return entry.split(b"=", 1)[1].decode()
+        return "unset"
+
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)
@@ -35,7 +46,9 @@ SCRIPT = textwrap.dedent("""
             daemon = cuda_mps.active_private_mps()
             servers = daemon.server_pids() if daemon else []
             clients = [cuda_mps._pids(daemon.command(f"get_client_list {s}")) for s in servers] if daemon else []
+            priorities = {pid: client_priority(pid) for group in clients for pid in group}
             seen.append({"using_mps": callback.using_mps, "servers": servers, "clients": clients,
+                         "priorities": priorities,
                          "staleness": callback.last_timings.get("staleness"),
                          "mismatch": float(trainer.callback_metrics["train/logprob_mismatch_mean"]),
                          "reward": float(trainer.callback_metrics["train/reward_step"])})
@@ -65,6 +78,12 @@ def test_mps_true_runs_the_readme_configurations_trainer_and_engine_process_as_c
     assert all(len(s["servers"]) == 1 for s in seen)
     # the trainer and the engine core: two clients of the one server at every step
     assert all(result["pid"] in s["clients"][0] and len(s["clients"][0]) >= 2 for s in seen)
+    # the trainer a below-normal client, its engine process a normal one (the engine's kernels first; a process the
+    # trainer started otherwise inherits its "1")
+    for s in seen:
+        priorities = {int(pid): value for pid, value in s["priorities"].items()}
+        assert priorities.pop(result["pid"]) == "1"
+        assert "0" in priorities.values(), priorities
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert seen[0]["mismatch"] < 0.05 and all(s["mismatch"] < 0.15 for s in seen[1:])
     # the watchdog quits the daemon and removes its folder once the trainer's process has exited

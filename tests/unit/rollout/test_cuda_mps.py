@@ -9,11 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
 from lightning_rl.callbacks.vllm_rollout import VLLMRollout
 from lightning_rl.rollout import cuda_mps
+
+MPS_KEYS = (cuda_mps.PIPE_ENV, cuda_mps.LOG_ENV, cuda_mps.PRIORITY_ENV, cuda_mps.ENGINE_PRIORITY_ENV)
 
 FAKE_CONTROL = """#!/bin/bash
 log="$FAKE_MPS_LOG"
@@ -48,11 +51,11 @@ def fake_control(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MPS_LOG", str(log))
     monkeypatch.setattr(cuda_mps, "probe_client", lambda env: None)
     monkeypatch.setattr(sys, "platform", "linux")
-    for key in (cuda_mps.PIPE_ENV, cuda_mps.LOG_ENV):
+    for key in MPS_KEYS:
         monkeypatch.delenv(key, raising=False)
     yield log
     cuda_mps._DAEMON = None
-    for key in (cuda_mps.PIPE_ENV, cuda_mps.LOG_ENV):
+    for key in MPS_KEYS:
         os.environ.pop(key, None)
 
 
@@ -86,6 +89,30 @@ def test_mps_none_starts_one_private_daemon_and_names_it_in_this_process_environ
     assert os.environ[cuda_mps.LOG_ENV] == str(daemon.root / "log")
     VLLMRollout(mps=None)  # a second callback in this process (a notebook's next fit) uses the same daemon
     assert calls(fake_control) == [f"start {daemon.root / 'pipe'}"]
+
+
+def test_the_trainer_joins_below_normal_and_spawns_its_engine_process_as_a_normal_client(fake_control, monkeypatch):
+    from lightning_rl.rollout.vllm_internals import VLLMInternals
+
+    VLLMRollout(mps=None)
+    assert os.environ[cuda_mps.PRIORITY_ENV] == "1"  # read when this process's CUDA starts
+    seen = {}
+
+    class LLM:  # vLLM spawning its engine core: the environment the child inherits
+        def __init__(self, **kwargs):
+            seen["priority"] = os.environ.get(cuda_mps.PRIORITY_ENV)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    VLLMInternals.start_in_own_process({"model": "m"})
+    assert seen == {"priority": "0"} and os.environ[cuda_mps.PRIORITY_ENV] == "1"
+
+
+def test_a_client_priority_of_the_users_own_is_kept_for_both_processes(fake_control, monkeypatch):
+    monkeypatch.setenv(cuda_mps.PRIORITY_ENV, "0")
+    VLLMRollout(mps=None)
+    assert cuda_mps.active_private_mps() is not None
+    assert os.environ[cuda_mps.PRIORITY_ENV] == "0" and cuda_mps.ENGINE_PRIORITY_ENV not in os.environ
+    assert cuda_mps.engine_process_environment() == {}
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
@@ -143,7 +170,7 @@ def test_the_callback_keeps_mps_only_when_this_process_is_a_client(fake_control,
         strict._check_mps_client("cuda")
     assert rollout._check_mps_client("cuda") is False
     assert "its CUDA started before the daemon" in rollout.mps_off_reason
-    assert cuda_mps.PIPE_ENV not in os.environ  # the engine process starts without it
+    assert not set(MPS_KEYS) & set(os.environ)  # the engine process starts without it, at no priority
     assert calls(fake_control)[-1] == "quit "
 
 
