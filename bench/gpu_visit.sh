@@ -26,7 +26,8 @@
 #                                            # loop, busy cores, long GPU kernels (LOADS=... picks them)
 #   bash bench/gpu_visit.sh mps              # VLLMRollout(mps=True)'s GPU test, then the defaults against the callback's
 #                                            # MPS daemon, its trainer below normal priority and both at normal
-#                                            # (PROBE=1: probe_mps.py first; SKIP_TEST=1: no test; CASES=...)
+#                                            # (PROBE=1: probe_mps.py first; SKIP_TEST=1: no test; CASES=...;
+#                                            # NOYIELD=1: also under MPS with yield_gpu=False)
 #   UTILS="0.02 0.03" bash bench/gpu_visit.sh trl-util CASE  # TRL alone at each vLLM fraction (STEPS=4 each;
 #                                                            # STOP_AT_FIRST=1: up to the first that runs):
 #                                                            # the smallest at which it runs, its peak and step
@@ -123,9 +124,12 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2'})" > "$WORK/models.log" 2
       timeout 300 python3 -m pytest tests/gpu/test_mps_gpu.py -q -s -p no:cacheprovider -rA > "$WORK/test_mps.log" 2>&1
       echo "[$(date +%T)] rc=$? tests/gpu/test_mps_gpu.py"; grep -E "^(PASSED|FAILED|ERROR)|MPS fit|Error" "$WORK/test_mps.log" | cut -c1-600
     fi
+    more=()  # NOYIELD=1: also the daemon with the update not yielding the GPU (its waits serve time-slicing)
+    [ -z "${NOYIELD:-}" ] || more=(--extra 'mps_noyield={"callback":{"mps":true,"yield_gpu":false}}')
     run_bench mps $((budget - reserve)) --cases "${CASES:-smollm2-full}" --runners "${RUNNERS:-ours}" \
       --extra 'mps_lib={"callback":{"mps":true}}' \
-      --extra 'mps_eq={"callback":{"mps":true},"env":{"CUDA_MPS_CLIENT_PRIORITY":"0"}}' --steps "${STEPS:-10}" --timeout 200
+      --extra 'mps_eq={"callback":{"mps":true},"env":{"CUDA_MPS_CLIENT_PRIORITY":"0"}}' "${more[@]}" \
+      --steps "${STEPS:-10}" --timeout 200
     grep -E "^\[|s/step|FAILED|using_mps" "$WORK/bench_mps.log" | cut -c1-400 ;;
   trl-util)  # TRL's GRPOTrainer alone at each vLLM fraction, smallest first: which fractions run, and at what peak
     for u in ${UTILS:-0.02 0.03 0.04}; do  # RUNNERS=trl,trl-sleep adds TRL's vLLM sleep mode at each fraction
