@@ -15,8 +15,8 @@ before that. A watchdog process quits the daemon and removes its folder once thi
 exits (a server quit under a live client would break that client's CUDA context, so nothing quits it earlier).
 
 The engine's generation sets the step (the update ends first), and under MPS the update's kernels took SMs from
-the engine's decode steps: on an H100 the update ran faster and the generation slower, and the callback's daemon
-gave no gain in two calls (``docs/gpu_settings.md``). So this process (the trainer) joins as a below-normal
+the engine's decode steps: on an H100 the trainer waited longer for the generation in both calls, and the
+callback's daemon gave no gain (``docs/gpu_settings.md``). So this process (the trainer) joins as a below-normal
 priority client (``CUDA_MPS_CLIENT_PRIORITY=1``, NVIDIA's MPS client priority) and its engine process as a
 normal one: the engine's kernels go first, the update takes the SMs they leave. Where the environment already
 sets ``CUDA_MPS_CLIENT_PRIORITY``, both processes keep that value. Not measured on a GPU yet.
