@@ -25,9 +25,12 @@ SCRIPT = textwrap.dedent("""
     from lightning_rl.rollout import cuda_mps
 
     def client_priority(pid):
-        # the MPS client priority a process started with (its environment, as CUDA read it)
+        # the MPS client priority as CUDA read it: this process's environment as changed at run time (where the
+        # callback set it), another's as it started (/proc shows a process's starting environment only)
+        if pid == os.getpid():
+            return os.environ.get(cuda_mps.PRIORITY_ENV, "unset")
         try:
-            entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\\0")
         except OSError:
             return None
         for entry in entries:
