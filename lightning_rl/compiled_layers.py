@@ -164,8 +164,11 @@ def auto_compile_layers(device_type: str, sharded: bool, max_steps: int = -1, lo
             costs more than the run's later steps save, so such a run stays eager.
         lora: the policy trains LoRA adapters (its compile takes several times longer).
     """
-    if device_type != "cuda" or sharded:
-        return False
+    return device_type == "cuda" and not sharded and run_earns_compile(max_steps, lora)
+
+
+def run_earns_compile(max_steps: int, lora: bool = False) -> bool:
+    """Whether a run of ``max_steps`` (-1 or 0: no limit by steps) is long enough to earn the layers' compile."""
     return max_steps <= 0 or max_steps >= (COMPILE_FROM_STEPS_LORA if lora else COMPILE_FROM_STEPS)
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
-from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers
+from lightning_rl.compiled_layers import auto_compile_layers, compile_decoder_layers, run_earns_compile
 from lightning_rl.dropout import disable_dropout
 from lightning_rl.hparams import portable, resolve_factory
 from lightning_rl.logprobs import (
@@ -315,9 +315,10 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         sharded = self._trainer is not None and is_model_parallel(self._trainer.strategy)
         if self.compile_layers_setting is None:
             max_steps = self._trainer.max_steps if self._trainer is not None else -1
-            self.compile_layers = auto_compile_layers(device.type, sharded=sharded, max_steps=max_steps,
-                                                      lora=self.lora is not None or is_lora(self.policy))
-            if not self.compile_layers and auto_compile_layers(device.type, sharded=sharded):
+            compilable = auto_compile_layers(device.type, sharded=sharded)  # the device and strategy allow it
+            self.compile_layers = compilable and run_earns_compile(max_steps,
+                                                                   lora=self.lora is not None or is_lora(self.policy))
+            if compilable and not self.compile_layers:
                 log.info("compile_layers=None: the decoder layers stay eager for this run of max_steps=%d, too short "
                          "to earn their first step's compile (compile_layers=True compiles them anyway)", max_steps)
         check_tiling(self.tile_mlps, sharded)
