@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -89,18 +89,22 @@ class PrivateMPS:
     root: Path
     control: str
     watchdog: subprocess.Popen | None = None
-    priorities: dict[str, str] | None = None
+    priorities: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
         """The environment entries that make a process a client of this daemon."""
         return {PIPE_ENV: str(self.root / "pipe"), LOG_ENV: str(self.root / "log")}
 
+    def environment(self) -> dict[str, str]:
+        """The current environment with :attr:`env` added: for the daemon's commands and the processes it serves."""
+        return {**os.environ, **self.env}
+
     def command(self, text: str) -> str | None:
         """Send one command to the daemon (``get_server_list``, ...); its answer, or None when it failed."""
         try:
             done = subprocess.run([self.control], input=text + "\n", text=True, capture_output=True,
-                                  env={**os.environ, **self.env}, timeout=_TIMEOUT_S)
+                                  env=self.environment(), timeout=_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout if done.returncode == 0 else None
@@ -178,7 +182,7 @@ def start_private_mps() -> tuple[PrivateMPS | None, str | None]:
     daemon = PrivateMPS(root, control)
     (root / "pipe").mkdir()
     (root / "log").mkdir()
-    env = {**os.environ, **daemon.env}
+    env = daemon.environment()
     # its messages go to a file, not a pipe: a daemon that kept a pipe's end open would hold run() until the timeout
     with tempfile.TemporaryFile("w+") as out:
         try:
@@ -236,7 +240,7 @@ def _start_watchdog(daemon: PrivateMPS) -> subprocess.Popen:
     """A process that quits ``daemon`` and removes its folder after this process has exited."""
     return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(daemon.root), daemon.control],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **daemon.env})
+                            start_new_session=True, env=daemon.environment())
 
 
 def leave_private_mps(reason: str) -> None:
@@ -250,7 +254,7 @@ def leave_private_mps(reason: str) -> None:
     daemon = active_private_mps()
     if daemon is None:
         return
-    for key in {**daemon.env, **(daemon.priorities or {})}:
+    for key in {**daemon.env, **daemon.priorities}:
         os.environ.pop(key, None)
     _DAEMON = None
     daemon.command("quit")
