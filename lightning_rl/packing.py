@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lightning_rl.models import unwrap
+from lightning_rl.models import backbone_output, unwrap
 
 ATTENTION = "lightning_rl_packed"
 _VARLEN_PARAMS: frozenset[str] = frozenset()  # varlen_attn's keyword names, read once outside compiled code
@@ -265,17 +265,19 @@ def use_packed_attention(model: nn.Module) -> None:
         config._attn_implementation = ATTENTION
 
 
-def packed_forward(body: nn.Module, packed: PackedRows, max_len: int) -> torch.Tensor:
-    """``body`` (a model's backbone, switched by :func:`use_packed_attention`) over ``packed``: ``[T, hidden]``.
+def packed_forward(model: nn.Module, body: nn.Module, packed: PackedRows, max_len: int) -> torch.Tensor:
+    """``body`` (``model``'s backbone, switched by :func:`use_packed_attention`) over ``packed``: ``[T, hidden]``.
 
     ``max_len`` bounds a sequence's length for the attention kernel; a bound fixed for the run keeps compiled
-    layers from recompiling when a rollout's longest sequence changes.
+    layers from recompiling when a rollout's longest sequence changes. Under FSDP2 the backbone runs inside
+    ``model``'s forward (:func:`~lightning_rl.models.backbone_output`).
     """
+    inputs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                  cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
+                  max_length_q=max_len, max_length_k=max_len)
     _STATE.packing = True
     try:
-        out = body(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                   cu_seq_lens_q=packed.cu_seqlens, cu_seq_lens_k=packed.cu_seqlens,
-                   max_length_q=max_len, max_length_k=max_len)
+        out = backbone_output(model, body, inputs)
     finally:
         _STATE.packing = False
     return (out[0] if isinstance(out, tuple) else out.last_hidden_state)[0]

@@ -24,7 +24,8 @@ in: for parameters that are a rollout engine's own weights, which it generates f
 
 The module's ``state_dict`` gives the masters (fp32) for these weights and ``load_state_dict`` fills them, so
 checkpoints and ``save_pretrained`` hold full-precision weights; an optimizer's ``load_state_dict`` sees the
-masters too, so its loaded states stay fp32. :meth:`HostMasterWeights.detach` puts fp32 weights back on the
+masters too, so its loaded states stay fp32 (a fused group's step counters then go back beside their parameters,
+:func:`step_counters_beside_their_parameters`). :meth:`HostMasterWeights.detach` puts fp32 weights back on the
 device at the end of the fit.
 """
 
@@ -327,6 +328,27 @@ class HostMasterWeights:
         if ctx is not None:
             self._optimizer_load = None
             ctx.__exit__(None, None, None)
+        step_counters_beside_their_parameters(optimizer)
 
 
-__all__ = ["HostMasterWeights", "managed_parameters", "managed_weights"]
+def step_counters_beside_their_parameters(optimizer: Optimizer) -> int:
+    """Move the ``step`` counters of ``optimizer``'s fused or capturable groups to their parameters' devices.
+
+    Such a group's kernel reads each counter on its parameter's device, and ``load_state_dict`` puts the counter
+    on the device of the tensor it sees then: a host master's, while :meth:`HostMasterWeights.masters_in_place`
+    holds. A resumed fit would then stop at its first fused CUDA step ("state_steps is on cpu"). Returns how many
+    counters moved.
+    """
+    moved = 0
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(p.device)
+                moved += 1
+    return moved
+
+
+__all__ = ["HostMasterWeights", "managed_parameters", "managed_weights", "step_counters_beside_their_parameters"]

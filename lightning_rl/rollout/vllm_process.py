@@ -349,6 +349,11 @@ class VLLMProcessEngine(VLLMEngine):
         self._check_alive()
         return dict(self.llm.collective_rpc("lightning_rl_memory")[0])
 
+    def engine_process(self) -> dict[str, Any]:
+        """The engine process's id and MPS client priority (``PolicyWeightReceiver.lightning_rl_process``)."""
+        self._check_alive()
+        return dict(self.llm.collective_rpc("lightning_rl_process")[0])
+
     def wake_up(self) -> None:
         """Nothing to do: the engine keeps its memory."""
         self._check_alive()

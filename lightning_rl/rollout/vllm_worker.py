@@ -167,6 +167,17 @@ class PolicyWeightReceiver:
             out["cuda_stack_limit"] = limit
         return out
 
+    def lightning_rl_process(self) -> dict[str, Any]:
+        """The engine process's id and the CUDA MPS client priority its CUDA context read (None where unset).
+
+        Read in the process itself: vLLM forks the engine core from the front-end process after the front end set the
+        engine's priority in its own environment, and ``/proc/PID/environ`` of a forked process still shows the
+        front end's starting environment (the trainer's priority).
+        """
+        from lightning_rl.rollout.cuda_mps import PRIORITY_ENV
+
+        return {"pid": os.getpid(), "mps_client_priority": os.environ.get(PRIORITY_ENV)}
+
     def lightning_rl_release_cache(self) -> int:
         """Give PyTorch's cached but unused device memory back to the driver. Returns the bytes released.
 

@@ -44,6 +44,45 @@ def test_pinned_masters_step_bit_identically_to_fp32_masters_with_asynchronous_c
     assert streamer.last_chunks > 1
 
 
+def test_a_resumed_fused_optimizer_steps_on_as_the_uninterrupted_one():
+    """A resumed fit: AdamW's fused CUDA kernel, its state loaded while the host masters stand in for the weights,
+    steps on as the run that never stopped (its step counters back on the device, where the kernel reads them;
+    they were left on the host and the first step after a resume failed)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1000)).cuda()
+
+    def make():
+        net, masters = copy.deepcopy(base), HostMasterWeights(torch.bfloat16)
+        masters.attach(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+        masters.watch_optimizer(opt)
+        streamer = StreamedOptimizerStates(chunk_bytes=1 << 20)
+        streamer.masters = masters
+        return net, opt, masters, streamer
+
+    def train(net, opt, streamer, steps):
+        for step in steps:
+            x = torch.randint(0, 1000, (8, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                net(x).float().log_softmax(-1).mean().neg().backward()
+            streamer.step(opt)
+
+    net, opt, masters, streamer = make()
+    train(net, opt, streamer, range(2))
+    model_state, optimizer_state = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    train(net, opt, streamer, range(2, 4))
+    r_net, r_opt, r_masters, r_streamer = make()
+    r_net.load_state_dict(model_state)
+    r_opt.load_state_dict(optimizer_state)
+    assert all(state["step"].is_cuda and float(state["step"]) == 2 for state in r_opt.state.values())
+    train(r_net, r_opt, r_streamer, range(2, 4))
+    for (name, a), b in zip(net.named_parameters(), r_net.parameters(), strict=True):
+        assert not torch.equal(b, model_state[name].to(b.dtype)), name  # it stepped
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+        if masters.manages(a):
+            torch.testing.assert_close(r_masters.master(b), masters.master(a), rtol=0, atol=1e-6, msg=name)
+
+
 def test_host_masters_lower_a_full_finetunes_peak_below_streamed_states(bench):
     from lightning_rl import MemoryAwarePrecision
 

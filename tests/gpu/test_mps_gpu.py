@@ -24,20 +24,6 @@ SCRIPT = textwrap.dedent("""
     from lightning_rl.rewards import NumericMatch
     from lightning_rl.rollout import cuda_mps
 
-    def client_priority(pid):
-        # the MPS client priority as CUDA read it: this process's environment as changed at run time (where the
-        # callback set it), another's as it started (/proc shows a process's starting environment only)
-        if pid == os.getpid():
-            return os.environ.get(cuda_mps.PRIORITY_ENV, "unset")
-        try:
-            entries = open(f"/proc/{pid}/environ", "rb").read().split(b"\\0")
-        except OSError:
-            return None
-        for entry in entries:
-            if entry.startswith(cuda_mps.PRIORITY_ENV.encode() + b"="):
-                return entry.split(b"=", 1)[1].decode()
-        return "unset"
-
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)
@@ -49,7 +35,12 @@ SCRIPT = textwrap.dedent("""
             daemon = cuda_mps.active_private_mps()
             servers = daemon.server_pids() if daemon else []
             clients = [cuda_mps._pids(daemon.command(f"get_client_list {s}")) for s in servers] if daemon else []
-            priorities = {pid: client_priority(pid) for group in clients for pid in group}
+            # each priority as its process's CUDA read it: the trainer's own environment (the callback set it at run
+            # time), the engine core's from inside it (vLLM forks the core from the front end, whose environment
+            # changed after it started, so /proc/PID/environ there still shows the trainer's "1")
+            engine = callback.engine.engine_process()
+            priorities = {os.getpid(): os.environ.get(cuda_mps.PRIORITY_ENV),
+                          engine["pid"]: engine["mps_client_priority"]}
             seen.append({"using_mps": callback.using_mps, "servers": servers, "clients": clients,
                          "priorities": priorities,
                          "staleness": callback.last_timings.get("staleness"),
@@ -82,11 +73,12 @@ def test_mps_true_runs_the_readme_configurations_trainer_and_engine_process_as_c
     # the trainer and the engine core: two clients of the one server at every step
     assert all(result["pid"] in s["clients"][0] and len(s["clients"][0]) >= 2 for s in seen)
     # the trainer a below-normal client, its engine process a normal one (the engine's kernels first; a process the
-    # trainer started otherwise inherits its "1")
+    # trainer started otherwise inherits its "1"), both clients of the server
     for s in seen:
         priorities = {int(pid): value for pid, value in s["priorities"].items()}
         assert priorities.pop(result["pid"]) == "1"
-        assert "0" in priorities.values(), priorities
+        (engine_pid, engine_priority), = priorities.items()
+        assert engine_pid in s["clients"][0] and engine_priority == "0", s
     assert [s["staleness"] for s in seen] == [0.0, 1.0, 1.0, 1.0]
     assert seen[0]["mismatch"] < 0.05 and all(s["mismatch"] < 0.15 for s in seen[1:])
     # the watchdog quits the daemon and removes its folder once the trainer's process has exited

@@ -71,10 +71,13 @@ def test_fully_sharded_policy_trains_like_the_plain_one(cpu_mesh, saved_tiny_lla
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_update_log_probs_of_a_sharded_policy_match_the_plain_one(cpu_mesh, saved_tiny_llama):
-    """The update's path (backbone, then the LM head's weight) gathers the sharded root parameters."""
-    from lightning_rl.logprobs import completion_logprobs
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_update_log_probs_of_a_sharded_policy_match_the_plain_one(cpu_mesh, saved_tiny_llama, layout):
+    """The update's path (backbone, then the LM head's weight) gathers the sharded root parameters, in the padded
+    layout and packed in one row (the default on a GPU, whose backbone-only forward met sharded weights)."""
+    from lightning_rl.logprobs import completion_logprobs, packed_completion_logprobs
 
+    logprobs = completion_logprobs if layout == "padded" else packed_completion_logprobs
     path = saved_tiny_llama(2)
     plain, sharded = load_policy(path)[0].train(), load_policy(path)[0].train()
     fully_shard_policy(sharded, cpu_mesh)
@@ -86,8 +89,8 @@ def test_update_log_probs_of_a_sharded_policy_match_the_plain_one(cpu_mesh, save
     results = []
     for m in (plain, sharded):
         with torch.no_grad():  # old log-probs first, as a second pass over the rollout does
-            completion_logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
-        logp, ent = completion_logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
+            logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
+        logp, ent = logprobs(m, p_ids, p_mask, c_ids, c_mask, backend="reference")
         (logp.sum() + ent.sum()).backward()
         results.append(logp.detach())
     torch.testing.assert_close(results[1], results[0])

@@ -9,7 +9,12 @@ from torch import nn
 
 from lightning_rl import MemoryAwarePrecision
 from lightning_rl.models import load_policy
-from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters, managed_weights
+from lightning_rl.plugins.host_masters import (
+    HostMasterWeights,
+    managed_parameters,
+    managed_weights,
+    step_counters_beside_their_parameters,
+)
 
 
 def _net(seed=0):
@@ -93,6 +98,20 @@ def test_state_dicts_hold_the_fp32_masters_and_loading_fills_them():
     assert other[1].weight.dtype == torch.bfloat16  # the masters stood in only while loading
     assert other_opt.state[other[1].weight]["exp_avg"].dtype == torch.float32  # not cast to the parameter's bf16
     assert torch.equal(other_opt.state[other[1].weight]["exp_avg"], ref_opt.state[ref[1].weight]["exp_avg"])
+
+
+def test_a_fused_groups_step_counters_go_back_beside_their_parameters_after_a_load():
+    """``load_state_dict`` puts a fused group's counters on the device of the host master it saw (a resumed fit's
+    first CUDA step then failed); they move to the parameter's device. The meta device stands in for the GPU."""
+    fused, plain = nn.Parameter(torch.zeros(2, device="meta")), nn.Parameter(torch.zeros(2, device="meta"))
+    optimizer = type("Loaded", (), {})()
+    optimizer.param_groups = [{"params": [fused], "fused": True}, {"params": [plain], "fused": None}]
+    optimizer.state = {fused: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(2)},
+                       plain: {"step": torch.tensor(3.0)}}
+    assert step_counters_beside_their_parameters(optimizer) == 1
+    assert optimizer.state[fused]["step"].is_meta  # the moments are the streamer's to place
+    assert not optimizer.state[fused]["exp_avg"].is_meta and not optimizer.state[plain]["step"].is_meta
+    assert step_counters_beside_their_parameters(optimizer) == 0
 
 
 def test_an_error_mid_step_leaves_weights_and_masters_as_they_were():

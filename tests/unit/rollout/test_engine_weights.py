@@ -1,6 +1,7 @@
 """What the engine process loads: plain parameters, or LoRA base weights merged with their adapters as it loads."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -130,3 +131,10 @@ def test_the_engine_processs_memory_breakdown_is_empty_without_cuda(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert PolicyWeightReceiver().lightning_rl_memory() == {}
     assert PolicyWeightReceiver().lightning_rl_release_cache() == 0
+
+
+def test_the_engine_process_reports_its_id_and_the_mps_priority_in_its_own_environment(monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_CLIENT_PRIORITY", "0")
+    assert PolicyWeightReceiver().lightning_rl_process() == {"pid": os.getpid(), "mps_client_priority": "0"}
+    monkeypatch.delenv("CUDA_MPS_CLIENT_PRIORITY")
+    assert PolicyWeightReceiver().lightning_rl_process()["mps_client_priority"] is None
