@@ -205,16 +205,26 @@ def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_w
         plugin.convert_module(late)
 
 
-def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_data, saved_tiny_llama, tmp_path):
-    """Checkpoints of sharded weights and optimizer states: 2 steps + resume to 3 equals 3 steps in one go."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_data, saved_tiny_llama, tmp_path,
+                                                            packed):
+    """Checkpoints of sharded weights and optimizer states: 2 steps + resume to 3 equals 3 steps in one go, with
+    the sequences padded and packed (the GPU default, forced here). The rollouts come from a copy of the model
+    outside the sharded policy, as a vLLM engine's do: generating with the policy itself would run the root's
+    forward first and leave its parameters gathered, which hid a packed update that met them sharded."""
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from lightning_rl.rollout import HFEngine
+
     path = saved_tiny_llama(2)
+    engine_model, tokenizer = load_policy(path)
+    engine_model.eval()
 
     def fit(steps, folder, ckpt_path=None):
-        module = make_grpo(model=path, model_config=None)
+        module = make_grpo(model=path, model_config=None, pack_sequences=packed)
+        module.rollout_engine = HFEngine(lambda: engine_model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
         checkpoints = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1)
         trainer = make_trainer(max_steps=steps, strategy=ModelParallelStrategy(data_parallel_size=1,
                                                                                tensor_parallel_size=1),
