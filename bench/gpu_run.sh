@@ -10,7 +10,8 @@
 #   bash bench/gpu_run.sh kernel|precision|rollout [MODE]|rollout-kv|knobs|bench   # a benchmark, or the first three
 #   bash bench/gpu_run.sh rollout-qwen05   # rollout tokens/s on a Qwen2.5-0.5B shape: callback, generate, standalone vLLM
 #   bash bench/gpu_run.sh long [PART]  # bench_long_run.py: engine-full|engine-lora|grpo|fail-reward|fail-engine
-#   bash bench/gpu_run.sh long-parallel  # all five parts at once, one process each (memory is per process)
+#   bash bench/gpu_run.sh long-parallel [PART...]  # all five parts (or those named) at once, one process each
+#                                                  # (memory is per process)
 # Logs and results go under $OUT (default /tmp/out).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false
@@ -101,13 +102,14 @@ case "${1:-tests}" in
     timeout 580 python3 bench/bench_long_run.py --part "${2:-engine-full}" --out "$OUT/long_run_${2:-engine-full}.json" \
       2>&1 | quiet | tail -20 ;;
   long-parallel)
+    parts=("${@:2}"); [ ${#parts[@]} -gt 0 ] || parts=(engine-full engine-lora grpo fail-reward fail-engine)
     warm_smollm2
-    for part in engine-full engine-lora grpo fail-reward fail-engine; do
+    for part in "${parts[@]}"; do
       ( timeout 580 python3 bench/bench_long_run.py --part "$part" --out "$OUT/long_run_$part.json" \
           > "$OUT/long_$part.log" 2>&1; stamp "end long $part rc=$?" ) &
     done
     wait
-    for part in engine-full engine-lora grpo fail-reward fail-engine; do quiet < "$OUT/long_$part.log" | tail -3; done ;;
+    for part in "${parts[@]}"; do quiet < "$OUT/long_$part.log" | tail -3; done ;;
   bench)
     for b in kernel precision rollout; do stamp "bench $b"; bash "$0" "$b"; done ;;
 esac

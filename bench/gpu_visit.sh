@@ -113,19 +113,12 @@ case "$stage" in
     tail -5 "$WORK/long.txt" ;;
   tests+resume)  # bench_long_run.py's two fail-and-resume parts (about 150 s each) beside the named GPU tests, each
                  # test in its own process (PAR=N at once)
-    python3 -c "from lightning_rl.models import load_policy; load_policy('smollm2-135m-instruct')" > /dev/null 2>&1
-    for part in fail-reward fail-engine; do
-      ( timeout "$budget" python3 bench/bench_long_run.py --part "$part" --out "$WORK/long_run_$part.json" \
-          > "$WORK/long_$part.log" 2>&1; echo "[$(date +%T)] end long $part rc=$?" ) &
-    done
+    timeout "$budget" bash bench/gpu_run.sh long-parallel fail-reward fail-engine > "$WORK/long.txt" 2>&1 &
+    long=$!
     each_test "${@:2}"
-    wait
+    wait $long
     grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert " "$WORK"/test_*.log | cut -c1-300 | tail -30
-    for part in fail-reward fail-engine; do
-      python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], 'ok:', d.get('ok'), \
-d.get('phase1', {}).get('error'), '| resumed:', d.get('resumed'))" "$WORK/long_run_$part.json" "$part" 2>&1 \
-        | cut -c1-600 | tail -2
-    done ;;
+    cut -c1-600 "$WORK/long.txt" | tail -8 ;;
   tests)
     each_test "${@:2}"
     grep -hE "^(PASSED|FAILED|ERROR)|Error:|assert |^(process engine|overlapped|readme|engine process|grpo|streamed step|step peak|full FT|kv)" "$WORK"/test_*.log | tail -40 ;;
