@@ -68,10 +68,15 @@ class ShapedModule(Protocol):
         ...
 
 
+def training_shape_of(module: object) -> TrainingShape | None:
+    """``module``'s :class:`TrainingShape`, or None for a module that does not describe its steps."""
+    return module.training_shape() if isinstance(module, ShapedModule) else None
+
+
 def datamodule_batch_size(trainer: Any) -> int | None:
     """Prompts per training batch as the trainer's DataModule states them (its ``batch_size``), if it does."""
     size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
-__all__ = ["ShapedModule", "TrainingShape", "datamodule_batch_size"]
+__all__ = ["ShapedModule", "TrainingShape", "datamodule_batch_size", "training_shape_of"]

@@ -127,10 +127,10 @@ def tiny_grpo(model="tiny-llama", **overrides):
 def host_steps_on_a_cpu(monkeypatch) -> list[int]:
     """Make host masters' gradients wait in host memory during the backward, as on CUDA, so ``step_on_host`` steps
     on a CPU; returns the list that gets the number of parameters of each step's CPU share."""
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
     import lightning_rl.plugins.streamed_states as streamed_states
 
-    monkeypatch.setattr(precision, "_sends_gradients_to_host", lambda device: True)
+    monkeypatch.setattr(host_residency, "sends_gradients_to_host", lambda device: True)
     on_cpu: list[int] = []
 
     class CountedHostStep(streamed_states.HostStep):

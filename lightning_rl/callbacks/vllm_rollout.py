@@ -24,6 +24,7 @@ from lightning_rl.lora import is_lora
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
+from lightning_rl.plugins.device_memory import device_used_bytes
 from lightning_rl.plugins.dtypes import trainer_compute_dtype
 from lightning_rl.plugins.host_masters import HostMasterWeights
 from lightning_rl.plugins.memory_plan import (
@@ -33,7 +34,7 @@ from lightning_rl.plugins.memory_plan import (
     planned_engine_bytes,
     rollout_kv_tokens,
 )
-from lightning_rl.plugins.precision import MemoryAwarePrecision, device_used_bytes
+from lightning_rl.plugins.precision import MemoryAwarePrecision
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.rollout.cuda_mps import active_private_mps, leave_private_mps, start_private_mps
 from lightning_rl.rollout.data_prompts import longest_prompt_tokens

@@ -8,7 +8,8 @@ from lightning.pytorch.plugins.precision import FSDPPrecision
 from torch import nn
 from typing_extensions import override
 
-from lightning_rl.plugins.precision import DtypeName, MemoryAwarePrecision, Quantize
+from lightning_rl.plugins.precision import MemoryAwarePrecision
+from lightning_rl.plugins.weight_storage import DtypeName, Quantize
 
 
 class MemoryAwareFSDPPrecision(MemoryAwarePrecision, FSDPPrecision):

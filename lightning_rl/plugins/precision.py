@@ -29,12 +29,16 @@ under ``trainer.plugins``. What it does:
 
 On a CPU the frozen weights are stored in bf16 as well (half the RAM; CPU autocast runs matmuls in
 bf16); pass ``frozen_dtype="float32"`` to keep them in fp32. Offloading is off on a CPU (nothing to free).
+
+The plugin's parts live in their own modules: how weights are stored (:mod:`~lightning_rl.plugins.weight_storage`),
+how the plan is made and applied (:mod:`~lightning_rl.plugins.precision_planning`), and what waits in host memory
+beside a rollout engine (:mod:`~lightning_rl.plugins.host_residency`). This file holds the Lightning hooks: setup,
+autocast, the optimizer step, the rollout toggle, memory figures and checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -43,87 +47,37 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
-from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rl.plugins.device_context import context_bytes_for
+from lightning_rl.plugins.device_memory import device_used_bytes, memory_figures
 from lightning_rl.plugins.host_gradients import HostGradients
-from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters
-from lightning_rl.plugins.host_step import host_step_refusal, host_step_setting
-from lightning_rl.plugins.memory_plan import (
-    CONTEXT_PART,
-    GiB,
-    MemoryPlan,
-    MemoryPlanError,
-    MiB,
-    ModelMemory,
-    fmt_bytes,
-    fsdp2_gathered_bytes,
-    optimizer_state_bytes,
-    optimizer_state_bytes_of,
-    stored_numel,
-)
+from lightning_rl.plugins.host_masters import HostMasterWeights
+from lightning_rl.plugins.host_residency import HostResidency, warn_unless_per_parameter
+from lightning_rl.plugins.host_step import host_step_setting
+from lightning_rl.plugins.memory_plan import CONTEXT_PART, GiB, MemoryPlan, MiB
 from lightning_rl.plugins.offload import OptimizerOffloader
+from lightning_rl.plugins.precision_planning import MemoryPlanning
 from lightning_rl.plugins.rollout_memory import RolloutMemoryProvider
-from lightning_rl.plugins.shape_plan import plan_for_shape
-from lightning_rl.plugins.streamed_states import (
-    StreamedOptimizerStates,
-    UnsupportedOptimizerError,
-    check_streamable,
-    steps_per_parameter,
+from lightning_rl.plugins.streamed_states import check_streamable
+from lightning_rl.plugins.weight_storage import (
+    DTYPES,
+    DtypeName,
+    Quantize,
+    default_compute_dtype,
+    quantize_frozen_linears,
+    require_bitsandbytes,
+    store_for_training,
 )
-from lightning_rl.rollout.sharded_weights import is_dtensor
-from lightning_rl.shapes import ShapedModule, TrainingShape, datamodule_batch_size
+from lightning_rl.shapes import training_shape_of
 from lightning_rl.tensor_norms import tensor_norms
 
 log = logging.getLogger(__name__)
 
-DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
-Quantize = Literal["int8", "nf4"]
 OptimizerStates = Literal["auto", "device", "cpu"]
 MasterWeights = Literal["auto", "device", "cpu"]
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_BNB_AVAILABLE = RequirementCache("bitsandbytes")
-
-
-def require_bitsandbytes() -> None:
-    """Raise a clear error when bitsandbytes is missing."""
-    if not _BNB_AVAILABLE:
-        raise ModuleNotFoundError(
-            "MemoryAwarePrecision(quantize=...) stores frozen weights in 8 or 4 bits with the 'bitsandbytes' "
-            "package, which is not installed. Install it with `pip install bitsandbytes` (CUDA GPUs), or leave "
-            "quantize=None to store frozen weights in bf16."
-        )
-
-
-def default_compute_dtype(device_type: str) -> torch.dtype:
-    """bf16 where the device supports it, else fp16 (CUDA before Ampere)."""
-    if device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def memory_figures(device: torch.device | str | None = None) -> dict[str, int]:
-    """Allocated, reserved and peak device memory in bytes (empty off CUDA)."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return {}
-    return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
-            "peak": torch.cuda.max_memory_allocated(device)}
-
-
-def device_used_bytes(device: torch.device | str | None = None) -> int | None:
-    """Device memory in use by every process, as the driver counts it, after emptying PyTorch's cache (None off CUDA).
-
-    Unlike :func:`memory_figures` this sees what PyTorch's allocator does not: CUDA contexts, libraries, and
-    other processes, such as a rollout engine's own.
-    """
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
-        return None
-    torch.cuda.empty_cache()  # blocks PyTorch holds but no tensor uses (a LoRA base handed to the engine) are free
-    free, total = torch.cuda.mem_get_info(device)
-    return int(total - free)
 
 
 def _lightning_module(model: nn.Module) -> L.LightningModule | None:
@@ -133,48 +87,7 @@ def _lightning_module(model: nn.Module) -> L.LightningModule | None:
     return model if isinstance(model, L.LightningModule) else None
 
 
-#: ``master_weights="auto"`` keeps at most this many bytes of fp32 masters in host memory. Each step copies them
-#: both ways beside the generation: on an H200 host, SmolLM2-135M's 0.4 GB cost 0.04 s of update, hidden by the
-#: generation (0.57 against 0.65 s a step, 0.43 GiB less). The Qwen2.5-0.5B shape's 1.84 GiB ran faster in host
-#: memory in the three latest same-call comparisons (0.941 against 1.163 s a step at 5.81 against 7.63 GiB on
-#: 2026-12-04; 0.997 against 1.074 and 0.937 against 0.971 before): the update with fp32 weights on the device
-#: slowed the generation beside it more than the copies cost. Larger masters are unmeasured and stay on the device.
-HOST_MASTERS_AUTO_MAX_BYTES = 2 * GiB
-
-
-def _host_masters_refusal(module: nn.Module) -> str | None:
-    """Why ``module``'s fit cannot keep fp32 masters in host memory (several processes, FSDP2 shards), else None."""
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None and trainer.world_size > 1:
-        return (f"MemoryAwarePrecision(master_weights='cpu') supports one training process; this run has "
-                f"{trainer.world_size}. Use master_weights='device' with several processes.")
-    if any(is_dtensor(p) for p in module.parameters()):
-        return ("MemoryAwarePrecision(master_weights='cpu') does not take FSDP2-sharded parameters; use "
-                "master_weights='device' with ModelParallelStrategy")
-    return None
-
-
-def _sends_gradients_to_host(device: torch.device) -> bool:
-    """Whether host masters' gradients go to host memory during the backward: on CUDA (a CPU's are there already)."""
-    return device.type == "cuda"
-
-
-def _warn_unless_per_parameter(optimizer: Optimizer) -> None:
-    """Warn that streaming ``optimizer`` in chunks may change its results (not one of torch's per-parameter ones)."""
-    if not steps_per_parameter(optimizer):
-        warnings.warn(f"MemoryAwarePrecision streams {type(optimizer).__name__}'s states and steps its parameters in "
-                      "chunks: the results match optimizer_states='device' only when its step of a parameter depends "
-                      "on that parameter alone (no global gradient norm, no decay of parameters without a gradient). "
-                      "Use optimizer_states='device' (and master_weights='device') if it couples parameters",
-                      stacklevel=3)
-
-
-def _shape(module: nn.Module | None) -> TrainingShape | None:
-    """The module's :class:`~lightning_rl.shapes.TrainingShape` (None for modules that do not describe their steps)."""
-    return module.training_shape() if isinstance(module, ShapedModule) else None
-
-
-class MemoryAwarePrecision(Precision):
+class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
     """Mixed precision that stores what it can small and plans device memory around the rollout engine.
 
     Args:
@@ -279,8 +192,8 @@ class MemoryAwarePrecision(Precision):
         step_on_host: bool | float | Literal["auto"] | None = None,
     ) -> None:
         for name, value in (("frozen_dtype", frozen_dtype), ("compute_dtype", compute_dtype)):
-            if value != "auto" and value not in _DTYPES:
-                raise ValueError(f"{name} must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+            if value != "auto" and value not in DTYPES:
+                raise ValueError(f"{name} must be 'auto' or one of {sorted(DTYPES)}, got {value!r}")
         if compute_dtype == "float32":
             raise ValueError("compute_dtype='float32' saves nothing; use 'bfloat16' or 'float16' (or 'auto')")
         if quantize not in (None, "int8", "nf4"):
@@ -319,8 +232,8 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"context_bytes must be >= 0 (or None to measure it), got {context_bytes}")
         self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         auto = compute_dtype == "auto"
-        self.compute_dtype = default_compute_dtype(self.device_type) if auto else _DTYPES[compute_dtype]
-        self.frozen_dtype = self.compute_dtype if frozen_dtype == "auto" else _DTYPES[frozen_dtype]
+        self.compute_dtype = default_compute_dtype(self.device_type) if auto else DTYPES[compute_dtype]
+        self.frozen_dtype = self.compute_dtype if frozen_dtype == "auto" else DTYPES[frozen_dtype]
         self.precision = "bf16-mixed" if self.compute_dtype == torch.bfloat16 else "16-mixed"
         self.quantize = quantize
         self.offload_optimizer = offload_optimizer
@@ -370,12 +283,12 @@ class MemoryAwarePrecision(Precision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Frozen floating parameters to ``frozen_dtype`` (or 8/4 bits), trainable ones to fp32 masters."""
         module = super().convert_module(module)
-        shape = _shape(module)
+        shape = training_shape_of(module)
         targets = [module, *(shape.extra_frozen if shape is not None else ())]
         for m in targets:
             if self.quantize is not None:
-                self._quantize_frozen_linears(m)
-            self._convert_params(m)
+                quantize_frozen_linears(m, self.quantize, self.compute_dtype)
+            store_for_training(m, self.frozen_dtype)
             self._register_cache_hooks(m)
         return module
 
@@ -393,55 +306,7 @@ class MemoryAwarePrecision(Precision):
             raise ValueError(f"MemoryAwarePrecision(quantize={self.quantize!r}) cannot be combined with "
                              "ModelParallelStrategy (FSDP2 does not shard bitsandbytes weights here): use "
                              "quantize=None, or strategy='ddp' to keep quantized frozen weights")
-        self._convert_params(module)
-
-    def _convert_params(self, module: nn.Module) -> None:
-        with torch.no_grad():
-            for p in module.parameters():
-                if not p.is_floating_point():
-                    continue
-                dtype = torch.float32 if p.requires_grad else self.frozen_dtype
-                if p.dtype == dtype:
-                    continue
-                if is_dtensor(p):  # an FSDP2 shard: its dtype is fixed now
-                    raise ValueError(
-                        f"a parameter sharded by FSDP2 is stored as {p.dtype}, but MemoryAwarePrecision keeps "
-                        f"{'trainable' if p.requires_grad else 'frozen'} weights in {dtype}: shard after the "
-                        "plugin's conversion (MemoryAwarePrecision.convert_before_sharding; lightning-rl's "
-                        "modules do this in configure_model)")
-                p.data = p.data.to(dtype)
-
-    def _quantize_frozen_linears(self, module: nn.Module) -> None:
-        require_bitsandbytes()
-        import bitsandbytes as bnb
-
-        skip = set()
-        head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-        if head is not None:
-            skip.add(id(head))
-        count = 0
-        for parent in list(module.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is not nn.Linear or id(child) in skip or name == "lm_head":
-                    continue
-                if any(p.requires_grad for p in child.parameters()):
-                    continue
-                has_bias = child.bias is not None
-                w = child.weight.data.to(self.compute_dtype)
-                if self.quantize == "int8":
-                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                              has_fp16_weights=False, threshold=6.0)
-                    new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-                else:
-                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                            compute_dtype=self.compute_dtype, quant_type="nf4")
-                    new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-                if has_bias:
-                    new.bias = nn.Parameter(child.bias.data.to(self.compute_dtype), requires_grad=False)
-                setattr(parent, name, new)
-                count += 1
-        log.info("MemoryAwarePrecision: %d frozen linear layers stored in %s (quantized on the move to CUDA)",
-                 count, self.quantize)
+        store_for_training(module, self.frozen_dtype)
 
     # ----------------------------------------------------------------------------- autocast
     def _register_cache_hooks(self, module: nn.Module) -> None:
@@ -491,7 +356,7 @@ class MemoryAwarePrecision(Precision):
         self.clear_autocast_cache()
         return super().post_backward(tensor, module)
 
-    # ----------------------------------------------------------------------------- setup and plan
+    # ----------------------------------------------------------------------------- setup
     @override
     def connect(self, model: nn.Module, optimizers: list[Optimizer], lr_schedulers: list[Any]):
         """Remember the optimizers, find the device, make the memory plan and apply it."""
@@ -506,7 +371,7 @@ class MemoryAwarePrecision(Precision):
         if self._streamer is not None:
             for opt in self._optimizers:
                 check_streamable(opt)
-                _warn_unless_per_parameter(opt)
+                warn_unless_per_parameter(opt)
             self.offload_optimizer_states()  # states an earlier fit left on the device
         if self.quantize is not None and device.type != "cuda":
             raise RuntimeError(f"MemoryAwarePrecision(quantize={self.quantize!r}) needs a CUDA device (bitsandbytes); "
@@ -531,168 +396,6 @@ class MemoryAwarePrecision(Precision):
         if self.log_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return model, optimizers, lr_schedulers
-
-    def _budget(self, total: int | None) -> int | None:
-        if self.memory_budget is None:
-            return None if total is None else int(total * self.utilization)
-        if self.memory_budget <= 1:
-            return None if total is None else int(total * self.memory_budget)
-        return int(self.memory_budget)
-
-    @property
-    def offload_enabled(self) -> bool:
-        """Whether optimizer states leave the device while the engine is awake (see ``offload_optimizer``)."""
-        if self.offload_optimizer is None:
-            return self.device_type == "cuda" and self._offload_needed
-        return bool(self.offload_optimizer)
-
-    def plan_with_auto_offload(
-        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
-    ) -> MemoryPlan | None:
-        """:meth:`make_plan`, first with the optimizer states on the device during rollouts.
-
-        A plan that does not fit with the engine running beside the update (a rollout provider whose
-        ``release_overlap()`` returns True) is made again with the engine between updates. With
-        ``offload_optimizer=None`` on CUDA, a plan whose rollout phase does not fit is made again with
-        the states offloaded while the engine is awake, and offloading is switched on. Last, when only the
-        rollout's KV cache is short, the engine gets what is left and generates the rollout in waves
-        (:meth:`plan_with_kv_waves`).
-        """
-        self._offload_needed = False
-        self._kv_waves = False
-        try:
-            return self._plan_cheapest_first(module, optimizers, device)
-        except MemoryPlanError as err:
-            plan = self.plan_with_kv_waves(module, optimizers, device)
-            if plan is None:
-                raise err from None
-            return plan
-
-    def plan_with_kv_waves(
-        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
-    ) -> MemoryPlan | None:
-        """The plan with a KV cache smaller than one rollout, or None when that does not fit either.
-
-        The engine then holds as many whole sequences at once as the KV cache has room for and generates the
-        rest as earlier ones finish: slower rollouts in the budget the user gave, with a warning that says how
-        much more memory holds the rollout whole.
-        """
-        if self._rollout is None:
-            return None
-        self._kv_waves = True
-        try:
-            plan = self.make_plan(module, optimizers, device)
-        except MemoryPlanError:
-            self._kv_waves = False
-            return None
-        if plan is not None and plan.kv_fraction < 1 and plan.kv_cache_bytes is not None:
-            short = math.ceil(plan.kv_cache_bytes / plan.kv_fraction) - plan.kv_cache_bytes
-            log.warning("MemoryAwarePrecision: the KV cache (%s) holds %.0f%% of one rollout's tokens in the budget "
-                        "of %s: the engine generates each rollout in waves, which is slower. About %s more "
-                        "(memory_budget=%d) holds it whole.", fmt_bytes(plan.kv_cache_bytes), 100 * plan.kv_fraction,
-                        fmt_bytes(plan.budget_bytes), fmt_bytes(short), plan.budget_bytes + short)
-        return plan
-
-    def _plan_cheapest_first(
-        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
-    ) -> MemoryPlan | None:
-        """:meth:`make_plan`, changing one thing at a time until it fits (see :meth:`plan_with_auto_offload`)."""
-        try:
-            return self.make_plan(module, optimizers, device)
-        except MemoryPlanError as err:
-            if self._stream_states_to_fit(optimizers, device, err):
-                return self._plan_cheapest_first(module, optimizers, device)
-            release = getattr(self._rollout, "release_overlap", None)
-            if release is not None and release():  # its engine then sleeps during the update instead
-                log.warning("MemoryAwarePrecision: the rollout engine cannot run beside the update (%s); rollouts "
-                            "are generated between updates instead", err)
-                return self._plan_cheapest_first(module, optimizers, device)
-            if self.offload_optimizer is not None or device.type != "cuda":
-                raise
-            self._offload_needed = True  # the rollout phase fits only with the states in CPU memory
-            return self.make_plan(module, optimizers, device)
-
-    def _attach_host_masters(self, module: L.LightningModule | None, device: torch.device) -> None:
-        """``master_weights="cpu"``: the trainable weights (linear, embeddings) to the compute dtype, their fp32 masters
-        to the host.
-
-        Raises:
-            ValueError: several training processes, FSDP2 shards, or an optimizer that cannot stream its states.
-        """
-        if module is None or self._masters is not None:
-            return
-        refusal = _host_masters_refusal(module)
-        if refusal is not None:
-            raise ValueError(refusal)
-        for opt in self._optimizers:
-            try:
-                check_streamable(opt)
-            except UnsupportedOptimizerError as why:
-                raise UnsupportedOptimizerError(f"{why} (MemoryAwarePrecision(master_weights='cpu') steps the fp32 "
-                                                "masters chunk by chunk with the states: use master_weights='device' "
-                                                "with this optimizer)") from why
-            if self.step_on_host and self.step_on_host_asked and (refusal := host_step_refusal(opt)) is not None:
-                raise ValueError(f"MemoryAwarePrecision(step_on_host={self.step_on_host}) steps the host masters on "
-                                 f"the CPU with Adam or AdamW, and {refusal}: use step_on_host=False with this "
-                                 "optimizer")
-        if self._streamer is None:
-            self._streamer = self._new_streamer()
-        self._masters = HostMasterWeights(self.compute_dtype)
-        moved = self._masters.attach(module)
-        self.resolved_master_weights = "cpu"
-        for opt in self._optimizers:
-            self._masters.watch_optimizer(opt)
-        self._streamer.masters = self._masters
-        log.info("MemoryAwarePrecision: %d trainable weights (linear, embeddings) stored in %s on the %s; their fp32 "
-                 "masters (%s) stream with the optimizer states from host memory", len(self._masters),
-                 str(self.compute_dtype).removeprefix("torch."), device.type, fmt_bytes(moved))
-        if self.gradients_to_host and _sends_gradients_to_host(device):  # from the backward to their chunk's step
-            self._host_grads = HostGradients()
-            self._host_grads.attach(self._masters.parameters())
-            self._streamer.gradients = self._host_grads
-        if device.type == "cuda":
-            # the fp32 weights the conversion freed stay cached in segments allocated before the engine process
-            # turns on expandable segments; on an H200 SmolLM2's reserve stood at 0.61 GiB for 0.27 allocated
-            torch.cuda.empty_cache()
-
-    def _stop_host_gradients(self) -> None:
-        """Held gradients back on their parameters; the backward keeps gradients on the device from now on."""
-        if self._host_grads is not None:
-            self._host_grads.detach()
-            self._host_grads = None
-        if self._streamer is not None:
-            self._streamer.gradients = None
-
-    def _detach_masters(self) -> None:
-        """fp32 weights back on the device, held gradients back beside them, the masters' hooks removed."""
-        self._stop_host_gradients()
-        if self._masters is not None:
-            params = self._masters.parameters()
-            self._masters.detach()
-            self._masters = None
-            for p in params:  # a gradient left between a backward and its step takes the weight's dtype again
-                if p.grad is not None and p.grad.dtype != p.dtype:
-                    p.grad = p.grad.to(p.dtype)
-        if self._streamer is not None:
-            self._streamer.masters = None
-
-    @property
-    def host_gradients(self) -> HostGradients | None:
-        """The gradients the backward sent to host memory (``gradients_to_host`` on CUDA), else None.
-
-        A module that computes a gradient norm or skips a step itself reads :meth:`HostGradients.squares` and calls
-        :meth:`HostGradients.drop` (``PolicyModule.optimizer_step_checked`` does).
-        """
-        return self._host_grads
-
-    def _new_streamer(self) -> StreamedOptimizerStates:
-        return StreamedOptimizerStates(self.step_chunk_bytes, split_large=self.split_large_parameters,
-                                       overlap_copies=self.overlap_state_copies, host_step=self.step_on_host)
-
-    @property
-    def host_master_weights(self) -> HostMasterWeights | None:
-        """The fp32 masters kept in host memory (``master_weights="cpu"``), else None."""
-        return self._masters
 
     @override
     def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
@@ -723,234 +426,6 @@ class MemoryAwarePrecision(Precision):
         if self._host_grads is not None:  # held gradients of parameters without host masters: scaled as they return
             self._host_grads.grad_scale = factor
         return None
-
-    def shrink_beside_engine(
-        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
-    ) -> None:
-        """Make the trainer's share small when a rollout engine generates during the update (in its own process).
-
-        That engine holds its memory through the update, and the step lasts as long as its generation, which the
-        update runs beside. So with ``optimizer_states="auto"`` the optimizer states stay in CPU memory and stream
-        through the step (when they are larger than one ``step_chunk_bytes`` chunk), and a module that left
-        ``offload_checkpoints`` None offloads its checkpointed inputs (``offload_checkpoints_beside_engine``), and
-        with ``master_weights="auto"`` streamed states carry the fp32 masters of the linear weights and embeddings (the
-        parameters hold the compute dtype): their copies to and from the host come out of the generation's time.
-        Measured end to end against TRL on an H200 (``bench/results/vs_trl_NOTES.md``). Only on CUDA, and only
-        when the plan's rollout engine says it stays up during the update.
-        """
-        shape = _shape(module)
-        if device.type != "cuda" or self._rollout is None or shape is None or not shape.generates:
-            return
-        if self._rollout.rollout_memory(shape).beside_training_bytes <= 0:
-            return  # no engine beside the update: the engine sleeps while training runs
-        offload = getattr(module, "offload_checkpoints_beside_engine", None)
-        if offload is not None and offload():
-            self._shrunk_checkpoints = True
-            log.info("MemoryAwarePrecision: the rollout engine generates during the update; the checkpointed layers' "
-                     "inputs wait in host memory (GRPO(offload_checkpoints=False) keeps them on the device)")
-        if self.optimizer_states == "auto" and self._streamer is None and self._streamable(optimizers):
-            numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
-            # streaming holds one chunk on the device: not worth it for states no larger than that
-            if optimizer_state_bytes(numel) > self.step_chunk_bytes:
-                log.info("MemoryAwarePrecision: the rollout engine generates during the update; the optimizer states "
-                         "(%s) stay in CPU memory and stream through each step (optimizer_states='device' keeps "
-                         "them on the device)", fmt_bytes(optimizer_state_bytes(numel)))
-                self._streamer = self._new_streamer()
-                self._shrunk_states = True
-                self.offload_optimizer_states()
-        if self.master_weights == "auto" and self._streamer is not None:
-            self._host_masters_beside_engine(module, device)
-        if self._streamer is not None and self._masters is None:
-            self._host_gradients_beside_engine(module, optimizers, device)
-
-    def _host_gradients_beside_engine(
-        self, module: L.LightningModule, optimizers: list[Optimizer], device: torch.device
-    ) -> None:
-        """States streaming beside the engine with the fp32 parameters on the device: their gradients wait in host
-        memory from the backward to their chunk's step.
-
-        With ``gradients_to_host``, on CUDA, for one training process without FSDP2 shards (as host masters). The
-        backward then holds no full set of fp32 gradients (1.84 GiB for the Qwen2.5-0.5B shape); each comes back
-        with its chunk's states, scaled there by the clipping factor.
-        """
-        if self._host_grads is not None or not (self.gradients_to_host and _sends_gradients_to_host(device)):
-            return
-        if isinstance(module, nn.Module) and _host_masters_refusal(module) is not None:
-            return  # several processes or FSDP2 shards
-        params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
-        if not params:
-            return
-        self._host_grads = HostGradients()
-        sent = self._host_grads.attach(params)
-        self._streamer.gradients = self._host_grads  # type: ignore[union-attr]
-        self._shrunk_gradients = True
-        log.info("MemoryAwarePrecision: the rollout engine generates during the update; the gradients of %d "
-                 "parameters wait in host memory from the backward to their chunk's step "
-                 "(gradients_to_host=False keeps them on the device)", sent)
-
-    def _host_masters_beside_engine(self, module: L.LightningModule, device: torch.device) -> None:
-        """``master_weights="auto"`` with states streaming beside the engine: the fp32 masters stream with them.
-
-        Only for one training process without FSDP2 shards and with weights to move, of at most
-        ``HOST_MASTERS_AUTO_MAX_BYTES`` of masters; otherwise the masters stay on the device.
-        """
-        if self._masters is not None or not isinstance(module, nn.Module):
-            return
-        if _host_masters_refusal(module) is not None:
-            return
-        nbytes = 4 * sum(p.numel() for p in managed_parameters(module))
-        if not nbytes:
-            return
-        if nbytes > HOST_MASTERS_AUTO_MAX_BYTES:
-            log.info("MemoryAwarePrecision: the fp32 masters (%s) stay on the device: their copies to and from the "
-                     "host would outlast the generation beside the update (master_weights='cpu' moves them)",
-                     fmt_bytes(nbytes))
-            return
-        self._attach_host_masters(module, device)
-        self._shrunk_masters = True
-
-    def engine_leaves_the_update(self, module: L.LightningModule | None = None) -> None:
-        """The rollout engine generates between updates after all (its process failed to start): undo the shrink.
-
-        :meth:`shrink_beside_engine` streamed the optimizer states and offloaded the checkpointed inputs so that an
-        engine generating during the update would fit beside it and hide their copies. An engine between updates
-        sleeps while the update runs and hides nothing, so masters that ``master_weights="auto"`` moved to the host
-        come back as fp32 parameters, the states go back to the device (unless ``master_weights="cpu"`` streams
-        them) and the checkpointed inputs stay there. Under a ``memory_budget`` all stay as planned.
-        """
-        if self.memory_budget is not None:
-            return
-        if self._shrunk_masters and self._masters is not None:
-            self._detach_masters()  # fp32 weights back on the device (no engine process maps them now)
-            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the fp32 master weights "
-                     "stay on the device")
-            self.resolved_master_weights = "device"
-        self._shrunk_masters = False
-        if self._shrunk_gradients and self._masters is None:
-            self._stop_host_gradients()
-            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the gradients stay on the "
-                     "device")
-        self._shrunk_gradients = False
-        if self._shrunk_states and self._streamer is not None and self._masters is None:
-            for opt in self._optimizers:  # states a resumed run already holds: back beside their parameters
-                self._streamer.return_states(opt)
-            self._streamer.clear()
-            self._streamer = None
-            log.info("MemoryAwarePrecision: the rollout engine generates between updates; the optimizer states stay "
-                     "on the device")
-        self._shrunk_states = False
-        module = module if module is not None else self._module
-        keep = getattr(module, "keep_checkpoints_on_device", None)
-        if self._shrunk_checkpoints and keep is not None:
-            keep()
-        self._shrunk_checkpoints = False
-
-    @staticmethod
-    def _streamable(optimizers: list[Optimizer]) -> bool:
-        """Whether these optimizers' states may stream from the CPU automatically (per-parameter state, no shards)."""
-        if not optimizers:
-            return False
-        if any(is_dtensor(p) for o in optimizers for g in o.param_groups for p in g["params"]):
-            return False  # FSDP2 shards: each rank steps its own shard; not streamed automatically
-        try:
-            for opt in optimizers:
-                check_streamable(opt)
-        except UnsupportedOptimizerError as why:
-            log.info("MemoryAwarePrecision: optimizer states stay on the device: %s", why)
-            return False
-        other = [type(o).__name__ for o in optimizers if not steps_per_parameter(o)]
-        if other:
-            log.info("MemoryAwarePrecision: optimizer states stay on the device: %s is not one of torch's optimizers "
-                     "whose step of a parameter depends on that parameter alone (optimizer_states='cpu' streams it "
-                     "anyway)", ", ".join(other))
-            return False
-        return True
-
-    def _stream_states_to_fit(self, optimizers: list[Optimizer], device: torch.device, err: MemoryPlanError) -> bool:
-        """With ``optimizer_states="auto"``: switch to CPU-resident states when the plan does not fit without.
-
-        Tried before the engine gives up running beside the update: streaming costs two host-device copies
-        of the states per step, generating between updates costs the rollout's whole time. Returns True when
-        that changed the plan (on CUDA, for optimizers with per-parameter state only).
-        """
-        if self.optimizer_states != "auto" or self._streamer is not None or device.type != "cuda":
-            return False
-        if not self._streamable(optimizers):
-            return False
-        log.warning("MemoryAwarePrecision: the memory plan does not fit with the optimizer states on the device (%s); "
-                    "they are kept in CPU memory and streamed through each optimizer step instead "
-                    "(optimizer_states='cpu'; optimizer_states='device' keeps them on the device)", err)
-        self._streamer = self._new_streamer()
-        self.offload_optimizer_states()
-        return True
-
-    @property
-    def streams_optimizer_states(self) -> bool:
-        """Whether the optimizer states live in CPU memory (``optimizer_states="cpu"``, or chosen by ``auto``)."""
-        return self._streamer is not None
-
-    def register_rollout(self, provider: RolloutMemoryProvider | None) -> None:
-        """Plan a rollout phase for the engine ``provider`` runs beside training (None: no colocated engine).
-
-        :class:`~lightning_rl.callbacks.VLLMRollout` registers itself at ``setup``; the plan asks it for a
-        :class:`~lightning_rl.plugins.rollout_memory.RolloutMemory` once the policy exists.
-        """
-        self._rollout = provider
-
-    def make_plan(self, module: L.LightningModule, optimizers: list[Optimizer],
-                  device: torch.device) -> MemoryPlan | None:
-        """The memory plan for ``module`` on ``device`` (None when the budget or the module's shape is unknown)."""
-        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        budget = self._budget(total)
-        shape = _shape(module)
-        if budget is None or shape is None:
-            log.info("MemoryAwarePrecision: no memory plan (budget %s, module shape %s)", budget, shape is not None)
-            return None
-        opt_bytes = sum(optimizer_state_bytes_of(o) for o in optimizers)
-        if opt_bytes == 0:
-            numel = sum(stored_numel(p) for o in optimizers for g in o.param_groups for p in g["params"])
-            opt_bytes = optimizer_state_bytes(numel)
-        opt_device = None
-        if self._streamer is not None:
-            opt_device = max((self._streamer.device_bytes_estimate(o, opt_bytes) for o in optimizers), default=0)
-        fp32_trainable = sum(stored_numel(p) for p in module.parameters()
-                             if p.requires_grad and p.dtype == torch.float32)
-        modules = [module, *shape.extra_frozen]
-        rollout = self._rollout.rollout_memory(shape) if self._rollout is not None and shape.generates else None
-        held = self._host_grads  # gradients the backward sends to host memory stay on the device only briefly
-        grad_bytes = None if held is None or not len(held) else held.device_bytes(module.parameters())
-        return plan_for_shape(
-            shape, ModelMemory.from_modules(modules), budget_bytes=budget,
-            compute_dtype=self.compute_dtype, optimizer_bytes=opt_bytes, rollout=rollout,
-            prompts_per_step=datamodule_batch_size(module._trainer), engine_overhead_bytes=self.engine_overhead_bytes,
-            offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
-            autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
-            activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
-            gathered_weight_bytes=fsdp2_gathered_bytes(modules),
-            context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves,
-            grad_bytes=grad_bytes, cuda=device.type == "cuda", quantized=self.quantize is not None,
-            adapters=getattr(module, "lora", None) is not None)
-
-    def _apply_plan(self, module: nn.Module) -> None:
-        """Give the module the planned micro-batch (:meth:`~lightning_rl.shapes.ShapedModule.apply_micro_batch_plan`).
-
-        A token budget when it left ``micro_batch_size`` None (its micro-batches then follow each rollout's
-        padded length), else at most the planned number of sequences (only with ``adjust_micro_batch``).
-        """
-        plan, shape = self.memory_plan, _shape(module)
-        if plan is None or shape is None:
-            return
-        if shape.micro_batch_size is not None:
-            self.planned_micro_batch_size = min(plan.micro_batch_sequences(shape.sequence_tokens),
-                                                shape.micro_batch_size)
-            if not self.adjust_micro_batch:
-                return
-        module.apply_micro_batch_plan(plan.micro_batch_tokens)
-
-    @property
-    def kv_cache_bytes(self) -> int | None:
-        """The KV-cache budget the plan gives the rollout engine (None without a plan)."""
-        return None if self.memory_plan is None else self.memory_plan.kv_cache_bytes
 
     # ----------------------------------------------------------------------------- rollout toggling
     def offload_for_rollout(self) -> int:
@@ -1014,16 +489,6 @@ class MemoryAwarePrecision(Precision):
         self._record("train")
         return out
 
-    def offload_optimizer_states(self) -> int:
-        """With ``optimizer_states="cpu"``: move optimizer states found on the device to CPU memory. Returns bytes."""
-        if self._streamer is None:
-            return 0
-        moved = sum(self._streamer.offload_states(opt) for opt in self._optimizers)
-        if moved and self.device_type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        return moved
-
     # ----------------------------------------------------------------------------- checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -1051,14 +516,14 @@ class MemoryAwarePrecision(Precision):
         plan = state_dict.get("plan")
         if plan is not None and self.memory_plan is None:  # no plan made for this fit: the saving run's applies
             self.memory_plan = MemoryPlan.from_dict(plan)
-            shape = _shape(self._module)
+            shape = training_shape_of(self._module)
             if shape is not None and shape.micro_batch_size is None:  # its token budget, as _apply_plan gave it
                 self._module.apply_micro_batch_plan(self.memory_plan.micro_batch_tokens)
         self.memory_stats = {k: dict(v) for k, v in (state_dict.get("memory_stats") or {}).items()}
         mbs = state_dict.get("micro_batch_size")
         if isinstance(mbs, int):
             self.planned_micro_batch_size = mbs
-            shape = _shape(self._module)
+            shape = training_shape_of(self._module)
             if shape is not None and self.adjust_micro_batch and shape.micro_batch_size is not None:
                 self._module.apply_micro_batch_plan(mbs * shape.sequence_tokens)  # at most mbs sequences
 

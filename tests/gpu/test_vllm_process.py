@@ -379,9 +379,9 @@ def test_the_readme_configuration_overlaps_rollouts_with_updates():
 def test_masters_too_large_to_move_keep_fp32_weights_and_send_their_gradients_to_host_memory(monkeypatch):
     """The README configuration for a model whose masters stay on the device (over ``HOST_MASTERS_AUTO_MAX_BYTES``,
     like the Qwen2.5-0.5B shape): fp32 parameters, their gradients in host memory from the backward to the step."""
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
 
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], num_generations=8, sampling={"max_new_tokens": 64},
                   learning_rate=1e-5)

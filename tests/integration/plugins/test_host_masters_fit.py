@@ -85,12 +85,12 @@ class Held(L.Callback):
 def test_gradients_held_in_host_memory_train_as_gradients_on_the_device(saved_tiny_llama, monkeypatch,
                                                                          micro_batch_size):
     """What CUDA does with host masters (gradients to host memory in the backward), run on a CPU: the same fit."""
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
 
     path = saved_tiny_llama(1)
     runs = {}
     for send in (False, True):
-        monkeypatch.setattr(precision, "_sends_gradients_to_host", lambda device, send=send: send)
+        monkeypatch.setattr(host_residency, "sends_gradients_to_host", lambda device, send=send: send)
         module = tiny_grpo(path, micro_batch_size=micro_batch_size, num_generations=2)
         plugin = MemoryAwarePrecision(master_weights="cpu")
         held = Held()

@@ -259,16 +259,16 @@ def test_auto_master_weights_follow_the_states_streamed_beside_the_engine(kw, wo
 
 
 def test_auto_masters_too_large_to_hide_behind_the_generation_stay_on_the_device(monkeypatch, caplog):
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
 
     managed = 4 * sum(p.numel() for p in managed_parameters(_Policy()))
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", managed - 1)
-    with caplog.at_level("INFO", logger="lightning_rl.plugins.precision"):
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", managed - 1)
+    with caplog.at_level("INFO", logger="lightning_rl.plugins"):
         plugin, module = _shrunk()
     assert plugin.host_master_weights is None and plugin.streams_optimizer_states  # the states still stream
     assert _linear_dtypes(module) == {torch.float32}
     assert "master_weights='cpu' moves them" in caplog.text
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", managed)
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", managed)
     plugin, module = _shrunk()
     assert plugin.host_master_weights is not None  # at the limit they move
     plugin, module = _shrunk(master_weights="cpu")  # the user's choice stands whatever the size
@@ -317,9 +317,9 @@ def test_a_fit_that_stops_between_backward_and_step_leaves_fp32_gradients_on_fp3
 
 @pytest.mark.parametrize("send", [True, False], ids=["gradients-to-host", "gradients-on-device"])
 def test_masters_too_large_to_move_still_send_their_fp32_gradients_to_host_memory(monkeypatch, send):
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
 
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)  # every model's masters stay on the device
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", 0)  # every model's masters stay on the device
     plugin, module = _shrunk(gradients_to_host=send)
     assert plugin.host_master_weights is None and plugin.streams_optimizer_states
     held = plugin.host_gradients
@@ -340,18 +340,20 @@ def test_masters_too_large_to_move_still_send_their_fp32_gradients_to_host_memor
 def test_the_plan_counts_gradients_waiting_in_host_memory_at_their_largest_two(monkeypatch):
     from types import SimpleNamespace
 
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
+    import lightning_rl.plugins.precision_planning as precision_planning
 
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
     plugin, module = _shrunk()  # fp32 parameters, their gradients sent to host memory
     seen = {}
 
     def fake_plan(shape, model, **kw):
         seen.update(kw)
 
-    monkeypatch.setattr(precision, "plan_for_shape", fake_plan)
-    monkeypatch.setattr(precision, "_shape", lambda m: SimpleNamespace(generates=False, extra_frozen=()))
-    monkeypatch.setattr(precision, "datamodule_batch_size", lambda trainer: 1)
+    monkeypatch.setattr(precision_planning, "plan_for_shape", fake_plan)
+    monkeypatch.setattr(precision_planning, "training_shape_of",
+                        lambda m: SimpleNamespace(generates=False, extra_frozen=()))
+    monkeypatch.setattr(precision_planning, "datamodule_batch_size", lambda trainer: 1)
     plugin.memory_budget = 2**30
     plugin.make_plan(module, plugin._optimizers, torch.device("cpu"))
     sizes = sorted(p.numel() * 4 for p in module.parameters())
@@ -362,8 +364,8 @@ def test_the_plan_counts_gradients_waiting_in_host_memory_at_their_largest_two(m
 
 
 def test_several_training_processes_keep_their_fp32_gradients_on_the_device(monkeypatch):
-    import lightning_rl.plugins.precision as precision
+    import lightning_rl.plugins.host_residency as host_residency
 
-    monkeypatch.setattr(precision, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
+    monkeypatch.setattr(host_residency, "HOST_MASTERS_AUTO_MAX_BYTES", 0)
     plugin, _ = _shrunk(world_size=2)  # DDP's reducer reads every gradient where the backward left it
     assert plugin.streams_optimizer_states and plugin.host_gradients is None

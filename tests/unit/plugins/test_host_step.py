@@ -353,7 +353,7 @@ def test_a_fit_whose_step_on_host_has_nothing_to_step_says_so(saved_tiny_llama, 
 
     from lightning_rl import PromptDataModule
 
-    caplog.set_level(logging.WARNING, logger="lightning_rl.plugins.precision")
+    caplog.set_level(logging.WARNING, logger="lightning_rl.plugins")
     plugin = MemoryAwarePrecision(master_weights="cpu", step_on_host=True)  # on a CPU no gradient goes to the host
     make_trainer(max_steps=1, plugins=[plugin]).fit(tiny_grpo(saved_tiny_llama(1)),
                                                      PromptDataModule(train_data=[{"prompt": "ab"}], batch_size=1))

@@ -23,9 +23,11 @@ from lightning_rl.plugins import (
     ModelMemory,
     OptimizerOffloader,
     RolloutNeeds,
+    host_residency,
     plan_memory,
+    streamed_states,
+    weight_storage,
 )
-from lightning_rl.plugins import precision as precision_mod
 from lightning_rl.plugins.memory_plan import CONTEXT_PART, GiB, activation_bytes_per_token, kv_bytes_per_token
 from lightning_rl.plugins.rollout_memory import RolloutMemory
 from lightning_rl.plugins.shape_plan import plan_for_shape
@@ -98,7 +100,7 @@ def test_bad_arguments_and_missing_bitsandbytes(monkeypatch):
         MemoryAwarePrecision(compute_dtype="float32")
     with pytest.raises(ValueError, match="frozen_dtype"):
         MemoryAwarePrecision(frozen_dtype="int8")
-    monkeypatch.setattr(precision_mod, "_BNB_AVAILABLE", False)
+    monkeypatch.setattr(weight_storage, "_BNB_AVAILABLE", False)
     with pytest.raises(ModuleNotFoundError, match="pip install bitsandbytes"):
         MemoryAwarePrecision(quantize="nf4")
 
@@ -286,7 +288,7 @@ def test_auto_optimizer_states_stay_on_the_device_for_an_optimizer_or_shards_tha
     with pytest.raises(MemoryPlanError, match="no room"):
         plugin.plan_with_auto_offload(None, [lbfgs], torch.device("cuda"))
     assert not plugin.streams_optimizer_states
-    monkeypatch.setattr(precision_mod, "is_dtensor", lambda p: True)  # FSDP2 shards: each rank steps its own
+    monkeypatch.setattr(host_residency, "is_dtensor", lambda p: True)  # FSDP2 shards: each rank steps its own
     with pytest.raises(MemoryPlanError, match="no room"):
         plugin.plan_with_auto_offload(None, [torch.optim.AdamW(nn.Linear(4, 4).parameters())], torch.device("cuda"))
     assert not plugin.streams_optimizer_states
@@ -516,10 +518,10 @@ class _GlobalNormSGD(torch.optim.Optimizer):
 def test_auto_streams_only_torchs_per_parameter_optimizers_and_warns_when_told_to_stream_another(monkeypatch, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="lightning_rl.plugins.precision")
+    caplog.set_level(logging.INFO, logger="lightning_rl.plugins")
     coupled = _GlobalNormSGD(nn.Linear(4, 4).parameters())
-    assert precision_mod.steps_per_parameter(torch.optim.AdamW(nn.Linear(2, 2).parameters()))
-    assert not precision_mod.steps_per_parameter(coupled)
+    assert streamed_states.steps_per_parameter(torch.optim.AdamW(nn.Linear(2, 2).parameters()))
+    assert not streamed_states.steps_per_parameter(coupled)
     assert not MemoryAwarePrecision._streamable([coupled])
     assert any("_GlobalNormSGD is not one of torch's optimizers" in r.getMessage() for r in caplog.records)
     assert MemoryAwarePrecision._streamable([torch.optim.AdamW(nn.Linear(2, 2).parameters())])
