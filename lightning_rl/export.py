@@ -26,6 +26,7 @@ import argparse
 import copy
 import importlib
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_rl.lora import is_lora
-from lightning_rl.models import EMBEDDED_DEFAULT, SMOLLM2_WHEEL, TINY_CONFIGS, torch_dtype
+from lightning_rl.models import EMBEDDED_DEFAULT, SMOLLM2_WHEEL, TINY_CONFIGS, is_fully_sharded, torch_dtype
 
 # a hyperparameter only each module class has, to tell which class wrote a checkpoint
 #: Older checkpoints name no module class: a hyperparameter only one module has tells it (ORPO has none left).
@@ -129,7 +130,15 @@ def export_policy(
 
     Returns:
         ``out``.
+
+    A policy that FSDP2 shards (a fit under ``ModelParallelStrategy``) is gathered into a plain copy first, and the
+    first process writes it; every process must call this then (:func:`lightning_rl.unsharded.written_once`).
     """
+    from lightning_rl.unsharded import written_once
+
+    if is_fully_sharded(policy):
+        return written_once(policy, lambda whole: export_policy(whole, tokenizer, out, source, merge, base_model,
+                                                                dtype, title), Path(out))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weight_dtype = torch_dtype(dtype)
@@ -272,12 +281,38 @@ def _check_matches(cls: type, stored: str | None, hparams: dict[str, Any], given
                          f"checkpoint names its class) or pass --module {wrote.__name__}")
 
 
+def _is_distributed_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is the folder ``ModelParallelStrategy`` writes as a checkpoint (``torch.distributed.checkpoint``
+    shards and Lightning's ``meta.pt``).
+    """
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    return path.is_dir() and (path / _METADATA_FILENAME).is_file() and (path / ".metadata").is_file()
+
+
+def _consolidated(path: Path) -> dict[str, Any]:
+    """The checkpoint of a ``ModelParallelStrategy`` folder as one dict with full tensors, without optimizer states
+    (Lightning's own consolidation: ``python -m lightning.fabric.utilities.consolidate_checkpoint``).
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    ckpt = _load_distributed_checkpoint(path)
+    return {k: v for k, v in ckpt.items() if not (k == "optimizer_states" or k.startswith("optimizer_"))}
+
+
 def _read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     path = Path(ckpt_path).expanduser()
+    if _is_distributed_checkpoint(path):
+        ckpt = _consolidated(path)
+        if "state_dict" not in ckpt:
+            raise ValueError(f"{path} is a distributed checkpoint without a state_dict: pass the checkpoint a "
+                             "Trainer.fit wrote")
+        return ckpt
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
         inside = f"; it holds {', '.join(found)}" if found else ""
-        raise FileNotFoundError(f"--ckpt_path {path} is a folder: pass the .ckpt file a Trainer.fit wrote{inside}")
+        raise FileNotFoundError(f"--ckpt_path {path} is a folder but not a checkpoint ModelParallelStrategy wrote "
+                                f"(no meta.pt and .metadata in it): pass the .ckpt a Trainer.fit wrote{inside}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}. Pass --ckpt_path the .ckpt file a Trainer.fit wrote "
                                 "(e.g. lightning_logs/version_0/checkpoints/last.ckpt)")
@@ -301,7 +336,8 @@ def load_for_export(ckpt_path: str | Path, module: str | None = None) -> Any:
     """The module of a checkpoint, on the CPU, without resolving its reward functions (exports never call them).
 
     Args:
-        ckpt_path: a checkpoint written by ``Trainer.fit``.
+        ckpt_path: a checkpoint written by ``Trainer.fit``: a file, or the folder ``ModelParallelStrategy`` writes
+            (consolidated here, in memory).
         module: its module class (a name such as ``GRPO`` or an import path); default: the class the checkpoint names.
 
     Raises:
@@ -320,13 +356,20 @@ def load_for_export(ckpt_path: str | Path, module: str | None = None) -> Any:
     if "reward_funcs" in hparams:
         overrides["reward_funcs"] = [_unused_reward]
         overrides["reward_weights"] = None
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    if not _is_distributed_checkpoint(Path(ckpt_path).expanduser()):
+        return cls.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    with tempfile.TemporaryDirectory() as folder:  # the consolidated checkpoint, as one file Lightning loads
+        whole = Path(folder) / "consolidated.ckpt"
+        torch.save(ckpt, whole)
+        del ckpt
+        return cls.load_from_checkpoint(whole, map_location="cpu", **overrides)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """``lightning-rl export``: write a checkpoint's policy as a Hugging Face folder."""
     p = argparse.ArgumentParser(prog="lightning-rl export", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by Trainer.fit")
+    p.add_argument("--ckpt_path", required=True,
+                   help="a checkpoint written by Trainer.fit (a file, or a ModelParallelStrategy folder)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--merge", action="store_true", help="merge LoRA adapters into the weights")
     p.add_argument("--base_model", default=None, help="base_model_name_or_path of an adapter export")

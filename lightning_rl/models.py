@@ -236,14 +236,20 @@ def save_policy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path
     LoRA adapters are merged into a copy, in fp32 (or the widest dtype of the weights), and written in that dtype:
     merged into a bf16 base (as ``MemoryAwarePrecision`` keeps it) the trained update would round away. Host
     master weights write their fp32 masters. For other dtypes or an adapter folder see :mod:`lightning_rl.export`.
+    A policy that FSDP2 shards is gathered and written by the first process; every process must call this then.
     """
     from lightning_rl.export import merged_copy  # export imports this module
+    from lightning_rl.unsharded import written_once
 
     path = Path(path)
-    net = merged_copy(model) if hasattr(model, "merge_and_unload") else model  # peft: merged; else as it is
-    net.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+
+    def write(policy: torch.nn.Module) -> Path:
+        net = merged_copy(policy) if hasattr(policy, "merge_and_unload") else policy  # peft: merged; else as it is
+        net.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return written_once(model, write, path)
 
 
 def activation_checkpointing_on(model: torch.nn.Module) -> bool:

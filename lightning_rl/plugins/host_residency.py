@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_rl.plugins.host_gradients import HostGradients
-from lightning_rl.plugins.host_masters import HostMasterWeights, managed_parameters
+from lightning_rl.plugins.host_masters import (
+    HostMasterWeights,
+    managed_parameters,
+    step_counters_beside_their_parameters,
+)
 from lightning_rl.plugins.host_step import host_step_refusal
 from lightning_rl.plugins.memory_plan import GiB, fmt_bytes, optimizer_state_bytes, stored_numel
 from lightning_rl.plugins.streamed_states import (
@@ -107,6 +113,7 @@ class HostResidency:
     _optimizers: list[Optimizer]
     _module: L.LightningModule | None
     _rollout: RolloutMemoryProvider | None
+    _loading_strategy: Any = None  # the strategy whose optimizer load _load_optimizers_on_host took over
 
     def _attach_host_masters(self, module: L.LightningModule | None, device: torch.device) -> None:
         """``master_weights="cpu"``: the trainable weights (linear, embeddings) to the compute dtype, their fp32 masters
@@ -310,6 +317,64 @@ class HostResidency:
         if self._shrunk_checkpoints and keep is not None:
             keep()
         self._shrunk_checkpoints = False
+
+    def load_streamed_optimizer_state(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        """Load ``optimizer``'s checkpointed state with its streamed states straight into host memory.
+
+        ``optimizer.load_state_dict`` puts each state on its parameter's device, all at once, and Lightning's
+        ``Strategy.load_optimizer_state_dict`` then moves every state to the device: a resumed fit held all its
+        optimizer states beside the rollout engine until its first training step, 8 bytes per AdamW parameter that
+        the plan does not count (a fit that fits only with streamed states would run out of memory there). Here
+        the load runs against host stand-ins for the parameters (empty CPU tensors of each one's dtype, its fp32
+        master's for a host-master weight), the states go to pinned buffers, and the fused or capturable groups'
+        step counters go beside their parameters.
+        """
+        real = [list(group["params"]) for group in optimizer.param_groups]
+        stand_ins = [[torch.empty(0, dtype=self._state_dtype(p)) for p in params] for params in real]
+        back = {id(s): p for ss, ps in zip(stand_ins, real, strict=True) for s, p in zip(ss, ps, strict=True)}
+        for group, ss in zip(optimizer.param_groups, stand_ins, strict=True):
+            group["params"] = ss
+        try:
+            optimizer.load_state_dict(state_dict)
+        finally:  # the loaded groups and states hold the stand-ins: the parameters take their places again
+            for group in optimizer.param_groups:
+                group["params"] = [back.get(id(s), s) for s in group["params"]]
+            loaded = list(optimizer.state.items())
+            optimizer.state.clear()
+            optimizer.state.update({back.get(id(s), s): state for s, state in loaded})
+        step_counters_beside_their_parameters(optimizer)
+        if self._streamer is not None:
+            self._streamer.keep_loaded_states(optimizer)
+
+    def _state_dtype(self, p: nn.Parameter) -> torch.dtype:
+        """The dtype ``p``'s optimizer states take: its fp32 master's for a host-master weight, else its own."""
+        masters = self._masters
+        return masters.master(p).dtype if masters is not None and masters.manages(p) else p.dtype
+
+    def _load_optimizers_on_host(self, trainer: Any) -> None:
+        """Route ``trainer``'s optimizer load through :meth:`load_streamed_optimizer_state` while states stream.
+
+        Only for a strategy that loads as Lightning's base ``Strategy`` does (one device, DDP); one with its own load
+        (FSDP, DeepSpeed, a user's subclass) keeps it. :meth:`_restore_optimizer_load` undoes it at teardown.
+        """
+        strategy = getattr(trainer, "strategy", None)
+        if strategy is None or type(strategy).load_optimizer_state_dict is not Strategy.load_optimizer_state_dict:
+            return
+
+        def load_optimizer_state_dict(checkpoint: Mapping[str, Any]) -> None:
+            if self._streamer is None:  # an engine that left the update took the states back to the device
+                Strategy.load_optimizer_state_dict(strategy, checkpoint)
+                return
+            for optimizer, state in zip(strategy.optimizers, checkpoint["optimizer_states"], strict=False):
+                self.load_streamed_optimizer_state(optimizer, state)
+
+        strategy.load_optimizer_state_dict = load_optimizer_state_dict
+        self._loading_strategy = strategy
+
+    def _restore_optimizer_load(self) -> None:
+        strategy, self._loading_strategy = self._loading_strategy, None
+        if strategy is not None:
+            vars(strategy).pop("load_optimizer_state_dict", None)
 
     @staticmethod
     def _streamable(optimizers: list[Optimizer]) -> bool:

@@ -393,6 +393,8 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
                         "gradients the backward sends to host memory, and here %s", self.step_on_host,
                         "the masters stay on the device" if self._masters is None else
                         f"the gradients stay with their parameters (training on {device.type})")
+        if self._module is not None:
+            self._load_optimizers_on_host(self._module._trainer)
         if self.log_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return model, optimizers, lr_schedulers
@@ -492,7 +494,9 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
     # ----------------------------------------------------------------------------- checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Dtypes, the plan and the applied micro-batch size (so a resumed run micro-batches alike)."""
+        """Dtypes, the plan, the applied micro-batch size (so a resumed run micro-batches alike) and the host step's
+        balanced share of the CPU (``step_on_host="auto"``), so that a resumed run steps the same weights there.
+        """
         return {
             "version": 1,
             "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."),
@@ -501,11 +505,13 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
             "micro_batch_size": self.planned_micro_batch_size,
             "plan": None if self.memory_plan is None else self.memory_plan.to_dict(),
             "memory_stats": {k: dict(v) for k, v in self.memory_stats.items()},
+            "host_share": None if self._streamer is None or self._streamer.host_step != "auto" else
+            self._streamer.host_share,
         }
 
     @override
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the plan and the micro-batch size; warn when the dtypes differ from the saving run."""
+        """Restore the plan, the micro-batch size and the host step's share; warn when the dtypes differ."""
         if not state_dict:
             return
         for key in ("frozen_dtype", "compute_dtype", "quantize"):
@@ -520,6 +526,9 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
             if shape is not None and shape.micro_batch_size is None:  # its token budget, as _apply_plan gave it
                 self._module.apply_micro_batch_plan(self.memory_plan.micro_batch_tokens)
         self.memory_stats = {k: dict(v) for k, v in (state_dict.get("memory_stats") or {}).items()}
+        share = state_dict.get("host_share")
+        if isinstance(share, float) and self._streamer is not None and self._streamer.host_step == "auto":
+            self._streamer.host_share = share  # the CPU's balanced share of the host step, where it had moved
         mbs = state_dict.get("micro_batch_size")
         if isinstance(mbs, int):
             self.planned_micro_batch_size = mbs
@@ -536,6 +545,7 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
         self._offloader.release_buffers()
         if self._streamer is not None:
             self._streamer.clear()
+        self._restore_optimizer_load()
         self._shrunk_masters = self._shrunk_gradients = False
         self._detach_masters()  # the module keeps fp32 weights on its device after the fit (held gradients back)
         for h in self._hooks:

@@ -222,6 +222,23 @@ class StreamedOptimizerStates:
         keys = list(optimizer.state.keys()) if params is None else params
         return sum(self._store(p, state, key, value) for p, state, key, value in self._streamed(optimizer, keys, False))
 
+    def keep_loaded_states(self, optimizer: Optimizer) -> int:
+        """Take the states a checkpoint load left in ``optimizer``: those on a device to their CPU buffers, those in
+        host memory into pinned buffers where their parameter is on CUDA (their copies are asynchronous then).
+
+        Returns the bytes moved off a device.
+        """
+        moved = self.offload_states(optimizer)
+        for p, state, key, value in self._streamed(optimizer, list(optimizer.state.keys()), True):
+            entry = self._slots.get((id(p), key))
+            if (entry is not None and entry[0] is value) or not (self.pin_memory and p.is_cuda) or value.is_pinned():
+                continue
+            buf = torch.empty(value.shape, dtype=value.dtype, device=self.storage, pin_memory=True)
+            buf.copy_(value)
+            state[key] = buf
+            self._slots[(id(p), key)] = (buf, p.device)
+        return moved
+
     def _home(self, p: nn.Parameter, key: Any, value: torch.Tensor) -> torch.device:
         """Where the optimizer keeps ``p``'s state ``key``: where it was when this buffer took it, else on ``p``."""
         entry = self._slots.get((id(p), key))
@@ -561,6 +578,9 @@ class StreamedOptimizerStates:
                 self._store(p, before, k, v)
         scalars = {k: v for k, v in before.items() if not _is_streamed(v)}
         full = {k: v for k, v in before.items() if _is_streamed(v)}
+        for k, v in full.items():  # loaded, or made by a host step: pinned, as the slices' copies are asynchronous
+            if self.pin_memory and home.type == "cuda" and not v.is_pinned():
+                full[k] = v.pin_memory()
         last: dict[Any, Any] = scalars
         peak = 0
         try:

@@ -83,6 +83,72 @@ def test_a_resumed_fused_optimizer_steps_on_as_the_uninterrupted_one():
             torch.testing.assert_close(r_masters.master(b), masters.master(a), rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("host_masters", [False, True], ids=["fp32-weights", "host-masters"])
+def test_a_resumed_fits_streamed_states_load_into_pinned_host_memory_never_the_device(host_masters):
+    """The plugin's load of a resumed fit's optimizer state (it takes over Lightning's, which put every state on the
+    device beside the rollout engine until the first step): the moments go to pinned host memory, the device
+    allocates nothing for them, the fused kernel's counters are on the device, and the run steps on as the one that
+    never stopped."""
+    import io
+
+    from lightning_rl import MemoryAwarePrecision
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1000)).cuda()
+
+    def train(net, step_fn, steps):
+        for step in steps:
+            x = torch.randint(0, 1000, (8, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                net(x).float().log_softmax(-1).mean().neg().backward()
+            step_fn()
+
+    def streamed():
+        net = copy.deepcopy(base)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+        plugin = MemoryAwarePrecision(optimizer_states="cpu", master_weights="cpu" if host_masters else "device",
+                                      step_on_host=False)  # every step on the device: the same kernel both runs
+        plugin._optimizers = [opt]
+        if host_masters:
+            plugin._attach_host_masters(net, torch.device("cuda"))
+        return net, opt, plugin
+
+    net, opt, plugin = streamed()
+    train(net, lambda: plugin._streamer.step(opt), range(2))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    train(net, lambda: plugin._streamer.step(opt), range(2, 4))
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location="cpu", weights_only=False)  # a checkpoint read back from disk
+
+    r_net, r_opt, r_plugin = streamed()
+    r_net.load_state_dict(net.state_dict())  # any weights: only the optimizer's load is measured here
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    r_plugin.load_streamed_optimizer_state(r_opt, saved)
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - before
+    moments = [v for s in r_opt.state.values() for k, v in s.items() if k != "step"]
+    state_bytes = sum(v.numel() * v.element_size() for v in moments)
+    print(f"load: {grown} bytes on the device for {state_bytes} bytes of states")
+    assert state_bytes > 8 << 20 and grown < 1 << 20  # the counters only (and the allocator's rounding)
+    assert all(v.device.type == "cpu" and v.is_pinned() and v.dtype == torch.float32 for v in moments)
+    assert all(s["step"].is_cuda and float(s["step"]) == 2 for s in r_opt.state.values())
+
+    r_net, r_opt, r_plugin = streamed()  # resumed from step 2 as the fit would: weights then optimizer state
+    net, opt, plugin = streamed()
+    train(net, lambda: plugin._streamer.step(opt), range(2))
+    torch.save(opt.state_dict(), buffer := io.BytesIO())
+    r_net.load_state_dict(net.state_dict())  # with host masters: the fp32 masters, which the load copies in
+    buffer.seek(0)
+    r_plugin.load_streamed_optimizer_state(r_opt, torch.load(buffer, map_location="cpu", weights_only=False))
+    train(net, lambda: plugin._streamer.step(opt), range(2, 4))
+    train(r_net, lambda: r_plugin._streamer.step(r_opt), range(2, 4))
+    for (name, a), b in zip(net.named_parameters(), r_net.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+
+
 def test_host_masters_lower_a_full_finetunes_peak_below_streamed_states(bench):
     from lightning_rl import MemoryAwarePrecision
 

@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
                     help="a token budget per micro-batch (as the memory plan sets), with prompts of varied lengths")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--export", default="", help="a folder: module.export there after the fit, on every process")
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
@@ -111,6 +112,8 @@ def main() -> None:
     plan = getattr(trainer.precision_plugin, "memory_plan", None)
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
     weights = {n: t.float().cpu().clone() for n, t in fsdp2_parameters(module.policy)}  # gathers: every rank
+    if args.export:  # collective under FSDP2: every process gathers, the first writes
+        module.export(args.export)
     if trainer.is_global_zero:
         torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "weights": weights,
                     "sharded": is_fully_sharded(module.policy),

@@ -15,7 +15,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.
 
 
 def _fit(tmp_path, method, devices, batch_size, strategy="ddp", *flags):
-    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}{''.join(flags)}.pt"
+    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}{''.join(Path(f).name for f in flags)}.pt"
     proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
                            "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=300, env=ENV)
@@ -54,15 +54,24 @@ def test_a_token_budget_gives_every_process_as_many_micro_batches(tmp_path):
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_two_processes_sharded_with_fsdp2_train_like_one(tmp_path, method):
-    """ModelParallelStrategy over 2 processes: each holds half of every weight, and the update is the same."""
+    """ModelParallelStrategy over 2 processes: each holds half of every weight, and the update is the same; both
+    processes export, the first writes the gathered weights."""
     one = _fit(tmp_path, method, devices=1, batch_size=4)
-    two = _fit(tmp_path, method, devices=2, batch_size=2, strategy="fsdp2")
+    exported = tmp_path / f"{method}_exported"
+    two = _fit(tmp_path, method, 2, 2, "fsdp2", "--export", str(exported))
     assert two["sharded"] and not one["sharded"]
     assert two["synced_generate"]  # generate stepped in lockstep: every forward of a sharded policy is collective
     torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
+    from lightning_rl.models import load_policy
+    from lightning_rl.rollout.policy_weights import full_weights
+
+    written = dict(full_weights(load_policy(str(exported))[0]))
+    assert written.keys() == two["weights"].keys()
+    for name, w in two["weights"].items():
+        assert torch.equal(written[name].float(), w), name
 
 
 def test_lora_under_fsdp2_with_the_memory_plugin_plans_each_process_shard(tmp_path):

@@ -110,9 +110,14 @@ def test_checkpoint_round_trip_continues_like_an_uninterrupted_run(tmp_path):
     assert len(saved["state"]) == 4 and all(s["exp_avg"].device.type == "cpu" for s in saved["state"].values())
     resumed = Regression()
     fresh = plugin()
+    loads = []  # the optimizer's load goes through the plugin, which keeps the streamed states in host memory
+    load = fresh.load_streamed_optimizer_state
+    fresh.load_streamed_optimizer_state = lambda opt, state: (loads.append(opt), load(opt, state))[-1]
     trainer = plugin_trainer(fresh, steps=4)
     trainer.fit(resumed, ckpt_path=path)
     assert trainer.global_step == 4
+    assert loads == trainer.optimizers
+    assert "load_optimizer_state_dict" not in vars(trainer.strategy)  # the strategy's own again after the fit
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert bit_equal(a, b)
     assert fresh._streamer.states_on_device_bytes(trainer.optimizers) == 0

@@ -241,3 +241,83 @@ def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_dat
             dist.destroy_process_group()
     assert steps == resumed_steps == 3
     assert all(torch.equal(resumed[n], whole[n]) for n in whole)
+
+
+_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("kind", ["full", "adapter", "merged", "save-full", "save-lora"])
+def test_a_sharded_policy_is_written_as_the_plain_one(cpu_mesh, saved_tiny_llama, tmp_path, kind):
+    """``module.export`` and ``save_policy`` of a policy FSDP2 shards (after a fit under ModelParallelStrategy):
+    the weights gathered from the current shards, the files the same as the plain policy's (deepcopy and
+    safetensors refused the sharded one)."""
+    from safetensors.torch import load_file
+
+    from lightning_rl.export import export_policy
+    from lightning_rl.lora import apply_lora
+    from lightning_rl.models import save_policy
+
+    path = saved_tiny_llama(2)
+    lora = kind in ("adapter", "merged", "save-lora")
+
+    def policy():
+        net, tokenizer = load_policy(path)
+        if lora:
+            torch.manual_seed(0)
+            net = apply_lora(net, _LORA)
+        with torch.no_grad():  # trained-looking weights (nonzero LoRA B), so the gathered values are the shards'
+            for p in net.parameters():
+                p.add_(torch.linspace(-0.5, 0.5, p.numel()).view(p.shape))
+        return net, tokenizer
+
+    (plain, tokenizer), (sharded, _) = policy(), policy()
+    fully_shard_policy(sharded, cpu_mesh)
+    ids = torch.randint(0, plain.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        sharded(input_ids=ids)  # the root unit stays gathered after a forward
+    for net, folder in ((plain, "plain"), (sharded, "sharded")):
+        if kind.startswith("save"):
+            save_policy(net, tokenizer, tmp_path / folder)
+        else:
+            source = "tiny-llama" if kind == "adapter" else path  # a base that exists nowhere: written beside it
+            export_policy(net, tokenizer, tmp_path / folder, source, merge=kind == "merged")
+    assert is_fully_sharded(sharded)  # the policy itself is left as it was
+    name = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    want, got = load_file(tmp_path / "plain" / name), load_file(tmp_path / "sharded" / name)
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    if kind == "adapter":  # the base, unloaded from the gathered copy
+        want, got = (load_file(tmp_path / run / "base" / "model.safetensors") for run in ("plain", "sharded"))
+        assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_export_command_reads_the_folder_model_parallel_strategy_writes(make_grpo, make_data, saved_tiny_llama,
+                                                                           tmp_path):
+    """``lightning-rl export`` of ModelParallelStrategy's default checkpoint, a folder of distributed shards: it
+    consolidates it and writes the trained weights (it refused the folder)."""
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_rl.export import main
+
+    path = saved_tiny_llama(2)
+    module = make_grpo(model=path, model_config=None)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=1)
+    try:
+        make_trainer(max_steps=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                     callbacks=[checkpoints], enable_checkpointing=True).fit(module, make_data(batch_size=2))
+        trained = {n: t.clone() for n, t in full_weights(module.policy)}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    last = tmp_path / "ck" / "last.ckpt"
+    assert last.is_dir()  # the distributed layout, ModelParallelStrategy's default
+    main(["--ckpt_path", str(last), "--out", str(tmp_path / "out")])
+    exported = dict(full_weights(load_policy(str(tmp_path / "out"))[0]))
+    assert exported.keys() == trained.keys()
+    start = dict(full_weights(load_policy(path)[0]))
+    assert any(not torch.equal(trained[n], start[n]) for n in trained)  # one step trained something
+    for n in trained:
+        torch.testing.assert_close(exported[n], trained[n].to(exported[n].dtype), rtol=0, atol=0, msg=n)

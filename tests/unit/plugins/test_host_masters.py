@@ -114,6 +114,29 @@ def test_a_fused_groups_step_counters_go_back_beside_their_parameters_after_a_lo
     assert step_counters_beside_their_parameters(optimizer) == 0
 
 
+def test_the_plugins_checkpoint_load_gives_host_master_weights_fp32_states_in_host_memory():
+    """The load that takes over a resumed fit's (``load_streamed_optimizer_state``) with host masters: the compute-
+    dtype weights stay as they are and their states load in fp32, the masters' dtype, as the uninterrupted run's."""
+    plugin, module = _shrunk()
+    optimizer = plugin._optimizers[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.net(torch.randint(0, 11, (3, 5))).float().sum()
+    loss.backward()
+    plugin._streamer.step(optimizer)
+    saved = copy.deepcopy(optimizer.state_dict())
+    resumed, other = _shrunk()
+    weights = {n: p.detach().clone() for n, p in other.named_parameters()}
+    resumed.load_streamed_optimizer_state(resumed._optimizers[0], saved)
+    loaded = resumed._optimizers[0]
+    assert loaded.param_groups[0]["params"] == list(other.parameters())
+    assert {n: p.dtype for n, p in other.named_parameters()} == {n: p.dtype for n, p in module.named_parameters()}
+    assert all(torch.equal(p, weights[n]) for n, p in other.named_parameters())
+    for (_, a), (_, b) in zip(module.named_parameters(), other.named_parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert loaded.state[b][key].dtype == torch.float32 and not loaded.state[b][key].is_meta
+            assert torch.equal(loaded.state[b][key], optimizer.state[a][key])
+
+
 def test_an_error_mid_step_leaves_weights_and_masters_as_they_were():
     _, _, net, opt, masters, streamer = _pair(chunk_bytes=1)  # a chunk per parameter
     _loss(net, torch.randint(0, 11, (3, 5))).backward()

@@ -247,6 +247,23 @@ def test_a_run_resumed_from_a_checkpoint_steps_on_as_one_that_never_stopped():
             torch.testing.assert_close(states_b[name][k], v, rtol=0, atol=0, msg=f"{name} {k}")
 
 
+def test_the_plugins_checkpoint_keeps_the_balanced_share_of_the_cpu():
+    """A resumed run starts from the share the saving run had balanced to (0.5 on every fresh start): the same
+    weights step on the CPU as in the run that never stopped."""
+    plugin = MemoryAwarePrecision(optimizer_states="cpu")
+    plugin._streamer.host_share = 0.23
+    state = plugin.state_dict()
+    assert state["host_share"] == 0.23
+    resumed = MemoryAwarePrecision(optimizer_states="cpu")
+    resumed.load_state_dict(state)
+    assert resumed._streamer.host_share == 0.23
+    fixed = MemoryAwarePrecision(optimizer_states="cpu", step_on_host=0.5)  # a share the user set stays as set
+    assert fixed.state_dict()["host_share"] is None
+    fixed.load_state_dict(state)
+    assert fixed._streamer.host_share != 0.23 and fixed._streamer.host_step == 0.5
+    MemoryAwarePrecision().load_state_dict(state)  # nothing streams (yet): nothing to restore
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, "yes", [0.5]])
 def test_the_plugin_refuses_a_share_outside_zero_to_one(bad):
     with pytest.raises(ValueError, match="step_on_host"):

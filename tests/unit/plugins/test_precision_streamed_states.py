@@ -299,3 +299,33 @@ def test_overlapped_copies_plan_two_more_chunks_and_change_nothing_on_a_cpu():
     assert streamer.device_bytes_estimate(opt_b, total_state_bytes=100) == 100
     assert MemoryAwarePrecision(optimizer_states="cpu", overlap_state_copies=True)._streamer.overlap_copies
     assert not MemoryAwarePrecision(optimizer_states="cpu")._streamer.overlap_copies
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["plain", "capturable"])
+def test_a_checkpoint_load_puts_streamed_states_in_host_memory_and_counters_beside_their_parameters(capturable):
+    """A resumed fit's optimizer load with streamed states: the moments land in host memory in fp32, never on the
+    device (where ``load_state_dict`` and Lightning put all of them at once), the counters of a capturable group
+    beside their parameters, and the parameters keep their own data. The meta device stands in for the GPU."""
+    saved_net = nn.Linear(4, 3)
+    saved_opt = torch.optim.AdamW(saved_net.parameters(), lr=1e-2)
+    saved_net(torch.randn(2, 4)).sum().backward()
+    saved_opt.step()
+    saved = saved_opt.state_dict()
+    for group in saved["param_groups"]:  # as saved by a capturable run on the GPU (the load takes the saved settings)
+        group["capturable"] = capturable
+    net = nn.Linear(4, 3, device="meta")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, capturable=capturable)
+    plugin = MemoryAwarePrecision(optimizer_states="cpu")
+    plain = torch.optim.AdamW(nn.Linear(4, 3, device="meta").parameters(), lr=1e-2, capturable=capturable)
+    plain.load_state_dict(saved)
+    assert all(s["exp_avg"].is_meta for s in plain.state.values())  # torch's own load: on the parameters' device
+    plugin.load_streamed_optimizer_state(optimizer, saved)
+    assert net.weight.is_meta and net.weight.shape == (3, 4) and net.bias.shape == (3,)
+    for p, state in optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].device.type == "cpu" and state[key].dtype == torch.float32 and state[key].shape == p.shape
+            assert torch.equal(state[key], saved["state"][0 if p is net.weight else 1][key])
+        assert state["step"].is_meta is capturable
+        if not capturable:
+            assert float(state["step"]) == 1
+    assert plugin._streamer.states_on_device_bytes([optimizer]) == 0

@@ -1,0 +1,94 @@
+"""A plain copy of a policy that FSDP2 shards, to write it out: ``module.export`` and ``save_policy`` after a fit
+under ``ModelParallelStrategy``.
+
+A sharded policy cannot be written as it is: ``copy.deepcopy`` refuses an FSDP module, and its parameters are
+``DTensor`` shards that safetensors cannot store. :func:`unsharded_copy` gathers each weight from the shards, one at
+a time, into a CPU copy of the same architecture (a peft model keeps its adapters) on the first process;
+:func:`written_once` runs the write there while the other processes wait.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_rl.lora import is_lora
+from lightning_rl.models import is_fully_sharded, unwrap
+from lightning_rl.rollout.sharded_weights import is_dtensor
+
+T = TypeVar("T")
+
+
+def _first_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _plain_class(module: nn.Module) -> type[nn.Module]:
+    """The class ``module`` had before ``fully_shard`` made it an ``FSDPModule`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _empty_twin(policy: nn.Module) -> nn.Module:
+    """A CPU model of ``policy``'s architecture (its peft adapters too), its weights to be loaded."""
+    base = unwrap(policy)
+    twin = _plain_class(base)._from_config(copy.deepcopy(base.config))
+    if is_lora(policy):
+        from peft import get_peft_model
+
+        name = policy.active_adapter
+        twin = get_peft_model(twin, copy.deepcopy(policy.peft_config[name]), adapter_name=name)
+    return twin
+
+
+def unsharded_copy(policy: nn.Module) -> nn.Module | None:
+    """A hook-free CPU copy of the FSDP2-sharded ``policy`` with its full weights, each in its own dtype.
+
+    Collective: every process of the run must call it, in the same order (each weight is gathered from the shards,
+    one at a time). Only the first process gets the copy; the others get None.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in policy.modules():  # a unit gathered by a forward holds full copies that may predate a step
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    first = _first_process()
+    values = policy.state_dict(keep_vars=True)  # the parameters themselves: a tied weight appears as one
+    gathered: dict[int, torch.Tensor | None] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, value in values.items():
+        if id(value) not in gathered:
+            full = (value.full_tensor() if is_dtensor(value) else value).detach()
+            gathered[id(value)] = full.to("cpu", copy=True) if first else None
+        if first:
+            state[name] = gathered[id(value)]  # type: ignore[assignment]
+    if not first:
+        return None
+    twin = _empty_twin(policy)
+    twin.load_state_dict(state, strict=True, assign=True)
+    if getattr(unwrap(twin).config, "tie_word_embeddings", False):
+        unwrap(twin).tie_weights()
+    return twin.eval()
+
+
+def written_once(policy: nn.Module, write: Callable[[nn.Module], T], written: T) -> T:
+    """``write(policy)``; for an FSDP2-sharded policy, ``write`` of its :func:`unsharded_copy` on the first process,
+    the others waiting until it is done (they return ``written``).
+    """
+    if not is_fully_sharded(policy):
+        return write(policy)
+    whole = unsharded_copy(policy)
+    try:
+        return write(whole) if whole is not None else written
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+__all__ = ["unsharded_copy", "written_once"]
