@@ -40,7 +40,16 @@ def main(args: list[str] | None = None) -> Any:
         raise SystemExit(1) from None
 
 
-__all__ = ["RUN_CONFIG_MARK", "main"]
+def console_main() -> None:
+    """The ``lightning-rl`` command: :func:`main` on ``sys.argv``, its result dropped.
+
+    The console script exits with ``sys.exit(console_main())``, which would print a returned object and exit
+    with status 1: :func:`main` returns the CLI (or the export folder) for callers in Python.
+    """
+    main()
+
+
+__all__ = ["RUN_CONFIG_MARK", "console_main", "main"]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typing_extensions import override
 
 from lightning_rl.callbacks.logger_tables import append_csv, cell_text, log_table
@@ -132,5 +133,5 @@ class CompletionSamples(Callback):
             numeric = isinstance(rows[0][c], (int, float)) and not isinstance(rows[0][c], bool)
             table.add_column(c, justify="right" if numeric else "left", overflow="fold")
         for r in rows:
-            table.add_row(*(cell_text(v, self.max_chars) for v in r.values()))
+            table.add_row(*(Text(cell_text(v, self.max_chars)) for v in r.values()))  # as written: no markup
         Console().print(table)

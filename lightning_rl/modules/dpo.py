@@ -44,8 +44,9 @@ class DPO(PreferenceModule):
     prompts: the rollout engine samples two completions per prompt, the reward functions rank
     them, and the better one is the chosen response (ties are left out). Chosen and rejected go
     through the policy in one forward. ``loss_type`` ``ipo`` is IPO (Azar et al. 2023,
-    arXiv:2310.12036, Section 5), ``hinge`` SLiC's loss, ``robust`` the robust DPO of Chowdhury et al.
-    2024 (see :mod:`lightning_rl.algorithms.preference_losses`).
+    arXiv:2310.12036, Section 5) on summed log-probs as the paper writes it (TRL's divides each response's
+    log-probs by its length first, so a ``beta`` tuned there aims at a per-token margin), ``hinge`` SLiC's loss,
+    ``robust`` the robust DPO of Chowdhury et al. 2024 (see :mod:`lightning_rl.algorithms.preference_losses`).
 
     Online, a batch whose pairs all tie trains nothing and takes no optimizer step: it warns, and
     ``max_unscored_steps`` such batches in a row stop training with a

@@ -84,6 +84,22 @@ def test_cli_export_merged_round_trip(trained, tmp_path):
     assert texts == module_greedy(module) and all(texts)
 
 
+def test_the_console_command_exits_with_status_zero_after_an_export(trained, tmp_path):
+    """``lightning-rl export`` runs as ``sys.exit(console_main())``: a returned path (or CLI object) would be
+    printed to stderr with exit status 1 after a successful export."""
+    import subprocess
+    import sys
+
+    _, ckpt = trained
+    out = tmp_path / "by-command"
+    code = ("import sys; from lightning_rl.__main__ import console_main; "
+            f"sys.argv = ['lightning-rl', 'export', '--ckpt_path', {str(ckpt)!r}, '--out', {str(out)!r}]; "
+            "sys.exit(console_main())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "adapter_config.json").is_file() and "exported to" in done.stdout
+
+
 def test_full_fine_tune_exports_whole_weights_in_the_asked_dtype(tmp_path):
     L.seed_everything(0, verbose=False)
     module = GRPO(reward_funcs=[high_ids], num_generations=2, **MODEL)

@@ -158,3 +158,15 @@ def test_a_run_that_fails_leaves_its_report_and_last_samples(make_grpo, make_dat
     with (log_dir / "completions.csv").open() as fh:
         steps = {r["step"] for r in csv.DictReader(fh)}
     assert steps == {"1", "2"}  # the first step (every_n_steps) and the last one before the failure
+
+
+def test_the_printed_table_shows_completions_as_written_even_with_rich_markup(capsys):
+    """A completion is model output: a ``[/b]`` in it stopped the run at its end (Rich read it as a closing tag),
+    and ``[bold]`` vanished from the printed table."""
+    from lightning_rl.callbacks import CompletionSamples
+
+    rows = [{"prompt": "p", "completion": "see [/b] here", "reward": 1.0},
+            {"prompt": "q", "completion": "a [bold]word[/bold]", "reward": 0.0}]
+    CompletionSamples().print_table(rows, 1, "GRPO")
+    out = capsys.readouterr().out
+    assert "see [/b] here" in out and "a [bold]word[/bold]" in out
