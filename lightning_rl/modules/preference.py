@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from typing_extensions import override
 
@@ -280,6 +281,22 @@ class PreferenceModule(PolicyModule):
                 added = self.precompute_reference(loader, split)
                 if added:
                     log.info("precomputed reference log-probs of %d %s rows", added, split)
+        if use_loaders:
+            self._share_reference_cache()
+
+    def _share_reference_cache(self) -> None:
+        """Under several processes, give each the reference log-probs the others precomputed.
+
+        The trainer's loaders hand each process its sampler's share of the rows; a later epoch reshuffles the rows
+        over the processes (and the checkpoint, written by rank 0, must hold every row for a resumed run).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._ref_cache)
+        for part in parts:
+            for split, rows in part.items():
+                self._ref_cache.setdefault(split, {}).update(rows)
 
     @override
     def on_fit_start(self) -> None:
