@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_rl.data.preferences import response_text
+from lightning_rl.modules.metrics import several_processes
 from lightning_rl.modules.policy import PolicyModule
 from lightning_rl.prompting import Prompt, render_prompt
 from lightning_rl.rollout.padding import left_pad, right_pad
@@ -290,7 +291,7 @@ class PreferenceModule(PolicyModule):
         The trainer's loaders hand each process its sampler's share of the rows; a later epoch reshuffles the rows
         over the processes (and the checkpoint, written by rank 0, must hold every row for a resumed run).
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not several_processes():
             return
         parts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(parts, self._ref_cache)

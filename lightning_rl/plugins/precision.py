@@ -393,7 +393,7 @@ class MemoryAwarePrecision(HostResidency, MemoryPlanning, Precision):
                         "gradients the backward sends to host memory, and here %s", self.step_on_host,
                         "the masters stay on the device" if self._masters is None else
                         f"the gradients stay with their parameters (training on {device.type})")
-        if self._module is not None:
+        if self._module is not None and self._streamer is not None:  # a resumed fit's states load into host memory
             self._load_optimizers_on_host(self._module._trainer)
         if self.log_memory and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -195,16 +195,21 @@ class StreamedOptimizerStates:
         return _tensor_bytes(p)
 
     # ----------------------------------------------------------------------------- moving
-    def _store(self, p: nn.Parameter, state: dict[str, Any], key: Any, value: torch.Tensor) -> int:
-        """Copy one device tensor into its CPU buffer and put the buffer into the state."""
+    def _store(self, p: nn.Parameter, state: dict[str, Any], key: Any, value: torch.Tensor,
+               home: torch.device | None = None) -> int:
+        """Copy one tensor into its CPU buffer (pinned when it is kept on CUDA) and put the buffer into the state.
+
+        ``home``: the device the optimizer keeps the state on, where each step brings it; default ``value``'s.
+        """
+        home = value.device if home is None else home
         slot = (id(p), key)
         entry = self._slots.get(slot)
         buf = None if entry is None else entry[0]
         if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
-            pin = self.pin_memory and value.is_cuda
+            pin = self.pin_memory and home.type == "cuda"
             buf = torch.empty(value.shape, dtype=value.dtype, device=self.storage, pin_memory=pin)
         buf.copy_(value, non_blocking=buf.is_pinned())
-        self._slots[slot] = (buf, value.device)
+        self._slots[slot] = (buf, home)
         state[key] = buf
         return _tensor_bytes(value)
 
@@ -231,12 +236,8 @@ class StreamedOptimizerStates:
         moved = self.offload_states(optimizer)
         for p, state, key, value in self._streamed(optimizer, list(optimizer.state.keys()), True):
             entry = self._slots.get((id(p), key))
-            if (entry is not None and entry[0] is value) or not (self.pin_memory and p.is_cuda) or value.is_pinned():
-                continue
-            buf = torch.empty(value.shape, dtype=value.dtype, device=self.storage, pin_memory=True)
-            buf.copy_(value)
-            state[key] = buf
-            self._slots[(id(p), key)] = (buf, p.device)
+            if self.pin_memory and p.is_cuda and not value.is_pinned() and (entry is None or entry[0] is not value):
+                self._store(p, state, key, value, home=p.device)
         return moved
 
     def _home(self, p: nn.Parameter, key: Any, value: torch.Tensor) -> torch.device:
