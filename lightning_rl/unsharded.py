@@ -1,10 +1,12 @@
-"""A plain copy of a policy that FSDP2 shards, to write it out: ``module.export`` and ``save_policy`` after a fit
-under ``ModelParallelStrategy``.
+"""Plain copies of models that FSDP2 shards: to write a policy out (``module.export`` and ``save_policy`` after a
+fit under ``ModelParallelStrategy``), and to keep a sharded frozen reference's weights in a checkpoint.
 
 A sharded policy cannot be written as it is: ``copy.deepcopy`` refuses an FSDP module, and its parameters are
 ``DTensor`` shards that safetensors cannot store. :func:`unsharded_copy` gathers each weight from the shards, one at
 a time, into a CPU copy of the same architecture (a peft model keeps its adapters) on the first process;
-:func:`written_once` runs the write there while the other processes wait.
+:func:`written_once` runs the write there while the other processes wait. :func:`full_state_dict` and
+:func:`load_full_state_dict` move a state dict of full CPU tensors out of and into a model, sharded or not (the first
+process alone writes a checkpoint's metadata, so it must hold whole tensors, not its shards).
 """
 
 from __future__ import annotations
@@ -91,4 +93,34 @@ def written_once(policy: nn.Module, write: Callable[[nn.Module], T], written: T)
             dist.barrier()
 
 
-__all__ = ["unsharded_copy", "written_once"]
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as full CPU tensors; each ``DTensor`` shard gathered (collective, every process)."""
+    return {name: (value.full_tensor() if is_dtensor(value) else value).detach().to("cpu", copy=True)
+            for name, value in model.state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full tensors (:func:`full_state_dict`'s) into ``model``; a ``DTensor`` shard takes its own slice.
+
+    Every process holds the whole ``state``, so each cuts its slice without communication.
+
+    Raises:
+        KeyError: ``state`` and the model's state dict do not name the same entries.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    current = model.state_dict(keep_vars=True)
+    if current.keys() != state.keys():
+        missing, unexpected = sorted(current.keys() - state.keys()), sorted(state.keys() - current.keys())
+        raise KeyError(f"the saved weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in current.items():
+            full = state[name].to(value.device, value.dtype)
+            if is_dtensor(value):
+                full = distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None).to_local()
+                value = value.to_local()
+            value.copy_(full)
+
+
+__all__ = ["full_state_dict", "load_full_state_dict", "unsharded_copy", "written_once"]

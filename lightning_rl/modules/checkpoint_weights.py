@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_rl.models import TINY_CONFIGS
+from lightning_rl.rollout.sharded_weights import is_dtensor
 
 # state-dict prefix -> attribute naming the source its frozen weights are rebuilt from
 SOURCE_ATTRIBUTES = {"policy.": "model_source", "critic.": "critic_model"}
@@ -42,6 +43,7 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[K, 2]`` float64 sum and absolute sum of each tensor rounded to bf16 (the same for fp32 and bf16 copies)."""
     rows = []
     for t in tensors:
+        t = t.full_tensor() if is_dtensor(t) else t  # a sharded reference's weight, gathered (every process)
         x = t.detach().to(torch.bfloat16)
         rows.append(torch.stack([x.sum(dtype=torch.float64), x.abs().sum(dtype=torch.float64)]).cpu())
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)

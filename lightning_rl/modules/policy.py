@@ -73,6 +73,7 @@ from lightning_rl.rollout.engine import Rollout, RolloutEngine, SamplingConfig
 from lightning_rl.rollout.hf import HFEngine
 from lightning_rl.samples import StepSamples, per_completion
 from lightning_rl.tiled_mlp import check_tiling, tile_decoder_mlps
+from lightning_rl.unsharded import full_state_dict, load_full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -378,18 +379,20 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             tile_decoder_mlps(model)
 
     def apply_sharding(self) -> None:
-        """Under ``ModelParallelStrategy``, shard the trained modules with FSDP2 over its device mesh (idempotent).
+        """Under ``ModelParallelStrategy``, shard the trained modules and the frozen reference copy with FSDP2 over
+        its device mesh (idempotent).
 
         The trained modules are :meth:`checkpointed_models` and :meth:`other_trained_modules`: every parameter
         that gets a gradient must live in an FSDP2 unit, which also reduces its gradient over the processes.
-        A precision plugin that stores weights in its own dtypes (``MemoryAwarePrecision``) converts them
-        first: FSDP2 fixes each parameter's dtype when it shards.
+        The frozen reference of a full fine-tune is sharded alike, so each process holds its share of it rather
+        than the whole model. A precision plugin that stores weights in its own dtypes (``MemoryAwarePrecision``)
+        converts them first: FSDP2 fixes each parameter's dtype when it shards.
         """
         mesh = self.device_mesh if self._trainer is not None else None
         if mesh is None:
             return
         convert = getattr(self._trainer.precision_plugin, "convert_before_sharding", None)
-        for model in [*self.checkpointed_models(), *self.other_trained_modules()]:
+        for model in [*self.checkpointed_models(), *self.other_trained_modules(), *self._frozen_reference]:
             if convert is not None and not is_fully_sharded(model):
                 convert(model)
             fully_shard_policy(model, mesh)
@@ -442,7 +445,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         state = checkpoint.get(RESUME_KEY) or {}
         restore_rebuilt(self, checkpoint.get("state_dict", {}), state.get("rebuilt_weights"))
         if state.get("reference") is not None and self._frozen_reference:
-            self._frozen_reference[0].load_state_dict(state["reference"])
+            load_full_state_dict(self._frozen_reference[0], state["reference"])
         if self._frozen_reference:
             check_reference(self._frozen_reference[0], state.get("reference_fingerprint"), self.model_source)
         self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
@@ -468,7 +471,7 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         if "state_dict" in checkpoint:
             state["rebuilt_weights"] = drop_rebuildable(self, checkpoint["state_dict"])
         if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
-            state["reference"] = self._frozen_reference[0].state_dict()
+            state["reference"] = full_state_dict(self._frozen_reference[0])
         elif self._frozen_reference:  # rebuilt from the source on load: checked against this fingerprint
             state["reference_fingerprint"] = reference_fingerprint(self._frozen_reference[0])
         checkpoint[RESUME_KEY] = state
@@ -492,7 +495,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         (:meth:`auto_micro_batch_tokens`).
         """
         for ref in self._frozen_reference:
-            ref.to(self.device)
+            if not is_fully_sharded(ref):  # FSDP2 put its shards on the device
+                ref.to(self.device)
         self.train()
         self.apply_gradient_checkpointing()
         self.apply_compile_layers()
@@ -537,10 +541,19 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:
-        """The reference policy: the adapter-disabled base with LoRA, else a frozen copy."""
+        """The reference policy: the adapter-disabled base with LoRA, else a frozen copy.
+
+        A copy sharded with FSDP2 gives its gathered root unit (embedding, final norm, head) back on exit: FSDP2
+        keeps a root gathered after its forward for the backward that a no-grad forward never runs.
+        """
         if is_lora(self.policy):
             with self.policy.disable_adapter():
                 yield self.policy
+        elif self._frozen_reference and is_fully_sharded(self._frozen_reference[0]):
+            try:
+                yield self._frozen_reference[0]
+            finally:
+                unwrap(self._frozen_reference[0]).reshard()
         elif self._frozen_reference:
             yield self._frozen_reference[0].to(self.device)
         else:

@@ -117,6 +117,7 @@ def main() -> None:
     if trainer.is_global_zero:
         torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
+                    "reference_sharded": [is_fully_sharded(r) for r in module._frozen_reference],
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
                     "plan": None if plan is None else plan.to_dict()}, args.out)
     if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads once aborted it (-6)

@@ -54,12 +54,13 @@ def test_a_token_budget_gives_every_process_as_many_micro_batches(tmp_path):
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_two_processes_sharded_with_fsdp2_train_like_one(tmp_path, method):
-    """ModelParallelStrategy over 2 processes: each holds half of every weight, and the update is the same; both
-    processes export, the first writes the gathered weights."""
+    """ModelParallelStrategy over 2 processes: each holds half of every weight (PPO's frozen KL reference too), and
+    the update is the same; both processes export, the first writes the gathered weights."""
     one = _fit(tmp_path, method, devices=1, batch_size=4)
     exported = tmp_path / f"{method}_exported"
     two = _fit(tmp_path, method, 2, 2, "fsdp2", "--export", str(exported))
     assert two["sharded"] and not one["sharded"]
+    assert two["reference_sharded"] == ([True] if method == "ppo" else [])
     assert two["synced_generate"]  # generate stepped in lockstep: every forward of a sharded policy is collective
     torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(two["loss"]), torch.tensor(one["loss"]), rtol=1e-4, atol=1e-6)

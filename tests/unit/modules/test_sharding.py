@@ -120,15 +120,17 @@ def test_modules_shard_every_trained_module_under_a_mesh(cpu_mesh, make_grpo):
     assert is_fully_sharded(ppo.policy) and is_fully_sharded(ppo.critic) and is_fully_sharded(ppo.value_head)
 
 
-def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo, make_data, saved_tiny_llama):
-    """ModelParallelStrategy (FSDP2, one CPU process): the same completions, update and weights as no strategy."""
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo, make_data, saved_tiny_llama, beta):
+    """ModelParallelStrategy (FSDP2, one CPU process): the same completions, update and weights as no strategy; with
+    a KL term, from a frozen reference that is sharded too."""
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     path = saved_tiny_llama(2)
     weights = []
     for strategy in ("auto", ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)):
-        module = make_grpo(model=path, model_config=None, logprob_backend="reference")
+        module = make_grpo(model=path, model_config=None, logprob_backend="reference", beta=beta)
         try:
             make_trainer(max_steps=2, strategy=strategy).fit(module, make_data(batch_size=2))
         finally:
@@ -136,6 +138,7 @@ def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo,
                 dist.destroy_process_group()
         weights.append(dict(full_weights(module.policy)))
         assert is_fully_sharded(module.policy) == (strategy != "auto")
+        assert [is_fully_sharded(r) for r in module._frozen_reference] == ([strategy != "auto"] if beta else [])
     plain, sharded = weights
     assert sharded.keys() == plain.keys()
     for name in plain:
@@ -144,7 +147,7 @@ def test_grpo_fit_under_model_parallel_strategy_matches_the_plain_fit(make_grpo,
     assert any(not torch.equal(plain[n], start[n]) for n in plain)  # the two steps moved the weights
 
 
-@pytest.mark.parametrize("method", ["ppo", "dpo"])
+@pytest.mark.parametrize("method", ["ppo", "dpo", "dpo-live"])
 def test_ppo_and_dpo_train_their_sharded_modules_under_model_parallel_strategy(method, saved_tiny_llama, prompt_rows):
     import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -158,7 +161,8 @@ def test_ppo_and_dpo_train_their_sharded_modules_under_model_parallel_strategy(m
                      logprob_backend="reference")
         data = PromptDataModule(train_data=prompt_rows, batch_size=2)
     else:
-        module = DPO(model=path, learning_rate=1e-3, logprob_backend="reference")
+        reference = "live" if method == "dpo-live" else "auto"  # live: a frozen copy, not precomputed log-probs
+        module = DPO(model=path, learning_rate=1e-3, logprob_backend="reference", reference=reference)
         rows = [{"prompt": f"say {i}", "chosen": "yes", "rejected": "no no"} for i in range(8)]
         data = PreferenceDataModule(train_data=rows, batch_size=2)
     try:
@@ -169,9 +173,78 @@ def test_ppo_and_dpo_train_their_sharded_modules_under_model_parallel_strategy(m
             dist.destroy_process_group()
     trained = module.trainable_parameters()
     assert trained and all(type(p).__name__ == "DTensor" for p in trained)
+    assert all(is_fully_sharded(r) for r in module._frozen_reference)
+    assert bool(module._frozen_reference) == (method != "dpo")  # PPO's KL reference, DPO's live one: sharded
     after = dict(full_weights(module.policy))
     start = dict(full_weights(load_policy(path)[0]))
     assert any(not torch.equal(after[n], start[n]) for n in start)
+
+
+def _sharded_grpo_with_a_reference(make_grpo, cpu_mesh, seed=0, **overrides):
+    module = make_grpo(seed=seed, beta=0.1, **overrides)
+    module.trainer = make_trainer()
+    module._device_mesh = cpu_mesh
+    module.configure_model()
+    return module
+
+
+def test_the_frozen_reference_is_sharded_and_scores_as_the_plain_copy_then_gives_its_root_back(cpu_mesh, make_grpo):
+    """A full fine-tune's frozen reference under FSDP2: each process holds its shards, not the whole model; its
+    log-probs are the plain copy's, and the root unit it gathered for them is freed when the context ends."""
+    from lightning_rl.logprobs import completion_logprobs
+
+    plain = make_grpo(beta=0.1)
+    plain.configure_model()
+    module = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh)
+    ref = module._frozen_reference[0]
+    assert is_fully_sharded(ref) and all(type(p).__name__ == "DTensor" for p in ref.parameters())
+    assert not any(p.requires_grad for p in ref.parameters())
+    g = torch.Generator().manual_seed(0)
+    vocab = ref.config.vocab_size
+    p_ids, c_ids = torch.randint(0, vocab, (2, 4), generator=g), torch.randint(0, vocab, (2, 5), generator=g)
+    masks = torch.ones_like(p_ids), torch.ones_like(c_ids)
+    scored = []
+    for m in (plain, module):
+        with torch.no_grad(), m.reference_model() as r:
+            scored.append(completion_logprobs(r, p_ids, masks[0], c_ids, masks[1], backend="reference")[0])
+            if m is module:  # the root unit is gathered inside the context ...
+                assert type(ref.lm_head.weight).__name__ != "DTensor"
+    torch.testing.assert_close(scored[1], scored[0])
+    assert all(type(p).__name__ == "DTensor" for p in ref.parameters())  # ... and a shard again after it
+
+
+@pytest.mark.parametrize("source", ["tiny", "folder"])
+def test_a_sharded_reference_is_checkpointed_whole_and_restored_into_its_shards(cpu_mesh, make_grpo,
+                                                                             saved_tiny_llama, source):
+    """The first process alone writes a sharded checkpoint's metadata, so the reference goes in as full tensors
+    (a random tiny model's) or as the fingerprint of its full weights (a source rebuilt on load)."""
+    overrides = {} if source == "tiny" else {"model": saved_tiny_llama(2), "model_config": None}
+    saved = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh, seed=0, **overrides)
+    checkpoint = {}
+    saved.on_save_checkpoint(checkpoint)
+    state = checkpoint["lightning_rl_resume"]
+    want = dict(full_weights(saved._frozen_reference[0]))
+    if source == "tiny":
+        assert all(type(t) is torch.Tensor for t in state["reference"].values())
+        resumed = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh, seed=1)  # other random weights
+        assert any(not torch.equal(t, want[n]) for n, t in full_weights(resumed._frozen_reference[0]))
+        resumed.on_load_checkpoint(checkpoint)
+        got = dict(full_weights(resumed._frozen_reference[0]))
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+        assert all(type(p).__name__ == "DTensor" for p in resumed._frozen_reference[0].parameters())
+    else:
+        plain = make_grpo(beta=0.1, **overrides)
+        plain.configure_model()
+        plain_checkpoint = {}
+        plain.on_save_checkpoint(plain_checkpoint)
+        torch.testing.assert_close(state["reference_fingerprint"]["fingerprint"],
+                                   plain_checkpoint["lightning_rl_resume"]["reference_fingerprint"]["fingerprint"])
+        resumed = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh, **overrides)
+        resumed.on_load_checkpoint(checkpoint)  # the rebuilt reference passes the check
+        with torch.no_grad():
+            next(resumed._frozen_reference[0].parameters()).to_local().add_(1.0)
+        with pytest.raises(ValueError, match="differs from the one this checkpoint was trained"):
+            resumed.on_load_checkpoint(checkpoint)
 
 
 def test_gathered_bytes_count_the_root_unit_and_two_layers(cpu_mesh, saved_tiny_llama):
@@ -184,6 +257,23 @@ def test_gathered_bytes_count_the_root_unit_and_two_layers(cpu_mesh, saved_tiny_
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     fully_shard_policy(model, cpu_mesh)
     assert fsdp2_gathered_bytes([model]) == total - sum(layers) + 2 * max(layers)
+
+
+def test_the_plan_counts_a_sharded_references_shards_and_not_its_root_beside_the_policys(cpu_mesh, make_grpo):
+    """The reference's shards stay on the device; its root unit is gathered only inside its own no-grad forward,
+    so the plan's gathered weights are the policy's (the larger of the two), not both roots together."""
+    from lightning_rl import MemoryAwarePrecision
+    from lightning_rl.plugins.memory_plan import fsdp2_gathered_bytes
+
+    module = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh)
+    ref = module._frozen_reference[0]
+    opt = torch.optim.AdamW(module.policy.parameters())
+    plan = MemoryAwarePrecision(memory_budget=4 << 30, frozen_dtype="float32").make_plan(
+        module, [opt], torch.device("cpu"))
+    parts = plan.train_parts
+    assert parts["FSDP2 gathered weights (root unit and two layers)"] == fsdp2_gathered_bytes([module.policy])
+    assert fsdp2_gathered_bytes([ref]) > 0  # sharded: it would have added its own root
+    assert parts["frozen weights"] == sum(p.to_local().numel() * p.element_size() for p in ref.parameters())
 
 
 def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_wrong_dtype(cpu_mesh,
