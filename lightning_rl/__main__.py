@@ -31,13 +31,23 @@ def main(args: list[str] | None = None) -> Any:
             from lightning_rl.export import main as export_main
 
             return export_main(argv[1:])
-        return LightningRLCLI(args=args, auto_configure_optimizers=False)
+        return LightningRLCLI(args=args, auto_configure_optimizers=False, parser_kwargs=_parser_kwargs())
     except Exception as err:
         message = None if os.environ.get(TRACEBACK_ENV) else explain(err, config_keys=not export)
         if message is None:
             raise
         print(message, file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _parser_kwargs() -> dict[str, str]:
+    """The command's name as the user typed it (not ``__main__.py``) and what it runs, for ``--help``."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "python -m lightning_rl" if script in ("__main__.py", "") else script
+    return {"prog": prog,
+            "description": "Reinforcement-learning fine-tuning of language models with Lightning: fit, validate, test "
+                           f"or predict a lightning-rl module from a YAML config; '{prog} export' writes a "
+                           "checkpoint's policy as a Hugging Face folder (see its --help)."}
 
 
 def console_main() -> None:

@@ -93,6 +93,17 @@ def test_help_lists_the_arguments_every_module_passes_on(class_path, capsys):
             assert f"--model.{key} " in out, key
 
 
+@pytest.mark.parametrize(("script", "prog"), [("/venv/bin/lightning-rl", "lightning-rl"),
+                                              ("/src/lightning_rl/__main__.py", "python -m lightning_rl")])
+def test_help_names_the_command_as_typed_and_the_export_command(script, prog, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", [script, "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"usage: {prog} [-c CONFIG] {{fit,validate,test,predict}}"), out[:120]
+    assert f"'{prog} export' writes a checkpoint's policy as a Hugging Face folder" in out
+
+
 @pytest.mark.parametrize(("key", "value"), [("learnin_rate", "0.1"), ("sampling", "{max_new_token: 4}")])
 def test_a_mistyped_yaml_key_is_an_error(key, value, tmp_path, capsys):
     config = tmp_path / "typo.yaml"
