@@ -295,13 +295,16 @@ def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_w
         plugin.convert_module(late)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(("packed", "beta"), [(False, 0.0), (True, 0.0), (False, 0.5)],
+                         ids=["padded", "packed", "kl-reference"])
 def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_data, saved_tiny_llama, tmp_path,
-                                                            packed):
+                                                            packed, beta):
     """Checkpoints of sharded weights and optimizer states: 2 steps + resume to 3 equals 3 steps in one go, with
-    the sequences padded and packed (the GPU default, forced here). The rollouts come from a copy of the model
-    outside the sharded policy, as a vLLM engine's do: generating with the policy itself would run the root's
-    forward first and leave its parameters gathered, which hid a packed update that met them sharded."""
+    the sequences padded and packed (the GPU default, forced here), and with a KL term to a sharded frozen
+    reference (rebuilt from the folder on resume, checked against the checkpoint's fingerprint). The rollouts come
+    from a copy of the model outside the sharded policy, as a vLLM engine's do: generating with the policy itself
+    would run the root's forward first and leave its parameters gathered, which hid a packed update that met them
+    sharded."""
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -313,13 +316,14 @@ def test_a_run_under_model_parallel_strategy_resumes_exactly(make_grpo, make_dat
     engine_model.eval()
 
     def fit(steps, folder, ckpt_path=None):
-        module = make_grpo(model=path, model_config=None, pack_sequences=packed)
+        module = make_grpo(model=path, model_config=None, pack_sequences=packed, beta=beta)
         module.rollout_engine = HFEngine(lambda: engine_model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
         checkpoints = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1)
         trainer = make_trainer(max_steps=steps, strategy=ModelParallelStrategy(data_parallel_size=1,
                                                                                tensor_parallel_size=1),
                                callbacks=[checkpoints], enable_checkpointing=True)
         trainer.fit(module, make_data(batch_size=2, shuffle=True), ckpt_path=ckpt_path)
+        assert [is_fully_sharded(r) for r in module._frozen_reference] == ([True] if beta else [])
         return trainer.global_step, {n: t.clone() for n, t in full_weights(module.policy)}
 
     try:
