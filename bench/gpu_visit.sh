@@ -7,6 +7,7 @@
 #                                            # (those of the named files only, when given); about 600 s in all:
 #   bash bench/gpu_visit.sh exclusive        # only its first part (the vLLM tests that need the GPU alone)
 #   bash bench/gpu_visit.sh nonvllm [FILE...]  # only its second part, failures printed as they happen (~500 s)
+#   bash bench/gpu_visit.sh nonvllm2         # the same in two processes at once, half the files each
 #   bash bench/gpu_visit.sh gpu TEST_FILE...  # those files' non-vLLM GPU tests in one process, full log
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
@@ -64,13 +65,14 @@ run_bench() {  # NAME SECONDS ARGS...: one bench_vs_trl.py call, its JSON and lo
   timeout "$secs" python3 bench/bench_vs_trl.py --out "$WORK/vs_trl_$name.json" "$@" 2>&1 \
     | grep -vE "^(INFO|DEBUG)" > "$WORK/bench_$name.log"
 }
-non_vllm() {  # SECONDS TEST_PATHS...: the non-vLLM GPU tests in one process (-v, failures printed as they happen)
-  local secs=$1; shift
+non_vllm() {  # SECONDS TEST_PATHS...: the non-vLLM GPU tests in one process (-v, failures printed as they happen;
+              # LOG=name names its log, gpu_non_vllm by default)
+  local secs=$1 log="$WORK/${LOG:-gpu_non_vllm}.log"; shift
   PYTHONPATH=bench timeout "$secs" python3 -m pytest -p pytest_instafail -m "gpu and not vllm" "$@" -v \
-    -p no:cacheprovider -rA --tb=short > "$WORK/gpu_non_vllm.log" 2>&1
-  grep -E "(PASSED|FAILED|ERROR) *\[|passed|failed" "$WORK/gpu_non_vllm.log" | grep -vE "PASSED *\[" | tail -20
-  grep -c "PASSED *\[" "$WORK/gpu_non_vllm.log" | sed 's/$/ passed so far/'
-  grep -A25 "^FAILED AT ONCE" "$WORK/gpu_non_vllm.log" | cut -c1-300 | tail -80
+    -p no:cacheprovider -rA --tb=short > "$log" 2>&1
+  grep -E "(PASSED|FAILED|ERROR) *\[|passed|failed" "$log" | grep -vE "PASSED *\[" | tail -20
+  grep -c "PASSED *\[" "$log" | sed 's/$/ passed so far/'
+  grep -A25 "^FAILED AT ONCE" "$log" | cut -c1-300 | tail -80
 }
 each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
                # PAR of them at a time (default 1)
@@ -99,6 +101,15 @@ case "$stage" in
   nonvllm)  # the non-vLLM GPU tests in one process, each named as it ends and each failure's report printed at once
     [ $# -gt 1 ] || set -- nonvllm tests/gpu
     non_vllm "$budget" "${@:2}" ;;
+  nonvllm2)  # the same tests in two processes at once, the files dealt out alternately (about half the time; a
+             # test that reads the device's free memory may meet the other process's allocations)
+    files=(tests/gpu/test_*.py); a=(); b=()
+    for i in "${!files[@]}"; do if (( i % 2 )); then b+=("${files[$i]}"); else a+=("${files[$i]}"); fi; done
+    LOG=gpu_non_vllm_a non_vllm "$budget" "${a[@]}" > "$WORK/summary_a.txt" 2>&1 &
+    first=$!
+    LOG=gpu_non_vllm_b non_vllm "$budget" "${b[@]}" > "$WORK/summary_b.txt" 2>&1
+    wait $first
+    cat "$WORK/summary_a.txt" "$WORK/summary_b.txt" ;;
   gpu)  # the named GPU test files' non-vLLM tests, all in one process (what one test leaves, the next meets)
     # -v names each test as it ends; a test still running near the limit gets its threads' stacks dumped
     timeout "$budget" python3 -m pytest -m "gpu and not vllm" "${@:2}" -v -p no:cacheprovider -rA \
