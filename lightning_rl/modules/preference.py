@@ -262,6 +262,7 @@ class PreferenceModule(PolicyModule):
         if self.reference_mode != "precomputed":
             return
         dm = getattr(self.trainer, "datamodule", None)
+        from_loaders = False  # the trainer's loaders: each process sees its sampler's share of the rows
         if dm is not None and hasattr(dm, "reference_dataloader"):
             sources = [(dm.reference_dataloader("train"), "train"), (dm.reference_dataloader("val"), "val")]
             if self._policy_updated:  # a resumed or second fit: refuse changed data now, not at its first batch
@@ -275,6 +276,7 @@ class PreferenceModule(PolicyModule):
             vals = self.trainer.val_dataloaders
             vals = vals if isinstance(vals, (list, tuple)) else [vals] if vals is not None else []
             sources = [(self.trainer.train_dataloader, "train")] + [(v, "val") for v in vals]
+            from_loaders = True
         else:
             return
         for loader, split in sources:
@@ -282,7 +284,7 @@ class PreferenceModule(PolicyModule):
                 added = self.precompute_reference(loader, split)
                 if added:
                     log.info("precomputed reference log-probs of %d %s rows", added, split)
-        if use_loaders:
+        if from_loaders:
             self._share_reference_cache()
 
     def _share_reference_cache(self) -> None:
