@@ -94,9 +94,16 @@ def written_once(policy: nn.Module, write: Callable[[nn.Module], T], written: T)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict as full CPU tensors; each ``DTensor`` shard gathered (collective, every process)."""
-    return {name: (value.full_tensor() if is_dtensor(value) else value).detach().to("cpu", copy=True)
-            for name, value in model.state_dict().items()}
+    """``model``'s state dict as full CPU tensors; each ``DTensor`` shard gathered (collective, every process).
+
+    A tied weight is gathered and copied once and appears under each of its names.
+    """
+    values = model.state_dict(keep_vars=True)
+    full: dict[int, torch.Tensor] = {}
+    for value in values.values():
+        if id(value) not in full:
+            full[id(value)] = (value.full_tensor() if is_dtensor(value) else value).detach().to("cpu", copy=True)
+    return {name: full[id(value)] for name, value in values.items()}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
