@@ -264,6 +264,8 @@ class PreferenceModule(PolicyModule):
         dm = getattr(self.trainer, "datamodule", None)
         from_loaders = False  # the trainer's loaders: each process sees its sampler's share of the rows
         if dm is not None and hasattr(dm, "reference_dataloader"):
+            if use_loaders:  # on_fit_start walked the datamodule's reference loaders already
+                return
             sources = [(dm.reference_dataloader("train"), "train"), (dm.reference_dataloader("val"), "val")]
             if self._policy_updated:  # a resumed or second fit: refuse changed data now, not at its first batch
                 for loader, split in sources:

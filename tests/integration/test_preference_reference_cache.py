@@ -85,6 +85,22 @@ def test_checkpoint_keeps_the_keys(model_dir, tmp_path, caplog):
     assert validate(old, PreferenceDataModule(train, val, batch_size=4)) == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_fit_walks_the_datamodules_reference_loaders_once(model_dir):
+    """on_fit_start precomputes from the datamodule; on_train_start must not read every row again."""
+    L.seed_everything(0)
+    walked: list[str] = []
+
+    class Counting(PreferenceDataModule):
+        def reference_dataloader(self, split):
+            walked.append(split)
+            return super().reference_dataloader(split)
+
+    module = dpo(model_dir)
+    trainer(max_steps=1).fit(module, Counting(sorted_pairs(8, 1), sorted_pairs(4, 2), batch_size=4))
+    assert sorted(walked) == ["train", "val"]
+    assert len(module._ref_cache["train"]) == 8 and len(module._ref_cache["val"]) == 4
+
+
 def test_kto_cache_checks_the_rows_too(model_dir):
     L.seed_everything(0)
     module = KTO(model=model_dir, beta=0.1, learning_rate=1e-2, reference="precomputed")
