@@ -110,4 +110,9 @@ def test_a_fit_with_step_on_host_trains_as_the_streamed_step_within_its_memory(b
     # the host step leaves the norms to stream (one chunk); the streamed step also every linear weight's states
     assert plugin._streamer is not None and plugin._streamer.host_step
     assert plugin._streamer.last_chunks == 1 < reference._streamer.last_chunks
-    assert host["peak_bytes"] <= streamed["peak_bytes"] + (16 << 20)
+    # the margin: 16 MiB, and two cuBLAS workspaces (32 MiB each on Hopper; PyTorch allocates one per stream that
+    # runs a matmul, and empty_cache frees them between the runs). On an H100 the two peaks were equal alone and
+    # 32 MiB apart (the streamed run the lower) beside another test process, 64 MiB apart after 16 other tests
+    # in this process: one or two workspaces, whatever the order. 1 GiB of AdamW states on the device would
+    # still fail it many times over.
+    assert host["peak_bytes"] <= streamed["peak_bytes"] + (16 << 20) + 2 * (32 << 20)
