@@ -100,12 +100,11 @@ def stored_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if is_dtensor(p) else p.numel()
 
 
-def fsdp2_gathered_bytes(modules: Iterable[nn.Module]) -> int:
-    """Bytes FSDP2 holds gathered at once beyond the shards: the root unit's parameters and two layers'.
+def fsdp2_gathered_parts(modules: Iterable[nn.Module]) -> tuple[int, int]:
+    """``(root bytes, largest layer bytes)`` of the ``fully_shard`` units in ``modules``, each at its full size.
 
-    The root unit (embedding, final norm, LM head) stays gathered from the forward to the backward; a layer
-    unit is gathered for its own forward and backward while the next one is prefetched. 0 when nothing in
-    ``modules`` is sharded with ``fully_shard``.
+    Root units are the ones no other unit holds (embedding, final norm, LM head); layer units are nested ones.
+    ``(0, 0)`` when nothing in ``modules`` is sharded.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -119,7 +118,34 @@ def fsdp2_gathered_bytes(modules: Iterable[nn.Module]) -> int:
             layers.append(full)
         else:
             roots += full
-    return roots + 2 * max(layers) if units else 0
+    return roots, max(layers)
+
+
+def fsdp2_gathered_bytes(modules: Iterable[nn.Module]) -> int:
+    """Bytes FSDP2 holds gathered at once beyond the shards: the root unit's parameters and two layers'.
+
+    The root unit (embedding, final norm, LM head) stays gathered from the forward to the backward; a layer
+    unit is gathered for its own forward and backward while the next one is prefetched. 0 when nothing in
+    ``modules`` is sharded with ``fully_shard``.
+    """
+    roots, layer = fsdp2_gathered_parts(modules)
+    return roots + 2 * layer
+
+
+def fsdp2_gathered_bytes_with_reference(policy: Iterable[nn.Module], reference: Iterable[nn.Module]) -> int:
+    """The most FSDP2 holds gathered at once for a sharded policy and a sharded frozen reference beside it.
+
+    The policy's root stays gathered after its forward (until its backward, or its next forward after a no-grad
+    one), and a reference forward can run in that window: DPO's pair loss runs it after the policy's forward with
+    gradients, PPO's and GRPO's preparation after a no-grad policy forward. The reference gives its own root back
+    after each forward, so at most one of the two sets of layers is gathered: the policy's root, then the larger
+    of its two layers and the reference's root with two of its layers.
+    """
+    policy_root, policy_layer = fsdp2_gathered_parts(policy)
+    ref_root, ref_layer = fsdp2_gathered_parts(reference)
+    if not (policy_root or policy_layer):
+        return ref_root + 2 * ref_layer
+    return policy_root + max(2 * policy_layer, ref_root + 2 * ref_layer)
 
 
 def _text_config(config: Any) -> Any:

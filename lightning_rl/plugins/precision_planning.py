@@ -26,7 +26,7 @@ from lightning_rl.plugins.memory_plan import (
     MemoryPlanError,
     ModelMemory,
     fmt_bytes,
-    fsdp2_gathered_bytes,
+    fsdp2_gathered_bytes_with_reference,
     optimizer_state_bytes,
     optimizer_state_bytes_of,
     stored_numel,
@@ -204,8 +204,7 @@ class MemoryPlanning:
             offload_optimizer=self.offload_enabled, optimizer_device_bytes=opt_device,
             autocast_cast_bytes=fp32_trainable * self.compute_dtype.itemsize,
             activation_bytes_per_token_override=self.activation_bytes_per_token, reserved_bytes=self.reserved_bytes,
-            # a sharded frozen reference gathers for its own forward and gives its root back after it
-            gathered_weight_bytes=max(fsdp2_gathered_bytes([module]), fsdp2_gathered_bytes(shape.extra_frozen)),
+            gathered_weight_bytes=fsdp2_gathered_bytes_with_reference([module], shape.extra_frozen),
             context_bytes=context_bytes_for(device, self.context_bytes), waves=self._kv_waves,
             grad_bytes=grad_bytes, cuda=device.type == "cuda", quantized=self.quantize is not None,
             adapters=getattr(module, "lora", None) is not None)

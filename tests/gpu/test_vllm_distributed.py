@@ -6,6 +6,8 @@ process group, and (FSDP2) the weights gathered from the policy's DTensor shards
 ``FSDPStrategy`` (FSDP1) cannot run manual optimization and is refused at setup (tests/unit/modules/test_sharding.py).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -116,16 +118,19 @@ def test_grpo_fit_under_fsdp2_syncs_the_gathered_shards_into_the_engine():
     assert trainer.global_step == 2 and rollout.num_syncs == 1
 
 
-def test_grpo_fit_under_fsdp2_with_the_memory_plugin():
-    """``ModelParallelStrategy`` + ``MemoryAwarePrecision``: fp32 master shards, a per-process plan, the engine fed."""
+@pytest.mark.parametrize("beta", [0.0, 0.04], ids=["no-reference", "sharded-reference"])
+def test_grpo_fit_under_fsdp2_with_the_memory_plugin(beta):
+    """``ModelParallelStrategy`` + ``MemoryAwarePrecision``: fp32 master shards, a per-process plan, the engine fed;
+    with ``beta > 0`` the frozen reference copy is sharded too, in bf16, and the plan counts its gathered set."""
     from torch.distributed.tensor import DTensor
 
     from lightning_rl import MemoryAwarePrecision
+    from lightning_rl.plugins.memory_plan import fsdp2_gathered_bytes_with_reference
 
     torch.manual_seed(0)
     module = GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", num_generations=4,
                   sampling={"max_new_tokens": 32}, max_prompt_length=128, learning_rate=1e-5,
-                  importance_sampling="token")
+                  importance_sampling="token", beta=beta)
     rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
     plugin = MemoryAwarePrecision()
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
@@ -142,3 +147,14 @@ def test_grpo_fit_under_fsdp2_with_the_memory_plugin():
     assert trainer.global_step == 2 and rollout.num_syncs == 1
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     assert all(torch.isfinite(p.full_tensor()).all() for p in params)
+    references = list(module._frozen_reference)
+    assert plan.train_parts["FSDP2 gathered weights (root unit and two layers)"] == \
+        fsdp2_gathered_bytes_with_reference([module.policy], references)
+    if beta:
+        ref = references[0]
+        assert all(isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in ref.parameters())
+        assert isinstance(ref.lm_head.weight, DTensor)  # its root was given back after its forward
+        kl = [float(v) for k, v in metrics.items() if k.startswith("train/kl")]
+        assert kl and all(math.isfinite(v) and v >= 0 for v in kl)
+    else:
+        assert not references

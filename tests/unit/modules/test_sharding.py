@@ -259,21 +259,39 @@ def test_gathered_bytes_count_the_root_unit_and_two_layers(cpu_mesh, saved_tiny_
     assert fsdp2_gathered_bytes([model]) == total - sum(layers) + 2 * max(layers)
 
 
-def test_the_plan_counts_a_sharded_references_shards_and_not_its_root_beside_the_policys(cpu_mesh, make_grpo):
-    """The reference's shards stay on the device; its root unit is gathered only inside its own no-grad forward,
-    so the plan's gathered weights are the policy's (the larger of the two), not both roots together."""
+def test_the_plan_counts_a_sharded_references_shards_and_its_gathered_root_beside_the_policys(cpu_mesh, make_grpo):
+    """The reference's shards stay on the device. Its root and two layers are gathered inside its own forward,
+    which can run while the policy's root is still gathered after the policy's forward (DPO's pair loss, PPO's and
+    GRPO's preparation): the plan counts the policy's root, then the larger of its two layers and the reference's
+    gathered set."""
     from lightning_rl import MemoryAwarePrecision
-    from lightning_rl.plugins.memory_plan import fsdp2_gathered_bytes
+    from lightning_rl.plugins.memory_plan import fsdp2_gathered_bytes, fsdp2_gathered_parts
 
     module = _sharded_grpo_with_a_reference(make_grpo, cpu_mesh)
-    ref = module._frozen_reference[0]
-    opt = torch.optim.AdamW(module.policy.parameters())
+    ref, policy = module._frozen_reference[0], module.policy
+    opt = torch.optim.AdamW(policy.parameters())
     plan = MemoryAwarePrecision(memory_budget=4 << 30, frozen_dtype="float32").make_plan(
         module, [opt], torch.device("cpu"))
     parts = plan.train_parts
-    assert parts["FSDP2 gathered weights (root unit and two layers)"] == fsdp2_gathered_bytes([module.policy])
-    assert fsdp2_gathered_bytes([ref]) > 0  # sharded: it would have added its own root
+    (policy_root, policy_layer), (ref_root, ref_layer) = fsdp2_gathered_parts([policy]), fsdp2_gathered_parts([ref])
+    assert ref_root > 0 and ref_layer > 0  # sharded
+    gathered = parts["FSDP2 gathered weights (root unit and two layers)"]
+    assert gathered == policy_root + max(2 * policy_layer, ref_root + 2 * ref_layer)
+    assert gathered > max(fsdp2_gathered_bytes([policy]), fsdp2_gathered_bytes([ref]))  # the count before: too low
     assert parts["frozen weights"] == sum(p.to_local().numel() * p.element_size() for p in ref.parameters())
+
+    # what the count stands for: after a policy forward with gradients, the reference's forward gathers its root
+    # while the policy's is still whole
+    def whole(weight):
+        return type(weight).__name__ != "DTensor"
+
+    ids = torch.randint(0, ref.config.vocab_size, (2, 6))
+    loss = policy(input_ids=ids, labels=ids).loss
+    with torch.no_grad(), module.reference_model() as reference:
+        reference(input_ids=ids)
+        both = whole(policy.lm_head.weight) and whole(ref.lm_head.weight)
+    loss.backward()
+    assert both and not whole(ref.lm_head.weight)
 
 
 def test_the_memory_plugin_converts_before_sharding_and_refuses_a_shard_of_the_wrong_dtype(cpu_mesh,
