@@ -264,10 +264,14 @@ class OnPolicyModule(PolicyModule):
         self.step_statistics(exp)
         values = self.over_processes(exp.stats.read(self.device))  # the one read-back of the step
         tokens = values.pop("completion_tokens")
-        values.update(self.reward_statistics(self.with_all_rewards(exp)), rollout_time=rollout_time,
+        everyone = self.with_all_rewards(exp)
+        values.update(self.reward_statistics(everyone), rollout_time=rollout_time,
                       train_time=train_time, tokens_per_sec=tokens / max(rollout_time, 1e-9))
         self.end_step(exp, values)
-        self.health.check_rewards(exp.rewards, exp.rewards_per_function, self.rewards.names, self.global_step)
+        # every process's rewards: each process decides alike (one stopping alone would leave the others waiting
+        # in the next collective), and rank 0's checkpoint holds the streak every process counted
+        self.health.check_rewards(everyone.rewards, everyone.rewards_per_function, self.rewards.names,
+                                  self.global_step)
         self.health.check_collapse(values, self.global_step)
         self.log_values("train", values, len(exp.prompts), prog_bar=self.progress_bar_metrics)
 

@@ -273,11 +273,10 @@ class PPO(OnPolicyModule):
         """KL to the reference (mean per scored completion), value statistics and the advantages' spread."""
         mask, stats = exp.mask, exp.stats
         scored = (~torch.isnan(exp.rewards)).to(self.device).float()
-        count = scored.sum()
-        kl = torch.where(count > 0, (exp.kl.sum(-1) * scored).sum() / count.clamp(min=1),
-                         torch.full_like(count, math.nan))
-        stats.set("kl", kl)
-        stats.set("non_score_reward", -self.kl_ctl.value * kl)
+        # a sum and a count, each averaged over the processes: their ratio is the mean over every process's scored
+        # completions (a process with none of its own adds nothing, instead of a NaN); :meth:`end_step` divides
+        stats.set("kl_sum", (exp.kl.sum(-1) * scored).sum())
+        stats.set("kl_scored", scored.sum())
         stats.set("explained_variance", explained_variance(exp.values, exp.returns, mask))
         stats.set("value_mean", masked_mean(exp.values, mask))
         stats.set("return_mean", masked_mean(exp.returns, mask))
@@ -286,6 +285,9 @@ class PPO(OnPolicyModule):
     @override
     def end_step(self, exp: Experience, values: dict[str, float]) -> None:
         """Log the KL coefficient of this step, then adapt it to the step's KL (when ``kl_target`` is set)."""
+        kl_sum, count = values.pop("kl_sum"), values.pop("kl_scored")
+        values["kl"] = kl_sum / count if count > 0 else math.nan
+        values["non_score_reward"] = -self.kl_ctl.value * values["kl"]
         values["kl_coef"] = self.kl_ctl.value
         scored = (~torch.isnan(exp.rewards)).sum().to(self.device)
         reduce = self.sum_over_processes()  # the horizon counts the sequences of every process, as the KL does

@@ -60,7 +60,7 @@ class Record(L.Callback):
     """The step's (all-process) loss and reward, as the module logged them."""
 
     def __init__(self):
-        self.loss, self.reward, self.kl_coef = [], [], []
+        self.loss, self.reward, self.kl_coef, self.kl = [], [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
         self.loss.append(float(trainer.callback_metrics["train/loss_step"]))
@@ -68,6 +68,7 @@ class Record(L.Callback):
         kl_ctl = getattr(pl_module, "kl_ctl", None)
         if kl_ctl is not None:
             self.kl_coef.append(float(kl_ctl.value))
+            self.kl.append(float(trainer.callback_metrics["train/kl_step"]))
 
 
 def main() -> None:
@@ -83,13 +84,22 @@ def main() -> None:
                     help="a token budget per micro-batch (as the memory plan sets), with prompts of varied lengths")
     ap.add_argument("--out", required=True)
     ap.add_argument("--export", default="", help="a folder: module.export there after the fit, on every process")
+    ap.add_argument("--rank1-unscored", action="store_true",
+                    help="the reward scores no completion of process 1 (None), and one unscored step is too many")
     args = ap.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    common = dict(reward_funcs=[high_ids], model="tiny-llama", model_config={"num_hidden_layers": 1},
+    def high_ids_but_rank1(prompts, completions, completion_ids, **columns):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            return [None] * len(completions)
+        return high_ids(prompts, completions, completion_ids)
+
+    reward = high_ids_but_rank1 if args.rank1_unscored else high_ids
+    common = dict(reward_funcs=[reward], model="tiny-llama", model_config={"num_hidden_layers": 1},
                   num_generations=4, sampling={"max_new_tokens": 6}, learning_rate=1e-2, chat_template=False,
                   logprob_backend="reference", max_prompt_length=16,
-                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"]} if args.lora else None)
+                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"]} if args.lora else None,
+                  max_unscored_steps=1 if args.rank1_unscored else 3)
     if args.method == "grpo":  # the global token count (dapo) and the batch std of the rewards cross processes
         module = GRPO(loss_type="dapo", scale_rewards="batch", **common)
     else:  # whitening, the token mean of the loss and the adaptive KL's sequence count cross processes
@@ -115,7 +125,8 @@ def main() -> None:
     if args.export:  # collective under FSDP2: every process gathers, the first writes
         module.export(args.export)
     if trainer.is_global_zero:
-        torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "weights": weights,
+        torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "kl": record.kl,
+                    "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
                     "reference_sharded": [is_fully_sharded(r) for r in module._frozen_reference],
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,

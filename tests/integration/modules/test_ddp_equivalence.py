@@ -1,6 +1,7 @@
 """GRPO and PPO under Lightning's DDP and FSDP2 (2 CPU processes, gloo) match one process holding the same global
 batch."""
 
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def test_a_token_budget_gives_every_process_as_many_micro_batches(tmp_path):
     torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
+
+
+def test_a_process_with_no_scored_completion_neither_stops_alone_nor_stalls_the_kl_coefficient(tmp_path):
+    """PPO over 2 processes, process 1's completions all unscored: the run goes on (process 0 scored its own, so the
+    step is not unscored), and the KL is the mean over process 0's scored completions, so the adaptive coefficient
+    moves at every step. Before, process 1 raised RewardError alone and the others waited in the next collective;
+    and its NaN KL made the run's KL NaN, which the controller skips."""
+    two = _fit(tmp_path, "ppo", 2, 2, "ddp", "--rank1-unscored")
+    assert len(two["kl"]) == 3 and all(math.isfinite(k) and k >= 0 for k in two["kl"])
+    assert len(set(two["kl_coef"])) == 3 and 0.05 not in two["kl_coef"]  # it moved at every step
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
