@@ -60,17 +60,8 @@ def unsharded_copy(policy: nn.Module) -> nn.Module | None:
     for module in policy.modules():  # a unit gathered by a forward holds full copies that may predate a step
         if isinstance(module, FSDPModule):
             module.reshard()
-    first = _first_process()
-    values = policy.state_dict(keep_vars=True)  # the parameters themselves: a tied weight appears as one
-    gathered: dict[int, torch.Tensor | None] = {}
-    state: dict[str, torch.Tensor] = {}
-    for name, value in values.items():
-        if id(value) not in gathered:
-            full = (value.full_tensor() if is_dtensor(value) else value).detach()
-            gathered[id(value)] = full.to("cpu", copy=True) if first else None
-        if first:
-            state[name] = gathered[id(value)]  # type: ignore[assignment]
-    if not first:
+    state = full_state_dict(policy, keep=_first_process())
+    if state is None:
         return None
     twin = _empty_twin(policy)
     twin.load_state_dict(state, strict=True, assign=True)
@@ -93,17 +84,19 @@ def written_once(policy: nn.Module, write: Callable[[nn.Module], T], written: T)
             dist.barrier()
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
     """``model``'s state dict as full CPU tensors; each ``DTensor`` shard gathered (collective, every process).
 
-    A tied weight is gathered and copied once and appears under each of its names.
+    A tied weight is gathered and copied once and appears under each of its names. With ``keep=False`` the
+    process joins the gathers but copies and returns nothing (None).
     """
-    values = model.state_dict(keep_vars=True)
-    full: dict[int, torch.Tensor] = {}
+    values = model.state_dict(keep_vars=True)  # the parameters themselves: a tied weight appears as one
+    full: dict[int, torch.Tensor | None] = {}
     for value in values.values():
         if id(value) not in full:
-            full[id(value)] = (value.full_tensor() if is_dtensor(value) else value).detach().to("cpu", copy=True)
-    return {name: full[id(value)] for name, value in values.items()}
+            whole = (value.full_tensor() if is_dtensor(value) else value).detach()
+            full[id(value)] = whole.to("cpu", copy=True) if keep else None
+    return {name: full[id(value)] for name, value in values.items()} if keep else None
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

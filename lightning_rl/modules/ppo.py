@@ -289,9 +289,9 @@ class PPO(OnPolicyModule):
         values["kl"] = kl_sum / count if count > 0 else math.nan
         values["non_score_reward"] = -self.kl_ctl.value * values["kl"]
         values["kl_coef"] = self.kl_ctl.value
-        scored = (~torch.isnan(exp.rewards)).sum().to(self.device)
-        reduce = self.sum_over_processes()  # the horizon counts the sequences of every process, as the KL does
-        self.kl_ctl.update(values["kl"], int(scored if reduce is None else reduce(scored)))
+        # the horizon counts the scored sequences of every process, as the KL does: over_processes averaged them
+        processes = self.trainer.world_size if self.sum_over_processes() is not None else 1
+        self.kl_ctl.update(values["kl"], round(count * processes))
 
     @override
     def sample_columns(self, exp: Experience) -> dict[str, torch.Tensor]:

@@ -143,8 +143,6 @@ def fsdp2_gathered_bytes_with_reference(policy: Iterable[nn.Module], reference: 
     """
     policy_root, policy_layer = fsdp2_gathered_parts(policy)
     ref_root, ref_layer = fsdp2_gathered_parts(reference)
-    if not (policy_root or policy_layer):
-        return ref_root + 2 * ref_layer
     return policy_root + max(2 * policy_layer, ref_root + 2 * ref_layer)
 
 
