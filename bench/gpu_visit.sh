@@ -11,6 +11,8 @@
 #   bash bench/gpu_visit.sh gpu TEST_FILE...  # those files' non-vLLM GPU tests in one process, full log
 #   bash bench/gpu_visit.sh rerun TEST_FILE...  # the 200-step GRPO long run beside those GPU tests
 #   PAR=N bash bench/gpu_visit.sh tests TEST...  # GPU test files or test ids, each test in its own process, N at once
+#                                                # (those that read the device's memory alone, after); none
+#                                                # starts or runs past BUDGET_S from the call's start
 #   PAR=N bash bench/gpu_visit.sh tests+resume TEST...  # the same beside bench_long_run.py's fail-and-resume parts
 #   bash bench/gpu_visit.sh memory           # TRL alone, then SmolLM2 full at 3 GiB beside the Qwen2.5-1.5B LoRA shape
 #                                            # at 5 GiB, twice (~480 s; SKIP_TRL=1 leaves TRL out)
@@ -45,12 +47,16 @@ export OUT=$WORK
 budget=${BUDGET_S:-560}
 pack() { tar czf "$FINAL/${stage//+/_}.tar.gz" -C "$WORK" . ; }
 trap pack EXIT
-one_test() {
-  timeout 300 python3 -m pytest "$1" -q -s -p no:cacheprovider -rA > "$WORK/test_${1##*::}.log" 2>&1
+one_test() {  # one test in its own process, never past DEADLINE (epoch seconds): the call's budget
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 30 ]; then echo "[$(date +%T)] not started (budget spent) $1"; return; fi
+  timeout $((left < 300 ? left : 300)) python3 -m pytest "$1" -q -s -p no:cacheprovider -rA \
+    > "$WORK/test_${1##*::}.log" 2>&1
   local rc=$?  # before the date's command substitution resets $?
   echo "[$(date +%T)] rc=$rc $1"
 }
-export -f one_test; export WORK
+DEADLINE=$(($(date +%s) + ${BUDGET_S:-560}))
+export -f one_test; export WORK DEADLINE
 probe_run() {  # SCRIPT PREFIX SECONDS NAME ARGS...: one variant of bench/SCRIPT in a fresh process, JSON and log in $WORK
   timeout "$3" python3 "bench/$1" --out "$WORK/$2_$4.json" "${@:5}" > "$WORK/$2_$4.log" 2>&1
   local rc=$?
@@ -74,10 +80,15 @@ non_vllm() {  # SECONDS TEST_PATHS...: the non-vLLM GPU tests in one process (-v
   grep -c "PASSED *\[" "$log" | sed 's/$/ passed so far/'
   grep -A25 "^FAILED AT ONCE" "$log" | cut -c1-300 | tail -80
 }
+# Tests that read the device's memory or compare two runs' peaks: beside another test process they fail (2026-12-06:
+# four non-vLLM ones, then the vLLM sleep test with PAR=2), so 'tests' runs them one at a time after the others
+ALONE_RE='sleep_frees_memory|base_weights_shared|test_precision_gpu\.py|test_host_step_gpu\.py'
 each_test() {  # every test of the named files or ids in its own process (one vLLM sleep-mode engine per process),
-               # PAR of them at a time (default 1)
-  python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::" \
-    | xargs -P "${PAR:-1}" -I{} bash -c 'one_test "$1"' _ {}
+               # PAR of them at a time (default 1), those matching ALONE_RE alone afterwards; none past BUDGET_S
+  local ids
+  ids=$(python3 -m pytest "$@" -q --collect-only -p no:cacheprovider 2>/dev/null | grep "::")
+  grep -vE "$ALONE_RE" <<< "$ids" | xargs -r -P "${PAR:-1}" -I{} bash -c 'one_test "$1"' _ {}
+  grep -E "$ALONE_RE" <<< "$ids" | xargs -r -I{} bash -c 'one_test "$1"' _ {}
 }
 case "$stage" in
   install)
