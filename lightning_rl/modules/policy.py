@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -55,7 +56,7 @@ from lightning_rl.modules.default_optimizer import default_adamw
 from lightning_rl.modules.health import RunHealth
 from lightning_rl.modules.load_dtype import policy_load_dtype
 from lightning_rl.modules.metrics import StepMetrics
-from lightning_rl.modules.resume_state import rng_states, set_rng_states
+from lightning_rl.modules.resume_state import rng_states, rng_states_for, rng_states_of_every_process, set_rng_states
 from lightning_rl.modules.rollout_layout import rows_host_lengths
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.modules.sharding import (
@@ -451,7 +452,14 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self._nonfinite_streak = int(state.get("nonfinite_streak", 0))
         self.health.load_state_dict(state.get("health") or {})
         if self._trainer is not None and self.trainer.state.fn == "fit":  # resuming a fit, not load_from_checkpoint
-            self._rng_to_restore = state.get("rng")
+            world_size = self.trainer.world_size
+            self._rng_to_restore = rng_states_for(state, self.trainer.global_rank, world_size)
+            every = state.get("rng_per_process")
+            if every is not None and len(every) != world_size:
+                rank_zero_warn(f"the checkpoint was written by {len(every)} processes and this run has {world_size}: "
+                               "each process keeps the random state it was seeded with, so the resumed run samples "
+                               "other completions than the interrupted one would have. Resume with "
+                               f"{len(every)} processes to continue it exactly.")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -468,6 +476,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             checkpoint["hyper_parameters"] = {k: portable(v) for k, v in hparams.items()}
         state: dict[str, Any] = {"rng": rng_states(), "nonfinite_streak": self._nonfinite_streak,
                                  "health": self.health.state_dict()}
+        every = rng_states_of_every_process()  # collective: each process resumes with its own
+        if every is not None:
+            state["rng_per_process"] = every
         if "state_dict" in checkpoint:
             state["rebuilt_weights"] = drop_rebuildable(self, checkpoint["state_dict"])
         if self._frozen_reference and not rebuildable(self.model_source):  # a random tiny model: keep its copy
@@ -479,10 +490,35 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        """In a resumed fit, put back the random state of the interrupted run (rollouts sample as it would)."""
+        """In a resumed fit, put back the random state of the interrupted run (rollouts sample as it would).
+
+        Over several processes, every process takes the smallest micro-batch any of them sized
+        (:meth:`agree_micro_batches_over_processes`).
+        """
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+        self.agree_micro_batches_over_processes()
+
+    def agree_micro_batches_over_processes(self) -> None:
+        """Give every process the smallest ``micro_batch_size`` and ``micro_batch_tokens`` of all of them.
+
+        Each process sizes its micro-batches from its own device: its free memory, or its memory plan (NVML's
+        figures, the shards it holds), rounded down to whole sequences. Two processes can then differ by a
+        sequence, and so by a backward a step; each backward of a DDP module is a collective, and the process
+        with one more waits forever. One all-reduce when training starts; nothing in a single process.
+        """
+        if self.sum_over_processes() is None:
+            return
+        unset = float("inf")
+        mine = [self.micro_batch_size, self.micro_batch_tokens]
+        sizes = torch.tensor([unset if v is None else float(v) for v in mine], dtype=torch.float64, device=self.device)
+        least = self.trainer.strategy.reduce(sizes, reduce_op=dist.ReduceOp.MIN).tolist()
+        agreed = [None if math.isinf(v) else int(v) for v in least]
+        if agreed != mine:
+            log.info("micro-batches agreed over the processes: micro_batch_size %s -> %s, micro_batch_tokens %s -> %s",
+                     mine[0], agreed[0], mine[1], agreed[1])
+        self.micro_batch_size, self.micro_batch_tokens = agreed
 
     @override
     def on_fit_start(self) -> None:

@@ -29,6 +29,38 @@ def rng_states() -> dict[str, Any]:
     return out
 
 
+def rng_states_of_every_process() -> list[dict[str, Any]] | None:
+    """:func:`rng_states` of every process, in rank order; None with one process.
+
+    A collective: every process of the default group calls it (Lightning saves checkpoints on all of them). Seeded
+    apart, or sampling completions of other lengths, the processes' states differ, and one checkpoint written by
+    the first process has to hold them all for each to resume where it stopped.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return None
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, rng_states())
+    return states
+
+
+def rng_states_for(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
+    """The random states process ``rank`` of ``world_size`` resumes with, from a checkpoint's resume state.
+
+    Its own, when the checkpoint holds every process's (:func:`rng_states_of_every_process`) and the run has as
+    many processes as the one that wrote it. With a different count no process can resume the old sampling:
+    None, so each keeps the state it was seeded with (the processes stay apart, as they would be started). A
+    checkpoint of one process, or of a release before the states of every process were kept, has the first
+    process's state only, which every process takes, as before.
+    """
+    every = saved.get("rng_per_process")
+    if every is None:
+        return saved.get("rng")
+    return every[rank] if len(every) == world_size else None
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
     """Put back the random states :func:`rng_states` returned (parts this process cannot take are skipped)."""
     torch.set_rng_state(states["torch"])

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 
 import lightning as L
 import torch
 from helpers import high_ids
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_rl import GRPO, PPO, MemoryAwarePrecision, PromptDataModule
 from lightning_rl.modules.sharding import is_fully_sharded
@@ -82,13 +84,24 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--micro-batch-tokens", type=int, default=0,
                     help="a token budget per micro-batch (as the memory plan sets), with prompts of varied lengths")
+    ap.add_argument("--first-process-micro-batch-tokens", type=int, default=0,
+                    help="with --micro-batch-tokens: process 0's own budget (as two devices' plans can differ)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--export", default="", help="a folder: module.export there after the fit, on every process")
     ap.add_argument("--rank1-unscored", action="store_true",
                     help="the reward scores no completion of process 1 (None), and one unscored step is too many")
+    ap.add_argument("--seed-per-process", type=int, default=None,
+                    help="seed each process with this plus its rank, and sample with the module's own engine (the "
+                         "global random state) instead of the per-prompt seeded one")
+    ap.add_argument("--same-seed", action="store_true", help="with --seed-per-process: every process that seed")
+    ap.add_argument("--ckpt-dir", default="", help="checkpoint every step there (last.ckpt)")
+    ap.add_argument("--resume", action="store_true", help="resume from --ckpt-dir's last.ckpt")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    L.seed_everything(0, verbose=False)
+    per_process = args.seed_per_process is not None
+    # Lightning's DDP launcher starts the other processes with LOCAL_RANK set (one machine)
+    rank = 0 if args.same_seed else int(os.environ.get("LOCAL_RANK", 0))
+    L.seed_everything(args.seed_per_process + rank if per_process else 0, verbose=False)
     def high_ids_but_rank1(prompts, completions, completion_ids, **columns):
         if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
             return [None] * len(completions)
@@ -107,18 +120,26 @@ def main() -> None:
     module.configure_model()
     if args.micro_batch_tokens:
         module.micro_batch_tokens = args.micro_batch_tokens
-    module.rollout_engine = PerPromptSeededEngine(lambda: module.policy, module.tokenizer.pad_token_id,
-                                                  module.eos_token_ids)
+        if args.first_process_micro_batch_tokens and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            module.micro_batch_tokens = args.first_process_micro_batch_tokens
+    if not per_process:
+        module.rollout_engine = PerPromptSeededEngine(lambda: module.policy, module.tokenizer.pad_token_id,
+                                                      module.eos_token_ids)
     record = Record()
+    callbacks: list[L.Callback] = [record]
+    if args.ckpt_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1, save_last=True))
     trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=args.devices,
-                        strategy=strategy_for(args.strategy, args.devices), logger=False, enable_checkpointing=False,
+                        strategy=strategy_for(args.strategy, args.devices), logger=False,
+                        enable_checkpointing=bool(args.ckpt_dir),
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[record],
+                        callbacks=callbacks,
                         plugins=[MemoryAwarePrecision(memory_budget=4 * 2**30)] if args.plugin else None)
     rows = [{"prompt": f"say {i}"} for i in range(32)]
     if args.micro_batch_tokens:  # each process's padded length differs, and with it its micro-batches' rows
         rows = [{"prompt": "say " + "x" * (i % 7)} for i in range(32)]
-    trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size))
+    trainer.fit(module, PromptDataModule(train_data=rows, batch_size=args.batch_size),
+                ckpt_path=os.path.join(args.ckpt_dir, "last.ckpt") if args.resume else None)
     plan = getattr(trainer.precision_plugin, "memory_plan", None)
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
     weights = {n: t.float().cpu().clone() for n, t in fsdp2_parameters(module.policy)}  # gathers: every rank
@@ -130,6 +151,7 @@ def main() -> None:
                     "sharded": is_fully_sharded(module.policy),
                     "reference_sharded": [is_fully_sharded(r) for r in module._frozen_reference],
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
+                    "micro_batch_tokens": module.micro_batch_tokens,
                     "plan": None if plan is None else plan.to_dict()}, args.out)
     if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads once aborted it (-6)
         torch.distributed.barrier()

@@ -53,6 +53,19 @@ def test_a_token_budget_gives_every_process_as_many_micro_batches(tmp_path):
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
 
 
+def test_processes_that_sized_their_micro_batches_apart_all_take_the_smallest(tmp_path):
+    """Each process sizes its micro-batches from its own device (free memory, its memory plan): process 0's budget
+    of 400 tokens holds its whole share in one micro-batch, process 1's 40 tokens take four. Each backward of a DDP
+    module is a collective, so before, process 1's second backward waited for one process 0 never made. Now every
+    process takes the smallest budget when training starts, and the run trains as one process with it."""
+    one = _fit(tmp_path, "grpo", 1, 4, "ddp", "--micro-batch-tokens", "40")
+    two = _fit(tmp_path, "grpo", 2, 2, "ddp", "--micro-batch-tokens", "40", "--first-process-micro-batch-tokens", "400")
+    assert two["micro_batch_tokens"] == 40
+    torch.testing.assert_close(torch.tensor(two["reward"]), torch.tensor(one["reward"]), rtol=1e-5, atol=1e-6)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
+
+
 def test_a_process_with_no_scored_completion_neither_stops_alone_nor_stalls_the_kl_coefficient(tmp_path):
     """PPO over 2 processes, process 1's completions all unscored: the run goes on (process 0 scored its own, so the
     step is not unscored), and the KL is the mean over process 0's scored completions, so the adaptive coefficient
@@ -100,3 +113,24 @@ def test_lora_under_fsdp2_with_the_memory_plugin_plans_each_process_shard(tmp_pa
     weights = whole["frozen weights"] + whole["trainable weights"]
     # the root unit and two layers, gathered: at most the whole model and one more layer (this model has one)
     assert gathered not in whole and weights // 2 < shard[gathered] <= 2 * weights
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_with_their_own_random_states_resume_as_the_uninterrupted_run(tmp_path, strategy):
+    """Each process seeded apart (seed + rank, as RL runs do for varied samples) and sampling from its own random
+    state: a run stopped after step 2 and resumed from last.ckpt, seeded otherwise, samples and trains as the run
+    that went on. The checkpoint holds each process's random state; before, every process resumed with the first
+    process's, so process 1 drew other completions than it would have."""
+    full = _fit(tmp_path, "grpo", 2, 2, strategy, "--seed-per-process", "0", "--steps", "4")
+    ckpt = tmp_path / "ckpt"
+    first = _fit(tmp_path, "grpo", 2, 2, strategy, "--seed-per-process", "0", "--steps", "2", "--ckpt-dir", str(ckpt))
+    assert first["reward"] == full["reward"][:2]
+    resumed = _fit(tmp_path, "grpo", 2, 2, strategy, "--seed-per-process", "100", "--steps", "4",
+                   "--ckpt-dir", str(ckpt), "--resume")
+    assert resumed["reward"] == full["reward"][2:] and resumed["loss"] == full["loss"][2:]
+    for name, w in full["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+    # the comparison can tell: seeded alike, the two processes sample other completions
+    alike = _fit(tmp_path, "grpo", 2, 2, strategy, "--steps", "4", "--seed-per-process", "0", "--same-seed")
+    assert alike["reward"] != full["reward"] or any(
+        not torch.equal(alike["weights"][k], w) for k, w in full["weights"].items())
