@@ -1,4 +1,7 @@
-"""The library's LightningCLI: the config saved without replacing a user's file, unsupported subcommands refused."""
+"""The library's LightningCLI: the config saved without replacing a user's file, unsupported subcommands refused.
+
+A resume (``--ckpt_path``) that replaces the config's module settings with the checkpoint's says which.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_rl.cli_config_file import SaveRunConfig
@@ -24,6 +28,26 @@ class LightningRLCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", SaveRunConfig)
         super().__init__(*args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's, then a warning naming each module setting the checkpoint's value replaced.
+
+        With ``--ckpt_path`` Lightning's CLI lays the checkpoint's module settings over the config's, so a value
+        the config or the command line gave otherwise would be dropped without a word.
+        """
+        subcommand = self.config.get("subcommand")
+        before = _module_settings(self.config, subcommand)
+        super()._parse_ckpt_path()
+        after = _module_settings(self.config, subcommand)
+        changed = [(k, v, after.get(k)) for k, v in before.items() if after.get(k) != v]
+        if changed:
+            listed = "; ".join(f"{k}: {v!r} -> {new!r}" for k, v, new in changed)
+            rank_zero_warn(
+                f"--ckpt_path: the checkpoint's module settings replace the config's, and these differed (the config's "
+                f"value -> the checkpoint's, which this run uses): {listed}. A resumed run continues the checkpoint's "
+                "run as it was; to train with other settings, start a new run (no --ckpt_path) from the exported "
+                "policy (`lightning-rl export`)."
+            )
 
     def _check_subcommand(self, subcommand: str) -> None:
         """Raise :class:`UnsupportedSubcommandError` when the module defines no step ``subcommand`` runs."""
@@ -50,6 +74,24 @@ class LightningRLCLI(LightningCLI):
     def before_predict(self) -> None:
         """Refuse ``predict`` for a module without ``predict_step`` or ``forward`` (the lightning-rl modules)."""
         self._check_subcommand("predict")
+
+
+def _module_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
+    """The module's settings in ``config`` as ``{"init_args.lr": value, ...}`` (empty without a subcommand)."""
+    if not subcommand or subcommand not in config or config[subcommand].get("model") is None:
+        return {}
+    model = config[subcommand].model
+    return _flat(model.as_dict() if hasattr(model, "as_dict") else dict(model))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (lists and other values kept whole)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 __all__ = ["LightningRLCLI", "UnsupportedSubcommandError"]

@@ -1,5 +1,6 @@
 """LightningCLI runs from the example YAML (tiny model swapped in to keep CI fast)."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,24 @@ def test_export_errors_are_short(tmp_path, capsys, monkeypatch):
                                      "--module", module])
         assert module in line and "model.init_args" not in line, line  # export has no config keys
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resume_names_the_module_settings_the_checkpoint_replaced(tmp_path):
+    """With ``--ckpt_path`` Lightning's CLI takes the module's settings from the checkpoint: a learning rate or
+    group size given on the command line is dropped. The run says which, with both values; a resume with the
+    checkpoint's own settings says nothing."""
+    main(["fit", *TINY, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=ModelCheckpoint",
+          "--trainer.callbacks.save_last", "true"])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    resume = ["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)]
+    with pytest.warns(UserWarning, match="module settings replace") as caught:
+        cli = main([*resume, "--trainer.max_steps", "2", "--model.init_args.learning_rate", "0.5",
+                    "--model.init_args.num_generations", "3"])
+    message = next(str(w.message) for w in caught if "module settings replace" in str(w.message))
+    assert "init_args.learning_rate: 0.5 ->" in message and "init_args.num_generations: 3 -> 2" in message
+    assert cli.trainer.global_step == 2 and cli.model.num_generations == 2  # the checkpoint's, as the warning says
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        main([*resume, "--trainer.max_steps", "3"])
+    assert not [w for w in quiet if "module settings replace" in str(w.message)]
