@@ -53,6 +53,7 @@ def encode_prompts(
     chat: bool = True,
     max_prompt_length: int | None = None,
     truncate: bool = False,
+    names: Sequence[str] | None = None,
 ) -> list[list[int]]:
     """Token ids of each rendered prompt (no padding).
 
@@ -63,6 +64,7 @@ def encode_prompts(
         chat: wrap plain strings in the chat template.
         max_prompt_length: refuse (or left-truncate, with ``truncate``) longer prompts.
         truncate: keep the last ``max_prompt_length`` tokens instead of refusing.
+        names: what to call each prompt in an error ("train row 25"); by default its position in the batch.
     """
     out = []
     for i, p in enumerate(prompts):
@@ -72,10 +74,12 @@ def encode_prompts(
         ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             if not truncate:
+                name = f"prompt {i}" if names is None else names[i]
+                note = "" if names is not None else f"{i} is its position in this batch, not its dataset row; "
                 raise PromptTooLongError(
-                    f"prompt {i} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length} ({i} is "
-                    f"its position in this batch, not its dataset row; the prompt starts {prompt_preview(p)!r}); "
-                    "raise max_prompt_length or set truncate_prompts=True to keep the last tokens"
+                    f"{name} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length} ({note}the prompt "
+                    f"starts {prompt_preview(p)!r}); raise max_prompt_length or set truncate_prompts=True to keep "
+                    "the last tokens"
                 )
             ids = ids[-max_prompt_length:]
         out.append(list(ids))

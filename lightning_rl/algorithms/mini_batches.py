@@ -16,3 +16,22 @@ def mini_batch_bounds(n: int, num_mini_batches: int) -> list[tuple[int, int]]:
     k = min(num_mini_batches, n)
     edges = [round(i * n / k) for i in range(k + 1)]
     return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def check_mini_batches(num_mini_batches: int, num_prompts: int, num_generations: int) -> None:
+    """Raise when a training batch of ``num_prompts`` prompts has fewer completions than ``num_mini_batches``.
+
+    Each mini-batch needs a completion, so such a batch would make fewer optimizer steps than the module counts
+    (and the run would stop at another step than ``max_steps`` says). Only the first batch of a fit is checked: the
+    partial last batch of an epoch may be smaller and trains in as many mini-batches as it has completions.
+
+    Raises:
+        ValueError: naming both counts and the fix.
+    """
+    n = num_prompts * num_generations
+    if num_mini_batches > n:
+        raise ValueError(
+            f"num_mini_batches={num_mini_batches} is more than the {n} completions of a training batch ({num_prompts} "
+            f"prompts x num_generations={num_generations}), and each mini-batch needs at least one: set "
+            f"num_mini_batches to at most {n}, or give the data more prompts per batch (its batch_size)"
+        )

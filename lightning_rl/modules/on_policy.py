@@ -12,13 +12,14 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from lightning_rl.algorithms.losses import SurrogateTerms
-from lightning_rl.algorithms.mini_batches import mini_batch_bounds
+from lightning_rl.algorithms.mini_batches import check_mini_batches, mini_batch_bounds
 from lightning_rl.hparams import as_instance
 from lightning_rl.modules.config_checks import check_clip_range
 from lightning_rl.modules.experience import Experience, PolicyOutput, Rows, row_count, sub_rows
 from lightning_rl.modules.policy import DEFAULT_SAMPLING, PolicyModule
 from lightning_rl.modules.resume_state import training_rng_kept
 from lightning_rl.modules.rollout_layout import attach_host_lengths, check_rollout_layout
+from lightning_rl.modules.sequence_limits import check_data_prompts
 from lightning_rl.rewards.reward_model import RewardModel
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
@@ -116,6 +117,7 @@ class OnPolicyModule(PolicyModule):
         self.val_sampling = val_sampling or SamplingConfig(sampling.max_new_tokens, temperature=0.0)
         self.epsilon, self.epsilon_high = epsilon, epsilon_high
         self.micro_batch_size, self.generation_batch_size = micro_batch_size, generation_batch_size
+        self._mini_batches_checked = False  # the first training batch of a fit (:func:`check_mini_batches`)
         per_fn = [f"reward/{n}" for n in self.rewards.names]
         self.make_metrics([*_STEP_METRICS, *self.step_metrics, *per_fn], ["reward", *per_fn])
 
@@ -130,8 +132,15 @@ class OnPolicyModule(PolicyModule):
 
     @override
     def on_fit_start(self) -> None:
-        """Move the reference copy and the reward models to the training device."""
+        """Move the reference copy and the reward models to the training device; check the data's prompts.
+
+        Every prompt the DataModule keeps is rendered once and checked against ``max_prompt_length`` and the
+        model's positions (:func:`~lightning_rl.modules.sequence_limits.check_data_prompts`), so a prompt too long
+        stops the fit here, named by its row, not when its batch comes up.
+        """
         super().on_fit_start()
+        self._mini_batches_checked = False
+        check_data_prompts(self, self.trainer.datamodule)
         for rm in self.reward_models:
             rm.to(self.device)
 
@@ -139,6 +148,9 @@ class OnPolicyModule(PolicyModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it (steps 1-6 above)."""
+        if not self._mini_batches_checked:  # before the first rollout, not after it
+            check_mini_batches(self.num_mini_batches, len(batch["prompt"]), self.num_generations)
+            self._mini_batches_checked = True
         t0 = time.perf_counter()
         rollout = self.rollout_of(batch)  # 1. rollout
         rollout_time = time.perf_counter() - t0

@@ -596,11 +596,14 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             raise RuntimeError("this module keeps no reference model (needs_reference_model is False)")
 
     # ----------------------------------------------------------------------------- tokens
-    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        """Token ids of prompts, rendered with the chat template and checked against the length limit."""
+    def encode(self, prompts: Sequence[Prompt], names: Sequence[str] | None = None) -> list[list[int]]:
+        """Token ids of prompts, rendered with the chat template and checked against the length limit.
+
+        ``names`` say what each prompt is in an error ("train row 25"); by default its position in the batch.
+        """
         return encode_prompts(
             self.tokenizer, prompts, self.system_prompt, self.chat_template,
-            self.max_prompt_length, self.truncate_prompts,
+            self.max_prompt_length, self.truncate_prompts, names,
         )
 
     def decode_completions(self, rollout: Rollout) -> list[str]:

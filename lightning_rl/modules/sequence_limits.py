@@ -23,11 +23,13 @@ def position_limit(model: nn.Module | None) -> tuple[int, str] | None:
     return None
 
 
-def check_sequences_fit(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, model: nn.Module | None) -> None:
+def check_sequences_fit(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, model: nn.Module | None,
+                        names: Sequence[str] | None = None) -> None:
     """Refuse prompts whose completions could run past the model's positions.
 
     A model with learned positions (GPT-2) fails there with an index error deep in torch, and one with rotary
-    positions computes at positions it was never trained on.
+    positions computes at positions it was never trained on. ``names`` say what each prompt is in the error
+    ("train row 25"); by default its position in the batch.
 
     Raises:
         PromptTooLongError: naming the longest prompt, the limit and the settings that fix it.
@@ -40,8 +42,9 @@ def check_sequences_fit(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
     longest = len(prompt_ids[i])
     if longest + max_new_tokens <= positions:
         return
+    name = f"prompt {i} of this batch" if names is None else names[i]
     raise PromptTooLongError(
-        f"prompt {i} of this batch has {longest} tokens; with max_new_tokens={max_new_tokens} its sequence can reach "
+        f"{name} has {longest} tokens; with max_new_tokens={max_new_tokens} its sequence can reach "
         f"{longest + max_new_tokens} tokens, more than the model's {positions} positions (config.{field}). Set the "
         f"module's max_prompt_length to at most {max(positions - max_new_tokens, 1)} (truncate_prompts=True keeps "
         "the last tokens of longer prompts) or lower sampling.max_new_tokens")
@@ -62,4 +65,27 @@ def encode_within_positions(module: Any, prompts: Sequence[Any], max_new_tokens:
     return ids
 
 
-__all__ = ["POSITION_FIELDS", "check_sequences_fit", "encode_within_positions", "position_limit"]
+def check_data_prompts(module: Any, datamodule: Any) -> None:
+    """Render every prompt the fit's DataModule keeps and refuse the first that a rollout would refuse.
+
+    Training rows against ``module.sampling``, validation rows against ``module.val_sampling``: each within
+    ``max_prompt_length`` and, with its completion, within the model's positions. Without this a prompt in row
+    25,000 stops the run hours in, named by its place in a batch. Nothing for data kept otherwise
+    (:func:`~lightning_rl.rollout.data_prompts.data_prompts`).
+
+    Raises:
+        PromptTooLongError: naming the split and row, the prompt's start, the limit and the fix.
+    """
+    from lightning_rl.rollout.data_prompts import data_prompts, encode_data_prompts
+
+    prompts = data_prompts(datamodule)
+    if prompts is None:
+        return
+    encoded = encode_data_prompts(prompts, module.encode)
+    for split, sampling in (("train", module.sampling), ("validation", module.val_sampling)):
+        ids = encoded[split]
+        check_sequences_fit(ids, sampling.max_new_tokens, module.policy, [f"{split} row {k}" for k in range(len(ids))])
+
+
+__all__ = ["POSITION_FIELDS", "check_data_prompts", "check_sequences_fit", "encode_within_positions",
+           "position_limit"]

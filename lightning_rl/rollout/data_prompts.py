@@ -16,28 +16,53 @@ from typing import Any
 MAX_PROMPT_ROWS = 50_000
 
 
-def longest_prompt_tokens(
-    datamodule: Any, encode: Callable[[Sequence[Any]], list[list[int]]], max_rows: int = MAX_PROMPT_ROWS
-) -> int | None:
-    """Tokens of the longest prompt in ``datamodule``'s training and validation rows, as ``encode`` renders them.
+def data_prompts(datamodule: Any, max_rows: int = MAX_PROMPT_ROWS) -> dict[str, list[Any]] | None:
+    """The prompts ``datamodule`` keeps, by split: ``{"train": [...], "validation": [...]}`` (row order).
 
     Args:
         datamodule: a DataModule that keeps its rows as dicts with a ``prompt`` key in ``train_rows`` (and
             optionally ``val_rows``) after ``setup``, like :class:`~lightning_rl.PromptDataModule`.
-        encode: the module's prompt encoder (chat template, system prompt, length check).
         max_rows: give up on datasets with more rows than this.
 
     Returns:
-        The longest prompt's token count, or None when the datamodule keeps no such rows or too many.
+        None when the datamodule keeps no such rows, or more than ``max_rows``.
     """
     train = getattr(datamodule, "train_rows", None)
     if not isinstance(train, Sequence) or not train:
         return None
     val = getattr(datamodule, "val_rows", None)
-    rows = [*train, *(val if isinstance(val, Sequence) else ())]
-    if len(rows) > max_rows or not all(isinstance(r, dict) and "prompt" in r for r in rows):
+    val = val if isinstance(val, Sequence) else ()
+    if len(train) + len(val) > max_rows or not all(isinstance(r, dict) and "prompt" in r for r in (*train, *val)):
         return None
-    return max(len(ids) for ids in encode([r["prompt"] for r in rows]))
+    return {"train": [r["prompt"] for r in train], "validation": [r["prompt"] for r in val]}
 
 
-__all__ = ["MAX_PROMPT_ROWS", "longest_prompt_tokens"]
+def encode_data_prompts(
+    prompts: dict[str, list[Any]], encode: Callable[..., list[list[int]]]
+) -> dict[str, list[list[int]]]:
+    """``encode`` on each split of :func:`data_prompts`, each prompt named by its split and row in an error."""
+    return {split: encode(rows, names=[f"{split} row {k}" for k in range(len(rows))]) if rows else []
+            for split, rows in prompts.items()}
+
+
+def longest_prompt_tokens(
+    datamodule: Any, encode: Callable[..., list[list[int]]], max_rows: int = MAX_PROMPT_ROWS
+) -> int | None:
+    """Tokens of the longest prompt in ``datamodule``'s training and validation rows, as ``encode`` renders them.
+
+    Args:
+        datamodule: see :func:`data_prompts`.
+        encode: the module's prompt encoder (chat template, system prompt, length check), called as
+            ``encode(prompts, names=...)``.
+        max_rows: give up on datasets with more rows than this.
+
+    Returns:
+        The longest prompt's token count, or None when the datamodule keeps no such rows or too many.
+    """
+    prompts = data_prompts(datamodule, max_rows)
+    if prompts is None:
+        return None
+    return max(len(ids) for split in encode_data_prompts(prompts, encode).values() for ids in split)
+
+
+__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "longest_prompt_tokens"]

@@ -178,6 +178,9 @@ def test_a_bad_prompt_in_the_next_batch_fails_at_its_own_batch_after_this_one_tr
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[cb, ckpt])
+    # a DataModule's prompts are all checked at fit start; a loader of the user's own is met batch by batch
+    data = PromptDataModule(train_data=rows, batch_size=2, shuffle=False)
+    data.setup("fit")
     with pytest.raises(PromptTooLongError, match="more than max_prompt_length=16"):
-        trainer.fit(module, datamodule=PromptDataModule(train_data=rows, batch_size=2, shuffle=False))
+        trainer.fit(module, train_dataloaders=data.train_dataloader())
     assert trainer.global_step == 1 and [p.name for p in tmp_path.iterdir()] == ["epoch=0-step=1.ckpt"]

@@ -19,6 +19,18 @@ def test_mini_batches_that_do_not_divide_the_rollout_still_train(make_grpo, make
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
 
+def test_more_mini_batches_than_a_batch_has_completions_is_refused_before_the_first_rollout(make_grpo, make_data):
+    """2 prompts x G=2 = 4 completions cannot make 6 optimizer steps: before, the step made 4 and the run stopped at
+    another step than max_steps said. The error comes before any rollout is sampled, and names both fixes."""
+    module = make_grpo(num_generations=2, num_mini_batches=6)
+    sampled = []
+    real = module.generate_rollout
+    module.generate_rollout = lambda *a, **k: sampled.append(1) or real(*a, **k)
+    with pytest.raises(ValueError, match=r"num_mini_batches=6 is more than the 4 completions .*at most 4.*batch_size"):
+        make_trainer(max_steps=6).fit(module, make_data(batch_size=2))
+    assert not sampled
+
+
 def fails_on_say_1(prompts, completions, **columns):
     """Raises on the completions of the prompt 'say 1'."""
     out = []
@@ -103,6 +115,31 @@ def test_nan_loss_stops_after_max_nonfinite_steps(make_grpo, make_data, nan_loss
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_prompt_too_long_in_the_data_is_refused_at_fit_start_by_its_row(make_grpo, make_data):
+    """Row 5 of the training data and row 1 of the validation data are too long: the fit stops before its first
+    rollout, naming the split and row (not a place in a batch that comes up hours in). With truncate_prompts the
+    same data trains."""
+    from lightning_rl import PromptDataModule
+    from lightning_rl.prompting import PromptTooLongError
+
+    rows = [{"prompt": f"say {i}"} for i in range(8)]
+    rows[5] = {"prompt": "find me " + "x" * 200}
+    module = make_grpo(num_generations=2, max_prompt_length=32)
+    sampled = []
+    real = module.generate_rollout
+    module.generate_rollout = lambda *a, **k: sampled.append(1) or real(*a, **k)
+    with pytest.raises(PromptTooLongError, match=r"^train row 5 has \d+ tokens, more than max_prompt_length=32 \(the "
+                                                 r"prompt starts 'find me x+\.\.\.'\); raise max_prompt_length"):
+        make_trainer(max_steps=1).fit(module, make_data(batch_size=2, rows=rows, shuffle=False))
+    assert not sampled
+    val = [{"prompt": "ok"}, {"prompt": "y" * 200}]
+    data = PromptDataModule(train_data=rows[:4], val_data=val, batch_size=2)
+    with pytest.raises(PromptTooLongError, match=r"^validation row 1 has"):
+        make_trainer(max_steps=1).fit(make_grpo(num_generations=2, max_prompt_length=32), datamodule=data)
+    module = make_grpo(num_generations=2, max_prompt_length=32, truncate_prompts=True)
+    make_trainer(max_steps=1).fit(module, make_data(batch_size=2, rows=rows, shuffle=False))
+
+
 def test_a_prompt_whose_completion_would_pass_the_models_positions_is_refused(make_grpo, make_data, tmp_path):
     from lightning_rl import SamplingConfig, load_policy
     from lightning_rl.prompting import PromptTooLongError
@@ -114,7 +151,7 @@ def test_a_prompt_whose_completion_would_pass_the_models_positions_is_refused(ma
     rows = [{"prompt": "x" * 10}, {"prompt": "y" * 30}]
     module = make_grpo(model=str(tmp_path / "m"), model_config=None, num_generations=2, chat_template=False,
                        max_prompt_length=None, sampling=SamplingConfig(max_new_tokens=8))
-    with pytest.raises(PromptTooLongError, match=r"prompt \d of this batch has 30 tokens; with max_new_tokens=8 its "
+    with pytest.raises(PromptTooLongError, match=r"train row 1 has 30 tokens; with max_new_tokens=8 its "
                                                  r"sequence can reach \d+ tokens, more than the model's 32 positions "
                                                  r"\(config.max_position_embeddings\)\. Set the module's "
                                                  r"max_prompt_length to at most 24"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_rl.algorithms.mini_batches import mini_batch_bounds
+from lightning_rl.algorithms.mini_batches import check_mini_batches, mini_batch_bounds
 
 
 @pytest.mark.parametrize(("n", "k"), [(8, 4), (6, 4), (7, 3), (5, 1), (3, 5), (1, 1), (130, 7)])
@@ -24,3 +24,9 @@ def test_bad_arguments():
         mini_batch_bounds(0, 2)
     with pytest.raises(ValueError, match="num_mini_batches must be >= 1"):
         mini_batch_bounds(4, 0)
+
+
+def test_a_batch_needs_a_completion_for_each_mini_batch():
+    check_mini_batches(8, 4, 2)  # 8 completions, 8 mini-batches: fine
+    with pytest.raises(ValueError, match=r"num_mini_batches=9 is more than the 8 completions .*4 prompts x num_gen"):
+        check_mini_batches(9, 4, 2)

@@ -193,7 +193,7 @@ def test_a_kv_cache_sized_from_the_data_holds_the_longest_prompt_and_keeps_the_e
 def test_the_longest_prompt_is_left_unmeasured_for_large_or_foreign_data():
     from lightning_rl.rollout.data_prompts import longest_prompt_tokens
 
-    def encode(prompts):
+    def encode(prompts, names=None):
         return [list(range(len(p))) for p in prompts]
 
     rows = SimpleNamespace(train_rows=[{"prompt": "abc"}, {"prompt": "abcdef"}], val_rows=None)
