@@ -5,14 +5,19 @@ A resume (``--ckpt_path``) that replaces the config's module settings with the c
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import sys
+from typing import Any, NoReturn
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from lightning_rl.cli_config_file import SaveRunConfig
+from lightning_rl.cli_errors import TRACEBACK_ENV
+from lightning_rl.cli_parse_errors import explain_parse_error
 
 #: The methods each Trainer entry point runs (one of them has to be defined); ``fit`` needs ``training_step``.
 _STEP_METHODS = {"validate": ("validation_step",), "test": ("test_step",), "predict": ("predict_step", "forward")}
@@ -23,10 +28,13 @@ class UnsupportedSubcommandError(ValueError):
 
 
 class LightningRLCLI(LightningCLI):
-    """LightningCLI that saves the config with :class:`SaveRunConfig` and refuses what a module cannot run."""
+    """LightningCLI that saves the config with :class:`SaveRunConfig`, refuses what a module cannot run, and explains
+    a config its parser refuses in a few lines (:class:`ExplainingParser`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs.setdefault("parser_class", ExplainingParser)
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -76,6 +84,34 @@ class LightningRLCLI(LightningCLI):
         self._check_subcommand("predict")
 
 
+class ExplainingParser(LightningArgumentParser):
+    """Lightning's parser, whose refusals print a few lines: the config key, the statement, the nearest names.
+
+    :func:`~lightning_rl.cli_parse_errors.explain_parse_error` writes them instead of the usage and every value
+    given; with ``LIGHTNING_RL_TRACEBACK=1`` jsonargparse's own message is printed.
+    """
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not getattr(self, "exit_on_error", True) or os.environ.get(TRACEBACK_ENV):
+            super().error(message, ex)
+        options = _option_keys(self)
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(explain_parse_error(message, prog, options) + "\n")
+        self.exit(2)
+
+
+def _option_keys(parser: Any) -> list[str]:
+    """The option keys of ``parser`` and of its subcommands' parsers (``trainer.max_steps``, ...)."""
+    keys: list[str] = []
+    for action in parser._actions:
+        if isinstance(action.dest, str):
+            keys.append(action.dest)
+        for sub in getattr(action, "_name_parser_map", {}).values():
+            keys += [a.dest for a in sub._actions if isinstance(a.dest, str)]
+    return keys
+
+
 def _module_settings(config: Any, subcommand: str | None) -> dict[str, Any]:
     """The module's settings in ``config`` as ``{"init_args.lr": value, ...}`` (empty without a subcommand)."""
     if not subcommand or subcommand not in config or config[subcommand].get("model") is None:
@@ -94,4 +130,4 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["LightningRLCLI", "UnsupportedSubcommandError"]
+__all__ = ["ExplainingParser", "LightningRLCLI", "UnsupportedSubcommandError"]

@@ -113,7 +113,10 @@ def test_a_mistyped_yaml_key_is_an_error(key, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--trainer.logger", "false"])
     err = capsys.readouterr().err
-    assert "learnin_rate" in err if key == "learnin_rate" else "does not accept option 'max_new_token'" in err
+    if key == "learnin_rate":
+        assert "model.init_args.learnin_rate" in err and "did you mean 'learning_rate'" in err, err
+    else:
+        assert "'sampling' has no field 'max_new_token'; did you mean 'max_new_tokens'?" in err, err
 
 
 TINY = ["--config", str(EXAMPLES / "grpo_arithmetic.yaml"), "--model.init_args.model", "tiny-llama",
