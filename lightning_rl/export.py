@@ -26,6 +26,7 @@ import argparse
 import copy
 import importlib
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,8 @@ def export_policy(
     Args:
         policy: the trained policy (a transformers model, possibly a peft ``PeftModel``).
         tokenizer: its tokenizer (saved with its chat template).
-        out: the folder to write (created; existing files are overwritten).
+        out: the folder to write: new, empty, or one an earlier export wrote (its model files are replaced, so
+            an adapter and a merged model never mix); a folder with other files is refused.
         source: the ``model`` argument the policy was loaded from (names the adapter's base).
         merge: merge LoRA adapters into the weights; a policy without adapters is always written whole.
         base_model: the adapter's ``base_model_name_or_path`` (default: from ``source``, or ``out/base``).
@@ -136,10 +138,13 @@ def export_policy(
     """
     from lightning_rl.unsharded import written_once
 
+    earlier = check_export_folder(Path(out))  # on every process, before a sharded policy is gathered
     if is_fully_sharded(policy):
         return written_once(policy, lambda whole: export_policy(whole, tokenizer, out, source, merge, base_model,
                                                                 dtype, title), Path(out))
     out = Path(out)
+    if earlier:
+        clear_earlier_export(out)
     out.mkdir(parents=True, exist_ok=True)
     weight_dtype = torch_dtype(dtype)
     tokenizer.save_pretrained(out)
@@ -168,6 +173,51 @@ def export_policy(
         kind = "merged"
     (out / "README.md").write_text(_card(kind, title, reference, what, weight_dtype, base_written))
     return out
+
+
+#: The first line of the README an export writes: what marks a folder as an earlier export's.
+CARD_TITLE = "# Policy exported by lightning-rl"
+#: What an export writes besides the tokenizer (whose files a new export writes over): a merged model's weights and
+#: config, an adapter's, and the base written beside an adapter.
+_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json",
+                "generation_config.json", "adapter_config.json")
+
+
+def check_export_folder(out: Path) -> bool:
+    """Whether ``out`` holds an earlier export (True) or nothing yet (False).
+
+    Raises:
+        FileExistsError: ``out`` is a file, or a folder with files that no export wrote (a project's own README,
+            a model saved otherwise): nothing there is touched.
+    """
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise FileExistsError(f"export: {out} is a file; give a folder to write the policy to (--out)")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return False
+    readme = out / "README.md"
+    if readme.is_file() and readme.read_text(errors="replace").startswith(CARD_TITLE):
+        return True
+    listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise FileExistsError(
+        f"export: {out} already holds files that no export wrote ({listed}); nothing was written there. Give a new "
+        "or empty folder (--out), or move those files away"
+    )
+
+
+def clear_earlier_export(out: Path) -> None:
+    """Remove the model files an earlier export left in ``out``: weights, configs, the base written beside an adapter.
+
+    A merged model written over an adapter (or the reverse) would otherwise load as the old kind.
+    """
+    for pattern in _MODEL_FILES:
+        for path in out.glob(pattern):
+            path.unlink()
+    base = out / "base"
+    if base.is_dir() and (base / "config.json").is_file():
+        shutil.rmtree(base)
 
 
 def merged_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -210,7 +260,7 @@ def _card(kind: str, title: str, reference: str | None, what: str, dtype: torch.
         weights = (f"the adapter's and the written base's are {dtype_name}" if base_written else
                    f"the adapter's are {dtype_name}; the base's are as its source has them")
         base = f"Base model (`base_model_name_or_path`): `{reference}`: {what}.\n\nWeights: {weights}."
-    return f"# Policy exported by lightning-rl ({title}, {kind}, {dtype_name})\n\n{base}\n\n{body}"
+    return f"{CARD_TITLE} ({title}, {kind}, {dtype_name})\n\n{base}\n\n{body}"
 
 
 #: Exported base classes, not modules a checkpoint can hold.

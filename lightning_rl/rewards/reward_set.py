@@ -37,11 +37,15 @@ class RewardSet:
     function returns ``None`` gets NaN, which the advantage functions leave out.
 
     Args:
-        funcs: the reward callables (or their import paths / ``{"class_path", "init_args"}`` specs).
+        funcs: the reward callables (or their import paths / ``{"class_path", "init_args"}`` specs); one of them
+            alone counts as a list of one.
         weights: one weight per function (default 1.0 each).
     """
 
-    def __init__(self, funcs: Sequence[RewardFn | str | Mapping[str, Any]], weights: Sequence[float] | None = None):
+    def __init__(self, funcs: Sequence[RewardFn | str | Mapping[str, Any]] | RewardFn | str | Mapping[str, Any],
+                 weights: Sequence[float] | None = None):
+        if callable(funcs) or isinstance(funcs, (str, Mapping)):  # one function, not a list of them
+            funcs = [funcs]
         for i, f in enumerate(funcs or []):
             if f is None:
                 raise TypeError(

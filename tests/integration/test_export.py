@@ -84,6 +84,39 @@ def test_cli_export_merged_round_trip(trained, tmp_path):
     assert texts == module_greedy(module) and all(texts)
 
 
+def test_an_export_refuses_a_folder_of_other_files_and_replaces_an_earlier_exports_model(trained, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A project's own README in ``--out`` is left alone and the export refused; a merged model written over an earlier
+    adapter export loads as a plain model (the adapter's config and the base beside it are gone), and the reverse."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    module, ckpt = trained
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# my project\n")
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(project)])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "already holds files that no export wrote (README.md)" in err and "nothing was written there" in err, err
+    assert sorted(p.name for p in project.iterdir()) == ["README.md"]
+    assert (project / "README.md").read_text() == "# my project\n"
+
+    out = tmp_path / "policy"
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])  # an adapter, its base beside it
+    assert (out / "adapter_config.json").is_file() and (out / "base").is_dir()
+    (out / "notes.txt").write_text("mine")  # a file the user added to the export folder
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out), "--merge"])
+    assert not (out / "adapter_config.json").exists() and not (out / "base").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in model.state_dict())
+    assert hf_greedy(model, AutoTokenizer.from_pretrained(out)) == module_greedy(module)
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])  # and back to an adapter
+    assert not (out / "model.safetensors").exists() and (out / "adapter_config.json").is_file()
+    assert hf_greedy(AutoPeftModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)) == \
+        module_greedy(module)
+
+
 def test_the_console_command_exits_with_status_zero_after_an_export(trained, tmp_path):
     """``lightning-rl export`` runs as ``sys.exit(console_main())``: a returned path (or CLI object) would be
     printed to stderr with exit status 1 after a successful export."""

@@ -43,3 +43,17 @@ def test_zero_std_fraction_counts_groups_without_signal():
     # groups of 2: [1,1] flat, [0,1] signal, [nan,nan] none, [nan,2] one value, [3,3] flat, [3,3] flat
     assert zero_std_fraction(rewards, 2) == pytest.approx(5 / 6)
     assert zero_std_fraction(rewards, 4) == pytest.approx(2 / 3)  # [1,1,0,1] has signal
+
+
+def length_reward(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("single", [length_reward, "test_reward_validation.length_reward",
+                                    {"class_path": "lightning_rl.rewards.NumericMatch", "init_args": {"column": "a"}}],
+                         ids=["function", "import-path", "class-path-spec"])
+def test_one_reward_function_alone_counts_as_a_list_of_one(single):
+    """``reward_funcs=f`` (not ``[f]``): before, a string was walked one character at a time ("cannot import 'h'")
+    and a function raised "'function' object is not iterable"."""
+    rewards = RewardSet(single)
+    assert len(rewards.funcs) == 1 and callable(rewards.funcs[0])
