@@ -31,7 +31,7 @@ from lightning_rl.logprobs import (
     packed_completion_logprobs,
     unwrap,
 )
-from lightning_rl.lora import apply_lora, is_lora
+from lightning_rl.lora import apply_lora, is_lora, lora_config
 from lightning_rl.models import (
     EMBEDDED_DEFAULT,
     activation_checkpointing_on,
@@ -213,6 +213,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         self.model_source = model
         self.model_config = model_config
         self.dtype_name = dtype
+        if lora is not None:
+            lora_config(lora)  # a misspelled field is refused now, not after the model has loaded
         self.lora = lora
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay

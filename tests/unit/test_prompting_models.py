@@ -95,11 +95,25 @@ def test_lora_from_a_mapping_trains_only_adapters():
     assert any("q_proj.lora_A" in n for n in trainable) and any("down_proj.lora_B" in n for n in trainable)
     cfg = lora_config({"r": 4})
     assert cfg.r == 4 and cfg.lora_alpha == 32 and str(cfg.task_type).endswith("CAUSAL_LM")
-    with pytest.raises(TypeError, match="invalid lora settings"):
+    with pytest.raises(TypeError, match=r"invalid lora settings .*no field 'rank' \(did you mean 'r'\?\)"):
         lora_config({"rank": 4})
+    with pytest.raises(TypeError, match=r"no field 'lora_alpah' \(did you mean 'lora_alpha'\?\)"):
+        lora_config({"r": 4, "lora_alpah": 8})
     with pytest.raises(TypeError, match="mapping"):
         lora_config(4)
     assert apply_lora(model, None) is model
+    with pytest.raises(ValueError, match=r"target_modules=\{'q_projj'\} names no layer of this model; its linear "
+                                         r"layers are \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj'"):
+        apply_lora(load_policy("tiny-llama", {"num_hidden_layers": 1})[0], {"r": 4, "target_modules": ["q_projj"]})
+
+
+def test_a_misspelled_lora_field_is_refused_when_the_module_is_built_before_any_model_loads(monkeypatch):
+    import lightning_rl.modules.policy as policy_module
+    from lightning_rl import GRPO
+
+    monkeypatch.setattr(policy_module, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(TypeError, match=r"no field 'alpha' \(did you mean 'lora_alpha'\?\)"):
+        GRPO(reward_funcs=[len], model="tiny-llama", lora={"r": 4, "alpha": 8})
 
 
 # ------------------------------------------------------------------------------ completion log-probs
