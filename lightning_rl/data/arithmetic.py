@@ -87,6 +87,9 @@ class ArithmeticDataModule(PromptDataModule):
         val_batch_size: int | None = None,
         shuffle: bool = True,
     ) -> None:
+        if num_train < 1 or num_val < 0:
+            raise ValueError(f"num_train must be >= 1 and num_val >= 0, got num_train={num_train} and "
+                             f"num_val={num_val}: the training split needs rows (num_val=0 leaves out validation)")
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, shuffle=shuffle)
         self.train_split, self.val_split = arithmetic_splits(
             num_train, num_val, min_operand, max_operand, tuple(ops), seed, template, chat

@@ -14,9 +14,15 @@ DataSource = str | Path | Sequence[Mapping[str, Any]]
 
 
 def validate_prompt_rows(rows: Rows, prompt_column: str, where: str) -> None:
-    """Refuse an empty dataset or rows without a usable prompt, naming the fix."""
+    """Refuse an empty dataset or rows without a usable prompt, naming the fix.
+
+    An empty dataset names the argument that gave it (``train_data`` or ``val_data``), so that the CLI points at
+    that key, not at ``prompt_column``.
+    """
     if not rows:
-        raise ValueError(f"the {where} dataset is empty: give at least one row with a {prompt_column!r} column")
+        source = "val_data" if where == "validation" else "train_data"
+        raise ValueError(f"the {where} dataset is empty: `{source}` gave no rows; give it at least one row with a "
+                         f"{prompt_column!r} column")
     for i, r in enumerate(rows):
         if prompt_column not in r:
             raise KeyError(

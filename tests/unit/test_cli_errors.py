@@ -37,6 +37,24 @@ def test_cli_errors_lead_with_the_library_message_and_config_key(extra, first_li
     assert len(err) == 2 and "LIGHTNING_RL_TRACEBACK=1" in err[1]
 
 
+@pytest.mark.parametrize("data", ["prompt-data", "arithmetic"])
+def test_an_empty_training_set_names_the_argument_that_gave_it(data, capsys, monkeypatch, tmp_path):
+    """Not ``prompt_column`` (the message quotes the column's name), but ``train_data`` or ``num_train``."""
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    extra = (["--data", "lightning_rl.PromptDataModule", "--data.train_data", str(empty)] if data == "prompt-data"
+             else ["--data.init_args.num_train", "0"])
+    with pytest.raises(SystemExit):
+        main([*CLI, "--trainer.default_root_dir", str(tmp_path), *extra])
+    first = capsys.readouterr().err.strip().splitlines()[0]
+    expected = ("error: data.init_args.train_data (lightning_rl.PromptDataModule): ValueError: the training dataset "
+                "is empty: `train_data` gave no rows" if data == "prompt-data"
+                else "error: data.init_args.num_train (lightning_rl.ArithmeticDataModule): ValueError: num_train must "
+                     "be >= 1")
+    assert first.startswith(expected), first
+
+
 def test_cli_traceback_on_request(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGHTNING_RL_TRACEBACK", "1")
     with pytest.raises(ValueError, match="Does not validate against any of the Union subtypes"):
