@@ -56,7 +56,13 @@ def _hub_rows(name: str, split: str, subset: str | None) -> Rows:
     if folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
         data = _split_of(datasets.load_from_disk(str(folder)), split, str(folder))
     else:
-        data = datasets.load_dataset(name, subset, split=split)
+        try:
+            data = datasets.load_dataset(name, subset, split=split)
+        except ValueError as err:
+            if "Unknown split" not in str(err):
+                raise
+            raise KeyError(f"{HF_PREFIX}{name} has no split {split!r} ({err}); set train_split= / val_split= to one "
+                           "of its splits") from err
     return read_rows(data.to_list())
 
 

@@ -40,6 +40,10 @@ def test_hf_name_of_a_hub_style_folder_goes_through_load_dataset(tmp_path):
     dm = PromptDataModule(train_data=f"hf:{folder}", val_data=f"hf:{folder}", val_split="test")
     dm.setup("fit")
     assert dm.train_rows == ROWS[:5] and dm.val_rows == ROWS[5:]
+    # a split it does not have: named, with its splits and the setting to change (not datasets' raw ValueError)
+    with pytest.raises(KeyError, match=r"has no split .*validation.*Unknown split.*train.*test.*set "
+                                       r"train_split= / val_split="):
+        PromptDataModule(train_data=f"hf:{folder}", val_data=f"hf:{folder}", val_split="validation").setup("fit")
 
 
 def test_dataset_and_dataset_dict_objects(tmp_path):
