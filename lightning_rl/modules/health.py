@@ -29,7 +29,8 @@ def collapse_message(entropy: float | None, completion_length: float | None) -> 
 
 
 class RunHealth:
-    """Warns, step by step, about reward functions that scored nothing, pairs that all tie, and a collapsed policy.
+    """Warns, step by step, about reward functions that scored nothing, pairs that all tie, steps that train nothing
+    (no reward differs within a group, every completion masked out), and a collapsed policy.
 
     Args:
         max_unscored_steps: training steps in a row in which no completion got a reward (or, for
@@ -41,6 +42,8 @@ class RunHealth:
         self.max_unscored_steps = max_unscored_steps
         self.unscored_streak = 0
         self.tie_streak = 0
+        self.flat_streak = 0  # steps in a row in which no group's rewards differed (GRPO)
+        self.masked_streak = 0  # steps in a row in which every completion was truncated and masked out
 
     def check_rewards(self, total: torch.Tensor, per_fn: torch.Tensor, names: Sequence[str], step: int) -> None:
         """Warn for each function that scored none of this step's completions; raise after too many empty steps."""
@@ -82,6 +85,32 @@ class RunHealth:
                 "prompts per batch; or raise max_unscored_steps (0 never stops)"
             )
 
+    def check_signal(self, values: dict[str, Any], step: int, masks_truncated: bool = False) -> None:
+        """Warn when steps in a row can train nothing, though their rewards were scored.
+
+        Two cases: no group of completions got different rewards (``frac_reward_zero_std`` 1: every GRPO advantage
+        is 0), or every completion hit ``max_new_tokens`` and ``mask_truncated_completions`` left it out of the
+        loss. A warning after ``max(3, max_unscored_steps)`` such steps in a row, and every ten times as many after.
+        """
+        flat = values.get("frac_reward_zero_std")
+        self.flat_streak = self.flat_streak + 1 if flat is not None and flat >= 1.0 else 0
+        if self._due(self.flat_streak):
+            log.warning("step %d: for %d steps in a row every group of completions got the same reward, so every "
+                        "advantage was 0 and nothing was learned. Use a denser reward (partial credit rather than "
+                        "0/1), a higher sampling temperature or more num_generations", step, self.flat_streak)
+        truncated = values.get("truncated_frac")
+        masked = masks_truncated and truncated is not None and truncated >= 1.0
+        self.masked_streak = self.masked_streak + 1 if masked else 0
+        if self._due(self.masked_streak):
+            log.warning("step %d: for %d steps in a row every completion reached max_new_tokens and "
+                        "mask_truncated_completions=True left it out of the loss, so nothing was learned. Raise "
+                        "sampling.max_new_tokens or set mask_truncated_completions=False", step, self.masked_streak)
+
+    def _due(self, streak: int) -> bool:
+        """Whether a streak of ``streak`` steps gets its warning now (at the threshold, then every 10x as many)."""
+        after = max(3, self.max_unscored_steps)
+        return streak == after or (streak > after and streak % (10 * after) == 0)
+
     def check_collapse(self, values: dict[str, Any], step: int) -> None:
         """Warn when a step's ``entropy`` and ``completion_length`` are both near zero."""
         message = collapse_message(values.get("entropy"), values.get("completion_length"))
@@ -90,9 +119,12 @@ class RunHealth:
 
     def state_dict(self) -> dict[str, int]:
         """The streaks of steps without rewards and of batches without a pair (for a resumed run)."""
-        return {"unscored_streak": self.unscored_streak, "tie_streak": self.tie_streak}
+        return {"unscored_streak": self.unscored_streak, "tie_streak": self.tie_streak,
+                "flat_streak": self.flat_streak, "masked_streak": self.masked_streak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the streaks."""
         self.unscored_streak = int(state.get("unscored_streak", 0))
         self.tie_streak = int(state.get("tie_streak", 0))
+        self.flat_streak = int(state.get("flat_streak", 0))
+        self.masked_streak = int(state.get("masked_streak", 0))

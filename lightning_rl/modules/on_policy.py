@@ -285,6 +285,7 @@ class OnPolicyModule(PolicyModule):
         self.health.check_rewards(everyone.rewards, everyone.rewards_per_function, self.rewards.names,
                                   self.global_step)
         self.health.check_collapse(values, self.global_step)
+        self.health.check_signal(values, self.global_step, bool(getattr(self, "mask_truncated_completions", False)))
         self.log_values("train", values, len(exp.prompts), prog_bar=self.progress_bar_metrics)
 
     def over_processes(self, values: dict[str, float]) -> dict[str, float]:
