@@ -25,7 +25,7 @@ def check_clip_range(epsilon: float, epsilon_high: float | None) -> None:
 
 
 def check_step_limit(name: str, value: int, minimum: int) -> None:
-    """A count of steps in a row that must be an integer >= ``minimum``."""
+    """A count (steps in a row, tokens) that must be an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 

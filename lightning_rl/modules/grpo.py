@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -78,8 +79,8 @@ class GRPO(OnPolicyModule):
                 f"num_generations must be >= 2 (got {num_generations}): GRPO compares completions within a "
                 "group, and a group of one has no baseline"
             )
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        if not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0 (0 turns the KL term off), got {beta}")
         if importance_sampling not in (*IMPORTANCE_LEVELS, "auto"):
             raise ValueError(f"importance_sampling must be 'auto' or one of {IMPORTANCE_LEVELS}, "
                              f"got {importance_sampling!r}")

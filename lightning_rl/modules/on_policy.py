@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -104,10 +105,11 @@ class OnPolicyModule(PolicyModule):
         for name, v in (("num_generations", num_generations), ("num_iterations", num_iterations),
                         ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro),
                         ("generation_batch_size", generation_batch_size)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
-            raise ValueError(f"epsilon and epsilon_high must be > 0, got {epsilon} and {epsilon_high}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        if not (0 < epsilon < 1) or (epsilon_high is not None and not (0 < epsilon_high < math.inf)):
+            raise ValueError(f"epsilon must be in (0, 1) (the ratio is clipped to 1 - epsilon below) and epsilon_high "
+                             f"a finite number > 0; got {epsilon} and {epsilon_high}")
         check_clip_range(epsilon, epsilon_high)
         super().__init__(**kwargs)
         self.rewards = RewardSet(reward_funcs, reward_weights)

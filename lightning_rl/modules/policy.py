@@ -205,6 +205,9 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         check_one_optimizer(optimizer, learning_rate, weight_decay, DEFAULT_LEARNING_RATE)
         check_step_limit("max_nonfinite_steps", max_nonfinite_steps, 1)
         check_step_limit("max_unscored_steps", max_unscored_steps, 0)
+        check_step_limit("logprob_chunk_size", logprob_chunk_size, 1)
+        if max_prompt_length is not None:
+            check_step_limit("max_prompt_length", max_prompt_length, 1)
         if offload_checkpoints and gradient_checkpointing is False:
             raise ValueError("offload_checkpoints=True offloads the inputs that gradient checkpointing keeps; leave "
                              "gradient_checkpointing at None (on on CUDA) or True, or drop offload_checkpoints")

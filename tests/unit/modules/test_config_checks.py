@@ -53,12 +53,12 @@ def test_bad_grpo_settings_fail_at_construction(kwargs, match):
         ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
         ({"sampling": {"temperature": 0.0}}, r"temperature must be > 0 for training rollouts, got 0.0"),
         ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
-        ({"epsilon": 0.0}, r"epsilon and epsilon_high must be > 0"),
-        ({"epsilon_high": -0.1}, r"epsilon and epsilon_high must be > 0"),
-        ({"beta": -1.0}, r"beta must be >= 0"),
-        ({"num_iterations": 0}, r"num_iterations must be >= 1, got 0"),
-        ({"num_mini_batches": 0}, r"num_mini_batches must be >= 1"),
-        ({"micro_batch_size": 0}, r"micro_batch_size must be >= 1"),
+        ({"epsilon": 0.0}, r"epsilon must be in \(0, 1\).*got 0.0 and None"),
+        ({"epsilon_high": -0.1}, r"epsilon_high a finite number > 0; got 0.2 and -0.1"),
+        ({"beta": -1.0}, r"beta must be a finite number >= 0"),
+        ({"num_iterations": 0}, r"num_iterations must be a whole number >= 1, got 0"),
+        ({"num_mini_batches": 0}, r"num_mini_batches must be a whole number >= 1"),
+        ({"micro_batch_size": 0}, r"micro_batch_size must be a whole number >= 1"),
         ({"learning_rate": 0.0}, r"learning_rate must be a positive number"),
         ({"logprob_backend": "cuda"}, r"logprob_backend must be one of"),
         ({"reward_funcs": []}, r"at least one reward function is needed"),
@@ -99,3 +99,27 @@ def test_ppo_value_learning_rate_is_its_own_group_whatever_the_optimizer():
 def test_orpo_refuses_a_reference_setting():
     with pytest.raises(ValueError, match="ORPO uses no reference model"):
         ORPO(model="tiny-llama", reference="live")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"beta": float("nan")}, r"beta must be a finite number >= 0"),
+        ({"sampling": {"temperature": float("nan")}}, r"temperature must be a finite number >= 0"),
+        ({"sampling": {"temperature": float("inf")}}, r"temperature must be a finite number >= 0"),
+        ({"sampling": {"max_new_tokens": 4.5}}, r"max_new_tokens must be a whole number of tokens >= 1, got 4.5"),
+        ({"num_generations": 2.5}, r"num_generations must be a whole number >= 1, got 2.5"),
+        ({"max_prompt_length": 0}, r"max_prompt_length must be an integer >= 1, got 0"),
+        ({"logprob_chunk_size": 0}, r"logprob_chunk_size must be an integer >= 1, got 0"),
+        ({"epsilon": 1.5}, r"epsilon must be in \(0, 1\)"),
+    ],
+    ids=["beta-nan", "temperature-nan", "temperature-inf", "max-new-tokens-float", "generations-float",
+         "prompt-length-0", "chunk-0", "epsilon-above-1"],
+)
+def test_nonsense_values_are_refused_when_the_module_is_built(kwargs, match):
+    """Before, a NaN beta turned the KL term off without a word, a float token count or group size failed deep in
+    the rollout, and a prompt limit of 0 only at the first batch."""
+    from lightning_rl import GRPO
+
+    with pytest.raises(ValueError, match=match):
+        GRPO(reward_funcs=[len], model="tiny-llama", **kwargs)
