@@ -21,6 +21,7 @@ from lightning_rl.callbacks.rollout_ahead import RolloutAhead, next_batch_prompt
 from lightning_rl.callbacks.trained_weights_choice import trained_weights_refusal
 from lightning_rl.gpu_yield import GPUYield, gpu_yield_for
 from lightning_rl.lora import is_lora
+from lightning_rl.modules.resume_state import training_rng_kept
 from lightning_rl.modules.sequence_limits import encode_within_positions
 from lightning_rl.plugins.allocator import disable_expandable_segments, enable_expandable_segments
 from lightning_rl.plugins.device_context import process_tree_used_bytes
@@ -490,7 +491,8 @@ class VLLMRollout(Callback):
         self.using_mps = self._check_mps_client(device)
         measure_used, used_before = _engine_start_measure(device)
         try:
-            self.engine = self.build_engine(pl_module, prompts_per_step)
+            with training_rng_kept():  # vLLM seeds the global random states of a process it starts in
+                self.engine = self.build_engine(pl_module, prompts_per_step)
         except Exception as err:
             if not (self.overlapping and self.overlap is None and self.engine_factory is None):
                 raise
@@ -500,7 +502,8 @@ class VLLMRollout(Callback):
             self.overlapping = self.sharing_merged_base = self.sharing_trained_weights = False
             if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
                 self._plugin.engine_leaves_the_update(pl_module)
-            self.engine = self.build_engine(pl_module, prompts_per_step)
+            with training_rng_kept():
+                self.engine = self.build_engine(pl_module, prompts_per_step)
         used_after = measure_used(device)
         if used_before is not None and used_after is not None:
             self.engine_start_bytes = used_after - used_before

@@ -80,3 +80,34 @@ def test_an_engine_resumed_by_a_restore_after_setup_strategy_is_seeded_from_the_
     # built at the first batch from the restored weights: the first sync follows the first resumed step
     assert calls[:7] == ["create", "wake", "generate", "sleep", "wake", "sync", "generate"]
     assert callback.num_rollouts == 2 + 2 and callback.num_syncs == 1 + 1
+
+
+class ReseedingEngine(FakeEngine):
+    """A fake engine that seeds the process's global random states when it starts, as vLLM's worker does
+    (``set_random_seed`` of its seed) in the process it runs in."""
+
+    def __init__(self, module, calls, seed):
+        import random
+
+        torch.manual_seed(seed)
+        random.seed(seed)
+        super().__init__(module, calls)
+
+
+def test_an_engine_started_in_this_process_leaves_the_training_random_states_as_they_were():
+    """The rollouts sample from the global random state (transformers generate here); an engine that seeds it when
+    it starts would make the run's samples depend on when the engine started (the first batch under FSDP2, or
+    after a resume). The callback puts the states back: the fit samples and trains as with an engine that does not
+    touch them."""
+    def run(factory):
+        L.seed_everything(3, verbose=False)
+        module = rollout_grpo()
+        callback = VLLMRollout(overlap=False, engine_factory=factory)
+        make_trainer(max_steps=2, callbacks=[callback]).fit(module, PromptDataModule(train_data=SUM_ROWS,
+                                                                                    batch_size=2))
+        return state_copy(module.policy)
+
+    plain = run(lambda module, n, seed: FakeEngine(module, []))
+    reseeded = run(lambda module, n, seed: ReseedingEngine(module, [], seed + 1000))
+    for k, v in plain.items():
+        assert torch.equal(reseeded[k], v), k
