@@ -76,6 +76,15 @@ class CompletionSamples(Callback):
         return n > 0 and self._written_step // n < step // n
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """In a resumed fit, count the restored step as written.
+
+        The next table then comes at the next multiple of ``every_n_steps``, not at the first step after the resume.
+        """
+        if trainer.global_step > 0 and self._written_step < trainer.global_step:  # a fresh fit writes at step 1
+            self._written_step = trainer.global_step
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Keep the step's samples; write them when the step count passes a multiple of ``every_n_steps``."""
