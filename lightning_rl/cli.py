@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -18,6 +20,7 @@ from typing_extensions import override
 from lightning_rl.cli_config_file import SaveRunConfig
 from lightning_rl.cli_errors import TRACEBACK_ENV
 from lightning_rl.cli_parse_errors import explain_parse_error
+from lightning_rl.modules.policy import MODULE_CLASS_KEY
 
 #: The methods each Trainer entry point runs (one of them has to be defined); ``fit`` needs ``training_step``.
 _STEP_METHODS = {"validate": ("validation_step",), "test": ("test_step",), "predict": ("predict_step", "forward")}
@@ -45,7 +48,8 @@ class LightningRLCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         before = _module_settings(self.config, subcommand)
-        super()._parse_ckpt_path()
+        if not self._parse_settings_without_class_path(subcommand):
+            super()._parse_ckpt_path()
         after = _module_settings(self.config, subcommand)
         changed = [(k, v, after.get(k)) for k, v in before.items() if after.get(k) != v]
         if changed:
@@ -56,6 +60,26 @@ class LightningRLCLI(LightningCLI):
                 "run as it was; to train with other settings, start a new run (no --ckpt_path) from the exported "
                 "policy (`lightning-rl export`)."
             )
+
+    def _parse_settings_without_class_path(self, subcommand: str | None) -> bool:
+        """Lay the module settings of a checkpoint saved outside the CLI over the config; False for any other.
+
+        ``Trainer.fit`` in Python writes the module's settings without the ``_class_path`` that Lightning's CLI
+        reads them by, and Lightning's parse of them fails ("Parsing of ckpt_path hyperparameters failed!"); the
+        class the library's modules name in their checkpoints stands in for it.
+        """
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return False
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = checkpoint.get(MODULE_CLASS_KEY)
+        if not hparams or "_class_path" in hparams or not isinstance(class_path, str):
+            return False
+        model = {"class_path": class_path, "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        return True
 
     def _check_subcommand(self, subcommand: str) -> None:
         """Raise :class:`UnsupportedSubcommandError` when the module defines no step ``subcommand`` runs."""
