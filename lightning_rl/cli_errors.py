@@ -9,7 +9,8 @@ or in those frames, the object it concerns
 is named from the message's words only for an error raised while the object was built; an error raised
 during the run names one only in an explicit form (``name=``, a backticked name, its quoted value) in its first
 line, the error's own statement: the lines after it list figures and advice (``quantize='int8'``). A
-missing file (``FileNotFoundError`` and its kin, from any library) is explained too.
+missing file (``FileNotFoundError`` and its kin, from any library) is explained too, and so is a Trainer setting
+Lightning refuses (``MisconfigurationException``: an ``accelerator: gpu`` on a machine without one, say).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins import Precision
 
@@ -190,7 +192,10 @@ def explain(error: BaseException, config_keys: bool = True) -> str | None:
     ours = library_error(error)
     if ours is None:
         path_error = next((e for e in _chain(error) if isinstance(e, PATH_ERRORS)), None)
-        return None if path_error is None else _lines("", path_error, str(path_error))
+        if path_error is not None:
+            return _lines("", path_error, str(path_error))
+        trainer_error = next((e for e in _chain(error) if isinstance(e, MisconfigurationException)), None)
+        return None if trainer_error is None else _lines("trainer: ", trainer_error, _trainer_advice(trainer_error))
     message = str(ours.args[0]) if isinstance(ours, KeyError) and ours.args else str(ours)
     owner = _owner(ours)
     where = ""
@@ -208,6 +213,15 @@ def explain(error: BaseException, config_keys: bool = True) -> str | None:
         arg = _argument(message, obj)
         where = f"{key}.{arg}: " if arg else f"{key}: "
     return _lines(where, ours, message)
+
+
+def _trainer_advice(error: BaseException) -> str:
+    """Lightning's message about a Trainer setting, with the fix where the library knows it."""
+    message = str(error)
+    if "No supported gpu backend found" in message or ("CUDAAccelerator" in message and "not available" in message):
+        message += (" This machine has no CUDA GPU that torch can use: set trainer.accelerator to auto (or cpu); the "
+                    "GPU example config (examples/grpo_smollm2_vllm.yaml) needs one")
+    return message
 
 
 def _lines(where: str, error: BaseException, message: str) -> str:

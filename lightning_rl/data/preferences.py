@@ -306,6 +306,13 @@ class PreferenceDataModule(RowsDataModule):
                 self._require(r, [(self.chosen_column, "chosen_column"), (self.rejected_column, "rejected_column")],
                               i, where)
             elif self.mode == "paired":
+                if self.completion_column in r and self.label_column in r:  # a KTO row: labelled, not paired
+                    raise KeyError(
+                        f"row {i} of the {where} dataset is unpaired ({self.completion_column!r} and "
+                        f"{self.label_column!r} columns, no {self.chosen_column!r}): DPO and ORPO train on pairs. "
+                        "Train it with KTO and PreferenceDataModule(mode='unpaired'), or give chosen/rejected "
+                        "columns (chosen_column=, rejected_column=)"
+                    )
                 self._require(r, [(self.chosen_column, "chosen_column")], i, where)
             else:
                 self._require(r, [(self.completion_column, "completion_column"), (self.label_column, "label_column")],

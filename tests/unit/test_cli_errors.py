@@ -186,3 +186,22 @@ def test_an_error_during_the_run_names_a_key_only_from_its_first_line():
               "  - MemoryAwarePrecision(optimizer_states='cpu')")
     assert _argument(advice, plugin, building=False) is None
     assert _argument("step_chunk_bytes=0 is too small\nraise it", plugin, building=False) == "step_chunk_bytes"
+
+
+def test_a_trainer_setting_lightning_refuses_is_two_lines_with_the_fix():
+    """``trainer.accelerator: gpu`` on a machine without one: Lightning's 34-line traceback, now its message with
+    the setting to change."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        raise MisconfigurationException("No supported gpu backend found!")
+    except MisconfigurationException as err:
+        lines = explain(err).splitlines()
+    assert lines[0].startswith("error: trainer: MisconfigurationException: No supported gpu backend found! This "
+                               "machine has no CUDA GPU that torch can use: set trainer.accelerator to auto (or cpu)")
+    assert len(lines) == 2
+    try:
+        raise MisconfigurationException("`max_epochs` must be an integer")  # another setting: its message as is
+    except MisconfigurationException as err:
+        first = explain(err).splitlines()[0]
+    assert first == "error: trainer: MisconfigurationException: `max_epochs` must be an integer"

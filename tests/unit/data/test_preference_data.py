@@ -50,6 +50,10 @@ def test_missing_prompt_and_unpaired_columns():
         _setup([{"question": "p", "chosen": "a", "rejected": "b"}])
     with pytest.raises(KeyError, match="no 'label' column.*label_column="):
         _setup([{"prompt": "p", "completion": "a"}], mode="unpaired")
+    # KTO's rows given to the paired mode (DPO, ORPO): named as unpaired, with KTO as the fix, not "set chosen_column="
+    with pytest.raises(KeyError, match=r"row 0 .* is unpaired \('completion' and 'label' columns, no 'chosen'\).*"
+                                       r"KTO and PreferenceDataModule\(mode='unpaired'\)"):
+        _setup([{"prompt": "p", "completion": "a", "label": True}])
 
 
 def test_identical_chosen_and_rejected_errors():
