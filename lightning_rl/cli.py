@@ -56,9 +56,9 @@ class LightningRLCLI(LightningCLI):
             listed = "; ".join(f"{k}: {v!r} -> {new!r}" for k, v, new in changed)
             rank_zero_warn(
                 f"--ckpt_path: the checkpoint's module settings replace the config's, and these differed (the config's "
-                f"value -> the checkpoint's, which this run uses): {listed}. A resumed run continues the checkpoint's "
-                "run as it was; to train with other settings, start a new run (no --ckpt_path) from the exported "
-                "policy (`lightning-rl export`)."
+                f"value -> the checkpoint's, which this run uses): {listed}. They are the settings its weights were "
+                "trained with; to train or evaluate with other settings, start a new run without --ckpt_path from "
+                "the exported policy (`lightning-rl export`)."
             )
 
     def _parse_settings_without_class_path(self, subcommand: str | None) -> bool:
@@ -77,6 +77,9 @@ class LightningRLCLI(LightningCLI):
         class_path = checkpoint.get(MODULE_CLASS_KEY)
         if not hparams or "_class_path" in hparams or not isinstance(class_path, str):
             return False
+        # what the checkpoint could not store (a lambda or a function of the script: None, or a path in __main__)
+        # comes from the config, as it has to be given again in Python
+        hparams = {k: v for k, v in hparams.items() if not _unstored(v)}
         model = {"class_path": class_path, "init_args": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
         return True
@@ -134,6 +137,19 @@ def _option_keys(parser: Any) -> list[str]:
         for sub in getattr(action, "_name_parser_map", {}).values():
             keys += [a.dest for a in sub._actions if isinstance(a.dest, str)]
     return keys
+
+
+def _unstored(value: Any) -> bool:
+    """Whether a checkpoint's setting stands for something it could not store.
+
+    A list with None in it (a lambda, a function defined inside another), or an import path into the script that
+    wrote it (``__main__.reward``).
+    """
+    if isinstance(value, (list, tuple)):
+        return any(v is None or _unstored(v) for v in value)
+    if isinstance(value, dict):
+        return _unstored(value.get("class_path"))
+    return isinstance(value, str) and value.startswith("__main__.")
 
 
 def _module_settings(config: Any, subcommand: str | None) -> dict[str, Any]:

@@ -194,8 +194,11 @@ def explain(error: BaseException, config_keys: bool = True) -> str | None:
         path_error = next((e for e in _chain(error) if isinstance(e, PATH_ERRORS)), None)
         if path_error is not None:
             return _lines("", path_error, str(path_error))
-        trainer_error = next((e for e in _chain(error) if isinstance(e, MisconfigurationException)), None)
-        return None if trainer_error is None else _lines("trainer: ", trainer_error, _trainer_advice(trainer_error))
+        lightning_error = next((e for e in _chain(error) if isinstance(e, MisconfigurationException)), None)
+        if lightning_error is None:
+            return None
+        advice = _accelerator_advice(lightning_error)  # the one whose config key is known
+        return _lines("trainer.accelerator: " if advice else "", lightning_error, str(lightning_error) + advice)
     message = str(ours.args[0]) if isinstance(ours, KeyError) and ours.args else str(ours)
     owner = _owner(ours)
     where = ""
@@ -215,13 +218,13 @@ def explain(error: BaseException, config_keys: bool = True) -> str | None:
     return _lines(where, ours, message)
 
 
-def _trainer_advice(error: BaseException) -> str:
-    """Lightning's message about a Trainer setting, with the fix where the library knows it."""
+def _accelerator_advice(error: BaseException) -> str:
+    """The fix for Lightning's refusal of a GPU accelerator on a machine without one ("" for other refusals)."""
     message = str(error)
     if "No supported gpu backend found" in message or ("CUDAAccelerator" in message and "not available" in message):
-        message += (" This machine has no CUDA GPU that torch can use: set trainer.accelerator to auto (or cpu); the "
-                    "GPU example config (examples/grpo_smollm2_vllm.yaml) needs one")
-    return message
+        return (" This machine has no CUDA GPU that torch can use: set trainer.accelerator to auto (or cpu); the "
+                "GPU example config (examples/grpo_smollm2_vllm.yaml) needs one")
+    return ""
 
 
 def _lines(where: str, error: BaseException, message: str) -> str:

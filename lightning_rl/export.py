@@ -181,30 +181,46 @@ CARD_TITLE = "# Policy exported by lightning-rl"
 #: config, an adapter's, and the base written beside an adapter.
 _MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "config.json",
                 "generation_config.json", "adapter_config.json")
+#: The tokenizer's files ``save_pretrained`` writes (besides ``tokenizer*`` and ``special_tokens*``).
+_TOKENIZER_FILES = ("vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model")
 
 
 def check_export_folder(out: Path) -> bool:
-    """Whether ``out`` holds an earlier export (True) or nothing yet (False).
+    """Whether ``out`` holds an earlier export (True) or nothing of another's (False).
+
+    An export's README marks a finished one. A folder with only what an export writes (the tokenizer's files,
+    weights, configs, the base folder) and no README yet is one being written: by another process of the same
+    run, which each write it under DDP.
 
     Raises:
-        FileExistsError: ``out`` is a file, or a folder with files that no export wrote (a project's own README,
-            a model saved otherwise): nothing there is touched.
+        FileExistsError: ``out`` is a file, or a folder with files that no export writes (a project's own README,
+            a model saved otherwise, notes): nothing there is touched.
     """
     if not out.exists():
         return False
     if not out.is_dir():
         raise FileExistsError(f"export: {out} is a file; give a folder to write the policy to (--out)")
     entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return False
     readme = out / "README.md"
     if readme.is_file() and readme.read_text(errors="replace").startswith(CARD_TITLE):
         return True
-    listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    foreign = [e for e in entries if e == "README.md" or not _written_by_export(out / e)]
+    if not foreign:
+        return False
+    listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
     raise FileExistsError(
         f"export: {out} already holds files that no export wrote ({listed}); nothing was written there. Give a new "
         "or empty folder (--out), or move those files away"
     )
+
+
+def _written_by_export(path: Path) -> bool:
+    """Whether ``path`` is a file (or the base folder) an export writes: model files and the tokenizer's."""
+    if path.is_dir():
+        return path.name == "base"
+    name = path.name
+    return (any(path.match(pattern) for pattern in _MODEL_FILES) or name in _TOKENIZER_FILES
+            or name.startswith(("tokenizer", "special_tokens")) or name.endswith((".jinja", ".tiktoken")))
 
 
 def clear_earlier_export(out: Path) -> None:
@@ -214,10 +230,10 @@ def clear_earlier_export(out: Path) -> None:
     """
     for pattern in _MODEL_FILES:
         for path in out.glob(pattern):
-            path.unlink()
+            path.unlink(missing_ok=True)  # another process of the run may have removed it first
     base = out / "base"
     if base.is_dir() and (base / "config.json").is_file():
-        shutil.rmtree(base)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def merged_copy(policy: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

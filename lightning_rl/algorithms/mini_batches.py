@@ -19,11 +19,11 @@ def mini_batch_bounds(n: int, num_mini_batches: int) -> list[tuple[int, int]]:
 
 
 def check_mini_batches(num_mini_batches: int, num_prompts: int, num_generations: int) -> None:
-    """Raise when a training batch of ``num_prompts`` prompts has fewer completions than ``num_mini_batches``.
+    """Raise when a full training batch of ``num_prompts`` prompts has fewer completions than ``num_mini_batches``.
 
     Each mini-batch needs a completion, so such a batch would make fewer optimizer steps than the module counts
-    (and the run would stop at another step than ``max_steps`` says). Only the first batch of a fit is checked: the
-    partial last batch of an epoch may be smaller and trains in as many mini-batches as it has completions.
+    (and the run would stop at another step than ``max_steps`` says). The partial last batch of an epoch may be
+    smaller and trains in as many mini-batches as it has completions.
 
     Raises:
         ValueError: naming both counts and the fix.
@@ -33,5 +33,6 @@ def check_mini_batches(num_mini_batches: int, num_prompts: int, num_generations:
         raise ValueError(
             f"num_mini_batches={num_mini_batches} is more than the {n} completions of a training batch ({num_prompts} "
             f"prompts x num_generations={num_generations}), and each mini-batch needs at least one: set "
-            f"num_mini_batches to at most {n}, or give the data more prompts per batch (its batch_size)"
+            f"num_mini_batches to at most {n}, or train on more prompts per batch (the data's batch_size, with at "
+            "least as many training rows per process)"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def check_optimizer_settings(weight_decay: float, max_grad_norm: float | None) -> None:
@@ -26,7 +27,7 @@ def check_clip_range(epsilon: float, epsilon_high: float | None) -> None:
 
 def check_step_limit(name: str, value: int, minimum: int) -> None:
     """A count (steps in a row, tokens) that must be an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from lightning_rl.rewards.reward_model import RewardModel
 from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.samples import StepSamples, per_completion
+from lightning_rl.shapes import datamodule_batch_size
 
 RewardFunc = Callable[..., Any]
 
@@ -32,6 +34,20 @@ _STEP_METRICS = (
     "reward", "reward_std", "loss", "grad_norm", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
     "completion_length", "completion_length_max", "truncated_frac", "rollout_time", "train_time", "tokens_per_sec",
 )
+
+
+def prompts_per_batch(trainer: Any) -> int | None:
+    """Prompts of a full training batch of one process, as the trainer's DataModule states them, or None.
+
+    Its ``batch_size``, and no more than one process's share of its training rows (a dataset smaller than a
+    batch makes smaller batches). A resumed fit whose first batch is an epoch's smaller last one still counts
+    the full batch.
+    """
+    prompts = datamodule_batch_size(trainer)
+    rows = getattr(getattr(trainer, "datamodule", None), "train_rows", None)
+    if prompts is not None and isinstance(rows, Sequence) and rows:
+        prompts = min(prompts, math.ceil(len(rows) / max(1, int(getattr(trainer, "world_size", 1) or 1))))
+    return prompts
 
 
 class OnPolicyModule(PolicyModule):
@@ -105,11 +121,11 @@ class OnPolicyModule(PolicyModule):
         for name, v in (("num_generations", num_generations), ("num_iterations", num_iterations),
                         ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro),
                         ("generation_batch_size", generation_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
-        if not (0 < epsilon < 1) or (epsilon_high is not None and not (0 < epsilon_high < math.inf)):
-            raise ValueError(f"epsilon must be in (0, 1) (the ratio is clipped to 1 - epsilon below) and epsilon_high "
-                             f"a finite number > 0; got {epsilon} and {epsilon_high}")
+        if not (0 < epsilon <= 1) or (epsilon_high is not None and not (0 < epsilon_high < math.inf)):
+            raise ValueError(f"epsilon must be in (0, 1] (the ratio is clipped to 1 - epsilon below; 1 leaves it "
+                             f"unclipped there) and epsilon_high a finite number > 0; got {epsilon} and {epsilon_high}")
         check_clip_range(epsilon, epsilon_high)
         super().__init__(**kwargs)
         self.rewards = RewardSet(reward_funcs, reward_weights)
@@ -119,7 +135,6 @@ class OnPolicyModule(PolicyModule):
         self.val_sampling = val_sampling or SamplingConfig(sampling.max_new_tokens, temperature=0.0)
         self.epsilon, self.epsilon_high = epsilon, epsilon_high
         self.micro_batch_size, self.generation_batch_size = micro_batch_size, generation_batch_size
-        self._mini_batches_checked = False  # the first training batch of a fit (:func:`check_mini_batches`)
         per_fn = [f"reward/{n}" for n in self.rewards.names]
         self.make_metrics([*_STEP_METRICS, *self.step_metrics, *per_fn], ["reward", *per_fn])
 
@@ -138,11 +153,14 @@ class OnPolicyModule(PolicyModule):
 
         Every prompt the DataModule keeps is rendered once and checked against ``max_prompt_length`` and the
         model's positions (:func:`~lightning_rl.modules.sequence_limits.check_data_prompts`), so a prompt too long
-        stops the fit here, named by its row, not when its batch comes up.
+        stops the fit here, named by its row, not when its batch comes up; and ``num_mini_batches`` against the
+        completions of a batch as the DataModule states it (:func:`check_mini_batches`).
         """
         super().on_fit_start()
-        self._mini_batches_checked = False
         check_data_prompts(self, self.trainer.datamodule)
+        prompts = prompts_per_batch(self.trainer)
+        if prompts is not None:
+            check_mini_batches(self.num_mini_batches, prompts, self.num_generations)
         for rm in self.reward_models:
             rm.to(self.device)
 
@@ -150,9 +168,6 @@ class OnPolicyModule(PolicyModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One rollout, then ``num_iterations * num_mini_batches`` optimizer steps on it (steps 1-6 above)."""
-        if not self._mini_batches_checked:  # before the first rollout, not after it
-            check_mini_batches(self.num_mini_batches, len(batch["prompt"]), self.num_generations)
-            self._mini_batches_checked = True
         t0 = time.perf_counter()
         rollout = self.rollout_of(batch)  # 1. rollout
         rollout_time = time.perf_counter() - t0

@@ -27,6 +27,7 @@ from lightning_rl.modules.experience import Experience, PolicyOutput, Rows
 from lightning_rl.modules.on_policy import OnPolicyModule
 from lightning_rl.modules.value_head import ValueHead, hidden_size_of, logprobs_from_hidden
 from lightning_rl.rewards.reward_model import RewardModel, same_tokenizer
+from lightning_rl.rewards.reward_set import as_reward_list
 from lightning_rl.rollout.engine import Rollout
 
 
@@ -110,7 +111,7 @@ class PPO(OnPolicyModule):
             raise ValueError(f"vf_coef and ent_coef must be >= 0, got {vf_coef} and {ent_coef}")
         if value_learning_rate is not None and value_learning_rate <= 0:
             raise ValueError(f"value_learning_rate must be > 0, got {value_learning_rate}")
-        funcs = [*(reward_funcs or []), *([reward_model] if reward_model is not None else [])]
+        funcs = [*as_reward_list(reward_funcs), *([reward_model] if reward_model is not None else [])]
         if not funcs:
             raise ValueError("PPO needs a reward: give reward_funcs=[...], reward_model=RewardModel(...), or both")
         kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from lightning_rl.prompting import PromptTooLongError
+
+log = logging.getLogger(__name__)
 
 #: Config fields that give a model's positions, in the order they are looked up (Llama/Qwen/Mistral, GPT-2, ...).
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -76,15 +79,34 @@ def check_data_prompts(module: Any, datamodule: Any) -> None:
     Raises:
         PromptTooLongError: naming the split and row, the prompt's start, the limit and the fix.
     """
-    from lightning_rl.rollout.data_prompts import data_prompts, encode_data_prompts
+    from lightning_rl.rollout.data_prompts import MAX_PROMPT_ROWS, data_prompts, encoded_data_prompts
 
-    prompts = data_prompts(datamodule)
-    if prompts is None:
+    if not _prompts_can_fail(module):
         return
-    encoded = encode_data_prompts(prompts, module.encode)
+    encoded = encoded_data_prompts(datamodule, module.encode)
+    if encoded is None:
+        rows = getattr(datamodule, "train_rows", None)
+        if isinstance(rows, Sequence) and data_prompts(datamodule, max_rows=len(rows) + 1) is not None:
+            log.info("the data's prompts are checked batch by batch: more than %d rows to render at fit start",
+                     MAX_PROMPT_ROWS)
+        return
     for split, sampling in (("train", module.sampling), ("validation", module.val_sampling)):
         ids = encoded[split]
         check_sequences_fit(ids, sampling.max_new_tokens, module.policy, [f"{split} row {k}" for k in range(len(ids))])
+
+
+def _prompts_can_fail(module: Any) -> bool:
+    """Whether some prompt could be refused: not when prompts are cut to a ``max_prompt_length`` whose sequences
+    fit the model's positions, nor without a limit on a model without positions.
+    """
+    length = module.max_prompt_length
+    limit = position_limit(module.policy)
+    longest_new = max(module.sampling.max_new_tokens, module.val_sampling.max_new_tokens)
+    if length is None:
+        return limit is not None
+    if not module.truncate_prompts:
+        return True
+    return limit is not None and length + longest_new > limit[0]
 
 
 __all__ = ["POSITION_FIELDS", "check_data_prompts", "check_sequences_fit", "encode_within_positions",

@@ -30,6 +30,17 @@ def _accepts_all_kwargs(fn: RewardFn) -> tuple[bool, set[str]]:
     return False, {p.name for p in params}
 
 
+def as_reward_list(funcs: Any) -> list[Any]:
+    """``reward_funcs`` as a list: one function, import path or ``{"class_path", ...}`` spec alone is a list of one;
+    None is an empty list.
+    """
+    if funcs is None:
+        return []
+    if callable(funcs) or isinstance(funcs, (str, Mapping)):
+        return [funcs]
+    return list(funcs)
+
+
 class RewardSet:
     """Weighted sum of reward functions ``f(prompts, completions, **columns) -> list[float | None]``.
 
@@ -44,9 +55,8 @@ class RewardSet:
 
     def __init__(self, funcs: Sequence[RewardFn | str | Mapping[str, Any]] | RewardFn | str | Mapping[str, Any],
                  weights: Sequence[float] | None = None):
-        if callable(funcs) or isinstance(funcs, (str, Mapping)):  # one function, not a list of them
-            funcs = [funcs]
-        for i, f in enumerate(funcs or []):
+        funcs = as_reward_list(funcs)
+        for i, f in enumerate(funcs):
             if f is None:
                 raise TypeError(
                     f"reward function #{i} is None, which is what a checkpoint holds for a reward function it could "

@@ -9,6 +9,8 @@ in the chat template) then leave most of that room unused: for SmolLM2 with 16 p
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,9 +42,47 @@ def data_prompts(datamodule: Any, max_rows: int = MAX_PROMPT_ROWS) -> dict[str, 
 def encode_data_prompts(
     prompts: dict[str, list[Any]], encode: Callable[..., list[list[int]]]
 ) -> dict[str, list[list[int]]]:
-    """``encode`` on each split of :func:`data_prompts`, each prompt named by its split and row in an error."""
-    return {split: encode(rows, names=[f"{split} row {k}" for k in range(len(rows))]) if rows else []
-            for split, rows in prompts.items()}
+    """``encode`` on each split of :func:`data_prompts`, each prompt named by its split and row in an error.
+
+    An ``encode`` that takes no ``names`` (a subclass's own) is called without them.
+    """
+    try:
+        params = inspect.signature(encode).parameters
+        named = "names" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        named = False
+    out: dict[str, list[list[int]]] = {}
+    for split, rows in prompts.items():
+        names = [f"{split} row {k}" for k in range(len(rows))]
+        out[split] = (encode(rows, names=names) if named else encode(rows)) if rows else []
+    return out
+
+
+#: The module settings that change how its ``encode`` renders a prompt.
+_ENCODING_SETTINGS = ("max_prompt_length", "truncate_prompts", "system_prompt", "chat_template")
+
+
+def encoded_data_prompts(
+    datamodule: Any, encode: Callable[..., list[list[int]]], max_rows: int = MAX_PROMPT_ROWS
+) -> dict[str, list[list[int]]] | None:
+    """:func:`encode_data_prompts` of :func:`data_prompts`, rendered once per fit and kept on the DataModule.
+
+    The module's check at fit start and the rollout callback's KV-cache sizing both need them; rendering 50,000
+    prompts takes seconds to a minute. None when the DataModule keeps no rows to render, or too many.
+    """
+    prompts = data_prompts(datamodule, max_rows)
+    if prompts is None:
+        return None
+    owner = getattr(encode, "__self__", encode)
+    key = (id(owner), id(getattr(datamodule, "train_rows", None)), id(getattr(datamodule, "val_rows", None)),
+           *(repr(getattr(owner, name, None)) for name in _ENCODING_SETTINGS))
+    cached = getattr(datamodule, "_lightning_rl_encoded_prompts", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    encoded = encode_data_prompts(prompts, encode)
+    with contextlib.suppress(AttributeError):  # a DataModule with __slots__: rendered again next time
+        datamodule._lightning_rl_encoded_prompts = (key, encoded)
+    return encoded
 
 
 def longest_prompt_tokens(
@@ -59,10 +99,10 @@ def longest_prompt_tokens(
     Returns:
         The longest prompt's token count, or None when the datamodule keeps no such rows or too many.
     """
-    prompts = data_prompts(datamodule, max_rows)
-    if prompts is None:
+    encoded = encoded_data_prompts(datamodule, encode, max_rows)
+    if encoded is None:
         return None
-    return max(len(ids) for split in encode_data_prompts(prompts, encode).values() for ids in split)
+    return max(len(ids) for split in encoded.values() for ids in split)
 
 
-__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "longest_prompt_tokens"]
+__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "encoded_data_prompts", "longest_prompt_tokens"]

@@ -186,15 +186,16 @@ def test_a_resume_names_the_module_settings_the_checkpoint_replaced(tmp_path):
 
 def test_a_checkpoint_saved_from_python_resumes_through_the_cli(tmp_path):
     """``Trainer.fit`` in Python stores the module's settings without Lightning's ``_class_path``: the CLI's resume
-    failed on it ("Parsing of ckpt_path hyperparameters failed!"). The class the checkpoint names stands in."""
+    failed on it ("Parsing of ckpt_path hyperparameters failed!"). The class the checkpoint names stands in; a
+    reward it could not store (a lambda, kept as None) comes from the config."""
     import lightning as L
 
     from lightning_rl import GRPO, ArithmeticDataModule
     from lightning_rl.rewards import NumericMatch
 
-    module = GRPO(reward_funcs=[NumericMatch(column="answer", position="last")], model="tiny-llama",
-                  model_config={"num_hidden_layers": 1}, num_generations=2, sampling={"max_new_tokens": 2},
-                  loss_type="dapo", learning_rate=5e-4, micro_batch_size=32)
+    module = GRPO(reward_funcs=[NumericMatch(column="answer", position="last"), lambda p, c, **_: [0.0] * len(c)],
+                  model="tiny-llama", model_config={"num_hidden_layers": 1}, num_generations=2,
+                  sampling={"max_new_tokens": 2}, loss_type="bnpo", learning_rate=5e-4, micro_batch_size=32)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module, datamodule=ArithmeticDataModule(num_train=70, num_val=2, max_operand=9, seed=0, batch_size=2,
@@ -204,3 +205,5 @@ def test_a_checkpoint_saved_from_python_resumes_through_the_cli(tmp_path):
     cli = main(["fit", *TINY, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
                 "--ckpt_path", str(ckpt)])
     assert cli.trainer.global_step == 2 and type(cli.model) is GRPO
+    assert cli.model.loss_type == "bnpo"  # the checkpoint's (the config says dapo)
+    assert cli.model.rewards.names == ["numeric_match"]  # a lambda the checkpoint could not store: the config's

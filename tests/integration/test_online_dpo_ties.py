@@ -48,7 +48,7 @@ def test_tie_streak_resets_on_a_batch_with_a_pair_and_is_saved():
     health.check_pairs(0, 4, ["r"], 0)
     health.check_pairs(1, 4, ["r"], 0)  # one pair had a winner: the streak starts again
     health.check_pairs(0, 4, ["r"], 1)
-    assert health.state_dict() == {"unscored_streak": 0, "tie_streak": 1}
+    assert health.state_dict() == {"unscored_streak": 0, "tie_streak": 1, "flat_streak": 0, "masked_streak": 0}
     resumed = RunHealth(max_unscored_steps=2)
     resumed.load_state_dict(health.state_dict())
     with pytest.raises(RewardError, match="2 batches in a row"):

@@ -197,11 +197,12 @@ def test_a_trainer_setting_lightning_refuses_is_two_lines_with_the_fix():
         raise MisconfigurationException("No supported gpu backend found!")
     except MisconfigurationException as err:
         lines = explain(err).splitlines()
-    assert lines[0].startswith("error: trainer: MisconfigurationException: No supported gpu backend found! This "
+    assert lines[0].startswith("error: trainer.accelerator: MisconfigurationException: No supported gpu backend found! "
+                               "This "
                                "machine has no CUDA GPU that torch can use: set trainer.accelerator to auto (or cpu)")
     assert len(lines) == 2
     try:
         raise MisconfigurationException("`max_epochs` must be an integer")  # another setting: its message as is
     except MisconfigurationException as err:
         first = explain(err).splitlines()[0]
-    assert first == "error: trainer: MisconfigurationException: `max_epochs` must be an integer"
+    assert first == "error: MisconfigurationException: `max_epochs` must be an integer"  # no config key guessed

@@ -66,6 +66,18 @@ def test_processes_that_sized_their_micro_batches_apart_all_take_the_smallest(tm
         torch.testing.assert_close(two["weights"][name], w, rtol=0, atol=2e-4, msg=name)
 
 
+def test_both_processes_of_a_ddp_run_export_into_one_folder(tmp_path):
+    """Under DDP every process writes the (whole) policy: the one that comes second finds the first one's files,
+    without the README that marks a finished export yet, and must not take them for a user's (it did)."""
+    from transformers import AutoModelForCausalLM
+
+    exported = tmp_path / "ddp_exported"
+    two = _fit(tmp_path, "grpo", 2, 2, "ddp", "--export", str(exported))
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    for name, w in two["weights"].items():
+        torch.testing.assert_close(model.state_dict()[name].float(), w, rtol=0, atol=0, msg=name)
+
+
 def test_a_process_with_no_scored_completion_neither_stops_alone_nor_stalls_the_kl_coefficient(tmp_path):
     """PPO over 2 processes, process 1's completions all unscored: the run goes on (process 0 scored its own, so the
     step is not unscored), and the KL is the mean over process 0's scored completions, so the adaptive coefficient

@@ -31,6 +31,24 @@ def test_more_mini_batches_than_a_batch_has_completions_is_refused_before_the_fi
     assert not sampled
 
 
+def test_a_resume_at_an_epochs_smaller_last_batch_trains_it_in_fewer_mini_batches(make_grpo, tmp_path):
+    """6 rows in batches of 4, G=2, 8 mini-batches: the full batch makes 8 optimizer steps, the last (2 prompts) 4.
+    A fit resumed after step 8 starts at that smaller batch: the check counts the full batch the data states."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_rl import PromptDataModule
+
+    rows = [{"prompt": f"say {i}"} for i in range(6)]
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
+    trainer = make_trainer(max_steps=12, callbacks=[ckpt], enable_checkpointing=True)
+    trainer.fit(make_grpo(num_generations=2, num_mini_batches=8), PromptDataModule(rows, batch_size=4, shuffle=False))
+    assert trainer.global_step == 12
+    resumed = make_trainer(max_steps=12)
+    resumed.fit(make_grpo(num_generations=2, num_mini_batches=8), PromptDataModule(rows, batch_size=4, shuffle=False),
+                ckpt_path=next(tmp_path.glob("*step=8*.ckpt")))
+    assert resumed.global_step == 12
+
+
 def fails_on_say_1(prompts, completions, **columns):
     """Raises on the completions of the prompt 'say 1'."""
     out = []

@@ -53,7 +53,7 @@ def test_bad_grpo_settings_fail_at_construction(kwargs, match):
         ({"num_generations": 1}, r"num_generations must be >= 2 \(got 1\).*a group of one has no baseline"),
         ({"sampling": {"temperature": 0.0}}, r"temperature must be > 0 for training rollouts, got 0.0"),
         ({"scale_rewards": "mean"}, r"scale_rewards must be one of \('group', 'batch', 'none'\), got 'mean'"),
-        ({"epsilon": 0.0}, r"epsilon must be in \(0, 1\).*got 0.0 and None"),
+        ({"epsilon": 0.0}, r"epsilon must be in \(0, 1\].*got 0.0 and None"),
         ({"epsilon_high": -0.1}, r"epsilon_high a finite number > 0; got 0.2 and -0.1"),
         ({"beta": -1.0}, r"beta must be a finite number >= 0"),
         ({"num_iterations": 0}, r"num_iterations must be a whole number >= 1, got 0"),
@@ -111,7 +111,7 @@ def test_orpo_refuses_a_reference_setting():
         ({"num_generations": 2.5}, r"num_generations must be a whole number >= 1, got 2.5"),
         ({"max_prompt_length": 0}, r"max_prompt_length must be an integer >= 1, got 0"),
         ({"logprob_chunk_size": 0}, r"logprob_chunk_size must be an integer >= 1, got 0"),
-        ({"epsilon": 1.5}, r"epsilon must be in \(0, 1\)"),
+        ({"epsilon": 1.5}, r"epsilon must be in \(0, 1\]"),
     ],
     ids=["beta-nan", "temperature-nan", "temperature-inf", "max-new-tokens-float", "generations-float",
          "prompt-length-0", "chunk-0", "epsilon-above-1"],
@@ -123,3 +123,12 @@ def test_nonsense_values_are_refused_when_the_module_is_built(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         GRPO(reward_funcs=[len], model="tiny-llama", **kwargs)
+
+
+def test_numpy_integers_and_an_unclipped_lower_bound_are_accepted():
+    """Sweeps pass NumPy integers; epsilon=1 leaves the ratio unclipped from below (used before the checks)."""
+    import numpy as np
+
+    module = GRPO(reward_funcs=[len], model="tiny-llama", num_generations=np.int64(4), epsilon=1.0,
+                  sampling={"max_new_tokens": np.int64(8)}, max_prompt_length=np.int64(64))
+    assert module.num_generations == 4 and module.sampling.max_new_tokens == 8

@@ -57,3 +57,10 @@ def test_one_reward_function_alone_counts_as_a_list_of_one(single):
     and a function raised "'function' object is not iterable"."""
     rewards = RewardSet(single)
     assert len(rewards.funcs) == 1 and callable(rewards.funcs[0])
+
+
+def test_ppo_takes_one_reward_function_alone_too():
+    from lightning_rl import PPO
+
+    assert PPO(reward_funcs=length_reward, model="tiny-llama").rewards.names == ["length_reward"]
+    assert len(PPO(reward_funcs="test_reward_validation.length_reward", model="tiny-llama").rewards.funcs) == 1
