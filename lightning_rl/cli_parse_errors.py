@@ -26,6 +26,7 @@ _UNKNOWN_OPTION = re.compile(r"Option '([^']+)' is not accepted")
 _UNKNOWN_IN_GROUP = re.compile(r"Group '([^']+)' does not accept option '([^']+)'")
 _UNKNOWN_IN_SUBCOMMAND = re.compile(r"Subcommand '([^']+)' does not accept option '([^']+)'")
 _NO_ATTRIBUTE = re.compile(r"module '([^']+)' has no attribute '([^']+)'")
+_REQUIRED = re.compile(r"the following arguments are required: (.+)$")
 
 
 def explain_parse_error(message: str, prog: str, subcommand_options: Iterable[str] = ()) -> str:
@@ -60,6 +61,15 @@ def explain_parse_error(message: str, prog: str, subcommand_options: Iterable[st
         key = ".".join([*(keys[:-1] if keys[-1:] == ["init_args"] else keys), "class_path"])
         statement = f"{module} has no {name!r}"
         hint = _nearest(name, _public_names(module))
+    elif m := _REQUIRED.search(statement):  # "fit.model": the subcommand's options list it
+        missing = [k.strip() for k in m.group(1).split(",")]
+        subcommand = missing[0].split(".", 1)[0] if "." in missing[0] else ""
+        keys = [k.removeprefix(f"{subcommand}.") if subcommand else k for k in missing]
+        statement = f"the config gives no {', '.join(repr(k) for k in keys)}"
+        if subcommand and not prog.endswith(f" {subcommand}"):
+            prog = f"{prog} {subcommand}"
+        if any(k.endswith(".model") for k in missing):
+            statement += " (a module: model: {class_path: lightning_rl.GRPO, init_args: {...}}, as in examples/)"
     where = f"{key}: " if key else ""
     return (f"error: {where}{statement}{hint}\n"
             f"(`{prog} --help` lists the accepted options; jsonargparse's whole message: set {TRACEBACK_ENV}=1)")

@@ -70,3 +70,12 @@ def test_a_value_of_the_wrong_type_names_its_key_and_the_traceback_switch_gives_
     with pytest.raises(SystemExit):
         main(args)
     assert "usage:" in capsys.readouterr().err  # jsonargparse's own, whole
+
+
+def test_a_config_without_a_module_says_so_and_points_at_the_subcommands_help(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LIGHTNING_RL_TRACEBACK", raising=False)
+    config = tmp_path / "no_model.yaml"
+    config.write_text("trainer:\n  max_steps: 1\n")
+    err = _refused(capsys, ["fit", "--config", str(config)])
+    assert err[0].startswith("error: the config gives no 'model' (a module: model: {class_path: lightning_rl.GRPO"), err
+    assert "`python -m lightning_rl fit --help`" in err[1]
