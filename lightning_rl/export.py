@@ -138,10 +138,11 @@ def export_policy(
     """
     from lightning_rl.unsharded import written_once
 
-    earlier = check_export_folder(Path(out))  # on every process, before a sharded policy is gathered
-    if is_fully_sharded(policy):
+    if is_fully_sharded(policy):  # every process checks the folder and they agree before the (collective) gather
+        _folder_checked_on_every_process(Path(out), policy)
         return written_once(policy, lambda whole: export_policy(whole, tokenizer, out, source, merge, base_model,
                                                                 dtype, title), Path(out))
+    earlier = check_export_folder(Path(out))
     out = Path(out)
     if earlier:
         clear_earlier_export(out)
@@ -212,6 +213,31 @@ def check_export_folder(out: Path) -> bool:
         f"export: {out} already holds files that no export wrote ({listed}); nothing was written there. Give a new "
         "or empty folder (--out), or move those files away"
     )
+
+
+def _folder_checked_on_every_process(out: Path, policy: nn.Module) -> None:
+    """:func:`check_export_folder` on every process, refused on all of them when one refuses it.
+
+    A folder on a node's own disk may hold other files on one node than on another; one process raising alone
+    would leave the others waiting in the gather that follows.
+
+    Raises:
+        FileExistsError: this process's folder, or another process's, holds files that no export wrote.
+    """
+    refused: FileExistsError | None = None
+    try:
+        check_export_folder(out)
+    except FileExistsError as err:
+        refused = err
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = next((p.device for p in policy.parameters()), torch.device("cpu"))
+        flag = torch.tensor([0 if refused is None else 1], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if refused is None and int(flag.item()):
+            raise FileExistsError(f"export: another process found files that no export wrote in its {out} (a folder "
+                                  "on a node's own disk); nothing was written. Give a new or empty folder (--out)")
+    if refused is not None:
+        raise refused
 
 
 def _written_by_export(path: Path) -> bool:

@@ -88,6 +88,8 @@ def main() -> None:
                     help="with --micro-batch-tokens: process 0's own budget (as two devices' plans can differ)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--export", default="", help="a folder: module.export there after the fit, on every process")
+    ap.add_argument("--foreign-export-folder-on-rank1", action="store_true",
+                    help="with --export: process 1's folder holds a user's README (as a node's own disk may)")
     ap.add_argument("--rank1-unscored", action="store_true",
                     help="the reward scores no completion of process 1 (None), and one unscored step is too many")
     ap.add_argument("--seed-per-process", type=int, default=None,
@@ -143,15 +145,27 @@ def main() -> None:
     plan = getattr(trainer.precision_plugin, "memory_plan", None)
     dtypes = sorted({str(p.dtype) for p in module.policy.parameters()})
     weights = {n: t.float().cpu().clone() for n, t in fsdp2_parameters(module.policy)}  # gathers: every rank
+    export_error = None
     if args.export:  # collective under FSDP2: every process gathers, the first writes
-        module.export(args.export)
+        out = args.export
+        if args.foreign_export_folder_on_rank1 and trainer.global_rank == 1:  # another node's disk, say
+            out = f"{args.export}_rank1"
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "README.md"), "w") as fh:
+                fh.write("# my project\n")
+        try:
+            module.export(out)
+        except FileExistsError as err:
+            if not args.foreign_export_folder_on_rank1:
+                raise
+            export_error = str(err)
     if trainer.is_global_zero:
         torch.save({"loss": record.loss, "reward": record.reward, "kl_coef": record.kl_coef, "kl": record.kl,
                     "weights": weights,
                     "sharded": is_fully_sharded(module.policy),
                     "reference_sharded": [is_fully_sharded(r) for r in module._frozen_reference],
                     "synced_generate": sharded_over_processes(module.policy), "dtypes": dtypes,
-                    "micro_batch_tokens": module.micro_batch_tokens,
+                    "micro_batch_tokens": module.micro_batch_tokens, "export_error": export_error,
                     "plan": None if plan is None else plan.to_dict()}, args.out)
     if torch.distributed.is_initialized():  # left to the interpreter's exit, gloo's threads once aborted it (-6)
         torch.distributed.barrier()

@@ -78,6 +78,15 @@ def test_both_processes_of_a_ddp_run_export_into_one_folder(tmp_path):
         torch.testing.assert_close(model.state_dict()[name].float(), w, rtol=0, atol=0, msg=name)
 
 
+def test_a_sharded_export_refused_on_one_process_is_refused_on_all_before_the_gather(tmp_path):
+    """Under FSDP2 the export gathers the shards (a collective). Process 1's folder holds a user's file (a node's own
+    disk); process 0's is empty. Both refuse, before the gather: one raising alone would leave the other waiting."""
+    exported = tmp_path / "fsdp2_exported"
+    two = _fit(tmp_path, "grpo", 2, 2, "fsdp2", "--export", str(exported), "--foreign-export-folder-on-rank1")
+    assert two["sharded"] and "another process found files that no export wrote" in two["export_error"]
+    assert not exported.exists() or not any(exported.iterdir())  # nothing written
+
+
 def test_a_process_with_no_scored_completion_neither_stops_alone_nor_stalls_the_kl_coefficient(tmp_path):
     """PPO over 2 processes, process 1's completions all unscored: the run goes on (process 0 scored its own, so the
     step is not unscored), and the KL is the mean over process 0's scored completions, so the adaptive coefficient
