@@ -71,7 +71,10 @@ class LightningRLCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return False
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        try:  # mapped: only the settings are read, not the weights
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError:  # a file in torch's legacy format cannot be mapped
+            checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         class_path = checkpoint.get(MODULE_CLASS_KEY)

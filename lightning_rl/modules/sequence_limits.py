@@ -85,8 +85,7 @@ def check_data_prompts(module: Any, datamodule: Any) -> None:
         return
     encoded = encoded_data_prompts(datamodule, module.encode)
     if encoded is None:
-        rows = getattr(datamodule, "train_rows", None)
-        if isinstance(rows, Sequence) and data_prompts(datamodule, max_rows=len(rows) + 1) is not None:
+        if data_prompts(datamodule, max_rows=2**62) is not None:  # prompt rows, too many to render
             log.info("the data's prompts are checked batch by batch: more than %d rows to render at fit start",
                      MAX_PROMPT_ROWS)
         return
