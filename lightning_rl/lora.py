@@ -25,9 +25,9 @@ def lora_config(spec: LoraConfig | Mapping[str, Any]) -> LoraConfig:
         raise TypeError(f"lora must be a peft LoraConfig or a mapping of its fields, got {type(spec).__name__}")
     kwargs = {**DEFAULT_LORA, **dict(spec)}
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    unknown = [k for k in kwargs if k not in {f.name for f in dataclasses.fields(LoraConfig)}]
+    fields = [f.name for f in dataclasses.fields(LoraConfig)]
+    unknown = [k for k in kwargs if k not in fields]
     if unknown:
-        fields = [f.name for f in dataclasses.fields(LoraConfig)]
         hints = [f"{k!r} (did you mean {close[0]!r}?)"
                  if (close := [_LORA_ALIASES[k]] if k in _LORA_ALIASES else difflib.get_close_matches(k, fields, n=1))
                  else repr(k) for k in unknown]

@@ -490,19 +490,18 @@ class VLLMRollout(Callback):
         device = getattr(pl_module, "device", "cpu")
         self.using_mps = self._check_mps_client(device)
         measure_used, used_before = _engine_start_measure(device)
-        try:
-            with training_rng_kept():  # vLLM seeds the global random states of a process it starts in
+        with training_rng_kept():  # vLLM seeds the global random states of a process it starts in
+            try:
                 self.engine = self.build_engine(pl_module, prompts_per_step)
-        except Exception as err:
-            if not (self.overlapping and self.overlap is None and self.engine_factory is None):
-                raise
-            reason = f"the engine process failed to start: {type(err).__name__}: {err}"
-            log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
-                        "(VLLMRollout(overlap=False) skips the attempt)", reason)
-            self.overlapping = self.sharing_merged_base = self.sharing_trained_weights = False
-            if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
-                self._plugin.engine_leaves_the_update(pl_module)
-            with training_rng_kept():
+            except Exception as err:
+                if not (self.overlapping and self.overlap is None and self.engine_factory is None):
+                    raise
+                reason = f"the engine process failed to start: {type(err).__name__}: {err}"
+                log.warning("VLLMRollout: %s; generating between updates with an engine in this process instead "
+                            "(VLLMRollout(overlap=False) skips the attempt)", reason)
+                self.overlapping = self.sharing_merged_base = self.sharing_trained_weights = False
+                if self._plugin is not None:  # what the plugin shrank for an engine beside the update comes back
+                    self._plugin.engine_leaves_the_update(pl_module)
                 self.engine = self.build_engine(pl_module, prompts_per_step)
         used_after = measure_used(device)
         if used_before is not None and used_after is not None:

@@ -79,7 +79,7 @@ def check_data_prompts(module: Any, datamodule: Any) -> None:
     Raises:
         PromptTooLongError: naming the split and row, the prompt's start, the limit and the fix.
     """
-    from lightning_rl.rollout.data_prompts import MAX_PROMPT_ROWS, data_prompts, encoded_data_prompts
+    from lightning_rl.rollout.data_prompts import MAX_PROMPT_ROWS, data_prompts, encoded_data_prompts, row_names
 
     if not _prompts_can_fail(module):
         return
@@ -91,7 +91,7 @@ def check_data_prompts(module: Any, datamodule: Any) -> None:
         return
     for split, sampling in (("train", module.sampling), ("validation", module.val_sampling)):
         ids = encoded[split]
-        check_sequences_fit(ids, sampling.max_new_tokens, module.policy, [f"{split} row {k}" for k in range(len(ids))])
+        check_sequences_fit(ids, sampling.max_new_tokens, module.policy, row_names(split, len(ids)))
 
 
 def _prompts_can_fail(module: Any) -> bool:

@@ -53,9 +53,14 @@ def encode_data_prompts(
         named = False
     out: dict[str, list[list[int]]] = {}
     for split, rows in prompts.items():
-        names = [f"{split} row {k}" for k in range(len(rows))]
+        names = row_names(split, len(rows))
         out[split] = (encode(rows, names=names) if named else encode(rows)) if rows else []
     return out
+
+
+def row_names(split: str, count: int) -> list[str]:
+    """What errors call the first ``count`` rows of ``split``: ``"train row 25"``."""
+    return [f"{split} row {k}" for k in range(count)]
 
 
 #: The module settings that change how its ``encode`` renders a prompt.
@@ -70,15 +75,15 @@ def encoded_data_prompts(
     The module's check at fit start and the rollout callback's KV-cache sizing both need them; rendering 50,000
     prompts takes seconds to a minute. None when the DataModule keeps no rows to render, or too many.
     """
-    prompts = data_prompts(datamodule, max_rows)
-    if prompts is None:
-        return None
     owner = getattr(encode, "__self__", encode)
     key = (id(owner), id(getattr(datamodule, "train_rows", None)), id(getattr(datamodule, "val_rows", None)),
-           *(repr(getattr(owner, name, None)) for name in _ENCODING_SETTINGS))
+           max_rows, *(repr(getattr(owner, name, None)) for name in _ENCODING_SETTINGS))
     cached = getattr(datamodule, "_lightning_rl_encoded_prompts", None)
     if cached is not None and cached[0] == key:
         return cached[1]
+    prompts = data_prompts(datamodule, max_rows)
+    if prompts is None:
+        return None
     encoded = encode_data_prompts(prompts, encode)
     with contextlib.suppress(AttributeError):  # a DataModule with __slots__: rendered again next time
         datamodule._lightning_rl_encoded_prompts = (key, encoded)
@@ -105,4 +110,5 @@ def longest_prompt_tokens(
     return max(len(ids) for split in encoded.values() for ids in split)
 
 
-__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "encoded_data_prompts", "longest_prompt_tokens"]
+__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "encoded_data_prompts", "longest_prompt_tokens",
+           "row_names"]
