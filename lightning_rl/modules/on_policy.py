@@ -207,7 +207,7 @@ class OnPolicyModule(PolicyModule):
         bounds = mini_batch_bounds(rollout.num_sequences, self.num_mini_batches)
         # the longest padded length of any process: with a token budget, every process then makes as many
         # micro-batches (each backward of a DDP module is a collective)
-        tokens = self.max_over_processes(rollout.sequence_length)
+        tokens = int(self.reduce_over_processes([rollout.sequence_length], dist.ReduceOp.MAX)[0])
         micro = self.micro_batch_for(max(hi - lo for lo, hi in bounds), tokens)
         return Experience(prompts, rollout, total, per_fn, completions, self.loss_mask(rollout, total), micro)
 

@@ -515,10 +515,8 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
         """
         if self.sum_over_processes() is None:
             return
-        unset = float("inf")
         mine = [self.micro_batch_size, self.micro_batch_tokens]
-        sizes = torch.tensor([unset if v is None else float(v) for v in mine], dtype=torch.float64, device=self.device)
-        least = self.trainer.strategy.reduce(sizes, reduce_op=dist.ReduceOp.MIN).tolist()
+        least = self.reduce_over_processes([math.inf if v is None else v for v in mine], dist.ReduceOp.MIN)
         agreed = [None if math.isinf(v) else int(v) for v in least]
         if agreed != mine:
             log.info("micro-batches agreed over the processes: micro_batch_size %s -> %s, micro_batch_tokens %s -> %s",
@@ -756,16 +754,17 @@ class PolicyModule(StepSizes, StepMetrics, L.LightningModule):
             return None
         return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
-    def max_over_processes(self, value: int) -> int:
-        """The largest ``value`` of the trainer's processes under DDP/FSDP (itself in a single process).
+    def reduce_over_processes(self, values: Sequence[float], op: dist.ReduceOp) -> list[float]:
+        """``values`` reduced element-wise with ``op`` over the trainer's processes under DDP/FSDP (themselves in a
+        single process). One all-reduce.
 
         What decides how many forwards and backwards a step makes must agree across processes: each backward of a
         DDP module all-reduces its gradients, and a process with one backward more than the others waits forever.
         """
         if self.sum_over_processes() is None:
-            return value
-        t = torch.tensor(float(value), device=self.device)
-        return int(self.trainer.strategy.reduce(t, reduce_op=dist.ReduceOp.MAX).item())
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return self.trainer.strategy.reduce(t, reduce_op=op).tolist()
 
     def optimizer_step_checked(self, loss_value: float | torch.Tensor) -> dict[str, float]:
         """Clip, check for NaN/inf, then step (or skip, leaving the weights untouched).

@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import random
 
 import pytest
 import torch
@@ -431,6 +432,15 @@ def test_grpo_fit_with_the_callback():
         importance_sampling="token",
     )
     callback = VLLMRollout(overlap=False)  # the in-process engine between updates; CUDA graphs, fp32 LM head
+    states = {}
+    create = callback._create
+
+    def create_recording_random_states(*args):  # vLLM seeds the global random states of a process it starts in
+        states["before"] = torch.get_rng_state(), torch.cuda.get_rng_state(), random.getstate()
+        create(*args)
+        states["after"] = torch.get_rng_state(), torch.cuda.get_rng_state(), random.getstate()
+
+    callback._create = create_recording_random_states
     trainer = L.Trainer(
         max_steps=2,
         accelerator="gpu",
@@ -451,6 +461,9 @@ def test_grpo_fit_with_the_callback():
     assert callback.engine_start_bytes > 0  # the engine's weights, KV cache and workspace
     assert callback.engine is None  # teardown shut it down
     assert metrics["train/logprob_mismatch_mean"] < 0.05
+    # the engine's start left the training's random states as they were
+    (cpu, cuda, py), (cpu_after, cuda_after, py_after) = states["before"], states["after"]
+    assert torch.equal(cpu, cpu_after) and torch.equal(cuda, cuda_after) and py == py_after
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "memory-plugin"])
