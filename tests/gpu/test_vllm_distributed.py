@@ -26,9 +26,15 @@ from lightning_rl.rollout.sharded_weights import is_sharded  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _grpo(learning_rate=1e-5):
+def length_reward(prompts, completions, **columns):
+    """A reward every group varies in (its completions' lengths differ), so every step has a gradient."""
+    return [float(len(c)) for c in completions]
+
+
+def _grpo(learning_rate=1e-5, reward=None):
     torch.manual_seed(0)
-    return GRPO(reward_funcs=[NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16", num_generations=4,
+    return GRPO(reward_funcs=[reward or NumericMatch()], model="smollm2-135m-instruct", dtype="bfloat16",
+                num_generations=4,
                 sampling={"max_new_tokens": 32}, micro_batch_size=16, max_prompt_length=128,
                 learning_rate=learning_rate, importance_sampling="token")
 
@@ -105,7 +111,9 @@ class EngineMatchesPolicy(L.Callback):
 
 
 def test_grpo_fit_under_fsdp2_syncs_the_gathered_shards_into_the_engine():
-    module = _grpo(learning_rate=1e-3)  # a step large enough to move bf16 weights
+    # a step large enough to move bf16 weights, and a reward with a gradient at the first step: with NumericMatch the
+    # first step's groups were all wrong in one run (no advantage, no step, the compared weights unchanged)
+    module = _grpo(learning_rate=1e-3, reward=length_reward)
     rollout = VLLMRollout(settings=EngineSettings(execution="eager"))
     check = EngineMatchesPolicy(rollout)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)  # FSDP2: the module shards itself
