@@ -4,6 +4,7 @@ import copy
 import gc
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -435,10 +436,16 @@ def test_grpo_fit_with_the_callback():
     states = {}
     create = callback._create
 
+    def random_states():
+        _, keys, pos, *_ = np.random.get_state()
+        return torch.get_rng_state(), torch.cuda.get_rng_state(), random.getstate(), (keys.tolist(), pos)
+
     def create_recording_random_states(*args):  # vLLM seeds the global random states of a process it starts in
-        states["before"] = torch.get_rng_state(), torch.cuda.get_rng_state(), random.getstate()
+        # every state one draw past a fresh seed 0 (the engine's seed), so a reseed cannot leave it as it was
+        torch.rand(1), torch.rand(1, device="cuda"), random.random(), np.random.rand()
+        states["before"] = random_states()
         create(*args)
-        states["after"] = torch.get_rng_state(), torch.cuda.get_rng_state(), random.getstate()
+        states["after"] = random_states()
 
     callback._create = create_recording_random_states
     trainer = L.Trainer(
@@ -462,8 +469,9 @@ def test_grpo_fit_with_the_callback():
     assert callback.engine is None  # teardown shut it down
     assert metrics["train/logprob_mismatch_mean"] < 0.05
     # the engine's start left the training's random states as they were
-    (cpu, cuda, py), (cpu_after, cuda_after, py_after) = states["before"], states["after"]
-    assert torch.equal(cpu, cpu_after) and torch.equal(cuda, cuda_after) and py == py_after
+    (cpu, cuda, py, numpy), (cpu_after, cuda_after, py_after, numpy_after) = states["before"], states["after"]
+    assert torch.equal(cpu, cpu_after) and torch.equal(cuda, cuda_after)
+    assert py == py_after and numpy == numpy_after
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "memory-plugin"])
