@@ -94,10 +94,11 @@ each_test() {  # every test of the named files or ids in its own process (one vL
 leftover() {  # what still holds the device 5 s after the tests ended (2026-12-06: a bench call right after a
               # tests call twice began with 1.83 GiB above the idle 0.47 GiB, gone 4 minutes later)
   sleep 5
-  { date +%T; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+  { date +%T; timeout 20 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
     ps -eo pid,ppid,etimes,rss,args --sort=-rss | grep -E "python|VLLM|Engine" | grep -v grep | cut -c1-200 | head -20
   } > "$WORK/leftover.txt" 2>&1
-  echo "left on the device after the tests:"; sed -n 2,6p "$WORK/leftover.txt"
+  echo "on the device after the tests (in 'rerun' and 'tests+resume' the long run's own processes too):"
+  sed -n 2,25p "$WORK/leftover.txt"
 }
 case "$stage" in
   install)
