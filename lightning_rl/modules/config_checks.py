@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import numbers
+
+from lightning_rl.whole_numbers import is_whole_number
 
 
 def check_optimizer_settings(weight_decay: float, max_grad_norm: float | None) -> None:
@@ -27,7 +28,7 @@ def check_clip_range(epsilon: float, epsilon_high: float | None) -> None:
 
 def check_step_limit(name: str, value: int, minimum: int) -> None:
     """A count (steps in a row, tokens) that must be an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_whole_number(value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from lightning_rl.rewards.reward_set import RewardSet
 from lightning_rl.rollout.engine import Rollout, SamplingConfig
 from lightning_rl.samples import StepSamples, per_completion
 from lightning_rl.shapes import datamodule_batch_size
+from lightning_rl.whole_numbers import is_whole_number
 
 RewardFunc = Callable[..., Any]
 
@@ -121,7 +121,7 @@ class OnPolicyModule(PolicyModule):
         for name, v in (("num_generations", num_generations), ("num_iterations", num_iterations),
                         ("num_mini_batches", num_mini_batches), ("micro_batch_size", micro),
                         ("generation_batch_size", generation_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            if not is_whole_number(v, 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
         if not (0 < epsilon <= 1) or (epsilon_high is not None and not (0 < epsilon_high < math.inf)):
             raise ValueError(f"epsilon must be in (0, 1] (the ratio is clipped to 1 - epsilon below; 1 leaves it "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from lightning_rl.whole_numbers import is_whole_number
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        if not is_whole_number(n, 1):
             raise ValueError(f"max_new_tokens must be a whole number of tokens >= 1, got {n!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
