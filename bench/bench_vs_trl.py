@@ -300,34 +300,46 @@ def summarize(steps: list[dict], warmup: int) -> dict:
 
 # ----------------------------------------------------------------------------- models
 def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
-    """HF folders: SmolLM2-135M-Instruct converted from the embedded GGUF (bf16), Qwen2.5 shapes (random, bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """HF folders: SmolLM2-135M-Instruct converted from the embedded GGUF (bf16), Qwen2.5 shapes (random, bf16).
 
+    A Qwen shape is built on the GPU in a child process of its own: built here, it left this process (the
+    orchestrator, alive for the whole call) holding a CUDA context and the model's cached blocks, 1.83 GiB beside
+    every run that followed (the 2.30 GiB "baselines" of the forty-eighth to fiftieth sessions).
+    """
     from lightning_rl.models import load_policy, save_policy
 
     out = {}
-    net, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
     smol = root / "smollm2"
     if "smollm2" in names and not (smol / "config.json").exists():
+        net, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
         save_policy(net, tok, smol)
     out["smollm2"] = str(smol)
-    for name, shape in QWEN_SHAPES.items():
+    for name in QWEN_SHAPES:
         path = root / name
         out[name] = str(path)
-        if name not in names or (path / "config.json").exists():
-            continue
-        cfg = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                          rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1.5B init takes minutes on a CPU
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.save_pretrained(path)
-        tok.save_pretrained(path)  # SmolLM2's tokenizer: its ids lie inside the Qwen vocabulary
-        del model
+        if name in names and not (path / "config.json").exists():
+            code = "import sys; sys.path.insert(0, sys.argv[1]); import bench_vs_trl as b; b.build_shape(*sys.argv[2:])"
+            subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), name, str(path)], check=True)
     return out
+
+
+def build_shape(name: str, path: str) -> None:
+    """Save a Qwen2.5 shape (``QWEN_SHAPES[name]``) with random bf16 weights and SmolLM2's tokenizer to ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lightning_rl.models import load_policy
+
+    _, tok = load_policy("smollm2-135m-instruct", dtype="bfloat16")
+    cfg = Qwen2Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                      rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **QWEN_SHAPES[name])
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1.5B init takes minutes on a CPU
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)  # SmolLM2's tokenizer: its ids lie inside the Qwen vocabulary
 
 
 # ----------------------------------------------------------------------------- lightning-rl
