@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,9 @@ def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
 
     A Qwen shape is built on the GPU in a child process of its own: built here, it left this process (the
     orchestrator, alive for the whole call) holding a CUDA context and the model's cached blocks, 1.83 GiB beside
-    every run that followed (the 2.30 GiB "baselines" of the forty-eighth to fiftieth sessions).
+    every run that followed (the baselines of 2.43 GiB on H200s and 2.30 GiB on H100s in the result files of every
+    call that built the 0.5B shape's folder). The child writes into a temporary folder and renames it when whole,
+    so a build cut short is built again by the next call instead of being taken for a model.
     """
     from lightning_rl.models import load_policy, save_policy
 
@@ -318,8 +321,13 @@ def prepare_models(root: Path, names: set[str]) -> dict[str, str]:
         path = root / name
         out[name] = str(path)
         if name in names and not (path / "config.json").exists():
+            partial = root / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
             code = "import sys; sys.path.insert(0, sys.argv[1]); import bench_vs_trl as b; b.build_shape(*sys.argv[2:])"
-            subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), name, str(path)], check=True)
+            subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), name, str(partial)], check=True,
+                           timeout=900)  # a 1.5B init on the CPU takes minutes; a hung CUDA start never ends
+            shutil.rmtree(path, ignore_errors=True)  # a folder an older bench left without its config
+            partial.rename(path)
     return out
 
 

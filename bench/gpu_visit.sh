@@ -204,7 +204,7 @@ b.prepare_models(Path('/tmp/bench_models'), {'smollm2'})" > "$WORK/models.log" 2
            # ours side by side (each process's NVML figure is its own; their times are not clean): SmolLM2 full
            # at 3 GiB, and the Qwen2.5-1.5B LoRA shape at 5 GiB with a 512 MiB and the default 1 GiB engine
            # workspace (the first step compiles the LoRA layers for 90 s)
-    timeout 60 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_vs_trl as b; \
+    timeout 240 python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_vs_trl as b; \
 b.prepare_models(Path('/tmp/bench_models'), {'smollm2', 'qwen15'})" > "$WORK/models.log" 2>&1
     kw='"engine_kwargs":{"kv_cache_dtype":"fp8","max_num_batched_tokens":2048}'
     b300='{"plugin":{"memory_budget":3221225472,"engine_overhead_bytes":402653184},"rollout":{'$kw'}}'
