@@ -15,13 +15,21 @@ TESTS = Path(__file__).parents[2]  # tests/: the runs import helpers from there,
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
 
 
+# a run's results by its arguments: the one-process reference runs recur across tests (each run starts one or two
+# Python processes, most of its time); runs that write into a test's folder name it in their flags, so never recur
+_RUNS: dict[tuple, dict] = {}
+
+
 def _fit(tmp_path, method, devices, batch_size, strategy="ddp", *flags):
-    out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}{''.join(Path(f).name for f in flags)}.pt"
-    proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
-                           "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out), *flags],
-                          capture_output=True, text=True, timeout=300, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    key = (method, devices, batch_size, strategy, *flags)
+    if key not in _RUNS:
+        out = tmp_path / f"{method}_{devices}_{strategy}_{batch_size}{''.join(Path(f).name for f in flags)}.pt"
+        proc = subprocess.run([sys.executable, str(RUN), "--method", method, "--devices", str(devices),
+                               "--batch-size", str(batch_size), "--strategy", strategy, "--out", str(out), *flags],
+                              capture_output=True, text=True, timeout=300, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _RUNS[key] = torch.load(out)
+    return _RUNS[key]
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
