@@ -91,8 +91,8 @@ each_test() {  # every test of the named files or ids in its own process (one vL
   grep -E "$ALONE_RE" <<< "$ids" | xargs -r -I{} bash -c 'one_test "$1"' _ {}
   leftover
 }
-leftover() {  # what still holds the device 5 s after the tests ended (2026-12-06: a bench call right after a
-              # tests call twice began with 1.83 GiB above the idle 0.47 GiB, gone 4 minutes later)
+leftover() {  # what still holds the device 5 s after the tests ended (a test's engine outliving it would show here;
+              # the 1.83 GiB that bench calls began with on 2026-12-06 was bench_vs_trl.py's own model build)
   sleep 5
   { date +%T; timeout 20 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
     ps -eo pid,ppid,etimes,rss,args --sort=-rss | grep -E "python|VLLM|Engine" | grep -v grep | cut -c1-200 | head -20

@@ -79,14 +79,14 @@ def check_data_prompts(module: Any, datamodule: Any) -> None:
     Raises:
         PromptTooLongError: naming the split and row, the prompt's start, the limit and the fix.
     """
-    from lightning_rl.rollout.data_prompts import MAX_PROMPT_ROWS, encoded_data_prompts, row_names
+    from lightning_rl.rollout.data_prompts import MAX_PROMPT_ROWS, encoded_data_prompts, kept_rows, row_names
 
     if not _prompts_can_fail(module):
         return
     encoded = encoded_data_prompts(datamodule, module.encode)
     if encoded is None:
-        kept = (getattr(datamodule, name, None) for name in ("train_rows", "val_rows"))
-        if sum(len(rows) for rows in kept if isinstance(rows, Sequence)) > MAX_PROMPT_ROWS:  # too many to render
+        rows = kept_rows(datamodule)
+        if rows is not None and sum(map(len, rows)) > MAX_PROMPT_ROWS:  # too many to render
             log.info("the data's prompts are checked batch by batch: more than %d rows to render at fit start",
                      MAX_PROMPT_ROWS)
         return

@@ -29,14 +29,25 @@ def data_prompts(datamodule: Any, max_rows: int = MAX_PROMPT_ROWS) -> dict[str, 
     Returns:
         None when the datamodule keeps no such rows, or more than ``max_rows``.
     """
+    rows = kept_rows(datamodule)
+    if rows is None:
+        return None
+    train, val = rows
+    if len(train) + len(val) > max_rows or not all(isinstance(r, dict) and "prompt" in r for r in (*train, *val)):
+        return None
+    return {"train": [r["prompt"] for r in train], "validation": [r["prompt"] for r in val]}
+
+
+def kept_rows(datamodule: Any) -> tuple[Sequence[Any], Sequence[Any]] | None:
+    """The training and validation rows ``datamodule`` keeps: ``train_rows`` and ``val_rows`` (empty without them).
+
+    None when it keeps no training rows.
+    """
     train = getattr(datamodule, "train_rows", None)
     if not isinstance(train, Sequence) or not train:
         return None
     val = getattr(datamodule, "val_rows", None)
-    val = val if isinstance(val, Sequence) else ()
-    if len(train) + len(val) > max_rows or not all(isinstance(r, dict) and "prompt" in r for r in (*train, *val)):
-        return None
-    return {"train": [r["prompt"] for r in train], "validation": [r["prompt"] for r in val]}
+    return train, val if isinstance(val, Sequence) else ()
 
 
 def encode_data_prompts(
@@ -110,5 +121,5 @@ def longest_prompt_tokens(
     return max(len(ids) for split in encoded.values() for ids in split)
 
 
-__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "encoded_data_prompts", "longest_prompt_tokens",
-           "row_names"]
+__all__ = ["MAX_PROMPT_ROWS", "data_prompts", "encode_data_prompts", "encoded_data_prompts", "kept_rows",
+           "longest_prompt_tokens", "row_names"]
